@@ -1,0 +1,68 @@
+"""Plain-torch twins of every fused op.
+
+These are the definitions: the Triton kernels must match them (tests/kernels) and the CPU
+training path runs them. Autograd supplies every backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, computed in fp32 and cast back to ``x.dtype``.
+
+    With ``residual``: ``h = x + residual`` is normalised and ``(norm(h), h)`` is returned, the
+    fused add-then-norm of a pre-norm block.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (y * weight.float()).to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over the last dim, computed in fp32 and cast back to ``x.dtype``."""
+    w = weight.float()
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the Llama MLP nonlinearity)."""
+    return F.silu(gate) * up
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, half-split rotation (Llama / Hugging Face convention).
+
+    x: (B, T, H, D); cos, sin: (T, D/2). The first half of each head is rotated against the
+    second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``.
+    """
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2], x[..., d2:]
+    c = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, D/2)
+    s = sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss over non-ignored targets; logits (N, V) are upcast to fp32."""
+    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Scaled dot-product attention; q (B, H, T, D), k and v (B, Hkv, T, D) with Hkv dividing H."""
+    h, hkv = q.shape[1], k.shape[1]
+    if h != hkv:
+        # Grouped-query attention: each KV head serves h // hkv consecutive query heads.
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

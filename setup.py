@@ -1,0 +1,30 @@
+"""Packaging for megatron-lite.
+
+The top-level ``kernels/`` folder installs as ``megatron_lite.kernels`` (``package_dir``), so there is
+never a bare top-level ``kernels`` package. torch is a floor, not a pin: a GPU machine keeps the
+user's own build; CPU installs pin the local CPU wheel through ``requirements/cpu.txt``.
+"""
+
+from setuptools import find_packages, setup
+
+_core = find_packages(include=["megatron_lite", "megatron_lite.*"])
+_kernels = ["megatron_lite.kernels" + p[len("kernels") :] for p in find_packages(include=["kernels", "kernels.*"])]
+_kernels = ["megatron_lite.kernels"] + _kernels
+
+setup(
+    name="megatron-lite",
+    version="0.1.0",
+    description="A Megatron-style 3D-parallel pretraining framework that is easy to install, read and trust.",
+    python_requires=">=3.10",
+    packages=_core + sorted(set(_kernels)),
+    package_dir={"megatron_lite": "megatron_lite", "megatron_lite.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors"],
+    extras_require={
+        "triton": ["triton"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "triton"],
+        "hf": ["transformers>=4.40", "safetensors"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["megatron-lite=megatron_lite.cli:main"]},
+)
