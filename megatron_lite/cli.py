@@ -1,0 +1,126 @@
+"""``megatron-lite`` command line: train, eval, preprocess, tokenizer, doctor.
+
+Every verb is a thin wrapper over library code. A :class:`UserError` (bad config, missing data,
+bad path) prints one ``error: ...`` line and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from megatron_lite.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megatron_lite.train import run_training
+
+    run_training(args.config, args.overrides)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_lite.training.evaluate import evaluate_text
+
+    result = evaluate_text(args.checkpoint, args.text, device=args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        r = result
+        print(f"loss {r['loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['tokens']} tokens")
+    return 0
+
+
+def _preprocess(args: argparse.Namespace) -> int:
+    from megatron_lite.data.preprocess import preprocess
+
+    stats = preprocess(
+        args.input,
+        args.tokenizer,
+        args.output,
+        json_key=args.json_key,
+        append_eos=not args.no_eos,
+        progress=not args.quiet,
+    )
+    print(json.dumps(stats))
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> int:
+    from megatron_lite.data.tokenizer import train_tokenizer
+
+    path = train_tokenizer(
+        args.input, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from megatron_lite.doctor import report
+
+    print(report(as_json=args.json))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-lite", description="Megatron-style pretraining, easy to run.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's or one step's)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.set_defaults(fn=_eval)
+
+    pp = sub.add_parser("preprocess", help="tokenize files/globs/JSONL into a .bin/.idx dataset")
+    pp.add_argument("--input", nargs="+", required=True, help="files, globs or .jsonl files")
+    pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
+    pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
+    pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
+    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.set_defaults(fn=_preprocess)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tk_sub = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tt = tk_sub.add_parser("train", help="train a sentencepiece BPE tokenizer (byte fallback)")
+    tt.add_argument("--input", nargs="+", required=True, help="text files")
+    tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--max-bytes", type=int, default=20_000_000, help="sample at most this much text")
+    tt.add_argument("--quiet", action="store_true")
+    tt.set_defaults(fn=_tokenizer)
+
+    d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``megatron-lite`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

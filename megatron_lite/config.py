@@ -1,0 +1,452 @@
+"""Run configuration: typed dataclass sections, YAML files, dotted overrides, validation.
+
+A config is one :class:`Config` of sections (``model``, ``parallel``, ``optim``, ``train``, ``data``,
+``checkpoint``, ``log``, ``kernels``). Each field's docstring is the attribute docstring right below
+it; ``docs/config.md`` is generated from them by ``tools/gen_config_docs.py``.
+
+Loading order: dataclass defaults <- YAML file <- ``section.key=value`` overrides. Unknown
+sections or keys are a :class:`UserError` naming the key and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_lite.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    """Architecture family: ``llama`` (RMSNorm, RoPE, GQA, SwiGLU, no biases) or ``gpt2``
+    (LayerNorm, learned positions, GELU, biases, tied head)."""
+    layers: int = 4
+    """Number of transformer blocks."""
+    hidden: int = 256
+    """Model width (embedding size)."""
+    heads: int = 4
+    """Attention (query) heads; must divide ``hidden``."""
+    kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; must divide ``heads``. Default: ``heads``."""
+    ffn_hidden: int | None = None
+    """MLP inner width. Default: 4 x hidden (gpt2) or 8/3 x hidden rounded up to 64 (llama)."""
+    vocab_size: int | None = None
+    """Vocabulary size. Default: the tokenizer's vocabulary size."""
+    seq_len: int = 256
+    """Training sequence length in tokens (also the gpt2 position table size)."""
+    norm: str | None = None
+    """``rmsnorm`` or ``layernorm``. Default: rmsnorm (llama), layernorm (gpt2)."""
+    activation: str | None = None
+    """``swiglu`` or ``gelu``. Default: swiglu (llama), gelu (gpt2)."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding with the output head. Default: false (llama), true (gpt2)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency (llama only)."""
+    norm_eps: float | None = None
+    """Normalisation epsilon. Default: 1e-5 for both families (HF's Llama and GPT-2 defaults)."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init; output projections use init_std / sqrt(2 x layers)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size (ranks sharing each layer's weights)."""
+    pp: int = 1
+    """Pipeline-parallel size (stages)."""
+    vp: int = 1
+    """Virtual pipeline chunks per pipeline rank (interleaved schedule)."""
+    dp: int | None = None
+    """Data-parallel size. Default: world size / (tp x pp)."""
+    sp: bool = False
+    """Sequence parallelism: shard activations outside attention/MLP along the sequence (needs tp > 1)."""
+    schedule: str = "1f1b"
+    """Pipeline schedule: ``gpipe``, ``1f1b``, ``interleaved`` or ``zb-h1``."""
+    overlap_grad_reduce: bool = True
+    """Launch each gradient bucket's reduction as soon as it is ready, during backward."""
+    overlap_param_gather: bool = True
+    """All-gather updated parameters bucket by bucket, overlapped with the next forward."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup: int = 100
+    """Linear warmup steps (from 0 to ``lr``)."""
+    decay_steps: int | None = None
+    """Steps of cosine decay after warmup. Default: train.steps - warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms, biases)."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    distributed: bool = False
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all ranks = micro_batch_size x accumulation x dp."""
+    seed: int = 1234
+    """Seed for init, data order and dropout: same seed -> same run."""
+    dtype: str = "auto"
+    """``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 on GPUs that support it, fp32 on CPU)."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``full`` (each block) or ``selective``."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    compile: bool = False
+    """Wrap each block in ``torch.compile``."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    eval_iters: int = 4
+    """Global batches per evaluation."""
+    exit_after: int | None = None
+    """Stop (after checkpointing) once this many steps have run in this process."""
+
+
+@dataclass
+class DataConfig:
+    path: list[str] = field(default_factory=list)
+    """Dataset prefixes (``<prefix>.bin``/``.idx``). Empty: the embedded stdlib corpus."""
+    weights: list[float] | None = None
+    """Blending weights, one per prefix. Default: proportional to each prefix's token count."""
+    tokenizer: str | None = None
+    """Sentencepiece ``.model`` path. Empty: the tokenizer trained for the embedded corpus."""
+    vocab_size: int = 8192
+    """Vocabulary of the tokenizer trained for the embedded corpus."""
+    valid_fraction: float = 0.01
+    """Fraction of documents held out for evaluation."""
+    cache_dir: str = ".cache/megatron-lite"
+    """Where the embedded corpus's tokenizer and dataset are built once and reused."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint directory. Default: ``<log.dir>/checkpoints``."""
+    every: int = 0
+    """Save every N steps (0: only at the end)."""
+    keep: int = 2
+    """Keep the newest N checkpoints."""
+    resume: str = "auto"
+    """``auto`` (newest checkpoint in dir, if any), ``none``, or a checkpoint path."""
+    async_: bool = False
+    """Write checkpoints in the background (YAML and overrides spell it ``async``)."""
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"
+    """Run directory: resolved config, metrics.jsonl, trackers."""
+    every: int = 10
+    """Log metrics every N steps."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless an API key is configured)."""
+    wandb_project: str = "megatron-lite"
+    """W&B project name."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under ``<log.dir>/tensorboard``."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"
+    """Fused-op backend: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict with the user-facing key names (``async``, not ``async_``)."""
+        return {
+            s.name: {_public(f.name): getattr(getattr(self, s.name), f.name) for f in _fields(s)}
+            for s in dataclasses.fields(self)
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (loadable with :func:`load_config`)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _public(name: str) -> str:
+    return name.rstrip("_")
+
+
+def _fields(section_field: dataclasses.Field) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(section_field.default_factory)
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _field_of(section: str, key: str) -> dataclasses.Field:
+    if section not in SECTIONS:
+        raise UserError(f"unknown config section {section!r}{_suggest(section, list(SECTIONS))}")
+    by_name = {_public(f.name): f for f in _fields(SECTIONS[section])}
+    if key not in by_name:
+        names = [f"{section}.{k}" for k in by_name]
+        raise UserError(f"unknown config key '{section}.{key}'{_suggest(f'{section}.{key}', names)}")
+    return by_name[key]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's declared type, or explain why not."""
+    tp = typing.get_type_hints(Config)[tp] if isinstance(tp, str) and tp in SECTIONS else tp
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, item, where) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise UserError(f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section].default_factory)
+
+
+def _set(cfg: Config, section: str, key: str, value: Any) -> None:
+    f = _field_of(section, key)
+    setattr(getattr(cfg, section), f.name, _coerce(value, _field_types(section)[f.name], f"{section}.{key}"))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars or comma lists)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        value = yaml.safe_load(raw) if raw and not raw.startswith("[") else raw
+        if isinstance(value, (dict, list)) and not raw.startswith("["):
+            value = raw
+        _set(cfg, section, key, value)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the overrides; returns an unvalidated Config."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {str(p)!r} must be a mapping of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                _field_of(str(section), "")  # unknown section -> named error
+                raise UserError(f"config section {section!r} in {str(p)!r} must be a mapping of keys")
+            for key, value in values.items():
+                _set(cfg, str(section), str(key), value)
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. a checkpoint's saved config)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _set(cfg, section, key, value)
+    return cfg
+
+
+def dumps(cfg: Config) -> str:
+    """Compact JSON of the resolved config, for logs and checkpoint metadata."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
+
+
+_CHOICES = {
+    ("model", "arch"): ("llama", "gpt2"),
+    ("model", "norm"): ("rmsnorm", "layernorm"),
+    ("model", "activation"): ("swiglu", "gelu"),
+    ("parallel", "schedule"): ("gpipe", "1f1b", "interleaved", "zb-h1"),
+    ("train", "dtype"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "recompute"): ("none", "full", "selective"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("kernels", "backend"): ("auto", "triton", "torch"),
+}
+_POSITIVE = {
+    "model": ("layers", "hidden", "heads", "seq_len"),
+    "parallel": ("tp", "pp", "vp"),
+    "train": ("steps", "micro_batch_size", "global_batch_size", "eval_iters"),
+    "checkpoint": ("keep",),
+    "log": ("every",),
+    "data": ("vocab_size",),
+}
+
+
+def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
+    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps)."""
+    m = cfg.model
+    gpt2 = m.arch == "gpt2"
+    m.kv_heads = m.kv_heads or m.heads
+    if m.ffn_hidden is None:
+        m.ffn_hidden = 4 * m.hidden if gpt2 else -(-(8 * m.hidden // 3) // 64) * 64
+    m.norm = m.norm or ("layernorm" if gpt2 else "rmsnorm")
+    m.activation = m.activation or ("gelu" if gpt2 else "swiglu")
+    m.tie_embeddings = gpt2 if m.tie_embeddings is None else m.tie_embeddings
+    m.norm_eps = 1e-5 if m.norm_eps is None else m.norm_eps
+    if m.vocab_size is None:
+        m.vocab_size = vocab_size
+    if cfg.optim.decay_steps is None:
+        cfg.optim.decay_steps = max(cfg.train.steps - cfg.optim.warmup, 1)
+    if cfg.checkpoint.dir is None:
+        cfg.checkpoint.dir = str(Path(cfg.log.dir) / "checkpoints")
+    return cfg
+
+
+def _check_fields(cfg: Config) -> None:
+    for (section, key), options in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value not in options:
+            raise UserError(f"{section}.{key}={value!r} is not one of: {', '.join(options)}")
+    for section, keys in _POSITIVE.items():
+        for key in keys:
+            value = getattr(getattr(cfg, section), key)
+            if value is None or value < 1:
+                raise UserError(f"{section}.{key} must be a positive integer, got {value!r}")
+    o = cfg.optim
+    if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
+        raise UserError(
+            f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}"
+        )
+    if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
+        raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
+    if not 0 <= cfg.data.valid_fraction < 1:
+        raise UserError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.path):
+        raise UserError(
+            f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}"
+        )
+
+
+def _check_model(m: ModelConfig) -> None:
+    if m.hidden % m.heads:
+        raise UserError(
+            f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}): "
+            f"{m.hidden} % {m.heads} = {m.hidden % m.heads}"
+        )
+    if m.kv_heads < 1 or m.heads % m.kv_heads:
+        raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
+    if m.arch == "llama" and (m.hidden // m.heads) % 2:
+        raise UserError(
+            f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}"
+        )
+    if m.arch == "gpt2" and (m.norm, m.activation) != ("layernorm", "gelu"):
+        raise UserError("model.arch=gpt2 uses norm=layernorm and activation=gelu")
+    if m.ffn_hidden < 1:
+        raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
+    if m.vocab_size is None or m.vocab_size < 2:
+        raise UserError(
+            f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}"
+        )
+
+
+def _check_layout(cfg: Config, world_size: int) -> int:
+    p, t = cfg.parallel, cfg.train
+    mp = p.tp * p.pp
+    if p.dp is None:
+        if world_size % mp:
+            raise UserError(f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp} = {mp}")
+        dp = world_size // mp
+    else:
+        dp = p.dp
+        if dp < 1 or dp * mp != world_size:
+            raise UserError(
+                f"tp x pp x dp = {p.tp} x {p.pp} x {dp} = {dp * mp} does not equal world size "
+                f"{world_size}; fix parallel.* or launch {dp * mp} ranks (or leave parallel.dp empty)"
+            )
+    if p.sp and p.tp == 1:
+        raise UserError("parallel.sp=true needs parallel.tp > 1")
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}"
+        )
+    return dp
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check every field and the cross-field arithmetic; fills ``parallel.dp``. Errors show the numbers."""
+    _check_fields(cfg)
+    _check_model(cfg.model)
+    cfg.parallel.dp = _check_layout(cfg, world_size)
+    return cfg
+
+
+def accumulation_steps(cfg: Config) -> int:
+    """Microbatches per optimizer step on each rank: global = micro x accumulation x dp."""
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.parallel.dp)

@@ -1,0 +1,94 @@
+"""``megatron-lite doctor``: what this machine offers the framework, and what is missing.
+
+Each optional package is reported as usable only when it imports (and, for GPU libraries, works),
+never from its mere presence on disk.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import json
+import platform
+import sys
+
+import torch
+
+from megatron_lite import __version__, kernels
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _importable(module: str) -> tuple[bool, str]:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # a broken optional package must not break the report
+        return False, f"{type(e).__name__}: {e}"[:200]
+    return True, "ok"
+
+
+def _devices() -> list[str]:
+    if not torch.cuda.is_available():
+        return [f"cpu ({torch.get_num_threads()} threads)"]
+    return [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+
+
+def collect() -> dict:
+    """Everything the report shows, as a dict."""
+    optional = {}
+    for name, module in [
+        ("triton", "triton"),
+        ("wandb", "wandb"),
+        ("tensorboard", "torch.utils.tensorboard"),
+        ("transformers", "transformers"),
+        ("sentencepiece", "sentencepiece"),
+    ]:
+        ok, why = _importable(module)
+        optional[name] = {"usable": ok, "version": _version(name), "detail": why}
+    optional["apex"] = {"usable": kernels.apex_available(), "version": _version("apex")}
+    optional["transformer_engine"] = {
+        "usable": kernels.transformer_engine_available(),
+        "version": _version("transformer_engine") or _version("transformer-engine"),
+    }
+    return {
+        "megatron_lite": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "devices": _devices(),
+        "distributed_backends": {
+            "gloo": torch.distributed.is_gloo_available(),
+            "nccl": torch.distributed.is_nccl_available(),
+        },
+        "kernel_backend": kernels.get_backend(),
+        "kernels": kernels.describe(),
+        "optional": optional,
+    }
+
+
+def report(as_json: bool = False) -> str:
+    """A human-readable (or one-line JSON) report."""
+    info = collect()
+    if as_json:
+        return json.dumps(info)
+    lines = [
+        f"megatron-lite {info['megatron_lite']}  python {info['python']}  torch {info['torch']} "
+        f"(cuda {info['cuda']})",
+        f"platform: {info['platform']}",
+        f"devices: {', '.join(info['devices'])}",
+        f"distributed: {', '.join(k for k, v in info['distributed_backends'].items() if v)}",
+        f"kernels (backend={info['kernel_backend']}):",
+    ]
+    lines += [f"  {op:<16} {how}" for op, how in info["kernels"].items()]
+    lines.append("optional packages:")
+    for name, o in info["optional"].items():
+        state = "usable" if o["usable"] else "not usable"
+        detail = "" if o["usable"] or not o.get("detail") else f"  ({o['detail']})"
+        lines.append(f"  {name:<18} {state:<11} {o['version'] or '-'}{detail}")
+    return "\n".join(lines)

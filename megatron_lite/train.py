@@ -1,0 +1,22 @@
+"""``python -m megatron_lite.train --config FILE [section.key=value ...]``, the same as
+``megatron-lite train``; runs as one process or under ``torchrun`` / ``srun``."""
+
+from __future__ import annotations
+
+import sys
+
+from megatron_lite.config import load_config
+
+
+def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
+    """Load the config and train; returns the logged metrics of this process."""
+    from megatron_lite.training.trainer import Trainer
+
+    cfg = load_config(config_path, overrides)
+    return Trainer(cfg).fit()
+
+
+if __name__ == "__main__":
+    from megatron_lite.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,93 @@
+"""Builders the trainer composes: device and dtype, data, model, optimizer.
+
+Each takes the resolved config and returns one object, so tests and tools can build exactly what
+training builds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_lite.config import Config
+from megatron_lite.data.corpus import prepare_default_corpus
+from megatron_lite.data.gpt_dataset import GPTDataset
+from megatron_lite.data.tokenizer import Tokenizer
+from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this process's CUDA device when there is one, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is ~30x slower than fp32)."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class DataBundle:
+    """The tokenizer and the train/valid datasets of a run."""
+
+    tokenizer: Tokenizer
+    train: GPTDataset
+    valid: GPTDataset | None
+    prefixes: list[str]
+    tokenizer_path: Path
+
+
+def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
+    """(dataset prefixes, tokenizer path): the user's, or the embedded stdlib corpus built once."""
+    d = cfg.data
+    if not d.path:
+        prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
+        return [prefix], Path(d.tokenizer) if d.tokenizer else tok
+    if not d.tokenizer:
+        raise UserError(
+            "data.path is set but data.tokenizer is not: give the sentencepiece .model the "
+            "data was preprocessed with (data.tokenizer=PATH)"
+        )
+    for prefix in d.path:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise UserError(
+                    f"dataset file {prefix + ext} does not exist; build it with "
+                    "`megatron-lite preprocess --input FILES --tokenizer MODEL --output PREFIX`"
+                )
+    return list(d.path), Path(d.tokenizer)
+
+
+def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBundle:
+    """Open the tokenizer and both splits (datasets only read files: safe on every rank)."""
+    tok = Tokenizer(tokenizer_path)
+    d, seq, seed = cfg.data, cfg.model.seq_len, cfg.train.seed
+    train = GPTDataset(prefixes, d.weights, seq, seed, split="train", valid_fraction=d.valid_fraction)
+    valid = None
+    if d.valid_fraction > 0:
+        valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", valid_fraction=d.valid_fraction)
+    return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm scales and biases are not decayed)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # foreach: one kernel per group instead of one per tensor; bitwise deterministic on CPU.
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)

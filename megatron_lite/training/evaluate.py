@@ -1,0 +1,77 @@
+"""``megatron-lite eval``: the mean next-token loss of a checkpoint on a text file.
+
+The file is tokenized without BOS/EOS and cut into consecutive windows of ``seq_len + 1`` tokens
+that overlap by one token (window k covers tokens [k*T, k*T + T]); the last window may be shorter.
+Every token after the first is predicted exactly once, so the loss is the mean over
+``tokens - 1`` predictions.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.checkpoint.local import load_checkpoint, resolve_resume
+from megatron_lite.config import config_from_dict
+from megatron_lite.data.tokenizer import Tokenizer
+from megatron_lite.errors import UserError
+from megatron_lite.models.transformer import Transformer, build_model
+from megatron_lite.training.build import resolve_device
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A step directory as given, or the newest good one under a run's checkpoint directory."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    found = resolve_resume(p, "auto") if p.is_dir() else None
+    if found is None:
+        raise UserError(
+            f"no checkpoint found at {str(p)!r} (expected a step_XXXXXXXX directory or its parent)"
+        )
+    return found
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
+    """The trained model (in eval mode) and the tokenizer saved with it."""
+    ckpt = find_checkpoint(path)
+    state, meta = load_checkpoint(ckpt)
+    cfg = config_from_dict(meta["config"])
+    model = build_model(cfg.model, cfg.train.seed, device)
+    model.load_state_dict(state["model"])
+    return model.eval(), Tokenizer(ckpt / "tokenizer.model")
+
+
+@torch.no_grad()
+def sum_next_token_loss(model: Transformer, ids: list[int], seq_len: int, batch: int = 8) -> float:
+    """Summed next-token loss over windows of ``seq_len + 1`` tokens overlapping by one."""
+    windows = [ids[s : s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
+    total = 0.0
+    full = [w for w in windows if len(w) == seq_len + 1]
+    rest = [w for w in windows if len(w) != seq_len + 1]
+    groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in rest]
+    for group in groups:
+        x = torch.tensor(group, dtype=torch.long, device=next(model.parameters()).device)
+        logits = model(x[:, :-1]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+    return total
+
+
+def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto") -> dict:
+    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file."""
+    p = Path(text_path)
+    if not p.is_file():
+        raise UserError(f"text file {str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
+    model, tok = load_model(checkpoint, resolve_device(device))
+    ids = tok.encode(text)
+    if len(ids) < 2:
+        raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")
+    loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": len(ids)}

@@ -1,0 +1,121 @@
+"""Model FLOPs, the device's peak, and MFU.
+
+FLOPs are counted from the architecture, per token, as matmul multiply-adds x 2:
+QKV (with grouped-query K/V), attention scores and values (causal: half of the T x T products,
+the work a causal kernel actually does), output projection, MLP (3 matmuls for SwiGLU, 2 for GELU)
+and the LM head. Training is 3x forward (backward = 2x). Recomputation is not counted: MFU is
+model FLOPs utilisation, as in the PaLM paper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_lite.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) peak TFLOP/s by GPU name fragment: (bf16/fp16 tensor core, tf32, fp32).
+# From NVIDIA's data sheets; matched against torch.cuda.get_device_name() in this order.
+GPU_PEAK_TFLOPS = {
+    "H200": (989.0, 494.0, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100": (989.0, 494.0, 67.0),
+    "GH200": (989.0, 494.0, 67.0),
+    "A100": (312.0, 156.0, 19.5),
+    "L40S": (362.0, 183.0, 91.6),
+    "A10G": (70.0, 35.0, 31.2),
+    "RTX 4090": (165.0, 82.6, 82.6),
+    "RTX 3090": (71.0, 35.6, 35.6),
+    "V100": (125.0, 15.7, 15.7),
+}
+
+
+def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward) of the model described by ``m``."""
+    T = seq_len or m.seq_len
+    hd = m.hidden // m.heads
+    qkv = 2 * m.hidden * (m.heads + 2 * m.kv_heads) * hd
+    attn = 2 * 2 * T * m.heads * hd * 0.5  # QK^T and AV, causal half
+    proj = 2 * m.heads * hd * m.hidden
+    mlp = (3 if m.activation == "swiglu" else 2) * 2 * m.hidden * m.ffn_hidden
+    head = 2 * m.hidden * m.vocab_size
+    return 3.0 * (m.layers * (qkv + attn + proj + mlp) + head)
+
+
+def _cpu_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "megatron-lite" / "cpu_peak.json"
+
+
+def measure_cpu_peak(seconds: float = 1.0, n: int = 1024) -> float:
+    """Achievable fp32 matmul FLOP/s of this CPU at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up the BLAS thread pool
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def cpu_peak_flops() -> float:
+    """The CPU's fp32 GEMM peak, measured once per (processor, threads) and cached on disk."""
+    key = f"{platform.processor() or platform.machine()}|{torch.get_num_threads()}|{torch.__version__}"
+    path = _cpu_cache_path()
+    try:
+        cached = json.loads(path.read_text())
+        if key in cached:
+            return float(cached[key])
+    except (OSError, ValueError):
+        cached = {}
+    peak = measure_cpu_peak()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**cached, key: peak}))
+    except OSError as e:
+        log.warning("could not cache the measured CPU peak at %s: %s", path, e)
+    return peak
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s for MFU, or None (with a warning) for an unknown GPU: never a made-up number."""
+    if device.type == "cpu":
+        return cpu_peak_flops()
+    if device.type != "cuda":
+        log.warning("no peak FLOP/s known for device type %s; MFU will not be reported", device.type)
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            if dtype in (torch.bfloat16, torch.float16):
+                return half * 1e12
+            return (tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32) * 1e12
+    log.warning("unknown GPU %r: no peak FLOP/s on record, MFU will not be reported", name)
+    return None
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last report."""
+
+    def __init__(self, flops_per_tok: float, peak: float | None, world_size: int = 1) -> None:
+        self.flops_per_tok, self.peak, self.world = flops_per_tok, peak, world_size
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def report(self) -> dict[str, float | None]:
+        """``tokens_per_s`` (global) and ``mfu`` (per device), then reset."""
+        tps = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        mfu = tps * self.flops_per_tok / (self.peak * self.world) if self.peak else None
+        self.tokens, self.seconds = 0, 0.0
+        return {"tokens_per_s": tps, "mfu": mfu}

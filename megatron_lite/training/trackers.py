@@ -1,0 +1,128 @@
+"""Where metrics go: ``<log.dir>/metrics.jsonl`` always; TensorBoard and W&B when enabled.
+
+An optional tracker that cannot start (package missing, no network, bad key) is logged as a warning
+and dropped: it never crashes a run. W&B runs offline unless an API key is configured, and only the
+resolved config (which holds no secrets) and scalar metrics are ever sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe value: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class JsonlTracker:
+    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self._f = self.path.open("a", buffering=1)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class TensorBoardTracker:
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._w = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and k != "step" and v is not None:
+                self._w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class WandbTracker:
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+        self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
+        log.info("W&B tracker started (%s mode)", mode)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self._run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Trackers:
+    """Fan-out to every enabled tracker; on ranks other than the logging rank, does nothing."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        *,
+        active: bool,
+        tensorboard: bool,
+        wandb: bool,
+        wandb_project: str,
+    ) -> None:
+        self._all: list[Any] = []
+        if not active:
+            return
+        self._all.append(JsonlTracker(run_dir))
+        optional = [
+            ("tensorboard", tensorboard, lambda: TensorBoardTracker(run_dir)),
+            ("wandb", wandb, lambda: WandbTracker(run_dir, wandb_project, config)),
+        ]
+        for name, enabled, make in optional:
+            if not enabled:
+                continue
+            try:
+                self._all.append(make())
+            except Exception as e:  # an optional tracker must never stop training
+                log.warning(
+                    "log.%s=true but the tracker could not start (%s: %s); continuing without it",
+                    name,
+                    type(e).__name__,
+                    e,
+                )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        for t in list(self._all):
+            try:
+                t.log(metrics, step)
+            except Exception as e:
+                log.warning("tracker %s failed (%s); disabling it", type(t).__name__, e)
+                self._all.remove(t)
+
+    def close(self) -> None:
+        for t in self._all:
+            try:
+                t.close()
+            except Exception as e:
+                log.warning("tracker %s failed to close: %s", type(t).__name__, e)

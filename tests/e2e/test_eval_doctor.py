@@ -1,0 +1,61 @@
+"""`megatron-lite eval` and `megatron-lite doctor`."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.cli import main
+from megatron_lite.training.evaluate import load_model
+
+
+def test_eval_reports_mean_loss_over_overlapping_windows(tiny_args, tmp_path, capsys):
+    assert main(["train", *tiny_args]) == 0
+    text = tmp_path / "sample.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\n" * 12 + "print(add(1, 2))\n")
+    capsys.readouterr()
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert main(["eval", "--checkpoint", str(ckpt), "--text", str(text), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    result = json.loads(out[0])
+    # independent computation: one prediction per token after the first, windows of seq_len+1
+    model, tok = load_model(ckpt, torch.device("cpu"))
+    ids = tok.encode(text.read_text())
+    assert result["tokens"] == len(ids) and len(ids) > model.cfg.seq_len + 1  # more than one window
+    per_token = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, model.cfg.seq_len):
+            w = torch.tensor([ids[start : start + model.cfg.seq_len + 1]])
+            per_token += F.cross_entropy(model(w[:, :-1])[0], w[0, 1:], reduction="none").tolist()
+    assert len(per_token) == len(ids) - 1
+    assert abs(result["loss"] - sum(per_token) / len(per_token)) < 1e-5
+    # the step directory itself is accepted too
+    step_dir = ckpt / "step_00000006"
+    assert main(["eval", "--checkpoint", str(step_dir), "--text", str(text), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_eval_bad_paths(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello")
+    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--text", str(tmp_path / "t.txt")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_doctor_reports_versions_and_backends(capsys):
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch"] == torch.__version__
+    assert set(info["kernels"]) >= {
+        "rms_norm",
+        "layer_norm",
+        "swiglu",
+        "apply_rope",
+        "cross_entropy",
+        "flash_attention",
+    }
+    assert {"triton", "apex", "transformer_engine", "wandb", "tensorboard"} <= set(info["optional"])
+    assert main(["doctor"]) == 0
+    assert "kernels (backend=" in capsys.readouterr().out

@@ -1,0 +1,113 @@
+"""Config loading, overrides, defaults and validation errors (each names the problem)."""
+
+import pytest
+
+from megatron_lite.config import (
+    Config,
+    accumulation_steps,
+    config_from_dict,
+    fill_defaults,
+    load_config,
+    validate,
+)
+from megatron_lite.errors import UserError
+
+
+def resolved(*overrides, world=1, vocab=100):
+    cfg = load_config(None, list(overrides))
+    fill_defaults(cfg, vocab)
+    return validate(cfg, world)
+
+
+def test_quickstart_loads_and_validates():
+    cfg = load_config("configs/quickstart.yaml")
+    fill_defaults(cfg, 8192)
+    validate(cfg)
+    assert cfg.model.arch == "llama" and cfg.model.kv_heads == 2
+    assert accumulation_steps(cfg) == cfg.train.global_batch_size // cfg.train.micro_batch_size
+
+
+def test_overrides_types_and_aliases():
+    cfg = load_config(
+        None,
+        [
+            "train.steps=7",
+            "optim.lr=2e-3",
+            "log.wandb=true",
+            "checkpoint.async=true",
+            "data.path=a,b",
+            "model.kv_heads=null",
+            "train.exit_after=3",
+        ],
+    )
+    assert cfg.train.steps == 7 and cfg.optim.lr == 2e-3 and cfg.log.wandb is True
+    assert cfg.checkpoint.async_ is True and cfg.data.path == ["a", "b"]
+    assert cfg.model.kv_heads is None and cfg.train.exit_after == 3
+
+
+def test_defaults_follow_arch():
+    g = resolved("model.arch=gpt2")
+    assert (g.model.norm, g.model.activation, g.model.tie_embeddings) == ("layernorm", "gelu", True)
+    assert g.model.ffn_hidden == 4 * g.model.hidden
+    llama = resolved("model.hidden=384")
+    assert llama.model.ffn_hidden == 1024 and llama.model.ffn_hidden % 64 == 0
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("model.hiden=3", "did you mean 'model.hidden'"),
+        ("trian.steps=3", "did you mean 'train'"),
+        ("train.steps=abc", "expects int"),
+        ("train.steps", "section.key=value"),
+    ],
+)
+def test_unknown_and_malformed_keys(override, expected):
+    with pytest.raises(UserError, match=expected):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model.hidden=100", "model.heads=3"], r"100 % 3 = 1"),
+        (["model.heads=4", "model.kv_heads=3"], r"divisible by model.kv_heads \(3\)"),
+        (["train.steps=0"], "train.steps must be a positive integer"),
+        (["train.global_batch_size=12", "train.micro_batch_size=8"], r"8 x 1 = 8"),
+        (["model.arch=bert"], "is not one of: llama, gpt2"),
+        (["optim.min_lr=1", "optim.lr=0.1"], "min_lr"),
+        (["parallel.sp=true"], "needs parallel.tp > 1"),
+    ],
+)
+def test_validation_errors_show_the_numbers(overrides, expected):
+    with pytest.raises(UserError, match=expected):
+        resolved(*overrides)
+
+
+def test_layout_must_fill_world():
+    with pytest.raises(UserError, match=r"tp x pp x dp = 2 x 1 x 3 = 6 does not equal world size 4"):
+        resolved("parallel.tp=2", "parallel.dp=3", world=4)
+    with pytest.raises(UserError, match="not divisible by tp x pp"):
+        resolved("parallel.tp=3", world=4)
+    assert resolved("parallel.tp=2", "train.micro_batch_size=4", world=4).parallel.dp == 2
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  layrs: 2\n")
+    with pytest.raises(UserError, match="did you mean 'model.layers'"):
+        load_config(bad)
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_save_round_trip(tmp_path):
+    cfg = resolved("train.steps=9", "checkpoint.async=true")
+    cfg.save(tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert isinstance(Config().to_dict()["checkpoint"]["async"], bool)

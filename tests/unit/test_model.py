@@ -1,0 +1,100 @@
+"""The single-device model: shapes, GQA, init determinism, meta build, tied weights."""
+
+import torch
+import torch.nn.functional as F
+
+from megatron_lite.config import fill_defaults, load_config
+from megatron_lite.models.transformer import build_model, count_parameters, rope_tables
+
+
+def tiny(*overrides):
+    cfg = load_config(
+        None, ["model.layers=2", "model.hidden=32", "model.heads=4", "model.seq_len=16", *overrides]
+    )
+    return fill_defaults(cfg, vocab_size=97).model
+
+
+def test_forward_shapes_and_loss_for_both_families():
+    for arch in ("llama", "gpt2"):
+        m = build_model(
+            tiny(f"model.arch={arch}", "model.kv_heads=2" if arch == "llama" else "model.kv_heads=4"), 0
+        )
+        x = torch.randint(0, 97, (3, 16))
+        logits = m(x)
+        assert logits.shape == (3, 16, 97)
+        loss = m(x[:, :-1], x[:, 1:])
+        ref = F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+        # an untrained model with small init predicts nearly uniformly
+        assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+def test_init_is_deterministic_and_per_parameter():
+    a, b = build_model(tiny(), seed=5), build_model(tiny(), seed=5)
+    c = build_model(tiny(), seed=6)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), n
+        if p.ndim == 2:
+            assert not torch.equal(p, r), n
+    # a parameter's init depends on its name only: a deeper model shares the first layers' values
+    deeper = build_model(tiny("model.layers=3"), seed=5)
+    assert torch.equal(deeper.layers[1].attn.qkv.weight, a.layers[1].attn.qkv.weight)
+
+
+def test_parameter_names_and_layouts():
+    m = build_model(tiny("model.kv_heads=2", "model.tie_embeddings=false", "model.ffn_hidden=48"), 0)
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    hd = 32 // 4
+    assert shapes["embed.weight"] == (97, 32) and shapes["head.weight"] == (97, 32)
+    assert shapes["layers.0.attn.qkv.weight"] == ((4 + 2 * 2) * hd, 32)
+    assert shapes["layers.0.mlp.gate_up.weight"] == (96, 32) and shapes["layers.1.mlp.down.weight"] == (
+        32,
+        48,
+    )
+    tied = build_model(tiny("model.tie_embeddings=true"), 0)
+    assert tied.head is None and "head.weight" not in dict(tied.named_parameters())
+    g = build_model(tiny("model.arch=gpt2"), 0)
+    assert {"pos_embed.weight", "layers.0.attn.qkv.bias", "layers.0.mlp.up.weight"} <= set(
+        dict(g.named_parameters())
+    )
+    assert count_parameters(tied) == sum(p.numel() for p in tied.parameters())
+
+
+def test_gqa_equals_repeated_kv_heads():
+    m = build_model(tiny("model.kv_heads=1"), 3)
+    x = torch.randint(0, 97, (2, 16))
+    out = m(x)
+    # expand the single KV head into 4 identical heads: multi-head attention with the same function
+    full = build_model(tiny("model.kv_heads=4"), 3)
+    full.load_state_dict({k: v for k, v in m.state_dict().items() if "qkv" not in k}, strict=False)
+    for blk_full, blk in zip(full.layers, m.layers):
+        q, k, v = blk.attn.qkv.weight.split([32, 8, 8])
+        with torch.no_grad():
+            blk_full.attn.qkv.weight.copy_(torch.cat([q, k.repeat(4, 1), v.repeat(4, 1)]))
+    torch.testing.assert_close(full(x), out, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_matches_complex_rotation():
+    cos, sin = rope_tables(5, 8, 10000.0)
+    angles = torch.outer(torch.arange(5.0), 1.0 / 10000.0 ** (torch.arange(0, 8, 2) / 8))
+    torch.testing.assert_close(cos, angles.cos()) and torch.testing.assert_close(sin, angles.sin())
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = build_model(tiny(), 1)
+    x = torch.randint(0, 97, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 97
+    torch.testing.assert_close(m(x)[0, :10], m(y)[0, :10], rtol=0, atol=0)
+
+
+def test_recompute_gives_identical_grads():
+    m = build_model(tiny(), 2)
+    x = torch.randint(0, 97, (2, 16))
+    m(x[:, :-1], x[:, 1:]).backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.recompute = True
+    m(x[:, :-1], x[:, 1:]).backward()
+    for a, p in zip(g1, m.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
