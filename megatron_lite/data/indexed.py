@@ -1,0 +1,243 @@
+"""Memory-mapped token storage: ``<prefix>.bin`` (raw ids) and ``<prefix>.idx`` (document table).
+
+The same split as Megatron's ``MMapIndexedDataset``: the ``.bin`` file is every document's token ids
+back to back, so a training run maps it once and reads windows without copying or parsing; the
+``.idx`` file says where each document starts. Our ``.idx`` layout (little-endian, version 1)::
+
+    magic       8 bytes   b"MLITEIDX"
+    version     uint64    1
+    dtype code  uint64    1 = uint16, 2 = int32
+    num_docs    uint64    N
+    num_tokens  uint64    total ids in .bin
+    offsets     int64[N]  first token of each document, in tokens
+    sizes       int64[N]  tokens in each document
+
+It is not byte-compatible with Megatron's ``MMIDIDX`` files (different magic), so a foreign file is
+rejected by name instead of being misread. Everything a damaged pair could get wrong is checked on
+open, because a misread index trains silently on garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from megatron_lite.errors import UserError
+
+MAGIC = b"MLITEIDX"
+VERSION = 1
+_HEADER = struct.Struct("<8sQQQQ")  # magic, version, dtype code, num_docs, num_tokens
+_DTYPE_CODES = {1: np.dtype(np.uint16), 2: np.dtype(np.int32)}
+_CODE_OF_DTYPE = {dtype: code for code, dtype in _DTYPE_CODES.items()}
+_REBUILD = "rebuild with `megatron-lite preprocess`"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The storage dtype for a vocabulary: uint16 halves the file when every id fits.
+
+    The cut is 65,500 rather than 65,536 to leave room for a few ids added after preprocessing.
+    """
+    return np.dtype(np.uint16) if vocab_size < 65_500 else np.dtype(np.int32)
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary sibling and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _paths(prefix: str | Path) -> tuple[Path, Path]:
+    prefix = str(prefix)
+    return Path(prefix + ".bin"), Path(prefix + ".idx")
+
+
+class IndexedDatasetBuilder:
+    """Streams documents into a new ``<prefix>.bin``/``.idx`` pair.
+
+    Tokens go straight to a temporary ``.bin`` (memory holds only the per-document sizes);
+    ``finalize()`` writes the ``.idx`` and renames both into place, the ``.idx`` last, so a crash at
+    any point leaves either the previous dataset, no dataset, or a ``.bin`` without ``.idx``
+    (reported as missing on open), never a pair that opens but is wrong. Use it as a context manager
+    to finalize on success and delete the temporary files on error.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: np.dtype | type = np.uint16) -> None:
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _CODE_OF_DTYPE:
+            raise ValueError(f"token dtype must be uint16 or int32, got {self.dtype}")
+        self.bin_path, self.idx_path = _paths(prefix)
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:8]
+        self._tmp_bin = self.bin_path.with_name(f".{self.bin_path.name}.tmp-{tag}")
+        self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}.tmp-{tag}")
+        self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed by finalize()/abort()
+        self._sizes = array("q")
+        self._max_id = np.iinfo(self.dtype).max
+        self._done = False
+
+    def add_document(self, ids) -> None:
+        """Append one document (a sequence of token ids; may be empty)."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1:
+            raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() > self._max_id):
+            # A silent wrap to uint16 would corrupt the data without any error later.
+            raise ValueError(
+                f"token ids must lie in [0, {self._max_id}] for {self.dtype}, got {arr.min()}..{arr.max()}"
+            )
+        self._file.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._sizes.append(arr.size)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self._sizes))
+
+    def finalize(self) -> Path:
+        """Write the index and move both files into place; returns the ``.idx`` path."""
+        sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)
+        offsets = np.zeros_like(sizes)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        header = _HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], sizes.size, int(sizes.sum()))
+        with open(self._tmp_idx, "wb") as f:
+            f.write(header)
+            f.write(offsets.astype("<i8").tobytes())
+            f.write(sizes.astype("<i8").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        # .idx is what marks a dataset complete: drop the old one before the .bin changes under it.
+        self.idx_path.unlink(missing_ok=True)
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_idx, self.idx_path)
+        self._done = True
+        return self.idx_path
+
+    def abort(self) -> None:
+        """Close and delete the temporary files; the destination is left as it was."""
+        if not self._file.closed:
+            self._file.close()
+        self._tmp_bin.unlink(missing_ok=True)
+        self._tmp_idx.unlink(missing_ok=True)
+        self._done = True
+
+    def __enter__(self) -> IndexedDatasetBuilder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+def _corrupt(path: Path, what: str) -> UserError:
+    return UserError(f"corrupt .idx {path}: {what}; {_REBUILD}")
+
+
+def _read_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
+    """Parse and check an ``.idx`` file; returns (dtype, num_tokens, offsets, sizes)."""
+    file_size = idx_path.stat().st_size
+    with open(idx_path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) >= len(MAGIC) and head[: len(MAGIC)] != MAGIC:
+        raise _corrupt(idx_path, f"bad magic bytes {head[: len(MAGIC)]!r} (expected {MAGIC!r})")
+    if len(head) < _HEADER.size:
+        raise _corrupt(idx_path, f"truncated header ({len(head)} of {_HEADER.size} bytes)")
+    _, version, code, num_docs, num_tokens = _HEADER.unpack(head)
+    if version != VERSION:
+        raise _corrupt(
+            idx_path, f"unsupported version {version} (this megatron-lite reads version {VERSION})"
+        )
+    if code not in _DTYPE_CODES:
+        raise _corrupt(idx_path, f"unknown dtype code {code} (known: {sorted(_DTYPE_CODES)})")
+    expected = _HEADER.size + 16 * num_docs
+    if file_size != expected:
+        state = "truncated" if file_size < expected else "has trailing bytes"
+        raise _corrupt(idx_path, f"{state}: {file_size} bytes, expected {expected} for {num_docs} documents")
+    table = np.fromfile(idx_path, dtype="<i8", offset=_HEADER.size) if num_docs else np.zeros(0, "<i8")
+    offsets, sizes = table[:num_docs].astype(np.int64), table[num_docs:].astype(np.int64)
+    if num_docs:
+        if (sizes < 0).any():
+            raise _corrupt(idx_path, f"negative document size at document {int(np.argmax(sizes < 0))}")
+        ends = offsets + sizes
+        bad = np.flatnonzero(offsets[1:] != ends[:-1])
+        if offsets[0] != 0 or bad.size:
+            doc = 0 if offsets[0] != 0 else int(bad[0]) + 1
+            raise _corrupt(
+                idx_path, f"document {doc} starts at token {offsets[doc]}, not where the one before ends"
+            )
+    if int(sizes.sum()) != num_tokens:
+        raise _corrupt(
+            idx_path, f"header says {num_tokens} tokens but document sizes add up to {int(sizes.sum())}"
+        )
+    return _DTYPE_CODES[code], int(num_tokens), offsets, sizes
+
+
+class IndexedDataset:
+    """Read-only view of a ``<prefix>.bin``/``.idx`` pair, validated on open.
+
+    ``get`` returns views into the memory map (no copy): do not write into them.
+    """
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = str(prefix)
+        self.bin_path, self.idx_path = _paths(prefix)
+        for path in (self.idx_path, self.bin_path):
+            if not path.is_file():
+                raise UserError(f"dataset file {path} not found; build it with `megatron-lite preprocess`")
+        self.dtype, self.num_tokens, self.offsets, self.sizes = _read_index(self.idx_path)
+        bin_size = self.bin_path.stat().st_size
+        if bin_size != self.num_tokens * self.dtype.itemsize:
+            need = self.num_tokens * self.dtype.itemsize
+            raise _corrupt(
+                self.idx_path,
+                f"it describes {self.num_tokens} {self.dtype} tokens ({need} bytes) "
+                f"but {self.bin_path} has {bin_size} bytes",
+            )
+        # np.memmap refuses empty files; an empty dataset is legal (it just has no samples).
+        if bin_size:
+            self._tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+        else:
+            self._tokens = np.zeros(0, self.dtype)
+
+    def __len__(self) -> int:
+        return int(self.sizes.size)
+
+    def get(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens ``[offset, offset + length)`` of document ``doc`` (to its end when length is None)."""
+        if not 0 <= doc < len(self):
+            raise IndexError(f"document {doc} out of range for {len(self)} documents in {self.prefix}")
+        size = int(self.sizes[doc])
+        if length is None:
+            length = size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IndexError(f"span [{offset}, {offset + length}) outside document {doc} of {size} tokens")
+        start = int(self.offsets[doc]) + offset
+        return self._tokens[start : start + length]
+
+    def __repr__(self) -> str:
+        return (
+            f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
+        )

@@ -1,0 +1,220 @@
+"""SentencePiece BPE tokenizer that round-trips source code exactly.
+
+Stock sentencepiece settings are built for prose: they collapse runs of spaces, add a dummy leading
+space and drop characters outside the training alphabet, so ``decode(encode(code)) != code``. We
+train with identity normalisation, whitespace-only pieces, split digits and byte fallback (any
+unseen character becomes its UTF-8 bytes), and without the dummy prefix. Sentencepiece also trains
+line by line, so no learned piece ever contains a newline: ``"\\n"`` is a user-defined symbol, one
+token, matched inside the text at encode time. The one character sentencepiece cannot carry is its
+own whitespace marker U+2581 ("▁", decoded as a space); ``Tokenizer.encode`` spells it as its three
+byte-fallback tokens instead.
+
+Ids are fixed so every model of ours agrees: pad=0, bos=1, eos=2, unk=3, newline=4, then the 256
+byte pieces (5..260), then learned pieces. Training is deterministic: the line sample is seeded and
+sentencepiece runs single-threaded without shuffling, so the same inputs and settings give the same
+``.model`` bytes (checked with sentencepiece 0.2.3; other sentencepiece versions may differ).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+from tqdm import tqdm
+
+from megatron_lite.data.indexed import write_atomic
+from megatron_lite.errors import UserError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+NEWLINE = "\n"
+_SP_SPACE = "\u2581"  # sentencepiece's whitespace marker
+_MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
+_SAMPLE_SEED = 1234
+
+# Every setting that shapes the model; stored in the .json so a model can be reproduced.
+TRAINING_SETTINGS: dict = {
+    "model_type": "bpe",
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "allow_whitespace_only_pieces": True,
+    "split_digits": True,
+    "byte_fallback": True,
+    "add_dummy_prefix": False,
+    "character_coverage": 0.9995,
+    "user_defined_symbols": [NEWLINE],
+    "pad_id": PAD_ID,
+    "bos_id": BOS_ID,
+    "eos_id": EOS_ID,
+    "unk_id": UNK_ID,
+    "num_threads": 1,  # more threads change the merge order, hence the model bytes
+    "shuffle_input_sentence": False,
+}
+
+
+def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm) -> Iterator[str]:
+    """Yield lines (without newlines) from ``files``, keeping about ``max_bytes`` of them.
+
+    Each line is kept with probability ``max_bytes / total`` from a fixed-seed RNG, so the sample
+    spreads over all files (not just the first ones), is the same on every run, and memory holds
+    one line at a time on our side.
+    """
+    total = sum(p.stat().st_size for p in files)
+    keep = 1.0 if total <= max_bytes else max_bytes / total
+    rng = random.Random(_SAMPLE_SEED)
+    taken = 0
+    for path in files:
+        with open(path, "rb") as f:
+            for raw in f:
+                bar.update(len(raw))
+                if keep < 1.0 and rng.random() >= keep:
+                    continue
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                if not line:
+                    continue
+                taken += len(raw)
+                yield line
+                if taken >= max_bytes:
+                    return
+
+
+def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
+    files = [Path(p) for p in inputs]
+    if not files:
+        raise UserError("train_tokenizer needs at least one input text file")
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"tokenizer training input {path} is not a readable file")
+    if vocab_size < _MIN_VOCAB:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {_MIN_VOCAB}")
+    return files
+
+
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out_prefix: str | Path,
+    vocab_size: int,
+    max_bytes: int = 20_000_000,
+    progress: bool = True,
+) -> Path:
+    """Train a BPE model on a bounded sample of ``inputs``; write ``<prefix>.model`` and ``.json``.
+
+    Returns the ``.model`` path (a prefix already ending in ``.model`` is used as is). Both files
+    are written atomically (temp name, then rename).
+    """
+    files = _check_inputs(inputs, vocab_size)
+    total = sum(p.stat().st_size for p in files)
+    model = io.BytesIO()
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="tokenizer sample", file=sys.stderr, disable=not progress
+    ) as bar:
+        lines = _sample_lines(files, max_bytes, bar)
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=lines,
+                model_writer=model,
+                vocab_size=vocab_size,
+                minloglevel=2,
+                **TRAINING_SETTINGS,
+            )
+        except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
+            raise UserError(
+                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}"
+            ) from e
+    data = model.getvalue()
+    prefix = str(out_prefix)
+    model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
+    meta = {
+        "format": "megatron-lite-tokenizer",
+        "version": 1,
+        "vocab_size": vocab_size,
+        "pad_id": PAD_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        "unk_id": UNK_ID,
+        "newline_id": UNK_ID + 1,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "sentencepiece_version": spm.__version__,
+        "training": {
+            **TRAINING_SETTINGS,
+            "max_bytes": max_bytes,
+            "sample_seed": _SAMPLE_SEED,
+            "input_bytes": total,
+            "inputs": [str(p) for p in files],
+        },
+    }
+    write_atomic(model_path, data)
+    write_atomic(model_path.with_suffix(".json"), (json.dumps(meta, indent=1) + "\n").encode())
+    return model_path
+
+
+class Tokenizer:
+    """A trained sentencepiece model with exact round-trip ``encode``/``decode``."""
+
+    def __init__(self, model_path: str | Path) -> None:
+        self.path = Path(model_path)
+        fix = "train one with `megatron-lite tokenizer train ...` or point data.tokenizer at a .model file"
+        try:
+            data = self.path.read_bytes()
+        except OSError as e:
+            raise UserError(f"tokenizer model {self.path} cannot be read ({e.strerror}); {fix}") from e
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(data)
+        except (RuntimeError, OSError) as e:
+            raise UserError(
+                f"tokenizer model {self.path} is not a valid sentencepiece model ({e}); {fix}"
+            ) from e
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        # U+2581 decodes as a space, so encode spells it with its byte pieces (present with byte_fallback).
+        byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SP_SPACE.encode()]
+        self._marker_ids = None if self._sp.unk_id() in byte_ids else byte_ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self._sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self._sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self._sp.pad_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self._sp.unk_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (newlines included as the newline token), optionally framed by bos/eos."""
+        if _SP_SPACE in text and self._marker_ids is not None:
+            parts = self._sp.encode(text.split(_SP_SPACE), out_type=int)
+            ids = list(parts[0])
+            for part in parts[1:]:
+                ids += self._marker_ids
+                ids += part
+        else:
+            ids = self._sp.encode(text, out_type=int)
+        if bos:
+            ids.insert(0, self.bos_id)
+        if eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of ``ids``; pad/bos/eos decode to nothing."""
+        return self._sp.decode(np.asarray(ids, dtype=np.int64).tolist())
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -1,0 +1,137 @@
+"""Preprocessing streams files into a dataset that decodes back to its inputs; the stdlib cache is safe."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_lite.data import corpus as corpus_mod
+from megatron_lite.data.corpus import default_corpus_files, prepare_default_corpus
+from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.errors import UserError
+
+VOCAB = 400
+
+
+def _small_stdlib_files(n=3):
+    """A few small real files, so the corpus tests exercise real code in well under a second."""
+    files = [p for p in default_corpus_files() if 2_000 < p.stat().st_size < 12_000]
+    return files[:n]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    return Tokenizer(train_tokenizer(_small_stdlib_files(), root / "tok", VOCAB, progress=False))
+
+
+def test_default_corpus_files_are_stdlib_python():
+    files = default_corpus_files()
+    assert files == sorted(files) and len(files) > 50
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert all(p.suffix == ".py" and p.is_relative_to(stdlib) for p in files)
+    assert not any("site-packages" in p.parts for p in files)
+    assert stdlib / "json" / "decoder.py" in files  # packages are included, not only top-level modules
+
+
+def test_preprocess_plain_files_round_trip(tok, tmp_path):
+    files = _small_stdlib_files()
+    stats = preprocess([str(p) for p in files], tok.path, tmp_path / "d", progress=False)
+    ds = IndexedDataset(tmp_path / "d")
+    assert stats["documents"] == len(ds) == len(files)
+    assert stats["tokens"] == ds.num_tokens
+    assert stats["bytes"] == sum(p.stat().st_size for p in files)
+    for i, path in enumerate(files):
+        ids = ds.get(i)
+        assert ids[-1] == tok.eos_id
+        assert tok.decode(ids[:-1]) == path.read_text()
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert meta["tokenizer_sha256"] == tok.sha256
+
+
+def test_preprocess_jsonl_and_globs(tok, tmp_path):
+    docs = ["first doc\n", "  second\tdoc ünï\n\n", ""]
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs))
+    )
+    (tmp_path / "b.jsonl").write_text("\n" + json.dumps({"body": "third"}) + "\n")
+    stats = preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", "body", False, False)
+    ds = IndexedDataset(tmp_path / "out")
+    assert stats["documents"] == len(ds) == 4
+    assert [tok.decode(ds.get(i)) for i in range(4)] == [*docs, "third"]
+    assert ds.dtype == np.uint16
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"text": "ok"}\n{"other": "x"}\n', r"bad.jsonl:2: no key 'text'"),
+        ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2: invalid JSON"),
+        ('{"text": 5}\n', r"bad.jsonl:1: 'text' holds int"),
+    ],
+)
+def test_preprocess_bad_json_lines(tok, tmp_path, content, match):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(UserError, match=match):
+        preprocess([str(tmp_path / "bad.jsonl")], tok.path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out.idx").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_preprocess_bad_inputs(tok, tmp_path):
+    with pytest.raises(UserError, match="matches no files"):
+        preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="missing.txt not found"):
+        preprocess([str(tmp_path / "missing.txt")], tok.path, tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="is a directory"):
+        preprocess([str(tmp_path)], tok.path, tmp_path / "out", progress=False)
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(UserError, match="megatron-lite tokenizer train"):
+        preprocess([str(tmp_path / "x.txt")], tmp_path / "no.model", tmp_path / "out", progress=False)
+
+
+@pytest.fixture
+def copied_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    return [Path(shutil.copy(p, src / p.name)) for p in _small_stdlib_files()]
+
+
+def test_prepare_corpus_builds_then_reuses(tmp_path, copied_files):
+    cache = tmp_path / "cache"
+    prefix, model = prepare_default_corpus(cache, VOCAB, progress=False, files=copied_files)
+    tok, ds = Tokenizer(model), IndexedDataset(prefix)
+    assert len(ds) == len(copied_files)
+    assert tok.decode(ds.get(0)[:-1]) == copied_files[0].read_text()
+    folder = Path(prefix).parent
+    assert folder.name.startswith("stdlib-") and f"-v{VOCAB}-" in folder.name
+    assert [p.name for p in cache.iterdir()] == [folder.name]  # no temp folders left
+    stamp = (folder / "manifest.json").stat().st_mtime_ns
+    assert prepare_default_corpus(cache, VOCAB, progress=False, files=copied_files) == (prefix, model)
+    assert (folder / "manifest.json").stat().st_mtime_ns == stamp
+
+    copied_files[0].write_text(copied_files[0].read_text() + "\n# edited\n")  # size changes -> rebuild
+    prefix2, _ = prepare_default_corpus(cache, VOCAB, progress=False, files=copied_files)
+    assert prefix2 == prefix and (folder / "manifest.json").stat().st_mtime_ns != stamp
+    assert Tokenizer(model).decode(IndexedDataset(prefix).get(0)[:-1]).endswith("# edited\n")
+
+
+def test_interrupted_build_leaves_no_cache(tmp_path, copied_files, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_mod, "preprocess", crash)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False, files=copied_files)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, copied_files):
+    prefix, _ = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False, files=copied_files)
+    Path(prefix + ".idx").write_bytes(b"garbage")
+    prefix2, _ = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False, files=copied_files)
+    assert len(IndexedDataset(prefix2)) == len(copied_files)

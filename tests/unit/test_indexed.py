@@ -1,0 +1,161 @@
+"""The .bin/.idx pair reads back what was written, and every kind of damage is caught on open."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder, token_dtype
+from megatron_lite.errors import UserError
+
+DOCS = [[5, 6, 7], [], [65535, 0], list(range(100)), [42]]
+
+
+def _write(prefix, docs=DOCS, dtype=np.uint16):
+    with IndexedDatasetBuilder(prefix, dtype) as builder:
+        for doc in docs:
+            builder.add_document(doc)
+    return prefix
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32])
+def test_write_read_equal(tmp_path, dtype):
+    docs = DOCS if dtype == np.uint16 else [*DOCS, [2**31 - 1, 70000]]
+    ds = IndexedDataset(_write(tmp_path / "d", docs, dtype))
+    assert len(ds) == len(docs)
+    assert ds.dtype == np.dtype(dtype)
+    assert ds.sizes.tolist() == [len(d) for d in docs]
+    assert ds.num_tokens == sum(map(len, docs))
+    for i, doc in enumerate(docs):
+        assert ds.get(i).tolist() == doc
+    assert ds.get(3, offset=10, length=5).tolist() == [10, 11, 12, 13, 14]
+    assert ds.get(3, offset=95).tolist() == [95, 96, 97, 98, 99]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_get_out_of_range(tmp_path):
+    ds = IndexedDataset(_write(tmp_path / "d"))
+    with pytest.raises(IndexError):
+        ds.get(len(DOCS))
+    with pytest.raises(IndexError):
+        ds.get(0, offset=2, length=2)
+
+
+def test_empty_dataset_opens(tmp_path):
+    ds = IndexedDataset(_write(tmp_path / "d", []))
+    assert len(ds) == 0 and ds.num_tokens == 0
+
+
+def test_token_dtype_choice():
+    assert token_dtype(8192) == np.uint16
+    assert token_dtype(65_499) == np.uint16
+    assert token_dtype(65_500) == np.int32
+    assert token_dtype(128_256) == np.int32
+
+
+def test_out_of_range_ids_rejected(tmp_path):
+    with (
+        IndexedDatasetBuilder(tmp_path / "d", np.uint16) as builder,
+        pytest.raises(ValueError, match="65535"),
+    ):
+        builder.add_document([70_000])
+
+
+def test_error_inside_builder_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), IndexedDatasetBuilder(tmp_path / "d") as builder:
+        builder.add_document([1, 2, 3])
+        raise RuntimeError("crash mid-build")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rebuild_replaces_old_dataset(tmp_path):
+    _write(tmp_path / "d")
+    _write(tmp_path / "d", [[9, 9]])
+    ds = IndexedDataset(tmp_path / "d")
+    assert len(ds) == 1 and ds.get(0).tolist() == [9, 9]
+
+
+def _patch(path, offset, data):
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _corrupt_magic(idx, bin_):
+    _patch(idx, 0, b"MMIDIDX\x00")
+
+
+def _corrupt_version(idx, bin_):
+    _patch(idx, 8, struct.pack("<Q", 7))
+
+
+def _corrupt_dtype(idx, bin_):
+    _patch(idx, 16, struct.pack("<Q", 9))
+
+
+def _truncate_idx(idx, bin_):
+    idx.write_bytes(idx.read_bytes()[:-8])
+
+
+def _truncate_header(idx, bin_):
+    idx.write_bytes(idx.read_bytes()[:20])
+
+
+def _extra_idx_bytes(idx, bin_):
+    idx.write_bytes(idx.read_bytes() + b"\x00" * 8)
+
+
+def _short_bin(idx, bin_):
+    bin_.write_bytes(bin_.read_bytes()[:-2])
+
+
+def _bad_offsets(idx, bin_):
+    _patch(idx, 40 + 8 * 2, struct.pack("<q", 1))  # document 2 claims to start at token 1
+
+
+def _bad_token_count(idx, bin_):
+    _patch(idx, 32, struct.pack("<Q", 3))
+
+
+def _negative_size(idx, bin_):
+    _patch(idx, 40 + 8 * len(DOCS), struct.pack("<q", -1))
+
+
+CORRUPTIONS = [
+    (_corrupt_magic, "bad magic"),
+    (_corrupt_version, "unsupported version 7"),
+    (_corrupt_dtype, "unknown dtype code 9"),
+    (_truncate_idx, "truncated"),
+    (_truncate_header, "truncated header"),
+    (_extra_idx_bytes, "trailing bytes"),
+    (_short_bin, "d.bin has 210 bytes"),
+    (_bad_offsets, "document 2 starts at token 1"),
+    (_bad_token_count, "header says 3 tokens"),
+    (_negative_size, "negative document size"),
+]
+
+
+@pytest.mark.parametrize("corrupt, what", CORRUPTIONS, ids=[c.__name__ for c, _ in CORRUPTIONS])
+def test_corrupt_index_is_user_error(tmp_path, corrupt, what):
+    prefix = _write(tmp_path / "d")
+    idx, bin_ = tmp_path / "d.idx", tmp_path / "d.bin"
+    corrupt(idx, bin_)
+    with pytest.raises(UserError) as err:
+        IndexedDataset(prefix)
+    message = str(err.value)
+    assert "corrupt .idx" in message and str(idx) in message
+    assert what in message
+    assert "megatron-lite preprocess" in message
+
+
+@pytest.mark.parametrize("missing", ["d.idx", "d.bin"])
+def test_missing_file_is_user_error(tmp_path, missing):
+    prefix = _write(tmp_path / "d")
+    (tmp_path / missing).unlink()
+    with pytest.raises(UserError, match="not found") as err:
+        IndexedDataset(prefix)
+    assert str(tmp_path / missing) in str(err.value)
+
+
+def test_magic_constant_is_eight_bytes():
+    assert len(MAGIC) == 8

@@ -1,0 +1,126 @@
+"""The tokenizer round-trips code exactly, keeps fixed special ids and trains deterministically."""
+
+import hashlib
+import json
+
+import pytest
+
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.errors import UserError
+
+VOCAB = 400
+
+SAMPLES = [
+    "def f(x):\n\tif x:\n\t\treturn  x  *  2\n\n\n    pass\n",
+    "    \n\t\n  trailing spaces   \nno final newline",
+    "\n\nleading blank lines and a final one\n",
+    "unicode: héllo wörld, 世界, emoji 🙂, math ∑∫, rtl שלום\n",
+    "sentencepiece marker \u2581 and ▁▁ twice, specials <s> </s> <pad> <unk> <0x0A>\n",
+    "windows\r\nline\r\nends\r\n",
+    "numbers 1234567890 3.14159e-10 0xFF\n",
+    "",
+    " ",
+    "\n",
+    "\x00\x01\x7f control bytes\n",
+]
+
+
+def _code_text(n: int = 300) -> str:
+    lines = []
+    for i in range(n):
+        lines.append(f"def function_{i}(alpha, beta={i}):")
+        lines.append(f'    """Return the {i}th value."""')
+        lines.append(f"    if alpha > beta:\n        return alpha * {i} + beta\n    return beta  # done\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    paths = [root / "a.py", root / "b.txt"]
+    paths[0].write_text(_code_text())
+    paths[1].write_text("Plain prose, with punctuation; and Ünïcödé.\n" * 200)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model_path(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tok"
+    return train_tokenizer(corpus, out, VOCAB, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tok(model_path):
+    return Tokenizer(model_path)
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_round_trip_exact(tok, text):
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_round_trip_real_code(tok, corpus):
+    text = corpus[0].read_text()
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_ids_and_newline_token(tok):
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == VOCAB
+    assert tok.encode("\n") == [4]
+    ids = tok.encode("x = 1\n", bos=True, eos=True)
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids) == "x = 1\n"
+    assert tok.decode([tok.pad_id, *tok.encode("ab"), tok.eos_id]) == "ab"
+
+
+def test_training_compresses(tok, corpus):
+    text = corpus[0].read_text()
+    assert len(tok.encode(text)) < len(text.encode()) / 2  # learned merges, not just bytes
+
+
+def test_metadata_json(model_path, tok):
+    meta = json.loads(model_path.with_suffix(".json").read_text())
+    assert meta["vocab_size"] == VOCAB
+    assert (meta["pad_id"], meta["bos_id"], meta["eos_id"], meta["unk_id"]) == (0, 1, 2, 3)
+    assert meta["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest() == tok.sha256
+    assert meta["training"]["byte_fallback"] is True
+    assert not list(model_path.parent.glob(".*tmp*"))  # atomic writes leave no temp files
+
+
+def test_training_is_deterministic(corpus, model_path, tmp_path):
+    again = train_tokenizer(corpus, tmp_path / "again", VOCAB, progress=False)
+    assert again.read_bytes() == model_path.read_bytes()
+
+
+def test_bounded_sample_still_trains(corpus, tmp_path):
+    path = train_tokenizer(corpus, tmp_path / "small", VOCAB, max_bytes=20_000, progress=False)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["training"]["max_bytes"] == 20_000
+    assert Tokenizer(path).decode(Tokenizer(path).encode(SAMPLES[0])) == SAMPLES[0]
+
+
+def test_missing_model_names_path_and_fix(tmp_path):
+    missing = tmp_path / "nope.model"
+    with pytest.raises(UserError, match="megatron-lite tokenizer train") as err:
+        Tokenizer(missing)
+    assert str(missing) in str(err.value)
+
+
+def test_garbage_model_is_user_error(tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"this is not a protobuf" * 10)
+    with pytest.raises(UserError, match="not a valid sentencepiece model") as err:
+        Tokenizer(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_bad_training_inputs(corpus, tmp_path):
+    with pytest.raises(UserError, match="too small"):
+        train_tokenizer(corpus, tmp_path / "t", 100, progress=False)
+    with pytest.raises(UserError, match="missing.txt"):
+        train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", VOCAB, progress=False)
+    with pytest.raises(UserError, match="sentencepiece could not train"):
+        train_tokenizer(corpus, tmp_path / "t", 50_000, progress=False)
