@@ -1,9 +1,12 @@
 """One-process checkpoints: the whole training state of a single rank in one directory.
 
-Layout of ``<dir>/step_00000100/``: ``state.pt`` (model, optimizer, RNG, data position, step;
-loaded with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects) and
-``meta.json`` (step, resolved config, sha256 of ``state.pt``). A save writes a hidden temporary
-directory, fsyncs it and renames it into place, then replaces ``<dir>/latest``: a crash at any
+Layout of ``<dir>/step_00000100/``: ``model.safetensors`` (the model's parameters by their
+documented names, readable tensor by tensor), ``state.pt`` (optimizer, RNG, data position, step;
+loaded with ``torch.load(weights_only=True)``, which refuses arbitrary pickled objects), extra
+files such as the tokenizer, and ``meta.json`` (step, resolved config, sha256 of every file).
+
+A save writes a hidden temporary directory, fsyncs it and renames it into place, then replaces
+``<dir>/latest``: a crash at any
 moment leaves the previous checkpoints intact. Only the newest ``keep`` are kept.
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from megatron_lite.errors import UserError
 
@@ -60,6 +64,15 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
+def iter_model_tensors(path: str | Path):
+    """Yield ``(name, tensor)`` of a verified checkpoint's model one tensor at a time (bounded memory)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            yield name, f.get_tensor(name)
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -78,13 +91,16 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    state = dict(state)
+    model = {k: v.detach().contiguous().cpu() for k, v in state.pop("model").items()}
+    save_file(model, tmp / "model.safetensors", metadata={"format": "pt"})
     with (tmp / "state.pt").open("wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     for name, src in (files or {}).items():
         shutil.copyfile(src, tmp / name)
-    names = ["state.pt", *(files or {})]
+    names = ["model.safetensors", "state.pt", *(files or {})]
     meta = {
         "step": step,
         "format": "megatron-lite/local-v1",
@@ -127,6 +143,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UserError(f"checkpoint {path} is unusable: {problem}")
     meta = json.loads((path / "meta.json").read_text())
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state["model"] = load_file(path / "model.safetensors")
     return state, meta
 
 
