@@ -89,9 +89,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.heads * self.head_dim, cfg.hidden, bias=bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        B, T, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         qkv = self.qkv(x)  # (B, T, (nh + 2 nkv) hd)
+        B, T, _ = qkv.shape  # from qkv, not x: under sequence parallelism x holds T/tp tokens
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q, k, v = q.view(B, T, nh, hd), k.view(B, T, nkv, hd), v.view(B, T, nkv, hd)
         if self.use_rope:
@@ -164,9 +164,7 @@ class Transformer(nn.Module):
         if self.cfg.arch != "llama":
             return None
         if self._rope is None or self._rope[0].device != device:
-            self._rope = rope_tables(
-                self.cfg.seq_len, self.cfg.hidden // self.cfg.heads, self.cfg.rope_theta, device
-            )
+            self._rope = rope_tables(self.cfg.seq_len, self.cfg.hidden // self.cfg.heads, self.cfg.rope_theta, device)
         return self._rope
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

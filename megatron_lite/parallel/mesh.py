@@ -1,0 +1,304 @@
+"""Rank topology: ``ParallelDims`` -> one named DeviceMesh ("pp", "dp", "tp"), and the launch env.
+
+Rank layout (picotron's ``arange(world).view(pp, dp, tp)``): TP is innermost, so a TP group is a
+run of neighbouring ranks (on one node, where its per-layer collectives need NVLink); PP is
+outermost, so pipeline stages span nodes and only exchange activations::
+
+    rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+
+The pure functions (:func:`rank_coordinates`, :func:`group_ranks`, :func:`coordinate_table`,
+:func:`resolve_env`, :func:`parse_nodelist`) need no process group. :class:`ParallelMesh` is the
+one object the rest of the code receives; in a single process without a launcher it needs no
+process group either: its groups are ``None`` (size 1) and every collective is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from megatron_lite.errors import UserError
+from megatron_lite.parallel.comm import Group
+
+MESH_DIMS = ("pp", "dp", "tp")
+DEFAULT_MASTER_PORT = 29500  # torchrun's default
+
+
+def _positive(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"parallel.{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of each parallel dimension; ``tp * pp * dp`` is the world size. ``vp`` is the number
+    of virtual pipeline chunks per pp rank (interleaved schedules), not a mesh dimension."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    vp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "vp"):
+            _positive(name, getattr(self, name))
+        if self.vp > 1 and self.pp == 1:
+            raise UserError(f"parallel.vp={self.vp} needs pipeline parallelism: set parallel.pp > 1 or vp=1")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @classmethod
+    def resolve(cls, world_size: int, tp: int = 1, pp: int = 1, dp: int | None = None, vp: int = 1) -> ParallelDims:
+        """Validate a layout against ``world_size``; ``dp=None`` takes what tp x pp leave."""
+        _positive("tp", tp)
+        _positive("pp", pp)
+        if dp is None:
+            if world_size % (tp * pp):
+                raise UserError(
+                    f"tp={tp} x pp={pp} = {tp * pp} does not divide world size {world_size}: choose tp and "
+                    f"pp whose product divides {world_size} (dp is world size / (tp x pp))"
+                )
+            dp = world_size // (tp * pp)
+        dims = cls(tp=tp, pp=pp, dp=dp, vp=vp)
+        if dims.world_size != world_size:
+            raise UserError(
+                f"tp={tp} x pp={pp} x dp={dp} = {dims.world_size} does not equal world size {world_size}: "
+                f"change the layout or launch {dims.world_size} ranks"
+            )
+        return dims
+
+
+def rank_coordinates(rank: int, dims: ParallelDims) -> tuple[int, int, int]:
+    """(pp_rank, dp_rank, tp_rank) of global ``rank``."""
+    if not 0 <= rank < dims.world_size:
+        raise ValueError(f"rank {rank} is outside world size {dims.world_size}")
+    return rank // (dims.tp * dims.dp), rank // dims.tp % dims.dp, rank % dims.tp
+
+
+def group_ranks(rank: int, dims: ParallelDims, dim: str) -> list[int]:
+    """Global ranks of ``rank``'s group along mesh dim ``dim`` ("pp", "dp" or "tp"), in group order."""
+    pp, dp, tp = rank_coordinates(rank, dims)
+    if dim == "tp":
+        return [(pp * dims.dp + dp) * dims.tp + t for t in range(dims.tp)]
+    if dim == "dp":
+        return [(pp * dims.dp + d) * dims.tp + tp for d in range(dims.dp)]
+    if dim == "pp":
+        return [(p * dims.dp + dp) * dims.tp + tp for p in range(dims.pp)]
+    raise ValueError(f"unknown mesh dim {dim!r}; choose one of {MESH_DIMS}")
+
+
+def coordinate_table(dims: ParallelDims, max_rows: int = 64) -> str:
+    """The startup table (printed by rank 0): the layout, then each rank's (pp, dp, tp)."""
+    lines = [
+        f"world {dims.world_size} = pp {dims.pp} x dp {dims.dp} x tp {dims.tp} (vp {dims.vp}); "
+        "rank = (pp_rank * dp + dp_rank) * tp + tp_rank",
+        "rank    pp    dp    tp",
+    ]
+    for rank in range(min(dims.world_size, max_rows)):
+        pp, dp, tp = rank_coordinates(rank, dims)
+        lines.append(f"{rank:4d}  {pp:4d}  {dp:4d}  {tp:4d}")
+    if dims.world_size > max_rows:
+        lines.append(f"... {dims.world_size - max_rows} more ranks")
+    return "\n".join(lines)
+
+
+class ParallelMesh:
+    """This rank's topology: dims, coordinate, and one process group per purpose.
+
+    ``tp_group`` / ``dp_group`` / ``pp_group`` are the DeviceMesh's groups, or ``None`` in a
+    single process (no process group), which every collective in ``parallel/`` treats as size 1.
+    Build it with :meth:`build`; pass it explicitly, never through a global.
+    """
+
+    def __init__(self, dims: ParallelDims, device_mesh: DeviceMesh | None) -> None:
+        self.dims, self.device_mesh = dims, device_mesh
+        self.rank = dist.get_rank() if device_mesh is not None else 0
+        self.coordinate = rank_coordinates(self.rank, dims)  # (pp, dp, tp)
+
+    @classmethod
+    def build(cls, dims: ParallelDims) -> ParallelMesh:
+        """One DeviceMesh of shape (pp, dp, tp) over the initialised world, or none in a single
+        process. Checks the layout against the world size before creating any group."""
+        if not dist.is_initialized():
+            if dims.world_size != 1:
+                raise UserError(
+                    f"tp={dims.tp} x pp={dims.pp} x dp={dims.dp} = {dims.world_size} ranks, but this is a single "
+                    "process: launch with torchrun or srun, or set tp=pp=dp=1"
+                )
+            return cls(dims, None)
+        ParallelDims.resolve(dist.get_world_size(), dims.tp, dims.pp, dims.dp, dims.vp)
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_mesh = init_device_mesh(device_type, (dims.pp, dims.dp, dims.tp), mesh_dim_names=MESH_DIMS)
+        mesh = cls(dims, device_mesh)
+        for dim in MESH_DIMS:  # torch builds the groups; make sure they are the layout we document
+            got = dist.get_process_group_ranks(mesh.group(dim))
+            if got != mesh.ranks(dim):
+                raise RuntimeError(f"DeviceMesh {dim} group of rank {mesh.rank} is {got}, expected {mesh.ranks(dim)}")
+        return mesh
+
+    def group(self, dim: str) -> Group:
+        """The process group along ``dim`` ("pp", "dp" or "tp"); None in a single process."""
+        return None if self.device_mesh is None else self.device_mesh.get_group(dim)
+
+    def ranks(self, dim: str) -> list[int]:
+        """Global ranks of this rank's group along ``dim``."""
+        return group_ranks(self.rank, self.dims, dim)
+
+    @property
+    def tp_group(self) -> Group:
+        return self.group("tp")
+
+    @property
+    def dp_group(self) -> Group:
+        return self.group("dp")
+
+    @property
+    def pp_group(self) -> Group:
+        return self.group("pp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coordinate[0]
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coordinate[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coordinate[2]
+
+    @property
+    def tp_size(self) -> int:
+        return self.dims.tp
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    @property
+    def pp_size(self) -> int:
+        return self.dims.pp
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the launch: from torchrun, SLURM srun, or nothing (one process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    launcher: str = "none"  # "torchrun" | "slurm" | "none"
+
+
+def parse_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM hostlist, e.g. ``"gpu[01-03,7],login1"`` -> gpu01 gpu02 gpu03 gpu7 login1
+    (zero padding follows each range's own width, as in SLURM)."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    return [host for item in items if item for host in _expand_hostlist_item(item)]
+
+
+def _expand_hostlist_item(item: str) -> list[str]:
+    m = re.match(r"([^\[]*)\[([^\]]*)\](.*)", item)
+    if m is None:
+        return [item]
+    prefix, ranges, rest = m.groups()
+    hosts = []
+    for part in ranges.split(","):
+        lo, _, hi = part.partition("-")
+        for n in range(int(lo), int(hi or lo) + 1):
+            hosts += [f"{prefix}{n:0{len(lo)}d}{tail}" for tail in _expand_hostlist_item(rest)]
+    return hosts
+
+
+def _scontrol_hostnames(nodelist: str) -> list[str]:
+    """``scontrol show hostnames`` (what the sbatch templates use), or our parser without SLURM."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return parse_nodelist(nodelist)
+    return out.stdout.split() if out.returncode == 0 and out.stdout.strip() else parse_nodelist(nodelist)
+
+
+def _int_env(environ: Mapping[str, str], name: str, default: str | None = None) -> int:
+    value = environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]] = parse_nodelist) -> DistEnv:
+    """Read the launcher's variables into a :class:`DistEnv` (pure: ``hostnames`` expands a nodelist).
+
+    torchrun (RANK and WORLD_SIZE set) wins over SLURM, so ``srun torchrun ...`` is torchrun. A bare
+    ``srun python ...`` gives SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; its master is MASTER_ADDR
+    if exported, else the first host of SLURM_JOB_NODELIST, and MASTER_PORT or 29500.
+    """
+    port = _int_env(environ, "MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        if "MASTER_ADDR" not in environ:
+            raise UserError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: launch with torchrun")
+        rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
+        local = _int_env(environ, "LOCAL_RANK", "0")
+        addr, launcher = environ["MASTER_ADDR"], "torchrun"
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        rank, world = _int_env(environ, "SLURM_PROCID"), _int_env(environ, "SLURM_NTASKS")
+        local = _int_env(environ, "SLURM_LOCALID", "0")
+        addr, launcher = environ.get("MASTER_ADDR") or _first_host(environ, hostnames), "slurm"
+    else:
+        return DistEnv()
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
+    return DistEnv(rank, world, local, addr, port, launcher)
+
+
+def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> str:
+    nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    hosts = hostnames(nodelist) if nodelist else []
+    if not hosts:
+        raise UserError("SLURM run without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master host")
+    return hosts[0]
+
+
+def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Join the process group described by the launch environment (no-op for a single process).
+
+    Backend NCCL on CUDA (after selecting the GPU from LOCAL_RANK / SLURM_LOCALID), gloo on CPU.
+    ``timeout_s`` bounds every collective, so a rank that dies takes the others down in
+    ``timeout_s`` instead of hanging them. Call it once, before :meth:`ParallelMesh.build`.
+    """
+    env = resolve_env(os.environ if environ is None else environ, hostnames=_scontrol_hostnames)
+    if env.launcher == "none" or dist.is_initialized():
+        return env
+    backend = "gloo"
+    if torch.cuda.is_available():
+        if env.local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} GPUs on this node")
+        torch.cuda.set_device(env.local_rank)
+        backend = "nccl"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    return env

@@ -1,0 +1,119 @@
+"""Rank topology and launch-environment logic, without any process group."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from megatron_lite.errors import UserError
+from megatron_lite.parallel.mesh import (
+    DistEnv,
+    ParallelDims,
+    ParallelMesh,
+    coordinate_table,
+    group_ranks,
+    init_distributed,
+    parse_nodelist,
+    rank_coordinates,
+    resolve_env,
+)
+
+
+def test_resolve_derives_dp():
+    assert ParallelDims.resolve(8, tp=2, pp=2) == ParallelDims(tp=2, pp=2, dp=2, vp=1)
+    assert ParallelDims.resolve(1) == ParallelDims()
+
+
+def test_resolve_errors_show_every_factor():
+    with pytest.raises(UserError, match=r"tp=2 x pp=3 x dp=1 = 6 does not equal world size 4"):
+        ParallelDims.resolve(4, tp=2, pp=3, dp=1)
+    with pytest.raises(UserError, match=r"tp=3 x pp=1 = 3 does not divide world size 4"):
+        ParallelDims.resolve(4, tp=3, pp=1)
+    with pytest.raises(UserError, match=r"parallel.tp=0 must be a positive integer"):
+        ParallelDims.resolve(4, tp=0)
+    with pytest.raises(UserError, match=r"parallel.vp=2 needs pipeline parallelism"):
+        ParallelDims.resolve(4, tp=2, pp=1, vp=2)
+
+
+def test_rank_coordinates_tp_innermost_pp_outermost():
+    dims = ParallelDims(tp=2, pp=3, dp=2)
+    coords = [rank_coordinates(r, dims) for r in range(dims.world_size)]
+    assert coords[:4] == [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)]
+    assert coords[4] == (1, 0, 0) and coords[11] == (2, 1, 1)
+    assert len(set(coords)) == 12
+    with pytest.raises(ValueError, match="rank 12 is outside world size 12"):
+        rank_coordinates(12, dims)
+
+
+def test_group_ranks():
+    dims = ParallelDims(tp=2, pp=2, dp=2)
+    assert group_ranks(5, dims, "tp") == [4, 5]
+    assert group_ranks(5, dims, "dp") == [5, 7]
+    assert group_ranks(5, dims, "pp") == [1, 5]
+    # every dim partitions the world
+    for dim in ("tp", "dp", "pp"):
+        groups = {tuple(group_ranks(r, dims, dim)) for r in range(8)}
+        assert sorted(r for g in groups for r in g) == list(range(8))
+
+
+def test_coordinate_table():
+    table = coordinate_table(ParallelDims(tp=2, pp=2, dp=1))
+    lines = table.splitlines()
+    assert lines[0].startswith("world 4 = pp 2 x dp 1 x tp 2 (vp 1)")
+    assert lines[2].split() == ["0", "0", "0", "0"] and lines[5].split() == ["3", "1", "0", "1"]
+    long = coordinate_table(ParallelDims(dp=100), max_rows=3).splitlines()
+    assert len(long) == 2 + 3 + 1 and long[-1] == "... 97 more ranks"
+
+
+def test_single_process_mesh_needs_no_process_group():
+    mesh = ParallelMesh.build(ParallelDims())
+    assert mesh.tp_group is None and mesh.dp_group is None and mesh.pp_group is None
+    assert (mesh.tp_size, mesh.tp_rank, mesh.coordinate, mesh.ranks("tp")) == (1, 0, (0, 0, 0), [0])
+    with pytest.raises(UserError, match=r"tp=2 x pp=1 x dp=1 = 2 ranks, but this is a single process"):
+        ParallelMesh.build(ParallelDims(tp=2))
+
+
+def test_env_none():
+    assert resolve_env({}) == DistEnv()
+
+
+def test_env_torchrun():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"}
+    assert resolve_env(env) == DistEnv(3, 4, 1, "n0", 1234, "torchrun")
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        resolve_env({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match=r"RANK='x' is not an integer"):
+        resolve_env({**env, "RANK": "x"})
+    with pytest.raises(UserError, match="rank 4 is outside world size 4"):
+        resolve_env({**env, "RANK": "4"})
+
+
+def test_env_slurm():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    assert resolve_env(env) == DistEnv(5, 8, 1, "gpu07", 29500, "slurm")
+    assert resolve_env({**env, "MASTER_PORT": "6000"}).master_port == 6000
+    assert resolve_env({**env, "MASTER_ADDR": "head"}).master_addr == "head"
+    assert resolve_env(env, hostnames=lambda nodelist: ["from-scontrol"]).master_addr == "from-scontrol"
+    # torchrun inside srun: torchrun's variables describe the real world
+    both = {**env, "RANK": "0", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07"}
+    assert resolve_env(both).launcher == "torchrun"
+    with pytest.raises(UserError, match="SLURM_JOB_NODELIST"):
+        resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node1", ["node1"]),
+        ("gpu[01-03,7],login1", ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]),  # width per range
+        ("a[1-2]-b[1-2]", ["a1-b1", "a1-b2", "a2-b1", "a2-b2"]),
+        ("n[9-11]", ["n9", "n10", "n11"]),
+    ],
+)
+def test_parse_nodelist(nodelist, hosts):
+    assert parse_nodelist(nodelist) == hosts
+
+
+def test_init_distributed_without_launcher_is_a_no_op():
+    assert init_distributed(timeout_s=5, environ={}) == DistEnv()
+    assert not dist.is_initialized()
