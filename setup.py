@@ -22,7 +22,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "dev": ["pytest", "pytest-timeout", "ruff", "triton"],
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=5", "safetensors"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
     },

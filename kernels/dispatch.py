@@ -1,11 +1,26 @@
 """Backend choice for the fused ops: ``auto`` (Triton on CUDA tensors, torch elsewhere), ``triton``
-or ``torch``. One process-wide setting, chosen from ``kernels.backend`` at startup."""
+or ``torch``. One process-wide setting, chosen from ``kernels.backend`` at startup.
+
+``auto`` never routes the six ops to apex or Transformer Engine: the Triton kernels cover all of
+them (the residual-fused RMSNorm included, which apex lacks) and are the ones tested against the
+twins in ``reference.py``. :func:`describe` still reports whether those libraries work, for the
+optimizer (apex FusedAdam) and for layers that opt in to them.
+"""
 
 from __future__ import annotations
 
 import functools
 
+import torch
+from megatron_lite.kernels.accelerators import apex_problem, transformer_engine_problem
+
+OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rope", "cross_entropy", "flash_attention")
+
 _BACKENDS = ("auto", "triton", "torch")
+# Ops that ``auto`` keeps on torch even on CUDA, with the measurement that says why. Our Triton
+# attention reaches 0.78x (forward) and 0.69x (forward+backward) of torch's SDPA flash kernel on an
+# H200 (B4 H32 T4096 D128 bf16, BENCHMARKS.md); ``set_backend("triton")`` still selects it.
+AUTO_PREFERS_TORCH = {"flash_attention": "SDPA measured faster than our Triton attention on H200 (0.69x fwd+bwd)"}
 _backend = "auto"
 
 
@@ -34,10 +49,49 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(x) -> bool:
-    """Whether an op on tensor ``x`` runs its Triton kernel under the current backend."""
+def use_triton(x, op: str | None = None) -> bool:
+    """Whether op ``op`` on tensor ``x`` runs its Triton kernel under the current backend."""
     if _backend == "torch":
         return False
     if _backend == "triton":
         return True
-    return bool(x.is_cuda) and triton_available()
+    return bool(x.is_cuda) and triton_available() and op not in AUTO_PREFERS_TORCH
+
+
+def _op_choice(device: torch.device) -> str:
+    """The implementation every op takes on ``device`` under the current backend, and why."""
+    if _backend == "torch":
+        return "torch: set_backend('torch')"
+    if not triton_available():  # then set_backend('triton') was refused: the backend is auto
+        return "torch: Triton is not importable"
+    import triton
+
+    if _backend == "triton":
+        return f"triton: set_backend('triton') (Triton {triton.__version__}, tensors on {device.type})"
+    if device.type != "cuda":
+        return f"torch: auto runs Triton on CUDA tensors only, and the device is {device.type}"
+    return f"triton: CUDA device {torch.cuda.get_device_name(device)}, Triton {triton.__version__}"
+
+
+def describe(device: str | torch.device | None = None) -> dict[str, str]:
+    """Per op, ``"<implementation>: <why>"`` on ``device`` (default: cuda if present, else cpu).
+
+    The implementation is one of ``triton`` or ``torch`` for the six ops; the ``apex`` and
+    ``transformer_engine`` entries say whether each library works here (``available: ...`` or
+    ``unavailable: <why>``). For the ``doctor`` command and the startup log.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"describe({str(device)!r}): no CUDA device is available")
+    choice = _op_choice(device)
+    out = dict.fromkeys(OPS, choice)
+    if choice.startswith("triton"):
+        out["flash_attention"] = choice + "; head dims outside 16/32/64/128 fall back to torch"
+        if _backend == "auto":
+            out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
+    apex, te = apex_problem(), transformer_engine_problem()
+    out["apex"] = "available: FusedLayerNorm, FusedRMSNorm, FusedAdam" if apex is None else f"unavailable: {apex}"
+    out["transformer_engine"] = "available: te.Linear runs" if te is None else f"unavailable: {te}"
+    return out

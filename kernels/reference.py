@@ -26,9 +26,7 @@ def rms_norm(
     return (out, x) if residual is not None else out
 
 
-def layer_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5
-) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim, computed in fp32 and cast back to ``x.dtype``."""
     w = weight.float()
     b = bias.float() if bias is not None else None
@@ -56,6 +54,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss over non-ignored targets; logits (N, V) are upcast to fp32."""
     return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+
+
+def cross_entropy_partials(
+    logits: torch.Tensor, target: torch.Tensor, vocab_start: int, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row cross-entropy pieces of a vocab shard, to be combined across tensor-parallel ranks.
+
+    logits: (N, V_local), this rank's columns [vocab_start, vocab_start + V_local) of the vocabulary;
+    target: (N,) global ids. Returns three (N,) fp32 tensors: ``m`` (local max, detached),
+    ``s = sum exp(x - m)`` and ``x_t`` (the target's logit if it lies in this shard, else 0).
+    The combination, with ``valid = target != ignore_index``::
+
+        M = all_reduce(m, MAX)                         # constant: the loss does not depend on it
+        S = all_reduce(s * exp(m - M), SUM)            # forward all-reduce, backward identity
+        X_t = all_reduce(x_t, SUM)                     # forward all-reduce, backward identity
+        loss = ((M + log(S) - X_t) * valid).sum() / valid.sum()
+
+    which is the full-vocabulary ``cross_entropy``. Autograd through it gives each shard
+    ``(softmax(x) - onehot) * dloss / n_valid`` on valid rows.
+    """
+    x = logits.float()
+    m = x.max(dim=-1).values.detach()
+    s = torch.exp(x - m[:, None]).sum(dim=-1)
+    local = target - vocab_start
+    hit = (target != ignore_index) & (local >= 0) & (local < x.shape[-1])
+    x_t = x.gather(1, torch.where(hit, local, 0)[:, None]).squeeze(1)
+    return m, s, torch.where(hit, x_t, 0.0)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

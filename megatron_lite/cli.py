@@ -51,9 +51,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _tokenizer(args: argparse.Namespace) -> int:
     from megatron_lite.data.tokenizer import train_tokenizer
 
-    path = train_tokenizer(
-        args.input, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet
-    )
+    path = train_tokenizer(args.input, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 
@@ -62,6 +60,27 @@ def _doctor(args: argparse.Namespace) -> int:
     from megatron_lite.doctor import report
 
     print(report(as_json=args.json))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from megatron_lite import convert
+    from megatron_lite.convert.io import parse_size
+
+    if args.action == "to-hf":
+        size = parse_size(args.max_shard_size)
+        r = convert.to_hf(args.checkpoint, args.out, step=args.step, max_shard_size=size, check=not args.no_verify)
+        print(f"wrote {r.out}: {r.parameters:,} parameters; {', '.join(r.files)}")
+        print(f"verified: {r.check.summary()}" if r.check else "not verified (--no-verify)")
+    elif args.action == "from-hf":
+        r = convert.from_hf(args.hf, args.out)
+        print(f"wrote {r.checkpoint}: {r.parameters:,} parameters (weights only)")
+        print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX log.dir=RUN_DIR")
+    else:
+        r = convert.verify(args.checkpoint, args.hf, step=args.step)
+        print(r.summary())
+        if not r.passed:
+            raise UserError(f"verification failed: {r.summary()}")
     return 0
 
 
@@ -99,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--max-bytes", type=int, default=20_000_000, help="sample at most this much text")
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(fn=_tokenizer)
+
+    cv = sub.add_parser("convert", help="Hugging Face interop: to-hf, from-hf, verify")
+    cv_sub = cv.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ct = cv_sub.add_parser("to-hf", help="export a checkpoint as a transformers model directory")
+    cf = cv_sub.add_parser("from-hf", help="import a Llama/Mistral/Qwen2/GPT-2 directory as a checkpoint")
+    cc = cv_sub.add_parser("verify", help="compare a checkpoint's logits with a transformers model's")
+    for c in (ct, cc):
+        c.add_argument("--checkpoint", required=True, help="a step directory or a run's checkpoint directory")
+        c.add_argument("--step", type=int, help="this step under --checkpoint (default: the newest good one)")
+    ct.add_argument("--out", required=True, help="new output directory")
+    ct.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this (5GB, 500MB, bytes)")
+    ct.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
+    cf.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
+    cf.add_argument("--out", required=True, help="new checkpoint root (writes OUT/step_00000000, OUT/config.yaml)")
+    cc.add_argument("--hf", required=True, help="Hugging Face model directory")
+    cv.set_defaults(fn=_convert)
 
     d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
     d.add_argument("--json", action="store_true")

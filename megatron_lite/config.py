@@ -153,6 +153,9 @@ class CheckpointConfig:
     """Keep the newest N checkpoints."""
     resume: str = "auto"
     """``auto`` (newest checkpoint in dir, if any), ``none``, or a checkpoint path."""
+    init_from: str | None = None
+    """Start from this checkpoint's model weights (fresh optimizer, step 0), e.g. one made by
+    ``megatron-lite convert from-hf``, when there is no checkpoint of this run to resume."""
     async_: bool = False
     """Write checkpoints in the background (YAML and overrides spell it ``async``)."""
 
@@ -379,17 +382,13 @@ def _check_fields(cfg: Config) -> None:
                 raise UserError(f"{section}.{key} must be a positive integer, got {value!r}")
     o = cfg.optim
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
-        raise UserError(
-            f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}"
-        )
+        raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
     if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
         raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
     if not 0 <= cfg.data.valid_fraction < 1:
         raise UserError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.path):
-        raise UserError(
-            f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}"
-        )
+        raise UserError(f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -401,17 +400,13 @@ def _check_model(m: ModelConfig) -> None:
     if m.kv_heads < 1 or m.heads % m.kv_heads:
         raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
     if m.arch == "llama" and (m.hidden // m.heads) % 2:
-        raise UserError(
-            f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}"
-        )
+        raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")
     if m.arch == "gpt2" and (m.norm, m.activation) != ("layernorm", "gelu"):
         raise UserError("model.arch=gpt2 uses norm=layernorm and activation=gelu")
     if m.ffn_hidden < 1:
         raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
     if m.vocab_size is None or m.vocab_size < 2:
-        raise UserError(
-            f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}"
-        )
+        raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
 
 
 def _check_layout(cfg: Config, world_size: int) -> int:

@@ -169,3 +169,14 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
             "Fix or move them, or set checkpoint.resume=none"
         )
     return None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A step directory as given, or the newest good one under a run's checkpoint directory."""
+    p = Path(path)
+    if (p / "meta.json").is_file():
+        return p
+    found = resolve_resume(p, "auto") if p.is_dir() else None
+    if found is None:
+        raise UserError(f"no checkpoint found at {str(p)!r} (expected a step_XXXXXXXX directory or its parent)")
+    return found

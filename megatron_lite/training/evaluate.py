@@ -14,25 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.checkpoint.local import load_checkpoint, resolve_resume
+from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint
 from megatron_lite.config import config_from_dict
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
 from megatron_lite.training.build import resolve_device
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A step directory as given, or the newest good one under a run's checkpoint directory."""
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    found = resolve_resume(p, "auto") if p.is_dir() else None
-    if found is None:
-        raise UserError(
-            f"no checkpoint found at {str(p)!r} (expected a step_XXXXXXXX directory or its parent)"
-        )
-    return found
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tokenizer]:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_lite import kernels
-from megatron_lite.checkpoint.local import load_checkpoint, resolve_resume, save_checkpoint
+from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from megatron_lite.config import Config, fill_defaults, validate
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
@@ -49,9 +49,7 @@ class Trainer:
         self.model.recompute = cfg.train.recompute != "none"
         self.optimizer = build.build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.loader = PretrainingLoader(
-            self.data.train, cfg.train.micro_batch_size, cfg.train.global_batch_size
-        )
+        self.loader = PretrainingLoader(self.data.train, cfg.train.micro_batch_size, cfg.train.global_batch_size)
         self.step = 0
         self.skipped_steps = 0
         self._maybe_resume()
@@ -109,16 +107,20 @@ class Trainer:
         return path
 
     def _maybe_resume(self) -> None:
-        path = resolve_resume(self.cfg.checkpoint.dir, self.cfg.checkpoint.resume)
+        c = self.cfg.checkpoint
+        path, weights_only = resolve_resume(c.dir, c.resume), False
+        if path is None and c.init_from:
+            path, weights_only = find_checkpoint(c.init_from), True
         if path is None:
             return
         state, _ = load_checkpoint(path)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
-            raise UserError(
-                f"checkpoint {path} does not fit this model (changed model.* settings?): {e}"
-            ) from None
+            raise UserError(f"checkpoint {path} does not fit this model (changed model.* settings?): {e}") from None
+        if weights_only or state.get("weights_only"):  # e.g. made by `convert from-hf`
+            log.info("initialised the model from %s (weights only: step 0, fresh optimizer and data order)", path)
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
@@ -184,9 +186,7 @@ class Trainer:
         """Train to ``train.steps`` (or ``train.exit_after`` steps in this process); returns the logs."""
         cfg, history = self.cfg, []
         stop = (
-            cfg.train.steps
-            if cfg.train.exit_after is None
-            else min(cfg.train.steps, self.step + cfg.train.exit_after)
+            cfg.train.steps if cfg.train.exit_after is None else min(cfg.train.steps, self.step + cfg.train.exit_after)
         )
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
         bar = tqdm(

@@ -1,0 +1,99 @@
+"""The model card (``README.md``) of an exported model: architecture, size, training data, lineage."""
+
+from __future__ import annotations
+
+from megatron_lite.convert.io import CheckpointSource
+from megatron_lite.convert.verify import VerifyResult
+
+
+def _architecture(src: CheckpointSource, hf_class: str, n_params: int, tokenizer_vocab: int | None) -> list[str]:
+    m = src.config.model
+    positions = f"RoPE, half-split rotation, theta {m.rope_theta:g}" if m.arch == "llama" else "learned (wpe)"
+    tok = f" (tokenizer: {tokenizer_vocab})" if tokenizer_vocab is not None else ""
+    rows = [
+        ("class", f"`{hf_class}`"),
+        ("parameters", f"{n_params:,}" + (" (embedding shared with the output head)" if m.tie_embeddings else "")),
+        ("layers / hidden / heads / kv heads", f"{m.layers} / {m.hidden} / {m.heads} / {m.kv_heads}"),
+        ("feed-forward", f"{m.activation} ({'gelu_new, tanh' if m.arch == 'gpt2' else 'silu'}), width {m.ffn_hidden}"),
+        ("norm", f"{m.norm}, eps {m.norm_eps:g}"),
+        ("positions", positions),
+        ("context (training sequence length)", str(m.seq_len)),
+        ("vocabulary", f"{m.vocab_size}{tok}"),
+    ]
+    return ["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def _training(src: CheckpointSource) -> list[str]:
+    cfg, step = src.config, src.meta.get("step")
+    if src.consumed_samples is None:
+        return ["- not trained by megatron-lite: weights imported, see lineage"]
+    tokens = src.consumed_samples * cfg.model.seq_len
+    lines = [
+        f"- steps: {step} (global batch {cfg.train.global_batch_size} sequences)",
+        f"- tokens: {tokens:,} = {src.consumed_samples:,} consumed samples x {cfg.model.seq_len} sequence length",
+    ]
+    data = cfg.data
+    if data.path:
+        weights = data.weights or ["proportional to size"] * len(data.path)
+        lines += ["- datasets (prefix: weight):", *(f"  - `{p}`: {w}" for p, w in zip(data.path, weights))]
+    else:
+        lines.append("- dataset: megatron-lite's embedded corpus (the Python standard library's source)")
+    lines.append(f"- seed {cfg.train.seed}, dtype {cfg.train.dtype}, peak lr {cfg.optim.lr:g}")
+    return lines
+
+
+def _lineage(src: CheckpointSource) -> list[str]:
+    lines = [f"- exported from megatron-lite checkpoint `{src.path}` (step {src.meta.get('step')})"]
+    resume = src.config.checkpoint.resume
+    if resume not in ("auto", "none"):
+        lines.append(f"- that run started from checkpoint `{resume}`")
+    if src.origin:
+        o = src.origin
+        lines.append(f"- weights imported from Hugging Face `{o.get('path')}` ({o.get('model_type')})")
+    return lines
+
+
+def model_card(
+    src: CheckpointSource,
+    hf_class: str,
+    n_params: int,
+    tokenizer_vocab: int | None,
+    check: VerifyResult | None,
+) -> str:
+    """Markdown with a YAML header the Hugging Face Hub reads."""
+    m = src.config.model
+    checked = f"passed: {check.summary()}" if check else "skipped (`--no-verify`)"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        f"tags: [megatron-lite, {m.arch}]",
+        "---",
+        f"# {src.path.parent.parent.name or 'model'} (megatron-lite, step {src.meta.get('step')})",
+        "",
+        "## Architecture",
+        *_architecture(src, hf_class, n_params, tokenizer_vocab),
+        "",
+        "## Training",
+        *_training(src),
+        "",
+        "## Lineage",
+        *_lineage(src),
+        "",
+        "## Tokenizer",
+        "Sentencepiece BPE with byte fallback, converted to a `tokenizers` BPE that yields the same ids. "
+        "Pretraining saw documents as `text </s>` without BOS, so the tokenizer adds no special tokens "
+        "(`add_bos_token: false`); append `eos_token` between documents when fine-tuning.",
+        "",
+        "## Conversion check",
+        f"Same tokens through megatron-lite and `transformers` (fp32): {checked}.",
+        "",
+        "## Usage",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'tok = AutoTokenizer.from_pretrained("PATH")',
+        'model = AutoModelForCausalLM.from_pretrained("PATH")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

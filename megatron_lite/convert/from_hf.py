@@ -1,0 +1,139 @@
+"""``convert from-hf``: a Llama, Mistral, Qwen2 or GPT-2 HF directory -> one of our checkpoints.
+
+The result is ``<out>/step_00000000`` written by :func:`save_checkpoint`, holding the weights only:
+``state.pt`` is ``{"weights_only": True, "step": 0}`` with no optimizer, scaler, data position or
+RNG, because a fresh optimizer must take its hyperparameters from the new run's config, not from
+a made-up state. The trainer starts such a checkpoint at step 0 with a fresh optimizer.
+``<out>/config.yaml`` is a run config whose ``model`` section matches the weights and whose
+``checkpoint.resume`` points at them.
+
+Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
+and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
+sentencepiece; their path is recorded in ``origin.json`` and data must be tokenized to the same ids
+outside megatron-lite.
+
+Memory: the weights are held once (``save_checkpoint`` takes the whole state); HF tensors keep
+their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.checkpoint.hf import ZERO_ONLY, Adapter, adapter_for, import_config
+from megatron_lite.checkpoint.local import list_checkpoints, save_checkpoint
+from megatron_lite.config import Config, ModelConfig, config_from_dict
+from megatron_lite.convert.io import HFWeights
+from megatron_lite.convert.tokenizer import find_sentencepiece
+from megatron_lite.errors import UserError
+
+
+@dataclass
+class ImportResult:
+    """The written checkpoint and the run config that trains from it."""
+
+    checkpoint: Path
+    config_path: Path
+    parameters: int
+    tokenizer: Path | None
+
+
+def _read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any]:
+    """(raw config.json, adapter, transformers config); unsupported types are refused before loading."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory: config.json is missing")
+    raw = json.loads(path.read_text())
+    adapter = adapter_for(raw.get("model_type"))
+    from transformers import AutoConfig
+
+    return raw, adapter, AutoConfig.from_pretrained(str(hf_dir))
+
+
+def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_type: str) -> dict[str, torch.Tensor]:
+    """Our state dict from the HF tensors, checking that every HF tensor is used or safely droppable."""
+    from megatron_lite.models.transformer import Transformer
+
+    by_hf = {adapter.hf_name(name): name for name in weights.where}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(m).state_dict().items()}
+    state, used = {}, set()
+    for ours, (hf_names, transform) in adapter.name_map(m).items():
+        missing = [h for h in hf_names if h not in by_hf]
+        if missing:
+            raise UserError(f"the Hugging Face checkpoint lacks {missing[0]} (needed for {ours})")
+        state[ours] = transform.from_hf([weights.get(by_hf[h]) for h in hf_names], m)
+        used.update(hf_names)
+        if tuple(state[ours].shape) != expected[ours]:
+            raise UserError(f"{ours}: shape {tuple(state[ours].shape)} from HF, expected {expected[ours]}")
+    zero_only = ZERO_ONLY.get(model_type)
+    for hf_name in sorted(set(by_hf) - used):
+        if re.search(adapter.ignored, hf_name) or (hf_name == "lm_head.weight" and m.tie_embeddings):
+            continue  # buffers, or a stored copy of the tied head
+        if zero_only is not None and zero_only.match(hf_name):
+            if weights.get(by_hf[hf_name]).count_nonzero():
+                raise UserError(
+                    f"{hf_name} is non-zero: megatron-lite's llama has no q/k/v biases, so this "
+                    f"{model_type} model cannot be imported exactly"
+                )
+            continue
+        raise UserError(f"unexpected tensor {hf_name} in the Hugging Face checkpoint ({model_type})")
+    return state
+
+
+def _run_config(hf_dir: Path, m: ModelConfig, tokenizer: Path | None) -> Config:
+    """The config to train from: our export's recorded run config if any, else defaults; model from HF."""
+    lineage = hf_dir / "megatron_lite.json"
+    cfg = config_from_dict(json.loads(lineage.read_text())["config"]) if lineage.is_file() else Config()
+    cfg.model = m
+    cfg.data.tokenizer = str(tokenizer) if tokenizer else None
+    cfg.log.dir, cfg.checkpoint.dir, cfg.checkpoint.resume = Config().log.dir, None, "auto"  # never the old run's
+    return cfg
+
+
+def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[str, Path]:
+    """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_checkpoint files."""
+    files = {"tokenizer.model": sp} if sp else {}
+    lineage = hf_dir / "megatron_lite.json"
+    tok_meta = json.loads(lineage.read_text()).get("tokenizer") if lineage.is_file() else None
+    if sp and tok_meta:
+        (tmp / "tokenizer.json").write_text(json.dumps(tok_meta, indent=1) + "\n")
+        files["tokenizer.json"] = tmp / "tokenizer.json"
+    origin = {
+        "format": "megatron-lite/hf-import-v1",
+        "path": str(hf_dir.resolve()),
+        "model_type": raw["model_type"],
+        "hf_config": raw,
+        "tokenizer": "tokenizer.model (sentencepiece, copied)" if sp else f"Hugging Face tokenizer at {hf_dir}",
+    }
+    (tmp / "origin.json").write_text(json.dumps(origin, indent=1) + "\n")
+    files["origin.json"] = tmp / "origin.json"
+    return files
+
+
+def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
+    """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    raw, adapter, hf_config = _read_hf_config(hf_dir)
+    sp = find_sentencepiece(hf_dir)
+    m = import_config(hf_config)
+    if list_checkpoints(out):
+        raise UserError(f"--out {out} already holds checkpoints; choose a new directory")
+    state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
+    tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
+    cfg = _run_config(hf_dir, m, tok_dest)
+    with tempfile.TemporaryDirectory() as td:
+        files = _extra_files(hf_dir, sp, raw, Path(td))
+        full = {"model": state, "weights_only": True, "step": 0}
+        path = save_checkpoint(out, 0, full, cfg.to_dict(), keep=1, files=files)
+    cfg.checkpoint.resume = str(path.resolve())
+    cfg.save(out / "config.yaml")
+    n_params = sum(t.numel() for t in state.values())
+    return ImportResult(path, out / "config.yaml", n_params, tok_dest)

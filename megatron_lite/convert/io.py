@@ -1,0 +1,209 @@
+"""Reading our checkpoints and HF directories, and writing HF safetensors shards tensor by tensor.
+
+Every read of a megatron-lite checkpoint in the converter goes through :func:`open_checkpoint`, so
+the sharded per-rank format can replace the one-process layout by changing that function alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.checkpoint.local import find_checkpoint, iter_model_tensors, list_checkpoints, verify_checkpoint
+from megatron_lite.config import Config, config_from_dict
+from megatron_lite.errors import UserError
+
+Shape = tuple[int, ...]
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
+_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+@dataclass
+class CheckpointSource:
+    """What the converter needs of one of our checkpoints, without loading the model."""
+
+    path: Path
+    config: Config
+    meta: dict[str, Any]
+    specs: dict[str, tuple[Shape, torch.dtype]]
+    """Tensor name -> (shape, dtype), read from headers only."""
+    tokenizer: Path | None
+    consumed_samples: int | None
+    """Samples the run had trained on (None for a weights-only checkpoint)."""
+    origin: dict[str, Any] | None
+    """``origin.json`` of a checkpoint imported with ``convert from-hf``."""
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` one at a time: memory holds one tensor, not the model."""
+        return iter_model_tensors(self.path)
+
+
+def _step_dir(checkpoint: str | Path, step: int | None) -> Path:
+    """The step directory given, the ``step`` one under a run's checkpoint root, or the newest good one."""
+    if step is None:
+        return find_checkpoint(checkpoint)
+    found = {int(p.name.split("_")[1]): p for p in list_checkpoints(checkpoint)}
+    if step not in found:
+        have = ", ".join(map(str, sorted(found))) or "none"
+        raise UserError(f"no checkpoint of step {step} under {checkpoint} (steps there: {have})")
+    return found[step]
+
+
+def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> CheckpointSource:
+    """Open one of our checkpoints (a step directory, or a run's checkpoint root) for conversion."""
+    from safetensors import safe_open
+
+    path = _step_dir(checkpoint, step)
+    problem = verify_checkpoint(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is unusable: {problem}")
+    meta = json.loads((path / "meta.json").read_text())
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        specs = {}
+        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            s = f.get_slice(name)
+            specs[name] = (tuple(s.get_shape()), _FROM_CODE[s.get_dtype()])
+    # mmap: the optimizer state stays on disk; only the small data-position dict is read
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    consumed = state.get("data", {}).get("consumed_samples")
+    tok = path / "tokenizer.model"
+    origin = path / "origin.json"
+    return CheckpointSource(
+        path=path,
+        config=config_from_dict(meta["config"]),
+        meta=meta,
+        specs=specs,
+        tokenizer=tok if tok.is_file() else None,
+        consumed_samples=None if consumed is None else int(consumed),
+        origin=json.loads(origin.read_text()) if origin.is_file() else None,
+    )
+
+
+class HFWeights:
+    """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards)."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (hf_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            bins = sorted(p.name for p in hf_dir.glob("*.bin"))
+            hint = f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))" if bins else ""
+            raise UserError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}{hint}")
+        handles = [safe_open(str(hf_dir / f), framework="pt") for f in files]
+        self.where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (not a dict)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes of ``"5GB"``, ``"200MB"``, ``"64KiB"`` or a plain integer (HF's convention: GB = 1e9)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"size {text!r} is not a number of bytes or like 5GB, 500MB, 64KiB")
+    unit = (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3}[unit]
+    return int(float(m.group(1)) * base**power)
+
+
+class ShardedWriter:
+    """Writes planned tensors into safetensors shards in any arrival order, one tensor in memory at a time.
+
+    The ``safetensors`` library can only save a whole dict at once. Since every output shape and
+    dtype is known before any data is read, each shard's header is written up front (8-byte
+    little-endian length, then JSON with byte offsets) and each tensor is written at its offset
+    when it arrives.
+    """
+
+    def __init__(self, out: Path, plan: list[tuple[str, Shape, torch.dtype]], max_shard_bytes: int) -> None:
+        shards: list[list[tuple[str, Shape, torch.dtype]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.total_bytes = sum(_nbytes(s, d) for _, s, d in plan)
+        self.files = {name: out / fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+        self._slots: dict[str, tuple[Any, int, Shape, torch.dtype]] = {}
+        self._handles = []
+        for fname, shard in zip(names, shards):
+            self._open_shard(out / fname, shard)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": {k: p.name for k, p in self.files.items()},
+            }
+            (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def _open_shard(self, path: Path, shard: list[tuple[str, Shape, torch.dtype]]) -> None:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in shard:
+            end = offset + _nbytes(shape, dtype)
+            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keeps the data 8-byte aligned, as safetensors itself does
+        f = path.open("wb")
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + offset)
+        self._handles.append(f)
+        for name, shape, dtype in shard:
+            self._slots[name] = (f, 8 + len(blob) + header[name]["data_offsets"][0], shape, dtype)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        """Write one planned tensor (shape and dtype must match the plan)."""
+        f, offset, shape, dtype = self._slots.pop(name)
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise RuntimeError(f"{name}: planned {shape} {dtype}, got {tuple(t.shape)} {t.dtype}")
+        f.seek(offset)
+        f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        """Flush every shard to disk; an unwritten planned tensor is a bug in the caller."""
+        for f in self._handles:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        if self._slots:
+            raise RuntimeError(f"tensors planned but never written: {sorted(self._slots)[:5]}")
+
+
+def _nbytes(shape: Shape, dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()

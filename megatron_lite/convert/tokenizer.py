@@ -1,0 +1,134 @@
+"""Our sentencepiece tokenizer as a Hugging Face ``tokenizers`` BPE with byte fallback, id for id.
+
+Sentencepiece BPE encodes by repeatedly merging the adjacent pair whose merged piece has the best
+score (earliest learned); ``tokenizers``' BPE merges the pair of lowest rank. Listing, for every
+learned piece in id order, each split of it into two learned pieces gives merges whose ranks follow
+the same order, so both produce the same pieces. Where two different splits of one piece compete,
+sentencepiece prefers the leftmost and we rank by the halves' ids; the two agreed on whole stdlib
+source files and mixed-script text (``tests/unit/test_hf_tokenizer.py``).
+
+Three details make the ids equal to :meth:`megatron_lite.data.tokenizer.Tokenizer.encode` on any
+text, with no normaliser and no pre-tokenizer:
+
+- Vocabulary pieces spell sentencepiece's whitespace marker U+2581 as a real space. Text spaces
+  then match pieces directly, and a literal U+2581 in the text is not in the vocabulary, so it
+  falls back to its three UTF-8 byte tokens, exactly as our ``Tokenizer.encode`` spells it.
+- ``"\\n"`` (a user-defined symbol: never merged, matched anywhere) is a non-special added token.
+- ``<pad>``, ``<s>``, ``</s>`` are special tokens with ``split_special_tokens=true``: the text
+  ``"<s>"`` is encoded as characters, as sentencepiece does, never as the BOS id.
+
+``add_bos_token`` and ``add_eos_token`` are false: pretraining saw documents as ``text </s>``
+without BOS (``preprocess`` appends EOS only), so ``tok(text).input_ids == Tokenizer.encode(text)``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from megatron_lite.errors import UserError
+
+_SP_SPACE = "\u2581"
+# sentencepiece ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_REQUIRED = "BPE, byte_fallback, identity normalisation, no dummy prefix, no whitespace collapsing"
+
+
+def _load_proto(sp_model: Path) -> Any:
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sp_model.read_bytes())
+    t, n = proto.trainer_spec, proto.normalizer_spec
+    ok = (
+        t.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+        and t.byte_fallback
+        and n.name == "identity"
+        and not n.add_dummy_prefix
+        and not n.remove_extra_whitespaces
+        and n.escape_whitespaces
+    )
+    if not ok:
+        raise UserError(f"tokenizer {sp_model} cannot be converted exactly; supported: sentencepiece {_REQUIRED}")
+    return proto
+
+
+def _piece(text: str) -> str:
+    return text.replace(_SP_SPACE, " ")
+
+
+def build_hf_tokenizer(sp_model: Path) -> Any:
+    """A ``tokenizers.Tokenizer`` giving the same ids as our :class:`Tokenizer` on ``sp_model``."""
+    from tokenizers import AddedToken, Tokenizer, decoders
+    from tokenizers.models import BPE
+
+    proto = _load_proto(sp_model)
+    vocab = {_piece(p.piece): i for i, p in enumerate(proto.pieces)}
+    if len(vocab) != len(proto.pieces):
+        raise UserError(f"tokenizer {sp_model} has pieces that differ only by ' ' vs U+2581")
+    learned = {_piece(p.piece): i for i, p in enumerate(proto.pieces) if p.type == _NORMAL}
+    merges = []
+    for piece in learned:  # id order = score order: sentencepiece's merge priority
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))]
+        splits = [(a, b) for a, b in splits if a in learned and b in learned]
+        merges += sorted(splits, key=lambda ab: (learned[ab[0]], learned[ab[1]]))
+    unk = next(_piece(p.piece) for p in proto.pieces if p.type == _UNKNOWN)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, byte_fallback=True, fuse_unk=False))
+    user = [AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces if p.type == _USER_DEFINED]
+    tok.add_tokens(user)
+    control = [p.piece for p in proto.pieces if p.type in (_CONTROL, _UNKNOWN)]
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in control])
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
+def special_ids(sp_model: Path) -> dict[str, int | None]:
+    """bos/eos/pad token ids of a sentencepiece model (None where it has none)."""
+    proto = _load_proto(sp_model)
+    t = proto.trainer_spec
+    return {
+        f"{k}_token_id": (v if v >= 0 else None) for k, v in (("bos", t.bos_id), ("eos", t.eos_id), ("pad", t.pad_id))
+    }
+
+
+def write_hf_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and the sentencepiece model itself into ``out``."""
+    build_hf_tokenizer(sp_model).save(str(out / "tokenizer.json"))
+    proto = _load_proto(sp_model)
+    name = {i: p.piece for i, p in enumerate(proto.pieces)}
+    t = proto.trainer_spec
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name.get(t.bos_id),
+        "eos_token": name.get(t.eos_id),
+        "pad_token": name.get(t.pad_id),
+        "unk_token": name[t.unk_id],
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # the original model, for `convert from-hf` and for tools that read sentencepiece files
+    shutil.copyfile(sp_model, out / "tokenizer.model")
+
+
+def find_sentencepiece(hf_dir: Path) -> Path | None:
+    """The sentencepiece model of an HF directory, or None when its tokenizer is not sentencepiece.
+
+    Llama 1/2 and Mistral ship one as ``tokenizer.model`` (so do our exports); GPT-2 and Llama 3
+    ship byte-level BPE (``tokenizer.json`` only), which sentencepiece cannot express, so those
+    imports keep the HF tokenizer's path instead and data must be tokenized outside megatron-lite.
+    """
+    sp = hf_dir / "tokenizer.model"
+    if sp.is_file():
+        return sp
+    if (hf_dir / "tokenizer.json").is_file() or (hf_dir / "vocab.json").is_file():
+        return None
+    raise UserError(
+        f"no tokenizer in {hf_dir}: expected tokenizer.model (sentencepiece; copied into the checkpoint) "
+        "or tokenizer.json / vocab.json (Hugging Face; its path is recorded)"
+    )

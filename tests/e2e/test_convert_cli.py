@@ -1,0 +1,279 @@
+"""`megatron-lite convert`: export to transformers, import back, verify, and every refusal."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_lite.checkpoint.local import save_checkpoint
+from megatron_lite.cli import main
+from megatron_lite.config import Config, ModelConfig, fill_defaults, load_config, validate
+from megatron_lite.convert import from_hf, io, to_hf
+from megatron_lite.models.transformer import build_model
+from megatron_lite.training.evaluate import load_model
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+TOL = 1e-4  # fp32 max abs logits difference; why: megatron_lite/convert/verify.py
+
+
+@pytest.fixture(scope="module")
+def trained(small_corpus, tmp_path_factory) -> Path:
+    """Checkpoint root of a llama (4 heads, 2 kv heads, untied head) trained 2 steps by the CLI."""
+    prefix, tok = small_corpus
+    run = tmp_path_factory.mktemp("run")
+    args = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.kv_heads=2", "model.seq_len=32"]
+    args += ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=2", "optim.warmup=1"]
+    args += [f"data.path={prefix}", f"data.tokenizer={tok}", "log.progress=false", f"log.dir={run}"]
+    assert main(["train", *args]) == 0
+    return run / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert (
+        main(
+            [
+                "convert",
+                "to-hf",
+                "--checkpoint",
+                str(trained),
+                "--step",
+                "2",
+                "--out",
+                str(out),
+                "--max-shard-size",
+                "40KB",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def logits_both(checkpoint: Path, hf_dir: Path, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours, _ = load_model(checkpoint, torch.device("cpu"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return ours(ids), theirs(input_ids=ids).logits
+
+
+def assert_bitwise(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
+def test_to_hf_writes_a_sharded_directory_transformers_loads(trained, exported):
+    files = {p.name for p in exported.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md"} <= files
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.startswith("model-")]) > 1
+    config = json.loads((exported / "config.json").read_text())
+    assert (config["model_type"], config["num_key_value_heads"], config["tie_word_embeddings"]) == ("llama", 2, False)
+    ours, theirs = logits_both(trained, exported, config["vocab_size"])
+    assert (ours - theirs).abs().max() <= TOL
+    card = (exported / "README.md").read_text()
+    assert "tokens: 512 = 16 consumed samples x 32" in card and "LlamaForCausalLM" in card
+    assert load_config(trained.parent / "config.yaml").data.path[0] in card  # the datasets trained on
+
+
+def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, tmp_path, capsys):
+    back = tmp_path / "back"
+    assert main(["convert", "from-hf", "--hf", str(exported), "--out", str(back)]) == 0
+    assert "step_00000000" in capsys.readouterr().out
+    assert_bitwise(sorted(trained.glob("step_*"))[-1], back / "step_00000000")
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        assert torch.equal(load_model(trained, "cpu")[0](ids), load_model(back, "cpu")[0](ids))
+    cfg = load_config(back / "config.yaml")
+    assert cfg.checkpoint.resume == str((back / "step_00000000").resolve())
+    recorded = json.loads((exported / "megatron_lite.json").read_text())["config"]["model"]
+    assert cfg.model == ModelConfig(**recorded)
+    state = torch.load(back / "step_00000000" / "state.pt", weights_only=True)
+    assert state == {"weights_only": True, "step": 0}
+
+
+def noisy_checkpoint(root: Path, tok: Path, **model) -> Path:
+    """A random model whose norms and biases are not 1 and 0 (so a swapped mapping shows)."""
+    cfg = Config()
+    for key, value in dict(layers=2, hidden=64, heads=4, seq_len=32, **model).items():
+        setattr(cfg.model, key, value)
+    validate(fill_defaults(cfg, vocab_size=512))
+    net = build_model(cfg.model, seed=5)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    state = {"model": net.state_dict(), "step": 3, "data": {"consumed_samples": 24}}
+    return save_checkpoint(root, 3, state, cfg.to_dict(), keep=1, files={"tokenizer.model": tok})
+
+
+@pytest.mark.parametrize(
+    "model",
+    [dict(kv_heads=1, tie_embeddings=True), dict(arch="gpt2"), dict(arch="gpt2", tie_embeddings=False)],
+    ids=["llama-mqa-tied", "gpt2-tied", "gpt2-untied"],
+)
+def test_tied_llama_and_gpt2_match_logits_and_round_trip(small_corpus, tmp_path, model):
+    ckpt = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], **model)
+    result = to_hf(ckpt, tmp_path / "hf")
+    assert result.check.passed and result.check.tokenizer_equal
+    ours, theirs = logits_both(ckpt, tmp_path / "hf", 512)
+    assert (ours - theirs).abs().max() <= TOL
+    assert_bitwise(ckpt, from_hf(tmp_path / "hf", tmp_path / "back").checkpoint)
+
+
+def test_gpt2_saved_as_base_model_with_buffers_imports(small_corpus, tmp_path):
+    """Old GPT-2 files name tensors without ``transformer.`` and carry the causal-mask buffers."""
+    ckpt = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], arch="gpt2")
+    hf_dir = to_hf(ckpt, tmp_path / "hf", check=False).out
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(hf_dir / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    assert_bitwise(ckpt, from_hf(hf_dir, tmp_path / "back").checkpoint)
+
+
+def test_fine_tuning_in_plain_transformers_lowers_the_loss(exported):
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)
+    batch = tok(["def add(a, b):\n    return a + b\n"] * 2, return_tensors="pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def hf_llama_family(tmp_path: Path, tok: Path, kind: str) -> Path:
+    """A tiny random Mistral or Qwen2 (``qwen2``: non-zero biases) saved by transformers, with our tokenizer."""
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    common.update(num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.MistralConfig(**common) if kind == "mistral" else transformers.Qwen2Config(**common)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):  # Qwen2's q/k/v biases: zero (importable) or not
+                p.copy_(torch.zeros_like(p) if kind == "qwen2-zero-bias" else torch.randn_like(p))
+    out = tmp_path / kind
+    model.save_pretrained(str(out))
+    shutil.copyfile(tok, out / "tokenizer.model")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2-zero-bias"])
+def test_import_mistral_and_bias_free_qwen2_matches_logits(small_corpus, tmp_path, kind, capsys):
+    hf_dir = hf_llama_family(tmp_path, small_corpus[1], kind)
+    assert main(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", "verify", "--checkpoint", str(tmp_path / "ckpt"), "--hf", str(hf_dir)]) == 0
+    assert "max |logits diff|" in capsys.readouterr().out
+    ours, theirs = logits_both(tmp_path / "ckpt" / "step_00000000", hf_dir, 512)
+    assert (ours - theirs).abs().max() <= TOL
+
+
+def run_error(args: list[str], capsys) -> str:
+    capsys.readouterr()  # drop what the test's own setup printed
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported, small_corpus, tmp_path, capsys):
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 64}))
+    err = run_error(["convert", "from-hf", "--hf", str(bert), "--out", str(tmp_path / "o1")], capsys)
+    assert "'bert' is not supported; supported: llama, mistral, qwen2" in err and "gpt2" in err
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(exported, no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
+    err = run_error(["convert", "from-hf", "--hf", str(no_tok), "--out", str(tmp_path / "o2")], capsys)
+    assert "no tokenizer" in err and "tokenizer.model" in err and "tokenizer.json" in err
+    qwen = hf_llama_family(tmp_path, small_corpus[1], "qwen2")
+    err = run_error(["convert", "from-hf", "--hf", str(qwen), "--out", str(tmp_path / "o3")], capsys)
+    assert re.search(r"[qkv]_proj\.bias is non-zero", err), err
+    bare = tmp_path / "bare"
+    shutil.copytree(sorted(trained.glob("step_*"))[-1], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    meta = json.loads((bare / "meta.json").read_text())
+    meta["sha256"] = {k: v for k, v in meta["sha256"].items() if not k.startswith("tokenizer")}
+    (bare / "meta.json").write_text(json.dumps(meta))
+    err = run_error(["convert", "to-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "o4")], capsys)
+    assert "has no tokenizer.model" in err
+    err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(exported)], capsys)
+    assert "already exists" in err
+    err = run_error(
+        ["convert", "to-hf", "--checkpoint", str(trained), "--step", "7", "--out", str(tmp_path / "o5")], capsys
+    )
+    assert "no checkpoint of step 7" in err and "steps there: 2" in err
+
+
+def test_failed_verification_is_a_failure(trained, exported, tmp_path, monkeypatch, capsys):
+    tampered = tmp_path / "tampered"
+    shutil.copytree(exported, tampered)
+    index = json.loads((tampered / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tampered / index["model.layers.1.self_attn.k_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"].flip(0)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(tampered)], capsys)
+    assert "verification failed: max |logits diff|" in err
+    # a conversion bug (k and v heads swapped) must stop to-hf before it reports success
+    from megatron_lite.checkpoint import hf
+
+    monkeypatch.setattr(hf.QKV, "to_hf", lambda t, m: [t.split(hf._qkv_rows(m))[i] for i in (0, 2, 1)])
+    err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(tmp_path / "bad")], capsys)
+    assert "verification failed" in err and not (tmp_path / "bad").exists()
+
+
+def test_export_streams_one_tensor_at_a_time(trained, tmp_path, monkeypatch):
+    original, live = io.iter_model_tensors, []
+
+    def tracked(path):
+        refs = []
+        for name, t in original(path):
+            refs.append(weakref.ref(t))
+            live.append(sum(r() is not None for r in refs))
+            yield name, t
+
+    monkeypatch.setattr(io, "iter_model_tensors", tracked)
+    to_hf(trained, tmp_path / "hf", check=False)
+    assert len(live) > 10 and max(live) <= 2  # the current tensor and, briefly, a view of the previous one
+
+
+def test_tool_script_runs_on_cpu_without_gpu_libraries(trained, tmp_path):
+    """The conversion imports no GPU library; verification (which imports transformers' models, and
+    through them torch._dynamo, which imports Triton when installed) works where Triton is absent."""
+    code = (
+        "import runpy, sys, torch\n"
+        "ckpt, out = sys.argv[1:3]\n"
+        "def tool(*args):\n"
+        "    sys.argv = ['tools/convert_checkpoint.py', *args]\n"
+        "    try:\n        runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "    except SystemExit as e:\n        assert e.code == 0, e.code\n"
+        "tool('to-hf', '--checkpoint', ckpt, '--out', out, '--no-verify')\n"
+        "gpu = [m for m in sys.modules if m.split('.')[0] in ('triton', 'apex', 'transformer_engine')]\n"
+        "assert not gpu, gpu\n"
+        "sys.modules['triton'] = None  # as on a CPU-only machine without Triton: import fails\n"
+        "tool('verify', '--checkpoint', ckpt, '--hf', out)\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    args = [sys.executable, "-c", code, str(trained), str(tmp_path / "hf")]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "not verified (--no-verify)" in r.stdout and "max |logits diff|" in r.stdout

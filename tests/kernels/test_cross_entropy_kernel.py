@@ -1,0 +1,62 @@
+"""Cross-entropy kernels, whole and vocab-parallel, against ``reference.cross_entropy(_partials)``."""
+
+import pytest
+import torch
+from megatron_lite.kernels import reference
+from megatron_lite.kernels.fused_cross_entropy import cross_entropy, cross_entropy_partials
+
+N, V = 67, 1001  # V spans several vocab chunks with a masked tail, in the interpreter and on GPU
+
+
+def _targets(check, n: int = N) -> torch.Tensor:
+    target = torch.randint(0, V, (n,), generator=check.gen)
+    target[::5] = -100  # every fifth position is padding
+    return target.to(check.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_reference(check, dtype):
+    target = _targets(check)
+    # Logits of std 4: a peaked softmax, as late in training, where a naive exp would overflow in bf16.
+    logits = check.randn(N, V, dtype=dtype, scale=4.0)
+    check("cross_entropy", lambda x: cross_entropy(x, target), lambda x: reference.cross_entropy(x, target),
+          [logits], dtype)  # fmt: skip
+
+
+def test_cross_entropy_all_ignored_is_nan_like_torch(check):
+    target = torch.full((4,), -100, device=check.device)
+    check("cross_entropy", lambda x: cross_entropy(x, target), lambda x: reference.cross_entropy(x, target),
+          [check.randn(4, V)], torch.float32)  # fmt: skip
+
+
+def _combine(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], target: torch.Tensor) -> torch.Tensor:
+    """The documented recipe, with the all-reduces done over a list of shards in one process."""
+    m = torch.stack([p[0] for p in parts])
+    big_m = m.max(dim=0).values  # all_reduce(m, MAX)
+    s = sum(p[1] * torch.exp(p[0] - big_m) for p in parts)  # all_reduce(s * exp(m - M), SUM)
+    x_t = sum(p[2] for p in parts)  # all_reduce(x_t, SUM)
+    valid = target != -100
+    return ((big_m + torch.log(s) - x_t) * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bounds", [(0, 500, V), (0, 334, 667, V)])  # 2 and 3 shards of unequal width
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_vocab_parallel_partials_combine_to_cross_entropy(check, bounds, dtype, impl):
+    partials = cross_entropy_partials if impl == "triton" else reference.cross_entropy_partials
+    target = _targets(check)
+
+    def sharded_loss(x):
+        return _combine([partials(x[:, a:b], target, a) for a, b in zip(bounds, bounds[1:])], target)
+
+    check("cross_entropy_partials", sharded_loss, lambda x: reference.cross_entropy(x, target),
+          [check.randn(N, V, dtype=dtype, scale=4.0)], dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partials_match_reference_partials(check, dtype):
+    # Each quantity on its own, with independent upstream gradients for s and x_t.
+    target = _targets(check)
+    check("cross_entropy_partials", lambda x: cross_entropy_partials(x[:, 400:900], target, 400),
+          lambda x: reference.cross_entropy_partials(x[:, 400:900], target, 400),
+          [check.randn(N, V, dtype=dtype, scale=4.0)], dtype)  # fmt: skip

@@ -1,0 +1,56 @@
+"""Flash attention kernels (forward, dQ, dK, dV; GQA; causal or not) against ``reference.flash_attention``."""
+
+import logging
+
+import pytest
+import torch
+from megatron_lite.kernels import reference
+from megatron_lite.kernels.fused_attention import flash_attention
+
+GPU = torch.cuda.is_available()
+
+
+def _qkv(check, b, h, hkv, t, d, dtype):
+    return (
+        check.randn(b, h, t, d, dtype=dtype),
+        check.randn(b, hkv, t, d, dtype=dtype),
+        check.randn(b, hkv, t, d, dtype=dtype),
+    )
+
+
+def _check(check, qkv, causal, dtype):
+    check("flash_attention", lambda q, k, v: flash_attention(q, k, v, causal),
+          lambda q, k, v: reference.flash_attention(q, k, v, causal), list(qkv), dtype)  # fmt: skip
+
+
+# T = 33: one query tile and a masked tail; H = 4 over Hkv = 2 is grouped-query attention.
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+def test_attention_head_dims_fp32(check, head_dim):
+    _check(check, _qkv(check, 2, 4, 2, 33, head_dim, torch.float32), True, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3), (4, 1)])  # GQA, MHA, MQA
+def test_attention_matches_reference(check, heads, causal, dtype):
+    _check(check, _qkv(check, 2, heads[0], heads[1], 47, 64, dtype), causal, dtype)
+
+
+@pytest.mark.skipif(not GPU, reason="T=1024, D=128 in the interpreter takes minutes; compiled kernels only")
+def test_attention_bf16_long_sequence_gpu(check):
+    # Autotuned tiles (64 to 128) at a realistic length: every tile full, causal diagonal on tile edges.
+    _check(check, _qkv(check, 2, 8, 2, 1024, 128, torch.bfloat16), True, torch.bfloat16)
+
+
+def test_attention_unsupported_head_dim_falls_back(check, caplog):
+    q, k, v = _qkv(check, 1, 2, 2, 9, 48, torch.float32)
+    with caplog.at_level(logging.WARNING):
+        out = flash_attention(q, k, v)
+    torch.testing.assert_close(out, reference.flash_attention(q, k, v), rtol=0, atol=0)
+    assert "head dim 48" in caplog.text
+
+
+def test_attention_rejects_bad_grouping(check):
+    q, k, v = _qkv(check, 1, 4, 3, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="Hkv dividing H"):
+        flash_attention(q, k, v)

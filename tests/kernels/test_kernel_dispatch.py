@@ -1,0 +1,107 @@
+"""Backend selection, ``describe()`` and the lazy detection of optional accelerators."""
+
+import subprocess
+import sys
+
+import megatron_lite.kernels as kernels
+import pytest
+import torch
+from megatron_lite.kernels import accelerators, dispatch, reference
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    yield
+    kernels.set_backend("auto")
+
+
+def test_set_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="auto, triton, torch"):
+        kernels.set_backend("cuda")
+
+
+def test_set_backend_triton_needs_triton(monkeypatch):
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="Triton is not importable"):
+        kernels.set_backend("triton")
+    assert kernels.get_backend() == "auto"
+
+
+def _forbid_triton(*args):
+    raise AssertionError(f"dispatch took the Triton path {args} for a CPU tensor under auto")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path of auto")
+def test_auto_runs_reference_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels, "_triton_op", _forbid_triton)
+    x, w = torch.randn(4, 8), torch.randn(8)
+    assert not kernels.use_triton(x)
+    torch.testing.assert_close(kernels.rms_norm(x, w), reference.rms_norm(x, w), rtol=0, atol=0)
+    for value in [kernels.describe()[op] for op in dispatch.OPS]:
+        assert value.startswith("torch: auto runs Triton on CUDA tensors only"), value
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_runs_triton_on_cuda():
+    assert kernels.use_triton(torch.randn(2, device="cuda"))
+    assert not kernels.use_triton(torch.randn(2, device="cuda"), "flash_attention")  # SDPA measured faster
+    described = kernels.describe()
+    assert described["flash_attention"].startswith("torch: SDPA measured faster")
+    assert all(described[op].startswith("triton: CUDA device") for op in dispatch.OPS if op != "flash_attention")
+
+
+def test_backend_triton_dispatches_every_op(monkeypatch):
+    # Forced Triton runs the fused files (compiled on GPU, interpreted here), each via _triton_op.
+    called = []
+    real = kernels._triton_op
+    monkeypatch.setattr(kernels, "_triton_op", lambda module, name: called.append(name) or real(module, name))
+    kernels.set_backend("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, w = torch.randn(3, 16, device=dev), torch.randn(16, device=dev)
+    kernels.rms_norm(x, w)
+    kernels.layer_norm(x, w, None)
+    kernels.swiglu(x, x)
+    kernels.apply_rope(x.view(1, 3, 1, 16), torch.ones(3, 8, device=dev), torch.zeros(3, 8, device=dev))
+    kernels.cross_entropy(x, torch.tensor([1, 2, 3], device=dev))
+    kernels.cross_entropy_partials(x, torch.tensor([1, 2, 3], device=dev), 0)
+    kernels.flash_attention(x.view(1, 1, 3, 16), x.view(1, 1, 3, 16), x.view(1, 1, 3, 16))
+    assert called == [*dispatch.OPS[:5], "cross_entropy_partials", "flash_attention"]
+
+
+def test_backend_torch_is_reported_and_used(monkeypatch):
+    kernels.set_backend("torch")
+    monkeypatch.setattr(kernels, "_triton_op", _forbid_triton)
+    kernels.swiglu(torch.randn(2, 4), torch.randn(2, 4))
+    assert {kernels.describe()[op] for op in dispatch.OPS} == {"torch: set_backend('torch')"}
+
+
+def test_describe_reports_accelerators():
+    info = kernels.describe("cpu")
+    assert set(info) == {*dispatch.OPS, "apex", "transformer_engine"}
+    assert all(v.split(":")[0] in ("triton", "torch") for k, v in info.items() if k in dispatch.OPS)
+    assert info["apex"].startswith(("available", "unavailable"))
+    if not torch.cuda.is_available():
+        assert not kernels.apex_available() and not kernels.transformer_engine_available()
+        with pytest.raises(ValueError, match="no CUDA device"):
+            kernels.describe("cuda")
+
+
+def test_pypi_apex_is_not_mistaken_for_nvidia_apex(monkeypatch):
+    # PyPI's `apex` (a web toolkit) imports as `apex` but has no apex.normalization.
+    monkeypatch.setattr(accelerators, "_find", lambda name: name == "apex")
+    accelerators.apex_problem.cache_clear()
+    try:
+        assert "not NVIDIA apex" in accelerators.apex_problem()
+    finally:
+        accelerators.apex_problem.cache_clear()
+
+
+def test_import_loads_no_op_file_and_no_accelerator():
+    # A fresh interpreter: importing the package must not pull in Triton kernels, apex or TE.
+    prefixes = ("apex", "transformer_engine", "megatron_lite.kernels.fused_")
+    lines = [
+        "import sys, megatron_lite.kernels",
+        f"bad = [m for m in sys.modules if m.startswith({prefixes})]",
+        "assert not bad, bad",
+    ]
+    subprocess.run([sys.executable, "-c", "; ".join(lines)], check=True)
