@@ -20,11 +20,7 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-        ):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
@@ -50,9 +46,7 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             key = f.name.rstrip("_")
-            out.append(
-                f"| `{name}.{key}` | `{_type_name(hints[f.name])}` | `{default!r}` | {docs.get(f.name, '')} |"
-            )
+            out.append(f"| `{name}.{key}` | `{_type_name(hints[f.name])}` | `{default!r}` | {docs.get(f.name, '')} |")
         out.append("")
     return "\n".join(out)
 

@@ -78,8 +78,7 @@ def report(as_json: bool = False) -> str:
     if as_json:
         return json.dumps(info)
     lines = [
-        f"megatron-lite {info['megatron_lite']}  python {info['python']}  torch {info['torch']} "
-        f"(cuda {info['cuda']})",
+        f"megatron-lite {info['megatron_lite']}  python {info['python']}  torch {info['torch']} (cuda {info['cuda']})",
         f"platform: {info['platform']}",
         f"devices: {', '.join(info['devices'])}",
         f"distributed: {', '.join(k for k, v in info['distributed_backends'].items() if v)}",

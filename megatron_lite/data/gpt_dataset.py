@@ -178,9 +178,7 @@ def blend_schedule(weights: list[float] | np.ndarray) -> tuple[np.ndarray, np.nd
     return slot_dataset, slot_local, quota
 
 
-def _validate(
-    prefixes: list, weights: list[float] | None, seq_len: int, seed: int, split: str, vf: float
-) -> None:
+def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: int, split: str, vf: float) -> None:
     if not isinstance(seq_len, int | np.integer) or seq_len <= 0:
         raise UserError(f"seq_len must be a positive integer, got {seq_len!r}")
     if split not in SPLITS:
@@ -285,9 +283,7 @@ class PretrainingLoader:
     ) -> None:
         mb, G, dp = micro_batch_size, global_batch_size, dp_size
         if mb <= 0 or G <= 0 or dp <= 0:
-            raise UserError(
-                f"micro_batch_size ({mb}), global_batch_size ({G}) and dp ({dp}) must be positive"
-            )
+            raise UserError(f"micro_batch_size ({mb}), global_batch_size ({G}) and dp ({dp}) must be positive")
         if G % (mb * dp):
             raise UserError(
                 f"global_batch_size {G} is not a multiple of micro_batch_size x dp = "

@@ -167,9 +167,7 @@ def _read_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
         raise _corrupt(idx_path, f"truncated header ({len(head)} of {_HEADER.size} bytes)")
     _, version, code, num_docs, num_tokens = _HEADER.unpack(head)
     if version != VERSION:
-        raise _corrupt(
-            idx_path, f"unsupported version {version} (this megatron-lite reads version {VERSION})"
-        )
+        raise _corrupt(idx_path, f"unsupported version {version} (this megatron-lite reads version {VERSION})")
     if code not in _DTYPE_CODES:
         raise _corrupt(idx_path, f"unknown dtype code {code} (known: {sorted(_DTYPE_CODES)})")
     expected = _HEADER.size + 16 * num_docs
@@ -185,13 +183,9 @@ def _read_index(idx_path: Path) -> tuple[np.dtype, int, np.ndarray, np.ndarray]:
         bad = np.flatnonzero(offsets[1:] != ends[:-1])
         if offsets[0] != 0 or bad.size:
             doc = 0 if offsets[0] != 0 else int(bad[0]) + 1
-            raise _corrupt(
-                idx_path, f"document {doc} starts at token {offsets[doc]}, not where the one before ends"
-            )
+            raise _corrupt(idx_path, f"document {doc} starts at token {offsets[doc]}, not where the one before ends")
     if int(sizes.sum()) != num_tokens:
-        raise _corrupt(
-            idx_path, f"header says {num_tokens} tokens but document sizes add up to {int(sizes.sum())}"
-        )
+        raise _corrupt(idx_path, f"header says {num_tokens} tokens but document sizes add up to {int(sizes.sum())}")
     return _DTYPE_CODES[code], int(num_tokens), offsets, sizes
 
 
@@ -238,6 +232,4 @@ class IndexedDataset:
         return self._tokens[start : start + length]
 
     def __repr__(self) -> str:
-        return (
-            f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
-        )
+        return f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"

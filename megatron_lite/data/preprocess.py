@@ -104,9 +104,7 @@ def preprocess(
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     start = time.perf_counter()
-    bar = tqdm(
-        total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress
-    )
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
     with bar, IndexedDatasetBuilder(out_prefix, token_dtype(tok.vocab_size)) as builder:
         for path in files:
             for text in _documents(path, json_key, bar, stats):

@@ -168,9 +168,7 @@ class Tokenizer:
         try:
             self._sp.LoadFromSerializedProto(data)
         except (RuntimeError, OSError) as e:
-            raise UserError(
-                f"tokenizer model {self.path} is not a valid sentencepiece model ({e}); {fix}"
-            ) from e
+            raise UserError(f"tokenizer model {self.path} is not a valid sentencepiece model ({e}); {fix}") from e
         self.sha256 = hashlib.sha256(data).hexdigest()
         # U+2581 decodes as a space, so encode spells it with its byte pieces (present with byte_fallback).
         byte_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _SP_SPACE.encode()]

@@ -15,6 +15,4 @@ def test_every_field_has_a_docstring():
 
 def test_docs_config_md_is_current():
     path = Path(__file__).resolve().parents[2] / "docs" / "config.md"
-    assert path.read_text() == render() + "\n", (
-        "regenerate: python -m megatron_lite.config_docs > docs/config.md"
-    )
+    assert path.read_text() == render() + "\n", "regenerate: python -m megatron_lite.config_docs > docs/config.md"

@@ -56,9 +56,7 @@ def test_preprocess_plain_files_round_trip(tok, tmp_path):
 
 def test_preprocess_jsonl_and_globs(tok, tmp_path):
     docs = ["first doc\n", "  second\tdoc ünï\n\n", ""]
-    (tmp_path / "a.jsonl").write_text(
-        "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs))
-    )
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     (tmp_path / "b.jsonl").write_text("\n" + json.dumps({"body": "third"}) + "\n")
     stats = preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", "body", False, False)
     ds = IndexedDataset(tmp_path / "out")

@@ -8,17 +8,13 @@ from megatron_lite.models.transformer import build_model, count_parameters, rope
 
 
 def tiny(*overrides):
-    cfg = load_config(
-        None, ["model.layers=2", "model.hidden=32", "model.heads=4", "model.seq_len=16", *overrides]
-    )
+    cfg = load_config(None, ["model.layers=2", "model.hidden=32", "model.heads=4", "model.seq_len=16", *overrides])
     return fill_defaults(cfg, vocab_size=97).model
 
 
 def test_forward_shapes_and_loss_for_both_families():
     for arch in ("llama", "gpt2"):
-        m = build_model(
-            tiny(f"model.arch={arch}", "model.kv_heads=2" if arch == "llama" else "model.kv_heads=4"), 0
-        )
+        m = build_model(tiny(f"model.arch={arch}", "model.kv_heads=2" if arch == "llama" else "model.kv_heads=4"), 0)
         x = torch.randint(0, 97, (3, 16))
         logits = m(x)
         assert logits.shape == (3, 16, 97)
@@ -54,9 +50,7 @@ def test_parameter_names_and_layouts():
     tied = build_model(tiny("model.tie_embeddings=true"), 0)
     assert tied.head is None and "head.weight" not in dict(tied.named_parameters())
     g = build_model(tiny("model.arch=gpt2"), 0)
-    assert {"pos_embed.weight", "layers.0.attn.qkv.bias", "layers.0.mlp.up.weight"} <= set(
-        dict(g.named_parameters())
-    )
+    assert {"pos_embed.weight", "layers.0.attn.qkv.bias", "layers.0.mlp.up.weight"} <= set(dict(g.named_parameters()))
     assert count_parameters(tied) == sum(p.numel() for p in tied.parameters())
 
 
