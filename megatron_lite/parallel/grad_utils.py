@@ -1,0 +1,97 @@
+"""The global gradient norm over dp, tp and pp, clipping, and the step-or-skip decision.
+
+Every gradient element of the model must be counted exactly once in the global L2 norm:
+
+- DP: with the distributed optimizer each rank holds the reduced grads of its shard only, so it
+  sums the squares of its shard and the sums are added over the dp group. With plain DP every
+  rank holds the same full reduced grads: nothing is summed over dp.
+- TP: a parameter sharded by TP carries ``param.tensor_model_parallel = True`` (set by
+  ``parallel/tensor_parallel.py``); its shards are summed over the tp group, except rows that
+  its ``param.tp_unique_rows`` mask (GQA KV heads replicated over tp ranks) leaves to another
+  rank. A parameter NOT sharded (norm scales, a row-parallel bias) is replicated on every tp
+  rank: only tp rank 0 counts it.
+- PP: stages hold disjoint layers, summed over the pp group; the copy of a tied embedding on a
+  later stage carries ``param.pipeline_tied_copy = True`` (set where that stage's copy is built)
+  and is not counted (its twin on the first stage is).
+
+Not-counted grads still take part as ``0 * (their sum of squares)``: zero when finite, NaN when
+not, so an inf/NaN in ANY gradient on ANY rank makes the all-reduced norm non-finite, and every
+rank, reading the same all-reduced value, skips the step together. The caller counts the skips.
+
+Per step, after ``ddp.finish_grad_sync()`` (and ``scaler.unscale_(opt)`` under fp16)::
+
+    norm, finite = clip_grad_norm_(opt, cfg.optim.clip_grad, tp_group=mesh.tp_group, pp_group=mesh.pp_group)
+    if finite:
+        opt.step()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from megatron_lite.parallel import comm
+from megatron_lite.parallel.comm import Group
+
+TP_SHARDED_ATTR = "tensor_model_parallel"
+TP_UNIQUE_ROWS_ATTR = "tp_unique_rows"
+TIED_COPY_ATTR = "pipeline_tied_copy"
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_, so clipped runs match the one-process trainer
+Segment = tuple[nn.Parameter, torch.Tensor, int]  # (parameter, 1-D fp32 grad elements, their offset)
+
+
+def counted_elements(param: nn.Parameter, tp_rank: int, offset: int, numel: int) -> bool | torch.Tensor:
+    """Which of the elements [offset, offset + numel) of flattened ``param`` this rank counts in
+    the global norm: all (True), none (False), or a bool mask of shape (numel,) (module docstring)."""
+    if getattr(param, TIED_COPY_ATTR, False):
+        return False
+    if not getattr(param, TP_SHARDED_ATTR, False):
+        return tp_rank == 0
+    rows = getattr(param, TP_UNIQUE_ROWS_ATTR, None)  # GQA: KV rows replicated on several tp ranks
+    if rows is None:
+        return True
+    return rows.to(param.device).repeat_interleave(param.numel() // param.shape[0])[offset : offset + numel]
+
+
+def global_grad_norm(segments: Sequence[Segment], groups: Sequence[Group], tp_rank: int) -> torch.Tensor:
+    """L2 norm of all gradients in the world, as an fp32 scalar identical on every rank.
+
+    ``segments``: the optimizer's ``grad_segments()``: (parameter, 1-D fp32 grad elements this rank
+    holds, offset of the first in the flattened parameter); ``groups``: the groups whose ranks hold
+    disjoint parts of the model's gradient (the sums of squares are added over each in turn).
+    """
+    counted, others = [], []
+    for param, grad, offset in segments:
+        mask = counted_elements(param, tp_rank, offset, grad.numel())
+        if isinstance(mask, bool):
+            (counted if mask else others).append(grad)
+        else:
+            counted.append(grad[mask])
+            others.append(grad[~mask])
+    total = torch.zeros((), dtype=torch.float32, device=segments[0][1].device if segments else None)
+    if counted:  # per-tensor norms first: no temporary the size of a gradient
+        total += torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in counted]).square().sum()
+    if others:
+        total += 0.0 * torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in others]).square().sum()
+    for group in groups:
+        total = comm.all_reduce(total, group)
+    return total.sqrt()
+
+
+def clip_grad_norm_(optimizer, max_norm: float, *, tp_group: Group, pp_group: Group) -> tuple[torch.Tensor, bool]:
+    """Global grad norm of ``optimizer``'s grads; scale them to ``max_norm`` if larger (0: never).
+
+    ``optimizer``: a ``DistributedAdamW`` or ``ReplicatedAdamW`` (``optimizer.py``); its dp group
+    joins the sum only when it is sharded. Returns (norm before clipping, finite). A non-finite
+    norm leaves the grads untouched: the caller must skip ``optimizer.step()``, which every rank
+    then does, since all read the same all-reduced norm.
+    """
+    groups = ([optimizer.dp_group] if optimizer.sharded else []) + [tp_group, pp_group]
+    norm = global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group))
+    finite = bool(torch.isfinite(norm))
+    if finite and max_norm > 0:
+        # the same ops as torch.nn.utils.clip_grad_norm_: the factor is applied even when it is 1
+        optimizer.scale_grads(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+    return norm, finite

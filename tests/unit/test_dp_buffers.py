@@ -1,0 +1,149 @@
+"""Gradient buffers, buckets and hooks, and both optimizers, in one process (dp=1, no process group).
+
+With one rank every collective is a no-op, so these pin the pure logic: bucket layout, hook
+accumulation, misuse errors, and that the sharded and replicated optimizers reproduce the
+trainer's AdamW + clip_grad_norm_ (rtol 1e-6: only the norm's summation order differs).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from megatron_lite.config import ModelConfig, OptimConfig
+from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.data_parallel import ALIGN, DataParallelGrads, plan_buckets
+from megatron_lite.parallel.grad_utils import clip_grad_norm_
+from megatron_lite.parallel.optimizer import DistributedAdamW, ReplicatedAdamW, build_dp_optimizer
+
+CFG = ModelConfig(
+    arch="llama",
+    layers=2,
+    hidden=32,
+    heads=4,
+    kv_heads=2,
+    ffn_hidden=64,
+    vocab_size=64,
+    seq_len=16,
+    norm="rmsnorm",
+    activation="swiglu",
+    tie_embeddings=False,
+    norm_eps=1e-5,
+)
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95)
+CLIP = 0.05
+
+
+def _batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, CFG.vocab_size, (2, CFG.seq_len + 1), generator=g) for _ in range(n)]
+
+
+def test_plan_buckets_keeps_params_whole_and_pads_to_dp_shards():
+    plan = plan_buckets([10, 20, 5, 40, 3], bucket_numel=25, dp=2)
+    assert [members for _, _, members in plan] == [[0, 1], [2, 3], [4]]
+    assert [(start, end) for start, end, _ in plan] == [(0, 32), (32, 96), (96, 128)]
+    assert all(end % (2 * ALIGN) == 0 for _, end, _ in plan)
+
+
+def test_buffer_is_reverse_registration_order_with_main_grad_views():
+    model = build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000)
+    buffer = ddp.buffers[0]
+    names = [n for n, _ in model.named_parameters()]
+    assert [buffer.names[p] for p in buffer.params] == names[::-1]  # head first: its grad is ready first
+    assert len(buffer.buckets) > 2
+    for p in buffer.params:
+        lo, hi = buffer.offsets[p]
+        assert p.main_grad.shape == p.shape and p.main_grad.dtype == torch.float32
+        assert p.main_grad.data_ptr() == buffer.data[lo:hi].data_ptr()
+
+
+def test_hooks_accumulate_microbatches_and_free_param_grads():
+    model, twin = build_model(CFG, 0), build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000)
+    ddp.zero_grad()
+    micro = _batches(2)
+    for i, batch in enumerate(micro):
+        with ddp.sync(last=i == 1):
+            model(batch[:, :-1], batch[:, 1:]).backward()
+        twin(batch[:, :-1], batch[:, 1:]).backward()
+    ddp.finish_grad_sync()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.grad is None
+        assert torch.equal(p.main_grad, q.grad)
+
+
+def test_misuse_fails_loudly():
+    model = build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000)
+    batch = _batches(1)[0]
+    model(batch[:, :-1], batch[:, 1:]).backward()  # default: "last microbatch", buckets launch
+    with pytest.raises(RuntimeError, match="finish_grad_sync"):
+        ddp.zero_grad()
+    with pytest.raises(RuntimeError, match=r"sync\(last=False\)"):
+        model(batch[:, :-1], batch[:, 1:]).backward()  # a second microbatch without sync(last=False)
+    with pytest.raises(ValueError, match="not both"):
+        DataParallelGrads(model, None, bucket_numel=10, bucket_bytes=40)
+    with pytest.raises(ValueError, match="reduce_scatter=True"):
+        DistributedAdamW(ddp, lr=1.0, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)
+
+
+def _reference(steps: int) -> list[float]:
+    model = build_model(CFG, 0)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=OPTIM.lr, betas=(OPTIM.beta1, OPTIM.beta2), eps=OPTIM.eps, foreach=True)
+    losses = []
+    for batch in _batches(steps):
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_single_rank_optimizers_match_the_trainer(distributed):
+    model = build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000, reduce_scatter=distributed)
+    opt = build_dp_optimizer(ddp, OPTIM)
+    assert isinstance(opt, DistributedAdamW if distributed else ReplicatedAdamW)
+    losses = []
+    for batch in _batches(4):
+        ddp.zero_grad()
+        loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        ddp.finish_grad_sync()
+        norm, finite = clip_grad_norm_(opt, CLIP, tp_group=None, pp_group=None)
+        assert finite and norm > CLIP
+        opt.step()
+        losses.append(loss.item())
+    assert_close(torch.tensor(losses), torch.tensor(_reference(4)), rtol=1e-6, atol=0.0)
+
+
+def test_each_chunk_launches_after_its_own_last_backward():
+    """Two chunks as on one pipeline rank: marking chunk 1 (run last, so its backward runs first) as
+    on its last microbatch launches its buckets while chunk 0's backward is still to come."""
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    log = []
+    ddp = DataParallelGrads([first, second], None, bucket_numel=16, on_event=lambda *e: log.append(e))
+    ddp.zero_grad()
+    ddp.set_last_microbatch(False)
+    x = torch.randn(4, 8)
+    second(first(x)).sum().backward()  # microbatch 0: nothing launches
+    assert not [e for e in log if e[0] == "grad_launch"]
+    ddp.buffers[1].set_last_microbatch(True)  # as the runtime does before chunk 1's last backward
+    log.clear()
+    second(first(x)).sum().backward()
+    launched = [e for e in log if e[0] == "grad_launch"]
+    assert {chunk for _, chunk, _ in launched} == {1}
+    assert log.index(launched[0]) < max(i for i, e in enumerate(log) if e[:2] == ("grad_ready", 0))
+    ddp.finish_grad_sync()  # chunk 0 reduces here
+    with pytest.raises(ValueError, match="two model chunks"):
+        DataParallelGrads([first, nn.Sequential(first)], None)

@@ -1,0 +1,78 @@
+"""The loss scaler, the precision policy and the global-norm bookkeeping, in one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from megatron_lite.parallel.grad_utils import (
+    TIED_COPY_ATTR,
+    TP_SHARDED_ATTR,
+    TP_UNIQUE_ROWS_ATTR,
+    counted_elements,
+    global_grad_norm,
+)
+from megatron_lite.parallel.precision import DynamicLossScaler, Precision
+
+
+def test_scaler_backs_off_on_overflow_and_grows_after_clean_interval():
+    scaler = DynamicLossScaler(init_scale=8.0, growth_interval=3, min_scale=2.0)
+    scaler.update(found_inf=True)
+    assert scaler.scale == 4.0
+    for _ in range(2):
+        scaler.update(found_inf=False)
+    assert scaler.scale == 4.0
+    scaler.update(found_inf=False)
+    assert scaler.scale == 8.0
+    for _ in range(5):
+        scaler.update(found_inf=True)
+    assert scaler.scale == 2.0  # floored at min_scale
+    state = scaler.state_dict()
+    other = DynamicLossScaler()
+    other.load_state_dict(state)
+    assert other.state_dict() == state
+
+
+def test_scaled_loss_is_fp32_so_fp16_losses_do_not_overflow():
+    loss = torch.tensor(10.0, dtype=torch.float16)
+    scaled = DynamicLossScaler().scale_loss(loss)
+    assert scaled.dtype == torch.float32 and scaled.item() == 10.0 * 2**16
+
+
+def test_precision_from_train_dtype():
+    assert Precision.from_name("fp32").param_dtype == torch.float32
+    assert Precision.from_name("bf16").make_scaler() is None
+    fp16 = Precision.from_name("fp16")
+    assert fp16.loss_scaling and isinstance(fp16.make_scaler(), DynamicLossScaler)
+    assert fp16.cast_model(nn.Linear(2, 2)).weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="train.dtype"):
+        Precision.from_name("auto")
+
+
+def _param(shape=(2,), **attrs) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(shape))
+    for name, value in attrs.items():
+        setattr(p, name, value)
+    return p
+
+
+def test_what_counts_in_the_norm():
+    sharded, replicated, tied = _param(**{TP_SHARDED_ATTR: True}), _param(), _param(**{TIED_COPY_ATTR: True})
+    assert counted_elements(sharded, 1, 0, 2) is True and counted_elements(sharded, 0, 0, 2) is True
+    assert counted_elements(replicated, 0, 0, 2) is True and counted_elements(replicated, 1, 0, 2) is False
+    assert counted_elements(tied, 0, 0, 2) is False
+    # a (3, 2) weight whose middle row is a replica another tp rank counts; a shard starting at element 1
+    gqa = _param((3, 2), **{TP_SHARDED_ATTR: True, TP_UNIQUE_ROWS_ATTR: torch.tensor([True, False, True])})
+    assert counted_elements(gqa, 1, 1, 4).tolist() == [True, False, False, True]
+
+
+def test_norm_skips_duplicates_but_not_their_infs():
+    counted, duplicate = _param(**{TP_SHARDED_ATTR: True}), _param()
+    g = torch.tensor([3.0, 4.0])
+    norm = global_grad_norm([(counted, g, 0), (duplicate, torch.tensor([100.0, 0.0]), 0)], [], tp_rank=1)
+    assert norm.item() == 5.0
+    norm = global_grad_norm([(counted, g, 0), (duplicate, torch.tensor([math.inf, 0.0]), 0)], [], tp_rank=1)
+    assert not torch.isfinite(norm)
