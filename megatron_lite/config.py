@@ -75,6 +75,10 @@ class ParallelConfig:
     """Launch each gradient bucket's reduction as soon as it is ready, during backward."""
     overlap_param_gather: bool = True
     """All-gather updated parameters bucket by bucket, overlapped with the next forward."""
+    bucket_mb: int = 0
+    """Gradient bucket size in MiB of fp32 grads (0: 160 MiB, i.e. Megatron's 40M elements)."""
+    timeout_s: float = 600.0
+    """Seconds any collective or P2P may take before the run fails with an error (not a hang)."""
 
 
 @dataclass
@@ -391,7 +395,7 @@ def _check_fields(cfg: Config) -> None:
         raise UserError(f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}")
 
 
-def _check_model(m: ModelConfig) -> None:
+def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
     if m.hidden % m.heads:
         raise UserError(
             f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}): "
@@ -405,24 +409,15 @@ def _check_model(m: ModelConfig) -> None:
         raise UserError("model.arch=gpt2 uses norm=layernorm and activation=gelu")
     if m.ffn_hidden < 1:
         raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
-    if m.vocab_size is None or m.vocab_size < 2:
+    if (need_vocab or m.vocab_size is not None) and (m.vocab_size is None or m.vocab_size < 2):
         raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
 
 
 def _check_layout(cfg: Config, world_size: int) -> int:
+    from megatron_lite.parallel.mesh import ParallelDims  # the one owner of the layout arithmetic
+
     p, t = cfg.parallel, cfg.train
-    mp = p.tp * p.pp
-    if p.dp is None:
-        if world_size % mp:
-            raise UserError(f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp} = {mp}")
-        dp = world_size // mp
-    else:
-        dp = p.dp
-        if dp < 1 or dp * mp != world_size:
-            raise UserError(
-                f"tp x pp x dp = {p.tp} x {p.pp} x {dp} = {dp * mp} does not equal world size "
-                f"{world_size}; fix parallel.* or launch {dp * mp} ranks (or leave parallel.dp empty)"
-            )
+    dp = ParallelDims.resolve(world_size, p.tp, p.pp, p.dp, p.vp).dp
     if p.sp and p.tp == 1:
         raise UserError("parallel.sp=true needs parallel.tp > 1")
     per_step = t.micro_batch_size * dp
@@ -434,10 +429,14 @@ def _check_layout(cfg: Config, world_size: int) -> int:
     return dp
 
 
-def validate(cfg: Config, world_size: int = 1) -> Config:
-    """Check every field and the cross-field arithmetic; fills ``parallel.dp``. Errors show the numbers."""
+def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Config:
+    """Check every field and the cross-field arithmetic; fills ``parallel.dp``. Errors show the numbers.
+
+    ``need_vocab=False`` allows an unresolved ``model.vocab_size`` (it comes from the tokenizer),
+    so the layout can be checked before any data is opened.
+    """
     _check_fields(cfg)
-    _check_model(cfg.model)
+    _check_model(cfg.model, need_vocab)
     cfg.parallel.dp = _check_layout(cfg, world_size)
     return cfg
 

@@ -1,19 +1,23 @@
-"""The training loop: one optimizer step = the global batch's microbatches, accumulated.
+"""The training loop, the same for one process and for any (tp, pp, dp) layout.
 
-Order of one step: the loader yields this rank's microbatches of the global batch (which samples
-depend only on seed and step) -> forward/backward each under autocast, loss scaled by
-1/accumulation so the gradient is the mean over the global batch -> clip the global norm (a
-non-finite norm skips the step) -> AdamW with the scheduled LR -> metrics, eval and checkpoint.
+Setup order: the launch environment and the config's layout are checked before any process group
+forms -> the process group and the mesh -> data (the corpus is built once per node, first) -> the
+:class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> resume.
+
+One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
+depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
+global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_lite import kernels
@@ -21,8 +25,11 @@ from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint, res
 from megatron_lite.config import Config, fill_defaults, validate
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
-from megatron_lite.models.transformer import build_model, count_parameters
+from megatron_lite.models.parallelize import validate_tp
+from megatron_lite.models.transformer import count_parameters
+from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
 from megatron_lite.training import build
+from megatron_lite.training.engine import Engine
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
 from megatron_lite.training.trackers import Trackers
@@ -30,74 +37,112 @@ from megatron_lite.training.trackers import Trackers
 log = logging.getLogger(__name__)
 
 
+def check_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
+    """Every check that needs no process group: fields, arithmetic, the layout for ``world_size``."""
+    fill_defaults(cfg, vocab_size=vocab_size)
+    validate(cfg, world_size=world_size, need_vocab=vocab_size is not None)
+    if vocab_size is not None:
+        validate_tp(cfg.model, cfg.parallel.tp, cfg.parallel.sp)
+
+
 class Trainer:
-    """Owns the model, optimizer, data position and trackers of one run (one process)."""
+    """Owns this rank's engine, data position and trackers for one run."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        env = resolve_env(os.environ)
+        check_layout(cfg, env.world_size)  # a layout that cannot fill the world fails before any group forms
+        self.env = init_distributed(cfg.parallel.timeout_s)
+        self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
         kernels.set_backend(cfg.kernels.backend)
-        prefixes, tok_path = build.resolve_data_paths(cfg, progress=cfg.log.progress)
-        self.data = build.build_data(cfg, prefixes, tok_path)
-        self._resolve_config()
+        self.data = self._prepare_data()
+        check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
+        self._check_vocab()
+        p = cfg.parallel
+        self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)
         self.run_dir = Path(cfg.log.dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
+            if self.world > 1:
+                log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
         torch.manual_seed(cfg.train.seed)
-        self.model = build_model(cfg.model, cfg.train.seed, self.device)
-        self.model.recompute = cfg.train.recompute != "none"
-        self.optimizer = build.build_optimizer(self.model, cfg, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.loader = PretrainingLoader(self.data.train, cfg.train.micro_batch_size, cfg.train.global_batch_size)
-        self.step = 0
-        self.skipped_steps = 0
-        self._maybe_resume()
+        resume = self._load_resume_state()
+        self.engine = Engine(cfg, self.mesh, self.device, self.dtype, model_state=resume and resume[1]["model"])
+        t = cfg.train
+        self.loader = PretrainingLoader(
+            self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
+        )
+        self.step, self.skipped_steps = 0, 0
+        if resume:
+            self._restore(*resume)
         self.trackers = Trackers(
             self.run_dir,
             cfg.to_dict(),
-            active=True,
+            active=self.rank == 0,
             tensorboard=cfg.log.tensorboard,
             wandb=cfg.log.wandb,
             wandb_project=cfg.log.wandb_project,
         )
-        peak = peak_flops(self.device, self.dtype)
-        self.throughput = Throughput(flops_per_token(cfg.model), peak)
+        self.throughput = Throughput(flops_per_token(cfg.model), peak_flops(self.device, self.dtype), self.world)
+        self._log_setup()
+
+    def _prepare_data(self) -> build.DataBundle:
+        """Build the default corpus once per node (local rank 0 first), then open it on every rank."""
+        if self.env.local_rank == 0:
+            paths = build.resolve_data_paths(self.cfg, progress=self.cfg.log.progress and self.rank == 0)
+        if self.world > 1:
+            dist.barrier()
+        if self.env.local_rank != 0:
+            paths = build.resolve_data_paths(self.cfg, progress=False)
+        return build.build_data(self.cfg, *paths)
+
+    def _check_vocab(self) -> None:
+        model_vocab, tok_vocab = self.cfg.model.vocab_size, self.data.tokenizer.vocab_size
+        if model_vocab < tok_vocab:
+            raise UserError(
+                f"model.vocab_size ({model_vocab}) is smaller than the tokenizer's vocabulary ({tok_vocab}); "
+                "leave it empty to use the tokenizer's"
+            )
+
+    def _log_setup(self) -> None:
+        if self.rank != 0:
+            return
+        model = self.engine.model
         log.info(
-            "model: %s parameters (%s without embeddings); device %s, dtype %s, kernels %s",
-            f"{count_parameters(self.model):,}",
-            f"{count_parameters(self.model, True):,}",
+            "model: %s parameters on this rank (%s without embeddings); world %d; device %s, dtype %s, kernels %s",
+            f"{count_parameters(model):,}",
+            f"{count_parameters(model, True):,}",
+            self.world,
             self.device,
             str(self.dtype).replace("torch.", ""),
             kernels.get_backend(),
         )
 
-    def _resolve_config(self) -> None:
-        cfg, tok_vocab = self.cfg, self.data.tokenizer.vocab_size
-        fill_defaults(cfg, vocab_size=tok_vocab)
-        validate(cfg, world_size=1)
-        if cfg.model.vocab_size < tok_vocab:
-            raise UserError(
-                f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                f"vocabulary ({tok_vocab}); leave it empty to use the tokenizer's"
-            )
-
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a bitwise-exact resume needs (one process)."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        scaler = self.engine.scaler.state_dict() if self.engine.scaler else {}
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "model": self.engine.full_model_state(),
+            "optimizer": self.engine.optimizer.state_dict(),
+            "scaler": scaler,
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "data": self.loader.state_dict(),
             "rng": rng,
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write a checkpoint of this step (the multi-rank sharded format is not available yet)."""
+        if self.world > 1:
+            log.warning("checkpoints of multi-rank runs need the sharded format; not saving step %d", self.step)
+            return None
         c = self.cfg.checkpoint
         tok = self.data.tokenizer_path
         files = {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")}
@@ -106,23 +151,27 @@ class Trainer:
         log.info("saved checkpoint %s", path)
         return path
 
-    def _maybe_resume(self) -> None:
+    def _load_resume_state(self) -> tuple[Path, dict, bool] | None:
+        """(path, state, weights_only) of the checkpoint to start from, or None for a fresh run."""
         c = self.cfg.checkpoint
         path, weights_only = resolve_resume(c.dir, c.resume), False
         if path is None and c.init_from:
             path, weights_only = find_checkpoint(c.init_from), True
         if path is None:
-            return
+            return None
+        if self.world > 1:
+            raise UserError(f"resuming a multi-rank run from {path} needs the sharded checkpoint format")
         state, _ = load_checkpoint(path)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise UserError(f"checkpoint {path} does not fit this model (changed model.* settings?): {e}") from None
-        if weights_only or state.get("weights_only"):  # e.g. made by `convert from-hf`
+        return path, state, weights_only or bool(state.get("weights_only"))  # e.g. made by `convert from-hf`
+
+    def _restore(self, path: Path, state: dict, weights_only: bool) -> None:
+        """Everything but the model weights (the engine was built from those)."""
+        if weights_only:
             log.info("initialised the model from %s (weights only: step 0, fresh optimizer and data order)", path)
             return
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.engine.optimizer.load_state_dict(state["optimizer"])
+        if self.engine.scaler:
+            self.engine.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["data"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         torch.set_rng_state(state["rng"]["torch"])
@@ -130,73 +179,34 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         log.info("resumed from %s at step %d", path, self.step)
 
-    # ---- one step ----------------------------------------------------------------------------
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    def _forward_backward(self, micro: list[torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros((), device=self.device)
-        for batch in micro:
-            batch = batch.to(self.device, non_blocking=True)
-            with self._autocast():
-                loss = self.model(batch[:, :-1], batch[:, 1:]) / len(micro)
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        return total
-
-    def train_step(self) -> dict[str, float]:
-        """Run one optimizer step; returns loss, grad_norm, lr and whether it was skipped."""
+    # ---- steps -------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        """One optimizer step: loss (global-batch mean), grad_norm, lr, skipped."""
         lr = lr_at(self.step, self.cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss = self._forward_backward(self.loader.next_step())
-        self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.clip_grad or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)  # with fp16 the scaler itself skips non-finite steps
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.skipped_steps += 0 if finite else 1
+        out = self.engine.step(self.loader.next_step(), lr)
+        self.skipped_steps += int(out["skipped"])
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "skipped": not finite}
+        return {**out, "lr": lr}
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones)."""
         if self.data.valid is None:
             return None
         t = self.cfg.train
-        loader = PretrainingLoader(self.data.valid, t.micro_batch_size, t.global_batch_size)
-        self.model.eval()
-        losses = []
-        for _ in range(t.eval_iters):
-            for batch in loader.next_step():
-                batch = batch.to(self.device)
-                with self._autocast():
-                    losses.append(self.model(batch[:, :-1], batch[:, 1:]).float())
-        self.model.train()
-        return torch.stack(losses).mean().item()
+        loader = PretrainingLoader(
+            self.data.valid, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
+        )
+        return sum(self.engine.eval_loss(loader.next_step()) for _ in range(t.eval_iters)) / t.eval_iters
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Train to ``train.steps`` (or ``train.exit_after`` steps in this process); returns the logs."""
         cfg, history = self.cfg, []
-        stop = (
-            cfg.train.steps if cfg.train.exit_after is None else min(cfg.train.steps, self.step + cfg.train.exit_after)
-        )
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-        bar = tqdm(
-            total=cfg.train.steps,
-            initial=self.step,
-            disable=not cfg.log.progress,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
+        t = cfg.train
+        stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        show = cfg.log.progress and self.rank == 0
+        bar = tqdm(total=t.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True, mininterval=1)
         while self.step < stop:
             start = time.perf_counter()
             out = self.train_step()

@@ -85,9 +85,9 @@ def test_validation_errors_show_the_numbers(overrides, expected):
 
 
 def test_layout_must_fill_world():
-    with pytest.raises(UserError, match=r"tp x pp x dp = 2 x 1 x 3 = 6 does not equal world size 4"):
+    with pytest.raises(UserError, match=r"tp=2 x pp=1 x dp=3 = 6 does not equal world size 4"):
         resolved("parallel.tp=2", "parallel.dp=3", world=4)
-    with pytest.raises(UserError, match="not divisible by tp x pp"):
+    with pytest.raises(UserError, match=r"tp=3 x pp=1 = 3 does not divide world size 4"):
         resolved("parallel.tp=3", world=4)
     assert resolved("parallel.tp=2", "train.micro_batch_size=4", world=4).parallel.dp == 2
 
