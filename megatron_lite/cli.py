@@ -84,6 +84,21 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from megatron_lite.config import load_config
+    from megatron_lite.plan import format_plan, make_plan
+
+    plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+    print(json.dumps(plan.to_json()) if args.json else format_plan(plan, width=args.width))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from megatron_lite.launcher.slurm import job_from_args, launch_slurm
+
+    return launch_slurm(job_from_args(args), dry_run=args.dry_run, wait=args.wait)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-lite", description="Megatron-style pretraining, easy to run.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -138,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=_doctor)
+    pl = sub.add_parser("plan", help="check a parallel layout for N ranks; memory and pipeline bubble")
+    pl.add_argument("--config", help="YAML config file (see configs/)")
+    pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
+    pl.add_argument("--json", action="store_true", help="print one JSON line")
+    pl.add_argument("--width", type=int, default=100, help="columns of the pipeline timeline")
+    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    pl.set_defaults(fn=_plan)
+
+    from megatron_lite.launcher.slurm import add_slurm_arguments
+
+    la = sub.add_parser("launch", help="render and submit a multi-node job")
+    la_sub = la.add_subparsers(dest="target", required=True, metavar="TARGET")
+    add_slurm_arguments(la_sub.add_parser("slurm", help="sbatch launch/train.sbatch for this config"))
+    la.set_defaults(fn=_launch)
     return p
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +32,11 @@ from megatron_lite.parallel.comm import Group
 
 MESH_DIMS = ("pp", "dp", "tp")
 DEFAULT_MASTER_PORT = 29500  # torchrun's default
+RESOLVE_TIMEOUT_S = 20.0  # a resolver that hangs is as fatal as one that says "unknown host"
+# Read by the CUDA driver when the context is created, so set before torch touches the GPU. One
+# hardware work queue makes kernels start in issue order: a TP collective issued before the GEMM
+# it overlaps really runs first (Megatron requires it for TP/SP communication overlap).
+CUDA_ENV_DEFAULTS = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
 
 def _positive(name: str, value: object) -> None:
@@ -281,13 +288,19 @@ def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
 def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None) -> DistEnv:
     """Join the process group described by the launch environment (no-op for a single process).
 
-    Backend NCCL on CUDA (after selecting the GPU from LOCAL_RANK / SLURM_LOCALID), gloo on CPU.
+    The master host must resolve (:func:`check_master_resolves`), never falling back to localhost.
+    :data:`CUDA_ENV_DEFAULTS` are set (unless already in the environment) before CUDA is touched, so
+    call this before anything else uses the GPU. Backend NCCL on CUDA (after selecting the GPU from
+    LOCAL_RANK / SLURM_LOCALID), gloo on CPU.
     ``timeout_s`` bounds every collective, so a rank that dies takes the others down in
     ``timeout_s`` instead of hanging them. Call it once, before :meth:`ParallelMesh.build`.
     """
     env = resolve_env(os.environ if environ is None else environ, hostnames=_scontrol_hostnames)
     if env.launcher == "none" or dist.is_initialized():
         return env
+    check_master_resolves(env.master_addr, env.master_port)
+    for name, value in CUDA_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     backend = "gloo"
     if torch.cuda.is_available():
         if env.local_rank >= torch.cuda.device_count():
@@ -302,3 +315,26 @@ def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None)
         timeout=timedelta(seconds=timeout_s),
     )
     return env
+
+
+def check_master_resolves(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:
+    """Raise a :class:`UserError` naming ``host`` unless ``socket.getaddrinfo`` resolves it within
+    ``timeout_s``: an unknown rendezvous host fails in seconds, not after the collective timeout."""
+    outcome: list[BaseException | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=lookup, daemon=True)  # getaddrinfo itself has no timeout
+    thread.start()
+    thread.join(timeout_s)
+    why = f"no answer within {timeout_s:g} s" if not outcome else outcome[0]
+    if why is not None:
+        raise UserError(
+            f"rendezvous host {host!r} (MASTER_ADDR) does not resolve: {why}; set MASTER_ADDR to the "
+            "first node's name or address (in SLURM jobs: the first host of SLURM_JOB_NODELIST)"
+        )

@@ -6,7 +6,7 @@ moments, i.e. 1/dp of the optimizer state. Its flat shard is the concatenation o
 shards, chunk by chunk, bucket by bucket (padding included, so each bucket shard is one copy).
 The update itself is ``torch.optim.AdamW`` (one per bucket shard) run on 1-D views of the master
 shard, one view per (parameter, shard) overlap ("segment"), with weight decay on segments of
-parameters with ndim >= 2 as ``training/build.py``: every AdamW operation is per element, so a
+parameters with ndim >= 2 (norm scales and biases are not decayed): every AdamW operation is per element, so a
 parameter split across ranks gets bitwise the update it would get unsplit, and the math is torch's
 own in every torch version. Each bucket's updated shard is then cast to the parameter dtype and
 all-gathered, in place,
@@ -48,7 +48,7 @@ FP32 = torch.float32
 
 
 def _adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], lr: float, betas, eps, weight_decay):
-    """The optimizer of ``training/build.py``: decay on matrices only; foreach (one op per group)."""
+    """torch's AdamW with decay on matrices only; foreach (one op per group), bitwise deterministic on CPU."""
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 

@@ -1,4 +1,4 @@
-"""Builders the trainer composes: device and dtype, data, model, optimizer.
+"""Builders the trainer composes: device and dtype, data.
 
 Each takes the resolved config and returns one object, so tests and tools can build exactly what
 training builds.
@@ -81,13 +81,3 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     if d.valid_fraction > 0:
         valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", valid_fraction=d.valid_fraction)
     return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm scales and biases are not decayed)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: one kernel per group instead of one per tensor; bitwise deterministic on CPU.
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
