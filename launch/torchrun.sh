@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Train under torchrun on one machine or several (c10d rendezvous hosted by the first machine).
+#   One machine, all its GPUs:
+#     bash launch/torchrun.sh --config configs/quickstart.yaml [section.key=value ...]
+#   Two machines: run on each, with the first one's host name or address as MASTER_ADDR:
+#     NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host0
+#     NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host1
+#   CPU processes instead of GPUs (gloo): NPROC_PER_NODE=2 bash launch/torchrun.sh --config FILE
+# Under SLURM use launch/train.sbatch (or `megatron-lite launch slurm`), which runs torchrun the same way.
+set -euo pipefail
+
+# ---- cluster specifics (environment variables of the same name override these) ----------------
+NNODES=${NNODES:-1}                    # machines in the job
+NODE_RANK=${NODE_RANK:-0}              # this machine's index 0..NNODES-1 (used by RDZV_BACKEND=static)
+NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}  # ranks per machine: a number, or gpu (every visible GPU)
+MASTER_ADDR=${MASTER_ADDR:-}           # first machine's host name or address (needed when NNODES > 1)
+MASTER_PORT=${MASTER_PORT:-29500}      # rendezvous port on it, reachable from every machine
+RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or static (by NODE_RANK)
+RDZV_ID=${RDZV_ID:-megatron-lite}      # the same on every machine of a job, new for each job
+PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
+
+if [ "$NNODES" -eq 1 ]; then
+  # --standalone: a private rendezvous on a free local port; nothing to configure.
+  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" \
+    -m megatron_lite.train "$@"
+fi
+if [ -z "$MASTER_ADDR" ]; then
+  echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first machine's host name)" >&2
+  exit 2
+fi
+exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+  --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
+  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" -m megatron_lite.train "$@"

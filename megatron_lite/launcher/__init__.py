@@ -1,0 +1,3 @@
+"""The launch layer: SLURM job rendering and submission (:mod:`.slurm`) and the fail-fast setup
+guard every rank runs (:mod:`.fail_fast`). The shell side lives in ``launch/`` (torchrun script,
+sbatch templates); where a process sits in the launch is read by ``parallel/mesh.py: resolve_env``."""

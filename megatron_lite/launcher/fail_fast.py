@@ -1,0 +1,69 @@
+"""Fail together: a rank that fails during setup stops every rank at once, with ITS error.
+
+Without this, rank 3 raising while it loads its checkpoint shard leaves the other ranks waiting
+in their next collective until the process group's timeout, and their logs show only a timeout.
+:func:`fail_fast_setup` guards one stretch of setup that has NO collectives inside: every rank runs
+it, then all ranks exchange (rank, error) with one ``all_gather_object``; if any rank failed, each
+raises the same :class:`UserError` naming the lowest failing rank and its message (the failing rank
+also logs its traceback when the error is a bug rather than a ``UserError``).
+
+Where the trainer calls it (once per collective-free stretch; a collective inside the block would
+hang the healthy ranks there before they reach the exchange)::
+
+    env = init_distributed(timeout_s)       # fails alone if the host is bad: there is no group yet
+    with fail_fast_setup("setup"):          # local work only: data paths, tokenizer, config check,
+        ...                                 # checkpoint found and readable, model built on meta
+    mesh = ParallelMesh.build(dims)         # collectives
+    with fail_fast_setup("loading the checkpoint"):
+        ...
+
+In a single process (no process group) the error passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def _describe(error: Exception) -> str:
+    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+
+
+def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank of ``group`` (default: the world) calls this with its own error or None; if any
+    rank failed, every rank raises the same :class:`UserError` naming the first failing rank."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if error is not None:
+            raise error
+        return
+    reports: list[tuple[int, str | None] | None] = [None] * dist.get_world_size(group)
+    message = None if error is None else _describe(error)
+    dist.all_gather_object(reports, (dist.get_rank(), message), group=group)
+    failed = [(rank, msg) for rank, msg in reports if msg is not None]
+    if not failed:
+        return
+    rank, msg = failed[0]
+    also = f" (ranks {', '.join(str(r) for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
+    raise UserError(f"rank {rank} failed during {what}: {msg}{also}") from error
+
+
+@contextlib.contextmanager
+def fail_fast_setup(what: str = "setup", group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Run the ``with`` block on every rank, then make all ranks fail together if any rank's block
+    raised (see the module docstring). ``what`` names the stage in the error message."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # a KeyboardInterrupt or SystemExit is not a setup error: let it go
+        error = e
+        if not isinstance(e, UserError) and dist.is_initialized():
+            log.exception("rank %d failed during %s", dist.get_rank(), what)
+    agree_on_failure(error, what, group)

@@ -1,0 +1,232 @@
+"""``megatron-lite launch slurm``: fill in ``launch/train.sbatch`` for one job and submit it.
+
+The shipped templates (``launch/train.sbatch``, bare metal; ``launch/train_container.sbatch``,
+pyxis/enroot) are complete sbatch scripts. Rendering changes only two kinds of lines, so the
+rendered script reads like the template:
+
+- ``#SBATCH --key=value`` directives: replaced, dropped (``--gpus-per-node`` for ``--cpu`` jobs)
+  or added after the last one (``--partition``, ``--account``);
+- the variables at the top, ``NAME=${NAME:-default}`` or ``NAME=()``: set to the job's value,
+  shell-quoted (``TRAIN_ARGS`` becomes ``(--config FILE section.key=value ...)``).
+
+Before anything is written the layout is checked for ``nodes x procs_per_node`` ranks with
+``megatron_lite.plan``, so a layout that cannot fill the job fails here, not in the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_lite.errors import UserError
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch"
+TEMPLATES = {"bare": "train.sbatch", "container": "train_container.sbatch"}
+_DIRECTIVE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")
+_VARIABLE = re.compile(r"^([A-Z][A-Z0-9_]*)=(\$\{\1:-[^}]*\}|\(\))(?:\s+(#.*))?$")
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """One training job as ``megatron-lite launch slurm`` describes it."""
+
+    config: str | None
+    """The run's YAML config (None: defaults and overrides only, as ``megatron-lite train``)."""
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int | None = 8
+    """GPUs to request per node; None (``--cpu``): none, the ranks are CPU processes (gloo)."""
+    overrides: list[str] = field(default_factory=list)
+    launcher: str = "torchrun"
+    cpus_per_rank: int = 8
+    python: str = "python3"
+    master_port: int = 29500
+    job_name: str = "megatron-lite"
+    time: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    container_image: str | None = None
+    container_mounts: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    @property
+    def template(self) -> str:
+        return TEMPLATES["container" if self.container_image else "bare"]
+
+
+def sbatch_directives(job: SlurmJob, output: str) -> dict[str, str | None]:
+    """The ``#SBATCH`` values of ``job`` (None: drop the template's line)."""
+    tasks = 1 if job.launcher == "torchrun" else job.procs_per_node
+    directives: dict[str, str | None] = {
+        "job-name": job.job_name,
+        "nodes": str(job.nodes),
+        "ntasks-per-node": str(tasks),
+        "gpus-per-node": str(job.gpus_per_node) if job.gpus_per_node else None,  # None drops the line
+        "cpus-per-task": str(job.cpus_per_rank * job.procs_per_node // tasks),
+        "output": output,
+    }
+    for key in ("time", "partition", "account"):  # unset: the template's line (or the cluster's default)
+        if getattr(job, key) is not None:
+            directives[key] = getattr(job, key)
+    for key, value in directives.items():
+        if value is not None and (not value or re.search(r"\s", value)):
+            raise UserError(f"sbatch --{key}={value!r}: must be non-empty, without spaces")
+    return directives
+
+
+def template_variables(job: SlurmJob) -> dict[str, str | list[str]]:
+    """The values of the variables at the top of the template."""
+    variables: dict[str, str | list[str]] = {
+        "PYTHON": job.python,
+        "LAUNCHER": job.launcher,
+        "PROCS_PER_NODE": str(job.procs_per_node),
+        "MASTER_PORT": str(job.master_port),
+        "TRAIN_ARGS": (["--config", job.config] if job.config else []) + job.overrides,
+    }
+    if job.container_image:
+        variables["CONTAINER_IMAGE"] = job.container_image
+        if job.container_mounts:
+            variables["CONTAINER_MOUNTS"] = job.container_mounts
+    return variables
+
+
+def _shell(value: str | list[str]) -> str:
+    return shlex.quote(value) if isinstance(value, str) else "(" + " ".join(map(shlex.quote, value)) + ")"
+
+
+def render_sbatch(template: str, directives: dict[str, str | None], variables: dict[str, str | list[str]]) -> str:
+    """``template`` with its ``#SBATCH`` lines and top variables set (see the module docstring).
+    A variable the template does not define is an error (a template and its renderer disagree)."""
+    pending, unset = dict(directives), set(variables)
+    out: list[str] = []
+    after_directives = 0
+    for line in template.splitlines():
+        directive, variable = _DIRECTIVE.match(line), _VARIABLE.match(line)
+        if directive and directive.group(1) in pending:
+            value = pending.pop(directive.group(1))
+            if value is None:
+                continue
+            line = f"#SBATCH --{directive.group(1)}={value}"
+        elif variable and variable.group(1) in variables:
+            name, comment = variable.group(1), variable.group(3)
+            line = f"{name}={_shell(variables[name])}" + (f"  {comment}" if comment else "")
+            unset.discard(name)
+        out.append(line)
+        if directive:
+            after_directives = len(out)
+    if unset:
+        raise ValueError(f"the sbatch template defines no variable {', '.join(sorted(unset))}")
+    out[after_directives:after_directives] = [f"#SBATCH --{k}={v}" for k, v in pending.items() if v is not None]
+    return "\n".join(out) + "\n"
+
+
+def submit(script: Path, wait: bool) -> tuple[str, int]:
+    """``sbatch --parsable [--wait] script``; returns (job id, sbatch's exit status: with ``wait``,
+    the job's). The job id is printed as soon as SLURM accepts the job."""
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(script)]
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+        raise UserError("sbatch not found: run on a SLURM login node, or use --dry-run to print the script") from None
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    if job_id:
+        print(f"submitted job {job_id}", flush=True)
+    proc.communicate()
+    if not job_id:
+        raise UserError(f"sbatch rejected {script} (exit {proc.returncode}); see its message above")
+    return job_id, proc.returncode
+
+
+def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> int:
+    """Check the layout, render the template for ``job``, then print it or submit it."""
+    from megatron_lite.config import load_config
+    from megatron_lite.plan import make_plan
+
+    plan = make_plan(load_config(job.config, job.overrides), job.world_size)
+    d = plan.layout.dims
+    summary = (
+        f"layout ok: {job.nodes} nodes x {job.procs_per_node} = {d.world_size} ranks = pp {d.pp} x dp {d.dp} x "
+        f"tp {d.tp}; about {plan.memory_bytes_per_rank / 2**30:.1f} GiB per rank (megatron-lite plan)"
+    )
+    template = TEMPLATE_DIR / job.template
+    if not template.is_file():
+        raise UserError(f"sbatch template {template} not found: `launch slurm` runs from a source checkout")
+    run_dir = Path(plan.cfg.log.dir) / "slurm"
+    directives = sbatch_directives(job, str(run_dir / "slurm-%j.out"))
+    script = render_sbatch(template.read_text(), directives, template_variables(job))
+    if dry_run:
+        print(script, end="")
+        print(summary, file=sys.stderr)
+        return 0
+    print(summary, flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "train.sbatch"
+    path.write_text(script)
+    job_id, status = submit(path, wait)
+    log = run_dir / f"slurm-{job_id}.out"
+    if status:
+        raise UserError(f"job {job_id} failed (sbatch exit {status}); its output: {log}")
+    print(f"script {path}; output {log}" + (" (finished)" if wait else ""))
+    return 0
+
+
+def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``megatron-lite launch slurm``."""
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node")
+    p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), no GPU request: test clusters")
+    p.add_argument("--procs-per-node", type=int, help="ranks per node (default: --gpus-per-node; --cpu: required)")
+    p.add_argument(
+        "--launcher",
+        choices=("torchrun", "srun"),
+        default="torchrun",
+        help="torchrun: srun torchrun, one task per node; srun: one task per rank",
+    )
+    p.add_argument("--cpus-per-rank", type=int, help="CPU cores per rank (default: 8 with GPUs, 1 with --cpu)")
+    p.add_argument("--container-image", help="run in this pyxis/enroot image (launch/train_container.sbatch)")
+    p.add_argument("--container-mounts", help="pyxis mounts SRC:DST[,...] (default: submit dir at /workspace)")
+    p.add_argument("--python", help="interpreter on the nodes (default: this one; python in a container)")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument("--job-name", default="megatron-lite")
+    p.add_argument("--time", help="sbatch --time limit, e.g. 24:00:00 (default: the template's)")
+    p.add_argument("--partition", help="sbatch --partition")
+    p.add_argument("--account", help="sbatch --account")
+    p.add_argument("--dry-run", action="store_true", help="print the rendered script; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job ends (sbatch --wait)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+def job_from_args(args: argparse.Namespace) -> SlurmJob:
+    """The :class:`SlurmJob` described by ``megatron-lite launch slurm`` arguments."""
+    if args.cpu and args.procs_per_node is None:
+        raise UserError("--cpu needs --procs-per-node (CPU processes per node)")
+    procs = args.procs_per_node or args.gpus_per_node
+    if args.nodes < 1 or procs < 1:
+        raise UserError(f"--nodes ({args.nodes}) and ranks per node ({procs}) must be positive")
+    default_python = "python" if args.container_image else sys.executable
+    return SlurmJob(
+        config=args.config,
+        nodes=args.nodes,
+        procs_per_node=procs,
+        gpus_per_node=None if args.cpu else args.gpus_per_node,
+        overrides=list(args.overrides),
+        launcher=args.launcher,
+        cpus_per_rank=args.cpus_per_rank or (1 if args.cpu else 8),
+        python=args.python or default_python,
+        master_port=args.master_port,
+        job_name=args.job_name,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        container_image=args.container_image,
+        container_mounts=args.container_mounts,
+    )

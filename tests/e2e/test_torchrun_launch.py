@@ -1,0 +1,129 @@
+"""Launching under torchrun, for real: two "machines" on 127.0.0.1 train to the one-process losses,
+a bad rendezvous host or a layout that cannot fill the world fails in seconds with one clear line,
+and a rank that fails during setup takes every rank down with its own error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_", "SLURM_")
+LOSS_RTOL = 1e-5  # fp32; TP and DP only reassociate sums (tests/distributed/test_model_parity.py)
+FAIL_SCRIPT = """
+import os, sys
+from megatron_lite.errors import UserError
+from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.parallel.mesh import init_distributed
+
+env = init_distributed(timeout_s=300)
+print(f"rank {env.rank} CUDA_DEVICE_MAX_CONNECTIONS={os.environ['CUDA_DEVICE_MAX_CONNECTIONS']}", flush=True)
+try:
+    with fail_fast_setup("building the model"):
+        if env.rank == 1:
+            raise ValueError("boom")
+except UserError as e:
+    print(f"rank {env.rank} error: {e}", flush=True)
+    sys.exit(2)
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables, plus ``extra``."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[str]:
+    """Outputs of ``procs`` (each started in its own session); on timeout kill their groups."""
+    try:
+        return [p.communicate(timeout=timeout_s)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+        raise
+
+
+def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
+    assert main(["train", *tiny_args[:-1], f"log.dir={tmp_path / 'ref'}"]) == 0
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_args, "parallel.tp=2"],
+            env=clean_env(
+                NNODES="2",
+                NODE_RANK=str(node),
+                NPROC_PER_NODE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                RDZV_ID=f"test-{port}",
+                PYTHON=sys.executable,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
+    outs = communicate_all(nodes, timeout_s=300)
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-4000:] for o in outs)
+    assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=LOSS_RTOL)
+
+
+def test_failing_rank_stops_every_rank_with_its_error(tmp_path):
+    script = tmp_path / "setup.py"
+    script.write_text(FAIL_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    (out,) = communicate_all([proc], timeout_s=120)
+    assert time.monotonic() - start < 60, "ranks waited for the collective timeout (300 s) instead"
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} error: rank 1 failed during building the model: ValueError: boom" in out, out
+        assert f"rank {rank} CUDA_DEVICE_MAX_CONNECTIONS=1" in out, out
+
+
+def _train_alone(args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """`megatron-lite train` as one process holding launcher variables for a larger world."""
+    cmd = [sys.executable, "-m", "megatron_lite.train", *args]
+    return subprocess.run(cmd, env=clean_env(**env), capture_output=True, text=True, timeout=60)
+
+
+def test_unresolvable_master_fails_within_seconds_naming_it(tiny_args):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "no-such-host.invalid"}
+    r = _train_alone(tiny_args, **env, MASTER_PORT=str(free_port()))
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no-such-host.invalid" in last, r.stderr[-3000:]
+
+
+def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_args):
+    # Rank 0 of 4 alone: had it formed a process group, it would wait for ranks 1-3 (the timeout).
+    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    r = _train_alone([*tiny_args, "parallel.tp=3"], **env, MASTER_PORT=str(free_port()))
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "tp=3 x pp=1 = 3 does not divide world size 4" in last, last

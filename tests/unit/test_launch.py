@@ -1,0 +1,93 @@
+"""The launch layer without a cluster or a process group: sbatch rendering, `launch slurm
+--dry-run`, the master-address check and the fail-fast guard in one process."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from megatron_lite.cli import main
+from megatron_lite.errors import UserError
+from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.launcher.slurm import TEMPLATE_DIR, SlurmJob, render_sbatch, sbatch_directives, template_variables
+from megatron_lite.parallel.mesh import check_master_resolves, init_distributed
+
+TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+
+
+def _render(job: SlurmJob) -> str:
+    template = (TEMPLATE_DIR / job.template).read_text()
+    return render_sbatch(template, sbatch_directives(job, "runs/x/slurm-%j.out"), template_variables(job))
+
+
+def _directives(script: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", script, re.M))
+
+
+def test_cpu_job_renders_without_gpus_and_with_quoted_arguments():
+    job = SlurmJob("configs/c.yaml", 2, 2, gpus_per_node=None, overrides=["log.dir=runs/a b"], cpus_per_rank=1)
+    script = _render(job)
+    d = _directives(script)
+    assert d["nodes"] == "2" and d["ntasks-per-node"] == "1" and d["cpus-per-task"] == "2"
+    assert "gpus-per-node" not in d and d["output"] == "runs/x/slurm-%j.out"
+    assert "TRAIN_ARGS=(--config configs/c.yaml 'log.dir=runs/a b')  # megatron-lite train" in script
+    assert "\nLAUNCHER=torchrun  #" in script and "\nPROCS_PER_NODE=2  #" in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_srun_style_gets_one_task_per_rank_and_added_directives_follow_the_template():
+    job = SlurmJob(None, 4, 8, launcher="srun", partition="gpu", account="proj", time="1:00:00")
+    script = _render(job)
+    d = _directives(script)
+    assert d["ntasks-per-node"] == "8" and d["gpus-per-node"] == "8" and d["cpus-per-task"] == "8"
+    assert d["partition"] == "gpu" and d["account"] == "proj" and d["time"] == "1:00:00"
+    lines = script.splitlines()
+    last_directive = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    assert lines[last_directive + 1] == "set -euo pipefail"
+    assert "TRAIN_ARGS=()" in script
+
+
+def test_container_variant_sets_the_image():
+    job = SlurmJob("c.yaml", 2, 8, container_image="nvcr.io#nvidia/pytorch:24.05-py3", python="python")
+    script = _render(job)
+    assert job.template == "train_container.sbatch"
+    assert "CONTAINER_IMAGE='nvcr.io#nvidia/pytorch:24.05-py3'  #" in script
+    assert '--container-image="$CONTAINER_IMAGE"' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_render_refuses_a_variable_the_template_lacks():
+    with pytest.raises(ValueError, match="defines no variable NOPE"):
+        render_sbatch("#!/bin/bash\nA=${A:-1}\n", {}, {"NOPE": "1"})
+
+
+def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
+    args = ["launch", "slurm", "--cpu", "--nodes", "2", "--procs-per-node", "2", "--dry-run"]
+    assert main([*args, *TINY, "parallel.tp=2", "train.global_batch_size=16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("#!/bin/bash") and "parallel.tp=2" in captured.out
+    assert "4 ranks = pp 1 x dp 2 x tp 2" in captured.err
+    assert main([*args, *TINY, "parallel.tp=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "tp=3 x pp=1 = 3 does not divide world size 4" in err
+
+
+def test_unresolvable_master_is_an_error_naming_it_within_seconds():
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"rendezvous host 'no-such-host\.invalid' \(MASTER_ADDR\) does not resolve"):
+        check_master_resolves("no-such-host.invalid", 29500)
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29500"}
+    with pytest.raises(UserError, match="no-such-host.invalid"):
+        init_distributed(timeout_s=600, environ=env)  # fails before any rendezvous, not after 600 s
+    assert time.monotonic() - start < 30
+    check_master_resolves("127.0.0.1", 29500)
+
+
+def test_fail_fast_setup_in_one_process_passes_errors_through():
+    with pytest.raises(ValueError, match="boom"), fail_fast_setup("setup"):
+        raise ValueError("boom")
+    with fail_fast_setup("setup"):
+        pass

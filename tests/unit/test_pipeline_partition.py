@@ -1,0 +1,139 @@
+"""Layers -> pipeline stages x virtual chunks: balance, explicit splits, errors, and chunks that keep
+the model's global parameter names, values and maths."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_lite.config import ModelConfig, fill_defaults, load_config
+from megatron_lite.errors import UserError
+from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.pipeline.partition import (
+    build_chunk,
+    build_stage_chunks,
+    check_coverage,
+    layer_equivalents,
+    partition_layers,
+    plan_for_model,
+)
+
+
+def _cfg(*overrides: str) -> ModelConfig:
+    cfg = load_config(None, ["model.layers=6", "model.hidden=32", "model.heads=4", "model.seq_len=8", *overrides])
+    return fill_defaults(cfg, vocab_size=61).model
+
+
+def _piece_costs(counts, embed, head):
+    return [n + (embed if i == 0 else 0) + (head if i == len(counts) - 1 else 0) for i, n in enumerate(counts)]
+
+
+@pytest.mark.parametrize("layers, pieces", [(10, 4), (7, 7), (9, 2), (8, 3)])
+@pytest.mark.parametrize("embed, head", [(0.0, 0.0), (0.0, 2.5), (1.0, 0.4), (3.0, 3.0)])
+def test_balanced_split_is_optimal(layers, pieces, embed, head):
+    counts = partition_layers(layers, pieces, embed_cost=embed, head_cost=head).layer_counts
+    best = min(
+        (max(_piece_costs(c, embed, head)), sum(x * x for x in _piece_costs(c, embed, head)))
+        for c in itertools.product(range(1, layers + 1), repeat=pieces)
+        if sum(c) == layers
+    )
+    costs = _piece_costs(counts, embed, head)
+    assert (max(costs), sum(x * x for x in costs)) == pytest.approx(best)
+
+
+def test_equal_layers_spread_evenly_and_the_head_takes_layers_away():
+    assert sorted(partition_layers(10, 4).layer_counts) == [2, 2, 3, 3]
+    counts = partition_layers(12, 4, head_cost=2.0).layer_counts
+    assert counts[-1] == 2 and sum(counts) == 12
+
+
+def test_interleaved_layout_and_explicit_counts():
+    part = partition_layers(8, 2, vp=2, layer_counts=[1, 2, 3, 2])
+    assert [(c.stage, c.chunk, c.vstage) for c in part.chunks] == [(0, 0, 0), (1, 0, 1), (0, 1, 2), (1, 1, 3)]
+    assert [list(c.layers) for c in part.for_stage(0)] == [[0], [3, 4, 5]]
+    assert [list(c.layers) for c in part.for_stage(1)] == [[1, 2], [6, 7]]
+    assert [c.first for c in part.chunks] == [True, False, False, False]
+    assert [c.last for c in part.chunks] == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((3, 2, 2), r"cannot split 3 layers into pp x vp = 2 x 2 = 4 pipeline chunks"),
+        (
+            (8, 2, 1, [3, 4]),
+            r"layer counts \[3, 4\] do not fit.*summing to model.layers = 8 \(got 2 entries summing to 7\)",
+        ),
+        ((8, 2, 2, [4, 4]), r"need pp x vp = 2 x 2 = 4 entries"),
+        ((8, 2, 1, [8, 0]), r"each >= 1"),
+        ((8, 0, 1), r"pp=0"),
+    ],
+)
+def test_splits_that_cannot_work_are_errors_with_the_numbers(args, message):
+    with pytest.raises(UserError, match=message):
+        partition_layers(*args)
+
+
+def test_coverage_check_names_duplicates_and_gaps():
+    check_coverage([range(0, 2), range(2, 5)], 5)
+    with pytest.raises(UserError, match="layer 1 is built twice: in pipeline pieces 0 and 1"):
+        check_coverage([[0, 1], [1, 2]], 3)
+    with pytest.raises(UserError, match=r"missing \[2\], out of range \[5\]"):
+        check_coverage([[0, 1], [3, 4, 5]], 5)
+
+
+def test_layer_equivalents():
+    embed, head = layer_equivalents(_cfg("model.hidden=4096", "model.heads=32", "model.seq_len=4096"))
+    assert embed < 0.001 and 0.0 < head < 0.002  # vocab 61: the head is tiny here
+    # per token, a 4096-wide llama block (ffn 10944) does 2 x 202M FLOPs in matmuls + 2 x 4096 x 4096
+    # in attention; the head 2 x 4096 x 32000 in its matmul + ~5 x 32000 in the softmax
+    cfg = load_config(None, ["model.hidden=4096", "model.heads=32", "model.seq_len=4096"])
+    _, big_head = layer_equivalents(fill_defaults(cfg, 32000).model)
+    assert big_head == pytest.approx(
+        (2 * 4096 + 5) * 32000 / (2 * (4 * 4096**2 + 3 * 4096 * 10944) + 2 * 4096**2), rel=1e-6
+    )
+    assert plan_for_model(_cfg(), 2).layer_counts == [3, 3]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunks_keep_global_names_and_values(tied):
+    cfg = _cfg(f"model.tie_embeddings={tied}")
+    model = build_model(cfg, seed=3)
+    full = dict(model.named_parameters())
+    part = partition_layers(6, 2, vp=2, layer_counts=[1, 2, 1, 2])
+    seen = {}
+    for stage in range(2):
+        for chunk in build_stage_chunks(cfg, part, stage, seed=3):
+            for name, p in chunk.named_parameters():
+                assert torch.equal(p, full[name]), name
+                seen.setdefault(name, []).append(chunk.spec.vstage)
+    assert seen.keys() == full.keys()
+    assert "layers.4.attn.qkv.weight" in seen and seen["layers.4.attn.qkv.weight"] == [3]
+    # every parameter on exactly one chunk, except a tied embedding: also on the last (for the head)
+    assert seen["embed.weight"] == ([0, 3] if tied else [0])
+    assert all(len(v) == 1 for k, v in seen.items() if k != "embed.weight")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunks_in_sequence_compute_the_model(arch):
+    cfg = _cfg(f"model.arch={arch}")
+    model = build_model(cfg, seed=5)
+    ids, labels = torch.randint(0, 61, (2, 8)), torch.randint(0, 61, (2, 8))
+    chunks = [build_chunk(cfg, spec, seed=5) for spec in partition_layers(6, 3).chunks]
+    h = ids
+    for chunk in chunks[:-1]:
+        h = chunk(h)
+        assert h.shape == (2, 8, 32)
+    assert torch.equal(chunks[-1](h, labels), model(ids, labels))
+    assert torch.equal(chunks[-1](h), model(ids))
+    assert [list(range(len(c.layers))) for c in chunks] == [[0, 1]] * 3
+    assert chunks[1].layers[2] is list(chunks[1].layers)[0]  # indexed by global layer id
+    with pytest.raises(ValueError, match="chunk 1 takes hidden states"):
+        chunks[1](ids)
+
+
+def test_stage_chunks_must_match_the_partition():
+    with pytest.raises(UserError, match="partition is for 4 layers but model.layers=6"):
+        build_stage_chunks(_cfg(), partition_layers(4, 2), 0, seed=0)

@@ -1,0 +1,117 @@
+"""`megatron-lite plan`: layouts checked without launching, parameters counted without building,
+memory and bubble against their formulas."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.cli import main
+from megatron_lite.config import ModelConfig, fill_defaults, load_config
+from megatron_lite.models.transformer import build_model, count_parameters
+from megatron_lite.parallel.pipeline.schedules import build_schedule
+from megatron_lite.parallel.pipeline.simulate import simulate
+from megatron_lite.plan import layer_activation_elements, make_plan
+
+CONFIG_70B = str(Path(__file__).resolve().parents[2] / "configs" / "llama70b_512gpu.yaml")
+TINY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+
+
+def _plan(overrides: list[str], world_size: int, config: str | None = None):
+    return make_plan(load_config(config, overrides), world_size)
+
+
+def test_70b_on_512_gpus_in_a_second_or_two(capsys):
+    start = time.perf_counter()
+    assert main(["plan", "--config", CONFIG_70B, "--world-size", "512", "--json"]) == 0
+    elapsed = time.perf_counter() - start
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    layout = {k: got[k] for k in ("tp", "pp", "vp", "dp", "microbatches")}
+    assert layout == {"tp": 8, "pp": 8, "vp": 5, "dp": 8, "microbatches": 128}
+    assert got["model_parameters"] == 70_553_706_496  # Llama 3 70B's published size
+    ratio = 7 / (5 * 128)  # interleaved 1F1B idle/busy: (p-1)/(v*m)
+    assert got["bubble_fraction"] == pytest.approx(ratio / (1 + ratio), rel=1e-9)
+    assert 15 * 2**30 < got["memory_bytes_per_rank"] < 40 * 2**30
+    assert elapsed < 10, f"plan took {elapsed:.1f} s: is it building the model?"
+
+
+def test_text_report_shows_layout_memory_and_timeline(capsys):
+    layout = ["parallel.pp=2", "parallel.tp=2", "train.global_batch_size=32"]
+    assert main(["plan", "--world-size", "4", *TINY, *layout]) == 0
+    out = capsys.readouterr().out
+    assert "world 4 = pp 2 x dp 1 x tp 2" in out
+    assert "global 32 = micro 8 x microbatches 4 x dp 1" in out
+    assert "pipeline bubble: 20.00% of time" in out  # 1F1B: (p-1)/(m+p-1) = 1/5
+    assert "rank  0 |" in out and "rank  1 |" in out
+
+
+@pytest.mark.parametrize(
+    "extra, world, message",
+    [
+        (["parallel.tp=2"], 3, r"tp=2 x pp=1 = 2 does not divide world size 3"),
+        (["parallel.tp=3"], 6, "model.heads=4 is not divisible by parallel.tp=3"),
+        (["parallel.pp=2", "parallel.vp=2"], 2, "use schedule=interleaved"),
+        (["parallel.pp=8"], 8, "cannot split 4 layers into pp x vp = 8 x 1"),
+        (["parallel.dp=2"], 4, r"tp=1 x pp=1 x dp=2 = 2 does not equal world size 4"),
+    ],
+)
+def test_bad_layout_is_one_error_line(extra, world, message, capsys):
+    args = ["plan", "--world-size", str(world), *TINY, "train.global_batch_size=48", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "arch, extra",
+    [("llama", ["model.kv_heads=2"]), ("llama", ["model.tie_embeddings=true"]), ("gpt2", [])],
+)
+def test_parameter_count_matches_the_built_model(arch, extra):
+    cfg = fill_defaults(load_config(None, [*TINY, f"model.arch={arch}", *extra]))
+    built = count_parameters(build_model(cfg.model, seed=0))
+    assert _plan([*TINY, f"model.arch={arch}", *extra], 1).model_parameters == built
+    # split over pipeline stages, the stages hold every parameter once (plus a tied head's copy)
+    plan = _plan([*TINY, f"model.arch={arch}", *extra, "parallel.pp=2"], 2)
+    copy = cfg.model.hidden * cfg.model.vocab_size if cfg.model.tie_embeddings else 0
+    assert sum(s.parameters for s in plan.stages) == built + copy
+
+
+def test_activation_formula_reduces_to_korthikanti_for_gpt():
+    """GPT shapes, flash attention, no dropout: Korthikanti et al.'s 34 (no TP), 10 + 24/t (TP) and
+    34/t (TP + SP) bytes per token per hidden unit, each less the 2 dropout-mask bytes, in 2-byte elements."""
+    m = fill_defaults(load_config(None, [*TINY, "model.arch=gpt2"])).model
+    assert isinstance(m, ModelConfig)
+    h = m.hidden
+    assert 2 * layer_activation_elements(m, tp=1, sp=False) == 32 * h
+    assert 2 * layer_activation_elements(m, tp=2, sp=False) == (8 + 24 / 2) * h
+    assert 2 * layer_activation_elements(m, tp=2, sp=True) == 32 * h / 2
+
+
+def test_distributed_optimizer_divides_optimizer_state_by_dp():
+    base = [*TINY, "train.global_batch_size=32", "train.dtype=bf16"]
+    plain = _plan(base, 4).stages[0]
+    sharded = _plan([*base, "optim.distributed=true"], 4).stages[0]
+    assert plain.optimizer_bytes == 12 * plain.parameters  # fp32 master + Adam m, v
+    assert sharded.optimizer_bytes == plain.optimizer_bytes // 4
+    assert sharded.param_bytes == 2 * sharded.parameters and sharded.grad_bytes == 4 * sharded.parameters
+
+
+def test_activations_follow_the_schedule_peak():
+    """1F1B holds pp - stage microbatches on a stage; GPipe holds all of them."""
+    base = [*TINY, "parallel.pp=4", "train.micro_batch_size=1", "train.global_batch_size=8"]
+    one_f = _plan(base, 4)
+    gpipe = _plan([*base, "parallel.schedule=gpipe"], 4)
+    peaks = simulate(build_schedule("1f1b", 4, 1, 8)).peak_held
+    assert peaks == [4, 3, 2, 1]
+    per_mb = one_f.stages[1].activation_bytes / peaks[1]  # stages 1 and 2 are equal middle stages
+    assert one_f.stages[2].activation_bytes == pytest.approx(per_mb * peaks[2])
+    assert gpipe.stages[1].activation_bytes == pytest.approx(per_mb * 8)
+    recompute = _plan([*base, "train.recompute=full"], 4)
+    assert recompute.stages[1].activation_bytes < one_f.stages[1].activation_bytes
