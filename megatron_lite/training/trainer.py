@@ -17,17 +17,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_lite import kernels
+from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from megatron_lite.config import Config, fill_defaults, validate
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
-from megatron_lite.models.parallelize import validate_tp
+from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
+from megatron_lite.plan import Layout
 from megatron_lite.training import build
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.lr import lr_at
@@ -37,12 +37,14 @@ from megatron_lite.training.trackers import Trackers
 log = logging.getLogger(__name__)
 
 
-def check_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
-    """Every check that needs no process group: fields, arithmetic, the layout for ``world_size``."""
+def check_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout | None:
+    """Every check that needs no process group. Without the vocabulary (before the data is open):
+    fields, arithmetic and the layout for ``world_size``; with it, everything ``plan`` checks."""
     fill_defaults(cfg, vocab_size=vocab_size)
-    validate(cfg, world_size=world_size, need_vocab=vocab_size is not None)
-    if vocab_size is not None:
-        validate_tp(cfg.model, cfg.parallel.tp, cfg.parallel.sp)
+    if vocab_size is None:
+        validate(cfg, world_size=world_size, need_vocab=False)
+        return None
+    return plan.check_layout(cfg, world_size)
 
 
 class Trainer:
@@ -57,8 +59,9 @@ class Trainer:
         self.device = build.resolve_device(cfg.train.device)
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
-        check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
-        self._check_vocab()
+        with fail_fast_setup("checking the config"):
+            self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
+            self._check_vocab()
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)
@@ -69,7 +72,8 @@ class Trainer:
             if self.world > 1:
                 log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
         torch.manual_seed(cfg.train.seed)
-        resume = self._load_resume_state()
+        with fail_fast_setup("loading the checkpoint"):
+            resume = self._load_resume_state()
         self.engine = Engine(cfg, self.mesh, self.device, self.dtype, model_state=resume and resume[1]["model"])
         t = cfg.train
         self.loader = PretrainingLoader(
@@ -91,13 +95,13 @@ class Trainer:
 
     def _prepare_data(self) -> build.DataBundle:
         """Build the default corpus once per node (local rank 0 first), then open it on every rank."""
-        if self.env.local_rank == 0:
-            paths = build.resolve_data_paths(self.cfg, progress=self.cfg.log.progress and self.rank == 0)
-        if self.world > 1:
-            dist.barrier()
-        if self.env.local_rank != 0:
-            paths = build.resolve_data_paths(self.cfg, progress=False)
-        return build.build_data(self.cfg, *paths)
+        with fail_fast_setup("preparing the data"):  # also the barrier: local rank 0 builds first
+            if self.env.local_rank == 0:
+                paths = build.resolve_data_paths(self.cfg, progress=self.cfg.log.progress and self.rank == 0)
+        with fail_fast_setup("opening the data"):
+            if self.env.local_rank != 0:
+                paths = build.resolve_data_paths(self.cfg, progress=False)
+            return build.build_data(self.cfg, *paths)
 
     def _check_vocab(self) -> None:
         model_vocab, tok_vocab = self.cfg.model.vocab_size, self.data.tokenizer.vocab_size
