@@ -54,6 +54,7 @@ from megatron_lite.parallel.tensor_parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     VocabParallelLoss,
+    padded_vocab_size,
 )
 
 _SHARDED = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
@@ -92,7 +93,7 @@ def validate_tp(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
 
 
 def apply_tp(
-    model: Transformer, mesh: ParallelMesh, sequence_parallel: bool = False, vocab_pad_to: int = 128
+    model: Transformer | nn.Module, mesh: ParallelMesh, sequence_parallel: bool = False, vocab_pad_to: int = 128
 ) -> Transformer:
     """Shard ``model`` in place over ``mesh.tp_group`` and return it.
 
@@ -107,9 +108,14 @@ def apply_tp(
         return model
     if vocab_pad_to < 1:
         raise UserError(f"vocab_pad_to={vocab_pad_to} must be a positive integer")
-    if isinstance(model.embed, VocabParallelEmbedding):
+    if any(isinstance(m, _SHARDED) for m in model.modules()):
         raise ValueError("apply_tp was already applied to this model")
-    model.embed = VocabParallelEmbedding.from_embedding(model.embed, group, sequence_parallel=sp, pad_to=vocab_pad_to)
+    # A pipeline chunk (parallel/pipeline/partition.py) has the model's submodule names but only
+    # its own parts: embed, pos_embed, final_norm, head and loss_fn may each be None.
+    if model.embed is not None:
+        model.embed = VocabParallelEmbedding.from_embedding(
+            model.embed, group, sequence_parallel=sp, pad_to=vocab_pad_to
+        )
     if sp and model.pos_embed is not None:
         # Every rank looks up all T positions (cheap, exact); this rank keeps its T/tp. The
         # scatter's backward all-gathers, so pos_embed's grad is complete on every rank.
@@ -124,18 +130,20 @@ def apply_tp(
         else:
             mlp.up = ColumnParallelLinear.from_linear(mlp.up, group, sequence_parallel=sp)
         mlp.down = RowParallelLinear.from_linear(mlp.down, group, sequence_parallel=sp)
+    norms = [m for b in model.layers for m in (b.attn_norm, b.mlp_norm)] + [model.final_norm]
     if sp:
-        for norm in [m for b in model.layers for m in (b.attn_norm, b.mlp_norm)] + [model.final_norm]:
+        for norm in [n for n in norms if n is not None]:
             for p in norm.parameters():
                 p.sequence_parallel = True  # sees T/tp tokens: grad is a partial sum over TP ranks
-    # The model computes logits as F.linear(final_norm(h), weight), so the head's input mapping
-    # runs as a hook on final_norm, for the tied and the untied head alike.
-    model.final_norm.register_forward_hook(_enter_head_region(group, sp))
+    if model.final_norm is not None:
+        # The model computes logits as F.linear(final_norm(h), weight), so the head's input mapping
+        # runs as a hook on final_norm, for the tied and the untied head alike.
+        model.final_norm.register_forward_hook(_enter_head_region(group, sp))
     if model.head is not None:
-        model.head = ColumnParallelLinear.from_linear(
-            model.head, group, padded_out_features=model.embed.weight.shape[0] * tp
-        )
-    model.loss_fn = VocabParallelLoss(group, cfg.vocab_size)
+        padded = padded_vocab_size(cfg.vocab_size, tp, vocab_pad_to)
+        model.head = ColumnParallelLinear.from_linear(model.head, group, padded_out_features=padded)
+    if model.loss_fn is not None:
+        model.loss_fn = VocabParallelLoss(group, cfg.vocab_size)
     return model
 
 

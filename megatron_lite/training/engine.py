@@ -3,8 +3,8 @@
 One object for every layout; built in the documented order (each step needs the previous):
 
     build_model (meta -> device -> per-name init)     the full single-device model
-    apply_tp(model, mesh, sp)                         this rank's tensor-parallel shard (no comm)
-    pipeline chunks for this pp rank                  (pp > 1: the stages it runs)
+    pp > 1: only this rank's pipeline chunks          (built by name: the same values as the whole)
+    apply_tp(each chunk, mesh, sp)                    this rank's tensor-parallel shard (no comm)
     Precision.cast_model                              bf16/fp16 parameters, when asked
     DataParallelGrads(chunks, dp_group)               fp32 main grads in buckets, reduced in backward
     build_dp_optimizer(ddp, ...)                      ZeRO-1 (optim.distributed) or replicated AdamW
@@ -13,7 +13,9 @@ One step (:meth:`Engine.step`): zero the main grads -> forward/backward each mic
 one launching the bucket reductions as its gradients become ready -> wait for them -> sum
 sequence-parallel norm grads over TP -> unscale (fp16) -> one global grad norm over dp, tp and pp
 (replicated parameters counted once), clip -> AdamW, or skip on every rank when the norm is not
-finite. The single-process run is the same code with every group of size one.
+finite. Under pipeline parallelism the schedule (``parallel.schedule``) runs the microbatches
+instead of the plain loop, and each chunk's buckets launch right before that chunk's last backward.
+The single-process run is the same code with every group of size one.
 """
 
 from __future__ import annotations
@@ -21,28 +23,33 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 
+from megatron_lite.checkpoint.shards import BoxReader, Piece, collect_pieces, restore
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 from megatron_lite.models.parallelize import allreduce_sequence_parallel_grads, apply_tp, full_state_dict
-from megatron_lite.models.transformer import Transformer, build_model
+from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.grad_utils import clip_grad_norm_
-from megatron_lite.parallel.mesh import ParallelMesh
+from megatron_lite.parallel.mesh import ParallelMesh, group_ranks
 from megatron_lite.parallel.optimizer import build_dp_optimizer
+from megatron_lite.parallel.pipeline import PipelineRuntime, build_stage_chunks, tied_embedding_groups
 from megatron_lite.parallel.precision import Precision
+from megatron_lite.plan import Layout
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    """Model, main grads, optimizer and loss scaler of one rank; see the module docstring."""
+    """Model chunks, main grads, optimizer and loss scaler of one rank; see the module docstring."""
 
     def __init__(
         self,
         cfg: Config,
         mesh: ParallelMesh,
+        layout: Layout,
         device: torch.device,
         dtype: torch.dtype,
         model_state: dict[str, torch.Tensor] | None = None,
@@ -50,34 +57,77 @@ class Engine:
         """``model_state``: single-device weights to start from (a checkpoint); loaded before
         sharding, so any saved model loads into any layout, and before the optimizer copies its
         fp32 masters from the parameters."""
-        self.cfg, self.mesh, self.device = cfg, mesh, device
-        model = build_model(cfg.model, cfg.train.seed, device)
-        if model_state is not None:
-            try:
-                model.load_state_dict(model_state)
-            except RuntimeError as e:
-                raise UserError(f"the checkpoint does not fit this model (changed model.* settings?): {e}") from None
-        model.recompute = cfg.train.recompute != "none"
-        self.model: Transformer = apply_tp(model, mesh, sequence_parallel=cfg.parallel.sp)
+        self.cfg, self.mesh, self.layout, self.device = cfg, mesh, layout, device
+        self.chunks = self._build_chunks(model_state)
+        self.model = self.chunks[0]  # pp=1: the whole (tensor-parallel) model
         self.precision = Precision(dtype)
-        self.precision.cast_model(self.model)
+        for chunk in self.chunks:
+            self.precision.cast_model(chunk)
+        self.scaler = self.precision.make_scaler()
+        self.runtime = self._build_runtime() if mesh.pp_size > 1 else None
         bucket = cfg.parallel.bucket_mb * 2**20 if cfg.parallel.bucket_mb else None
         self.ddp = DataParallelGrads(
-            self.model,
+            self.chunks,
             mesh.dp_group,
             bucket_bytes=bucket,
             overlap=cfg.parallel.overlap_grad_reduce,
             reduce_scatter=cfg.optim.distributed,
         )
+        if self.runtime is not None and self.runtime.tied is not None:
+            self.ddp.sum_before_reduce(self.runtime.tied, self.runtime.embed_group)
         self.optimizer = build_dp_optimizer(self.ddp, cfg.optim, overlap_param_gather=cfg.parallel.overlap_param_gather)
-        self.scaler = self.precision.make_scaler()
+
+    def _build_chunks(self, model_state: dict[str, torch.Tensor] | None) -> list[torch.nn.Module]:
+        cfg, mesh = self.cfg, self.mesh
+        if mesh.pp_size == 1:
+            chunks = [build_model(cfg.model, cfg.train.seed, self.device)]
+        else:
+            chunks = build_stage_chunks(cfg.model, self.layout.partition, mesh.pp_rank, cfg.train.seed, self.device)
+        for chunk in chunks:
+            if model_state is not None:
+                _load_single_device_state(chunk, model_state, whole=mesh.pp_size == 1)
+            chunk.recompute = cfg.train.recompute != "none"
+            apply_tp(chunk, mesh, sequence_parallel=cfg.parallel.sp)
+        return chunks
+
+    def _build_runtime(self) -> PipelineRuntime:
+        cfg, mesh = self.cfg, self.mesh
+        embed_group = None
+        if cfg.model.tie_embeddings:  # a collective: every rank creates every pipeline's {first, last} group
+            dims = mesh.dims
+            pipelines = sorted({tuple(group_ranks(r, dims, "pp")) for r in range(dims.world_size)})
+            embed_group = tied_embedding_groups(pipelines)[pipelines.index(tuple(group_ranks(mesh.rank, dims, "pp")))]
+        tp, hidden = mesh.tp_size, cfg.model.hidden
+        # activations between stages: (B, T, H), or (B, T/tp, H) under sequence parallelism
+        shape = (lambda s: (s[0], s[1] // tp, hidden)) if cfg.parallel.sp else None
+        runtime = PipelineRuntime(
+            self.chunks,
+            self.layout.schedule,
+            mesh.pp_group,
+            embed_group=embed_group,
+            timeout_s=cfg.parallel.timeout_s,
+            activation_shape=shape,
+            scale_loss=self.scaler.scale_loss if self.scaler else None,
+            before_last_backward=lambda c: self.ddp.buffers[c].set_last_microbatch(True),
+            sync_tied_grads=False,  # the main-grad buffers sum it (sum_before_reduce)
+        )
+        if runtime.tied is not None and not self.chunks[-1].is_first:
+            runtime.tied.pipeline_tied_copy = True  # counted once in the global grad norm (first stage)
+        return runtime
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         return self.model(batch[:, :-1], batch[:, 1:])
 
     def forward_backward(self, micro: list[torch.Tensor]) -> torch.Tensor:
-        """Accumulate the gradient of the mean loss over ``micro``; returns that mean (this rank)."""
+        """Accumulate the gradient of the mean loss over ``micro``; returns that mean on every rank
+        of this pipeline (0 before the loss exists is never seen: it is summed over the pp group)."""
+        if self.runtime is not None:
+            self.ddp.set_last_microbatch(False)  # each chunk's last backward flips it (runtime)
+            loss = self.runtime.step([(b[:, :-1], b[:, 1:]) for b in micro])
+            self.ddp.finish_grad_sync()
+            local = loss.float() if loss is not None else torch.zeros((), device=self.device)
+            return comm.all_reduce(local, self.mesh.pp_group)  # only the last stage has it
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             with self.ddp.sync(last=i == len(micro) - 1):
@@ -93,7 +143,8 @@ class Engine:
             group["lr"] = lr
         self.ddp.zero_grad()
         loss = self.forward_backward(micro)
-        allreduce_sequence_parallel_grads(self.model, self.mesh.tp_group)
+        for chunk in self.chunks:
+            allreduce_sequence_parallel_grads(chunk, self.mesh.tp_group)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm, finite = clip_grad_norm_(
@@ -114,12 +165,65 @@ class Engine:
     def eval_loss(self, micro: list[torch.Tensor]) -> float:
         """Mean loss over ``micro`` (and over dp ranks) without touching gradients."""
         self.optimizer.finish_param_sync()
-        self.model.eval()
+        if self.runtime is not None:
+            local = torch.stack([self._pipeline_forward(b) for b in micro]).mean()
+            return self.global_mean(comm.all_reduce(local, self.mesh.pp_group))
         local = torch.stack([self._loss(b).float() for b in micro]).mean()
-        self.model.train()
         return self.global_mean(local)
+
+    def _pipeline_forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Forward of one microbatch through every virtual stage in order (blocking P2P: evaluation
+        only); the loss on the rank holding the last stage, 0 elsewhere."""
+        ids, labels = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)
+        pp, dims, loss = self.mesh.pp_size, self.mesh.dims, torch.zeros((), device=self.device)
+        ranks = group_ranks(self.mesh.rank, dims, "pp")
+        h = None
+        for vstage in range(pp * self.layout.schedule.vp):
+            owner, local = vstage % pp, vstage // pp
+            if owner != self.mesh.pp_rank:
+                continue
+            chunk = self.chunks[local]
+            if vstage > 0:
+                h = torch.empty(self.runtime.activation_shape(ids.shape), dtype=self.runtime.dtype, device=self.device)
+                dist.recv(h, ranks[(vstage - 1) % pp], group=self.mesh.pp_group)
+            out = chunk(ids if vstage == 0 else h, labels if chunk.is_last else None)
+            if chunk.is_last:
+                loss = out.float()
+            else:
+                dist.send(out.contiguous(), ranks[(vstage + 1) % pp], group=self.mesh.pp_group)
+        return loss
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The single-device state dict (tp shards gathered, vocab padding stripped): collective."""
         self.optimizer.finish_param_sync()
         return full_state_dict(self.model)
+
+    def sharded_state(self) -> tuple[list[Piece], int]:
+        """(this rank's boxes of the global model and optimizer state, AdamW's step count) for a
+        checkpoint: views of live tensors, so copy them before training continues. Each box is
+        written by one rank only (``checkpoint/shards.py``); nothing is gathered."""
+        self.optimizer.finish_param_sync()
+        return collect_pieces(self.ddp, self.optimizer, self.mesh.tp_rank, self.mesh.dp_rank)
+
+    def load_sharded_state(self, reader: BoxReader, step: int) -> None:
+        """Load masters, Adam moments (``step`` steps taken) and parameters from a checkpoint saved
+        in any layout, reading only this rank's boxes. Collective over dp (parameter refresh)."""
+        restore(self.ddp, self.optimizer, self.cfg.model, self.mesh.tp_rank, reader, step)
+
+
+def _load_single_device_state(chunk: torch.nn.Module, state: dict[str, torch.Tensor], whole: bool) -> None:
+    """Load the single-device tensors this (unsharded) model or chunk holds; every one must be there,
+    and for the whole model (``whole``) nothing else may be."""
+    own = chunk.state_dict()
+    missing = [k for k in own if k not in state] + ([f"unexpected {k}" for k in state if k not in own] if whole else [])
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or shapes:
+        raise UserError(
+            f"the checkpoint does not fit this model (changed model.* settings?): "
+            f"missing {missing[:8]}; shape mismatches {shapes[:8]}"
+        )
+    chunk.load_state_dict({k: state[k] for k in own})

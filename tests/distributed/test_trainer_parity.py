@@ -23,6 +23,9 @@ LAYOUTS = [
     ["parallel.tp=2", "parallel.sp=true", "optim.distributed=true"],
     ["parallel.tp=4", "model.kv_heads=2"],  # tp > kv_heads: KV replicated on pairs of ranks
     ["optim.distributed=true", "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"],  # dp=4
+    ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=true"],  # tp=2 x pp=2, tied across stages
+    ["parallel.pp=2", "optim.distributed=true", "parallel.schedule=zb-h1"],  # pp=2 x dp=2
+    ["parallel.pp=4", "parallel.vp=2", "model.layers=8", "parallel.schedule=interleaved"],
 ]
 
 
@@ -75,3 +78,31 @@ def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
             references[model] = train_losses([*base[:-1], f"log.dir={tmp_path / 'single'}", *model])
         for rank, losses in enumerate(per_rank):
             assert losses[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, losses[i])
+
+
+def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return Trainer(load_config(None, args)).fit()
+
+
+def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(corpus, tmp_path):
+    """8 ranks: tp=2 x pp=2 x dp=2, ZeRO-1, tied embeddings across stages, evaluation through the
+    pipeline; losses and held-out losses equal the one-process run (rtol 1e-5, as above)."""
+    from harness import World
+
+    prefix, tok = corpus
+    base = overrides(prefix, str(tok), str(tmp_path / "run"))
+    base = [*base, "data.valid_fraction=0.25", "train.eval_every=2", "model.tie_embeddings=true"]
+    layout = ["parallel.tp=2", "parallel.pp=2", "optim.distributed=true", "parallel.sp=true"]
+    world = World(8)
+    world.start()
+    try:
+        per_rank = world.run(_run_3d, [*base, *layout], 29501)
+    finally:
+        world.close()
+    reference = Trainer(load_config(None, [*base[:-4], f"log.dir={tmp_path / 'one'}", *base[-3:]])).fit()
+    for key in ("loss", "eval_loss"):
+        want = [r[key] for r in reference if key in r]
+        assert len(want) == (4 if key == "loss" else 2)
+        for records in per_rank:
+            assert [r[key] for r in records if key in r] == pytest.approx(want, rel=1e-5), key

@@ -96,3 +96,18 @@ def test_an_output_that_ignores_its_input_cannot_be_split():
     x = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match="does not depend on its input"):
         backward_input((w * 2).sum() + 0 * x.detach().sum(), torch.ones(()), x, [w])
+
+
+def test_split_backward_with_activation_recompute():
+    cfg = _cfg()
+    spec = partition_layers(3, 3).chunks[1]
+    full, split = build_chunk(cfg, spec, seed=1), build_chunk(cfg, spec, seed=1)
+    split.recompute = True  # blocks run under torch.utils.checkpoint: I recomputes, W reuses the graph
+    hidden, grad = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    x_full = hidden.clone().requires_grad_()
+    full(x_full).backward(grad)
+    x = hidden.clone().requires_grad_()
+    dx, weight_grad = backward_input(get_gradient_edge(split(x)), grad, x, list(split.parameters()))
+    weight_grad.run()
+    assert torch.equal(dx, x_full.grad)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(split.parameters(), full.parameters()))

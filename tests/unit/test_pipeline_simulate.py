@@ -72,3 +72,10 @@ def test_render_draws_one_row_per_rank():
     assert all(line.startswith(f"rank  {r} |") for r, line in enumerate(lines[1:]))
     assert all(len(line.split("|")[1]) == 60 for line in lines[1:])
     assert "F0" in lines[1] and "W" in lines[4] and "." in lines[1]
+
+
+def test_measured_durations_per_action_replay_like_costs():
+    s = build_schedule("zb-h1", 4, 1, 6)
+    by_kind = simulate(s, Costs(forward=1.0, backward_input=2.0, backward_weight=0.5, p2p=0.1))
+    per_action = simulate(s, lambda rank, a: {"F": 1.0, "I": 2.0, "W": 0.5}[a.kind.value], p2p=0.1)
+    assert per_action.makespan == by_kind.makespan and per_action.busy == by_kind.busy

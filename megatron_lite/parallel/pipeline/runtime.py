@@ -149,7 +149,12 @@ class PipelineRuntime:
     ``scale_loss``: applied to the loss before backward (e.g. ``GradScaler.scale``).
     ``forward_context``: entered around each forward (e.g. autocast). ``record``: keep per-action
     timings (``records``) and count saved activation bytes (``meter``) in every step (cheap; for
-    benchmarks and tests).
+    benchmarks and tests). ``before_last_backward(c)``: called right before local chunk c's last
+    gradient-producing action of the step (its last B, or W under split backward), so data-parallel
+    buckets of that chunk can launch their reductions while the other chunks still run.
+    ``sync_tied_grads``: sum the tied embedding's ``.grad`` over ``embed_group`` after each step;
+    turn it off when data-parallel main-grad buffers own the gradient (they sum it themselves,
+    ``DataParallelGrads.sum_before_reduce``).
     """
 
     def __init__(
@@ -165,6 +170,8 @@ class PipelineRuntime:
         scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
         forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         record: bool = False,
+        before_last_backward: Callable[[int], None] | None = None,
+        sync_tied_grads: bool = True,
     ) -> None:
         self.chunks, self.schedule, self.group = list(chunks), schedule, pp_group
         self.rank = group_rank(pp_group)
@@ -183,6 +190,9 @@ class PipelineRuntime:
         self.forward_context = forward_context
         self.record = record
         self.records: list[Record] = []
+        self.before_last_backward, self.sync_tied_grads = before_last_backward, sync_tied_grads
+        grads = [i for i, a in enumerate(self.actions) if a.kind in (Op.B, Op.W)]
+        self._last_grad_action = {self.actions[i].chunk: i for i in grads}  # later actions overwrite
         self.meter: ActivationMeter | None = None
         self._check_chunks()
         self.tied = self._tied_weight()
@@ -240,6 +250,9 @@ class PipelineRuntime:
             start = time.perf_counter()
             if self.actions[i].kind in COMPUTE:
                 j = i + 1
+                chunk = self.actions[i].chunk
+                if self.before_last_backward and self._last_grad_action.get(chunk) == i:
+                    self.before_last_backward(chunk)
                 self._compute(st, self.actions[i])
             else:
                 j = batch_end(self.actions, i)
@@ -342,7 +355,7 @@ class PipelineRuntime:
             ) from e
 
     def _sync_tied_grad(self) -> None:
-        if self.tied is None:
+        if self.tied is None or not self.sync_tied_grads:
             return
         if self.tied.grad is None:
             self.tied.grad = torch.zeros_like(self.tied)
