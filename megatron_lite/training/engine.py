@@ -88,6 +88,11 @@ class Engine:
                 _load_single_device_state(chunk, model_state, whole=mesh.pp_size == 1)
             chunk.recompute = cfg.train.recompute != "none"
             apply_tp(chunk, mesh, sequence_parallel=cfg.parallel.sp)
+            if cfg.train.compile:
+                # per block, after TP and recompute (torchtitan's order); in place, so parameter
+                # names keep no `_orig_mod.` prefix and checkpoints are the same with or without
+                for block in chunk.layers:
+                    block.compile()
         return chunks
 
     def _build_runtime(self) -> PipelineRuntime:
