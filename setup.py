@@ -25,6 +25,7 @@ setup(
         "hf": ["transformers>=5", "safetensors"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
+        "s3": ["fsspec", "s3fs"],  # checkpoint.dir=s3://...; s5cmd, when on PATH, uploads faster
     },
     entry_points={"console_scripts": ["megatron-lite=megatron_lite.cli:main"]},
 )

@@ -1,7 +1,7 @@
 """``convert from-hf``: a Llama, Mistral, Qwen2 or GPT-2 HF directory -> one of our checkpoints.
 
-The result is ``<out>/step_00000000`` written by :func:`save_checkpoint`, holding the weights only:
-``state.pt`` is ``{"weights_only": True, "step": 0}`` with no optimizer, scaler, data position or
+The result is ``<out>/step_00000000`` written by :func:`save_weights`, holding the weights only:
+its metadata says ``"weights_only": true`` and it has no optimizer, scaler, data position or
 RNG, because a fresh optimizer must take its hyperparameters from the new run's config, not from
 a made-up state. The trainer starts such a checkpoint at step 0 with a fresh optimizer.
 ``<out>/config.yaml`` is a run config whose ``model`` section matches the weights and whose
@@ -12,7 +12,7 @@ and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) canno
 sentencepiece; their path is recorded in ``origin.json`` and data must be tokenized to the same ids
 outside megatron-lite.
 
-Memory: the weights are held once (``save_checkpoint`` takes the whole state); HF tensors keep
+Memory: the weights are held once (``save_weights`` takes the whole state); HF tensors keep
 their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load).
 """
 
@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from megatron_lite.checkpoint.hf import ZERO_ONLY, Adapter, adapter_for, import_config
-from megatron_lite.checkpoint.local import list_checkpoints, save_checkpoint
+from megatron_lite.checkpoint.reader import list_steps
+from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
 from megatron_lite.convert.io import HFWeights
 from megatron_lite.convert.tokenizer import find_sentencepiece
@@ -99,7 +100,7 @@ def _run_config(hf_dir: Path, m: ModelConfig, tokenizer: Path | None) -> Config:
 
 
 def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[str, Path]:
-    """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_checkpoint files."""
+    """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_weights files."""
     files = {"tokenizer.model": sp} if sp else {}
     lineage = hf_dir / "megatron_lite.json"
     tok_meta = json.loads(lineage.read_text()).get("tokenizer") if lineage.is_file() else None
@@ -124,15 +125,14 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     raw, adapter, hf_config = _read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
-    if list_checkpoints(out):
+    if list_steps(out):
         raise UserError(f"--out {out} already holds checkpoints; choose a new directory")
     state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
     cfg = _run_config(hf_dir, m, tok_dest)
     with tempfile.TemporaryDirectory() as td:
         files = _extra_files(hf_dir, sp, raw, Path(td))
-        full = {"model": state, "weights_only": True, "step": 0}
-        path = save_checkpoint(out, 0, full, cfg.to_dict(), keep=1, files=files)
+        path = Path(save_weights(out, 0, state, cfg.to_dict(), files))
     cfg.checkpoint.resume = str(path.resolve())
     cfg.save(out / "config.yaml")
     n_params = sum(t.numel() for t in state.values())

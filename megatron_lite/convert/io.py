@@ -1,7 +1,8 @@
 """Reading our checkpoints and HF directories, and writing HF safetensors shards tensor by tensor.
 
-Every read of a megatron-lite checkpoint in the converter goes through :func:`open_checkpoint`, so
-the sharded per-rank format can replace the one-process layout by changing that function alone.
+Every read of a megatron-lite checkpoint in the converter goes through :func:`open_checkpoint`: a
+sharded checkpoint of any layout (``checkpoint/format.py``), whose global tensors it assembles one
+at a time from the ranks' boxes.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import torch
 
-from megatron_lite.checkpoint.local import find_checkpoint, iter_model_tensors, list_checkpoints, verify_checkpoint
-from megatron_lite.config import Config, config_from_dict
+from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps
+from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 
 Shape = tuple[int, ...]
@@ -57,44 +58,36 @@ class CheckpointSource:
         return iter_model_tensors(self.path)
 
 
-def _step_dir(checkpoint: str | Path, step: int | None) -> Path:
-    """The step directory given, the ``step`` one under a run's checkpoint root, or the newest good one."""
+def _step_dir(checkpoint: str | Path, step: int | None) -> str | Path:
+    """The step directory given, the ``step`` one under a run's checkpoint root, or the root itself
+    (then the newest good checkpoint is taken)."""
     if step is None:
-        return find_checkpoint(checkpoint)
-    found = {int(p.name.split("_")[1]): p for p in list_checkpoints(checkpoint)}
+        return checkpoint
+    found = dict(list_steps(checkpoint))
     if step not in found:
         have = ", ".join(map(str, sorted(found))) or "none"
         raise UserError(f"no checkpoint of step {step} under {checkpoint} (steps there: {have})")
-    return found[step]
+    return Path(checkpoint) / found[step]
 
 
 def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> CheckpointSource:
-    """Open one of our checkpoints (a step directory, or a run's checkpoint root) for conversion."""
-    from safetensors import safe_open
-
-    path = _step_dir(checkpoint, step)
-    problem = verify_checkpoint(path)
-    if problem:
-        raise UserError(f"checkpoint {path} is unusable: {problem}")
-    meta = json.loads((path / "meta.json").read_text())
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        specs = {}
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-            s = f.get_slice(name)
-            specs[name] = (tuple(s.get_shape()), _FROM_CODE[s.get_dtype()])
-    # mmap: the optimizer state stays on disk; only the small data-position dict is read
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
-    consumed = state.get("data", {}).get("consumed_samples")
-    tok = path / "tokenizer.model"
-    origin = path / "origin.json"
+    """Open one of our checkpoints (a step directory, or a run's checkpoint root) for conversion:
+    verified, with the model's specs in the dtype it trained in (the stored fp32 masters are cast
+    to it as they stream)."""
+    reader = find_checkpoint(_step_dir(checkpoint, step))
+    meta = reader.meta
+    dtype = getattr(torch, meta["layout"]["param_dtype"])
+    specs = {name: (shape, dtype) for name, shape in reader.shapes("model").items()}
+    trainer = meta["trainer"] or {}
+    origin = reader.local_file("origin.json")
     return CheckpointSource(
-        path=path,
-        config=config_from_dict(meta["config"]),
+        path=reader.path,
+        config=reader.config,
         meta=meta,
         specs=specs,
-        tokenizer=tok if tok.is_file() else None,
-        consumed_samples=None if consumed is None else int(consumed),
-        origin=json.loads(origin.read_text()) if origin.is_file() else None,
+        tokenizer=reader.local_file("tokenizer.model"),
+        consumed_samples=trainer.get("consumed_samples"),
+        origin=json.loads(origin.read_text()) if origin else None,
     )
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron_lite.checkpoint.shards import BoxReader, Piece, collect_pieces, restore
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
-from megatron_lite.models.parallelize import allreduce_sequence_parallel_grads, apply_tp, full_state_dict
+from megatron_lite.models.parallelize import allreduce_sequence_parallel_grads, apply_tp
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.data_parallel import DataParallelGrads
@@ -198,16 +198,11 @@ class Engine:
                 dist.send(out.contiguous(), ranks[(vstage + 1) % pp], group=self.mesh.pp_group)
         return loss
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The single-device state dict (tp shards gathered, vocab padding stripped): collective."""
-        self.optimizer.finish_param_sync()
-        return full_state_dict(self.model)
-
     def sharded_state(self) -> tuple[list[Piece], int]:
         """(this rank's boxes of the global model and optimizer state, AdamW's step count) for a
         checkpoint: views of live tensors, so copy them before training continues. Each box is
-        written by one rank only (``checkpoint/shards.py``); nothing is gathered."""
-        self.optimizer.finish_param_sync()
+        written by one rank only (``checkpoint/shards.py``); nothing is gathered. The weights are
+        the fp32 masters, so parameter all-gathers still in flight do not matter."""
         return collect_pieces(self.ddp, self.optimizer, self.mesh.tp_rank, self.mesh.dp_rank)
 
     def load_sharded_state(self, reader: BoxReader, step: int) -> None:

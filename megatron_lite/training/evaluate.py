@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint
-from megatron_lite.config import config_from_dict
+from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
@@ -24,12 +23,14 @@ from megatron_lite.training.build import resolve_device
 
 def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
     """The trained model (in eval mode) and the tokenizer saved with it."""
-    ckpt = find_checkpoint(path)
-    state, meta = load_checkpoint(ckpt)
-    cfg = config_from_dict(meta["config"])
+    reader = find_checkpoint(path)
+    cfg = reader.config
     model = build_model(cfg.model, cfg.train.seed, device)
-    model.load_state_dict(state["model"])
-    return model.eval(), Tokenizer(ckpt / "tokenizer.model")
+    model.load_state_dict(reader.model_state())  # assembled from the ranks' boxes, any layout
+    tokenizer = reader.local_file("tokenizer.model")
+    if tokenizer is None:
+        raise UserError(f"checkpoint {reader.location} has no tokenizer.model")
+    return model.eval(), Tokenizer(tokenizer)
 
 
 @torch.no_grad()

@@ -20,7 +20,10 @@ import torch
 from tqdm import tqdm
 
 from megatron_lite import kernels, plan
-from megatron_lite.checkpoint.local import find_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from megatron_lite.checkpoint.format import dtype_name
+from megatron_lite.checkpoint.lineage import Lineage
+from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint, resolve_resume
+from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults, validate
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
@@ -30,6 +33,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_t
 from megatron_lite.plan import Layout
 from megatron_lite.training import build
 from megatron_lite.training.engine import Engine
+from megatron_lite.training.fault import PreemptionHandler, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
 from megatron_lite.training.trackers import Trackers
@@ -74,7 +78,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         with fail_fast_setup("loading the checkpoint"):
             resume = self._load_resume_state()
-        self.engine = Engine(cfg, self.mesh, self.device, self.dtype, model_state=resume and resume[1]["model"])
+        self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=resume and resume[1])
         t = cfg.train
         self.loader = PretrainingLoader(
             self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
@@ -82,6 +86,15 @@ class Trainer:
         self.step, self.skipped_steps = 0, 0
         if resume:
             self._restore(*resume)
+        tok = self.data.tokenizer_path
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint.dir,
+            cfg.checkpoint.keep,
+            cfg.checkpoint.async_,
+            {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")} if self.rank == 0 else {},
+        )
+        self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
+        self.preemption, self.preempted = PreemptionHandler(), False
         self.trackers = Trackers(
             self.run_dir,
             cfg.to_dict(),
@@ -127,61 +140,80 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything a bitwise-exact resume needs (one process)."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        scaler = self.engine.scaler.state_dict() if self.engine.scaler else {}
+        """The trainer's part of a checkpoint, identical on every rank (JSON): data position, skipped
+        steps, loss scale. Model, optimizer and RNG are per-rank tensors (see :meth:`save`)."""
         return {
-            "model": self.engine.full_model_state(),
-            "optimizer": self.engine.optimizer.state_dict(),
-            "scaler": scaler,
-            "step": self.step,
             "skipped_steps": self.skipped_steps,
-            "data": self.loader.state_dict(),
-            "rng": rng,
+            "consumed_samples": self.loader.state_dict()["consumed_samples"],
+            "scaler": self.engine.scaler.state_dict() if self.engine.scaler else None,
         }
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of this step (the multi-rank sharded format is not available yet)."""
-        if self.world > 1:
-            log.warning("checkpoints of multi-rank runs need the sharded format; not saving step %d", self.step)
-            return None
-        c = self.cfg.checkpoint
-        tok = self.data.tokenizer_path
-        files = {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")}
-        files = {k: v for k, v in files.items() if v.is_file()}
-        path = save_checkpoint(c.dir, self.step, self.state_dict(), self.cfg.to_dict(), c.keep, files)
-        log.info("saved checkpoint %s", path)
-        return path
+    def save(self) -> None:
+        """Checkpoint this step: every rank writes its own boxes (``checkpoint/format.py``); with
+        ``checkpoint.async`` the files are written in the background while training goes on."""
+        pieces, optimizer_step = self.engine.sharded_state()
+        rng = {"rng/torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {}
+        if self.rank == 0:
+            p = self.cfg.parallel
+            layout = {"world_size": self.world, "tp": p.tp, "pp": p.pp, "vp": p.vp, "dp": p.dp}
+            meta = {
+                "step": self.step,
+                "weights_only": False,
+                "config": self.cfg.to_dict(),
+                "layout": {
+                    **layout,
+                    "distributed_optimizer": self.cfg.optim.distributed,
+                    "param_dtype": dtype_name(self.dtype),
+                },
+                "optimizer": {"step": optimizer_step},
+                "trainer": self.state_dict(),
+                "lineage": self.lineage.at(self.loader.state_dict()["consumed_samples"]),
+            }
+        self.checkpointer.save(self.step, pieces, rng, self.mesh.coordinate, meta)
 
-    def _load_resume_state(self) -> tuple[Path, dict, bool] | None:
-        """(path, state, weights_only) of the checkpoint to start from, or None for a fresh run."""
+    def _load_resume_state(self) -> tuple[CheckpointReader, dict | None] | None:
+        """(checkpoint, single-device weights for a weights-only start or None) to start from, or
+        None for a fresh run. Collective: every rank reaches the same verdict."""
         c = self.cfg.checkpoint
-        path, weights_only = resolve_resume(c.dir, c.resume), False
-        if path is None and c.init_from:
-            path, weights_only = find_checkpoint(c.init_from), True
-        if path is None:
+        reader = resolve_resume(c.dir, c.resume)
+        if reader is None and c.init_from:
+            reader = find_checkpoint(c.init_from)
+            return reader, reader.model_state()
+        if reader is None:
             return None
-        if self.world > 1:
-            raise UserError(f"resuming a multi-rank run from {path} needs the sharded checkpoint format")
-        state, _ = load_checkpoint(path)
-        return path, state, weights_only or bool(state.get("weights_only"))  # e.g. made by `convert from-hf`
+        return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
 
-    def _restore(self, path: Path, state: dict, weights_only: bool) -> None:
-        """Everything but the model weights (the engine was built from those)."""
-        if weights_only:
-            log.info("initialised the model from %s (weights only: step 0, fresh optimizer and data order)", path)
+    def _restore(self, reader: CheckpointReader, weights: dict | None) -> None:
+        """Optimizer, masters, data position, scaler and RNG; a weights-only start has only weights
+        (the engine was built from them)."""
+        if weights is not None:
+            log.info(
+                "initialised the model from %s (weights only: step 0, fresh optimizer and data order)", reader.location
+            )
+            reader.close()
             return
-        self.engine.optimizer.load_state_dict(state["optimizer"])
-        if self.engine.scaler:
+        with fail_fast_setup("reading the checkpoint's trainer state"):
+            state, saved, p = reader.meta["trainer"], reader.meta["layout"], self.cfg.parallel
+            now = {"world_size": self.world, "tp": p.tp, "pp": p.pp, "dp": p.dp}
+            same_layout = all(saved.get(k) == v for k, v in now.items())  # then rank r's RNG is rank r's again
+            keys = reader.meta["ranks"][self.rank]["rng"] if same_layout else []
+            rng = {key: reader.rank_tensor(self.rank, key) for key in keys}
+        self.engine.load_sharded_state(reader, reader.meta["optimizer"]["step"])
+        if self.engine.scaler and state["scaler"]:
             self.engine.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["data"])
-        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        log.info("resumed from %s at step %d", path, self.step)
+        self.loader.load_state_dict({"consumed_samples": state["consumed_samples"]})
+        self.step, self.skipped_steps = reader.step, state["skipped_steps"]
+        if "rng/torch" in rng:
+            torch.set_rng_state(rng["rng/torch"])
+        if "rng/cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["rng/cuda"], self.device)
+        if not same_layout and self.rank == 0:
+            log.info("the layout changed since the checkpoint: RNG streams start fresh (they only drive dropout)")
+        log.info("resumed from %s at step %d", reader.location, self.step)
+        reader.close()
 
     # ---- steps -------------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -211,16 +243,20 @@ class Trainer:
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         show = cfg.log.progress and self.rank == 0
         bar = tqdm(total=t.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True, mininterval=1)
-        while self.step < stop:
-            start = time.perf_counter()
-            out = self.train_step()
-            self.throughput.add(tokens_per_step, time.perf_counter() - start)
-            record = self._after_step(out, bar)
-            if record:
-                history.append(record)
-        bar.close()
-        if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
-            self.save()
+        with self.preemption:
+            while self.step < stop and not self.preempted:
+                start = time.perf_counter()
+                out = self.train_step()
+                self.throughput.add(tokens_per_step, time.perf_counter() - start)
+                record = self._after_step(out, bar)
+                if record:
+                    history.append(record)
+            bar.close()
+            if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
+                self.save()
+            self.checkpointer.close()  # waits for an async save; raises if any save failed
+        if self.preempted:
+            log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
         self.trackers.close()
         return history
 
@@ -246,6 +282,10 @@ class Trainer:
                 record["eval_loss"] = self.evaluate()
             self.trackers.log(record, step)
             bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        # one all-reduce a step: any rank signalled? any rank still writing an async checkpoint?
+        self.preempted, writing = any_rank([self.preemption.requested, self.checkpointer.writing], self.device)
+        if self.checkpointer.in_flight and not writing:
+            self.checkpointer.finalize()  # every rank's file is complete: commit it now
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
         return record

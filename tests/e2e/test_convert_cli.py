@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_lite.checkpoint.local import save_checkpoint
+from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.cli import main
 from megatron_lite.config import Config, ModelConfig, fill_defaults, load_config, validate
 from megatron_lite.convert import from_hf, io, to_hf
@@ -70,7 +71,7 @@ def logits_both(checkpoint: Path, hf_dir: Path, vocab: int) -> tuple[torch.Tenso
 
 
 def assert_bitwise(a_dir: Path, b_dir: Path) -> None:
-    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    a, b = find_checkpoint(a_dir).model_state(), find_checkpoint(b_dir).model_state()
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
@@ -101,8 +102,9 @@ def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, t
     assert cfg.checkpoint.resume == str((back / "step_00000000").resolve())
     recorded = json.loads((exported / "megatron_lite.json").read_text())["config"]["model"]
     assert cfg.model == ModelConfig(**recorded)
-    state = torch.load(back / "step_00000000" / "state.pt", weights_only=True)
-    assert state == {"weights_only": True, "step": 0}
+    meta = find_checkpoint(back / "step_00000000").meta
+    assert (meta["weights_only"], meta["step"], meta["optimizer"], meta["trainer"]) == (True, 0, None, None)
+    assert all(name.startswith("model/") for name in meta["tensors"])
 
 
 def noisy_checkpoint(root: Path, tok: Path, **model) -> Path:
@@ -116,8 +118,7 @@ def noisy_checkpoint(root: Path, tok: Path, **model) -> Path:
         for name, p in net.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
-    state = {"model": net.state_dict(), "step": 3, "data": {"consumed_samples": 24}}
-    return save_checkpoint(root, 3, state, cfg.to_dict(), keep=1, files={"tokenizer.model": tok})
+    return Path(save_weights(root, 3, net.state_dict(), cfg.to_dict(), files={"tokenizer.model": tok}))
 
 
 @pytest.mark.parametrize(
@@ -209,9 +210,9 @@ def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported,
     assert re.search(r"[qkv]_proj\.bias is non-zero", err), err
     bare = tmp_path / "bare"
     shutil.copytree(sorted(trained.glob("step_*"))[-1], bare, ignore=shutil.ignore_patterns("tokenizer*"))
-    meta = json.loads((bare / "meta.json").read_text())
-    meta["sha256"] = {k: v for k, v in meta["sha256"].items() if not k.startswith("tokenizer")}
-    (bare / "meta.json").write_text(json.dumps(meta))
+    meta = json.loads((bare / "metadata.json").read_text())
+    meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith("tokenizer")}
+    (bare / "metadata.json").write_text(json.dumps(meta))
     err = run_error(["convert", "to-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "o4")], capsys)
     assert "has no tokenizer.model" in err
     err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(exported)], capsys)

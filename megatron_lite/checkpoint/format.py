@@ -1,0 +1,152 @@
+"""The sharded checkpoint format: one directory per step, per-rank tensor files, one metadata file.
+
+Layout of ``<checkpoint.dir>/`` (a local directory or an fsspec URL such as ``s3://bucket/run``)::
+
+    step_00000100/
+        metadata.json              written last by rank 0: the commit record (schema below)
+        rank_00000.safetensors     what rank 0 owns: boxes of global tensors, its RNG state
+        rank_00001.safetensors     ... one file per rank that owns anything (every rank: RNG)
+        tokenizer.model            copied in (and tokenizer.json, origin.json when present), so a
+        tokenizer.json             checkpoint stands alone for eval and export
+    latest                         "step_00000100\\n", replaced after the step directory is complete
+    .tmp-step_00000200/            a save in progress (local storage): renamed when complete
+
+Tensors: every stored tensor is a BOX (hyper-rectangle) of one GLOBAL tensor, i.e. of the tensor
+as the single-device model holds it, vocabulary padding excluded. Global tensor names are
+``<kind>/<parameter name>`` with kind ``model`` (the fp32 master weights, or the weights as
+imported for a weights-only checkpoint), ``exp_avg`` and ``exp_avg_sq`` (AdamW moments). A TP
+shard is one box per contiguous row (or column) range: a fused qkv shard is three boxes, one per
+part. A distributed-optimizer shard is a flat element range of the local parameter, split into
+at most ``2 * ndim - 1`` boxes that are each contiguous in that order (``boxes.py``). A box held
+by several ranks (replicated parameters, KV heads replicated over TP ranks, every data-parallel
+replica, a tied embedding's pipeline copy) is written once, by the lowest rank holding it. In a
+rank file a box is stored under ``<global name>[a:b,c:d]`` with the box's own shape, so a reader
+takes any sub-box with safetensors' ``get_slice`` without reading the rest. Files are safetensors;
+everything else is JSON: nothing in a checkpoint is ever unpickled.
+
+``metadata.json`` (all keys always present; ``null`` where not applicable)::
+
+    {
+      "format": "megatron-lite/sharded-v1",
+      "step": 100,                       # optimizer steps taken
+      "weights_only": false,             # true: model weights only (e.g. `convert from-hf`)
+      "config": {...},                   # the resolved run config (Config.to_dict())
+      "layout": {"world_size": 4, "tp": 2, "pp": 1, "vp": 1, "dp": 2,
+                 "distributed_optimizer": true, "param_dtype": "float32"},
+      "tensors": {                       # every global tensor and where its boxes are
+        "model/layers.0.attn.qkv.weight": {
+          "shape": [192, 64], "dtype": "F32",
+          "shards": [{"file": "rank_00000.safetensors",
+                      "key": "model/layers.0.attn.qkv.weight[0:32,0:64]",
+                      "box": [[0, 32], [0, 64]]}, ...]}, ...},
+      "optimizer": {"step": 100},        # AdamW's step count (null when weights_only)
+      "trainer": {"skipped_steps": 0, "consumed_samples": 800,
+                  "scaler": {"scale": 65536.0, "clean_steps": 3} | null},
+      "ranks": [{"file": "rank_00000.safetensors", "coordinate": [0, 0, 0],   # (pp, dp, tp)
+                 "rng": ["rng/torch"]}, ...],          # per-rank RNG state tensors in that file
+      "lineage": {"git_commit": "ab1af7e...", "git_dirty": false,
+                  "datasets": [{"prefix": "...", "weight": 1.0, "consumed_samples": 800,
+                                "idx_sha256": "...", "bin_bytes": 123, "bin_mtime": 1.7e9}],
+                  "tokenizer": {"path": "...", "sha256": "..."}},
+      "files": {"rank_00000.safetensors": {"sha256": "...", "bytes": 1234}, ...}
+    }
+
+Atomicity: ranks write into the temporary directory; after every rank's file is complete rank 0
+writes ``metadata.json`` (with every file's checksum), renames the directory into place, then
+replaces ``latest``. Object stores have no rename: there the files go straight to ``step_*/`` and
+``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
+``metadata.json``, or with a file whose size or sha256 differs, is incomplete or corrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from megatron_lite.checkpoint.boxes import Box
+
+FORMAT = "megatron-lite/sharded-v1"
+METADATA = "metadata.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+EXTRA_FILES = ("tokenizer.model", "tokenizer.json", "origin.json")
+# safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
+DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000100`` for step 100."""
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    """``rank_00003.safetensors`` for rank 3."""
+    return f"rank_{rank:05d}.safetensors"
+
+
+def box_key(name: str, box: Box) -> str:
+    """The key of a box of global tensor ``name`` in a rank file: ``name[0:32,0:64]``."""
+    return f"{name}[{','.join(f'{a}:{b}' for a, b in box)}]"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32`` (the spelling metadata uses)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """Write ``tensors`` as a safetensors file and fsync it; returns (sha256, bytes).
+
+    Written here rather than with ``safetensors.torch.save_file``, which refuses tensors that share
+    storage (our boxes are views of one flat optimizer shard) and would need a contiguous copy of
+    each: this writes every tensor's bytes straight from its (contiguous) view and hashes them on
+    the way, so a synchronous save costs no extra memory and no read-back.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for key, t in tensors.items():
+        end = offset + t.numel() * t.element_size()
+        header[key] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # 8-byte aligned data, as safetensors itself writes
+    digest = hashlib.sha256()
+    with path.open("wb") as f:
+        for chunk in (len(blob).to_bytes(8, "little"), blob):
+            f.write(chunk)
+            digest.update(chunk)
+        for t in tensors.values():
+            if t.numel():
+                data = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(data)
+                digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return digest.hexdigest(), 8 + len(blob) + offset
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,83 @@
+"""What produced a checkpoint: code version, datasets, tokenizer, and how much of each dataset it saw.
+
+Dataset fingerprint: the sha256 of the ``.idx`` file (document sizes and offsets, ~12 bytes per
+document, so hashing it is cheap next to the tokens) plus the size and modification time of the
+``.bin`` file (hashing terabytes of tokens at every start would take minutes). A re-tokenized
+dataset changes its ``.idx``; an edit that keeps every document length only shows in the ``.bin``
+size or mtime. The tokenizer is hashed whole. Samples consumed per dataset follow from the blend
+schedule (``data/gpt_dataset.py``), which depends only on the weights: global sample ``i`` comes
+from dataset ``slot_dataset[i % q]``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_lite.checkpoint.format import sha256_file
+from megatron_lite.data.gpt_dataset import GPTDataset, blend_schedule
+
+GIT_TIMEOUT_S = 10.0  # a hung git (network filesystem) must not hold up training
+CODE_DIR = Path(__file__).resolve().parent
+
+
+def git_state(where: Path = CODE_DIR) -> dict[str, Any]:
+    """``{"git_commit", "git_dirty"}`` of the checkout holding the code, None values outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode:
+        return {"git_commit": None, "git_dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty = None if status is None or status.returncode else bool(status.stdout.strip())
+    return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
+
+
+def dataset_fingerprint(prefix: str) -> dict[str, Any]:
+    """The ``.idx`` sha256 and the ``.bin`` size and mtime of one dataset prefix."""
+    stat = Path(prefix + ".bin").stat()
+    return {"idx_sha256": sha256_file(Path(prefix + ".idx")), "bin_bytes": stat.st_size, "bin_mtime": stat.st_mtime}
+
+
+@cache
+def _schedule(weights: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    slot_dataset, _, quota = blend_schedule(list(weights))
+    return slot_dataset, quota
+
+
+def consumed_per_dataset(dataset: GPTDataset, consumed: int) -> list[int]:
+    """Samples of each blended dataset among the first ``consumed`` global samples."""
+    slot_dataset, quota = _schedule(tuple(dataset.weights))
+    periods, rest = divmod(consumed, slot_dataset.size)
+    head = np.bincount(slot_dataset[:rest], minlength=quota.size)
+    return [int(periods * q + h) for q, h in zip(quota, head, strict=True)]
+
+
+class Lineage:
+    """Computed once per run (hashes), completed at each save with the data position."""
+
+    def __init__(self, dataset: GPTDataset, tokenizer: Path) -> None:
+        self.dataset = dataset
+        self.static = {
+            **git_state(),
+            "datasets": [{"prefix": p, **dataset_fingerprint(p)} for p in dataset.prefixes],
+            "tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)},
+        }
+
+    def at(self, consumed: int) -> dict[str, Any]:
+        """The lineage record of a checkpoint taken after ``consumed`` training samples."""
+        counts = consumed_per_dataset(self.dataset, consumed)
+        datasets = [
+            {**d, "weight": w, "consumed_samples": n}
+            for d, w, n in zip(self.static["datasets"], self.dataset.weights, counts, strict=True)
+        ]
+        return {**self.static, "datasets": datasets, "consumed_samples": consumed}

@@ -1,0 +1,261 @@
+"""Finding, verifying and reading sharded checkpoints (the format: ``format.py``).
+
+Verification is collective and its verdict identical on every rank: rank 0 reads
+``metadata.json`` and broadcasts it, the files are checked round-robin (file i by rank i % world:
+present, of the recorded size, of the recorded sha256), and every rank receives every rank's
+findings. ``checkpoint.resume=auto`` takes the newest checkpoint that passes, warning about each
+one skipped; a step directory without ``metadata.json`` was never committed (a save cut short on
+an object store) and does not count as a checkpoint, but when committed checkpoints exist and
+none passes, the run stops with an error rather than start from scratch.
+
+Reading is by box: :meth:`CheckpointReader.read_box` assembles any box of a global tensor from
+the boxes that overlap it, each read with safetensors' ``get_slice`` (only the overlap is read).
+Loading never unpickles anything: tensors come from safetensors, the rest from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.checkpoint import collectives
+from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
+from megatron_lite.checkpoint.format import FORMAT, METADATA, STEP_DIR
+from megatron_lite.checkpoint.storage import Storage, is_url
+from megatron_lite.config import Config, config_from_dict
+from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointReader:
+    """One verified checkpoint: its metadata, and its tensors box by box."""
+
+    def __init__(self, storage: Storage, name: str, meta: dict[str, Any]) -> None:
+        self.storage, self.name, self.meta = storage, name, meta
+        self._handles: dict[str, Any] = {}
+        self._shards = {
+            tensor: [(tuple(map(tuple, s["box"])), s["file"], s["key"]) for s in info["shards"]]
+            for tensor, info in meta["tensors"].items()
+        }
+
+    @property
+    def location(self) -> str:
+        """The step directory (a path or URL)."""
+        return self.storage.url(self.name)
+
+    @property
+    def path(self) -> Path:
+        """The step directory as a local path (the converter and eval read local checkpoints)."""
+        return Path(self.location)
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def weights_only(self) -> bool:
+        return bool(self.meta["weights_only"])
+
+    @property
+    def config(self) -> Config:
+        return config_from_dict(self.meta["config"])
+
+    def shapes(self, kind: str) -> dict[str, tuple[int, ...]]:
+        """Global shape of every tensor of ``kind`` (``model``, ``exp_avg``...), by parameter name."""
+        prefix = f"{kind}/"
+        return {n[len(prefix) :]: tuple(i["shape"]) for n, i in self.meta["tensors"].items() if n.startswith(prefix)}
+
+    def _slice(self, file: str, key: str):
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(str(self.storage.fetch(f"{self.name}/{file}")), framework="pt")
+        return self._handles[file].get_slice(key)
+
+    def read_box(self, name: str, box: Box) -> torch.Tensor:
+        """``box`` of global tensor ``name``, in its stored dtype, from every stored box overlapping it."""
+        if name not in self._shards:
+            raise UserError(f"checkpoint {self.location} has no tensor {name}")
+        out, covered = None, 0
+        for stored, file, key in self._shards[name]:
+            common = intersect(box, stored)
+            if common is None:
+                continue
+            part = self._slice(file, key)[relative(common, stored)]
+            if out is None:
+                out = torch.empty(box_shape(box), dtype=part.dtype)
+            out[relative(common, box)] = part
+            covered += box_numel(common)
+        if covered != box_numel(box):  # stored boxes never overlap, so anything else is a hole
+            raise UserError(f"checkpoint {self.location}: {name}{list(box)} is only partly stored ({covered} elements)")
+        return out
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """The whole global tensor ``name``."""
+        return self.read_box(name, full_box(self.meta["tensors"][name]["shape"]))
+
+    def model_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(parameter name, tensor)`` of the model one at a time: memory holds one tensor."""
+        for name in self.shapes("model"):
+            yield name, self.read_tensor(f"model/{name}")
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The whole single-device state dict (weights-only starts, evaluation)."""
+        return dict(self.model_tensors())
+
+    def rank_tensor(self, rank: int, key: str) -> torch.Tensor:
+        """A per-rank tensor (RNG state) from ``rank``'s file."""
+        entry = self.meta["ranks"][rank]
+        return self._slice(entry["file"], key)[:]
+
+    def local_file(self, rel: str) -> Path | None:
+        """A local copy of a file stored beside the tensors (``tokenizer.model``), None if absent."""
+        if rel not in self.meta["files"]:
+            return None
+        return self.storage.fetch(f"{self.name}/{rel}")
+
+    def close(self) -> None:
+        self._handles.clear()
+        self.storage.close()
+
+
+def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None]:
+    try:
+        meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
+    except FileNotFoundError:
+        return None, f"{METADATA} is missing (never committed)"
+    except (ValueError, UnicodeDecodeError):
+        return None, f"{METADATA} is not valid JSON"
+    except OSError as e:
+        return None, f"{METADATA} cannot be read: {e}"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        return None, f"format {got!r} is not {FORMAT!r} (written by another megatron-lite version)"
+    return meta, None
+
+
+def _check_files(storage: Storage, name: str, files: dict[str, dict], rank: int, size: int) -> str | None:
+    for i, (rel, info) in enumerate(sorted(files.items())):
+        if i % size != rank:
+            continue
+        got = storage.size(f"{name}/{rel}")
+        if got is None:
+            return f"{rel} is missing"
+        if got != info["bytes"]:
+            return f"{rel} has {got} bytes, expected {info['bytes']} (truncated?)"
+        try:
+            if storage.sha256(f"{name}/{rel}") != info["sha256"]:
+                return f"{rel} does not match its sha256 (corrupt)"
+        except OSError as e:  # a problem like any other: this rank must still reach the all-gather
+            return f"{rel} cannot be read: {e}"
+    return None
+
+
+def verify(storage: Storage, name: str) -> tuple[dict | None, str | None]:
+    """(metadata, None) when step directory ``name`` is complete and intact, else (None, problem).
+    Collective: every rank calls it and gets the same answer."""
+    rank, size = collectives.world()
+    meta, problem = collectives.broadcast(_read_metadata(storage, name) if rank == 0 else None)
+    if problem:
+        return None, problem
+    referenced = {s["file"] for t in meta["tensors"].values() for s in t["shards"]}
+    unlisted = sorted(referenced - set(meta["files"]))
+    if unlisted:
+        return None, f"tensors refer to {unlisted[0]}, which has no checksum"
+    found = [p for p in collectives.all_gather(_check_files(storage, name, meta["files"], rank, size)) if p]
+    return (None, found[0]) if found else (meta, None)
+
+
+def list_steps(root: str | Path) -> list[tuple[int, str]]:
+    """(step, directory name) of every ``step_*`` directory under ``root``, oldest first."""
+    return [(int(STEP_DIR.match(n).group(1)), n) for n in Storage(root).step_dirs()]
+
+
+def _list_on_rank0(storage: Storage) -> list[str]:
+    """Rank 0's listing on every rank (so all walk the same candidates); a listing error on all."""
+    listing: tuple[list[str], str | None] = ([], None)
+    if collectives.world()[0] == 0:
+        try:
+            listing = (storage.step_dirs(), None)
+        except OSError as e:
+            listing = ([], f"cannot list checkpoints under {storage.url()}: {e}")
+    names, error = collectives.broadcast(listing)
+    if error:
+        raise UserError(error)
+    return names
+
+
+def _newest_good(storage: Storage) -> CheckpointReader | None:
+    names = _list_on_rank0(storage)
+    committed = 0
+    for name in reversed(names):
+        meta, problem = verify(storage, name)
+        if meta is not None:
+            return CheckpointReader(storage, name, meta)
+        committed += not problem.startswith(METADATA + " is missing")
+        if collectives.world()[0] == 0:
+            log.warning("skipping checkpoint %s: %s", storage.url(name), problem)
+    if committed:
+        raise UserError(
+            f"every checkpoint under {storage.url()} is incomplete or corrupt (see the warnings above); "
+            "refusing to start from scratch. Fix or move them, or set checkpoint.resume=none"
+        )
+    return None
+
+
+def _split(path: str | Path) -> tuple[Storage, str]:
+    text = str(path).rstrip("/")
+    parent, _, name = text.rpartition("/")
+    return Storage(parent or "."), name
+
+
+def open_step(path: str | Path) -> CheckpointReader:
+    """The checkpoint in step directory ``path``, verified (collective)."""
+    storage, name = _split(path)
+    if not is_url(path) and not (Path(path) / METADATA).is_file():
+        raise UserError(f"{str(path)!r} is not a checkpoint directory (no {METADATA})")
+    meta, problem = verify(storage, name)
+    if problem:
+        raise UserError(f"checkpoint {storage.url(name)} is unusable: {problem}")
+    return CheckpointReader(storage, name, meta)
+
+
+def find_checkpoint(path: str | Path) -> CheckpointReader:
+    """A step directory as given, or the newest good checkpoint under a run's checkpoint root
+    (collective)."""
+    storage, name = _split(path)
+    if storage.exists(f"{name}/{METADATA}"):
+        return open_step(path)
+    found = _newest_good(Storage(path)) if Storage(path).exists("") else None
+    if found is None:
+        raise UserError(f"no checkpoint found at {str(path)!r} (expected a step_XXXXXXXX directory or its parent)")
+    return found
+
+
+def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
+    """The checkpoint to resume from: ``none`` -> None; a path -> it (verified); ``auto`` -> the
+    newest good one under ``root``, None when there is none (collective)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return _newest_good(Storage(root))
+    if not is_url(resume) and not Path(resume).is_dir():
+        raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
+    return open_step(resume)
+
+
+def iter_model_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of a verified checkpoint's model, one tensor at a time, in the dtype the
+    run trained in (the stored weights are its fp32 masters)."""
+    storage, name = _split(path)
+    meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
+    dtype = getattr(torch, meta["layout"]["param_dtype"])
+    reader = CheckpointReader(storage, name, meta)
+    for param, t in reader.model_tensors():
+        yield param, t.to(dtype)

@@ -1,0 +1,253 @@
+"""Saving sharded checkpoints: every rank writes its own file, rank 0 commits (format: ``format.py``).
+
+One save, on every rank at the same step::
+
+    wait for the previous save (at most one in flight) and report its failure, if any
+    rank 0 prepares the staging directory; barrier
+    copy this rank's boxes to host memory (async: always, pinned on CUDA; sync: only off-CPU)
+    write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
+    finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
+        metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`;
+        any error instead removes the staging directory, and every rank records the same message
+
+With ``checkpoint.async`` the write runs in a thread while training continues; the trainer asks
+every step whether any rank is still writing (one all-reduce it already makes) and calls
+:meth:`Checkpointer.finalize` once none is. A failed write is raised by the next :meth:`save` or
+by :meth:`close` at the end of training, and never commits: ``metadata.json`` is only written
+after every rank reported a complete file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_lite.checkpoint import collectives
+from megatron_lite.checkpoint.boxes import full_box
+from megatron_lite.checkpoint.format import (
+    DTYPE_CODES,
+    FORMAT,
+    LATEST,
+    METADATA,
+    STEP_DIR,
+    box_key,
+    dtype_name,
+    rank_file,
+    sha256_file,
+    step_dir_name,
+    write_tensor_file,
+)
+from megatron_lite.checkpoint.shards import Piece
+from megatron_lite.checkpoint.storage import Storage
+from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Save:
+    """A save in flight on this rank."""
+
+    step: int
+    staging: str
+    tensors: dict[str, torch.Tensor] | None
+    info: dict[str, Any]  # gathered by rank 0: entries, rank file name, coordinate, rng keys
+    meta: dict[str, Any]  # rank 0: metadata without tensors, ranks and files
+    thread: threading.Thread | None = None
+    files: dict[str, dict] = field(default_factory=dict)
+    error: str | None = None
+
+
+class Checkpointer:
+    """Writes this rank's part of each checkpoint under ``root`` (see the module docstring).
+
+    ``extra_files``: name -> local source copied into every checkpoint by rank 0 (the tokenizer).
+    """
+
+    def __init__(
+        self, root: str | Path, keep: int, async_save: bool, extra_files: dict[str, Path] | None = None
+    ) -> None:
+        self.storage = Storage(root)
+        self.keep, self.async_save = keep, async_save
+        self.extra_files = {k: v for k, v in (extra_files or {}).items() if v.is_file()}
+        self.rank = collectives.world()[0]
+        self._pending: _Save | None = None
+        # Host copies for async saves, reused from save to save (a box key names the same shape
+        # every time): pinned allocations are slow and a fresh 10 GB copy would fault in every page.
+        # Safe to overwrite: a save starts only after the previous write finished.
+        self._host: dict[str, torch.Tensor] = {}
+        self.failed: str | None = None
+
+    @property
+    def writing(self) -> bool:
+        """This rank's background write is still running."""
+        return self._pending is not None and self._pending.thread is not None and self._pending.thread.is_alive()
+
+    @property
+    def in_flight(self) -> bool:
+        """A save was started and not finalized yet."""
+        return self._pending is not None
+
+    def save(
+        self,
+        step: int,
+        pieces: list[Piece],
+        rank_tensors: dict[str, torch.Tensor],
+        coordinate: tuple[int, int, int],
+        meta: dict[str, Any],
+    ) -> None:
+        """Save this rank's ``pieces`` and ``rank_tensors`` (RNG) as the checkpoint of ``step``.
+        ``meta`` (used on rank 0): the metadata fields the trainer knows (``format.py``)."""
+        self.wait()
+        final = step_dir_name(step)
+        staging = self.storage.begin(final) if self.rank == 0 else self.storage.staging_name(final)
+        collectives.barrier()  # nobody writes into the staging directory before it is clean
+        tensors = {box_key(p.name, p.box): self._to_host(box_key(p.name, p.box), p.tensor) for p in pieces}
+        tensors.update({key: self._to_host(key, t) for key, t in rank_tensors.items()})
+        if any(p.tensor.is_cuda for p in pieces):
+            torch.cuda.synchronize()  # the non-blocking copies into pinned memory are complete
+        entries = [
+            {
+                "name": p.name,
+                "shape": list(p.shape),
+                "dtype": DTYPE_CODES[p.tensor.dtype],
+                "box": list(map(list, p.box)),
+            }
+            for p in pieces
+        ]
+        info = {
+            "entries": entries,
+            "file": rank_file(self.rank),
+            "coordinate": list(coordinate),
+            "rng": list(rank_tensors),
+        }
+        self._pending = _Save(step, staging, tensors, info, meta)
+        if self.async_save:
+            self._pending.thread = threading.Thread(target=self._write, args=(self._pending,), daemon=True)
+            self._pending.thread.start()
+        else:
+            self._write(self._pending)
+            self.wait()
+
+    def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in host memory: itself when on CPU and written synchronously, else a copy (async:
+        training will change ``t``), pinned on CUDA for a fast non-blocking transfer (the caller
+        synchronizes)."""
+        t = t.detach()
+        if t.device.type == "cpu" and not self.async_save:
+            return t
+        host = self._host.get(key)
+        if host is None or host.shape != t.shape or host.dtype != t.dtype:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            if self.async_save:
+                self._host[key] = host
+        return host.copy_(t, non_blocking=t.is_cuda)
+
+    def _write(self, save: _Save) -> None:
+        """Write and publish this rank's file (rank 0: also the extra files); errors are recorded."""
+        try:
+            rel = f"{save.staging}/{save.info['file']}"
+            local = self.storage.writable_path(rel)
+            digest, nbytes = write_tensor_file(local, save.tensors)
+            self.storage.publish(local, rel)
+            save.files[save.info["file"]] = {"sha256": digest, "bytes": nbytes}
+            if self.rank == 0:
+                for name, src in self.extra_files.items():
+                    self.storage.copy_in(src, f"{save.staging}/{name}")
+                    save.files[name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
+        except Exception as e:  # reported by finalize on every rank; never committed
+            save.error = f"{type(e).__name__}: {e}"
+        finally:
+            save.tensors = None  # the host copies are no longer needed
+
+    def finalize(self) -> None:
+        """Commit the save in flight, or record why it failed (collective; call only when no rank
+        is writing any more: after :meth:`wait`'s join, or when the trainer's all-reduce says so)."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return
+        gathered = collectives.all_gather({**save.info, "files": save.files, "error": save.error})
+        outcome = None
+        if self.rank == 0:
+            errors = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]
+            if not errors:
+                try:
+                    self._commit(save, gathered)
+                except Exception as e:  # reported on every rank below, never raised between collectives
+                    errors.append(f"rank 0: commit failed: {type(e).__name__}: {e}")
+            if errors:
+                self.storage.remove(save.staging)
+                outcome = f"checkpoint of step {save.step} was not saved: " + "; ".join(errors)
+        outcome = collectives.broadcast(outcome)
+        if outcome:
+            log.error("%s", outcome)
+            self.failed = self.failed or outcome
+        elif self.rank == 0:
+            log.info("saved checkpoint %s", self.storage.url(step_dir_name(save.step)))
+
+    def _commit(self, save: _Save, gathered: list[dict]) -> None:
+        tensors: dict[str, dict] = {}
+        for g in gathered:
+            for e in g["entries"]:
+                t = tensors.setdefault(e["name"], {"shape": e["shape"], "dtype": e["dtype"], "shards": []})
+                t["shards"].append({"file": g["file"], "key": box_key(e["name"], e["box"]), "box": e["box"]})
+        meta = {
+            "format": FORMAT,
+            **save.meta,
+            "tensors": dict(sorted(tensors.items())),
+            "ranks": [{"file": g["file"], "coordinate": g["coordinate"], "rng": g["rng"]} for g in gathered],
+            "files": dict(sorted((name, info) for g in gathered for name, info in g["files"].items())),
+        }
+        final = step_dir_name(save.step)
+        self.storage.write_text(f"{save.staging}/{METADATA}", json.dumps(meta, indent=1) + "\n")
+        self.storage.commit(save.staging, final)
+        self.storage.write_text(LATEST, final + "\n")
+        older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < save.step]
+        for name in older[: max(0, len(older) - (self.keep - 1))]:
+            self.storage.remove(name)
+
+    def wait(self) -> None:
+        """Finish the save in flight (join, finalize) and raise if any save failed (collective)."""
+        if self._pending is not None:
+            if self._pending.thread is not None:
+                self._pending.thread.join()
+            self.finalize()
+        if self.failed:
+            failed, self.failed = self.failed, None
+            raise UserError(failed)
+
+    def close(self) -> None:
+        """End of training: finish the save in flight, raise a failure, drop local spool files."""
+        try:
+            self.wait()
+        finally:
+            self.storage.close()
+
+
+def save_weights(
+    root: str | Path, step: int, state: dict[str, torch.Tensor], config: dict, files: dict[str, Path]
+) -> str:
+    """Write a weights-only checkpoint of a single-device state dict from one process (``convert
+    from-hf``); returns its location. The trainer starts from it with a fresh optimizer."""
+    pieces = [Piece(f"model/{n}", tuple(t.shape), full_box(t.shape), t.detach().contiguous()) for n, t in state.items()]
+    dtype = next(iter(state.values())).dtype
+    layout = {"world_size": 1, "tp": 1, "pp": 1, "vp": 1, "dp": 1, "distributed_optimizer": False}
+    meta = {
+        "step": step,
+        "weights_only": True,
+        "config": config,
+        "layout": {**layout, "param_dtype": dtype_name(dtype)},
+        "optimizer": None,
+        "trainer": None,
+        "lineage": None,
+    }
+    writer = Checkpointer(root, keep=1, async_save=False, extra_files=files)
+    writer.save(step, pieces, {}, (0, 0, 0), meta)
+    writer.close()
+    return writer.storage.url(step_dir_name(step))

@@ -1,0 +1,69 @@
+"""Preemption: a signal asks for a checkpoint at the next step boundary and a clean exit.
+
+Clusters warn a job before killing it: Kubernetes and most schedulers send SIGTERM, SLURM sends
+the signal chosen with ``sbatch --signal=USR1@120`` to the job's tasks (with ``B:`` only to the
+batch shell, which must then pass it on). The handler only sets a flag, since a checkpoint needs collectives that
+cannot run inside a signal handler. Each step the trainer combines the flags of all ranks with one
+all-reduce (:func:`any_rank`, a few bytes): a signal that reached only some ranks still stops every
+rank at the same step, which saves a checkpoint and exits 0, so the job can be requeued and
+resume with ``checkpoint.resume=auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    """Sets :attr:`requested` on SIGTERM or SIGUSR1 while installed (a context manager).
+
+    Signal handlers can only be installed from the main thread; elsewhere (a trainer driven from
+    a worker thread) nothing is installed and :attr:`requested` stays False.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+        self.signals = signals
+        self.requested = False
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        log.warning(
+            "received %s: saving a checkpoint at the end of this step, then exiting", signal.Signals(signum).name
+        )
+
+    def install(self) -> PreemptionHandler:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag OR-ed over every rank of the world (one all-reduce of ``len(flags)`` bytes)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(flags)
+    t = torch.tensor(flags, dtype=torch.uint8, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]

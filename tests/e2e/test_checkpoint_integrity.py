@@ -1,0 +1,167 @@
+"""Partial, corrupt and failed checkpoints are detected and never silently trained from; loading
+never unpickles anything; a model that changed shape is one clear error naming the tensors."""
+
+import json
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint.reader import resolve_resume
+from megatron_lite.cli import main
+from megatron_lite.convert.io import open_checkpoint
+from megatron_lite.training.evaluate import load_model
+
+
+@pytest.fixture(scope="module")
+def saved(small_corpus, tmp_path_factory) -> tuple[list[str], Path]:
+    """(args, run dir) of a run with checkpoints at steps 2, 4 and 6."""
+    prefix, tok = small_corpus
+    run = tmp_path_factory.mktemp("saved") / "run"
+    args = [f"data.path={prefix}", f"data.tokenizer={tok}", "model.layers=2", "model.hidden=64", "model.heads=4"]
+    args += ["model.kv_heads=2", "model.seq_len=32", "train.micro_batch_size=4", "train.global_batch_size=8"]
+    args += ["train.steps=6", "optim.warmup=2", "log.progress=false", "data.valid_fraction=0"]
+    args += ["checkpoint.every=2", "checkpoint.keep=3", "log.every=1"]
+    assert main(["train", *args, f"log.dir={run}"]) == 0
+    return args, run
+
+
+def copy_run(saved, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(saved[1], run)
+    return run / "checkpoints"
+
+
+def missing_shard(step: Path) -> None:
+    (step / "rank_00000.safetensors").unlink()
+
+
+def flipped_byte(step: Path) -> None:
+    path = step / "rank_00000.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncated(step: Path) -> None:
+    path = step / "rank_00000.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def bad_tokenizer(step: Path) -> None:
+    (step / "tokenizer.model").write_bytes(b"not a tokenizer")
+
+
+def never_committed(step: Path) -> None:
+    (step / "metadata.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (missing_shard, "rank_00000.safetensors is missing"),
+        (flipped_byte, "does not match its sha256"),
+        (truncated, "expected"),
+        (bad_tokenizer, "tokenizer.model"),
+        (never_committed, "metadata.json is missing"),
+    ],
+)
+def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, caplog, damage, why):
+    ckpt = copy_run(saved, tmp_path)
+    damage(ckpt / "step_00000006")
+    with caplog.at_level(logging.WARNING):
+        reader = resolve_resume(ckpt, "auto")
+    assert reader.name == "step_00000004"
+    assert "skipping checkpoint" in caplog.text and why in caplog.text and "step_00000006" in caplog.text
+    # end to end: the run resumes at step 4 and trains 5 and 6 again
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={ckpt.parent}", "checkpoint.dir=" + str(ckpt)]) == 0
+    steps = [json.loads(x)["step"] for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [5, 6]
+
+
+def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
+    ckpt = copy_run(saved, tmp_path)
+    for step in ("step_00000002", "step_00000004"):
+        flipped_byte(ckpt / step)
+    truncated(ckpt / "step_00000006")
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={ckpt.parent}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "refusing to start from scratch" in err and len(err.splitlines()) == 1
+    resume = f"checkpoint.resume={ckpt / 'step_00000004'}"
+    assert main(["train", *args, f"log.dir={ckpt.parent}", resume]) == 2
+    assert "is unusable: rank_00000.safetensors does not match its sha256" in capsys.readouterr().err
+
+
+def test_changed_model_is_one_error_listing_the_tensors(saved, tmp_path, capsys):
+    ckpt = copy_run(saved, tmp_path)
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={ckpt.parent}", "model.kv_heads=4", "model.layers=3"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit this model" in err and len(err.splitlines()) == 1
+    assert "model/layers.0.attn.qkv.weight: checkpoint [128, 64], model [192, 64]" in err
+    assert "model/layers.2.attn.qkv.weight: checkpoint missing, model [192, 64]" in err
+
+
+class _Payload:
+    """Unpickling this runs ``os.system``: what a malicious checkpoint file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_loading_never_unpickles(saved, tmp_path, monkeypatch):
+    ckpt = copy_run(saved, tmp_path)
+    step = ckpt / "step_00000006"
+    marker = tmp_path / "pwned"
+    for name in ("state.pt", "optimizer.pt"):  # planted and listed with valid checksums
+        (step / name).write_bytes(pickle.dumps(_Payload(marker)))
+    meta = json.loads((step / "metadata.json").read_text())
+    for name in ("state.pt", "optimizer.pt"):
+        data = (step / name).read_bytes()
+        meta["files"][name] = {"sha256": __import__("hashlib").sha256(data).hexdigest(), "bytes": len(data)}
+    (step / "metadata.json").write_text(json.dumps(meta))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint load unpickled something")
+
+    for target, name in [(pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")]:
+        monkeypatch.setattr(target, name, refuse)
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={ckpt.parent}", "train.steps=7"]) == 0  # resume: one process
+    load_model(ckpt, torch.device("cpu"))  # eval's reader
+    assert sum(1 for _ in open_checkpoint(ckpt, step=6).tensors()) > 0  # the converter's reader
+    assert not marker.exists()
+    with pytest.raises(AssertionError):  # the guard works: this pickle would have run its payload
+        pickle.loads((step / "state.pt").read_bytes())
+
+
+def test_failed_async_write_is_reported_and_never_committed(saved, tmp_path, monkeypatch, capsys):
+    from megatron_lite.checkpoint import writer
+
+    real, calls = writer.write_tensor_file, []
+
+    def full_disk(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, tensors)
+
+    monkeypatch.setattr(writer, "write_tensor_file", full_disk)
+    args, _ = saved
+    run = tmp_path / "run"
+    assert main(["train", *args, f"log.dir={run}", "checkpoint.async=true", "train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint of step 4 was not saved: rank 0: OSError" in err and "No space left on device" in err
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]  # no step 4, no temp dir
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    assert resolve_resume(ckpt, "auto").name == "step_00000002"
