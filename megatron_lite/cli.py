@@ -1,4 +1,4 @@
-"""``megatron-lite`` command line: train, eval, preprocess, tokenizer, doctor.
+"""``megatron-lite`` command line: train, eval, preprocess, tokenizer, convert, doctor, plan, launch.
 
 Every verb is a thin wrapper over library code. A :class:`UserError` (bad config, missing data,
 bad path) prints one ``error: ...`` line and exits 2, with no traceback.
@@ -99,22 +99,7 @@ def _launch(args: argparse.Namespace) -> int:
     return launch_slurm(job_from_args(args), dry_run=args.dry_run, wait=args.wait)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-lite", description="Megatron-style pretraining, easy to run.")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
-    t.add_argument("--config", help="YAML config file (see configs/)")
-    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    t.set_defaults(fn=_train)
-
-    e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's or one step's)")
-    e.add_argument("--text", required=True, help="UTF-8 text file")
-    e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    e.set_defaults(fn=_eval)
-
+def _add_data_verbs(sub) -> None:
     pp = sub.add_parser("preprocess", help="tokenize files/globs/JSONL into a .bin/.idx dataset")
     pp.add_argument("--input", nargs="+", required=True, help="files, globs or .jsonl files")
     pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
@@ -134,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(fn=_tokenizer)
 
+
+def _add_convert_verb(sub) -> None:
     cv = sub.add_parser("convert", help="Hugging Face interop: to-hf, from-hf, verify")
     cv_sub = cv.add_subparsers(dest="action", required=True, metavar="ACTION")
     ct = cv_sub.add_parser("to-hf", help="export a checkpoint as a transformers model directory")
@@ -150,9 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--hf", required=True, help="Hugging Face model directory")
     cv.set_defaults(fn=_convert)
 
-    d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(fn=_doctor)
+
+def _add_launch_verbs(sub) -> None:
     pl = sub.add_parser("plan", help="check a parallel layout for N ranks; memory and pipeline bubble")
     pl.add_argument("--config", help="YAML config file (see configs/)")
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
@@ -167,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     la_sub = la.add_subparsers(dest="target", required=True, metavar="TARGET")
     add_slurm_arguments(la_sub.add_parser("slurm", help="sbatch launch/train.sbatch for this config"))
     la.set_defaults(fn=_launch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every verb: train, eval, preprocess, tokenizer, convert, doctor, plan, launch."""
+    p = argparse.ArgumentParser(prog="megatron-lite", description="Megatron-style pretraining, easy to run.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
+    t.add_argument("--config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's or one step's)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.set_defaults(fn=_eval)
+
+    _add_data_verbs(sub)
+    _add_convert_verb(sub)
+    d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=_doctor)
+    _add_launch_verbs(sub)
     return p
 
 
