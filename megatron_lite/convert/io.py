@@ -17,25 +17,13 @@ from typing import Any
 
 import torch
 
+from megatron_lite.checkpoint.format import DTYPE_CODES
 from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 
 Shape = tuple[int, ...]
-# safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
-_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+_FROM_CODE = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 @dataclass
@@ -166,7 +154,7 @@ class ShardedWriter:
         offset = 0
         for name, shape, dtype in shard:
             end = offset + _nbytes(shape, dtype)
-            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
             offset = end
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # keeps the data 8-byte aligned, as safetensors itself does

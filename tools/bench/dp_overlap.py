@@ -35,6 +35,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_common import llama_config
 
 from megatron_lite.config import ModelConfig, OptimConfig
 from megatron_lite.models.transformer import build_model, count_parameters
@@ -117,20 +118,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     mesh, barrier = ParallelMesh.build(ParallelDims(dp=world)), dist.new_group(backend="gloo")
-    cfg = ModelConfig(
-        arch="llama",
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.hidden // 64,
-        kv_heads=args.hidden // 64,
-        ffn_hidden=args.ffn,
-        vocab_size=args.vocab,
-        seq_len=args.seq,
-        norm="rmsnorm",
-        activation="swiglu",
-        tie_embeddings=False,
-        norm_eps=1e-5,
-    )
+    cfg = llama_config(args)
     runs = [Run(args, cfg, mesh, distributed, overlap) for _, distributed, overlap in MODES]
     per_step: list[list] = [[] for _ in MODES]
     for _ in range(args.rounds):  # modes interleaved, so drift in machine speed hits them alike

@@ -39,8 +39,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_common import llama_config
 
-from megatron_lite.config import ModelConfig
 from megatron_lite.parallel.pipeline.actions import COMPUTE
 from megatron_lite.parallel.pipeline.partition import build_stage_chunks, plan_for_model
 from megatron_lite.parallel.pipeline.runtime import PipelineRuntime
@@ -48,23 +48,6 @@ from megatron_lite.parallel.pipeline.schedules import build_schedule
 from megatron_lite.parallel.pipeline.simulate import Costs, simulate, theory_bubble_ratio
 
 SCHEDULES = [("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
-
-
-def _cfg(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        arch="llama",
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.hidden // 64,
-        kv_heads=args.hidden // 64,
-        ffn_hidden=args.ffn,
-        vocab_size=args.vocab,
-        seq_len=args.seq,
-        norm="rmsnorm",
-        activation="swiglu",
-        tie_embeddings=False,
-        norm_eps=1e-5,
-    )
 
 
 def _ping_pong(rank: int, shape: tuple[int, ...], rounds: int = 20) -> float:
@@ -83,7 +66,7 @@ def _ping_pong(rank: int, shape: tuple[int, ...], rounds: int = 20) -> float:
 
 def _run_schedule(rank: int, args: argparse.Namespace, name: str, vp: int) -> dict:
     """This rank's records of each measured step: compute spans, transfer-batch spans, memory."""
-    cfg = _cfg(args)
+    cfg = llama_config(args)
     partition = plan_for_model(cfg, args.pp, vp)
     chunks = build_stage_chunks(cfg, partition, rank, seed=0)
     schedule = build_schedule(name, args.pp, vp, args.microbatches)
