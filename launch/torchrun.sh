@@ -19,6 +19,11 @@ RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or st
 RDZV_ID=${RDZV_ID:-megatron-lite}      # the same on every machine of a job, new for each job
 PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
 
+if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "launch/torchrun.sh: no CUDA device here (or no torch for $PYTHON); for CPU ranks set" \
+       "NPROC_PER_NODE=<ranks>, e.g. NPROC_PER_NODE=4 bash launch/torchrun.sh ..." >&2
+  exit 2
+fi
 if [ "$NNODES" -eq 1 ]; then
   # --standalone: a private rendezvous on a free local port; nothing to configure.
   exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" \

@@ -117,6 +117,8 @@ class Plan:
 def check_layout(cfg: Config, world_size: int) -> Layout:
     """Every pre-launch check of ``cfg`` (defaults already filled) on ``world_size`` ranks; raises
     :class:`UserError` naming the problem. Pure: the trainer can call it before any process group."""
+    if world_size < 1:
+        raise UserError(f"the world size must be a positive number of ranks, got {world_size}")
     validate(cfg, world_size)
     p = cfg.parallel
     dims = ParallelDims.resolve(world_size, tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp)

@@ -208,6 +208,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
     launcher: str = "none"  # "torchrun" | "slurm" | "none"
+    local_world_size: int = 1  # ranks on this machine (they share its CPU cores)
 
 
 def parse_nodelist(nodelist: str) -> list[str]:
@@ -265,16 +266,20 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
             raise UserError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: launch with torchrun")
         rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
         local = _int_env(environ, "LOCAL_RANK", "0")
+        local_world = _int_env(environ, "LOCAL_WORLD_SIZE", "1")
         addr, launcher = environ["MASTER_ADDR"], "torchrun"
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         rank, world = _int_env(environ, "SLURM_PROCID"), _int_env(environ, "SLURM_NTASKS")
         local = _int_env(environ, "SLURM_LOCALID", "0")
+        # "2(x3)": 2 tasks on each of 3 nodes; the first count is this layout's per-node size
+        per_node = re.match(r"\d+", environ.get("SLURM_STEP_TASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", "1")))
+        local_world = int(per_node.group()) if per_node else 1
         addr, launcher = environ.get("MASTER_ADDR") or _first_host(environ, hostnames), "slurm"
     else:
         return DistEnv()
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
-    return DistEnv(rank, world, local, addr, port, launcher)
+    return DistEnv(rank, world, local, addr, port, launcher, local_world)
 
 
 def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> str:

@@ -52,31 +52,52 @@ def flops_per_token(m: ModelConfig, seq_len: int | None = None) -> float:
 
 def _cpu_cache_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "megatron-lite" / "cpu_peak.json"
+    return Path(root) / "megatron-lite" / "cpu_peak_v2.json"
 
 
-def measure_cpu_peak(seconds: float = 1.0, n: int = 1024) -> float:
-    """Achievable fp32 matmul FLOP/s of this CPU at the current thread count."""
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_cpu_peak(seconds: float = 1.0, n: int = 1024, trials: int = 5) -> float:
+    """Achievable fp32 matmul FLOP/s of this CPU at the current thread count: the best of
+    ``trials`` timings, since anything else running can only make a trial slower."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up the BLAS thread pool
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / trials:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
 
 
 def cpu_peak_flops() -> float:
-    """The CPU's fp32 GEMM peak, measured once per (processor, threads) and cached on disk."""
-    key = f"{platform.processor() or platform.machine()}|{torch.get_num_threads()}|{torch.__version__}"
+    """The whole machine's fp32 GEMM peak (every core, best of several trials), measured once per
+    CPU model, core count and torch version, and cached on disk."""
+    cores = os.cpu_count() or 1
+    key = f"{_cpu_model()}|{cores} cores|torch {torch.__version__}"
     path = _cpu_cache_path()
     try:
         cached = json.loads(path.read_text())
-        if key in cached:
-            return float(cached[key])
     except (OSError, ValueError):
         cached = {}
-    peak = measure_cpu_peak()
+    if key in cached:
+        return float(cached[key])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        peak = measure_cpu_peak()
+    finally:
+        torch.set_num_threads(threads)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**cached, key: peak}))
@@ -85,10 +106,11 @@ def cpu_peak_flops() -> float:
     return peak
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s for MFU, or None (with a warning) for an unknown GPU: never a made-up number."""
+def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int = 1) -> float | None:
+    """Peak FLOP/s of one rank for MFU, or None (with a warning) for an unknown GPU: never a made-up
+    number. On CPU the ranks of a machine share its cores: each gets the machine's peak / their count."""
     if device.type == "cpu":
-        return cpu_peak_flops()
+        return cpu_peak_flops() / max(local_world_size, 1)
     if device.type != "cuda":
         log.warning("no peak FLOP/s known for device type %s; MFU will not be reported", device.type)
         return None

@@ -103,7 +103,9 @@ class Trainer:
             wandb=cfg.log.wandb,
             wandb_project=cfg.log.wandb_project,
         )
-        self.throughput = Throughput(flops_per_token(cfg.model), peak_flops(self.device, self.dtype), self.world)
+        # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention
+        peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
+        self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
         self._log_setup()
 
     def _prepare_data(self) -> build.DataBundle:
@@ -262,8 +264,8 @@ class Trainer:
 
     def _after_step(self, out: dict, bar: tqdm) -> dict | None:
         cfg, step = self.cfg, self.step
+        bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)  # before update(), which redraws
         bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
         record = None
         is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
         if step % cfg.log.every == 0 or step == cfg.train.steps or is_eval:

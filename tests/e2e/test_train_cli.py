@@ -108,3 +108,13 @@ def test_compiled_blocks_train_like_eager(tiny_args, tmp_path):
     compiled = [*tiny_args[:-1], f"log.dir={tmp_path / 'compiled'}", "train.steps=3", "train.compile=true"]
     assert main(["train", *eager]) == 0 and main(["train", *compiled]) == 0
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+
+
+def test_only_rank_zero_prints_a_launch_wide_error(monkeypatch, capsys):
+    """Under torchrun every rank reaches the same verdict; one `error:` line, not one per rank."""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "train.stpes=3"]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "train.stpes=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown config key 'train.stpes'")

@@ -1,0 +1,111 @@
+"""LR schedule, FLOPs/MFU accounting, CPU peak cache, and the metric trackers."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from megatron_lite.config import OptimConfig, fill_defaults, load_config
+from megatron_lite.training import metrics
+from megatron_lite.training.lr import lr_at
+from megatron_lite.training.trackers import Trackers
+
+
+def test_lr_warmup_then_cosine_to_min():
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup=4, decay_steps=10)
+    assert [lr_at(s, o) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, o) == pytest.approx(1.0)
+    assert lr_at(9, o) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(14, o) == pytest.approx(0.1) and lr_at(100, o) == pytest.approx(0.1)
+
+
+def test_flops_per_token_counts_every_matmul():
+    cfg = fill_defaults(
+        load_config(
+            None,
+            [
+                "model.layers=2",
+                "model.hidden=64",
+                "model.heads=4",
+                "model.kv_heads=2",
+                "model.ffn_hidden=128",
+                "model.seq_len=16",
+            ],
+        ),
+        vocab_size=100,
+    ).model
+    hd = 16
+    per_layer = 2 * 64 * (4 + 2 * 2) * hd + 2 * 2 * 16 * 4 * hd * 0.5 + 2 * 64 * 64 + 3 * 2 * 64 * 128
+    assert metrics.flops_per_token(cfg) == 3 * (2 * per_layer + 2 * 64 * 100)
+    gelu = fill_defaults(load_config(None, ["model.arch=gpt2", "model.hidden=64", "model.heads=4"]), 100).model
+    assert metrics.flops_per_token(gelu) < metrics.flops_per_token(
+        fill_defaults(load_config(None, ["model.hidden=64", "model.heads=4", f"model.ffn_hidden={4 * 64}"]), 100).model
+    )
+
+
+def test_throughput_and_mfu():
+    t = metrics.Throughput(flops_per_tok=10.0, peak=1000.0, world_size=2)
+    t.add(tokens=300, seconds=1.0)
+    t.add(tokens=100, seconds=1.0)
+    assert t.report() == {"tokens_per_s": 200.0, "mfu": 200.0 * 10.0 / 2000.0}
+    assert t.report() == {"tokens_per_s": 0.0, "mfu": 0.0}  # reset after a report
+    assert metrics.Throughput(10.0, None).report()["mfu"] is None
+
+
+def test_cpu_peak_is_measured_once_per_machine_and_shared_by_local_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(metrics, "measure_cpu_peak", lambda: calls.append(torch.get_num_threads()) or 8e10)
+    assert metrics.peak_flops(torch.device("cpu"), torch.float32) == 8e10
+    assert metrics.peak_flops(torch.device("cpu"), torch.float32, local_world_size=4) == 2e10
+    assert len(calls) == 1  # cached on disk after the first measurement
+    assert calls[0] == (__import__("os").cpu_count() or 1)  # measured with every core
+    assert list(json.loads((tmp_path / "megatron-lite" / "cpu_peak_v2.json").read_text()).values()) == [8e10]
+
+
+def test_unknown_device_gets_no_made_up_peak(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert metrics.peak_flops(torch.device("meta"), torch.float32) is None
+    assert "MFU will not be reported" in caplog.text
+
+
+def test_measured_cpu_peak_is_plausible():
+    peak = metrics.measure_cpu_peak(seconds=0.2, n=256, trials=2)
+    assert 1e8 < peak < 1e14
+
+
+def test_trackers_write_jsonl_and_never_crash_on_optional_ones(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with caplog.at_level(logging.WARNING):
+        tr = Trackers(tmp_path, {"a": 1}, active=True, tensorboard=True, wandb=True, wandb_project="t")
+        tr.log({"step": 1, "loss": 2.5, "mfu": None, "eval_loss": float("nan")}, 1)
+        tr.close()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line == {"step": 1, "loss": 2.5, "mfu": None, "eval_loss": None}  # NaN is not JSON
+    assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
+
+
+def test_a_broken_optional_tracker_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("no wandb here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with caplog.at_level(logging.WARNING):
+        tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=True, wandb_project="t")
+        tr.log({"step": 1, "loss": 1.0}, 1)
+        tr.close()
+    assert "log.wandb=true but the tracker could not start" in caplog.text
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    inactive = Trackers(tmp_path / "other", {}, active=False, tensorboard=True, wandb=True, wandb_project="t")
+    inactive.log({"step": 1}, 1)
+    assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
