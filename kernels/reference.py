@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
+
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
@@ -87,6 +89,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Scaled dot-product attention; q (B, H, T, D), k and v (B, Hkv, T, D) with Hkv dividing H."""
     h, hkv = q.shape[1], k.shape[1]
     if h != hkv:
+        if _SDPA_GQA:  # torch >= 2.5: grouped heads without materialising repeated K/V (exactly equal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
         # Grouped-query attention: each KV head serves h // hkv consecutive query heads.
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
