@@ -4,6 +4,7 @@ a bare ``srun``'s, resolve to the same world, build a mesh and all-reduce."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,9 +21,16 @@ print(env.launcher, env.rank, t.item())
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Below the kernel's ephemeral range (32768+), so no other process's outgoing connection can
+    be handed this port between this check and the rendezvous binding it."""
+    for port in random.Random().sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def test_torchrun_and_srun_envs_join_one_world():

@@ -4,12 +4,15 @@ and a rank that fails during setup takes every rank down with its own error."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,9 +47,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port BELOW the kernel's ephemeral range (32768+ here): a port the OS handed out as
+    ephemeral can be handed again to another process's outgoing connection (the gloo worlds of
+    other tests open many) before the rendezvous binds it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -54,13 +67,29 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[str]:
-    """Outputs of ``procs`` (each started in its own session); on timeout kill their groups."""
-    try:
-        return [p.communicate(timeout=timeout_s)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            os.killpg(p.pid, signal.SIGKILL)
-        raise
+    """Outputs of ``procs`` (each started in its own session). When one fails, or the time is up,
+    the others are killed (their process groups) so the test reports every output at once."""
+    outs: list[str] = [""] * len(procs)
+
+    def read(i: int) -> None:  # drain each pipe in a thread, so no process blocks on a full pipe
+        outs[i] = procs[i].communicate()[0]
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+    for r in readers:
+        r.start()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        if any(p.returncode not in (None, 0) for p in procs):
+            time.sleep(5)  # let the others notice and report the failure themselves
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    for r in readers:
+        r.join()
+    return outs
 
 
 def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
