@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sys
 
+import torch.distributed as dist
+
 from megatron_lite.config import load_config
 
 
@@ -13,7 +15,13 @@ def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
     from megatron_lite.training.trainer import Trainer
 
     cfg = load_config(config_path, overrides)
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        # a process group left alive at interpreter exit can abort in gloo's teardown (SIGABRT),
+        # which torchrun reports as a failed rank after a successful run
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

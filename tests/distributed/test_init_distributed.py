@@ -4,10 +4,10 @@ a bare ``srun``'s, resolve to the same world, build a mesh and all-reduce."""
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
+
+from ports import free_port
 
 RANK_SCRIPT = """
 import torch, torch.distributed as dist
@@ -17,24 +17,12 @@ mesh = ParallelMesh.build(ParallelDims.resolve(env.world_size, tp=2))
 t = torch.tensor([float(env.rank + 1)])
 dist.all_reduce(t, group=mesh.tp_group)
 print(env.launcher, env.rank, t.item())
+dist.destroy_process_group()  # a group alive at exit can abort in gloo's teardown
 """
 
 
-def _free_port() -> int:
-    """Below the kernel's ephemeral range (32768+), so no other process's outgoing connection can
-    be handed this port between this check and the rendezvous binding it."""
-    for port in random.Random().sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
-
-
 def test_torchrun_and_srun_envs_join_one_world():
-    port = str(_free_port())
+    port = str(free_port())
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
     torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "127.0.0.1"}

@@ -7,9 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from megatron_lite.cli import main
 
@@ -44,22 +43,6 @@ except UserError as e:
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without any launcher's variables, plus ``extra``."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_VARS)}, **extra}
-
-
-def free_port() -> int:
-    """A free port BELOW the kernel's ephemeral range (32768+ here): a port the OS handed out as
-    ephemeral can be handed again to another process's outgoing connection (the gloo worlds of
-    other tests open many) before the rendezvous binds it."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def losses(run_dir: Path) -> list[float]:
