@@ -2,10 +2,13 @@
 
 A config is one :class:`Config` of sections (``model``, ``parallel``, ``optim``, ``train``, ``data``,
 ``checkpoint``, ``log``, ``kernels``). Each field's docstring is the attribute docstring right below
-it; ``docs/config.md`` is generated from them by ``tools/gen_config_docs.py``.
+it; ``docs/config.md`` is generated from them by ``python -m megatron_lite.config_docs``.
 
 Loading order: dataclass defaults <- YAML file <- ``section.key=value`` overrides. Unknown
 sections or keys are a :class:`UserError` naming the key and the closest valid one.
+
+Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`,
+:func:`accumulation_steps`) lives in ``config_validate.py`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from megatron_lite.config_validate import accumulation_steps, fill_defaults, validate  # noqa: F401  re-exported
 from megatron_lite.errors import UserError
 
 
@@ -332,115 +336,3 @@ def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
 def dumps(cfg: Config) -> str:
     """Compact JSON of the resolved config, for logs and checkpoint metadata."""
     return json.dumps(cfg.to_dict(), sort_keys=True)
-
-
-_CHOICES = {
-    ("model", "arch"): ("llama", "gpt2"),
-    ("model", "norm"): ("rmsnorm", "layernorm"),
-    ("model", "activation"): ("swiglu", "gelu"),
-    ("parallel", "schedule"): ("gpipe", "1f1b", "interleaved", "zb-h1"),
-    ("train", "dtype"): ("auto", "fp32", "bf16", "fp16"),
-    ("train", "recompute"): ("none", "full", "selective"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("kernels", "backend"): ("auto", "triton", "torch"),
-}
-_POSITIVE = {
-    "model": ("layers", "hidden", "heads", "seq_len"),
-    "parallel": ("tp", "pp", "vp"),
-    "train": ("steps", "micro_batch_size", "global_batch_size", "eval_iters"),
-    "checkpoint": ("keep",),
-    "log": ("every",),
-    "data": ("vocab_size",),
-}
-
-
-def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
-    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps)."""
-    m = cfg.model
-    gpt2 = m.arch == "gpt2"
-    m.kv_heads = m.kv_heads or m.heads
-    if m.ffn_hidden is None:
-        m.ffn_hidden = 4 * m.hidden if gpt2 else -(-(8 * m.hidden // 3) // 64) * 64
-    m.norm = m.norm or ("layernorm" if gpt2 else "rmsnorm")
-    m.activation = m.activation or ("gelu" if gpt2 else "swiglu")
-    m.tie_embeddings = gpt2 if m.tie_embeddings is None else m.tie_embeddings
-    m.norm_eps = 1e-5 if m.norm_eps is None else m.norm_eps
-    if m.vocab_size is None:
-        m.vocab_size = vocab_size
-    if cfg.optim.decay_steps is None:
-        cfg.optim.decay_steps = max(cfg.train.steps - cfg.optim.warmup, 1)
-    if cfg.checkpoint.dir is None:
-        cfg.checkpoint.dir = str(Path(cfg.log.dir) / "checkpoints")
-    return cfg
-
-
-def _check_fields(cfg: Config) -> None:
-    for (section, key), options in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value is not None and value not in options:
-            raise UserError(f"{section}.{key}={value!r} is not one of: {', '.join(options)}")
-    for section, keys in _POSITIVE.items():
-        for key in keys:
-            value = getattr(getattr(cfg, section), key)
-            if value is None or value < 1:
-                raise UserError(f"{section}.{key} must be a positive integer, got {value!r}")
-    o = cfg.optim
-    if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
-        raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
-    if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
-        raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
-    if not 0 <= cfg.data.valid_fraction < 1:
-        raise UserError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.path):
-        raise UserError(f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}")
-
-
-def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
-    if m.hidden % m.heads:
-        raise UserError(
-            f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}): "
-            f"{m.hidden} % {m.heads} = {m.hidden % m.heads}"
-        )
-    if m.kv_heads < 1 or m.heads % m.kv_heads:
-        raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
-    if m.arch == "llama" and (m.hidden // m.heads) % 2:
-        raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")
-    if m.arch == "gpt2" and (m.norm, m.activation) != ("layernorm", "gelu"):
-        raise UserError("model.arch=gpt2 uses norm=layernorm and activation=gelu")
-    if m.ffn_hidden < 1:
-        raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
-    if (need_vocab or m.vocab_size is not None) and (m.vocab_size is None or m.vocab_size < 2):
-        raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
-
-
-def _check_layout(cfg: Config, world_size: int) -> int:
-    from megatron_lite.parallel.mesh import ParallelDims  # the one owner of the layout arithmetic
-
-    p, t = cfg.parallel, cfg.train
-    dp = ParallelDims.resolve(world_size, p.tp, p.pp, p.dp, p.vp).dp
-    if p.sp and p.tp == 1:
-        raise UserError("parallel.sp=true needs parallel.tp > 1")
-    per_step = t.micro_batch_size * dp
-    if t.global_batch_size % per_step:
-        raise UserError(
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}"
-        )
-    return dp
-
-
-def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Config:
-    """Check every field and the cross-field arithmetic; fills ``parallel.dp``. Errors show the numbers.
-
-    ``need_vocab=False`` allows an unresolved ``model.vocab_size`` (it comes from the tokenizer),
-    so the layout can be checked before any data is opened.
-    """
-    _check_fields(cfg)
-    _check_model(cfg.model, need_vocab)
-    cfg.parallel.dp = _check_layout(cfg, world_size)
-    return cfg
-
-
-def accumulation_steps(cfg: Config) -> int:
-    """Microbatches per optimizer step on each rank: global = micro x accumulation x dp."""
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * cfg.parallel.dp)
