@@ -43,8 +43,11 @@ def test_async_save_runs_behind_training(tiny_args, tmp_path, monkeypatch):
     slow, progressed, holder = writer.write_tensor_file, [], {}
 
     def delayed(path, tensors):
-        before = holder["trainer"].step
-        time.sleep(0.4)
+        # the first two writes last until training is two steps further (or 20 s pass: a save that
+        # blocked training would never see it move), whatever the machine's load
+        before, deadline = holder["trainer"].step, time.monotonic() + 20
+        while len(progressed) < 2 and holder["trainer"].step < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         progressed.append(holder["trainer"].step - before)
         return slow(path, tensors)
 
