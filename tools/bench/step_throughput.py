@@ -1,11 +1,18 @@
 """Train-step throughput of megatron-lite against two baselines, in one process.
 
     python tools/bench/step_throughput.py [--steps 8] [--layers 6] [--hidden 384] [--seq 256] [--batch 8]
+    python tools/bench/step_throughput.py --device cuda --layers 12 --hidden 2048 --heads 16 \
+        --kv-heads 4 --ffn 5632 --seq 2048 --batch 4          # a ~0.56B Llama on one GPU, bf16
 
 1. ours: the framework's own ``Trainer.train_step`` (model, loss, backward, clipping, AdamW);
 2. plain: the same Llama written here in plain eager PyTorch, the straightforward way (separate
    q/k/v and gate/up projections, rotate-half RoPE, SDPA), with the same optimizer and clipping;
 3. hf: ``transformers.LlamaForCausalLM`` with the same config, batch, optimizer and clipping.
+
+Precision: fp32 on CPU. With ``--dtype bf16`` (the default on CUDA) ours runs its own bf16 regime
+(bf16 parameters and activations, fp32 main grads and master weights, ``parallel/precision.py``)
+and the two baselines run the way their users train in bf16: fp32 parameters and AdamW under
+``torch.autocast(dtype=torch.bfloat16)`` (what ``transformers.Trainer(bf16=True)`` does).
 
 The three run in interleaved rounds (ours, plain, hf, ours, ...) so machine noise hits all alike;
 each reports the median step time. The last line is JSON: ``{"vs_plain_torch": r1, "vs_hf": r2}``
@@ -84,12 +91,14 @@ class PlainLlama(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def make_step(model: nn.Module, loss_of, lr: float = 1e-3):
+def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, lr: float = 1e-3):
     """One optimizer step of ``model`` the way every baseline does it: backward, clip, AdamW."""
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
     def step(batch: torch.Tensor) -> float:
-        loss = loss_of(batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_of(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         opt.step()
@@ -118,17 +127,20 @@ def build_all(a: argparse.Namespace):
         "checkpoint.resume=none",
         "data.valid_fraction=0",
         f"log.dir={tempfile.mkdtemp()}",
-        "train.device=cpu",
+        f"train.device={a.device}",
+        f"train.dtype={a.dtype}",
     ]
     trainer = Trainer(load_config(None, ov))
     vocab = trainer.cfg.model.vocab_size
-    batch = trainer.loader.next_step()[0]
+    device = trainer.device
+    batch = trainer.loader.next_step()[0].to(device)
+    autocast = a.dtype == "bf16"
 
     def ours(_batch: torch.Tensor) -> float:
         return trainer.train_step()["loss"]
 
     plain_model = PlainLlama(vocab, a.hidden, a.layers, a.heads, a.kv_heads, a.ffn, a.seq)
-    plain = make_step(plain_model, lambda b: plain_model(b[:, :-1], b[:, 1:]))
+    plain = make_step(plain_model, lambda b: plain_model(b[:, :-1], b[:, 1:]), device, autocast)
     hf_cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=a.hidden,
@@ -142,7 +154,7 @@ def build_all(a: argparse.Namespace):
     )
     hf_model = LlamaForCausalLM(hf_cfg)
     # HF shifts labels internally: T+1 tokens in gives the same T predictions as ours
-    hf = make_step(hf_model, lambda b: hf_model(input_ids=b, labels=b).loss)
+    hf = make_step(hf_model, lambda b: hf_model(input_ids=b, labels=b).loss, device, autocast)
     return {"ours": ours, "plain": plain, "hf": hf}, batch
 
 
@@ -156,7 +168,10 @@ def main() -> None:
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
     a = p.parse_args()
+    a.dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     if not default_corpus_files():
         sys.exit("no stdlib corpus found")
     steps, batch = build_all(a)
@@ -172,7 +187,8 @@ def main() -> None:
     print(f"{'impl':<8}{'median step (ms)':>18}{'tokens/s':>12}")
     for k, v in times.items():
         print(f"{k:<8}{statistics.median(v) * 1e3:>18.1f}{tps[k]:>12.0f}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {a.batch} x {a.seq}")
+    where = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {a.dtype}, batch {a.batch} x {a.seq}")
     print(
         json.dumps(
             {

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run: the CUDA tests, the kernel benchmark and the step
+# throughput benchmark on a one-GPU machine that already has torch, Triton and transformers.
+#
+#   bash tools/gpu_check.sh [OUT_DIR]        # logs and the benchmarks' JSON lines land in OUT_DIR
+#
+# Each part has its own time limit, so one slow part cannot starve the rest; the exit status is
+# non-zero when any part failed. The limits add up to under 10 minutes. The CPU-only suite (tools/run_tests.sh) skips these tests.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$out"
+status=0
+
+part() {  # part NAME SECONDS COMMAND...: run one part, log to OUT/NAME.log, echo its tail
+    local name="$1" limit="$2"
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc $rc in $((SECONDS - start)) s"
+    tail -n 25 "$out/$name.log"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
+part install 60 pip install --no-deps --no-build-isolation -q -e .
+part tests_gpu 180 python -m pytest tests/gpu tests/kernels -q -x -p no:cacheprovider
+part bench_kernels 150 python tools/bench/kernels.py
+part bench_step_small 60 python tools/bench/step_throughput.py --steps 10
+part bench_step_1b 120 python tools/bench/step_throughput.py --steps 6 --layers 12 --hidden 2048 \
+    --heads 16 --kv-heads 4 --ffn 5632 --seq 2048 --batch 4
+exit $status
