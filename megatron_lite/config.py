@@ -120,7 +120,9 @@ class TrainConfig:
     seed: int = 1234
     """Seed for init, data order and dropout: same seed -> same run."""
     dtype: str = "auto"
-    """``fp32``, ``bf16``, ``fp16`` or ``auto`` (bf16 on GPUs that support it, fp32 on CPU)."""
+    """``fp32``, ``bf16``, ``fp16``, ``fp8`` or ``auto`` (bf16 on GPUs that support it, fp32 on CPU).
+    ``fp8``: bf16 with the block projections as Transformer Engine FP8 layers (compute capability
+    8.9+, Transformer Engine installed, tp=1)."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``full`` (each block) or ``selective``."""
     device: str = "auto"

@@ -22,7 +22,7 @@ _CHOICES = {
     ("model", "norm"): ("rmsnorm", "layernorm"),
     ("model", "activation"): ("swiglu", "gelu"),
     ("parallel", "schedule"): ("gpipe", "1f1b", "interleaved", "zb-h1"),
-    ("train", "dtype"): ("auto", "fp32", "bf16", "fp16"),
+    ("train", "dtype"): ("auto", "fp32", "bf16", "fp16", "fp8"),
     ("train", "recompute"): ("none", "full", "selective"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("kernels", "backend"): ("auto", "triton", "torch"),

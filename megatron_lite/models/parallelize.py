@@ -237,7 +237,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group) -> torch.Te
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The single-device state dict (names, shapes, values; vocab padding stripped) of a model
     sharded by :func:`apply_tp`. A collective: every TP rank must call it."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+    # `_extra_state`: module state that is not a tensor of the model (Transformer Engine's FP8 scaling)
+    state = {k: v.detach() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     for name, module in model.named_modules():
         if isinstance(module, _SHARDED):
             state[f"{name}.weight"] = module.full_weight()

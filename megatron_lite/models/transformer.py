@@ -25,6 +25,7 @@ dim j pairs with dim j + hd/2, frequency ``rope_theta ** (-2j / hd)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
@@ -145,7 +146,12 @@ class LMLoss(nn.Module):
 
 class Transformer(nn.Module):
     """Decoder-only LM. ``forward(input_ids (B, T), labels=None)``: logits (B, T, V), or the mean
-    loss when ``labels`` (B, T) are given."""
+    loss when ``labels`` (B, T) are given.
+
+    ``layer_context``: a zero-argument factory of the context the blocks run in (default none;
+    ``train.dtype=fp8`` sets Transformer Engine's fp8_autocast, ``training/fp8.py``)."""
+
+    layer_context = contextlib.nullcontext
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -180,11 +186,12 @@ class Transformer(nn.Module):
 
     def run_layers(self, h: torch.Tensor) -> torch.Tensor:
         rope = self.rope(h.device)
-        for block in self.layers:
-            if self.recompute and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(block, h, rope, use_reentrant=False)
-            else:
-                h = block(h, rope)
+        with self.layer_context():
+            for block in self.layers:
+                if self.recompute and torch.is_grad_enabled():
+                    h = torch.utils.checkpoint.checkpoint(block, h, rope, use_reentrant=False)
+                else:
+                    h = block(h, rope)
         return h
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -32,7 +32,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is ~30x slower than fp32)."""
+    """The parameter dtype: ``auto`` -> bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is
+    ~30x slower than fp32); ``fp8`` -> bf16, with FP8 block GEMMs on top (``training/fp8.py``)."""
+    if name == "fp8":
+        return torch.bfloat16
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -6,6 +6,7 @@ One object for every layout; built in the documented order (each step needs the 
     pp > 1: only this rank's pipeline chunks          (built by name: the same values as the whole)
     apply_tp(each chunk, mesh, sp)                    this rank's tensor-parallel shard (no comm)
     Precision.cast_model                              bf16/fp16 parameters, when asked
+    fp8.enable (train.dtype=fp8)                      block projections as TE te.Linear, fp8_autocast
     DataParallelGrads(chunks, dp_group)               fp32 main grads in buckets, reduced in backward
     build_dp_optimizer(ddp, ...)                      ZeRO-1 (optim.distributed) or replicated AdamW
 
@@ -38,6 +39,7 @@ from megatron_lite.parallel.optimizer import build_dp_optimizer
 from megatron_lite.parallel.pipeline import PipelineRuntime, build_stage_chunks, tied_embedding_groups
 from megatron_lite.parallel.precision import Precision
 from megatron_lite.plan import Layout
+from megatron_lite.training import fp8
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class Engine:
         self.precision = Precision(dtype)
         for chunk in self.chunks:
             self.precision.cast_model(chunk)
+        if cfg.train.dtype == "fp8":  # after the cast, before the main grads and optimizer see the params
+            fp8.enable(self.chunks, dtype, mesh.dp_group)
         self.scaler = self.precision.make_scaler()
         self.runtime = self._build_runtime() if mesh.pp_size > 1 else None
         bucket = cfg.parallel.bucket_mb * 2**20 if cfg.parallel.bucket_mb else None

@@ -31,7 +31,7 @@ from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
 from megatron_lite.plan import Layout
-from megatron_lite.training import build
+from megatron_lite.training import build, fp8
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.fault import PreemptionHandler, any_rank
 from megatron_lite.training.lr import lr_at
@@ -61,6 +61,8 @@ class Trainer:
         self.env = init_distributed(cfg.parallel.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
+        if cfg.train.dtype == "fp8" and (why := fp8.fp8_problem(cfg, self.device)):
+            raise UserError(f"train.dtype=fp8: {why}")
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):

@@ -209,6 +209,7 @@ class PipelineChunk(nn.Module):
     rope = Transformer.rope
     embed_tokens = Transformer.embed_tokens
     run_layers = Transformer.run_layers
+    layer_context = Transformer.layer_context
     output_logits = Transformer.output_logits
     init_weights = Transformer.init_weights
 
