@@ -120,8 +120,11 @@ class Engine:
             before_last_backward=lambda c: self.ddp.buffers[c].set_last_microbatch(True),
             sync_tied_grads=False,  # the main-grad buffers sum it (sum_before_reduce)
         )
-        if runtime.tied is not None and not self.chunks[-1].is_first:
-            runtime.tied.pipeline_tied_copy = True  # counted once in the global grad norm (first stage)
+        if runtime.tied is not None and not any(c.is_first for c in self.chunks):
+            # the head's copy on the last stage's rank; the first stage's rank owns the embedding
+            # (interleaved: its chunks also include later stages). Counted once in the global grad
+            # norm and saved once in checkpoints, by the owner.
+            runtime.tied.pipeline_tied_copy = True
         return runtime
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:

@@ -91,3 +91,24 @@ def test_pipeline_checkpoint_reshards(world4, base, straight, tmp_path):
             assert losses[name] == pytest.approx(straight[3:], rel=1e-5), (name, rank, losses[name])
     one = run(base, tmp_path, "tp2_pp2->one_process", [], step3(tmp_path, "tp2_pp2"))
     assert one == pytest.approx(straight[3:], rel=1e-5)
+
+
+TIED = ["model.layers=4", "model.tie_embeddings=true"]
+INTERLEAVED = ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved"]
+
+
+def _interleaved_tied(rank: int, world: int, base: list[str], root: Path, port: int) -> list[float]:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run(base, root, "vp2_tied", [*TIED, *INTERLEAVED], "train.exit_after=3")
+    return run(base, root, "vp2_tied->vp2_tied", [*TIED, *INTERLEAVED], step3(root, "vp2_tied"))
+
+
+def test_interleaved_tied_checkpoint_holds_the_embedding(world4, base, tmp_path):
+    """Interleaved stages with tied embeddings: rank 0 holds the embedding and a later stage, the
+    last stage's rank the head's copy; the checkpoint must hold the embedding once (the owner's)."""
+    want = run(base, tmp_path, "tied_straight", TIED)[3:]
+    per_rank = world4.run(_interleaved_tied, base, tmp_path, 29500, timeout=240)
+    for rank, losses in enumerate(per_rank):
+        assert losses == pytest.approx(want, rel=1e-5), (rank, losses)
+    one = run(base, tmp_path, "vp2_tied->one_process", TIED, step3(tmp_path, "vp2_tied"))
+    assert one == pytest.approx(want, rel=1e-5)

@@ -1,8 +1,8 @@
 """The real Trainer under tensor, sequence and data parallelism equals the one-process run.
 
 Each layout trains the same tiny llama on the same corpus for a few steps with clipping (every step
-clips, so the global norm over dp, tp and pp shards is exercised); per-step losses must equal the
-single-process run within rtol 1e-5: TP and DP change the order of the reductions (fp32
+clips, so the global norm over dp, tp and pp shards is exercised); per-step losses and global
+gradient norms must equal the single-process run within rtol 1e-5: TP and DP change the order of the reductions (fp32
 all-reduces of partial sums), so bitwise equality is not expected, and 1e-5 is ~100x the
 differences measured.
 """
@@ -26,6 +26,8 @@ LAYOUTS = [
     ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=true"],  # tp=2 x pp=2, tied across stages
     ["parallel.pp=2", "optim.distributed=true", "parallel.schedule=zb-h1"],  # pp=2 x dp=2
     ["parallel.pp=4", "parallel.vp=2", "model.layers=8", "parallel.schedule=interleaved"],
+    # interleaved with tied embeddings: rank 0 holds the embedding AND later stages' chunks
+    ["parallel.pp=2", "parallel.vp=2", "model.layers=4", "parallel.schedule=interleaved", "model.tie_embeddings=true"],
 ]
 
 
@@ -52,13 +54,14 @@ def overrides(prefix: str, tok: str, run_dir: str) -> list[str]:
     ]
 
 
-def train_losses(args: list[str]) -> list[float]:
-    return [r["loss"] for r in Trainer(load_config(None, args)).fit()]
+def train_curves(args: list[str]) -> list[float]:
+    """Per step: the loss, then the global gradient norm (before clipping), flattened."""
+    return [x for r in Trainer(load_config(None, args)).fit() for x in (r["loss"], r["grad_norm"])]
 
 
 def _run_layouts(rank: int, world: int, base: list[str], port: int) -> list[list[float]]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return [train_losses([*base, *layout]) for layout in LAYOUTS]
+    return [train_curves([*base, *layout]) for layout in LAYOUTS]
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +78,9 @@ def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
     for i, layout in enumerate(LAYOUTS):
         model = tuple(x for x in layout if x.startswith("model."))  # the one-process twin of the layout
         if model not in references:
-            references[model] = train_losses([*base[:-1], f"log.dir={tmp_path / 'single'}", *model])
-        for rank, losses in enumerate(per_rank):
-            assert losses[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, losses[i])
+            references[model] = train_curves([*base[:-1], f"log.dir={tmp_path / 'single'}", *model])
+        for rank, curves in enumerate(per_rank):
+            assert curves[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, curves[i])
 
 
 def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:
