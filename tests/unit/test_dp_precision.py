@@ -76,3 +76,14 @@ def test_norm_skips_duplicates_but_not_their_infs():
     assert norm.item() == 5.0
     norm = global_grad_norm([(counted, g, 0), (duplicate, torch.tensor([math.inf, 0.0]), 0)], [], tp_rank=1)
     assert not torch.isfinite(norm)
+
+
+def test_norm_of_a_long_gradient_with_a_wide_range_is_accurate():
+    # like an embedding gradient: a few rows of large values, the rest tiny (tied-head softmax terms)
+    # (torch's single vector_norm of this vector on CPU is 2e-4 low)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.rand(8192 * 64 + 37, generator=gen) * 6e-5
+    g[:640] = torch.randn(640, generator=gen) * 0.05
+    want = g.double().square().sum().sqrt().item()
+    got = global_grad_norm([(_param(**{TP_SHARDED_ATTR: True}), g, 0)], [], tp_rank=0).item()
+    assert got == pytest.approx(want, rel=1e-6)
