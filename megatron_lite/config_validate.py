@@ -78,6 +78,21 @@ def _check_fields(cfg: Config) -> None:
         raise UserError(f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}")
 
 
+def _check_gpt2(m: ModelConfig) -> None:
+    """GPT-2 as Hugging Face's ``GPT2LMHeadModel`` computes it (the class ``convert to-hf`` writes):
+    LayerNorm, GELU and one K/V head per query head. Refused here, before training, not at export."""
+    if (m.norm, m.activation) != ("layernorm", "gelu"):
+        raise UserError(
+            f"model.arch=gpt2 uses norm=layernorm and activation=gelu, got norm={m.norm}, activation={m.activation}; "
+            "leave model.norm and model.activation unset (or use model.arch=llama for rmsnorm/swiglu)"
+        )
+    if m.kv_heads != m.heads:
+        raise UserError(
+            f"model.arch=gpt2 has no grouped-query attention: model.kv_heads={m.kv_heads} but "
+            f"model.heads={m.heads}; set model.kv_heads={m.heads} (equal to model.heads)"
+        )
+
+
 def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
     if m.hidden % m.heads:
         raise UserError(
@@ -88,8 +103,8 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
         raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
     if m.arch == "llama" and (m.hidden // m.heads) % 2:
         raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")
-    if m.arch == "gpt2" and (m.norm, m.activation) != ("layernorm", "gelu"):
-        raise UserError("model.arch=gpt2 uses norm=layernorm and activation=gelu")
+    if m.arch == "gpt2":
+        _check_gpt2(m)
     if m.ffn_hidden < 1:
         raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
     if (need_vocab or m.vocab_size is not None) and (m.vocab_size is None or m.vocab_size < 2):

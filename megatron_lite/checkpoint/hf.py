@@ -4,10 +4,16 @@ One :class:`Adapter` per architecture family holds a literal name map: each rule
 tensors (names and layouts documented in ``models/transformer.py``) to one or more HF tensors with
 a per-tensor transform, and back. ``{i}`` stands for the layer index.
 
-- ``llama`` exports as ``LlamaForCausalLM``. Mistral is the same network plus a sliding window,
-  and Qwen2 always carries q/k/v biases, which we do not have, so Llama is the one exact match (and
-  the class every serving stack reads). On import we accept ``llama``, ``mistral`` and ``qwen2``;
-  Qwen2's q/k/v biases must be all zero (they are then dropped) or the import is refused.
+- ``llama`` exports as ``LlamaForCausalLM``, the exact match of our llama (and the class every
+  serving stack reads), except that a checkpoint imported from a Mistral (its ``origin.json`` says
+  so, :func:`export_type`) goes back to ``MistralForCausalLM``: the same network plus a sliding
+  window, kept when it covers ``seq_len`` and dropped otherwise (our model attends to the whole
+  sequence). On import we accept ``llama``, ``mistral`` and ``qwen2``. Qwen2 always carries q/k/v
+  biases, which we do not have: they must be all zero (they are then dropped, :meth:`Adapter.zero_shapes`)
+  or the import is refused. Qwen2 imports still export as Llama: transformers 5 loads the tokenizer of
+  every ``qwen2`` directory as its byte-level ``Qwen2Tokenizer`` whatever ``tokenizer_config.json``
+  says, which cannot give our sentencepiece ids (and a real Qwen2 has no sentencepiece model for
+  ``to-hf`` to convert).
 - RoPE: our model and HF's Llama both use the half-split rotation (dim j pairs with j + hd/2), so q
   and k rows are copied as they are, with no interleave permutation; the logits test proves it.
 - ``gpt2`` exports as ``GPT2LMHeadModel``: HF's ``Conv1D`` stores weights as (in, out), the
@@ -19,7 +25,6 @@ a per-tensor transform, and back. ``{i}`` stands for the layer index.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +160,8 @@ class Adapter:
     """Prefix a base-model checkpoint (``GPT2Model`` rather than ``GPT2LMHeadModel``) lacks."""
     ignored: str
     """Regex of HF tensors that are buffers, not weights (old checkpoints saved them)."""
+    zero_biases: bool = False
+    """The HF class has q/k/v biases we lack (Qwen2): imported only when all zero."""
 
     def name_map(self, m: ModelConfig) -> dict[str, tuple[tuple[str, ...], Transform]]:
         """Our tensor names of a model with config ``m`` -> (HF names, transform), in layer order."""
@@ -168,16 +175,25 @@ class Adapter:
                 out[rule.ours.format(i=i)] = (hf, rule.transform)
         return out
 
+    def zero_shapes(self, m: ModelConfig) -> dict[str, Shape]:
+        """HF tensors the class has and our model lacks, all zero in an exact import: name -> shape."""
+        if not self.zero_biases:
+            return {}
+        rows = dict(zip("qkv", _qkv_rows(m)))
+        return {f"model.layers.{i}.self_attn.{p}_proj.bias": (rows[p],) for i in range(m.layers) for p in "qkv"}
+
     def hf_name(self, name: str) -> str:
         """``name`` with the base-model prefix added where a base-model checkpoint left it out."""
         return name if name.startswith(self.base_prefix) or name == "lm_head.weight" else self.base_prefix + name
 
 
-LLAMA = Adapter("llama", "LlamaForCausalLM", LLAMA_RULES, "model.", r"\.rotary_emb\.inv_freq$")
+_INV_FREQ = r"\.rotary_emb\.inv_freq$"
+LLAMA = Adapter("llama", "LlamaForCausalLM", LLAMA_RULES, "model.", _INV_FREQ)
+MISTRAL = Adapter("mistral", "MistralForCausalLM", LLAMA_RULES, "model.", _INV_FREQ)
+QWEN2 = Adapter("qwen2", "Qwen2ForCausalLM", LLAMA_RULES, "model.", _INV_FREQ, zero_biases=True)
 GPT2 = Adapter("gpt2", "GPT2LMHeadModel", GPT2_RULES, "transformer.", r"\.attn\.(bias|masked_bias)$")
-ADAPTERS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2": GPT2}
-ZERO_ONLY = {"qwen2": re.compile(r"^model\.layers\.\d+\.self_attn\.[qkv]_proj\.bias$")}
-"""HF tensors we have no place for, accepted on import only when every value is zero."""
+ADAPTERS = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "gpt2": GPT2}
+"""By HF ``model_type``; our ``model.arch`` values (llama, gpt2) are among them."""
 
 
 def adapter_for(model_type: str | None) -> Adapter:
@@ -187,16 +203,73 @@ def adapter_for(model_type: str | None) -> Adapter:
     return ADAPTERS[model_type]
 
 
-def export_config(m: ModelConfig, special_ids: dict[str, int | None], dtype: torch.dtype = torch.float32) -> Any:
-    """The ``transformers`` config object of our model config (refusing what HF cannot express);
-    ``dtype`` is the weights' (the dtype ``from_pretrained(..., dtype="auto")`` loads them in)."""
+def export_type(m: ModelConfig, origin: dict[str, Any] | None = None) -> str:
+    """The HF ``model_type`` to export ``m`` as: ``mistral`` for a llama imported from a Mistral
+    (``origin``: the checkpoint's ``origin.json`` from ``convert from-hf``), else ``m.arch``."""
+    source = (origin or {}).get("model_type")
+    return "mistral" if m.arch == "llama" and source == "mistral" else m.arch
+
+
+def check_exportable(m: ModelConfig) -> None:
+    """Refuse, naming what is wrong and what would work, a model no Hugging Face class computes
+    (run before anything else in ``to-hf``: a llama with LayerNorm or GELU also has other tensors)."""
+    # gpt2 ones: config validation refuses them before training now; older checkpoints may have them
+    if m.arch == "gpt2" and m.kv_heads != m.heads:
+        raise UserError(
+            f"GPT-2 has no grouped-query attention; this model has kv_heads={m.kv_heads}, heads={m.heads} "
+            "(GPT2LMHeadModel needs kv_heads = heads)"
+        )
+    if m.arch == "gpt2" and (m.norm, m.activation) != ("layernorm", "gelu"):
+        raise UserError(
+            f"model.arch=gpt2 with norm={m.norm}, activation={m.activation} has no Hugging Face class; "
+            "GPT-2 needs norm=layernorm and activation=gelu"
+        )
+    if m.arch == "llama" and (m.norm, m.activation) != ("rmsnorm", "swiglu"):
+        raise UserError(
+            f"model.arch=llama with norm={m.norm}, activation={m.activation} has no Hugging Face class; "
+            "Llama needs norm=rmsnorm and activation=swiglu (LayerNorm + GELU is model.arch=gpt2)"
+        )
+
+
+def _llama_family_config(m: ModelConfig, model_type: str, source: dict[str, Any], common: dict[str, Any]) -> Any:
+    """``LlamaConfig``, or ``MistralConfig`` (see :func:`export_type`), computing our llama."""
     import transformers
 
+    kw = dict(
+        hidden_size=m.hidden,
+        intermediate_size=m.ffn_hidden,
+        num_hidden_layers=m.layers,
+        num_attention_heads=m.heads,
+        num_key_value_heads=m.kv_heads,
+        head_dim=m.hidden // m.heads,
+        hidden_act="silu",
+        max_position_embeddings=m.seq_len,
+        rms_norm_eps=m.norm_eps,
+        rope_theta=float(m.rope_theta),  # transformers 5 files it under rope_parameters
+        **common,
+    )
+    if model_type == "mistral":  # a window covering seq_len never binds within it; a shorter one would
+        window = source.get("sliding_window")
+        return transformers.MistralConfig(sliding_window=window if window and window >= m.seq_len else None, **kw)
+    return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **kw)
+
+
+def export_config(
+    m: ModelConfig,
+    special_ids: dict[str, int | None],
+    dtype: torch.dtype = torch.float32,
+    origin: dict[str, Any] | None = None,
+) -> Any:
+    """The ``transformers`` config object of our model config (refusing what HF cannot express);
+    ``dtype`` is the weights' (the dtype ``from_pretrained(..., dtype="auto")`` loads them in);
+    ``origin`` the checkpoint's ``origin.json``, which picks the class (:func:`export_type`)."""
+    import transformers
+
+    check_exportable(m)
     common = dict(vocab_size=m.vocab_size, initializer_range=m.init_std, tie_word_embeddings=m.tie_embeddings)
     common.update(special_ids, dtype=str(dtype).removeprefix("torch."), use_cache=True)
+    model_type = export_type(m, origin)
     if m.arch == "gpt2":
-        if m.kv_heads != m.heads:
-            raise UserError(f"GPT-2 has no grouped-query attention; this model has kv_heads={m.kv_heads}")
         cfg = transformers.GPT2Config(
             n_positions=m.seq_len,
             n_embd=m.hidden,
@@ -213,27 +286,8 @@ def export_config(m: ModelConfig, special_ids: dict[str, int | None], dtype: tor
             **common,
         )
     else:
-        if (m.norm, m.activation) != ("rmsnorm", "swiglu"):
-            raise UserError(
-                f"model.arch=llama with norm={m.norm}, activation={m.activation} has no Hugging Face class; "
-                "Llama needs norm=rmsnorm and activation=swiglu"
-            )
-        cfg = transformers.LlamaConfig(
-            hidden_size=m.hidden,
-            intermediate_size=m.ffn_hidden,
-            num_hidden_layers=m.layers,
-            num_attention_heads=m.heads,
-            num_key_value_heads=m.kv_heads,
-            head_dim=m.hidden // m.heads,
-            hidden_act="silu",
-            max_position_embeddings=m.seq_len,
-            rms_norm_eps=m.norm_eps,
-            rope_theta=float(m.rope_theta),  # transformers 5 files it under rope_parameters
-            attention_bias=False,
-            mlp_bias=False,
-            **common,
-        )
-    cfg.architectures = [ADAPTERS[m.arch].hf_class]
+        cfg = _llama_family_config(m, model_type, (origin or {}).get("hf_config") or {}, common)
+    cfg.architectures = [ADAPTERS[model_type].hf_class]
     return cfg
 
 

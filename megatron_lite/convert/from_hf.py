@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from megatron_lite.checkpoint.hf import ZERO_ONLY, Adapter, adapter_for, import_config
+from megatron_lite.checkpoint.hf import Adapter, adapter_for, import_config
 from megatron_lite.checkpoint.reader import list_steps
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
@@ -74,11 +74,11 @@ def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_
         used.update(hf_names)
         if tuple(state[ours].shape) != expected[ours]:
             raise UserError(f"{ours}: shape {tuple(state[ours].shape)} from HF, expected {expected[ours]}")
-    zero_only = ZERO_ONLY.get(model_type)
+    zero_only = adapter.zero_shapes(m)  # tensors we have no place for: accepted when all zero
     for hf_name in sorted(set(by_hf) - used):
         if re.search(adapter.ignored, hf_name) or (hf_name == "lm_head.weight" and m.tie_embeddings):
             continue  # buffers, or a stored copy of the tied head
-        if zero_only is not None and zero_only.match(hf_name):
+        if hf_name in zero_only:
             if weights.get(by_hf[hf_name]).count_nonzero():
                 raise UserError(
                     f"{hf_name} is non-zero: megatron-lite's llama has no q/k/v biases, so this "

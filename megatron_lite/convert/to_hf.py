@@ -1,6 +1,7 @@
 """``convert to-hf``: one of our checkpoints -> a directory ``transformers`` loads offline.
 
-Output: ``config.json`` (``LlamaConfig`` or ``GPT2Config``), ``model.safetensors`` (or shards with
+Output: ``config.json`` (``LlamaConfig`` or ``GPT2Config``; ``MistralConfig`` for a checkpoint
+imported from a Mistral, see ``checkpoint/hf.py``), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``, tokenizer
 files (``convert/tokenizer.py``), ``megatron_lite.json`` (lineage: source checkpoint, step, full
 run config, tokenizer metadata) and a model card ``README.md``.
@@ -22,7 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_lite.checkpoint.hf import ADAPTERS, export_config
+from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.convert.card import model_card
 from megatron_lite.convert.io import CheckpointSource, ShardedWriter, open_checkpoint
 from megatron_lite.convert.tokenizer import special_ids, write_hf_tokenizer
@@ -102,16 +103,18 @@ def to_hf(
 ) -> ExportResult:
     """Export a checkpoint (a step directory or a run's checkpoint root) as a HF model directory."""
     src = open_checkpoint(checkpoint, step)
+    m = src.config.model
+    check_exportable(m)  # first: an unsupported model's tensor names differ too, a less useful error
     if src.tokenizer is None:
         raise UserError(
             f"checkpoint {src.path} has no tokenizer.model; to-hf needs the sentencepiece model "
             "(megatron-lite BPE with byte fallback) to write the Hugging Face tokenizer"
         )
-    m = src.config.model
-    name_map = ADAPTERS[m.arch].name_map(m)
+    adapter = ADAPTERS[export_type(m, src.origin)]
+    name_map = adapter.name_map(m)
     _check_names(src, name_map)
     ids = special_ids(src.tokenizer)
-    hf_config = export_config(m, ids, src.specs["embed.weight"][1])  # refuses what HF cannot express
+    hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out = Path(out)
     tmp = _prepare_out(out)  # only now, after every check, is anything written
     n_params = _write_weights(src, name_map, tmp, max_shard_size)
@@ -131,7 +134,7 @@ def to_hf(
             )
     from megatron_lite.data.tokenizer import Tokenizer
 
-    card = model_card(src, ADAPTERS[m.arch].hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
+    card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
     (tmp / "README.md").write_text(card)
     if out.exists():
         out.rmdir()  # empty, checked by _prepare_out

@@ -25,7 +25,17 @@ from pathlib import Path
 
 from megatron_lite.errors import UserError
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch"
+
+def _template_dir() -> Path:
+    """Where the sbatch templates are: ``megatron_lite/launcher/templates/`` in a wheel install, else
+    ``launch/`` of the source checkout (editable install). ``setup.py`` ships that folder's
+    ``*.sbatch`` as the wheel's copy: one source, nothing to keep in sync."""
+    here = Path(__file__).resolve()
+    shipped = here.parent / "templates"
+    return shipped if shipped.is_dir() else here.parents[2] / "launch"
+
+
+TEMPLATE_DIR = _template_dir()
 TEMPLATES = {"bare": "train.sbatch", "container": "train_container.sbatch"}
 _DIRECTIVE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:=(.*))?$")
 _VARIABLE = re.compile(r"^([A-Z][A-Z0-9_]*)=(\$\{\1:-[^}]*\}|\(\))(?:\s+(#.*))?$")
@@ -158,7 +168,7 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
     )
     template = TEMPLATE_DIR / job.template
     if not template.is_file():
-        raise UserError(f"sbatch template {template} not found: `launch slurm` runs from a source checkout")
+        raise UserError(f"sbatch template {template} not found: reinstall megatron-lite (its wheel ships them)")
     run_dir = Path(plan.cfg.log.dir) / "slurm"
     directives = sbatch_directives(job, str(run_dir / "slurm-%j.out"))
     script = render_sbatch(template.read_text(), directives, template_variables(job))

@@ -14,48 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_lite import kernels
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import Group
-from megatron_lite.parallel.mappings import gather_from_tp_region
+from megatron_lite.parallel.mappings import gather_from_tp_region, reduce_from_tp_region
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over vocab-sharded logits, without gathering them.
-
-    forward (fp32): global max = all-reduce(MAX) of local maxima; then one all-reduce(SUM) of
-    [target logit (from the one rank owning it), local sum of exp]. loss = log(sum exp) - target.
-    backward: grad = (softmax - onehot) * grad_loss / n_valid on the local columns, no communication.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, group: Group, vocab_size: int, ignore_index: int):
-        n_local = logits.shape[-1]
-        start = comm.group_rank(group) * n_local
-        x = logits.float()
-        if start + n_local > vocab_size:  # padded columns: exp(-inf) = 0 keeps them out of the sum
-            pad = torch.arange(start, start + n_local, device=x.device) >= vocab_size
-            x = x.masked_fill(pad, float("-inf"))
-        x = x - comm.all_reduce(x.max(-1).values, group, dist.ReduceOp.MAX).unsqueeze(-1)  # (N, Vl)
-        valid = target != ignore_index
-        mine = valid & (target >= start) & (target < start + n_local)
-        local_t = (target - start).masked_fill(~mine, 0)
-        target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
-        exp = x.exp()
-        sums = comm.all_reduce(torch.stack([target_logit, exp.sum(-1)]), group)  # one collective
-        n_valid = valid.sum().clamp(min=1)
-        loss = ((sums[1].log() - sums[0]) * valid).sum() / n_valid
-        exp.div_(sums[1].unsqueeze(-1))  # now the softmax
-        ctx.save_for_backward(exp, local_t, mine, valid, n_valid)
-        ctx.dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local_t, mine, valid, n_valid = ctx.saved_tensors
-        grad = softmax  # reused in place: nothing else holds it
-        grad.scatter_add_(-1, local_t.unsqueeze(-1), -mine.to(grad.dtype).unsqueeze(-1))
-        grad.mul_((valid.to(grad.dtype) * grad_loss / n_valid).unsqueeze(-1))
-        return grad.to(ctx.dtype), None, None, None, None
+def _shard_partials(
+    logits: torch.Tensor, target: torch.Tensor, start: int, n_real: int, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(m, s, x_t) of this rank's real columns by the kernels' vocab-parallel form; a shard that is
+    all padding has m = -inf and s = x_t = 0 (s still depends on the logits, so their grad is 0)."""
+    if n_real > 0:  # the slice keeps rows strided: the Triton kernel reads it in place
+        return kernels.cross_entropy_partials(logits[:, :n_real], target, start, ignore_index)
+    s = logits[:, :0].float().sum(-1)
+    return torch.full_like(s, float("-inf")), s, torch.zeros_like(s)
 
 
 def vocab_parallel_cross_entropy(
@@ -70,13 +43,26 @@ def vocab_parallel_cross_entropy(
     logits: (..., Vp/tp) this rank's vocab columns (rank r owns [r*Vp/tp, (r+1)*Vp/tp)); target:
     (...) global ids, ``ignore_index`` marks tokens left out of the mean. Columns at or past
     ``vocab_size`` (default: no padding) are padding and excluded. Math in fp32; the grad comes back
-    in the logits' dtype. When every target is ignored the loss is 0 (torch gives NaN).
+    in the logits' dtype. When every target is ignored the loss is NaN (0 / 0) with zero gradients,
+    as ``F.cross_entropy`` and ``kernels.cross_entropy`` give.
+
+    Per rank, ``kernels.cross_entropy_partials`` (Triton on CUDA, its torch twin elsewhere: the
+    dispatcher picks) gives each row's local max ``m``, ``s = sum exp(x - m)`` and target logit
+    ``x_t``; two all-reduces combine them (the recipe in ``kernels/reference.py``): MAX of ``m``,
+    then one SUM of [s * exp(m - M), x_t] whose backward is the identity, since every rank holds the
+    same loss. Autograd then gives each shard ``(softmax - onehot) * grad / n_valid``.
     """
     n_local = logits.shape[-1]
     vocab_size = n_local * comm.group_size(group) if vocab_size is None else vocab_size
-    return _VocabParallelCrossEntropy.apply(
-        logits.reshape(-1, n_local), target.reshape(-1), group, vocab_size, ignore_index
-    )
+    start = comm.group_rank(group) * n_local
+    x, t = logits.reshape(-1, n_local), target.reshape(-1)
+    m, s, x_t = _shard_partials(x, t, start, min(max(vocab_size - start, 0), n_local), ignore_index)
+    big_m = comm.all_reduce(m, group, dist.ReduceOp.MAX)  # m is detached: the loss does not depend on it
+    sums = reduce_from_tp_region(torch.stack([s * torch.exp(m - big_m), x_t]), group)  # one collective
+    valid = t != ignore_index
+    per_row = big_m + torch.log(sums[0]) - sums[1]
+    # where(): ignored rows get an exact 0 gradient, so all-ignored is a NaN loss with zero grads
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum()
 
 
 class VocabParallelLoss(nn.Module):

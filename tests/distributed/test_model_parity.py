@@ -6,7 +6,10 @@ step); every rank also runs
 the one-process model itself (no communication needed to get the reference). Per-step losses must
 match within rtol 1e-5 (fp32; TP only reassociates sums, ~1e-7 relative per op, and 20 AdamW steps
 keep that below 1e-5). The gathered full state dict after training must match the reference
-parameters (ATOL: Adam divides by sqrt(v), so tiny grads carry the 1e-7 noise into ~1e-6 updates).
+parameters within PARAM_ATOL: Adam divides by sqrt(v), so tiny grads carry the 1e-7 noise into
+updates of 1e-6 to 1e-5 (max over the cases: 9.6e-6 with the loss's own fused autograd Function,
+1.34e-5 since the loss runs on the kernels' partials, whose gradient rounds exp(x - m) exp(m - M)
+rather than exp(x - M); losses stayed within 3.1e-7 relative either way).
 The key bias (gpt2) is left out of that comparison: its true gradient is exactly zero (adding a
 constant to every key shifts each query's scores uniformly, and softmax ignores that), so AdamW
 turns ~1e-9 rounding noise into lr-sized steps of arbitrary sign in both runs (seen: 3e-5 apart).
@@ -38,7 +41,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
 STEPS, BATCH, SEQ, VOCAB = 20, 2, 16, 101  # VOCAB 101 is padded at every tp > 1
 LOSS_RTOL = 1e-5  # also for the per-step gradient norms
 CLIP = 0.5
-PARAM_ATOL = 1e-5
+PARAM_ATOL = 2e-5  # measured max 1.34e-5 (module docstring)
 
 
 def _cfg(arch: str, heads: int, kv_heads: int, tied: bool) -> ModelConfig:

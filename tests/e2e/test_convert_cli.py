@@ -185,6 +185,12 @@ def test_import_mistral_and_bias_free_qwen2_matches_logits(small_corpus, tmp_pat
     assert "max |logits diff|" in capsys.readouterr().out
     ours, theirs = logits_both(tmp_path / "ckpt" / "step_00000000", hf_dir, 512)
     assert (ours - theirs).abs().max() <= TOL
+    # exported (and verified) as Mistral again, Qwen2 as Llama (checkpoint/hf.py says why); then bitwise
+    back = to_hf(tmp_path / "ckpt", tmp_path / "hf_again").out
+    config = json.loads((back / "config.json").read_text())
+    expected = ("mistral", ["MistralForCausalLM"]) if kind == "mistral" else ("llama", ["LlamaForCausalLM"])
+    assert (config["model_type"], config["architectures"]) == expected
+    assert_bitwise(tmp_path / "ckpt" / "step_00000000", from_hf(back, tmp_path / "again").checkpoint)
 
 
 def run_error(args: list[str], capsys) -> str:
@@ -221,6 +227,15 @@ def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported,
         ["convert", "to-hf", "--checkpoint", str(trained), "--step", "7", "--out", str(tmp_path / "o5")], capsys
     )
     assert "no checkpoint of step 7" in err and "steps there: 2" in err
+
+
+@pytest.mark.parametrize("model", [dict(norm="layernorm"), dict(activation="gelu")], ids=["layernorm", "gelu"])
+def test_llama_without_an_hf_class_is_refused_as_such(small_corpus, tmp_path, model, capsys):
+    """The unsupported architecture is named, not the tensor-name mismatch it also causes."""
+    ckpt = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], **model)
+    err = run_error(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")], capsys)
+    assert "has no Hugging Face class; Llama needs norm=rmsnorm and activation=swiglu" in err, err
+    assert "does not match" not in err and not (tmp_path / "hf").exists()
 
 
 def test_failed_verification_is_a_failure(trained, exported, tmp_path, monkeypatch, capsys):

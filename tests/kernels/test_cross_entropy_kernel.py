@@ -2,8 +2,11 @@
 
 import pytest
 import torch
-from megatron_lite.kernels import reference
+from megatron_lite.kernels import fused_cross_entropy, reference
 from megatron_lite.kernels.fused_cross_entropy import cross_entropy, cross_entropy_partials
+
+from megatron_lite import kernels
+from megatron_lite.parallel.vocab_parallel_loss import vocab_parallel_cross_entropy
 
 N, V = 67, 1001  # V spans several vocab chunks with a masked tail, in the interpreter and on GPU
 
@@ -60,3 +63,22 @@ def test_partials_match_reference_partials(check, dtype):
     check("cross_entropy_partials", lambda x: cross_entropy_partials(x[:, 400:900], target, 400),
           lambda x: reference.cross_entropy_partials(x[:, 400:900], target, 400),
           [check.randn(N, V, dtype=dtype, scale=4.0)], dtype)  # fmt: skip
+
+
+def test_tensor_parallel_loss_runs_the_partials_kernel(check, monkeypatch):
+    """The TP loss goes through the dispatcher: with the Triton backend it runs this file's kernel
+    (one rank here, whose shard ends in padding columns that must stay out of the loss)."""
+    launches, real = [], fused_cross_entropy.ce_partials_fwd
+    monkeypatch.setattr(fused_cross_entropy, "ce_partials_fwd", lambda *a: launches.append(a[2]) or real(*a))
+    target, pad = _targets(check), torch.full((N, 23), 50.0, device=check.device)
+
+    def tp_loss(x):
+        return vocab_parallel_cross_entropy(torch.cat([x, pad], -1), target, None, vocab_size=V)
+
+    kernels.set_backend("triton")
+    try:
+        check("cross_entropy_partials", tp_loss, lambda x: reference.cross_entropy(x, target),
+              [check.randn(N, V, scale=4.0)], torch.float32)  # fmt: skip
+    finally:
+        kernels.set_backend("auto")
+    assert launches == [0]  # one forward launch, for the shard starting at vocabulary id 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_lite.checkpoint.hf import ADAPTERS, adapter_for, export_config, import_config
+from megatron_lite.checkpoint.hf import ADAPTERS, adapter_for, export_config, export_type, import_config
 from megatron_lite.config import Config, ModelConfig, fill_defaults
 from megatron_lite.convert.io import ShardedWriter, parse_size
 from megatron_lite.errors import UserError
@@ -60,6 +60,26 @@ def test_transforms_invert_bitwise_and_config_round_trips(case):
         assert len(parts) == len(hf_names)
         assert torch.equal(transform.from_hf(parts, m), t), name
     assert import_config(export_config(m, IDS)) == m
+
+
+def test_llama_imported_from_mistral_exports_as_mistral():
+    m = model_config(kv_heads=2)
+    origin = {"model_type": "mistral", "hf_config": {"sliding_window": 16}}  # shorter than seq_len 32: dropped
+    assert export_type(m, origin) == "mistral" and export_type(m, None) == "llama"
+    assert export_type(m, {"model_type": "qwen2"}) == "llama"  # see checkpoint/hf.py: the tokenizer
+    assert export_type(model_config(arch="gpt2"), origin) == "gpt2"
+    cfg = export_config(m, IDS, origin=origin)
+    assert (cfg.model_type, cfg.architectures, cfg.sliding_window) == ("mistral", ["MistralForCausalLM"], None)
+    assert import_config(cfg) == m
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in Transformer(m).state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in transformers.AutoModelForCausalLM.from_config(cfg).state_dict().items()}
+    mapped = {}
+    for name, (hf_names, transform) in ADAPTERS["mistral"].name_map(m).items():
+        mapped.update(zip(hf_names, transform.hf_shapes(ours[name], m)))
+    assert mapped == theirs
+    covering = export_config(m, IDS, origin={"model_type": "mistral", "hf_config": {"sliding_window": 32}})
+    assert covering.sliding_window == 32 and import_config(covering) == m  # covers seq_len: never binds, kept
 
 
 def test_qkv_rows_split_into_grouped_query_heads():
