@@ -16,7 +16,14 @@ from collections.abc import Callable
 import torch
 from megatron_lite.kernels import reference
 from megatron_lite.kernels.accelerators import apex_available, transformer_engine_available
-from megatron_lite.kernels.dispatch import describe, get_backend, set_backend, triton_available, use_triton
+from megatron_lite.kernels.dispatch import (
+    describe,
+    get_backend,
+    set_backend,
+    triton_available,
+    triton_problem,
+    use_triton,
+)
 
 
 @functools.cache
@@ -92,5 +99,6 @@ __all__ = [
     "swiglu",
     "transformer_engine_available",
     "triton_available",
+    "triton_problem",
     "use_triton",
 ]

@@ -10,6 +10,7 @@ optimizer (apex FusedAdam) and for layers that opt in to them.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from megatron_lite.kernels.accelerators import apex_problem, transformer_engine_problem
@@ -49,6 +50,16 @@ def triton_available() -> bool:
     return True
 
 
+def triton_problem(device: str | torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` in this process (a phrase starting with
+    "needs"), or None when they can: on CUDA, or anywhere under ``TRITON_INTERPRET=1``."""
+    if not triton_available():
+        return "needs Triton, which is not importable here (pip install triton)"
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter, slowly)"
+    return None
+
+
 def use_triton(x, op: str | None = None) -> bool:
     """Whether op ``op`` on tensor ``x`` runs its Triton kernel under the current backend."""
     if _backend == "torch":
@@ -67,7 +78,9 @@ def _op_choice(device: torch.device) -> str:
     import triton
 
     if _backend == "triton":
-        return f"triton: set_backend('triton') (Triton {triton.__version__}, tensors on {device.type})"
+        problem = triton_problem(device)
+        where = f"Triton {triton.__version__}, tensors on {device.type}"
+        return f"triton: set_backend('triton') ({where}" + (f"; UNUSABLE here: {problem})" if problem else ")")
     if device.type != "cuda":
         return f"torch: auto runs Triton on CUDA tensors only, and the device is {device.type}"
     return f"triton: CUDA device {torch.cuda.get_device_name(device)}, Triton {triton.__version__}"

@@ -26,8 +26,8 @@ def _eval(args: argparse.Namespace) -> int:
     from megatron_lite.training.evaluate import evaluate_text
 
     result = evaluate_text(args.checkpoint, args.text, device=args.device)
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # the documented line is exactly these two keys
+        print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}))
     else:
         r = result
         print(f"loss {r['loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['tokens']} tokens")
@@ -50,9 +50,11 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
+    from megatron_lite.data.preprocess import expand_inputs
     from megatron_lite.data.tokenizer import train_tokenizer
 
-    path = train_tokenizer(args.input, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet)
+    files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
+    path = train_tokenizer(files, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
 
@@ -113,7 +115,7 @@ def _add_data_verbs(sub) -> None:
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
     tt = tk_sub.add_parser("train", help="train a sentencepiece BPE tokenizer (byte fallback)")
-    tt.add_argument("--input", nargs="+", required=True, help="text files")
+    tt.add_argument("--input", nargs="+", required=True, help="text files or globs")
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--max-bytes", type=int, default=20_000_000, help="sample at most this much text")
@@ -182,9 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. ``section.key=value`` overrides may sit on both sides of options
+    (``train a=1 --config F b=2``): argparse fills a positional list once, from the first run of
+    positionals, and hands back the later ones unparsed; they are still overrides, in order (what
+    ``parse_intermixed_args`` does, which refuses parsers with subcommands)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-lite`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )

@@ -40,7 +40,8 @@ class ModelConfig:
     heads: int = 4
     """Attention (query) heads; must divide ``hidden``."""
     kv_heads: int | None = None
-    """Key/value heads for grouped-query attention; must divide ``heads``. Default: ``heads``."""
+    """Key/value heads for grouped-query attention; must divide ``heads`` (gpt2: equal ``heads``).
+    Default: ``heads``."""
     ffn_hidden: int | None = None
     """MLP inner width. Default: 4 x hidden (gpt2) or 8/3 x hidden rounded up to 64 (llama)."""
     vocab_size: int | None = None
@@ -162,7 +163,8 @@ class CheckpointConfig:
     keep: int = 2
     """Keep the newest N checkpoints."""
     resume: str = "auto"
-    """``auto`` (newest checkpoint in dir, if any), ``none``, or a checkpoint path."""
+    """``auto`` (newest checkpoint in dir, if any), ``none`` (start fresh; refused when dir already
+    holds committed checkpoints, which the run would save over), or a checkpoint path."""
     init_from: str | None = None
     """Start from this checkpoint's model weights (fresh optimizer, step 0), e.g. one made by
     ``megatron-lite convert from-hf``, when there is no checkpoint of this run to resume."""
@@ -309,6 +311,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise UserError(f"config file {str(p)!r} is a directory, not a YAML file (see configs/ for examples)")
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
         try:
@@ -318,9 +322,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise UserError(f"config file {str(p)!r} must be a mapping of sections")
         for section, values in data.items():
+            if str(section) not in SECTIONS:
+                raise UserError(f"unknown config section {str(section)!r}{_suggest(str(section), list(SECTIONS))}")
+            if values is None:  # `model:` with every key commented out
+                continue
             if not isinstance(values, dict):
-                _field_of(str(section), "")  # unknown section -> named error
-                raise UserError(f"config section {section!r} in {str(p)!r} must be a mapping of keys")
+                raise UserError(
+                    f"config section {section!r} in {str(p)!r} must be a mapping of keys (indented "
+                    f"`key: value` lines under `{section}:`), not {type(values).__name__} {values!r}"
+                )
             for key, value in values.items():
                 _set(cfg, str(section), str(key), value)
     return apply_overrides(cfg, overrides or [])

@@ -1,7 +1,8 @@
 """``megatron-lite doctor``: what this machine offers the framework, and what is missing.
 
 Each optional package is reported as usable only when it imports (and, for GPU libraries, works),
-never from its mere presence on disk.
+never from its mere presence on disk; Triton counts as usable only where its kernels can run (a
+CUDA device, or ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ def collect() -> dict:
     ]:
         ok, why = _importable(module)
         optional[name] = {"usable": ok, "version": _version(name), "detail": why}
+    # importable is not enough for Triton: its kernels run on CUDA, or in its interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if optional["triton"]["usable"] and (problem := kernels.triton_problem(device)):
+        optional["triton"].update(usable=False, detail=f"imports, but kernels.backend=triton {problem}")
     optional["apex"] = {"usable": kernels.apex_available(), "version": _version("apex")}
     optional["transformer_engine"] = {
         "usable": kernels.transformer_engine_available(),

@@ -177,6 +177,14 @@ def list_steps(root: str | Path) -> list[tuple[int, str]]:
     return [(int(STEP_DIR.match(n).group(1)), n) for n in Storage(root).step_dirs()]
 
 
+def committed_steps(root: str | Path) -> list[int]:
+    """Steps of the committed checkpoints under ``root`` (their ``metadata.json`` exists), oldest
+    first; not verified. One process's cheap look (no collectives, no checksums): the trainer asks
+    it whether ``checkpoint.resume=none`` would save over an earlier run."""
+    storage = Storage(root)
+    return [int(STEP_DIR.match(n).group(1)) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
+
+
 def _list_on_rank0(storage: Storage) -> list[str]:
     """Rank 0's listing on every rank (so all walk the same candidates); a listing error on all."""
     listing: tuple[list[str], str | None] = ([], None)
@@ -204,7 +212,7 @@ def _newest_good(storage: Storage) -> CheckpointReader | None:
     if committed:
         raise UserError(
             f"every checkpoint under {storage.url()} is incomplete or corrupt (see the warnings above); "
-            "refusing to start from scratch. Fix or move them, or set checkpoint.resume=none"
+            "refusing to start from scratch. Fix or move them, or start a fresh run in a new checkpoint.dir"
         )
     return None
 

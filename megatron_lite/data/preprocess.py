@@ -125,3 +125,27 @@ def preprocess(
     }
     write_atomic(Path(str(out_prefix) + ".json"), (json.dumps(meta, indent=1) + "\n").encode())
     return stats
+
+
+def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None = None) -> None:
+    """Refuse to read ``<prefix>.bin`` with another tokenizer than the one :func:`preprocess` made it
+    with: the sha256 recorded in ``<prefix>.json`` must be ``tok.sha256`` (the same hash of the
+    ``.model`` bytes). Without that record (a dataset made elsewhere, an unreadable ``.json``) there
+    is nothing to compare: the ``.idx`` stores no largest token id, so no cheap fallback check."""
+    meta_path = Path(str(prefix) + ".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        recorded, made_with = meta.get("tokenizer_sha256"), meta.get("tokenizer", "another tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not recorded or recorded == tok.sha256:
+        return
+    fix = fix or (
+        f"point data.tokenizer at the tokenizer the data was made with, or re-run "
+        f"`megatron-lite preprocess --tokenizer {tok.path} --output {prefix} ...`"
+    )
+    raise UserError(
+        f"dataset {prefix} was tokenized with {made_with} (sha256 {recorded[:12]}..., recorded in {meta_path}), "
+        f"not with data.tokenizer={tok.path} (sha256 {tok.sha256[:12]}...): its token ids would mean other "
+        f"tokens; {fix}"
+    )

@@ -15,6 +15,7 @@ import torch
 from megatron_lite.config import Config
 from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset
+from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
@@ -76,9 +77,13 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
 
 
 def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBundle:
-    """Open the tokenizer and both splits (datasets only read files: safe on every rank)."""
+    """Open the tokenizer and both splits (datasets only read files: safe on every rank); each
+    dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded)."""
     tok = Tokenizer(tokenizer_path)
     d, seq, seed = cfg.data, cfg.model.seq_len, cfg.train.seed
+    fix = None if d.path else "leave data.tokenizer empty to use the embedded corpus's own, or set data.path"
+    for prefix in prefixes:
+        check_dataset_tokenizer(prefix, tok, fix)
     train = GPTDataset(prefixes, d.weights, seq, seed, split="train", valid_fraction=d.valid_fraction)
     valid = None
     if d.valid_fraction > 0:

@@ -1,7 +1,8 @@
 """The training loop, the same for one process and for any (tp, pp, dp) layout.
 
 Setup order: the launch environment and the config's layout are checked before any process group
-forms -> the process group and the mesh -> data (the corpus is built once per node, first) -> the
+forms -> the process group -> the kernel backend, run directories and a fresh start's checkpoint
+directory (``preflight.py``) -> data (the corpus is built once per node, first) -> the
 :class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> resume.
 
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
@@ -31,7 +32,7 @@ from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
 from megatron_lite.plan import Layout
-from megatron_lite.training import build, fp8
+from megatron_lite.training import build, fp8, preflight
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.fault import PreemptionHandler, any_rank
 from megatron_lite.training.lr import lr_at
@@ -61,8 +62,13 @@ class Trainer:
         self.env = init_distributed(cfg.parallel.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
-        if cfg.train.dtype == "fp8" and (why := fp8.fp8_problem(cfg, self.device)):
-            raise UserError(f"train.dtype=fp8: {why}")
+        with fail_fast_setup("checking the kernels and run directories"):
+            if cfg.train.dtype == "fp8" and (why := fp8.fp8_problem(cfg, self.device)):
+                raise UserError(f"train.dtype=fp8: {why}")
+            preflight.check_kernels(cfg.kernels.backend, self.device)
+            if self.rank == 0:  # before any slow work: a bad path would otherwise fail the first save
+                preflight.check_run_dirs(cfg)
+                preflight.check_fresh_start(cfg)
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):
@@ -141,6 +147,7 @@ class Trainer:
             str(self.dtype).replace("torch.", ""),
             kernels.get_backend(),
         )
+        log.info("kernels on %s:\n%s", self.device, preflight.kernel_report(self.device))
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -61,7 +61,8 @@ def train_curves(args: list[str]) -> list[float]:
 
 def _run_layouts(rank: int, world: int, base: list[str], port: int) -> list[list[float]]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return [train_curves([*base, *layout]) for layout in LAYOUTS]
+    run_dir = base[-1].removeprefix("log.dir=")  # one run directory per layout: resume=none refuses a used one
+    return [train_curves([*base, *layout, f"log.dir={run_dir}/{i}"]) for i, layout in enumerate(LAYOUTS)]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
     for i, layout in enumerate(LAYOUTS):
         model = tuple(x for x in layout if x.startswith("model."))  # the one-process twin of the layout
         if model not in references:
-            references[model] = train_curves([*base[:-1], f"log.dir={tmp_path / 'single'}", *model])
+            references[model] = train_curves([*base[:-1], f"log.dir={tmp_path / 'single' / str(i)}", *model])
         for rank, curves in enumerate(per_rank):
             assert curves[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, curves[i])
 

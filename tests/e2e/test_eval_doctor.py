@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_lite import kernels
 from megatron_lite.cli import main
 from megatron_lite.training.evaluate import load_model
 
@@ -19,6 +21,7 @@ def test_eval_reports_mean_loss_over_overlapping_windows(tiny_args, tmp_path, ca
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     result = json.loads(out[0])
+    assert list(result) == ["loss", "tokens"]  # exactly the documented line
     # independent computation: one prediction per token after the first, windows of seq_len+1
     model, tok = load_model(ckpt, torch.device("cpu"))
     ids = tok.encode(text.read_text())
@@ -34,6 +37,8 @@ def test_eval_reports_mean_loss_over_overlapping_windows(tiny_args, tmp_path, ca
     step_dir = ckpt / "step_00000006"
     assert main(["eval", "--checkpoint", str(step_dir), "--text", str(text), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == result
+    assert main(["eval", "--checkpoint", str(step_dir), "--text", str(text)]) == 0
+    assert "perplexity" in capsys.readouterr().out  # the human-readable line keeps it
 
 
 def test_eval_bad_paths(tmp_path, capsys):
@@ -42,6 +47,17 @@ def test_eval_bad_paths(tmp_path, capsys):
     assert "no checkpoint found" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_doctor_says_triton_kernels_need_cuda_or_the_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/kernels sets it for the whole session
+    assert main(["doctor", "--json"]) == 0
+    triton = json.loads(capsys.readouterr().out)["optional"]["triton"]
+    assert not triton["usable"] and "needs a CUDA GPU (or TRITON_INTERPRET=1" in triton["detail"], triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["doctor", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optional"]["triton"]["usable"] == kernels.triton_available()
 
 
 def test_doctor_reports_versions_and_backends(capsys):

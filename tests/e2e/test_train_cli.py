@@ -1,21 +1,27 @@
 """`megatron-lite train` end to end: metrics, checkpoints, resume, determinism, bad input."""
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_lite.cli import main
+from megatron_lite.cli import main, parse_args
 
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path):
+def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
     assert main(["train", *tiny_args]) == 0
+    # the startup log says which implementation each fused op takes, one line per op
+    (report,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels on cpu:")]
+    for op in ("rms_norm", "layer_norm", "swiglu", "apply_rope", "cross_entropy", "flash_attention"):
+        assert any(line.split()[:1] == [op] for line in report.splitlines()[1:]), report
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -71,6 +77,78 @@ def test_bad_input_is_one_clear_error(tiny_args, extra, message, capsys):
     assert "Traceback" not in err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert __import__("re").search(message, err), err
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("key", ["checkpoint.dir", "log.dir"])
+def test_unusable_run_directory_fails_at_setup_naming_key_path_and_reason(tiny_args, tmp_path, key, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file")
+    run = tmp_path / "run"
+    for bad, reason in [(afile / "sub", "Not a directory"), (afile, "exists and is not a directory")]:
+        assert main(["train", *tiny_args, f"{key}={bad}"]) == 2
+        err = one_error_line(capsys)
+        assert f"{key}='{bad}'" in err and reason in err, err
+        assert not (run / "metrics.jsonl").exists()  # refused before training, not at the first save
+    if Path("/proc/self").is_dir():  # procfs refuses new directories, even to root
+        assert main(["train", *tiny_args, f"{key}=/proc/megatron-lite-ck"]) == 2
+        err = one_error_line(capsys)
+        assert f"{key}='/proc/megatron-lite-ck'" in err and "No such file or directory" in err, err
+
+
+def test_resume_none_refuses_to_save_over_an_earlier_run(tiny_args, tmp_path, capsys):
+    args = [*tiny_args, "train.steps=2", "checkpoint.resume=none"]
+    assert main(["train", *args]) == 0  # a fresh directory: resume=none starts from scratch
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    assert main(["train", *args, "train.steps=3"]) == 2
+    err = one_error_line(capsys)
+    assert f"checkpoint.dir='{ckpt}'" in err and "newest: step 2" in err, err
+    assert "checkpoint.resume=auto" in err and "new checkpoint.dir" in err, err
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before  # nothing saved is touched
+    assert main(["train", *args, "train.steps=3", "checkpoint.resume=auto"]) == 0  # continuing is fine
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
+def test_triton_backend_without_cuda_fails_at_setup(tiny_args, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/kernels sets it for the whole session
+    assert main(["train", *tiny_args, "kernels.backend=triton"]) == 2
+    err = one_error_line(capsys)
+    assert "kernels.backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1" in err, err
+    assert "use kernels.backend=auto" in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_dataset_made_with_another_tokenizer_is_refused(tiny_args, small_corpus, tmp_path, capsys):
+    prefix, tok = small_corpus
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"data{ext}").write_bytes(Path(prefix + ext).read_bytes())
+    meta = json.loads(Path(prefix + ".json").read_text())
+    (tmp_path / "data.json").write_text(
+        json.dumps({**meta, "tokenizer": "/elsewhere/big.model", "tokenizer_sha256": "ab" * 32})
+    )
+    assert main(["train", *tiny_args, f"data.path={tmp_path / 'data'}"]) == 2
+    err = one_error_line(capsys)
+    assert "/elsewhere/big.model" in err and f"data.tokenizer={tok}" in err and "megatron-lite preprocess" in err
+
+
+@pytest.mark.parametrize(
+    "argv, overrides",
+    [
+        (["train", "train.steps=1", "--config", "F", "log.dir=X"], ["train.steps=1", "log.dir=X"]),
+        (["plan", "--config", "F", "a=b", "--world-size", "2", "c=d", "--json"], ["a=b", "c=d"]),
+        (["launch", "slurm", "a=1", "--nodes", "2", "x=y", "--dry-run", "z=w"], ["a=1", "x=y", "z=w"]),
+    ],
+)
+def test_overrides_on_both_sides_of_options(argv, overrides):
+    args = parse_args(argv)
+    assert args.overrides == overrides and args.config in (None, "F")
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        parse_args([*argv, "--bogus"])
 
 
 def test_missing_config_file_and_corrupt_idx(tiny_args, tmp_path, small_corpus, capsys):

@@ -27,6 +27,19 @@ def test_set_backend_triton_needs_triton(monkeypatch):
     assert kernels.get_backend() == "auto"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")  # set by this folder's conftest
+    assert "needs a CUDA GPU (or TRITON_INTERPRET=1" in dispatch.triton_problem("cpu")
+    kernels.set_backend("triton")  # selecting stays allowed (the trainer refuses it with a UserError)
+    assert "UNUSABLE here: needs a CUDA GPU" in kernels.describe("cpu")["rms_norm"]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.triton_problem("cpu") is None
+    assert "UNUSABLE" not in kernels.describe("cpu")["rms_norm"]
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert "not importable" in dispatch.triton_problem("cpu")
+
+
 def _forbid_triton(*args):
     raise AssertionError(f"dispatch took the Triton path {args} for a CPU tensor under auto")
 

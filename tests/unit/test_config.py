@@ -27,6 +27,14 @@ def test_quickstart_loads_and_validates():
     assert accumulation_steps(cfg) == cfg.train.global_batch_size // cfg.train.micro_batch_size
 
 
+def test_quickstart_as_gpt2_needs_kv_heads_equal_to_heads():
+    cfg = fill_defaults(load_config("configs/quickstart.yaml", ["model.arch=gpt2"]), 8192)
+    with pytest.raises(UserError, match=r"gpt2 has no grouped-query attention: model.kv_heads=2 but model.heads=6"):
+        validate(cfg)
+    cfg.model.kv_heads = cfg.model.heads
+    validate(cfg)
+
+
 def test_overrides_types_and_aliases():
     cfg = load_config(
         None,
@@ -77,6 +85,13 @@ def test_unknown_and_malformed_keys(override, expected):
         (["model.arch=bert"], "is not one of: llama, gpt2"),
         (["optim.min_lr=1", "optim.lr=0.1"], "min_lr"),
         (["parallel.sp=true"], "needs parallel.tp > 1"),
+        # gpt2 as HF's GPT2LMHeadModel computes it, so `convert to-hf` can always write the model
+        (
+            ["model.arch=gpt2", "model.heads=4", "model.kv_heads=2"],
+            r"kv_heads=2 but model.heads=4; set model.kv_heads=4",
+        ),
+        (["model.arch=gpt2", "model.activation=swiglu"], r"gpt2 uses norm=layernorm and activation=gelu, got .*swiglu"),
+        (["model.arch=gpt2", "model.norm=rmsnorm"], r"got norm=rmsnorm, activation=gelu"),
     ],
 )
 def test_validation_errors_show_the_numbers(overrides, expected):
@@ -102,6 +117,16 @@ def test_yaml_errors(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+    bad.write_text("model: 5\n")
+    with pytest.raises(UserError, match=r"config section 'model' in .* must be a mapping of keys .*not int 5"):
+        load_config(bad)
+    bad.write_text("modle: 5\n")
+    with pytest.raises(UserError, match=r"unknown config section 'modle'; did you mean 'model'"):
+        load_config(bad)
+    bad.write_text("model:\ntrain:\n  steps: 7\n")  # a section with every key commented out
+    assert load_config(bad).train.steps == 7
+    with pytest.raises(UserError, match=r"is a directory, not a YAML file"):
+        load_config(tmp_path)
 
 
 def test_save_round_trip(tmp_path):

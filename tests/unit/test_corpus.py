@@ -11,7 +11,7 @@ import pytest
 from megatron_lite.data import corpus as corpus_mod
 from megatron_lite.data.corpus import default_corpus_files, prepare_default_corpus
 from megatron_lite.data.indexed import IndexedDataset
-from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.preprocess import check_dataset_tokenizer, preprocess
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
@@ -92,6 +92,24 @@ def test_preprocess_bad_inputs(tok, tmp_path):
         preprocess([str(tmp_path / "x.txt")], tmp_path / "no.model", tmp_path / "out", progress=False)
 
 
+def test_dataset_is_read_only_with_its_own_tokenizer(tok, tmp_path):
+    files = _small_stdlib_files(1)
+    preprocess([str(p) for p in files], tok.path, tmp_path / "d", progress=False)
+    check_dataset_tokenizer(tmp_path / "d", tok)
+    other = Tokenizer(train_tokenizer(_small_stdlib_files(), tmp_path / "other", VOCAB + 50, progress=False))
+    with pytest.raises(UserError) as e:
+        check_dataset_tokenizer(tmp_path / "d", other)
+    message = str(e.value)
+    assert str(tok.path) in message and str(other.path) in message and "d.json" in message
+    assert "point data.tokenizer at the tokenizer the data was made with" in message
+    meta = json.loads((tmp_path / "d.json").read_text())
+    del meta["tokenizer_sha256"]  # a dataset without the record: nothing to compare, no error
+    (tmp_path / "d.json").write_text(json.dumps(meta))
+    check_dataset_tokenizer(tmp_path / "d", other)
+    (tmp_path / "d.json").unlink()
+    check_dataset_tokenizer(tmp_path / "d", other)
+
+
 @pytest.fixture
 def copied_files(tmp_path):
     src = tmp_path / "src"
@@ -108,6 +126,7 @@ def test_prepare_corpus_builds_then_reuses(tmp_path, copied_files):
     folder = Path(prefix).parent
     assert folder.name.startswith("stdlib-") and f"-v{VOCAB}-" in folder.name
     assert [p.name for p in cache.iterdir()] == [folder.name]  # no temp folders left
+    check_dataset_tokenizer(prefix, tok)  # the embedded corpus records its own tokenizer's hash
     stamp = (folder / "manifest.json").stat().st_mtime_ns
     assert prepare_default_corpus(cache, VOCAB, progress=False, files=copied_files) == (prefix, model)
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp

@@ -124,3 +124,16 @@ def test_bad_training_inputs(corpus, tmp_path):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", VOCAB, progress=False)
     with pytest.raises(UserError, match="sentencepiece could not train"):
         train_tokenizer(corpus, tmp_path / "t", 50_000, progress=False)
+
+
+def test_cli_tokenizer_train_expands_quoted_globs(corpus, tmp_path):
+    from megatron_lite.cli import main
+
+    out = tmp_path / "globbed"
+    pattern = str(corpus[0].parent / "*.*")  # as `--input '/dir/*.*'` arrives, unexpanded by a shell
+    assert (
+        main(["tokenizer", "train", "--input", pattern, "--output", str(out), "--vocab-size", str(VOCAB), "--quiet"])
+        == 0
+    )
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["training"]["inputs"] == [str(p) for p in sorted(corpus)]

@@ -1,0 +1,86 @@
+"""Checks the trainer runs at startup, before the data is built or any step is taken.
+
+Each one turns a mistake that would otherwise surface late (a traceback at the first save, after
+all the training; a crash at the first step) into one :class:`UserError` naming the config key,
+the value and the fix. They touch only the local filesystem or the checkpoint listing and have no
+collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: the directory checks
+on rank 0, the kernel check on every rank.
+
+The object-store case (``checkpoint.dir=s3://...``) is not probed for writing: the storage layer
+has no cheap, short-timeout reachability call, and a write probe per run would add PUTs and
+DELETEs to the bucket. The first contact is its listing: here under ``checkpoint.resume=none``
+(:func:`check_fresh_start`), else when the trainer looks for the checkpoint to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from megatron_lite import kernels
+from megatron_lite.checkpoint.reader import committed_steps
+from megatron_lite.checkpoint.storage import is_url
+from megatron_lite.config import Config
+from megatron_lite.errors import UserError
+
+
+def probe_dir(key: str, path: str | Path) -> None:
+    """Create directory ``path`` (with its parents) and write and remove a file in it; a
+    :class:`UserError` naming ``key``, the path and the OS's reason when that fails."""
+    where = Path(path)
+    probe = where / f".megatron-lite-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        culprit = f" ({e.filename})" if e.filename and str(e.filename) != str(probe) else ""
+        if isinstance(e, FileExistsError):
+            reason = "it exists and is not a directory"
+        raise UserError(
+            f"{key}={str(path)!r} is not a writable directory: {reason}{culprit}; choose a directory "
+            "this process can create and write to"
+        ) from None
+
+
+def check_run_dirs(cfg: Config) -> None:
+    """``log.dir`` and a local ``checkpoint.dir`` exist (created here) and are writable."""
+    probe_dir("log.dir", cfg.log.dir)
+    ckpt = str(cfg.checkpoint.dir)
+    if not is_url(ckpt):
+        probe_dir("checkpoint.dir", ckpt.removeprefix("file://"))
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """``checkpoint.resume=none`` must not save over another run's committed checkpoints."""
+    c = cfg.checkpoint
+    if c.resume != "none":
+        return
+    try:
+        steps = committed_steps(c.dir)
+    except Exception as e:  # an unreachable object store, missing credentials, ...
+        raise UserError(f"checkpoint.dir={c.dir!r} cannot be listed: {type(e).__name__}: {e}") from None
+    if steps:
+        raise UserError(
+            f"checkpoint.dir={c.dir!r} already holds checkpoints of an earlier run (newest: step {steps[-1]}) and "
+            "checkpoint.resume=none would save over them; set checkpoint.resume=auto to continue that run, "
+            "or choose a new checkpoint.dir (or log.dir) to start a fresh one"
+        )
+
+
+def check_kernels(backend: str, device: torch.device) -> None:
+    """``kernels.backend=triton`` needs Triton and somewhere to run its kernels."""
+    if backend != "triton":
+        return
+    problem = kernels.triton_problem(device)
+    if problem:
+        raise UserError(f"kernels.backend=triton {problem}; use kernels.backend=auto")
+
+
+def kernel_report(device: torch.device) -> str:
+    """One line per op: what runs on ``device`` and why (for the startup log)."""
+    return "\n".join(f"  {op:<18} {how}" for op, how in kernels.describe(device).items())
