@@ -16,7 +16,12 @@ def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
 
     cfg = load_config(config_path, overrides)
     try:
-        return Trainer(cfg).fit()
+        history = Trainer(cfg).fit()
+        if dist.is_initialized():
+            # no rank tears its connections down while a peer may still be finishing its last
+            # collective with it (an abort in gloo's teardown fails a finished torchrun rank)
+            dist.barrier()
+        return history
     finally:
         # a process group left alive at interpreter exit can abort in gloo's teardown (SIGABRT),
         # which torchrun reports as a failed rank after a successful run

@@ -26,7 +26,7 @@ part() {  # part NAME SECONDS COMMAND...: run one part, log to OUT/NAME.log, ech
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-part install 60 pip install --no-deps --no-build-isolation -q -e .
+part install 60 python -m pip install --no-deps --no-build-isolation -q -e .
 part tests_gpu 180 python -m pytest tests/gpu tests/kernels -q -x -p no:cacheprovider
 part bench_kernels 150 python tools/bench/kernels.py
 part bench_step_small 60 python tools/bench/step_throughput.py --steps 10
