@@ -125,7 +125,8 @@ class TrainConfig:
     ``fp8``: bf16 with the block projections as Transformer Engine FP8 layers (compute capability
     8.9+, Transformer Engine installed, tp=1)."""
     recompute: str = "none"
-    """Activation recomputation: ``none``, ``full`` (each block) or ``selective``."""
+    """Activation recomputation: ``none``, ``full`` (each block re-runs in backward) or ``selective``
+    (GEMM and attention outputs kept, only the elementwise ops re-run; not with schedule zb-h1)."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
     compile: bool = False

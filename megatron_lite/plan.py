@@ -29,9 +29,10 @@ in elements (each ``P`` bytes), a layer keeps::
     + 4*a bytes     attention's fp32 log-sum-exp
 
 all divided by tp except where noted. For GPT-2 (F = 4h, a*d = h) that is ``32*s*b*h`` bytes:
-Korthikanti's 34 minus the two dropout masks. Recomputation (``train.recompute`` full or
-selective: this model checkpoints whole blocks) keeps only each layer's input, ``h`` elements,
-plus one layer's full activations while it is recomputed. The last virtual stage also keeps its
+Korthikanti's 34 minus the two dropout masks. ``train.recompute=full`` keeps only each layer's
+input, ``h`` elements; ``selective`` (``models/recompute.py``) its input and the outputs of its GEMMs
+and attention (:func:`layer_selective_elements`); while one layer is recomputed, full adds its whole
+activations, selective the part it did not keep. The last virtual stage also keeps its
 final norm's input and output (``2h``) and the loss's fp32 softmax (``4*V/tp`` bytes per token).
 A rank's peak is found by walking its schedule: each forward of a chunk adds that chunk's
 activations for one microbatch (``s * micro_batch_size`` tokens), each backward (zero-bubble: each
@@ -127,6 +128,12 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
     # With one stage the trainer runs each microbatch's forward and backward back to back: 1F1B.
     name = p.schedule if dims.pp > 1 else "1f1b"
     schedule = build_schedule(name, dims.pp, dims.vp, accumulation_steps(cfg))
+    if schedule.split_backward and cfg.train.recompute == "selective":
+        raise UserError(
+            f"parallel.schedule={name} splits each backward in two passes over a block's graph, which "
+            "selective recomputation (train.recompute=selective) allows only once; use "
+            "train.recompute=full or another schedule"
+        )
     return Layout(dims, schedule.microbatches, partition, schedule)
 
 
@@ -202,6 +209,16 @@ def layer_activation_elements(m: ModelConfig, tp: int, sp: bool) -> float:
     return 4 * m.hidden / (tp if sp else 1) + sharded
 
 
+def layer_selective_elements(m: ModelConfig, tp: int, sp: bool) -> float:
+    """Elements one layer keeps per token under selective recomputation (``models/recompute.py``):
+    its input, and the outputs of its GEMMs and attention (the row-parallel GEMMs' before the
+    reduction, so not split by sequence parallelism)."""
+    d = m.hidden // m.heads
+    kept = m.hidden / (tp if sp else 1) + 2 * m.hidden  # block input; proj and down GEMM outputs
+    kept += (m.heads // tp + 2 * _kv_heads_per_rank(m, tp)) * d + m.heads * d // tp  # qkv, attention out
+    return kept + (2 if m.activation == "swiglu" else 1) * m.ffn_hidden // tp  # gate_up | up
+
+
 def _chunk_activation_bytes(cfg: Config, chunk: ChunkSpec, tp: int) -> float:
     """Bytes one microbatch leaves on a rank between a chunk's forward and its backward."""
     m, t, sp = cfg.model, cfg.train, cfg.parallel.sp
@@ -209,6 +226,8 @@ def _chunk_activation_bytes(cfg: Config, chunk: ChunkSpec, tp: int) -> float:
     seq_split = tp if sp else 1
     if t.recompute == "none":
         per_token = P * layer_activation_elements(m, tp, sp) + 4 * m.heads // tp
+    elif t.recompute == "selective":
+        per_token = P * layer_selective_elements(m, tp, sp) + 4 * m.heads // tp
     else:
         per_token = P * m.hidden / seq_split  # only each block's input
     per_token *= len(chunk.layers)
@@ -230,9 +249,12 @@ def _peak_activation_bytes(cfg: Config, layout: Layout, stage: int) -> float:
         elif action.kind is freeing:
             held -= per_chunk[action.chunk]
     if cfg.train.recompute != "none":  # one block rematerialised at a time during backward
-        m = cfg.model
+        m, sp = cfg.model, cfg.parallel.sp
         tokens = m.seq_len * cfg.train.micro_batch_size
-        peak += _param_bytes(cfg) * layer_activation_elements(m, tp, cfg.parallel.sp) * tokens
+        transient = layer_activation_elements(m, tp, sp)  # full: the whole block's activations
+        if cfg.train.recompute == "selective":  # only what the kept GEMM/attention outputs lack
+            transient = max(0.0, transient - layer_selective_elements(m, tp, sp))
+        peak += _param_bytes(cfg) * transient * tokens
     return peak
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from megatron_lite import kernels
 from megatron_lite.config import ModelConfig
+from megatron_lite.models.recompute import run_block
 
 
 class RMSNorm(nn.Module):
@@ -162,7 +163,7 @@ class Transformer(nn.Module):
         self.final_norm = make_norm(cfg)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         self.loss_fn = LMLoss()
-        self.recompute = False
+        self.recompute = "none"  # train.recompute: none | full | selective (models/recompute.py)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -188,10 +189,7 @@ class Transformer(nn.Module):
         rope = self.rope(h.device)
         with self.layer_context():
             for block in self.layers:
-                if self.recompute and torch.is_grad_enabled():
-                    h = torch.utils.checkpoint.checkpoint(block, h, rope, use_reentrant=False)
-                else:
-                    h = block(h, rope)
+                h = run_block(block, self.recompute, h, rope)
         return h
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -90,7 +90,7 @@ class Engine:
         for chunk in chunks:
             if model_state is not None:
                 _load_single_device_state(chunk, model_state, whole=mesh.pp_size == 1)
-            chunk.recompute = cfg.train.recompute != "none"
+            chunk.recompute = cfg.train.recompute
             apply_tp(chunk, mesh, sequence_parallel=cfg.parallel.sp)
             if cfg.train.compile:
                 # per block, after TP and recompute (torchtitan's order); in place, so parameter
@@ -220,17 +220,23 @@ class Engine:
 
 def _load_single_device_state(chunk: torch.nn.Module, state: dict[str, torch.Tensor], whole: bool) -> None:
     """Load the single-device tensors this (unsharded) model or chunk holds; every one must be there,
-    and for the whole model (``whole``) nothing else may be."""
+    and for the whole model (``whole``) nothing else may be. Otherwise one UserError listing what
+    the checkpoint lacks, what it has besides, and what it has in another shape."""
     own = chunk.state_dict()
-    missing = [k for k in own if k not in state] + ([f"unexpected {k}" for k in state if k not in own] if whole else [])
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
+    groups = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own] if whole else [],
+        "shape mismatches": [
+            f"{k} (checkpoint {list(state[k].shape)}, model {list(v.shape)})"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ],
+    }
+    problems = [
+        f"{label}: {', '.join(names[:8])}" + (f", ... {len(names) - 8} more" if len(names) > 8 else "")
+        for label, names in groups.items()
+        if names
     ]
-    if missing or shapes:
-        raise UserError(
-            f"the checkpoint does not fit this model (changed model.* settings?): "
-            f"missing {missing[:8]}; shape mismatches {shapes[:8]}"
-        )
+    if problems:
+        raise UserError(f"the checkpoint does not fit this model (changed model.* settings?): {'; '.join(problems)}")
     chunk.load_state_dict({k: state[k] for k in own})

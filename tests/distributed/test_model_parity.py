@@ -103,7 +103,7 @@ def _train(model: Transformer, batches, group=None, sharded: bool = False) -> tu
     return losses, norms
 
 
-def _check_case(name: str, cfg: ModelConfig, mesh: ParallelMesh, sp: bool, pad_to: int, recompute=False) -> None:
+def _check_case(name: str, cfg: ModelConfig, mesh: ParallelMesh, sp: bool, pad_to: int, recompute="none") -> None:
     torch.manual_seed(0)
     reference = Transformer(cfg)
     reference.init_weights(seed=1234)
@@ -143,7 +143,8 @@ def check_model_parity(rank: int, world: int) -> None:
     for name, cfg in _cases(world).items():
         for sp in (False, True):
             _check_case(name, cfg, mesh, sp, pad_to=128 if sp else 1)
-    _check_case("llama-kv-replicated recompute", _cases(world)["llama-kv-replicated"], mesh, True, 1, recompute=True)
+    for mode in ("full", "selective"):
+        _check_case(f"llama-kv-replicated recompute {mode}", _cases(world)["llama-kv-replicated"], mesh, True, 1, mode)
 
 
 def test_model_parity_tp2(world2):

@@ -23,7 +23,8 @@ LAYOUTS = [
     ["parallel.tp=2", "parallel.sp=true", "optim.distributed=true"],
     ["parallel.tp=4", "model.kv_heads=2"],  # tp > kv_heads: KV replicated on pairs of ranks
     ["optim.distributed=true", "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"],  # dp=4
-    ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=true"],  # tp=2 x pp=2, tied across stages
+    # tp=2 x pp=2, tied across stages, selective recomputation (1f1b: one backward per block)
+    ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=true", "train.recompute=selective"],
     ["parallel.pp=2", "optim.distributed=true", "parallel.schedule=zb-h1"],  # pp=2 x dp=2
     ["parallel.pp=4", "parallel.vp=2", "model.layers=8", "parallel.schedule=interleaved"],
     # interleaved with tied embeddings: rank 0 holds the embedding AND later stages' chunks

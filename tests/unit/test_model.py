@@ -1,7 +1,9 @@
 """The single-device model: shapes, GQA, init determinism, meta build, tied weights."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lite.config import fill_defaults, load_config
 from megatron_lite.models.transformer import build_model, count_parameters, rope_tables
@@ -82,13 +84,48 @@ def test_causality_future_tokens_do_not_change_past_logits():
     torch.testing.assert_close(m(x)[0, :10], m(y)[0, :10], rtol=0, atol=0)
 
 
-def test_recompute_gives_identical_grads():
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_recompute_gives_identical_grads(mode):
     m = build_model(tiny(), 2)
     x = torch.randint(0, 97, (2, 16))
     m(x[:, :-1], x[:, 1:]).backward()
     g1 = [p.grad.clone() for p in m.parameters()]
     m.zero_grad()
-    m.recompute = True
+    m.recompute = mode
     m(x[:, :-1], x[:, 1:]).backward()
     for a, p in zip(g1, m.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.names, self.counts = names, dict.fromkeys(names, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.counts:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selective_recompute_reruns_the_elementwise_ops_but_no_matmul_or_attention():
+    ops = ("mm", "_scaled_dot_product_flash_attention_for_cpu", "rsqrt", "silu")
+    x = torch.randint(0, 97, (2, 16))
+    counts = {}
+    for mode in ("none", "selective", "full"):
+        m = build_model(tiny(), 2)
+        m.recompute = mode
+        loss = m(x[:, :-1], x[:, 1:])
+        with _OpCounter(ops) as counter:
+            loss.backward()
+        counts[mode] = counter.counts
+    none, sel, full = counts["none"], counts["selective"], counts["full"]
+    layers = tiny().layers
+    assert none["rsqrt"] == none["silu"] == none["_scaled_dot_product_flash_attention_for_cpu"] == 0
+    # selective: the norms and the activation re-run in backward, the GEMMs and attention do not
+    assert sel["rsqrt"] == 2 * layers and sel["silu"] == layers
+    assert sel["mm"] == none["mm"] and sel["_scaled_dot_product_flash_attention_for_cpu"] == 0
+    # full: the block forward re-runs, GEMMs and attention too (qkv, proj and gate_up: the re-run
+    # stops before `down`, whose output backward never needs)
+    assert full["mm"] == none["mm"] + 3 * layers and full["_scaled_dot_product_flash_attention_for_cpu"] == layers

@@ -12,6 +12,7 @@ import pytest
 
 from megatron_lite.cli import main
 from megatron_lite.config import ModelConfig, fill_defaults, load_config
+from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import build_model, count_parameters
 from megatron_lite.parallel.pipeline.schedules import build_schedule
 from megatron_lite.parallel.pipeline.simulate import simulate
@@ -115,3 +116,16 @@ def test_activations_follow_the_schedule_peak():
     assert gpipe.stages[1].activation_bytes == pytest.approx(per_mb * 8)
     recompute = _plan([*base, "train.recompute=full"], 4)
     assert recompute.stages[1].activation_bytes < one_f.stages[1].activation_bytes
+    # several layers per stage: selective keeps more than full (its GEMM outputs), less than none
+    deep = [*base, "model.layers=16"]
+    none_b, sel_b, full_b = (
+        _plan([*deep, f"train.recompute={r}"], 4).stages[1].activation_bytes for r in ("none", "selective", "full")
+    )
+    assert full_b < sel_b < none_b
+
+
+def test_selective_recompute_is_refused_with_a_split_backward_schedule():
+    base = [*TINY, "parallel.pp=2", "train.micro_batch_size=1", "train.global_batch_size=4"]
+    with pytest.raises(UserError, match=r"parallel.schedule=zb-h1 .* use train.recompute=full"):
+        _plan([*base, "parallel.schedule=zb-h1", "train.recompute=selective"], 2)
+    _plan([*base, "parallel.schedule=1f1b", "train.recompute=selective"], 2)
