@@ -91,7 +91,13 @@ def _plan(args: argparse.Namespace) -> int:
     from megatron_lite.config import load_config
     from megatron_lite.plan import format_plan, make_plan
 
-    plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+    try:
+        plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+    except UserError as e:
+        if not args.json:
+            raise
+        print(json.dumps({"error": str(e)}))  # --json: the one line on stdout is JSON, failures too
+        return 2
     print(json.dumps(plan.to_json()) if args.json else format_plan(plan, width=args.width))
     return 0
 

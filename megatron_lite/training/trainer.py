@@ -3,7 +3,8 @@
 Setup order: the launch environment and the config's layout are checked before any process group
 forms -> the process group -> the kernel backend, run directories and a fresh start's checkpoint
 directory (``preflight.py``) -> data (the corpus is built once per node, first) -> the
-:class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> resume.
+:class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> resume (a checkpoint
+saved with other model settings is refused before the engine is built: ``resume.py``).
 
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
@@ -32,7 +33,7 @@ from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
 from megatron_lite.plan import Layout
-from megatron_lite.training import build, fp8, preflight
+from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.fault import PreemptionHandler, any_rank
 from megatron_lite.training.lr import lr_at
@@ -137,7 +138,7 @@ class Trainer:
     def _log_setup(self) -> None:
         if self.rank != 0:
             return
-        model = self.engine.model
+        model = torch.nn.ModuleList(self.engine.chunks)  # every chunk of this rank (vp > 1), each parameter once
         log.info(
             "model: %s parameters on this rank (%s without embeddings); world %d; device %s, dtype %s, kernels %s",
             f"{count_parameters(model):,}",
@@ -195,15 +196,18 @@ class Trainer:
             return reader, reader.model_state()
         if reader is None:
             return None
+        resume.check_resume(self.cfg, reader, self.rank)
         return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
 
     def _restore(self, reader: CheckpointReader, weights: dict | None) -> None:
         """Optimizer, masters, data position, scaler and RNG; a weights-only start has only weights
         (the engine was built from them)."""
         if weights is not None:
-            log.info(
-                "initialised the model from %s (weights only: step 0, fresh optimizer and data order)", reader.location
-            )
+            if self.rank == 0:
+                log.info(
+                    "initialised the model from %s (weights only: step 0, fresh optimizer and data order)",
+                    reader.location,
+                )
             reader.close()
             return
         with fail_fast_setup("reading the checkpoint's trainer state"):
@@ -223,7 +227,8 @@ class Trainer:
             torch.cuda.set_rng_state(rng["rng/cuda"], self.device)
         if not same_layout and self.rank == 0:
             log.info("the layout changed since the checkpoint: RNG streams start fresh (they only drive dropout)")
-        log.info("resumed from %s at step %d", reader.location, self.step)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", reader.location, self.step)
         reader.close()
 
     # ---- steps -------------------------------------------------------------------------------
@@ -250,6 +255,12 @@ class Trainer:
         """Train to ``train.steps`` (or ``train.exit_after`` steps in this process); returns the logs."""
         cfg, history = self.cfg, []
         t = cfg.train
+        if self.step >= t.steps:  # saving again would only rewrite the checkpoint just loaded
+            if self.rank == 0:
+                log.info("checkpoint step %d >= train.steps %d: nothing to train", self.step, t.steps)
+            self.checkpointer.close()
+            self.trackers.close()
+            return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         show = cfg.log.progress and self.rank == 0
@@ -266,8 +277,16 @@ class Trainer:
             if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
                 self.save()
             self.checkpointer.close()  # waits for an async save; raises if any save failed
-        if self.preempted:
+        if self.rank == 0 and self.preempted:
             log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
+        elif self.rank == 0 and self.step == stop < t.steps:
+            log.info(
+                "stopped after train.exit_after=%d steps at step %d of %d; "
+                "rerun with checkpoint.resume=auto to continue",
+                t.exit_after,
+                self.step,
+                t.steps,
+            )
         self.trackers.close()
         return history
 

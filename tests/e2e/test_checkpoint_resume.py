@@ -5,6 +5,7 @@ fp32 on CPU, one process: the resumed run must continue bitwise on the straight 
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -80,3 +81,64 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tiny_args, tmp_path):
     assert main(["train", *run]) == 0  # resume to the end
     assert main(["train", *common, f"log.dir={tmp_path / 's'}"]) == 0
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _mtimes(root: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def test_resume_with_other_model_settings_is_refused_naming_each(tiny_args, tmp_path, capsys, caplog):
+    """Settings that keep every tensor shape (rope_theta, seq_len) still change the model: resuming
+    with them is one error listing each with both values; a new run from the weights is the way."""
+    args = [*tiny_args, "train.steps=2"]
+    assert main(["train", *args]) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = _mtimes(ckpt)
+    changed = ["model.rope_theta=500000.0", "model.seq_len=64"]
+    assert main(["train", *args, "train.steps=3", *changed]) == 2
+    err = _error_line(capsys)
+    assert "model.rope_theta: checkpoint 10000.0, now 500000.0" in err, err
+    assert "model.seq_len: checkpoint 32, now 64" in err, err
+    assert err.count("checkpoint ") >= 2 and "vocab_size" not in err and "kv_heads" not in err, err
+    assert f"checkpoint.init_from={ckpt / 'step_00000002'}" in err and "new checkpoint.dir" in err, err
+    assert _mtimes(ckpt) == before  # nothing saved is touched
+    # the advice works: a new run from these weights with the new settings
+    new = [*tiny_args[:-1], f"log.dir={tmp_path / 'new'}", "train.steps=1", *changed]
+    assert main(["train", *new, f"checkpoint.init_from={ckpt / 'step_00000002'}"]) == 0
+    # resolved against resolved: spelling out the values that defaults and the tokenizer filled in is the same run;
+    # another seed resumes, with a warning that the data order changes
+    same = ["model.vocab_size=512", "model.norm=rmsnorm", "model.activation=swiglu", "model.tie_embeddings=false"]
+    caplog.set_level(logging.INFO, logger="megatron_lite")
+    assert main(["train", *args, "train.steps=3", *same, "train.seed=7"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("train.seed=7 differs from the checkpoint's train.seed=1234" in w for w in warnings), warnings
+    assert "resumed from" in caplog.text and losses(tmp_path / "run")[-1][0] == 3
+
+
+def test_resume_at_or_past_train_steps_says_nothing_to_train(tiny_args, tmp_path, caplog):
+    args = [*tiny_args, "train.steps=2"]
+    assert main(["train", *args]) == 0
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = _mtimes(ckpt)
+    caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
+    for steps in (2, 1):
+        caplog.clear()
+        assert main(["train", *args, f"train.steps={steps}"]) == 0
+        assert f"checkpoint step 2 >= train.steps {steps}: nothing to train" in caplog.messages, caplog.messages
+    assert _mtimes(ckpt) == before  # the loaded checkpoint is not saved again
+
+
+def test_exit_after_says_why_it_stopped(tiny_args, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
+    assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
+    want = "stopped after train.exit_after=2 steps at step 2 of 6; rerun with checkpoint.resume=auto to continue"
+    assert want in caplog.messages, caplog.messages
+    caplog.clear()
+    assert main(["train", *tiny_args, "train.exit_after=10"]) == 0  # reaches train.steps: nothing to say
+    assert not any(m.startswith("stopped") for m in caplog.messages), caplog.messages

@@ -1,0 +1,63 @@
+"""Checks on a checkpoint the trainer is about to resume (``checkpoint.resume=auto`` or a path).
+
+A resumed run must be the same run: the model it continues is the checkpoint's. Tensor shapes
+are checked against the checkpoint's global shapes (``checkpoint/shards.py``); settings that keep
+every shape (``model.rope_theta``, ``model.seq_len``, ``model.norm_eps``...) are caught here, by
+comparing the checkpoint's saved ``model`` section with this run's, both resolved (defaults that
+depend on other fields and the tokenizer's vocabulary filled in). Starting a *new* run from the
+weights with other settings is what ``checkpoint.init_from`` is for, and is not checked here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from megatron_lite.checkpoint.reader import CheckpointReader
+from megatron_lite.checkpoint.shards import check_shapes
+from megatron_lite.config import Config, config_from_dict, fill_defaults
+from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolved_model(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved ``model`` section with every default resolved as the trainer resolves
+    it; keys this version does not know are left out, keys it lacks take their defaults."""
+    known = Config().to_dict()["model"]
+    cfg = config_from_dict({"model": {k: v for k, v in saved.items() if k in known}})
+    fill_defaults(cfg, vocab_size=cfg.model.vocab_size)
+    return cfg.to_dict()["model"]
+
+
+def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
+    """``model.KEY: checkpoint A, now B`` for every resolved model setting that differs."""
+    before, after = resolved_model(saved), now.to_dict()["model"]
+    return [f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}" for k in after if before[k] != after[k]]
+
+
+def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
+    """Refuse a full resume whose model settings differ from the checkpoint's (one UserError
+    listing them all); warn (rank 0) when ``train.seed`` differs. Every rank gets the same verdict
+    (the metadata is rank 0's, broadcast)."""
+    if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
+        return
+    saved = reader.meta.get("config") or {}
+    check_shapes(cfg.model, reader, ("model",))  # a shape change names the tensors (as a full load would)
+    changes = model_changes(saved.get("model", {}), cfg)
+    if changes:
+        raise UserError(
+            f"checkpoint {reader.location} was saved with other model settings: {'; '.join(changes)}. "
+            "Resume with the checkpoint's model settings, or start a new run from these weights with "
+            f"checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
+        )
+    seed = saved.get("train", {}).get("seed")
+    if rank == 0 and seed is not None and seed != cfg.train.seed:
+        log.warning(
+            "train.seed=%s differs from the checkpoint's train.seed=%s: the data order from step %d on "
+            "differs from the original run's (resume with train.seed=%s to keep it)",
+            cfg.train.seed,
+            seed,
+            reader.step,
+            seed,
+        )

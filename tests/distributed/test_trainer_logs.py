@@ -1,0 +1,75 @@
+"""What a multi-rank run logs: the startup parameter count covers every chunk this rank holds
+(interleaved pipeline, vp > 1), and run-wide events (resumed, preempted) are said once, by rank 0."""
+
+import logging
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.config import load_config
+from megatron_lite.data.corpus import prepare_default_corpus
+from megatron_lite.training.trainer import Trainer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    files = [STDLIB / n for n in ("textwrap.py", "shlex.py")]
+    return prepare_default_corpus(tmp_path_factory.mktemp("corpus"), 512, progress=False, files=files)
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _train_resume_preempt(rank: int, world: int, args: list[str], port: int) -> tuple[list[str], int]:
+    """(this rank's trainer log, the parameters of all its chunks): train 2 steps, then resume and
+    get preempted (only rank 1 is signalled) after step 3."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    logger, handler = logging.getLogger("megatron_lite.training.trainer"), _Messages()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        first = Trainer(load_config(None, [*args, "train.steps=2"]))
+        first.fit()
+        chunks = first.engine.chunks
+        params = sum(p.numel() for p in {id(p): p for c in chunks for p in c.parameters()}.values())
+        second = Trainer(load_config(None, [*args, "train.steps=6"]))
+        second.preemption.requested = rank == 1
+        second.fit()
+        assert second.step == 3
+    finally:
+        logger.removeHandler(handler)
+    return handler.messages, params
+
+
+@pytest.fixture(scope="module")
+def logs(world2, corpus, tmp_path_factory):
+    prefix, tok = corpus
+    args = [f"data.path={prefix}", f"data.tokenizer={tok}", "model.layers=4", "model.hidden=64", "model.heads=4"]
+    args += ["model.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=4", "optim.warmup=1"]
+    args += ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved", "log.progress=false"]
+    args += ["data.valid_fraction=0", f"log.dir={tmp_path_factory.mktemp('logs') / 'run'}"]
+    return world2.run(_train_resume_preempt, args, 29502)
+
+
+def test_parameter_count_covers_every_chunk_of_the_rank(logs):
+    (messages, params), _ = logs
+    lines = [m for m in messages if m.startswith("model: ")]  # one per trainer: both count the same
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    assert lines[0].startswith(f"model: {params:,} parameters on this rank"), (lines[0], params)
+
+
+def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
+    (rank0, _), (rank1, _) = logs
+    for prefix in ("resumed from ", "stopped at step 3 on a preemption signal"):
+        assert sum(m.startswith(prefix) for m in rank0) == 1, rank0
+        assert not any(m.startswith(prefix) for m in rank1), rank1

@@ -1,0 +1,31 @@
+"""`megatron-lite plan --json` speaks JSON on failure too: one `{"error": ...}` line, exit 2."""
+
+import json
+
+import pytest
+
+from megatron_lite.cli import main
+
+TINY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["parallel.tp=2"], "tp=2 x pp=1 = 2 does not divide world size 3"),
+        (["model.layrs=2"], "did you mean 'model.layers'"),
+    ],
+)
+def test_json_error_is_one_json_line(extra, message, capsys):
+    assert main(["plan", "--world-size", "3", *TINY, "train.global_batch_size=48", *extra, "--json"]) == 2
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and err == "", (out, err)
+    got = json.loads(lines[0])
+    assert list(got) == ["error"] and message in got["error"], got
+
+
+def test_text_error_stays_one_error_line(capsys):
+    assert main(["plan", "--world-size", "3", *TINY, "train.global_batch_size=48", "parallel.tp=2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (out, err)
