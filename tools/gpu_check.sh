@@ -2,19 +2,24 @@
 # Everything that needs a GPU, in one run: the CUDA tests, the kernel benchmark and the step
 # throughput benchmark on a one-GPU machine that already has torch, Triton and transformers.
 #
-#   bash tools/gpu_check.sh [OUT_DIR]        # logs and the benchmarks' JSON lines land in OUT_DIR
+#   bash tools/gpu_check.sh [OUT_DIR [PART ...]]   # logs and the benchmarks' output land in OUT_DIR
+#
+# PARTs (default: all, in this order): install tests_gpu bench_kernels bench_step_small bench_step_1b.
 #
 # Each part has its own time limit, so one slow part cannot starve the rest; the exit status is
 # non-zero when any part failed. The limits add up to under 10 minutes. The CPU-only suite (tools/run_tests.sh) skips these tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check_out}}"
+shift || true
+wanted=" ${*:-install tests_gpu bench_kernels bench_step_small bench_step_1b} "
 mkdir -p "$out"
 status=0
 
 part() {  # part NAME SECONDS COMMAND...: run one part, log to OUT/NAME.log, echo its tail
     local name="$1" limit="$2"
     shift 2
+    [[ "$wanted" == *" $name "* ]] || return 0
     echo "== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -27,9 +32,9 @@ part() {  # part NAME SECONDS COMMAND...: run one part, log to OUT/NAME.log, ech
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 part install 60 python -m pip install --no-deps --no-build-isolation -q -e .
-part tests_gpu 180 python -m pytest tests/gpu tests/kernels -q -x -p no:cacheprovider
+part tests_gpu 220 python -m pytest tests/gpu tests/kernels -q -x -p no:cacheprovider
 part bench_kernels 150 python tools/bench/kernels.py
-part bench_step_small 60 python tools/bench/step_throughput.py --steps 10
-part bench_step_1b 120 python tools/bench/step_throughput.py --steps 6 --layers 12 --hidden 2048 \
+part bench_step_small 50 python tools/bench/step_throughput.py --steps 10
+part bench_step_1b 110 python tools/bench/step_throughput.py --steps 6 --layers 12 --hidden 2048 \
     --heads 16 --kv-heads 4 --ffn 5632 --seq 2048 --batch 4
 exit $status
