@@ -93,7 +93,7 @@ class OptimConfig:
     min_lr: float = 3e-5
     """Learning rate at the end of the cosine decay."""
     warmup: int = 100
-    """Linear warmup steps (from 0 to ``lr``)."""
+    """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``)."""
     decay_steps: int | None = None
     """Steps of cosine decay after warmup. Default: train.steps - warmup."""
     weight_decay: float = 0.1
@@ -119,11 +119,11 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks = micro_batch_size x accumulation x dp."""
     seed: int = 1234
-    """Seed for init, data order and dropout: same seed -> same run."""
+    """Seed for the initial weights and the data order: same seed -> same run."""
     dtype: str = "auto"
     """``fp32``, ``bf16``, ``fp16``, ``fp8`` or ``auto`` (bf16 on GPUs that support it, fp32 on CPU).
     ``fp8``: bf16 with the block projections as Transformer Engine FP8 layers (compute capability
-    8.9+, Transformer Engine installed, tp=1)."""
+    8.9+, Transformer Engine installed, tp=1, no recompute or compile, widths multiple of 16)."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``full`` (each block re-runs in backward) or ``selective``
     (GEMM and attention outputs kept, only the elementwise ops re-run; not with schedule zb-h1)."""
@@ -192,7 +192,8 @@ class LogConfig:
 @dataclass
 class KernelsConfig:
     backend: str = "auto"
-    """Fused-op backend: ``auto`` (Triton on CUDA, torch on CPU), ``triton`` or ``torch``."""
+    """Fused-op backend: ``auto`` (Triton on CUDA except attention, which keeps torch's SDPA;
+    torch on CPU), ``triton`` or ``torch``."""
 
 
 @dataclass

@@ -50,6 +50,7 @@ from megatron_lite.parallel.mesh import ParallelDims
 from megatron_lite.parallel.pipeline.partition import ChunkSpec, Partition, plan_for_model
 from megatron_lite.parallel.pipeline.schedules import Op, Schedule, build_schedule
 from megatron_lite.parallel.pipeline.simulate import Simulation, render, simulate
+from megatron_lite.training.fp8 import config_problem as fp8_config_problem
 
 VOCAB_PAD_TO = 128  # apply_tp's default: vocabulary padded to a multiple of tp * 128
 
@@ -128,6 +129,8 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
     # With one stage the trainer runs each microbatch's forward and backward back to back: 1F1B.
     name = p.schedule if dims.pp > 1 else "1f1b"
     schedule = build_schedule(name, dims.pp, dims.vp, accumulation_steps(cfg))
+    if cfg.train.dtype == "fp8" and (why := fp8_config_problem(cfg)):  # the device part: at train time
+        raise UserError(f"train.dtype=fp8: {why}")
     if schedule.split_backward and cfg.train.recompute == "selective":
         raise UserError(
             f"parallel.schedule={name} splits each backward in two passes over a block's graph, which "

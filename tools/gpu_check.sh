@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run: the CUDA tests, the kernel benchmark and the step
-# throughput benchmark on a one-GPU machine that already has torch, Triton and transformers.
+# throughput benchmark, on a one-GPU machine that already has megatron-lite's dependencies (torch,
+# Triton, numpy, pyyaml, sentencepiece, tqdm, safetensors, transformers, pytest, pytest-timeout):
+# the install step adds only this checkout (--no-deps), for machines without a package index.
 #
 #   bash tools/gpu_check.sh [OUT_DIR [PART ...]]   # logs and the benchmarks' output land in OUT_DIR
 #
 # PARTs (default: all, in this order): install tests_gpu bench_kernels bench_step_small bench_step_1b.
 #
 # Each part has its own time limit, so one slow part cannot starve the rest; the exit status is
-# non-zero when any part failed. The limits add up to under 10 minutes. The CPU-only suite (tools/run_tests.sh) skips these tests.
+# non-zero when any part failed. The limits add up to under 10 minutes. The CPU-only suite
+# (tools/run_tests.sh) skips these tests.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-gpu_check_out}}"
 shift || true
-wanted=" ${*:-install tests_gpu bench_kernels bench_step_small bench_step_1b} "
+all_parts="install tests_gpu bench_kernels bench_step_small bench_step_1b"
+wanted=" ${*:-$all_parts} "
+for name in $wanted; do
+    [[ " $all_parts " == *" $name "* ]] || { echo "unknown part '$name'; parts: $all_parts" >&2; exit 2; }
+done
 mkdir -p "$out"
 status=0
 

@@ -5,7 +5,7 @@ its metadata says ``"weights_only": true`` and it has no optimizer, scaler, data
 RNG, because a fresh optimizer must take its hyperparameters from the new run's config, not from
 a made-up state. The trainer starts such a checkpoint at step 0 with a fresh optimizer.
 ``<out>/config.yaml`` is a run config whose ``model`` section matches the weights and whose
-``checkpoint.resume`` points at them.
+``checkpoint.init_from`` points at them (so a rerun resumes from the run's own checkpoints).
 
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
 and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
@@ -133,7 +133,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     with tempfile.TemporaryDirectory() as td:
         files = _extra_files(hf_dir, sp, raw, Path(td))
         path = Path(save_weights(out, 0, state, cfg.to_dict(), files))
-    cfg.checkpoint.resume = str(path.resolve())
+    cfg.checkpoint.init_from = str(path.resolve())
     cfg.save(out / "config.yaml")
     n_params = sum(t.numel() for t in state.values())
     return ImportResult(path, out / "config.yaml", n_params, tok_dest)

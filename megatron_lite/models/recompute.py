@@ -2,11 +2,12 @@
 
 ``full`` keeps only each block's input and re-runs the whole block forward during backward (one
 extra forward: ~33% more compute). ``selective`` is torchtitan's op-level selective activation
-checkpointing: the outputs of the expensive ops (the GEMMs and the attention kernel) are kept, and
+checkpointing: the outputs of the expensive ops (the GEMMs and torch's SDPA attention; the Triton
+attention of ``kernels.backend=triton`` is re-run like the elementwise ops) are kept, and
 backward re-runs only the cheap elementwise work between them (norms, RoPE, activation functions,
-residual adds), whose outputs are the activations it saves. Both give bitwise the gradients of no
-recomputation (the re-run ops are deterministic). Collectives inside a block (tensor/sequence
-parallelism) re-run with it, in the same order on every rank.
+residual adds), whose outputs are the activations it saves. Both give the gradients of no
+recomputation: bitwise on CPU (tested), where every re-run op is deterministic. Collectives inside
+a block (tensor/sequence parallelism) re-run with it, in the same order on every rank.
 
 Memory per token and layer (``plan.py`` counts the same): ``none`` keeps every op's saved
 inputs; ``full`` keeps ``h``; ``selective`` keeps the block input, the q/k/v projection, the

@@ -4,8 +4,9 @@ The regime is bf16's (``parallel/precision.py``: bf16 parameters and activations
 and master weights) with one change: every linear layer inside the transformer blocks (attention
 qkv and output projections, the MLP's gate/up and down) becomes a ``te.Linear`` holding the same
 weights under the same names, and the blocks run under ``te.fp8_autocast`` with a delayed-scaling
-recipe (E4M3 forward, E5M2 gradients: ``Format.HYBRID``; amax history of 1024 steps, as Megatron's
-defaults). The embedding, the norms and the output head stay bf16, as in Megatron and NeMo.
+recipe (E4M3 forward, E5M2 gradients: ``Format.HYBRID``; an amax history of 1024 steps reduced
+with ``max``, Transformer Engine's ``DelayedScaling`` defaults). The embedding, the norms and the
+output head stay bf16, as in Megatron and NeMo.
 
 Requirements, all checked by :func:`fp8_problem` before the model is built, each failing with one
 message that names the fix: a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell),

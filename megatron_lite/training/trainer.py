@@ -1,10 +1,11 @@
 """The training loop, the same for one process and for any (tp, pp, dp) layout.
 
 Setup order: the launch environment and the config's layout are checked before any process group
-forms -> the process group -> the kernel backend, run directories and a fresh start's checkpoint
-directory (``preflight.py``) -> data (the corpus is built once per node, first) -> the
-:class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> resume (a checkpoint
-saved with other model settings is refused before the engine is built: ``resume.py``).
+forms -> the process group -> train.dtype=fp8's requirements (``fp8.py``), the kernel backend, run
+directories and a fresh start's checkpoint directory (``preflight.py``) -> data (the corpus is
+built once per node, first) and the layout against the vocabulary -> the mesh -> the checkpoint to
+start from (one saved with other model settings is refused: ``resume.py``) -> the
+:class:`~megatron_lite.training.engine.Engine` (model, main grads, optimizer) -> its state restored.
 
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,

@@ -99,7 +99,7 @@ def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, t
     with torch.no_grad():
         assert torch.equal(load_model(trained, "cpu")[0](ids), load_model(back, "cpu")[0](ids))
     cfg = load_config(back / "config.yaml")
-    assert cfg.checkpoint.resume == str((back / "step_00000000").resolve())
+    assert cfg.checkpoint.init_from == str((back / "step_00000000").resolve())
     recorded = json.loads((exported / "megatron_lite.json").read_text())["config"]["model"]
     assert cfg.model == ModelConfig(**recorded)
     meta = find_checkpoint(back / "step_00000000").meta

@@ -158,3 +158,10 @@ def test_engine_trains_swapped_layers_like_the_plain_model(te):
     assert te.entered == 3 and te.calls_outside == 0
     assert fp8_losses == plain_losses  # the stand-in is exact: main grads and AdamW saw every swapped weight
     assert fp8_names == plain_names  # checkpoints hold the same tensors under the same names
+
+
+def test_plan_refuses_what_fp8_training_would_refuse():
+    cfg = tiny(dtype="fp8", recompute="full")
+    with pytest.raises(UserError, match=r"train.dtype=fp8: train.recompute=full: FP8 recompute is not supported"):
+        plan.check_layout(cfg, 1)
+    plan.check_layout(tiny(dtype="fp8"), 1)  # the device is checked when training starts
