@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Source me: create .venv (once) and install megatron-lite with its CPU torch pin and dev tools.
 #   source launch/setup_env.sh
-# On a GPU machine with torch already installed, `pip install -e .[dev]` instead keeps that torch.
+# On a GPU machine with torch already installed, `pip install -e .[dev,hf]` instead keeps that torch.
 VENV=${VENV:-.venv}
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
