@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -94,15 +95,10 @@ class Trainer:
             self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
         )
         self.step, self.skipped_steps = 0, 0
+        self.checkpointer = self._make_checkpointer(resume[0] if resume else None)
         if resume:
             self._restore(*resume)
         tok = self.data.tokenizer_path
-        self.checkpointer = Checkpointer(
-            cfg.checkpoint.dir,
-            cfg.checkpoint.keep,
-            cfg.checkpoint.async_,
-            {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")} if self.rank == 0 else {},
-        )
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
         self.preemption, self.preempted = PreemptionHandler(), False
         self.trackers = Trackers(
@@ -117,6 +113,20 @@ class Trainer:
         peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
         self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
         self._log_setup()
+
+    def _make_checkpointer(self, source: CheckpointReader | None) -> Checkpointer:
+        """The writer. Rank 0 copies into every checkpoint the tokenizer and, when the run starts
+        from a Hugging Face import (or a checkpoint of one), its ``origin.json``, which makes
+        ``convert to-hf`` write the source's class again (e.g. Mistral)."""
+        c, files = self.cfg.checkpoint, {}
+        if self.rank == 0:
+            tok = self.data.tokenizer_path
+            files = {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")}
+            origin = source.local_file("origin.json") if source is not None else None
+            if origin is not None:
+                files["origin.json"] = self.run_dir / "origin.json"
+                shutil.copyfile(origin, files["origin.json"])
+        return Checkpointer(c.dir, c.keep, c.async_, files)
 
     def _prepare_data(self) -> build.DataBundle:
         """Build the default corpus once per node (local rank 0 first), then open it on every rank."""

@@ -191,6 +191,12 @@ def test_import_mistral_and_bias_free_qwen2_matches_logits(small_corpus, tmp_pat
     expected = ("mistral", ["MistralForCausalLM"]) if kind == "mistral" else ("llama", ["LlamaForCausalLM"])
     assert (config["model_type"], config["architectures"]) == expected
     assert_bitwise(tmp_path / "ckpt" / "step_00000000", from_hf(back, tmp_path / "again").checkpoint)
+    if kind == "mistral":  # trained further from the import, it is still exported as a Mistral
+        run = [f"data.path={small_corpus[0]}", f"log.dir={tmp_path / 'run'}", "train.steps=1", "log.progress=false"]
+        assert main(["train", "--config", str(tmp_path / "ckpt" / "config.yaml"), *run, "train.global_batch_size=2",
+                     "train.micro_batch_size=2"]) == 0  # fmt: skip
+        trained = to_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf_trained").out
+        assert json.loads((trained / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
 
 
 def run_error(args: list[str], capsys) -> str:
