@@ -191,8 +191,10 @@ def _list_on_rank0(storage: Storage) -> list[str]:
     if collectives.world()[0] == 0:
         try:
             listing = (storage.step_dirs(), None)
-        except OSError as e:
-            listing = ([], f"cannot list checkpoints under {storage.url()}: {e}")
+        except Exception as e:  # locally an OSError; an object store raises its client's (no endpoint...)
+            if not (storage.remote or isinstance(e, OSError)):
+                raise
+            listing = ([], f"cannot list checkpoints under {storage.url()}: {type(e).__name__}: {e}")
     names, error = collectives.broadcast(listing)
     if error:
         raise UserError(error)

@@ -15,6 +15,7 @@ import torch
 from megatron_lite.config import Config
 from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset
+from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -86,6 +87,13 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
         check_dataset_tokenizer(prefix, tok, fix)
     train = GPTDataset(prefixes, d.weights, seq, seed, split="train", valid_fraction=d.valid_fraction)
     valid = None
-    if d.valid_fraction > 0:
+    single = [p for p in prefixes if len(IndexedDataset(p).sizes) < 2]
+    if d.valid_fraction > 0 and single:
+        log.warning(
+            "dataset %s holds a single document, so it has no held-out split: training without "
+            "evaluation (split the text into documents, e.g. JSONL lines, or set data.valid_fraction=0)",
+            single[0],
+        )
+    elif d.valid_fraction > 0:
         valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", valid_fraction=d.valid_fraction)
     return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))

@@ -6,10 +6,9 @@ the value and the fix. They touch only the local filesystem or the checkpoint li
 collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: the directory checks
 on rank 0, the kernel check on every rank.
 
-The object-store case (``checkpoint.dir=s3://...``) is not probed for writing: the storage layer
-has no cheap, short-timeout reachability call, and a write probe per run would add PUTs and
-DELETEs to the bucket. The first contact is its listing: here under ``checkpoint.resume=none``
-(:func:`check_fresh_start`), else when the trainer looks for the checkpoint to resume.
+An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
+and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
+the first save hours later).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch
 
 from megatron_lite import kernels
 from megatron_lite.checkpoint.reader import committed_steps
-from megatron_lite.checkpoint.storage import is_url
+from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 
@@ -48,11 +47,21 @@ def probe_dir(key: str, path: str | Path) -> None:
 
 
 def check_run_dirs(cfg: Config) -> None:
-    """``log.dir`` and a local ``checkpoint.dir`` exist (created here) and are writable."""
+    """``log.dir`` and ``checkpoint.dir`` exist (created here when local) and are writable."""
     probe_dir("log.dir", cfg.log.dir)
     ckpt = str(cfg.checkpoint.dir)
     if not is_url(ckpt):
         probe_dir("checkpoint.dir", ckpt.removeprefix("file://"))
+        return
+    store, probe = Storage(ckpt), f".megatron-lite-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        store.write_text(probe, "probe")
+        store.remove(probe)
+    except Exception as e:  # the client's own errors: no such bucket, access denied, no endpoint, ...
+        raise UserError(
+            f"checkpoint.dir={ckpt!r} is not writable: {type(e).__name__}: {e}; check the bucket, the "
+            "credentials and the endpoint (AWS_ENDPOINT_URL)"
+        ) from None
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -246,7 +246,14 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step: loss (global-batch mean), grad_norm, lr, skipped."""
         lr = lr_at(self.step, self.cfg.optim)
-        out = self.engine.step(self.loader.next_step(), lr)
+        micro = self.loader.next_step()
+        top = max(int(b.max()) for b in micro)
+        if top >= self.cfg.model.vocab_size:  # else an IndexError deep inside the embedding
+            raise UserError(
+                f"the data holds token id {top} but model.vocab_size is {self.cfg.model.vocab_size} (step "
+                f"{self.step + 1}): the dataset was tokenized with another tokenizer than {self.data.tokenizer_path}"
+            )
+        out = self.engine.step(micro, lr)
         self.skipped_steps += int(out["skipped"])
         self.step += 1
         return {**out, "lr": lr}

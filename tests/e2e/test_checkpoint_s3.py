@@ -68,3 +68,21 @@ def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploa
     for (name, a), (_, b) in zip(reader.model_tensors(), local.model_tensors(), strict=True):
         assert a.equal(b), name
     reader.close()
+
+
+def test_unusable_object_store_fails_at_startup_with_one_line(tiny_args, tmp_path, bucket, monkeypatch, capsys):
+    """A missing bucket and an unreachable endpoint are found before step 1, each one error line."""
+    fs, name = bucket
+    args = [*tiny_args[:-1], f"log.dir={tmp_path / 'nb'}", f"checkpoint.dir=s3://no-such-{name}/run"]
+    capsys.readouterr()
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and f"no-such-{name}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "nb" / "metrics.jsonl").exists()  # not one step was trained
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    args = [*tiny_args[:-1], f"log.dir={tmp_path / 'ne'}", f"checkpoint.dir=s3://{name}/run"]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

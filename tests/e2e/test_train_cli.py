@@ -196,3 +196,34 @@ def test_only_rank_zero_prints_a_launch_wide_error(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "train.stpes=3"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown config key 'train.stpes'")
+
+
+def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corpus, tmp_path, caplog):
+    prefix, tok = small_corpus
+    text = tmp_path / "one.txt"  # a plain text file is one document
+    text.write_text(Path(json.__file__).read_text())
+    out = tmp_path / "one"
+    assert main(["preprocess", "--input", str(text), "--tokenizer", str(tok), "--output", str(out), "--quiet"]) == 0
+    args = [*tiny_args, f"data.path={out}", "data.valid_fraction=0.01", "train.eval_every=1"]
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *args]) == 0
+    assert "holds a single document, so it has no held-out split" in caplog.text
+    records = [json.loads(x) for x in (Path(args_dir(args)) / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r.get("eval_loss") is None for r in records)
+
+
+def test_token_ids_past_the_vocabulary_are_one_clear_error(tiny_args, small_corpus, tmp_path, capsys):
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    _, tok = small_corpus
+    builder = IndexedDatasetBuilder(tmp_path / "big")  # no PREFIX.json: the tokenizer hash check cannot help
+    for _ in range(4):
+        builder.add_document(list(range(100)) + [9000])
+    builder.finalize()
+    assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
+    err = one_error_line(capsys)
+    assert "token id 9000 but model.vocab_size is 512" in err and str(tok) in err
+
+
+def args_dir(args: list[str]) -> str:
+    return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("log.dir="))
