@@ -68,6 +68,8 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
             "data was preprocessed with (data.tokenizer=PATH)"
         )
     for prefix in d.path:
+        if prefix.endswith((".bin", ".idx")) and not Path(prefix + ".bin").is_file():
+            raise UserError(f"data.path takes dataset prefixes without .bin/.idx: {prefix} -> {prefix[:-4]}")
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():
                 raise UserError(

@@ -227,3 +227,9 @@ def test_token_ids_past_the_vocabulary_are_one_clear_error(tiny_args, small_corp
 
 def args_dir(args: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("log.dir="))
+
+
+def test_dataset_path_with_its_extension_is_corrected_by_the_message(tiny_args, small_corpus, capsys):
+    prefix, _ = small_corpus
+    assert main(["train", *tiny_args, f"data.path={prefix}.bin"]) == 2
+    assert f"without .bin/.idx: {prefix}.bin -> {prefix}" in one_error_line(capsys)
