@@ -175,7 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")
-    e.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's or one step's)")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a step directory (.../step_XXXXXXXX), or the directory holding the steps: the run's "
+        "checkpoint.dir, by default <log.dir>/checkpoints (its newest good step is used); "
+        "the run's log.dir itself is not accepted",
+    )
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")

@@ -87,10 +87,14 @@ class IndexedDatasetBuilder:
         self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed by finalize()/abort()
         self._sizes = array("q")
         self._max_id = np.iinfo(self.dtype).max
+        self._open_size: int | None = None  # tokens so far of a document begun by add_tokens()
         self._done = False
 
-    def add_document(self, ids) -> None:
-        """Append one document (a sequence of token ids; may be empty)."""
+    def add_tokens(self, ids) -> None:
+        """Append ids to the current document, which ``end_document()`` closes.
+
+        Lets a long document go to disk in pieces, so memory never holds all of its ids at once.
+        """
         arr = np.asarray(ids)
         if arr.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
@@ -99,8 +103,20 @@ class IndexedDatasetBuilder:
             raise ValueError(
                 f"token ids must lie in [0, {self._max_id}] for {self.dtype}, got {arr.min()}..{arr.max()}"
             )
-        self._file.write(arr.astype(self.dtype, copy=False).tobytes())
-        self._sizes.append(arr.size)
+        self._file.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
+        self._open_size = (self._open_size or 0) + arr.size
+
+    def end_document(self) -> None:
+        """Close the document that ``add_tokens()`` calls built (with no such call: an empty document)."""
+        self._sizes.append(self._open_size or 0)
+        self._open_size = None
+
+    def add_document(self, ids) -> None:
+        """Append one document (a sequence of token ids; may be empty)."""
+        if self._open_size is not None:
+            raise ValueError("add_document() inside a document begun by add_tokens(); call end_document() first")
+        self.add_tokens(ids)
+        self.end_document()
 
     @property
     def num_documents(self) -> int:
@@ -112,6 +128,8 @@ class IndexedDatasetBuilder:
 
     def finalize(self) -> Path:
         """Write the index and move both files into place; returns the ``.idx`` path."""
+        if self._open_size is not None:
+            raise ValueError("a document begun by add_tokens() was never closed with end_document()")
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)
         offsets = np.zeros_like(sizes)
         np.cumsum(sizes[:-1], out=offsets[1:])
@@ -147,7 +165,11 @@ class IndexedDatasetBuilder:
         if self._done:
             return
         if exc_type is None:
-            self.finalize()
+            try:
+                self.finalize()
+            except BaseException:
+                self.abort()
+                raise
         else:
             self.abort()
 

@@ -1,21 +1,39 @@
-"""Text files -> tokenized ``<prefix>.bin``/``.idx``, streaming one document at a time.
+"""Text files -> tokenized ``<prefix>.bin``/``.idx``, streaming and memory-bounded.
 
-A corpus can be far larger than memory, so nothing here holds more than one document: ``.jsonl`` /
-``.json`` files are read line by line (one JSON object per line, text under ``json_key``), any other
-file is one document. Bytes that are not UTF-8 are replaced by U+FFFD (counted in the stats) rather
-than stopping a long run on one stray file.
+A corpus can be far larger than memory, and so can one document: ``.jsonl`` / ``.json`` files are
+read line by line (one JSON object per line, text under ``json_key``), any other file is one
+document, read in blocks. A document is tokenized in pieces of about ``_PIECE_CHARS`` characters
+whose ids go to the ``.bin`` as they come, so memory holds one piece's text and ids, not the
+document's (sentencepiece alone needs ~50 bytes per character it encodes at once).
+
+The pieces give exactly the ids of encoding the whole document at once. A cut is made only between
+two characters that no multi-character vocabulary piece contains side by side (:class:`_Splitter`):
+BPE only ever merges adjacent symbols into vocabulary pieces, so no token can span such a boundary
+and the two sides are encoded independently. With our tokenizers that holds after every newline
+(``"\n"`` is a user-defined symbol, never merged) and before most spaces, so the bound holds even
+for one very long line. It fails only for a stretch of text with no such pair in
+``_PIECE_CHARS`` characters and more (e.g. one character repeated), or for a tokenizer whose
+normalizer is not the identity (a dummy prefix, whitespace collapsing): those stretches, or
+documents, are encoded whole, taking memory ~50x their size as before. A JSON line is held whole
+(raw, decoded and parsed: ~3x its size) before its text is cut into pieces.
+
+Bytes that are not UTF-8 are replaced by U+FFFD (counted in the stats) rather than stopping a long
+run on one stray file.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from megatron_lite.data.indexed import IndexedDatasetBuilder, token_dtype, write_atomic
@@ -23,6 +41,9 @@ from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
 _JSON_SUFFIXES = (".jsonl", ".json")
+_PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
+_READ_BYTES = 1 << 20  # block size for reading a plain-text document
+_SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text is this in a piece
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -48,6 +69,75 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+class _Splitter:
+    """Cuts a document's text into pieces whose ids, concatenated, are the ids of the whole text.
+
+    Sentencepiece BPE starts from single characters (user-defined symbols matched whole) and only
+    merges two adjacent symbols when their concatenation is a vocabulary piece, so a token spans
+    the boundary between characters ``a`` and ``b`` only if some piece contains ``ab``. Where no
+    piece does, the text on each side is encoded on its own, whatever comes before or after. That
+    needs a normalizer that maps each character on its own (identity, no dummy prefix, no
+    whitespace collapsing); with any other model the document is left whole.
+    """
+
+    def __init__(self, tok: Tokenizer, piece_chars: int | None = None) -> None:
+        self.piece_chars = piece_chars or _PIECE_CHARS
+        self.pairs: set[tuple[str, str]] | None = None
+        sp = getattr(tok, "_sp", None)
+        if sp is None:
+            return
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(sp.serialized_model_proto())
+        norm = proto.normalizer_spec
+        if (
+            proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE
+            or norm.precompiled_charsmap
+            or norm.add_dummy_prefix
+            or norm.remove_extra_whitespaces
+        ):
+            return
+        pairs: set[tuple[str, str]] = set()
+        for i in range(sp.get_piece_size()):
+            if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i)):
+                piece = sp.id_to_piece(i)
+                pairs.update(zip(piece, piece[1:], strict=False))
+        self.pairs = pairs
+
+    def _safe(self, a: str, b: str) -> bool:
+        a = _SP_SPACE if a == " " else a
+        b = _SP_SPACE if b == " " else b
+        return (a, b) not in self.pairs
+
+    def _cut(self, text: str, start: int) -> int | None:
+        """The first ``i >= start`` where ``text[:i]`` and ``text[i:]`` may be encoded apart, if any."""
+        nl = text.find("\n", start - 1, start + 4096)  # after a newline is the usual safe place
+        if 0 <= nl < len(text) - 1 and self._safe("\n", text[nl + 1]):
+            return nl + 1
+        for i in range(max(start, 1), len(text)):
+            if self._safe(text[i - 1], text[i]):
+                return i
+        return None
+
+    def split(self, chunks: Iterable[str]) -> Iterator[str]:
+        """Re-cut the stream of text ``chunks`` (one document) into safe pieces; yields at least one."""
+        if self.pairs is None:
+            yield "".join(chunks)
+            return
+        pending, scanned = "", 0  # text not yet yielded; where a cut may still be found in it
+        for chunk in chunks:
+            pending = pending + chunk if pending else chunk
+            start = 0
+            while len(pending) - start > self.piece_chars:
+                cut = self._cut(pending, max(start + self.piece_chars, scanned))
+                if cut is None:  # nowhere (yet) in the rest: look again only at text still to come
+                    scanned = len(pending)
+                    break
+                yield pending[start:cut]
+                start = scanned = cut
+            pending, scanned = pending[start:], max(scanned - start, 0)
+        yield pending
+
+
 def _decode(raw: bytes, stats: dict) -> str:
     try:
         return raw.decode("utf-8")
@@ -56,8 +146,8 @@ def _decode(raw: bytes, stats: dict) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[str]:
-    """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string."""
+def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
+    """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string (as one chunk)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             bar.update(len(raw))
@@ -67,22 +157,47 @@ def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterat
                 obj = json.loads(_decode(raw, stats))
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+            del raw
             if not isinstance(obj, dict) or json_key not in obj:
                 keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
                 raise UserError(f"{path}:{lineno}: no key {json_key!r} (found {keys}); set the json key")
-            value = obj[json_key]
+            value = obj.pop(json_key)
             if not isinstance(value, str):
                 raise UserError(f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string")
-            yield value
+            del obj
+            yield (value,)
 
 
-def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[str]:
+def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
+    """The whole file as one document, decoded block by block (the same text as decoding it at once)."""
+    lenient = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    strict = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    valid = True
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BYTES):
+            bar.update(len(block))
+            if valid:
+                try:
+                    strict.decode(block)
+                except UnicodeDecodeError:
+                    valid = False
+            yield lenient.decode(block)
+    if valid:
+        try:
+            strict.decode(b"", final=True)
+        except UnicodeDecodeError:
+            valid = False
+    if not valid:
+        stats["decode_errors"] += 1
+    yield lenient.decode(b"", final=True)
+
+
+def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
+    """Each document of ``path`` as an iterable of text chunks, to be consumed before the next."""
     if path.suffix.lower() in _JSON_SUFFIXES:
         yield from _json_documents(path, json_key, bar, stats)
         return
-    raw = path.read_bytes()
-    bar.update(len(raw))
-    yield _decode(raw, stats)
+    yield _text_chunks(path, bar, stats)
 
 
 def preprocess(
@@ -105,13 +220,20 @@ def preprocess(
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     start = time.perf_counter()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
+    splitter = _Splitter(tok)
+    eos = np.array([tok.eos_id] if append_eos else [], dtype=np.int64)
     with bar, IndexedDatasetBuilder(out_prefix, token_dtype(tok.vocab_size)) as builder:
         for path in files:
-            for text in _documents(path, json_key, bar, stats):
-                ids = tok.encode(text, eos=append_eos)
-                builder.add_document(ids)
+            for chunks in _documents(path, json_key, bar, stats):
+                for piece in splitter.split(chunks):
+                    ids = np.array(tok.encode(piece), dtype=np.int64)  # no Python list outlives a piece
+                    builder.add_tokens(ids)
+                    stats["tokens"] += ids.size
+                    del ids
+                builder.add_tokens(eos)
+                builder.end_document()
                 stats["documents"] += 1
-                stats["tokens"] += len(ids)
+                stats["tokens"] += eos.size
         stats["bytes"] = total  # every input file is read to its end
     stats["seconds"] = round(time.perf_counter() - start, 3)
     meta = {

@@ -1,0 +1,130 @@
+"""Preprocessing a long document works in pieces (bounded memory) yet gives exactly the whole-document ids."""
+
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from megatron_lite.data import preprocess as pp
+from megatron_lite.data.corpus import default_corpus_files
+from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+
+VOCAB = 400
+
+MIXED = (
+    "def f(x):\n\tif x:\n\t\treturn  x  *  2\n\n\n    pass\n"
+    "unicode: héllo wörld, 世界, emoji 🙂, math ∑∫\n"
+    "sentencepiece marker \u2581 and ▁▁ twice, specials <s> </s> <pad> <unk> <0x0A>\n"
+    "windows\r\nline\r\nends\r\n    \n\t\n  trailing spaces   \n"
+    "numbers 1234567890 3.14159e-10 0xFF aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n"
+)
+
+
+@pytest.fixture(scope="module")
+def code() -> str:
+    files = [p for p in default_corpus_files() if 2_000 < p.stat().st_size < 12_000][:6]
+    return "".join(p.read_text() for p in files)
+
+
+@pytest.fixture(scope="module")
+def tok(code, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    (root / "a.txt").write_text(code + MIXED)
+    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", VOCAB, progress=False))
+
+
+def _ids(prefix) -> list[list[int]]:
+    ds = IndexedDataset(prefix)
+    return [ds.get(i).tolist() for i in range(len(ds))]
+
+
+def _texts(code: str) -> dict[str, str]:
+    return {
+        "many_lines": (code + MIXED) * 3,
+        "one_line": (code + MIXED).replace("\n", " ") * 2,  # no newline at all
+        "crlf_one_line": (code + MIXED).replace("\n", "\r\t") + "\n",
+        "repeated_char": "x" * 3000 + " end",  # no safe cut inside the run: encoded whole
+        "empty": "",
+    }
+
+
+@pytest.mark.parametrize("name", ["many_lines", "one_line", "crlf_one_line", "repeated_char", "empty"])
+def test_pieces_give_the_whole_document_ids(tok, code, tmp_path, monkeypatch, name):
+    """Tiny pieces and read blocks (cutting UTF-8 sequences) must not change a single id."""
+    text = _texts(code)[name]
+    monkeypatch.setattr(pp, "_PIECE_CHARS", 97)
+    monkeypatch.setattr(pp, "_READ_BYTES", 7)
+    pieces = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda t, **kw: pieces.append(t) or encode(t, **kw))
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    stats = pp.preprocess([tmp_path / "doc.txt"], tok, tmp_path / "out", progress=False)
+    monkeypatch.undo()
+    assert "".join(pieces) == text
+    if name in ("many_lines", "one_line", "crlf_one_line"):
+        assert len(pieces) > len(text) // 500  # really cut into many pieces
+        assert max(map(len, pieces)) < 97 + 100  # so sentencepiece never sees much text at once
+    assert _ids(tmp_path / "out") == [tok.encode(text, eos=True)]
+    assert stats["documents"] == 1 and stats["tokens"] == len(tok.encode(text)) + 1
+
+
+def test_json_documents_and_invalid_utf8(tok, code, tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "_PIECE_CHARS", 101)
+    monkeypatch.setattr(pp, "_READ_BYTES", 5)
+    texts = [code, MIXED * 4, ""]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    raw = code.encode()[:3000] + b"\xe2\x82\n\xff tail \xf0\x9f"  # broken sequences, one at the very end
+    (tmp_path / "bad.txt").write_bytes(raw)
+    stats = pp.preprocess([tmp_path / "d.jsonl", tmp_path / "bad.txt"], tok, tmp_path / "out", progress=False)
+    expected = [*texts, raw.decode("utf-8", errors="replace")]
+    assert _ids(tmp_path / "out") == [tok.encode(t, eos=True) for t in expected]
+    assert stats["decode_errors"] == 1 and stats["documents"] == 4
+
+
+def test_no_eos(tok, code, tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "_PIECE_CHARS", 50)
+    (tmp_path / "doc.txt").write_text(MIXED)
+    pp.preprocess([tmp_path / "doc.txt"], tok, tmp_path / "out", append_eos=False, progress=False)
+    assert _ids(tmp_path / "out") == [tok.encode(MIXED)]
+
+
+def test_long_document_memory_is_bounded(tok, code, tmp_path, monkeypatch):
+    """A 1.5 MB single-line document. Whole, its ids as a Python list alone take ~40 bytes a token
+    (~30 MB here, besides sentencepiece's own ~50 bytes a character, which tracemalloc does not see);
+    in 64 KB pieces, Python memory stays near a few pieces' worth."""
+    monkeypatch.setattr(pp, "_PIECE_CHARS", 1 << 16, raising=False)  # raising: fail on memory, not a name
+    monkeypatch.setattr(pp, "_READ_BYTES", 1 << 16, raising=False)
+    text = (code.replace("\n", " ") + " ") * (1_500_000 // (len(code) + 1))
+    (tmp_path / "doc.txt").write_text(text)
+    tracemalloc.start()
+    try:
+        pp.preprocess([tmp_path / "doc.txt"], tok, tmp_path / "out", progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    ds = IndexedDataset(tmp_path / "out")
+    assert ds.sizes[0] > 500_000
+    assert peak < 8_000_000, f"peak {peak / 1e6:.0f} MB of Python memory for a {len(text) / 1e6:.1f} MB document"
+
+
+def test_builder_documents_in_pieces(tmp_path):
+    with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as b:
+        b.add_tokens([1, 2])
+        b.add_tokens(np.array([3], np.int64))
+        b.add_tokens([])
+        b.end_document()
+        b.end_document()  # empty document
+        b.add_document([4, 5])
+        b.add_tokens([6])
+        with pytest.raises(ValueError, match="end_document"):
+            b.add_document([7])
+        b.end_document()
+    assert _ids(tmp_path / "d") == [[1, 2, 3], [], [4, 5], [6]]
+
+
+def test_builder_refuses_an_unclosed_document(tmp_path):
+    with pytest.raises(ValueError, match="never closed"), IndexedDatasetBuilder(tmp_path / "d") as b:
+        b.add_tokens([1])
+    assert not list(tmp_path.iterdir())  # nothing half-written is left behind
