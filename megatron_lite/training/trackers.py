@@ -54,6 +54,9 @@ class TensorBoardTracker:
         self._w.close()
 
 
+INIT_TIMEOUT_S = 30.0
+
+
 def _wandb_key_configured() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -68,7 +71,16 @@ class WandbTracker:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
-        self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
+        # wandb waits 90 s for an unreachable server by default; WANDB_INIT_TIMEOUT still overrides
+        settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)))
+        try:
+            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, settings=settings)
+        except Exception as e:  # no network: keep the metrics locally (`wandb sync` uploads them later)
+            if mode != "online":
+                raise
+            log.warning("W&B could not reach its server (%s); logging offline instead", type(e).__name__)
+            mode = "offline"
+            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
         log.info("W&B tracker started (%s mode)", mode)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -89,6 +89,22 @@ def test_trackers_write_jsonl_and_never_crash_on_optional_ones(tmp_path, monkeyp
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 
+def test_wandb_with_a_key_but_no_server_logs_offline(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # a key, so online is tried
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with caplog.at_level(logging.INFO):
+        tr = Trackers(tmp_path, {"a": 1}, active=True, tensorboard=False, wandb=True, wandb_project="t")
+        tr.log({"step": 1, "loss": 2.5}, 1)
+        tr.close()
+    assert "logging offline instead" in caplog.text and "W&B tracker started (offline mode)" in caplog.text
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert "k" * 40 not in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_a_broken_optional_tracker_is_dropped_with_a_warning(tmp_path, monkeypatch, caplog):
     import builtins
 
