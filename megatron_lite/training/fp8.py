@@ -8,7 +8,8 @@ recipe (E4M3 forward, E5M2 gradients: ``Format.HYBRID``; an amax history of 1024
 with ``max``, Transformer Engine's ``DelayedScaling`` defaults). The embedding, the norms and the
 output head stay bf16, as in Megatron and NeMo.
 
-Requirements, all checked by :func:`fp8_problem` before the model is built, each failing with one
+Requirements, checked before the model is built (:func:`config_problem` by ``plan.check_layout``,
+:func:`device_problem` by the trainer once the device is known), each failing with one
 message that names the fix: a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell),
 a working Transformer Engine (``kernels.accelerators.transformer_engine_problem``), and shapes FP8
 GEMMs accept (every projection width a multiple of 16, tokens per microbatch a multiple of 16).
@@ -42,8 +43,8 @@ ALIGN = 16  # TE's FP8 GEMMs: matrix widths (and token counts) in multiples of 1
 AMAX_HISTORY = 1024
 
 
-def fp8_problem(cfg: Config, device: torch.device) -> str | None:
-    """Why ``train.dtype=fp8`` cannot run with ``cfg`` on ``device`` (with the fix), or None."""
+def device_problem(device: torch.device) -> str | None:
+    """Why ``train.dtype=fp8`` cannot run on ``device`` (with the fix), or None."""
     if device.type != "cuda":
         return f"it needs a CUDA GPU of compute capability >= 8.9, and this run is on {device.type}; use bf16"
     capability = torch.cuda.get_device_capability(device)
@@ -56,11 +57,11 @@ def fp8_problem(cfg: Config, device: torch.device) -> str | None:
     te = transformer_engine_problem()
     if te is not None:
         return f"Transformer Engine is {te}: pip install transformer-engine[pytorch], or use train.dtype=bf16"
-    return config_problem(cfg)
+    return None
 
 
 def config_problem(cfg: Config) -> str | None:
-    """The device-independent part of :func:`fp8_problem`: layout, options and shapes."""
+    """Why ``train.dtype=fp8`` cannot run with ``cfg`` whatever the device: layout, options, shapes."""
     m, t = cfg.model, cfg.train
     if cfg.parallel.tp > 1:
         return f"parallel.tp={cfg.parallel.tp}: FP8 layers are not combined with tensor parallelism yet; use tp=1"

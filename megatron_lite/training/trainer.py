@@ -66,7 +66,7 @@ class Trainer:
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
         with fail_fast_setup("checking the kernels and run directories"):
-            if cfg.train.dtype == "fp8" and (why := fp8.fp8_problem(cfg, self.device)):
+            if cfg.train.dtype == "fp8" and (why := fp8.device_problem(self.device)):  # the rest: check_layout
                 raise UserError(f"train.dtype=fp8: {why}")
             preflight.check_kernels(cfg.kernels.backend, self.device)
             if self.rank == 0:  # before any slow work: a bad path would otherwise fail the first save

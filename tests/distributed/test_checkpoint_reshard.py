@@ -74,11 +74,15 @@ def straight(base, tmp_path_factory) -> list[float]:
     return run(base, root, "one_process", [])
 
 
+def assert_every_rank(per_rank: list[dict[str, list[float]]], names, want: list[float]) -> None:
+    for name in names:
+        for rank, losses in enumerate(per_rank):
+            assert losses[name] == pytest.approx(want, rel=1e-5), (name, rank, losses[name])
+
+
 def test_checkpoints_reshard_across_layouts(world4, base, straight, tmp_path):
     per_rank = world4.run(_save_and_resume, base, tmp_path, 29500, timeout=240)
-    for name in RESUMES:
-        for rank, losses in enumerate(per_rank):
-            assert losses[name] == pytest.approx(straight[3:], rel=1e-5), (name, rank, losses[name])
+    assert_every_rank(per_rank, RESUMES, straight[3:])
     # and the tp=2 x dp=2 distributed-optimizer checkpoint in one process (tp=1, pp=1, dp=1)
     one = run(base, tmp_path, "tp2_dp2_distopt->one_process", [], step3(tmp_path, "tp2_dp2_distopt"))
     assert one == pytest.approx(straight[3:], rel=1e-5)
@@ -86,9 +90,7 @@ def test_checkpoints_reshard_across_layouts(world4, base, straight, tmp_path):
 
 def test_pipeline_checkpoint_reshards(world4, base, straight, tmp_path):
     per_rank = world4.run(_pipeline, base, tmp_path, 29500, timeout=240)
-    for name in PP_RESUMES:
-        for rank, losses in enumerate(per_rank):
-            assert losses[name] == pytest.approx(straight[3:], rel=1e-5), (name, rank, losses[name])
+    assert_every_rank(per_rank, PP_RESUMES, straight[3:])
     one = run(base, tmp_path, "tp2_pp2->one_process", [], step3(tmp_path, "tp2_pp2"))
     assert one == pytest.approx(straight[3:], rel=1e-5)
 

@@ -99,15 +99,15 @@ def test_fp8_checks_name_the_device_library_and_shape_problems(monkeypatch):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA A100-SXM4-80GB")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    assert "compute capability 8.0; FP8 GEMMs need 8.9+" in fp8.fp8_problem(tiny(), cuda)
+    assert "compute capability 8.0; FP8 GEMMs need 8.9+" in fp8.device_problem(cuda)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr(fp8, "transformer_engine_problem", lambda: "not installed")
-    assert fp8.fp8_problem(tiny(), cuda).startswith("Transformer Engine is not installed: pip install")
+    assert fp8.device_problem(cuda).startswith("Transformer Engine is not installed: pip install")
     monkeypatch.setattr(fp8, "transformer_engine_problem", lambda: None)
-    assert fp8.fp8_problem(tiny(), cuda) is None
+    assert fp8.device_problem(cuda) is None
     cfg = tiny()
     cfg.parallel.tp = 2
-    assert "parallel.tp=2" in fp8.fp8_problem(cfg, cuda)
+    assert "parallel.tp=2" in fp8.config_problem(cfg)
     assert "train.recompute=full" in fp8.config_problem(tiny(recompute="full"))
     assert "train.compile=true" in fp8.config_problem(tiny(compile=True))
     cfg = tiny()
