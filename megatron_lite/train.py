@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch.distributed as dist
 
 from megatron_lite.config import load_config
+from megatron_lite.parallel.mesh import shutdown_distributed
+
+log = logging.getLogger(__name__)
 
 
 def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
@@ -16,17 +20,15 @@ def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
 
     cfg = load_config(config_path, overrides)
     try:
-        history = Trainer(cfg).fit()
-        if dist.is_initialized():
-            # no rank tears its connections down while a peer may still be finishing its last
-            # collective with it (an abort in gloo's teardown fails a finished torchrun rank)
-            dist.barrier()
-        return history
-    finally:
-        # a process group left alive at interpreter exit can abort in gloo's teardown (SIGABRT),
-        # which torchrun reports as a failed rank after a successful run
-        if dist.is_initialized():
+        history = Trainer(cfg).fit()  # the trainer (and the groups it holds) is garbage from here
+    except BaseException:
+        if dist.is_initialized():  # no barrier: the other ranks may be gone
             dist.destroy_process_group()
+        raise
+    alive = shutdown_distributed()
+    if alive:
+        log.warning("%d gloo threads outlive the process groups: the process may abort at exit", alive)
+    return history
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ from torch import nn
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import Group
+from megatron_lite.parallel.weak_hook import weak_hook
 
 ALIGN = 16  # each rank's shard of a bucket starts on a 64-byte (16 fp32) boundary, good for NCCL
 DEFAULT_BUCKET_NUMEL = 40_000_000  # Megatron's default: big enough to amortise a collective's latency
@@ -147,7 +148,7 @@ class GradBuffer:
                 self.offsets[p] = (offset, offset + p.numel())
                 self.bucket_of[p] = bucket
                 p.main_grad = self.data[offset : offset + p.numel()].view(p.shape)
-                p.register_post_accumulate_grad_hook(self._on_grad)
+                p.register_post_accumulate_grad_hook(weak_hook(self._on_grad))
                 offset += p.numel()
             self.buckets.append(bucket)
         self.last_microbatch = True

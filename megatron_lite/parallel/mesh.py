@@ -14,6 +14,7 @@ process group either: its groups are ``None`` (size 1) and every collective is a
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -25,6 +26,11 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group forms: its functions take ``group=group.WORLD`` as a default,
+# evaluated at import, so importing it later (torch does, lazily) pins the world group for the life
+# of the process and no rank could free its gloo threads (:func:`shutdown_distributed`).
+import torch.distributed.nn.functional  # noqa: F401  isort: skip
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_lite.errors import UserError
@@ -320,6 +326,40 @@ def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None)
         timeout=timedelta(seconds=timeout_s),
     )
     return env
+
+
+def shutdown_distributed() -> int:
+    """End this rank's part in the world: wait for every rank, destroy every process group, and let
+    the gloo worker threads exit while the interpreter is still alive. No-op without a process group.
+
+    A gloo worker thread drops a finished collective's tensors only after the caller was woken; if
+    that happens once the interpreter is finalizing, the thread dies taking the GIL and a rank that
+    finished cleanly aborts ("terminate called without an active exception"). A backend joins its
+    threads when its last reference goes, so drop what holds groups (trainer, model, mesh) first;
+    the collection here frees the rest. Returns how many gloo threads are still alive (0 unless
+    something still holds a group; on Linux, else 0).
+    """
+    if not dist.is_initialized():
+        return 0
+    dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
+    return len(gloo_threads())
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: read from /proc; elsewhere an empty list)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return []
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread exited while we listed
+            continue
+    return [n for n in names if "gloo" in n]
 
 
 def check_master_resolves(host: str, port: int, timeout_s: float = RESOLVE_TIMEOUT_S) -> None:

@@ -49,6 +49,7 @@ from megatron_lite.parallel.vocab_parallel_loss import (  # noqa: F401  re-expor
     gather_vocab_logits,
     vocab_parallel_cross_entropy,
 )
+from megatron_lite.parallel.weak_hook import weak_hook
 
 
 def padded_vocab_size(vocab_size: int, tp: int, pad_to: int = 1) -> int:
@@ -167,7 +168,7 @@ class ColumnParallelLinear(nn.Module):
             if p is not None:
                 p.tensor_model_parallel = True
                 if self._replicated:
-                    p.register_hook(self._sum_over_replicas)
+                    p.register_hook(weak_hook(self._sum_over_replicas))
                     p.tp_unique_rows = unique
 
     @classmethod

@@ -7,6 +7,9 @@ trainer's AdamW + clip_grad_norm_ (rtol 1e-6: only the norm's summation order di
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +150,19 @@ def test_each_chunk_launches_after_its_own_last_backward():
     ddp.finish_grad_sync()  # chunk 0 reduces here
     with pytest.raises(ValueError, match="two model chunks"):
         DataParallelGrads([first, nn.Sequential(first)], None)
+
+
+def test_a_dropped_buffer_is_freed_while_its_parameters_live_on():
+    # Parameter hooks live in C++. While C++ also holds the parameter (an autograd graph, a pending
+    # collective) the collector cannot see into it, so a hook bound to the buffer would make
+    # parameter -> hook -> buffer -> parameter a cycle never freed, and with it the process group
+    # the buffer holds, whose gloo threads can then abort the process at exit.
+    model = build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000)
+    buffer = weakref.ref(ddp.buffers[0])
+    graph = sum(p.sum() for p in model.parameters())  # holds every parameter in C++
+    del ddp
+    gc.collect()
+    assert buffer() is None
+    graph.backward()  # the hooks of a freed buffer do nothing
+    assert all(p.grad is not None for p in model.parameters())

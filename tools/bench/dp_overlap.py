@@ -41,7 +41,7 @@ from megatron_lite.config import ModelConfig, OptimConfig
 from megatron_lite.models.transformer import build_model, count_parameters
 from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.grad_utils import clip_grad_norm_
-from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
+from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, shutdown_distributed
 from megatron_lite.parallel.optimizer import build_dp_optimizer
 
 MODES = [("distributed", True, False), ("distributed", True, True), ("plain", False, False), ("plain", False, True)]
@@ -147,7 +147,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         )
     if rank == 0:
         results.put({"params": count_parameters(build_model(cfg, seed=1)), "rows": rows})
-    dist.destroy_process_group()
+    del mesh, barrier, runs  # they hold the groups, whose gloo threads must end before exit
+    shutdown_distributed()
 
 
 def _report(result: dict, args: argparse.Namespace) -> None:

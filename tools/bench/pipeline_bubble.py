@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from bench_common import llama_config
 
+from megatron_lite.parallel.mesh import shutdown_distributed
 from megatron_lite.parallel.pipeline.actions import COMPUTE
 from megatron_lite.parallel.pipeline.partition import build_stage_chunks, plan_for_model
 from megatron_lite.parallel.pipeline.runtime import PipelineRuntime
@@ -161,11 +162,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     if rank == 0:
         results.put(out)
         results.close()
-        results.join_thread()  # flushed before the hard exit below
-    dist.destroy_process_group()
-    # gloo sometimes aborts in the interpreter's teardown after a run ("terminate called without
-    # an active exception"); the figures are out, so skip it (as tests/distributed/harness.py does)
-    os._exit(0)
+        results.join_thread()
+    shutdown_distributed()
 
 
 def _report(rows: list[dict], args: argparse.Namespace) -> None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.mappings import SEQ_DIM
+from megatron_lite.parallel.mesh import shutdown_distributed
 from megatron_lite.parallel.tensor_parallel import ColumnParallelLinear
 
 
@@ -125,7 +126,7 @@ def _rank_main(rank: int, args: argparse.Namespace, port: int) -> None:
                 f"{r['exposed_comm_ms']:>17}{r['comm_alone_ms']:>15}{r['hidden_pct'] or '-':>10}"
             )
         print(json.dumps({"bench": "tp_overlap", "tp": args.tp, **vars(args), "results": rows}))
-    dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def main() -> None:
