@@ -3,8 +3,10 @@ or ``torch``. One process-wide setting, chosen from ``kernels.backend`` at start
 
 ``auto`` never routes the six ops to apex or Transformer Engine: the Triton kernels cover all of
 them (the residual-fused RMSNorm included, which apex lacks) and are the ones tested against the
-twins in ``reference.py``. :func:`describe` still reports whether those libraries work, for the
-optimizer (apex FusedAdam) and for layers that opt in to them.
+twins in ``reference.py``. Nor does the optimizer take apex's FusedAdam: on CUDA it runs torch's
+fused AdamW kernel, the same one-pass multi-tensor update, whose state keeps the one checkpoint
+layout on every machine. Transformer Engine is used for ``train.dtype=fp8`` (its Linear under fp8
+autocast). :func:`describe` reports whether each library works here.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def describe(device: str | torch.device | None = None) -> dict[str, str]:
         if _backend == "auto":
             out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
     apex, te = apex_problem(), transformer_engine_problem()
-    out["apex"] = "available: FusedLayerNorm, FusedRMSNorm, FusedAdam" if apex is None else f"unavailable: {apex}"
-    out["transformer_engine"] = "available: te.Linear runs" if te is None else f"unavailable: {te}"
+    unneeded = "available, not needed: the Triton norms and torch's fused AdamW cover it"
+    out["apex"] = unneeded if apex is None else f"unavailable: {apex}"
+    out["transformer_engine"] = "available: used by train.dtype=fp8" if te is None else f"unavailable: {te}"
     return out

@@ -43,6 +43,7 @@ from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Attention, Transformer
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import Group
+from megatron_lite.parallel.grad_utils import CLIP_EPS, global_grad_norm
 from megatron_lite.parallel.mappings import (
     copy_to_tp_region,
     gather_from_sequence_parallel_region,
@@ -204,21 +205,12 @@ def allreduce_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
 
 def grad_norm(model: nn.Module, group: Group) -> torch.Tensor:
     """L2 norm of all gradients of a TP-sharded model, equal on every TP rank and to the single-
-    device model's norm. Each element is counted on one TP rank: a sharded parameter
-    (``tensor_model_parallel``) everywhere, except the replicated rows its ``tp_unique_rows`` mask
-    leaves out; a replicated one on TP rank 0 only. Then one all-reduce over ``group``. Call after
+    device model's norm: :func:`~megatron_lite.parallel.grad_utils.global_grad_norm` over this
+    model's grads, each element counted once (its module docstring says how). Call after
     :func:`allreduce_sequence_parallel_grads`. Under pipeline parallelism the squares must also be
     summed over the pp group (not done here)."""
-    params, first = list(model.parameters()), comm.group_rank(group) == 0
-    sq = torch.zeros((), dtype=torch.float32, device=params[0].device)
-    for p in params:
-        g = _grad(p)
-        if g is None or not (getattr(p, "tensor_model_parallel", False) or first):
-            continue
-        g2 = g.float().pow(2)
-        rows = getattr(p, "tp_unique_rows", None)
-        sq += (g2 if rows is None else g2[rows.to(g2.device)]).sum()
-    return comm.all_reduce(sq, group).sqrt()
+    segments = [(p, g.float().reshape(-1), 0) for p in model.parameters() if (g := _grad(p)) is not None]
+    return global_grad_norm(segments, [group], comm.group_rank(group))
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group) -> torch.Tensor:
@@ -227,7 +219,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group) -> torch.Te
     norm would give each rank its own factor and the replicated parameters would drift apart).
     Returns the norm before clipping."""
     norm = grad_norm(model, group)
-    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     for g in map(_grad, model.parameters()):
         if g is not None:
             g.mul_(coef)

@@ -46,9 +46,17 @@ FP32 = torch.float32
 
 
 def _adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], lr: float, betas, eps, weight_decay):
-    """torch's AdamW with decay on matrices only; foreach (one op per group), bitwise deterministic on CPU."""
+    """torch's AdamW with decay on matrices only. On CUDA the fused kernel (the whole update of a
+    group in a few launches, as apex's FusedAdam); elsewhere foreach (one op per group), bitwise
+    the same as the one-process reference."""
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if _fused(decay + no_decay):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def _fused(params: list[torch.Tensor]) -> bool:
+    return bool(params) and all(p.device.type == "cuda" for p in params)
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,8 @@ class DistributedAdamW:
             for s, view in zip(self.segments, self._views):
                 lo, hi = s.shard_range
                 owner[id(view)].state[view] = {
-                    "step": torch.tensor(float(self.num_steps)),  # torch keeps it as an fp32 CPU tensor
+                    # torch keeps it as an fp32 tensor: on the CPU, or with the fused kernel on the parameter's device
+                    "step": torch.tensor(float(self.num_steps), device=view.device if _fused([view]) else "cpu"),
                     "exp_avg": state["exp_avg"][lo:hi].clone(),
                     "exp_avg_sq": state["exp_avg_sq"][lo:hi].clone(),
                 }

@@ -237,7 +237,7 @@ class Trainer:
         if "rng/cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["rng/cuda"], self.device)
         if not same_layout and self.rank == 0:
-            log.info("the layout changed since the checkpoint: RNG streams start fresh (they only drive dropout)")
+            log.info("the layout changed since the checkpoint: RNG states not restored (the model has no dropout)")
         if self.rank == 0:
             log.info("resumed from %s at step %d", reader.location, self.step)
         reader.close()

@@ -27,6 +27,9 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     if "megatron_lite.kernels._common" in sys.modules:
         raise RuntimeError("a Triton op file was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1")
+    # Triton's own @jit helpers (tl.sigmoid, ...) are built at its import for the mode then set: a
+    # first import by a test that unsets the variable would leave kernels calling compiled helpers.
+    import triton  # noqa: F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16 = torch.float32, torch.bfloat16
