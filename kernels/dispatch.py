@@ -67,6 +67,8 @@ def use_triton(x, op: str | None = None) -> bool:
     if _backend == "torch":
         return False
     if _backend == "triton":
+        if not x.is_cuda and (problem := triton_problem(x.device)):
+            raise RuntimeError(f"kernels backend 'triton' on a {x.device.type} tensor: {problem}")
         return True
     return bool(x.is_cuda) and triton_available() and op not in AUTO_PREFERS_TORCH
 

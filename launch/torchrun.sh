@@ -33,6 +33,16 @@ if [ -z "$MASTER_ADDR" ]; then
   echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first machine's host name)" >&2
   exit 2
 fi
+# torchrun's rendezvous retries an unknown host for minutes: check the name first.
+"$PYTHON" - "$MASTER_ADDR" "$MASTER_PORT" <<'EOF' || exit 2
+import sys
+from megatron_lite.errors import UserError
+from megatron_lite.parallel.mesh import check_master_resolves
+try:
+    check_master_resolves(sys.argv[1], int(sys.argv[2]))
+except UserError as e:
+    sys.exit(f"launch/torchrun.sh: {e}")
+EOF
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" -m megatron_lite.train "$@"

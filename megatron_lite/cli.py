@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from megatron_lite.errors import UserError
 
@@ -37,6 +38,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _preprocess(args: argparse.Namespace) -> int:
     from megatron_lite.data.preprocess import preprocess
 
+    _writable_parent("--output", args.output)
     stats = preprocess(
         args.input,
         args.tokenizer,
@@ -54,9 +56,19 @@ def _tokenizer(args: argparse.Namespace) -> int:
     from megatron_lite.data.tokenizer import train_tokenizer
 
     files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
+    _writable_parent("--output", args.output)
     path = train_tokenizer(files, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet)
     print(f"wrote {path}")
     return 0
+
+
+def _writable_parent(flag: str, path: str) -> None:
+    """Refuse, before any work, an output whose directory cannot be created or written."""
+    from megatron_lite.checkpoint.storage import is_url
+    from megatron_lite.training.preflight import probe_dir
+
+    if not is_url(path):
+        probe_dir(f"the directory of {flag}", Path(path).parent)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -72,10 +84,12 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.action == "to-hf":
         size = parse_size(args.max_shard_size)
+        _writable_parent("--out", args.out)
         r = convert.to_hf(args.checkpoint, args.out, step=args.step, max_shard_size=size, check=not args.no_verify)
         print(f"wrote {r.out}: {r.parameters:,} parameters; {', '.join(r.files)}")
         print(f"verified: {r.check.summary()}" if r.check else "not verified (--no-verify)")
     elif args.action == "from-hf":
+        _writable_parent("--out", args.out)
         r = convert.from_hf(args.hf, args.out)
         print(f"wrote {r.checkpoint}: {r.parameters:,} parameters (weights only)")
         print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX log.dir=RUN_DIR")

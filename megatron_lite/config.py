@@ -308,6 +308,21 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then the overrides; returns an unvalidated Config."""
     cfg = Config()
@@ -318,9 +333,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
-            raise UserError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+            where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {why}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {str(p)!r} must be a mapping of sections")
         for section, values in data.items():

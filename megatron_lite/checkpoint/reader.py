@@ -244,7 +244,12 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
         return open_step(path)
     found = _newest_good(Storage(path)) if Storage(path).exists("") else None
     if found is None:
-        raise UserError(f"no checkpoint found at {str(path)!r} (expected a step_XXXXXXXX directory or its parent)")
+        hint = ""
+        if not is_url(path) and (Path(path) / "checkpoints").is_dir():  # a run's log.dir
+            hint = f"; a run directory keeps its checkpoints in {str(Path(path) / 'checkpoints')!r}"
+        raise UserError(
+            f"no checkpoint found at {str(path)!r} (expected a step_XXXXXXXX directory or its parent){hint}"
+        )
     return found
 
 

@@ -51,8 +51,12 @@ def sum_next_token_loss(model: Transformer, ids: list[int], seq_len: int, batch:
 def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto") -> dict:
     """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file."""
     p = Path(text_path)
+    if p.is_dir():
+        raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
     if not p.is_file():
         raise UserError(f"text file {str(p)!r} does not exist")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available; use --device auto or cpu")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

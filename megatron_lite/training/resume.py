@@ -43,14 +43,21 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
     saved = reader.meta.get("config") or {}
-    check_shapes(cfg.model, reader, ("model",))  # a shape change names the tensors (as a full load would)
-    changes = model_changes(saved.get("model", {}), cfg)
+    changes = model_changes(saved["model"], cfg) if "model" in saved else []
     if changes:
+        try:
+            check_shapes(cfg.model, reader, ("model",))
+            other = (
+                f"start a new run from these weights with checkpoint.init_from={reader.location} and a new "
+                "checkpoint.dir (or log.dir)"
+            )
+        except UserError:  # the weights do not fit this model either
+            other = "train this model as a new run, in a new checkpoint.dir (or log.dir)"
         raise UserError(
             f"checkpoint {reader.location} was saved with other model settings: {'; '.join(changes)}. "
-            "Resume with the checkpoint's model settings, or start a new run from these weights with "
-            f"checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
+            f"Resume with the checkpoint's model settings, or {other}"
         )
+    check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
     seed = saved.get("train", {}).get("seed")
     if rank == 0 and seed is not None and seed != cfg.train.seed:
         log.warning(

@@ -26,17 +26,43 @@ def _clean(v: Any) -> Any:
 
 
 class JsonlTracker:
-    """Appends one JSON object per logged step to ``metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``.
 
-    def __init__(self, run_dir: Path) -> None:
+    A run that starts at ``step`` (resumed from that checkpoint, or 0) first drops the rows of
+    later steps an earlier attempt logged past its last usable checkpoint: the steps are run again,
+    and the file keeps one row per step.
+    """
+
+    def __init__(self, run_dir: Path, step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            self._drop_rows_after(step)
         self._f = self.path.open("a", buffering=1)
+
+    def _drop_rows_after(self, step: int) -> None:
+        lines = self.path.read_text().splitlines(keepends=True)
+        keep = [line for line in lines if _row_step(line) <= step]
+        if len(keep) == len(lines):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
+        dropped = len(lines) - len(keep)
+        log.warning("metrics.jsonl: dropped %d rows past step %d, which this run logs again", dropped, step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
 
     def close(self) -> None:
         self._f.close()
+
+
+def _row_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a torn last line (a crash mid-write) counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class TensorBoardTracker:
@@ -91,7 +117,8 @@ class WandbTracker:
 
 
 class Trackers:
-    """Fan-out to every enabled tracker; on ranks other than the logging rank, does nothing."""
+    """Fan-out to every enabled tracker; on ranks other than the logging rank, does nothing.
+    ``step``: the step the run starts from (see :class:`JsonlTracker`)."""
 
     def __init__(
         self,
@@ -102,11 +129,12 @@ class Trackers:
         tensorboard: bool,
         wandb: bool,
         wandb_project: str,
+        step: int = 0,
     ) -> None:
         self._all: list[Any] = []
         if not active:
             return
-        self._all.append(JsonlTracker(run_dir))
+        self._all.append(JsonlTracker(run_dir, step))
         optional = [
             ("tensorboard", tensorboard, lambda: TensorBoardTracker(run_dir)),
             ("wandb", wandb, lambda: WandbTracker(run_dir, wandb_project, config)),

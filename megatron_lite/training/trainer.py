@@ -81,14 +81,14 @@ class Trainer:
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)
         self.run_dir = Path(cfg.log.dir)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
-            if self.world > 1:
-                log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
+        if self.rank == 0 and self.world > 1:
+            log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
         torch.manual_seed(cfg.train.seed)
         with fail_fast_setup("loading the checkpoint"):
             resume = self._load_resume_state()
+        if self.rank == 0:  # only once the checkpoint was accepted: a refused run overwrites nothing
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
         self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=resume and resume[1])
         t = cfg.train
         self.loader = PretrainingLoader(
@@ -108,6 +108,7 @@ class Trainer:
             tensorboard=cfg.log.tensorboard,
             wandb=cfg.log.wandb,
             wandb_project=cfg.log.wandb_project,
+            step=self.step,
         )
         # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention
         peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None

@@ -77,11 +77,14 @@ def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, c
         reader = resolve_resume(ckpt, "auto")
     assert reader.name == "step_00000004"
     assert "skipping checkpoint" in caplog.text and why in caplog.text and "step_00000006" in caplog.text
-    # end to end: the run resumes at step 4 and trains 5 and 6 again
+    # end to end: the run resumes at step 4 and trains 5 and 6 again, logged once each (the first
+    # attempt's rows of steps 5 and 6 go, and so does a line torn by a crash mid-write)
+    with (ckpt.parent / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "lo')
     args, _ = saved
     assert main(["train", *args, f"log.dir={ckpt.parent}", "checkpoint.dir=" + str(ckpt)]) == 0
     steps = [json.loads(x)["step"] for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-2:] == [5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]
 
 
 def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
@@ -98,8 +101,24 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
     assert "is unusable: rank_00000.safetensors does not match its sha256" in capsys.readouterr().err
 
 
-def test_changed_model_is_one_error_listing_the_tensors(saved, tmp_path, capsys):
+def test_changed_model_is_one_error_listing_the_settings(saved, tmp_path, capsys):
     ckpt = copy_run(saved, tmp_path)
+    config = (ckpt.parent / "config.yaml").read_bytes()
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={ckpt.parent}", "model.kv_heads=4", "model.layers=3"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "other model settings: model.layers: checkpoint 2, now 3; model.kv_heads: checkpoint 2, now 4" in err
+    assert "train this model as a new run" in err and "init_from" not in err  # its weights would not fit
+    assert (ckpt.parent / "config.yaml").read_bytes() == config  # the refused run saved nothing
+
+
+def test_checkpoint_without_its_config_is_checked_by_shape(saved, tmp_path, capsys):
+    ckpt = copy_run(saved, tmp_path)
+    for meta_path in ckpt.glob("step_*/metadata.json"):
+        meta = json.loads(meta_path.read_text())
+        meta.pop("config", None)
+        meta_path.write_text(json.dumps(meta))
     args, _ = saved
     assert main(["train", *args, f"log.dir={ckpt.parent}", "model.kv_heads=4", "model.layers=3"]) == 2
     err = capsys.readouterr().err

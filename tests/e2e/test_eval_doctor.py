@@ -39,6 +39,9 @@ def test_eval_reports_mean_loss_over_overlapping_windows(tiny_args, tmp_path, ca
     assert json.loads(capsys.readouterr().out) == result
     assert main(["eval", "--checkpoint", str(step_dir), "--text", str(text)]) == 0
     assert "perplexity" in capsys.readouterr().out  # the human-readable line keeps it
+    # the run directory instead of its checkpoints: the error says where they are
+    assert main(["eval", "--checkpoint", str(ckpt.parent), "--text", str(text)]) == 2
+    assert f"a run directory keeps its checkpoints in {str(ckpt)!r}" in capsys.readouterr().err
 
 
 def test_eval_bad_paths(tmp_path, capsys):
@@ -47,6 +50,12 @@ def test_eval_bad_paths(tmp_path, capsys):
     assert "no checkpoint found" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path)]) == 2
+    assert "is a directory; give one UTF-8 text file" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        argv = ["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "t.txt"), "--device", "cuda"]
+        assert main(argv) == 2
+        assert "--device cuda but no CUDA device is available" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")

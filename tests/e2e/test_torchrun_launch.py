@@ -134,6 +134,16 @@ def test_unresolvable_master_fails_within_seconds_naming_it(tiny_args):
     assert last.startswith("error: ") and "no-such-host.invalid" in last, r.stderr[-3000:]
 
 
+def test_torchrun_script_with_unresolvable_master_fails_within_seconds(tiny_args):
+    # torchrun's own rendezvous would retry the name for minutes before any rank starts
+    env = clean_env(NNODES="2", NODE_RANK="0", NPROC_PER_NODE="1", MASTER_ADDR="no-such-host.invalid")
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_args]
+    r = subprocess.run(cmd, env={**env, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("launch/torchrun.sh: rendezvous host 'no-such-host.invalid'"), r.stderr[-3000:]
+
+
 def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_args):
     # Rank 0 of 4 alone: had it formed a process group, it would wait for ranks 1-3 (the timeout).
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}

@@ -33,6 +33,8 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     assert "needs a CUDA GPU (or TRITON_INTERPRET=1" in dispatch.triton_problem("cpu")
     kernels.set_backend("triton")  # selecting stays allowed (the trainer refuses it with a UserError)
     assert "UNUSABLE here: needs a CUDA GPU" in kernels.describe("cpu")["rms_norm"]
+    with pytest.raises(RuntimeError, match="kernels backend 'triton' on a cpu tensor: needs a CUDA GPU"):
+        kernels.rms_norm(torch.randn(2, 8), torch.ones(8))  # not Triton's own "0 active drivers"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.triton_problem("cpu") is None
     assert "UNUSABLE" not in kernels.describe("cpu")["rms_norm"]

@@ -114,6 +114,9 @@ def test_yaml_errors(tmp_path):
     bad.write_text("model:\n  layrs: 2\n")
     with pytest.raises(UserError, match="did you mean 'model.layers'"):
         load_config(bad)
+    bad.write_text("model:\n  layers: 2\n  hidden: 64\n  layers: 3\n")  # PyYAML alone keeps the last
+    with pytest.raises(UserError, match=r"not valid YAML \(line 4\): key 'layers' is given twice; keep one$"):
+        load_config(bad)
     bad.write_text("model: [1, 2\n")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
