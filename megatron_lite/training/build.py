@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this process's CUDA device when there is one, else CPU."""
+def resolve_device(name: str, option: str = "train.device=") -> torch.device:
+    """``auto`` -> this process's CUDA device when there is one, else CPU. ``option``: how the
+    user spelled the setting, for the error (``--device `` on the eval command line)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+        raise UserError(f"{option}cuda but no CUDA device is available; use {option}auto or {option}cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())

@@ -55,13 +55,12 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
         raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
     if not p.is_file():
         raise UserError(f"text file {str(p)!r} does not exist")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA device is available; use --device auto or cpu")
+    dev = resolve_device(device, option="--device ")  # before reading anything
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
-    model, tok = load_model(checkpoint, resolve_device(device))
+    model, tok = load_model(checkpoint, dev)
     ids = tok.encode(text)
     if len(ids) < 2:
         raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")
