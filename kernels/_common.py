@@ -19,6 +19,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384).
 MAX_ROW_BLOCK = 65536
 
+# Programs per SM of the norms' backward (see reduction_programs); tools/bench/kernel_sweep.py varies it.
+PROGRAMS_PER_SM = 2
+
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last dim) with a unit stride along the last dim (copying only if needed)."""
@@ -49,12 +52,14 @@ def reduction_programs(n_rows: int, device: torch.device) -> int:
     """Programs for a backward that also sums a per-column gradient (dW) over rows.
 
     Each program loops over a contiguous run of rows and writes one fp32 partial row; torch sums the
-    partials. Eight programs per SM keep enough rows in flight to hide load latency: on an H200,
-    16384 x 4096 bf16 RMSNorm fwd+bwd took 0.49 / 0.31 / 0.30 / 0.24 / 0.24 ms at 1 / 2 / 4 / 8 / 16
-    programs per SM. The partials stay small (8 x 132 x 4096 x 4 B = 17 MB against ~400 MB of
-    activations). Under the interpreter programs run one after another, so few.
+    partials. Two programs per SM, each pipelining its row loop three rows deep (``BWD_STAGES``), is
+    the fastest pairing measured (tools/bench/kernel_sweep.py, H100 SXM, bf16 16384 x 4096 fwd+bwd):
+    RMSNorm 0.244 ms at 2 per SM against 0.250 / 0.253 / 0.251 ms at 1 / 4 / 8, LayerNorm 0.258 ms
+    against 0.264 / 0.276 / 0.274; without pipelining 8 per SM was best (0.258 ms). More programs
+    only queue once the registers of the resident ones are used up. Under the interpreter programs
+    run one after another, so few.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return max(1, min(n_rows, 8 * _sm_count(index)))
+        return max(1, min(n_rows, PROGRAMS_PER_SM * _sm_count(index)))
     return max(1, min(n_rows, 4))

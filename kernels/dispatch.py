@@ -21,9 +21,9 @@ OPS = ("rms_norm", "layer_norm", "swiglu", "apply_rope", "cross_entropy", "flash
 
 _BACKENDS = ("auto", "triton", "torch")
 # Ops that ``auto`` keeps on torch even on CUDA, with the measurement that says why. Our Triton
-# attention reaches 0.78x (forward) and 0.69x (forward+backward) of torch's SDPA flash kernel on an
-# H200 (B4 H32 T4096 D128 bf16, BENCHMARKS.md); ``set_backend("triton")`` still selects it.
-AUTO_PREFERS_TORCH = {"flash_attention": "SDPA measured faster than our Triton attention on H200 (0.69x fwd+bwd)"}
+# attention reaches 0.78x (forward) and 0.67x (forward+backward) of torch's SDPA flash kernel on an
+# H100 (B4 H32 T4096 D128 bf16, BENCHMARKS.md); ``set_backend("triton")`` still selects it.
+AUTO_PREFERS_TORCH = {"flash_attention": "SDPA measured faster than our Triton attention on H100 (0.67x fwd+bwd)"}
 _backend = "auto"
 
 

@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 from megatron_lite.kernels._common import as_rows, reduction_programs, row_block
 
+# Software-pipelining depth of the backward's row loop, as in fused_rms_norm.
+BWD_STAGES: int | None = 3
+
 
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -43,7 +46,7 @@ def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     stride_dy, stride_x, stride_dx,
     n_rows, n_cols, rows_per_program,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -58,7 +61,7 @@ def _layer_norm_bwd_kernel(
     X += first * stride_x
     DY += first * stride_dy
     DX += first * stride_dx
-    for row in range(row_start, row_end):
+    for row in tl.range(row_start, row_end, num_stages=STAGES):
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
@@ -110,7 +113,7 @@ def layer_norm_bwd(
         dy, x, weight, mean, rstd, dx, dw_part, db_part,
         dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps,
+        HAS_BIAS=has_bias, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=warps,
     )  # fmt: skip
     db = db_part.sum(0).to(weight.dtype) if has_bias else None
     return dx, dw_part.sum(0).to(weight.dtype), db

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from bench_common import randint, time_call
+from bench_common import randn as _randn
 from megatron_lite.kernels import reference
 
 BF16 = 2  # bytes per element: every case runs in bf16, as in training
@@ -64,10 +66,6 @@ def _liger(name: str) -> Callable | str:
     except Exception as e:  # an optional peer: absent or broken is reported, not fatal
         return f"Liger-Kernel not importable ({type(e).__name__})"
     return getattr(lf, name)
-
-
-def _randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
 
 
 def _with_eps(fn: Callable | str) -> Callable | str:
@@ -125,7 +123,7 @@ def _loss_and_attention_cases(k) -> list[Case]:
     B, H, T, D = 4, 32, 4096, 128
     liger_ce = _liger("liger_cross_entropy")
     ce = {"triton": k.cross_entropy, "eager": reference.cross_entropy, "liger": liger_ce}
-    logits = lambda: ([_randn(N, V, scale=4.0), torch.randint(0, V, (N,), device="cuda")], [0])  # noqa: E731
+    logits = lambda: ([_randn(N, V, scale=4.0), randint(V, N)], [0])  # noqa: E731
     attn = {"triton": k.flash_attention, "eager": reference.flash_attention, "liger": "Liger has no attention"}
     mha = lambda: ([_randn(B, H, T, D), _randn(B, H, T, D), _randn(B, H, T, D)], [0, 1, 2])  # noqa: E731
     gqa = lambda: ([_randn(B, H, T, D), _randn(B, 8, T, D), _randn(B, 8, T, D)], [0, 1, 2])  # noqa: E731
@@ -158,44 +156,9 @@ def _triton_ops():
     )  # fmt: skip
 
 
-def _gpu_ms(step: Callable) -> tuple[float, str]:
-    """Median GPU time of ``step`` and how it was timed.
-
-    Replayed from a CUDA graph, so Python and launch overhead do not count: in a training step the
-    CPU enqueues ahead and hides it, but here it would dominate the 0.1 ms ops, and inductor's idle
-    compile workers made such timings swing 2x between runs on the same H200. A step that cannot be
-    captured is timed with plain CUDA events instead (``events`` in the table).
-    """
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    try:
-        return do_bench_cudagraph(step, return_mode="median"), "cudagraph"
-    except Exception:  # capture refused (a sync or allocation pattern): fall back, never abort
-        torch.cuda.synchronize()
-        return do_bench(step, return_mode="median"), "events"
-
-
-def _time_ms(fn: Callable, inputs: list[torch.Tensor], grad_idx: list[int], backward: bool) -> tuple[float, str]:
-    """Time one call: forward, or forward + backward via autograd.grad (no .grad accumulation)."""
-    if not backward:
-        with torch.no_grad():
-            return _gpu_ms(lambda: fn(*inputs))
-    leaves = [t.requires_grad_() if i in grad_idx else t for i, t in enumerate(inputs)]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    grads = [torch.randn_like(o) for o in outs]
-    wrt = [leaves[i] for i in grad_idx]
-
-    def step():
-        o = fn(*leaves)
-        torch.autograd.grad(o if isinstance(o, tuple) else (o,), wrt, grads)
-
-    return _gpu_ms(step)
-
-
 def _measure(case: Case, impl: str, fn: Callable, backward: bool, peaks: tuple) -> dict:
     inputs, grad_idx = case.make()
-    ms, timer = _time_ms(fn, inputs, grad_idx, backward)
+    ms, timer = time_call(fn, inputs, grad_idx, backward)
     mode = "fwd+bwd" if backward else "fwd"
     row = {"op": case.op, "shape": case.shape, "mode": mode, "impl": impl, "ms": ms, "timer": timer}
     if case.flops_fwd:

@@ -180,6 +180,8 @@ def main() -> None:
         for name, fn in steps.items():
             start = time.perf_counter()
             fn(batch)
+            if a.device == "cuda":  # every step ends with its GPU work done, whichever returns first
+                torch.cuda.synchronize()
             if r >= 2:
                 times[name].append(time.perf_counter() - start)
     tokens = a.batch * a.seq

@@ -1,0 +1,113 @@
+"""Measure the Triton kernels' tuning knobs on one GPU, so each default is a measured choice.
+
+    python tools/bench/kernel_sweep.py [--parts norms,attention]
+
+- norms: the backward's programs per SM (``_common.PROGRAMS_PER_SM``) x its row loop's pipelining
+  depth (``BWD_STAGES``), for rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
+- attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
+  timed by Triton's autotuner itself; each kernel's timings are printed fastest first.
+
+Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
+the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+from bench_common import randn as _randn
+from bench_common import time_call
+
+BF16 = 2
+NORM_ROWS, NORM_COLS = 16384, 4096
+ATTN = (4, 32, 4096, 128)  # B, H, T, D
+
+FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 4),
+             (128, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)]  # fmt: skip
+BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
+             (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]  # fmt: skip
+
+
+def _row(part: str, setting: dict, mode: str, ms: float, nbytes: float) -> dict:
+    row = {"part": part, **setting, "mode": mode, "ms": round(ms, 4), "GBps": round(nbytes / ms / 1e6)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def sweep_norms() -> list[dict]:
+    from megatron_lite.kernels import _common, fused_layer_norm, fused_rms_norm
+
+    m, n = NORM_ROWS, NORM_COLS
+    act = m * n * BF16
+    ops = {  # name -> (function, inputs, indices needing grads, fwd+bwd bytes as in kernels.py)
+        "rms_norm": (fused_rms_norm.rms_norm, lambda: [_randn(m, n), _randn(n)], [0, 1], 5 * act),
+        "rms_norm+residual": (lambda x, w, r: fused_rms_norm.rms_norm(x, w, 1e-6, r),
+                              lambda: [_randn(m, n), _randn(n), _randn(m, n)], [0, 1, 2], 8 * act),
+        "layer_norm": (fused_layer_norm.layer_norm, lambda: [_randn(m, n), _randn(n), _randn(n)], [0, 1, 2], 5 * act),
+    }  # fmt: skip
+    rows = []
+    for (name, (fn, make, grad_idx, nbytes)), per_sm, stages in itertools.product(ops.items(), (1, 2, 4, 8),
+                                                                                  (None, 2, 3, 4)):  # fmt: skip
+        _common.PROGRAMS_PER_SM = per_sm
+        fused_rms_norm.BWD_STAGES = fused_layer_norm.BWD_STAGES = stages
+        ms, _ = time_call(fn, make(), grad_idx, backward=True)
+        rows.append(_row(name, {"programs_per_sm": per_sm, "stages": stages}, "fwd+bwd", ms, nbytes))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_attention() -> list[dict]:
+    import triton
+    from megatron_lite.kernels import fused_attention as fa
+
+    kernels = {"fwd": (fa._attn_fwd_kernel, FWD_TILES), "dkdv": (fa._attn_bwd_dkdv_kernel, BWD_TILES),
+               "dq": (fa._attn_bwd_dq_kernel, BWD_TILES)}  # fmt: skip
+    for kernel, tiles in kernels.values():
+        kernel.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                          for bm, bn, w, s in tiles]  # fmt: skip
+        kernel.cache = {}
+    b, h, t, d = ATTN
+    q, k, v = (_randn(b, h, t, d).requires_grad_() for _ in range(3))
+    fa.flash_attention(q, k, v, causal=True).backward(_randn(b, h, t, d))
+    torch.cuda.synchronize()
+    rows = []
+    for name, (kernel, _) in kernels.items():
+        timings = getattr(kernel, "configs_timings", None) or {}
+        for config, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+            ms = ms[0] if isinstance(ms, list | tuple) else ms
+            tile = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            rows.append({"part": f"attention_{name}", **tile, "ms": round(float(ms), 4)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+PARTS = {"norms": sweep_norms, "attention": sweep_attention}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen parts; a part that fails is reported and the others still run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tools/bench/kernel_sweep.py: no CUDA device here; this sweep needs an NVIDIA GPU.", file=sys.stderr)
+        return 1
+    rows, errors = [], []
+    for part in args.parts.split(","):
+        print(f"sweeping {part} ...", flush=True)
+        try:
+            rows += PARTS[part]()
+        except Exception as e:  # report and go on: the run is one short lease of a GPU
+            errors.append({"part": part, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"{part} failed: {errors[-1]['error']}", flush=True)
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+                      "errors": errors}))  # fmt: skip
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
