@@ -55,7 +55,9 @@ Atomicity: ranks write into the temporary directory; after every rank's file is 
 writes ``metadata.json`` (with every file's checksum), renames the directory into place, then
 replaces ``latest``. Object stores have no rename: there the files go straight to ``step_*/`` and
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
-``metadata.json``, or with a file whose size or sha256 differs, is incomplete or corrupt.
+``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
+missing or of the wrong type, ``ranks`` not one entry per rank of ``layout.world_size``), or with
+a file whose size or sha256 differs, is incomplete or corrupt.
 """
 
 from __future__ import annotations
@@ -150,3 +152,96 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---- the structure of metadata.json (the schema above), checked before anything reads it -------
+_NULL = type(None)
+_TOP = {"step": int, "weights_only": bool, "layout": dict, "tensors": dict, "ranks": list, "files": dict}
+_LAYOUT = {"world_size": int, "param_dtype": str}  # what readers index; tp, pp, dp are compared with .get
+_TENSOR = {"shape": list, "dtype": str, "shards": list}
+_SHARD = {"file": str, "key": str, "box": list}
+_RANK = {"file": str, "coordinate": list, "rng": list}
+_FILE = {"sha256": str, "bytes": int}
+_OPTIMIZER = {"step": int}
+_TRAINER = {"skipped_steps": int, "consumed_samples": int, "scaler": (dict, _NULL)}
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean"}
+
+
+def _json_name(kind: type) -> str:
+    return _JSON_NAMES.get(kind, "null" if kind is _NULL else kind.__name__)
+
+
+def _fields(obj: object, where: str, fields: dict[str, type | tuple[type, ...]]) -> str | None:
+    """Why ``obj`` (called ``where``; "" for the top level) is not an object holding ``fields`` of
+    their types, or None."""
+    if not isinstance(obj, dict):
+        return f"{where} is {_json_name(type(obj))}, not an object"
+    for key, kind in fields.items():
+        if key not in obj:
+            return f"{where or 'it'} has no {key!r} key"
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        value = obj[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):  # true is not a count
+            return f"{where + '.' if where else ''}{key} is {_json_name(type(value))}, not " + " or ".join(
+                map(_json_name, kinds)
+            )
+    return None
+
+
+def _each(items: dict | list, where: str, fields: dict[str, type | tuple[type, ...]]) -> str | None:
+    """The first entry of ``items`` that :func:`_fields` finds a problem in."""
+    pairs = items.items() if isinstance(items, dict) else enumerate(items)
+    return next((problem for k, v in pairs if (problem := _fields(v, f"{where}[{k!r}]", fields))), None)
+
+
+def _section(meta: dict, key: str, fields: dict[str, type | tuple[type, ...]]) -> str | None:
+    """``trainer`` / ``optimizer``: always present; null only in a weights-only checkpoint."""
+    if key not in meta:
+        return f"it has no {key!r} key"
+    if meta[key] is None and meta["weights_only"]:
+        return None
+    return _fields(meta[key], key, fields)
+
+
+def _structure_problem(meta: dict) -> str | None:
+    """The first key missing or of the wrong type; each check relies on those before it."""
+    checks = (
+        lambda: _fields(meta, "", _TOP),
+        lambda: _fields(meta["layout"], "layout", _LAYOUT),
+        lambda: _each(meta["tensors"], "tensors", _TENSOR),
+        lambda: next(
+            (p for n, t in meta["tensors"].items() if (p := _each(t["shards"], f"tensors[{n!r}].shards", _SHARD))),
+            None,
+        ),
+        lambda: _each(meta["ranks"], "ranks", _RANK),
+        lambda: _each(meta["files"], "files", _FILE),
+        lambda: _section(meta, "optimizer", _OPTIMIZER),
+        lambda: _section(meta, "trainer", _TRAINER),
+        lambda: (
+            None if isinstance(config := meta.get("config"), (dict, _NULL)) else f"config is {_json_name(type(config))}"
+        ),
+    )
+    return next((problem for check in checks if (problem := check())), None)
+
+
+def metadata_problem(meta: object) -> str | None:
+    """Why a parsed ``metadata.json`` is unusable, or None: another format version; a key missing
+    or of the wrong type; ``ranks`` not one entry per rank of the saved world; a file referred to
+    without a checksum. The one check of the structure documented above: the reader's verification
+    asks it before anything indexes into the metadata, so a damaged file is a named problem and
+    ``resume=auto`` falls back to an older checkpoint, as for any corrupt one."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        return f"format {got!r} is not {FORMAT!r} (written by another megatron-lite version)"
+    problem = _structure_problem(meta) or _consistency_problem(meta)
+    return f"{METADATA} is damaged: {problem}" if problem else None
+
+
+def _consistency_problem(meta: dict) -> str | None:
+    """``ranks`` holds one entry per rank of the saved world; every file referred to has a checksum."""
+    world = meta["layout"]["world_size"]
+    if len(meta["ranks"]) != world:
+        return f"ranks has {len(meta['ranks'])} entries but the checkpoint's world (layout.world_size) is {world}"
+    referred = {s["file"] for t in meta["tensors"].values() for s in t["shards"]} | {r["file"] for r in meta["ranks"]}
+    unlisted = sorted(referred - set(meta["files"]))
+    return f"{unlisted[0]} is referred to but has no checksum in files" if unlisted else None

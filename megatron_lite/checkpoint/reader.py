@@ -1,12 +1,13 @@
 """Finding, verifying and reading sharded checkpoints (the format: ``format.py``).
 
 Verification is collective and its verdict identical on every rank: rank 0 reads
-``metadata.json`` and broadcasts it, the files are checked round-robin (file i by rank i % world:
-present, of the recorded size, of the recorded sha256), and every rank receives every rank's
-findings. ``checkpoint.resume=auto`` takes the newest checkpoint that passes, warning about each
-one skipped; a step directory without ``metadata.json`` was never committed (a save cut short on
-an object store) and does not count as a checkpoint, but when committed checkpoints exist and
-none passes, the run stops with an error rather than start from scratch.
+``metadata.json``, checks its structure (``format.metadata_problem``) and broadcasts it, the files
+are checked round-robin (file i by rank i % world: present, of the recorded size, of the recorded
+sha256), and every rank receives every rank's findings. ``checkpoint.resume=auto`` takes the
+newest checkpoint that passes, warning about each one skipped; a step directory without
+``metadata.json`` was never committed (a save cut short on an object store) and does not count as
+a checkpoint, but when committed checkpoints exist and none passes, the run stops with an error
+rather than start from scratch.
 
 Reading is by box: :meth:`CheckpointReader.read_box` assembles any box of a global tensor from
 the boxes that overlap it, each read with safetensors' ``get_slice`` (only the overlap is read).
@@ -25,7 +26,7 @@ import torch
 
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
-from megatron_lite.checkpoint.format import FORMAT, METADATA, STEP_DIR
+from megatron_lite.checkpoint.format import METADATA, STEP_DIR, metadata_problem
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
@@ -134,10 +135,8 @@ def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None
         return None, f"{METADATA} is not valid JSON"
     except OSError as e:
         return None, f"{METADATA} cannot be read: {e}"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        return None, f"format {got!r} is not {FORMAT!r} (written by another megatron-lite version)"
-    return meta, None
+    problem = metadata_problem(meta)
+    return (None, problem) if problem else (meta, None)
 
 
 def _check_files(storage: Storage, name: str, files: dict[str, dict], rank: int, size: int) -> str | None:
@@ -164,10 +163,6 @@ def verify(storage: Storage, name: str) -> tuple[dict | None, str | None]:
     meta, problem = collectives.broadcast(_read_metadata(storage, name) if rank == 0 else None)
     if problem:
         return None, problem
-    referenced = {s["file"] for t in meta["tensors"].values() for s in t["shards"]}
-    unlisted = sorted(referenced - set(meta["files"]))
-    if unlisted:
-        return None, f"tensors refer to {unlisted[0]}, which has no checksum"
     found = [p for p in collectives.all_gather(_check_files(storage, name, meta["files"], rank, size)) if p]
     return (None, found[0]) if found else (meta, None)
 

@@ -60,6 +60,20 @@ def never_committed(step: Path) -> None:
     (step / "metadata.json").unlink()
 
 
+def _edit_metadata(step: Path, edit) -> None:
+    meta = json.loads((step / "metadata.json").read_text())
+    edit(meta)
+    (step / "metadata.json").write_text(json.dumps(meta))
+
+
+def no_trainer_state(step: Path) -> None:  # valid JSON, once a KeyError at resume
+    _edit_metadata(step, lambda meta: meta.pop("trainer"))
+
+
+def ranks_short_of_the_world(step: Path) -> None:  # valid JSON, once an IndexError at resume
+    _edit_metadata(step, lambda meta: meta.update(ranks=meta["ranks"][:-1]))
+
+
 @pytest.mark.parametrize(
     "damage,why",
     [
@@ -68,6 +82,8 @@ def never_committed(step: Path) -> None:
         (truncated, "expected"),
         (bad_tokenizer, "tokenizer.model"),
         (never_committed, "metadata.json is missing"),
+        (no_trainer_state, "metadata.json is damaged: it has no 'trainer' key"),
+        (ranks_short_of_the_world, "metadata.json is damaged: ranks has 0 entries but the checkpoint's world"),
     ],
 )
 def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, caplog, damage, why):

@@ -1,5 +1,6 @@
 """The pieces of the sharded format that need no process group: box arithmetic, the tensor file
-writer, reading a box assembled from several stored boxes, the metadata keys, lineage counts."""
+writer, reading a box assembled from several stored boxes, the metadata keys and the check of
+their structure, lineage counts."""
 
 import json
 import math
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative
-from megatron_lite.checkpoint.format import box_key, sha256_file, write_tensor_file
+from megatron_lite.checkpoint.format import FORMAT, box_key, metadata_problem, sha256_file, write_tensor_file
 from megatron_lite.checkpoint.lineage import _schedule, consumed_per_dataset
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import Piece
@@ -48,7 +49,7 @@ def test_tensor_file_is_safetensors_from_views_sharing_storage(tmp_path):
 
 def _save_boxes(root, pieces):
     meta = {"step": 1, "weights_only": True, "config": {}, "optimizer": None, "trainer": None, "lineage": None}
-    meta["layout"] = {"param_dtype": "float32"}
+    meta["layout"] = {"world_size": 1, "param_dtype": "float32"}
     writer = Checkpointer(root, keep=1, async_save=False)
     writer.save(1, pieces, {}, (0, 0, 0), meta)
     writer.close()
@@ -86,6 +87,55 @@ def test_weights_only_checkpoint_has_every_documented_key(tmp_path):
         "embed.weight": True,
         "final_norm.weight": True,
     }
+
+
+def _training_meta() -> dict:
+    """The metadata of a one-rank training checkpoint, as the writer records it."""
+    files = {"rank_00000.safetensors": {"sha256": "0" * 64, "bytes": 8}}
+    shard = {"file": "rank_00000.safetensors", "key": "model/w[0:2]", "box": [[0, 2]]}
+    return {
+        "format": FORMAT,
+        "step": 4,
+        "weights_only": False,
+        "config": {},
+        "layout": {"world_size": 1, "tp": 1, "pp": 1, "vp": 1, "dp": 1, "param_dtype": "float32"},
+        "tensors": {"model/w": {"shape": [2], "dtype": "F32", "shards": [shard]}},
+        "optimizer": {"step": 4},
+        "trainer": {"skipped_steps": 0, "consumed_samples": 32, "scaler": None},
+        "ranks": [{"file": "rank_00000.safetensors", "coordinate": [0, 0, 0], "rng": ["rng/torch"]}],
+        "lineage": None,
+        "files": files,
+    }
+
+
+@pytest.mark.parametrize(
+    "damage,why",
+    [
+        (lambda m: m.pop("trainer"), "it has no 'trainer' key"),
+        (lambda m: m["trainer"].pop("consumed_samples"), "trainer has no 'consumed_samples' key"),
+        (lambda m: m.update(trainer=None), "trainer is null, not an object"),  # only weights-only may
+        (lambda m: m.update(ranks=[]), "ranks has 0 entries but the checkpoint's world (layout.world_size) is 1"),
+        (lambda m: m["layout"].update(world_size=2), "ranks has 1 entries but the checkpoint's world"),
+        (lambda m: m.update(step="4"), "step is a string, not an integer"),
+        (lambda m: m["optimizer"].update(step=True), "optimizer.step is a boolean, not an integer"),
+        (lambda m: m["tensors"]["model/w"]["shards"][0].pop("box"), "tensors['model/w'].shards[0] has no 'box' key"),
+        (lambda m: m["ranks"][0].update(file="rank_00001.safetensors"), "rank_00001.safetensors is referred to"),
+        (lambda m: m.update(format="megatron-lite/sharded-v0"), "written by another megatron-lite version"),
+    ],
+)
+def test_damaged_metadata_is_named_in_one_problem(damage, why):
+    assert metadata_problem(_training_meta()) is None
+    meta = _training_meta()
+    damage(meta)
+    problem = metadata_problem(meta)
+    assert problem is not None and why in problem, problem
+
+
+def test_weights_only_metadata_may_have_no_trainer_state():
+    meta = {**_training_meta(), "weights_only": True, "optimizer": None, "trainer": None}
+    assert metadata_problem(meta) is None
+    del meta["config"]  # an older checkpoint without its config: checked by shapes at resume
+    assert metadata_problem(meta) is None
 
 
 def test_consumed_samples_per_dataset_follow_the_blend():
