@@ -3,7 +3,8 @@
 One save, on every rank at the same step::
 
     wait for the previous save (at most one in flight) and report its failure, if any
-    rank 0 prepares the staging directory; barrier
+    rank 0 prepares the staging directory; broadcast of its outcome (the barrier): a failure
+        there is the same error on every rank, before anything is written
     copy this rank's boxes to host memory (async: always, pinned on CUDA; sync: only off-CPU)
     write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
@@ -105,9 +106,7 @@ class Checkpointer:
         """Save this rank's ``pieces`` and ``rank_tensors`` (RNG) as the checkpoint of ``step``.
         ``meta`` (used on rank 0): the metadata fields the trainer knows (``format.py``)."""
         self.wait()
-        final = step_dir_name(step)
-        staging = self.storage.begin(final) if self.rank == 0 else self.storage.staging_name(final)
-        collectives.barrier()  # nobody writes into the staging directory before it is clean
+        staging = self._begin(step)
         tensors = {box_key(p.name, p.box): self._to_host(box_key(p.name, p.box), p.tensor) for p in pieces}
         tensors.update({key: self._to_host(key, t) for key, t in rank_tensors.items()})
         if any(p.tensor.is_cuda for p in pieces):
@@ -134,6 +133,26 @@ class Checkpointer:
         else:
             self._write(self._pending)
             self.wait()
+
+    def _begin(self, step: int) -> str:
+        """Rank 0 prepares the staging directory of ``step``; every rank gets its name, or the same
+        :class:`UserError` when it could not be prepared (``checkpoint.dir`` became a file or
+        unwritable): nothing was written, and the checkpoints already saved are untouched."""
+        final = step_dir_name(step)
+        staging, error = self.storage.staging_name(final), None
+        if self.rank == 0:
+            try:
+                self.storage.begin(final)
+            except Exception as e:  # reported on every rank below, never raised between collectives
+                error = (
+                    f"rank 0: cannot prepare {self.storage.url(staging)}: {type(e).__name__}: {e}; "
+                    f"checkpoint.dir={self.storage.url()!r} must stay a writable directory while the run saves"
+                )
+        # the broadcast is also the barrier: nobody writes into the staging directory before it is clean
+        error = collectives.broadcast(error)
+        if error:
+            raise UserError(f"checkpoint of step {step} was not saved: {error}")
+        return staging
 
     def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
         """``t`` in host memory: itself when on CPU and written synchronously, else a copy (async:

@@ -2,15 +2,17 @@
 
 Files are verified round-robin (file i by rank i % world), so a corrupt file is seen by one rank
 only; the verdict must still be the same on all. Likewise a write that fails on one rank only
-must fail the save on every rank, and never commit it.
+must fail the save on every rank, and never commit it; so must a staging directory rank 0 cannot
+prepare.
 """
 
 import os
 from pathlib import Path
 
+import pytest
 from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
-from megatron_lite.checkpoint import writer
+from megatron_lite.checkpoint import storage, writer
 from megatron_lite.checkpoint.collectives import barrier
 from megatron_lite.checkpoint.reader import resolve_resume
 from megatron_lite.config import load_config
@@ -22,6 +24,31 @@ def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
+
+
+def _error(run) -> str | None:
+    try:
+        run()
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _staging_fails_on_rank0(rank: int, args: list[str], root: Path) -> str | None:
+    """Rank 0 cannot prepare step 4's staging directory (checkpoint.dir became unwritable)."""
+    real, calls = storage.Storage.begin, []
+
+    def unwritable(self, final):
+        calls.append(final)
+        if rank == 0 and len(calls) == 2:
+            raise PermissionError(13, "Permission denied")
+        return real(self, final)
+
+    storage.Storage.begin = unwritable
+    try:
+        return _error(lambda: Trainer(load_config(None, [*args, f"log.dir={root / 'd'}"])).fit())
+    finally:
+        storage.Storage.begin = real
 
 
 def _verdicts(rank: int, world: int, base: list[str], root: Path, port: int) -> dict:
@@ -49,18 +76,39 @@ def _verdicts(rank: int, world: int, base: list[str], root: Path, port: int) -> 
         error = str(e)
     finally:
         writer.write_tensor_file = real
-    return {"resume": found, "error": error}
+    staging_error = _staging_fails_on_rank0(rank, args, root)
+    return {"resume": found, "error": error, "staging_error": staging_error}
 
 
-def test_all_ranks_agree_on_corrupt_and_failed_checkpoints(world2, corpus, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def verdicts(world2, corpus, tmp_path_factory):  # noqa: F811
     prefix, tok = corpus
-    base = overrides(prefix, str(tok), str(tmp_path / "unused"))[:-2]
-    per_rank = world2.run(_verdicts, base, tmp_path, 29500, timeout=120)
+    root = tmp_path_factory.mktemp("verdicts")
+    base = overrides(prefix, str(tok), str(root / "unused"))[:-2]
+    return world2.run(_verdicts, base, root, 29500, timeout=150), root
+
+
+def test_all_ranks_agree_on_corrupt_and_failed_checkpoints(verdicts):
+    per_rank, root = verdicts
     assert [r["resume"] for r in per_rank] == ["step_00000002", "step_00000002"]
     for r in per_rank:
         assert r["error"] == (
             "checkpoint of step 4 was not saved: rank 1: OSError: [Errno 28] No space left on device"
         ), r["error"]
-    ckpt = tmp_path / "b" / "checkpoints"
+    ckpt = root / "b" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
+
+
+def test_staging_directory_rank0_cannot_prepare_is_one_error_on_every_rank(verdicts):
+    per_rank, root = verdicts
+    ckpt = root / "d" / "checkpoints"
+    expected = (
+        f"checkpoint of step 4 was not saved: rank 0: cannot prepare {ckpt / '.tmp-step_00000004'}: "
+        f"PermissionError: [Errno 13] Permission denied; checkpoint.dir='{ckpt}' must stay a writable directory"
+    )
+    for r in per_rank:
+        assert r["staging_error"] is not None and r["staging_error"].startswith(expected), r["staging_error"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]  # step 2 kept, nothing new
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    assert resolve_resume(ckpt, "auto").name == "step_00000002"

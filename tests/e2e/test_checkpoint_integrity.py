@@ -200,3 +200,28 @@ def test_failed_async_write_is_reported_and_never_committed(saved, tmp_path, mon
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]  # no step 4, no temp dir
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
     assert resolve_resume(ckpt, "auto").name == "step_00000002"
+
+
+def test_checkpoint_dir_turned_into_a_file_mid_run_is_one_error(saved, tmp_path, monkeypatch, capsys):
+    from megatron_lite.checkpoint import writer
+
+    run, real = tmp_path / "run", writer.Checkpointer.save
+    ckpt, kept = run / "checkpoints", tmp_path / "kept"
+
+    def replaced_before_step_4(self, step, *args):
+        if step == 4:  # another job (or a mistake) moves the directory and leaves a file in its place
+            ckpt.rename(kept)
+            ckpt.write_text("not a directory")
+        return real(self, step, *args)
+
+    monkeypatch.setattr(writer.Checkpointer, "save", replaced_before_step_4)
+    args, _ = saved
+    assert main(["train", *args, f"log.dir={run}", "train.steps=5"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: checkpoint of step 4 was not saved: rank 0: cannot prepare ")
+        and len(err.strip().splitlines()) == 1
+    ), err
+    assert "NotADirectoryError" in err and f"checkpoint.dir='{ckpt}' must stay a writable directory" in err, err
+    assert ckpt.read_text() == "not a directory"  # the error path wrote nothing, removed nothing
+    assert resolve_resume(kept, "auto").name == "step_00000002"
