@@ -3,8 +3,10 @@
 Each one turns a mistake that would otherwise surface late (a traceback at the first save, after
 all the training; a crash at the first step) into one :class:`UserError` naming the config key,
 the value and the fix. They touch only the local filesystem or the checkpoint listing and have no
-collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: the directory checks
-on rank 0, the kernel check on every rank.
+collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: ``log.dir`` and the
+fresh-start check on rank 0 (only it writes there), the kernel and ``checkpoint.dir`` checks on
+every rank (each rank writes its own file into every checkpoint, and on several machines without a
+shared filesystem only that machine's ranks can tell whether the directory is writable there).
 
 An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
 and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
@@ -46,12 +48,25 @@ def probe_dir(key: str, path: str | Path) -> None:
         ) from None
 
 
-def check_run_dirs(cfg: Config) -> None:
-    """``log.dir`` and ``checkpoint.dir`` exist (created here when local) and are writable."""
+def check_log_dir(cfg: Config) -> None:
+    """``log.dir`` exists (created here) and is writable (rank 0's: no other rank writes there)."""
     probe_dir("log.dir", cfg.log.dir)
+
+
+def check_checkpoint_dir(cfg: Config, world_size: int = 1) -> None:
+    """``checkpoint.dir`` exists (created here when local) and this process can write to it. Every
+    rank runs it: a directory that one machine cannot write would otherwise fail the first save."""
     ckpt = str(cfg.checkpoint.dir)
     if not is_url(ckpt):
-        probe_dir("checkpoint.dir", ckpt.removeprefix("file://"))
+        try:
+            probe_dir("checkpoint.dir", ckpt.removeprefix("file://"))
+        except UserError as e:
+            if world_size == 1:
+                raise
+            raise UserError(
+                f"{e} (every rank writes its own file there: on several machines it must be a shared "
+                "filesystem or an object store)"
+            ) from None
         return
     store, probe = Storage(ckpt), f".megatron-lite-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

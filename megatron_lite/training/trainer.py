@@ -69,8 +69,11 @@ class Trainer:
             if cfg.train.dtype == "fp8" and (why := fp8.device_problem(self.device)):  # the rest: check_layout
                 raise UserError(f"train.dtype=fp8: {why}")
             preflight.check_kernels(cfg.kernels.backend, self.device)
-            if self.rank == 0:  # before any slow work: a bad path would otherwise fail the first save
-                preflight.check_run_dirs(cfg)
+            # before any slow work: a bad path would otherwise fail the first save (and hang the peers)
+            if self.rank == 0:
+                preflight.check_log_dir(cfg)
+            preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
+            if self.rank == 0:
                 preflight.check_fresh_start(cfg)
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()

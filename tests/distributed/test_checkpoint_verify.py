@@ -2,8 +2,9 @@
 
 Files are verified round-robin (file i by rank i % world), so a corrupt file is seen by one rank
 only; the verdict must still be the same on all. Likewise a write that fails on one rank only
-must fail the save on every rank, and never commit it; so must a staging directory rank 0 cannot
-prepare.
+must fail the save on every rank, and never commit it; a staging directory rank 0 cannot prepare
+fails the save on every rank too; and a ``checkpoint.dir`` that one rank cannot write (its own
+machine's filesystem) stops every rank at startup, not at the first save.
 """
 
 import os
@@ -34,6 +35,15 @@ def _error(run) -> str | None:
     return None
 
 
+def _unwritable_on_rank1(rank: int, args: list[str], root: Path) -> str | None:
+    """Rank 1's checkpoint.dir lies under a file, as a path missing from one machine's filesystem."""
+    ckpt = root / "c" / "checkpoints"
+    if rank == 1:
+        (root / "blocker").write_text("a file, not a directory")
+        ckpt = root / "blocker" / "checkpoints"
+    return _error(lambda: Trainer(load_config(None, [*args, f"log.dir={root / 'c'}", f"checkpoint.dir={ckpt}"])))
+
+
 def _staging_fails_on_rank0(rank: int, args: list[str], root: Path) -> str | None:
     """Rank 0 cannot prepare step 4's staging directory (checkpoint.dir became unwritable)."""
     real, calls = storage.Storage.begin, []
@@ -54,6 +64,7 @@ def _staging_fails_on_rank0(rank: int, args: list[str], root: Path) -> str | Non
 def _verdicts(rank: int, world: int, base: list[str], root: Path, port: int) -> dict:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = [*base, "parallel.tp=2", "train.steps=4", "checkpoint.every=2"]
+    setup_error = _unwritable_on_rank1(rank, args, root)
     Trainer(load_config(None, [*args, f"log.dir={root / 'a'}"])).fit()
     if rank == 0:
         _flip_byte(root / "a" / "checkpoints" / "step_00000004" / "rank_00001.safetensors")  # checked by rank 1
@@ -77,7 +88,7 @@ def _verdicts(rank: int, world: int, base: list[str], root: Path, port: int) -> 
     finally:
         writer.write_tensor_file = real
     staging_error = _staging_fails_on_rank0(rank, args, root)
-    return {"resume": found, "error": error, "staging_error": staging_error}
+    return {"resume": found, "error": error, "setup_error": setup_error, "staging_error": staging_error}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +109,17 @@ def test_all_ranks_agree_on_corrupt_and_failed_checkpoints(verdicts):
     ckpt = root / "b" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
+
+
+def test_checkpoint_dir_unwritable_on_one_rank_stops_every_rank_at_startup(verdicts):
+    per_rank, root = verdicts
+    expected = (
+        f"rank 1 failed during checking the kernels and run directories: checkpoint.dir="
+        f"'{root / 'blocker' / 'checkpoints'}' is not a writable directory: Not a directory"
+    )
+    for r in per_rank:
+        assert r["setup_error"] is not None and r["setup_error"].startswith(expected), r["setup_error"]
+        assert "shared filesystem or an object store" in r["setup_error"]
 
 
 def test_staging_directory_rank0_cannot_prepare_is_one_error_on_every_rank(verdicts):
