@@ -7,6 +7,8 @@
 #     NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host1
 #   CPU processes instead of GPUs (gloo): NPROC_PER_NODE=2 bash launch/torchrun.sh --config FILE
 # Under SLURM use launch/train.sbatch (or `megatron-lite launch slurm`), which runs torchrun the same way.
+# Signals: SIGTERM to torchrun reaches the ranks, which save a checkpoint and exit 0, while torchrun
+# exits 1 (SignalException, its own behaviour); ranks whose torchrun was SIGKILLed get SIGTERM too.
 set -euo pipefail
 
 # ---- cluster specifics (environment variables of the same name override these) ----------------

@@ -34,6 +34,7 @@ import torch.distributed.nn.functional  # noqa: F401  isort: skip
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.orphan import exit_with_launcher
 from megatron_lite.parallel.comm import Group
 
 MESH_DIMS = ("pp", "dp", "tp")
@@ -299,16 +300,19 @@ def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
 def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None) -> DistEnv:
     """Join the process group described by the launch environment (no-op for a single process).
 
-    The master host must resolve (:func:`check_master_resolves`), never falling back to localhost.
+    Under torchrun the rank asks for SIGTERM when torchrun dies (:func:`exit_with_launcher`). The
+    master host must resolve (:func:`check_master_resolves`), never falling back to localhost.
     :data:`CUDA_ENV_DEFAULTS` are set (unless already in the environment) before CUDA is touched, so
     call this before anything else uses the GPU. Backend NCCL on CUDA (after selecting the GPU from
     LOCAL_RANK / SLURM_LOCALID), gloo on CPU.
     ``timeout_s`` bounds every collective, so a rank that dies takes the others down in
     ``timeout_s`` instead of hanging them. Call it once, before :meth:`ParallelMesh.build`.
     """
-    env = resolve_env(os.environ if environ is None else environ, hostnames=_scontrol_hostnames)
+    environ = os.environ if environ is None else environ
+    env = resolve_env(environ, hostnames=_scontrol_hostnames)
     if env.launcher == "none" or dist.is_initialized():
         return env
+    exit_with_launcher(environ)  # a SIGKILLed torchrun takes its ranks with it (SIGTERM: save and exit)
     check_master_resolves(env.master_addr, env.master_port)
     for name, value in CUDA_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
