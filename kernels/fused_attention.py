@@ -48,12 +48,17 @@ _FWD_TILES = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)
 # 1.70, 128x32 w4 s3 1.87, 64x64 w4 s3 1.98.
 _DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 _DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
+_SHORT = 256
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """fp32 keeps only the smallest tile (last in each list): "ieee" fp32 dots run on CUDA cores from
-    4-byte tiles, and on the big tiles ptxas spends minutes on register spills (D = 128, H200)."""
-    return configs[-1:] if named_args["Q"].dtype == torch.float32 else configs
+    """The smallest tile (last in each list) alone for fp32, where "ieee" dots run on CUDA cores from
+    4-byte tiles and ptxas spends minutes on the big tiles' register spills (D = 128, H200), and for
+    sequences up to ``_SHORT`` tokens, where a few tiles per head leave nothing for autotuning to
+    win back its compile time (one compile per tile, per kernel, per sequence length)."""
+    if named_args["Q"].dtype == torch.float32 or named_args["T"] <= _SHORT:
+        return configs[-1:]
+    return configs
 
 
 @triton.jit
@@ -67,6 +72,15 @@ def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(CAUSAL: tl.constexpr):
+    """This program's query tile. Causal: the last tiles (the most keys) first, so that the longest
+    programs start in the first wave and the short ones fill the tail, not the other way round."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, lo, hi, T, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
@@ -77,15 +91,16 @@ def _fwd_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = offs_n[:, None] < T
         k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _dot(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        s = _dot(q, tl.trans(k), None, INTERPRET, PRECISION)
         if MASKED:
             valid = offs_n[None, :] < T
             if CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None])
             s = tl.where(valid, s, float("-inf"))
         # Key 0 sits in the first tile and is valid for every query, so m_i is finite from then on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.math.exp2(s - m_new[:, None])
+        # The scale is applied to the row maximum, then in one multiply-add per score (qk_scale > 0).
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -105,7 +120,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -215,7 +230,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile(CAUSAL) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
