@@ -22,6 +22,7 @@ from megatron_lite.kernels.dispatch import (
     set_backend,
     triton_available,
     triton_problem,
+    use_apex,
     use_triton,
 )
 
@@ -31,18 +32,27 @@ def _triton_op(module: str, name: str) -> Callable:
     return getattr(importlib.import_module(f"megatron_lite.kernels.{module}"), name)
 
 
+def _norm(x: torch.Tensor, module: str, name: str) -> Callable:
+    """The norm ``name``: Triton's; else apex's under ``auto`` on CUDA when apex works; else the twin."""
+    if use_triton(x):
+        return _triton_op(module, name)
+    if use_apex(x):
+        from megatron_lite.kernels import apex_norms  # imports apex only when a norm runs
+
+        return getattr(apex_norms, name)
+    return getattr(reference, name)
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim (x (..., N), weight (N,)); with ``residual`` returns ``(norm(x + r), x + r)``."""
-    impl = _triton_op("fused_rms_norm", "rms_norm") if use_triton(x) else reference.rms_norm
-    return impl(x, weight, eps, residual)
+    return _norm(x, "fused_rms_norm", "rms_norm")(x, weight, eps, residual)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim; x (..., N), weight and bias (N,), bias may be None."""
-    impl = _triton_op("fused_layer_norm", "layer_norm") if use_triton(x) else reference.layer_norm
-    return impl(x, weight, bias, eps)
+    return _norm(x, "fused_layer_norm", "layer_norm")(x, weight, bias, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -100,5 +110,6 @@ __all__ = [
     "transformer_engine_available",
     "triton_available",
     "triton_problem",
+    "use_apex",
     "use_triton",
 ]

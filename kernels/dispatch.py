@@ -1,12 +1,14 @@
 """Backend choice for the fused ops: ``auto`` (Triton on CUDA tensors, torch elsewhere), ``triton``
 or ``torch``. One process-wide setting, chosen from ``kernels.backend`` at startup.
 
-``auto`` never routes the six ops to apex or Transformer Engine: the Triton kernels cover all of
-them (the residual-fused RMSNorm included, which apex lacks) and are the ones tested against the
-twins in ``reference.py``. Nor does the optimizer take apex's FusedAdam: on CUDA it runs torch's
-fused AdamW kernel, the same one-pass multi-tensor update, whose state keeps the one checkpoint
-layout on every machine. Transformer Engine is used for ``train.dtype=fp8`` (its Linear under fp8
-autocast). :func:`describe` reports whether each library works here.
+NVIDIA apex, when it works here, runs the two norms under ``auto`` on CUDA tensors where Triton
+cannot (not importable): one fused CUDA kernel each instead of the twins' several torch ops
+(``apex_norms.py``; torch does the residual add, as apex has no residual-fused RMSNorm). Where
+Triton runs, its kernels (tested against the twins in ``reference.py``) keep the norms. The
+optimizer does not take apex's FusedAdam: on CUDA it runs torch's fused AdamW kernel, the same
+one-pass multi-tensor update, whose state keeps the one checkpoint layout on every machine. Transformer
+Engine is used for ``train.dtype=fp8`` (its Linear under fp8 autocast). :func:`describe` reports
+whether each library works here.
 """
 
 from __future__ import annotations
@@ -73,6 +75,12 @@ def use_triton(x, op: str | None = None) -> bool:
     return bool(x.is_cuda) and triton_available() and op not in AUTO_PREFERS_TORCH
 
 
+def use_apex(x) -> bool:
+    """Whether a norm on tensor ``x`` runs NVIDIA apex's kernel: under ``auto``, on CUDA, where Triton
+    cannot run and apex works (``accelerators.apex_problem``)."""
+    return _backend == "auto" and bool(x.is_cuda) and not triton_available() and apex_problem() is None
+
+
 def _op_choice(device: torch.device) -> str:
     """The implementation every op takes on ``device`` under the current backend, and why."""
     if _backend == "torch":
@@ -93,7 +101,7 @@ def _op_choice(device: torch.device) -> str:
 def describe(device: str | torch.device | None = None) -> dict[str, str]:
     """Per op, ``"<implementation>: <why>"`` on ``device`` (default: cuda if present, else cpu).
 
-    The implementation is one of ``triton`` or ``torch`` for the six ops; the ``apex`` and
+    The implementation is one of ``triton``, ``apex`` (the norms only) or ``torch``; the ``apex`` and
     ``transformer_engine`` entries say whether each library works here (``available: ...`` or
     ``unavailable: <why>``). For the ``doctor`` command and the startup log.
     """
@@ -109,7 +117,9 @@ def describe(device: str | torch.device | None = None) -> dict[str, str]:
         if _backend == "auto":
             out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
     apex, te = apex_problem(), transformer_engine_problem()
-    unneeded = "available, not needed: the Triton norms and torch's fused AdamW cover it"
-    out["apex"] = unneeded if apex is None else f"unavailable: {apex}"
+    if apex is None and device.type == "cuda" and _backend == "auto" and not triton_available():
+        out["rms_norm"] = out["layer_norm"] = "apex: fused norms (Triton is not importable)"
+    used = "available: runs the norms under auto where Triton cannot; AdamW is torch's fused kernel"
+    out["apex"] = used if apex is None else f"unavailable: {apex}"
     out["transformer_engine"] = "available: used by train.dtype=fp8" if te is None else f"unavailable: {te}"
     return out

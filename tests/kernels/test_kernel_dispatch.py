@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import types
 
 import megatron_lite.kernels as kernels
 import pytest
@@ -120,3 +121,62 @@ def test_import_loads_no_op_file_and_no_accelerator():
         "assert not bad, bad",
     ]
     subprocess.run([sys.executable, "-c", "; ".join(lines)], check=True)
+
+
+def _stand_in_apex(monkeypatch) -> list[str]:
+    """NVIDIA apex's fused norm functions, as ``apex_norms`` calls them, computed by the twins."""
+    calls: list[str] = []
+
+    def fused_rms_norm_affine(x, weight, normalized_shape, eps):
+        assert tuple(normalized_shape) == (x.shape[-1],) and weight.dtype == x.dtype
+        calls.append("rms")
+        return reference.rms_norm(x, weight, eps)
+
+    def fused_layer_norm_affine(x, weight, bias, normalized_shape, eps):
+        assert tuple(normalized_shape) == (x.shape[-1],) and bias is not None
+        calls.append("ln")
+        return reference.layer_norm(x, weight, bias, eps)
+
+    module = types.ModuleType("apex.normalization.fused_layer_norm")
+    module.fused_rms_norm_affine, module.fused_layer_norm_affine = fused_rms_norm_affine, fused_layer_norm_affine
+    for name in ("apex", "apex.normalization"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return calls
+
+
+def test_auto_takes_apex_norms_on_cuda_only_where_triton_cannot(monkeypatch):
+    cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(dispatch, "apex_problem", lambda: None)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    assert dispatch.use_apex(cuda) and not dispatch.use_apex(types.SimpleNamespace(is_cuda=False))
+    kernels.set_backend("torch")
+    assert not dispatch.use_apex(cuda)  # an explicit backend is obeyed
+    kernels.set_backend("auto")
+    monkeypatch.setattr(dispatch, "apex_problem", lambda: "installed but not working: ...")
+    assert not dispatch.use_apex(cuda)
+    monkeypatch.setattr(dispatch, "apex_problem", lambda: None)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert not dispatch.use_apex(cuda)  # Triton's norms keep the job
+
+
+def test_apex_norms_match_the_twins_with_residual_and_without_bias(monkeypatch):
+    calls = _stand_in_apex(monkeypatch)
+    monkeypatch.setattr(kernels, "use_apex", lambda x: True)
+    x, r, w = torch.randn(3, 5, 8), torch.randn(3, 5, 8), torch.randn(8)
+    y, h = kernels.rms_norm(x, w, 1e-6, r)
+    ref_y, ref_h = reference.rms_norm(x, w, 1e-6, r)
+    torch.testing.assert_close((y, h), (ref_y, ref_h), rtol=0, atol=0)
+    torch.testing.assert_close(kernels.layer_norm(x, w, None, 1e-5), reference.layer_norm(x, w, None, 1e-5))
+    assert calls == ["rms", "ln"]
+
+
+def test_describe_names_apex_for_the_norms_where_it_runs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(dispatch, "apex_problem", lambda: None)
+    monkeypatch.setattr(dispatch, "transformer_engine_problem", lambda: "not installed")
+    info = kernels.describe("cuda")
+    assert info["rms_norm"] == info["layer_norm"] == "apex: fused norms (Triton is not importable)"
+    assert info["swiglu"] == "torch: Triton is not importable"
+    assert info["apex"].startswith("available: runs the norms under auto")
