@@ -55,7 +55,8 @@ part() {  # part NAME SECONDS COMMAND...: run one part, log to OUT/NAME.log, ech
 
 install() {
     python -m pip install --no-deps --no-build-isolation -q -e . && return 0
-    echo "editable install failed: importing from the checkout instead"
+    # the link is what package_dir does for an install (git ignores it); remove it when done
+    echo "editable install failed: importing from the checkout (link megatron_lite/kernels -> ../kernels)"
     ln -sfn ../kernels megatron_lite/kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
