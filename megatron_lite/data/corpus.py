@@ -51,19 +51,26 @@ def _manifest(files: list[Path], vocab_size: int) -> dict:
     }
 
 
-def _cache_matches(folder: Path, expected: dict) -> bool:
-    """True when ``folder`` holds a complete build for exactly ``expected``'s files and vocab."""
+def _cache_problem(folder: Path, expected: dict) -> str | None:
+    """Why ``folder`` is not a complete build for exactly ``expected``'s files and vocab, or None."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
         sha = manifest.pop("tokenizer_sha256")
-        if manifest != expected:
-            return False
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        return f"no readable manifest.json ({type(e).__name__})"
+    if manifest != expected:
+        return "built from other files or another vocabulary size (the standard library changed?)"
+    try:
         if hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest() != sha:
-            return False
+            return "tokenizer.model differs from the one it was built with"
         IndexedDataset(folder / "data")
-    except (OSError, ValueError, KeyError, UserError):
-        return False
-    return True
+    except (OSError, ValueError, UserError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _cache_matches(folder: Path, expected: dict) -> bool:
+    return _cache_problem(folder, expected) is None
 
 
 def _build(tmp: Path, files: list[Path], vocab_size: int, expected: dict, progress: bool) -> int:
@@ -114,8 +121,11 @@ def prepare_default_corpus(
     cache_dir = Path(cache_dir).expanduser()
     final = cache_dir / name
     expected = _manifest(paths, vocab_size)
-    if _cache_matches(final, expected):
+    problem = _cache_problem(final, expected)
+    if problem is None:
         return str(final / "data"), final / "tokenizer.model"
+    if final.exists():
+        _say(progress, f"the corpus cache {final} cannot be used ({problem}): rebuilding it")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -147,8 +147,11 @@ def test_interrupted_build_leaves_no_cache(tmp_path, copied_files, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_damaged_cache_is_rebuilt(tmp_path, copied_files):
+def test_damaged_cache_is_rebuilt_and_says_why(tmp_path, copied_files, capsys):
     prefix, _ = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False, files=copied_files)
     Path(prefix + ".idx").write_bytes(b"garbage")
-    prefix2, _ = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False, files=copied_files)
+    prefix2, _ = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=True, files=copied_files)
     assert len(IndexedDataset(prefix2)) == len(copied_files)
+    said = capsys.readouterr().err
+    assert f"the corpus cache {Path(prefix).parent} cannot be used (" in said and "rebuilding it" in said
+    assert "data.idx" in said  # the reason names the damaged file
