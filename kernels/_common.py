@@ -19,8 +19,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384).
 MAX_ROW_BLOCK = 65536
 
-# Programs per SM of the norms' backward (see reduction_programs); tools/bench/kernel_sweep.py varies it.
+# Programs per SM of the norms' backward (see reduction_programs), and its warps per program (None:
+# row_block's choice for the row); tools/bench/kernel_sweep.py varies both.
 PROGRAMS_PER_SM = 2
+BWD_WARPS: int | None = None
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +43,11 @@ def row_block(n_cols: int) -> tuple[int, int]:
         raise ValueError(f"row of {n_cols} values exceeds the {MAX_ROW_BLOCK}-value row kernels")
     warps = 4 if block < 2048 else 8 if block < 8192 else 16
     return block, warps
+
+
+def backward_warps(row_warps: int) -> int:
+    """Warps per program of the norms' backward: ``BWD_WARPS`` when set, else ``row_warps``."""
+    return BWD_WARPS or row_warps
 
 
 @functools.cache

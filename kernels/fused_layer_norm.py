@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, reduction_programs, row_block
+from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block
 
 # Software-pipelining depth of the backward's row loop, as in fused_rms_norm.
 BWD_STAGES: int | None = 3
@@ -113,7 +113,7 @@ def layer_norm_bwd(
         dy, x, weight, mean, rstd, dx, dw_part, db_part,
         dy.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_BIAS=has_bias, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=warps,
+        HAS_BIAS=has_bias, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
     )  # fmt: skip
     db = db_part.sum(0).to(weight.dtype) if has_bias else None
     return dx, dw_part.sum(0).to(weight.dtype), db

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, reduction_programs, row_block
+from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block
 
 # Software-pipelining depth of the backward's row loop: rows whose loads are in flight at once
 # (None leaves it to Triton). 3 measured fastest on an H100, see _common.reduction_programs.
@@ -120,7 +120,7 @@ def rms_norm_bwd(
         dy, dhh, x, weight, rstd, dx, dw_part,
         dy.stride(0), dhh.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_DH=dh is not None, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=warps,
+        HAS_DH=dh is not None, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
     )  # fmt: skip
     return dx, dw_part.sum(0).to(weight.dtype)
 

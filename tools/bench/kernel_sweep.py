@@ -3,7 +3,8 @@
     python tools/bench/kernel_sweep.py [--parts norms,attention]
 
 - norms: the backward's programs per SM (``_common.PROGRAMS_PER_SM``) x its row loop's pipelining
-  depth (``BWD_STAGES``), for rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
+  depth (``BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
+  rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
   timed by Triton's autotuner itself; each kernel's timings are printed fastest first.
 
@@ -50,12 +51,13 @@ def sweep_norms() -> list[dict]:
         "layer_norm": (fused_layer_norm.layer_norm, lambda: [_randn(m, n), _randn(n), _randn(n)], [0, 1, 2], 5 * act),
     }  # fmt: skip
     rows = []
-    for (name, (fn, make, grad_idx, nbytes)), per_sm, stages in itertools.product(ops.items(), (1, 2, 4, 8),
-                                                                                  (None, 2, 3, 4)):  # fmt: skip
-        _common.PROGRAMS_PER_SM = per_sm
+    knobs = itertools.product((1, 2, 4), (None, 3, 4), (None, 4, 16))  # programs per SM, stages, warps
+    for (name, (fn, make, grad_idx, nbytes)), (per_sm, stages, warps) in itertools.product(ops.items(), list(knobs)):
+        _common.PROGRAMS_PER_SM, _common.BWD_WARPS = per_sm, warps
         fused_rms_norm.BWD_STAGES = fused_layer_norm.BWD_STAGES = stages
         ms, _ = time_call(fn, make(), grad_idx, backward=True)
-        rows.append(_row(name, {"programs_per_sm": per_sm, "stages": stages}, "fwd+bwd", ms, nbytes))
+        setting = {"programs_per_sm": per_sm, "stages": stages, "warps": warps}
+        rows.append(_row(name, setting, "fwd+bwd", ms, nbytes))
         torch.cuda.empty_cache()
     return rows
 
