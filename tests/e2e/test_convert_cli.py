@@ -11,55 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from convert_fixtures import exported_fixture, noisy_checkpoint, run_error, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.checkpoint.reader import find_checkpoint
-from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.cli import main
-from megatron_lite.config import Config, ModelConfig, fill_defaults, load_config, validate
+from megatron_lite.config import ModelConfig, load_config
 from megatron_lite.convert import from_hf, io, to_hf
-from megatron_lite.models.transformer import build_model
 from megatron_lite.training.evaluate import load_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4  # fp32 max abs logits difference; why: megatron_lite/convert/verify.py
-
-
-@pytest.fixture(scope="module")
-def trained(small_corpus, tmp_path_factory) -> Path:
-    """Checkpoint root of a llama (4 heads, 2 kv heads, untied head) trained 2 steps by the CLI."""
-    prefix, tok = small_corpus
-    run = tmp_path_factory.mktemp("run")
-    args = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.kv_heads=2", "model.seq_len=32"]
-    args += ["train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=2", "optim.warmup=1"]
-    args += [f"data.path={prefix}", f"data.tokenizer={tok}", "log.progress=false", f"log.dir={run}"]
-    assert main(["train", *args]) == 0
-    return run / "checkpoints"
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("export") / "hf"
-    assert (
-        main(
-            [
-                "convert",
-                "to-hf",
-                "--checkpoint",
-                str(trained),
-                "--step",
-                "2",
-                "--out",
-                str(out),
-                "--max-shard-size",
-                "40KB",
-            ]
-        )
-        == 0
-    )
-    return out
 
 
 def logits_both(checkpoint: Path, hf_dir: Path, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,20 +69,6 @@ def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, t
     meta = find_checkpoint(back / "step_00000000").meta
     assert (meta["weights_only"], meta["step"], meta["optimizer"], meta["trainer"]) == (True, 0, None, None)
     assert all(name.startswith("model/") for name in meta["tensors"])
-
-
-def noisy_checkpoint(root: Path, tok: Path, **model) -> Path:
-    """A random model whose norms and biases are not 1 and 0 (so a swapped mapping shows)."""
-    cfg = Config()
-    for key, value in dict(layers=2, hidden=64, heads=4, seq_len=32, **model).items():
-        setattr(cfg.model, key, value)
-    validate(fill_defaults(cfg, vocab_size=512))
-    net = build_model(cfg.model, seed=5)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return Path(save_weights(root, 3, net.state_dict(), cfg.to_dict(), files={"tokenizer.model": tok}))
 
 
 @pytest.mark.parametrize(
@@ -197,14 +147,6 @@ def test_import_mistral_and_bias_free_qwen2_matches_logits(small_corpus, tmp_pat
                      "train.micro_batch_size=2"]) == 0  # fmt: skip
         trained = to_hf(tmp_path / "run" / "checkpoints", tmp_path / "hf_trained").out
         assert json.loads((trained / "config.json").read_text())["architectures"] == ["MistralForCausalLM"]
-
-
-def run_error(args: list[str], capsys) -> str:
-    capsys.readouterr()  # drop what the test's own setup printed
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
 
 
 def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported, small_corpus, tmp_path, capsys):
