@@ -28,10 +28,9 @@ from typing import Any
 import torch
 
 from megatron_lite.checkpoint.hf import Adapter, adapter_for, import_config
-from megatron_lite.checkpoint.reader import list_steps
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
-from megatron_lite.convert.io import HFWeights
+from megatron_lite.convert.io import HFWeights, refuse_used_out
 from megatron_lite.convert.tokenizer import find_sentencepiece
 from megatron_lite.errors import UserError
 
@@ -122,11 +121,10 @@ def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[st
 def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
     hf_dir, out = Path(hf_dir), Path(out)
+    refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
     raw, adapter, hf_config = _read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
-    if list_steps(out):
-        raise UserError(f"--out {out} already holds checkpoints; choose a new directory")
     state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
     cfg = _run_config(hf_dir, m, tok_dest)

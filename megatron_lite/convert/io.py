@@ -79,6 +79,14 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
     )
 
 
+def refuse_used_out(out: Path) -> None:
+    """``--out`` must be new or an empty directory: nothing a user saved there is ever overwritten."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(
+            f"--out {out} already exists and is not an empty directory; choose a new one (nothing there was changed)"
+        )
+
+
 class HFWeights:
     """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards)."""
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.convert.card import model_card
-from megatron_lite.convert.io import CheckpointSource, ShardedWriter, open_checkpoint
+from megatron_lite.convert.io import CheckpointSource, ShardedWriter, open_checkpoint, refuse_used_out
 from megatron_lite.convert.tokenizer import special_ids, write_hf_tokenizer
 from megatron_lite.convert.verify import VerifyResult, verify
 from megatron_lite.errors import UserError
@@ -53,8 +53,7 @@ def _check_names(src: CheckpointSource, expected: dict) -> None:
 
 
 def _prepare_out(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists and is not an empty directory; choose a new one")
+    refuse_used_out(out)
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
