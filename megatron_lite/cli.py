@@ -68,7 +68,7 @@ def _writable_parent(flag: str, path: str) -> None:
     from megatron_lite.training.preflight import probe_dir
 
     if not is_url(path):
-        probe_dir(f"the directory of {flag}", Path(path).parent)
+        probe_dir(f"the directory of {flag}", Path(os.path.abspath(path)).parent)  # `--out .`: the parent
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ at a time from the ranks' boxes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -189,6 +190,12 @@ class ShardedWriter:
             f.close()
         if self._slots:
             raise RuntimeError(f"tensors planned but never written: {sorted(self._slots)[:5]}")
+
+    def abort(self) -> None:
+        """Close every shard after a failure, raising nothing: the caller reports its own error."""
+        for f in self._handles:
+            with contextlib.suppress(OSError):
+                f.close()
 
 
 def _nbytes(shape: Shape, dtype: torch.dtype) -> int:

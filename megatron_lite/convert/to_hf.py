@@ -11,17 +11,22 @@ checkpoint's headers, so memory holds about one tensor (plus its split parts), n
 Measured with ``--no-verify``: a 1.58 GB fp32 model raised anonymous memory by the same ~60 MB as
 an 18 MB one (imports); RSS still grows by the checkpoint's pages, which safetensors reads through
 mmap, as reclaimable page cache.
-Nothing here touches a GPU. Everything is written to ``.tmp-<out>`` first and renamed to ``out``
-only once the verification (``convert/verify.py``) passed.
+Nothing here touches a GPU. Everything is written to ``.tmp-<out>`` first and renamed to ``out`` (or
+moved into it, when it is an existing empty directory such as ``--out .``) only once the verification
+(``convert/verify.py``) passed; a failed write (a full disk) removes it and is reported in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.convert.card import model_card
@@ -53,11 +58,44 @@ def _check_names(src: CheckpointSource, expected: dict) -> None:
 
 
 def _prepare_out(out: Path) -> Path:
-    refuse_used_out(out)
+    """The temporary directory beside ``out`` (absolute: ``--out .`` works) that the export is written to."""
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+@contextlib.contextmanager
+def _removed_on_error(tmp: Path, out: Path) -> Iterator[None]:
+    """Any failure removes the unfinished export in ``tmp``; a failed write (disk full, I/O error) is
+    a :class:`UserError` naming the OS's reason and ``--out``."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise UserError(
+                f"cannot write the export to {out}: {type(e).__name__}: {e}; nothing was left there "
+                "(free some space or choose another --out, then run again)"
+            ) from None
+        raise
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished export from ``tmp`` to ``out``: a rename, or into ``out`` itself when it is an
+    existing empty directory (the current directory, a mount point)."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    moved = []
+    try:
+        for entry in sorted(tmp.iterdir()):
+            moved.append(Path(shutil.move(str(entry), str(out / entry.name))))
+    except BaseException:
+        for path in moved:  # out was empty: leave it so
+            path.unlink(missing_ok=True)
+        raise
+    tmp.rmdir()
 
 
 def _write_weights(src: CheckpointSource, name_map: dict, tmp: Path, max_shard_bytes: int) -> int:
@@ -73,8 +111,10 @@ def _write_weights(src: CheckpointSource, name_map: dict, tmp: Path, max_shard_b
             hf_names, transform = name_map[ours]
             for hf_name, part in zip(hf_names, transform.to_hf(t, m)):
                 writer.write(hf_name, part)
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()  # the error that stopped the writing is the one to report
+        raise
+    writer.close()
     return sum(math.prod(s) for _, s, _ in plan)
 
 
@@ -91,6 +131,20 @@ def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
         "tokenizer": json.loads(tok_meta.read_text()) if tok_meta and tok_meta.is_file() else None,
     }
     (tmp / "megatron_lite.json").write_text(json.dumps(lineage, indent=1) + "\n")
+
+
+def _write_export(
+    src: CheckpointSource, name_map: dict, hf_config: Any, ids: dict, tmp: Path, max_shard_size: int
+) -> int:
+    """Weights, configs, tokenizer and lineage into ``tmp``; returns the parameter count."""
+    n_params = _write_weights(src, name_map, tmp, max_shard_size)
+    hf_config.save_pretrained(str(tmp))
+    from transformers import GenerationConfig
+
+    GenerationConfig(**ids).save_pretrained(str(tmp))
+    write_hf_tokenizer(src.tokenizer, tmp, src.config.model.seq_len)
+    _write_lineage(src, tmp)
+    return n_params
 
 
 def to_hf(
@@ -114,28 +168,21 @@ def to_hf(
     _check_names(src, name_map)
     ids = special_ids(src.tokenizer)
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
-    out = Path(out)
-    tmp = _prepare_out(out)  # only now, after every check, is anything written
-    n_params = _write_weights(src, name_map, tmp, max_shard_size)
-    hf_config.save_pretrained(str(tmp))
-    from transformers import GenerationConfig
-
-    GenerationConfig(**ids).save_pretrained(str(tmp))
-    write_hf_tokenizer(src.tokenizer, tmp, m.seq_len)
-    _write_lineage(src, tmp)
-    result = None
-    if check:
-        result = verify(src.path, tmp)
-        if not result.passed:
-            raise UserError(
-                f"verification failed, so {out} was not written ({result.summary()}); "
-                f"the unverified export is left in {tmp} for inspection"
-            )
+    out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
+    refuse_used_out(out)
+    tmp = _prepare_out(dest)  # only now, after every check, is anything written
+    with _removed_on_error(tmp, out):
+        n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
+        result = verify(src.path, tmp) if check else None
+    if result is not None and not result.passed:
+        raise UserError(
+            f"verification failed, so {out} was not written ({result.summary()}); "
+            f"the unverified export is left in {tmp} for inspection"
+        )
     from megatron_lite.data.tokenizer import Tokenizer
 
-    card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
-    (tmp / "README.md").write_text(card)
-    if out.exists():
-        out.rmdir()  # empty, checked by _prepare_out
-    tmp.rename(out)
+    with _removed_on_error(tmp, out):
+        card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
+        (tmp / "README.md").write_text(card)
+        _install(tmp, dest)
     return ExportResult(out, n_params, sorted(p.name for p in out.iterdir()), result)

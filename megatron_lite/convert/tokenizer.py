@@ -95,7 +95,8 @@ def special_ids(sp_model: Path) -> dict[str, int | None]:
 
 def write_hf_tokenizer(sp_model: Path, out: Path, max_length: int) -> None:
     """Write ``tokenizer.json``, ``tokenizer_config.json`` and the sentencepiece model itself into ``out``."""
-    build_hf_tokenizer(sp_model).save(str(out / "tokenizer.json"))
+    # written by Python, not tokenizers' save(): a failed write (disk full) must be an OSError
+    (out / "tokenizer.json").write_text(build_hf_tokenizer(sp_model).to_str(pretty=True), encoding="utf-8")
     proto = _load_proto(sp_model)
     name = {i: p.piece for i, p in enumerate(proto.pieces)}
     t = proto.trainer_spec
