@@ -23,14 +23,13 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from megatron_lite.checkpoint.hf import Adapter, adapter_for, import_config
+from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
-from megatron_lite.convert.io import HFWeights, refuse_used_out
+from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
 from megatron_lite.convert.tokenizer import find_sentencepiece
 from megatron_lite.errors import UserError
 
@@ -43,18 +42,6 @@ class ImportResult:
     config_path: Path
     parameters: int
     tokenizer: Path | None
-
-
-def _read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any]:
-    """(raw config.json, adapter, transformers config); unsupported types are refused before loading."""
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise UserError(f"{hf_dir} is not a Hugging Face model directory: config.json is missing")
-    raw = json.loads(path.read_text())
-    adapter = adapter_for(raw.get("model_type"))
-    from transformers import AutoConfig
-
-    return raw, adapter, AutoConfig.from_pretrained(str(hf_dir))
 
 
 def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_type: str) -> dict[str, torch.Tensor]:
@@ -91,7 +78,7 @@ def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_
 def _run_config(hf_dir: Path, m: ModelConfig, tokenizer: Path | None) -> Config:
     """The config to train from: our export's recorded run config if any, else defaults; model from HF."""
     lineage = hf_dir / "megatron_lite.json"
-    cfg = config_from_dict(json.loads(lineage.read_text())["config"]) if lineage.is_file() else Config()
+    cfg = config_from_dict(read_json(lineage)["config"]) if lineage.is_file() else Config()
     cfg.model = m
     cfg.data.tokenizer = str(tokenizer) if tokenizer else None
     cfg.log.dir, cfg.checkpoint.dir, cfg.checkpoint.resume = Config().log.dir, None, "auto"  # never the old run's
@@ -102,7 +89,7 @@ def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[st
     """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_weights files."""
     files = {"tokenizer.model": sp} if sp else {}
     lineage = hf_dir / "megatron_lite.json"
-    tok_meta = json.loads(lineage.read_text()).get("tokenizer") if lineage.is_file() else None
+    tok_meta = read_json(lineage).get("tokenizer") if lineage.is_file() else None
     if sp and tok_meta:
         (tmp / "tokenizer.json").write_text(json.dumps(tok_meta, indent=1) + "\n")
         files["tokenizer.json"] = tmp / "tokenizer.json"
@@ -122,7 +109,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
-    raw, adapter, hf_config = _read_hf_config(hf_dir)
+    raw, adapter, hf_config = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
     state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])

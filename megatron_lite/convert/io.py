@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megatron_lite.checkpoint.format import DTYPE_CODES
+from megatron_lite.checkpoint.hf import Adapter, adapter_for
 from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
@@ -88,23 +89,76 @@ def refuse_used_out(out: Path) -> None:
         )
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or a :class:`UserError` naming the file and what is wrong with it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read: {e}") from None
+
+
+def hf_load_error(what: str, hf_dir: Path, e: Exception) -> UserError:
+    """One line for transformers failing to load ``what`` from ``hf_dir`` (a damaged file, a bad field)."""
+    reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return UserError(f"transformers cannot load the {what} in {hf_dir}: {type(e).__name__}: {reason[:400]}")
+
+
+def read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any]:
+    """(raw ``config.json``, its adapter, the ``transformers`` config object), or one :class:`UserError`
+    naming what is missing, damaged or unsupported (that one before transformers reads anything)."""
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise UserError(f"{hf_dir} is not a Hugging Face model directory: config.json is missing")
+    raw = read_json(path)
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a Hugging Face config (a JSON object); restore it from the model's source")
+    adapter = adapter_for(raw.get("model_type"))
+    from transformers import AutoConfig
+
+    try:
+        return raw, adapter, AutoConfig.from_pretrained(str(hf_dir))
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError, its validation errors...
+        raise hf_load_error("config", hf_dir, e) from None
+
+
+def _open_safetensors(path: Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as e:  # a cut-short copy or download fails the header check
+        raise UserError(f"{path} is not a readable safetensors file ({e}); copy or download it again") from None
+
+
 class HFWeights:
-    """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards)."""
+    """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards).
+    Every file is opened (headers read) up front, so a missing or damaged one is reported before any work."""
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index)
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise UserError(
+                    f"{index} has no weight_map of tensor names to files; restore it from the model's source"
+                )
             files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (hf_dir / f).is_file()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise UserError(f"{index} lists {missing[0]}{more}, which is not in {hf_dir}; copy every shard")
         elif (hf_dir / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
             bins = sorted(p.name for p in hf_dir.glob("*.bin"))
             hint = f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))" if bins else ""
             raise UserError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}{hint}")
-        handles = [safe_open(str(hf_dir / f), framework="pt") for f in files]
+        handles = [_open_safetensors(hf_dir / f) for f in files]
         self.where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (not a dict)
 
     def get(self, name: str) -> torch.Tensor:

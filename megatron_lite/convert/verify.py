@@ -17,7 +17,6 @@ skips this for models larger than the converting machine's RAM.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.convert.io import CheckpointSource, open_checkpoint
+from megatron_lite.convert.io import (
+    CheckpointSource,
+    HFWeights,
+    hf_load_error,
+    open_checkpoint,
+    read_hf_config,
+    read_json,
+)
 from megatron_lite.errors import UserError
 
 RELATIVE_TOLERANCE = 1e-4
@@ -87,14 +93,24 @@ def _sample_ids(src: CheckpointSource, hf_dir: Path, length: int) -> tuple[list[
     if has_hf_tok:
         from transformers import AutoTokenizer
 
-        equal = AutoTokenizer.from_pretrained(str(hf_dir))(SAMPLE_TEXT, verbose=False)["input_ids"] == ids
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        except Exception as e:  # a damaged tokenizer.json: tokenizers raises a bare Exception
+            raise hf_load_error("tokenizer", hf_dir, e) from None
+        equal = hf_tok(SAMPLE_TEXT, verbose=False)["input_ids"] == ids
     return (ids * (length // max(len(ids), 1) + 1))[:length], equal
 
 
 def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
     """True for our exports: their tokenizer was converted from ours, so it must give our ids."""
     lineage = hf_dir / "megatron_lite.json"
-    return lineage.is_file() and bool(json.loads(lineage.read_text()).get("tokenizer_converted"))
+    return lineage.is_file() and bool(read_json(lineage).get("tokenizer_converted"))
+
+
+def _check_hf_dir(hf_dir: Path) -> None:
+    """Refuse, before any work, a directory whose config or weights are missing or damaged."""
+    read_hf_config(hf_dir)
+    HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
 
 
 @contextlib.contextmanager
@@ -117,8 +133,7 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
     from transformers import AutoModelForCausalLM
 
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise UserError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    _check_hf_dir(hf_dir)
     src = open_checkpoint(checkpoint, step)
     m = src.config.model
     length = min(m.seq_len, 96)
@@ -128,7 +143,10 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
     batch = torch.stack([torch.tensor(text_ids), random_ids])  # (2, T)
     ours = _our_model(src)(batch)  # the model is freed here, before the HF one is loaded
     with _no_progress_bars():
-        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        except Exception as e:  # the config and the weights' headers were checked: what is left is theirs
+            raise hf_load_error("model", hf_dir, e) from None
     theirs = hf_model(input_ids=batch).logits.float()
     if theirs.shape != ours.shape:
         raise UserError(f"logit shapes differ: ours {tuple(ours.shape)}, transformers {tuple(theirs.shape)}")

@@ -3,7 +3,9 @@ tampered exports. Each is one clear error line (rc 2) and leaves nothing behind.
 
 import errno
 import importlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,42 @@ def test_to_hf_into_the_current_directory(trained, tmp_path, monkeypatch, capsys
     assert [p.name for p in tmp_path.iterdir()] == ["here"]  # no .tmp-* left beside it
     err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", "."], capsys)
     assert "--out . already exists and is not an empty directory" in err
+
+
+def damage(hf_dir: Path, kind: str) -> str:
+    """Damage the sharded export ``hf_dir`` in one way; returns what the error must say."""
+    shards = sorted(hf_dir.glob("model-*.safetensors"))
+    if kind == "truncated shard":
+        shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
+        return f"{shards[1]} is not a readable safetensors file (Error while deserializing header: incomplete"
+    if kind == "missing shard":
+        shards[1].unlink()
+        return f"model.safetensors.index.json lists {shards[1].name}, which is not in {hf_dir}"
+    if kind == "no weights":
+        for p in [*shards, hf_dir / "model.safetensors.index.json"]:
+            p.unlink()
+        return f"no model.safetensors or model.safetensors.index.json in {hf_dir}"
+    if kind == "malformed config":
+        (hf_dir / "config.json").write_text('{"model_type": "llama",\n')
+        return f"{hf_dir / 'config.json'} is not valid JSON"
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": "four"}))
+    return f"transformers cannot load the config in {hf_dir}: "
+
+
+@pytest.mark.parametrize("kind", ["truncated shard", "missing shard", "no weights", "malformed config", "bad field"])
+def test_damaged_hf_directory_is_one_error_naming_the_file(trained, exported, tmp_path, kind, capsys):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    expected = damage(hf_dir, kind)
+    err = run_error(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "out")], capsys)
+    assert expected in err and not (tmp_path / "out").exists()
+    err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(hf_dir)], capsys)
+    assert expected in err
+
+
+def test_verify_names_a_damaged_tokenizer(trained, exported, tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    (hf_dir / "tokenizer.json").write_text((exported / "tokenizer.json").read_text()[:1000])
+    err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(hf_dir)], capsys)
+    assert f"transformers cannot load the tokenizer in {hf_dir}: " in err
