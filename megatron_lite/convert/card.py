@@ -86,7 +86,8 @@ def model_card(
         "(`add_bos_token: false`); append `eos_token` between documents when fine-tuning.",
         "",
         "## Conversion check",
-        f"Same tokens through megatron-lite and `transformers` (fp32): {checked}.",
+        f"Every tensor compared with the checkpoint's, and the same tokens through megatron-lite and "
+        f"`transformers` (fp32): {checked}.",
         "",
         "## Usage",
         "```python",

@@ -19,7 +19,6 @@ their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load)
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
+from megatron_lite.convert.compare import unused_tensor_problem
 from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
 from megatron_lite.convert.tokenizer import find_sentencepiece
 from megatron_lite.errors import UserError
@@ -48,7 +48,7 @@ def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_
     """Our state dict from the HF tensors, checking that every HF tensor is used or safely droppable."""
     from megatron_lite.models.transformer import Transformer
 
-    by_hf = {adapter.hf_name(name): name for name in weights.where}
+    by_hf = weights.full_names(adapter)
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(m).state_dict().items()}
     state, used = {}, set()
@@ -60,18 +60,9 @@ def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_
         used.update(hf_names)
         if tuple(state[ours].shape) != expected[ours]:
             raise UserError(f"{ours}: shape {tuple(state[ours].shape)} from HF, expected {expected[ours]}")
-    zero_only = adapter.zero_shapes(m)  # tensors we have no place for: accepted when all zero
-    for hf_name in sorted(set(by_hf) - used):
-        if re.search(adapter.ignored, hf_name) or (hf_name == "lm_head.weight" and m.tie_embeddings):
-            continue  # buffers, or a stored copy of the tied head
-        if hf_name in zero_only:
-            if weights.get(by_hf[hf_name]).count_nonzero():
-                raise UserError(
-                    f"{hf_name} is non-zero: megatron-lite's llama has no q/k/v biases, so this "
-                    f"{model_type} model cannot be imported exactly"
-                )
-            continue
-        raise UserError(f"unexpected tensor {hf_name} in the Hugging Face checkpoint ({model_type})")
+    problem = unused_tensor_problem(adapter, m, weights, used)  # buffers, tied head, zero biases: dropped
+    if problem:
+        raise UserError(f"{problem}, so this {model_type} model cannot be imported exactly")
     return state
 
 

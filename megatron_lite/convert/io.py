@@ -164,6 +164,10 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         return self.where[name].get_tensor(name)
 
+    def full_names(self, adapter: Adapter) -> dict[str, str]:
+        """Full HF name -> stored name (a base-model file leaves out the prefix, :meth:`Adapter.hf_name`)."""
+        return {adapter.hf_name(name): name for name in self.where}
+
 
 def parse_size(text: str | int) -> int:
     """Bytes of ``"5GB"``, ``"200MB"``, ``"64KiB"`` or a plain integer (HF's convention: GB = 1e9)."""

@@ -1,5 +1,11 @@
 """Run the same tokens through our model and the ``transformers`` one; compare logits and losses.
 
+First every HF tensor is compared with the checkpoint's tensor the name map gives it
+(``convert/compare.py``): sampled inputs cannot reach every weight (an embedding row no sampled id
+selects), so a tampered or mis-copied tensor fails here, by name, and the logits are not compared.
+The logits then check what equal tensors cannot: that the name map and the transforms compute the
+same model.
+
 Both models run in fp32 on CPU (bf16 weights are upcast). The tolerance is
 ``max |logits_ours - logits_hf| <= 1e-4 * max(1, max |logits_ours|)``. Why: the two implementations
 compute the same function in a different order (one fused qkv matmul vs three, SDPA vs HF's
@@ -24,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_lite.checkpoint.hf import Adapter
+from megatron_lite.convert.compare import compare_tensors
 from megatron_lite.convert.io import (
     CheckpointSource,
     HFWeights,
@@ -54,17 +62,24 @@ class VerifyResult:
     """HF tokenizer ids == ours on the sample text (None: not compared)."""
     tokenizer_required: bool
     """The HF directory is our export, so its tokenizer must match ours exactly."""
+    tensors_equal: int = 0
+    """HF tensors equal to the checkpoint's (``convert/compare.py``)."""
+    tensor_problem: str | None = None
+    """The first HF tensor that is not; then the logits were not compared (their fields are NaN)."""
 
     @property
     def passed(self) -> bool:
         ids_ok = self.tokenizer_equal is not False or not self.tokenizer_required
-        return self.max_abs_diff <= self.tolerance and ids_ok
+        return self.tensor_problem is None and self.max_abs_diff <= self.tolerance and ids_ok
 
     def summary(self) -> str:
+        if self.tensor_problem:
+            return f"tensor {self.tensor_problem} ({self.tensors_equal} tensors before it equal; logits not compared)"
         ids = {None: "not compared", True: "equal", False: "DIFFERENT"}[self.tokenizer_equal]
         return (
             f"max |logits diff| {self.max_abs_diff:.3e} (tolerance {self.tolerance:.3e}) over {self.tokens} tokens; "
-            f"sample-text loss ours {self.loss_ours:.6f}, transformers {self.loss_hf:.6f}; tokenizer ids {ids}"
+            f"sample-text loss ours {self.loss_ours:.6f}, transformers {self.loss_hf:.6f}; tokenizer ids {ids}; "
+            f"{self.tensors_equal} tensors equal to the checkpoint's"
         )
 
 
@@ -107,10 +122,11 @@ def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
     return lineage.is_file() and bool(read_json(lineage).get("tokenizer_converted"))
 
 
-def _check_hf_dir(hf_dir: Path) -> None:
-    """Refuse, before any work, a directory whose config or weights are missing or damaged."""
-    read_hf_config(hf_dir)
+def _check_hf_dir(hf_dir: Path) -> Adapter:
+    """Refuse, before any work, a directory whose config or weights are missing or damaged; its adapter."""
+    _, adapter, _ = read_hf_config(hf_dir)
     HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
+    return adapter
 
 
 @contextlib.contextmanager
@@ -133,11 +149,16 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
     from transformers import AutoModelForCausalLM
 
     hf_dir = Path(hf_dir)
-    _check_hf_dir(hf_dir)
+    adapter = _check_hf_dir(hf_dir)
     src = open_checkpoint(checkpoint, step)
     m = src.config.model
     length = min(m.seq_len, 96)
     text_ids, tok_equal = _sample_ids(src, hf_dir, length)
+    tok_required = _tokenizer_converted_by_us(hf_dir)
+    n_equal, problem = compare_tensors(src, hf_dir, adapter)
+    if problem:
+        nan = float("nan")
+        return VerifyResult(nan, nan, nan, nan, 0, tok_equal, tok_required, n_equal, problem)
     g = torch.Generator().manual_seed(1)
     random_ids = torch.randint(0, m.vocab_size, (length,), generator=g)  # reaches rows the text never uses
     batch = torch.stack([torch.tensor(text_ids), random_ids])  # (2, T)
@@ -161,5 +182,6 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
         loss_hf=loss(theirs),
         tokens=batch.numel(),
         tokenizer_equal=tok_equal,
-        tokenizer_required=_tokenizer_converted_by_us(hf_dir),
+        tokenizer_required=tok_required,
+        tensors_equal=n_equal,
     )

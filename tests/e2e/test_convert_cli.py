@@ -195,7 +195,7 @@ def test_failed_verification_is_a_failure(trained, exported, tmp_path, monkeypat
     tensors["model.layers.1.self_attn.k_proj.weight"] = tensors["model.layers.1.self_attn.k_proj.weight"].flip(0)
     save_file(tensors, shard, metadata={"format": "pt"})
     err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(tampered)], capsys)
-    assert "verification failed: max |logits diff|" in err
+    assert "verification failed: tensor model.layers.1.self_attn.k_proj.weight differs from the checkpoint" in err
     # a conversion bug (k and v heads swapped) must stop to-hf before it reports success
     from megatron_lite.checkpoint import hf
 

@@ -9,7 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from convert_fixtures import exported_fixture, run_error, trained_fixture  # noqa: F401 (fixtures)
+from safetensors.torch import load_file, save_file
 
 from megatron_lite.cli import main
 from megatron_lite.convert import io
@@ -101,3 +103,21 @@ def test_verify_names_a_damaged_tokenizer(trained, exported, tmp_path, capsys):
     (hf_dir / "tokenizer.json").write_text((exported / "tokenizer.json").read_text()[:1000])
     err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(hf_dir)], capsys)
     assert f"transformers cannot load the tokenizer in {hf_dir}: " in err
+
+
+def test_verify_fails_on_a_tampered_tensor_the_logits_do_not_reach(trained, exported, tmp_path, capsys):
+    """One embedding row of an id the sample text and the random ids never select, changed by 1.0."""
+    tampered = tmp_path / "tampered"
+    shutil.copytree(exported, tampered)
+    index = json.loads((tampered / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = tampered / index["model.embed_tokens.weight"]
+    tensors = load_file(shard)
+    used = set(torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(1)).tolist())
+    row = max(set(range(300, 512)) - used)
+    tensors["model.embed_tokens.weight"][row] += 1.0
+    save_file(tensors, shard, metadata={"format": "pt"})
+    err = run_error(["convert", "verify", "--checkpoint", str(trained), "--hf", str(tampered)], capsys)
+    assert (
+        f"verification failed: tensor model.embed_tokens.weight differs from the checkpoint in 64 of {512 * 64}" in err
+    )
+    assert f"first at [{row}, 0]" in err

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from megatron_lite.checkpoint.hf import ADAPTERS, adapter_for, export_config, export_type, import_config
 from megatron_lite.config import Config, ModelConfig, fill_defaults
+from megatron_lite.convert.compare import tensor_difference
 from megatron_lite.convert.io import ShardedWriter, parse_size
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer
@@ -140,3 +141,16 @@ def test_sharded_writer_accepts_any_arrival_order(tmp_path):
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     loaded = {k: v for s in shards for k, v in load_file(s).items()}
     assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_tensor_difference_allows_the_coarser_dtypes_rounding_only():
+    t = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert tensor_difference(t, t.clone()) is None
+    assert tensor_difference(t, t.bfloat16()) is None  # re-saved in bf16: within its rounding
+    nudged = t.clone()
+    nudged[5, 7] *= 1 + 2 * torch.finfo(torch.bfloat16).eps
+    assert "1 of 2048 elements (first at [5, 7]" in tensor_difference(t, nudged.bfloat16())
+    assert "1 of 2048" in tensor_difference(t, nudged)  # fp32 on both sides: fp32's rounding
+    assert "has shape (32, 64)" in tensor_difference(t, t.t())
+    t[0, 0] = nudged[0, 0] = float("nan")
+    assert tensor_difference(t, t.clone()) is None

@@ -1,0 +1,87 @@
+"""Tensor by tensor: does an HF directory hold exactly a checkpoint's weights under the name map?
+
+``convert verify`` runs this before comparing logits. The logits on a sample text and random ids
+can miss a change that only some inputs reach (one embedding row no sampled id selects), so every
+tensor of the HF directory is compared with the checkpoint's tensor mapped to it by the adapter
+(``checkpoint/hf.py``), after the same transform ``to-hf`` applies. Equal means equal within the
+rounding of the coarser of the two dtypes (``|a - b| <= eps * max(|a|, |b|)``): an export written in
+the dtype it trained in is bitwise equal; one re-saved in a coarser dtype still passes, a tampered
+or mis-copied tensor does not. HF tensors the name map does not use must be what an import may
+drop too (:func:`unused_tensor_problem`).
+
+Memory: one checkpoint tensor and one HF tensor at a time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from megatron_lite.checkpoint.hf import Adapter
+from megatron_lite.config import ModelConfig
+from megatron_lite.convert.io import CheckpointSource, HFWeights
+
+
+def unused_tensor_problem(adapter: Adapter, m: ModelConfig, weights: HFWeights, used: set[str]) -> str | None:
+    """What is wrong with the HF tensors outside ``used`` (full HF names): None when each is a buffer,
+    a stored copy of the tied head, or an all-zero bias our model lacks (Qwen2's q/k/v)."""
+    by_hf = weights.full_names(adapter)
+    zero_only = adapter.zero_shapes(m)
+    for hf_name in sorted(set(by_hf) - used):
+        if re.search(adapter.ignored, hf_name) or (hf_name == "lm_head.weight" and m.tie_embeddings):
+            continue
+        if hf_name in zero_only:
+            if weights.get(by_hf[hf_name]).count_nonzero():
+                return f"{hf_name} is non-zero: megatron-lite's llama has no q/k/v biases"
+            continue
+        return f"unexpected tensor {hf_name}"
+    return None
+
+
+def tensor_difference(expected: torch.Tensor, got: torch.Tensor) -> str | None:
+    """None when ``got`` equals ``expected`` within the coarser dtype's rounding, else how it differs."""
+    if tuple(got.shape) != tuple(expected.shape):
+        return f"has shape {tuple(got.shape)}, the checkpoint's gives {tuple(expected.shape)}"
+    if got.dtype == expected.dtype and torch.equal(got, expected):
+        return None
+    eps = max(torch.finfo(expected.dtype).eps, torch.finfo(got.dtype).eps)
+    a, b = expected.float(), got.float()
+    diff = (a - b).abs()
+    bad = ~(diff <= eps * torch.maximum(a.abs(), b.abs())) & ~(a.isnan() & b.isnan())
+    if not bad.any():
+        return None
+    first = tuple(bad.nonzero()[0].tolist())
+    return (
+        f"differs from the checkpoint in {int(bad.sum())} of {bad.numel()} elements "
+        f"(first at {list(first)}: {b[first].item():.6g}, checkpoint {a[first].item():.6g})"
+    )
+
+
+def compare_tensors(src: CheckpointSource, hf_dir: Path, adapter: Adapter) -> tuple[int, str | None]:
+    """(HF tensors found equal, the first problem or None): each of ``src``'s tensors, transformed as
+    ``to-hf`` does, against the HF tensor the name map gives it; then the tensors left over."""
+    m = src.config.model
+    weights = HFWeights(hf_dir)
+    by_hf = weights.full_names(adapter)
+    name_map = adapter.name_map(m)
+    used: set[str] = set()
+    for ours, t in src.tensors():
+        if ours not in name_map:
+            return len(used), f"checkpoint tensor {ours} has no counterpart in a {adapter.arch} model"
+        hf_names, transform = name_map[ours]
+        parts = list(zip(hf_names, transform.to_hf(t, m)))
+        if ours == "embed.weight" and m.tie_embeddings and "lm_head.weight" in by_hf:
+            parts.append(("lm_head.weight", parts[0][1]))  # a stored copy of the tied head must match too
+        for hf_name, part in parts:
+            if hf_name not in by_hf:
+                return len(used), f"{hf_name} is missing (the checkpoint's {ours} maps to it)"
+            problem = tensor_difference(part, weights.get(by_hf[hf_name]))
+            if problem:
+                return len(used), f"{hf_name} {problem}"
+            used.add(hf_name)
+    missing = sorted({h for hs, _ in name_map.values() for h in hs} - used)
+    if missing:
+        return len(used), f"the checkpoint has no tensor for {missing[0]}"
+    return len(used), unused_tensor_problem(adapter, m, weights, used)
