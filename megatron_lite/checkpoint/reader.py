@@ -26,7 +26,7 @@ import torch
 
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
-from megatron_lite.checkpoint.format import METADATA, STEP_DIR, metadata_problem
+from megatron_lite.checkpoint.format import METADATA, STEP_DIR, metadata_problem, step_dir_name
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
@@ -178,6 +178,23 @@ def committed_steps(root: str | Path) -> list[int]:
     it whether ``checkpoint.resume=none`` would save over an earlier run."""
     storage = Storage(root)
     return [int(STEP_DIR.match(n).group(1)) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
+
+
+def peek_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The metadata of step directory ``path``, or of the newest committed step under it; None when
+    there is none or it cannot be read. One process's cheap look (no checksums, no collectives): the
+    trainer's preflight asks what a run would start from."""
+    try:
+        storage, name = _split(path)
+        if not storage.exists(f"{name}/{METADATA}"):
+            steps = committed_steps(path)
+            if not steps:
+                return None
+            storage, name = Storage(path), step_dir_name(steps[-1])
+        meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
+        return meta if isinstance(meta, dict) else None
+    except Exception:  # unreadable or unreachable: the trainer's own (verified) load reports it
+        return None
 
 
 def _list_on_rank0(storage: Storage) -> list[str]:

@@ -10,7 +10,8 @@ a made-up state. The trainer starts such a checkpoint at step 0 with a fresh opt
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
 and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
 sentencepiece; their path is recorded in ``origin.json`` and data must be tokenized to the same ids
-outside megatron-lite.
+outside megatron-lite: the import warns, and the trainer refuses to train such a checkpoint on the
+embedded corpus (``training/preflight.py``), whose ids are megatron-lite's own tokenizer's.
 
 Memory: the weights are held once (``save_weights`` takes the whole state); HF tensors keep
 their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load).
@@ -19,6 +20,7 @@ their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load)
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +34,8 @@ from megatron_lite.convert.compare import unused_tensor_problem
 from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
 from megatron_lite.convert.tokenizer import find_sentencepiece
 from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -103,6 +107,15 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     raw, adapter, hf_config = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
+    if sp is None:
+        log.warning(
+            "the tokenizer of %s is not sentencepiece (tokenizer.json only, e.g. byte-level BPE), so the "
+            "checkpoint carries none and megatron-lite cannot tokenize text for this model: train it only with "
+            "data.path and data.tokenizer naming datasets tokenized with that tokenizer (%s alone refuses to "
+            "start); `convert to-hf` exports the data.tokenizer a run used, so it must give the same ids",
+            hf_dir,
+            out / "config.yaml",
+        )
     state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
     cfg = _run_config(hf_dir, m, tok_dest)

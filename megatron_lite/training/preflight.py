@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megatron_lite import kernels
-from megatron_lite.checkpoint.reader import committed_steps
+from megatron_lite.checkpoint.reader import committed_steps, peek_metadata
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
@@ -93,6 +93,33 @@ def check_fresh_start(cfg: Config) -> None:
             f"checkpoint.dir={c.dir!r} already holds checkpoints of an earlier run (newest: step {steps[-1]}) and "
             "checkpoint.resume=none would save over them; set checkpoint.resume=auto to continue that run, "
             "or choose a new checkpoint.dir (or log.dir) to start a fresh one"
+        )
+
+
+def check_start_tokenizer(cfg: Config) -> None:
+    """A run on the embedded corpus (empty ``data.path``) must not start from weights that carry no
+    tokenizer, such as a ``convert from-hf`` import of a byte-level BPE model (GPT-2, Llama 3): the
+    corpus's ids are megatron-lite's own tokenizer's and mean nothing to that model's vocabulary.
+    The start is what the trainer will load: ``checkpoint.resume`` when it is a path, else the newest
+    checkpoint in ``checkpoint.dir`` (``resume=auto``), else ``checkpoint.init_from``."""
+    c = cfg.checkpoint
+    if cfg.data.path:
+        return
+    if c.resume not in ("auto", "none"):
+        key, start = "checkpoint.resume", c.resume
+    elif c.resume == "auto" and peek_metadata(c.dir) is not None:  # the run's own checkpoints come first
+        key, start = "checkpoint.dir", c.dir
+    else:
+        key, start = "checkpoint.init_from", c.init_from
+    if not start:
+        return
+    meta = peek_metadata(start)
+    if meta is not None and "tokenizer.model" not in (meta.get("files") or {}):
+        raise UserError(
+            f"{key}={start!r} holds weights that carry no tokenizer megatron-lite can use (an import of a "
+            "byte-level BPE model such as GPT-2 or Llama 3), and data.path is empty: this run would train them "
+            "on the embedded corpus, whose token ids mean nothing to their vocabulary; set data.path and "
+            "data.tokenizer to datasets tokenized with the model's own tokenizer"
         )
 
 

@@ -75,6 +75,7 @@ class Trainer:
             preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
             if self.rank == 0:
                 preflight.check_fresh_start(cfg)
+                preflight.check_start_tokenizer(cfg)  # before the embedded corpus is built
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):

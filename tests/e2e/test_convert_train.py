@@ -23,3 +23,28 @@ def test_train_continues_from_an_hf_import(tiny_args, tmp_path):
     assert main(["train", *cont[:-2], "train.steps=3", f"checkpoint.init_from={imported}"]) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "cont" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_import_without_a_sentencepiece_tokenizer_never_trains_on_the_embedded_corpus(
+    tiny_args, small_corpus, tmp_path, caplog, capsys
+):
+    """A byte-level BPE model (tokenizer.json only) imports with a warning; its config alone, which
+    would feed it megatron-lite's own token ids, refuses to start before the corpus is built."""
+    base = [*tiny_args[:-1], f"log.dir={tmp_path / 'base'}", "train.steps=1"]
+    assert main(["train", *base]) == 0
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    assert main(["convert", "to-hf", "--checkpoint", str(tmp_path / "base" / "checkpoints"), "--out", str(hf)]) == 0
+    for name in ("tokenizer.model", "megatron_lite.json"):  # as GPT-2 or Llama 3 ship: tokenizer.json only
+        (hf / name).unlink()
+    assert main(["convert", "from-hf", "--hf", str(hf), "--out", str(imported)]) == 0
+    assert f"the tokenizer of {hf} is not sentencepiece" in caplog.text
+    capsys.readouterr()
+    cache, run = tmp_path / "corpus_cache", f"log.dir={tmp_path / 'run'}"
+    config = ["--config", str(imported / "config.yaml"), run, f"data.cache_dir={cache}", "log.progress=false"]
+    assert main(["train", *config, "train.steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.init_from=" in err and "carry no tokenizer megatron-lite can use" in err, err
+    assert not cache.exists() and not (tmp_path / "run" / "config.yaml").exists()
+    prefix, tok = small_corpus  # datasets the user tokenized with the model's own tokenizer: trains
+    data = [f"data.path={prefix}", f"data.tokenizer={tok}", "train.global_batch_size=2", "train.micro_batch_size=2"]
+    assert main(["train", *config, *data, "train.steps=1"]) == 0
