@@ -32,7 +32,7 @@ from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
 from megatron_lite.convert.compare import unused_tensor_problem
 from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
-from megatron_lite.convert.tokenizer import find_sentencepiece
+from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,13 +100,9 @@ def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[st
     return files
 
 
-def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
-    """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
-    hf_dir, out = Path(hf_dir), Path(out)
-    refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
-    raw, adapter, hf_config = read_hf_config(hf_dir)
-    sp = find_sentencepiece(hf_dir)
-    m = import_config(hf_config)
+def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:
+    """Say at import what the tokenizer will not allow later: training on megatron-lite's own data
+    (not sentencepiece), or ``convert to-hf`` (a sentencepiece model it cannot convert exactly)."""
     if sp is None:
         log.warning(
             "the tokenizer of %s is not sentencepiece (tokenizer.json only, e.g. byte-level BPE), so the "
@@ -116,6 +112,24 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
             hf_dir,
             out / "config.yaml",
         )
+    elif why := unexportable(sp):
+        log.warning(
+            "%s uses %s: megatron-lite trains with it, but `convert to-hf` cannot export it back (it converts "
+            "only sentencepiece %s), so checkpoints trained with it cannot return to Hugging Face",
+            sp,
+            why,
+            REQUIRED_SENTENCEPIECE,
+        )
+
+
+def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
+    """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
+    raw, adapter, hf_config = read_hf_config(hf_dir)
+    sp = find_sentencepiece(hf_dir)
+    m = import_config(hf_config)
+    _warn_about_tokenizer(hf_dir, sp, out)
     state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
     cfg = _run_config(hf_dir, m, tok_dest)

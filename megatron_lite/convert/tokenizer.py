@@ -33,25 +33,51 @@ from megatron_lite.errors import UserError
 _SP_SPACE = "\u2581"
 # sentencepiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-_REQUIRED = "BPE, byte_fallback, identity normalisation, no dummy prefix, no whitespace collapsing"
+REQUIRED_SENTENCEPIECE = "BPE, byte_fallback, identity normalisation, no dummy prefix, no whitespace collapsing"
 
 
-def _load_proto(sp_model: Path) -> Any:
+def _parse(sp_model: Path) -> Any:
+    from google.protobuf.message import DecodeError
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(sp_model.read_bytes())
+    try:
+        proto.ParseFromString(sp_model.read_bytes())
+    except DecodeError as e:
+        raise UserError(f"{sp_model} is not a sentencepiece model ({e}); copy or download it again") from None
+    return proto
+
+
+def _inexact(proto: Any) -> list[str]:
+    """The settings of a sentencepiece model that the ``tokenizers`` BPE here does not reproduce."""
+    from sentencepiece import sentencepiece_model_pb2
+
     t, n = proto.trainer_spec, proto.normalizer_spec
-    ok = (
-        t.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
-        and t.byte_fallback
-        and n.name == "identity"
-        and not n.add_dummy_prefix
-        and not n.remove_extra_whitespaces
-        and n.escape_whitespaces
-    )
-    if not ok:
-        raise UserError(f"tokenizer {sp_model} cannot be converted exactly; supported: sentencepiece {_REQUIRED}")
+    found = [
+        (t.model_type != sentencepiece_model_pb2.TrainerSpec.BPE, f"model type {t.model_type} (not BPE)"),
+        (not t.byte_fallback, "no byte fallback"),
+        (n.name != "identity", f"normaliser {n.name!r}"),
+        (n.add_dummy_prefix, "a dummy prefix"),
+        (n.remove_extra_whitespaces, "whitespace collapsing"),
+        (not n.escape_whitespaces, "unescaped whitespace"),
+    ]
+    return [what for bad, what in found if bad]
+
+
+def unexportable(sp_model: Path) -> str | None:
+    """Why ``convert to-hf`` cannot convert ``sp_model`` exactly (e.g. Llama 2's dummy prefix), or None."""
+    problems = _inexact(_parse(sp_model))
+    return ", ".join(problems) if problems else None
+
+
+def _load_proto(sp_model: Path) -> Any:
+    proto = _parse(sp_model)
+    problems = _inexact(proto)
+    if problems:
+        raise UserError(
+            f"tokenizer {sp_model} cannot be converted exactly ({', '.join(problems)}); supported: "
+            f"sentencepiece {REQUIRED_SENTENCEPIECE}"
+        )
     return proto
 
 

@@ -121,3 +121,25 @@ def test_verify_fails_on_a_tampered_tensor_the_logits_do_not_reach(trained, expo
         f"verification failed: tensor model.embed_tokens.weight differs from the checkpoint in 64 of {512 * 64}" in err
     )
     assert f"first at [{row}, 0]" in err
+
+
+def test_a_sentencepiece_tokenizer_to_hf_cannot_convert_is_named_at_import(exported, tmp_path, caplog, capsys):
+    """Llama 2's tokenizer.model adds a dummy prefix: it imports and trains, but cannot be exported back."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((hf_dir / "tokenizer.model").read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = True
+    (hf_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
+    assert main(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "imported")]) == 0
+    assert f"{hf_dir / 'tokenizer.model'} uses a dummy prefix: megatron-lite trains with it, but" in caplog.text
+    assert "`convert to-hf` cannot export it back" in caplog.text
+    err = run_error(
+        ["convert", "to-hf", "--checkpoint", str(tmp_path / "imported"), "--out", str(tmp_path / "o")], capsys
+    )
+    assert "cannot be converted exactly (a dummy prefix)" in err and not (tmp_path / "o").exists()
+    (hf_dir / "tokenizer.model").write_bytes(b"\xff" * 64)
+    err = run_error(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "o")], capsys)
+    assert f"{hf_dir / 'tokenizer.model'} is not a sentencepiece model" in err and not (tmp_path / "o").exists()
