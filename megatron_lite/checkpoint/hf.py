@@ -25,6 +25,7 @@ a per-tensor transform, and back. ``{i}`` stands for the layer index.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from megatron_lite.config import ModelConfig
 from megatron_lite.errors import UserError
 
+log = logging.getLogger(__name__)
 Shape = tuple[int, ...]
 SUPPORTED = "llama, mistral, qwen2 (with all-zero q/k/v biases), gpt2"
 
@@ -310,8 +312,17 @@ def _llama_family(c: Any, mt: str) -> ModelConfig:
     seq_len = c.max_position_embeddings
     window = getattr(c, "sliding_window", None)
     uses_window = mt == "mistral" or "sliding_attention" in (getattr(c, "layer_types", None) or [])
-    if uses_window and window:
-        seq_len = min(seq_len, window)  # sequences no longer than the window see full causal attention
+    if uses_window and window and window < seq_len:
+        seq_len = window  # sequences no longer than the window see full causal attention
+        log.warning(
+            "this %s model attends within a sliding window of %d tokens, fewer than its max_position_embeddings "
+            "(%d): model.seq_len is set to %d, the longest sequence on which megatron-lite's full causal "
+            "attention computes the same model",
+            mt,
+            window,
+            c.max_position_embeddings,
+            window,
+        )
     return ModelConfig(
         arch="llama",
         layers=c.num_hidden_layers,

@@ -213,20 +213,24 @@ def _list_on_rank0(storage: Storage) -> list[str]:
     return names
 
 
-def _newest_good(storage: Storage) -> CheckpointReader | None:
+def _newest_good(storage: Storage, fix: str) -> CheckpointReader | None:
+    """The newest checkpoint under ``storage`` that passes; None when there is none; a UserError
+    ending with ``fix`` when committed ones exist and none passes."""
     names = _list_on_rank0(storage)
-    committed = 0
+    committed, newest_problem = 0, None
     for name in reversed(names):
         meta, problem = verify(storage, name)
         if meta is not None:
             return CheckpointReader(storage, name, meta)
-        committed += not problem.startswith(METADATA + " is missing")
+        if not problem.startswith(METADATA + " is missing"):
+            committed += 1
+            newest_problem = newest_problem or f"{name}: {problem}"
         if collectives.world()[0] == 0:
             log.warning("skipping checkpoint %s: %s", storage.url(name), problem)
     if committed:
         raise UserError(
-            f"every checkpoint under {storage.url()} is incomplete or corrupt (see the warnings above); "
-            "refusing to start from scratch. Fix or move them, or start a fresh run in a new checkpoint.dir"
+            f"every checkpoint under {storage.url()} is incomplete or corrupt (newest: {newest_problem}; "
+            f"see the warnings above); {fix}"
         )
     return None
 
@@ -254,7 +258,8 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
     storage, name = _split(path)
     if storage.exists(f"{name}/{METADATA}"):
         return open_step(path)
-    found = _newest_good(Storage(path)) if Storage(path).exists("") else None
+    fix = "fix or replace them, or point at a good step directory (step_XXXXXXXX)"
+    found = _newest_good(Storage(path), fix) if Storage(path).exists("") else None
     if found is None:
         hint = ""
         if not is_url(path) and (Path(path) / "checkpoints").is_dir():  # a run's log.dir
@@ -271,7 +276,8 @@ def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
     if resume == "none":
         return None
     if resume == "auto":
-        return _newest_good(Storage(root))
+        fix = "refusing to start from scratch. Fix or move them, or start a fresh run in a new checkpoint.dir"
+        return _newest_good(Storage(root), fix)
     if not is_url(resume) and not Path(resume).is_dir():
         raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
     return open_step(resume)

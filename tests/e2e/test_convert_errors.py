@@ -14,10 +14,11 @@ from convert_fixtures import exported_fixture, run_error, trained_fixture  # noq
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.cli import main
+from megatron_lite.config import load_config
 from megatron_lite.convert import io
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 to_hf_module = importlib.import_module("megatron_lite.convert.to_hf")  # `convert.to_hf` is the function
 
 
@@ -143,3 +144,32 @@ def test_a_sentencepiece_tokenizer_to_hf_cannot_convert_is_named_at_import(expor
     (hf_dir / "tokenizer.model").write_bytes(b"\xff" * 64)
     err = run_error(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "o")], capsys)
     assert f"{hf_dir / 'tokenizer.model'} is not a sentencepiece model" in err and not (tmp_path / "o").exists()
+
+
+def test_a_run_root_of_unreadable_checkpoints_is_named_for_conversion_not_training(trained, tmp_path, capsys):
+    broken = tmp_path / "checkpoints"
+    shutil.copytree(trained, broken)
+    for step in broken.glob("step_*"):
+        (step / "tokenizer.model").unlink()
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x\n")
+    for args in (
+        ["convert", "to-hf", "--checkpoint", str(broken), "--out", str(tmp_path / "hf")],
+        ["eval", "--checkpoint", str(broken), "--text", str(tmp_path / "t.txt")],
+    ):
+        err = run_error(args, capsys)
+        assert f"every checkpoint under {broken} is incomplete or corrupt (newest: step_00000002: tokenizer" in err
+        assert "point at a good step directory" in err and "start from scratch" not in err
+
+
+def test_import_of_a_mistral_with_a_short_sliding_window_says_it_shortens_seq_len(exported, tmp_path, caplog):
+    cfg = transformers.MistralConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=16,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "mistral"))
+    shutil.copyfile(exported / "tokenizer.model", tmp_path / "mistral" / "tokenizer.model")
+    assert main(["convert", "from-hf", "--hf", str(tmp_path / "mistral"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert "sliding window of 16 tokens, fewer than its max_position_embeddings (64): model.seq_len is set to 16" in (
+        caplog.text
+    )
+    assert load_config(tmp_path / "ckpt" / "config.yaml").model.seq_len == 16
