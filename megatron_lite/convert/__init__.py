@@ -2,7 +2,7 @@
 
 The name maps and per-tensor transforms live in :mod:`megatron_lite.checkpoint.hf`; this package
 reads and writes the files (``io``), converts the tokenizer (``tokenizer``), checks the result
-(``verify``) and writes the model card (``card``).
+tensor by tensor (``compare``) and by logits (``verify``) and writes the model card (``card``).
 """
 
 from megatron_lite.convert.from_hf import ImportResult, from_hf
