@@ -66,14 +66,14 @@ def _prepare_out(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _removed_on_error(tmp: Path, out: Path) -> Iterator[None]:
-    """Any failure removes the unfinished export in ``tmp``; a failed write (disk full, I/O error) is
-    a :class:`UserError` naming the OS's reason and ``--out``."""
+def _removed_on_error(tmp: Path, out: Path, writing: bool = True) -> Iterator[None]:
+    """Any failure removes the unfinished export in ``tmp``; while ``writing``, an OSError (disk full,
+    I/O error) is a :class:`UserError` naming the OS's reason and ``--out``."""
     try:
         yield
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
+        if writing and isinstance(e, OSError):
             raise UserError(
                 f"cannot write the export to {out}: {type(e).__name__}: {e}; nothing was left there "
                 "(free some space or choose another --out, then run again)"
@@ -173,6 +173,7 @@ def to_hf(
     tmp = _prepare_out(dest)  # only now, after every check, is anything written
     with _removed_on_error(tmp, out):
         n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
+    with _removed_on_error(tmp, out, writing=False):  # reads only: an OSError there is not the output's
         result = verify(src.path, tmp) if check else None
     if result is not None and not result.passed:
         raise UserError(
