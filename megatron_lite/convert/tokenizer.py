@@ -52,9 +52,9 @@ def _inexact(proto: Any) -> list[str]:
     """The settings of a sentencepiece model that the ``tokenizers`` BPE here does not reproduce."""
     from sentencepiece import sentencepiece_model_pb2
 
-    t, n = proto.trainer_spec, proto.normalizer_spec
+    t, n, spec = proto.trainer_spec, proto.normalizer_spec, sentencepiece_model_pb2.TrainerSpec
     found = [
-        (t.model_type != sentencepiece_model_pb2.TrainerSpec.BPE, f"model type {t.model_type} (not BPE)"),
+        (t.model_type != spec.BPE, f"model type {spec.ModelType.Name(t.model_type).lower()} (not BPE)"),
         (not t.byte_fallback, "no byte fallback"),
         (n.name != "identity", f"normaliser {n.name!r}"),
         (n.add_dummy_prefix, "a dummy prefix"),
