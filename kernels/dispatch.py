@@ -113,7 +113,7 @@ def describe(device: str | torch.device | None = None) -> dict[str, str]:
     choice = _op_choice(device)
     out = dict.fromkeys(OPS, choice)
     if choice.startswith("triton"):
-        out["flash_attention"] = choice + "; head dims outside 16/32/64/128 fall back to torch"
+        out["flash_attention"] = choice + "; head dims outside 16/32/64/128 and GPUs before Hopper fall back to torch"
         if _backend == "auto":
             out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
     apex, te = apex_problem(), transformer_engine_problem()

@@ -54,3 +54,19 @@ def test_attention_rejects_bad_grouping(check):
     q, k, v = _qkv(check, 1, 4, 3, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="Hkv dividing H"):
         flash_attention(q, k, v)
+
+
+def test_attention_takes_the_models_layout_and_unaligned_views(check):
+    """The model passes (B, T, H, D).transpose(1, 2) views: descriptors cover them as they are. A view
+    whose base is not 16-byte aligned cannot be described and is copied first; both match the reference."""
+    from megatron_lite.kernels._attention_common import describable
+
+    b, t, h, hkv, d = 2, 40, 4, 2, 32
+    q, k, v = (check.randn(b, t, n, d).transpose(1, 2) for n in (h, hkv, hkv))
+    assert describable(q) is q and not q.is_contiguous()
+    _check(check, (q, k, v), True, torch.float32)
+    flat = check.randn(b * h * t * d + 1)
+    shifted = flat[1:].view(b, h, t, d)  # 4 bytes past an aligned allocation
+    copied = describable(shifted)
+    assert copied is not shifted and copied.data_ptr() % 16 == 0 and torch.equal(copied, shifted)
+    _check(check, (shifted, k, v), False, torch.float32)

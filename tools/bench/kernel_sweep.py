@@ -27,8 +27,8 @@ BF16 = 2
 NORM_ROWS, NORM_COLS = 16384, 4096
 ATTN = (4, 32, 4096, 128)  # B, H, T, D
 
-FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 4),
-             (128, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 2)]  # fmt: skip
+FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+             (128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 4, 2)]  # fmt: skip
 BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
              (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]  # fmt: skip
 
@@ -63,14 +63,14 @@ def sweep_norms() -> list[dict]:
 
 
 def sweep_attention() -> list[dict]:
-    import triton
     from megatron_lite.kernels import fused_attention as fa
+    from megatron_lite.kernels import fused_attention_bwd as fb
+    from megatron_lite.kernels._attention_common import configs
 
-    kernels = {"fwd": (fa._attn_fwd_kernel, FWD_TILES), "dkdv": (fa._attn_bwd_dkdv_kernel, BWD_TILES),
-               "dq": (fa._attn_bwd_dq_kernel, BWD_TILES)}  # fmt: skip
+    kernels = {"fwd": (fa._attn_fwd_kernel, FWD_TILES), "dkdv": (fb._attn_bwd_dkdv_kernel, BWD_TILES),
+               "dq": (fb._attn_bwd_dq_kernel, BWD_TILES)}  # fmt: skip
     for kernel, tiles in kernels.values():
-        kernel.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                          for bm, bn, w, s in tiles]  # fmt: skip
+        kernel.configs = configs(tiles, kernel.configs[0].pre_hook)  # the hook sizes the descriptors' blocks
         kernel.cache = {}
     b, h, t, d = ATTN
     q, k, v = (_randn(b, h, t, d).requires_grad_() for _ in range(3))

@@ -1,0 +1,134 @@
+"""What the attention forward and backward kernels share: tile lists, autotune pruning, tensor
+descriptors, and two ``@triton.jit`` helpers.
+
+Every (B, H, T, D) tile moves through a 4-D tensor descriptor (``triton.tools.tensor_descriptor``):
+on Hopper and later a TMA copy engine fetches it straight into shared memory, so the kernels spend
+no registers or instructions on addresses and bounds (rows past T read as zeros, stores past T are
+dropped); before Hopper Triton lowers the same descriptors to ordinary masked loads and stores, and
+its interpreter runs them on CPU tensors.
+"""
+
+# Triton's convention, kept for readability next to its docs: pointers and constexprs in capitals.
+# ruff: noqa: N803
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from megatron_lite.kernels._common import INTERPRET
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+# Sequences up to this many tokens run one tile without autotuning (see prune).
+SHORT = 256
+
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128, measured at B4 H32 T4096 D128
+# causal bf16 on an H100 SXM with pointer loads (tools/bench/kernel_sweep.py; forward ms): 128x64 w8
+# s4 1.29, 128x64 w8 s3 1.31, 128x128 w8 s3 1.31, 64x64 w4 s3 1.35. With descriptor loads a program
+# needs about 50 fewer registers (138 for 64x64 w4 against 188: tools/kernel_static.py, sm_90), so
+# two or three 4-warp programs fit on an SM, each overlapping its softmax with the others' matmuls:
+# 64x64 w4 s2 and 64x32 w4 s3 try that. Tiles that exceed shared memory are skipped by autotune.
+# The last, smallest tile of each list is fp32's (prune).
+FWD_TILES = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
+# dK/dV holds a key tile and streams queries past it; dQ the opposite. Measured (ms, same shape):
+# dK/dV 32x64 w4 s3 2.36, 64x128 w8 s3 2.37, 64x64 w4 s3 2.63 (32x128 w4 s3: 7.16); dQ 128x64 w8 s3
+# 1.70, 128x32 w4 s3 1.87, 64x64 w4 s3 1.98.
+DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
+DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
+
+
+def configs(tiles: list[tuple[int, int, int, int]], pre_hook) -> list[triton.Config]:
+    """Autotune candidates on a GPU; one fixed small tile when interpreting, where autotuning fails
+    ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks."""
+    if INTERPRET:
+        # BLOCK_M != BLOCK_N on purpose: the tests then cover the causal bounds of unequal tiles.
+        tiles = [(32, 16, 4, 1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+        for m, n, w, s in tiles
+    ]
+
+
+def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The smallest tile (last in each list) alone for fp32, where "ieee" dots run on CUDA cores from
+    4-byte tiles and ptxas spends minutes on the big tiles' register spills (D = 128, H200), and for
+    sequences up to ``SHORT`` tokens, where a few tiles per head leave nothing for autotuning to
+    win back its compile time (one compile per tile, per kernel, per sequence length)."""
+    if named_args["Q"].base.dtype == torch.float32 or named_args["T"] <= SHORT:
+        return configs[-1:]
+    return configs
+
+
+def _tma_compatible(x: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base, 16-byte multiples for every stride but the
+    last, and a unit last stride."""
+    size = x.element_size()
+    return (
+        x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and all(s * size % 16 == 0 or n == 1 for s, n in zip(x.stride()[:-1], x.shape[:-1]))
+    )
+
+
+def describable(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when a descriptor can cover it (any layout of (B, H, T, D) views qualifies for
+    D >= 16, e.g. (B, T, H, D).transpose(1, 2)), else a contiguous copy in a new allocation, which
+    always can (``contiguous()`` would return an already contiguous but misaligned view as it is)."""
+    return x if _tma_compatible(x) else x.clone(memory_format=torch.contiguous_format)
+
+
+def descriptor(x: torch.Tensor) -> TensorDescriptor:
+    """A 4-D descriptor over ``x`` (B, H, T, D); its block shape is set per config by a pre-hook.
+
+    A dimension of size 1 is only ever indexed at 0, so its stride (which torch leaves arbitrary) is
+    replaced by D, a valid TMA stride for every supported head dim."""
+    strides = [s if n > 1 else x.shape[-1] for s, n in zip(x.stride()[:-1], x.shape[:-1])] + [1]
+    return TensorDescriptor(x, list(x.shape), strides, [1, 1, 16, x.shape[-1]])
+
+
+def set_blocks(nargs: dict, rows: dict[str, str]) -> None:
+    """Pre-hook body: each descriptor argument's block is (1, 1, nargs[rows[name]], D)."""
+    for name, block in rows.items():
+        desc = nargs[name]
+        desc.block_shape = [1, 1, nargs[block], desc.block_shape[-1]]
+
+
+@triton.jit
+def dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    if INTERPRET:
+        # The interpreter's tl.dot returns garbage for bf16 operands (errors ~1e11, measured with
+        # Triton 3.9); fp32 operands are exact there. Compiled kernels keep the bf16 tensor cores.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def load_tile(DESC, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [start, start + ROWS) of head h of batch b as a (ROWS, HEAD_DIM) tile; rows past T are 0."""
+    return DESC.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+
+
+@triton.jit
+def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Stores a (ROWS, HEAD_DIM) tile at rows [start, start + ROWS) of head h; rows past T are dropped."""
+    DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
+
+
+@triton.jit
+def query_tile(CAUSAL: tl.constexpr):
+    """This program's query tile. Causal: the last tiles (the most keys) first, so that the longest
+    programs start in the first wave and the short ones fill the tail, not the other way round."""
+    if CAUSAL:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+def launch_args(q: torch.Tensor) -> dict:
+    """Constexpr switches shared by every attention kernel launch."""
+    # fp32 inputs get true fp32 products ("ieee"): tf32 keeps a 10-bit mantissa, ~1e-3 relative error
+    # where fp32 callers expect ~1e-6. bf16/fp16 operands ignore the setting and use tensor cores.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(HEAD_DIM=q.shape[-1], INTERPRET=INTERPRET, PRECISION=precision)

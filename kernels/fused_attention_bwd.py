@@ -1,0 +1,167 @@
+"""The attention backward: dQ, dK and dV from the forward's output and base-2 logsumexp.
+
+Part of :mod:`megatron_lite.kernels.fused_attention` (twin: ``reference.flash_attention``). Three
+kernels: a row pass for ``delta = rowsum(o * do)``, one program per K/V tile that streams the tile's
+query group past it (dK and dV summed inside the program: no atomics, so the result is
+deterministic), and one program per query tile for dQ.
+"""
+
+# Triton's convention, kept for readability next to its docs: pointers and constexprs in capitals.
+# ruff: noqa: N803
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from megatron_lite.kernels._attention_common import (
+    DKDV_TILES,
+    DQ_TILES,
+    LOG2E,
+    configs,
+    descriptor,
+    dot,
+    launch_args,
+    load_tile,
+    prune,
+    query_tile,
+    set_blocks,
+    store_tile,
+)
+
+_DELTA_ROWS = 64
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d o_id * do_id, the softmax backward's row term, once per query instead of per block.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    o = load_tile(O, bh // H, bh % H, start_m, BLOCK_M, HEAD_DIM).to(tl.float32)
+    do = load_tile(DO, bh // H, bh % H, start_m, BLOCK_M, HEAD_DIM).to(tl.float32)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
+
+
+def _dkdv_blocks(nargs: dict) -> None:
+    rows = {"Q": "BLOCK_M", "DO": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N", "DK": "BLOCK_N", "DV": "BLOCK_N"}
+    set_blocks(nargs, rows)
+
+
+@triton.autotune(configs=configs(DKDV_TILES, _dkdv_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})  # fmt: skip
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, H, HKV, T, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hkv = bhk % HKV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = load_tile(K, b, hkv, start_n, BLOCK_N, HEAD_DIM)
+    v = load_tile(V, b, hkv, start_n, BLOCK_N, HEAD_DIM)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # Queries before this key tile never see it: start at the query tile holding start_n.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        rows = (b.to(tl.int64) * H + h) * T
+        for start_m in range(lo, T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
+            do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
+            lse = tl.load(LSE + rows + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(DELTA + rows + offs_m, mask=offs_m < T, other=0.0)
+            # Transposed scores (keys x queries) so dK and dV accumulate without a transpose.
+            s_t = dot(k, tl.trans(q), None, INTERPRET, PRECISION) * qk_scale
+            valid = offs_m[None, :] < T
+            if CAUSAL:
+                valid = valid & (offs_m[None, :] >= offs_n[:, None])
+            p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv = dot(p_t.to(do.dtype), do, dv, INTERPRET, PRECISION)
+            dp_t = dot(v, tl.trans(do), None, INTERPRET, PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = dot(ds_t.to(q.dtype), q, dk, INTERPRET, PRECISION)
+    store_tile(DK, b, hkv, start_n, dk * sm_scale, BLOCK_N, HEAD_DIM)
+    store_tile(DV, b, hkv, start_n, dv, BLOCK_N, HEAD_DIM)
+
+
+def _dq_blocks(nargs: dict) -> None:
+    set_blocks(nargs, {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"})
+
+
+@triton.autotune(configs=configs(DQ_TILES, _dq_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": prune})  # fmt: skip
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, H, T, GROUP, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    start_m = query_tile(CAUSAL) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
+    do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    hi = T
+    if CAUSAL:
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
+        v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM)
+        s = dot(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        valid = offs_n[None, :] < T
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = dot(do, tl.trans(v), None, INTERPRET, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = dot(ds.to(k.dtype), k, dq, INTERPRET, PRECISION)
+    store_tile(DQ, b, h, start_m, dq * sm_scale, BLOCK_M, HEAD_DIM)
+
+
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients (dq, dk, dv), contiguous, shaped like q, k and v; every input descriptor-ready."""
+    B, H, T, D = q.shape
+    hkv = k.shape[1]
+    delta = torch.empty_like(lse)
+    o_desc, do_desc = descriptor(o), descriptor(do)
+    o_desc.block_shape[2] = do_desc.block_shape[2] = _DELTA_ROWS
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_ROWS), B * H)](
+        o_desc, do_desc, delta, H, T, HEAD_DIM=D, BLOCK_M=_DELTA_ROWS
+    )
+    dq = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, hkv, T, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, hkv, T, D), device=q.device, dtype=v.dtype)
+    q_desc, k_desc, v_desc = descriptor(q), descriptor(k), descriptor(v)
+    qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
+    args = launch_args(q)
+    grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * hkv)  # noqa: E731
+    _attn_bwd_dkdv_kernel[grid_kv](
+        q_desc, k_desc, v_desc, descriptor(do), lse, delta, descriptor(dk), descriptor(dv),
+        H, hkv, T, H // hkv, qk_scale, sm_scale, CAUSAL=causal, **args,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_bwd_dq_kernel[grid_q](
+        q_desc, k_desc, v_desc, descriptor(do), lse, delta, descriptor(dq),
+        H, T, H // hkv, qk_scale, sm_scale, CAUSAL=causal, **args,
+    )  # fmt: skip
+    return dq, dk, dv
