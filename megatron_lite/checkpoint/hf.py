@@ -298,7 +298,7 @@ def _need(ok: bool, model_type: str, what: str) -> None:
         raise UserError(f"this {model_type} model cannot be imported: {what}")
 
 
-def _llama_family(c: Any, mt: str) -> ModelConfig:
+def _llama_family(c: Any, mt: str, quiet: bool = False) -> ModelConfig:
     """Our config of a Llama, Mistral or Qwen2 HF config, refusing features we do not have."""
     rope = getattr(c, "rope_parameters", None) or {}
     _need(
@@ -314,7 +314,7 @@ def _llama_family(c: Any, mt: str) -> ModelConfig:
     uses_window = mt == "mistral" or "sliding_attention" in (getattr(c, "layer_types", None) or [])
     if uses_window and window and window < seq_len:
         seq_len = window  # sequences no longer than the window see full causal attention
-        log.warning(
+        (log.debug if quiet else log.warning)(
             "this %s model attends within a sliding window of %d tokens, fewer than its max_position_embeddings "
             "(%d): model.seq_len is set to %d, the longest sequence on which megatron-lite's full causal "
             "attention computes the same model",
@@ -363,8 +363,9 @@ def _gpt2(c: Any) -> ModelConfig:
     )
 
 
-def import_config(hf_config: Any) -> ModelConfig:
-    """Our fully resolved model config of a ``transformers`` config object."""
+def import_config(hf_config: Any, quiet: bool = False) -> ModelConfig:
+    """Our fully resolved model config of a ``transformers`` config object (``quiet``: no warning that a
+    short sliding window sets ``seq_len``, for callers that only read the tensor shapes)."""
     mt = hf_config.model_type
     adapter_for(mt)
-    return _gpt2(hf_config) if mt == "gpt2" else _llama_family(hf_config, mt)
+    return _gpt2(hf_config) if mt == "gpt2" else _llama_family(hf_config, mt, quiet)

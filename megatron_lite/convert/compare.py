@@ -9,6 +9,10 @@ the dtype it trained in is bitwise equal; one re-saved in a coarser dtype still 
 or mis-copied tensor does not. HF tensors the name map does not use must be what an import may
 drop too (:func:`unused_tensor_problem`).
 
+Before either, :func:`config_problem` checks that an HF directory's ``config.json`` describes its own
+weights (names and shapes from the safetensors headers): otherwise ``transformers`` would load it
+with layers left random or refuse it, after printing its load report.
+
 Memory: one checkpoint tensor and one HF tensor at a time.
 """
 
@@ -21,7 +25,74 @@ import torch
 
 from megatron_lite.checkpoint.hf import Adapter
 from megatron_lite.config import ModelConfig
-from megatron_lite.convert.io import CheckpointSource, HFWeights
+from megatron_lite.convert.io import CheckpointSource, HFWeights, Shape
+from megatron_lite.errors import UserError
+
+# config.json's keys for the model sizes, as (HF key, ModelConfig field), layers first
+_SIZE_KEYS = {
+    "gpt2": (
+        ("n_layer", "layers"), ("n_embd", "hidden"), ("n_inner", "ffn_hidden"), ("n_head", "heads"),
+        ("vocab_size", "vocab_size"), ("n_positions", "seq_len"),
+    ),
+    "llama": (
+        ("num_hidden_layers", "layers"), ("hidden_size", "hidden"), ("intermediate_size", "ffn_hidden"),
+        ("num_attention_heads", "heads"), ("num_key_value_heads", "kv_heads"), ("vocab_size", "vocab_size"),
+    ),
+}  # fmt: skip
+
+
+def hf_shapes(adapter: Adapter, m: ModelConfig) -> dict[str, Shape]:
+    """Full HF tensor name -> shape of the model ``m`` in the adapter's HF class (the tensors the name map
+    gives; not the optional ones: buffers, a stored copy of a tied head, Qwen2's zero biases)."""
+    from megatron_lite.models.transformer import Transformer
+
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in Transformer(m).state_dict().items()}
+    return {
+        hf_name: tuple(shape)
+        for name, (hf_names, transform) in adapter.name_map(m).items()
+        for hf_name, shape in zip(hf_names, transform.hf_shapes(ours[name], m))
+    }
+
+
+def _layers_problem(adapter: Adapter, m: ModelConfig, names: set[str], layers_key: str) -> str | None:
+    prefix = next(h for rule in adapter.rules for h in rule.hf if "{i}" in h).split("{i}")[0]
+    found = {int(x.group(1)) for x in map(re.compile(re.escape(prefix) + r"(\d+)\.").match, names) if x}
+    if found == set(range(m.layers)):
+        return None
+    n = len(found)
+    if found == set(range(n)):
+        held = f"{n} layers ({prefix}0 to {prefix}{n - 1})" if n else "no layers"
+    else:
+        held = f"layers {', '.join(map(str, sorted(found)))} of {prefix}*"
+    return f"it says {layers_key}={m.layers}, the weights hold {held}"
+
+
+def config_problem(adapter: Adapter, m: ModelConfig, weights: HFWeights) -> str | None:
+    """What in an HF directory's ``config.json`` (as ``m``) disagrees with its weights, or None: the number
+    of layers, a tensor the configured model has and the weights lack, a shape (headers only), or a tied
+    head (``tie_word_embeddings``) stored with other values than the embedding."""
+    keys = _SIZE_KEYS["gpt2" if adapter.arch == "gpt2" else "llama"]
+    by_hf = weights.full_names(adapter)
+    problem = _layers_problem(adapter, m, set(by_hf), keys[0][0])
+    if problem:
+        return problem
+    sizes = ", ".join(f"{key}={getattr(m, field)}" for key, field in keys[1:])
+    for hf_name, shape in hf_shapes(adapter, m).items():
+        if hf_name not in by_hf:
+            return f"the weights lack {hf_name}, which the {adapter.hf_class} it describes has"
+        stored = weights.shape(by_hf[hf_name])
+        if stored != shape:
+            return f"{hf_name} is {stored} in the weights, but {shape} in the model it describes ({sizes})"
+    if m.tie_embeddings and "lm_head.weight" in by_hf:
+        embed = adapter.name_map(m)["embed.weight"][0][0]
+        head, emb = weights.get(by_hf["lm_head.weight"]), weights.get(by_hf[embed])
+        if tensor_difference(emb, head):
+            return (
+                f"it says tie_word_embeddings=true (the output head is {embed}), but the weights hold an "
+                "lm_head.weight that differs from it"
+            )
+    return None
 
 
 def unused_tensor_problem(adapter: Adapter, m: ModelConfig, weights: HFWeights, used: set[str]) -> str | None:
@@ -38,6 +109,17 @@ def unused_tensor_problem(adapter: Adapter, m: ModelConfig, weights: HFWeights, 
             continue
         return f"unexpected tensor {hf_name}"
     return None
+
+
+def refuse_config_mismatch(hf_dir: Path, adapter: Adapter, m: ModelConfig, weights: HFWeights) -> None:
+    """One :class:`UserError` naming what in ``hf_dir``'s ``config.json`` (as ``m``) disagrees with its
+    weights (:func:`config_problem`), before ``transformers`` or an import reads any tensor data."""
+    problem = config_problem(adapter, m, weights)
+    if problem:
+        raise UserError(
+            f"{hf_dir / 'config.json'} does not match the weights in {hf_dir}: {problem}; correct config.json "
+            "to describe the weights (or restore both from the model's source)"
+        )
 
 
 def tensor_difference(expected: torch.Tensor, got: torch.Tensor) -> str | None:

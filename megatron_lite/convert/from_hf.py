@@ -30,7 +30,7 @@ import torch
 from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
-from megatron_lite.convert.compare import unused_tensor_problem
+from megatron_lite.convert.compare import refuse_config_mismatch, unused_tensor_problem
 from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
 from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
 from megatron_lite.errors import UserError
@@ -129,8 +129,10 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     raw, adapter, hf_config = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
+    weights = HFWeights(hf_dir)
+    refuse_config_mismatch(hf_dir, adapter, m, weights)  # before any warning: a wrong config.json is the news
     _warn_about_tokenizer(hf_dir, sp, out)
-    state = _import_tensors(adapter, m, HFWeights(hf_dir), raw["model_type"])
+    state = _import_tensors(adapter, m, weights, raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
     cfg = _run_config(hf_dir, m, tok_dest)
     with tempfile.TemporaryDirectory() as td:

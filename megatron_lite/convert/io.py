@@ -164,6 +164,10 @@ class HFWeights:
     def get(self, name: str) -> torch.Tensor:
         return self.where[name].get_tensor(name)
 
+    def shape(self, name: str) -> Shape:
+        """The stored tensor's shape, from its file's header (no data is read)."""
+        return tuple(self.where[name].get_slice(name).get_shape())
+
     def full_names(self, adapter: Adapter) -> dict[str, str]:
         """Full HF name -> stored name (a base-model file leaves out the prefix, :meth:`Adapter.hf_name`)."""
         return {adapter.hf_name(name): name for name in self.where}

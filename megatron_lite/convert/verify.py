@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_lite.checkpoint.hf import Adapter
-from megatron_lite.convert.compare import compare_tensors
+from megatron_lite.checkpoint.hf import Adapter, import_config
+from megatron_lite.convert.compare import compare_tensors, refuse_config_mismatch
 from megatron_lite.convert.io import (
     CheckpointSource,
     HFWeights,
@@ -123,9 +123,18 @@ def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
 
 
 def _check_hf_dir(hf_dir: Path) -> Adapter:
-    """Refuse, before any work, a directory whose config or weights are missing or damaged; its adapter."""
-    _, adapter, _ = read_hf_config(hf_dir)
-    HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
+    """Refuse, before any work, a directory whose config or weights are missing or damaged, or whose
+    config.json does not describe its weights (transformers would print its load report first); its adapter."""
+    _, adapter, hf_config = read_hf_config(hf_dir)
+    weights = HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
+    try:
+        m = import_config(hf_config, quiet=True)
+    except UserError as e:
+        raise UserError(
+            f"{hf_dir / 'config.json'} describes a model megatron-lite does not compute, so no checkpoint of "
+            f"ours can match it ({e})"
+        ) from None
+    refuse_config_mismatch(hf_dir, adapter, m, weights)
     return adapter
 
 

@@ -173,3 +173,61 @@ def test_import_of_a_mistral_with_a_short_sliding_window_says_it_shortens_seq_le
         caplog.text
     )
     assert load_config(tmp_path / "ckpt" / "config.yaml").model.seq_len == 16
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"num_hidden_layers": 3}, "it says num_hidden_layers=3, the weights hold 2 layers (model.layers.0 to "),
+        ({"num_hidden_layers": 1}, "it says num_hidden_layers=1, the weights hold 2 layers"),
+        (
+            {"hidden_size": 128, "head_dim": 32},
+            "model.embed_tokens.weight is (512, 64) in the weights, but (512, 128) in the model it describes "
+            "(hidden_size=128, ",
+        ),
+        ({"num_key_value_heads": 4}, "model.layers.0.self_attn.k_proj.weight is (32, 64) in the weights, but (64, 64)"),
+        ({"tie_word_embeddings": True}, "it says tie_word_embeddings=true (the output head is model.embed_tokens"),
+    ],
+    ids=["more layers", "fewer layers", "hidden", "kv heads", "tied"],
+)
+def test_a_config_json_that_disagrees_with_the_weights_is_one_error_without_transformers_report(
+    trained, exported, tmp_path, change, expected, capfd, caplog
+):
+    """transformers' load report (MISSING / UNEXPECTED / MISMATCH rows) must not come before our line:
+    the mismatch is found from the headers first. transformers' handler writes to the stderr it found at
+    import, which capsys does not see, so its records are checked in caplog and stderr in capfd."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
+    head = f"error: {hf_dir / 'config.json'} does not match the weights in {hf_dir}: "
+    fix = "; correct config.json to describe the weights (or restore both from the model's source)"
+    for args in (
+        ["convert", "verify", "--checkpoint", str(trained), "--hf", str(hf_dir)],
+        ["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "imported")],
+    ):
+        caplog.clear()
+        err = run_error(args, capfd)
+        assert err.startswith(head) and expected in err and err.rstrip().endswith(fix), err
+        assert "REPORT" not in err and "transformers" not in err
+        assert not [r.getMessage() for r in caplog.records if r.name.startswith("transformers")]
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_gpt2_config_json_with_other_layers_names_its_own_key(exported, tmp_path, capfd):
+    """GPT-2's keys (n_layer, n_embd) are named, for a base-model file whose names lack ``transformer.``."""
+    ids = dict(bos_token_id=0, eos_token_id=0)  # within the vocabulary: no warning from transformers
+    cfg = transformers.GPT2Config(vocab_size=512, n_positions=32, n_embd=32, n_layer=2, n_head=4, **ids)
+    transformers.GPT2Model(cfg).save_pretrained(str(tmp_path / "gpt2"))
+    shutil.copyfile(exported / "tokenizer.model", tmp_path / "gpt2" / "tokenizer.model")
+    config = json.loads((tmp_path / "gpt2" / "config.json").read_text())
+    for change, expected in (
+        ({"n_layer": 3}, "it says n_layer=3, the weights hold 2 layers (transformer.h.0 to transformer.h.1)"),
+        (
+            {"n_embd": 64},
+            "transformer.wte.weight is (512, 32) in the weights, but (512, 64) in the model it describes (n_embd=64",
+        ),
+    ):
+        (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, **change}))
+        err = run_error(["convert", "from-hf", "--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")], capfd)
+        assert expected in err and not (tmp_path / "o").exists(), err
