@@ -14,15 +14,25 @@ mmap, as reclaimable page cache.
 Nothing here touches a GPU. Everything is written to ``.tmp-<out>`` first and renamed to ``out`` (or
 moved into it, when it is an existing empty directory such as ``--out .``) only once the verification
 (``convert/verify.py``) passed; a failed write (a full disk) removes it and is reported in one line.
+
+That staging directory sits beside ``--out``, in a directory the user owns, so it is marked as ours
+(:data:`STAGING_MARKER`: which run, when, for which ``--out``). One left by an earlier run (killed,
+or kept after a failed verification for inspection) is removed with a warning only when it carries
+the marker, holds nothing but files an export writes, and its run is not still going on this host;
+anything else there is refused in one error naming the path and what to do, and left untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +46,14 @@ from megatron_lite.convert.verify import VerifyResult, verify
 from megatron_lite.errors import UserError
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # HF Hub's long-standing default shard size
+STAGING_MARKER = ".megatron-lite-to-hf"
+"""The file that makes a ``.tmp-<out>`` directory recognisably an unfinished export of ours."""
+_EXPORT_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|megatron_lite)\.json|tokenizer\.model|README\.md"
+    r"|model(-\d{5,}-of-\d{5,})?\.safetensors|model\.safetensors\.index\.json"
+)
+"""Every file name an export writes (what a staging directory of ours may hold besides the marker)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,11 +75,81 @@ def _check_names(src: CheckpointSource, expected: dict) -> None:
         )
 
 
-def _prepare_out(out: Path) -> Path:
-    """The temporary directory beside ``out`` (absolute: ``--out .`` works) that the export is written to."""
+def _running_here(info: dict[str, Any]) -> bool:
+    """Whether the run a staging marker names is still alive (only knowable on its own host)."""
+    pid = info.get("pid")
+    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False  # our own pid: an earlier call in this process, which has returned
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_staging(tmp: Path, out: Path) -> None:
+    """Remove ``tmp`` if it is an unfinished export of ours that no live run is writing; else one
+    :class:`UserError` naming it and what to do, with nothing changed there."""
+    marker = tmp / STAGING_MARKER
+    if tmp.is_symlink() or not tmp.is_dir() or not marker.is_file():
+        raise UserError(
+            f"{tmp} is in the way: to-hf writes the export for --out {out} there first, and it is not an unfinished "
+            f"export of ours (no {STAGING_MARKER} in it), so it was left untouched; move or delete it, or choose "
+            "another --out"
+        )
+    ours = {STAGING_MARKER} | {p.name for p in tmp.iterdir() if _EXPORT_FILE.fullmatch(p.name) and p.is_file()}
+    foreign = sorted(p.name for p in tmp.iterdir() if p.name not in ours)
+    if foreign:
+        raise UserError(
+            f"{tmp}, an unfinished export an earlier to-hf left, now also holds {foreign[0]}, which to-hf does not "
+            "write, so it was left untouched; move what you want to keep out of it and delete it, or choose another "
+            "--out"
+        )
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    run = f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+    if _running_here(info):
+        raise UserError(
+            f"another to-hf run ({run}) is writing the export for --out {out} in {tmp}; wait for it to finish or "
+            f"choose another --out (if that process is not a to-hf run, delete {tmp} and run again)"
+        )
+    log.warning("removing %s, an unfinished export left by an earlier to-hf run (%s)", tmp, run)
+    try:
+        shutil.rmtree(tmp)
+    except OSError as e:
+        raise UserError(f"cannot remove {tmp}, an unfinished export an earlier to-hf left: {e}; delete it") from None
+
+
+def _prepare_out(out: Path, checkpoint: Path) -> Path:
+    """The temporary directory beside ``out`` (absolute: ``--out .`` works) that the export is written to,
+    created with its marker; one left by an earlier run is removed only when it is recognisably ours."""
     tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if tmp.exists() or tmp.is_symlink():
+        _remove_stale_staging(tmp, out)
+    try:
+        tmp.mkdir(parents=True)
+    except FileExistsError:
+        raise UserError(
+            f"{tmp} appeared while to-hf was starting: another to-hf run is writing the export for --out {out}; "
+            "wait for it to finish or choose another --out"
+        ) from None
+    except OSError as e:
+        raise _write_error(out, e) from None
+    info = {
+        "format": "megatron-lite/to-hf-staging-v1",
+        "out": str(out),
+        "checkpoint": str(checkpoint),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+    with _removed_on_error(tmp, out):  # ours from here on
+        (tmp / STAGING_MARKER).write_text(json.dumps(info) + "\n")
     return tmp
 
 
@@ -74,11 +162,15 @@ def _removed_on_error(tmp: Path, out: Path, writing: bool = True) -> Iterator[No
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if writing and isinstance(e, OSError):
-            raise UserError(
-                f"cannot write the export to {out}: {type(e).__name__}: {e}; nothing was left there "
-                "(free some space or choose another --out, then run again)"
-            ) from None
+            raise _write_error(out, e) from None
         raise
+
+
+def _write_error(out: Path, e: OSError) -> UserError:
+    return UserError(
+        f"cannot write the export to {out}: {type(e).__name__}: {e}; nothing was left there "
+        "(free some space or choose another --out, then run again)"
+    )
 
 
 def _install(tmp: Path, out: Path) -> None:
@@ -86,15 +178,18 @@ def _install(tmp: Path, out: Path) -> None:
     existing empty directory (the current directory, a mount point)."""
     if not out.exists():
         tmp.rename(out)
+        (out / STAGING_MARKER).unlink()  # after the rename: a crash in between leaves a complete export
         return
     moved = []
     try:
         for entry in sorted(tmp.iterdir()):
-            moved.append(Path(shutil.move(str(entry), str(out / entry.name))))
+            if entry.name != STAGING_MARKER:
+                moved.append(Path(shutil.move(str(entry), str(out / entry.name))))
     except BaseException:
         for path in moved:  # out was empty: leave it so
             path.unlink(missing_ok=True)
         raise
+    (tmp / STAGING_MARKER).unlink()
     tmp.rmdir()
 
 
@@ -170,7 +265,7 @@ def to_hf(
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
     refuse_used_out(out)
-    tmp = _prepare_out(dest)  # only now, after every check, is anything written
+    tmp = _prepare_out(dest, src.path)  # only now, after every check, is anything written
     with _removed_on_error(tmp, out):
         n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
     with _removed_on_error(tmp, out, writing=False):  # reads only: an OSError there is not the output's
@@ -178,7 +273,7 @@ def to_hf(
     if result is not None and not result.passed:
         raise UserError(
             f"verification failed, so {out} was not written ({result.summary()}); "
-            f"the unverified export is left in {tmp} for inspection"
+            f"the unverified export is left in {tmp} for inspection (the next to-hf run to {out} removes it)"
         )
     from megatron_lite.data.tokenizer import Tokenizer
 
