@@ -183,8 +183,15 @@ def _install(tmp: Path, out: Path) -> None:
     moved = []
     try:
         for entry in sorted(tmp.iterdir()):
-            if entry.name != STAGING_MARKER:
-                moved.append(Path(shutil.move(str(entry), str(out / entry.name))))
+            if entry.name == STAGING_MARKER:
+                continue
+            target = out / entry.name
+            if target.exists() or target.is_symlink():  # saved there while the export was being written
+                raise UserError(
+                    f"{target} appeared while the export was being written, and it is not overwritten: the export "
+                    f"was not installed and {out} is as it was; choose a new --out (or empty it) and run again"
+                )
+            moved.append(Path(shutil.move(str(entry), str(target))))
     except BaseException:
         for path in moved:  # out was empty: leave it so
             path.unlink(missing_ok=True)

@@ -129,6 +129,22 @@ def test_to_hf_refuses_a_staging_path_it_cannot_tell_is_a_dead_export_of_its_own
     assert snapshot(staging) == before and not out.exists()
 
 
+def test_to_hf_never_overwrites_a_file_saved_into_out_while_it_ran(trained, tmp_path, monkeypatch, capsys):
+    """--out an empty directory at the start; a file saved there during the verification stays as it is."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    real_verify = to_hf_module.verify
+
+    def verify_while_the_user_saves(*args, **kwargs):
+        (out / "tokenizer.json").write_text("mine\n")
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(to_hf_module, "verify", verify_while_the_user_saves)
+    err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(out)], capsys)
+    assert f"{out / 'tokenizer.json'} appeared while the export was being written, and it is not overwritten" in err
+    assert snapshot(out) == {"tokenizer.json": b"mine\n"} and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
 def damage(hf_dir: Path, kind: str) -> str:
     """Damage the sharded export ``hf_dir`` in one way; returns what the error must say."""
     shards = sorted(hf_dir.glob("model-*.safetensors"))
