@@ -24,14 +24,16 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Sequences up to this many tokens run one tile without autotuning (see prune).
 SHORT = 256
 
-# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128, measured at B4 H32 T4096 D128
-# causal bf16 on an H100 SXM with pointer loads (tools/bench/kernel_sweep.py; forward ms): 128x64 w8
-# s4 1.29, 128x64 w8 s3 1.31, 128x128 w8 s3 1.31, 64x64 w4 s3 1.35. With descriptor loads a program
-# needs about 50 fewer registers (138 for 64x64 w4 against 188: tools/kernel_static.py, sm_90), so
-# two or three 4-warp programs fit on an SM, each overlapping its softmax with the others' matmuls:
-# 64x64 w4 s2 and 64x32 w4 s3 try that. Tiles that exceed shared memory are skipped by autotune.
-# The last, smallest tile of each list is fp32's (prune).
-FWD_TILES = [(128, 64, 8, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128. With pointer loads, at B4 H32
+# T4096 D128 causal bf16 on an H100 SXM (tools/bench/kernel_sweep.py; forward ms): 128x64 w8 s4 1.29,
+# 128x64 w8 s3 1.31, 128x128 w8 s3 1.31, 64x64 w4 s3 1.35. Descriptor loads free registers
+# (tools/kernel_static.py, sm_90): 128x128 w8 needs 186 instead of 255, so 128-key tiles no longer
+# spill, and they issue 7.7 instructions per score in the unmasked loop against 10.7 for 64-key
+# tiles (the accumulator's rescale is spread over twice the keys); 64x64 w4 needs 138 instead of
+# 188, so two 4-warp programs share an SM and overlap one's softmax with the other's matmuls.
+# Tiles that exceed shared memory are skipped by autotune. The last, smallest tile of each list is
+# fp32's (prune).
+FWD_TILES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
 # dK/dV holds a key tile and streams queries past it; dQ the opposite. Measured (ms, same shape):
 # dK/dV 32x64 w4 s3 2.36, 64x128 w8 s3 2.37, 64x64 w4 s3 2.63 (32x128 w4 s3: 7.16); dQ 128x64 w8 s3
 # 1.70, 128x32 w4 s3 1.87, 64x64 w4 s3 1.98.
