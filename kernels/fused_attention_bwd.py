@@ -50,6 +50,33 @@ def _dkdv_blocks(nargs: dict) -> None:
     set_blocks(nargs, rows)
 
 
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, Q, DO, LSE, DELTA, b, h, rows, offs_n, lo, hi, T, qk_scale,
+    MASKED: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Accumulates dK and dV of one key tile over query tiles [lo, hi), with the causal mask when
+    MASKED. Queries past T need no mask: their q and dO tiles read as zeros and their lse and
+    delta as 0, so they add exactly 0 to both sums."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
+        do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
+        lse = tl.load(LSE + rows + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(DELTA + rows + offs_m, mask=offs_m < T, other=0.0)
+        # Transposed scores (keys x queries) so dK and dV accumulate without a transpose.
+        s_t = dot(k, tl.trans(q), None, INTERPRET, PRECISION) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = dot(p_t.to(do.dtype), do, dv, INTERPRET, PRECISION)
+        dp_t = dot(v, tl.trans(do), None, INTERPRET, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = dot(ds_t.to(q.dtype), q, dk, INTERPRET, PRECISION)
+    return dk, dv
+
+
 @triton.autotune(configs=configs(DKDV_TILES, _dkdv_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
@@ -74,28 +101,38 @@ def _attn_bwd_dkdv_kernel(
     for g in range(GROUP):
         h = hkv * GROUP + g
         rows = (b.to(tl.int64) * H + h) * T
-        for start_m in range(lo, T, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
-            do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
-            lse = tl.load(LSE + rows + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(DELTA + rows + offs_m, mask=offs_m < T, other=0.0)
-            # Transposed scores (keys x queries) so dK and dV accumulate without a transpose.
-            s_t = dot(k, tl.trans(q), None, INTERPRET, PRECISION) * qk_scale
-            valid = offs_m[None, :] < T
-            if CAUSAL:
-                valid = valid & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(valid, tl.math.exp2(s_t - lse[None, :]), 0.0)
-            dv = dot(p_t.to(do.dtype), do, dv, INTERPRET, PRECISION)
-            dp_t = dot(v, tl.trans(do), None, INTERPRET, PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = dot(ds_t.to(q.dtype), q, dk, INTERPRET, PRECISION)
+        # One loop, masked throughout when causal: a second, unmasked copy for the tiles past the
+        # diagonal (as dQ has) cost the 32x64 tile ~40 registers and the others spills on sm_90.
+        dk, dv = _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, rows, offs_n, lo, T, T, qk_scale,
+                             CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_M)  # fmt: skip
     store_tile(DK, b, hkv, start_n, dk * sm_scale, BLOCK_N, HEAD_DIM)
     store_tile(DV, b, hkv, start_n, dv, BLOCK_N, HEAD_DIM)
 
 
 def _dq_blocks(nargs: dict) -> None:
     set_blocks(nargs, {"Q": "BLOCK_M", "DO": "BLOCK_M", "DQ": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"})
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, K, V, b, hk, offs_m, lo, hi, qk_scale,
+    MASKED: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Accumulates dQ of one query tile over key tiles [lo, hi); MASKED tiles straddle the causal
+    diagonal. Keys past T need no mask: their K tiles read as zeros, so they add exactly 0."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
+        v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM)
+        s = dot(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+        dp = dot(do, tl.trans(v), None, INTERPRET, PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = dot(ds.to(k.dtype), k, dq, INTERPRET, PRECISION)
+    return dq
 
 
 @triton.autotune(configs=configs(DQ_TILES, _dq_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
@@ -110,28 +147,21 @@ def _attn_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    hk = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
     do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    split = T  # key tiles before `split` lie below every query of this tile: no mask
     hi = T
     if CAUSAL:
+        split = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, T)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
-        v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM)
-        s = dot(q, tl.trans(k), None, INTERPRET, PRECISION) * qk_scale
-        valid = offs_n[None, :] < T
-        if CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = dot(do, tl.trans(v), None, INTERPRET, PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = dot(ds.to(k.dtype), k, dq, INTERPRET, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, 0, split, qk_scale,
+                   False, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, split, hi, qk_scale,
+                   True, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
     store_tile(DQ, b, h, start_m, dq * sm_scale, BLOCK_M, HEAD_DIM)
 
 

@@ -29,11 +29,11 @@ KERNELS = {
     "layer_norm_fwd+bias", "layer_norm_bwd+bias", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd",
     "ce_fwd", "ce_bwd", "attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq",
 }  # fmt: skip
-# Default configs that spill today, by arch (Triton 3.9, bytes stored/loaded): before Hopper the
-# attention kernels' tensor descriptors lower to per-element masked loads (no cp.async), and attn_fwd
-# 128x64 w8 spills 4/4, attn_bwd_dkdv 32x64 w4 56/56, attn_bwd_dq 128x64 w8 9052/9316. The tile lists
-# were measured on an H100; on an A100 autotuning chooses among all tiles anyway. Kept exact, so that
-# a fix (or a new spill) shows here.
+# Default configs that spill today, by arch: before Hopper the attention kernels' tensor descriptors
+# lower to per-element masked loads (no cp.async) and spill (Triton 3.9, bytes stored/loaded: attn_fwd
+# 128x128 w8 476/460, attn_bwd_dkdv 32x64 w4 56/56, attn_bwd_dq 128x64 w8 9052/9316). flash_attention
+# never launches them there: it runs SDPA before compute capability 9.0 (unsupported_reason). Kept
+# exact, so that a fix (or a new spill) shows here.
 KNOWN_SPILLS = {80: {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}}
 
 
