@@ -37,7 +37,9 @@ import torch
 
 SHAPES = dict(batch=2, seq=4096, hidden=4096, ffn=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: reduction_programs sizes the norms' backward grid by it
-WGMMA_SERIALIZED = "C7515"  # ptxas advisory: wgmma.mma_async serialized (a pipeline the kernel meant to have is gone)
+# Text of ptxas's advisories C7510-C7515: wgmma.mma_async serialized (for register pressure, foreign
+# writes to accumulators, ...): the wgmma pipeline the kernel meant to have is gone.
+WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
 
 
 @dataclass

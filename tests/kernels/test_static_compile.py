@@ -2,7 +2,7 @@
 
 ``tools/kernel_static.py`` compiles each kernel as its launcher would launch it (default config: the
 first tile of each attention autotune list) with the ptxas bundled in the Triton wheel; no GPU is
-needed. Register spills cost local-memory traffic in the hot loop, and ptxas's advisory C7515 means
+needed. Register spills cost local-memory traffic in the hot loop, and ptxas's advisories C7510-C7515 mean
 the wgmma pipeline of an attention kernel was serialized: both are silent slowdowns that the
 numerical tests in this directory cannot see.
 """
@@ -92,6 +92,20 @@ def test_default_configs_do_not_spill(reports: dict[int, dict], arch: int) -> No
 def test_attention_wgmma_not_serialized(reports: dict[int, dict]) -> None:
     rows = [r for r in reports[90]["kernels"] if r["kernel"].startswith("attn") and "error" not in r]
     assert rows
-    code = kernel_static.WGMMA_SERIALIZED
-    serialized = {r["kernel"]: r["advisories"] for r in rows if any(code in a for a in r["advisories"])}
+    text = kernel_static.WGMMA_SERIALIZED
+    serialized = {r["kernel"]: r["advisories"] for r in rows if any(text in a for a in r["advisories"])}
     assert not serialized, f"ptxas serialized wgmma (sm_90): {serialized}"
+
+
+def test_ptxas_log_parsing_catches_serialized_wgmma_and_spills() -> None:
+    """The checks above read these fields: a log that reports a problem must show it (ptxas 12.8 wording)."""
+    log = (
+        "ptxas info    : (C7512) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+        "insufficient register resources for the function '_attn_fwd_kernel'\n"
+        "ptxas info    : Function properties for _attn_fwd_kernel\n"
+        "    1000 bytes stack frame, 4720 bytes spill stores, 4464 bytes spill loads\n"
+        "ptxas info    : Used 128 registers, used 1 barriers, 1000 bytes cumulative stack size\n"
+    )
+    parsed = kernel_static.parse_ptxas(log)
+    assert (parsed["registers"], parsed["spill_stores"], parsed["spill_loads"]) == (128, 4720, 4464)
+    assert len(parsed["advisories"]) == 1 and kernel_static.WGMMA_SERIALIZED in parsed["advisories"][0]
