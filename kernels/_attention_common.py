@@ -64,13 +64,13 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
 
 
 def _tma_compatible(x: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base, 16-byte multiples for every stride but the
-    last, and a unit last stride."""
+    """A TMA descriptor needs a 16-byte aligned base, positive 16-byte multiples for every stride but
+    the last (an expanded gradient, such as that of ``out.sum()``, has stride 0), and a unit last stride."""
     size = x.element_size()
     return (
         x.stride(-1) == 1
         and x.data_ptr() % 16 == 0
-        and all(s * size % 16 == 0 or n == 1 for s, n in zip(x.stride()[:-1], x.shape[:-1]))
+        and all(n == 1 or (s > 0 and s * size % 16 == 0) for s, n in zip(x.stride()[:-1], x.shape[:-1]))
     )
 
 

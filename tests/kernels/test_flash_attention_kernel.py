@@ -70,3 +70,5 @@ def test_attention_takes_the_models_layout_and_unaligned_views(check):
     copied = describable(shifted)
     assert copied is not shifted and copied.data_ptr() % 16 == 0 and torch.equal(copied, shifted)
     _check(check, (shifted, k, v), False, torch.float32)
+    expanded = check.randn(1, 1, 1, d).expand(b, h, t, d)  # the upstream gradient of out.sum() looks like this
+    assert describable(expanded) is not expanded and describable(expanded).is_contiguous()
