@@ -30,10 +30,15 @@ SHORT = 256
 # (tools/kernel_static.py, sm_90): 128x128 w8 needs 186 instead of 255, so 128-key tiles no longer
 # spill, and they issue 7.7 instructions per score in the unmasked loop against 10.7 for 64-key
 # tiles (the accumulator's rescale is spread over twice the keys); 64x64 w4 needs 138 instead of
-# 188, so two 4-warp programs share an SM and overlap one's softmax with the other's matmuls.
-# Tiles that exceed shared memory are skipped by autotune. The last, smallest tile of each list is
-# fp32's (prune).
-FWD_TILES = [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)]
+# 188, so two 4-warp programs share an SM. An 8-warp program's two warpgroups meet at 3 barriers
+# per key tile, so their softmaxes and matmuls run in lockstep; separate programs on one SM do not,
+# and one's softmax can overlap another's matmuls: 64x128 w4 s1 (188 registers, 49 KB) fits two per
+# SM, 64x64 w4 s2 (138, 81 KB) two, 64x64 w4 s1 (123, 32 KB) three. Tiles that exceed shared memory
+# are skipped by autotune. The last, smallest tile of each list is fp32's (prune).
+FWD_TILES = [
+    (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3),
+    (64, 128, 4, 1), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2),
+]  # fmt: skip
 # dK/dV holds a key tile and streams queries past it; dQ the opposite. Measured (ms, same shape):
 # dK/dV 32x64 w4 s3 2.36, 64x128 w8 s3 2.37, 64x64 w4 s3 2.63 (32x128 w4 s3: 7.16); dQ 128x64 w8 s3
 # 1.70, 128x32 w4 s3 1.87, 64x64 w4 s3 1.98.
