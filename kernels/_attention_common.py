@@ -46,6 +46,11 @@ DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 
 
+# Triton's autotuner adds the dtype of each tensor argument to its cache key, but a tensor descriptor
+# has no dtype: PRECISION ("ieee" for fp32, else "tf32") keeps fp32 from reusing a 16-bit tile.
+AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "PRECISION"]
+
+
 def configs(tiles: list[tuple[int, int, int, int]], pre_hook) -> list[triton.Config]:
     """Autotune candidates on a GPU; one fixed small tile when interpreting, where autotuning fails
     ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks."""

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from megatron_lite.kernels import reference
 from megatron_lite.kernels._attention_common import (
+    AUTOTUNE_KEY,
     FWD_TILES,
     LOG2E,
     SUPPORTED_HEAD_DIMS,
@@ -75,7 +76,7 @@ def _fwd_blocks(nargs: dict) -> None:
     set_blocks(nargs, {"Q": "BLOCK_M", "O": "BLOCK_M", "K": "BLOCK_N", "V": "BLOCK_N"})
 
 
-@triton.autotune(configs=configs(FWD_TILES, _fwd_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=configs(FWD_TILES, _fwd_blocks), key=AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_fwd_kernel(

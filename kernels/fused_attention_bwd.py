@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 from megatron_lite.kernels._attention_common import (
+    AUTOTUNE_KEY,
     DKDV_TILES,
     DQ_TILES,
     LOG2E,
@@ -77,7 +78,7 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.autotune(configs=configs(DKDV_TILES, _dkdv_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=configs(DKDV_TILES, _dkdv_blocks), key=AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -115,12 +116,14 @@ def _dq_blocks(nargs: dict) -> None:
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse, delta, K, V, b, hk, offs_m, lo, hi, qk_scale,
-    MASKED: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dq, q, do, lse, delta, K, V, b, hk, offs_m, lo, hi, T, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Accumulates dQ of one query tile over key tiles [lo, hi); MASKED tiles straddle the causal
-    diagonal. Keys past T need no mask: their K tiles read as zeros, so they add exactly 0."""
+    diagonal or hold keys past T. Those keys must be masked although their K tiles read as zeros:
+    their score is 0, and exp2(0 - lse) overflows where every real score is very negative, making
+    ds * 0 a NaN."""
     for start_n in range(lo, hi, BLOCK_N):
         k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
         v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM)
@@ -128,14 +131,17 @@ def _dq_tiles(
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+            if CAUSAL:  # keys past T are past every real query's diagonal too
+                p = tl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
+            else:
+                p = tl.where(offs_n[None, :] < T, p, 0.0)
         dp = dot(do, tl.trans(v), None, INTERPRET, PRECISION)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, INTERPRET, PRECISION)
     return dq
 
 
-@triton.autotune(configs=configs(DQ_TILES, _dq_blocks), key=["T", "HEAD_DIM", "CAUSAL"],
+@triton.autotune(configs=configs(DQ_TILES, _dq_blocks), key=AUTOTUNE_KEY,
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -153,15 +159,17 @@ def _attn_bwd_dq_kernel(
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    split = T  # key tiles before `split` lie below every query of this tile: no mask
-    hi = T
+    # Key tiles before `split` lie below every query of this tile and inside T: no mask.
     if CAUSAL:
         split = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, T)
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, 0, split, qk_scale,
-                   False, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
-    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, split, hi, qk_scale,
-                   True, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
+                   False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, split, hi, T, qk_scale,
+                   True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
     store_tile(DQ, b, h, start_m, dq * sm_scale, BLOCK_M, HEAD_DIM)
 
 

@@ -72,3 +72,27 @@ def test_attention_takes_the_models_layout_and_unaligned_views(check):
     _check(check, (shifted, k, v), False, torch.float32)
     expanded = check.randn(1, 1, 1, d).expand(b, h, t, d)  # the upstream gradient of out.sum() looks like this
     assert describable(expanded) is not expanded and describable(expanded).is_contiguous()
+
+
+# exp2 of the masked-out scores overflows to inf before tl.where drops it (on a GPU too); numpy warns.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_gradients_stay_finite_when_every_score_is_very_negative(check, causal):
+    """Keys past T read as zeros (score 0); unmasked, exp2(0 - lse) overflows when every real score is
+    far below 0 and dQ turns NaN (T = 20 leaves a partial key tile for the interpreter's 16-key tiles)."""
+    b, h, t, d = 1, 2, 20, 16
+    q = -6.0 + 0.1 * check.randn(b, h, t, d)
+    k = 6.0 + 0.1 * check.randn(b, h, t, d)
+    v = check.randn(b, h, t, d)
+    check("flash_attention_large_scores", lambda q, k, v: flash_attention(q, k, v, causal),
+          lambda q, k, v: reference.flash_attention(q, k, v, causal), [q, k, v], torch.float32)  # fmt: skip
+
+
+def test_attention_autotune_keys_tell_fp32_from_16_bit():
+    """Descriptors carry no dtype into Triton's autotune cache key: without PRECISION an fp32 call would
+    reuse the tile a bf16 call chose (too much shared memory, or minutes of ptxas)."""
+    from megatron_lite.kernels import fused_attention, fused_attention_bwd
+
+    for kernel in (fused_attention._attn_fwd_kernel, fused_attention_bwd._attn_bwd_dkdv_kernel,
+                   fused_attention_bwd._attn_bwd_dq_kernel):  # fmt: skip
+        assert "PRECISION" in kernel.keys and "PRECISION" in kernel.arg_names
