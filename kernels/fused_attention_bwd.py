@@ -59,7 +59,9 @@ def _dkdv_tiles(
 ):  # fmt: skip
     """Accumulates dK and dV of one key tile over query tiles [lo, hi), with the causal mask when
     MASKED. Queries past T need no mask: their q and dO tiles read as zeros and their lse and
-    delta as 0, so they add exactly 0 to both sums."""
+    delta as 0, so they add exactly 0 to both sums. The tile's own keys past T (zero rows of k) may
+    sum to inf or NaN where every score is very negative (exp2(0 - lse) overflows); each row of dK and
+    dV depends only on its own key, and those rows are never stored."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)

@@ -74,8 +74,10 @@ def test_attention_takes_the_models_layout_and_unaligned_views(check):
     assert describable(expanded) is not expanded and describable(expanded).is_contiguous()
 
 
-# exp2 of the masked-out scores overflows to inf before tl.where drops it (on a GPU too); numpy warns.
+# exp2 of the masked-out scores overflows to inf before tl.where drops it (on a GPU too), and dK/dV
+# rows of keys past T, never stored, can hold inf * 0; numpy warns about both.
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_gradients_stay_finite_when_every_score_is_very_negative(check, causal):
     """Keys past T read as zeros (score 0); unmasked, exp2(0 - lse) overflows when every real score is
