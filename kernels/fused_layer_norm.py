@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block
+from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block, row_mask
 
 # Software-pipelining depth of the backward's row loop, as in fused_rms_norm.
 BWD_STAGES: int | None = 3
@@ -23,11 +23,11 @@ BWD_STAGES: int | None = 3
 def _layer_norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,
     stride_x, stride_y, n_cols, eps,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
+    mask = row_mask(cols, n_cols, BLOCK_N, EVEN)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / n_cols
     # Two-pass variance (centre first): E[x^2] - mean^2 loses all digits when |mean| >> std.
@@ -51,11 +51,11 @@ def _layer_norm_bwd_kernel(
     DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART,
     stride_dy, stride_x, stride_dx, stride_part,
     n_rows, n_cols, rows_per_program,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
+    mask = row_mask(cols, n_cols, BLOCK_N, EVEN)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -100,7 +100,7 @@ def layer_norm_fwd(
     _layer_norm_fwd_kernel[(n_rows,)](
         x, y, weight, bias if bias is not None else weight, mean, rstd,
         x.stride(0), y.stride(0), n_cols, eps,
-        HAS_BIAS=bias is not None, BLOCK_N=block, num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_N=block, EVEN=n_cols == block, num_warps=warps,
     )  # fmt: skip
     return y, mean, rstd
 
@@ -119,7 +119,7 @@ def layer_norm_bwd(
         dy, x, weight, mean, rstd, dx, parts[:, 0], parts[:, -1],
         dy.stride(0), x.stride(0), dx.stride(0), parts.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_BIAS=has_bias, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
+        HAS_BIAS=has_bias, BLOCK_N=block, EVEN=n_cols == block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
     )  # fmt: skip
     sums = parts.sum(0).to(weight.dtype)
     return dx, sums[0], sums[1] if has_bias else None

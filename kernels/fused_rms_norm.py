@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block
+from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block, row_mask
 
 # Software-pipelining depth of the backward's row loop: rows whose loads are in flight at once
 # (None leaves it to Triton). 3 measured fastest on an H100, see _common.reduction_programs.
@@ -26,11 +26,11 @@ def _rms_norm_fwd_kernel(
     X, R, H, Y, W, RSTD,
     stride_x, stride_r, stride_h, stride_y,
     n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
+    mask = row_mask(cols, n_cols, BLOCK_N, EVEN)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # Round the sum to the activation dtype before normalising, as `x + residual` does in torch:
@@ -50,11 +50,11 @@ def _rms_norm_bwd_kernel(
     DY, DH, X, W, RSTD, DX, DW_PART,
     stride_dy, stride_dh, stride_x, stride_dx,
     n_rows, n_cols, rows_per_program,
-    HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
+    HAS_DH: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
+    mask = row_mask(cols, n_cols, BLOCK_N, EVEN)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
@@ -101,7 +101,7 @@ def rms_norm_fwd(
         x, r, hh, y, weight, rstd,
         x.stride(0), r.stride(0), hh.stride(0), y.stride(0),
         n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_N=block, num_warps=warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_N=block, EVEN=n_cols == block, num_warps=warps,
     )  # fmt: skip
     return y, h, rstd
 
@@ -120,7 +120,7 @@ def rms_norm_bwd(
         dy, dhh, x, weight, rstd, dx, dw_part,
         dy.stride(0), dhh.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_DH=dh is not None, BLOCK_N=block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
+        HAS_DH=dh is not None, BLOCK_N=block, EVEN=n_cols == block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
     )  # fmt: skip
     return dx, dw_part.sum(0).to(weight.dtype)
 

@@ -6,7 +6,8 @@ from megatron_lite.kernels import reference
 from megatron_lite.kernels.fused_layer_norm import layer_norm
 
 # Odd row counts and widths, and one row wider than 4K (block 8192).
-SHAPES = [(5, 123, 123), (7, 4099)]
+# (6, 256): a power-of-two width, whose row fills its block (the kernels' unmasked EVEN case).
+SHAPES = [(5, 123, 123), (7, 4099), (6, 256)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

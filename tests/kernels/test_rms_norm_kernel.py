@@ -7,7 +7,8 @@ from megatron_lite.kernels.fused_rms_norm import rms_norm
 
 # (5, 123, 123): 615 rows of 123 values, neither a power of two nor a multiple of a block;
 # (7, 4099): a row wider than 4K, so the block (8192) and warp count of wide rows are covered.
-SHAPES = [(5, 123, 123), (7, 4099)]
+# (6, 256): a power-of-two width, whose row fills its block (the kernels' unmasked EVEN case).
+SHAPES = [(5, 123, 123), (7, 4099), (6, 256)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
