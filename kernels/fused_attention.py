@@ -143,6 +143,8 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     D = q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
         return f"head dim {D} is not one of {SUPPORTED_HEAD_DIMS} (tl.dot tiles need a power of two >= 16)"
+    if q.numel() == 0 or k.numel() == 0:
+        return "empty input (a tensor descriptor needs every dimension >= 1)"
     if k.shape[2] != q.shape[2]:
         return f"query length {q.shape[2]} != key length {k.shape[2]} (the kernels are for self-attention)"
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):

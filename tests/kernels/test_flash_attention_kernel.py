@@ -50,6 +50,11 @@ def test_attention_unsupported_head_dim_falls_back(check, caplog):
     assert "head dim 48" in caplog.text
 
 
+def test_attention_of_an_empty_batch_is_empty(check):
+    q, k, v = _qkv(check, 0, 2, 2, 9, 16, torch.float32)
+    assert flash_attention(q, k, v).shape == (0, 2, 9, 16)
+
+
 def test_attention_rejects_bad_grouping(check):
     q, k, v = _qkv(check, 1, 4, 3, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="Hkv dividing H"):
