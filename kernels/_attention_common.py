@@ -1,5 +1,5 @@
 """What the attention forward and backward kernels share: tile lists, autotune pruning, tensor
-descriptors, and two ``@triton.jit`` helpers.
+descriptors, and the ``@triton.jit`` helpers that multiply, load and store tiles.
 
 Every (B, H, T, D) tile moves through a 4-D tensor descriptor (``triton.tools.tensor_descriptor``):
 on Hopper and later a TMA copy engine fetches it straight into shared memory, so the kernels spend
@@ -27,8 +27,8 @@ SHORT = 256
 # Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128. With pointer loads, at B4 H32
 # T4096 D128 causal bf16 on an H100 SXM (tools/bench/kernel_sweep.py; forward ms): 128x64 w8 s4 1.29,
 # 128x64 w8 s3 1.31, 128x128 w8 s3 1.31, 64x64 w4 s3 1.35. Descriptor loads free registers
-# (tools/kernel_static.py, sm_90): 128x128 w8 needs 186 instead of 255, so 128-key tiles no longer
-# spill, and they issue 7.7 instructions per score in the unmasked loop against 10.7 for 64-key
+# (tools/kernel_static.py, sm_90): 128x128 w8 needs 191 instead of 255, so 128-key tiles no longer
+# spill, and they issue 7.8 instructions per score in the unmasked loop against 10.8 for 64-key
 # tiles (the accumulator's rescale is spread over twice the keys); 64x64 w4 needs 138 instead of
 # 188, so two 4-warp programs share an SM. An 8-warp program's two warpgroups meet at 3 barriers
 # per key tile, so their softmaxes and matmuls run in lockstep; separate programs on one SM do not,
