@@ -23,6 +23,7 @@ import os
 import struct
 import uuid
 from array import array
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,29 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output_prefix(prefix: str | Path, writes: str) -> None:
+    """Refuse an output prefix that names a directory (``out/``, ``.``): its files would be hidden
+    dot-files (``out/.bin``). ``writes``: what the prefix becomes, for the message (``NAME.bin, ...``)."""
+    text = str(prefix)
+    if os.path.basename(text) in ("", ".", ".."):
+        raise UserError(
+            f"--output {text} names a directory, not a file prefix; give a name inside it, e.g. "
+            f"--output {os.path.join(text, 'NAME')} (writes {writes})"
+        )
+
+
+def check_outputs_spare_inputs(inputs: Sequence[Path], outputs: Sequence[Path], prefix: str | Path) -> None:
+    """Refuse a run that would write one of its outputs over one of its own inputs (it reads the
+    input, then replaces it: the user's source text would be gone)."""
+    for out in outputs:
+        for src in inputs:
+            if out.exists() and os.path.samefile(src, out):
+                raise UserError(
+                    f"input {src} is also an output of --output {prefix} (which writes "
+                    f"{', '.join(o.name for o in outputs)}) and would be overwritten; choose another --output prefix"
+                )
 
 
 def _paths(prefix: str | Path) -> tuple[Path, Path]:

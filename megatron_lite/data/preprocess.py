@@ -36,7 +36,13 @@ import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
-from megatron_lite.data.indexed import IndexedDatasetBuilder, token_dtype, write_atomic
+from megatron_lite.data.indexed import (
+    IndexedDatasetBuilder,
+    check_output_prefix,
+    check_outputs_spare_inputs,
+    token_dtype,
+    write_atomic,
+)
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
@@ -200,6 +206,32 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
     yield _text_chunks(path, bar, stats)
 
 
+def _check_outputs(files: list[Path], out_prefix: str | Path) -> Path:
+    """Refuse outputs that would destroy something: an input, or a ``PREFIX.json`` that is not an
+    earlier dataset record (a tokenizer trained to the same prefix keeps its record there too).
+    Returns the record's path."""
+    check_output_prefix(out_prefix, "NAME.bin, NAME.idx and NAME.json")
+    prefix = str(out_prefix)
+    meta_path = Path(prefix + ".json")
+    check_outputs_spare_inputs(files, [Path(prefix + ".bin"), Path(prefix + ".idx"), meta_path], out_prefix)
+    if not meta_path.exists():
+        return meta_path
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if isinstance(meta, dict) and "tokenizer_sha256" in meta:
+        return meta_path  # the record of the dataset this run rebuilds
+    if isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer":
+        what = "the record of the tokenizer trained to the same prefix (`megatron-lite tokenizer train`)"
+    else:
+        what = "not a dataset record written by `megatron-lite preprocess`"
+    raise UserError(
+        f"{meta_path} exists and is {what}; preprocess writes the dataset's record there and would "
+        f"replace it: choose another --output prefix (e.g. data/NAME for datasets, tok/NAME for tokenizers)"
+    )
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     tokenizer: str | Path | Tokenizer,
@@ -215,6 +247,7 @@ def preprocess(
     complete; on any error the previous one (if any) is left untouched.
     """
     files = expand_inputs(inputs)
+    meta_path = _check_outputs(files, out_prefix)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
@@ -245,7 +278,7 @@ def preprocess(
         "append_eos": append_eos,
         "inputs": [str(p) for p in files],
     }
-    write_atomic(Path(str(out_prefix) + ".json"), (json.dumps(meta, indent=1) + "\n").encode())
+    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return stats
 
 

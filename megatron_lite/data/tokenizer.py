@@ -29,7 +29,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from megatron_lite.data.indexed import write_atomic
+from megatron_lite.data.indexed import check_output_prefix, check_outputs_spare_inputs, write_atomic
 from megatron_lite.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -96,6 +96,32 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     return files
 
 
+def _output_paths(files: list[Path], out_prefix: str | Path) -> tuple[Path, Path]:
+    """``(PREFIX.model, PREFIX.json)``, refused where writing them would destroy something: an
+    input, or a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
+    same prefix keeps there the hash of the tokenizer it was made with)."""
+    check_output_prefix(out_prefix, "NAME.model and NAME.json")
+    prefix = str(out_prefix)
+    model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
+    meta_path = model_path.with_suffix(".json")
+    check_outputs_spare_inputs(files, [model_path, meta_path], out_prefix)
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer"):
+            if isinstance(meta, dict) and "tokenizer_sha256" in meta:
+                what = "the record of the dataset preprocessed to the same prefix (which tokenizer made it)"
+            else:
+                what = "not a tokenizer record written by `megatron-lite tokenizer train`"
+            raise UserError(
+                f"{meta_path} exists and is {what}; training writes the tokenizer's record there and would "
+                f"replace it: choose another --output prefix (e.g. tok/NAME for tokenizers, data/NAME for datasets)"
+            )
+    return model_path, meta_path
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_prefix: str | Path,
@@ -109,6 +135,7 @@ def train_tokenizer(
     are written atomically (temp name, then rename).
     """
     files = _check_inputs(inputs, vocab_size)
+    model_path, meta_path = _output_paths(files, out_prefix)
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
     with tqdm(
@@ -128,8 +155,6 @@ def train_tokenizer(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}"
             ) from e
     data = model.getvalue()
-    prefix = str(out_prefix)
-    model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
     meta = {
         "format": "megatron-lite-tokenizer",
         "version": 1,
@@ -150,7 +175,7 @@ def train_tokenizer(
         },
     }
     write_atomic(model_path, data)
-    write_atomic(model_path.with_suffix(".json"), (json.dumps(meta, indent=1) + "\n").encode())
+    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return model_path
 
 

@@ -128,3 +128,37 @@ def test_builder_refuses_an_unclosed_document(tmp_path):
     with pytest.raises(ValueError, match="never closed"), IndexedDatasetBuilder(tmp_path / "d") as b:
         b.add_tokens([1])
     assert not list(tmp_path.iterdir())  # nothing half-written is left behind
+
+
+def test_output_record_never_replaces_an_input(tok, tmp_path):
+    """`--input corpus.json --output corpus` would write the dataset record over the corpus itself."""
+    src = tmp_path / "corpus.json"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    before = src.read_bytes()
+    with pytest.raises(pp.UserError, match="choose another --output"):
+        pp.preprocess([src], tok, tmp_path / "corpus", progress=False)
+    assert src.read_bytes() == before
+    assert not (tmp_path / "corpus.bin").exists() and not (tmp_path / "corpus.idx").exists()
+
+
+def test_output_record_never_replaces_a_tokenizer_record(tok, tmp_path):
+    """A tokenizer and a dataset under one prefix share PREFIX.json: preprocess must not take it over."""
+    model = train_tokenizer([tok.path.with_name("a.txt")], tmp_path / "my", VOCAB, progress=False)
+    record = model.with_suffix(".json").read_bytes()
+    src = tmp_path / "docs.jsonl"
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    with pytest.raises(pp.UserError, match="tokenizer"):
+        pp.preprocess([src], model, tmp_path / "my", progress=False)
+    assert model.with_suffix(".json").read_bytes() == record
+    pp.preprocess([src], model, tmp_path / "data", progress=False)  # another prefix is fine
+    pp.preprocess([src], model, tmp_path / "data", progress=False)  # and so is rebuilding it
+
+
+def test_output_that_names_a_directory_is_refused(tok, tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(pp.UserError, match="--output"):
+        pp.preprocess([src], tok, str(out) + "/", progress=False)
+    assert list(out.iterdir()) == []

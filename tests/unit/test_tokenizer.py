@@ -137,3 +137,32 @@ def test_cli_tokenizer_train_expands_quoted_globs(corpus, tmp_path):
     )
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["training"]["inputs"] == [str(p) for p in sorted(corpus)]
+
+
+def test_outputs_never_replace_an_input(corpus, tmp_path):
+    """`--input corpus.json --output corpus` would write the tokenizer's record over the corpus."""
+    src = tmp_path / "corpus.json"
+    src.write_text(corpus[1].read_text())
+    before = src.read_bytes()
+    with pytest.raises(UserError, match="choose another --output"):
+        train_tokenizer([src], tmp_path / "corpus", VOCAB, progress=False)
+    assert src.read_bytes() == before and not (tmp_path / "corpus.model").exists()
+
+
+def test_outputs_never_replace_a_dataset_record(corpus, model_path, tmp_path):
+    """A dataset's PREFIX.json records its tokenizer; a tokenizer trained to PREFIX must not erase it."""
+    from megatron_lite.data.preprocess import preprocess
+
+    preprocess([corpus[1]], model_path, tmp_path / "my", progress=False)
+    record = (tmp_path / "my.json").read_bytes()
+    with pytest.raises(UserError, match="dataset"):
+        train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False)
+    assert (tmp_path / "my.json").read_bytes() == record and not (tmp_path / "my.model").exists()
+    train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False)
+    train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False)  # retraining in place is fine
+
+
+def test_output_that_names_a_directory_is_refused(corpus, tmp_path):
+    with pytest.raises(UserError, match="--output"):
+        train_tokenizer(corpus, str(tmp_path) + "/", VOCAB, progress=False)
+    assert list(tmp_path.iterdir()) == []
