@@ -37,6 +37,9 @@ NEWLINE = "\n"
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker
 _MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
 _SAMPLE_SEED = 1234
+# sentencepiece's max_sentence_length (its default): it silently skips longer lines, so a corpus of
+# long lines (prose paragraphs, minified code, one-line files) would train on little or nothing.
+_SENTENCE_BYTES = 4192
 
 # Every setting that shapes the model; stored in the .json so a model can be reproduced.
 TRAINING_SETTINGS: dict = {
@@ -58,13 +61,36 @@ TRAINING_SETTINGS: dict = {
 }
 
 
-def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm) -> Iterator[str]:
+def _line_pieces(line: str, limit: int = _SENTENCE_BYTES) -> Iterator[str]:
+    """``line`` cut into pieces of at most ``limit`` UTF-8 bytes, before a space where there is one
+    (a word keeps its leading space, as sentencepiece's whitespace marker does); a line that fits
+    is yielded as it is."""
+    data = line.encode("utf-8")
+    if len(data) <= limit:
+        yield line
+        return
+    start = 0
+    while len(data) - start > limit:
+        end = start + limit
+        while (data[end] & 0xC0) == 0x80:  # not inside a character's bytes
+            end -= 1
+        space = data.rfind(b" ", start + 1, end + 1)
+        end = space if space > start else end
+        yield data[start:end].decode("utf-8")
+        start = end
+    yield data[start:].decode("utf-8")
+
+
+def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm, counts: dict | None = None) -> Iterator[str]:
     """Yield lines (without newlines) from ``files``, keeping about ``max_bytes`` of them.
 
     Each line is kept with probability ``max_bytes / total`` from a fixed-seed RNG, so the sample
     spreads over all files (not just the first ones), is the same on every run, and memory holds
-    one line at a time on our side.
+    one line at a time on our side. A line longer than sentencepiece takes is cut into pieces
+    (``_line_pieces``). ``counts["lines"]`` counts the lines yielded.
     """
+    counts = {} if counts is None else counts
+    counts.setdefault("lines", 0)
     total = sum(p.stat().st_size for p in files)
     keep = 1.0 if total <= max_bytes else max_bytes / total
     rng = random.Random(_SAMPLE_SEED)
@@ -79,7 +105,9 @@ def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm) -> Iterator[str]
                 if not line:
                     continue
                 taken += len(raw)
-                yield line
+                for piece in _line_pieces(line):
+                    counts["lines"] += 1
+                    yield piece
                 if taken >= max_bytes:
                     return
 
@@ -141,7 +169,8 @@ def train_tokenizer(
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="tokenizer sample", file=sys.stderr, disable=not progress
     ) as bar:
-        lines = _sample_lines(files, max_bytes, bar)
+        counts: dict = {}
+        lines = _sample_lines(files, max_bytes, bar, counts)
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines,
@@ -151,6 +180,11 @@ def train_tokenizer(
                 **TRAINING_SETTINGS,
             )
         except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
+            if not counts["lines"]:
+                raise UserError(
+                    f"no text to train a tokenizer on: {', '.join(map(str, files))} hold only empty lines; "
+                    "give text files (for JSONL, the text itself, not its JSON lines)"
+                ) from e
             raise UserError(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}"
             ) from e

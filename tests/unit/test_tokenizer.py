@@ -166,3 +166,18 @@ def test_output_that_names_a_directory_is_refused(corpus, tmp_path):
     with pytest.raises(UserError, match="--output"):
         train_tokenizer(corpus, str(tmp_path) + "/", VOCAB, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_long_lines_are_trained_on_not_skipped(tmp_path):
+    """sentencepiece drops lines over 4192 bytes: a corpus of long lines trained on nothing."""
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text(_code_text().replace("\n", " "))  # ~60 KB, no newline
+    tok = Tokenizer(train_tokenizer([one_line], tmp_path / "t", VOCAB, progress=False))
+    assert len(tok.encode("    return alpha * ")) <= 6  # 19 characters: learned the words of the long line
+
+
+def test_no_text_to_train_on_is_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    with pytest.raises(UserError, match="no text"):
+        train_tokenizer([empty], tmp_path / "t", VOCAB, progress=False)
