@@ -154,19 +154,26 @@ def _decode(raw: bytes, stats: dict) -> str:
 
 def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
     """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string (as one chunk)."""
+    jsonl = 'a .jsonl/.json input holds one JSON object per line (JSON Lines), e.g. {"text": "..."}'
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             bar.update(len(raw))
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte order mark is not text
+                raw = raw[len(codecs.BOM_UTF8) :]
             if not raw.strip():
                 continue
             try:
                 obj = json.loads(_decode(raw, stats))
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); {jsonl}") from e
             del raw
-            if not isinstance(obj, dict) or json_key not in obj:
-                keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-                raise UserError(f"{path}:{lineno}: no key {json_key!r} (found {keys}); set the json key")
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {jsonl}")
+            if json_key not in obj:
+                raise UserError(
+                    f"{path}:{lineno}: no key {json_key!r} (found {sorted(obj)[:8]}); "
+                    "name the key holding the text with --json-key"
+                )
             value = obj.pop(json_key)
             if not isinstance(value, str):
                 raise UserError(f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string")

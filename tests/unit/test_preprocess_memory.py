@@ -162,3 +162,26 @@ def test_output_that_names_a_directory_is_refused(tok, tmp_path):
     with pytest.raises(pp.UserError, match="--output"):
         pp.preprocess([src], tok, str(out) + "/", progress=False)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        (json.dumps([{"text": "a"}, {"text": "b"}]), "one JSON object per line"),
+        ("[", "one JSON object per line"),
+        (json.dumps({"content": "a"}), "--json-key"),
+    ],
+)
+def test_json_errors_name_the_fix(tok, tmp_path, line, match):
+    src = tmp_path / "a.json"
+    src.write_text(line + "\n")
+    with pytest.raises(pp.UserError, match=match):
+        pp.preprocess([src], tok, tmp_path / "out", progress=False)
+
+
+def test_json_line_with_a_byte_order_mark(tok, tmp_path):
+    """Editors on Windows start a UTF-8 file with a BOM; it is not part of the first document."""
+    src = tmp_path / "a.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
+    pp.preprocess([src], tok, tmp_path / "out", append_eos=False, progress=False)
+    assert _ids(tmp_path / "out") == [tok.encode("hello")]
