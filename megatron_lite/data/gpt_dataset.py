@@ -26,6 +26,7 @@ uses Tijdeman's rule rather than Megatron's greedy, which can drift past one sam
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -199,6 +200,11 @@ def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: i
         raise UserError(f"blend weights must not all be zero, got {list(weights)}")
 
 
+def _same_files(a: IndexedDataset, b: IndexedDataset) -> bool:
+    """Whether two prefixes name one dataset (the same ``.bin`` and ``.idx``, through any path or link)."""
+    return os.path.samefile(a.bin_path, b.bin_path) and os.path.samefile(a.idx_path, b.idx_path)
+
+
 class GPTDataset:
     """An endless, deterministic stream of ``seq_len + 1``-token samples from one or more datasets.
 
@@ -233,6 +239,13 @@ class GPTDataset:
                     f"seq_len+1 = {seq_len + 1}; "
                     "use more data, a shorter seq_len or another valid_fraction"
                 )
+            for earlier, other in zip(prefixes, self._sources, strict=False):
+                if _same_files(other.data, data):
+                    raise UserError(
+                        f"data.path lists the dataset {earlier} twice (also as {prefix}): both entries would "
+                        "serve the same samples in the same order, so the run would see each sample twice "
+                        "in a row; list it once and give it more weight in data.weights"
+                    )
             self._sources.append(source)
         raw = [s.num_tokens for s in self._sources] if weights is None else [float(w) for w in weights]
         self.weights = [w / sum(raw) for w in raw]

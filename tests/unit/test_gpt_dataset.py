@@ -211,3 +211,16 @@ def test_loader_rejects_indivisible_batch(one):
         PretrainingLoader(ds, 2, 10, dp_size=4)
     with pytest.raises(UserError, match="dp_rank 4"):
         PretrainingLoader(ds, 2, 8, dp_rank=4, dp_size=4)
+
+
+def test_one_dataset_listed_twice_is_refused(one, tmp_path):
+    """Both entries would serve the same samples in the same order: every sample twice in a row."""
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    for ext in (".bin", ".idx"):
+        (alias / ("a" + ext)).symlink_to(one[0] + ext)
+    for prefixes in ([one[0], one[0]], [one[0], str(alias / "a")]):
+        with pytest.raises(UserError, match="data.weights"):
+            GPTDataset(prefixes, [1.0, 3.0], SEQ, seed=0)
+    other = _make(tmp_path / "b", seed=1)[0]
+    GPTDataset([one[0], other], [1.0, 3.0], SEQ, seed=0)
