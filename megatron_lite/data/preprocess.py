@@ -53,7 +53,8 @@ _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text i
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Resolve files and glob patterns into an ordered list of files (duplicates dropped)."""
+    """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
+    named twice, by any spelling, a link or a glob, is read once, where it first appears)."""
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     files: list[Path] = []
@@ -72,7 +73,10 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             files.append(Path(text))
     if not files:
         raise UserError("preprocess needs at least one input file or glob pattern")
-    return list(dict.fromkeys(files))
+    first: dict[str, Path] = {}
+    for path in files:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())
 
 
 class _Splitter:

@@ -155,3 +155,12 @@ def test_damaged_cache_is_rebuilt_and_says_why(tmp_path, copied_files, capsys):
     said = capsys.readouterr().err
     assert f"the corpus cache {Path(prefix).parent} cannot be used (" in said and "rebuilding it" in said
     assert "data.idx" in said  # the reason names the damaged file
+
+
+def test_one_file_named_twice_is_read_once(tok, tmp_path):
+    """`a.txt`, its absolute path and a glob matching it are one file: one document, not three."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("only once\n")
+    inputs = [str(tmp_path / "a.txt"), str(tmp_path / "sub" / ".." / "a.txt"), str(tmp_path / "*.txt")]
+    stats = preprocess(inputs, tok.path, tmp_path / "out", progress=False)
+    assert stats["documents"] == stats["files"] == 1
