@@ -62,6 +62,35 @@ def consumed_per_dataset(dataset: GPTDataset, consumed: int) -> list[int]:
     return [int(periods * q + h) for q, h in zip(quota, head, strict=True)]
 
 
+def data_changes(saved: dict[str, Any] | None, now: dict[str, Any], weights: list[float]) -> list[str]:
+    """What differs between the data a checkpoint's lineage records (``saved``) and this run's
+    (``now``: :attr:`Lineage.static`, with the blend's ``weights``): datasets by content (a moved
+    dataset with the same ``.idx`` hash and ``.bin`` size is the same), weights and tokenizer."""
+    if not saved or "datasets" not in saved:
+        return []
+    old, new = saved["datasets"], now["datasets"]
+    changes = []
+    content = [(d["idx_sha256"], d["bin_bytes"]) for d in new]
+    if [(d.get("idx_sha256"), d.get("bin_bytes")) for d in old] != content:
+        if [d.get("prefix") for d in old] == [d["prefix"] for d in new]:
+            changes += [
+                f"{d['prefix']} changed since (.idx {'rebuilt' if o.get('idx_sha256') != d['idx_sha256'] else 'same'}"
+                f", .bin {o.get('bin_bytes')} -> {d['bin_bytes']} bytes)"
+                for o, d in zip(old, new)
+                if (o.get("idx_sha256"), o.get("bin_bytes")) != (d["idx_sha256"], d["bin_bytes"])
+            ]
+        else:
+            changes.append(
+                f"data.path names other data ({', '.join(str(d.get('prefix')) for d in old)} -> "
+                f"{', '.join(d['prefix'] for d in new)})"
+            )
+    elif [d.get("weight") for d in old] != list(weights):
+        changes.append(f"data.weights {[d.get('weight') for d in old]} -> {list(weights)}")
+    if saved.get("tokenizer", {}).get("sha256") != now["tokenizer"]["sha256"]:
+        changes.append(f"the tokenizer {now['tokenizer']['path']} is not the one the checkpoint was trained with")
+    return changes
+
+
 class Lineage:
     """Computed once per run (hashes), completed at each save with the data position."""
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.format import dtype_name
-from megatron_lite.checkpoint.lineage import Lineage
+from megatron_lite.checkpoint.lineage import Lineage, data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults, validate
@@ -100,10 +100,10 @@ class Trainer:
         )
         self.step, self.skipped_steps = 0, 0
         self.checkpointer = self._make_checkpointer(resume[0] if resume else None)
-        if resume:
-            self._restore(*resume)
         tok = self.data.tokenizer_path
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
+        if resume:
+            self._restore(*resume)
         self.preemption, self.preempted = PreemptionHandler(), False
         self.trackers = Trackers(
             self.run_dir,
@@ -245,6 +245,13 @@ class Trainer:
             log.info("the layout changed since the checkpoint: RNG states not restored (the model has no dropout)")
         if self.rank == 0:
             log.info("resumed from %s at step %d", reader.location, self.step)
+            changes = data_changes(reader.meta.get("lineage"), self.lineage.static, self.data.train.weights)
+            if changes:  # a new data mixture may be intended: say so, do not refuse
+                log.warning(
+                    "resuming with other data than the checkpoint trained on: %s; the samples from here on are not "
+                    "the ones the run would have seen (restore the data and settings to continue it exactly)",
+                    "; ".join(changes),
+                )
         reader.close()
 
     # ---- steps -------------------------------------------------------------------------------

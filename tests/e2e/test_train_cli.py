@@ -43,12 +43,14 @@ def test_same_seed_gives_bitwise_identical_losses(tiny_args, tmp_path):
     assert losses(tmp_path / "c") != losses(tmp_path / "a")
 
 
-def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path):
+def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     straight = [*tiny_args[:-1], f"log.dir={tmp_path / 's'}"]
     assert main(["train", *straight]) == 0
     parts = [*tiny_args[:-1], f"log.dir={tmp_path / 'p'}"]
     assert main(["train", *parts, "train.exit_after=2"]) == 0
-    assert main(["train", *parts, "train.exit_after=2"]) == 0  # resumed once
+    with caplog.at_level(logging.INFO):
+        assert main(["train", *parts, "train.exit_after=2"]) == 0  # resumed once
+    assert "resumed from" in caplog.text and "other data" not in caplog.text  # the same data: no warning
     assert main(["train", *parts]) == 0  # and again, to the end
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
 

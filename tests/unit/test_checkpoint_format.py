@@ -145,3 +145,26 @@ def test_consumed_samples_per_dataset_follow_the_blend():
         brute = np.bincount([slot_dataset[i % slot_dataset.size] for i in range(consumed)], minlength=3)
         assert consumed_per_dataset(SimpleNamespace(weights=weights), consumed) == brute.tolist()
     assert consumed_per_dataset(SimpleNamespace(weights=weights), 1000) == [500, 300, 200]
+
+
+def test_data_changes_names_what_differs_from_the_checkpoints_lineage():
+    from megatron_lite.checkpoint.lineage import data_changes
+
+    def lineage(*datasets, tok="t1"):
+        return {"datasets": [dict(zip(("prefix", "idx_sha256", "bin_bytes", "weight"), d)) for d in datasets],
+                "tokenizer": {"path": "tok.model", "sha256": tok}}  # fmt: skip
+
+    saved = lineage(("/d/a", "h1", 10, 0.5), ("/d/b", "h2", 20, 0.5))
+    assert data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20)), [0.5, 0.5]) == []
+    moved = lineage(("/e/a", "h1", 10), ("/e/b", "h2", 20))  # copied elsewhere: the same content
+    assert data_changes(saved, moved, [0.5, 0.5]) == []
+    assert data_changes(None, moved, [0.5, 0.5]) == []  # a checkpoint without lineage (an HF import)
+    rebuilt = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h3", 24)), [0.5, 0.5])
+    assert rebuilt == ["/d/b changed since (.idx rebuilt, .bin 20 -> 24 bytes)"]
+    other = data_changes(saved, lineage(("/d/c", "h4", 10)), [1.0])
+    assert other == ["data.path names other data (/d/a, /d/b -> /d/c)"]
+    assert data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20)), [0.7, 0.3]) == [
+        "data.weights [0.5, 0.5] -> [0.7, 0.3]"
+    ]
+    retok = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20), tok="t2"), [0.5, 0.5])
+    assert retok == ["the tokenizer tok.model is not the one the checkpoint was trained with"]
