@@ -154,6 +154,24 @@ def test_output_record_never_replaces_a_tokenizer_record(tok, tmp_path):
     pp.preprocess([src], model, tmp_path / "data", progress=False)  # and so is rebuilding it
 
 
+def test_a_rebuild_that_dies_before_its_record_leaves_no_stale_record(tok, tmp_path, monkeypatch):
+    """The old PREFIX.json (another tokenizer, other inputs) must not outlive the data it described."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("hello world\n")
+    b.write_text("something else entirely\n")
+    pp.preprocess([a], tok, tmp_path / "d", progress=False)
+    assert json.loads((tmp_path / "d.json").read_text())["inputs"] == [str(a)]
+
+    def die(path, data):
+        raise OSError("killed before the record was written")
+
+    monkeypatch.setattr(pp, "write_atomic", die)
+    with pytest.raises(OSError, match="killed"):
+        pp.preprocess([b], tok, tmp_path / "d", progress=False)
+    assert not (tmp_path / "d.json").exists()
+    assert _ids(tmp_path / "d") == [tok.encode("something else entirely\n") + [tok.eos_id]]
+
+
 def test_output_that_names_a_directory_is_refused(tok, tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello world\n")
