@@ -57,7 +57,9 @@ def _tokenizer(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
     _writable_parent("--output", args.output)
-    path = train_tokenizer(files, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet)
+    path = train_tokenizer(
+        files, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet, json_key=args.json_key
+    )
     print(f"wrote {path}")
     return 0
 
@@ -139,6 +141,7 @@ def _add_data_verbs(sub) -> None:
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--max-bytes", type=int, default=20_000_000, help="sample at most this much text")
+    tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(fn=_tokenizer)
 

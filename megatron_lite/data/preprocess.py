@@ -43,10 +43,10 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
+from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
-_JSON_SUFFIXES = (".jsonl", ".json")
 _PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
 _READ_BYTES = 1 << 20  # block size for reading a plain-text document
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text is this in a piece
@@ -148,41 +148,15 @@ class _Splitter:
         yield pending
 
 
-def _decode(raw: bytes, stats: dict) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        stats["decode_errors"] += 1
-        return raw.decode("utf-8", errors="replace")
-
-
 def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
     """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string (as one chunk)."""
-    jsonl = 'a .jsonl/.json input holds one JSON object per line (JSON Lines), e.g. {"text": "..."}'
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             bar.update(len(raw))
-            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte order mark is not text
-                raw = raw[len(codecs.BOM_UTF8) :]
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(_decode(raw, stats))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); {jsonl}") from e
+            text = json_text(raw, path, lineno, json_key, stats)
             del raw
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {jsonl}")
-            if json_key not in obj:
-                raise UserError(
-                    f"{path}:{lineno}: no key {json_key!r} (found {sorted(obj)[:8]}); "
-                    "name the key holding the text with --json-key"
-                )
-            value = obj.pop(json_key)
-            if not isinstance(value, str):
-                raise UserError(f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string")
-            del obj
-            yield (value,)
+            if text is not None:
+                yield (text,)
 
 
 def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
@@ -211,7 +185,7 @@ def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
 
 def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
     """Each document of ``path`` as an iterable of text chunks, to be consumed before the next."""
-    if path.suffix.lower() in _JSON_SUFFIXES:
+    if is_jsonl(path):
         yield from _json_documents(path, json_key, bar, stats)
         return
     yield _text_chunks(path, bar, stats)

@@ -30,6 +30,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from megatron_lite.data.indexed import check_output_prefix, check_outputs_spare_inputs, write_atomic
+from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -81,13 +82,26 @@ def _line_pieces(line: str, limit: int = _SENTENCE_BYTES) -> Iterator[str]:
     yield data[start:].decode("utf-8")
 
 
-def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm, counts: dict | None = None) -> Iterator[str]:
+def _text_lines(raw: bytes, path: Path, lineno: int, json_key: str | None) -> list[str]:
+    """The non-empty text lines in line ``lineno`` (``raw``) of ``path``: the line itself, or for a
+    JSON Lines file (``json_key`` set) the lines of the document under that key."""
+    if json_key is None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        return [line] if line else []
+    text = json_text(raw, path, lineno, json_key, {})
+    return [line for line in text.split("\n") if line] if text else []
+
+
+def _sample_lines(
+    files: list[Path], max_bytes: int, bar: tqdm, counts: dict | None = None, json_key: str = "text"
+) -> Iterator[str]:
     """Yield lines (without newlines) from ``files``, keeping about ``max_bytes`` of them.
 
-    Each line is kept with probability ``max_bytes / total`` from a fixed-seed RNG, so the sample
-    spreads over all files (not just the first ones), is the same on every run, and memory holds
-    one line at a time on our side. A line longer than sentencepiece takes is cut into pieces
-    (``_line_pieces``). ``counts["lines"]`` counts the lines yielded.
+    Each line of a file (a document of a ``.jsonl`` file, whose text lines are yielded) is kept with
+    probability ``max_bytes / total`` from a fixed-seed RNG, so the sample spreads over all files
+    (not just the first ones), is the same on every run, and memory holds one line at a time on our
+    side. A line longer than sentencepiece takes is cut into pieces (``_line_pieces``).
+    ``counts["lines"]`` counts the lines yielded.
     """
     counts = {} if counts is None else counts
     counts.setdefault("lines", 0)
@@ -96,18 +110,20 @@ def _sample_lines(files: list[Path], max_bytes: int, bar: tqdm, counts: dict | N
     rng = random.Random(_SAMPLE_SEED)
     taken = 0
     for path in files:
+        key = json_key if is_jsonl(path) else None
         with open(path, "rb") as f:
-            for raw in f:
+            for lineno, raw in enumerate(f, 1):
                 bar.update(len(raw))
                 if keep < 1.0 and rng.random() >= keep:
                     continue
-                line = raw.decode("utf-8", errors="replace").rstrip("\n")
-                if not line:
+                lines = _text_lines(raw, path, lineno, key)
+                if not lines:
                     continue
                 taken += len(raw)
-                for piece in _line_pieces(line):
-                    counts["lines"] += 1
-                    yield piece
+                for line in lines:
+                    for piece in _line_pieces(line):
+                        counts["lines"] += 1
+                        yield piece
                 if taken >= max_bytes:
                     return
 
@@ -156,8 +172,12 @@ def train_tokenizer(
     vocab_size: int,
     max_bytes: int = 20_000_000,
     progress: bool = True,
+    json_key: str = "text",
 ) -> Path:
     """Train a BPE model on a bounded sample of ``inputs``; write ``<prefix>.model`` and ``.json``.
+
+    ``.jsonl``/``.json`` inputs are JSON Lines: the text under ``json_key`` is what is sampled, as
+    ``preprocess`` reads them (not the JSON syntax around it).
 
     Returns the ``.model`` path (a prefix already ending in ``.model`` is used as is). Both files
     are written atomically (temp name, then rename).
@@ -170,7 +190,7 @@ def train_tokenizer(
         total=total, unit="B", unit_scale=True, desc="tokenizer sample", file=sys.stderr, disable=not progress
     ) as bar:
         counts: dict = {}
-        lines = _sample_lines(files, max_bytes, bar, counts)
+        lines = _sample_lines(files, max_bytes, bar, counts, json_key)
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines,
@@ -182,8 +202,8 @@ def train_tokenizer(
         except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
             if not counts["lines"]:
                 raise UserError(
-                    f"no text to train a tokenizer on: {', '.join(map(str, files))} hold only empty lines; "
-                    "give text files (for JSONL, the text itself, not its JSON lines)"
+                    f"no text to train a tokenizer on: {', '.join(map(str, files))} hold no text (only empty "
+                    "lines, or JSON Lines documents with empty text); give files with text in them"
                 ) from e
             raise UserError(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}"
@@ -206,6 +226,7 @@ def train_tokenizer(
             "sample_seed": _SAMPLE_SEED,
             "input_bytes": total,
             "inputs": [str(p) for p in files],
+            "json_key": json_key,
         },
     }
     write_atomic(model_path, data)

@@ -181,3 +181,20 @@ def test_no_text_to_train_on_is_named(tmp_path):
     empty.write_text("\n\n\n")
     with pytest.raises(UserError, match="no text"):
         train_tokenizer([empty], tmp_path / "t", VOCAB, progress=False)
+
+
+def test_jsonl_inputs_train_on_their_text_not_their_json(tmp_path):
+    """The documents of a JSON Lines file give the same model as the same text in a plain file."""
+    from megatron_lite.cli import main
+
+    docs = [_code_text(40), "x = 1\nprint(x)\n", _code_text(60)]
+    plain = tmp_path / "docs.txt"
+    plain.write_text("\n".join(docs))
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"content": d}) + "\n" for d in docs))
+    from_text = train_tokenizer([plain], tmp_path / "a", VOCAB, progress=False)
+    assert main(["tokenizer", "train", "--input", str(jsonl), "--output", str(tmp_path / "b"),
+                 "--vocab-size", str(VOCAB), "--json-key", "content", "--quiet"]) == 0  # fmt: skip
+    assert (tmp_path / "b.model").read_bytes() == from_text.read_bytes()
+    with pytest.raises(UserError, match="no key 'text'.*--json-key"):
+        train_tokenizer([jsonl], tmp_path / "c", VOCAB, progress=False)

@@ -1,0 +1,51 @@
+"""JSON Lines inputs, shared by ``preprocess`` and ``tokenizer train``: one JSON object per line, its
+text under a key (``--json-key``, default ``text``). Files ending in ``.jsonl`` or ``.json`` are read
+this way; any other file is plain text."""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+from megatron_lite.errors import UserError
+
+JSON_SUFFIXES = (".jsonl", ".json")
+_FORMAT = 'a .jsonl/.json input holds one JSON object per line (JSON Lines), e.g. {"text": "..."}'
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() in JSON_SUFFIXES
+
+
+def decode(raw: bytes, stats: dict) -> str:
+    """UTF-8 text of ``raw``; invalid bytes become U+FFFD and count in ``stats["decode_errors"]``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["decode_errors"] = stats.get("decode_errors", 0) + 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -> str | None:
+    """The ``json_key`` string of line ``lineno`` (``raw``) of ``path``, None for a blank line; one
+    :class:`UserError` naming the line and the fix for anything else."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte order mark is not text
+        raw = raw[len(codecs.BOM_UTF8) :]
+    if not raw.strip():
+        return None
+    try:
+        obj = json.loads(decode(raw, stats))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); {_FORMAT}") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {_FORMAT}")
+    if json_key not in obj:
+        raise UserError(
+            f"{path}:{lineno}: no key {json_key!r} (found {sorted(obj)[:8]}); "
+            "name the key holding the text with --json-key"
+        )
+    value = obj.pop(json_key)
+    if not isinstance(value, str):
+        raise UserError(f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string")
+    return value
