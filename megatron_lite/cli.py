@@ -11,9 +11,13 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from megatron_lite.errors import UserError
+
+# A rank other than 0 that fails waits this long before printing its error itself (see main()).
+ERROR_GRACE_S = 10.0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -227,6 +231,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _report(error: UserError) -> None:
+    """Print ``error: ...`` once per launch. Every rank of a launch usually reaches the same verdict
+    (the config checks, or fail-fast setup), and rank 0 says it. Another rank does not exit at once:
+    its exit makes the launcher (torchrun, srun) kill every rank, rank 0 included, maybe before rank 0
+    has got as far (a slower start, its process-group teardown), and then nobody says anything. So it
+    waits ``ERROR_GRACE_S``, during which rank 0's exit normally ends it, and only then prints the
+    error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data shard)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank != "0":
+        time.sleep(ERROR_GRACE_S)
+        print(f"error: (rank {rank}) {error}", file=sys.stderr, flush=True)
+        return
+    print(f"error: {error}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-lite`` console script."""
     args = parse_args(argv)
@@ -236,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UserError as e:
-        # every rank of a launch reaches the same verdict (fail-fast setup): rank 0 says it once
-        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-            print(f"error: {e}", file=sys.stderr)
+        _report(e)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

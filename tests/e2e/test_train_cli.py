@@ -190,14 +190,24 @@ def test_compiled_blocks_train_like_eager(tiny_args, tmp_path):
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
 
 
-def test_only_rank_zero_prints_a_launch_wide_error(monkeypatch, capsys):
-    """Under torchrun every rank reaches the same verdict; one `error:` line, not one per rank."""
-    monkeypatch.setenv("RANK", "1")
-    assert main(["train", "train.stpes=3"]) == 2
-    assert capsys.readouterr().err == ""
+def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
+    """Under torchrun every rank reaches the same verdict; rank 0 prints the one `error:` line at
+    once. Another rank waits (the launcher stops it when rank 0 exits) and only then prints it, so
+    the error is never lost when rank 0 is slower, or when the error is that rank's alone: its
+    exit would make torchrun kill rank 0 before rank 0 said anything (seen with parallel.tp=3 on
+    4 ranks: torchrun's ChildFailedError, exit code 2, and no reason anywhere)."""
+    import megatron_lite.cli as cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "train.stpes=3"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown config key 'train.stpes'")
+    assert waits == []
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "train.stpes=3"]) == 2
+    assert waits == [cli.ERROR_GRACE_S] and cli.ERROR_GRACE_S >= 5
+    assert capsys.readouterr().err.startswith("error: (rank 1) unknown config key 'train.stpes'")
 
 
 def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corpus, tmp_path, caplog):
