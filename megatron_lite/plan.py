@@ -12,8 +12,10 @@ planned as a GPU's bf16; 4 for fp32), for the ``n`` parameters a rank holds::
 
     parameters  P * n
     gradients   4 * n                      fp32 main grads (``parallel/data_parallel.py``)
-    optimizer   (12 if P == 2 else 8) * n  fp32 master + Adam m, v (masters are the params in fp32);
-                divided by dp with the distributed optimizer (``optim.distributed``)
+    optimizer   (12 if P == 2 else 8) * n  fp32 master + Adam m, v (the replicated optimizer's masters
+                                           are the params themselves in fp32);
+                12 * n / dp with the distributed optimizer (``optim.distributed``), whose fp32
+                master shard is always its own copy, fp32 parameters included
     activations the schedule's peak, see below
 
 Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -264,9 +266,8 @@ def _peak_activation_bytes(cfg: Config, layout: Layout, stage: int) -> float:
 def _stage_memory(cfg: Config, layout: Layout, stage: int) -> StageMemory:
     dims, P = layout.dims, _param_bytes(cfg)
     n = sum(_chunk_parameters(cfg.model, c, dims.tp) for c in layout.partition.for_stage(stage))
-    optimizer = (12 if P == 2 else 8) * n
-    if cfg.optim.distributed:
-        optimizer = -(-optimizer // dims.dp)
+    # DistributedAdamW: master shard + m + v, fp32 params too; ReplicatedAdamW: fp32 params are the masters
+    optimizer = -(-12 * n // dims.dp) if cfg.optim.distributed else (12 if P == 2 else 8) * n
     activations = round(_peak_activation_bytes(cfg, layout, stage))
     return StageMemory(stage, n, P * n, 4 * n, optimizer, activations)
 

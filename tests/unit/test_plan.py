@@ -129,3 +129,30 @@ def test_selective_recompute_is_refused_with_a_split_backward_schedule():
     with pytest.raises(UserError, match=r"parallel.schedule=zb-h1 .* use train.recompute=full"):
         _plan([*base, "parallel.schedule=zb-h1", "train.recompute=selective"], 2)
     _plan([*base, "parallel.schedule=1f1b", "train.recompute=selective"], 2)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_optimizer_bytes_match_the_built_optimizer(dtype, distributed):
+    """The optimizer state the plan counts is what the optimizer allocates after a step: the
+    distributed optimizer keeps its own fp32 master shard even over fp32 parameters (it was planned
+    as 8 bytes per parameter there, a third short); the replicated one uses fp32 params as masters."""
+    from megatron_lite.config import OptimConfig
+    from megatron_lite.parallel.data_parallel import DataParallelGrads
+    from megatron_lite.parallel.optimizer import build_dp_optimizer
+    from megatron_lite.training.build import DTYPES
+
+    extra = [f"train.dtype={dtype}", f"optim.distributed={str(distributed).lower()}"]
+    plan = _plan([*TINY, *extra], 1)
+    model = build_model(plan.cfg.model, seed=0).to(DTYPES[dtype])
+    ddp = DataParallelGrads(model, None, reduce_scatter=distributed)
+    opt = build_dp_optimizer(ddp, OptimConfig())
+    for p in ddp.parameters():
+        p.main_grad.fill_(1e-3)
+    opt.step()
+    state = opt.memory_bytes()
+    own_masters = distributed or dtype != "fp32"  # else the fp32 params are the masters: no new bytes
+    measured = state["exp_avg"] + state["exp_avg_sq"] + (state["master"] if own_masters else 0)
+    assert plan.stages[0].parameters == sum(p.numel() for p in model.parameters())
+    assert plan.stages[0].optimizer_bytes == measured
+    assert plan.stages[0].grad_bytes == sum(b.data.numel() * 4 for b in ddp.buffers)
