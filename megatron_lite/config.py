@@ -256,6 +256,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, args[0], where)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if value is None:  # `path:` with its items commented out, or `data.path=null`: empty
+            return []
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
         if not isinstance(value, list):
@@ -277,12 +279,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if tp is float:
             return float(value)
         if tp is str:
+            if value is None or value == "":  # str(None) would be the path or name 'None'
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
         pass
     else:
         return value
-    raise UserError(f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {value!r}")
+    got = "nothing (null or empty)" if value is None or value == "" else repr(value)
+    raise UserError(
+        f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {got}"
+        + ("; give a value, or leave the key out to keep its default" if got.startswith("nothing") else "")
+    )
 
 
 def _field_types(section: str) -> dict[str, Any]:
@@ -294,6 +302,18 @@ def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), f.name, _coerce(value, _field_types(section)[f.name], f"{section}.{key}"))
 
 
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _is_text(section: str, key: str) -> bool:
+    """Whether ``section.key`` holds a string (or an optional one): its override is taken verbatim."""
+    name = _field_of(section, key).name  # first: an unknown section or key is named
+    tp = _field_types(section)[name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp is str
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars or comma lists)."""
     for item in overrides:
@@ -301,9 +321,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        value = yaml.safe_load(raw) if raw and not raw.startswith("[") else raw
-        if isinstance(value, (dict, list)) and not raw.startswith("["):
-            value = raw
+        if _is_text(section, key):  # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
+            value = None if raw in _YAML_NULLS else raw
+        else:
+            value = yaml.safe_load(raw) if raw and not raw.startswith("[") else raw
+            if isinstance(value, (dict, list)) and not raw.startswith("["):
+                value = raw
         _set(cfg, section, key, value)
     return cfg
 

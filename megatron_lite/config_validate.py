@@ -8,6 +8,7 @@ All three are re-exported by ``megatron_lite.config``, where callers import them
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,29 @@ _POSITIVE = {
     "checkpoint": ("keep",),
     "log": ("every",),
     "data": ("vocab_size",),
+}
+
+# Fields no other check covers, each with its allowed range: AdamW and torch.normal_ raise a bare
+# traceback on a few of these at startup, and the rest train on silently broken (a negative
+# bucket_mb: one-element buckets; a negative checkpoint.every: a save every step).
+_RANGES = {
+    ("model", "rope_theta"): (lambda v: v > 0, "> 0"),
+    ("model", "norm_eps"): (lambda v: v > 0, "> 0"),
+    ("model", "init_std"): (lambda v: v >= 0, ">= 0"),
+    ("parallel", "bucket_mb"): (lambda v: v >= 0, ">= 0 (0: the default size)"),
+    ("parallel", "timeout_s"): (lambda v: v > 0, "> 0 seconds"),
+    ("optim", "lr"): (lambda v: v > 0, "a finite number > 0"),
+    ("optim", "min_lr"): (lambda v: v >= 0, "a finite number >= 0"),
+    ("optim", "decay_steps"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "beta1"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim", "beta2"): (lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim", "eps"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "weight_decay"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "clip_grad"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("train", "eval_every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("train", "exit_after"): (lambda v: v >= 0, ">= 0"),
+    ("checkpoint", "every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("log", "every"): (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -67,6 +91,10 @@ def _check_fields(cfg: Config) -> None:
             value = getattr(getattr(cfg, section), key)
             if value is None or value < 1:
                 raise UserError(f"{section}.{key} must be a positive integer, got {value!r}")
+    for (section, key), (ok, need) in _RANGES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise UserError(f"{section}.{key} must be {need}, got {value!r}")
     o = cfg.optim
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
         raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")

@@ -139,3 +139,39 @@ def test_save_round_trip(tmp_path):
     assert again == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
     assert isinstance(Config().to_dict()["checkpoint"]["async"], bool)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
+     "optim.lr=inf", "parallel.timeout_s=0", "parallel.bucket_mb=-1", "checkpoint.every=-1",
+     "train.eval_every=-5", "train.exit_after=-1", "optim.decay_steps=-3", "optim.beta2=nan"],
+)  # fmt: skip
+def test_out_of_range_values_are_one_error_naming_the_key(override):
+    """Each of these was accepted: a traceback from AdamW or torch.normal_ at startup, or a run
+    silently broken (NaN losses, one-element gradient buckets, a checkpoint every step)."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"^{key} must be .*, got "):
+        resolved(override)
+
+
+def test_null_or_empty_string_keys_are_refused_not_the_text_none(tmp_path):
+    """`dir:` left empty in YAML (or `log.dir=$UNSET`) named the run directory 'None' (or the
+    current directory); an empty `path:` read the dataset prefix 'None'."""
+    for override in ("log.dir=", "log.dir=null", "data.cache_dir=~", "train.dtype="):
+        with pytest.raises(UserError, match=r"expects str, got nothing \(null or empty\); give a value"):
+            load_config(None, [override])
+    f = tmp_path / "c.yaml"
+    f.write_text("log:\n  dir:\n")
+    with pytest.raises(UserError, match=r"'log.dir' expects str, got nothing"):
+        load_config(f)
+    f.write_text("data:\n  path:\n")  # every prefix commented out: empty, the embedded corpus
+    assert load_config(f).data.path == [] == load_config(None, ["data.path=null"]).data.path
+    assert load_config(None, ["data.tokenizer=null"]).data.tokenizer is None  # optional: null is the default
+
+
+def test_string_overrides_are_taken_as_typed():
+    """YAML would read these as numbers or booleans and the run directory became '1000', 'True', '15'."""
+    for text in ("1_000", "on", "017", "12:30", "2024_01", "1e3"):
+        assert load_config(None, [f"log.dir={text}", f"log.wandb_project={text}"]).log.dir == text
+        assert load_config(None, [f"log.wandb_project={text}"]).log.wandb_project == text
