@@ -27,6 +27,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(name: str, option: str = "train.device=") -> torch.device:
     """``auto`` -> this process's CUDA device when there is one, else CPU. ``option``: how the
     user spelled the setting, for the error (``--device `` on the eval command line)."""
+    if name not in ("auto", "cpu", "cuda"):  # else it fell through to CUDA: a traceback on a CPU machine
+        raise UserError(f"{option}{name} is not one of: auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{option}cuda but no CUDA device is available; use {option}auto or {option}cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):

@@ -52,6 +52,9 @@ def test_eval_bad_paths(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path)]) == 2
     assert "is a directory; give one UTF-8 text file" in capsys.readouterr().err
+    argv = ["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "t.txt"), "--device", "gpu"]
+    assert main(argv) == 2  # was a CUDA AssertionError traceback on a CPU machine
+    assert "--device gpu is not one of: auto, cpu, cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
         argv = ["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "t.txt"), "--device", "cuda"]
         assert main(argv) == 2
