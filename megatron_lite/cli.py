@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `megatron-lite plan ... | head`: the reader left, which is no error
+        # Python would print a second traceback flushing stdout at exit: point it at /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # a shell's status for a process that SIGPIPE ended
 
 
 if __name__ == "__main__":

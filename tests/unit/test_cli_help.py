@@ -12,3 +12,18 @@ def test_eval_checkpoint_help_names_what_is_accepted(capsys):
     assert "a run's or one step's" not in text  # a run's log.dir is not a checkpoint
     assert "step_XXXXXXXX" in text and "<log.dir>/checkpoints" in text and "checkpoint.dir" in text
     assert "log.dir itself is not accepted" in text
+
+
+def test_output_piped_into_head_is_no_traceback():
+    """`megatron-lite plan ... | head -3` printed a BrokenPipeError traceback (twice)."""
+    import subprocess
+    import sys
+
+    code = "import sys; from megatron_lite.cli import main; sys.exit(main(sys.argv[1:]))"
+    # a timeline wider than a pipe holds (64 KiB), so the writer is still writing when the reader leaves
+    argv = ["plan", "--world-size", "4", "model.vocab_size=500", "parallel.pp=4", "--width", "50000"]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()  # the reader takes a line, then goes away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
