@@ -37,6 +37,7 @@ def render() -> str:
         "",
         "Generated from `megatron_lite/config.py` by `python -m megatron_lite.config_docs`; do not edit.",
         "Set keys in a YAML file (`section: {key: value}`) or on the command line as `section.key=value`.",
+        "A path starting with `~` (`log.dir=~/runs/a`) is under the home directory.",
         "",
     ]
     for name, section_field in SECTIONS.items():

@@ -175,3 +175,18 @@ def test_string_overrides_are_taken_as_typed():
     for text in ("1_000", "on", "017", "12:30", "2024_01", "1e3"):
         assert load_config(None, [f"log.dir={text}", f"log.wandb_project={text}"]).log.dir == text
         assert load_config(None, [f"log.wandb_project={text}"]).log.wandb_project == text
+
+
+def test_a_leading_tilde_in_a_path_key_is_the_home_directory(tmp_path, monkeypatch):
+    """bash leaves `log.dir=~/runs` alone (not an assignment: the name has a dot): the run went to a
+    directory literally named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(
+        None, ["log.dir=~/runs/a", "data.path=~/d1,x/d2", "data.tokenizer=~/t.model", "checkpoint.resume=auto"]
+    )
+    assert cfg.log.dir == f"{tmp_path}/runs/a" and cfg.data.path == [f"{tmp_path}/d1", "x/d2"]
+    assert cfg.data.tokenizer == f"{tmp_path}/t.model" and cfg.checkpoint.resume == "auto"
+    f = tmp_path / "c.yaml"
+    f.write_text("checkpoint:\n  dir: ~/ck\n  init_from: s3://b/~x\n")
+    assert load_config(f).checkpoint.dir == f"{tmp_path}/ck" and load_config(f).checkpoint.init_from == "s3://b/~x"
+    assert load_config(None, ["log.wandb_project=~p"]).log.wandb_project == "~p"  # not a path
