@@ -128,6 +128,18 @@ def _launch(args: argparse.Namespace) -> int:
     return launch_slurm(job_from_args(args), dry_run=args.dry_run, wait=args.wait)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--width 0`` divided by zero; ``--max-bytes 0`` sampled no
+    text, then blamed the input files for holding none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a positive integer, got {value}")
+    return value
+
+
 def _add_data_verbs(sub) -> None:
     pp = sub.add_parser("preprocess", help="tokenize files/globs/JSONL into a .bin/.idx dataset")
     pp.add_argument("--input", nargs="+", required=True, help="files, globs or .jsonl files")
@@ -144,7 +156,7 @@ def _add_data_verbs(sub) -> None:
     tt.add_argument("--input", nargs="+", required=True, help="text files or globs")
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
     tt.add_argument("--vocab-size", type=int, default=8192)
-    tt.add_argument("--max-bytes", type=int, default=20_000_000, help="sample at most this much text")
+    tt.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="sample at most this much text")
     tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(fn=_tokenizer)
@@ -173,7 +185,7 @@ def _add_launch_verbs(sub) -> None:
     pl.add_argument("--config", help="YAML config file (see configs/)")
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
     pl.add_argument("--json", action="store_true", help="print one JSON line")
-    pl.add_argument("--width", type=int, default=100, help="columns of the pipeline timeline")
+    pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline")
     pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     pl.set_defaults(fn=_plan)
 

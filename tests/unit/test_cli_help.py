@@ -27,3 +27,17 @@ def test_output_piped_into_head_is_no_traceback():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--world-size", "1", "--width", "0"],  # was a ZeroDivisionError traceback
+        ["tokenizer", "train", "--input", "x.txt", "--output", "t", "--max-bytes", "0"],  # "x.txt holds no text"
+    ],
+)
+def test_counts_that_must_be_positive_are_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "expects a positive integer, got 0" in capsys.readouterr().err
