@@ -30,7 +30,9 @@ class JsonlTracker:
 
     A run that starts at ``step`` (resumed from that checkpoint, or 0) first drops the rows of
     later steps an earlier attempt logged past its last usable checkpoint: the steps are run again,
-    and the file keeps one row per step.
+    and the file keeps one row per step. The dropped rows are not lost: they are appended to
+    ``metrics.dropped.jsonl`` beside it (a fresh run in an old run's ``log.dir``, e.g. with another
+    ``checkpoint.dir``, would otherwise erase that run's whole history).
     """
 
     def __init__(self, run_dir: Path, step: int = 0) -> None:
@@ -44,11 +46,19 @@ class JsonlTracker:
         keep = [line for line in lines if _row_step(line) <= step]
         if len(keep) == len(lines):
             return
+        dropped = [line for line in lines if _row_step(line) > step]
+        kept_aside = self.path.with_name("metrics.dropped.jsonl")
+        with kept_aside.open("a") as f:  # first, so a crash below loses no row
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
-        dropped = len(lines) - len(keep)
-        log.warning("metrics.jsonl: dropped %d rows past step %d, which this run logs again", dropped, step)
+        log.warning(
+            "metrics.jsonl: moved %d rows past step %d, which this run logs again, to %s",
+            len(dropped),
+            step,
+            kept_aside,
+        )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")

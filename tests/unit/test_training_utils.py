@@ -125,3 +125,24 @@ def test_a_broken_optional_tracker_is_dropped_with_a_warning(tmp_path, monkeypat
     inactive = Trackers(tmp_path / "other", {}, active=False, tensorboard=True, wandb=True, wandb_project="t")
     inactive.log({"step": 1}, 1)
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
+
+
+def test_rows_dropped_for_a_rerun_are_kept_aside_not_erased(tmp_path, caplog):
+    """A fresh run (step 0) in an old run's log.dir, e.g. with another checkpoint.dir, erased the old
+    run's whole metrics.jsonl; the rows it drops now go to metrics.dropped.jsonl."""
+    old = [{"step": s, "loss": 9.0 - s} for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old) + '{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING):
+        tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=False, wandb_project="t", step=1)
+        tr.log({"step": 2, "loss": 0.5}, 2)
+        tr.close()
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        old[0],
+        {"step": 2, "loss": 0.5},
+    ]
+    aside = (tmp_path / "metrics.dropped.jsonl").read_text()
+    assert aside.splitlines() == [json.dumps(old[1]), json.dumps(old[2]), '{"step": 4, "lo'] and aside.endswith("\n")
+    assert "moved 3 rows past step 1" in caplog.text and "metrics.dropped.jsonl" in caplog.text
+    tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=False, wandb_project="t", step=0)
+    tr.close()  # a second drop appends: the first one's rows stay
+    assert len((tmp_path / "metrics.dropped.jsonl").read_text().splitlines()) == 5
