@@ -114,7 +114,8 @@ class WandbTracker:
         except Exception as e:  # no network: keep the metrics locally (`wandb sync` uploads them later)
             if mode != "online":
                 raise
-            log.warning("W&B could not reach its server (%s); logging offline instead", type(e).__name__)
+            # The cause may be the network or the login (WANDB_MODE=online without an API key): name it.
+            log.warning("W&B could not start online (%s: %s); logging offline instead", type(e).__name__, str(e)[:200])
             mode = "offline"
             self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
         log.info("W&B tracker started (%s mode)", mode)
