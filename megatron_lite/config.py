@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from megatron_lite.config_validate import accumulation_steps, fill_defaults, validate  # noqa: F401  re-exported
+from megatron_lite.config_yaml import read_config_file
 from megatron_lite.errors import UserError
 
 
@@ -326,6 +327,11 @@ def _set(cfg: Config, section: str, key: str, value: Any) -> None:
 _YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
+def _verbatim(raw: str) -> str | None:
+    """A string key's value as written (YAML's null spellings: nothing)."""
+    return None if raw in _YAML_NULLS else raw
+
+
 def _is_text(section: str, key: str) -> bool:
     """Whether ``section.key`` holds a string (or an optional one): its override is taken verbatim."""
     name = _field_of(section, key).name  # first: an unknown section or key is named
@@ -343,7 +349,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if _is_text(section, key):  # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
-            value = None if raw in _YAML_NULLS else raw
+            value = _verbatim(raw)
         else:
             value = yaml.safe_load(raw) if raw and not raw.startswith("[") else raw
             if isinstance(value, (dict, list)) and not raw.startswith("["):
@@ -352,38 +358,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file (if any), then the overrides; returns an unvalidated Config."""
     cfg = Config()
     if path is not None:
         p = Path(path)
-        if p.is_dir():
-            raise UserError(f"config file {str(p)!r} is a directory, not a YAML file (see configs/ for examples)")
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
-        try:
-            data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
-            why = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {why}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config file {str(p)!r} must be a mapping of sections")
+        data, written = read_config_file(p)
         for section, values in data.items():
             if str(section) not in SECTIONS:
                 raise UserError(f"unknown config section {str(section)!r}{_suggest(str(section), list(SECTIONS))}")
@@ -394,7 +374,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     f"config section {section!r} in {str(p)!r} must be a mapping of keys (indented "
                     f"`key: value` lines under `{section}:`), not {type(values).__name__} {values!r}"
                 )
+            as_written = written.get(str(section)) or {}
             for key, value in values.items():
+                raw = as_written.get(str(key))
+                if isinstance(raw, str) and _is_text(str(section), str(key)):  # `dir: 2024_01` is not 202401
+                    value = _verbatim(raw)
                 _set(cfg, str(section), str(key), value)
     return apply_overrides(cfg, overrides or [])
 

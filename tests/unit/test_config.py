@@ -177,6 +177,18 @@ def test_string_overrides_are_taken_as_typed():
         assert load_config(None, [f"log.wandb_project={text}"]).log.wandb_project == text
 
 
+def test_string_keys_in_a_yaml_file_are_taken_as_written(tmp_path):
+    """The same in a file: `dir: 2024_01` was the run directory '202401' (YAML's int)."""
+    f = tmp_path / "c.yaml"
+    for text in ("1_000", "on", "017", "2024_01", "1e3"):
+        f.write_text(f"log:\n  dir: {text}\n  wandb_project: '{text}'\ntrain:\n  steps: 1_000\n")
+        cfg = load_config(f)
+        assert (cfg.log.dir, cfg.log.wandb_project, cfg.train.steps) == (text, text, 1000)  # numbers stay YAML's
+    f.write_text("log:\n  dir: ~\n")  # YAML's null, not a home directory
+    with pytest.raises(UserError, match="got nothing"):
+        load_config(f)
+
+
 def test_a_leading_tilde_in_a_path_key_is_the_home_directory(tmp_path, monkeypatch):
     """bash leaves `log.dir=~/runs` alone (not an assignment: the name has a dot): the run went to a
     directory literally named '~' in the working directory."""

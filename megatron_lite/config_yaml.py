@@ -1,0 +1,46 @@
+"""Reading a config YAML file: one error naming the file and line for anything unreadable, a key
+given twice refused (PyYAML would keep the last), and each scalar also as the text written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from megatron_lite.errors import UserError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice; keep one", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_config_file(p: Path) -> tuple[dict[Any, Any], Any]:
+    """``(sections, as_written)``: the file as YAML values, and as text (``yaml.BaseLoader``: every
+    scalar the string written, so that a name such as ``2024_01`` is not the number 202401)."""
+    if p.is_dir():
+        raise UserError(f"config file {str(p)!r} is a directory, not a YAML file (see configs/ for examples)")
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+    try:
+        text = p.read_text()
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        written = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError as e:
+        where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {why}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {str(p)!r} must be a mapping of sections")
+    return data, written
