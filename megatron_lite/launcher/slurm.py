@@ -55,7 +55,9 @@ class SlurmJob:
     launcher: str = "torchrun"
     cpus_per_rank: int = 8
     python: str = "python3"
-    master_port: int = 29500
+    master_port: int | None = None
+    """Rendezvous port; None: the template's default, a port of the job's own (20000 + job id % 10000),
+    so two jobs sharing a node never meet at one port."""
     job_name: str = "megatron-lite"
     time: str | None = None
     partition: str | None = None
@@ -98,9 +100,10 @@ def template_variables(job: SlurmJob) -> dict[str, str | list[str]]:
         "PYTHON": job.python,
         "LAUNCHER": job.launcher,
         "PROCS_PER_NODE": str(job.procs_per_node),
-        "MASTER_PORT": str(job.master_port),
         "TRAIN_ARGS": (["--config", job.config] if job.config else []) + job.overrides,
     }
+    if job.master_port is not None:
+        variables["MASTER_PORT"] = str(job.master_port)
     if job.container_image:
         variables["CONTAINER_IMAGE"] = job.container_image
         if job.container_mounts:
@@ -205,7 +208,9 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--container-image", help="run in this pyxis/enroot image (launch/train_container.sbatch)")
     p.add_argument("--container-mounts", help="pyxis mounts SRC:DST[,...] (default: submit dir at /workspace)")
     p.add_argument("--python", help="interpreter on the nodes (default: this one; python in a container)")
-    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port on the first node")
+    p.add_argument(
+        "--master-port", type=int, help="rendezvous port on the first node (default: 20000 + job id %% 10000)"
+    )
     p.add_argument("--job-name", default="megatron-lite")
     p.add_argument("--time", help="sbatch --time limit, e.g. 24:00:00 (default: the template's)")
     p.add_argument("--partition", help="sbatch --partition")

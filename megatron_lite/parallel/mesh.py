@@ -39,6 +39,9 @@ from megatron_lite.parallel.comm import Group
 
 MESH_DIMS = ("pp", "dp", "tp")
 DEFAULT_MASTER_PORT = 29500  # torchrun's default
+# SLURM jobs without MASTER_PORT: one port per job, so two jobs sharing a node never share a
+# rendezvous (launch/*.sbatch compute the same: 20000 + SLURM_JOB_ID % 10000, below the ephemeral range)
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
 RESOLVE_TIMEOUT_S = 20.0  # a resolver that hangs is as fatal as one that says "unknown host"
 # Read by the CUDA driver when the context is created, so set before torch touches the GPU. One
 # hardware work queue makes kernels start in issue order: a TP collective issued before the GEMM
@@ -265,9 +268,16 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
 
     torchrun (RANK and WORLD_SIZE set) wins over SLURM, so ``srun torchrun ...`` is torchrun. A bare
     ``srun python ...`` gives SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; its master is MASTER_ADDR
-    if exported, else the first host of SLURM_JOB_NODELIST, and MASTER_PORT or 29500.
+    if exported, else the first host of SLURM_JOB_NODELIST, and MASTER_PORT or the job's own port
+    (:func:`slurm_job_port`). Those variables describe a rank only inside a job step (srun sets
+    SLURM_STEP_ID): the batch script of a 4-task job also has SLURM_PROCID=0 and SLURM_NTASKS=4, and a
+    ``megatron-lite train`` run there is one process, not rank 0 waiting for 3 ranks that never come.
     """
-    port = _int_env(environ, "MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    default_port = DEFAULT_MASTER_PORT
+    if "SLURM_JOB_ID" in environ and "RANK" not in environ:
+        default_port = slurm_job_port(environ["SLURM_JOB_ID"])
+    port = _int_env(environ, "MASTER_PORT", str(default_port))
+    in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         if "MASTER_ADDR" not in environ:
             raise UserError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: launch with torchrun")
@@ -275,7 +285,7 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
         local = _int_env(environ, "LOCAL_RANK", "0")
         local_world = _int_env(environ, "LOCAL_WORLD_SIZE", "1")
         addr, launcher = environ["MASTER_ADDR"], "torchrun"
-    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and in_step:
         rank, world = _int_env(environ, "SLURM_PROCID"), _int_env(environ, "SLURM_NTASKS")
         local = _int_env(environ, "SLURM_LOCALID", "0")
         # "2(x3)": 2 tasks on each of 3 nodes; the first count is this layout's per-node size
@@ -287,6 +297,15 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
     return DistEnv(rank, world, local, addr, port, launcher, local_world)
+
+
+def slurm_job_port(job_id: str) -> int:
+    """The rendezvous port of SLURM job ``job_id`` when MASTER_PORT is not set: 20000 + id % 10000,
+    as the sbatch templates compute it (29500 for an id that is not a number)."""
+    try:
+        return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+    except ValueError:
+        return DEFAULT_MASTER_PORT
 
 
 def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]]) -> str:

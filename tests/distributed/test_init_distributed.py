@@ -28,7 +28,7 @@ def test_torchrun_and_srun_envs_join_one_world():
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
     torchrun = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "127.0.0.1"}
-    srun["MASTER_PORT"] = port
+    srun.update(SLURM_STEP_ID="0", MASTER_PORT=port)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", RANK_SCRIPT],

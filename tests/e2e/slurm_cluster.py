@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "unshare")
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "unshare")
 NODES = ("node1", "node2")
 CPUS_PER_NODE = 8  # declared, not detected (SlurmdParameters=config_overrides)
 
@@ -134,8 +134,22 @@ class SlurmCluster:
         """The daemons' logs (for failure messages)."""
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((self.root / "log").glob("*.log")))
 
+    def cancel_jobs(self, timeout_s: float = 30.0) -> None:
+        """scancel every job and wait until none is left: a test that gave up on its job (a timeout)
+        must not leave its steps running on after the daemons (slurmstepd outlives slurmd)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+            jobs = out.stdout.split()
+            if out.returncode or not jobs:
+                return
+            subprocess.run(["scancel", "--full", *jobs], env=self.env, capture_output=True)
+            time.sleep(1)
+
     def stop(self) -> None:
-        """SIGTERM each daemon by its pid file, then wait for them to go."""
+        """Cancel the jobs left, SIGTERM each daemon by its pid file, then wait for them to go."""
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            self.cancel_jobs()
         pids = [int(p.read_text()) for p in self.pid_files if p.is_file()]
         for pid in reversed(pids):  # slurmds first, munged last
             with contextlib.suppress(ProcessLookupError):

@@ -5,8 +5,12 @@ with tp=2 and dp=2, and the per-step losses equal the one-process run's. Both la
 
 from __future__ import annotations
 
+import shlex
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from slurm_cluster import slurm_cluster_fixture  # noqa: F401  (the `slurm_cluster` fixture)
@@ -27,3 +31,40 @@ def test_sbatch_template_trains_tp2_dp2_on_two_nodes(slurm_cluster, tiny_args, t
     assert "layout ok: 2 nodes x 2 = 4 ranks = pp 1 x dp 2 x tp 2" in r.stdout
     assert (tmp_path / "run" / "slurm" / "train.sbatch").is_file()
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=LOSS_RTOL)
+
+
+def _job_log(run: Path) -> str:
+    return "\n".join(p.read_text()[-4000:] for p in (run / "slurm").glob("slurm-*.out"))
+
+
+def test_a_busy_master_port_fails_the_job_at_once_naming_it(slurm_cluster, tiny_args, tmp_path):
+    """A port another job's rendezvous holds (here: any listener on the first node) must not be
+    joined: torchrun's agent would connect to that job's store and die with it."""
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):  # node1 is 127.0.0.1
+        cmd = [sys.executable, "-m", "megatron_lite.cli", "launch", "slurm", "--cpu", "--nodes", "2"]
+        cmd += ["--procs-per-node", "2", "--master-port", str(port), "--wait"]
+        env = clean_env(SLURM_CONF=str(slurm_cluster.conf))
+        start = time.monotonic()
+        r = subprocess.run(
+            [*cmd, *tiny_args, "parallel.tp=2"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+    log = _job_log(tmp_path / "run")
+    assert r.returncode == 2, f"{r.stdout}\n{r.stderr}\n{log}"
+    assert f"MASTER_PORT={port} is already in use on node1" in log, log
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_in_the_batch_script_itself_is_one_process_not_rank_0_of_the_job(slurm_cluster, tiny_args, tmp_path):
+    """The batch shell of a 4-task job has SLURM_PROCID=0 and SLURM_NTASKS=4 but is no srun task:
+    `megatron-lite train` there is one process (it waited for 3 ranks that never come)."""
+    script = tmp_path / "job.sh"
+    args = " ".join(shlex.quote(a) for a in [*tiny_args, "train.steps=2", "parallel.timeout_s=60"])
+    script.write_text(f"#!/bin/bash\n{shlex.quote(sys.executable)} -m megatron_lite.cli train {args}\n")
+    cmd = ["sbatch", "--wait", "--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path / 'job.out'}", str(script)]
+    env = clean_env(SLURM_CONF=str(slurm_cluster.conf))
+    r = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = (tmp_path / "job.out").read_text()
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{out}"
+    assert len(losses(tmp_path / "run")) == 2

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -46,6 +47,17 @@ def test_cpu_job_renders_without_gpus_and_with_quoted_arguments():
     assert "TRAIN_ARGS=(--config configs/c.yaml 'log.dir=runs/a b')  # megatron-lite train" in script
     assert "\nLAUNCHER=torchrun  #" in script and "\nPROCS_PER_NODE=2  #" in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_rendezvous_port_is_the_jobs_own_unless_given():
+    """Two jobs sharing a node must not meet at one fixed port (29500 was: torchrun's agent of the
+    second job joined the first one's store and died with it)."""
+    for job in (SlurmJob("c.yaml", 2, 2, gpus_per_node=None), SlurmJob("c.yaml", 2, 8, container_image="img")):
+        script = _render(job)
+        assert "\nMASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  #" in script
+        assert "is already in use on $MASTER_ADDR" in script
+        given = _render(dataclasses.replace(job, master_port=23456))
+        assert "\nMASTER_PORT=23456  #" in given
 
 
 def test_srun_style_gets_one_task_per_rank_and_added_directives_follow_the_template():

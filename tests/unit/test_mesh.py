@@ -16,6 +16,7 @@ from megatron_lite.parallel.mesh import (
     parse_nodelist,
     rank_coordinates,
     resolve_env,
+    slurm_job_port,
 )
 
 
@@ -90,6 +91,7 @@ def test_env_torchrun():
 
 def test_env_slurm():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    env["SLURM_STEP_ID"] = "0"  # an srun task
     assert resolve_env(env) == DistEnv(5, 8, 1, "gpu07", 29500, "slurm")
     assert resolve_env({**env, "MASTER_PORT": "6000"}).master_port == 6000
     assert resolve_env({**env, "MASTER_ADDR": "head"}).master_addr == "head"
@@ -98,7 +100,21 @@ def test_env_slurm():
     both = {**env, "RANK": "0", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07"}
     assert resolve_env(both).launcher == "torchrun"
     with pytest.raises(UserError, match="SLURM_JOB_NODELIST"):
-        resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+        resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEPID": "0"})
+
+
+def test_env_slurm_port_is_the_jobs_own_and_the_batch_script_is_no_rank():
+    step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "n[1-2]"}
+    # two jobs on one node must not meet at one rendezvous port: the sbatch templates' formula
+    assert resolve_env({**step, "SLURM_JOB_ID": "123457"}).master_port == 20000 + 123457 % 10000
+    assert resolve_env({**step, "SLURM_JOB_ID": "123457", "MASTER_PORT": "6000"}).master_port == 6000
+    assert slurm_job_port("7") == 20007 and slurm_job_port("x") == 29500
+    # the batch shell of a 2-node x 2-task job (no SLURM_STEP_ID): one process, not rank 0 of 4
+    batch = {k: v for k, v in step.items() if k != "SLURM_STEP_ID"}
+    assert resolve_env({**batch, "SLURM_JOB_ID": "9"}) == DistEnv()
+    # torchrun started from it: torchrun's world
+    torchrun = {**batch, "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "n1", "MASTER_PORT": "29400"}
+    assert resolve_env(torchrun) == DistEnv(1, 2, 0, "n1", 29400, "torchrun")
 
 
 @pytest.mark.parametrize(
