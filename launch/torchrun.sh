@@ -9,6 +9,8 @@
 # Under SLURM use launch/train.sbatch (or `megatron-lite launch slurm`), which runs torchrun the same way.
 # Signals: SIGTERM to torchrun reaches the ranks, which save a checkpoint and exit 0, while torchrun
 # exits 1 (SignalException, its own behaviour); ranks whose torchrun was SIGKILLed get SIGTERM too.
+# torchrun runs as megatron_lite.launcher.torchrun, which passes SIGUSR1 on to the ranks (they save and
+# exit 0, and so does torchrun) instead of dying of it.
 set -euo pipefail
 
 # ---- cluster specifics (environment variables of the same name override these) ----------------
@@ -28,7 +30,7 @@ if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(no
 fi
 if [ "$NNODES" -eq 1 ]; then
   # --standalone: a private rendezvous on a free local port; nothing to configure.
-  exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" \
+  exec "$PYTHON" -m megatron_lite.launcher.torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" \
     -m megatron_lite.train "$@"
 fi
 if [ -z "$MASTER_ADDR" ]; then
@@ -45,6 +47,6 @@ try:
 except UserError as e:
     sys.exit(f"launch/torchrun.sh: {e}")
 EOF
-exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK" \
+exec "$PYTHON" -m megatron_lite.launcher.torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" -m megatron_lite.train "$@"

@@ -68,3 +68,30 @@ def test_train_in_the_batch_script_itself_is_one_process_not_rank_0_of_the_job(s
     out = (tmp_path / "job.out").read_text()
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{out}"
     assert len(losses(tmp_path / "run")) == 2
+
+
+def test_sigusr1_to_the_job_saves_and_the_job_completes(slurm_cluster, tiny_args, tmp_path):
+    """`scancel --signal=USR1` (what `sbatch --signal=USR1@120` sends before the time limit) reaches
+    every process of the step, torchrun too: it must pass it on, not die of it (the step then failed
+    and SLURM killed the ranks KillWait seconds later), so the ranks save and the job completes."""
+    cmd = [sys.executable, "-m", "megatron_lite.cli", "launch", "slurm", "--cpu", "--nodes", "2"]
+    cmd += ["--procs-per-node", "2", "--wait", *tiny_args, "parallel.tp=2", "train.steps=100000"]
+    cmd += ["checkpoint.every=0"]
+    env = clean_env(SLURM_CONF=str(slurm_cluster.conf))
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        job = next(line.split()[-1] for line in proc.stdout if line.startswith("submitted job"))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    log = _job_log(run)
+    assert proc.returncode == 0, f"{out}\n{log}"
+    assert "on a preemption signal; the checkpoint is saved" in log
+    assert "User defined signal" not in log
+    step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 0 < step < 100000 and len(losses(run)) == step

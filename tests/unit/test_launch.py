@@ -60,6 +60,16 @@ def test_rendezvous_port_is_the_jobs_own_unless_given():
         assert "\nMASTER_PORT=23456  #" in given
 
 
+def test_a_requeued_job_appends_to_its_log_and_torchrun_passes_sigusr1_on():
+    """A requeued job (same id, same slurm-%j.out) truncated the log of its earlier run, the one that
+    says why it stopped; torchrun died of SIGUSR1 (launcher/torchrun.py)."""
+    for job in (SlurmJob("c.yaml", 2, 2, gpus_per_node=None), SlurmJob("c.yaml", 2, 8, container_image="img")):
+        script = _render(job)
+        assert _directives(script)["open-mode"] == "append"
+        assert "-m megatron_lite.launcher.torchrun" in script and "torch.distributed.run" not in script
+    assert "-m megatron_lite.launcher.torchrun" in (ROOT / "launch" / "torchrun.sh").read_text()
+
+
 def test_srun_style_gets_one_task_per_rank_and_added_directives_follow_the_template():
     job = SlurmJob(None, 4, 8, launcher="srun", partition="gpu", account="proj", time="1:00:00")
     script = _render(job)
