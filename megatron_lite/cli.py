@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from megatron_lite.errors import UserError
@@ -258,12 +259,33 @@ def _report(error: UserError) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
 
 
+def _launch_rank(environ: Mapping[str, str]) -> str | None:
+    """``"rank R/W"`` of this process in a launch of several ranks (torchrun's RANK / WORLD_SIZE, or an
+    srun task's SLURM_PROCID / SLURM_NTASKS, as ``mesh.resolve_env`` reads them), else None."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world = environ["RANK"], environ["WORLD_SIZE"]
+    elif (
+        "SLURM_PROCID" in environ
+        and "SLURM_NTASKS" in environ
+        and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ)
+    ):
+        rank, world = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+    else:
+        return None
+    return f"rank {rank}/{world}" if world.strip() not in ("", "1") else None
+
+
+def log_format(environ: Mapping[str, str] = os.environ) -> str:
+    """The log line format: with several ranks each line names its rank, since every rank's lines
+    land in one job log (a preemption warning, a failure) and would otherwise read the same."""
+    rank = _launch_rank(environ)
+    return "%(asctime)s " + (f"[{rank}] " if rank else "") + "%(levelname)s %(name)s: %(message)s"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-lite`` console script."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
     try:
         return args.fn(args)
     except UserError as e:

@@ -28,10 +28,19 @@ class PreemptionHandler:
 
     Signal handlers can only be installed from the main thread; elsewhere (a trainer driven from
     a worker thread) nothing is installed and :attr:`requested` stays False.
+
+    ``ignore_after_request``: once a signal came, :meth:`uninstall` leaves the signals ignored instead
+    of putting back the old handlers (the default action ends the process). For a launched rank,
+    whose launchers deliver one preemption twice: SLURM signals every process of the step, and
+    torchrun passes the signal it got on to the ranks, so a second copy can arrive after the rank
+    saved and left the loop, and killed it (torchrun then reported the rank failed).
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+    def __init__(
+        self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS, ignore_after_request: bool = False
+    ) -> None:
         self.signals = signals
+        self.ignore_after_request = ignore_after_request
         self.requested = False
         self._previous: dict[signal.Signals, object] = {}
 
@@ -48,9 +57,10 @@ class PreemptionHandler:
         return self
 
     def uninstall(self) -> None:
-        """Put back the handlers that were there before."""
+        """Put back the handlers that were there before (see ``ignore_after_request``)."""
+        ignore = self.requested and self.ignore_after_request
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if ignore else previous)
         self._previous.clear()
 
     def __enter__(self) -> PreemptionHandler:

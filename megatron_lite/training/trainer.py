@@ -104,7 +104,9 @@ class Trainer:
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
         if resume:
             self._restore(*resume)
-        self.preemption, self.preempted = PreemptionHandler(), False
+        # a launched rank that saved on a signal ignores its second copy (SLURM and torchrun both send it)
+        self.preemption = PreemptionHandler(ignore_after_request=self.env.launcher != "none")
+        self.preempted = False
         self.trackers = Trackers(
             self.run_dir,
             cfg.to_dict(),

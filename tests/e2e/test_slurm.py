@@ -83,7 +83,8 @@ def test_sigusr1_to_the_job_saves_and_the_job_completes(slurm_cluster, tiny_args
     try:
         job = next(line.split()[-1] for line in proc.stdout if line.startswith("submitted job"))
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
+        metrics = run / "metrics.jsonl"  # created empty at setup: wait for a step, all ranks in the loop
+        while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
             time.sleep(0.5)
         subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
         out = proc.communicate(timeout=120)[0]
@@ -93,5 +94,7 @@ def test_sigusr1_to_the_job_saves_and_the_job_completes(slurm_cluster, tiny_args
     assert proc.returncode == 0, f"{out}\n{log}"
     assert "on a preemption signal; the checkpoint is saved" in log
     assert "User defined signal" not in log
+    for rank in range(4):  # each rank's line says which rank it is
+        assert f"[rank {rank}/4] WARNING megatron_lite.training.fault: received SIGUSR1" in log, log
     step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 0 < step < 100000 and len(losses(run)) == step

@@ -19,5 +19,22 @@ def test_signal_sets_the_flag_and_uninstall_restores(sig):
     assert signal.getsignal(sig) == before
 
 
+def test_a_launched_rank_ignores_the_second_copy_of_a_preemption_signal():
+    """SLURM signals every process of a step and torchrun passes its own copy on: one arriving after
+    the rank saved and left the loop killed it."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        with PreemptionHandler(ignore_after_request=True):  # no signal came: the old handlers come back
+            pass
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with PreemptionHandler(ignore_after_request=True) as handler:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        assert handler.requested and all(signal.getsignal(sig) == signal.SIG_IGN for sig in before)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the late copy: ignored (the default action would end pytest)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_any_rank_is_identity_in_one_process():
     assert any_rank([True, False], torch.device("cpu")) == [True, False]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lite.cli import main
+from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.launcher.slurm import (
@@ -68,6 +68,15 @@ def test_a_requeued_job_appends_to_its_log_and_torchrun_passes_sigusr1_on():
         assert _directives(script)["open-mode"] == "append"
         assert "-m megatron_lite.launcher.torchrun" in script and "torch.distributed.run" not in script
     assert "-m megatron_lite.launcher.torchrun" in (ROOT / "launch" / "torchrun.sh").read_text()
+
+
+def test_log_lines_name_their_rank_when_there_are_several():
+    assert log_format({}) == "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    assert "[rank 3/4] %(levelname)s" in log_format({"RANK": "3", "WORLD_SIZE": "4"})
+    srun = {"SLURM_PROCID": "2", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"}
+    assert "[rank 2/4] " in log_format(srun)
+    batch = {"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}  # the batch script: one process, no rank
+    assert "[rank" not in log_format(batch) and "[rank" not in log_format({"RANK": "0", "WORLD_SIZE": "1"})
 
 
 def test_srun_style_gets_one_task_per_rank_and_added_directives_follow_the_template():
