@@ -251,7 +251,8 @@ def _report(error: UserError) -> None:
     has got as far (a slower start, its process-group teardown), and then nobody says anything. So it
     waits ``ERROR_GRACE_S``, during which rank 0's exit normally ends it, and only then prints the
     error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data shard)."""
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    position = _launch_position(os.environ)
+    rank = position[0] if position else "0"
     if rank != "0":
         time.sleep(ERROR_GRACE_S)
         print(f"error: (rank {rank}) {error}", file=sys.stderr, flush=True)
@@ -259,9 +260,10 @@ def _report(error: UserError) -> None:
     print(f"error: {error}", file=sys.stderr, flush=True)
 
 
-def _launch_rank(environ: Mapping[str, str]) -> str | None:
-    """``"rank R/W"`` of this process in a launch of several ranks (torchrun's RANK / WORLD_SIZE, or an
-    srun task's SLURM_PROCID / SLURM_NTASKS, as ``mesh.resolve_env`` reads them), else None."""
+def _launch_position(environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(rank, world size)`` as text in a launch of several ranks (torchrun's RANK / WORLD_SIZE, or an
+    srun step's SLURM_PROCID / SLURM_NTASKS), else None. The precedence of ``mesh.resolve_env``, read
+    without importing torch: this runs before any verb, and for errors raised before the mesh exists."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world = environ["RANK"], environ["WORLD_SIZE"]
     elif (
@@ -272,14 +274,15 @@ def _launch_rank(environ: Mapping[str, str]) -> str | None:
         rank, world = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
     else:
         return None
-    return f"rank {rank}/{world}" if world.strip() not in ("", "1") else None
+    return (rank, world) if world.strip() not in ("", "1") else None
 
 
 def log_format(environ: Mapping[str, str] = os.environ) -> str:
     """The log line format: with several ranks each line names its rank, since every rank's lines
     land in one job log (a preemption warning, a failure) and would otherwise read the same."""
-    rank = _launch_rank(environ)
-    return "%(asctime)s " + (f"[{rank}] " if rank else "") + "%(levelname)s %(name)s: %(message)s"
+    position = _launch_position(environ)
+    tag = f"[rank {position[0]}/{position[1]}] " if position else ""
+    return "%(asctime)s " + tag + "%(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -200,6 +200,7 @@ def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
 
     waits = []
     monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun sets both
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "train.stpes=3"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown config key 'train.stpes'")
