@@ -7,6 +7,8 @@ collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: ``l
 fresh-start check on rank 0 (only it writes there), the kernel and ``checkpoint.dir`` checks on
 every rank (each rank writes its own file into every checkpoint, and on several machines without a
 shared filesystem only that machine's ranks can tell whether the directory is writable there).
+:func:`check_shared_checkpoint_dir` is the exception: a collective, it checks that all ranks see
+one directory.
 
 An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
 and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
@@ -16,16 +18,19 @@ the first save hours later).
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite import kernels
 from megatron_lite.checkpoint.reader import committed_steps, peek_metadata
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.fail_fast import fail_fast_setup
 
 
 def probe_dir(key: str, path: str | Path) -> None:
@@ -77,6 +82,35 @@ def check_checkpoint_dir(cfg: Config, world_size: int = 1) -> None:
             f"checkpoint.dir={ckpt!r} is not writable: {type(e).__name__}: {e}; check the bucket, the "
             "credentials and the endpoint (AWS_ENDPOINT_URL)"
         ) from None
+
+
+def check_shared_checkpoint_dir(cfg: Config, rank: int, world_size: int) -> None:
+    """Collective: every rank sees the same local ``checkpoint.dir``. Each rank writes its own shard
+    there and rank 0 commits the checkpoint, so a directory that is local to each machine (not a
+    shared filesystem) would make every multi-node save fail, or commit shards rank 0 cannot see.
+    Rank 0 writes a file with a fresh token; every rank then reads it back."""
+    ckpt = str(cfg.checkpoint.dir)
+    if world_size == 1 or is_url(ckpt):
+        return
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = Path(ckpt.removeprefix("file://")) / f".megatron-lite-shared-{token[0][:12]}"
+    with fail_fast_setup("checking that checkpoint.dir is shared"):
+        if rank == 0:
+            marker.write_text(token[0])
+    try:
+        with fail_fast_setup("checking that checkpoint.dir is shared"):
+            seen = marker.read_text() if marker.is_file() else None
+            if seen != token[0]:
+                raise UserError(
+                    f"checkpoint.dir={ckpt!r} is not the same directory on every machine: rank {rank} (host "
+                    f"{socket.gethostname()}) does not see the file rank 0 wrote there; every rank writes its "
+                    "shard of each checkpoint there, so use a filesystem all machines share (or an s3:// "
+                    "checkpoint.dir)"
+                )
+    finally:
+        if rank == 0:
+            marker.unlink(missing_ok=True)
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -76,6 +76,7 @@ class Trainer:
             if self.rank == 0:
                 preflight.check_fresh_start(cfg)
                 preflight.check_start_tokenizer(cfg)  # before the embedded corpus is built
+        preflight.check_shared_checkpoint_dir(cfg, self.rank, self.world)  # one machine's view is not enough
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):
