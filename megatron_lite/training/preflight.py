@@ -17,8 +17,10 @@ the first save hours later).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +33,9 @@ from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
+
+
+SHARED_WAIT_S = 5.0  # how long a rank waits to see rank 0's file in a shared checkpoint.dir
 
 
 def probe_dir(key: str, path: str | Path) -> None:
@@ -84,6 +89,19 @@ def check_checkpoint_dir(cfg: Config, world_size: int = 1) -> None:
         ) from None
 
 
+def _appears(marker: Path, token: str) -> bool:
+    """Whether ``marker`` holds ``token`` within ``SHARED_WAIT_S`` (a network filesystem may show
+    another machine's new file a moment late)."""
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        with contextlib.suppress(OSError):
+            if marker.read_text() == token:
+                return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.25)
+
+
 def check_shared_checkpoint_dir(cfg: Config, rank: int, world_size: int) -> None:
     """Collective: every rank sees the same local ``checkpoint.dir``. Each rank writes its own shard
     there and rank 0 commits the checkpoint, so a directory that is local to each machine (not a
@@ -100,8 +118,7 @@ def check_shared_checkpoint_dir(cfg: Config, rank: int, world_size: int) -> None
             marker.write_text(token[0])
     try:
         with fail_fast_setup("checking that checkpoint.dir is shared"):
-            seen = marker.read_text() if marker.is_file() else None
-            if seen != token[0]:
+            if not _appears(marker, token[0]):
                 raise UserError(
                     f"checkpoint.dir={ckpt!r} is not the same directory on every machine: rank {rank} (host "
                     f"{socket.gethostname()}) does not see the file rank 0 wrote there; every rank writes its "

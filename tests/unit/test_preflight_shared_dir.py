@@ -34,8 +34,9 @@ def test_a_shared_checkpoint_dir_passes_and_leaves_nothing(tmp_path, one_process
     assert list(Path(tmp_path).iterdir()) == []
 
 
-def test_a_rank_that_does_not_see_rank_0s_file_is_one_error(tmp_path, one_process):
+def test_a_rank_that_does_not_see_rank_0s_file_is_one_error(tmp_path, one_process, monkeypatch):
     """Rank 1 on another machine: rank 0's file is in rank 0's directory, not in this one."""
+    monkeypatch.setattr(preflight, "SHARED_WAIT_S", 0.3)
     one_process["token"] = "f" * 32  # what rank 0 sent; its file went to its own machine's disk
     cfg = Config()
     cfg.checkpoint.dir = str(tmp_path / "local")
