@@ -34,7 +34,6 @@ from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 
-
 SHARED_WAIT_S = 5.0  # how long a rank waits to see rank 0's file in a shared checkpoint.dir
 
 
