@@ -239,7 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(x.startswith("-") for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            dashed = next((x for x in extra if x.startswith("-") and "." in x.split("=")[0]), None)
+            hint = f" (config overrides take no dashes: {dashed.lstrip('-')})" if dashed else ""
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
         args.overrides = [*args.overrides, *extra]
     return args
 

@@ -348,6 +348,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
+        if raw == "" and typing.get_origin(_field_types(section)[_field_of(section, key).name]) is list:
+            raise UserError(  # most likely an unset shell variable: `data.path=$DATA`
+                f"override {item!r} gives {dotted} no value; leave it out for its default (for data.path: the "
+                f"embedded corpus), or write {dotted}=[] for an empty list"
+            )
         if _is_text(section, key):  # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
             value = _verbatim(raw)
         else:

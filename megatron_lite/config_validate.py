@@ -150,7 +150,9 @@ def _check_layout(cfg: Config, world_size: int) -> int:
     if t.global_batch_size % per_step:
         raise UserError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}"
+            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}; set train.global_batch_size="
+            f"{max(per_step, t.global_batch_size // per_step * per_step)} or a train.micro_batch_size that divides "
+            f"{t.global_batch_size // dp if t.global_batch_size % dp == 0 else 'it'}"
         )
     return dp
 

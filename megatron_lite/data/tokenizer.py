@@ -205,8 +205,9 @@ def train_tokenizer(
                     f"no text to train a tokenizer on: {', '.join(map(str, files))} hold no text (only empty "
                     "lines, or JSON Lines documents with empty text); give files with text in them"
                 ) from e
+            hint = "; lower --vocab-size (vocab_size) or give more text" if "Vocabulary size" in str(e) else ""
             raise UserError(
-                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}"
+                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
             ) from e
     data = model.getvalue()
     meta = {
@@ -240,6 +241,8 @@ class Tokenizer:
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
         fix = "train one with `megatron-lite tokenizer train ...` or point data.tokenizer at a .model file"
+        if self.path.suffix != ".model" and self.path.with_name(self.path.name + ".model").is_file():
+            fix = f"did you mean {self.path}.model? (`tokenizer train --output {self.path}` wrote that file)"
         try:
             data = self.path.read_bytes()
         except OSError as e:

@@ -202,3 +202,18 @@ def test_a_leading_tilde_in_a_path_key_is_the_home_directory(tmp_path, monkeypat
     f.write_text("checkpoint:\n  dir: ~/ck\n  init_from: s3://b/~x\n")
     assert load_config(f).checkpoint.dir == f"{tmp_path}/ck" and load_config(f).checkpoint.init_from == "s3://b/~x"
     assert load_config(None, ["log.wandb_project=~p"]).log.wandb_project == "~p"  # not a path
+
+
+def test_an_empty_list_override_is_refused_not_the_embedded_corpus():
+    """`data.path=$DATA` with DATA unset trained on the embedded corpus without a word."""
+    with pytest.raises(UserError, match=r"'data.path=' gives data.path no value.*data.path=\[\]"):
+        load_config(None, ["data.path="])
+    assert load_config(None, ["data.path=[]"]).data.path == []
+
+
+def test_a_dashed_override_names_the_undashed_form(capsys):
+    from megatron_lite.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["train", "--train.steps=2"])
+    assert "config overrides take no dashes: train.steps=2" in capsys.readouterr().err

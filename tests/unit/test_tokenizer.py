@@ -198,3 +198,16 @@ def test_jsonl_inputs_train_on_their_text_not_their_json(tmp_path):
     assert (tmp_path / "b.model").read_bytes() == from_text.read_bytes()
     with pytest.raises(UserError, match="no key 'text'.*--json-key"):
         train_tokenizer([jsonl], tmp_path / "c", VOCAB, progress=False)
+
+
+def test_a_tokenizer_prefix_in_place_of_its_model_file_is_named(model_path, tmp_path):
+    prefix = model_path.with_suffix("")  # what `tokenizer train --output` was given
+    with pytest.raises(UserError, match=rf"did you mean {prefix}\.model\?"):
+        Tokenizer(prefix)
+
+
+def test_a_vocabulary_too_large_for_the_corpus_names_the_flag(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("def f(x):\n    return x\n" * 20)
+    with pytest.raises(UserError, match="Vocabulary size too high.*lower --vocab-size"):
+        train_tokenizer([small], tmp_path / "t", 4000, progress=False)
