@@ -18,6 +18,7 @@ the first save hours later).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import time
@@ -127,6 +128,27 @@ def check_shared_checkpoint_dir(cfg: Config, rank: int, world_size: int) -> None
     finally:
         if rank == 0:
             marker.unlink(missing_ok=True)
+
+
+def memory_warning(cfg: Config, world_size: int, device: torch.device, local_world_size: int = 1) -> str | None:
+    """A warning when ``megatron-lite plan``'s peak estimate for one rank exceeds what this rank has
+    (the GPU's memory, or the machine's RAM shared by its local ranks), else None. Only a warning:
+    the estimate can err, but an out-of-memory kill (the kernel's OOM killer on CPU) says nothing."""
+    from megatron_lite.plan import make_plan  # the planner imports the model: only when asked
+
+    need = make_plan(copy.deepcopy(cfg), world_size).memory_bytes_per_rank
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} holds"
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_world_size)
+        where = f"this machine's RAM is, per local rank ({local_world_size}),"
+    if need <= have:
+        return None
+    return (
+        f"`megatron-lite plan` estimates {need / 2**30:.1f} GiB per rank at peak, and {where} {have / 2**30:.1f} "
+        "GiB: expect an out-of-memory failure; lower train.micro_batch_size or model.seq_len, set "
+        "train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
+    )
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -82,6 +82,9 @@ class Trainer:
         with fail_fast_setup("checking the config"):
             self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
             self._check_vocab()
+        local_ranks = self.env.local_world_size
+        if self.rank == 0 and (why := preflight.memory_warning(cfg, self.world, self.device, local_ranks)):
+            log.warning("%s", why)
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)
