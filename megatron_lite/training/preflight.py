@@ -136,7 +136,10 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
     the estimate can err, but an out-of-memory kill (the kernel's OOM killer on CPU) says nothing."""
     from megatron_lite.plan import make_plan  # the planner imports the model: only when asked
 
-    need = make_plan(copy.deepcopy(cfg), world_size).memory_bytes_per_rank
+    try:
+        need = make_plan(copy.deepcopy(cfg), world_size).memory_bytes_per_rank
+    except UserError:  # a layout plan cannot model (the trainer checked it already): no estimate, no warning
+        return None
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} holds"
     else:
