@@ -166,6 +166,30 @@ def _output_paths(files: list[Path], out_prefix: str | Path) -> tuple[Path, Path
     return model_path, meta_path
 
 
+def _record(data: bytes, vocab_size: int, max_bytes: int, total: int, files: list[Path], json_key: str) -> dict:
+    """``PREFIX.json`` of a trained model: ids, hash, and everything its training depended on."""
+    return {
+        "format": "megatron-lite-tokenizer",
+        "version": 1,
+        "vocab_size": vocab_size,
+        "pad_id": PAD_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+        "unk_id": UNK_ID,
+        "newline_id": UNK_ID + 1,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "sentencepiece_version": spm.__version__,
+        "training": {
+            **TRAINING_SETTINGS,
+            "max_bytes": max_bytes,
+            "sample_seed": _SAMPLE_SEED,
+            "input_bytes": total,
+            "inputs": [str(p) for p in files],
+            "json_key": json_key,
+        },
+    }
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_prefix: str | Path,
@@ -210,26 +234,7 @@ def train_tokenizer(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
             ) from e
     data = model.getvalue()
-    meta = {
-        "format": "megatron-lite-tokenizer",
-        "version": 1,
-        "vocab_size": vocab_size,
-        "pad_id": PAD_ID,
-        "bos_id": BOS_ID,
-        "eos_id": EOS_ID,
-        "unk_id": UNK_ID,
-        "newline_id": UNK_ID + 1,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "sentencepiece_version": spm.__version__,
-        "training": {
-            **TRAINING_SETTINGS,
-            "max_bytes": max_bytes,
-            "sample_seed": _SAMPLE_SEED,
-            "input_bytes": total,
-            "inputs": [str(p) for p in files],
-            "json_key": json_key,
-        },
-    }
+    meta = _record(data, vocab_size, max_bytes, total, files, json_key)
     write_atomic(model_path, data)
     write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return model_path

@@ -65,18 +65,7 @@ class Trainer:
         self.env = init_distributed(cfg.parallel.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
-        with fail_fast_setup("checking the kernels and run directories"):
-            if cfg.train.dtype == "fp8" and (why := fp8.device_problem(self.device)):  # the rest: check_layout
-                raise UserError(f"train.dtype=fp8: {why}")
-            preflight.check_kernels(cfg.kernels.backend, self.device)
-            # before any slow work: a bad path would otherwise fail the first save (and hang the peers)
-            if self.rank == 0:
-                preflight.check_log_dir(cfg)
-            preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
-            if self.rank == 0:
-                preflight.check_fresh_start(cfg)
-                preflight.check_start_tokenizer(cfg)  # before the embedded corpus is built
-        preflight.check_shared_checkpoint_dir(cfg, self.rank, self.world)  # one machine's view is not enough
+        self._preflight()
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):
@@ -124,6 +113,23 @@ class Trainer:
         peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
         self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
         self._log_setup()
+
+    def _preflight(self) -> None:
+        """The startup checks that need no data: kernels and fp8 on this device, and the run and
+        checkpoint directories, before any slow work (a bad path would otherwise fail the first
+        save, and hang the peers)."""
+        cfg = self.cfg
+        with fail_fast_setup("checking the kernels and run directories"):
+            if cfg.train.dtype == "fp8" and (why := fp8.device_problem(self.device)):  # the rest: check_layout
+                raise UserError(f"train.dtype=fp8: {why}")
+            preflight.check_kernels(cfg.kernels.backend, self.device)
+            if self.rank == 0:
+                preflight.check_log_dir(cfg)
+            preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
+            if self.rank == 0:
+                preflight.check_fresh_start(cfg)
+                preflight.check_start_tokenizer(cfg)  # before the embedded corpus is built
+        preflight.check_shared_checkpoint_dir(cfg, self.rank, self.world)  # one machine's view is not enough
 
     def _make_checkpointer(self, source: CheckpointReader | None) -> Checkpointer:
         """The writer. Rank 0 copies into every checkpoint the tokenizer and, when the run starts
