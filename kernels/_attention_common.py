@@ -130,12 +130,28 @@ def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def query_tile(CAUSAL: tl.constexpr):
-    """This program's query tile. Causal: the last tiles (the most keys) first, so that the longest
-    programs start in the first wave and the short ones fill the tail, not the other way round."""
+def query_program(H, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(start_m, bh, b, h, offs_m) of a program that owns one query tile of head h of batch b. Causal:
+    the last tiles (the most keys) first, so that the longest programs start in the first wave and
+    the short ones fill the tail, not the other way round."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+    start_m = tile * BLOCK_M
+    bh = tl.program_id(1)
+    return start_m, bh, bh // H, bh % H, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def key_ranges(start_m, T, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(split, hi) for a query tile at start_m: key tiles in [0, split) need no mask (keys below every
+    query of the tile, all inside T); [split, hi) do. Causal: keys past the tile's last query are
+    skipped, about half the work."""
     if CAUSAL:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
-    return tl.program_id(0)
+        split = (start_m // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M, T)
+    else:
+        split = (T // BLOCK_N) * BLOCK_N
+        hi = T
+    return split, hi
 
 
 def launch_args(q: torch.Tensor) -> dict:

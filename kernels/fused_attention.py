@@ -34,10 +34,11 @@ from megatron_lite.kernels._attention_common import (
     describable,
     descriptor,
     dot,
+    key_ranges,
     launch_args,
     load_tile,
     prune,
-    query_tile,
+    query_program,
     set_blocks,
     store_tile,
 )
@@ -84,22 +85,12 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = query_tile(CAUSAL) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Tiles before `split` need no mask (a compare and a select per score saved); the rest do.
-    if CAUSAL:
-        split = (start_m // BLOCK_N) * BLOCK_N  # keys below every query of this tile
-        hi = tl.minimum(start_m + BLOCK_M, T)  # keys past the tile's last query: skipped, ~half the work
-    else:
-        split = (T // BLOCK_N) * BLOCK_N
-        hi = T
+    split, hi = key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)  # unmasked tiles save a compare and a select
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
                                False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, split, hi, T, qk_scale,

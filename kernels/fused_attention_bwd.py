@@ -24,10 +24,11 @@ from megatron_lite.kernels._attention_common import (
     configs,
     descriptor,
     dot,
+    key_ranges,
     launch_args,
     load_tile,
     prune,
-    query_tile,
+    query_program,
     set_blocks,
     store_tile,
 )
@@ -151,23 +152,13 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m = query_tile(CAUSAL) * BLOCK_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
     do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Key tiles before `split` lie below every query of this tile and inside T: no mask.
-    if CAUSAL:
-        split = (start_m // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(start_m + BLOCK_M, T)
-    else:
-        split = (T // BLOCK_N) * BLOCK_N
-        hi = T
+    split, hi = key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
                    False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
     dq = _dq_tiles(dq, q, do, lse, delta, K, V, b, h // GROUP, offs_m, split, hi, T, qk_scale,
