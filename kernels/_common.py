@@ -22,7 +22,7 @@ MAX_ROW_BLOCK = 65536
 
 # Programs per SM of the norms' backward (see reduction_programs), and its warps per program (None:
 # row_block's choice for the row); tools/bench/kernel_sweep.py varies both.
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 1
 BWD_WARPS: int | None = None
 
 
@@ -54,6 +54,31 @@ def row_block(n_cols: int) -> tuple[int, int]:
     return block, warps
 
 
+# Shared memory the norms' backward uses beside its pipelined rows (its reductions' scratch: 8 KB for
+# fp32 rows of 8192 at 16 warps on sm_90); pipeline_stages leaves this much free.
+REDUCTION_SCRATCH = 16 * 1024
+
+
+@functools.cache
+def _max_shared_memory(index: int) -> int:
+    """Bytes of shared memory one program may use on CUDA device ``index`` (Triton's own launch limit)."""
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def pipeline_stages(stages: int | None, row_bytes: int, device: torch.device) -> int | None:
+    """The norms' backward row-loop depth: ``stages``, lowered until its buffers fit shared memory.
+
+    Triton keeps ``stages - 1`` rows of every streamed input in flight there; ``row_bytes`` is one row
+    of all of them. fp32 rows of 8192 with a residual gradient (3 inputs, 96 KiB a row) at 4 stages
+    would ask an H100 for 303 KB of its 227 KB; 3 stages fit. None (Triton's choice) is kept as is.
+    """
+    if stages is None or device.type != "cuda":
+        return stages
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fit = 1 + (_max_shared_memory(index) - REDUCTION_SCRATCH) // row_bytes
+    return max(1, min(stages, fit))
+
+
 def backward_warps(row_warps: int) -> int:
     """Warps per program of the norms' backward: ``BWD_WARPS`` when set, else ``row_warps``."""
     return BWD_WARPS or row_warps
@@ -68,12 +93,11 @@ def reduction_programs(n_rows: int, device: torch.device) -> int:
     """Programs for a backward that also sums a per-column gradient (dW) over rows.
 
     Each program loops over a contiguous run of rows and writes one fp32 partial row; torch sums the
-    partials. Two programs per SM, each pipelining its row loop three rows deep (``BWD_STAGES``), is
-    the fastest pairing measured (tools/bench/kernel_sweep.py, H100 SXM, bf16 16384 x 4096 fwd+bwd):
-    RMSNorm 0.244 ms at 2 per SM against 0.250 / 0.253 / 0.251 ms at 1 / 4 / 8, LayerNorm 0.258 ms
-    against 0.264 / 0.276 / 0.274; without pipelining 8 per SM was best (0.258 ms). More programs
-    only queue once the registers of the resident ones are used up. Under the interpreter programs
-    run one after another, so few.
+    partials. One program per SM, pipelining its row loop four rows deep (``BWD_STAGES``), is the
+    fastest pairing measured (tools/bench/kernel_sweep.py, H100 SXM, bf16 16384 x 4096 fwd+bwd):
+    RMSNorm 0.240 ms against 0.245 at 2 per SM and 3 stages, 0.254 at 4 per SM; LayerNorm 0.241
+    against 0.249 and 0.258; with the residual 0.374 against 0.379 and 0.387. Warps (8 or 16) change
+    nothing measurable. Under the interpreter programs run one after another, so few.
     """
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

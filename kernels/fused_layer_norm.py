@@ -13,10 +13,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block, row_mask
+from megatron_lite.kernels._common import (
+    as_rows,
+    backward_warps,
+    pipeline_stages,
+    reduction_programs,
+    row_block,
+    row_mask,
+)
 
 # Software-pipelining depth of the backward's row loop, as in fused_rms_norm.
-BWD_STAGES: int | None = 3
+BWD_STAGES: int | None = 4
 
 
 @triton.jit
@@ -112,6 +119,7 @@ def layer_norm_bwd(
     n_rows, n_cols = x.shape
     block, warps = row_block(n_cols)
     programs = reduction_programs(n_rows, x.device)
+    stages = pipeline_stages(BWD_STAGES, block * x.element_size() * 2, x.device)  # streamed: dy, x
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # dW's and dB's partials side by side, so one sum and one cast finish both.
     parts = torch.empty(programs, 1 + has_bias, n_cols, device=x.device, dtype=torch.float32)
@@ -119,7 +127,7 @@ def layer_norm_bwd(
         dy, x, weight, mean, rstd, dx, parts[:, 0], parts[:, -1],
         dy.stride(0), x.stride(0), dx.stride(0), parts.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_BIAS=has_bias, BLOCK_N=block, EVEN=n_cols == block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
+        HAS_BIAS=has_bias, BLOCK_N=block, EVEN=n_cols == block, STAGES=stages, num_warps=backward_warps(warps),
     )  # fmt: skip
     sums = parts.sum(0).to(weight.dtype)
     return dx, sums[0], sums[1] if has_bias else None

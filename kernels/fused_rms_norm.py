@@ -14,11 +14,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from megatron_lite.kernels._common import as_rows, backward_warps, reduction_programs, row_block, row_mask
+from megatron_lite.kernels._common import (
+    as_rows,
+    backward_warps,
+    pipeline_stages,
+    reduction_programs,
+    row_block,
+    row_mask,
+)
 
 # Software-pipelining depth of the backward's row loop: rows whose loads are in flight at once
-# (None leaves it to Triton). 3 measured fastest on an H100, see _common.reduction_programs.
-BWD_STAGES: int | None = 3
+# (None leaves it to Triton), lowered where the rows would not fit shared memory (pipeline_stages).
+# 4 measured fastest on an H100, see _common.reduction_programs.
+BWD_STAGES: int | None = 4
 
 
 @triton.jit
@@ -113,6 +121,8 @@ def rms_norm_bwd(
     n_rows, n_cols = x.shape
     block, warps = row_block(n_cols)
     programs = reduction_programs(n_rows, x.device)
+    streamed = 3 if dh is not None else 2  # dy, x (and dh) stream through the row loop
+    stages = pipeline_stages(BWD_STAGES, block * x.element_size() * streamed, x.device)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dw_part = torch.empty(programs, n_cols, device=x.device, dtype=torch.float32)
     dhh = dh if dh is not None else dy
@@ -120,7 +130,7 @@ def rms_norm_bwd(
         dy, dhh, x, weight, rstd, dx, dw_part,
         dy.stride(0), dhh.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, triton.cdiv(n_rows, programs),
-        HAS_DH=dh is not None, BLOCK_N=block, EVEN=n_cols == block, STAGES=BWD_STAGES, num_warps=backward_warps(warps),
+        HAS_DH=dh is not None, BLOCK_N=block, EVEN=n_cols == block, STAGES=stages, num_warps=backward_warps(warps),
     )  # fmt: skip
     return dx, dw_part.sum(0).to(weight.dtype)
 

@@ -37,6 +37,10 @@ import torch
 
 SHAPES = dict(batch=2, seq=4096, hidden=4096, ffn=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: reduction_programs sizes the norms' backward grid by it
+# Shared memory per program (opt-in maximum): pipeline_stages fits the norms' backward into it; a
+# kernel asking for more compiles but fails at launch with OutOfResources.
+MAX_SHARED = {80: 166912, 90: 232448}
+WIDE = 8192  # fp32 rows this wide (or 16-bit rows twice as wide) fill shared memory at 3 rows a stage
 # Text of ptxas's advisories C7510-C7515: wgmma.mma_async serialized (for register pressure, foreign
 # writes to accumulators, ...): the wgmma pipeline the kernel meant to have is gone.
 WGMMA_SERIALIZED = "wgmma.mma_async instructions are serialized"
@@ -118,6 +122,7 @@ def launches(arch: int) -> list[Launch]:
     q, k = _meta(B, T, H, hd).transpose(1, 2), _meta(B, T, HKV, hd).transpose(1, 2)  # as the model passes them
     o, lse = _meta(B, H, T, hd), _meta(B, H, T, dtype=torch.float32)
     logits, target = _meta(rows, s["vocab"]), _meta(rows, dtype=torch.int64)
+    xw, ww = _meta(64, WIDE, dtype=torch.float32), _meta(WIDE, dtype=torch.float32)
     rms, ln, sw = m["fused_rms_norm"], m["fused_layer_norm"], m["fused_swiglu"]
     rope, ce, fa = m["fused_rope"], m["fused_cross_entropy"], m["fused_attention"]
     calls: list[tuple[str, Callable[[], object]]] = [
@@ -127,6 +132,8 @@ def launches(arch: int) -> list[Launch]:
         ("+residual", lambda: rms.rms_norm_bwd(x, x, x, w, stat)),
         ("+bias", lambda: ln.layer_norm_fwd(x, w, w, 1e-5)),
         ("+bias", lambda: ln.layer_norm_bwd(x, x, w, True, stat, stat)),
+        ("+residual_fp32_wide", lambda: rms.rms_norm_bwd(xw, xw, xw, ww, stat[:64])),
+        ("+bias_fp32_wide", lambda: ln.layer_norm_bwd(xw, xw, ww, True, stat[:64], stat[:64])),
         ("", lambda: sw.swiglu_fwd(g, u)),
         ("", lambda: sw.swiglu_bwd(x.new_empty(g.shape), g, u)),
         ("_fwd", lambda: rope.rope_rotate(q_view, cos, cos, inverse=False)),
@@ -137,12 +144,16 @@ def launches(arch: int) -> list[Launch]:
         ("", lambda: fa.attention_bwd(o, q, k, k, o, lse, causal=True)),
     ]
     with ExitStack() as stack:
-        # reduction_programs asks the device for its SM count: answer for the target instead.
-        stack.enter_context(mock.patch("megatron_lite.kernels._common._sm_count", lambda i: SM_COUNT.get(arch, 132)))
+        # reduction_programs and pipeline_stages ask the device for its SMs and shared memory: answer for the target.
+        common = "megatron_lite.kernels._common"
+        stack.enter_context(mock.patch(f"{common}._sm_count", lambda i: SM_COUNT.get(arch, 132)))
+        stack.enter_context(mock.patch(f"{common}._max_shared_memory", lambda i: MAX_SHARED.get(arch, 232448)))
         cuda = torch.device("cuda", 0)
-        for mod in m.values():
+        for mod in m.values():  # the launchers ask these of their (meta) tensors' device: ask for a GPU's
             if real := getattr(mod, "reduction_programs", None):
                 stack.enter_context(mock.patch.object(mod, "reduction_programs", lambda r, d, f=real: f(r, cuda)))
+            if real := getattr(mod, "pipeline_stages", None):
+                stack.enter_context(mock.patch.object(mod, "pipeline_stages", lambda s, b, d, f=real: f(s, b, cuda)))
         return [launch for suffix, call in calls for launch in _record(list(m.values()), call, suffix)]
 
 
@@ -295,20 +306,20 @@ def analyse(arch: int, all_tiles: bool = False, only: str | None = None) -> list
 
 def table(rows: list[dict]) -> str:
     """Human-readable report: a line per config and per further innermost loop, advisories beneath."""
-    head = f"{'kernel':<24}{'config':<16}{'regs':>5}{'spill st/ld':>12}{'smem KB':>8}  innermost loops: instrs, classes"
+    head = f"{'kernel':<36}{'config':<16}{'regs':>5}{'spill st/ld':>12}{'smem KB':>8}  innermost loops: instrs, classes"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kernel']:<24}{r['config']:<16}FAILED: {r['error'].splitlines()[0]}")
+            lines.append(f"{r['kernel']:<36}{r['config']:<16}FAILED: {r['error'].splitlines()[0]}")
             continue
         loops = [
             f"{lp['instructions']:>4}: " + " ".join(f"{op} {n}" for op, n in list(lp["classes"].items())[:6])
             for lp in r["loops"]
         ]
         spills = f"{r['spill_stores']}/{r['spill_loads']}"
-        lines.append(f"{r['kernel']:<24}{r['config']:<16}{r['registers']:>5}{spills:>12}"
+        lines.append(f"{r['kernel']:<36}{r['config']:<16}{r['registers']:>5}{spills:>12}"
                      f"{r['shared'] / 1024:>8.1f}  {loops[0] if loops else '-'}")  # fmt: skip
-        lines += [" " * 67 + loop for loop in loops[1:]]
+        lines += [" " * 79 + loop for loop in loops[1:]]
         lines += [f"{'':<4}! {adv}" for adv in r["advisories"]]
     return "\n".join(lines)
 

@@ -28,6 +28,7 @@ KERNELS = {
     "rms_norm_fwd", "rms_norm_fwd+residual", "rms_norm_bwd", "rms_norm_bwd+residual",
     "layer_norm_fwd+bias", "layer_norm_bwd+bias", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd",
     "ce_fwd", "ce_bwd", "attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq",
+    "rms_norm_bwd+residual_fp32_wide", "layer_norm_bwd+bias_fp32_wide",
 }  # fmt: skip
 # Default configs that spill today, by arch: before Hopper the attention kernels' tensor descriptors
 # lower to per-element masked loads (no cp.async) and spill (Triton 3.9, bytes stored/loaded: attn_fwd
@@ -87,6 +88,16 @@ def test_default_configs_do_not_spill(reports: dict[int, dict], arch: int) -> No
                 if r["spill_stores"] or r["spill_loads"]}  # fmt: skip
     expected = KNOWN_SPILLS.get(arch, set())
     assert set(spilling) == expected, f"sm_{arch} spills (config, store/load bytes): {spilling}; known: {expected}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_fits_shared_memory(reports: dict[int, dict], arch: int) -> None:
+    """A kernel that asks for more shared memory than a program may have compiles, then fails at launch
+    (OutOfResources). The fp32 *_wide cases are where the norms' pipelined backward would overflow."""
+    limit = kernel_static.MAX_SHARED[arch]
+    over = {f"{r['kernel']} {r['config']}": r["shared"] for r in reports[arch]["kernels"]
+            if "error" not in r and r["shared"] > limit}  # fmt: skip
+    assert not over, f"sm_{arch}: shared memory (bytes) over the {limit} a program may use: {over}"
 
 
 def test_attention_wgmma_not_serialized(reports: dict[int, dict]) -> None:
