@@ -24,24 +24,23 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Sequences up to this many tokens run one tile without autotuning (see prune).
 SHORT = 256
 
-# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128. With pointer loads, at B4 H32
-# T4096 D128 causal bf16 on an H100 SXM (tools/bench/kernel_sweep.py; forward ms): 128x64 w8 s4 1.29,
-# 128x64 w8 s3 1.31, 128x128 w8 s3 1.31, 64x64 w4 s3 1.35. Descriptor loads free registers
-# (tools/kernel_static.py, sm_90): 128x128 w8 needs 191 instead of 255, so 128-key tiles no longer
-# spill, and they issue 7.8 instructions per score in the unmasked loop against 10.8 for 64-key
-# tiles (the accumulator's rescale is spread over twice the keys); 64x64 w4 needs 138 instead of
-# 188, so two 4-warp programs share an SM. An 8-warp program's two warpgroups meet at 3 barriers
-# per key tile, so their softmaxes and matmuls run in lockstep; separate programs on one SM do not,
-# and one's softmax can overlap another's matmuls: 64x128 w4 s1 (188 registers, 49 KB) fits two per
-# SM, 64x64 w4 s2 (138, 81 KB) two, 64x64 w4 s1 (123, 32 KB) three. Tiles that exceed shared memory
-# are skipped by autotune. The last, smallest tile of each list is fp32's (prune).
+# Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128, measured at B4 H32 T4096 D128
+# causal bf16 on an H100 SXM (tools/bench/kernel_sweep.py, ms; BENCHMARKS.md). Forward: 64x64 w4 s3
+# 1.21, 128x128 w8 s3 1.23, 128x64 w8 s3 1.26, 64x64 w4 s1 1.25-1.31, 128x64 w8 s4 1.27-1.29.
+# Descriptor loads free registers (tools/kernel_static.py, sm_90): 64x64 w4 needs 138 and 113 KB of
+# shared memory, so two 4-warp programs share an SM and one's softmax can overlap the other's
+# matmuls (an 8-warp program's two warpgroups meet at 3 barriers per key tile and run in lockstep);
+# 128x128 w8 needs 191 (no spill) and issues 7.8 instructions per score against 10.8 for 64-key
+# tiles. Tiles that exceed shared memory are skipped by autotune. The last, smallest tile of each
+# list is fp32's (prune).
 FWD_TILES = [
-    (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 8, 3),
-    (64, 128, 4, 1), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2),
+    (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+    (64, 64, 4, 1), (64, 128, 4, 1), (128, 128, 8, 2), (64, 32, 4, 2),
 ]  # fmt: skip
 # dK/dV holds a key tile and streams queries past it; dQ the opposite. Measured (ms, same shape):
-# dK/dV 32x64 w4 s3 2.36, 64x128 w8 s3 2.37, 64x64 w4 s3 2.63 (32x128 w4 s3: 7.16); dQ 128x64 w8 s3
-# 1.70, 128x32 w4 s3 1.87, 64x64 w4 s3 1.98.
+# dK/dV 64x128 w8 s3 2.12-2.17 (it spills 8 bytes on sm_90, so it is not the first tile, which
+# tests/kernels/test_static_compile.py holds to no spills), 32x64 w4 s3 2.17-2.24, 64x64 w4 s3
+# 2.35-2.37; dQ 128x64 w8 s3 1.44-1.45, 128x32 w4 s3 1.54-1.59, 64x64 w4 s3 1.64.
 DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 
