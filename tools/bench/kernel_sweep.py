@@ -27,7 +27,7 @@ BF16 = 2
 NORM_ROWS, NORM_COLS = 16384, 4096
 ATTN = (4, 32, 4096, 128)  # B, H, T, D
 
-FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
              (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 128, 4, 2), (64, 128, 4, 1),
              (64, 32, 4, 1)]  # fmt: skip
 BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
@@ -52,7 +52,7 @@ def sweep_norms() -> list[dict]:
         "layer_norm": (fused_layer_norm.layer_norm, lambda: [_randn(m, n), _randn(n), _randn(n)], [0, 1, 2], 5 * act),
     }  # fmt: skip
     rows = []
-    knobs = itertools.product((1, 2, 4), (None, 3, 4), (None, 4, 16))  # programs per SM, stages, warps
+    knobs = itertools.product((1, 2, 4), (3, 4), (None, 8, 16))  # programs per SM, stages, warps
     for (name, (fn, make, grad_idx, nbytes)), (per_sm, stages, warps) in itertools.product(ops.items(), list(knobs)):
         _common.PROGRAMS_PER_SM, _common.BWD_WARPS = per_sm, warps
         fused_rms_norm.BWD_STAGES = fused_layer_norm.BWD_STAGES = stages
