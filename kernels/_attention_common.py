@@ -50,14 +50,15 @@ DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "PRECISION"]
 
 
-def configs(tiles: list[tuple[int, int, int, int]], pre_hook) -> list[triton.Config]:
+def configs(tiles: list[tuple[int, int, int, int]], pre_hook, **switches) -> list[triton.Config]:
     """Autotune candidates on a GPU; one fixed small tile when interpreting, where autotuning fails
-    ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks."""
+    ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks;
+    ``switches`` are further constexprs of every config (the sweep's ``WARP_SPECIALIZE=True``)."""
     if INTERPRET:
         # BLOCK_M != BLOCK_N on purpose: the tests then cover the causal bounds of unequal tiles.
         tiles = [(32, 16, 4, 1)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, **switches}, num_warps=w, num_stages=s, pre_hook=pre_hook)
         for m, n, w, s in tiles
     ]
 

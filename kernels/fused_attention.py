@@ -49,10 +49,10 @@ from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 def _fwd_tiles(
     acc, l_i, m_i, q, K, V, b, hk, offs_m, lo, hi, T, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key tiles [lo, hi); MASKED tiles may hold keys past T or past the diagonal."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
         s = dot(q, tl.trans(k), None, INTERPRET, PRECISION)
         if MASKED:
@@ -83,7 +83,7 @@ def _fwd_blocks(nargs: dict) -> None:
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, H, T, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr = False,
 ):  # fmt: skip
     start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
@@ -91,10 +91,13 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     split, hi = key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)  # unmasked tiles save a compare and a select
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
-                               False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    if WARP_SPECIALIZE:  # Triton 3.6 specializes only a lone loop (4-warp tiles), so every tile is masked
+        split = 0
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
+                                   False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N, False)  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, split, hi, T, qk_scale,
-                               True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+                               True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N, WARP_SPECIALIZE)  # fmt: skip
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
     store_tile(O, b, h, start_m, acc / l_i[:, None], BLOCK_M, HEAD_DIM)
 

@@ -117,6 +117,23 @@ def test_attention_gradients_stay_finite_when_every_score_is_very_negative(check
         assert e <= 4 * r + 1e-6, f"{name}: kernel error {e:.2e} of rms against float64, torch fp32's {r:.2e}"
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_forward_in_its_warp_specialized_form(check, monkeypatch, causal):
+    """``WARP_SPECIALIZE=True`` (timed by tools/bench/kernel_sweep.py) runs one masked loop over every
+    key tile, the form Triton 3.6 warp-specializes on Hopper: it matches the reference, partial tiles
+    included. On a GPU in bf16 with a 4-warp tile, the one that specializes; in the interpreter, where
+    the switch changes only the loop structure, its fixed tile."""
+    from megatron_lite.kernels import fused_attention as fa
+    from megatron_lite.kernels._attention_common import configs
+
+    kernel = fa._attn_fwd_kernel
+    monkeypatch.setattr(kernel, "configs", configs([(64, 64, 4, 2)], kernel.configs[0].pre_hook, WARP_SPECIALIZE=True))
+    monkeypatch.setattr(kernel, "cache", {})
+    assert all(c.kwargs["WARP_SPECIALIZE"] for c in kernel.configs)
+    dtype = torch.bfloat16 if GPU else torch.float32
+    _check(check, _qkv(check, 2, 4, 2, 97, 64, dtype), causal, dtype)
+
+
 def test_attention_autotune_keys_tell_fp32_from_16_bit():
     """Descriptors carry no dtype into Triton's autotune cache key: without PRECISION an fp32 call would
     reuse the tile a bf16 call chose (too much shared memory, or minutes of ptxas)."""

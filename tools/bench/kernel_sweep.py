@@ -6,7 +6,9 @@
   depth (``BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
   rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
-  timed by Triton's autotuner itself; each kernel's timings are printed fastest first.
+  and the forward's warp-specialized form (``WARP_SPECIALIZE``) on 4-warp tiles, timed by Triton's
+  autotuner itself; each kernel's timings are printed fastest first, each forward tile with its
+  largest difference from SDPA (``max_err``).
 
 Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
 the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
@@ -30,6 +32,9 @@ ATTN = (4, 32, 4096, 128)  # B, H, T, D
 FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
              (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 128, 4, 2), (64, 128, 4, 1),
              (64, 32, 4, 1)]  # fmt: skip
+# The forward in the form Triton 3.6 warp-specializes on Hopper (one masked loop, 4-warp tiles only:
+# a producer warpgroup feeds two consumers, 384 threads; tools/kernel_static.py compiles them)
+WS_TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 128, 4, 1), (64, 32, 4, 3)]
 BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
              (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]  # fmt: skip
 
@@ -73,10 +78,13 @@ def sweep_attention() -> list[dict]:
     for kernel, tiles in kernels.values():
         kernel.configs = configs(tiles, kernel.configs[0].pre_hook)  # the hook sizes the descriptors' blocks
         kernel.cache = {}
+    fwd = fa._attn_fwd_kernel
+    fwd.configs += configs(WS_TILES, fwd.configs[0].pre_hook, WARP_SPECIALIZE=True)
     b, h, t, d = ATTN
     q, k, v = (_randn(b, h, t, d).requires_grad_() for _ in range(3))
     fa.flash_attention(q, k, v, causal=True).backward(_randn(b, h, t, d))
     torch.cuda.synchronize()
+    errors = _forward_errors(fa, q.detach(), k.detach(), v.detach())
     rows = []
     for name, (kernel, _) in kernels.items():
         timings = getattr(kernel, "configs_timings", None) or {}
@@ -84,8 +92,27 @@ def sweep_attention() -> list[dict]:
             ms = ms[0] if isinstance(ms, list | tuple) else ms
             tile = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             rows.append({"part": f"attention_{name}", **tile, "ms": round(float(ms), 4)})
+            if name == "fwd":
+                rows[-1]["max_err"] = errors.get(str(config))
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def _forward_errors(fa, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
+    """Max |output - SDPA| of the forward with each of its configs forced: the timings say which tile
+    is fastest, this that each (the warp-specialized ones above all) computes attention."""
+    from megatron_lite.kernels import reference
+
+    kernel, every = fa._attn_fwd_kernel, fa._attn_fwd_kernel.configs
+    expected = reference.flash_attention(q, k, v, True).float()
+    errors = {}
+    try:
+        for config in every:
+            kernel.configs, kernel.cache = [config], {}
+            errors[str(config)] = (fa.flash_attention(q, k, v, causal=True).float() - expected).abs().max().item()
+    finally:
+        kernel.configs, kernel.cache = every, {}
+    return errors
 
 
 PARTS = {"norms": sweep_norms, "attention": sweep_attention}
