@@ -16,6 +16,10 @@
 #   sweep              tools/bench/kernel_sweep.py: the kernels' tuning knobs
 #   bench_compile      tools/bench/kernels.py against torch.compile (slow: inductor compiles each op)
 #
+# Optional peers that the machine lacks (Liger-Kernel, for the kernels benchmark's liger column) come
+# as wheels in .whl/ (git-ignored): `pip download --no-deps -d .whl liger-kernel` here, then carry .whl
+# to the GPU machine; they are installed (no index, no dependencies) before the parts run.
+#
 # Each part has its own time limit, and GPU_CHECK_BUDGET (seconds, default 570) caps the whole run:
 # a part gets at most what is left, so the last parts shrink rather than the run overrunning. The
 # stdlib corpus that the step benchmarks train on is built in the background from the start. The
@@ -61,6 +65,11 @@ install() {
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+if compgen -G ".whl/*.whl" >/dev/null; then
+    site="${TMPDIR:-/tmp}/gpu_check_site"
+    python -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl >"$out/wheels.log" 2>&1 &&
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" || { status=1; tail -n 5 "$out/wheels.log"; }
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [[ "$wanted" == *" install "* ]]; then
