@@ -7,6 +7,10 @@ cannot run inside a signal handler. Each step the trainer combines the flags of 
 all-reduce (:func:`any_rank`, a few bytes): a signal that reached only some ranks still stops every
 rank at the same step, which saves a checkpoint and exits 0, so the job can be requeued and
 resume with ``checkpoint.resume=auto``.
+
+The handler is installed for the training loop only. Setup (joining the process group, building the
+model, loading a checkpoint) keeps the default actions, so a signal then ends the rank at once:
+nothing is trained yet, and a Python handler would run only after a blocking rendezvous returned.
 """
 
 from __future__ import annotations
