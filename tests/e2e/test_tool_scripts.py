@@ -1,0 +1,48 @@
+"""The thin scripts in ``tools/`` that DESIGN.md names run the same code as their CLI verbs."""
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from megatron_lite.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# ~100 KB of source every machine has: enough text for a 512-token vocabulary
+CORPUS_FILES = [STDLIB / n for n in ("textwrap.py", "shlex.py", "fractions.py", "heapq.py", "glob.py", "fnmatch.py")]
+
+
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("script", "usage"),
+    [("preprocess_data.py", "megatron-lite preprocess"), ("train_tokenizer.py", "megatron-lite tokenizer train")],
+)
+def test_tool_help_is_the_verbs(script, usage):
+    r = tool(script, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith(f"usage: {usage}"), r.stdout
+
+
+def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path):
+    inputs = [str(p) for p in CORPUS_FILES]
+    r = tool("train_tokenizer.py", "--input", *inputs, "--output", str(tmp_path / "tok"), "--vocab-size", "512")
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = tmp_path / "tok.model"
+    assert model.is_file() and (tmp_path / "tok.json").is_file()
+    r = tool("preprocess_data.py", "--input", *inputs, "--tokenizer", str(model), "--output", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    argv = ["preprocess", "--input", *inputs, "--tokenizer", str(model), "--output", str(tmp_path / "b"), "--quiet"]
+    assert main(argv) == 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes(), ext
+
+
+def test_tool_errors_are_the_verbs(tmp_path):
+    r = tool("preprocess_data.py", "--input", str(tmp_path / "none.txt"), "--tokenizer", "x.model", "--output", "o")
+    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
