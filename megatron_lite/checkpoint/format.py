@@ -39,7 +39,9 @@ everything else is JSON: nothing in a checkpoint is ever unpickled.
           "shards": [{"file": "rank_00000.safetensors",
                       "key": "model/layers.0.attn.qkv.weight[0:32,0:64]",
                       "box": [[0, 32], [0, 64]]}, ...]}, ...},
-      "optimizer": {"step": 100},        # AdamW's step count (null when weights_only)
+      "optimizer": {"step": 100},        # AdamW's step count (null when weights_only); the LR
+                                         # schedule has no state of its own: it is a function of
+                                         # this step and train.lr, min_lr, warmup, steps
       "trainer": {"skipped_steps": 0, "consumed_samples": 800,
                   "scaler": {"scale": 65536.0, "clean_steps": 3} | null},
       "ranks": [{"file": "rank_00000.safetensors", "coordinate": [0, 0, 0],   # (pp, dp, tp)

@@ -1,5 +1,8 @@
 """Tensor and sequence parallelism, applied to the single-device ``Transformer`` from outside.
 
+Sequence parallelism is ``apply_tp(..., sequence_parallel=True)``; activation recompute is
+``models/recompute.py`` and pipeline stages are cut by ``parallel/pipeline/partition.build_stage_chunks``.
+
 The trainer's order (each step needs the previous one)::
 
     init_distributed(timeout_s)                 # then ParallelMesh.build(dims), on every rank
