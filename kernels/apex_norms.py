@@ -9,6 +9,7 @@ option left, ahead of the plain-torch twins. apex is imported only when one of t
 from __future__ import annotations
 
 import torch
+from megatron_lite.kernels._checks import check_norm
 
 
 def rms_norm(
@@ -18,6 +19,7 @@ def rms_norm(
     (the sum rounded to x's dtype, as the Triton kernel and the twin do)."""
     from apex.normalization.fused_layer_norm import fused_rms_norm_affine
 
+    check_norm("rms_norm", x, weight, None, eps, residual)
     h = x if residual is None else x + residual
     # apex's non-mixed kernels take a weight of the input's dtype; the cast is a no-op in training
     y = fused_rms_norm_affine(h, weight.to(h.dtype), weight.shape, eps)
@@ -28,5 +30,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """apex ``fused_layer_norm_affine``; a missing bias is a zero bias (apex's affine kernel takes both)."""
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
 
+    check_norm("layer_norm", x, weight, bias, eps)
     b = torch.zeros_like(weight) if bias is None else bias
     return fused_layer_norm_affine(x, weight.to(x.dtype), b.to(x.dtype), weight.shape, eps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
     backward_warps,
@@ -151,4 +152,5 @@ class _LayerNorm(torch.autograd.Function):
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim in fp32, output in ``x.dtype``; x (..., N), weight and bias (N,)."""
+    check_norm("layer_norm", x, weight, bias, eps)
     return _LayerNorm.apply(x, weight, bias, eps)

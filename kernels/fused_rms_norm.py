@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
     backward_warps,
@@ -170,6 +171,5 @@ def rms_norm(
     With ``residual`` (same shape and dtype as x) returns ``(norm(h), h)`` for ``h = x + residual``,
     the fused add-then-norm of a pre-norm block: one read of each input instead of three passes.
     """
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    check_norm("rms_norm", x, weight, None, eps, residual)
     return _RMSNorm.apply(x, weight, residual, eps)

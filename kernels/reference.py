@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron_lite.kernels._checks import check_norm
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
@@ -20,6 +21,7 @@ def rms_norm(
     With ``residual``: ``h = x + residual`` is normalised and ``(norm(h), h)`` is returned, the
     fused add-then-norm of a pre-norm block.
     """
+    check_norm("rms_norm", x, weight, None, eps, residual)
     if residual is not None:
         x = x + residual
     xf = x.float()
@@ -30,6 +32,7 @@ def rms_norm(
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim, computed in fp32 and cast back to ``x.dtype``."""
+    check_norm("layer_norm", x, weight, bias, eps)
     w = weight.float()
     b = bias.float() if bias is not None else None
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)

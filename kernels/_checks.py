@@ -1,0 +1,44 @@
+"""Argument checks shared by every implementation of an op: the Triton file, the torch twin in
+``reference.py`` and (for the norms) ``apex_norms.py``, so that each backend rejects bad input with
+the same one error before anything runs, instead of a Triton compile error, an index error deep in
+torch, or a silently wrong result (a Triton kernel reads whatever memory a wrong shape points at).
+
+Python comparisons of shapes, dtypes and arguments only: nothing here reads tensor values or waits
+for a device, so the checks cost microseconds per call on the hot path of a training step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def floating(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` is a floating-point tensor (the ops compute in fp32 and return the input's dtype)."""
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}; cast it (e.g. .float())")
+
+
+def check_norm(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, residual=None
+) -> None:
+    """x (..., N) floating; weight and bias (N,) floating (any float dtype: fp32 weights may scale bf16
+    activations); eps a finite number >= 0; residual, when given, exactly x's shape and dtype."""
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension (..., N), got a 0-d tensor")
+    n = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, but x {tuple(x.shape)} needs ({n},): "
+                             f"one value per element of x's last dim")  # fmt: skip
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            floating(op, name, t)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{op}: eps must be a Python number, got {type(eps).__name__}; pass float(eps)")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite number >= 0 (it keeps rsqrt finite), got {eps}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} {residual.dtype} must have x's shape and dtype "
+                         f"{tuple(x.shape)} {x.dtype}; expand or cast it first")  # fmt: skip

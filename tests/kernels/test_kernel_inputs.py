@@ -1,0 +1,56 @@
+"""Bad input through the public ops (``megatron_lite.kernels``): under either backend, one clear error
+naming the problem, the same one, raised before anything runs; edge cases agree with torch."""
+
+import pytest
+import torch
+
+from megatron_lite import kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["torch", "triton"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    kernels.set_backend(request.param)
+    yield request.param
+    kernels.set_backend("auto")
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + 1)).to(DEVICE, dtype)
+
+
+def ints(*shape, dtype=torch.int32):
+    return torch.ones(*shape, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    "op, args, match",
+    [
+        ("rms_norm", lambda: (randn(4, 8), randn(7)), r"weight has shape \(7,\).*needs \(8,\)"),
+        ("rms_norm", lambda: (randn(4, 8), randn(16)), r"weight has shape \(16,\).*needs \(8,\)"),
+        ("rms_norm", lambda: (randn(4, 8), randn(1, 8)), r"weight has shape \(1, 8\)"),
+        ("rms_norm", lambda: (ints(4, 8), randn(8)), "x must be a floating-point tensor"),
+        ("rms_norm", lambda: (torch.tensor(1.0, device=DEVICE), randn(8)), "at least one dimension"),
+        ("rms_norm", lambda: (randn(4, 8), randn(8), -1.0), "eps must be a finite number >= 0"),
+        ("rms_norm", lambda: (randn(4, 8), randn(8), torch.tensor(1e-6)), "eps must be a Python number"),
+        ("rms_norm", lambda: (randn(4, 8), randn(8), 1e-6, randn(1, 8)), "residual .* must have x's shape"),
+        ("rms_norm", lambda: (randn(4, 8), randn(8), 1e-6, randn(4, 8, dtype=torch.bfloat16)), "residual"),
+        ("layer_norm", lambda: (randn(4, 8), randn(7), None), r"weight has shape \(7,\)"),
+        ("layer_norm", lambda: (randn(4, 8), randn(8), randn(7)), r"bias has shape \(7,\)"),
+        ("layer_norm", lambda: (ints(4, 8, dtype=torch.int64), randn(8), None), "floating"),
+        ("layer_norm", lambda: (randn(4, 8), randn(8), None, float("nan")), "eps must be a finite number"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(backend, op, args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        getattr(kernels, op)(*args())
+
+
+@pytest.mark.parametrize("mixed", ["weight", "bias"])
+def test_norms_take_fp32_weights_on_bf16_activations(backend, mixed):
+    # Mixed precision keeps fp32 norm weights next to bf16 activations: allowed, output in x's dtype.
+    x, w, b = randn(3, 8, dtype=torch.bfloat16), randn(8), randn(8)
+    assert kernels.layer_norm(x, w, b if mixed == "bias" else b.bfloat16()).dtype == torch.bfloat16
+    assert kernels.rms_norm(x, w).dtype == torch.bfloat16
