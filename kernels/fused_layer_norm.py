@@ -153,4 +153,6 @@ class _LayerNorm(torch.autograd.Function):
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim in fp32, output in ``x.dtype``; x (..., N), weight and bias (N,)."""
     check_norm("layer_norm", x, weight, bias, eps)
-    return _LayerNorm.apply(x, weight, bias, eps)
+    # The kernels read weight and bias at unit stride: strided or expanded views are copied.
+    bias = bias.contiguous() if bias is not None else None
+    return _LayerNorm.apply(x, weight.contiguous(), bias, eps)

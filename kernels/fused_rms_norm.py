@@ -172,4 +172,5 @@ def rms_norm(
     the fused add-then-norm of a pre-norm block: one read of each input instead of three passes.
     """
     check_norm("rms_norm", x, weight, None, eps, residual)
-    return _RMSNorm.apply(x, weight, residual, eps)
+    # The kernels read weight at unit stride: a strided or expanded view (w[::2], w.expand(n)) is copied.
+    return _RMSNorm.apply(x, weight.contiguous(), residual, eps)

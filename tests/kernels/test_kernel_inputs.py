@@ -54,3 +54,19 @@ def test_norms_take_fp32_weights_on_bf16_activations(backend, mixed):
     x, w, b = randn(3, 8, dtype=torch.bfloat16), randn(8), randn(8)
     assert kernels.layer_norm(x, w, b if mixed == "bias" else b.bfloat16()).dtype == torch.bfloat16
     assert kernels.rms_norm(x, w).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("view", ["strided", "expanded"])
+def test_norms_take_weight_views(backend, view):
+    # The Triton kernels read weight and bias at unit stride: views must give the twin's result and gradient.
+    def as_view(t):
+        return t.repeat_interleave(2)[::2] if view == "strided" else t[:1].expand(8)
+
+    x, w, b = randn(3, 8), randn(8).requires_grad_(), randn(8).requires_grad_()
+    for op, args in (("rms_norm", (as_view(w), 1e-6)), ("layer_norm", (as_view(w), as_view(b), 1e-5))):
+        out = getattr(kernels, op)(x, *args)
+        expected = getattr(kernels.reference, op)(x, *args)
+        torch.testing.assert_close(out, expected)
+        grads = torch.autograd.grad(out.square().sum(), [w, b] if op == "layer_norm" else [w])
+        expected_grads = torch.autograd.grad(expected.square().sum(), [w, b] if op == "layer_norm" else [w])
+        torch.testing.assert_close(grads, expected_grads)
