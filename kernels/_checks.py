@@ -42,3 +42,13 @@ def check_norm(
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"{op}: residual {tuple(residual.shape)} {residual.dtype} must have x's shape and dtype "
                          f"{tuple(x.shape)} {x.dtype}; expand or cast it first")  # fmt: skip
+
+
+def check_swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
+    """gate and up (..., N) floating, of one shape and dtype (no broadcasting: one fused projection's halves)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must "
+                         "match in shape and dtype; split one projection, or expand/cast one of them")  # fmt: skip
+    if gate.dim() == 0:
+        raise ValueError("swiglu: gate and up must have at least one dimension (..., N), got 0-d tensors")
+    floating("swiglu", "gate", gate)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels._checks import check_swiglu
 from megatron_lite.kernels._common import as_rows
 
 # 1024 values per program: 8 per thread at 4 warps, enough loads in flight to saturate HBM.
@@ -96,6 +97,5 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` computed in fp32, output in ``gate.dtype``; gate and up (..., N), same shape."""
-    if gate.shape != up.shape or gate.dtype != up.dtype:
-        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} must match")
+    check_swiglu(gate, up)
     return _SwiGLU.apply(gate, up)

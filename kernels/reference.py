@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron_lite.kernels._checks import check_norm
+from megatron_lite.kernels._checks import check_norm, check_swiglu
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
@@ -40,6 +40,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (the Llama MLP nonlinearity)."""
+    check_swiglu(gate, up)
     return F.silu(gate) * up
 
 

@@ -41,6 +41,11 @@ def ints(*shape, dtype=torch.int32):
         ("layer_norm", lambda: (randn(4, 8), randn(8), randn(7)), r"bias has shape \(7,\)"),
         ("layer_norm", lambda: (ints(4, 8, dtype=torch.int64), randn(8), None), "floating"),
         ("layer_norm", lambda: (randn(4, 8), randn(8), None, float("nan")), "eps must be a finite number"),
+        ("swiglu", lambda: (randn(4, 8), randn(4, 9)), "must match in shape and dtype"),
+        ("swiglu", lambda: (randn(4, 8), randn(1, 8)), "must match in shape and dtype"),
+        ("swiglu", lambda: (randn(4, 8), randn(4, 8, dtype=torch.bfloat16)), "must match in shape and dtype"),
+        ("swiglu", lambda: (ints(4, 8), ints(4, 8)), "gate must be a floating-point tensor"),
+        ("swiglu", lambda: (torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)), "at least one dim"),
     ],
 )
 def test_bad_input_gets_one_clear_error(backend, op, args, match):
