@@ -52,3 +52,19 @@ def check_swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.dim() == 0:
         raise ValueError("swiglu: gate and up must have at least one dimension (..., N), got 0-d tensors")
     floating("swiglu", "gate", gate)
+
+
+def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """x (B, T, H, D) floating with D even; cos and sin (T, D/2) floating constants (no gradient)."""
+    if x.dim() != 4:
+        raise ValueError(f"apply_rope: x must be (B, T, H, D), got shape {tuple(x.shape)}; reshape it to 4-D")
+    floating("apply_rope", "x", x)
+    T, D = x.shape[1], x.shape[3]
+    if D % 2 or cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} needs even D and cos/sin of shape {(T, D // 2)}, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}; slice the tables to T (cos[:T])")  # fmt: skip
+    floating("apply_rope", "cos", cos)
+    floating("apply_rope", "sin", sin)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        raise ValueError("apply_rope: cos/sin require grad, but the tables are constants that get no gradient "
+                         "(the Triton kernel has none to give); pass cos.detach() and sin.detach()")  # fmt: skip

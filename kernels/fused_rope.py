@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels._checks import check_rope
 
 
 @triton.jit
@@ -80,10 +81,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x2*cos + x1*sin]``, computed in fp32. cos and sin are constants (position tables): they get
     no gradient.
     """
-    B, T, H, D = x.shape
-    if D % 2 or cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
-        raise ValueError(f"x {tuple(x.shape)} needs even D and cos/sin of shape {(T, D // 2)}, got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")  # fmt: skip
+    check_rope(x, cos, sin)
     if cos.stride(-1) != 1 or sin.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     return _RoPE.apply(x, cos, sin)

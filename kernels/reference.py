@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron_lite.kernels._checks import check_norm, check_swiglu
+from megatron_lite.kernels._checks import check_norm, check_rope, check_swiglu
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
@@ -50,6 +50,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x: (B, T, H, D); cos, sin: (T, D/2). The first half of each head is rotated against the
     second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``.
     """
+    check_rope(x, cos, sin)
     d2 = x.shape[-1] // 2
     x1, x2 = x[..., :d2], x[..., d2:]
     c = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, D/2)

@@ -46,6 +46,13 @@ def ints(*shape, dtype=torch.int32):
         ("swiglu", lambda: (randn(4, 8), randn(4, 8, dtype=torch.bfloat16)), "must match in shape and dtype"),
         ("swiglu", lambda: (ints(4, 8), ints(4, 8)), "gate must be a floating-point tensor"),
         ("swiglu", lambda: (torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)), "at least one dim"),
+        ("apply_rope", lambda: (randn(5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
+        ("apply_rope", lambda: (randn(1, 2, 5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(6, 4), randn(6, 4)), r"cos/sin of shape \(5, 4\)"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(1, 5, 1, 4), randn(1, 5, 1, 4)), "cos/sin of shape"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 7), randn(5, 3), randn(5, 3)), "needs even D"),
+        ("apply_rope", lambda: (ints(2, 5, 3, 8), randn(5, 4), randn(5, 4)), "x must be a floating-point tensor"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4).requires_grad_(), randn(5, 4)), "cos.detach()"),
     ],
 )
 def test_bad_input_gets_one_clear_error(backend, op, args, match):
