@@ -68,3 +68,28 @@ def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("apply_rope: cos/sin require grad, but the tables are constants that get no gradient "
                          "(the Triton kernel has none to give); pass cos.detach() and sin.detach()")  # fmt: skip
+
+
+def _integer(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be a Python int, got {type(value).__name__}; pass int({name})")
+
+
+def check_cross_entropy(
+    op: str, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, vocab_start: int = 0
+) -> None:
+    """logits (N, V) floating with V >= 1; target (N,) integer class ids; ignore_index and vocab_start ints.
+
+    A target outside the vocabulary is not checked here: that needs the values, a device sync."""
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"{op}: logits must be (N, V) and target (N,), got {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}; flatten them: logits.reshape(-1, V), target.reshape(-1)")  # fmt: skip
+    floating(op, "logits", logits)
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"{op}: target must hold integer class ids (int64), got {target.dtype}; "
+                         "soft (probability) targets are not supported")  # fmt: skip
+    if logits.shape[1] == 0:
+        what = "a vocab shard with no columns adds nothing: leave it out" if op != "cross_entropy" else "V >= 1"
+        raise ValueError(f"{op}: logits {tuple(logits.shape)} have no vocabulary columns; {what}")
+    _integer(op, "ignore_index", ignore_index)
+    _integer(op, "vocab_start", vocab_start)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels._checks import check_cross_entropy
 from megatron_lite.kernels._common import INTERPRET
 
 # 4K logits per chunk (16 per thread at 8 warps): few loop trips over a 128K vocabulary while the
@@ -78,8 +79,6 @@ def _ce_bwd_kernel(
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (N, V) and target (N,), got {tuple(logits.shape)}, {tuple(target.shape)}")
     return (logits if logits.stride(-1) == 1 else logits.contiguous()), target.contiguous()
 
 
@@ -154,6 +153,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     Accumulates in fp32 whatever the logits dtype; the gradient comes back in the logits dtype.
     A target outside [0, V) that is not ignore_index counts as a zero logit (no device sync to check).
     """
+    check_cross_entropy("cross_entropy", logits, target, ignore_index)
     logits, target = _rows(logits, target)
     return _CrossEntropy.apply(logits, target, ignore_index)
 
@@ -166,5 +166,6 @@ def cross_entropy_partials(
     Same outputs and combination recipe as :func:`megatron_lite.kernels.reference.cross_entropy_partials`;
     the backward turns (ds, dx_t) into ``ds * exp(x - m) + dx_t * onehot`` in one pass over the shard.
     """
+    check_cross_entropy("cross_entropy_partials", logits, target, ignore_index, vocab_start)
     logits, target = _rows(logits, target)
     return _CrossEntropyPartials.apply(logits, target, vocab_start, ignore_index)

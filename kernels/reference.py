@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron_lite.kernels._checks import check_norm, check_rope, check_swiglu
+from megatron_lite.kernels._checks import check_cross_entropy, check_norm, check_rope, check_swiglu
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
@@ -59,8 +59,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss over non-ignored targets; logits (N, V) are upcast to fp32."""
-    return F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
+    """Mean next-token loss over non-ignored targets; logits (N, V) are upcast to fp32; target (N,) of any
+    integer dtype (F.cross_entropy itself takes int64 and uint8 only)."""
+    check_cross_entropy("cross_entropy", logits, target, ignore_index)
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index)
 
 
 def cross_entropy_partials(
@@ -81,6 +83,7 @@ def cross_entropy_partials(
     which is the full-vocabulary ``cross_entropy``. Autograd through it gives each shard
     ``(softmax(x) - onehot) * dloss / n_valid`` on valid rows.
     """
+    check_cross_entropy("cross_entropy_partials", logits, target, ignore_index, vocab_start)
     x = logits.float()
     m = x.max(dim=-1).values.detach()
     s = torch.exp(x - m[:, None]).sum(dim=-1)

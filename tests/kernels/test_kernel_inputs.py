@@ -21,6 +21,9 @@ def randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + 1)).to(DEVICE, dtype)
 
 
+TARGET = torch.tensor([1, 2, -100, 9, 0, 3], device=DEVICE)
+
+
 def ints(*shape, dtype=torch.int32):
     return torch.ones(*shape, dtype=dtype, device=DEVICE)
 
@@ -53,6 +56,19 @@ def ints(*shape, dtype=torch.int32):
         ("apply_rope", lambda: (randn(2, 5, 3, 7), randn(5, 3), randn(5, 3)), "needs even D"),
         ("apply_rope", lambda: (ints(2, 5, 3, 8), randn(5, 4), randn(5, 4)), "x must be a floating-point tensor"),
         ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4).requires_grad_(), randn(5, 4)), "cos.detach()"),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET[:5]), r"logits must be \(N, V\) and target \(N,\)"),
+        ("cross_entropy", lambda: (randn(10), TARGET[0]), r"logits must be \(N, V\)"),
+        ("cross_entropy", lambda: (randn(2, 3, 10), TARGET.view(2, 3)), "flatten them"),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET.float()), "target must hold integer class ids"),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET > 0), "target must hold integer class ids"),
+        ("cross_entropy", lambda: (randn(6, 10), randn(6, 10).softmax(-1)), "target"),
+        ("cross_entropy", lambda: (ints(6, 10), TARGET), "logits must be a floating-point tensor"),
+        ("cross_entropy", lambda: (randn(6, 0), torch.full_like(TARGET, -100)), "no vocabulary columns"),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET, torch.tensor(-100)), "ignore_index must be a Python int"),
+        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET[:4], 3), r"target \(N,\)"),
+        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET.float(), 3), "integer class ids"),
+        ("cross_entropy_partials", lambda: (randn(6, 0), TARGET, 3), "no vocabulary columns; a vocab shard"),
+        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET, torch.tensor(3)), "vocab_start must be a Python int"),
     ],
 )
 def test_bad_input_gets_one_clear_error(backend, op, args, match):
@@ -82,3 +98,13 @@ def test_norms_take_weight_views(backend, view):
         grads = torch.autograd.grad(out.square().sum(), [w, b] if op == "layer_norm" else [w])
         expected_grads = torch.autograd.grad(expected.square().sum(), [w, b] if op == "layer_norm" else [w])
         torch.testing.assert_close(grads, expected_grads)
+
+
+def test_cross_entropy_takes_any_integer_target_dtype(backend):
+    # F.cross_entropy itself takes int64 and uint8 only; int32 token ids (a common dataset dtype) work too.
+    logits, target = randn(6, 10), TARGET.clamp(min=0)
+    expected = torch.nn.functional.cross_entropy(logits, target)
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        torch.testing.assert_close(kernels.cross_entropy(logits, target.to(dtype)), expected)
+    parts = kernels.cross_entropy_partials(logits, target.int(), 0)
+    torch.testing.assert_close(parts, kernels.reference.cross_entropy_partials(logits, target, 0))
