@@ -93,3 +93,21 @@ def check_cross_entropy(
         raise ValueError(f"{op}: logits {tuple(logits.shape)} have no vocabulary columns; {what}")
     _integer(op, "ignore_index", ignore_index)
     _integer(op, "vocab_start", vocab_start)
+
+
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
+    """q (B, H, T, D), k and v (B, Hkv, T', D) of one floating dtype, Hkv dividing H; causal a bool."""
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"flash_attention: {shapes}: q must be (B, H, T, D) and k, v (B, Hkv, T, D)")
+    B, H, _, D = q.shape
+    hkv = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[-1] != D or (H % hkv if hkv else H):
+        raise ValueError(f"flash_attention: {shapes}: need k == v shapes, the same batch and head dim, "
+                         "and Hkv dividing H (no broadcasting)")  # fmt: skip
+    floating("flash_attention", "q", q)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype} and "
+                         f"{v.dtype}; cast k and v to q's")  # fmt: skip
+    if not isinstance(causal, bool):
+        raise TypeError(f"flash_attention: causal must be a bool, got {type(causal).__name__}")

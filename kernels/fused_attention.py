@@ -42,6 +42,7 @@ from megatron_lite.kernels._attention_common import (
     set_blocks,
     store_tile,
 )
+from megatron_lite.kernels._checks import check_attention
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
 
@@ -163,12 +164,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     the reference's repeat_interleave. Head dims outside 16/32/64/128, unequal query/key lengths and
     GPUs before Hopper run the reference (logged once per reason). Softmax statistics are fp32 whatever the dtype.
     """
-    B, H, T, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[-1] != D or H % k.shape[1]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need k == v shapes, "
-                         "the same batch and head dim, and Hkv dividing H")  # fmt: skip
+    check_attention(q, k, v, causal)
     reason = unsupported_reason(q, k, v)
     if reason is not None:
         _warn_fallback(reason)
-        return reference.flash_attention(q, k, v, causal)
+        return reference.sdpa(q, k, v, causal)
     return _FlashAttention.apply(q, k, v, causal)

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron_lite.kernels._checks import check_cross_entropy, check_norm, check_rope, check_swiglu
+from megatron_lite.kernels._checks import (
+    check_attention,
+    check_cross_entropy,
+    check_norm,
+    check_rope,
+    check_swiglu,
+)
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
@@ -95,6 +101,12 @@ def cross_entropy_partials(
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """Scaled dot-product attention; q (B, H, T, D), k and v (B, Hkv, T, D) with Hkv dividing H."""
+    check_attention(q, k, v, causal)
+    return sdpa(q, k, v, causal)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """:func:`flash_attention` without its argument check, for a caller that has made it."""
     h, hkv = q.shape[1], k.shape[1]
     if h != hkv:
         if _SDPA_GQA:  # torch >= 2.5: grouped heads without materialising repeated K/V (exactly equal)

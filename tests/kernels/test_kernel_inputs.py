@@ -24,6 +24,11 @@ def randn(*shape, dtype=torch.float32):
 TARGET = torch.tensor([1, 2, -100, 9, 0, 3], device=DEVICE)
 
 
+def qkv(batch=1, heads=4, kv_heads=2, t=9, d=16, dtype=torch.float32):
+    q = randn(batch, heads, t, d).to(dtype)
+    return q, randn(batch, kv_heads, t, d).to(dtype), randn(batch, kv_heads, t, d + 1)[..., :d].to(dtype)
+
+
 def ints(*shape, dtype=torch.int32):
     return torch.ones(*shape, dtype=dtype, device=DEVICE)
 
@@ -69,6 +74,17 @@ def ints(*shape, dtype=torch.int32):
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET.float(), 3), "integer class ids"),
         ("cross_entropy_partials", lambda: (randn(6, 0), TARGET, 3), "no vocabulary columns; a vocab shard"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET, torch.tensor(3)), "vocab_start must be a Python int"),
+        ("flash_attention", lambda: qkv(kv_heads=3), "Hkv dividing H"),
+        ("flash_attention", lambda: qkv(heads=2, kv_heads=4), "Hkv dividing H"),
+        ("flash_attention", lambda: (*qkv()[:2], randn(1, 2, 9, 32)), "need k == v shapes"),
+        ("flash_attention", lambda: (randn(1, 4, 9, 16), *qkv(batch=2)[1:]), "the same batch"),
+        ("flash_attention", lambda: (randn(2, 4, 9, 16), *qkv(batch=1)[1:]), "no broadcasting"),
+        ("flash_attention", lambda: tuple(t[0] for t in qkv()), r"q must be \(B, H, T, D\)"),
+        ("flash_attention", lambda: qkv(dtype=torch.int32), "q must be a floating-point tensor"),
+        ("flash_attention", lambda: (qkv()[0], *(t.bfloat16() for t in qkv()[1:])), "share one dtype"),
+        ("flash_attention", lambda: (*qkv()[:2], qkv()[2].bfloat16()), "share one dtype"),
+        ("flash_attention", lambda: (*qkv(), None), "causal must be a bool"),
+        ("flash_attention", lambda: (*qkv(), torch.tensor(True)), "causal must be a bool"),
     ],
 )
 def test_bad_input_gets_one_clear_error(backend, op, args, match):
@@ -108,3 +124,8 @@ def test_cross_entropy_takes_any_integer_target_dtype(backend):
         torch.testing.assert_close(kernels.cross_entropy(logits, target.to(dtype)), expected)
     parts = kernels.cross_entropy_partials(logits, target.int(), 0)
     torch.testing.assert_close(parts, kernels.reference.cross_entropy_partials(logits, target, 0))
+
+
+def test_attention_with_no_heads_is_empty(backend):
+    q, k, v = qkv(heads=0, kv_heads=0)  # was "integer modulo by zero" from the Triton wrapper
+    assert kernels.flash_attention(q, k, v).shape == (1, 0, 9, 16)
