@@ -34,6 +34,16 @@ def row_mask(cols, n_cols, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):  # noqa: 
     return cols < BLOCK_N if EVEN else cols < n_cols
 
 
+def first_order_only(op: str) -> None:
+    """Called first in every Triton backward. Autograd runs a backward with grad mode on only to record
+    it for a higher-order gradient (``create_graph=True``); the kernels' backwards are not differentiable,
+    so that gradient would silently lack this op's terms, or fail later with "does not require grad"."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the Triton kernel's backward is first-order only, and this backward runs with "
+                           "create_graph=True (a double backward, e.g. a gradient penalty); use "
+                           "kernels.set_backend('torch') for higher-order gradients")  # fmt: skip
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last dim) with a unit stride along the last dim (copying only if needed)."""
     if x.stride(-1) != 1:

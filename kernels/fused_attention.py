@@ -43,6 +43,7 @@ from megatron_lite.kernels._attention_common import (
     store_tile,
 )
 from megatron_lite.kernels._checks import check_attention
+from megatron_lite.kernels._common import first_order_only
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
 
@@ -128,6 +129,7 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        first_order_only("flash_attention")
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = attention_bwd(describable(do), q, k, v, o, lse, ctx.causal)
         return dq, dk, dv, None

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from megatron_lite.kernels._checks import check_cross_entropy
-from megatron_lite.kernels._common import INTERPRET
+from megatron_lite.kernels._common import INTERPRET, first_order_only
 
 # 4K logits per chunk (16 per thread at 8 warps): few loop trips over a 128K vocabulary while the
 # chunk stays in registers. The interpreter runs each chunk as one numpy call: a small chunk keeps
@@ -125,6 +125,7 @@ class _CrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        first_order_only("cross_entropy")
         logits, target, lse, valid, n_valid = ctx.saved_tensors
         scale = torch.where(valid, g / n_valid, 0.0)
         dx = ce_bwd(logits, target, 0, ctx.ignore_index, scale, lse, -scale)
@@ -142,6 +143,7 @@ class _CrossEntropyPartials(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _dm, ds, dx_t):
+        first_order_only("cross_entropy_partials")
         logits, target, m = ctx.saved_tensors
         dx = ce_bwd(logits, target, ctx.vocab_start, ctx.ignore_index, ds, m, dx_t)
         return dx, None, None, None

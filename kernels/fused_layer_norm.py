@@ -17,6 +17,7 @@ from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
     backward_warps,
+    first_order_only,
     pipeline_stages,
     reduction_programs,
     row_block,
@@ -145,6 +146,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("layer_norm")
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = layer_norm_bwd(as_rows(dy), x2, weight, ctx.has_bias, mean, rstd)
         return dx.view(dy.shape), dw, db, None

@@ -18,6 +18,7 @@ from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
     backward_warps,
+    first_order_only,
     pipeline_stages,
     reduction_programs,
     row_block,
@@ -153,6 +154,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
+        first_order_only("rms_norm")
         x2, weight, rstd = ctx.saved_tensors
         dy2 = as_rows(dy) if dy is not None else torch.zeros_like(x2)
         dh2 = as_rows(dh) if dh is not None else None

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from megatron_lite.kernels._checks import check_rope
+from megatron_lite.kernels._common import first_order_only
 
 
 @triton.jit
@@ -70,6 +71,7 @@ class _RoPE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("apply_rope")
         cos, sin = ctx.saved_tensors
         return rope_rotate(dy, cos, sin, inverse=True), None, None
 

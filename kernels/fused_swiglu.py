@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from megatron_lite.kernels._checks import check_swiglu
-from megatron_lite.kernels._common import as_rows
+from megatron_lite.kernels._common import as_rows, first_order_only
 
 # 1024 values per program: 8 per thread at 4 warps, enough loads in flight to saturate HBM.
 _BLOCK_N = 1024
@@ -90,6 +90,7 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("swiglu")
         g2, u2 = ctx.saved_tensors
         dg, du = swiglu_bwd(as_rows(dy), g2, u2)
         return dg.view(dy.shape), du.view(dy.shape)

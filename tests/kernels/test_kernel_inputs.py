@@ -129,3 +129,31 @@ def test_cross_entropy_takes_any_integer_target_dtype(backend):
 def test_attention_with_no_heads_is_empty(backend):
     q, k, v = qkv(heads=0, kv_heads=0)  # was "integer modulo by zero" from the Triton wrapper
     assert kernels.flash_attention(q, k, v).shape == (1, 0, 9, 16)
+
+
+DOUBLE_BACKWARD = {
+    "rms_norm": lambda x: kernels.rms_norm(x, randn(8)),
+    "rms_norm+residual": lambda x: kernels.rms_norm(x, randn(8), 1e-6, randn(4, 8))[0],
+    "layer_norm": lambda x: kernels.layer_norm(x, randn(8), randn(8)),
+    "swiglu": lambda x: kernels.swiglu(x, randn(4, 8)),
+    "apply_rope": lambda x: kernels.apply_rope(x.view(1, 4, 1, 8), randn(4, 4), randn(4, 4)),
+    "cross_entropy": lambda x: kernels.cross_entropy(x, TARGET[:4].clamp(min=0)),
+    "cross_entropy_partials": lambda x: kernels.cross_entropy_partials(x, TARGET[:4], 0)[1],
+    "flash_attention": lambda x: kernels.flash_attention(*(x.view(1, 2, 1, 16).expand(1, 2, 9, 16),) * 3),
+}
+
+
+@pytest.mark.parametrize("op", DOUBLE_BACKWARD)
+def test_double_backward_through_triton_is_one_clear_error(op):
+    # create_graph=True records the backward for a second derivative; the kernels' backwards have none,
+    # which gave "element 0 of tensors does not require grad" later, or silently lost the op's terms.
+    x = randn(4, 8).requires_grad_()
+    kernels.set_backend("triton")
+    try:
+        y = DOUBLE_BACKWARD[op](x)
+        with pytest.raises(RuntimeError, match=f"{op.split('+')[0]}: the Triton kernel's backward is first-order"):
+            torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(DOUBLE_BACKWARD[op](x).square().sum(), x)  # first order still works
+    finally:
+        kernels.set_backend("auto")
+    assert grad.shape == x.shape
