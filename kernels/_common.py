@@ -7,6 +7,7 @@ Imported only by the Triton op files, which :mod:`megatron_lite.kernels` loads l
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -48,7 +49,7 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last dim) with a unit stride along the last dim (copying only if needed)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, N): ambiguous when N = 0
 
 
 def row_block(n_cols: int) -> tuple[int, int]:
@@ -57,7 +58,7 @@ def row_block(n_cols: int) -> tuple[int, int]:
     Warps grow with the row so that each thread holds 8 to 16 values: 4 warps up to 2K columns,
     8 up to 8K, 16 beyond (the hidden sizes 4096 and 8192 land on 8 and 16).
     """
-    block = triton.next_power_of_2(n_cols)
+    block = triton.next_power_of_2(max(n_cols, 1))  # rows of 0 values: one masked-off lane
     if block > MAX_ROW_BLOCK:
         raise ValueError(f"row of {n_cols} values exceeds the {MAX_ROW_BLOCK}-value row kernels")
     warps = 4 if block < 2048 else 8 if block < 8192 else 16

@@ -50,6 +50,8 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
     """Rotate x (B, T, H, D), any strides, by theta (or -theta when ``inverse``); returns contiguous."""
     B, T, H, D = x.shape
     y = torch.empty((B, T, H, D), device=x.device, dtype=x.dtype)
+    if y.numel() == 0:  # no heads or D = 0: nothing to rotate (and no block of 0 lanes to launch)
+        return y
     block_h = triton.next_power_of_2(H)
     block_d = triton.next_power_of_2(D // 2)
     # 4 warps hold up to 4K values (32 per thread) of one position's heads; 8 beyond that.

@@ -157,3 +157,24 @@ def test_double_backward_through_triton_is_one_clear_error(op):
     finally:
         kernels.set_backend("auto")
     assert grad.shape == x.shape
+
+
+EMPTY = {
+    "rms_norm": lambda: kernels.rms_norm(randn(4, 0), randn(0)),
+    "rms_norm 0 rows": lambda: kernels.rms_norm(randn(0, 8), randn(8), 1e-6, randn(0, 8)),
+    "layer_norm": lambda: kernels.layer_norm(randn(2, 3, 0), randn(0), randn(0)),
+    "swiglu": lambda: kernels.swiglu(randn(4, 0), randn(4, 0)),
+    "apply_rope H=0": lambda: kernels.apply_rope(randn(2, 5, 0, 8), randn(5, 4), randn(5, 4)),
+    "apply_rope D=0": lambda: kernels.apply_rope(randn(2, 5, 3, 0), randn(5, 0), randn(5, 0)),
+    "apply_rope T=0": lambda: kernels.apply_rope(randn(2, 0, 3, 8), randn(0, 4), randn(0, 4)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # 0/0 mean of no values
+@pytest.mark.parametrize("case", EMPTY)
+def test_empty_inputs_give_empty_outputs_like_torch(backend, case):
+    # Rows of 0 values failed in as_rows' reshape(-1, 0); heads of 0 in the RoPE launch (arange of 0 lanes).
+    out = EMPTY[case]()
+    kernels.set_backend("torch")
+    expected = EMPTY[case]()
+    torch.testing.assert_close(out, expected)
