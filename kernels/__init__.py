@@ -68,7 +68,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over non-ignored targets; logits (N, V), target (N,); fp32 accumulation."""
+    """Mean cross-entropy over non-ignored targets; logits (N, V), target (N,) integer ids; fp32 accumulation.
+
+    Target values are not checked (that needs a device sync): one outside [0, V) other than
+    ``ignore_index`` raises in torch but counts as a zero logit in the Triton kernel. The trainer
+    checks the data's token ids against ``model.vocab_size``.
+    """
     impl = _triton_op("fused_cross_entropy", "cross_entropy") if use_triton(logits) else reference.cross_entropy
     return impl(logits, target, ignore_index)
 
