@@ -30,7 +30,9 @@ setup(
         "hf": ["transformers>=5", "safetensors"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
-        "s3": ["fsspec", "s3fs"],  # checkpoint.dir=s3://...; s5cmd, when on PATH, uploads faster
+        # checkpoint.dir=s3://...; s5cmd, when on PATH, uploads faster. s3fs >= 2024.1: beside moto's
+        # botocore pins, pip otherwise backtracks to s3fs 0.4 (2020), which fsspec warns against
+        "s3": ["fsspec", "s3fs>=2024.1"],
     },
     entry_points={"console_scripts": ["megatron-lite=megatron_lite.cli:main"]},
 )
