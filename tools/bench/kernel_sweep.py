@@ -6,9 +6,9 @@
   depth (``BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
   rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
-  and the forward's warp-specialized form (``WARP_SPECIALIZE``) on 4-warp tiles, timed by Triton's
-  autotuner itself; each kernel's timings are printed fastest first, each forward tile with its
-  largest difference from SDPA (``max_err``).
+  timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
+  tile with its largest difference from SDPA (``max_err``);
+- attention_ws: the same for the forward's warp-specialized form (``WARP_SPECIALIZE``, 4-warp tiles).
 
 Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
 the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
@@ -68,34 +68,54 @@ def sweep_norms() -> list[dict]:
     return rows
 
 
+def _use_tiles(kernel, tiles: list[tuple[int, int, int, int]], **switches) -> None:
+    """Make ``tiles`` the autotuned ``kernel``'s candidates (its pre-hook sizes the descriptors' blocks)."""
+    from megatron_lite.kernels._attention_common import configs
+
+    kernel.configs, kernel.cache = configs(tiles, kernel.configs[0].pre_hook, **switches), {}
+
+
+def _autotune_rows(part: str, kernel, errors: dict[str, float] | None = None) -> list[dict]:
+    """One row per candidate the autotuner timed, fastest first (with its max_err when ``errors``)."""
+    rows = []
+    timings = getattr(kernel, "configs_timings", None) or {}
+    for config, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+        ms = ms[0] if isinstance(ms, list | tuple) else ms
+        tile = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        rows.append({"part": part, **tile, "ms": round(float(ms), 4)})
+        if errors is not None:
+            rows[-1]["max_err"] = errors.get(str(config))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def sweep_attention() -> list[dict]:
     from megatron_lite.kernels import fused_attention as fa
     from megatron_lite.kernels import fused_attention_bwd as fb
-    from megatron_lite.kernels._attention_common import configs
 
     kernels = {"fwd": (fa._attn_fwd_kernel, FWD_TILES), "dkdv": (fb._attn_bwd_dkdv_kernel, BWD_TILES),
                "dq": (fb._attn_bwd_dq_kernel, BWD_TILES)}  # fmt: skip
     for kernel, tiles in kernels.values():
-        kernel.configs = configs(tiles, kernel.configs[0].pre_hook)  # the hook sizes the descriptors' blocks
-        kernel.cache = {}
-    fwd = fa._attn_fwd_kernel
-    fwd.configs += configs(WS_TILES, fwd.configs[0].pre_hook, WARP_SPECIALIZE=True)
+        _use_tiles(kernel, tiles)
     b, h, t, d = ATTN
     q, k, v = (_randn(b, h, t, d).requires_grad_() for _ in range(3))
     fa.flash_attention(q, k, v, causal=True).backward(_randn(b, h, t, d))
     torch.cuda.synchronize()
     errors = _forward_errors(fa, q.detach(), k.detach(), v.detach())
-    rows = []
-    for name, (kernel, _) in kernels.items():
-        timings = getattr(kernel, "configs_timings", None) or {}
-        for config, ms in sorted(timings.items(), key=lambda kv: kv[1]):
-            ms = ms[0] if isinstance(ms, list | tuple) else ms
-            tile = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            rows.append({"part": f"attention_{name}", **tile, "ms": round(float(ms), 4)})
-            if name == "fwd":
-                rows[-1]["max_err"] = errors.get(str(config))
-            print(json.dumps(rows[-1]), flush=True)
-    return rows
+    return [row for name, (kernel, _) in kernels.items()
+            for row in _autotune_rows(f"attention_{name}", kernel, errors if name == "fwd" else None)]  # fmt: skip
+
+
+def sweep_attention_ws() -> list[dict]:
+    """The forward's warp-specialized form alone: a part of its own, so that a tile the compiler
+    fails on there costs the other parts nothing."""
+    from megatron_lite.kernels import fused_attention as fa
+
+    _use_tiles(fa._attn_fwd_kernel, WS_TILES, WARP_SPECIALIZE=True)
+    q, k, v = (_randn(*ATTN) for _ in range(3))
+    fa.flash_attention(q, k, v, causal=True)
+    torch.cuda.synchronize()
+    return _autotune_rows("attention_fwd_ws", fa._attn_fwd_kernel, _forward_errors(fa, q, k, v))
 
 
 def _forward_errors(fa, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
@@ -115,7 +135,7 @@ def _forward_errors(fa, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> di
     return errors
 
 
-PARTS = {"norms": sweep_norms, "attention": sweep_attention}
+PARTS = {"norms": sweep_norms, "attention": sweep_attention, "attention_ws": sweep_attention_ws}
 
 
 def main(argv: list[str] | None = None) -> int:
