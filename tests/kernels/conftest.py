@@ -52,6 +52,9 @@ TOL: dict[tuple[str, torch.dtype], float] = {
     # Blockwise online softmax reorders sums over <= 1024 keys; fp32 dots are exact in the
     # interpreter and "ieee" (tf32 off) on GPU (max 3.6e-6).
     ("flash_attention", F32): 5e-5,
+    # (Scores near -150 are held against float64 instead, kernel and torch alike, in
+    # test_attention_gradients_stay_finite_when_every_score_is_very_negative: on a GPU torch's own
+    # fp32 attention is off by 7e-4 of the rms there, the kernel by 8e-5.)
     # One rounding to bf16 of each output and gradient, 2^-7 in the interpreter (max 8.3e-3;
     # the fused residual's rounded x + r moves dW by about as much).
     ("rms_norm", BF16): 1.6e-2,
