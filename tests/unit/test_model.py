@@ -1,10 +1,13 @@
 """The single-device model: shapes, GQA, init determinism, meta build, tied weights."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron_lite import kernels
 from megatron_lite.config import fill_defaults, load_config
 from megatron_lite.models.transformer import build_model, count_parameters, rope_tables
 
@@ -78,9 +81,19 @@ def test_gqa_equals_repeated_kv_heads(kv_heads):
 
 
 def test_rope_matches_complex_rotation():
+    # Llama's angles t * theta^(-2j/d), in float64 by the standard library: cos and sin are each
+    # those angles rounded once to fp32 (two float64 evaluations may round to neighbouring fp32
+    # values: one fp32 ulp, 2^-23 relative, 2^-24 absolute near 0)
     cos, sin = rope_tables(5, 8, 10000.0)
-    angles = torch.outer(torch.arange(5.0), 1.0 / 10000.0 ** (torch.arange(0, 8, 2) / 8))
-    torch.testing.assert_close(cos, angles.cos()) and torch.testing.assert_close(sin, angles.sin())
+    angles = [[t * 10000.0 ** (-2 * j / 8) for j in range(4)] for t in range(5)]
+    ulp = dict(rtol=2**-23, atol=2**-24)
+    torch.testing.assert_close(cos, torch.tensor([[math.cos(a) for a in row] for row in angles]), **ulp)
+    torch.testing.assert_close(sin, torch.tensor([[math.sin(a) for a in row] for row in angles]), **ulp)
+    # the model's rotation multiplies each pair (x_j, x_{j + d/2}), as a complex number, by e^(i angle)
+    x = torch.randn(2, 5, 3, 8, generator=torch.Generator().manual_seed(0))
+    z = torch.complex(x[..., :4], x[..., 4:]) * torch.complex(cos, sin)[None, :, None]
+    # fp32: x1*cos - x2*sin rounded per product (or fused) against complex64's own order, ~1 ulp of |x|
+    torch.testing.assert_close(kernels.apply_rope(x, cos, sin), torch.cat([z.real, z.imag], -1), rtol=1e-6, atol=1e-6)
 
 
 def test_causality_future_tokens_do_not_change_past_logits():
