@@ -2,6 +2,7 @@
 its own list (missing, unexpected, other shapes), empty ones left out."""
 
 import pytest
+import torch
 
 from megatron_lite.config import fill_defaults, load_config
 from megatron_lite.errors import UserError
@@ -11,8 +12,8 @@ from megatron_lite.training.engine import _load_single_device_state
 TINY = ["model.hidden=64", "model.heads=4", "model.seq_len=16"]
 
 
-def model(*extra: str):
-    return build_model(fill_defaults(load_config(None, [*TINY, *extra]), vocab_size=100).model, 0, "cpu")
+def model(*extra: str, seed: int = 0):
+    return build_model(fill_defaults(load_config(None, [*TINY, *extra]), vocab_size=100).model, seed, "cpu")
 
 
 def load_error(saved, into, whole: bool = True) -> str:
@@ -38,6 +39,7 @@ def test_each_kind_of_problem_is_its_own_list():
 
 
 def test_a_fitting_checkpoint_loads():
-    saved, into = model("model.layers=2"), model("model.layers=2", "train.seed=3")
+    saved, into = model("model.layers=2"), model("model.layers=2", seed=3)  # other initial weights
+    assert not torch.equal(saved.layers[0].attn.qkv.weight, into.layers[0].attn.qkv.weight)
     _load_single_device_state(into, saved.state_dict(), whole=True)
     assert all((a == b).all() for a, b in zip(saved.state_dict().values(), into.state_dict().values(), strict=True))
