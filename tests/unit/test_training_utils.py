@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import types
 
 import pytest
 import torch
@@ -71,9 +72,22 @@ def test_unknown_device_gets_no_made_up_peak(caplog):
     assert "MFU will not be reported" in caplog.text
 
 
-def test_measured_cpu_peak_is_plausible():
-    peak = metrics.measure_cpu_peak(seconds=0.2, n=256, trials=2)
-    assert 1e8 < peak < 1e14
+def test_measured_cpu_peak_is_matmul_flops_over_time(monkeypatch):
+    """On a stand-in machine whose clock advances 1/1024 s per n x n matmul (and never otherwise),
+    the peak is one matmul's 2 n^3 FLOPs per 1/1024 s, however the trials split the time."""
+    clock = [0.0]
+
+    class Matrix:
+        def __matmul__(self, other):
+            clock[0] += 1 / 1024
+            return self
+
+    monkeypatch.setattr(metrics, "torch", types.SimpleNamespace(randn=lambda *shape: Matrix()))
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert metrics.measure_cpu_peak(seconds=0.2, n=256, trials=2) == 2 * 256**3 * 1024  # binary fractions: exact
+    monkeypatch.undo()
+    peak = metrics.measure_cpu_peak(seconds=0.02, n=64, trials=1)  # the real one runs: no bound on its speed
+    assert math.isfinite(peak) and peak > 0
 
 
 def test_trackers_write_jsonl_and_never_crash_on_optional_ones(tmp_path, monkeypatch, caplog):
