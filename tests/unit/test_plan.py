@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_lite.cli import main
 from megatron_lite.config import ModelConfig, fill_defaults, load_config
@@ -26,10 +26,13 @@ def _plan(overrides: list[str], world_size: int, config: str | None = None):
     return make_plan(load_config(config, overrides), world_size)
 
 
-def test_70b_on_512_gpus_in_a_second_or_two(capsys):
-    start = time.perf_counter()
+def test_70b_on_512_gpus_without_building_the_model(capsys, monkeypatch):
+    def no_modules(self, *args, **kwargs):
+        raise AssertionError("plan built a torch module: parameters must be counted from the layout")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", no_modules)  # not even on the meta device
     assert main(["plan", "--config", CONFIG_70B, "--world-size", "512", "--json"]) == 0
-    elapsed = time.perf_counter() - start
+    monkeypatch.undo()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     got = json.loads(lines[0])
@@ -39,7 +42,6 @@ def test_70b_on_512_gpus_in_a_second_or_two(capsys):
     ratio = 7 / (5 * 128)  # interleaved 1F1B idle/busy: (p-1)/(v*m)
     assert got["bubble_fraction"] == pytest.approx(ratio / (1 + ratio), rel=1e-9)
     assert 15 * 2**30 < got["memory_bytes_per_rank"] < 40 * 2**30
-    assert elapsed < 10, f"plan took {elapsed:.1f} s: is it building the model?"
 
 
 def test_text_report_shows_layout_memory_and_timeline(capsys):
