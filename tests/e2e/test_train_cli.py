@@ -184,9 +184,16 @@ def test_console_script_and_module_entry_points(tiny_args, tmp_path):
 def test_compiled_blocks_train_like_eager(tiny_args, tmp_path):
     """train.compile=true compiles each block in place (inductor): the same losses up to the
     reordering of fused elementwise ops (rtol 1e-5 in fp32)."""
+    from torch._dynamo.utils import counters
+
     eager = [*tiny_args[:-1], f"log.dir={tmp_path / 'eager'}", "train.steps=3"]
     compiled = [*tiny_args[:-1], f"log.dir={tmp_path / 'compiled'}", "train.steps=3", "train.compile=true"]
-    assert main(["train", *eager]) == 0 and main(["train", *compiled]) == 0
+    counters.clear()
+    assert main(["train", *eager]) == 0
+    assert counters["stats"]["unique_graphs"] == 0  # eager: dynamo captured nothing
+    assert main(["train", *compiled]) == 0
+    # equal losses alone would pass if the flag were ignored: dynamo must have captured the blocks
+    assert counters["stats"]["unique_graphs"] > 0 and counters["frames"]["ok"] > 0, dict(counters)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
 
 
