@@ -164,7 +164,7 @@ class CheckpointConfig:
     every: int = 0
     """Save every N steps (0: only at the end)."""
     keep: int = 2
-    """Keep the newest N checkpoints."""
+    """Keep the newest N committed checkpoints (older saves cut short are removed, never counted)."""
     resume: str = "auto"
     """``auto`` (newest checkpoint in dir, if any), ``none`` (start fresh; refused when dir already
     holds committed checkpoints, which the run would save over), or a checkpoint path."""

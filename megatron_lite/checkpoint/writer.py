@@ -8,7 +8,8 @@ One save, on every rank at the same step::
     copy this rank's boxes to host memory (async: always, pinned on CUDA; sync: only off-CPU)
     write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
-        metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`;
+        metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`
+        committed checkpoints (older saves cut short are removed);
         any error instead removes the staging directory, and every rank records the same message
 
 With ``checkpoint.async`` the write runs in a thread while training continues; the trainer asks
@@ -227,8 +228,19 @@ class Checkpointer:
         self.storage.write_text(f"{save.staging}/{METADATA}", json.dumps(meta, indent=1) + "\n")
         self.storage.commit(save.staging, final)
         self.storage.write_text(LATEST, final + "\n")
-        older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < save.step]
-        for name in older[: max(0, len(older) - (self.keep - 1))]:
+        self._prune(save.step)
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep`` committed checkpoints (this one included). An older step
+        directory without ``metadata.json`` is a save cut short (an object store has no staging
+        directory): removed, never counted, so it cannot displace a complete checkpoint."""
+        older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < step]
+        committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
+        for name in older:
+            if name not in committed:
+                log.warning("removing %s: a save cut short (never committed)", self.storage.url(name))
+                self.storage.remove(name)
+        for name in committed[: max(0, len(committed) - (self.keep - 1))]:
             self.storage.remove(name)
 
     def wait(self) -> None:

@@ -1,0 +1,37 @@
+"""Pruning after a commit, with interrupted saves lying around: ``checkpoint.keep`` counts committed
+checkpoints only, and what a save cut short left behind is removed, never counted."""
+
+import logging
+
+import torch
+
+from megatron_lite.checkpoint.boxes import full_box
+from megatron_lite.checkpoint.reader import resolve_resume
+from megatron_lite.checkpoint.shards import Piece
+from megatron_lite.checkpoint.writer import Checkpointer
+
+
+def _save(writer: Checkpointer, step: int) -> None:
+    t = torch.full((4, 3), float(step))
+    meta = {"step": step, "weights_only": True, "config": {}, "optimizer": None, "trainer": None, "lineage": None}
+    meta["layout"] = {"world_size": 1, "param_dtype": "float32"}
+    writer.save(step, [Piece("model/w", (4, 3), full_box((4, 3)), t)], {}, (0, 0, 0), meta)
+
+
+def _names(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    writer = Checkpointer(root, keep=2, async_save=False)
+    for step in (2, 4):
+        _save(writer, step)
+    (root / "step_00000005").mkdir()  # an object-store save cut short: files, never its metadata.json
+    (root / "step_00000005" / "rank_00000.safetensors").write_bytes(b"partial")
+    with caplog.at_level(logging.INFO):
+        _save(writer, 6)
+    writer.close()
+    assert _names(root) == ["latest", "step_00000004", "step_00000006"]  # keep=2 usable ones, not 6 and a wreck
+    assert "step_00000005" in caplog.text and "never committed" in caplog.text
+    assert resolve_resume(root, "auto").name == "step_00000006"
