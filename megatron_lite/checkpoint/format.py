@@ -10,6 +10,7 @@ Layout of ``<checkpoint.dir>/`` (a local directory or an fsspec URL such as ``s3
         tokenizer.json             checkpoint stands alone for eval and export
     latest                         "step_00000100\\n", replaced after the step directory is complete
     .tmp-step_00000200/            a save in progress (local storage): renamed when complete
+                                   (one a crash left is removed by the next commit)
 
 Tensors: every stored tensor is a BOX (hyper-rectangle) of one GLOBAL tensor, i.e. of the tensor
 as the single-device model holds it, vocabulary padding excluded. Global tensor names are

@@ -72,6 +72,14 @@ class Storage:
             names = [p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
         return sorted(n for n in names if STEP_DIR.match(n))
 
+    def staging_dirs(self) -> list[str]:
+        """Local ``.tmp-*`` directories: saves that never reached their commit (none remote, where
+        a save writes straight into ``step_*/``). Only a save in flight has one legitimately."""
+        root = Path(self.root)
+        if self.remote or not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir())
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._remote(rel)) if self.remote else self._local(rel).exists()
 
@@ -158,15 +166,17 @@ class Storage:
         """Make ``staging`` visible as ``final`` (local: rename over any older ``final``)."""
         if self.remote:
             return
-        old = self._local(final)
-        if old.exists():  # re-saving a step (after a resume) replaces it only once the new one is complete
-            shutil.rmtree(old)
+        old, aside = self._local(final), self._local(f"{TMP_PREFIX}replaced-{final}")
+        if old.exists():  # re-saving a step (after a resume) replaces it only once the new one is complete:
+            shutil.rmtree(aside, ignore_errors=True)  # renamed aside, not deleted first, so a crash
+            os.replace(old, aside)  # between leaves no window without either; removed after the rename
         os.replace(self._local(staging), old)
         fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(fd)  # the rename itself is durable
         finally:
             os.close(fd)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def remove(self, rel: str) -> None:
         """Delete a file or directory tree if present."""

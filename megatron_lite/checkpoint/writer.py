@@ -231,12 +231,13 @@ class Checkpointer:
         self._prune(save.step)
 
     def _prune(self, step: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints (this one included). An older step
-        directory without ``metadata.json`` is a save cut short (an object store has no staging
-        directory): removed, never counted, so it cannot displace a complete checkpoint."""
+        """Keep the newest ``keep`` committed checkpoints (this one included). What a save cut short
+        left (a process killed mid-save) is removed, never counted, so it cannot displace a complete
+        checkpoint: a local ``.tmp-*`` directory (no other save is in flight now), or on an object
+        store, which has no staging directory, an older step directory without ``metadata.json``."""
         older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < step]
         committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
-        for name in older:
+        for name in self.storage.staging_dirs() + older:
             if name not in committed:
                 log.warning("removing %s: a save cut short (never committed)", self.storage.url(name))
                 self.storage.remove(name)

@@ -29,9 +29,13 @@ def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, c
         _save(writer, step)
     (root / "step_00000005").mkdir()  # an object-store save cut short: files, never its metadata.json
     (root / "step_00000005" / "rank_00000.safetensors").write_bytes(b"partial")
+    (root / ".tmp-step_00000003").mkdir()  # a local save killed mid-write (another checkpoint.every)
+    (root / ".tmp-step_00000003" / "rank_00000.safetensors").write_bytes(b"partial")
     with caplog.at_level(logging.INFO):
         _save(writer, 6)
+    (root / ".tmp-replaced-step_00000006").mkdir()  # left by a crash between the renames of a re-save
+    _save(writer, 6)  # a re-save (resumed from an older checkpoint): the old one goes only once replaced
     writer.close()
     assert _names(root) == ["latest", "step_00000004", "step_00000006"]  # keep=2 usable ones, not 6 and a wreck
-    assert "step_00000005" in caplog.text and "never committed" in caplog.text
+    assert "step_00000005" in caplog.text and ".tmp-step_00000003" in caplog.text and "never committed" in caplog.text
     assert resolve_resume(root, "auto").name == "step_00000006"
