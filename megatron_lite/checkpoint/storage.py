@@ -103,11 +103,14 @@ class Storage:
             return
         path = self._local(rel)
         tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # left only by a failure (a full disk)
 
     def sha256(self, rel: str) -> str:
         """Hex sha256 of file ``rel`` (remote: streamed, not stored)."""

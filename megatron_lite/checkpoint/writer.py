@@ -10,7 +10,8 @@ One save, on every rank at the same step::
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
         metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`
         committed checkpoints (older saves cut short are removed);
-        any error instead removes the staging directory, and every rank records the same message
+        any error before the rename instead removes the staging directory, and every rank records
+        the same message (after it, failing to replace `latest` or to prune is a warning)
 
 With ``checkpoint.async`` the write runs in a thread while training continues; the trainer asks
 every step whether any rank is still writing (one all-reduce it already makes) and calls
@@ -227,8 +228,15 @@ class Checkpointer:
         final = step_dir_name(save.step)
         self.storage.write_text(f"{save.staging}/{METADATA}", json.dumps(meta, indent=1) + "\n")
         self.storage.commit(save.staging, final)
-        self.storage.write_text(LATEST, final + "\n")
-        self._prune(save.step)
+        # committed: from here on a failure (a full disk) loses nothing, and is only a warning
+        for what, act in (
+            (f"replace {LATEST!r} (no reader needs it)", lambda: self.storage.write_text(LATEST, final + "\n")),
+            ("prune older checkpoints", lambda: self._prune(save.step)),
+        ):
+            try:
+                act()
+            except Exception as e:
+                log.warning("saved checkpoint %s, but could not %s: %s: %s", final, what, type(e).__name__, e)
 
     def _prune(self, step: int) -> None:
         """Keep the newest ``keep`` committed checkpoints (this one included). What a save cut short

@@ -39,3 +39,26 @@ def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, c
     assert _names(root) == ["latest", "step_00000004", "step_00000006"]  # keep=2 usable ones, not 6 and a wreck
     assert "step_00000005" in caplog.text and ".tmp-step_00000003" in caplog.text and "never committed" in caplog.text
     assert resolve_resume(root, "auto").name == "step_00000006"
+
+
+def test_a_failure_after_the_commit_is_a_warning_not_a_lost_checkpoint(tmp_path, monkeypatch, caplog):
+    """The step directory is in place once renamed: a full disk when replacing ``latest`` (which no
+    reader needs) or pruning must not report the checkpoint as not saved, nor stop the run."""
+    from megatron_lite.checkpoint import storage
+
+    root, real = tmp_path / "ckpt", storage.os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("latest"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    writer = Checkpointer(root, keep=1, async_save=False)
+    _save(writer, 2)
+    monkeypatch.setattr(storage.os, "replace", full_disk)
+    with caplog.at_level(logging.WARNING):
+        _save(writer, 4)  # raised "checkpoint of step 4 was not saved" although it was
+    writer.close()
+    assert "saved checkpoint" in caplog.text and "could not replace" in caplog.text and "No space left" in caplog.text
+    assert _names(root) == ["latest", "step_00000004"]  # pruned all the same; no .latest.tmp left
+    assert resolve_resume(root, "auto").name == "step_00000004"
