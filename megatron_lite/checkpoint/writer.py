@@ -15,9 +15,9 @@ One save, on every rank at the same step::
 
 With ``checkpoint.async`` the write runs in a thread while training continues; the trainer asks
 every step whether any rank is still writing (one all-reduce it already makes) and calls
-:meth:`Checkpointer.finalize` once none is. A failed write is raised by the next :meth:`save` or
-by :meth:`close` at the end of training, and never commits: ``metadata.json`` is only written
-after every rank reported a complete file.
+:meth:`Checkpointer.wait` once none is, which commits the save; a failed write is raised there, on
+every rank at that step (by :meth:`save` or :meth:`close` when they come first), and never commits:
+``metadata.json`` is only written after every rank reported a complete file.
 """
 
 from __future__ import annotations

@@ -357,7 +357,9 @@ class Trainer:
         # one all-reduce a step: any rank signalled? any rank still writing an async checkpoint?
         self.preempted, writing = any_rank([self.preemption.requested, self.checkpointer.writing], self.device)
         if self.checkpointer.in_flight and not writing:
-            self.checkpointer.finalize()  # every rank's file is complete: commit it now
+            # every rank's file is complete: commit it now; a failed one stops the run at this step
+            # (as a failed synchronous save does), not a checkpoint interval later
+            self.checkpointer.wait()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
         return record

@@ -202,6 +202,23 @@ def test_failed_async_write_is_reported_and_never_committed(saved, tmp_path, mon
     assert resolve_resume(ckpt, "auto").name == "step_00000002"
 
 
+def test_failed_async_write_stops_the_run_at_the_next_step(saved, tmp_path, monkeypatch, capsys):
+    """Not at the next save, one checkpoint interval of training later, which then also went unsaved."""
+    from megatron_lite.checkpoint import writer
+
+    def full_disk(path, tensors):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "write_tensor_file", full_disk)
+    args, _ = saved
+    run = tmp_path / "run"
+    assert main(["train", *args, f"log.dir={run}", "checkpoint.async=true", "checkpoint.every=3", "train.steps=9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint of step 3 was not saved: rank 0: OSError") and "No space left" in err
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] < 6, steps  # the write fails at once: known at step 4 (5 if the thread was slow)
+
+
 def test_checkpoint_dir_turned_into_a_file_mid_run_is_one_error(saved, tmp_path, monkeypatch, capsys):
     from megatron_lite.checkpoint import writer
 
