@@ -166,8 +166,10 @@ class CheckpointConfig:
     keep: int = 2
     """Keep the newest N committed checkpoints (older saves cut short are removed, never counted)."""
     resume: str = "auto"
-    """``auto`` (newest checkpoint in dir, if any), ``none`` (start fresh; refused when dir already
-    holds committed checkpoints, which the run would save over), or a checkpoint path."""
+    """``auto`` (the newest complete and intact checkpoint in dir, if any: incomplete or corrupt ones
+    are skipped with a warning, and an error when committed ones exist but none passes), ``none``
+    (start fresh; refused when dir already holds committed checkpoints, which the run would save
+    over), or a checkpoint path (refused when dir holds checkpoints of later steps, for the same reason)."""
     init_from: str | None = None
     """Start from this checkpoint's model weights (fresh optimizer, step 0), e.g. one made by
     ``megatron-lite convert from-hf``, when there is no checkpoint of this run to resume."""

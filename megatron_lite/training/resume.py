@@ -6,6 +6,12 @@ every shape (``model.rope_theta``, ``model.seq_len``, ``model.norm_eps``...) are
 comparing the checkpoint's saved ``model`` section with this run's, both resolved (defaults that
 depend on other fields and the tokenizer's vocabulary filled in). Starting a *new* run from the
 weights with other settings is what ``checkpoint.init_from`` is for, and is not checked here.
+
+A resume by path to an earlier step (a rewind, e.g. past a loss spike) is refused while
+``checkpoint.dir`` holds committed checkpoints of later steps: the run would save over them one by
+one, and after a crash ``checkpoint.resume=auto`` would take the newest of them, continuing the
+abandoned run instead of this one. ``auto`` itself only passes over newer checkpoints that are
+incomplete or corrupt; they are replaced when the run saves those steps again.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from megatron_lite.checkpoint.reader import CheckpointReader
+from megatron_lite.checkpoint.format import step_dir_name
+from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps
 from megatron_lite.checkpoint.shards import check_shapes
 from megatron_lite.config import Config, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
@@ -67,4 +74,21 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
             seed,
             reader.step,
             seed,
+        )
+
+
+def check_rewind(cfg: Config, reader: CheckpointReader) -> None:
+    """Refuse ``checkpoint.resume=<path>`` to a step before committed checkpoints in ``checkpoint.dir``
+    (see the module docstring). Every rank lists the same shared directory: the same verdict."""
+    c = cfg.checkpoint
+    if c.resume in ("auto", "none"):
+        return
+    newer = [step_dir_name(s) for s in committed_steps(c.dir) if s > reader.step]
+    if newer:
+        shown = ", ".join(newer[:4]) + (f" and {len(newer) - 4} more" if len(newer) > 4 else "")
+        raise UserError(
+            f"checkpoint.resume={c.resume!r} rewinds to step {reader.step}, but checkpoint.dir={c.dir!r} holds "
+            f"checkpoints of later steps ({shown}): this run would save over them, and a restart with "
+            "checkpoint.resume=auto would continue from them instead of from this run; move them out of "
+            "checkpoint.dir (they are the run being rewound), or choose a new checkpoint.dir (or log.dir)"
         )

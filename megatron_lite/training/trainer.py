@@ -225,6 +225,7 @@ class Trainer:
         if reader is None:
             return None
         resume.check_resume(self.cfg, reader, self.rank)
+        resume.check_rewind(self.cfg, reader)
         return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
 
     def _restore(self, reader: CheckpointReader, weights: dict | None) -> None:

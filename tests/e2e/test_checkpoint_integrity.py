@@ -117,6 +117,26 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
     assert "is unusable: rank_00000.safetensors does not match its sha256" in capsys.readouterr().err
 
 
+def test_rewinding_past_newer_checkpoints_is_refused(saved, tmp_path, capsys):
+    """Resuming step 2 by path beside steps 4 and 6: this run would save over them, and a restart
+    with resume=auto would have continued the abandoned run from step 6. Nothing is touched."""
+    ckpt = copy_run(saved, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    args, _ = saved
+    rewind = [*args, f"log.dir={ckpt.parent}", f"checkpoint.resume={ckpt / 'step_00000002'}", "train.exit_after=1"]
+    assert main(["train", *rewind]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "rewinds to step 2" in err and "(step_00000004, step_00000006)" in err and "move them out" in err, err
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    aside = tmp_path / "rewound"  # the advice works, and a restart then continues the rewound run
+    aside.mkdir()
+    for step in ("step_00000004", "step_00000006"):
+        (ckpt / step).rename(aside / step)
+    assert main(["train", *rewind]) == 0
+    assert resolve_resume(ckpt, "auto").name == "step_00000003"
+
+
 def test_changed_model_is_one_error_listing_the_settings(saved, tmp_path, capsys):
     ckpt = copy_run(saved, tmp_path)
     config = (ckpt.parent / "config.yaml").read_bytes()
