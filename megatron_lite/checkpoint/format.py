@@ -60,7 +60,8 @@ replaces ``latest``. Object stores have no rename: there the files go straight t
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
 ``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
 missing or of the wrong type, ``ranks`` not one entry per rank of ``layout.world_size``), or with
-a file whose size or sha256 differs, is incomplete or corrupt.
+a file whose size or sha256 differs, or whose ``step`` is not the one its name
+says (``step_00000100``: copied or renamed), is incomplete or corrupt.
 """
 
 from __future__ import annotations

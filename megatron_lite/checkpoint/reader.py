@@ -136,6 +136,9 @@ def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None
     except OSError as e:
         return None, f"{METADATA} cannot be read: {e}"
     problem = metadata_problem(meta)
+    named = STEP_DIR.match(name)
+    if not problem and named and int(named.group(1)) != meta["step"]:  # resuming it would restart at its step
+        problem = f"{METADATA} is of step {meta['step']}, not of {name} (renamed or copied?)"
     return (None, problem) if problem else (meta, None)
 
 

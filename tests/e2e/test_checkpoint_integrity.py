@@ -74,6 +74,11 @@ def ranks_short_of_the_world(step: Path) -> None:  # valid JSON, once an IndexEr
     _edit_metadata(step, lambda meta: meta.update(ranks=meta["ranks"][:-1]))
 
 
+def copied_from_another_step(step: Path) -> None:  # intact, but resuming it would restart at step 4
+    shutil.rmtree(step)
+    shutil.copytree(step.parent / "step_00000004", step)
+
+
 @pytest.mark.parametrize(
     "damage,why",
     [
@@ -84,6 +89,7 @@ def ranks_short_of_the_world(step: Path) -> None:  # valid JSON, once an IndexEr
         (never_committed, "metadata.json is missing"),
         (no_trainer_state, "metadata.json is damaged: it has no 'trainer' key"),
         (ranks_short_of_the_world, "metadata.json is damaged: ranks has 0 entries but the checkpoint's world"),
+        (copied_from_another_step, "metadata.json is of step 4, not of step_00000006 (renamed or copied?)"),
     ],
 )
 def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, caplog, damage, why):
