@@ -77,7 +77,14 @@ class CheckpointReader:
             from safetensors import safe_open
 
             self._handles[file] = safe_open(str(self.storage.fetch(f"{self.name}/{file}")), framework="pt")
-        return self._handles[file].get_slice(key)
+        try:
+            return self._handles[file].get_slice(key)
+        except Exception as e:  # safetensors' own error: the file passed its checksum, so metadata.json is wrong
+            raise UserError(
+                f"checkpoint {self.location}: {file} has no tensor {key!r}, which {METADATA} lists "
+                f"({type(e).__name__}): the checkpoint is damaged; use another one (moved out of checkpoint.dir, "
+                "checkpoint.resume=auto takes the next newest)"
+            ) from None
 
     def read_box(self, name: str, box: Box) -> torch.Tensor:
         """``box`` of global tensor ``name``, in its stored dtype, from every stored box overlapping it."""

@@ -69,6 +69,12 @@ def test_read_box_assembles_stored_boxes_and_refuses_holes(tmp_path):
     with pytest.raises(UserError, match=r"model/w\[\(0, 6\), \(0, 4\)\] is only partly stored"):
         holed.read_tensor("model/w")
     assert box_key("model/w", ((0, 2), (0, 4))) == "model/w[0:2,0:4]"
+    # metadata.json listing a key its file lacks (edited by hand): one error naming both, not safetensors' own
+    meta = json.loads(json.dumps(reader.meta))
+    meta["tensors"]["model/w"]["shards"][1]["key"] = "model/w[2:6,0:9]"
+    edited = type(reader)(reader.storage, reader.name, meta)
+    with pytest.raises(UserError, match=r"rank_00000.safetensors has no tensor 'model/w\[2:6,0:9\]'.*damaged"):
+        edited.read_tensor("model/w")
 
 
 def test_weights_only_checkpoint_has_every_documented_key(tmp_path):
