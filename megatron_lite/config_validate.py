@@ -148,11 +148,16 @@ def _check_layout(cfg: Config, world_size: int) -> int:
         raise UserError("parallel.sp=true needs parallel.tp > 1")
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
+        fix = f"set train.global_batch_size={max(per_step, t.global_batch_size // per_step * per_step)}"
+        per_rank, rest = divmod(t.global_batch_size, dp)
+        if rest:  # no micro batch size fits: the global batch must be a multiple of dp
+            fix += f" (a multiple of {per_step}; no train.micro_batch_size fits {t.global_batch_size} over dp {dp})"
+        else:  # the largest micro batch, up to the current one, that divides each rank's share
+            micro = max(d for d in range(1, min(per_rank, t.micro_batch_size) + 1) if per_rank % d == 0)
+            fix += f" or train.micro_batch_size={micro} (a divisor of global / dp = {per_rank})"
         raise UserError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}; set train.global_batch_size="
-            f"{max(per_step, t.global_batch_size // per_step * per_step)} or a train.micro_batch_size that divides "
-            f"{t.global_batch_size // dp if t.global_batch_size % dp == 0 else 'it'}"
+            f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}; {fix}"
         )
     return dp
 

@@ -99,6 +99,23 @@ def test_validation_errors_show_the_numbers(overrides, expected):
         resolved(*overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides,world,expected",
+    [
+        # 32 over dp 32: one sequence per rank, so micro 1 (the message said "divides 1")
+        (["train.global_batch_size=32"], 32, r"set train.global_batch_size=256 or train.micro_batch_size=1 \("),
+        # 12 over dp 1 with micro 8: the largest divisor of 12 not above 8
+        (["train.global_batch_size=12"], 1, r"set train.global_batch_size=8 or train.micro_batch_size=6 \("),
+        # 8 over dp 32: no micro batch size fits (the message said "a micro_batch_size that divides it")
+        (["train.global_batch_size=8"], 32, r"set train.global_batch_size=256 \(a multiple of 256; no train.micro"),
+    ],
+)
+def test_a_global_batch_that_does_not_split_names_a_value_that_fits(overrides, world, expected):
+    with pytest.raises(UserError, match=expected) as err:
+        resolved("train.micro_batch_size=8", *overrides, world=world)
+    assert "divides it" not in str(err.value)
+
+
 def test_layout_must_fill_world():
     with pytest.raises(UserError, match=r"tp=2 x pp=1 x dp=3 = 6 does not equal world size 4"):
         resolved("parallel.tp=2", "parallel.dp=3", world=4)
