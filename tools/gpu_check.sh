@@ -33,6 +33,13 @@ wanted=" ${*:-$all_parts} "
 for name in $wanted; do
     [[ " $all_parts " == *" $name "* ]] || { echo "unknown part '$name'; parts: $all_parts" >&2; exit 2; }
 done
+# Without a GPU every part fails or skips (and the 0.56B CPU step can exhaust the RAM): say so at once.
+if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "tools/gpu_check.sh: no CUDA device here (or no torch for $(command -v python || echo python));" \
+        "it runs the GPU-only checks on a GPU machine. Without a GPU: bash tools/run_tests.sh (CPU suite)," \
+        "python tools/kernel_static.py (compiles the Triton kernels)" >&2
+    exit 2
+fi
 budget="${GPU_CHECK_BUDGET:-570}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"

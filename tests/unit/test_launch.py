@@ -147,3 +147,16 @@ def test_fail_fast_setup_in_one_process_passes_errors_through():
         raise ValueError("boom")
     with fail_fast_setup("setup"):
         pass
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_check_without_a_gpu_refuses_at_once_naming_the_cpu_checks(tmp_path):
+    # it ran every part for minutes (nvidia-smi not found, the 0.56B step killed for memory) before
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    start = time.monotonic()
+    r = subprocess.run(
+        ["bash", str(ROOT / "tools" / "gpu_check.sh"), str(tmp_path / "out")], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no CUDA device here" in r.stderr and "tools/run_tests.sh" in r.stderr
+    assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
