@@ -92,6 +92,7 @@ def model_card(
         "## Usage",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",  # ruff-formatted: an export inside a checkout (hf/...) passes `ruff format --check .`
         'tok = AutoTokenizer.from_pretrained("PATH")',
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
         "```",

@@ -54,6 +54,14 @@ def test_to_hf_writes_a_sharded_directory_transformers_loads(trained, exported):
     assert load_config(trained.parent / "config.yaml").data.path[0] in card  # the datasets trained on
 
 
+def test_the_model_cards_code_is_ruff_formatted(exported):
+    # README's `convert to-hf --out hf/quickstart` puts the card inside the checkout, where
+    # tools/run_tests.sh's `ruff format --check .` formats the Markdown's Python block: it failed
+    ruff = shutil.which("ruff") or pytest.skip("ruff is not installed")
+    r = subprocess.run([ruff, "format", "--check", "--no-cache", str(exported / "README.md")], capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
 def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, tmp_path, capsys):
     back = tmp_path / "back"
     assert main(["convert", "from-hf", "--hf", str(exported), "--out", str(back)]) == 0
