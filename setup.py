@@ -26,7 +26,7 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "triton"],
+        "dev": ["pytest", "pytest-timeout", "ruff==0.17.6", "triton"],  # ruff pinned: its format is part of CI
         "hf": ["transformers>=5", "safetensors"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
