@@ -25,6 +25,9 @@ MAX_ROW_BLOCK = 65536
 # row_block's choice for the row); tools/bench/kernel_sweep.py varies both.
 PROGRAMS_PER_SM = 1
 BWD_WARPS: int | None = None
+# Software-pipelining depth of the norms' backward row loop: rows whose loads are in flight at once
+# (None leaves it to Triton), lowered where the rows would not fit shared memory (pipeline_stages).
+BWD_STAGES: int | None = 4
 
 
 @triton.jit
@@ -76,13 +79,14 @@ def _max_shared_memory(index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
-def pipeline_stages(stages: int | None, row_bytes: int, device: torch.device) -> int | None:
-    """The norms' backward row-loop depth: ``stages``, lowered until its buffers fit shared memory.
+def pipeline_stages(row_bytes: int, device: torch.device) -> int | None:
+    """The norms' backward row-loop depth: ``BWD_STAGES``, lowered until its buffers fit shared memory.
 
     Triton keeps ``stages - 1`` rows of every streamed input in flight there; ``row_bytes`` is one row
     of all of them. fp32 rows of 8192 with a residual gradient (3 inputs, 96 KiB a row) at 4 stages
     would ask an H100 for 303 KB of its 227 KB; 3 stages fit. None (Triton's choice) is kept as is.
     """
+    stages = BWD_STAGES
     if stages is None or device.type != "cuda":
         return stages
     index = device.index if device.index is not None else torch.cuda.current_device()

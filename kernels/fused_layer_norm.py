@@ -24,9 +24,6 @@ from megatron_lite.kernels._common import (
     row_mask,
 )
 
-# Software-pipelining depth of the backward's row loop, as in fused_rms_norm.
-BWD_STAGES: int | None = 4
-
 
 @triton.jit
 def _layer_norm_fwd_kernel(
@@ -121,7 +118,7 @@ def layer_norm_bwd(
     n_rows, n_cols = x.shape
     block, warps = row_block(n_cols)
     programs = reduction_programs(n_rows, x.device)
-    stages = pipeline_stages(BWD_STAGES, block * x.element_size() * 2, x.device)  # streamed: dy, x
+    stages = pipeline_stages(block * x.element_size() * 2, x.device)  # streamed: dy, x
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     # dW's and dB's partials side by side, so one sum and one cast finish both.
     parts = torch.empty(programs, 1 + has_bias, n_cols, device=x.device, dtype=torch.float32)

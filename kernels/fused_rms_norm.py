@@ -25,11 +25,6 @@ from megatron_lite.kernels._common import (
     row_mask,
 )
 
-# Software-pipelining depth of the backward's row loop: rows whose loads are in flight at once
-# (None leaves it to Triton), lowered where the rows would not fit shared memory (pipeline_stages).
-# 4 measured fastest on an H100, see _common.reduction_programs.
-BWD_STAGES: int | None = 4
-
 
 @triton.jit
 def _rms_norm_fwd_kernel(
@@ -124,7 +119,7 @@ def rms_norm_bwd(
     block, warps = row_block(n_cols)
     programs = reduction_programs(n_rows, x.device)
     streamed = 3 if dh is not None else 2  # dy, x (and dh) stream through the row loop
-    stages = pipeline_stages(BWD_STAGES, block * x.element_size() * streamed, x.device)
+    stages = pipeline_stages(block * x.element_size() * streamed, x.device)
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dw_part = torch.empty(programs, n_cols, device=x.device, dtype=torch.float32)
     dhh = dh if dh is not None else dy

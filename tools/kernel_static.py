@@ -153,7 +153,7 @@ def launches(arch: int) -> list[Launch]:
             if real := getattr(mod, "reduction_programs", None):
                 stack.enter_context(mock.patch.object(mod, "reduction_programs", lambda r, d, f=real: f(r, cuda)))
             if real := getattr(mod, "pipeline_stages", None):
-                stack.enter_context(mock.patch.object(mod, "pipeline_stages", lambda s, b, d, f=real: f(s, b, cuda)))
+                stack.enter_context(mock.patch.object(mod, "pipeline_stages", lambda b, d, f=real: f(b, cuda)))
         return [launch for suffix, call in calls for launch in _record(list(m.values()), call, suffix)]
 
 

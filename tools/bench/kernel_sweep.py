@@ -3,7 +3,7 @@
     python tools/bench/kernel_sweep.py [--parts norms,attention]
 
 - norms: the backward's programs per SM (``_common.PROGRAMS_PER_SM``) x its row loop's pipelining
-  depth (``BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
+  depth (``_common.BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
   rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
   timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
@@ -59,8 +59,7 @@ def sweep_norms() -> list[dict]:
     rows = []
     knobs = itertools.product((1, 2, 4), (3, 4), (None, 8, 16))  # programs per SM, stages, warps
     for (name, (fn, make, grad_idx, nbytes)), (per_sm, stages, warps) in itertools.product(ops.items(), list(knobs)):
-        _common.PROGRAMS_PER_SM, _common.BWD_WARPS = per_sm, warps
-        fused_rms_norm.BWD_STAGES = fused_layer_norm.BWD_STAGES = stages
+        _common.PROGRAMS_PER_SM, _common.BWD_WARPS, _common.BWD_STAGES = per_sm, warps, stages
         ms, _ = time_call(fn, make(), grad_idx, backward=True)
         setting = {"programs_per_sm": per_sm, "stages": stages, "warps": warps}
         rows.append(_row(name, setting, "fwd+bwd", ms, nbytes))
