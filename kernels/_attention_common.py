@@ -41,6 +41,12 @@ FWD_TILES = [
 # dK/dV 64x128 w8 s3 2.12-2.17 (it spills 8 bytes on sm_90, so it is not the first tile, which
 # tests/kernels/test_static_compile.py holds to no spills), 32x64 w4 s3 2.17-2.24, 64x64 w4 s3
 # 2.35-2.37; dQ 128x64 w8 s3 1.44-1.45, 128x32 w4 s3 1.54-1.59, 64x64 w4 s3 1.64.
+# The forward's warp-specialized form (fused_attention.WARP_SPECIALIZE, off until timed on a GPU by
+# tools/bench/kernel_sweep.py --parts attention_ws): Triton 3.6 gives a 4-warp, 128-query program a
+# producer warpgroup (TMA loads) and two consumer warpgroups of 64 queries each (tools/kernel_static.py:
+# 384 threads, 168 registers; 128x64 s2 131 KB of shared memory). A 64-query tile is not split: both
+# consumers would compute the same 64 rows.
+FWD_WS_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3)]
 DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 
@@ -68,7 +74,8 @@ def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[trit
     4-byte tiles and ptxas spends minutes on the big tiles' register spills (D = 128, H200), and for
     sequences up to ``SHORT`` tokens, where a few tiles per head leave nothing for autotuning to
     win back its compile time (one compile per tile, per kernel, per sequence length)."""
-    if named_args["Q"].base.dtype == torch.float32 or named_args["T"] <= SHORT:
+    q = named_args["Q"]
+    if (q.base if isinstance(q, TensorDescriptor) else q).dtype == torch.float32 or named_args["T"] <= SHORT:
         return configs[-1:]
     return configs
 
@@ -118,15 +125,36 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def load_tile(DESC, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows [start, start + ROWS) of head h of batch b as a (ROWS, HEAD_DIM) tile; rows past T are 0."""
-    return DESC.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+def load_tile(DESC, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PER_HEAD: tl.constexpr = False):
+    """Rows [start, start + ROWS) of head h of batch b as a (ROWS, HEAD_DIM) tile; rows past T are 0.
+    PER_HEAD: ``DESC`` is a ``head_rows`` descriptor, already of that head."""
+    if PER_HEAD:
+        return DESC.load([start, 0])
+    else:
+        return DESC.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
 
 
 @triton.jit
-def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PER_HEAD: tl.constexpr = False):
     """Stores a (ROWS, HEAD_DIM) tile at rows [start, start + ROWS) of head h; rows past T are dropped."""
-    DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
+    if PER_HEAD:
+        DESC.store([start, 0], tile.to(DESC.dtype))
+    else:
+        DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
+
+
+@triton.jit
+def head_rows(X, b, h, stride_b, stride_h, stride_t, T, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A descriptor over the (T, HEAD_DIM) rows of head h of batch b of ``X`` (B, H, T, D), made on the
+    device. Triton's warp specialization splits a 2-D tile between its consumers, not a 4-D one."""
+    base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return tl.make_tensor_descriptor(base, [T, HEAD_DIM], [stride_t, 1], [ROWS, HEAD_DIM])
+
+
+def head_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a describable ``x`` for ``head_rows``: a TMA row stride must be a
+    multiple of 16 bytes, so that of a single row (which torch leaves arbitrary) becomes D."""
+    return x.stride(0), x.stride(1), x.stride(2) if x.shape[2] > 1 else x.shape[3]
 
 
 @triton.jit

@@ -8,7 +8,8 @@
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
   timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
   tile with its largest difference from SDPA (``max_err``);
-- attention_ws: the same for the forward's warp-specialized form (``WARP_SPECIALIZE``, 4-warp tiles).
+- attention_ws: the same for the forward's warp-specialized form (``fused_attention.WARP_SPECIALIZE``:
+  a producer warpgroup and two consumers of 64 queries each, so 128-query tiles of 4 warps).
 
 Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
 the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
@@ -32,9 +33,9 @@ ATTN = (4, 32, 4096, 128)  # B, H, T, D
 FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
              (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 128, 4, 2), (64, 128, 4, 1),
              (64, 32, 4, 1)]  # fmt: skip
-# The forward in the form Triton 3.6 warp-specializes on Hopper (one masked loop, 4-warp tiles only:
-# a producer warpgroup feeds two consumers, 384 threads; tools/kernel_static.py compiles them)
-WS_TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 128, 4, 1), (64, 32, 4, 3)]
+# The warp-specialized forward's candidates (BLOCK_M 128 over 4 warps: two 64-query consumers);
+# tiles that exceed shared memory are skipped by the autotuner.
+WS_TILES = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4)]
 BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
              (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]  # fmt: skip
 
@@ -67,11 +68,11 @@ def sweep_norms() -> list[dict]:
     return rows
 
 
-def _use_tiles(kernel, tiles: list[tuple[int, int, int, int]], **switches) -> None:
+def _use_tiles(kernel, tiles: list[tuple[int, int, int, int]]) -> None:
     """Make ``tiles`` the autotuned ``kernel``'s candidates (its pre-hook sizes the descriptors' blocks)."""
     from megatron_lite.kernels._attention_common import configs
 
-    kernel.configs, kernel.cache = configs(tiles, kernel.configs[0].pre_hook, **switches), {}
+    kernel.configs, kernel.cache = configs(tiles, kernel.configs[0].pre_hook), {}
 
 
 def _autotune_rows(part: str, kernel, errors: dict[str, float] | None = None) -> list[dict]:
@@ -100,7 +101,7 @@ def sweep_attention() -> list[dict]:
     q, k, v = (_randn(b, h, t, d).requires_grad_() for _ in range(3))
     fa.flash_attention(q, k, v, causal=True).backward(_randn(b, h, t, d))
     torch.cuda.synchronize()
-    errors = _forward_errors(fa, q.detach(), k.detach(), v.detach())
+    errors = _forward_errors(fa, fa._attn_fwd_kernel, q.detach(), k.detach(), v.detach())
     return [row for name, (kernel, _) in kernels.items()
             for row in _autotune_rows(f"attention_{name}", kernel, errors if name == "fwd" else None)]  # fmt: skip
 
@@ -110,19 +111,24 @@ def sweep_attention_ws() -> list[dict]:
     fails on there costs the other parts nothing."""
     from megatron_lite.kernels import fused_attention as fa
 
-    _use_tiles(fa._attn_fwd_kernel, WS_TILES, WARP_SPECIALIZE=True)
+    kernel = fa._attn_fwd_ws_kernel
+    _use_tiles(kernel, WS_TILES)
     q, k, v = (_randn(*ATTN) for _ in range(3))
-    fa.flash_attention(q, k, v, causal=True)
-    torch.cuda.synchronize()
-    return _autotune_rows("attention_fwd_ws", fa._attn_fwd_kernel, _forward_errors(fa, q, k, v))
+    fa.WARP_SPECIALIZE = True
+    try:
+        fa.flash_attention(q, k, v, causal=True)
+        torch.cuda.synchronize()
+        return _autotune_rows("attention_fwd_ws", kernel, _forward_errors(fa, kernel, q, k, v))
+    finally:
+        fa.WARP_SPECIALIZE = False
 
 
-def _forward_errors(fa, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
-    """Max |output - SDPA| of the forward with each of its configs forced: the timings say which tile
-    is fastest, this that each (the warp-specialized ones above all) computes attention."""
+def _forward_errors(fa, kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
+    """Max |output - SDPA| of the forward with each of ``kernel``'s configs forced: the timings say
+    which tile is fastest, this that each (the warp-specialized ones above all) computes attention."""
     from megatron_lite.kernels import reference
 
-    kernel, every = fa._attn_fwd_kernel, fa._attn_fwd_kernel.configs
+    every = kernel.configs
     expected = reference.flash_attention(q, k, v, True).float()
     errors = {}
     try:
