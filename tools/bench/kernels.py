@@ -68,9 +68,9 @@ def _liger(name: str) -> Callable | str:
     return getattr(lf, name)
 
 
-def _with_eps(fn: Callable | str) -> Callable | str:
-    """Liger's RMSNorm takes eps positionally with no default: give it the reference's 1e-6."""
-    return fn if isinstance(fn, str) else (lambda x, w: fn(x, w, 1e-6))
+def _with_eps(fn: Callable | str, eps: float) -> Callable | str:
+    """Liger's norms take eps last, with no default: give them the reference's (1e-6 RMS, 1e-5 layer)."""
+    return fn if isinstance(fn, str) else (lambda *tensors: fn(*tensors, eps))
 
 
 def _norm_cases(k) -> list[Case]:
@@ -79,13 +79,13 @@ def _norm_cases(k) -> list[Case]:
     x_w = lambda: ([_randn(M, N), _randn(N)], [0, 1])  # noqa: E731
     x_w_r = lambda: ([_randn(M, N), _randn(N), _randn(M, N)], [0, 1, 2])  # noqa: E731
     x_w_b = lambda: ([_randn(M, N), _randn(N), _randn(N)], [0, 1, 2])  # noqa: E731
-    plain = {"triton": k.rms_norm, "eager": reference.rms_norm, "liger": _with_eps(_liger("liger_rms_norm"))}
+    plain = {"triton": k.rms_norm, "eager": reference.rms_norm, "liger": _with_eps(_liger("liger_rms_norm"), 1e-6)}
     fused = {
         "triton": lambda x, w, r: k.rms_norm(x, w, 1e-6, r),
         "eager": lambda x, w, r: reference.rms_norm(x, w, 1e-6, r),
         "liger": "Liger has no residual-fused RMSNorm",
     }
-    ln = {"triton": k.layer_norm, "eager": reference.layer_norm, "liger": _liger("liger_layer_norm")}
+    ln = {"triton": k.layer_norm, "eager": reference.layer_norm, "liger": _with_eps(_liger("liger_layer_norm"), 1e-5)}
     return [
         # fwd: x -> y; bwd: x, dy -> dx
         Case("rms_norm", f"{M}x{N}", x_w, plain, bytes_fwd=2 * act, bytes_bwd=3 * act),
