@@ -82,6 +82,11 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+STAGING_DIR = re.compile(r"^\.tmp-(replaced-)?step_\d{8}$")
+"""What a local save stages in (``.tmp-step_*``) or sets aside while re-saving a step
+(``.tmp-replaced-step_*``): the only hidden directories pruning may remove."""
+SAVE_FILE = re.compile(r"^rank_\d{5,}\.safetensors$|^metadata\.json$|^\.metadata\.json\.tmp$")
+"""Files a save writes into a step directory (besides :data:`EXTRA_FILES`)."""
 EXTRA_FILES = ("tokenizer.model", "tokenizer.json", "origin.json")
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format description)
 DTYPE_CODES = {

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from megatron_lite.checkpoint.format import STEP_DIR, TMP_PREFIX, sha256_file
+from megatron_lite.checkpoint.format import STAGING_DIR, STEP_DIR, TMP_PREFIX, sha256_file
 from megatron_lite.errors import UserError
 
 UPLOAD_CONCURRENCY = 8  # parts in flight per file: saturates ~10 Gb/s links in s3fs's measurements
@@ -73,12 +73,23 @@ class Storage:
         return sorted(n for n in names if STEP_DIR.match(n))
 
     def staging_dirs(self) -> list[str]:
-        """Local ``.tmp-*`` directories: saves that never reached their commit (none remote, where
-        a save writes straight into ``step_*/``). Only a save in flight has one legitimately."""
+        """Local ``.tmp-step_*`` (and ``.tmp-replaced-step_*``) directories: saves that never reached
+        their commit (none remote, where a save writes straight into ``step_*/``). Only a save in
+        flight has one legitimately. Other ``.tmp-*`` names are not ours (``convert to-hf`` stages
+        ``--out NAME`` in ``.tmp-NAME``) and are never listed."""
         root = Path(self.root)
         if self.remote or not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir())
+        return sorted(p.name for p in root.iterdir() if STAGING_DIR.match(p.name) and p.is_dir())
+
+    def names(self, rel: str) -> list[str]:
+        """Names of the entries directly inside directory ``rel`` (none when it does not exist)."""
+        if self.remote:
+            if not self.fs.exists(self._remote(rel)):
+                return []
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._remote(rel), detail=False)]
+        path = self._local(rel)
+        return [p.name for p in path.iterdir()] if path.is_dir() else []
 
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self._remote(rel)) if self.remote else self._local(rel).exists()

@@ -35,9 +35,11 @@ from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import full_box
 from megatron_lite.checkpoint.format import (
     DTYPE_CODES,
+    EXTRA_FILES,
     FORMAT,
     LATEST,
     METADATA,
+    SAVE_FILE,
     STEP_DIR,
     box_key,
     dtype_name,
@@ -241,16 +243,23 @@ class Checkpointer:
     def _prune(self, step: int) -> None:
         """Keep the newest ``keep`` committed checkpoints (this one included). What a save cut short
         left (a process killed mid-save) is removed, never counted, so it cannot displace a complete
-        checkpoint: a local ``.tmp-*`` directory (no other save is in flight now), or on an object
-        store, which has no staging directory, an older step directory without ``metadata.json``."""
+        checkpoint: a local ``.tmp-step_*`` directory (no other save is in flight now), or on an object
+        store, which has no staging directory, an older step directory without ``metadata.json``.
+        Only what a save writes is removed: a directory that also holds other files (an export a user
+        put there) is left alone, whatever its name."""
         older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < step]
         committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
         for name in self.storage.staging_dirs() + older:
-            if name not in committed:
+            if name not in committed and self._only_save_files(name):
                 log.warning("removing %s: a save cut short (never committed)", self.storage.url(name))
                 self.storage.remove(name)
         for name in committed[: max(0, len(committed) - (self.keep - 1))]:
             self.storage.remove(name)
+
+    def _only_save_files(self, name: str) -> bool:
+        """Whether directory ``name`` holds nothing but files a save writes (so removing it loses nothing else)."""
+        ours = (*EXTRA_FILES, *self.extra_files)
+        return all(SAVE_FILE.match(n) or n in ours for n in self.storage.names(name))
 
     def wait(self) -> None:
         """Finish the save in flight (join, finalize) and raise if any save failed (collective)."""

@@ -62,3 +62,21 @@ def test_a_failure_after_the_commit_is_a_warning_not_a_lost_checkpoint(tmp_path,
     assert "saved checkpoint" in caplog.text and "could not replace" in caplog.text and "No space left" in caplog.text
     assert _names(root) == ["latest", "step_00000004"]  # pruned all the same; no .latest.tmp left
     assert resolve_resume(root, "auto").name == "step_00000004"
+
+
+def test_pruning_leaves_directories_that_are_not_saves(tmp_path):
+    """A ``convert to-hf`` export staged (``.tmp-NAME``) or installed (even as ``step_00000005``) in the
+    checkpoint directory is not a save cut short: pruning must not remove it."""
+    root = tmp_path / "ckpt"
+    writer = Checkpointer(root, keep=1, async_save=False)
+    _save(writer, 2)
+    for name in (".tmp-hf", "step_00000005", ".tmp-step_00000007"):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text("{}")
+        (root / name / "model.safetensors").write_bytes(b"weights")
+    (root / ".tmp-step_00000003").mkdir()  # a save of ours killed mid-write: still removed
+    (root / ".tmp-step_00000003" / "rank_00000.safetensors").write_bytes(b"partial")
+    _save(writer, 8)
+    writer.close()
+    assert _names(root) == [".tmp-hf", ".tmp-step_00000007", "latest", "step_00000005", "step_00000008"]
+    assert (root / ".tmp-hf" / "model.safetensors").read_bytes() == b"weights"
