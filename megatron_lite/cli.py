@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, refuse_blank
 
 # A rank other than 0 that fails waits this long before printing its error itself (see main()).
 ERROR_GRACE_S = 10.0
@@ -74,6 +74,7 @@ def _writable_parent(flag: str, path: str) -> None:
     from megatron_lite.checkpoint.storage import is_url
     from megatron_lite.training.preflight import probe_dir
 
+    refuse_blank(flag, path)  # "" is the current directory, whose parent is probed and maybe not writable
     if not is_url(path):
         probe_dir(f"the directory of {flag}", Path(os.path.abspath(path)).parent)  # `--out .`: the parent
 

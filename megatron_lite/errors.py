@@ -7,3 +7,11 @@ every other exception is a bug and keeps its traceback.
 
 class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix."""
+
+
+def refuse_blank(flag: str, value: object) -> None:
+    """A path option given as ``""`` or spaces (an unset shell variable: ``--out "$OUT"``) would mean
+    the current directory or a directory named by spaces: one :class:`UserError` naming ``flag``."""
+    if not str(value).strip():
+        what = "empty" if not str(value) else f"only spaces ({str(value)!r})"
+        raise UserError(f"{flag} is {what}, which names no path (an unset shell variable?); give the path to write to")

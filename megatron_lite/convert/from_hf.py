@@ -31,9 +31,9 @@ from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig, config_from_dict
 from megatron_lite.convert.compare import refuse_config_mismatch, unused_tensor_problem
-from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_used_out
+from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_out_in_checkpoints, refuse_used_out
 from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, refuse_blank
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,10 @@ def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
+    refuse_blank("--out", out)
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
+    refuse_out_in_checkpoints(out)  # a run's saves there would prune or replace what is written
     raw, adapter, hf_config = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)

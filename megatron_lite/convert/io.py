@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
-from megatron_lite.checkpoint.format import DTYPE_CODES
+from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
 from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps
+from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 
@@ -86,6 +87,40 @@ def refuse_used_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(
             f"--out {out} already exists and is not an empty directory; choose a new one (nothing there was changed)"
+        )
+
+
+def _checkpoint_root_of(path: Path) -> Path | None:
+    """The checkpoint directory (a run's ``checkpoint.dir``) that ``path`` is or lies in, else None."""
+    for p in (path, *path.parents):
+        if STEP_DIR.match(p.name) and (p / METADATA).is_file():
+            return p.parent
+        latest = p / LATEST
+        try:
+            if latest.is_file() and STEP_DIR.match(latest.read_text().strip()):
+                return p
+            if p.is_dir() and any(STEP_DIR.match(c.name) or STAGING_DIR.match(c.name) for c in p.iterdir()):
+                return p
+        except OSError:  # unreadable: not one we can tell apart, and not ours to write into anyway
+            continue
+    return None
+
+
+def refuse_out_in_checkpoints(out: Path, source: str | Path | None = None) -> None:
+    """``--out`` must lie outside every checkpoint directory and outside ``source`` (the checkpoint
+    being converted, whatever its name): a training run's saves prune and replace step directories
+    and their staging directories, which would delete or replace the export."""
+    dest = Path(os.path.realpath(out))
+    root = _checkpoint_root_of(dest)
+    if root is None and source is not None and not is_url(source):
+        src = Path(os.path.realpath(source))
+        root = src if dest == src or src in dest.parents else None
+    if root is not None:
+        name = dest.name if dest != root and not STEP_DIR.match(dest.name) else "hf"
+        raise UserError(
+            f"--out {out} {'is' if dest == root else 'lies inside'} the checkpoint directory {root}, where a "
+            "training run's saves remove and replace directories (the export could be deleted); choose a "
+            f"directory outside it, e.g. --out {root.parent / name}"
         )
 
 

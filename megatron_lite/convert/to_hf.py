@@ -40,10 +40,16 @@ from typing import Any
 
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.convert.card import model_card
-from megatron_lite.convert.io import CheckpointSource, ShardedWriter, open_checkpoint, refuse_used_out
+from megatron_lite.convert.io import (
+    CheckpointSource,
+    ShardedWriter,
+    open_checkpoint,
+    refuse_out_in_checkpoints,
+    refuse_used_out,
+)
 from megatron_lite.convert.tokenizer import special_ids, write_hf_tokenizer
 from megatron_lite.convert.verify import VerifyResult, verify
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, refuse_blank
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # HF Hub's long-standing default shard size
 STAGING_MARKER = ".megatron-lite-to-hf"
@@ -257,6 +263,8 @@ def to_hf(
     check: bool = True,
 ) -> ExportResult:
     """Export a checkpoint (a step directory or a run's checkpoint root) as a HF model directory."""
+    refuse_blank("--out", out)
+    refuse_out_in_checkpoints(Path(out), checkpoint)  # before the checkpoint's checksums are read
     src = open_checkpoint(checkpoint, step)
     m = src.config.model
     check_exportable(m)  # first: an unsupported model's tensor names differ too, a less useful error

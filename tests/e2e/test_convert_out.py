@@ -1,0 +1,56 @@
+"""``--out`` that would put the converter's output where something else removes or overwrites it, or
+that names no path at all: one error naming it, before anything is read or written."""
+
+import os
+from pathlib import Path
+
+import pytest
+from convert_fixtures import noisy_checkpoint, run_error
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+pytest.importorskip("transformers")
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones too) with its bytes; None for a directory."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(name="ckpt")
+def ckpt_fixture(small_corpus, tmp_path) -> Path:
+    """A run's checkpoint directory holding step 3 and ``latest``."""
+    step = noisy_checkpoint(tmp_path / "run" / "checkpoints", small_corpus[1])
+    return step.parent
+
+
+@pytest.mark.parametrize("where", ["hf", ".", "step_00000003/hf", "step_00000009"])
+@pytest.mark.parametrize("source", ["root", "step"])
+def test_to_hf_refuses_out_inside_a_checkpoint_directory(ckpt, where, source, capsys):
+    """A training run's saves there prune step directories and staging (``.tmp-*``) ones: the export,
+    or the ``.tmp-<out>`` it is staged in, would be deleted or replaced."""
+    before = tree(ckpt.parent)
+    checkpoint = ckpt if source == "root" else ckpt / "step_00000003"
+    out = ckpt / where
+    err = run_error(["convert", "to-hf", "--checkpoint", str(checkpoint), "--out", str(out), "--no-verify"], capsys)
+    assert "the checkpoint directory" in err and str(ckpt) in err, err
+    assert f"choose a directory outside it, e.g. --out {ckpt.parent}" in err, err
+    assert tree(ckpt.parent) == before
+
+
+def test_to_hf_refuses_out_inside_the_checkpoint_it_converts_whatever_its_name(ckpt, tmp_path, capsys):
+    best = tmp_path / "best"
+    (ckpt / "step_00000003").rename(best)  # metadata.json says step 3; the reader takes it under any name
+    err = run_error(["convert", "to-hf", "--checkpoint", str(best), "--out", str(best / "hf")], capsys)
+    assert f"lies inside the checkpoint directory {best}" in err and not (best / "hf").exists()
+
+
+@pytest.mark.parametrize("verb", ["to-hf", "from-hf"])
+@pytest.mark.parametrize("out", ["", "  "])
+def test_a_blank_out_is_named_as_such(ckpt, tmp_path, monkeypatch, verb, out, capsys):
+    """``--out "$OUT"`` with OUT unset: not "--out . already exists", nor a directory named by spaces."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    source = ["--checkpoint", str(ckpt)] if verb == "to-hf" else ["--hf", str(tmp_path / "nowhere")]
+    err = run_error(["convert", verb, *source, "--out", out], capsys)
+    assert "--out is " in err and "names no path" in err and "already exists" not in err, err
+    assert list(Path().iterdir()) == []
