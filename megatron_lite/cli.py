@@ -69,14 +69,19 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writable_parent(flag: str, path: str) -> None:
-    """Refuse, before any work, an output whose directory cannot be created or written."""
+def _writable_parent(flag: str, path: str, create: bool = True) -> None:
+    """Refuse, before any work, an output whose directory cannot be created or written. With
+    ``create=False`` nothing is created: the nearest existing directory above it is probed (a
+    command refused later, for a bad checkpoint, leaves no empty directories behind)."""
     from megatron_lite.checkpoint.storage import is_url
     from megatron_lite.training.preflight import probe_dir
 
     refuse_blank(flag, path)  # "" is the current directory, whose parent is probed and maybe not writable
     if not is_url(path):
-        probe_dir(f"the directory of {flag}", Path(os.path.abspath(path)).parent)  # `--out .`: the parent
+        parent = Path(os.path.abspath(path)).parent  # `--out .`: the parent
+        if not create:
+            parent = next(p for p in (parent, *parent.parents) if p.exists() or p.is_symlink() or p == p.parent)
+        probe_dir(f"the directory of {flag}", parent)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -92,12 +97,12 @@ def _convert(args: argparse.Namespace) -> int:
 
     if args.action == "to-hf":
         size = parse_size(args.max_shard_size)
-        _writable_parent("--out", args.out)
+        _writable_parent("--out", args.out, create=False)
         r = convert.to_hf(args.checkpoint, args.out, step=args.step, max_shard_size=size, check=not args.no_verify)
         print(f"wrote {r.out}: {r.parameters:,} parameters; {', '.join(r.files)}")
         print(f"verified: {r.check.summary()}" if r.check else "not verified (--no-verify)")
     elif args.action == "from-hf":
-        _writable_parent("--out", args.out)
+        _writable_parent("--out", args.out, create=False)
         r = convert.from_hf(args.hf, args.out)
         print(f"wrote {r.checkpoint}: {r.parameters:,} parameters (weights only)")
         print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX log.dir=RUN_DIR")

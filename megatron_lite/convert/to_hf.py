@@ -263,8 +263,9 @@ def to_hf(
     check: bool = True,
 ) -> ExportResult:
     """Export a checkpoint (a step directory or a run's checkpoint root) as a HF model directory."""
-    refuse_blank("--out", out)
-    refuse_out_in_checkpoints(Path(out), checkpoint)  # before the checkpoint's checksums are read
+    refuse_blank("--out", out)  # the --out checks come before the checkpoint's checksums are read
+    refuse_out_in_checkpoints(Path(out), checkpoint)
+    refuse_used_out(Path(out))
     src = open_checkpoint(checkpoint, step)
     m = src.config.model
     check_exportable(m)  # first: an unsupported model's tensor names differ too, a less useful error
@@ -279,7 +280,6 @@ def to_hf(
     ids = special_ids(src.tokenizer)
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
-    refuse_used_out(out)
     tmp = _prepare_out(dest, src.path)  # only now, after every check, is anything written
     with _removed_on_error(tmp, out):
         n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)

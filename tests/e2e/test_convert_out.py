@@ -23,7 +23,7 @@ def ckpt_fixture(small_corpus, tmp_path) -> Path:
     return step.parent
 
 
-@pytest.mark.parametrize("where", ["hf", ".", "step_00000003/hf", "step_00000009"])
+@pytest.mark.parametrize("where", ["hf", ".", "step_00000003/hf", "step_00000009", ".tmp-hf/x"])
 @pytest.mark.parametrize("source", ["root", "step"])
 def test_to_hf_refuses_out_inside_a_checkpoint_directory(ckpt, where, source, capsys):
     """A training run's saves there prune step directories and staging (``.tmp-*``) ones: the export,
@@ -54,3 +54,18 @@ def test_a_blank_out_is_named_as_such(ckpt, tmp_path, monkeypatch, verb, out, ca
     err = run_error(["convert", verb, *source, "--out", out], capsys)
     assert "--out is " in err and "names no path" in err and "already exists" not in err, err
     assert list(Path().iterdir()) == []
+
+
+def test_a_refused_conversion_leaves_no_directories_behind(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "hf"
+    err = run_error(["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(out)], capsys)
+    assert "no checkpoint found" in err and list(tmp_path.iterdir()) == []
+
+
+def test_a_used_out_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine\n")
+    err = run_error(
+        ["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(tmp_path / "used")], capsys
+    )
+    assert "already exists and is not an empty directory" in err
