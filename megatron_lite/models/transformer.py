@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from megatron_lite import kernels
 from megatron_lite.config import ModelConfig
@@ -217,6 +219,23 @@ def build_model(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu")
     model.to_empty(device=device)
     model.init_weights(seed)
     return model
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips every ``torch.nn.init`` call (the layers' default init): on the meta device it runs
+    through torch's reference ops, which import ``torch._dynamo`` and, through it, Triton."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every state-dict entry of the model ``cfg`` builds: no memory, no init, nothing
+    imported (the converter's checks run where no GPU library may be loaded)."""
+    with torch.device("meta"), _SkipInit():
+        return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -239,6 +239,20 @@ def test_a_run_root_of_unreadable_checkpoints_is_named_for_conversion_not_traini
         assert "point at a good step directory" in err and "start from scratch" not in err
 
 
+@pytest.mark.parametrize("edit", [{"hidden": 96}, {"heads": 2, "kv_heads": 2}, {"layers": 3}])
+def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(trained, exported, tmp_path, edit, capsys):
+    """A hand-edited (or damaged) model config in metadata.json failed deep in a transform, with a traceback."""
+    step = tmp_path / "checkpoints" / "step_00000002"
+    shutil.copytree(trained / "step_00000002", step)
+    meta = json.loads((step / "metadata.json").read_text())
+    meta["config"]["model"].update(edit)
+    (step / "metadata.json").write_text(json.dumps(meta))
+    for args in (["to-hf", "--out", str(tmp_path / "hf")], ["verify", "--hf", str(exported)]):
+        err = run_error(["convert", args[0], "--checkpoint", str(step), *args[1:]], capsys)
+        assert f"checkpoint {step}: " in err and "metadata.json's config was edited or damaged" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
 def test_import_of_a_mistral_with_a_short_sliding_window_says_it_shortens_seq_len(exported, tmp_path, caplog):
     cfg = transformers.MistralConfig(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
