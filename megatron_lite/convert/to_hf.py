@@ -172,6 +172,33 @@ def _removed_on_error(tmp: Path, out: Path, writing: bool = True) -> Iterator[No
         raise
 
 
+def _stamp(step_dir: Path) -> tuple[int, int] | None:
+    """What identifies this commit of a step directory: its ``metadata.json``'s inode and mtime
+    (a re-save replaces the file, pruning removes it); None when it is gone."""
+    try:
+        st = (step_dir / "metadata.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def _source_kept(src: CheckpointSource, stamp: tuple[int, int] | None) -> Iterator[None]:
+    """A failure to read the checkpoint (an OSError, or its re-verification finding none), when the
+    checkpoint was meanwhile removed or replaced (a training run still saving into its directory
+    prunes old steps), is one :class:`UserError` saying so."""
+    try:
+        yield
+    except (OSError, UserError) as e:
+        if stamp is None or _stamp(src.path) == stamp:
+            raise
+        raise UserError(
+            f"checkpoint {src.path} was removed or replaced while it was being converted ({type(e).__name__}: "
+            f"{e}): a training run saving into its directory prunes older steps (checkpoint.keep); copy the step "
+            "directory out of the run's checkpoint.dir and convert the copy; nothing was written to --out"
+        ) from None
+
+
 def _write_error(out: Path, e: OSError) -> UserError:
     return UserError(
         f"cannot write the export to {out}: {type(e).__name__}: {e}; nothing was left there "
@@ -267,6 +294,7 @@ def to_hf(
     refuse_out_in_checkpoints(Path(out), checkpoint)
     refuse_used_out(Path(out))
     src = open_checkpoint(checkpoint, step)
+    stamp = _stamp(src.path)
     m = src.config.model
     check_exportable(m)  # first: an unsupported model's tensor names differ too, a less useful error
     if src.tokenizer is None:
@@ -277,13 +305,14 @@ def to_hf(
     adapter = ADAPTERS[export_type(m, src.origin)]
     name_map = adapter.name_map(m)
     _check_names(src, name_map)
-    ids = special_ids(src.tokenizer)
+    with _source_kept(src, stamp):
+        ids = special_ids(src.tokenizer)
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
     tmp = _prepare_out(dest, src.path)  # only now, after every check, is anything written
-    with _removed_on_error(tmp, out):
+    with _removed_on_error(tmp, out), _source_kept(src, stamp):
         n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
-    with _removed_on_error(tmp, out, writing=False):  # reads only: an OSError there is not the output's
+    with _removed_on_error(tmp, out, writing=False), _source_kept(src, stamp):  # reads: not the output's error
         result = verify(src.path, tmp) if check else None
     if result is not None and not result.passed:
         raise UserError(
@@ -293,7 +322,8 @@ def to_hf(
     from megatron_lite.data.tokenizer import Tokenizer
 
     with _removed_on_error(tmp, out):
-        card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
+        with _source_kept(src, stamp):
+            card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
         (tmp / "README.md").write_text(card)
         _install(tmp, dest)
     return ExportResult(out, n_params, sorted(p.name for p in out.iterdir()), result)

@@ -69,3 +69,25 @@ def test_a_used_out_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
         ["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(tmp_path / "used")], capsys
     )
     assert "already exists and is not an empty directory" in err
+
+
+@pytest.mark.parametrize("when", ["opened", "streaming", "verifying"])
+def test_a_checkpoint_pruned_while_it_is_converted_is_one_error(ckpt, tmp_path, monkeypatch, when, capsys):
+    """A training run still saving into the checkpoint directory removes old steps (checkpoint.keep)."""
+    import importlib
+    import shutil
+
+    to_hf_module = importlib.import_module("megatron_lite.convert.to_hf")
+    step = ckpt / "step_00000003"
+    name = {"opened": "special_ids", "streaming": "_write_export", "verifying": "verify"}[when]
+    real = getattr(to_hf_module, name)
+
+    def prune_first(*args, **kwargs):
+        shutil.rmtree(step)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(to_hf_module, name, prune_first)
+    out = tmp_path / "hf"
+    err = run_error(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)], capsys)
+    assert f"checkpoint {step} was removed or replaced while it was being converted" in err, err
+    assert "copy the step directory out" in err and not out.exists() and not (tmp_path / ".tmp-hf").exists()
