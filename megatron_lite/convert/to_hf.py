@@ -14,6 +14,9 @@ mmap, as reclaimable page cache.
 Nothing here touches a GPU. Everything is written to ``.tmp-<out>`` first and renamed to ``out`` (or
 moved into it, when it is an existing empty directory such as ``--out .``) only once the verification
 (``convert/verify.py``) passed; a failed write (a full disk) removes it and is reported in one line.
+``--out`` is checked before the checkpoint is read: not blank, new or an empty directory, and outside
+every checkpoint directory (a training run's saves there prune and replace directories). A checkpoint
+removed or replaced while it is read (a run still saving prunes it) is one error saying so.
 
 That staging directory sits beside ``--out``, in a directory the user owns, so it is marked as ours
 (:data:`STAGING_MARKER`: which run, when, for which ``--out``). One left by an earlier run (killed,
