@@ -245,6 +245,15 @@ def _newest_good(storage: Storage, fix: str) -> CheckpointReader | None:
     return None
 
 
+def _finish_interrupted_commit(storage: Storage) -> None:
+    """Rank 0 of the run resuming in ``storage``: put back a step whose re-save was killed mid-commit."""
+    try:
+        for name in storage.finish_interrupted_commit():
+            log.warning("%s: a save was killed while replacing it; put back the complete copy", storage.url(name))
+    except OSError as e:  # the listing that follows reports an unreadable directory on every rank
+        log.warning("could not check %s for a save killed mid-commit: %s", storage.url(), e)
+
+
 def _split(path: str | Path) -> tuple[Storage, str]:
     text = str(path).rstrip("/")
     parent, _, name = text.rpartition("/")
@@ -287,7 +296,10 @@ def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
         return None
     if resume == "auto":
         fix = "refusing to start from scratch. Fix or move them, or start a fresh run in a new checkpoint.dir"
-        return _newest_good(Storage(root), fix)
+        storage = Storage(root)
+        if collectives.world()[0] == 0:
+            _finish_interrupted_commit(storage)
+        return _newest_good(storage, fix)
     if not is_url(resume) and not Path(resume).is_dir():
         raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
     return open_step(resume)

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from megatron_lite.checkpoint.format import STAGING_DIR, STEP_DIR, TMP_PREFIX, sha256_file
+from megatron_lite.checkpoint.format import METADATA, STAGING_DIR, STEP_DIR, TMP_PREFIX, sha256_file
 from megatron_lite.errors import UserError
 
 UPLOAD_CONCURRENCY = 8  # parts in flight per file: saturates ~10 Gb/s links in s3fs's measurements
@@ -191,6 +191,24 @@ class Storage:
         finally:
             os.close(fd)
         shutil.rmtree(aside, ignore_errors=True)
+
+    def finish_interrupted_commit(self) -> list[str]:
+        """Local: finish a :meth:`commit` killed between its two renames (``step_N`` set aside as
+        ``.tmp-replaced-step_N``, the new copy still staged): without this the step would be missing
+        and pruning would then remove both copies. The staged copy goes into place when it holds its
+        ``metadata.json`` (written before the commit: a complete save), else the old one goes back.
+        Returns the steps put back. Only the run that owns the directory calls it, before resuming."""
+        root, restored = Path(self.root), []
+        if self.remote or not root.is_dir():
+            return restored
+        for aside in sorted(root.glob(f"{TMP_PREFIX}replaced-step_*")):
+            final = root / aside.name.removeprefix(f"{TMP_PREFIX}replaced-")
+            staged = root / f"{TMP_PREFIX}{final.name}"
+            if not STEP_DIR.match(final.name) or final.exists():
+                continue  # the commit's first rename never happened, or its second did: pruning's to clean
+            os.replace(staged if (staged / METADATA).is_file() else aside, final)
+            restored.append(final.name)
+        return restored
 
     def remove(self, rel: str) -> None:
         """Delete a file or directory tree if present."""

@@ -2,6 +2,7 @@
 checkpoints only, and what a save cut short left behind is removed, never counted."""
 
 import logging
+from pathlib import Path
 
 import torch
 
@@ -80,3 +81,48 @@ def test_pruning_leaves_directories_that_are_not_saves(tmp_path):
     writer.close()
     assert _names(root) == [".tmp-hf", ".tmp-step_00000007", "latest", "step_00000005", "step_00000008"]
     assert (root / ".tmp-hf" / "model.safetensors").read_bytes() == b"weights"
+
+
+def _crash_between_renames(monkeypatch, writer: Checkpointer, step: int) -> None:
+    """Re-save ``step`` with the process 'killed' after the old copy was set aside, before the new one
+    went into place (the second ``os.replace`` of ``Storage.commit`` raises)."""
+    import megatron_lite.checkpoint.storage as storage
+
+    def replace(src, dst):
+        if Path(src).name == f".tmp-step_{step:08d}":
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+
+    real = storage.os.replace
+    monkeypatch.setattr(storage.os, "replace", replace)
+    try:
+        _save(writer, step)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        monkeypatch.setattr(storage.os, "replace", real)
+
+
+def test_a_resave_killed_between_its_renames_loses_no_checkpoint(tmp_path, monkeypatch):
+    """The re-saved step comes back at resume (the new, complete copy), and the next save's pruning
+    does not delete it; when the staged copy never got its metadata.json, the old copy comes back."""
+    root = tmp_path / "ckpt"
+    writer = Checkpointer(root, keep=3, async_save=False)
+    for step in (2, 4):
+        _save(writer, step)
+    (root / "step_00000004" / "origin.json").write_text("{}")  # tells the old copy from the new one
+    _crash_between_renames(monkeypatch, writer, 4)
+    assert "step_00000004" not in _names(root) and ".tmp-replaced-step_00000004" in _names(root)
+    assert resolve_resume(root, "auto").name == "step_00000004"
+    assert not (root / "step_00000004" / "origin.json").exists()  # the new copy
+    writer = Checkpointer(root, keep=3, async_save=False)
+    _save(writer, 6)
+    writer.close()
+    assert _names(root) == ["latest", "step_00000002", "step_00000004", "step_00000006"]
+
+    (root / "step_00000006" / "origin.json").write_text("{}")
+    _crash_between_renames(monkeypatch, writer, 6)
+    staged = root / ".tmp-step_00000006" / "metadata.json"
+    staged.unlink()  # the staged copy is not complete: the old copy goes back
+    assert resolve_resume(root, "auto").name == "step_00000006"
+    assert (root / "step_00000006" / "origin.json").is_file()  # the old copy
