@@ -9,9 +9,10 @@ class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix."""
 
 
-def refuse_blank(flag: str, value: object) -> None:
+def refuse_blank(flag: str, value: object, to: str = "write to") -> None:
     """A path option given as ``""`` or spaces (an unset shell variable: ``--out "$OUT"``) would mean
-    the current directory or a directory named by spaces: one :class:`UserError` naming ``flag``."""
+    the current directory or a directory named by spaces: one :class:`UserError` naming ``flag``
+    and asking for the path to ``to`` (``write to``, ``read``)."""
     if not str(value).strip():
         what = "empty" if not str(value) else f"only spaces ({str(value)!r})"
-        raise UserError(f"{flag} is {what}, which names no path (an unset shell variable?); give the path to write to")
+        raise UserError(f"{flag} is {what}, which names no path (an unset shell variable?); give the path to {to}")

@@ -124,6 +124,7 @@ def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
+    refuse_blank("--hf", hf_dir, "read")
     refuse_blank("--out", out)
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten

@@ -293,6 +293,7 @@ def to_hf(
     check: bool = True,
 ) -> ExportResult:
     """Export a checkpoint (a step directory or a run's checkpoint root) as a HF model directory."""
+    refuse_blank("--checkpoint", checkpoint, "read")
     refuse_blank("--out", out)  # the --out checks come before the checkpoint's checksums are read
     refuse_out_in_checkpoints(Path(out), checkpoint)
     refuse_used_out(Path(out))

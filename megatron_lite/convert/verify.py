@@ -40,7 +40,7 @@ from megatron_lite.convert.io import (
     read_hf_config,
     read_json,
 )
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, refuse_blank
 
 RELATIVE_TOLERANCE = 1e-4
 SAMPLE_TEXT = (
@@ -157,6 +157,8 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
     """Compare the checkpoint's model with the HF directory's on a sample text and random ids."""
     from transformers import AutoModelForCausalLM
 
+    refuse_blank("--checkpoint", checkpoint, "read")
+    refuse_blank("--hf", hf_dir, "read")
     hf_dir = Path(hf_dir)
     adapter = _check_hf_dir(hf_dir)
     src = open_checkpoint(checkpoint, step)

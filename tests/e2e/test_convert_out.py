@@ -56,6 +56,27 @@ def test_a_blank_out_is_named_as_such(ckpt, tmp_path, monkeypatch, verb, out, ca
     assert list(Path().iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["verify", "--checkpoint", "CKPT", "--hf", ""],
+        ["verify", "--checkpoint", " ", "--hf", "HF"],
+        ["to-hf", "--checkpoint", "", "--out", "OUT"],
+        ["from-hf", "--hf", "  ", "--out", "OUT"],
+    ],
+)
+def test_a_blank_input_path_is_named_as_such(ckpt, tmp_path, monkeypatch, args, capsys):
+    """A blank ``--hf`` or ``--checkpoint`` would read the current directory ("config.json is missing")."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    paths = {"CKPT": str(ckpt), "HF": str(tmp_path / "hf"), "OUT": str(tmp_path / "out")}
+    args = [paths.get(a, a) for a in args]
+    flag = next(a for a, b in zip(args, args[1:]) if a.startswith("--") and not b.strip())
+    err = run_error(["convert", *args], capsys)
+    assert f"{flag} is " in err and "names no path" in err and "give the path to read" in err, err
+    assert list(Path().iterdir()) == [] and not (tmp_path / "out").exists()
+
+
 def test_a_refused_conversion_leaves_no_directories_behind(tmp_path, capsys):
     out = tmp_path / "new" / "sub" / "hf"
     err = run_error(["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(out)], capsys)
