@@ -12,5 +12,7 @@ if ! python -c "import megatron_lite, pytest, transformers" 2>/dev/null || [ req
    || [ setup.py -nt "$VENV/.installed" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements/cpu.txt
+  python -c "import torch; torch.version.cuda and print(f'warning: pip installed torch {torch.__version__}, a CUDA build' \
+    ' (several GB), not the CPU wheel requirements/cpu.txt asks for; see the comments there')"
   touch "$VENV/.installed"
 fi
