@@ -41,7 +41,7 @@ fi
 "$PYTHON" - "$MASTER_ADDR" "$MASTER_PORT" <<'EOF' || exit 2
 import sys
 from megatron_lite.errors import UserError
-from megatron_lite.parallel.mesh import check_master_resolves
+from megatron_lite.launcher.env import check_master_resolves
 try:
     check_master_resolves(sys.argv[1], int(sys.argv[2]))
 except UserError as e:

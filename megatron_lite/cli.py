@@ -270,8 +270,9 @@ def _report(error: UserError) -> None:
 
 def _launch_position(environ: Mapping[str, str]) -> tuple[str, str] | None:
     """``(rank, world size)`` as text in a launch of several ranks (torchrun's RANK / WORLD_SIZE, or an
-    srun step's SLURM_PROCID / SLURM_NTASKS), else None. The precedence of ``mesh.resolve_env``, read
-    without importing torch: this runs before any verb, and for errors raised before the mesh exists."""
+    srun step's SLURM_PROCID / SLURM_NTASKS), else None. The precedence of ``launcher.env.resolve_env``,
+    read without importing anything: this runs before any verb, and for errors raised before the mesh
+    exists."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         rank, world = environ["RANK"], environ["WORLD_SIZE"]
     elif (

@@ -31,9 +31,10 @@ from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults, validate
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.env import resolve_env
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
-from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed, resolve_env
+from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine

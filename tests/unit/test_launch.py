@@ -14,6 +14,7 @@ import pytest
 
 from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.env import check_master_resolves
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.launcher.slurm import (
     TEMPLATE_DIR,
@@ -23,7 +24,7 @@ from megatron_lite.launcher.slurm import (
     sbatch_directives,
     template_variables,
 )
-from megatron_lite.parallel.mesh import check_master_resolves, init_distributed
+from megatron_lite.parallel.mesh import init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]

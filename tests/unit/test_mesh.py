@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.env import DistEnv, parse_nodelist, resolve_env, slurm_job_port
 from megatron_lite.parallel.mesh import (
-    DistEnv,
     ParallelDims,
     ParallelMesh,
     coordinate_table,
     group_ranks,
     init_distributed,
-    parse_nodelist,
     rank_coordinates,
-    resolve_env,
-    slurm_job_port,
 )
 
 
@@ -133,3 +133,17 @@ def test_parse_nodelist(nodelist, hosts):
 def test_init_distributed_without_launcher_is_a_no_op():
     assert init_distributed(timeout_s=5, environ={}) == DistEnv()
     assert not dist.is_initialized()
+
+
+def test_launch_env_is_read_without_importing_torch():
+    """launch/torchrun.sh checks MASTER_ADDR before torchrun starts; that check, like every launch
+    variable, lives in launcher/env.py, which needs no torch (mesh.py re-exports its names)."""
+    code = (
+        "import sys; from megatron_lite.launcher.env import check_master_resolves, resolve_env; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    from megatron_lite.parallel import mesh
+
+    assert mesh.resolve_env is resolve_env and mesh.DistEnv is DistEnv
