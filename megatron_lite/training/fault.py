@@ -33,11 +33,15 @@ class PreemptionHandler:
     Signal handlers can only be installed from the main thread; elsewhere (a trainer driven from
     a worker thread) nothing is installed and :attr:`requested` stays False.
 
-    ``ignore_after_request``: once a signal came, :meth:`uninstall` leaves the signals ignored instead
-    of putting back the old handlers (the default action ends the process). For a launched rank,
-    whose launchers deliver one preemption twice: SLURM signals every process of the step, and
-    torchrun passes the signal it got on to the ranks, so a second copy can arrive after the rank
-    saved and left the loop, and killed it (torchrun then reported the rank failed).
+    ``ignore_after_request``: for a launched rank, whose signals can come late. :meth:`uninstall`
+    leaves SIGUSR1 ignored, and SIGTERM too once a signal came, instead of putting back the old
+    handlers (whose default action ends the process). Launchers deliver one preemption twice (SLURM
+    signals every process of the step, and torchrun passes the signal it got on to the ranks), so a
+    second copy can arrive after the rank saved and left the loop; and ``sbatch --signal=USR1@120``
+    fires on its own schedule, maybe while a rank that finished training closes its trackers or
+    process groups. Either killed a rank whose work was saved, and torchrun or srun reported it
+    failed. A SIGTERM that is the first signal still ends the process: it is also how a rank is
+    told its launcher died (``launcher/orphan.py``).
     """
 
     def __init__(
@@ -62,9 +66,9 @@ class PreemptionHandler:
 
     def uninstall(self) -> None:
         """Put back the handlers that were there before (see ``ignore_after_request``)."""
-        ignore = self.requested and self.ignore_after_request
         for sig, previous in self._previous.items():
-            signal.signal(sig, signal.SIG_IGN if ignore else previous)
+            late = self.ignore_after_request and (self.requested or sig == signal.SIGUSR1)
+            signal.signal(sig, signal.SIG_IGN if late else previous)
         self._previous.clear()
 
     def __enter__(self) -> PreemptionHandler:

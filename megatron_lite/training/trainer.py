@@ -98,7 +98,7 @@ class Trainer:
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
         if resume:
             self._restore(*resume)
-        # a launched rank that saved on a signal ignores its second copy (SLURM and torchrun both send it)
+        # a launched rank ignores a preemption signal that comes after its loop (fault.py: late signals)
         self.preemption = PreemptionHandler(ignore_after_request=self.env.launcher != "none")
         self.preempted = False
         self.trackers = Trackers(
@@ -302,7 +302,8 @@ class Trainer:
         if self.step >= t.steps:  # saving again would only rewrite the checkpoint just loaded
             if self.rank == 0:
                 log.info("checkpoint step %d >= train.steps %d: nothing to train", self.step, t.steps)
-            self.checkpointer.close()
+            with self.preemption:  # nothing to save: a preemption signal from here on is harmless
+                self.checkpointer.close()
             self.trackers.close()
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)

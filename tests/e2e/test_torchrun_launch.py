@@ -151,3 +151,29 @@ def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_a
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "tp=3 x pp=1 = 3 does not divide world size 4" in last, last
+
+
+LATE_SIGNAL_SCRIPT = """
+import os, signal, sys
+from megatron_lite.cli import main
+from megatron_lite.training import trainer
+
+close = trainer.Trackers.close
+def close_after_a_signal(self):  # the loop and its save are done: sbatch --signal=USR1@120 fires now
+    os.kill(os.getpid(), signal.SIGUSR1)
+    close(self)
+trainer.Trackers.close = close_after_a_signal
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_sigusr1_after_the_loop_leaves_a_launched_rank_finishing_cleanly(tiny_args, tmp_path):
+    """A rank that trained to the end and saved must not die of a preemption warning arriving
+    while it shuts down (SIGUSR1's default action ends the process: torchrun reported it failed)."""
+    script = tmp_path / "late_signal.py"
+    script.write_text(LATE_SIGNAL_SCRIPT)
+    env = clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, str(script), *tiny_args, "train.steps=2"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
