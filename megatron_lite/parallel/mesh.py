@@ -69,7 +69,7 @@ class ParallelDims:
         for name in ("tp", "pp", "dp", "vp"):
             _positive(name, getattr(self, name))
         if self.vp > 1 and self.pp == 1:
-            raise UserError(f"parallel.vp={self.vp} needs pipeline parallelism: set parallel.pp > 1 or vp=1")
+            raise UserError(f"parallel.vp={self.vp} needs pipeline parallelism: set parallel.pp > 1 or parallel.vp=1")
 
     @property
     def world_size(self) -> int:
@@ -83,15 +83,17 @@ class ParallelDims:
         if dp is None:
             if world_size % (tp * pp):
                 raise UserError(
-                    f"tp={tp} x pp={pp} = {tp * pp} does not divide world size {world_size}: choose tp and "
-                    f"pp whose product divides {world_size} (dp is world size / (tp x pp))"
+                    f"parallel.tp={tp} x parallel.pp={pp} = {tp * pp} does not divide world size {world_size}: "
+                    f"choose parallel.tp and parallel.pp whose product divides {world_size} (parallel.dp is "
+                    "world size / (tp x pp))"
                 )
             dp = world_size // (tp * pp)
         dims = cls(tp=tp, pp=pp, dp=dp, vp=vp)
         if dims.world_size != world_size:
             raise UserError(
-                f"tp={tp} x pp={pp} x dp={dp} = {dims.world_size} does not equal world size {world_size}: "
-                f"change the layout or launch {dims.world_size} ranks"
+                f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {dims.world_size} does not equal "
+                f"world size {world_size}: change the layout (leave parallel.dp empty to take what tp x pp "
+                f"leave) or launch {dims.world_size} ranks"
             )
         return dims
 
@@ -150,8 +152,9 @@ class ParallelMesh:
         if not dist.is_initialized():
             if dims.world_size != 1:
                 raise UserError(
-                    f"tp={dims.tp} x pp={dims.pp} x dp={dims.dp} = {dims.world_size} ranks, but this is a single "
-                    "process: launch with torchrun or srun, or set tp=pp=dp=1"
+                    f"parallel.tp={dims.tp} x parallel.pp={dims.pp} x parallel.dp={dims.dp} = {dims.world_size} "
+                    "ranks, but this is a single process: launch with torchrun or srun, or set parallel.tp, "
+                    "parallel.pp and parallel.dp to 1"
                 )
             return cls(dims, None)
         ParallelDims.resolve(dist.get_world_size(), dims.tp, dims.pp, dims.dp, dims.vp)

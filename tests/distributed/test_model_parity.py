@@ -195,5 +195,5 @@ def _bad_layouts_fail_before_any_collective(rank: int, world: int) -> list[str]:
 
 def test_bad_layouts_fail_before_any_collective(world2):
     errors = world2.run(_bad_layouts_fail_before_any_collective, timeout=20)[0]
-    assert "tp=2 x pp=2 x dp=1 = 4 does not equal world size 2" in errors[0]
+    assert "parallel.tp=2 x parallel.pp=2 x parallel.dp=1 = 4 does not equal world size 2" in errors[0]
     assert "model.heads=3 is not divisible by parallel.tp=2" in errors[1]

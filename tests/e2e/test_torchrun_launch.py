@@ -150,7 +150,7 @@ def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_a
     r = _train_alone([*tiny_args, "parallel.tp=3"], **env, MASTER_PORT=str(free_port()))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "tp=3 x pp=1 = 3 does not divide world size 4" in last, last
+    assert last.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in last, last
 
 
 LATE_SIGNAL_SCRIPT = """

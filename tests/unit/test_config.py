@@ -117,9 +117,11 @@ def test_a_global_batch_that_does_not_split_names_a_value_that_fits(overrides, w
 
 
 def test_layout_must_fill_world():
-    with pytest.raises(UserError, match=r"tp=2 x pp=1 x dp=3 = 6 does not equal world size 4"):
+    with pytest.raises(
+        UserError, match=r"parallel.tp=2 x parallel.pp=1 x parallel.dp=3 = 6 does not equal world size 4"
+    ):
         resolved("parallel.tp=2", "parallel.dp=3", world=4)
-    with pytest.raises(UserError, match=r"tp=3 x pp=1 = 3 does not divide world size 4"):
+    with pytest.raises(UserError, match=r"parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4"):
         resolved("parallel.tp=3", world=4)
     assert resolved("parallel.tp=2", "train.micro_batch_size=4", world=4).parallel.dp == 2
 

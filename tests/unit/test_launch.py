@@ -129,7 +129,7 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     assert "4 ranks = pp 1 x dp 2 x tp 2" in captured.err
     assert main([*args, *TINY, "parallel.tp=3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "tp=3 x pp=1 = 3 does not divide world size 4" in err
+    assert err.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in err
 
 
 def test_unresolvable_master_is_an_error_naming_it_within_seconds():

@@ -26,9 +26,11 @@ def test_resolve_derives_dp():
 
 
 def test_resolve_errors_show_every_factor():
-    with pytest.raises(UserError, match=r"tp=2 x pp=3 x dp=1 = 6 does not equal world size 4"):
+    with pytest.raises(
+        UserError, match=r"parallel.tp=2 x parallel.pp=3 x parallel.dp=1 = 6 does not equal world size 4"
+    ):
         ParallelDims.resolve(4, tp=2, pp=3, dp=1)
-    with pytest.raises(UserError, match=r"tp=3 x pp=1 = 3 does not divide world size 4"):
+    with pytest.raises(UserError, match=r"parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4"):
         ParallelDims.resolve(4, tp=3, pp=1)
     with pytest.raises(UserError, match=r"parallel.tp=0 must be a positive integer"):
         ParallelDims.resolve(4, tp=0)
@@ -70,7 +72,9 @@ def test_single_process_mesh_needs_no_process_group():
     mesh = ParallelMesh.build(ParallelDims())
     assert mesh.tp_group is None and mesh.dp_group is None and mesh.pp_group is None
     assert (mesh.tp_size, mesh.tp_rank, mesh.coordinate, mesh.ranks("tp")) == (1, 0, (0, 0, 0), [0])
-    with pytest.raises(UserError, match=r"tp=2 x pp=1 x dp=1 = 2 ranks, but this is a single process"):
+    with pytest.raises(
+        UserError, match=r"parallel.tp=2 x parallel.pp=1 x parallel.dp=1 = 2 ranks, but this is a single process"
+    ):
         ParallelMesh.build(ParallelDims(tp=2))
 
 

@@ -61,14 +61,14 @@ def test_interleaved_layout_and_explicit_counts():
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((3, 2, 2), r"cannot split 3 layers into pp x vp = 2 x 2 = 4 pipeline chunks"),
+        ((3, 2, 2), r"cannot split model.layers=3 into parallel.pp x parallel.vp = 2 x 2 = 4 pipeline chunks"),
         (
             (8, 2, 1, [3, 4]),
             r"layer counts \[3, 4\] do not fit.*summing to model.layers = 8 \(got 2 entries summing to 7\)",
         ),
-        ((8, 2, 2, [4, 4]), r"need pp x vp = 2 x 2 = 4 entries"),
+        ((8, 2, 2, [4, 4]), r"need parallel.pp x parallel.vp = 2 x 2 = 4 entries"),
         ((8, 2, 1, [8, 0]), r"each >= 1"),
-        ((8, 0, 1), r"pp=0"),
+        ((8, 0, 1), r"parallel.pp=0"),
     ],
 )
 def test_splits_that_cannot_work_are_errors_with_the_numbers(args, message):

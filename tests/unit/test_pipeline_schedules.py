@@ -82,9 +82,9 @@ def test_interleaved_with_one_chunk_is_1f1b():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("pipedream", 2, 1, 4), "unknown pipeline schedule 'pipedream'"),
-        (("1f1b", 2, 2, 4), "use schedule=interleaved for vp=2"),
-        (("interleaved", 1, 2, 4), "vp=2 needs pp > 1"),
+        (("pipedream", 2, 1, 4), "unknown pipeline schedule parallel.schedule='pipedream'"),
+        (("1f1b", 2, 2, 4), "use parallel.schedule=interleaved for parallel.vp=2"),
+        (("interleaved", 1, 2, 4), "parallel.vp=2 needs parallel.pp > 1"),
         (("gpipe", 2, 1, 0), "microbatches=0"),
     ],
 )

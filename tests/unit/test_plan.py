@@ -69,11 +69,11 @@ def test_text_report_shows_layout_memory_and_timeline(capsys):
 @pytest.mark.parametrize(
     "extra, world, message",
     [
-        (["parallel.tp=2"], 3, r"tp=2 x pp=1 = 2 does not divide world size 3"),
+        (["parallel.tp=2"], 3, r"parallel.tp=2 x parallel.pp=1 = 2 does not divide world size 3"),
         (["parallel.tp=3"], 6, "model.heads=4 is not divisible by parallel.tp=3"),
-        (["parallel.pp=2", "parallel.vp=2"], 2, "use schedule=interleaved"),
-        (["parallel.pp=8"], 8, "cannot split 4 layers into pp x vp = 8 x 1"),
-        (["parallel.dp=2"], 4, r"tp=1 x pp=1 x dp=2 = 2 does not equal world size 4"),
+        (["parallel.pp=2", "parallel.vp=2"], 2, "use parallel.schedule=interleaved"),
+        (["parallel.pp=8"], 8, "cannot split model.layers=4 into parallel.pp x parallel.vp = 8 x 1"),
+        (["parallel.dp=2"], 4, r"parallel.tp=1 x parallel.pp=1 x parallel.dp=2 = 2 does not equal world size 4"),
     ],
 )
 def test_bad_layout_is_one_error_line(extra, world, message, capsys):

@@ -12,7 +12,7 @@ TINY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.vocab_size=
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["parallel.tp=2"], "tp=2 x pp=1 = 2 does not divide world size 3"),
+        (["parallel.tp=2"], "parallel.tp=2 x parallel.pp=1 = 2 does not divide world size 3"),
         (["model.layrs=2"], "did you mean 'model.layers'"),
     ],
 )

@@ -144,20 +144,20 @@ def partition_layers(
     gets at least one layer, so a split that cannot give each one is an error showing the numbers.
     """
     if pp < 1 or vp < 1:
-        raise UserError(f"pipeline sizes must be positive: pp={pp}, vp={vp}")
+        raise UserError(f"pipeline sizes must be positive: parallel.pp={pp}, parallel.vp={vp}")
     pieces = pp * vp
     if layer_counts is None:
         if num_layers < pieces:
             raise UserError(
-                f"cannot split {num_layers} layers into pp x vp = {pp} x {vp} = {pieces} pipeline "
-                f"chunks of at least one layer each; use at most {num_layers} chunks"
+                f"cannot split model.layers={num_layers} into parallel.pp x parallel.vp = {pp} x {vp} = {pieces} "
+                f"pipeline chunks of at least one layer each; use at most {num_layers} chunks"
             )
         counts = _balanced_counts(num_layers, pieces, embed_cost, head_cost)
     else:
         counts = list(layer_counts)
         if len(counts) != pieces or min(counts) < 1 or sum(counts) != num_layers:
             raise UserError(
-                f"layer counts {counts} do not fit: need pp x vp = {pp} x {vp} = {pieces} entries, "
+                f"layer counts {counts} do not fit: need parallel.pp x parallel.vp = {pp} x {vp} = {pieces} entries, "
                 f"each >= 1, summing to model.layers = {num_layers} (got {len(counts)} entries "
                 f"summing to {sum(counts)})"
             )
