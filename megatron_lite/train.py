@@ -4,21 +4,35 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch.distributed as dist
 
-from megatron_lite.config import load_config
-from megatron_lite.parallel.mesh import shutdown_distributed
+from megatron_lite.config import Config, load_config
+from megatron_lite.errors import UserError
+from megatron_lite.launcher.env import resolve_env
+from megatron_lite.parallel.mesh import init_distributed, shutdown_distributed
 
 log = logging.getLogger(__name__)
 
 
 def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
-    """Load the config and train; returns the logged metrics of this process."""
-    from megatron_lite.training.trainer import Trainer
+    """Load the config and train; returns the logged metrics of this process.
 
-    cfg = load_config(config_path, overrides)
+    The config is loaded and checked for the launch's world size before this rank joins the process
+    group, and the verdict is shared there: one machine's bad config (a file that differs, a typo in
+    one machine's overrides) stops every rank at once with its message, instead of leaving the other
+    machines' ranks waiting in the rendezvous for ``parallel.timeout_s``."""
+    from megatron_lite.training.trainer import Trainer, check_layout
+
+    cfg, error = None, None
+    try:
+        cfg = load_config(config_path, overrides)
+        check_layout(cfg, resolve_env(os.environ).world_size)
+    except UserError as e:
+        error = e
+    init_distributed((cfg or Config()).parallel.timeout_s, setup_error=error)
     try:
         history = Trainer(cfg).fit()  # the trainer (and the groups it holds) is garbage from here
     except BaseException:

@@ -7,10 +7,13 @@ it, then all ranks exchange (rank, error) with one ``all_gather_object``; if any
 raises the same :class:`UserError` naming the lowest failing rank and its message (the failing rank
 also logs its traceback when the error is a bug rather than a ``UserError``).
 
+Before the process group exists, :func:`agree_before_joining` does the same over the rendezvous
+store, for the checks a rank makes before joining (its config): ``init_distributed`` runs it.
+
 Where the trainer calls it (once per collective-free stretch; a collective inside the block would
 hang the healthy ranks there before they reach the exchange)::
 
-    env = init_distributed(timeout_s)       # fails alone if the host is bad: there is no group yet
+    env = init_distributed(timeout_s, setup_error=error)  # every rank raises any rank's config error
     with fail_fast_setup("setup"):          # local work only: data paths, tokenizer, config check,
         ...                                 # checkpoint found and readable, model built on meta
     mesh = ParallelMesh.build(dims)         # collectives
@@ -48,11 +51,39 @@ def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGrou
     message = None if error is None else _describe(error)
     dist.all_gather_object(reports, (dist.get_rank(), message), group=group)
     failed = [(rank, msg) for rank, msg in reports if msg is not None]
-    if not failed:
-        return
+    if failed:
+        raise _verdict(failed, f"failed during {what}") from error
+
+
+def _verdict(failed: list[tuple[int, str]], what: str) -> UserError:
     rank, msg = failed[0]
     also = f" (ranks {', '.join(str(r) for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
-    raise UserError(f"rank {rank} failed during {what}: {msg}{also}") from error
+    return UserError(f"rank {rank} {what}: {msg}{also}")
+
+
+def agree_before_joining(
+    store: dist.Store, rank: int, world_size: int, error: Exception | None, hosts_store: bool
+) -> None:
+    """The same verdict for the checks a rank makes before it joins the process group (its config,
+    its launch environment): every rank posts its error or none to the rendezvous ``store``, then
+    reads all of them; if any rank failed, every rank raises the same :class:`UserError` naming the
+    first failing rank. Without it the failing machine's ranks exit while every other rank waits in
+    ``init_process_group`` for them until the timeout, and then reports only that timeout.
+
+    The rank that ``hosts_store`` (rank 0 of a launch without torchrun's agent store) leaves only
+    once every rank has read the verdicts, which it serves."""
+    verdicts = dist.PrefixStore("megatron_lite/before_joining", store)
+    verdicts.set(f"rank/{rank}", "" if error is None else _describe(error))
+    verdicts.wait([f"rank/{r}" for r in range(world_size)])
+    reports = [(r, verdicts.get(f"rank/{r}").decode()) for r in range(world_size)]
+    failed = [(r, msg) for r, msg in reports if msg]
+    if not failed:
+        return
+    verdicts.set(f"read/{rank}", "")
+    if hosts_store:
+        with contextlib.suppress(RuntimeError):  # a rank that died meanwhile: its verdict was read
+            verdicts.wait([f"read/{r}" for r in range(world_size)])
+    raise _verdict(failed, "failed before joining the process group") from error
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from megatron_lite.launcher.env import (  # noqa: F401  (re-exported: the launch
     resolve_env,
     slurm_job_port,
 )
+from megatron_lite.launcher.fail_fast import agree_before_joining
 from megatron_lite.launcher.orphan import exit_with_launcher
 from megatron_lite.parallel.comm import Group
 
@@ -48,6 +49,9 @@ MESH_DIMS = ("pp", "dp", "tp")
 # hardware work queue makes kernels start in issue order: a TP collective issued before the GEMM
 # it overlaps really runs first (Megatron requires it for TP/SP communication overlap).
 CUDA_ENV_DEFAULTS = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+# A rank whose own setup failed waits this long at the rendezvous for the other ranks to come and
+# hear its error (one launcher starts them all within seconds), then leaves with its own message.
+ERROR_WAIT_S = 60.0
 
 
 def _positive(name: str, value: object) -> None:
@@ -212,8 +216,16 @@ class ParallelMesh:
         return self.dims.pp
 
 
-def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None) -> DistEnv:
+def init_distributed(
+    timeout_s: float, environ: Mapping[str, str] | None = None, setup_error: Exception | None = None
+) -> DistEnv:
     """Join the process group described by the launch environment (no-op for a single process).
+
+    ``setup_error``: what this rank's checks before joining raised (its config), or None. It is not
+    raised alone: every rank meets at the rendezvous store first and, if any rank brought an error
+    (or has fewer GPUs than local ranks), all raise the same one, naming that rank
+    (:func:`~megatron_lite.launcher.fail_fast.agree_before_joining`). In a single process it is
+    raised as it is.
 
     Under torchrun the rank asks for SIGTERM when torchrun dies (:func:`exit_with_launcher`). The
     master host must resolve (:func:`check_master_resolves`), never falling back to localhost.
@@ -226,25 +238,47 @@ def init_distributed(timeout_s: float, environ: Mapping[str, str] | None = None)
     environ = os.environ if environ is None else environ
     env = resolve_env(environ, hostnames=_scontrol_hostnames)
     if env.launcher == "none" or dist.is_initialized():
+        if setup_error is not None:
+            raise setup_error
         return env
     exit_with_launcher(environ)  # a SIGKILLed torchrun takes its ranks with it (SIGTERM: save and exit)
     check_master_resolves(env.master_addr, env.master_port)
     for name, value in CUDA_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    backend = "gloo"
+    backend, error = "gloo", setup_error
     if torch.cuda.is_available():
-        if env.local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} GPUs on this node")
-        torch.cuda.set_device(env.local_rank)
-        backend = "nccl"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=timedelta(seconds=timeout_s),
-    )
+        backend, gpus = "nccl", torch.cuda.device_count()
+        if env.local_rank < gpus:
+            torch.cuda.set_device(env.local_rank)
+        elif error is None:
+            error = UserError(
+                f"local rank {env.local_rank} but only {gpus} GPUs on this node (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch at most {gpus} ranks per node "
+                "(torchrun --nproc_per_node, PROCS_PER_NODE, --gpus-per-node)"
+            )
+    timeout = timedelta(seconds=timeout_s)
+    store = _meet(env, timeout, error)
+    store = dist.PrefixStore("default_pg", store)  # what init_process_group(init_method=...) uses
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
+
+
+def _meet(env: DistEnv, timeout: timedelta, error: Exception | None) -> dist.Store:
+    """The rendezvous store (hosted by rank 0, or by torchrun's agent), once every rank has come and
+    none brought an error (:func:`agree_before_joining`). A rank with an error of its own waits for
+    the others at most :data:`ERROR_WAIT_S`, then raises it alone."""
+    wait = timeout if error is None else min(timeout, timedelta(seconds=ERROR_WAIT_S))
+    url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
+    hosts_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"  # as rendezvous()
+    try:
+        store, _, _ = next(dist.rendezvous(url, timeout=wait))
+        agree_before_joining(store, env.rank, env.world_size, error, hosts_store)
+    except dist.DistError:
+        if error is None:
+            raise
+        raise error from None  # the other ranks never came to hear it
+    store.set_timeout(timeout)
+    return store
 
 
 def shutdown_distributed() -> int:

@@ -145,9 +145,10 @@ def test_torchrun_script_with_unresolvable_master_fails_within_seconds(tiny_args
 
 
 def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_args):
-    # Rank 0 of 4 alone: had it formed a process group, it would wait for ranks 1-3 (the timeout).
+    # Rank 0 of 4 alone: it waits at the rendezvous for ranks 1-3 to hear its error (parallel.timeout_s
+    # here, at most mesh.ERROR_WAIT_S), then leaves with its own message, never a timeout's.
     env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    r = _train_alone([*tiny_args, "parallel.tp=3"], **env, MASTER_PORT=str(free_port()))
+    r = _train_alone([*tiny_args, "parallel.tp=3", "parallel.timeout_s=3"], **env, MASTER_PORT=str(free_port()))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in last, last
@@ -177,3 +178,32 @@ def test_a_sigusr1_after_the_loop_leaves_a_launched_rank_finishing_cleanly(tiny_
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_one_machines_bad_config_stops_every_rank_at_once_with_its_message(tiny_args):
+    """Rank 1's overrides hold a typo, rank 0's are fine: rank 1 stopped before joining, and rank 0
+    waited in the rendezvous for it until parallel.timeout_s, then reported only a timeout."""
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "megatron_lite.train", *tiny_args, "parallel.timeout_s=300", *extra],
+            env=clean_env(
+                RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for rank, extra in ((0, []), (1, ["train.stepz=3"]))
+    ]
+    try:  # not communicate_all: rank 1 prints its error only after cli.ERROR_GRACE_S
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [2, 2], "\n".join(o[-3000:] for o in outs)
+    message = "rank 1 failed before joining the process group: unknown config key 'train.stepz'"
+    assert outs[0].strip().splitlines()[-1].startswith(f"error: {message}"), outs[0][-3000:]
+    assert outs[1].strip().splitlines()[-1].startswith(f"error: (rank 1) {message}"), outs[1][-3000:]
