@@ -93,6 +93,8 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     if "SLURM_JOB_ID" in environ and "RANK" not in environ:
         default_port = slurm_job_port(environ["SLURM_JOB_ID"])
     port = _int_env(environ, "MASTER_PORT", str(default_port))
+    if not 0 < port < 2**16:
+        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port: set one in 1-65535")
     in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         if "MASTER_ADDR" not in environ:

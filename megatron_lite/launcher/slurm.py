@@ -227,6 +227,15 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     procs = args.procs_per_node or args.gpus_per_node
     if args.nodes < 1 or procs < 1:
         raise UserError(f"--nodes ({args.nodes}) and ranks per node ({procs}) must be positive")
+    if not args.cpu and procs > args.gpus_per_node:
+        raise UserError(
+            f"--procs-per-node {procs} is more than --gpus-per-node {args.gpus_per_node}: each rank needs a GPU "
+            f"of its own; use at most {args.gpus_per_node} ranks per node (or --cpu for CPU ranks)"
+        )
+    if args.cpus_per_rank is not None and args.cpus_per_rank < 1:
+        raise UserError(f"--cpus-per-rank {args.cpus_per_rank} must be positive")
+    if args.master_port is not None and not 0 < args.master_port < 2**16:
+        raise UserError(f"--master-port {args.master_port} is not a TCP port: choose one in 1-65535 (or leave it out)")
     default_python = "python" if args.container_image else sys.executable
     return SlurmJob(
         config=args.config,

@@ -103,6 +103,8 @@ def test_env_slurm():
     # torchrun inside srun: torchrun's variables describe the real world
     both = {**env, "RANK": "0", "WORLD_SIZE": "16", "MASTER_ADDR": "gpu07"}
     assert resolve_env(both).launcher == "torchrun"
+    with pytest.raises(UserError, match="MASTER_PORT=70000 is not a TCP port"):  # torch: a ValueError traceback
+        resolve_env({**env, "MASTER_PORT": "70000"})
     with pytest.raises(UserError, match="SLURM_JOB_NODELIST"):
         resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEPID": "0"})
 
