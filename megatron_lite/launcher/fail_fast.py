@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import torch.distributed as dist
@@ -72,7 +73,8 @@ def agree_before_joining(
 
     The rank that ``hosts_store`` (rank 0 of a launch without torchrun's agent store) leaves only
     once every rank has read the verdicts, which it serves."""
-    verdicts = dist.PrefixStore("megatron_lite/before_joining", store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+    verdicts = dist.PrefixStore(f"megatron_lite/before_joining/{attempt}", store)
     verdicts.set(f"rank/{rank}", "" if error is None else _describe(error))
     verdicts.wait([f"rank/{r}" for r in range(world_size)])
     reports = [(r, verdicts.get(f"rank/{r}").decode()) for r in range(world_size)]

@@ -7,15 +7,18 @@ import dataclasses
 import re
 import subprocess
 import sys
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import check_master_resolves
-from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.launcher.fail_fast import agree_before_joining, fail_fast_setup
 from megatron_lite.launcher.slurm import (
     TEMPLATE_DIR,
     TEMPLATES,
@@ -178,3 +181,19 @@ def test_gpu_check_without_a_gpu_refuses_at_once_naming_the_cpu_checks(tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "no CUDA device here" in r.stderr and "tools/run_tests.sh" in r.stderr
     assert time.monotonic() - start < 30 and not (tmp_path / "out").exists()
+
+
+def test_verdicts_before_joining_are_per_torchrun_attempt(monkeypatch):
+    """torchrun's agent store outlives a restart (--max-restarts): a restarted rank 0 read the last
+    attempt's verdicts and went on to join while rank 1 had not even come."""
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=1))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    ranks = [threading.Thread(target=agree_before_joining, args=(store, r, 2, None, False)) for r in (0, 1)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(dist.DistStoreError):  # waits for rank 1's verdict of this attempt
+        agree_before_joining(store, 0, 2, None, False)
