@@ -236,13 +236,19 @@ def init_distributed(
     ``timeout_s`` instead of hanging them. Call it once, before :meth:`ParallelMesh.build`.
     """
     environ = os.environ if environ is None else environ
-    env = resolve_env(environ, hostnames=_scontrol_hostnames)
+    try:  # a rank that cannot meet the others reports the error it found first
+        env = resolve_env(environ, hostnames=_scontrol_hostnames)
+        if env.launcher != "none" and not dist.is_initialized():
+            exit_with_launcher(environ)  # a SIGKILLed torchrun takes its ranks with it (SIGTERM: save and exit)
+            check_master_resolves(env.master_addr, env.master_port)
+    except UserError:
+        if setup_error is None:
+            raise
+        raise setup_error from None
     if env.launcher == "none" or dist.is_initialized():
         if setup_error is not None:
             raise setup_error
         return env
-    exit_with_launcher(environ)  # a SIGKILLed torchrun takes its ranks with it (SIGTERM: save and exit)
-    check_master_resolves(env.master_addr, env.master_port)
     for name, value in CUDA_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     backend, error = "gloo", setup_error
