@@ -8,7 +8,8 @@ Loading order: dataclass defaults <- YAML file <- ``section.key=value`` override
 sections or keys are a :class:`UserError` naming the key and the closest valid one.
 
 Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`,
-:func:`accumulation_steps`) lives in ``config_validate.py`` and is re-exported here.
+:func:`accumulation_steps`) lives in ``config_validate.py`` and is re-exported here; reading a YAML
+file in ``config_yaml.py``; converting one value to its field's type in ``config_values.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import yaml
 
 from megatron_lite.config_validate import accumulation_steps, fill_defaults, validate  # noqa: F401  re-exported
+from megatron_lite.config_values import coerce
 from megatron_lite.config_yaml import read_config_file
 from megatron_lite.errors import UserError
 
@@ -249,54 +251,6 @@ def _field_of(section: str, key: str) -> dataclasses.Field:
     return by_name[key]
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's declared type, or explain why not."""
-    tp = typing.get_type_hints(Config)[tp] if isinstance(tp, str) and tp in SECTIONS else tp
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
-            return None
-        return _coerce(value, args[0], where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if value is None:  # `path:` with its items commented out, or `data.path=null`: empty
-            return []
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
-        if not isinstance(value, list):
-            value = [value]
-        return [_coerce(v, item, where) for v in value]
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            if value is None or value == "":  # str(None) would be the path or name 'None'
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    got = "nothing (null or empty)" if value is None or value == "" else repr(value)
-    raise UserError(
-        f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {got}"
-        + ("; give a value, or leave the key out to keep its default" if got.startswith("nothing") else "")
-    )
-
-
 def _field_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section].default_factory)
 
@@ -322,7 +276,7 @@ def _expand_home(value: Any) -> Any:
 
 def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     f = _field_of(section, key)
-    value = _coerce(value, _field_types(section)[f.name], f"{section}.{key}")
+    value = coerce(value, _field_types(section)[f.name], f"{section}.{key}")
     setattr(getattr(cfg, section), f.name, _expand_home(value) if (section, key) in PATH_KEYS else value)
 
 

@@ -1,0 +1,72 @@
+"""One config value, from a YAML file or a ``section.key=value`` override, converted to its field's
+declared type (``int``, ``float``, ``bool``, ``str``, an optional one, or a list of one), or one
+:class:`UserError` naming the key, what it expects and what it got.
+
+A list is a YAML list, a flow list written as text (``[a, b]``) or a comma list (``a,b``).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from megatron_lite.errors import UserError
+
+
+def split_list(text: str, where: str) -> list[Any]:
+    """A list value written as text: ``[a, b]`` (YAML flow) or the comma list ``a,b``."""
+    return [v for v in text.split(",") if v] if not text.startswith("[") else yaml.safe_load(text)
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` as ``tp`` (bool, int, float or str); ValueError or TypeError when it is not one."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+    if tp is float:
+        return float(value)
+    if tp is str:
+        if value is None or value == "":  # str(None) would be the path or name 'None'
+            raise ValueError
+        return str(value)
+    return value
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or command-line value to the declared type ``tp`` of config key ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        return coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if value is None:  # `path:` with its items commented out, or `data.path=null`: empty
+            return []
+        if isinstance(value, str):
+            value = split_list(value, where)
+        if not isinstance(value, list):
+            value = [value]
+        return [coerce(v, item, where) for v in value]
+    try:
+        return _scalar(value, tp)
+    except (TypeError, ValueError):
+        pass
+    got = "nothing (null or empty)" if value is None or value == "" else repr(value)
+    raise UserError(
+        f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {got}"
+        + ("; give a value, or leave the key out to keep its default" if got.startswith("nothing") else "")
+    )
