@@ -299,9 +299,11 @@ def _is_text(section: str, key: str) -> bool:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars or comma lists)."""
-    for item in overrides:
+    for i, item in enumerate(overrides):
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100)")
+            split = i > 0 and overrides[i - 1].endswith(",")  # `data.path=a, b` unquoted: the shell split it
+            hint = f"; quote a list with spaces ('{overrides[i - 1]} {item}') or drop them" if split else ""
+            raise UserError(f"override {item!r} is not of the form section.key=value (e.g. train.steps=100){hint}")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
         if raw == "" and typing.get_origin(_field_types(section)[_field_of(section, key).name]) is list:
@@ -309,14 +311,22 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"override {item!r} gives {dotted} no value; leave it out for its default (for data.path: the "
                 f"embedded corpus), or write {dotted}=[] for an empty list"
             )
-        if _is_text(section, key):  # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
-            value = _verbatim(raw)
-        else:
-            value = yaml.safe_load(raw) if raw and not raw.startswith("[") else raw
-            if isinstance(value, (dict, list)) and not raw.startswith("["):
-                value = raw
-        _set(cfg, section, key, value)
+        # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
+        _set(cfg, section, key, _verbatim(raw) if _is_text(section, key) else _yaml_scalar(raw))
     return cfg
+
+
+def _yaml_scalar(raw: str) -> Any:
+    """An override's value as a YAML scalar (``1e3``, ``true``, ``null``); text that YAML reads as a
+    mapping or list, or cannot read at all (``{``, ``'4``, ``@``), stays text, which the field's type
+    then accepts (a comma list) or refuses, naming the key."""
+    if not raw or raw.startswith("["):
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, (dict, list)) else value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -2,7 +2,8 @@
 declared type (``int``, ``float``, ``bool``, ``str``, an optional one, or a list of one), or one
 :class:`UserError` naming the key, what it expects and what it got.
 
-A list is a YAML list, a flow list written as text (``[a, b]``) or a comma list (``a,b``).
+A list is a YAML list, a flow list written as text (``[a, b]``) or a comma list (``a,b``, ``a, b``:
+each item stripped of the spaces around it, empty items dropped).
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ from megatron_lite.errors import UserError
 
 
 def split_list(text: str, where: str) -> list[Any]:
-    """A list value written as text: ``[a, b]`` (YAML flow) or the comma list ``a,b``."""
-    return [v for v in text.split(",") if v] if not text.startswith("[") else yaml.safe_load(text)
+    """A list value written as text: ``[a, b]`` (YAML flow) or the comma list ``a, b``."""
+    if not text.startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(
+            f"config key '{where}' got {text!r}, which is not a YAML list ({why}); "
+            f"write {where}=a,b or {where}='[a, b]'"
+        ) from None
+    return value if isinstance(value, list) else [value]
 
 
 def _scalar(value: Any, tp: Any) -> Any:
