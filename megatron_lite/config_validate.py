@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from megatron_lite.errors import UserError
 
 if TYPE_CHECKING:  # config.py imports this module: only the annotations need its dataclasses
-    from megatron_lite.config import Config, ModelConfig
+    from megatron_lite.config import Config, DataConfig, ModelConfig
 
 
 _CHOICES = {
@@ -54,6 +54,7 @@ _RANGES = {
     ("optim", "eps"): (lambda v: v >= 0, ">= 0"),
     ("optim", "weight_decay"): (lambda v: v >= 0, ">= 0"),
     ("optim", "clip_grad"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("train", "seed"): (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("train", "exit_after"): (lambda v: v >= 0, ">= 0"),
     ("checkpoint", "every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
@@ -65,7 +66,7 @@ def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
     """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps)."""
     m = cfg.model
     gpt2 = m.arch == "gpt2"
-    m.kv_heads = m.kv_heads or m.heads
+    m.kv_heads = m.heads if m.kv_heads is None else m.kv_heads
     if m.ffn_hidden is None:
         m.ffn_hidden = 4 * m.hidden if gpt2 else -(-(8 * m.hidden // 3) // 64) * 64
     m.norm = m.norm or ("layernorm" if gpt2 else "rmsnorm")
@@ -100,10 +101,34 @@ def _check_fields(cfg: Config) -> None:
         raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
     if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
         raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
-    if not 0 <= cfg.data.valid_fraction < 1:
-        raise UserError(f"data.valid_fraction must be in [0, 1), got {cfg.data.valid_fraction}")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.path):
-        raise UserError(f"data.weights has {len(cfg.data.weights)} entries but data.path has {len(cfg.data.path)}")
+    _check_data(cfg.data)
+
+
+def _check_data(d: DataConfig) -> None:
+    """The data keys, checked here rather than when the data is opened, after the ranks have started."""
+    if not 0 <= d.valid_fraction < 1:
+        raise UserError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    if d.path and not d.tokenizer:
+        raise UserError(
+            "data.path is set but data.tokenizer is not: give the sentencepiece .model the "
+            "data was preprocessed with (data.tokenizer=PATH)"
+        )
+    if not d.path:  # the embedded corpus's tokenizer is trained to data.vocab_size
+        from megatron_lite.data.tokenizer import MIN_VOCAB
+
+        if d.vocab_size < MIN_VOCAB:
+            raise UserError(
+                f"data.vocab_size={d.vocab_size} is too small for the embedded corpus's tokenizer: byte "
+                f"fallback alone needs {MIN_VOCAB}; set data.vocab_size={MIN_VOCAB} or more (default 8192)"
+            )
+    if d.weights is None:
+        return
+    if len(d.weights) != len(d.path):
+        raise UserError(f"data.weights has {len(d.weights)} entries but data.path has {len(d.path)}")
+    if not all(math.isfinite(w) and w >= 0 for w in d.weights) or sum(d.weights) <= 0:
+        raise UserError(
+            f"data.weights must be finite numbers >= 0, not all zero, one per data.path prefix; got {d.weights}"
+        )
 
 
 def _check_gpt2(m: ModelConfig) -> None:
@@ -127,7 +152,9 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
             f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}): "
             f"{m.hidden} % {m.heads} = {m.hidden % m.heads}"
         )
-    if m.kv_heads < 1 or m.heads % m.kv_heads:
+    if m.kv_heads < 1:
+        raise UserError(f"model.kv_heads must be a positive integer, got {m.kv_heads} (leave it out for model.heads)")
+    if m.heads % m.kv_heads:
         raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
     if m.arch == "llama" and (m.hidden // m.heads) % 2:
         raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")

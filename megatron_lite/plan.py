@@ -150,9 +150,7 @@ def _vocab_size(cfg: Config) -> int:
         from megatron_lite.data.tokenizer import Tokenizer
 
         return Tokenizer(cfg.data.tokenizer).vocab_size
-    if cfg.data.path:
-        raise UserError("set model.vocab_size or data.tokenizer: plan needs the vocabulary size")
-    return cfg.data.vocab_size  # the embedded corpus's tokenizer, trained to this size
+    return cfg.data.vocab_size  # the embedded corpus's tokenizer (data.path without data.tokenizer: refused)
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:

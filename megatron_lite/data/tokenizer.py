@@ -36,7 +36,7 @@ from megatron_lite.errors import UserError
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NEWLINE = "\n"
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker
-_MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
+MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
 _SAMPLE_SEED = 1234
 # sentencepiece's max_sentence_length (its default): it silently skips longer lines, so a corpus of
 # long lines (prose paragraphs, minified code, one-line files) would train on little or nothing.
@@ -135,8 +135,8 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise UserError(f"tokenizer training input {path} is not a readable file")
-    if vocab_size < _MIN_VOCAB:
-        raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {_MIN_VOCAB}")
+    if vocab_size < MIN_VOCAB:
+        raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}")
     return files
 
 

@@ -65,11 +65,6 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
     if not d.path:
         prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
         return [prefix], Path(d.tokenizer) if d.tokenizer else tok
-    if not d.tokenizer:
-        raise UserError(
-            "data.path is set but data.tokenizer is not: give the sentencepiece .model the "
-            "data was preprocessed with (data.tokenizer=PATH)"
-        )
     for prefix in d.path:
         if prefix.endswith((".bin", ".idx")) and not Path(prefix + ".bin").is_file():
             raise UserError(f"data.path takes dataset prefixes without .bin/.idx: {prefix} -> {prefix[:-4]}")

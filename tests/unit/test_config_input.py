@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_lite.config import load_config
+from megatron_lite.config import fill_defaults, load_config, validate
 from megatron_lite.errors import UserError
 
 
@@ -36,3 +36,40 @@ def test_a_comma_list_split_by_the_shell_says_to_quote_it():
     """`data.path=a, b` unquoted reaches us as two arguments, 'data.path=a,' and 'b'."""
     with pytest.raises(UserError, match=r"override 'b' is not .*quote a list with spaces \('data.path=a, b'\)"):
         load_config(None, ["data.path=a,", "b"])
+
+
+def resolved(*overrides, world=1, vocab=100):
+    cfg = load_config(None, list(overrides))
+    fill_defaults(cfg, vocab)
+    return validate(cfg, world)
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        # refused only once the ranks had started, opening the data
+        (["data.path=d/a"], r"^data.path is set but data.tokenizer is not: .*\(data.tokenizer=PATH\)$"),
+        # refused by the dataset without the key's name (`blend weights must be ...`), after the ranks started
+        (["data.path=a,b", "data.tokenizer=t.model", "data.weights=-1,2"], r"^data.weights must be finite .*-1.0"),
+        (["data.path=a,b", "data.tokenizer=t.model", "data.weights=0,0"], r"^data.weights must be .*not all zero"),
+        # became model.heads without a word
+        (["model.kv_heads=0"], r"^model.kv_heads must be a positive integer, got 0"),
+        # `seed must be a non-negative integer` from the dataset; 2**64 overflowed torch.manual_seed
+        (["train.seed=-1"], r"^train.seed must be in \[0, 2\*\*32\), got -1"),
+        (["train.seed=18446744073709551616"], r"^train.seed must be in \[0, 2\*\*32\)"),
+        # `vocab_size 100 is too small` from the tokenizer trainer, after the ranks started
+        (["data.vocab_size=100"], r"^data.vocab_size=100 is too small .*set data.vocab_size=262 or more"),
+    ],
+)
+def test_data_and_seed_keys_are_refused_at_validation(overrides, expected):
+    with pytest.raises(UserError, match=expected):
+        resolved(*overrides)
+
+
+def test_plan_refuses_data_path_without_tokenizer_by_the_same_message():
+    from megatron_lite.plan import make_plan
+
+    with pytest.raises(UserError, match=r"data.path is set but data.tokenizer is not"):
+        make_plan(load_config(None, ["data.path=d/a", "model.vocab_size=500"]), 1)
+    with pytest.raises(UserError, match=r"data.path is set but data.tokenizer is not"):
+        make_plan(load_config(None, ["data.path=d/a"]), 1)
