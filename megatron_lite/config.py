@@ -8,8 +8,9 @@ Loading order: dataclass defaults <- YAML file <- ``section.key=value`` override
 sections or keys are a :class:`UserError` naming the key and the closest valid one.
 
 Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`,
-:func:`accumulation_steps`) lives in ``config_validate.py`` and is re-exported here; reading a YAML
-file in ``config_yaml.py``; converting one value to its field's type in ``config_values.py``.
+:func:`config_warnings`, :func:`accumulation_steps`) lives in ``config_validate.py`` and is
+re-exported here; reading a YAML file in ``config_yaml.py``; converting one value to its field's
+type in ``config_values.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from typing import Any
 
 import yaml
 
-from megatron_lite.config_validate import accumulation_steps, fill_defaults, validate  # noqa: F401  re-exported
+from megatron_lite.config_validate import (  # noqa: F401  re-exported
+    accumulation_steps,
+    config_warnings,
+    fill_defaults,
+    validate,
+)
 from megatron_lite.config_values import coerce
 from megatron_lite.config_yaml import read_config_file
 from megatron_lite.errors import UserError
@@ -97,7 +103,8 @@ class OptimConfig:
     min_lr: float = 3e-5
     """Learning rate at the end of the cosine decay."""
     warmup: int = 100
-    """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``)."""
+    """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``). More than
+    ``train.steps`` is a warning at startup: the run would never reach ``lr`` nor decay."""
     decay_steps: int | None = None
     """Steps of cosine decay after warmup. Default: train.steps - warmup."""
     weight_decay: float = 0.1
@@ -138,7 +145,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_iters: int = 4
-    """Global batches per evaluation."""
+    """Global batches per evaluation (always the same ones). More samples than the held-out split
+    holds is a warning at startup: they would only repeat."""
     exit_after: int | None = None
     """Stop (after checkpointing) once this many steps have run in this process."""
 

@@ -2,8 +2,9 @@
 
 :func:`fill_defaults` resolves every ``None`` default that depends on other fields (arch,
 tokenizer, steps); :func:`validate` checks each field and the cross-field arithmetic, naming the
-numbers in its errors; :func:`accumulation_steps` is the batch arithmetic that validation guarantees.
-All three are re-exported by ``megatron_lite.config``, where callers import them from.
+numbers in its errors; :func:`config_warnings` names valid settings that are probably mistakes (the
+trainer logs them, ``plan`` prints them); :func:`accumulation_steps` is the batch arithmetic that
+validation guarantees. All are re-exported by ``megatron_lite.config``, where callers import them from.
 """
 
 from __future__ import annotations
@@ -199,6 +200,19 @@ def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Confi
     _check_model(cfg.model, need_vocab)
     cfg.parallel.dp = _check_layout(cfg, world_size)
     return cfg
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant (defaults filled): each says why and the fix."""
+    o, steps = cfg.optim, cfg.train.steps
+    warnings = []
+    if o.warmup > steps:  # Megatron refuses this; a short smoke run of a long config is a fair use, so: a warning
+        warnings.append(
+            f"optim.warmup={o.warmup} is more than train.steps={steps}: the learning rate rises for the whole "
+            f"run, reaching only {steps}/{o.warmup} of optim.lr={o.lr:g} at the last step, and never decays; "
+            f"set optim.warmup to at most {steps} (commonly 1-10% of train.steps)"
+        )
+    return warnings
 
 
 def accumulation_steps(cfg: Config) -> int:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_lite.config import Config, ModelConfig, accumulation_steps, fill_defaults, validate
+from megatron_lite.config import Config, ModelConfig, accumulation_steps, config_warnings, fill_defaults, validate
 from megatron_lite.errors import UserError
 from megatron_lite.models.parallelize import validate_tp
 from megatron_lite.parallel.mesh import ParallelDims
@@ -302,4 +302,5 @@ def format_plan(plan: Plan, width: int = 100) -> str:
     sim = plan.simulation
     lines.append(f"pipeline bubble: {sim.bubble_fraction:.2%} of time (simulated, backward = 2 x forward)")
     lines.append(render(sim, width))
+    lines += [f"warning: {why}" for why in config_warnings(cfg)]
     return "\n".join(lines)

@@ -10,6 +10,10 @@ shared filesystem only that machine's ranks can tell whether the directory is wr
 :func:`check_shared_checkpoint_dir` is the exception: a collective, it checks that all ranks see
 one directory.
 
+Rank 0 also logs :func:`setup_warnings`: valid settings that are probably mistakes (``optim.warmup``
+longer than the run, an evaluation longer than the held-out split, a peak memory estimate above the
+device's), each naming the key and the fix.
+
 An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
 and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
 the first save hours later).
@@ -31,7 +35,8 @@ import torch.distributed as dist
 from megatron_lite import kernels
 from megatron_lite.checkpoint.reader import committed_steps, peek_metadata
 from megatron_lite.checkpoint.storage import Storage, is_url
-from megatron_lite.config import Config
+from megatron_lite.config import Config, config_warnings
+from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 
@@ -152,6 +157,31 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
         "GiB: expect an out-of-memory failure; lower train.micro_batch_size or model.seq_len, set "
         "train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
     )
+
+
+def eval_warning(cfg: Config, valid: GPTDataset | None) -> str | None:
+    """A warning when one evaluation reads more samples than the held-out split holds: it would only
+    repeat them (the same mean, ``train.eval_iters / needed`` times slower), else None."""
+    t = cfg.train
+    if valid is None:
+        return None
+    held, wanted = sum(valid.samples_per_epoch), t.eval_iters * t.global_batch_size
+    if wanted <= held:
+        return None
+    return (
+        f"train.eval_iters={t.eval_iters:,} x train.global_batch_size={t.global_batch_size} = {wanted:,} samples "
+        f"per evaluation, but the held-out split holds {held:,}: each evaluation would read them "
+        f"{wanted / max(held, 1):,.1f} times over for the same loss; set train.eval_iters to at most "
+        f"{max(held // t.global_batch_size, 1):,} (or raise data.valid_fraction)"
+    )
+
+
+def setup_warnings(
+    cfg: Config, world_size: int, device: torch.device, local: int, valid: GPTDataset | None
+) -> list[str]:
+    """Every startup warning rank 0 logs: settings that are probably mistakes, evaluation, memory."""
+    found = [*config_warnings(cfg), eval_warning(cfg, valid), memory_warning(cfg, world_size, device, local)]
+    return [w for w in found if w]
 
 
 def check_fresh_start(cfg: Config) -> None:

@@ -73,8 +73,9 @@ class Trainer:
             self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
             self._check_vocab()
         local_ranks = self.env.local_world_size
-        if self.rank == 0 and (why := preflight.memory_warning(cfg, self.world, self.device, local_ranks)):
-            log.warning("%s", why)
+        if self.rank == 0:
+            for why in preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid):
+                log.warning("%s", why)
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)

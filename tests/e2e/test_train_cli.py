@@ -55,6 +55,16 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
 
 
+def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
+    """Both were accepted without a word (exit_after=1: the run stops before its one evaluation)."""
+    args = [*tiny_args, "optim.warmup=10", "train.eval_iters=100000", "train.exit_after=1"]
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *args]) == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(w.startswith("optim.warmup=10 is more than train.steps=6") for w in warned), warned
+    assert any(w.startswith("train.eval_iters=100,000 x train.global_batch_size=8") for w in warned), warned
+
+
 def test_loss_falls(tiny_args, tmp_path):
     args = [*tiny_args, "train.steps=30", "optim.warmup=5"]
     assert main(["train", *args]) == 0

@@ -73,3 +73,35 @@ def test_plan_refuses_data_path_without_tokenizer_by_the_same_message():
         make_plan(load_config(None, ["data.path=d/a", "model.vocab_size=500"]), 1)
     with pytest.raises(UserError, match=r"data.path is set but data.tokenizer is not"):
         make_plan(load_config(None, ["data.path=d/a"]), 1)
+
+
+def test_a_warmup_longer_than_the_run_is_a_warning_with_the_numbers():
+    """Accepted silently: the learning rate never reached optim.lr and never decayed."""
+    from megatron_lite.config import config_warnings
+
+    (why,) = config_warnings(resolved("train.steps=5", "optim.warmup=30", "optim.lr=1e-3"))
+    assert why.startswith("optim.warmup=30 is more than train.steps=5: ") and "only 5/30 of optim.lr=0.001" in why
+    assert "set optim.warmup to at most 5" in why
+    assert config_warnings(resolved("train.steps=30", "optim.warmup=30")) == []
+
+
+def test_plan_prints_the_config_warnings(capsys):
+    from megatron_lite.cli import main
+
+    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32"]
+    assert main(["plan", "--world-size", "1", *tiny, "train.steps=5", "optim.warmup=30"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("warning: optim.warmup=30 is more than train.steps=5")
+
+
+def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
+    """train.eval_iters=100000000 was accepted: the first evaluation then ran for days."""
+    from types import SimpleNamespace
+
+    from megatron_lite.training.preflight import eval_warning
+
+    valid = SimpleNamespace(samples_per_epoch=[30, 10])
+    why = eval_warning(resolved("train.eval_iters=100000000", "train.global_batch_size=8"), valid)
+    assert why.startswith("train.eval_iters=100,000,000 x train.global_batch_size=8 = 800,000,000 samples")
+    assert "the held-out split holds 40" in why and "set train.eval_iters to at most 5 " in why
+    assert eval_warning(resolved("train.eval_iters=5", "train.global_batch_size=8"), valid) is None
+    assert eval_warning(resolved("train.eval_iters=5"), None) is None  # no held-out split: nothing evaluated
