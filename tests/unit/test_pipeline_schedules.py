@@ -82,10 +82,10 @@ def test_interleaved_with_one_chunk_is_1f1b():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("pipedream", 2, 1, 4), "unknown pipeline schedule parallel.schedule='pipedream'"),
-        (("1f1b", 2, 2, 4), "use parallel.schedule=interleaved for parallel.vp=2"),
-        (("interleaved", 1, 2, 4), "parallel.vp=2 needs parallel.pp > 1"),
-        (("gpipe", 2, 1, 0), "microbatches=0"),
+        (("pipedream", 2, 1, 4), "^parallel.schedule='pipedream' is not one of: "),
+        (("1f1b", 2, 2, 4), "^parallel.schedule=1f1b .*set parallel.schedule=interleaved for parallel.vp=2"),
+        (("interleaved", 1, 2, 4), r"^parallel.vp=2 needs parallel.pp > 1"),
+        (("gpipe", 2, 1, 0), "^need parallel.pp, .*microbatches=0"),
     ],
 )
 def test_bad_requests_are_user_errors(args, message):

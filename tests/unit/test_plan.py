@@ -71,7 +71,7 @@ def test_text_report_shows_layout_memory_and_timeline(capsys):
     [
         (["parallel.tp=2"], 3, r"parallel.tp=2 x parallel.pp=1 = 2 does not divide world size 3"),
         (["parallel.tp=3"], 6, "model.heads=4 is not divisible by parallel.tp=3"),
-        (["parallel.pp=2", "parallel.vp=2"], 2, "use parallel.schedule=interleaved"),
+        (["parallel.pp=2", "parallel.vp=2"], 2, "set parallel.schedule=interleaved for parallel.vp=2"),
         (["parallel.pp=8"], 8, "cannot split model.layers=4 into parallel.pp x parallel.vp = 8 x 1"),
         (["parallel.dp=2"], 4, r"parallel.tp=1 x parallel.pp=1 x parallel.dp=2 = 2 does not equal world size 4"),
     ],

@@ -144,13 +144,14 @@ def partition_layers(
     gets at least one layer, so a split that cannot give each one is an error showing the numbers.
     """
     if pp < 1 or vp < 1:
-        raise UserError(f"pipeline sizes must be positive: parallel.pp={pp}, parallel.vp={vp}")
+        raise UserError(f"parallel.pp and parallel.vp must be positive: parallel.pp={pp}, parallel.vp={vp}")
     pieces = pp * vp
     if layer_counts is None:
         if num_layers < pieces:
             raise UserError(
                 f"cannot split model.layers={num_layers} into parallel.pp x parallel.vp = {pp} x {vp} = {pieces} "
-                f"pipeline chunks of at least one layer each; use at most {num_layers} chunks"
+                f"pipeline chunks of at least one layer each; make parallel.pp x parallel.vp at most {num_layers}, "
+                f"or raise model.layers to at least {pieces}"
             )
         counts = _balanced_counts(num_layers, pieces, embed_cost, head_cost)
     else:

@@ -166,17 +166,18 @@ def build_schedule(name: str, pp: int, vp: int, microbatches: int) -> Schedule:
     :func:`_one_f_one_b_slots` and ``simulate.py`` for its bubble.
     """
     if name not in SCHEDULES:
-        raise UserError(f"unknown pipeline schedule parallel.schedule={name!r}; choose one of {', '.join(SCHEDULES)}")
+        raise UserError(f"parallel.schedule={name!r} is not one of: {', '.join(SCHEDULES)}")
     if pp < 1 or vp < 1 or microbatches < 1:
         raise UserError(
-            f"need parallel.pp, parallel.vp and microbatches >= 1; got parallel.pp={pp}, parallel.vp={vp}, "
-            f"microbatches={microbatches}"
+            f"need parallel.pp, parallel.vp and microbatches (train.global_batch_size / (micro_batch_size x dp)) "
+            f">= 1; got parallel.pp={pp}, parallel.vp={vp}, microbatches={microbatches}"
         )
     if pp == 1 and vp > 1:
-        raise UserError(f"parallel.vp={vp} needs parallel.pp > 1: virtual chunks interleave over pipeline ranks")
+        raise UserError(f"parallel.vp={vp} needs parallel.pp > 1 (virtual chunks interleave over pipeline ranks)")
     if name == "1f1b" and vp > 1:
         raise UserError(
-            f"parallel.schedule=1f1b runs one chunk per rank; use parallel.schedule=interleaved for parallel.vp={vp}"
+            f"parallel.schedule=1f1b runs one chunk per rank; set parallel.schedule=interleaved for "
+            f"parallel.vp={vp}, or parallel.vp=1"
         )
     if name == "gpipe":
         slots = [_gpipe_slots(pp, vp, microbatches, r) for r in range(pp)]
