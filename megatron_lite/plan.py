@@ -49,7 +49,7 @@ from megatron_lite.config import Config, ModelConfig, accumulation_steps, config
 from megatron_lite.errors import UserError
 from megatron_lite.models.parallelize import validate_tp
 from megatron_lite.parallel.mesh import ParallelDims
-from megatron_lite.parallel.pipeline.partition import ChunkSpec, Partition, plan_for_model
+from megatron_lite.parallel.pipeline.partition import ChunkSpec, Partition, partition_layers, plan_for_model
 from megatron_lite.parallel.pipeline.schedules import Op, Schedule, build_schedule
 from megatron_lite.parallel.pipeline.simulate import Simulation, render, simulate
 from megatron_lite.training.fp8 import config_problem as fp8_config_problem
@@ -118,16 +118,23 @@ class Plan:
         }
 
 
-def check_layout(cfg: Config, world_size: int) -> Layout:
+def check_layout(cfg: Config, world_size: int, need_vocab: bool = True) -> Layout | None:
     """Every pre-launch check of ``cfg`` (defaults already filled) on ``world_size`` ranks; raises
-    :class:`UserError` naming the problem. Pure: the trainer can call it before any process group."""
+    :class:`UserError` naming the problem. Pure: the trainer calls it before any process group.
+
+    ``need_vocab=False`` (``model.vocab_size`` not known before the data is open) runs every check
+    but the tensor-parallel split of the vocabulary and returns None instead of the layout.
+    """
     if world_size < 1:
         raise UserError(f"the world size must be a positive number of ranks, got {world_size}")
-    validate(cfg, world_size)
+    validate(cfg, world_size, need_vocab)
     p = cfg.parallel
     dims = ParallelDims.resolve(world_size, tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp)
-    validate_tp(cfg.model, dims.tp, p.sp)
-    partition = plan_for_model(cfg.model, dims.pp, dims.vp)
+    if cfg.model.vocab_size is None:  # the chunks' sizes need the vocabulary (head cost): only the count
+        partition_layers(cfg.model.layers, dims.pp, dims.vp)
+    else:
+        validate_tp(cfg.model, dims.tp, p.sp)
+        partition = plan_for_model(cfg.model, dims.pp, dims.vp)
     # With one stage the trainer runs each microbatch's forward and backward back to back: 1F1B.
     name = p.schedule if dims.pp > 1 else "1f1b"
     schedule = build_schedule(name, dims.pp, dims.vp, accumulation_steps(cfg))
@@ -139,7 +146,7 @@ def check_layout(cfg: Config, world_size: int) -> Layout:
             "selective recomputation (train.recompute=selective) allows only once; use "
             "train.recompute=full or another schedule"
         )
-    return Layout(dims, schedule.microbatches, partition, schedule)
+    return None if cfg.model.vocab_size is None else Layout(dims, schedule.microbatches, partition, schedule)
 
 
 def _vocab_size(cfg: Config) -> int:

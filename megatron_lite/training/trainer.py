@@ -28,7 +28,7 @@ from megatron_lite.checkpoint.format import dtype_name
 from megatron_lite.checkpoint.lineage import Lineage, data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.writer import Checkpointer
-from megatron_lite.config import Config, fill_defaults, validate
+from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
@@ -48,12 +48,9 @@ log = logging.getLogger(__name__)
 
 def check_layout(cfg: Config, world_size: int, vocab_size: int | None = None) -> Layout | None:
     """Every check that needs no process group. Without the vocabulary (before the data is open):
-    fields, arithmetic and the layout for ``world_size``; with it, everything ``plan`` checks."""
+    everything ``plan`` checks but the vocabulary's tensor-parallel split; with it, everything."""
     fill_defaults(cfg, vocab_size=vocab_size)
-    if vocab_size is None:
-        validate(cfg, world_size=world_size, need_vocab=False)
-        return None
-    return plan.check_layout(cfg, world_size)
+    return plan.check_layout(cfg, world_size, need_vocab=vocab_size is not None)
 
 
 class Trainer:

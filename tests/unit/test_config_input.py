@@ -105,3 +105,20 @@ def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
     assert "the held-out split holds 40" in why and "set train.eval_iters to at most 5 " in why
     assert eval_warning(resolved("train.eval_iters=5", "train.global_batch_size=8"), valid) is None
     assert eval_warning(resolved("train.eval_iters=5"), None) is None  # no held-out split: nothing evaluated
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["parallel.pp=2", "parallel.vp=2", "parallel.schedule=1f1b"], r"^parallel.schedule=1f1b runs one chunk"),
+        (["parallel.pp=2", "model.layers=1"], r"^cannot split model.layers=1 into parallel.pp x parallel.vp = 2 x 1"),
+        (["parallel.pp=2", "parallel.schedule=zb-h1", "train.recompute=selective"], r"^parallel.schedule=zb-h1 "),
+    ],
+)
+def test_the_trainer_checks_the_pipeline_before_any_process_group(overrides, expected):
+    """Checked only once every rank had joined the process group and opened the data."""
+    from megatron_lite.training.trainer import check_layout
+
+    cfg = load_config(None, ["train.micro_batch_size=4", *overrides])
+    with pytest.raises(UserError, match=expected):
+        check_layout(cfg, 2)  # no vocabulary yet: the data is not open
