@@ -344,6 +344,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         data, written = read_config_file(p)
         for section, values in data.items():
+            if str(section).split(".")[0] in SECTIONS and "." in str(section):  # `model.layers: 4`
+                top, key = str(section).split(".", 1)
+                raise UserError(
+                    f"config file {str(p)!r} has the key '{section}' at the top level: a YAML file nests keys "
+                    f"under their section (a line `{top}:`, then `  {key}: {values}` indented below it); "
+                    "the dotted form is for command-line overrides"
+                )
             if str(section) not in SECTIONS:
                 raise UserError(f"unknown config section {str(section)!r}{_suggest(str(section), list(SECTIONS))}")
             if values is None:  # `model:` with every key commented out

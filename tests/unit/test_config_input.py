@@ -122,3 +122,11 @@ def test_the_trainer_checks_the_pipeline_before_any_process_group(overrides, exp
     cfg = load_config(None, ["train.micro_batch_size=4", *overrides])
     with pytest.raises(UserError, match=expected):
         check_layout(cfg, 2)  # no vocabulary yet: the data is not open
+
+
+def test_a_dotted_key_at_the_top_of_a_yaml_file_says_how_to_nest_it(tmp_path):
+    """`model.layers: 4` in a file was "unknown config section 'model.layers'; did you mean 'model'?"."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model.layers: 4\n")
+    with pytest.raises(UserError, match=r"key 'model.layers' at the top level: .*a line `model:`, then `  layers: 4`"):
+        load_config(f)
