@@ -105,7 +105,8 @@ def _convert(args: argparse.Namespace) -> int:
         _writable_parent("--out", args.out, create=False)
         r = convert.from_hf(args.hf, args.out)
         print(f"wrote {r.checkpoint}: {r.parameters:,} parameters (weights only)")
-        print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX log.dir=RUN_DIR")
+        tok = "" if r.tokenizer else " data.tokenizer=MODEL"  # no sentencepiece model came with the weights
+        print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX{tok} log.dir=RUN_DIR")
     else:
         r = convert.verify(args.checkpoint, args.hf, step=args.step)
         print(r.summary())

@@ -9,12 +9,13 @@ def first_loss(run_dir):
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
 
-def test_train_continues_from_an_hf_import(tiny_args, tmp_path):
+def test_train_continues_from_an_hf_import(tiny_args, tmp_path, capsys):
     base = [*tiny_args[:-1], f"log.dir={tmp_path / 'base'}"]
     assert main(["train", *base, "train.steps=30", "optim.warmup=5"]) == 0
     hf, imported = tmp_path / "hf", tmp_path / "imported"
     assert main(["convert", "to-hf", "--checkpoint", str(tmp_path / "base" / "checkpoints"), "--out", str(hf)]) == 0
     assert main(["convert", "from-hf", "--hf", str(hf), "--out", str(imported)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(" data.path=PREFIX log.dir=RUN_DIR")  # its tokenizer came
     fresh = [*tiny_args[:-1], f"log.dir={tmp_path / 'fresh'}", "train.steps=2"]
     cont = [*tiny_args[:-1], f"log.dir={tmp_path / 'cont'}", "train.steps=2", f"checkpoint.init_from={imported}"]
     assert main(["train", *fresh]) == 0 and main(["train", *cont]) == 0
@@ -38,7 +39,8 @@ def test_import_without_a_sentencepiece_tokenizer_never_trains_on_the_embedded_c
         (hf / name).unlink()
     assert main(["convert", "from-hf", "--hf", str(hf), "--out", str(imported)]) == 0
     assert f"the tokenizer of {hf} is not sentencepiece" in caplog.text
-    capsys.readouterr()
+    hint = capsys.readouterr().out.splitlines()[-1]  # data.path alone is refused: the hint names data.tokenizer too
+    assert hint.endswith(" data.path=PREFIX data.tokenizer=MODEL log.dir=RUN_DIR"), hint
     cache, run = tmp_path / "corpus_cache", f"log.dir={tmp_path / 'run'}"
     config = ["--config", str(imported / "config.yaml"), run, f"data.cache_dir={cache}", "log.progress=false"]
     assert main(["train", *config, "train.steps=1"]) == 2
