@@ -89,7 +89,8 @@ def report(as_json: bool = False) -> str:
         f"distributed: {', '.join(k for k, v in info['distributed_backends'].items() if v)}",
         f"kernels (backend={info['kernel_backend']}):",
     ]
-    lines += [f"  {op:<16} {how}" for op, how in info["kernels"].items()]
+    width = max(map(len, info["kernels"]))  # transformer_engine, the longest name, is 18 characters
+    lines += [f"  {op:<{width}} {how}" for op, how in info["kernels"].items()]
     lines.append("optional packages:")
     for name, o in info["optional"].items():
         state = "usable" if o["usable"] else "not usable"

@@ -86,4 +86,8 @@ def test_doctor_reports_versions_and_backends(capsys):
     }
     assert {"triton", "apex", "transformer_engine", "wandb", "tensorboard"} <= set(info["optional"])
     assert main(["doctor"]) == 0
-    assert "kernels (backend=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kernels (backend=" in out
+    # one column for every row, transformer_engine's 18 characters included (it pushed its own row right)
+    block = out.split("kernels (backend=")[1].split("optional packages:")[0].splitlines()[1:]
+    assert len({len(line) - len(line[2:].split(" ", 1)[1].lstrip()) for line in block}) == 1, block
