@@ -34,7 +34,13 @@ def read_config_file(p: Path) -> tuple[dict[Any, Any], Any]:
     if not p.is_file():
         raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line, byte = e.object[: e.start].count(b"\n") + 1, e.object[e.start]
+        raise UserError(f"config file {str(p)!r} is not UTF-8 text (line {line}: byte {byte:#x})") from None
+    except OSError as e:
+        raise UserError(f"config file {str(p)!r} cannot be read: {e.strerror or e}") from None
+    try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
         written = yaml.load(text, Loader=yaml.BaseLoader)
     except yaml.YAMLError as e:

@@ -130,3 +130,18 @@ def test_a_dotted_key_at_the_top_of_a_yaml_file_says_how_to_nest_it(tmp_path):
     f.write_text("model.layers: 4\n")
     with pytest.raises(UserError, match=r"key 'model.layers' at the top level: .*a line `model:`, then `  layers: 4`"):
         load_config(f)
+
+
+def test_a_config_file_that_is_not_utf8_or_cannot_be_read_is_one_error(tmp_path, monkeypatch):
+    """A Latin-1 byte raised UnicodeDecodeError (a traceback from the CLI); so did an unreadable file."""
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"train:\n  steps: 5 # caf\xe9\n")
+    with pytest.raises(UserError, match=r"c.yaml' is not UTF-8 text \(line 2: byte 0xe9\)$"):
+        load_config(f)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(f), "read_text", denied)
+    with pytest.raises(UserError, match=r"c.yaml' cannot be read: Permission denied$"):
+        load_config(f)
