@@ -114,6 +114,11 @@ def _check_data(d: DataConfig) -> None:
             "data.path is set but data.tokenizer is not: give the sentencepiece .model the "
             "data was preprocessed with (data.tokenizer=PATH)"
         )
+    if twice := sorted({p for p in d.path if d.path.count(p) > 1}):  # the dataset also catches links, later
+        raise UserError(
+            f"data.path lists {', '.join(twice)} more than once: the run would see each of its samples twice in a "
+            "row; list it once and give it more weight in data.weights"
+        )
     if not d.path:  # the embedded corpus's tokenizer is trained to data.vocab_size
         from megatron_lite.data.tokenizer import MIN_VOCAB
 

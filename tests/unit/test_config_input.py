@@ -52,6 +52,8 @@ def resolved(*overrides, world=1, vocab=100):
         # refused by the dataset without the key's name (`blend weights must be ...`), after the ranks started
         (["data.path=a,b", "data.tokenizer=t.model", "data.weights=-1,2"], r"^data.weights must be finite .*-1.0"),
         (["data.path=a,b", "data.tokenizer=t.model", "data.weights=0,0"], r"^data.weights must be .*not all zero"),
+        # refused by the dataset only once every rank had opened the data
+        (["data.path=a,b,a", "data.tokenizer=t.model"], r"^data.path lists a more than once: .*data.weights$"),
         # became model.heads without a word
         (["model.kv_heads=0"], r"^model.kv_heads must be a positive integer, got 0"),
         # `seed must be a non-negative integer` from the dataset; 2**64 overflowed torch.manual_seed
