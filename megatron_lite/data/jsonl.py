@@ -1,6 +1,6 @@
 """JSON Lines inputs, shared by ``preprocess`` and ``tokenizer train``: one JSON object per line, its
 text under a key (``--json-key``, default ``text``). Files ending in ``.jsonl`` or ``.json`` are read
-this way; any other file is plain text."""
+this way, compressed or not (``.jsonl.gz``, see ``inputs.py``); any other file is plain text."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import codecs
 import json
 from pathlib import Path
 
+from megatron_lite.data.inputs import text_suffix
 from megatron_lite.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -15,7 +16,7 @@ _FORMAT = 'a .jsonl/.json input holds one JSON object per line (JSON Lines), e.g
 
 
 def is_jsonl(path: Path) -> bool:
-    return path.suffix.lower() in JSON_SUFFIXES
+    return text_suffix(path) in JSON_SUFFIXES
 
 
 def decode(raw: bytes, stats: dict) -> str:

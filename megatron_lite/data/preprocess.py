@@ -2,7 +2,8 @@
 
 A corpus can be far larger than memory, and so can one document: ``.jsonl`` / ``.json`` files are
 read line by line (one JSON object per line, text under ``json_key``), any other file is one
-document, read in blocks. A document is tokenized in pieces of about ``_PIECE_CHARS`` characters
+document, read in blocks; ``.gz``, ``.bz2`` and ``.xz`` files are decompressed as they are read
+(``inputs.py``). A document is tokenized in pieces of about ``_PIECE_CHARS`` characters
 whose ids go to the ``.bin`` as they come, so memory holds one piece's text and ids, not the
 document's (sentencepiece alone needs ~50 bytes per character it encodes at once).
 
@@ -43,6 +44,7 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
+from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -73,6 +75,8 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             files.append(Path(text))
     if not files:
         raise UserError("preprocess needs at least one input file or glob pattern")
+    for path in files:
+        compression(path)  # an unreadable format is refused before any file is read
     first: dict[str, Path] = {}
     for path in files:
         first.setdefault(os.path.realpath(path), path)
@@ -150,9 +154,9 @@ class _Splitter:
 
 def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
     """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string (as one chunk)."""
-    with open(path, "rb") as f:
+    with InputReader(path) as f:
         for lineno, raw in enumerate(f, 1):
-            bar.update(len(raw))
+            bar.update(f.advance())
             text = json_text(raw, path, lineno, json_key, stats)
             del raw
             if text is not None:
@@ -164,9 +168,9 @@ def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
     lenient = codecs.getincrementaldecoder("utf-8")(errors="replace")
     strict = codecs.getincrementaldecoder("utf-8")(errors="strict")
     valid = True
-    with open(path, "rb") as f:
+    with InputReader(path) as f:
         while block := f.read(_READ_BYTES):
-            bar.update(len(block))
+            bar.update(f.advance())
             if valid:
                 try:
                     strict.decode(block)

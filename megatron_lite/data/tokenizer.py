@@ -30,6 +30,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from megatron_lite.data.indexed import check_output_prefix, check_outputs_spare_inputs, write_atomic
+from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.errors import UserError
 
@@ -100,7 +101,9 @@ def _sample_lines(
     Each line of a file (a document of a ``.jsonl`` file, whose text lines are yielded) is kept with
     probability ``max_bytes / total`` from a fixed-seed RNG, so the sample spreads over all files
     (not just the first ones), is the same on every run, and memory holds one line at a time on our
-    side. A line longer than sentencepiece takes is cut into pieces (``_line_pieces``).
+    side. A line longer than sentencepiece takes is cut into pieces (``_line_pieces``). A compressed
+    input counts at its size on disk, so inputs that decompress to far more than ``max_bytes`` can
+    fill the sample before the last files are reached.
     ``counts["lines"]`` counts the lines yielded.
     """
     counts = {} if counts is None else counts
@@ -111,9 +114,9 @@ def _sample_lines(
     taken = 0
     for path in files:
         key = json_key if is_jsonl(path) else None
-        with open(path, "rb") as f:
+        with InputReader(path) as f:
             for lineno, raw in enumerate(f, 1):
-                bar.update(len(raw))
+                bar.update(f.advance())
                 if keep < 1.0 and rng.random() >= keep:
                     continue
                 lines = _text_lines(raw, path, lineno, key)
@@ -135,6 +138,7 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise UserError(f"tokenizer training input {path} is not a readable file")
+        compression(path)  # an unreadable format is refused before any file is read
     if vocab_size < MIN_VOCAB:
         raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}")
     return files

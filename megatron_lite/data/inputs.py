@@ -1,0 +1,113 @@
+"""Opening the input files of ``preprocess`` and ``tokenizer train``, compressed or not.
+
+A file ending in ``.gz``, ``.bz2`` or ``.xz`` is decompressed as it is read (Python's own
+``gzip``/``bz2``/``lzma``), and its format is that of the name without that ending
+(``a.jsonl.gz`` is JSON Lines). Other compressions (``.zst``, ``.zip``, ...) are refused by name:
+read as text, their bytes would be tokenized as one document of garbage with no error at all.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import zlib
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+from megatron_lite.errors import UserError
+
+_OPENERS = {
+    ".gz": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    ".bz2": lambda raw: bz2.BZ2File(raw, mode="rb"),
+    ".xz": lambda raw: lzma.LZMAFile(raw, mode="rb"),  # noqa: SIM115 - InputReader closes it
+}
+_UNSUPPORTED = (".zst", ".zstd", ".lz4", ".zip", ".7z", ".tar", ".br", ".snappy", ".parquet", ".arrow")
+# What a damaged or mislabelled compressed file raises while it is read.
+_DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+
+
+def compression(path: Path) -> str | None:
+    """The compression suffix of ``path`` (``.gz``, ``.bz2``, ``.xz``), None for an uncompressed file;
+    a :class:`UserError` for a compressed or binary format that cannot be read as text."""
+    suffix = path.suffix.lower()
+    if suffix in _OPENERS:
+        return suffix
+    if suffix in _UNSUPPORTED:
+        raise UserError(
+            f"input {path}: {suffix} files cannot be read (supported compressions: "
+            f"{', '.join(_OPENERS)}); decompress it first, or recompress it with gzip"
+        )
+    return None
+
+
+def text_suffix(path: Path) -> str:
+    """The suffix that says how to read ``path`` once decompressed: ``a.jsonl.gz`` -> ``.jsonl``."""
+    if path.suffix.lower() in _OPENERS:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+class InputReader:
+    """Binary reader of one input file, decompressing it when its name says so.
+
+    Iterating yields lines (with their ``\\n``), ``read(n)`` blocks. ``advance()`` is how many bytes
+    of the file on disk were consumed since its last call, so progress counts on-disk sizes, the
+    same as the total it is measured against. A damaged compressed file gives one :class:`UserError`
+    naming it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        kind = compression(path)
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._file: BinaryIO = _OPENERS[kind](self._raw) if kind else self._raw
+        self._kind = kind
+        self._done = 0
+
+    def _failed(self, e: Exception) -> UserError:
+        return UserError(
+            f"input {self.path} cannot be decompressed as {self._kind} ({type(e).__name__}: {e}); "
+            "it is damaged or truncated, or its name's ending does not match its format"
+        )
+
+    def __iter__(self) -> InputReader:
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            line = self._file.readline()
+        except _DECOMPRESS_ERRORS as e:
+            if self._kind is None:
+                raise
+            raise self._failed(e) from e
+        if not line:
+            raise StopIteration
+        return line
+
+    def read(self, size: int) -> bytes:
+        try:
+            return self._file.read(size)
+        except _DECOMPRESS_ERRORS as e:
+            if self._kind is None:
+                raise
+            raise self._failed(e) from e
+
+    def advance(self) -> int:
+        """Bytes of the file on disk read since the last call."""
+        now = self._raw.tell()
+        step, self._done = now - self._done, now
+        return step
+
+    def close(self) -> None:
+        self._file.close()
+        self._raw.close()
+
+    def __enter__(self) -> InputReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

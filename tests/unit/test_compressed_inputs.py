@@ -1,0 +1,73 @@
+"""Compressed inputs (.gz, .bz2, .xz) are read decompressed; damaged or unknown ones are refused by name."""
+
+import bz2
+import gzip
+import json
+import lzma
+
+import pytest
+
+from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.errors import UserError
+
+VOCAB = 300
+DOCS = ["def f(x):\n    return x\n", "unicode: café 漢字 🙂\n", "", "last document"]
+TEXT = "".join(DOCS) * 40
+COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    (root / "a.txt").write_text(TEXT)
+    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", VOCAB, progress=False))
+
+
+def _jsonl() -> bytes:
+    return "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+
+
+def _decoded(tok: Tokenizer, prefix) -> list[str]:
+    ds = IndexedDataset(prefix)
+    return [tok.decode(ds.get(i)) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("ext", sorted(COMPRESS))
+def test_compressed_jsonl_and_text_give_the_uncompressed_documents(tok, tmp_path, ext):
+    (tmp_path / f"docs.jsonl{ext}").write_bytes(COMPRESS[ext](_jsonl()))
+    (tmp_path / f"book.txt{ext}").write_bytes(COMPRESS[ext](TEXT.encode()))
+    stats = preprocess(
+        [tmp_path / f"docs.jsonl{ext}", tmp_path / f"book.txt{ext}"], tok, tmp_path / "d", progress=False
+    )
+    assert _decoded(tok, tmp_path / "d") == [*DOCS, TEXT]
+    assert stats["decode_errors"] == 0 and stats["documents"] == len(DOCS) + 1
+
+
+def test_tokenizer_trains_on_the_text_inside_a_compressed_jsonl(tmp_path):
+    plain, packed = tmp_path / "plain.jsonl", tmp_path / "packed.jsonl.gz"
+    plain.write_bytes(_jsonl() * 40)
+    packed.write_bytes(gzip.compress(_jsonl() * 40))
+    a = train_tokenizer([plain], tmp_path / "a", VOCAB, progress=False)
+    b = train_tokenizer([packed], tmp_path / "b", VOCAB, progress=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name, data, match",
+    [
+        ("cut.jsonl.gz", gzip.compress(b'{"text": "hello"}\n' * 100)[:40], "damaged or truncated"),
+        ("mislabelled.jsonl.gz", b'{"text": "hello"}\n', "cannot be decompressed as .gz"),
+        ("data.jsonl.zst", b"\x28\xb5\x2f\xfd", "decompress it first"),
+    ],
+)
+def test_unreadable_compressed_input_is_one_error_and_writes_nothing(tok, tmp_path, name, data, match):
+    (tmp_path / "ok.jsonl").write_bytes(_jsonl())
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(UserError, match=match) as err:
+        preprocess([tmp_path / "ok.jsonl", tmp_path / name], tok, tmp_path / "out", progress=False)
+    assert name in str(err.value)
+    assert not list(tmp_path.glob("*out*"))
+    with pytest.raises(UserError, match=match):
+        train_tokenizer([tmp_path / name], tmp_path / "tok", VOCAB, progress=False)
