@@ -51,6 +51,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         json_key=args.json_key,
         append_eos=not args.no_eos,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     print(json.dumps(stats))
     return 0
@@ -63,7 +64,13 @@ def _tokenizer(args: argparse.Namespace) -> int:
     files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
     _writable_parent("--output", args.output)
     path = train_tokenizer(
-        files, args.output, args.vocab_size, max_bytes=args.max_bytes, progress=not args.quiet, json_key=args.json_key
+        files,
+        args.output,
+        args.vocab_size,
+        max_bytes=args.max_bytes,
+        progress=not args.quiet,
+        json_key=args.json_key,
+        overwrite=args.overwrite,
     )
     print(f"wrote {path}")
     return 0
@@ -150,12 +157,15 @@ def _positive_int(text: str) -> int:
 
 def _add_data_verbs(sub) -> None:
     pp = sub.add_parser("preprocess", help="tokenize files/globs/JSONL into a .bin/.idx dataset")
-    pp.add_argument("--input", nargs="+", required=True, help="files, globs or .jsonl files")
+    pp.add_argument(
+        "--input", nargs="+", required=True, help="files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
+    )
     pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
     pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     pp.set_defaults(fn=_preprocess)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -167,6 +177,7 @@ def _add_data_verbs(sub) -> None:
     tt.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="sample at most this much text")
     tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     tt.add_argument("--quiet", action="store_true")
+    tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --output")
     tt.set_defaults(fn=_tokenizer)
 
 

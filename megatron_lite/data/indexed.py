@@ -84,6 +84,17 @@ def check_outputs_spare_inputs(inputs: Sequence[Path], outputs: Sequence[Path], 
                 )
 
 
+def check_not_replacing(outputs: Sequence[Path], prefix: str | Path, what: str, overwrite: bool) -> None:
+    """Refuse, unless ``overwrite`` (``--overwrite``), a run that would replace ``outputs`` an earlier
+    run wrote. ``what``: what those files are and what depends on them, for the message."""
+    existing = [str(p) for p in outputs if p.exists()]
+    if existing and not overwrite:
+        raise UserError(
+            f"--output {prefix} would replace {', '.join(existing)}: {what}; pass --overwrite to replace "
+            "it, or choose another --output prefix"
+        )
+
+
 def _paths(prefix: str | Path) -> tuple[Path, Path]:
     prefix = str(prefix)
     return Path(prefix + ".bin"), Path(prefix + ".idx")

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from megatron_lite.data.indexed import (
     IndexedDatasetBuilder,
+    check_not_replacing,
     check_output_prefix,
     check_outputs_spare_inputs,
     token_dtype,
@@ -195,21 +196,25 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
     yield _text_chunks(path, bar, stats)
 
 
-def _check_outputs(files: list[Path], out_prefix: str | Path) -> Path:
-    """Refuse outputs that would destroy something: an input, or a ``PREFIX.json`` that is not an
-    earlier dataset record (a tokenizer trained to the same prefix keeps its record there too).
-    Returns the record's path."""
+def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -> Path:
+    """Refuse outputs that would destroy something: an input, a ``PREFIX.json`` that is not an
+    earlier dataset record (a tokenizer trained to the same prefix keeps its record there too), or,
+    unless ``overwrite``, an earlier dataset. Returns the record's path."""
     check_output_prefix(out_prefix, "NAME.bin, NAME.idx and NAME.json")
     prefix = str(out_prefix)
-    meta_path = Path(prefix + ".json")
-    check_outputs_spare_inputs(files, [Path(prefix + ".bin"), Path(prefix + ".idx"), meta_path], out_prefix)
+    outputs = [Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".json")]
+    meta_path = outputs[-1]
+    check_outputs_spare_inputs(files, outputs, out_prefix)
+    what = "a dataset built earlier (runs that train on it, or resume from it, would read the new one)"
     if not meta_path.exists():
+        check_not_replacing(outputs, out_prefix, what, overwrite)
         return meta_path
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         meta = None
     if isinstance(meta, dict) and "tokenizer_sha256" in meta:
+        check_not_replacing(outputs, out_prefix, what, overwrite)
         return meta_path  # the record of the dataset this run rebuilds
     if isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer":
         what = "the record of the tokenizer trained to the same prefix (`megatron-lite tokenizer train`)"
@@ -228,15 +233,17 @@ def preprocess(
     json_key: str = "text",
     append_eos: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into ``<out_prefix>.bin``/``.idx`` (plus a ``.json`` of stats).
 
     Returns the stats: ``documents``, ``tokens``, ``bytes`` (input bytes read), ``files``,
-    ``decode_errors`` (documents with invalid UTF-8), ``seconds``. The dataset appears only when
-    complete; on any error the previous one (if any) is left untouched.
+    ``decode_errors`` (documents with invalid UTF-8), ``seconds``. An existing dataset at
+    ``out_prefix`` is refused unless ``overwrite``. The dataset appears only when complete; on any
+    error the previous one (if any) is left untouched.
     """
     files = expand_inputs(inputs)
-    meta_path = _check_outputs(files, out_prefix)
+    meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}

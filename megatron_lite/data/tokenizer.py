@@ -29,7 +29,12 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-from megatron_lite.data.indexed import check_output_prefix, check_outputs_spare_inputs, write_atomic
+from megatron_lite.data.indexed import (
+    check_not_replacing,
+    check_output_prefix,
+    check_outputs_spare_inputs,
+    write_atomic,
+)
 from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.errors import UserError
@@ -144,10 +149,11 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     return files
 
 
-def _output_paths(files: list[Path], out_prefix: str | Path) -> tuple[Path, Path]:
+def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
     """``(PREFIX.model, PREFIX.json)``, refused where writing them would destroy something: an
-    input, or a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
-    same prefix keeps there the hash of the tokenizer it was made with)."""
+    input, a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
+    same prefix keeps there the hash of the tokenizer it was made with), or, unless ``overwrite``,
+    an earlier tokenizer (the datasets made with it record its hash and would be refused)."""
     check_output_prefix(out_prefix, "NAME.model and NAME.json")
     prefix = str(out_prefix)
     model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
@@ -167,6 +173,11 @@ def _output_paths(files: list[Path], out_prefix: str | Path) -> tuple[Path, Path
                 f"{meta_path} exists and is {what}; training writes the tokenizer's record there and would "
                 f"replace it: choose another --output prefix (e.g. tok/NAME for tokenizers, data/NAME for datasets)"
             )
+    what = (
+        "a tokenizer trained earlier (datasets preprocessed with it record its sha256, and training "
+        "refuses them with another tokenizer)"
+    )
+    check_not_replacing([model_path, meta_path], out_prefix, what, overwrite)
     return model_path, meta_path
 
 
@@ -201,6 +212,7 @@ def train_tokenizer(
     max_bytes: int = 20_000_000,
     progress: bool = True,
     json_key: str = "text",
+    overwrite: bool = False,
 ) -> Path:
     """Train a BPE model on a bounded sample of ``inputs``; write ``<prefix>.model`` and ``.json``.
 
@@ -208,10 +220,11 @@ def train_tokenizer(
     ``preprocess`` reads them (not the JSON syntax around it).
 
     Returns the ``.model`` path (a prefix already ending in ``.model`` is used as is). Both files
-    are written atomically (temp name, then rename).
+    are written atomically (temp name, then rename); an existing tokenizer there is refused unless
+    ``overwrite``.
     """
     files = _check_inputs(inputs, vocab_size)
-    model_path, meta_path = _output_paths(files, out_prefix)
+    model_path, meta_path = _output_paths(files, out_prefix, overwrite)
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
     with tqdm(

@@ -41,6 +41,14 @@ def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path)
     assert main(argv) == 0
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes(), ext
+    # the same --output again is refused, leaving the dataset as it was, until --overwrite asks for it
+    before = (tmp_path / "b.bin").read_bytes()
+    argv[2 : 2 + len(inputs)] = inputs[:1]
+    assert main(argv) == 2 and (tmp_path / "b.bin").read_bytes() == before
+    assert main([*argv, "--overwrite"]) == 0 and (tmp_path / "b.bin").read_bytes() != before
+    retrain = ["tokenizer", "train", "--input", *inputs, "--output", str(tmp_path / "tok"), "--vocab-size", "400"]
+    assert main([*retrain, "--quiet"]) == 2 and len(model.read_bytes()) > 0
+    assert main([*retrain, "--quiet", "--overwrite"]) == 0
 
 
 def test_tool_errors_are_the_verbs(tmp_path):

@@ -151,7 +151,25 @@ def test_output_record_never_replaces_a_tokenizer_record(tok, tmp_path):
         pp.preprocess([src], model, tmp_path / "my", progress=False)
     assert model.with_suffix(".json").read_bytes() == record
     pp.preprocess([src], model, tmp_path / "data", progress=False)  # another prefix is fine
-    pp.preprocess([src], model, tmp_path / "data", progress=False)  # and so is rebuilding it
+    pp.preprocess([src], model, tmp_path / "data", progress=False, overwrite=True)  # and so is rebuilding it
+
+
+def test_an_existing_dataset_is_replaced_only_when_asked(tok, tmp_path):
+    """A second preprocess to the same --output would swap the data under runs that train on it."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("hello world\n")
+    b.write_text("something else entirely\n")
+    pp.preprocess([a], tok, tmp_path / "d", progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("d.*")}
+    with pytest.raises(pp.UserError, match="--overwrite") as err:
+        pp.preprocess([b], tok, tmp_path / "d", progress=False)
+    assert "d.bin" in str(err.value) and "d.idx" in str(err.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("d.*")} == before
+    (tmp_path / "d.json").unlink()  # a pair without its record (made elsewhere, or a lost record) as well
+    with pytest.raises(pp.UserError, match="--overwrite"):
+        pp.preprocess([b], tok, tmp_path / "d", progress=False)
+    pp.preprocess([b], tok, tmp_path / "d", progress=False, overwrite=True)
+    assert _ids(tmp_path / "d") == [tok.encode("something else entirely\n") + [tok.eos_id]]
 
 
 def test_a_rebuild_that_dies_before_its_record_leaves_no_stale_record(tok, tmp_path, monkeypatch):
@@ -167,7 +185,7 @@ def test_a_rebuild_that_dies_before_its_record_leaves_no_stale_record(tok, tmp_p
 
     monkeypatch.setattr(pp, "write_atomic", die)
     with pytest.raises(OSError, match="killed"):
-        pp.preprocess([b], tok, tmp_path / "d", progress=False)
+        pp.preprocess([b], tok, tmp_path / "d", progress=False, overwrite=True)
     assert not (tmp_path / "d.json").exists()
     assert _ids(tmp_path / "d") == [tok.encode("something else entirely\n") + [tok.eos_id]]
 

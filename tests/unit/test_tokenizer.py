@@ -159,7 +159,21 @@ def test_outputs_never_replace_a_dataset_record(corpus, model_path, tmp_path):
         train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False)
     assert (tmp_path / "my.json").read_bytes() == record and not (tmp_path / "my.model").exists()
     train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False)
-    train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False)  # retraining in place is fine
+    train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False, overwrite=True)  # retraining when asked
+
+
+def test_an_existing_tokenizer_is_replaced_only_when_asked(corpus, tmp_path):
+    """Retraining over tok/my.model would orphan every dataset made with it (their records hold its hash)."""
+    model = train_tokenizer(corpus, tmp_path / "my", VOCAB - 20, progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(UserError, match="--overwrite"):
+        train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    model.with_suffix(".json").unlink()  # a .model alone is refused as well
+    with pytest.raises(UserError, match="my.model"):
+        train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False)
+    assert train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False, overwrite=True) == model
+    assert model.read_bytes() != before["my.model"] and model.with_suffix(".json").is_file()
 
 
 def test_output_that_names_a_directory_is_refused(corpus, tmp_path):
