@@ -57,7 +57,7 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
         raise UserError(f"text file {str(p)!r} does not exist")
     dev = resolve_device(device, option="--device ")  # before reading anything
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8")  # as preprocess reads it: "\r\n" stays two characters
     except UnicodeDecodeError as e:
         raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
     model, tok = load_model(checkpoint, dev)
