@@ -45,7 +45,8 @@ def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
 
 def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
     """Refuse a full resume whose model settings differ from the checkpoint's (one UserError
-    listing them all); warn (rank 0) when ``train.seed`` differs. Every rank gets the same verdict
+    listing them all); warn (rank 0) when ``train.seed`` or ``data.valid_fraction`` differs (the
+    samples from here on change: :func:`data_order_changes`). Every rank gets the same verdict
     (the metadata is rank 0's, broadcast)."""
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
@@ -65,16 +66,29 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
             f"Resume with the checkpoint's model settings, or {other}"
         )
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
+    if rank == 0:
+        for warning in data_order_changes(saved, cfg, reader.step):
+            log.warning("%s", warning)
+
+
+def data_order_changes(saved: dict[str, Any], now: Config, step: int) -> list[str]:
+    """Why the samples after checkpoint ``step`` would differ from the original run's: another
+    ``train.seed`` (data order) or ``data.valid_fraction`` (which documents are trained on)."""
+    changes = []
     seed = saved.get("train", {}).get("seed")
-    if rank == 0 and seed is not None and seed != cfg.train.seed:
-        log.warning(
-            "train.seed=%s differs from the checkpoint's train.seed=%s: the data order from step %d on "
-            "differs from the original run's (resume with train.seed=%s to keep it)",
-            cfg.train.seed,
-            seed,
-            reader.step,
-            seed,
+    if seed is not None and seed != now.train.seed:
+        changes.append(
+            f"train.seed={now.train.seed} differs from the checkpoint's train.seed={seed}: the data order from "
+            f"step {step} on differs from the original run's (resume with train.seed={seed} to keep it)"
         )
+    fraction = saved.get("data", {}).get("valid_fraction")
+    if fraction is not None and fraction != now.data.valid_fraction:
+        changes.append(
+            f"data.valid_fraction={now.data.valid_fraction} differs from the checkpoint's {fraction}: other "
+            f"documents are trained on from step {step} on (some the run held out for evaluation) and the "
+            f"eval loss is measured on others (resume with data.valid_fraction={fraction} to keep them)"
+        )
+    return changes
 
 
 def check_rewind(cfg: Config, reader: CheckpointReader) -> None:
