@@ -57,13 +57,14 @@ _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text i
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
-    named twice, by any spelling, a link or a glob, is read once, where it first appears)."""
+    named twice, by any spelling, a link or a glob, is read once, where it first appears). A name
+    that is an existing file is that file, even with glob characters in it (``data[1].jsonl``)."""
     if isinstance(inputs, str | Path):
         inputs = [inputs]
     files: list[Path] = []
     for item in inputs:
         text = os.path.expanduser(str(item))
-        if glob.has_magic(text):
+        if glob.has_magic(text) and not Path(text).is_file():
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
             if not matches:
                 raise UserError(f"input pattern {text!r} matches no files")

@@ -65,6 +65,17 @@ def test_preprocess_jsonl_and_globs(tok, tmp_path):
     assert ds.dtype == np.uint16
 
 
+def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
+    """``shard[1].jsonl`` read as a pattern matched ``shard1.jsonl`` (or nothing) instead of itself."""
+    (tmp_path / "shard[1].jsonl").write_text(json.dumps({"text": "the bracketed file"}) + "\n")
+    (tmp_path / "shard1.jsonl").write_text(json.dumps({"text": "another file"}) + "\n")
+    preprocess([str(tmp_path / "shard[1].jsonl")], tok.path, tmp_path / "out", progress=False)
+    ds = IndexedDataset(tmp_path / "out")
+    assert [tok.decode(ds.get(i)[:-1]) for i in range(len(ds))] == ["the bracketed file"]
+    preprocess([str(tmp_path / "shard[0-9].jsonl")], tok.path, tmp_path / "pat", progress=False)  # still a pattern
+    assert tok.decode(IndexedDataset(tmp_path / "pat").get(0)[:-1]) == "another file"
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
