@@ -192,12 +192,16 @@ def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: i
         raise UserError("GPTDataset needs at least one dataset prefix (data.path)")
     if weights is None:
         return
+    fix = "give data.weights one share >= 0 per data.path entry, e.g. data.weights=[0.7,0.3], or leave it unset"
     if len(weights) != len(prefixes):
-        raise UserError(f"{len(weights)} blend weights given for {len(prefixes)} datasets {prefixes}")
+        raise UserError(f"{len(weights)} blend weights given for {len(prefixes)} datasets {prefixes}; {fix}")
     if any(not np.isfinite(w) or w < 0 for w in weights):
-        raise UserError(f"blend weights must be finite and non-negative, got {list(weights)}")
+        raise UserError(f"blend weights (data.weights) must be finite and non-negative, got {list(weights)}; {fix}")
     if sum(weights) <= 0:
-        raise UserError(f"blend weights must not all be zero, got {list(weights)}")
+        raise UserError(
+            f"blend weights (data.weights) must not all be zero, got {list(weights)}: no dataset would be "
+            "sampled; give at least one dataset a positive weight"
+        )
 
 
 def _same_files(a: IndexedDataset, b: IndexedDataset) -> bool:

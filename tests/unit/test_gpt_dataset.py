@@ -151,7 +151,9 @@ def test_blend_stays_within_one_sample_with_many_skewed_weights():
     [
         ({"seq_len": 0}, "seq_len"),
         ({"weights": [1.0, 2.0]}, "2 blend weights given for 1 datasets"),
-        ({"weights": [-1.0]}, "non-negative"),
+        ({"weights": [-1.0]}, r"data.weights\) must be finite and non-negative, got \[-1.0\]; give data.weights"),
+        ({"weights": [float("nan")]}, "non-negative"),
+        ({"weights": [0.0]}, "must not all be zero.*give at least one dataset a positive weight"),
         ({"seq_len": 10_000}, "fewer than seq_len"),
         ({"split": "test"}, "split must be one of"),
         ({"split": "valid", "valid_fraction": 0.0}, "fewer than seq_len"),
