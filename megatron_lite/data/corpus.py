@@ -73,13 +73,18 @@ def _cache_matches(folder: Path, expected: dict) -> bool:
     return _cache_problem(folder, expected) is None
 
 
-def _build(tmp: Path, files: list[Path], vocab_size: int, expected: dict, progress: bool) -> int:
-    """Train the tokenizer and tokenize ``files`` into ``tmp``; returns the token count."""
+def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected: dict, progress: bool) -> int:
+    """Train the tokenizer and tokenize ``files`` into ``tmp`` (to be renamed ``final``); returns the
+    token count."""
     megabytes = sum(size for _, size in expected["files"]) / 1e6
     _say(progress, f"training tokenizer on {megabytes:.1f} MB of stdlib source ({len(files)} files)...")
     model = train_tokenizer(files, tmp / "tokenizer", vocab_size, _TOKENIZER_SAMPLE_BYTES, progress=progress)
     _say(progress, f"tokenizing {len(files)} files with a {vocab_size}-token vocabulary...")
     stats = preprocess([str(p) for p in files], model, tmp / "data", progress=progress)
+    # The dataset's record names its tokenizer where it will be, not in the build folder renamed away.
+    record = json.loads((tmp / "data.json").read_text())
+    record["tokenizer"] = str(final / "tokenizer.model")
+    write_atomic(tmp / "data.json", (json.dumps(record, indent=1) + "\n").encode())
     manifest = {**expected, "tokenizer_sha256": Tokenizer(model).sha256}
     write_atomic(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return int(stats["tokens"])
@@ -131,7 +136,7 @@ def prepare_default_corpus(
     tmp.mkdir()
     start = time.perf_counter()
     try:
-        tokens = _build(tmp, paths, vocab_size, expected, progress)
+        tokens = _build(tmp, final, paths, vocab_size, expected, progress)
         _install(tmp, final, expected)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -138,6 +138,8 @@ def test_prepare_corpus_builds_then_reuses(tmp_path, copied_files):
     assert folder.name.startswith("stdlib-") and f"-v{VOCAB}-" in folder.name
     assert [p.name for p in cache.iterdir()] == [folder.name]  # no temp folders left
     check_dataset_tokenizer(prefix, tok)  # the embedded corpus records its own tokenizer's hash
+    # ... and its path where it stays, not in the build folder (messages name it to the user)
+    assert json.loads((folder / "data.json").read_text())["tokenizer"] == str(model)
     stamp = (folder / "manifest.json").stat().st_mtime_ns
     assert prepare_default_corpus(cache, VOCAB, progress=False, files=copied_files) == (prefix, model)
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp
