@@ -252,6 +252,7 @@ def train_tokenizer(
             ) from e
     data = model.getvalue()
     meta = _record(data, vocab_size, max_bytes, total, files, json_key)
+    meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's
     write_atomic(model_path, data)
     write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     return model_path

@@ -176,6 +176,24 @@ def test_an_existing_tokenizer_is_replaced_only_when_asked(corpus, tmp_path):
     assert model.read_bytes() != before["my.model"] and model.with_suffix(".json").is_file()
 
 
+def test_a_retrain_that_dies_before_its_record_leaves_no_stale_record(corpus, tmp_path, monkeypatch):
+    """The old PREFIX.json (sha256, vocab_size) must not outlive the model it described."""
+    from megatron_lite.data import tokenizer as tokenizer_mod
+
+    model = train_tokenizer(corpus, tmp_path / "my", VOCAB - 20, progress=False)
+    real = tokenizer_mod.write_atomic
+
+    def die_on_the_record(path, data):
+        if path.suffix == ".json":
+            raise OSError("killed before the record was written")
+        real(path, data)
+
+    monkeypatch.setattr(tokenizer_mod, "write_atomic", die_on_the_record)
+    with pytest.raises(OSError, match="killed"):
+        train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False, overwrite=True)
+    assert Tokenizer(model).vocab_size == VOCAB and not model.with_suffix(".json").exists()
+
+
 def test_output_that_names_a_directory_is_refused(corpus, tmp_path):
     with pytest.raises(UserError, match="--output"):
         train_tokenizer(corpus, str(tmp_path) + "/", VOCAB, progress=False)
