@@ -31,15 +31,14 @@ _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 def compression(path: Path) -> str | None:
     """The compression suffix of ``path`` (``.gz``, ``.bz2``, ``.xz``), None for an uncompressed file;
     a :class:`UserError` for a compressed or binary format that cannot be read as text."""
-    suffix = path.suffix.lower()
-    if suffix in _OPENERS:
-        return suffix
-    if suffix in _UNSUPPORTED:
-        raise UserError(
-            f"input {path}: {suffix} files cannot be read (supported compressions: "
-            f"{', '.join(_OPENERS)}); decompress it first, or recompress it with gzip"
-        )
-    return None
+    suffix, inner = path.suffix.lower(), text_suffix(path)
+    for bad in (suffix, inner):
+        if bad in _UNSUPPORTED:
+            raise UserError(
+                f"input {path}: {bad} files cannot be read (supported compressions: "
+                f"{', '.join(_OPENERS)}); decompress or unpack it first, and give the text files"
+            )
+    return suffix if suffix in _OPENERS else None
 
 
 def text_suffix(path: Path) -> str:

@@ -59,7 +59,8 @@ def test_tokenizer_trains_on_the_text_inside_a_compressed_jsonl(tmp_path):
     [
         ("cut.jsonl.gz", gzip.compress(b'{"text": "hello"}\n' * 100)[:40], "damaged or truncated"),
         ("mislabelled.jsonl.gz", b'{"text": "hello"}\n', "cannot be decompressed as .gz"),
-        ("data.jsonl.zst", b"\x28\xb5\x2f\xfd", "decompress it first"),
+        ("data.jsonl.zst", b"\x28\xb5\x2f\xfd", "decompress or unpack it first"),
+        ("corpus.tar.gz", gzip.compress(b"corpus/a.txt\x00" * 40), ".tar files cannot be read"),
     ],
 )
 def test_unreadable_compressed_input_is_one_error_and_writes_nothing(tok, tmp_path, name, data, match):
