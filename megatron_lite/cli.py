@@ -31,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from megatron_lite.training.evaluate import evaluate_text
 
-    result = evaluate_text(args.checkpoint, args.text, device=args.device)
+    result = evaluate_text(args.checkpoint, args.text, device=args.device, json_key=args.json_key)
     if args.json:  # the documented line is exactly these two keys
         print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}))
     else:
@@ -234,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint.dir, by default <log.dir>/checkpoints (its newest good step is used); "
         "the run's log.dir itself is not accepted",
     )
-    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument(
+        "--text", required=True, help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)"
+    )
+    e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text")
     e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.set_defaults(fn=_eval)

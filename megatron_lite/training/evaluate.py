@@ -3,7 +3,9 @@
 The file is tokenized without BOS/EOS and cut into consecutive windows of ``seq_len + 1`` tokens
 that overlap by one token (window k covers tokens [k*T, k*T + T]); the last window may be shorter.
 Every token after the first is predicted exactly once, so the loss is the mean over
-``tokens - 1`` predictions.
+``tokens - 1`` predictions. A JSON Lines file (``.jsonl``/``.json``, as ``preprocess`` reads it)
+is scored on its documents' text under ``json_key``, each followed by EOS as ``preprocess``
+stores them, not on the JSON syntax around it; ``.gz``/``.bz2``/``.xz`` files are decompressed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.data.inputs import InputReader, compression
+from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
@@ -48,20 +52,32 @@ def sum_next_token_loss(model: Transformer, ids: list[int], seq_len: int, batch:
     return total
 
 
-def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto") -> dict:
-    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file."""
+def _read_text(p: Path, json_key: str) -> list[str]:
+    """The file's text, or for JSON Lines its documents' texts (``json_key``), as preprocess reads them."""
+    compression(p)  # an archive is refused by name
+    with InputReader(p) as f:
+        if is_jsonl(p):
+            return [text for n, raw in enumerate(f, 1) if (text := json_text(raw, p, n, json_key, {})) is not None]
+        data = f.read(-1)
+    try:
+        return [data.decode("utf-8")]  # as preprocess reads it: "\r\n" stays two characters
+    except UnicodeDecodeError as e:
+        raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
+
+
+def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
+    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file (or the
+    documents of a JSON Lines file, their text under ``json_key``)."""
     p = Path(text_path)
     if p.is_dir():
         raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
     if not p.is_file():
         raise UserError(f"text file {str(p)!r} does not exist")
     dev = resolve_device(device, option="--device ")  # before reading anything
-    try:
-        text = p.read_bytes().decode("utf-8")  # as preprocess reads it: "\r\n" stays two characters
-    except UnicodeDecodeError as e:
-        raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
+    texts = _read_text(p, json_key)
     model, tok = load_model(checkpoint, dev)
-    ids = tok.encode(text)
+    documents = is_jsonl(p)  # each document ends with EOS, as preprocess stores it
+    ids = [i for text in texts for i in tok.encode(text, eos=documents)]
     if len(ids) < 2:
         raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")
     loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)

@@ -1,7 +1,12 @@
 """``megatron-lite eval`` scores the text exactly as ``preprocess`` would have tokenized it."""
 
+import gzip
+import json
 from types import SimpleNamespace
 
+import pytest
+
+from megatron_lite.errors import UserError
 from megatron_lite.training import evaluate
 
 
@@ -11,7 +16,7 @@ def test_eval_reads_the_file_bytes_as_they_are(tmp_path, monkeypatch):
     seen = []
 
     class Tok:
-        def encode(self, text: str) -> list[int]:
+        def encode(self, text: str, eos: bool = False) -> list[int]:
             seen.append(text)
             return list(range(len(text)))
 
@@ -22,3 +27,27 @@ def test_eval_reads_the_file_bytes_as_they_are(tmp_path, monkeypatch):
     (tmp_path / "crlf.txt").write_bytes(raw)
     result = evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / "crlf.txt", device="cpu")
     assert seen == [raw.decode()] and result["tokens"] == len(raw.decode())
+
+
+class _Tok:
+    eos_id = 2
+
+    def encode(self, text: str, eos: bool = False) -> list[int]:
+        return [ord(c) for c in text] + ([self.eos_id] if eos else [])
+
+
+@pytest.mark.parametrize("name, pack", [("held_out.jsonl", bytes), ("held_out.jsonl.gz", gzip.compress)])
+def test_eval_of_json_lines_scores_the_documents_not_the_json(tmp_path, monkeypatch, name, pack):
+    """A held-out .jsonl was scored on its JSON syntax (braces, keys, escapes), not on its text."""
+    scored = []
+    model = SimpleNamespace(cfg=SimpleNamespace(seq_len=4))
+    monkeypatch.setattr(evaluate, "load_model", lambda path, device: (model, _Tok()))
+    monkeypatch.setattr(evaluate, "sum_next_token_loss", lambda m, ids, seq_len: scored.append(ids) or 0.0)
+    docs = ["first \u00e9\n", "", 'second "quoted"']
+    raw = "".join(json.dumps({"body": d}) + "\n" for d in docs).encode() + b"\n"
+    (tmp_path / name).write_bytes(pack(raw))
+    result = evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / name, device="cpu", json_key="body")
+    assert scored == [[i for d in docs for i in [*map(ord, d), _Tok.eos_id]]]
+    assert result["tokens"] == sum(len(d) + 1 for d in docs)
+    with pytest.raises(UserError, match="no key 'text'"):
+        evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / name, device="cpu")
