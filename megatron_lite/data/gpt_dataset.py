@@ -26,6 +26,7 @@ uses Tijdeman's rule rather than Megatron's greedy, which can drift past one sam
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from collections import OrderedDict
@@ -40,6 +41,7 @@ import torch
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.errors import UserError
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 _SPLIT_SEED = 0x5EED5
 _MAX_PERIOD = 1 << 16
@@ -254,6 +256,22 @@ class GPTDataset:
         raw = [s.num_tokens for s in self._sources] if weights is None else [float(w) for w in weights]
         self.weights = [w / sum(raw) for w in raw]
         self._slot_dataset, self._slot_local, self._quota = blend_schedule(self.weights)
+        self._check_quotas(weights is None)
+
+    def _check_quotas(self, by_tokens: bool) -> None:
+        """A dataset whose share rounds to no sample per blend period would never be sampled."""
+        lost = [p for p, w, q in zip(self.prefixes, self.weights, self._quota, strict=True) if w > 0 and q == 0]
+        if not lost:
+            return
+        q = self._slot_dataset.size
+        why = f"share of the blend is below 1/{q}, so it rounds to no sample in each period of {q} samples"
+        if by_tokens:
+            log.warning("dataset %s is never sampled: its %s (its tokens' share; set data.weights)", lost[0], why)
+            return
+        raise UserError(
+            f"data.weights gives dataset {lost[0]} a weight > 0, but its {why} and it would never be sampled; "
+            f"give it at least 1/{q} of the total weight, or weight 0 to leave it out on purpose"
+        )
 
     @property
     def num_tokens(self) -> list[int]:

@@ -165,6 +165,16 @@ def test_bad_arguments_are_user_errors(one, kwargs, match):
         GPTDataset(**args)
 
 
+def test_a_weight_too_small_to_sample_is_refused(one, tmp_path):
+    """A share under 1/65536 rounded to a quota of 0: the dataset was silently never sampled."""
+    other = _make(tmp_path / "b", seed=1)[0]
+    with pytest.raises(UserError, match=r"data.weights gives dataset .*b a weight > 0.*never be sampled"):
+        GPTDataset([one[0], other], [1.0, 1e-7], SEQ, seed=0)
+    GPTDataset([one[0], other], [1.0, 0.0], SEQ, seed=0)  # 0 leaves it out on purpose
+    ds = GPTDataset([one[0], other], [1.0, 1e-4], SEQ, seed=0)  # small but above 1/65536: sampled
+    assert any(ds.locate(i)[0] == 1 for i in range(65536))
+
+
 def test_missing_dataset_is_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         GPTDataset([str(tmp_path / "nope")], None, SEQ, seed=0)
