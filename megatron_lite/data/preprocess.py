@@ -246,6 +246,11 @@ def preprocess(
     files = expand_inputs(inputs)
     meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    if append_eos and tok.eos_id < 0:
+        raise UserError(
+            f"tokenizer {tok.path} has no EOS token (eos_id {tok.eos_id}) to end each document with; "
+            "pass --no-eos, or use a tokenizer that has one (`megatron-lite tokenizer train`)"
+        )
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     start = time.perf_counter()

@@ -76,7 +76,7 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     dev = resolve_device(device, option="--device ")  # before reading anything
     texts = _read_text(p, json_key)
     model, tok = load_model(checkpoint, dev)
-    documents = is_jsonl(p)  # each document ends with EOS, as preprocess stores it
+    documents = is_jsonl(p) and tok.eos_id >= 0  # each document ends with EOS, as preprocess stores it
     ids = [i for text in texts for i in tok.encode(text, eos=documents)]
     if len(ids) < 2:
         raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")

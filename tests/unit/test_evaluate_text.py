@@ -51,3 +51,16 @@ def test_eval_of_json_lines_scores_the_documents_not_the_json(tmp_path, monkeypa
     assert result["tokens"] == sum(len(d) + 1 for d in docs)
     with pytest.raises(UserError, match="no key 'text'"):
         evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / name, device="cpu")
+
+
+def test_eval_of_json_lines_with_a_tokenizer_without_eos_adds_none(tmp_path, monkeypatch):
+    class NoEos(_Tok):
+        eos_id = -1  # a foreign sentencepiece model (eos_id=-1): -1 would index the embedding
+
+    scored = []
+    model = SimpleNamespace(cfg=SimpleNamespace(seq_len=4))
+    monkeypatch.setattr(evaluate, "load_model", lambda path, device: (model, NoEos()))
+    monkeypatch.setattr(evaluate, "sum_next_token_loss", lambda m, ids, seq_len: scored.append(ids) or 0.0)
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "cd"}) + "\n")
+    evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / "a.jsonl", device="cpu")
+    assert scored == [[ord(c) for c in "abcd"]]

@@ -1,10 +1,12 @@
 """Preprocessing a long document works in pieces (bounded memory) yet gives exactly the whole-document ids."""
 
+import io
 import json
 import tracemalloc
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 from megatron_lite.data import preprocess as pp
 from megatron_lite.data.corpus import default_corpus_files
@@ -221,3 +223,17 @@ def test_json_line_with_a_byte_order_mark(tok, tmp_path):
     src.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "hello"}).encode() + b"\n")
     pp.preprocess([src], tok, tmp_path / "out", append_eos=False, progress=False)
     assert _ids(tmp_path / "out") == [tok.encode("hello")]
+
+
+def test_a_tokenizer_without_eos_is_refused_unless_no_eos(tmp_path):
+    """A foreign sentencepiece model with eos_id=-1 wrote -1 as every document's end: a ValueError traceback."""
+    model = io.BytesIO()
+    lines = iter(["hello world foo bar"] * 50)
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=14, eos_id=-1, minloglevel=2)
+    (tmp_path / "noeos.model").write_bytes(model.getvalue())
+    (tmp_path / "a.txt").write_text("hello world")
+    with pytest.raises(pp.UserError, match="no EOS token.*pass --no-eos"):
+        pp.preprocess([tmp_path / "a.txt"], tmp_path / "noeos.model", tmp_path / "d", progress=False)
+    assert not list(tmp_path.glob("d.*"))
+    pp.preprocess([tmp_path / "a.txt"], tmp_path / "noeos.model", tmp_path / "d", append_eos=False, progress=False)
+    assert len(IndexedDataset(tmp_path / "d")) == 1
