@@ -161,8 +161,9 @@ class IndexedDatasetBuilder:
     def num_tokens(self) -> int:
         return int(sum(self._sizes))
 
-    def finalize(self) -> Path:
-        """Write the index and move both files into place; returns the ``.idx`` path."""
+    def finalize(self, stale: Sequence[Path] = ()) -> Path:
+        """Write the index and move both files into place; returns the ``.idx`` path. ``stale``:
+        files describing the dataset being replaced, deleted only once the new pair is complete."""
         if self._open_size is not None:
             raise ValueError("a document begun by add_tokens() was never closed with end_document()")
         sizes = np.frombuffer(self._sizes, dtype=np.int64) if self._sizes else np.zeros(0, np.int64)
@@ -178,6 +179,8 @@ class IndexedDatasetBuilder:
             f.write(sizes.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
+        for path in stale:
+            path.unlink(missing_ok=True)
         # .idx is what marks a dataset complete: drop the old one before the .bin changes under it.
         self.idx_path.unlink(missing_ok=True)
         os.replace(self._tmp_bin, self.bin_path)

@@ -270,9 +270,9 @@ def preprocess(
                 stats["documents"] += 1
                 stats["tokens"] += eos.size
         stats["bytes"] = total  # every input file is read to its end
-        # The builder installs the new .bin/.idx on leaving this block: drop the old record first, so
-        # that a crash before the new one is written leaves no record rather than a wrong one.
-        meta_path.unlink(missing_ok=True)
+        # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
+        # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
+        builder.finalize(stale=[meta_path])
     stats["seconds"] = round(time.perf_counter() - start, 3)
     meta = {
         **stats,

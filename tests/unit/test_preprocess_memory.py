@@ -192,6 +192,26 @@ def test_a_rebuild_that_dies_before_its_record_leaves_no_stale_record(tok, tmp_p
     assert _ids(tmp_path / "d") == [tok.encode("something else entirely\n") + [tok.eos_id]]
 
 
+def test_a_rebuild_that_fails_before_installing_keeps_the_old_dataset_whole(tok, tmp_path, monkeypatch):
+    """A failure while the new index is written (disk full) left the old pair without its record."""
+    from megatron_lite.data import indexed
+
+    src = tmp_path / "a.txt"
+    src.write_text("hello world\n")
+    pp.preprocess([src], tok, tmp_path / "d", progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("d.*")}
+
+    class DiskFull:
+        def pack(self, *args):
+            raise OSError("no space left on device")
+
+    monkeypatch.setattr(indexed, "_HEADER", DiskFull())
+    with pytest.raises(OSError, match="no space"):
+        pp.preprocess([src], tok, tmp_path / "d", progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("d.*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d.bin", "d.idx", "d.json"]
+
+
 def test_output_that_names_a_directory_is_refused(tok, tmp_path):
     src = tmp_path / "a.txt"
     src.write_text("hello world\n")
