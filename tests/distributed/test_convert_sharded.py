@@ -1,7 +1,9 @@
-"""A checkpoint saved at tp=2 x pp=2 exports to Hugging Face directly, with matching logits."""
+"""Checkpoints saved across 4 ranks export to Hugging Face directly, with matching logits: tp=2 x pp=2,
+and pp=2 with two virtual chunks per rank x dp=2 with the sharded (ZeRO-1) optimizer."""
 
 import os
 
+import pytest
 import torch
 from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
@@ -16,13 +18,25 @@ def _train(rank: int, world: int, args: list[str], port: int) -> None:
     Trainer(load_config(None, args)).fit()
 
 
-def test_tp2_pp2_checkpoint_exports_with_matching_logits(world4, corpus, tmp_path):  # noqa: F811
+LAYOUTS = {
+    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "model.kv_heads=2"],
+    "pp2_vp2_dp2_zero1": [
+        "parallel.pp=2",
+        "parallel.vp=2",
+        "parallel.dp=2",
+        "parallel.schedule=interleaved",
+        "optim.distributed=true",
+        "model.layers=4",
+    ],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sharded_checkpoint_exports_with_matching_logits(world4, corpus, tmp_path, layout):  # noqa: F811
     prefix, tok = corpus
     args = [
         *overrides(prefix, str(tok), str(tmp_path / "run")),
-        "parallel.tp=2",
-        "parallel.pp=2",
-        "model.kv_heads=2",
+        *LAYOUTS[layout],
         "model.tie_embeddings=false",
         "train.steps=2",
     ]
