@@ -114,6 +114,11 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
         return DistEnv()
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
+    if not 0 <= local < world:
+        raise UserError(
+            f"local rank {local} is outside world size {world} ({launcher} environment: LOCAL_RANK or "
+            "SLURM_LOCALID); launch with torchrun or srun, which set it"
+        )
     return DistEnv(rank, world, local, addr, port, launcher, local_world)
 
 

@@ -91,6 +91,8 @@ def test_env_torchrun():
         resolve_env({**env, "RANK": "x"})
     with pytest.raises(UserError, match="rank 4 is outside world size 4"):
         resolve_env({**env, "RANK": "4"})
+    with pytest.raises(UserError, match="local rank -1 is outside world size 4 .*LOCAL_RANK"):
+        resolve_env({**env, "LOCAL_RANK": "-1"})  # torch.cuda.set_device(-1) is a no-op: all on GPU 0
 
 
 def test_env_slurm():
