@@ -57,7 +57,7 @@ _RANGES = {
     ("optim", "clip_grad"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     ("train", "seed"): (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    ("train", "exit_after"): (lambda v: v >= 0, ">= 0"),
+    ("train", "exit_after"): (lambda v: v >= 1, ">= 1 (steps this process trains; leave it unset for all)"),
     ("checkpoint", "every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("log", "every"): (lambda v: v >= 1, ">= 1"),
 }

@@ -164,7 +164,7 @@ def test_save_round_trip(tmp_path):
     "override",
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
      "optim.lr=inf", "parallel.timeout_s=0", "parallel.bucket_mb=-1", "checkpoint.every=-1",
-     "train.eval_every=-5", "train.exit_after=-1", "optim.decay_steps=-3", "optim.beta2=nan"],
+     "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan"],
 )  # fmt: skip
 def test_out_of_range_values_are_one_error_naming_the_key(override):
     """Each of these was accepted: a traceback from AdamW or torch.normal_ at startup, or a run
