@@ -115,6 +115,7 @@ class Plan:
             "bubble_fraction": self.simulation.bubble_fraction,
             "memory_bytes_per_rank": self.memory_bytes_per_rank,
             "memory_by_stage": [{**s.__dict__, "total": s.total} for s in self.stages],
+            "warnings": config_warnings(self.cfg),
         }
 
 

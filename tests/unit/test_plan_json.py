@@ -29,3 +29,13 @@ def test_text_error_stays_one_error_line(capsys):
     assert main(["plan", "--world-size", "3", *TINY, "train.global_batch_size=48", "parallel.tp=2"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, (out, err)
+
+
+def test_json_lists_the_startup_warnings(capsys):
+    """The text report's ``warning:`` lines (here: a warmup longer than the run) are in the JSON too."""
+    args = ["plan", "--world-size", "1", *TINY, "train.global_batch_size=8", "--json"]
+    assert main([*args, "train.steps=20", "optim.warmup=10"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+    assert main([*args, "train.steps=5", "optim.warmup=30"]) == 0
+    warnings = json.loads(capsys.readouterr().out)["warnings"]
+    assert len(warnings) == 1 and "optim.warmup=30" in warnings[0] and "train.steps=5" in warnings[0], warnings
