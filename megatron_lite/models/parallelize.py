@@ -79,7 +79,8 @@ def _tp_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> list[str
     if sequence_parallel and cfg.seq_len % tp:
         problems.append(
             f"parallel.sp=true shards the sequence over tp ranks: model.seq_len={cfg.seq_len} "
-            f"is not divisible by parallel.tp={tp}"
+            f"is not divisible by parallel.tp={tp} (set model.seq_len to a multiple of {tp}, e.g. "
+            f"{max(tp, cfg.seq_len // tp * tp)}, or parallel.sp=false)"
         )
     return problems
 
@@ -91,8 +92,9 @@ def validate_tp(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
         raise UserError("model.vocab_size and model.ffn_hidden must be resolved (fill_defaults) before apply_tp")
     problems = _tp_problems(cfg, tp, sequence_parallel)
     if problems:
-        fits = [t for t in range(1, cfg.heads + 1) if not _tp_problems(cfg, t, sequence_parallel)]
-        fix = f"; parallel.tp values that fit this model: {', '.join(map(str, fits))}"
+        # sp=true needs tp > 1 (config validation): tp=1 is no fix while sp stays on
+        fits = [t for t in range(1 + sequence_parallel, cfg.heads + 1) if not _tp_problems(cfg, t, sequence_parallel)]
+        fix = f"; parallel.tp values that fit this model: {', '.join(map(str, fits))}" if fits else ""
         raise UserError("; ".join(problems) + fix)
 
 

@@ -166,7 +166,15 @@ def test_model_parity_tp4(world4):
         ),
         ({"heads": 8, "kv_heads": 6}, 4, False, r"model.kv_heads=6 and parallel.tp=4: .*neither holds"),
         ({"ffn_hidden": 66}, 4, False, r"model.ffn_hidden=66 is not divisible by parallel.tp=4"),
-        ({"seq_len": 18}, 4, True, r"model.seq_len=18 is not divisible by parallel.tp=4"),
+        ({"seq_len": 18}, 4, True, r"model.seq_len=18 is not divisible by parallel.tp=4.*fit this model: 2$"),
+        # no tp > 1 divides an odd seq_len: the fix is the length (sp=true with tp=1 is refused)
+        (
+            {"seq_len": 33},
+            2,
+            True,
+            r"model.seq_len=33 is not divisible by parallel.tp=2 \(set model.seq_len to a "
+            r"multiple of 2, e.g. 32, or parallel.sp=false\)$",
+        ),
     ],
 )
 def test_bad_tp_layouts_are_named(change, tp, sp, message):
