@@ -75,7 +75,11 @@ def _tp_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> list[str
             "replicated when tp % kv_heads == 0; neither holds"
         )
     if cfg.ffn_hidden % tp:
-        problems.append(f"model.ffn_hidden={cfg.ffn_hidden} is not divisible by parallel.tp={tp}")
+        up = -(-cfg.ffn_hidden // tp) * tp
+        problems.append(
+            f"model.ffn_hidden={cfg.ffn_hidden} is not divisible by parallel.tp={tp} (set model.ffn_hidden to a "
+            f"multiple of {tp}, e.g. {up})"
+        )
     if sequence_parallel and cfg.seq_len % tp:
         problems.append(
             f"parallel.sp=true shards the sequence over tp ranks: model.seq_len={cfg.seq_len} "

@@ -165,7 +165,13 @@ def test_model_parity_tp4(world4):
             r"model.heads=6 is not divisible by parallel.tp=4.*fit this model: 1, 2",
         ),
         ({"heads": 8, "kv_heads": 6}, 4, False, r"model.kv_heads=6 and parallel.tp=4: .*neither holds"),
-        ({"ffn_hidden": 66}, 4, False, r"model.ffn_hidden=66 is not divisible by parallel.tp=4"),
+        (
+            {"ffn_hidden": 66},
+            4,
+            False,
+            r"model.ffn_hidden=66 is not divisible by parallel.tp=4 \(set model.ffn_hidden to a multiple of 4, "
+            r"e.g. 68\)",
+        ),
         ({"seq_len": 18}, 4, True, r"model.seq_len=18 is not divisible by parallel.tp=4.*fit this model: 2$"),
         # no tp > 1 divides an odd seq_len: the fix is the length (sp=true with tp=1 is refused)
         (
