@@ -161,7 +161,11 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
     if m.kv_heads < 1:
         raise UserError(f"model.kv_heads must be a positive integer, got {m.kv_heads} (leave it out for model.heads)")
     if m.heads % m.kv_heads:
-        raise UserError(f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads})")
+        fits = [k for k in range(1, m.heads + 1) if m.heads % k == 0]
+        raise UserError(
+            f"model.heads ({m.heads}) must be divisible by model.kv_heads ({m.kv_heads}): set model.kv_heads to one "
+            f"of {', '.join(map(str, fits))}"
+        )
     if m.arch == "llama" and (m.hidden // m.heads) % 2:
         raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")
     if m.arch == "gpt2":
@@ -178,7 +182,10 @@ def _check_layout(cfg: Config, world_size: int) -> int:
     p, t = cfg.parallel, cfg.train
     dp = ParallelDims.resolve(world_size, p.tp, p.pp, p.dp, p.vp).dp
     if p.sp and p.tp == 1:
-        raise UserError("parallel.sp=true needs parallel.tp > 1")
+        raise UserError(
+            "parallel.sp=true needs parallel.tp > 1 (it shards the sequence over the tensor-parallel ranks): "
+            "set parallel.tp > 1 or parallel.sp=false"
+        )
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         fix = f"set train.global_batch_size={max(per_step, t.global_batch_size // per_step * per_step)}"

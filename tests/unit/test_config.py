@@ -79,12 +79,15 @@ def test_unknown_and_malformed_keys(override, expected):
     "overrides,expected",
     [
         (["model.hidden=100", "model.heads=3"], r"100 % 3 = 1"),
-        (["model.heads=4", "model.kv_heads=3"], r"divisible by model.kv_heads \(3\)"),
+        (
+            ["model.heads=4", "model.kv_heads=3"],
+            r"divisible by model.kv_heads \(3\): set model.kv_heads to one of 1, 2, 4$",
+        ),
         (["train.steps=0"], "train.steps must be a positive integer"),
         (["train.global_batch_size=12", "train.micro_batch_size=8"], r"8 x 1 = 8"),
         (["model.arch=bert"], "is not one of: llama, gpt2"),
         (["optim.min_lr=1", "optim.lr=0.1"], "min_lr"),
-        (["parallel.sp=true"], "needs parallel.tp > 1"),
+        (["parallel.sp=true"], r"needs parallel.tp > 1 .*: set parallel.tp > 1 or parallel.sp=false$"),
         # gpt2 as HF's GPT2LMHeadModel computes it, so `convert to-hf` can always write the model
         (
             ["model.arch=gpt2", "model.heads=4", "model.kv_heads=2"],
