@@ -76,10 +76,15 @@ def _row_step(line: str) -> float:
 
 
 class TensorBoardTracker:
-    def __init__(self, run_dir: Path) -> None:
+    """Event files under ``<run_dir>/tensorboard``. A run that starts at ``step`` marks the events of
+    later steps an earlier attempt wrote as purged (TensorBoard's ``purge_step``), as
+    :class:`JsonlTracker` does with its rows: the curves then show each step once. The old event
+    files stay on disk."""
+
+    def __init__(self, run_dir: Path, step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._w = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        self._w = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for k, v in metrics.items():
@@ -147,7 +152,7 @@ class Trackers:
             return
         self._all.append(JsonlTracker(run_dir, step))
         optional = [
-            ("tensorboard", tensorboard, lambda: TensorBoardTracker(run_dir)),
+            ("tensorboard", tensorboard, lambda: TensorBoardTracker(run_dir, step)),
             ("wandb", wandb, lambda: WandbTracker(run_dir, wandb_project, config)),
         ]
         for name, enabled, make in optional:

@@ -160,3 +160,19 @@ def test_rows_dropped_for_a_rerun_are_kept_aside_not_erased(tmp_path, caplog):
     tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=False, wandb_project="t", step=0)
     tr.close()  # a second drop appends: the first one's rows stay
     assert len((tmp_path / "metrics.dropped.jsonl").read_text().splitlines()) == 5
+
+
+def test_tensorboard_after_a_rerun_shows_each_step_once(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+    def attempt(start, stop, offset):
+        tr = Trackers(tmp_path, {}, active=True, tensorboard=True, wandb=False, wandb_project="t", step=start)
+        for s in range(start + 1, stop + 1):
+            tr.log({"step": s, "loss": offset + s}, s)
+        tr.close()
+
+    attempt(0, 6, 0.0)  # crashed after step 6, its last checkpoint at step 4
+    attempt(4, 8, 100.0)
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, s + (100.0 if s > 4 else 0.0)) for s in range(1, 9)]
