@@ -11,6 +11,8 @@ resume with ``checkpoint.resume=auto``.
 The handler is installed for the training loop only. Setup (joining the process group, building the
 model, loading a checkpoint) keeps the default actions, so a signal then ends the rank at once:
 nothing is trained yet, and a Python handler would run only after a blocking rendezvous returned.
+
+:class:`SkippedSteps`: divergence, a gradient norm that stays non-finite, stops the run with one error.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+from megatron_lite.errors import UserError
+
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+MAX_SKIPS_IN_A_ROW = 10
 
 
 class PreemptionHandler:
@@ -85,3 +90,38 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     t = torch.tensor(flags, dtype=torch.uint8, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
+
+
+class SkippedSteps:
+    """Says why an optimizer step was skipped (its gradient norm was not finite) and stops a run that
+    diverged. With an fp16 loss scaler a skip is routine (the scale backs off) and logged at INFO;
+    without one (fp32, bf16) each skip is a warning, and ``limit`` skips in a row stop the run with
+    a :class:`UserError`: the weights no longer change, so going on would only burn the budget
+    (the skipped steps did not touch them: the last checkpoint is as good as the run gets).
+    Every rank reads the same all-reduced norm, so every rank stops at the same step."""
+
+    def __init__(self, scaled: bool, active: bool, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
+        self.scaled, self.active, self.limit = scaled, active, limit
+        self.in_a_row = 0
+
+    def update(self, step: int, out: dict) -> None:
+        """``out``: the engine's step result (``loss``, ``grad_norm``, ``skipped``) of step ``step``."""
+        if not out["skipped"]:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.active:
+            log.log(
+                logging.INFO if self.scaled else logging.WARNING,
+                "step %d: the gradient norm is %s (loss %s): the optimizer step was skipped%s",
+                step,
+                out["grad_norm"],
+                out["loss"],
+                " and the fp16 loss scale lowered" if self.scaled else "",
+            )
+        if not self.scaled and self.in_a_row >= self.limit:
+            raise UserError(
+                f"training diverged: the gradient norm was not finite for {self.in_a_row} steps in a row "
+                f"(steps {step - self.in_a_row + 1}-{step}, loss {out['loss']}); resume from an earlier "
+                "checkpoint with a lower optim.lr or a longer optim.warmup"
+            )

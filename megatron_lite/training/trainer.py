@@ -38,7 +38,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_t
 from megatron_lite.plan import Layout
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
-from megatron_lite.training.fault import PreemptionHandler, any_rank
+from megatron_lite.training.fault import PreemptionHandler, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
 from megatron_lite.training.trackers import Trackers
@@ -91,6 +91,7 @@ class Trainer:
             self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
         )
         self.step, self.skipped_steps = 0, 0
+        self.skips = SkippedSteps(scaled=self.engine.scaler is not None, active=self.rank == 0)
         self.checkpointer = self._make_checkpointer(resume[0] if resume else None)
         tok = self.data.tokenizer_path
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
@@ -280,6 +281,7 @@ class Trainer:
         out = self.engine.step(micro, lr)
         self.skipped_steps += int(out["skipped"])
         self.step += 1
+        self.skips.update(self.step, out)
         return {**out, "lr": lr}
 
     def evaluate(self) -> float | None:

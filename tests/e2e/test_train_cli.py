@@ -72,6 +72,20 @@ def test_loss_falls(tiny_args, tmp_path):
     assert curve[-1] < curve[0] - 1.0, curve
 
 
+def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(tiny_args, tmp_path, capsys, caplog):
+    """Without a loss scaler (fp32, bf16) a step whose gradient norm is not finite is skipped; such
+    steps used to be skipped silently to the end of the run, which then exited 0."""
+    args = [*tiny_args, "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.fault"):
+        assert main(["train", *args]) == 2
+    err = one_error_line(capsys)
+    assert "training diverged" in err and "not finite for 10 steps in a row" in err and "optim.lr" in err, err
+    skipped = [r.getMessage() for r in caplog.records if "the optimizer step was skipped" in r.getMessage()]
+    assert len(skipped) == 10 and skipped[0].startswith("step "), skipped
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["skipped_steps"] == 9 and rows[-1]["grad_norm"] is None, rows[-1]
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

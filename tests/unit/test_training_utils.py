@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from megatron_lite.config import OptimConfig, fill_defaults, load_config
+from megatron_lite.errors import UserError
 from megatron_lite.training import metrics
+from megatron_lite.training.fault import SkippedSteps
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.trackers import Trackers
 
@@ -176,3 +178,18 @@ def test_tensorboard_after_a_rerun_shows_each_step_once(tmp_path):
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, s + (100.0 if s > 4 else 0.0)) for s in range(1, 9)]
+
+
+def test_skipped_steps_stop_a_run_only_without_a_loss_scaler(caplog):
+    skip = {"skipped": True, "loss": 9.0, "grad_norm": float("inf")}
+    scaled = SkippedSteps(scaled=True, active=True, limit=2)
+    with caplog.at_level(logging.INFO, logger="megatron_lite.training.fault"):
+        for step in range(1, 6):
+            scaled.update(step, skip)  # fp16: the scaler backs off, a routine skip
+    assert len(caplog.records) == 5 and all(r.levelno == logging.INFO for r in caplog.records)
+    plain = SkippedSteps(scaled=False, active=False, limit=2)
+    plain.update(1, skip)
+    plain.update(2, {**skip, "skipped": False, "grad_norm": 1.0})  # a finite step resets the count
+    plain.update(3, skip)
+    with pytest.raises(UserError, match=r"not finite for 2 steps in a row \(steps 3-4"):
+        plain.update(4, skip)
