@@ -12,6 +12,9 @@ A resume by path to an earlier step (a rewind, e.g. past a loss spike) is refuse
 one, and after a crash ``checkpoint.resume=auto`` would take the newest of them, continuing the
 abandoned run instead of this one. ``auto`` itself only passes over newer checkpoints that are
 incomplete or corrupt; they are replaced when the run saves those steps again.
+
+Another learning-rate schedule is allowed (e.g. a lower ``optim.lr`` past a divergence) but logged
+(:func:`schedule_change`): the learning rate would otherwise jump without a word.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps
 from megatron_lite.checkpoint.shards import check_shapes
 from megatron_lite.config import Config, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
+from megatron_lite.training.lr import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +110,26 @@ def check_rewind(cfg: Config, reader: CheckpointReader) -> None:
             "checkpoint.resume=auto would continue from them instead of from this run; move them out of "
             "checkpoint.dir (they are the run being rewound), or choose a new checkpoint.dir (or log.dir)"
         )
+
+
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps")
+
+
+def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
+    """A warning when this run's learning-rate schedule (resolved: ``optim.decay_steps`` defaults to
+    ``train.steps - optim.warmup``, so a longer ``train.steps`` changes it) is not the checkpoint's,
+    naming each change and the learning rate of the next step in both; else None."""
+    saved = reader.meta["config"].get("optim", {})
+    changed = [
+        f"optim.{k} {saved[k]} -> {getattr(cfg.optim, k)}"
+        for k in SCHEDULE_KEYS
+        if k in saved and saved[k] != getattr(cfg.optim, k)
+    ]
+    if not changed:
+        return None
+    before = lr_at(reader.step, config_from_dict(reader.meta["config"]).optim)
+    now = lr_at(reader.step, cfg.optim)
+    return (
+        f"the learning-rate schedule is not the checkpoint's ({', '.join(changed)}): step {reader.step + 1} "
+        f"trains with lr {now:.4g} where the checkpoint's run would use {before:.4g}"
+    )

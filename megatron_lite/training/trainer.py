@@ -265,6 +265,8 @@ class Trainer:
                     "the ones the run would have seen (restore the data and settings to continue it exactly)",
                     "; ".join(changes),
                 )
+            if why := resume.schedule_change(self.cfg, reader):
+                log.warning("%s", why)
         reader.close()
 
     # ---- steps -------------------------------------------------------------------------------

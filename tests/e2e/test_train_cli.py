@@ -51,8 +51,21 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["train", *parts, "train.exit_after=2"]) == 0  # resumed once
     assert "resumed from" in caplog.text and "other data" not in caplog.text  # the same data: no warning
+    assert "learning-rate schedule" not in caplog.text
     assert main(["train", *parts]) == 0  # and again, to the end
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
+
+
+def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tmp_path, caplog):
+    """A longer train.steps stretches the default optim.decay_steps: the lr jumped back up silently."""
+    assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *tiny_args, "train.steps=10"]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    assert (
+        "optim.decay_steps 4 -> 8" in warned
+        and "step 7 trains with lr 0.001515 where the checkpoint's run would use 3e-05" in warned
+    ), warned
 
 
 def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
