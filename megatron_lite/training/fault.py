@@ -18,9 +18,11 @@ nothing is trained yet, and a Python handler would run only after a blocking ren
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,34 +96,40 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 class SkippedSteps:
     """Says why an optimizer step was skipped (its gradient norm was not finite) and stops a run that
-    diverged. With an fp16 loss scaler a skip is routine (the scale backs off) and logged at INFO;
-    without one (fp32, bf16) each skip is a warning, and ``limit`` skips in a row stop the run with
-    a :class:`UserError`: the weights no longer change, so going on would only burn the budget
-    (the skipped steps did not touch them: the last checkpoint is as good as the run gets).
-    Every rank reads the same all-reduced norm, so every rank stops at the same step."""
+    diverged. With an fp16 loss scaler a skip is routine while the scale backs off (logged at INFO);
+    it is hopeless once the loss itself is not finite or the scale is at its floor. Without a
+    scaler (fp32, bf16) every skip is hopeless and a warning. ``limit`` hopeless skips in a row stop
+    the run with a :class:`UserError`: the weights no longer change, so going on would only burn
+    the budget (skipped steps do not touch them). Every rank reads the same all-reduced norm and
+    loss, so every rank stops at the same step."""
 
-    def __init__(self, scaled: bool, active: bool, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
-        self.scaled, self.active, self.limit = scaled, active, limit
-        self.in_a_row = 0
+    def __init__(self, scaler: Any, active: bool, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
+        self.scaler, self.active, self.limit = scaler, active, limit
+        self.in_a_row, self.since = 0, 0
 
     def update(self, step: int, out: dict) -> None:
         """``out``: the engine's step result (``loss``, ``grad_norm``, ``skipped``) of step ``step``."""
         if not out["skipped"]:
             self.in_a_row = 0
             return
-        self.in_a_row += 1
+        s = self.scaler
+        hopeless = s is None or not math.isfinite(out["loss"]) or s.scale <= s.min_scale
         if self.active:
             log.log(
-                logging.INFO if self.scaled else logging.WARNING,
+                logging.WARNING if hopeless else logging.INFO,
                 "step %d: the gradient norm is %s (loss %s): the optimizer step was skipped%s",
                 step,
                 out["grad_norm"],
                 out["loss"],
-                " and the fp16 loss scale lowered" if self.scaled else "",
+                f" (fp16 loss scale now {s.scale:g})" if s is not None else "",
             )
-        if not self.scaled and self.in_a_row >= self.limit:
+        if not hopeless:
+            return
+        self.in_a_row += 1
+        self.since = step if self.in_a_row == 1 else self.since
+        if self.in_a_row >= self.limit:
             raise UserError(
-                f"training diverged: the gradient norm was not finite for {self.in_a_row} steps in a row "
-                f"(steps {step - self.in_a_row + 1}-{step}, loss {out['loss']}); resume from an earlier "
-                "checkpoint with a lower optim.lr or a longer optim.warmup"
+                f"training diverged: {self.in_a_row} steps in a row were skipped, their gradient norm not finite "
+                f"(steps {self.since}-{step}, loss {out['loss']}); resume from an earlier checkpoint with a lower "
+                "optim.lr or a longer optim.warmup"
             )

@@ -91,7 +91,7 @@ class Trainer:
             self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
         )
         self.step, self.skipped_steps = 0, 0
-        self.skips = SkippedSteps(scaled=self.engine.scaler is not None, active=self.rank == 0)
+        self.skips = SkippedSteps(self.engine.scaler, active=self.rank == 0)
         self.checkpointer = self._make_checkpointer(resume[0] if resume else None)
         tok = self.data.tokenizer_path
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run

@@ -180,16 +180,21 @@ def test_tensorboard_after_a_rerun_shows_each_step_once(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(s, s + (100.0 if s > 4 else 0.0)) for s in range(1, 9)]
 
 
-def test_skipped_steps_stop_a_run_only_without_a_loss_scaler(caplog):
+def test_skipped_steps_stop_a_run_once_they_are_hopeless(caplog):
     skip = {"skipped": True, "loss": 9.0, "grad_norm": float("inf")}
-    scaled = SkippedSteps(scaled=True, active=True, limit=2)
+    scaler = types.SimpleNamespace(scale=2.0**16, min_scale=1.0)
+    scaled = SkippedSteps(scaler, active=True, limit=2)
     with caplog.at_level(logging.INFO, logger="megatron_lite.training.fault"):
         for step in range(1, 6):
             scaled.update(step, skip)  # fp16: the scaler backs off, a routine skip
     assert len(caplog.records) == 5 and all(r.levelno == logging.INFO for r in caplog.records)
-    plain = SkippedSteps(scaled=False, active=False, limit=2)
+    scaled.update(6, {**skip, "loss": float("nan")})  # no scale fixes a non-finite loss
+    scaler.scale = 1.0
+    with pytest.raises(UserError, match=r"2 steps in a row were skipped.*\(steps 6-7"):
+        scaled.update(7, skip)  # nor an overflow at the floor scale
+    plain = SkippedSteps(None, active=False, limit=2)
     plain.update(1, skip)
     plain.update(2, {**skip, "skipped": False, "grad_norm": 1.0})  # a finite step resets the count
     plain.update(3, skip)
-    with pytest.raises(UserError, match=r"not finite for 2 steps in a row \(steps 3-4"):
+    with pytest.raises(UserError, match=r"2 steps in a row were skipped.*\(steps 3-4"):
         plain.update(4, skip)
