@@ -273,11 +273,13 @@ def _report(error: UserError) -> None:
     its exit makes the launcher (torchrun, srun) kill every rank, rank 0 included, maybe before rank 0
     has got as far (a slower start, its process-group teardown), and then nobody says anything. So it
     waits ``ERROR_GRACE_S``, during which rank 0's exit normally ends it, and only then prints the
-    error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data shard)."""
+    error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data shard). An error
+    every rank has already logged (``UserError.told_every_rank``) is printed at once."""
     position = _launch_position(os.environ)
     rank = position[0] if position else "0"
     if rank != "0":
-        time.sleep(ERROR_GRACE_S)
+        if not error.told_every_rank:
+            time.sleep(ERROR_GRACE_S)
         print(f"error: (rank {rank}) {error}", file=sys.stderr, flush=True)
         return
     print(f"error: {error}", file=sys.stderr, flush=True)

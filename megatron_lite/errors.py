@@ -6,7 +6,12 @@ every other exception is a bug and keeps its traceback.
 
 
 class UserError(Exception):
-    """A problem in the user's input, with a message that names it and the fix."""
+    """A problem in the user's input, with a message that names it and the fix.
+
+    ``told_every_rank``: every rank of the launch has already logged it (a training loop's failure,
+    ``launcher/fail_fast.py``), so this rank prints it at once instead of leaving it to rank 0."""
+
+    told_every_rank = False
 
 
 def refuse_blank(flag: str, value: object, to: str = "write to") -> None:

@@ -99,6 +99,12 @@ class Checkpointer:
         """A save was started and not finalized yet."""
         return self._pending is not None
 
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the save in flight, or None."""
+        save = self._pending
+        return None if save is None else save.step
+
     def save(
         self,
         step: int,

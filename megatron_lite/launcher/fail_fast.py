@@ -21,24 +21,61 @@ hang the healthy ranks there before they reach the exchange)::
         ...
 
 In a single process (no process group) the error passes through unchanged.
+
+In the training loop there is no collective-free stretch to guard: the rank that raises (a batch
+holding a token id beyond the vocabulary, a failed write, an out-of-memory error, a bug) leaves
+while its peers are already blocked in the step's next collective, where no exception can reach
+them. :class:`FailureWatch` guards the loop instead, over the rendezvous store:
+
+- the rank whose loop raises posts ``rank R failed at step S: <message>`` (the first post wins),
+  then waits up to :data:`PEER_WAIT_S` (at most ``parallel.timeout_s``) for every rank to read it,
+  so that a rank hosting the store (rank 0 of an ``srun`` or plain launch) or the torchrun agent's
+  node outlives the others' reading, and then raises its own error as before;
+- every rank runs a daemon thread that looks for a post every :data:`POLL_S` over a connection of
+  its own (``Store.clone``: the main thread may hold the shared one in a blocking wait). When a peer
+  failed it logs that rank's error, step and message and ends the process at once with ``os._exit``
+  (its main thread sits inside a gloo/NCCL wait that no exception interrupts), exit status 2 for a
+  ``UserError``, 130 for an interrupt, else 1: the status of the rank that failed;
+- a clean end (training done, ``train.exit_after``, a preemption signal) stops the thread and posts
+  nothing. Keys are per torchrun attempt (``TORCHELASTIC_RESTART_COUNT``): torchrun's agent store
+  outlives a restart, which must not read the failure that caused it.
+
+A rank that dies without raising (killed for memory, a segfault) posts nothing; where rank 0 hosts
+the store and is the one gone, the others notice that the store stopped answering and stop too,
+after :data:`STORE_LOST_GRACE_S` (the end of rank 0's run looks the same for a moment).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-from collections.abc import Iterator
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from types import TracebackType
 
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
+POLL_S = 1.0  # each rank asks the store this often whether a peer failed: one tiny request
+PEER_WAIT_S = 15.0  # a failing rank waits at most this long for the others to read its failure
+STORE_LOST_GRACE_S = 10.0  # a store that stopped answering: rank 0 is gone, unless the loop ends meanwhile
+STORE_OP_TIMEOUT_S = 30.0  # the watch's own store requests (a host that vanished without a reset)
+# Once every rank has read a failure, the rank that failed leaves first: the launcher's summary
+# (torchrun's "Root Cause", srun's first failed task) then names it, not a rank it stopped.
+FAILED_LINGER_S, STOPPED_LINGER_S = 0.5, 2.0
 
 
-def _describe(error: Exception) -> str:
-    return str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+def _describe(error: BaseException) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGroup | None = None) -> None:
@@ -62,6 +99,10 @@ def _verdict(failed: list[tuple[int, str]], what: str) -> UserError:
     return UserError(f"rank {rank} {what}: {msg}{also}")
 
 
+def _attempt() -> str:
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+
+
 def agree_before_joining(
     store: dist.Store, rank: int, world_size: int, error: Exception | None, hosts_store: bool
 ) -> None:
@@ -73,8 +114,7 @@ def agree_before_joining(
 
     The rank that ``hosts_store`` (rank 0 of a launch without torchrun's agent store) leaves only
     once every rank has read the verdicts, which it serves."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
-    verdicts = dist.PrefixStore(f"megatron_lite/before_joining/{attempt}", store)
+    verdicts = dist.PrefixStore(f"megatron_lite/before_joining/{_attempt()}", store)
     verdicts.set(f"rank/{rank}", "" if error is None else _describe(error))
     verdicts.wait([f"rank/{r}" for r in range(world_size)])
     reports = [(r, verdicts.get(f"rank/{r}").decode()) for r in range(world_size)]
@@ -100,3 +140,141 @@ def fail_fast_setup(what: str = "setup", group: dist.ProcessGroup | None = None)
         if not isinstance(e, UserError) and dist.is_initialized():
             log.exception("rank %d failed during %s", dist.get_rank(), what)
     agree_on_failure(error, what, group)
+
+
+def _exit_status(error: BaseException) -> int:
+    """The CLI's exit status for ``error`` (``cli.main``), which the other ranks exit with too."""
+    if isinstance(error, UserError):
+        return 2
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
+
+
+def _failure_text(report: dict) -> str:
+    return f"rank {report['rank']} failed at step {report['step']}: {report['error']}"
+
+
+class FailureWatch:
+    """Make every rank stop promptly, with its error, when one rank's training loop raises (see the
+    module docstring). A context manager around the loop; set :attr:`step` to the step being worked
+    on, which a failure names. A no-op without a process group or with one rank.
+
+    ``wait_s``: how long a failing rank waits for the others to read its failure (capped at
+    :data:`PEER_WAIT_S`: pass ``parallel.timeout_s``). ``note``: called when a peer's failure ends
+    this rank, for a sentence to add to the log line (what this rank leaves unfinished), or None.
+    """
+
+    FAILURE = "failure"
+
+    def __init__(
+        self, wait_s: float = PEER_WAIT_S, poll_s: float = POLL_S, note: Callable[[], str | None] | None = None
+    ) -> None:
+        self.wait_s, self.poll_s, self.note = min(wait_s, PEER_WAIT_S), poll_s, note
+        self.step = 0
+        self._store: dist.Store | None = None
+        self._stop = threading.Event()
+        self._acting = threading.Lock()  # held while stopping the process, or while the loop leaves
+        self._thread: threading.Thread | None = None
+        self.rank, self.world = 0, 1
+
+    def __enter__(self) -> FailureWatch:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return self
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        shared = dist.distributed_c10d._get_default_store()
+        # a connection of its own (torch >= 2.8): a connection serves one request at a time, and the
+        # main thread may hold the shared one in a blocking wait (a NCCL communicator's first use)
+        try:
+            own = shared.clone() if hasattr(shared, "clone") else shared
+            own.set_timeout(timedelta(seconds=STORE_OP_TIMEOUT_S))
+        except (RuntimeError, OSError) as e:
+            log.warning("rank %d cannot watch for failing ranks (rendezvous store: %s)", self.rank, e)
+            return self
+        self._store = dist.PrefixStore(f"megatron_lite/loop/{_attempt()}", own)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="megatron-lite-failure-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if self._store is not None:
+            with self._acting:  # a peer's failure found before this: the process ends inside _halt
+                self._stop.set()
+            self._thread.join(self.poll_s + 1)  # its request in flight, then it sees the stop
+        clean = error is None or (isinstance(error, SystemExit) and error.code in (0, None))
+        if not clean and self._store is not None:
+            self._post(error)
+        self._store = None  # closes this watch's connection
+
+    def _watch(self) -> None:
+        """The thread: look for a peer's failure every ``poll_s`` until the loop ends."""
+        while not self._stop.wait(self.poll_s):
+            try:
+                if not self._store.check([self.FAILURE]):
+                    continue
+                report = json.loads(self._store.get(self.FAILURE))
+                self._store.set(f"read/{self.rank}", "")
+            except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
+                self._store_lost(e)
+                return
+            self._halt(_failure_text(report), report["status"])
+            return
+
+    def _store_lost(self, error: Exception) -> None:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent went away; its ranks get SIGTERM and save (launcher/orphan.py), so
+            # the job may still end well: say so, never stop the rank for it
+            log.warning("the rendezvous store stopped answering (%s): a failing rank cannot stop this one now", error)
+            return
+        if self._stop.wait(STORE_LOST_GRACE_S):  # rank 0 finished its loop and left: no failure
+            return
+        self._halt(f"rank 0 is gone: the rendezvous store it hosts stopped answering ({error})", 1)
+
+    def _halt(self, why: str, status: int) -> None:
+        """End this process now, with ``why`` as its last log line (unless the loop already ended)."""
+        with self._acting:
+            if self._stop.is_set():
+                return
+            extra = None
+            with contextlib.suppress(Exception):  # the note is a courtesy; nothing may keep the rank alive
+                extra = self.note() if self.note else None
+            log.error("%s; stopping rank %d too%s", why, self.rank, f" ({extra})" if extra else "")
+            self._wait_for_readers(STOPPED_LINGER_S)
+            logging.shutdown()  # flush every handler: os._exit skips the interpreter's cleanup
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(status)
+
+    def _post(self, error: BaseException) -> None:
+        """Tell every rank that this one failed, then wait until all of them have read it."""
+        report = {"rank": self.rank, "step": self.step, "error": _describe(error), "status": _exit_status(error)}
+        log.error("%s; stopping every rank", _failure_text(report))
+        try:
+            first = json.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))
+            self._store.set(f"read/{self.rank}", "")
+        except (RuntimeError, OSError) as e:
+            log.warning(
+                "could not tell the other ranks (the rendezvous store did not answer: %s); they stop at their "
+                "next collective's timeout (parallel.timeout_s)",
+                e,
+            )
+            return
+        if first["rank"] != self.rank:
+            log.error("(%s first)", _failure_text(first))
+        if self._wait_for_readers(FAILED_LINGER_S) and isinstance(error, UserError):
+            error.told_every_rank = True
+
+    def _wait_for_readers(self, linger_s: float) -> bool:
+        """Whether every rank read the failure within ``wait_s`` (a rank may be dead); then linger
+        ``linger_s`` more: the store's host, rank 0 or the torchrun agent beside it, must outlive
+        the others' last request, or they would see a lost store instead of the failure."""
+        readers, deadline = [f"read/{r}" for r in range(self.world)], time.monotonic() + self.wait_s
+        try:
+            while not self._store.check(readers):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+        except (RuntimeError, OSError):  # the store's host left: nobody can read any more
+            return False
+        time.sleep(linger_s)
+        return True

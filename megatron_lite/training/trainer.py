@@ -10,6 +10,8 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
+The loop runs under a ``FailureWatch`` (``launcher/fail_fast.py``): a rank whose step raises stops
+every rank within seconds, each logging its error, instead of leaving them in a collective.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
-from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.launcher.fail_fast import FailureWatch, fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout
@@ -309,21 +311,9 @@ class Trainer:
             self.trackers.close()
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
-        tokens_per_step = t.global_batch_size * cfg.model.seq_len
-        show = cfg.log.progress and self.rank == 0
-        bar = tqdm(total=t.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True, mininterval=1)
-        with self.preemption:
-            while self.step < stop and not self.preempted:
-                start = time.perf_counter()
-                out = self.train_step()
-                self.throughput.add(tokens_per_step, time.perf_counter() - start)
-                record = self._after_step(out, bar)
-                if record:
-                    history.append(record)
-            bar.close()
-            if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
-                self.save()
-            self.checkpointer.close()  # waits for an async save; raises if any save failed
+        watch = FailureWatch(cfg.parallel.timeout_s, note=self._unsaved_note)
+        with self.preemption, watch:
+            self._loop(stop, history, watch)
         if self.rank == 0 and self.preempted:
             log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
         elif self.rank == 0 and self.step == stop < t.steps:
@@ -336,6 +326,30 @@ class Trainer:
             )
         self.trackers.close()
         return history
+
+    def _loop(self, stop: int, history: list[dict], watch: FailureWatch) -> None:
+        """The steps up to ``stop`` (or a preemption), then the last save, committed."""
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        show = cfg.log.progress and self.rank == 0
+        bar = tqdm(total=t.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True, mininterval=1)
+        while self.step < stop and not self.preempted:
+            watch.step = self.step + 1
+            start = time.perf_counter()
+            out = self.train_step()
+            self.throughput.add(tokens_per_step, time.perf_counter() - start)
+            record = self._after_step(out, bar)
+            if record:
+                history.append(record)
+        bar.close()
+        if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
+            self.save()
+        self.checkpointer.close()  # waits for an async save; raises if any save failed
+
+    def _unsaved_note(self) -> str | None:
+        """What a rank stopped by a peer's failure leaves unfinished, for its last log line."""
+        step = self.checkpointer.pending_step
+        return None if step is None else f"checkpoint of step {step}, still in flight, was not saved"
 
     def _after_step(self, out: dict, bar: tqdm) -> dict | None:
         cfg, step = self.cfg, self.step

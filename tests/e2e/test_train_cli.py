@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.cli import main, parse_args
+from megatron_lite.errors import UserError
 
 
 def losses(run_dir):
@@ -257,6 +258,11 @@ def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
     assert main(["train", "train.stpes=3"]) == 2
     assert waits == [cli.ERROR_GRACE_S] and cli.ERROR_GRACE_S >= 5
     assert capsys.readouterr().err.startswith("error: (rank 1) unknown config key 'train.stpes'")
+    told = UserError("the data holds token id 600")  # a loop failure that every rank has logged
+    told.told_every_rank = True
+    cli._report(told)
+    assert waits == [cli.ERROR_GRACE_S]  # printed at once: rank 0 has nothing more to say
+    assert capsys.readouterr().err == "error: (rank 1) the data holds token id 600\n"
 
 
 def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corpus, tmp_path, caplog):

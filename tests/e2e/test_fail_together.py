@@ -1,0 +1,140 @@
+"""A rank whose training loop raises stops every rank within seconds, and their logs name its error:
+the other ranks were blocked in their next collective until parallel.timeout_s (here 300 s), and
+reported only a timeout. Driven through `megatron-lite train`, launched plainly (rank 0 hosts the
+rendezvous store) and under torchrun (its agent hosts it)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from ports import free_port
+from test_torchrun_launch import clean_env
+
+FOREIGN_TOKEN = 10**6  # an id of another tokenizer: the trainer's check refuses it before the embedding
+# `megatron-lite train` whose data hands rank FAIL_RANK (alone) a token id beyond the vocabulary at step 3
+DRIVER = f"""
+import os, sys
+from megatron_lite.cli import main
+from megatron_lite.data.gpt_dataset import PretrainingLoader
+
+next_step = PretrainingLoader.next_step
+
+def next_step_with_a_foreign_token(self):
+    step = self.consumed_samples // self.global_batch_size + 1
+    micro = next_step(self)
+    if step == 3 and os.environ["RANK"] == os.environ["FAIL_RANK"]:
+        micro[0][0, 0] = {FOREIGN_TOKEN}
+    return micro
+
+PretrainingLoader.next_step = next_step_with_a_foreign_token
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+MESSAGE = f"failed at step 3: the data holds token id {FOREIGN_TOKEN} but model.vocab_size is 512 (step 3)"
+PROMPT_S = 60  # start-up, 3 steps and the stop; the collective timeout is 300 s
+ASYNC_SAVE_AT_2 = ["parallel.timeout_s=300", "checkpoint.async=true", "checkpoint.every=2"]
+
+
+def _outputs(procs: list[subprocess.Popen], timeout_s: float) -> tuple[list[str], list[float]]:
+    """(outputs, seconds until each process exited); whatever still runs after ``timeout_s`` is killed."""
+    start, outs, ended = time.monotonic(), [], []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=max(1.0, timeout_s - (time.monotonic() - start)))[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(q.pid, signal.SIGKILL)
+            outs.append(p.communicate()[0])
+        ended.append(time.monotonic() - start)
+    return outs, ended
+
+
+def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_args, tmp_path):
+    """Rank 0 fails while it hosts the store: it stays until rank 1 has read its error. The async
+    save of step 2 still in flight is not committed (it would need rank 0), and rank 1's log says so."""
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *tiny_args, *ASYNC_SAVE_AT_2],
+            env=clean_env(
+                RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_RANK="0"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    (out0, out1), ended = _outputs(procs, timeout_s=120)
+    assert max(ended) < PROMPT_S, (ended, out1[-3000:])
+    assert [p.returncode for p in procs] == [2, 2], (out0[-3000:], out1[-3000:])
+    assert out0.strip().splitlines()[-1].startswith("error: the data holds token id"), out0[-3000:]
+    stopped = [line for line in out1.splitlines() if f"rank 0 {MESSAGE}" in line]
+    assert len(stopped) == 1 and "[rank 1/2] ERROR" in stopped[0], out1[-3000:]
+    assert stopped[0].endswith("stopping rank 1 too (checkpoint of step 2, still in flight, was not saved)"), stopped
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert not (ckpt / "latest").exists() and not (ckpt / "step_00000002").exists(), list(ckpt.iterdir())
+
+
+def test_rank_failing_under_torchrun_stops_rank_zero_with_its_error(tiny_args, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.Popen(
+        [*cmd, *tiny_args, *ASYNC_SAVE_AT_2],
+        env=clean_env(FAIL_RANK="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    (out,), ended = _outputs([proc], timeout_s=120)
+    assert ended[0] < PROMPT_S and proc.returncode != 0, (ended, out[-4000:])
+    own = f"[rank 1/2] ERROR megatron_lite.launcher.fail_fast: rank 1 {MESSAGE}"
+    assert own in out, out[-4000:]
+    assert f"[rank 0/2] ERROR megatron_lite.launcher.fail_fast: rank 1 {MESSAGE}" in out, out[-4000:]
+
+
+LOST_STORE_SCRIPT = """
+import os, signal, time
+import torch.distributed as dist
+from megatron_lite.launcher import fail_fast
+from megatron_lite.parallel.mesh import init_distributed
+
+fail_fast.STORE_LOST_GRACE_S = 1.0  # the pause for the end of rank 0's run, which this run never reaches
+env = init_distributed(timeout_s=300)
+with fail_fast.FailureWatch(300) as watch:
+    dist.barrier()
+    if env.rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed for memory: no exception, nothing posted
+    time.sleep(120)  # as in a NCCL wait for rank 0 (gloo on one machine would raise at once instead)
+"""
+
+
+def test_rank_zero_killed_stops_the_others_naming_it(tmp_path):
+    script = tmp_path / "lost.py"
+    script.write_text(LOST_STORE_SCRIPT)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=clean_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    (_, out1), ended = _outputs(procs, timeout_s=90)
+    assert procs[0].returncode == -signal.SIGKILL and procs[1].returncode == 1, out1[-3000:]
+    assert ended[1] < PROMPT_S, ended
+    assert "rank 0 is gone: the rendezvous store it hosts stopped answering" in out1, out1[-3000:]
