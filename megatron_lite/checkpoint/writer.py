@@ -17,7 +17,9 @@ With ``checkpoint.async`` the write runs in a thread while training continues; t
 every step whether any rank is still writing (one all-reduce it already makes) and calls
 :meth:`Checkpointer.wait` once none is, which commits the save; a failed write is raised there, on
 every rank at that step (by :meth:`save` or :meth:`close` when they come first), and never commits:
-``metadata.json`` is only written after every rank reported a complete file.
+``metadata.json`` is only written after every rank reported a complete file. When the training
+loop fails with a save in flight, the trainer commits it only where every rank is known to stand at
+the same point (``Trainer._settle_save``), else drops it (:meth:`Checkpointer.abandon`).
 """
 
 from __future__ import annotations
@@ -276,6 +278,22 @@ class Checkpointer:
         if self.failed:
             failed, self.failed = self.failed, None
             raise UserError(failed)
+
+    def abandon(self) -> None:
+        """The run failed with a save in flight that cannot be committed here: committing needs
+        every rank's complete file and a collective (:meth:`finalize`), and a peer may be gone.
+        Nothing is committed: ``metadata.json`` is never written, so the checkpoints already
+        saved stay the newest, and the next save removes what this one wrote (:meth:`_prune`)."""
+        save, self._pending = self._pending, None
+        if save is None:
+            return
+        log.warning(
+            "checkpoint of step %d was not saved: it was still in flight (checkpoint.async) when the run failed; "
+            "the checkpoints saved before it are untouched",
+            save.step,
+        )
+        if save.thread is None or not save.thread.is_alive():  # else the writer still uses the spool
+            self.storage.close()
 
     def close(self) -> None:
         """End of training: finish the save in flight, raise a failure, drop local spool files."""

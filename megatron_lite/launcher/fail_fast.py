@@ -159,16 +159,24 @@ class FailureWatch:
     on, which a failure names. A no-op without a process group or with one rank.
 
     ``wait_s``: how long a failing rank waits for the others to read its failure (capped at
-    :data:`PEER_WAIT_S`: pass ``parallel.timeout_s``). ``note``: called when a peer's failure ends
-    this rank, for a sentence to add to the log line (what this rank leaves unfinished), or None.
+    :data:`PEER_WAIT_S`: pass ``parallel.timeout_s``). ``settle``: called with the loop's error on
+    the rank that raised it, once the watch is stopped and before the failure is posted (the trainer
+    commits or drops a checkpoint in flight); a rank that a peer's failure is ending never gets
+    there. ``note``: called when a peer's failure ends this rank, for a sentence to add to the log
+    line (what this rank leaves unfinished), or None.
     """
 
     FAILURE = "failure"
 
     def __init__(
-        self, wait_s: float = PEER_WAIT_S, poll_s: float = POLL_S, note: Callable[[], str | None] | None = None
+        self,
+        wait_s: float = PEER_WAIT_S,
+        poll_s: float = POLL_S,
+        settle: Callable[[BaseException], None] | None = None,
+        note: Callable[[], str | None] | None = None,
     ) -> None:
-        self.wait_s, self.poll_s, self.note = min(wait_s, PEER_WAIT_S), poll_s, note
+        self.wait_s, self.poll_s = min(wait_s, PEER_WAIT_S), poll_s
+        self.settle, self.note = settle, note
         self.step = 0
         self._store: dist.Store | None = None
         self._stop = threading.Event()
@@ -200,10 +208,16 @@ class FailureWatch:
             with self._acting:  # a peer's failure found before this: the process ends inside _halt
                 self._stop.set()
             self._thread.join(self.poll_s + 1)  # its request in flight, then it sees the stop
-        clean = error is None or (isinstance(error, SystemExit) and error.code in (0, None))
-        if not clean and self._store is not None:
-            self._post(error)
-        self._store = None  # closes this watch's connection
+        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+            self._store = None  # closes this watch's connection
+            return
+        try:
+            if self.settle is not None:
+                self.settle(error)
+        finally:
+            if self._store is not None:
+                self._post(error)
+            self._store = None
 
     def _watch(self) -> None:
         """The thread: look for a peer's failure every ``poll_s`` until the loop ends."""

@@ -94,14 +94,19 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(x) for x in t.tolist()]
 
 
+class DivergenceError(UserError):
+    """Training diverged (:class:`SkippedSteps`): raised on every rank at the same point of the same
+    step, after all of that step's collectives, so the ranks can still act together on it."""
+
+
 class SkippedSteps:
     """Says why an optimizer step was skipped (its gradient norm was not finite) and stops a run that
     diverged. With an fp16 loss scaler a skip is routine while the scale backs off (logged at INFO);
     it is hopeless once the loss itself is not finite or the scale is at its floor. Without a
     scaler (fp32, bf16) every skip is hopeless and a warning. ``limit`` hopeless skips in a row stop
-    the run with a :class:`UserError`: the weights no longer change, so going on would only burn
-    the budget (skipped steps do not touch them). Every rank reads the same all-reduced norm and
-    loss, so every rank stops at the same step."""
+    the run with :class:`DivergenceError` (a ``UserError``): the weights no longer change, so going on
+    would only burn the budget (skipped steps do not touch them). Every rank reads the same
+    all-reduced norm and loss, so every rank stops at the same step."""
 
     def __init__(self, scaler: Any, active: bool, limit: int = MAX_SKIPS_IN_A_ROW) -> None:
         self.scaler, self.active, self.limit = scaler, active, limit
@@ -128,7 +133,7 @@ class SkippedSteps:
         self.in_a_row += 1
         self.since = step if self.in_a_row == 1 else self.since
         if self.in_a_row >= self.limit:
-            raise UserError(
+            raise DivergenceError(
                 f"training diverged: {self.in_a_row} steps in a row were skipped, their gradient norm not finite "
                 f"(steps {self.since}-{step}, loss {out['loss']}); resume from an earlier checkpoint with a lower "
                 "optim.lr or a longer optim.warmup"

@@ -16,6 +16,7 @@ every rank within seconds, each logging its error, instead of leaving them in a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -40,7 +41,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_t
 from megatron_lite.plan import Layout
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
-from megatron_lite.training.fault import PreemptionHandler, SkippedSteps, any_rank
+from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
 from megatron_lite.training.trackers import Trackers
@@ -311,7 +312,7 @@ class Trainer:
             self.trackers.close()
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
-        watch = FailureWatch(cfg.parallel.timeout_s, note=self._unsaved_note)
+        watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self._unsaved_note)
         with self.preemption, watch:
             self._loop(stop, history, watch)
         if self.rank == 0 and self.preempted:
@@ -345,6 +346,21 @@ class Trainer:
         if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
             self.save()
         self.checkpointer.close()  # waits for an async save; raises if any save failed
+
+    def _settle_save(self, error: BaseException) -> None:
+        """The loop raised with an async save of an earlier step in flight. Committing it needs
+        every rank's file complete and a collective (``Checkpointer.finalize``), so it is committed
+        only where every rank is known to stand at this same point: training diverged (raised on
+        every rank after the step's collectives), or a single process failed (an interrupt aside,
+        which asks to stop now). Anywhere else a peer may be dead or blocked and a collective would
+        hang, so the save is dropped, never half-committed, and the log says so."""
+        if not self.checkpointer.in_flight:
+            return
+        if not isinstance(error, DivergenceError) and not (self.world == 1 and isinstance(error, Exception)):
+            self.checkpointer.abandon()
+            return
+        with contextlib.suppress(UserError):  # that save failed too (logged); the loop's error is the one to raise
+            self.checkpointer.wait()
 
     def _unsaved_note(self) -> str | None:
         """What a rank stopped by a peer's failure leaves unfinished, for its last log line."""

@@ -1,6 +1,7 @@
 """The training loop's failure watch in a real gloo world (what a failure does to the other ranks,
 which ends their processes, is in tests/e2e/test_fail_together.py): a failure of an earlier torchrun
-attempt and a clean end trip nothing."""
+attempt and a clean end trip nothing, and a run that diverges on every rank still commits the async
+save in flight, together."""
 
 import contextlib
 import os
@@ -8,10 +9,15 @@ import threading
 import time
 from collections.abc import Iterator
 
+import pytest
 import torch.distributed as dist
+from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
+from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import FailureWatch
+from megatron_lite.training.fault import DivergenceError
+from megatron_lite.training.trainer import Trainer
 
 NEVER_S = 3600.0  # a watch that never looks: these ranks all fail together, none may stop another
 
@@ -57,3 +63,27 @@ def _restart_after_a_failed_attempt(rank: int, world: int) -> dict:
 
 def test_restart_and_clean_end_trip_nothing(world2):
     assert world2.run(_restart_after_a_failed_attempt) == [{"told": True, "during": 1, "after": 0, "posted": False}] * 2
+
+
+def _diverge_with_a_save_in_flight(rank: int, world: int, args: list[str], port: int) -> str:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    trainer = Trainer(load_config(None, args))
+    trainer.skips.limit = 1
+    step = trainer.engine.step
+
+    def step_3_not_finite(micro: list, lr: float) -> dict:
+        out = step(micro, lr)
+        return {**out, "loss": float("nan"), "skipped": True} if trainer.step == 2 else out
+
+    trainer.engine.step = step_3_not_finite
+    with torchrun_attempt("diverged"), pytest.raises(DivergenceError) as error:
+        trainer.fit()
+    return str(error.value)
+
+
+def test_divergence_on_every_rank_commits_the_async_save_in_flight(world2, corpus, tmp_path):  # noqa: F811
+    args = [*overrides(*corpus, str(tmp_path / "run")), "train.steps=6", "checkpoint.every=2", "checkpoint.async=true"]
+    errors = world2.run(_diverge_with_a_save_in_flight, args, 29503)
+    assert errors[0] == errors[1] and errors[0].startswith("training diverged: 1 steps in a row"), errors
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000002" and (ckpt / "step_00000002/metadata.json").exists()

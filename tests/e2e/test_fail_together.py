@@ -12,8 +12,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 from ports import free_port
 from test_torchrun_launch import clean_env
+
+from megatron_lite.cli import main
+from megatron_lite.data.gpt_dataset import PretrainingLoader
 
 FOREIGN_TOKEN = 10**6  # an id of another tokenizer: the trainer's check refuses it before the embedding
 # `megatron-lite train` whose data hands rank FAIL_RANK (alone) a token id beyond the vocabulary at step 3
@@ -56,7 +60,7 @@ def _outputs(procs: list[subprocess.Popen], timeout_s: float) -> tuple[list[str]
 
 def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_args, tmp_path):
     """Rank 0 fails while it hosts the store: it stays until rank 1 has read its error. The async
-    save of step 2 still in flight is not committed (it would need rank 0), and rank 1's log says so."""
+    save of step 2 still in flight is not committed (it would need rank 0), and both logs say so."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     port = str(free_port())
@@ -80,6 +84,7 @@ def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_arg
     stopped = [line for line in out1.splitlines() if f"rank 0 {MESSAGE}" in line]
     assert len(stopped) == 1 and "[rank 1/2] ERROR" in stopped[0], out1[-3000:]
     assert stopped[0].endswith("stopping rank 1 too (checkpoint of step 2, still in flight, was not saved)"), stopped
+    assert "checkpoint of step 2 was not saved: it was still in flight" in out0, out0[-3000:]
     ckpt = tmp_path / "run" / "checkpoints"
     assert not (ckpt / "latest").exists() and not (ckpt / "step_00000002").exists(), list(ckpt.iterdir())
 
@@ -138,3 +143,31 @@ def test_rank_zero_killed_stops_the_others_naming_it(tmp_path):
     assert procs[0].returncode == -signal.SIGKILL and procs[1].returncode == 1, out1[-3000:]
     assert ended[1] < PROMPT_S, ended
     assert "rank 0 is gone: the rendezvous store it hosts stopped answering" in out1, out1[-3000:]
+
+
+def _fail_at_step_3(monkeypatch, error: BaseException) -> None:
+    next_step = PretrainingLoader.next_step
+
+    def failing(self):
+        if self.consumed_samples == 2 * self.global_batch_size:
+            raise error
+        return next_step(self)
+
+    monkeypatch.setattr(PretrainingLoader, "next_step", failing)
+
+
+def test_one_process_commits_the_save_in_flight_when_it_fails(tiny_args, tmp_path, monkeypatch):
+    """No peer to wait for: the async save of step 2, complete, is committed before the error exits."""
+    _fail_at_step_3(monkeypatch, OSError(5, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["train", *tiny_args, *ASYNC_SAVE_AT_2])
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000002" and (ckpt / "step_00000002/metadata.json").exists()
+
+
+def test_one_process_interrupted_drops_the_save_in_flight_saying_so(tiny_args, tmp_path, monkeypatch, caplog):
+    _fail_at_step_3(monkeypatch, KeyboardInterrupt())
+    assert main(["train", *tiny_args, *ASYNC_SAVE_AT_2]) == 130
+    assert "checkpoint of step 2 was not saved: it was still in flight (checkpoint.async)" in caplog.text
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert not (ckpt / "latest").exists() and not (ckpt / "step_00000002").exists()
