@@ -339,7 +339,7 @@ class Trainer:
             start = time.perf_counter()
             out = self.train_step()
             self.throughput.add(tokens_per_step, time.perf_counter() - start)
-            record = self._after_step(out, bar)
+            record = self._after_step(out, bar, stop)
             if record:
                 history.append(record)
         bar.close()
@@ -367,34 +367,45 @@ class Trainer:
         step = self.checkpointer.pending_step
         return None if step is None else f"checkpoint of step {step}, still in flight, was not saved"
 
-    def _after_step(self, out: dict, bar: tqdm) -> dict | None:
+    def _after_step(self, out: dict, bar: tqdm, stop: int) -> dict | None:
+        """Metrics, evaluation and checkpoint after one step. The step a run stops at (``stop``: train.steps
+        or train.exit_after, or a preemption signal) always gets a metrics row, whatever ``log.every``:
+        a resumed run's rows go on from the next step without a gap."""
         cfg, step = self.cfg, self.step
         bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)  # before update(), which redraws
         bar.update(1)
         record = None
         is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
-        if step % cfg.log.every == 0 or step == cfg.train.steps or is_eval:
-            record = {
-                "step": step,
-                "loss": out["loss"],
-                "lr": out["lr"],
-                "grad_norm": out["grad_norm"],
-                **self.throughput.report(),
-                "consumed_samples": self.loader.state_dict()["consumed_samples"],
-                "skipped_steps": self.skipped_steps,
-            }
-            if self.device.type == "cuda":
-                record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if is_eval:
-                record["eval_loss"] = self.evaluate()
-            self.trackers.log(record, step)
-            bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if step % cfg.log.every == 0 or step == stop or is_eval:
+            record = self._log_step(out, bar, is_eval)
         # one all-reduce a step: any rank signalled? any rank still writing an async checkpoint?
         self.preempted, writing = any_rank([self.preemption.requested, self.checkpointer.writing], self.device)
+        if self.preempted and record is None:  # every rank stops at this step (the all-reduce says so): its row too
+            record = self._log_step(out, bar, is_eval=False)
         if self.checkpointer.in_flight and not writing:
             # every rank's file is complete: commit it now; a failed one stops the run at this step
             # (as a failed synchronous save does), not a checkpoint interval later
             self.checkpointer.wait()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
+        return record
+
+    def _log_step(self, out: dict, bar: tqdm, is_eval: bool) -> dict:
+        """This step's metrics row (with the evaluation's loss when ``is_eval``), sent to the trackers."""
+        step = self.step
+        record = {
+            "step": step,
+            "loss": out["loss"],
+            "lr": out["lr"],
+            "grad_norm": out["grad_norm"],
+            **self.throughput.report(),
+            "consumed_samples": self.loader.state_dict()["consumed_samples"],
+            "skipped_steps": self.skipped_steps,
+        }
+        if self.device.type == "cuda":
+            record["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if is_eval:
+            record["eval_loss"] = self.evaluate()
+        self.trackers.log(record, step)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         return record

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
 from megatron_lite.training.trainer import Trainer
@@ -81,6 +83,28 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_zero(tiny_args, tmp_path):
     assert main(["train", *run]) == 0  # resume to the end
     assert main(["train", *common, f"log.dir={tmp_path / 's'}"]) == 0
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
+
+
+@pytest.mark.parametrize("stop", ["exit_after", "signal"])
+def test_the_step_a_run_stops_at_is_logged_once_and_the_resumed_run_goes_on_from_it(stop, tiny_args, tmp_path):
+    """log.every=4, stopped at step 3 by train.exit_after or a preemption signal: step 3 has its
+    metrics row (it had none: not a multiple of 4), and the resumed run logs on from step 4."""
+    args = [*(a for a in tiny_args if not a.startswith("log.every=")), "log.every=4"]
+    first = Trainer(load_config(None, [*args, "train.exit_after=3"] if stop == "exit_after" else args))
+    if stop == "signal":
+        train_step = first.train_step
+
+        def signalled_at_step_3() -> dict:
+            out = train_step()
+            if first.step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: stop at this step's end
+            return out
+
+        first.train_step = signalled_at_step_3
+    assert [r["step"] for r in first.fit()] == [3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert main(["train", *args]) == 0  # resumed, to train.steps=6
+    assert [step for step, _ in losses(tmp_path / "run")] == [3, 4, 6]
 
 
 def _error_line(capsys) -> str:
