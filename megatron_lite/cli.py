@@ -29,11 +29,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from megatron_lite.training.evaluate import evaluate_text
+    from megatron_lite.training.evaluate import NonFiniteLossError, evaluate_text
 
-    result = evaluate_text(args.checkpoint, args.text, device=args.device, json_key=args.json_key)
+    try:
+        result = evaluate_text(args.checkpoint, args.text, device=args.device, json_key=args.json_key)
+    except NonFiniteLossError as e:
+        if not args.json:
+            raise
+        # strict JSON has no NaN or Infinity (json.dumps would print them): null, the reason, exit 2
+        print(json.dumps({"loss": None, "tokens": e.tokens, "error": str(e)}))
+        return 2
     if args.json:  # the documented line is exactly these two keys
-        print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}))
+        print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}, allow_nan=False))
     else:
         r = result
         print(f"loss {r['loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['tokens']} tokens")
@@ -238,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--text", required=True, help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)"
     )
     e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text")
-    e.add_argument("--json", action="store_true", help='print one line {"loss": ..., "tokens": ...}')
+    e.add_argument(
+        "--json",
+        action="store_true",
+        help='print one line {"loss": ..., "tokens": ...}; a NaN or infinite loss is null, with an "error" '
+        "naming the cause (exit status 2)",
+    )
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.set_defaults(fn=_eval)
 

@@ -6,6 +6,10 @@ Every token after the first is predicted exactly once, so the loss is the mean o
 ``tokens - 1`` predictions. A JSON Lines file (``.jsonl``/``.json``, as ``preprocess`` reads it)
 is scored on its documents' text under ``json_key``, each followed by EOS as ``preprocess``
 stores them, not on the JSON syntax around it; ``.gz``/``.bz2``/``.xz`` files are decompressed.
+
+A loss that is not finite (NaN or infinite: non-finite weights, or a forward pass that overflowed)
+is no score: :class:`NonFiniteLossError`, which ``eval --json`` prints as ``"loss": null`` with an
+``error``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,23 @@ from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
 from megatron_lite.training.build import resolve_device
+
+
+class NonFiniteLossError(UserError):
+    """The loss is NaN or infinite; ``tokens``: the tokens scored."""
+
+    def __init__(self, message: str, tokens: int) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
+def _non_finite_why(model: Transformer) -> str:
+    """Why a model's loss is not finite: the parameters holding NaN or infinite values, if any."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if not bad:
+        return "its weights are finite, but so large that the forward pass overflowed float32"
+    names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else "")
+    return f"its weights hold NaN or infinite values (in {names})"
 
 
 def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
@@ -67,7 +88,8 @@ def _read_text(p: Path, json_key: str) -> list[str]:
 
 def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
     """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file (or the
-    documents of a JSON Lines file, their text under ``json_key``)."""
+    documents of a JSON Lines file, their text under ``json_key``); :class:`NonFiniteLossError`
+    when the loss is NaN or infinite."""
     p = Path(text_path)
     if p.is_dir():
         raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
@@ -81,4 +103,10 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     if len(ids) < 2:
         raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")
     loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"the loss of checkpoint {str(checkpoint)!r} on {str(p)!r} is {loss}, no score: {_non_finite_why(model)}; "
+            "the run diverged before this checkpoint: evaluate an earlier one",
+            len(ids),
+        )
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": len(ids)}

@@ -5,8 +5,12 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
+from megatron_lite.cli import main
+from megatron_lite.config import fill_defaults, load_config
 from megatron_lite.errors import UserError
+from megatron_lite.models.transformer import build_model
 from megatron_lite.training import evaluate
 
 
@@ -64,3 +68,36 @@ def test_eval_of_json_lines_with_a_tokenizer_without_eos_adds_none(tmp_path, mon
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "cd"}) + "\n")
     evaluate.evaluate_text(tmp_path / "ckpt", tmp_path / "a.jsonl", device="cpu")
     assert scored == [[ord(c) for c in "abcd"]]
+
+
+def _strict_json(line: str) -> dict:
+    """json.loads as a strict parser (jq, JSON.parse) reads it: NaN and Infinity are no JSON."""
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    "weight, cause", [(float("nan"), "its weights hold NaN or infinite values (in head.weight)"), (3e38, "overflowed")]
+)
+def test_a_non_finite_loss_is_json_null_naming_the_cause_and_exits_2(weight, cause, tmp_path, monkeypatch, capsys):
+    """`eval --json` printed `{"loss": NaN, ...}` (not JSON) with exit status 0 for a diverged checkpoint."""
+    tiny = ["model.layers=1", "model.hidden=32", "model.heads=4", "model.seq_len=8"]
+    cfg = fill_defaults(load_config(None, tiny), vocab_size=256)
+    model = build_model(cfg.model, seed=0)
+    with torch.no_grad():
+        model.head.weight.fill_(weight)  # 3e38: finite, but the logits overflow float32
+    monkeypatch.setattr(evaluate, "load_model", lambda path, device: (model.eval(), _Tok()))
+    (tmp_path / "t.txt").write_text("some text to score")
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "t.txt"), "--device", "cpu"]
+    assert main([*args, "--json"]) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1
+    result = _strict_json(out[0])
+    assert result["loss"] is None and result["tokens"] == len("some text to score"), result
+    assert cause in result["error"] and "evaluate an earlier one" in result["error"], result
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the loss of checkpoint ") and cause in err and len(err.strip().splitlines()) == 1, err
