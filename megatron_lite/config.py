@@ -4,7 +4,9 @@ A config is one :class:`Config` of sections (``model``, ``parallel``, ``optim``,
 ``checkpoint``, ``log``, ``kernels``). Each field's docstring is the attribute docstring right below
 it; ``docs/config.md`` is generated from them by ``python -m megatron_lite.config_docs``.
 
-Loading order: dataclass defaults <- YAML file <- ``section.key=value`` overrides. Unknown
+Loading order: dataclass defaults <- YAML file <- ``section.key=value`` overrides, in order: a key
+given twice on the command line takes the last value (a base list of overrides plus a changed one is
+how scripts vary a run), and :func:`config_warnings` names it with both values. Unknown
 sections or keys are a :class:`UserError` naming the key and the closest valid one.
 
 Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`,
@@ -221,6 +223,10 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
+    def __post_init__(self) -> None:
+        self.replaced_overrides: list[str] = []
+        """Overrides that a later one of the same key replaced: one line each, for :func:`config_warnings`."""
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict with the user-facing key names (``async``, not ``async_``)."""
         return {
@@ -306,7 +312,9 @@ def _is_text(section: str, key: str) -> bool:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars or comma lists)."""
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars or comma lists), in order: a
+    key given twice takes the last value, and one that changes is recorded in ``cfg.replaced_overrides``."""
+    given: dict[tuple[str, str], tuple[str, Any]] = {}  # (section, field) -> (the override, its value)
     for i, item in enumerate(overrides):
         if "=" not in item or "." not in item.split("=", 1)[0]:
             split = i > 0 and overrides[i - 1].endswith(",")  # `data.path=a, b` unquoted: the shell split it
@@ -321,6 +329,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             )
         # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
         _set(cfg, section, key, _verbatim(raw) if _is_text(section, key) else _yaml_scalar(raw))
+        name = _field_of(section, key).name
+        value = getattr(getattr(cfg, section), name)
+        if (section, name) in given and given[section, name][1] != value:
+            cfg.replaced_overrides.append(
+                f"{dotted} is given twice on the command line, {given[section, name][0]} and then {item}: the last "
+                f"one counts ({item}); drop the other"
+            )
+        given[section, name] = (item, value)
     return cfg
 
 

@@ -38,7 +38,9 @@ def render() -> str:
         "Generated from `megatron_lite/config.py` by `python -m megatron_lite.config_docs`; do not edit.",
         "Set keys in a YAML file (`section: {key: value}`) or on the command line as `section.key=value`.",
         "A path starting with `~` (`log.dir=~/runs/a`) is under the home directory. A list is `a,b` (spaces",
-        "around items are dropped) or YAML's `[a, b]`; `null` leaves an optional key unset.",
+        "around items are dropped) or YAML's `[a, b]`; `null` leaves an optional key unset. Overrides apply in",
+        "order after the file: a key given twice on the command line takes the last value, with a warning",
+        "naming both (in a YAML file a key given twice is an error).",
         "",
     ]
     for name, section_field in SECTIONS.items():

@@ -217,7 +217,7 @@ def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Confi
 def config_warnings(cfg: Config) -> list[str]:
     """Settings that are valid but probably not what was meant (defaults filled): each says why and the fix."""
     o, steps = cfg.optim, cfg.train.steps
-    warnings = []
+    warnings = list(cfg.replaced_overrides)
     if o.warmup > steps:  # Megatron refuses this; a short smoke run of a long config is a fair use, so: a warning
         warnings.append(
             f"optim.warmup={o.warmup} is more than train.steps={steps}: the learning rate rises for the whole "

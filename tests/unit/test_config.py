@@ -239,3 +239,23 @@ def test_a_dashed_override_names_the_undashed_form(capsys):
     with pytest.raises(SystemExit):
         parse_args(["train", "--train.steps=2"])
     assert "config overrides take no dashes: train.steps=2" in capsys.readouterr().err
+
+
+def test_a_key_given_twice_on_the_command_line_takes_the_last_value_and_is_named_with_both(tmp_path, capsys):
+    """`train optim.lr=1e-3 ... optim.lr=2e-3` kept the last value without a word."""
+    from megatron_lite.cli import main
+    from megatron_lite.config import config_warnings
+
+    cfg = load_config(None, ["optim.lr=1e-3", "train.seed=5", "optim.lr=2e-3", "optim.lr=0.002"])
+    assert cfg.optim.lr == 2e-3
+    want = (
+        "optim.lr is given twice on the command line, optim.lr=1e-3 and then optim.lr=2e-3: the last one counts "
+        "(optim.lr=2e-3); drop the other"
+    )
+    assert config_warnings(fill_defaults(cfg, 100)) == [want]  # 2e-3 then 0.002: the same value, nothing to say
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\n")
+    assert config_warnings(fill_defaults(load_config(f, ["optim.lr=2e-3"]), 100)) == []  # the file, then an override
+    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32"]
+    assert main(["plan", "--world-size", "1", *tiny, "optim.lr=1e-3", "optim.lr=2e-3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"warning: {want}"
