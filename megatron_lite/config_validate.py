@@ -9,10 +9,12 @@ validation guarantees. All are re-exported by ``megatron_lite.config``, where ca
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from megatron_lite.config_values import INT64_MAX, beyond_int64
 from megatron_lite.errors import UserError
 
 if TYPE_CHECKING:  # config.py imports this module: only the annotations need its dataclasses
@@ -95,14 +97,28 @@ def _check_fields(cfg: Config) -> None:
                 raise UserError(f"{section}.{key} must be a positive integer, got {value!r}")
     for (section, key), (ok, need) in _RANGES.items():
         value = getattr(getattr(cfg, section), key)
-        if value is not None and not (math.isfinite(value) and ok(value)):
+        if value is None:
+            continue
+        if not ((isinstance(value, int) or math.isfinite(value)) and ok(value)):  # no float holds an int past 1e308
             raise UserError(f"{section}.{key} must be {need}, got {value!r}")
+    _check_int64(cfg)
     o = cfg.optim
     if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
         raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
     if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
         raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
     _check_data(cfg.data)
+
+
+def _check_int64(cfg: Config) -> None:
+    """Every integer key within int64, after the keys' own ranges (``train.seed`` names its own)."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            v = getattr(values, f.name)
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+                shown = str(v) if v.bit_length() <= 128 else f"about 10**{math.floor(math.log10(abs(v)))}"
+                raise beyond_int64(f"{section.name}.{f.name.rstrip('_')}", shown)
 
 
 def _check_data(d: DataConfig) -> None:
@@ -176,6 +192,30 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
         raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
 
 
+def _check_sizes(cfg: Config) -> None:
+    """Products of keys that torch holds in int64: each key fits (``config_values``), but together
+    they can overflow, as a tensor's element count or the run's sample counter."""
+    m, t = cfg.model, cfg.train
+    products = [
+        ("train.steps x train.global_batch_size", "samples the run reads", (t.steps, t.global_batch_size)),
+        ("train.eval_iters x train.global_batch_size", "evaluation samples", (t.eval_iters, t.global_batch_size)),
+        ("model.vocab_size x model.hidden", "elements of the embedding", (m.vocab_size, m.hidden)),
+        ("model.hidden x model.ffn_hidden", "elements of one MLP weight", (m.hidden, m.ffn_hidden)),
+        ("model.layers x model.hidden x model.ffn_hidden", "parameters (at least)", (m.layers, m.hidden, m.ffn_hidden)),
+        (
+            "train.micro_batch_size x model.seq_len x model.vocab_size",
+            "logits of one microbatch",
+            (t.micro_batch_size, m.seq_len, m.vocab_size),
+        ),
+    ]
+    for names, what, factors in products:
+        if None not in factors and math.prod(factors) > INT64_MAX:
+            raise UserError(
+                f"{names} = {' x '.join(map(str, factors))} = {float(math.prod(factors)):.3g} {what}, more than "
+                f"int64 holds (2**63-1 = {INT64_MAX:.3g}): no run can have that many; lower one of them"
+            )
+
+
 def _check_layout(cfg: Config, world_size: int) -> int:
     from megatron_lite.parallel.mesh import ParallelDims  # the one owner of the layout arithmetic
 
@@ -210,6 +250,7 @@ def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Confi
     """
     _check_fields(cfg)
     _check_model(cfg.model, need_vocab)
+    _check_sizes(cfg)
     cfg.parallel.dp = _check_layout(cfg, world_size)
     return cfg
 

@@ -4,17 +4,47 @@ declared type (``int``, ``float``, ``bool``, ``str``, an optional one, or a list
 
 A list is a YAML list, a flow list written as text (``[a, b]``) or a comma list (``a,b``, ``a, b``:
 each item stripped of the spaces around it, empty items dropped).
+
+An integer may be written with an exponent (``train.steps=1e6``), read exactly. Integers beyond
+int64 are refused (:func:`beyond_int64`): here those too large to read (``1e400``), the rest by
+``config_validate``, after each key's own range.
 """
 
 from __future__ import annotations
 
 import types
 import typing
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import yaml
 
 from megatron_lite.errors import UserError
+
+INT64_MAX = 2**63 - 1
+"""The largest integer a config key, or a size or count made of keys, may be: torch's int64."""
+
+
+def beyond_int64(key: str, shown: str) -> UserError:
+    """The error for integer key ``key``, whose value is ``shown``, outside int64."""
+    return UserError(
+        f"{key}={shown} is outside int64 (at most 2**63-1 = {INT64_MAX:,} in size), in which torch counts "
+        "sizes and steps: no run can use it"
+    )
+
+
+def _exponent_int(text: str) -> int:
+    """``1e6`` as the integer 1000000, exactly (through a float, 1e30 was 1000000000000000019884624838656);
+    ValueError when it is no integer, OverflowError when it is far beyond int64 (``1e400``)."""
+    try:
+        d = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(text) from None
+    if not d.is_finite() or d != d.to_integral_value():
+        raise ValueError(text)
+    if d.adjusted() > 19:  # 20 digits or more: not worth building (1e999999999 has a billion)
+        raise OverflowError(text)
+    return int(d)
 
 
 def split_list(text: str, where: str) -> list[Any]:
@@ -45,7 +75,7 @@ def _scalar(value: Any, tp: Any) -> Any:
     if tp is int:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError
-        return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        return _exponent_int(value) if isinstance(value, str) and "e" in value.lower() else int(value)
     if tp is float:
         return float(value)
     if tp is str:
@@ -74,6 +104,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         return [coerce(v, item, where) for v in value]
     try:
         return _scalar(value, tp)
+    except OverflowError:
+        raise beyond_int64(where, str(value)) from None
     except (TypeError, ValueError):
         pass
     got = "nothing (null or empty)" if value is None or value == "" else repr(value)

@@ -259,3 +259,37 @@ def test_a_key_given_twice_on_the_command_line_takes_the_last_value_and_is_named
     tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32"]
     assert main(["plan", "--world-size", "1", *tiny, "optim.lr=1e-3", "optim.lr=2e-3"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"warning: {want}"
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.steps=1e40"], r"^train.steps=1e40 is outside int64 \(at most 2\*\*63-1 = 9,223,372,036,854,775,807"),
+        (["model.layers=1e400"], r"^model.layers=1e400 is outside int64"),  # a float's inf: a traceback
+        (["train.micro_batch_size=-1e400"], r"^train.micro_batch_size=-1e400 is outside int64"),
+        (["checkpoint.keep=9223372036854775808"], r"^checkpoint.keep=9223372036854775808 is outside int64"),
+        ([f"optim.decay_steps=1{'0' * 400}"], r"^optim.decay_steps=about 10\*\*400 is outside int64"),  # no float
+        (["train.steps=9223372036854775807"], r"^train.steps x train.global_batch_size = 9223372036854775807 x 8 = "),
+        (["train.eval_iters=2e18"], r"^train.eval_iters x train.global_batch_size = 2000000000000000000 x 8 = 1.6e"),
+        (["model.vocab_size=1e17"], r"^model.vocab_size x model.hidden = 100000000000000000 x 256 = 2.56e\+19 ele"),
+        (["model.ffn_hidden=1e17"], r"^model.hidden x model.ffn_hidden = 256 x 100000000000000000 = 2.56e\+19"),
+        (["model.layers=1e14"], r"^model.layers x model.hidden x model.ffn_hidden = .* = 1.8e\+19 parameters"),
+        (["model.seq_len=1e16", "train.micro_batch_size=10", "train.global_batch_size=10"], r"= 1e\+19 logits"),
+    ],
+)
+def test_integers_beyond_int64_alone_or_multiplied_are_refused_naming_the_keys(overrides, expected):
+    """`model.layers=1e30` was an OverflowError inside the pipeline partition, `model.vocab_size=1e30` a
+    torch C++ trace, `train.micro_batch_size=1e30` filled the machine's memory, `train.steps=1e400` a
+    traceback in the config parser, and `train.steps=1e40` ran on."""
+    with pytest.raises(UserError, match=expected):
+        resolved(*overrides)
+
+
+def test_the_largest_real_runs_are_far_inside_the_int64_limits():
+    """A 405B-class model, 128k context and vocabulary, 16M-token batches for 10M steps: valid."""
+    big = ["model.layers=126", "model.hidden=16384", "model.heads=128", "model.kv_heads=8", "model.ffn_hidden=53248"]
+    big += ["model.vocab_size=128256", "model.seq_len=131072", "train.steps=1e7"]
+    big += ["train.micro_batch_size=1", "train.global_batch_size=128", "checkpoint.keep=9223372036854775807"]
+    assert resolved(*big).train.steps == 10**7
+    # read exactly, not through a float (1234567890123456768)
+    assert load_config(None, ["train.steps=1.234567890123456789e18"]).train.steps == 1234567890123456789
