@@ -6,6 +6,11 @@
 #     NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host0
 #     NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host1
 #   CPU processes instead of GPUs (gloo): NPROC_PER_NODE=2 bash launch/torchrun.sh --config FILE
+# Rendezvous id: the same on every machine of a job, and each job its own. By default the scheduler's
+# job id (SLURM_JOB_ID, PBS_JOBID or LSB_JOBID), else a checksum of what every machine is given alike:
+# MASTER_ADDR:MASTER_PORT, NNODES and the arguments, so give each machine the same arguments (the same
+# config path and overrides) or set RDZV_ID. One id for every job would let a second job on the same
+# endpoint join the first one's rendezvous, where torchrun restarts a job's workers for each newcomer.
 # Under SLURM use launch/train.sbatch (or `megatron-lite launch slurm`), which runs torchrun the same way.
 # Signals: SIGTERM to torchrun reaches the ranks, which save a checkpoint and exit 0, while torchrun
 # exits 1 (SignalException, its own behaviour); ranks whose torchrun was SIGKILLed get SIGTERM too.
@@ -20,7 +25,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-gpu}  # ranks per machine: a number, or gpu (ev
 MASTER_ADDR=${MASTER_ADDR:-}           # first machine's host name or address (needed when NNODES > 1)
 MASTER_PORT=${MASTER_PORT:-29500}      # rendezvous port on it, reachable from every machine
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or static (by NODE_RANK)
-RDZV_ID=${RDZV_ID:-megatron-lite}      # the same on every machine of a job, new for each job
+RDZV_ID=${RDZV_ID:-}                   # the same on every machine of a job, new for each job (default: above)
 PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
 
 if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
@@ -47,6 +52,16 @@ try:
 except UserError as e:
     sys.exit(f"launch/torchrun.sh: {e}")
 EOF
+if [ -z "$RDZV_ID" ]; then
+  JOB_ID=${SLURM_JOB_ID:-${PBS_JOBID:-${LSB_JOBID:-}}}
+  if [ -n "$JOB_ID" ]; then
+    RDZV_ID="megatron-lite-$JOB_ID"
+  else
+    RDZV_ID="megatron-lite-$(printf '%s\n' "$MASTER_ADDR:$MASTER_PORT" "$NNODES" "$@" | cksum | cut -d' ' -f1)"
+  fi
+fi
+# machines that wait for each other in vain (given other arguments, so another id) show it here
+echo "launch/torchrun.sh: rendezvous $RDZV_ID at $MASTER_ADDR:$MASTER_PORT for $NNODES machines" >&2
 exec "$PYTHON" -m megatron_lite.launcher.torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
   --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" -m megatron_lite.train "$@"

@@ -86,8 +86,7 @@ def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
                 NODE_RANK=str(node),
                 NPROC_PER_NODE="2",
                 MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                RDZV_ID=f"test-{port}",
+                MASTER_PORT=str(port),  # and no RDZV_ID: the two machines agree on the script's default
                 PYTHON=sys.executable,
             ),
             stdout=subprocess.PIPE,

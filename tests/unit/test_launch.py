@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -150,6 +151,39 @@ def test_launch_refuses_a_job_that_cannot_run_before_writing_it(options, message
     assert main([*args, "train.micro_batch_size=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def _rendezvous_id(tmp_path: Path, args: list[str], **env: str) -> str:
+    """The --rdzv_id launch/torchrun.sh hands torchrun on a machine of a two-machine job."""
+    stub = tmp_path / "python"  # stands in for the interpreter: prints the id instead of starting torchrun
+    stub.write_text('#!/bin/sh\nfor a; do case "$a" in --rdzv_id=*) echo "${a#--rdzv_id=}";; esac; done\n')
+    stub.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_", "LSB_", "RDZV_", "MASTER_"))}
+    launch = {"PYTHON": str(stub), "NNODES": "2", "NPROC_PER_NODE": "2", "MASTER_ADDR": "127.0.0.1"}
+    r = subprocess.run(
+        ["bash", str(ROOT / "launch" / "torchrun.sh"), *args],
+        env={**clean, **launch, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    return r.stdout.strip()
+
+
+def test_torchrun_script_gives_each_job_its_own_rendezvous_id_the_same_on_every_machine(tmp_path):
+    """RDZV_ID defaulted to `megatron-lite` for every job: a second job on the same endpoint joined the
+    first one's rendezvous (and torchrun restarts a job's workers for each machine that arrives)."""
+    job, other = ["--config", "a.yaml", "train.steps=5"], ["--config", "b.yaml"]
+    first = _rendezvous_id(tmp_path, job, NODE_RANK="0")
+    assert _rendezvous_id(tmp_path, job, NODE_RANK="1") == first != "megatron-lite"
+    assert _rendezvous_id(tmp_path, other) != first  # another job on the same endpoint
+    assert _rendezvous_id(tmp_path, job, MASTER_PORT="29501") != first
+    # a scheduler's job id is the same on every machine whatever the arguments, and new for each job
+    slurm = _rendezvous_id(tmp_path, job, SLURM_JOB_ID="4242")
+    assert slurm == _rendezvous_id(tmp_path, other, SLURM_JOB_ID="4242", NODE_RANK="1") == "megatron-lite-4242"
+    assert _rendezvous_id(tmp_path, job, PBS_JOBID="77.pbs") == "megatron-lite-77.pbs"
+    assert _rendezvous_id(tmp_path, job, RDZV_ID="mine", SLURM_JOB_ID="4242") == "mine"
 
 
 def test_unresolvable_master_is_an_error_naming_it_within_seconds():
