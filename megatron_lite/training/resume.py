@@ -22,10 +22,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 from megatron_lite.checkpoint.format import step_dir_name
+from megatron_lite.checkpoint.lineage import data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps
 from megatron_lite.checkpoint.shards import check_shapes
-from megatron_lite.config import Config, config_from_dict, fill_defaults
+from megatron_lite.config import Config, ParallelConfig, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr import lr_at
 
@@ -133,3 +136,38 @@ def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
         f"the learning-rate schedule is not the checkpoint's ({', '.join(changed)}): step {reader.step + 1} "
         f"trains with lr {now:.4g} where the checkpoint's run would use {before:.4g}"
     )
+
+
+def read_rng(reader: CheckpointReader, rank: int, world: int, p: ParallelConfig) -> dict[str, torch.Tensor] | None:
+    """This rank's saved RNG states when the layout is the checkpoint's (then rank r is rank r
+    again), else None: another layout's rank r held other work."""
+    saved = reader.meta["layout"]
+    now = {"world_size": world, "tp": p.tp, "pp": p.pp, "dp": p.dp}
+    if not all(saved.get(k) == v for k, v in now.items()):
+        return None
+    return {key: reader.rank_tensor(rank, key) for key in reader.meta["ranks"][rank]["rng"]}
+
+
+def set_rng(rng: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """Restore what :func:`read_rng` read (nothing for None)."""
+    rng = rng or {}
+    if "rng/torch" in rng:
+        torch.set_rng_state(rng["rng/torch"])
+    if "rng/cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["rng/cuda"], device)
+
+
+def resume_warnings(cfg: Config, reader: CheckpointReader, lineage: dict, weights: list[float]) -> list[str]:
+    """What a resume changes without refusing it: other data than the checkpoint trained on (a new
+    mixture may be intended) and another learning-rate schedule (:func:`schedule_change`)."""
+    warnings = []
+    if changes := data_changes(reader.meta.get("lineage"), lineage, weights):
+        warnings.append(
+            "resuming with other data than the checkpoint trained on: "
+            + "; ".join(changes)
+            + "; the samples from here on are not the ones the run would have seen (restore the data and "
+            "settings to continue it exactly)"
+        )
+    if why := schedule_change(cfg, reader):
+        warnings.append(why)
+    return warnings

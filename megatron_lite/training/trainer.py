@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.format import dtype_name
-from megatron_lite.checkpoint.lineage import Lineage, data_changes
+from megatron_lite.checkpoint.lineage import Lineage
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults
@@ -243,32 +243,19 @@ class Trainer:
             reader.close()
             return
         with fail_fast_setup("reading the checkpoint's trainer state"):
-            state, saved, p = reader.meta["trainer"], reader.meta["layout"], self.cfg.parallel
-            now = {"world_size": self.world, "tp": p.tp, "pp": p.pp, "dp": p.dp}
-            same_layout = all(saved.get(k) == v for k, v in now.items())  # then rank r's RNG is rank r's again
-            keys = reader.meta["ranks"][self.rank]["rng"] if same_layout else []
-            rng = {key: reader.rank_tensor(self.rank, key) for key in keys}
+            state = reader.meta["trainer"]
+            rng = resume.read_rng(reader, self.rank, self.world, self.cfg.parallel)
         self.engine.load_sharded_state(reader, reader.meta["optimizer"]["step"])
         if self.engine.scaler and state["scaler"]:
             self.engine.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict({"consumed_samples": state["consumed_samples"]})
         self.step, self.skipped_steps = reader.step, state["skipped_steps"]
-        if "rng/torch" in rng:
-            torch.set_rng_state(rng["rng/torch"])
-        if "rng/cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["rng/cuda"], self.device)
-        if not same_layout and self.rank == 0:
-            log.info("the layout changed since the checkpoint: RNG states not restored (the model has no dropout)")
+        resume.set_rng(rng, self.device)
         if self.rank == 0:
+            if rng is None:
+                log.info("the layout changed since the checkpoint: RNG states not restored (the model has no dropout)")
             log.info("resumed from %s at step %d", reader.location, self.step)
-            changes = data_changes(reader.meta.get("lineage"), self.lineage.static, self.data.train.weights)
-            if changes:  # a new data mixture may be intended: say so, do not refuse
-                log.warning(
-                    "resuming with other data than the checkpoint trained on: %s; the samples from here on are not "
-                    "the ones the run would have seen (restore the data and settings to continue it exactly)",
-                    "; ".join(changes),
-                )
-            if why := resume.schedule_change(self.cfg, reader):
+            for why in resume.resume_warnings(self.cfg, reader, self.lineage.static, self.data.train.weights):
                 log.warning("%s", why)
         reader.close()
 

@@ -69,6 +69,25 @@ def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tm
     ), warned
 
 
+def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
+    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
+    import numpy as np
+
+    from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder
+
+    source = IndexedDataset(small_corpus[0])
+    other = tmp_path / "reversed"
+    with IndexedDatasetBuilder(other, source.dtype) as b:  # the same documents, last first
+        for doc in reversed(range(len(source))):
+            b.add_document(np.asarray(source.get(doc)))
+    assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *tiny_args, f"data.path={other}", "train.exit_after=1"]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if "other data" in r.getMessage()]
+    assert warned.startswith("resuming with other data than the checkpoint trained on: data.path names other data")
+    assert str(other) in warned and "learning-rate schedule" not in caplog.text
+
+
 def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
     """Both were accepted without a word (exit_after=1: the run stops before its one evaluation)."""
     args = [*tiny_args, "optim.warmup=10", "train.eval_iters=100000", "train.exit_after=1"]
