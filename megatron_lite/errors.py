@@ -12,6 +12,7 @@ class UserError(Exception):
     ``launcher/fail_fast.py``), so this rank prints it at once instead of leaving it to rank 0."""
 
     told_every_rank = False
+    raised_on_every_rank = False  # a verdict every rank reached together (``fail_fast.py``)
 
 
 def refuse_blank(flag: str, value: object, to: str = "write to") -> None:

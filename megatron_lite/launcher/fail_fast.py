@@ -25,7 +25,10 @@ In a single process (no process group) the error passes through unchanged.
 In the training loop there is no collective-free stretch to guard: the rank that raises (a batch
 holding a token id beyond the vocabulary, a failed write, an out-of-memory error, a bug) leaves
 while its peers are already blocked in the step's next collective, where no exception can reach
-them. :class:`FailureWatch` guards the loop instead, over the rendezvous store:
+them. The same holds for the setup after the mesh exists (the model built, the checkpoint
+restored: an out-of-memory error on one rank). :class:`FailureWatch` guards those stretches
+instead, over the rendezvous store (the trainer runs one around its setup after the mesh, reporting
+``rank R failed during setup``, and one around the loop):
 
 - the rank whose loop raises posts ``rank R failed at step S: <message>`` (the first post wins),
   then waits up to :data:`PEER_WAIT_S` (at most ``parallel.timeout_s``) for every rank to read it,
@@ -96,7 +99,9 @@ def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGrou
 def _verdict(failed: list[tuple[int, str]], what: str) -> UserError:
     rank, msg = failed[0]
     also = f" (ranks {', '.join(str(r) for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
-    return UserError(f"rank {rank} {what}: {msg}{also}")
+    error = UserError(f"rank {rank} {what}: {msg}{also}")
+    error.raised_on_every_rank = True  # a FailureWatch around it has no rank to stop
+    return error
 
 
 def _attempt() -> str:
@@ -150,7 +155,8 @@ def _exit_status(error: BaseException) -> int:
 
 
 def _failure_text(report: dict) -> str:
-    return f"rank {report['rank']} failed at step {report['step']}: {report['error']}"
+    where = report.get("where") or f"at step {report['step']}"
+    return f"rank {report['rank']} failed {where}: {report['error']}"
 
 
 class FailureWatch:
@@ -163,7 +169,11 @@ class FailureWatch:
     the rank that raised it, once the watch is stopped and before the failure is posted (the trainer
     commits or drops a checkpoint in flight); a rank that a peer's failure is ending never gets
     there. ``note``: called when a peer's failure ends this rank, for a sentence to add to the log
-    line (what this rank leaves unfinished), or None.
+    line (what this rank leaves unfinished), or None. ``where``: the stage a failure is reported
+    in (``during setup``), instead of the step.
+
+    An error that every rank raises together (a :func:`fail_fast_setup` verdict inside the watch) is
+    not posted: no rank is left waiting for it.
     """
 
     FAILURE = "failure"
@@ -174,9 +184,10 @@ class FailureWatch:
         poll_s: float = POLL_S,
         settle: Callable[[BaseException], None] | None = None,
         note: Callable[[], str | None] | None = None,
+        where: str | None = None,
     ) -> None:
         self.wait_s, self.poll_s = min(wait_s, PEER_WAIT_S), poll_s
-        self.settle, self.note = settle, note
+        self.settle, self.note, self.where = settle, note, where
         self.step = 0
         self._store: dist.Store | None = None
         self._stop = threading.Event()
@@ -208,7 +219,8 @@ class FailureWatch:
             with self._acting:  # a peer's failure found before this: the process ends inside _halt
                 self._stop.set()
             self._thread.join(self.poll_s + 1)  # its request in flight, then it sees the stop
-        if error is None or (isinstance(error, SystemExit) and error.code in (0, None)):
+        clean_exit = isinstance(error, SystemExit) and error.code in (0, None)
+        if error is None or clean_exit or getattr(error, "raised_on_every_rank", False):
             self._store = None  # closes this watch's connection
             return
         try:
@@ -261,7 +273,8 @@ class FailureWatch:
 
     def _post(self, error: BaseException) -> None:
         """Tell every rank that this one failed, then wait until all of them have read it."""
-        report = {"rank": self.rank, "step": self.step, "error": _describe(error), "status": _exit_status(error)}
+        report = {"rank": self.rank, "step": self.step, "where": self.where, "error": _describe(error)}
+        report["status"] = _exit_status(error)
         log.error("%s; stopping every rank", _failure_text(report))
         try:
             first = json.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))

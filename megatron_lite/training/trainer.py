@@ -78,6 +78,16 @@ class Trainer:
                 log.warning("%s", why)
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
+        # a rank that fails from here on (out of memory building the model, its checkpoint shard unreadable,
+        # its tracker) stops the others at once: they would wait for it in their next collective
+        with FailureWatch(cfg.parallel.timeout_s, where="during setup"):
+            self._build()
+        self._log_setup()
+
+    def _build(self) -> None:
+        """The mesh's part of setup: checkpoint chosen, run directory, engine, loader, checkpointer,
+        trainer state restored, trackers."""
+        cfg = self.cfg
         self.dtype = build.resolve_dtype(cfg.train.dtype, self.device)
         self.run_dir = Path(cfg.log.dir)
         if self.rank == 0 and self.world > 1:
@@ -115,7 +125,6 @@ class Trainer:
         # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention
         peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
         self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
-        self._log_setup()
 
     def _preflight(self) -> None:
         """The startup checks that need no data: kernels and fp8 on this device, and the run and

@@ -15,7 +15,7 @@ from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fix
 
 from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
-from megatron_lite.launcher.fail_fast import FailureWatch
+from megatron_lite.launcher.fail_fast import FailureWatch, fail_fast_setup
 from megatron_lite.training.fault import DivergenceError
 from megatron_lite.training.trainer import Trainer
 
@@ -63,6 +63,23 @@ def _restart_after_a_failed_attempt(rank: int, world: int) -> dict:
 
 def test_restart_and_clean_end_trip_nothing(world2):
     assert world2.run(_restart_after_a_failed_attempt) == [{"told": True, "during": 1, "after": 0, "posted": False}] * 2
+
+
+def _setup_verdict_inside_a_watch(rank: int, world: int) -> dict:
+    """Every rank raises a fail_fast_setup verdict together: none is left waiting, so none posts
+    (the others would stop each other with a second copy of the error)."""
+    with torchrun_attempt("setup") as keys:
+        watch = FailureWatch(poll_s=0.05, where="during setup")
+        with pytest.raises(UserError) as error, watch, fail_fast_setup("loading the checkpoint"):
+            if rank == 1:
+                raise UserError("shard 1 is unreadable")
+        dist.barrier()  # both ranks alive: no watch stopped a process
+        return {"error": str(error.value), "posted": keys.check(["failure"])}
+
+
+def test_a_verdict_every_rank_raises_in_a_watch_is_not_posted(world2):
+    expected = {"error": "rank 1 failed during loading the checkpoint: shard 1 is unreadable", "posted": False}
+    assert world2.run(_setup_verdict_inside_a_watch) == [expected] * 2
 
 
 def _diverge_with_a_save_in_flight(rank: int, world: int, args: list[str], port: int) -> str:

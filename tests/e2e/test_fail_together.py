@@ -108,6 +108,50 @@ def test_rank_failing_under_torchrun_stops_rank_zero_with_its_error(tiny_args, t
     assert f"[rank 0/2] ERROR megatron_lite.launcher.fail_fast: rank 1 {MESSAGE}" in out, out[-4000:]
 
 
+# `megatron-lite train` whose rank FAIL_RANK runs out of memory building its model, after the mesh
+SETUP_DRIVER = """
+import os, sys
+from megatron_lite.cli import main
+from megatron_lite.training import trainer
+
+class OutOfMemoryEngine(trainer.Engine):
+    def __init__(self, *args, **kwargs):
+        if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        super().__init__(*args, **kwargs)
+
+trainer.Engine = OutOfMemoryEngine
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_rank_failing_in_setup_after_the_mesh_stops_the_others_with_its_error(tiny_args, tmp_path):
+    """Rank 1 fails building its model; rank 0 went on to its first step's collective, where it
+    waited parallel.timeout_s (300 s here) before, then reported only a timeout."""
+    script = tmp_path / "driver.py"
+    script.write_text(SETUP_DRIVER)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *tiny_args, "parallel.timeout_s=300"],
+            env=clean_env(
+                RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_RANK="1"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    (out0, out1), ended = _outputs(procs, timeout_s=120)
+    assert max(ended) < PROMPT_S, (ended, out0[-3000:])
+    assert [p.returncode for p in procs] == [1, 1], (out0[-3000:], out1[-3000:])
+    why = "rank 1 failed during setup: RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert f"{why}; stopping rank 0 too" in out0, out0[-3000:]
+    assert f"{why}; stopping every rank" in out1, out1[-3000:]
+
+
 LOST_STORE_SCRIPT = """
 import os, signal, time
 import torch.distributed as dist
