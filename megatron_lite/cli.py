@@ -59,6 +59,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         append_eos=not args.no_eos,
         progress=not args.quiet,
         overwrite=args.overwrite,
+        workers=args.workers,
     )
     print(json.dumps(stats))
     return 0
@@ -173,6 +174,12 @@ def _add_data_verbs(sub) -> None:
     pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
+    pp.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="tokenizing processes: N >= 1, or auto (one per CPU); the output is the same for any N (default 1)",
+    )
     pp.set_defaults(fn=_preprocess)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")

@@ -2,6 +2,7 @@
 
 python tools/preprocess_data.py --input 'corpus/*.txt' --tokenizer tok/my.model --output data/my
 python tools/preprocess_data.py --input docs.jsonl --json-key content --tokenizer tok/my.model --output data/my
+python tools/preprocess_data.py --input 'shards/*.jsonl.gz' --tokenizer tok/my.model --output data/my --workers auto
 """
 
 import sys

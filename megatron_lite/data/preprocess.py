@@ -25,6 +25,7 @@ run on one stray file.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import json
 import os
@@ -47,6 +48,7 @@ from megatron_lite.data.indexed import (
 )
 from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
@@ -197,6 +199,28 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
     yield _text_chunks(path, bar, stats)
 
 
+def _pieces(files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict) -> Iterator[str | None]:
+    """The text of every document of ``files``, in pieces (:class:`_Splitter`), each document followed
+    by None."""
+    for path in files:
+        for chunks in _documents(path, json_key, bar, stats):
+            yield from splitter.split(chunks)
+            yield None
+
+
+def _write(builder: IndexedDatasetBuilder, encoded: Iterable[np.ndarray | None], eos: np.ndarray, stats: dict) -> None:
+    """Write the ids of each piece, and ``eos`` and a document end at each None."""
+    for ids in encoded:
+        if ids is None:
+            builder.add_tokens(eos)
+            builder.end_document()
+            stats["documents"] += 1
+            stats["tokens"] += eos.size
+        else:
+            builder.add_tokens(ids)
+            stats["tokens"] += ids.size
+
+
 def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -> Path:
     """Refuse outputs that would destroy something: an input, a ``PREFIX.json`` that is not an
     earlier dataset record (a tokenizer trained to the same prefix keeps its record there too), or,
@@ -235,14 +259,17 @@ def preprocess(
     append_eos: bool = True,
     progress: bool = True,
     overwrite: bool = False,
+    workers: int | str = 1,
 ) -> dict:
     """Tokenize ``inputs`` into ``<out_prefix>.bin``/``.idx`` (plus a ``.json`` of stats).
 
     Returns the stats: ``documents``, ``tokens``, ``bytes`` (input bytes read), ``files``,
     ``decode_errors`` (documents with invalid UTF-8), ``seconds``. An existing dataset at
     ``out_prefix`` is refused unless ``overwrite``. The dataset appears only when complete; on any
-    error the previous one (if any) is left untouched.
+    error the previous one (if any) is left untouched. ``workers`` > 1 (or ``"auto"``) encodes in
+    that many processes (``preprocess_pool.py``), writing the same bytes.
     """
+    workers = resolve_workers(workers)
     files = expand_inputs(inputs)
     meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
@@ -257,18 +284,18 @@ def preprocess(
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
     splitter = _Splitter(tok)
     eos = np.array([tok.eos_id] if append_eos else [], dtype=np.int64)
-    with bar, IndexedDatasetBuilder(out_prefix, token_dtype(tok.vocab_size)) as builder:
-        for path in files:
-            for chunks in _documents(path, json_key, bar, stats):
-                for piece in splitter.split(chunks):
-                    ids = np.array(tok.encode(piece), dtype=np.int64)  # no Python list outlives a piece
-                    builder.add_tokens(ids)
-                    stats["tokens"] += ids.size
-                    del ids
-                builder.add_tokens(eos)
-                builder.end_document()
-                stats["documents"] += 1
-                stats["tokens"] += eos.size
+    pool = EncodingPool(tok, workers) if workers > 1 else None  # its processes start with the first batch
+    with (
+        bar,
+        pool or contextlib.nullcontext(),
+        IndexedDatasetBuilder(out_prefix, token_dtype(tok.vocab_size)) as builder,
+    ):
+        pieces = _pieces(files, json_key, splitter, bar, stats)
+        if pool is not None:
+            encoded = pool.encode(pieces)
+        else:  # no Python list outlives a piece
+            encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
+        _write(builder, encoded, eos, stats)
         stats["bytes"] = total  # every input file is read to its end
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.

@@ -261,13 +261,15 @@ def train_tokenizer(
 class Tokenizer:
     """A trained sentencepiece model with exact round-trip ``encode``/``decode``."""
 
-    def __init__(self, model_path: str | Path) -> None:
+    def __init__(self, model_path: str | Path, model_bytes: bytes | None = None) -> None:
+        """Load ``model_path``; or, given ``model_bytes`` (the contents of that file, e.g. a
+        :attr:`model_bytes` sent to another process), load those and read no file."""
         self.path = Path(model_path)
         fix = "train one with `megatron-lite tokenizer train ...` or point data.tokenizer at a .model file"
         if self.path.suffix != ".model" and self.path.with_name(self.path.name + ".model").is_file():
             fix = f"did you mean {self.path}.model? (`tokenizer train --output {self.path}` wrote that file)"
         try:
-            data = self.path.read_bytes()
+            data = self.path.read_bytes() if model_bytes is None else model_bytes
         except OSError as e:
             raise UserError(f"tokenizer model {self.path} cannot be read ({e.strerror}); {fix}") from e
         self._sp = spm.SentencePieceProcessor()
@@ -283,6 +285,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The loaded model, serialized: ``Tokenizer(self.path, self.model_bytes)`` encodes alike."""
+        return self._sp.serialized_model_proto()
 
     @property
     def bos_id(self) -> int:

@@ -52,3 +52,14 @@ def exit_with_launcher(environ: Mapping[str, str] | None = None) -> bool:
     if os.getpid() == pid and os.getppid() != parent:  # (a forked child has no start-up parent on record)
         signal.raise_signal(signal.SIGTERM)
     return armed
+
+
+def exit_with_parent(parent: int) -> bool:
+    """Make this helper process (a ``preprocess`` worker) receive SIGTERM when ``parent``, the process
+    that started it, dies (strictly: when the thread that started it ends), so a parent killed with
+    SIGKILL leaves no workers behind; if ``parent`` is already gone, raise SIGTERM at once. True when
+    the kernel took the request; False where there is no such call (not Linux)."""
+    armed = _request_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:
+        signal.raise_signal(signal.SIGTERM)
+    return armed
