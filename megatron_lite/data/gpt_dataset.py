@@ -274,6 +274,11 @@ class GPTDataset:
         )
 
     @property
+    def datasets(self) -> list[IndexedDataset]:
+        """The blend's datasets, in ``prefixes`` order."""
+        return [s.data for s in self._sources]
+
+    @property
     def num_tokens(self) -> list[int]:
         """Tokens of each dataset's split."""
         return [s.num_tokens for s in self._sources]

@@ -122,6 +122,7 @@ class IndexedDatasetBuilder:
         self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed by finalize()/abort()
         self._sizes = array("q")
         self._max_id = np.iinfo(self.dtype).max
+        self._top = -1  # the largest id added so far
         self._open_size: int | None = None  # tokens so far of a document begun by add_tokens()
         self._done = False
 
@@ -133,11 +134,12 @@ class IndexedDatasetBuilder:
         arr = np.asarray(ids)
         if arr.ndim != 1:
             raise ValueError(f"a document must be a 1-D sequence of ids, got shape {arr.shape}")
-        if arr.size and (arr.min() < 0 or arr.max() > self._max_id):
-            # A silent wrap to uint16 would corrupt the data without any error later.
-            raise ValueError(
-                f"token ids must lie in [0, {self._max_id}] for {self.dtype}, got {arr.min()}..{arr.max()}"
-            )
+        if arr.size:
+            low, high = int(arr.min()), int(arr.max())
+            if low < 0 or high > self._max_id:
+                # A silent wrap to uint16 would corrupt the data without any error later.
+                raise ValueError(f"token ids must lie in [0, {self._max_id}] for {self.dtype}, got {low}..{high}")
+            self._top = max(self._top, high)
         self._file.write(np.ascontiguousarray(arr, dtype=self.dtype).tobytes())
         self._open_size = (self._open_size or 0) + arr.size
 
@@ -160,6 +162,11 @@ class IndexedDatasetBuilder:
     @property
     def num_tokens(self) -> int:
         return int(sum(self._sizes))
+
+    @property
+    def max_token_id(self) -> int | None:
+        """The largest id added so far, None before any (``preprocess`` records it with the dataset)."""
+        return None if self._top < 0 else self._top
 
     def finalize(self, stale: Sequence[Path] = ()) -> Path:
         """Write the index and move both files into place; returns the ``.idx`` path. ``stale``:
@@ -290,6 +297,11 @@ class IndexedDataset:
             raise IndexError(f"span [{offset}, {offset + length}) outside document {doc} of {size} tokens")
         start = int(self.offsets[doc]) + offset
         return self._tokens[start : start + length]
+
+    def max_token_id(self) -> int:
+        """The largest id in the ``.bin`` (-1 when empty), read in full: cheap for a file in the page
+        cache (GB/s), disk speed otherwise."""
+        return int(self._tokens.max()) if self._tokens.size else -1
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"

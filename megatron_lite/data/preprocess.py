@@ -306,6 +306,7 @@ def preprocess(
         "tokenizer": str(tok.path),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
+        "max_token_id": builder.max_token_id,
         "json_key": json_key,
         "append_eos": append_eos,
         "inputs": [str(p) for p in files],
@@ -318,7 +319,7 @@ def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None 
     """Refuse to read ``<prefix>.bin`` with another tokenizer than the one :func:`preprocess` made it
     with: the sha256 recorded in ``<prefix>.json`` must be ``tok.sha256`` (the same hash of the
     ``.model`` bytes). Without that record (a dataset made elsewhere, an unreadable ``.json``) there
-    is nothing to compare: the ``.idx`` stores no largest token id, so no cheap fallback check."""
+    is no hash to compare; the trainer still checks the largest token id (``token_range.py``)."""
     meta_path = Path(str(prefix) + ".json")
     try:
         meta = json.loads(meta_path.read_text())

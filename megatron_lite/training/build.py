@@ -17,6 +17,7 @@ from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.preprocess import check_dataset_tokenizer
+from megatron_lite.data.token_range import check_token_ids
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
@@ -97,3 +98,10 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     elif d.valid_fraction > 0:
         valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", valid_fraction=d.valid_fraction)
     return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))
+
+
+def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:
+    """Refuse, before step 1, a dataset of the blend holding a token id >= ``vocab_size``
+    (``model.vocab_size``): made with a larger tokenizer than the run's. Returns the prefixes too
+    large to read whole and without a record of their largest id (``data/token_range.py``)."""
+    return check_token_ids(data.train.datasets, vocab_size, data.tokenizer)

@@ -72,10 +72,19 @@ class Trainer:
         with fail_fast_setup("checking the config"):
             self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
             self._check_vocab()
+            unchecked = build.check_data_vocab(self.data, cfg.model.vocab_size)  # no mid-run surprise
         local_ranks = self.env.local_world_size
         if self.rank == 0:
             for why in preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid):
                 log.warning("%s", why)
+            for prefix in unchecked:
+                log.warning(
+                    "dataset %s has no record of its largest token id (%s.json, written by `megatron-lite "
+                    "preprocess`) and is too large to read whole at startup: its ids are checked against "
+                    "model.vocab_size only as batches are read",
+                    prefix,
+                    prefix,
+                )
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         # a rank that fails from here on (out of memory building the model, its checkpoint shard unreadable,

@@ -298,17 +298,37 @@ def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corp
     assert records and all(r.get("eval_loss") is None for r in records)
 
 
-def test_token_ids_past_the_vocabulary_are_one_clear_error(tiny_args, small_corpus, tmp_path, capsys):
+def _dataset_of_a_larger_vocabulary(prefix: Path) -> None:
     from megatron_lite.data.indexed import IndexedDatasetBuilder
 
-    _, tok = small_corpus
-    builder = IndexedDatasetBuilder(tmp_path / "big")  # no PREFIX.json: the tokenizer hash check cannot help
+    builder = IndexedDatasetBuilder(prefix)  # no PREFIX.json: the tokenizer hash check cannot help
     for _ in range(4):
         builder.add_document(list(range(100)) + [9000])
     builder.finalize()
+
+
+def test_token_ids_past_the_vocabulary_are_one_clear_error(tiny_args, small_corpus, tmp_path, capsys):
+    _, tok = small_corpus
+    _dataset_of_a_larger_vocabulary(tmp_path / "big")
     assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
     err = one_error_line(capsys)
-    assert "token id 9000 but model.vocab_size is 512" in err and str(tok) in err
+    assert "token id 9000 but model.vocab_size is 512 (the largest, read from" in err and str(tok) in err
+    assert not (Path(args_dir(tiny_args)) / "metrics.jsonl").exists()  # refused before step 1
+
+
+def test_token_ids_past_the_vocabulary_are_caught_as_read_where_the_data_is_too_large_to_check_first(
+    tiny_args, small_corpus, tmp_path, capsys, caplog, monkeypatch
+):
+    from megatron_lite.data import token_range
+
+    _, tok = small_corpus
+    monkeypatch.setattr(token_range, "SCAN_LIMIT_BYTES", 0)  # as for a .bin of terabytes without its record
+    _dataset_of_a_larger_vocabulary(tmp_path / "big")
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
+    assert f"dataset {tmp_path / 'big'} has no record of its largest token id" in caplog.text
+    err = one_error_line(capsys)
+    assert "the data holds token id 9000 but model.vocab_size is 512 (step 1)" in err and str(tok) in err
 
 
 def args_dir(args: list[str]) -> str:

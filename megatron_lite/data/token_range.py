@@ -1,0 +1,89 @@
+"""Before step 1: every dataset's token ids must fit the model's vocabulary.
+
+A dataset tokenized with another, larger tokenizer holds ids >= ``model.vocab_size``. Found when a
+batch holding one is read, it stops one rank mid-run while the others wait in their collectives;
+found here, at startup, every rank refuses together (the trainer runs this in a ``fail_fast_setup``
+block) with one message naming the dataset and the fix.
+
+The largest id of a dataset comes from, cheapest first:
+
+1. its record ``PREFIX.json``, written by ``preprocess``: ``max_token_id``; in a record from before
+   that field, the tokenizer's ``vocab_size`` as an upper bound. A record is believed only while its
+   ``documents`` and ``tokens`` are the ``.idx``'s: one left beside a pair rebuilt by other means
+   describes other data.
+2. otherwise a read of the whole memory-mapped ``.bin`` (numpy max: ~15 GB/s from the page cache on
+   the 2-core development machine, disk speed when cold), up to ``SCAN_LIMIT_BYTES`` a dataset.
+   Every rank reads (the verdict must stand on each without a collective), but a node's ranks share
+   the page cache, so 8 GiB costs seconds even from a cold local disk. A larger dataset without a
+   record is not read: the caller warns, and the trainer's per-batch check still guards it.
+
+The ``.idx`` has no room for the largest id: its readers refuse another version and a longer file,
+so the record stays beside it, and datasets without it (older ones, ones made elsewhere) still open.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.tokenizer import Tokenizer
+from megatron_lite.errors import UserError
+
+SCAN_LIMIT_BYTES = 8 << 30
+
+
+def _record(data: IndexedDataset) -> dict | None:
+    """``PREFIX.json`` when it is the record of exactly this ``.bin``/``.idx``, else None."""
+    path = Path(data.prefix + ".json")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or (record.get("documents"), record.get("tokens")) != (len(data), data.num_tokens):
+        return None
+    return record
+
+
+def largest_token_id(data: IndexedDataset, below: int, scan_limit: int | None = None) -> tuple[int, str] | None:
+    """(the largest id in ``data``, -1 for none; where that comes from), or None when neither its
+    record nor a read of at most ``scan_limit`` bytes (default ``SCAN_LIMIT_BYTES``) tells (module
+    docstring). An older record's bound is enough when it is under ``below``; otherwise the ``.bin``
+    gives the exact value."""
+    record = _record(data) or {}
+    top = record.get("max_token_id", "absent")
+    if top is None or isinstance(top, int):
+        return (-1 if top is None else top), f"the largest, recorded in {data.prefix}.json"
+    bound = record.get("vocab_size")
+    if isinstance(bound, int) and bound <= below:
+        return bound - 1, f"at most: {data.prefix}.json records a tokenizer of {bound} tokens"
+    if data.bin_path.stat().st_size > (SCAN_LIMIT_BYTES if scan_limit is None else scan_limit):
+        return None
+    return data.max_token_id(), f"the largest, read from {data.bin_path}"
+
+
+def check_token_ids(
+    datasets: Sequence[IndexedDataset], vocab_size: int, tok: Tokenizer, scan_limit: int | None = None
+) -> list[str]:
+    """Refuse the first of ``datasets`` that holds an id >= ``vocab_size`` (``tok``: the run's
+    tokenizer, named in the fix); returns the prefixes that could not be checked."""
+    unchecked = []
+    for data in datasets:
+        found = largest_token_id(data, vocab_size, scan_limit)
+        if found is None:
+            unchecked.append(data.prefix)
+        elif found[0] >= vocab_size:
+            raise UserError(_too_large(data, found, vocab_size, tok))
+    return unchecked
+
+
+def _too_large(data: IndexedDataset, found: tuple[int, str], vocab_size: int, tok: Tokenizer) -> str:
+    made_with = (_record(data) or {}).get("tokenizer")
+    made = f"; its record names {made_with}" if made_with else ""
+    return (
+        f"dataset {data.prefix} holds token id {found[0]} but model.vocab_size is {vocab_size} ({found[1]}): it "
+        f"was tokenized with a larger vocabulary than this run's tokenizer {tok.path} ({tok.vocab_size} "
+        f"tokens){made}; re-run `megatron-lite preprocess --tokenizer {tok.path} --output {data.prefix} "
+        "--overwrite ...` on its text, or set data.tokenizer to the tokenizer it was made with"
+    )

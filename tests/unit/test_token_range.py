@@ -1,0 +1,104 @@
+"""The largest token id of a dataset: recorded by the builder and ``preprocess``, read from the
+``.bin`` when there is no record, and checked against the model's vocabulary before training."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder
+from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.token_range import check_token_ids, largest_token_id
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    (root / "a.txt").write_text("def f(x):\n    return x * 2  # a comment\n" * 50)
+    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", 300, progress=False))
+
+
+def _build(prefix, docs, dtype=np.uint16) -> IndexedDataset:
+    with IndexedDatasetBuilder(prefix, dtype) as b:
+        for doc in docs:
+            b.add_document(doc)
+    return IndexedDataset(prefix)
+
+
+def test_builder_tracks_the_largest_id(tmp_path):
+    b = IndexedDatasetBuilder(tmp_path / "d")
+    assert b.max_token_id is None
+    b.add_document([])
+    assert b.max_token_id is None
+    b.add_tokens([5, 900])
+    b.add_tokens([7])
+    b.end_document()
+    b.add_document([3])
+    assert b.max_token_id == 900
+    b.abort()
+
+
+def test_preprocess_records_the_largest_id(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("def g(y):\n    return y + 1\n")
+    preprocess([tmp_path / "a.txt"], tok, tmp_path / "d", progress=False)
+    record = json.loads((tmp_path / "d.json").read_text())
+    assert record["max_token_id"] == IndexedDataset(tmp_path / "d").max_token_id() > 260  # a learned piece
+
+
+def test_an_idx_written_now_keeps_the_version_1_layout(tmp_path):
+    """No field was added to the .idx: a reader of version 1 (which refuses a longer file) opens it."""
+    _build(tmp_path / "d", [[1, 2, 3], [], [9]])
+    data = (tmp_path / "d.idx").read_bytes()
+    assert struct.unpack("<8sQQQQ", data[:40]) == (MAGIC, 1, 1, 3, 4)
+    assert len(data) == 40 + 16 * 3
+
+
+def test_without_a_record_the_bin_is_read(tmp_path):
+    data = _build(tmp_path / "d", [[1, 2], [], [40_000, 3]])
+    assert data.max_token_id() == 40_000
+    assert largest_token_id(data, 300) == (40_000, f"the largest, read from {data.bin_path}")
+    assert largest_token_id(data, 300, scan_limit=data.bin_path.stat().st_size - 1) is None  # too large to read
+    assert _build(tmp_path / "e", [[], []]).max_token_id() == -1
+
+
+def _record(prefix, **fields) -> None:
+    (prefix.parent / (prefix.name + ".json")).write_text(json.dumps(fields))
+
+
+def test_a_record_is_used_only_when_it_describes_the_files(tmp_path):
+    data = _build(tmp_path / "d", [[1, 2], [700]])
+    _record(tmp_path / "d", documents=2, tokens=3, max_token_id=700)
+    assert largest_token_id(data, 300, scan_limit=0) == (
+        700,
+        f"the largest, recorded in {data.prefix}.json",
+    )  # nothing read
+    _record(tmp_path / "d", documents=2, tokens=99, max_token_id=5)  # another dataset's record
+    assert largest_token_id(data, 300) == (700, f"the largest, read from {data.bin_path}")
+
+
+def test_an_older_record_bounds_the_ids_by_its_tokenizer(tmp_path):
+    data = _build(tmp_path / "d", [[1, 2], [250]])
+    _record(tmp_path / "d", documents=2, tokens=3, vocab_size=300)  # no max_token_id yet
+    assert largest_token_id(data, 300, scan_limit=0)[0] == 299
+    assert largest_token_id(data, 280) == (250, f"the largest, read from {data.bin_path}")  # the bound says too little
+
+
+def test_ids_beyond_the_vocabulary_are_refused_naming_the_dataset_and_fix(tok, tmp_path):
+    small = _build(tmp_path / "small", [[1, 299]])
+    big = _build(tmp_path / "big", [[1, 2], [512, 7]])
+    assert check_token_ids([small], 300, tok) == []
+    with pytest.raises(UserError) as e:
+        check_token_ids([small, big], 300, tok)
+    message = str(e.value)
+    assert f"dataset {big.prefix} holds token id 512 but model.vocab_size is 300 (the largest, read from" in message
+    assert f"preprocess --tokenizer {tok.path} --output {big.prefix}" in message
+    assert "set data.tokenizer to the tokenizer it was made with" in message
+    assert check_token_ids([small, big], 513, tok) == []
+
+
+def test_a_dataset_too_large_to_read_is_reported_unchecked(tok, tmp_path):
+    big = _build(tmp_path / "big", [[1, 2], [512, 7]])
+    assert check_token_ids([big], 300, tok, scan_limit=4) == [big.prefix]
