@@ -102,6 +102,17 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
 
 def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:
     """Refuse, before step 1, a dataset of the blend holding a token id >= ``vocab_size``
-    (``model.vocab_size``): made with a larger tokenizer than the run's. Returns the prefixes too
-    large to read whole and without a record of their largest id (``data/token_range.py``)."""
-    return check_token_ids(data.train.datasets, vocab_size, data.tokenizer)
+    (``model.vocab_size``): made with a larger tokenizer than the run's. Returns a warning for each
+    dataset too large to read whole and without a record of its largest id (``data/token_range.py``).
+    A ``vocab_size`` below the tokenizer's is refused first."""
+    if vocab_size < (tokens := data.tokenizer.vocab_size):
+        raise UserError(
+            f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary ({tokens}); "
+            "leave it empty to use the tokenizer's"
+        )
+    return [
+        f"dataset {prefix} has no record of its largest token id ({prefix}.json, written by `megatron-lite "
+        "preprocess`) and is too large to read whole at startup: its ids are checked against "
+        "model.vocab_size only as batches are read"
+        for prefix in check_token_ids(data.train.datasets, vocab_size, data.tokenizer)
+    ]

@@ -71,20 +71,14 @@ class Trainer:
         self.data = self._prepare_data()
         with fail_fast_setup("checking the config"):
             self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
-            self._check_vocab()
             unchecked = build.check_data_vocab(self.data, cfg.model.vocab_size)  # no mid-run surprise
-        local_ranks = self.env.local_world_size
         if self.rank == 0:
-            for why in preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid):
+            local_ranks = self.env.local_world_size
+            for why in [
+                *preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid),
+                *unchecked,
+            ]:
                 log.warning("%s", why)
-            for prefix in unchecked:
-                log.warning(
-                    "dataset %s has no record of its largest token id (%s.json, written by `megatron-lite "
-                    "preprocess`) and is too large to read whole at startup: its ids are checked against "
-                    "model.vocab_size only as batches are read",
-                    prefix,
-                    prefix,
-                )
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
         # a rank that fails from here on (out of memory building the model, its checkpoint shard unreadable,
@@ -175,14 +169,6 @@ class Trainer:
             if self.env.local_rank != 0:
                 paths = build.resolve_data_paths(self.cfg, progress=False)
             return build.build_data(self.cfg, *paths)
-
-    def _check_vocab(self) -> None:
-        model_vocab, tok_vocab = self.cfg.model.vocab_size, self.data.tokenizer.vocab_size
-        if model_vocab < tok_vocab:
-            raise UserError(
-                f"model.vocab_size ({model_vocab}) is smaller than the tokenizer's vocabulary ({tok_vocab}); "
-                "leave it empty to use the tokenizer's"
-            )
 
     def _log_setup(self) -> None:
         if self.rank != 0:
