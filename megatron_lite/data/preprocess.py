@@ -251,6 +251,16 @@ def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -
     )
 
 
+def _open_tokenizer(tokenizer: str | Path | Tokenizer, append_eos: bool) -> Tokenizer:
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    if append_eos and tok.eos_id < 0:
+        raise UserError(
+            f"tokenizer {tok.path} has no EOS token (eos_id {tok.eos_id}) to end each document with; "
+            "pass --no-eos, or use a tokenizer that has one (`megatron-lite tokenizer train`)"
+        )
+    return tok
+
+
 def preprocess(
     inputs: Sequence[str | Path],
     tokenizer: str | Path | Tokenizer,
@@ -272,12 +282,7 @@ def preprocess(
     workers = resolve_workers(workers)
     files = expand_inputs(inputs)
     meta_path = _check_outputs(files, out_prefix, overwrite)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-    if append_eos and tok.eos_id < 0:
-        raise UserError(
-            f"tokenizer {tok.path} has no EOS token (eos_id {tok.eos_id}) to end each document with; "
-            "pass --no-eos, or use a tokenizer that has one (`megatron-lite tokenizer train`)"
-        )
+    tok = _open_tokenizer(tokenizer, append_eos)
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     start = time.perf_counter()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from ports import free_port
@@ -58,18 +59,14 @@ def _outputs(procs: list[subprocess.Popen], timeout_s: float) -> tuple[list[str]
     return outs, ended
 
 
-def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_args, tmp_path):
-    """Rank 0 fails while it hosts the store: it stays until rank 1 has read its error. The async
-    save of step 2 still in flight is not committed (it would need rank 0), and both logs say so."""
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
+def _plain_launch(script: Path, args: list[str], fail_rank: int) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of ``script`` launched without torchrun (rank 0 hosts the store)."""
     port = str(free_port())
-    procs = [
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "FAIL_RANK": str(fail_rank)}
+    return [
         subprocess.Popen(
-            [sys.executable, str(script), *tiny_args, *ASYNC_SAVE_AT_2],
-            env=clean_env(
-                RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_RANK="0"
-            ),
+            [sys.executable, str(script), *args],
+            env=clean_env(RANK=str(r), LOCAL_RANK=str(r), **env),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -77,6 +74,14 @@ def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_arg
         )
         for r in (0, 1)
     ]
+
+
+def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_args, tmp_path):
+    """Rank 0 fails while it hosts the store: it stays until rank 1 has read its error. The async
+    save of step 2 still in flight is not committed (it would need rank 0), and both logs say so."""
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    procs = _plain_launch(script, [*tiny_args, *ASYNC_SAVE_AT_2], fail_rank=0)
     (out0, out1), ended = _outputs(procs, timeout_s=120)
     assert max(ended) < PROMPT_S, (ended, out1[-3000:])
     assert [p.returncode for p in procs] == [2, 2], (out0[-3000:], out1[-3000:])
@@ -130,20 +135,7 @@ def test_rank_failing_in_setup_after_the_mesh_stops_the_others_with_its_error(ti
     waited parallel.timeout_s (300 s here) before, then reported only a timeout."""
     script = tmp_path / "driver.py"
     script.write_text(SETUP_DRIVER)
-    port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), *tiny_args, "parallel.timeout_s=300"],
-            env=clean_env(
-                RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, FAIL_RANK="1"
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        for r in (0, 1)
-    ]
+    procs = _plain_launch(script, [*tiny_args, "parallel.timeout_s=300"], fail_rank=1)
     (out0, out1), ended = _outputs(procs, timeout_s=120)
     assert max(ended) < PROMPT_S, (ended, out0[-3000:])
     assert [p.returncode for p in procs] == [1, 1], (out0[-3000:], out1[-3000:])
