@@ -34,7 +34,8 @@ instead, over the rendezvous store (the trainer runs one around its setup after 
   then waits up to :data:`PEER_WAIT_S` (at most ``parallel.timeout_s``) for every rank to read it,
   so that a rank hosting the store (rank 0 of an ``srun`` or plain launch) or the torchrun agent's
   node outlives the others' reading, and then raises its own error as before;
-- every rank runs a daemon thread that looks for a post every :data:`POLL_S` over a connection of
+- every rank runs a daemon thread that looks for a post every :data:`POLL_S` (less often in a world of
+  more than :data:`STORE_LOOKS_PER_S` ranks, which the store serves all together) over a connection of
   its own (``Store.clone``: the main thread may hold the shared one in a blocking wait). When a peer
   failed it logs that rank's error, step and message and ends the process at once with ``os._exit``
   (its main thread sits inside a gloo/NCCL wait that no exception interrupts), exit status 2 for a
@@ -67,6 +68,7 @@ from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
 POLL_S = 1.0  # each rank asks the store this often whether a peer failed: one tiny request
+STORE_LOOKS_PER_S = 500  # at most this many such requests a second from the whole world (large worlds look less often)
 PEER_WAIT_S = 15.0  # a failing rank waits at most this long for the others to read its failure
 STORE_LOST_GRACE_S = 10.0  # a store that stopped answering: rank 0 is gone, unless the loop ends meanwhile
 STORE_OP_TIMEOUT_S = 30.0  # the watch's own store requests (a host that vanished without a reset)
@@ -154,6 +156,12 @@ def _exit_status(error: BaseException) -> int:
     return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
+def poll_interval(poll_s: float, world: int) -> float:
+    """Seconds between one rank's looks at the store: ``poll_s``, longer where the whole world's
+    looks would exceed :data:`STORE_LOOKS_PER_S` (4096 ranks: every 8.2 s)."""
+    return max(poll_s, world / STORE_LOOKS_PER_S)
+
+
 def _failure_text(report: dict) -> str:
     where = report.get("where") or f"at step {report['step']}"
     return f"rank {report['rank']} failed {where}: {report['error']}"
@@ -199,6 +207,7 @@ class FailureWatch:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return self
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.poll_s = poll_interval(self.poll_s, self.world)
         shared = dist.distributed_c10d._get_default_store()
         # a connection of its own (torch >= 2.8): a connection serves one request at a time, and the
         # main thread may hold the shared one in a blocking wait (a NCCL communicator's first use)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import check_master_resolves
-from megatron_lite.launcher.fail_fast import agree_before_joining, fail_fast_setup
+from megatron_lite.launcher.fail_fast import STORE_LOOKS_PER_S, agree_before_joining, fail_fast_setup, poll_interval
 from megatron_lite.launcher.slurm import (
     TEMPLATE_DIR,
     TEMPLATES,
@@ -231,3 +231,11 @@ def test_verdicts_before_joining_are_per_torchrun_attempt(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with pytest.raises(dist.DistStoreError):  # waits for rank 1's verdict of this attempt
         agree_before_joining(store, 0, 2, None, False)
+
+
+def test_a_large_world_looks_for_failed_ranks_less_often():
+    """Every rank of the world asks the one rendezvous store: their looks together stay bounded."""
+    assert poll_interval(1.0, 8) == 1.0 and poll_interval(1.0, 500) == 1.0
+    assert poll_interval(1.0, 4096) == 4096 / STORE_LOOKS_PER_S
+    for world in (8, 1000, 4096, 65536):
+        assert world / poll_interval(1.0, world) <= STORE_LOOKS_PER_S
