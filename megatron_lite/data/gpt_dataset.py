@@ -1,18 +1,20 @@
 """GPT pretraining samples: packed token windows, weighted blends, and a resumable loader.
 
 Megatron's idea, kept: a sample is a window of ``seq_len + 1`` tokens (inputs plus shifted labels)
-cut from documents concatenated in a shuffled order, so no token is spent on padding. Three
-indices make that cheap (all numpy, built per epoch in milliseconds for millions of tokens):
+cut from documents concatenated in a shuffled order, so no token is spent on padding. A small
+per-epoch index makes that cheap (``data/sample_index.py``: numpy, int32 where exact):
 
-- doc order: the split's documents in a per-epoch seeded order (Megatron's doc-idx);
+- doc order: the split's documents in a per-epoch seeded order (Megatron's doc-idx), with the
+  token offset where each starts in the concatenation;
 - window starts: for window ``w`` of the epoch (tokens ``[w*L, w*L + L + 1)`` of the concatenation),
-  the position of the document it starts in (sample-idx), found by one ``searchsorted``;
+  the position of the document it starts in (Megatron's sample-idx), found by a ``searchsorted``
+  of the offsets when the window is read rather than stored;
 - shuffle: a per-epoch seeded permutation of the windows (shuffle-idx).
 
 Windows overlap by one token (the last label of window w is the first input of window w+1), so an
 epoch of ``T`` tokens yields ``(T - 1) // L`` samples and drops at most ``L`` tokens at its end.
 Sample ``i`` of a dataset is window ``shuffle_e[i % S]`` of epoch ``e = i // S``: any ``i >= 0`` is
-valid, and the index is computed lazily per epoch (two epochs cached).
+valid, and the index is computed lazily per epoch (the last one cached).
 
 Several datasets are blended by a fixed interleaving that keeps every dataset within one sample of
 ``weight * n`` in every prefix of the stream (``blend_schedule``).
@@ -29,8 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections import OrderedDict
-from dataclasses import dataclass
 from fractions import Fraction
 from math import lcm
 from pathlib import Path
@@ -39,13 +39,18 @@ import numpy as np
 import torch
 
 from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.sample_index import EpochIndex, build_epoch, permutation
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 _SPLIT_SEED = 0x5EED5
 _MAX_PERIOD = 1 << 16
-_EPOCHS_CACHED = 2
+
+
+def _sizes_crc(sizes: np.ndarray) -> int:
+    """CRC-32 of the document sizes as little-endian int64 (read in place: no copy when they are)."""
+    return zlib.crc32(np.ascontiguousarray(sizes, dtype="<i8"))
 
 
 def split_documents(sizes: np.ndarray, split: str, valid_fraction: float) -> np.ndarray:
@@ -56,18 +61,9 @@ def split_documents(sizes: np.ndarray, split: str, valid_fraction: float) -> np.
     """
     n = int(sizes.size)
     n_valid = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
-    key = zlib.crc32(np.ascontiguousarray(sizes, dtype="<i8").tobytes())
-    perm = np.random.default_rng([_SPLIT_SEED, n, key]).permutation(n)
+    perm = permutation(np.random.default_rng([_SPLIT_SEED, n, _sizes_crc(sizes)]), n)
     docs = perm[n - n_valid :] if split == "valid" else perm[: n - n_valid]
     return np.sort(docs)
-
-
-@dataclass(frozen=True)
-class _Epoch:
-    order: np.ndarray  # (D,) document ids in this epoch's order
-    starts: np.ndarray  # (D + 1,) token offset of each position in the concatenation
-    window_pos: np.ndarray  # (S,) position in `order` of the document each window starts in
-    shuffle: np.ndarray  # (S,) window served as the epoch's j-th sample
 
 
 class _PackedSplit:
@@ -77,43 +73,25 @@ class _PackedSplit:
         self.data, self.docs, self.seq_len = data, docs, seq_len
         self.num_tokens = int(data.sizes[docs].sum())
         self.samples_per_epoch = max(0, (self.num_tokens - 1) // seq_len)
-        self._seed = [
-            seed,
-            SPLITS.index(split),
-            zlib.crc32(np.ascontiguousarray(data.sizes, "<i8").tobytes()),
-        ]
-        self._cache: OrderedDict[int, _Epoch] = OrderedDict()
+        self._seed = [seed, SPLITS.index(split), _sizes_crc(data.sizes)]
+        # One epoch only: a loader reads each dataset's samples in increasing order, so an epoch is
+        # never needed again once the next is built; it is dropped first, so two never coexist.
+        self._cached: tuple[int, EpochIndex] | None = None
 
-    def _build_epoch(self, epoch: int) -> _Epoch:
-        rng = np.random.default_rng([*self._seed, epoch])
-        order = self.docs[rng.permutation(self.docs.size)]
-        starts = np.zeros(order.size + 1, dtype=np.int64)
-        np.cumsum(self.data.sizes[order], out=starts[1:])
-        window_starts = np.arange(self.samples_per_epoch, dtype=np.int64) * self.seq_len
-        # side="right" lands on the last position starting at or before the token: empty documents
-        # (whose start equals the next one's) are skipped.
-        window_pos = np.searchsorted(starts, window_starts, side="right") - 1
-        return _Epoch(order, starts, window_pos, rng.permutation(self.samples_per_epoch))
-
-    def _epoch(self, epoch: int) -> _Epoch:
-        if epoch in self._cache:
-            self._cache.move_to_end(epoch)
-        else:
-            self._cache[epoch] = self._build_epoch(epoch)
-            if len(self._cache) > _EPOCHS_CACHED:
-                self._cache.popitem(last=False)
-        return self._cache[epoch]
+    def _epoch(self, epoch: int) -> EpochIndex:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = None
+            self._cached = (epoch, build_epoch(self.data.sizes, self.docs, self.samples_per_epoch, self._seed, epoch))
+        return self._cached[1]
 
     def sample(self, k: int) -> np.ndarray:
         epoch, j = divmod(k, self.samples_per_epoch)
         ep = self._epoch(epoch)
-        window = int(ep.shuffle[j])
-        pos = int(ep.window_pos[window])
-        offset = window * self.seq_len - int(ep.starts[pos])
+        pos, offset = ep.locate(j, self.seq_len)
         out = np.empty(self.seq_len + 1, dtype=np.int64)
         filled = 0
         while filled < out.size:
-            doc = int(ep.order[pos])
+            doc = ep.doc(pos)
             take = min(int(self.data.sizes[doc]) - offset, out.size - filled)
             out[filled : filled + take] = self.data.get(doc, offset, take)
             filled += take
