@@ -1,10 +1,12 @@
 """The .bin/.idx pair reads back what was written, and every kind of damage is caught on open."""
 
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
 
+from megatron_lite.data import indexed
 from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder, token_dtype
 from megatron_lite.errors import UserError
 
@@ -159,3 +161,46 @@ def test_missing_file_is_user_error(tmp_path, missing):
 
 def test_magic_constant_is_eight_bytes():
     assert len(MAGIC) == 8
+
+
+def _negative_size_late(idx, bin_):
+    _patch(idx, 40 + 8 * (len(DOCS) + 4), struct.pack("<q", -1))
+
+
+def _first_offset(idx, bin_):
+    _patch(idx, 40, struct.pack("<q", 1))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+@pytest.mark.parametrize(
+    "corrupt, what",
+    [
+        (_bad_offsets, "document 2 starts at token 1,"),
+        (_negative_size_late, "negative document size at document 4"),
+        (_first_offset, "document 0 starts at token 1,"),
+    ],
+)
+def test_table_checks_see_across_chunks(tmp_path, monkeypatch, chunk, corrupt, what):
+    monkeypatch.setattr(indexed, "_CHECK_CHUNK", chunk)  # the table is checked a chunk at a time
+    prefix = _write(tmp_path / "d")
+    corrupt(tmp_path / "d.idx", tmp_path / "d.bin")
+    with pytest.raises(UserError, match=what):
+        IndexedDataset(prefix)
+
+
+def test_document_table_is_mapped_not_copied(tmp_path, monkeypatch):
+    monkeypatch.setattr(indexed, "_CHECK_CHUNK", 1000)
+    n = 50_000
+    with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as builder:
+        for i in range(n):
+            builder.add_document([i % 7] * (i % 3))
+    tracemalloc.start()
+    try:
+        ds = IndexedDataset(tmp_path / "d")
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not any(a.flags.owndata or a.flags.writeable for a in (ds.sizes, ds.offsets))  # views of the map
+    assert ds.sizes.tolist() == [i % 3 for i in range(n)]
+    # Every rank on a node shares the mapped pages; a copy would be 16 bytes a document (800 kB).
+    assert held < 64 * 1024 and peak < 256 * 1024, (held, peak)

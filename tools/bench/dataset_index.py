@@ -10,19 +10,26 @@ holds after, both counted from before the first epoch. The baseline is ``data/in
 (four int64 arrays per epoch) behind the two-epoch cache that ``gpt_dataset`` had, which built an
 epoch before evicting the oldest. The script fails unless both serve the same samples. The last
 line is JSON: baseline / compact ratios of the highest peak, of what is held at the end, and of
-the total build time.
+the total build time; and compact / baseline samples read per second once an epoch is built.
+
+With ``--open``, it first measures opening the same sizes as an ``IndexedDataset`` (an ``.idx``
+written in a temporary folder, the ``.bin`` a sparse file of the right length): the mapped document
+table against reading it whole into int64 arrays, as ``_read_index`` did, with the same checks.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
 import tracemalloc
 from collections import OrderedDict
 
 import numpy as np
 
+from megatron_lite.data import indexed
 from megatron_lite.data.gpt_dataset import _PackedSplit, split_documents
 from megatron_lite.data.index_reference import reference_epoch, reference_sample
 
@@ -56,6 +63,46 @@ class Baseline:
         return reference_sample(s.data, s.seq_len, self.cache[epoch], j)
 
 
+def read_table_whole(idx_path: str, num_docs: int) -> tuple[np.ndarray, np.ndarray]:
+    """The former ``_read_index`` table: read, copied into int64 offsets and sizes, checked whole."""
+    table = np.fromfile(idx_path, dtype="<i8", offset=indexed._HEADER.size)
+    offsets, sizes = table[:num_docs].astype(np.int64), table[num_docs:].astype(np.int64)
+    assert not (sizes < 0).any()
+    ends = offsets + sizes
+    assert offsets[0] == 0 and not np.flatnonzero(offsets[1:] != ends[:-1]).size
+    return offsets, sizes
+
+
+def traced(fn) -> tuple[float, float, float]:
+    """(seconds, peak MiB, held MiB) of ``fn()``, by tracemalloc; what it returns is kept meanwhile."""
+    tracemalloc.start()
+    start = time.perf_counter()
+    kept = fn()
+    seconds = time.perf_counter() - start
+    held, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    del kept
+    return seconds, peak / MiB, held / MiB
+
+
+def open_dataset(sizes: np.ndarray) -> dict:
+    """Opening ``sizes`` as an ``IndexedDataset``: whole-read baseline against the mapped table."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "d")
+        offsets = np.zeros_like(sizes)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        header = indexed._HEADER.pack(indexed.MAGIC, indexed.VERSION, 1, sizes.size, int(sizes.sum()))
+        with open(prefix + ".idx", "wb") as f:
+            f.write(header + offsets.astype("<i8").tobytes() + sizes.astype("<i8").tobytes())
+        with open(prefix + ".bin", "wb") as f:
+            f.truncate(int(sizes.sum()) * 2)  # uint16 tokens; sparse: never read here
+        rows = {"baseline": traced(lambda: read_table_whole(prefix + ".idx", sizes.size))}
+        rows["mapped"] = traced(lambda: indexed.IndexedDataset(prefix))
+    for name, (seconds, peak, held) in rows.items():
+        print(f"open .idx {name:8s}: {seconds:6.2f} s  peak {peak:8.1f} MiB  held {held:8.1f} MiB")
+    return {"open_peak_ratio": round(rows["baseline"][1] / rows["mapped"][1], 2)}
+
+
 def stream(reader, samples: int, epochs: int) -> list[dict]:
     """Read the first sample of each epoch; per epoch: seconds, peak and held MiB of the index."""
     rows = []
@@ -78,8 +125,10 @@ def main() -> None:
     parser.add_argument("--mean-tokens", type=int, default=1000)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--open", action="store_true", help="also measure opening the sizes as a dataset")
     args = parser.parse_args()
     data = FakeData(args.docs, args.mean_tokens)
+    opened = open_dataset(data.sizes) if args.open else {}
     split = _PackedSplit(data, split_documents(data.sizes, "train", 0.01), args.seq, 1234, "train")
     S = split.samples_per_epoch
     print(f"{data.sizes.size:,} documents, {split.num_tokens:,} train tokens, seq_len {args.seq}: {S:,} samples/epoch")
@@ -89,6 +138,14 @@ def main() -> None:
         for r in results[name]:
             mem = f"peak {r['peak_mib']:8.1f} MiB  held {r['held_mib']:8.1f} MiB"
             print(f"{name:9s} epoch {r['epoch']}: {r['s']:6.2f} s  {mem}")
+    reads = {}
+    for name, reader in (("baseline", Baseline(split)), ("compact", split)):
+        reader.sample(0)  # built: what follows times the lookups alone
+        start = time.perf_counter()
+        for k in range(1, 20_001):
+            reader.sample(k)
+        reads[name] = 20_000 / (time.perf_counter() - start)
+        print(f"{name:9s} reads {reads[name]:,.0f} samples/s (the reader returns zeros: lookup cost)")
     base, new = Baseline(split), split
     for k in [0, 1, S - 1, S, 2 * S + S // 2, (args.epochs - 1) * S + 7]:
         assert np.array_equal(base.sample(k), new.sample(k)), f"sample {k} differs"
@@ -97,6 +154,8 @@ def main() -> None:
         "peak_ratio": round(max(r["peak_mib"] for r in b) / max(r["peak_mib"] for r in c), 2),
         "held_ratio": round(b[-1]["held_mib"] / c[-1]["held_mib"], 2),
         "build_time_ratio": round(sum(r["s"] for r in b) / sum(r["s"] for r in c), 2),
+        "read_speed_ratio": round(reads["compact"] / reads["baseline"], 2),
+        **opened,
     }
     print(json.dumps(ratios))
 
