@@ -178,7 +178,7 @@ def _add_data_verbs(sub) -> None:
         "--workers",
         default="1",
         metavar="N",
-        help="tokenizing processes: N >= 1, or auto (one per CPU); the output is the same for any N (default 1)",
+        help="tokenizing processes: 1 to the usable CPUs, or auto (all); the output is the same for any N (default 1)",
     )
     pp.set_defaults(fn=_preprocess)
 

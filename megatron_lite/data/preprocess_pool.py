@@ -43,13 +43,20 @@ _BATCH_CHARS = 1 << 18  # text per batch: ~0.1 s of sentencepiece, against ~0.1 
 _BATCH_ITEMS = 1 << 14  # and at most this many pieces and document ends (a run of empty documents)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container's or taskset's share, not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def resolve_workers(value: int | str) -> int:
-    """``--workers``: a positive integer, or ``auto`` for the CPUs this process may run on."""
+    """``--workers``: a positive integer up to the usable CPUs, or ``auto`` for all of them (each
+    worker holds a tokenizer, some 50-90 MB: more workers than CPUs only cost memory)."""
+    cpus = usable_cpus()
     if str(value).strip().lower() == "auto":
-        try:
-            return len(os.sched_getaffinity(0))  # a container's or taskset's share, not the host's
-        except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+        return cpus
     try:
         workers = int(value)
     except (TypeError, ValueError):
@@ -58,6 +65,11 @@ def resolve_workers(value: int | str) -> int:
         raise UserError(
             f"--workers {value}: give the number of tokenizing processes, 1 or more (1: tokenize in this "
             "process), or auto for one per CPU"
+        )
+    if workers > cpus:
+        raise UserError(
+            f"--workers {value}: this process may run on {cpus} CPUs, and a worker beyond one per CPU adds only "
+            f"memory (a tokenizer each); give at most {cpus}, or auto"
         )
     return workers
 

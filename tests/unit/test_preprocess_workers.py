@@ -56,6 +56,13 @@ def _corpus(code: str, root: Path) -> list[Path]:
     return [root / "a.jsonl", root / "b.txt", root / "c.jsonl.gz", root / "d.txt"]
 
 
+@pytest.fixture(autouse=True)
+def _enough_cpus(monkeypatch):
+    """In-process runs with 2 workers pass on a one-CPU machine too (the refusal is tested alone)."""
+    real = preprocess_pool.usable_cpus()
+    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
+
+
 def test_workers_write_the_same_bytes_as_one_process(tok, code, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "_PIECE_CHARS", 97)  # long documents in many pieces
     monkeypatch.setattr(pp, "_READ_BYTES", 7)
@@ -122,8 +129,21 @@ def test_the_cli_refuses_workers_below_one_before_any_work(tok, tmp_path, capsys
 
 
 def test_workers_auto_is_one_per_usable_cpu():
-    assert resolve_workers("auto") == len(os.sched_getaffinity(0))
-    assert resolve_workers("3") == resolve_workers(3) == 3
+    cpus = len(os.sched_getaffinity(0))
+    assert resolve_workers("auto") == cpus
+    assert resolve_workers(str(cpus)) == resolve_workers(cpus) == cpus
+
+
+def test_more_workers_than_usable_cpus_are_refused(tmp_path, tok, capsys):
+    """--workers 100000 started processes until the machine ran out of memory."""
+    cpus = len(os.sched_getaffinity(0))
+    with pytest.raises(UserError, match=f"--workers {cpus + 1}: this process may run on {cpus} CPUs.*at most {cpus}"):
+        resolve_workers(cpus + 1)
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    argv = ["preprocess", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tok.path), "--quiet"]
+    assert main([*argv, "--output", str(tmp_path / "out"), "--workers", "100000"]) == 2
+    assert "error: --workers 100000: this process may run on" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))
 
 
 def test_a_worker_that_cannot_load_the_tokenizer_is_an_error_not_a_hang(tok, tmp_path):
