@@ -48,7 +48,9 @@ class PreemptionHandler:
     fires on its own schedule, maybe while a rank that finished training closes its trackers or
     process groups. Either killed a rank whose work was saved, and torchrun or srun reported it
     failed. A SIGTERM that is the first signal still ends the process: it is also how a rank is
-    told its launcher died (``launcher/orphan.py``).
+    told its launcher died (``launcher/orphan.py``). A rank that stops for a peer's signal (the
+    trainer calls :meth:`peer_requested`) counts as signalled: its own copy may come only after it
+    saved, when srun delivers to the ranks one by one.
     """
 
     def __init__(
@@ -57,7 +59,12 @@ class PreemptionHandler:
         self.signals = signals
         self.ignore_after_request = ignore_after_request
         self.requested = False
+        self.stopping = False  # this rank or a peer was signalled: every rank stops at this step
         self._previous: dict[signal.Signals, object] = {}
+
+    def peer_requested(self) -> None:
+        """Another rank got a preemption signal and this one stops with it (:func:`any_rank`)."""
+        self.stopping = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -74,7 +81,7 @@ class PreemptionHandler:
     def uninstall(self) -> None:
         """Put back the handlers that were there before (see ``ignore_after_request``)."""
         for sig, previous in self._previous.items():
-            late = self.ignore_after_request and (self.requested or sig == signal.SIGUSR1)
+            late = self.ignore_after_request and (self.requested or self.stopping or sig == signal.SIGUSR1)
             signal.signal(sig, signal.SIG_IGN if late else previous)
         self._previous.clear()
 

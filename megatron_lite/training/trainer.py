@@ -371,6 +371,8 @@ class Trainer:
             record = self._log_step(out, bar, is_eval)
         # one all-reduce a step: any rank signalled? any rank still writing an async checkpoint?
         self.preempted, writing = any_rank([self.preemption.requested, self.checkpointer.writing], self.device)
+        if self.preempted:
+            self.preemption.peer_requested()  # its own copy of the signal may come late: harmless then
         if self.preempted and record is None:  # every rank stops at this step (the all-reduce says so): its row too
             record = self._log_step(out, bar, is_eval=False)
         if self.checkpointer.in_flight and not writing:

@@ -40,5 +40,18 @@ def test_a_launched_rank_ignores_the_second_copy_of_a_preemption_signal():
             signal.signal(sig, handler)
 
 
+def test_a_rank_stopped_by_a_peers_signal_ignores_its_own_late_copy():
+    """srun signals the ranks one by one: a rank that stopped for its peer's signal and saved got its
+    own SIGTERM after the loop, and its default action ended it with 143 (the job counted as failed)."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with PreemptionHandler(ignore_after_request=True) as handler:
+            handler.peer_requested()
+        assert not handler.requested and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGTERM)  # the late copy: ignored (the default action would end pytest)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_any_rank_is_identity_in_one_process():
     assert any_rank([True, False], torch.device("cpu")) == [True, False]
