@@ -28,6 +28,7 @@ import codecs
 import contextlib
 import glob
 import json
+import logging
 import os
 import sys
 import time
@@ -39,6 +40,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
 from megatron_lite.data.indexed import (
+    IndexedDataset,
     IndexedDatasetBuilder,
     check_not_replacing,
     check_output_prefix,
@@ -49,12 +51,15 @@ from megatron_lite.data.indexed import (
 from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
+from megatron_lite.data.token_range import dataset_record
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
 _PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
 _READ_BYTES = 1 << 20  # block size for reading a plain-text document
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text is this in a piece
+
+log = logging.getLogger(__name__)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -333,9 +338,18 @@ def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None 
         return
     if not recorded or recorded == tok.sha256:
         return
+    if dataset_record(IndexedDataset(prefix)) is None:  # opened only here, where it would refuse
+        log.warning(
+            "%s is not the record of dataset %s (its document or token count differs): its tokenizer (%s) is "
+            "not checked; rebuild the dataset with `megatron-lite preprocess ... --overwrite` to record it",
+            meta_path,
+            prefix,
+            made_with,
+        )
+        return
     fix = fix or (
         f"point data.tokenizer at the tokenizer the data was made with, or re-run "
-        f"`megatron-lite preprocess --tokenizer {tok.path} --output {prefix} ...`"
+        f"`megatron-lite preprocess --tokenizer {tok.path} --output {prefix} --overwrite ...` on its text"
     )
     raise UserError(
         f"dataset {prefix} was tokenized with {made_with} (sha256 {recorded[:12]}..., recorded in {meta_path}), "

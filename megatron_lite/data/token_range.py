@@ -34,7 +34,7 @@ from megatron_lite.errors import UserError
 SCAN_LIMIT_BYTES = 8 << 30
 
 
-def _record(data: IndexedDataset) -> dict | None:
+def dataset_record(data: IndexedDataset) -> dict | None:
     """``PREFIX.json`` when it is the record of exactly this ``.bin``/``.idx``, else None."""
     path = Path(data.prefix + ".json")
     try:
@@ -51,7 +51,7 @@ def largest_token_id(data: IndexedDataset, below: int, scan_limit: int | None = 
     record nor a read of at most ``scan_limit`` bytes (default ``SCAN_LIMIT_BYTES``) tells (module
     docstring). An older record's bound is enough when it is under ``below``; otherwise the ``.bin``
     gives the exact value."""
-    record = _record(data) or {}
+    record = dataset_record(data) or {}
     top = record.get("max_token_id", "absent")
     if top is None or isinstance(top, int):
         return (-1 if top is None else top), f"the largest, recorded in {data.prefix}.json"
@@ -79,7 +79,7 @@ def check_token_ids(
 
 
 def _too_large(data: IndexedDataset, found: tuple[int, str], vocab_size: int, tok: Tokenizer) -> str:
-    made_with = (_record(data) or {}).get("tokenizer")
+    made_with = (dataset_record(data) or {}).get("tokenizer")
     made = f"; its record names {made_with}" if made_with else ""
     return (
         f"dataset {data.prefix} holds token id {found[0]} but model.vocab_size is {vocab_size} ({found[1]}): it "

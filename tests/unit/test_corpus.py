@@ -1,6 +1,7 @@
 """Preprocessing streams files into a dataset that decodes back to its inputs; the stdlib cache is safe."""
 
 import json
+import logging
 import shutil
 import sysconfig
 from pathlib import Path
@@ -113,12 +114,27 @@ def test_dataset_is_read_only_with_its_own_tokenizer(tok, tmp_path):
     message = str(e.value)
     assert str(tok.path) in message and str(other.path) in message and "d.json" in message
     assert "point data.tokenizer at the tokenizer the data was made with" in message
+    assert f"--output {tmp_path / 'd'} --overwrite ..." in message  # the fix as given runs: it must replace
     meta = json.loads((tmp_path / "d.json").read_text())
     del meta["tokenizer_sha256"]  # a dataset without the record: nothing to compare, no error
     (tmp_path / "d.json").write_text(json.dumps(meta))
     check_dataset_tokenizer(tmp_path / "d", other)
     (tmp_path / "d.json").unlink()
     check_dataset_tokenizer(tmp_path / "d", other)
+
+
+def test_a_record_of_another_dataset_is_not_taken_for_this_ones(tok, tmp_path, caplog):
+    """A PREFIX.json copied beside other .bin/.idx (its counts differ) refused the dataset falsely."""
+    files = [str(p) for p in _small_stdlib_files(2)]
+    preprocess(files, tok.path, tmp_path / "e", progress=False)
+    other = Tokenizer(train_tokenizer(_small_stdlib_files(), tmp_path / "other", VOCAB + 50, progress=False))
+    preprocess(files, other.path, tmp_path / "o", progress=False)
+    with pytest.raises(UserError, match="was tokenized with"):  # its own record names its own tokenizer
+        check_dataset_tokenizer(tmp_path / "o", tok)
+    shutil.copyfile(tmp_path / "o.json", tmp_path / "e.json")  # other counts: not e's record
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.data.preprocess"):
+        check_dataset_tokenizer(tmp_path / "e", tok)
+    assert f"{tmp_path / 'e.json'} is not the record of dataset {tmp_path / 'e'}" in caplog.text
 
 
 @pytest.fixture
