@@ -52,6 +52,7 @@ after :data:`STORE_LOST_GRACE_S` (the end of rank 0's run looks the same for a m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -147,6 +148,32 @@ def fail_fast_setup(what: str = "setup", group: dist.ProcessGroup | None = None)
         if not isinstance(e, UserError) and dist.is_initialized():
             log.exception("rank %d failed during %s", dist.get_rank(), what)
     agree_on_failure(error, what, group)
+
+
+def agree_on_config(sections: dict[str, dict]) -> None:
+    """Refuse, on every rank at once, a launch whose ranks resolved different configs (``to_dict()``;
+    another file or override on one machine): each would run its own schedule until a collective
+    met a mismatch, and gloo aborts the process there while NCCL hangs. One all-gather of a hash,
+    and a second of the configs only when they differ, to name the keys."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    text = json.dumps(sections, sort_keys=True, default=str)
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, hashlib.sha256(text.encode()).hexdigest())
+    if len(set(digests)) == 1:
+        return
+    configs: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, json.loads(text))
+    rank = next(r for r, d in enumerate(digests) if d != digests[0])
+    flat = [
+        {f"{sec}.{key}": v for sec, keys in c.items() for key, v in keys.items()} for c in (configs[0], configs[rank])
+    ]
+    keys = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k) != flat[1].get(k))
+    differ = ", ".join(f"{k}={flat[0].get(k)} on rank 0 but {flat[1].get(k)} on rank {rank}" for k in keys[:5])
+    more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+    raise UserError(
+        f"the ranks resolved different configs: {differ}{more}; give every rank the same config file and overrides"
+    )
 
 
 def _exit_status(error: BaseException) -> int:

@@ -35,7 +35,7 @@ from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
-from megatron_lite.launcher.fail_fast import FailureWatch, fail_fast_setup
+from megatron_lite.launcher.fail_fast import FailureWatch, agree_on_config, fail_fast_setup
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout
@@ -72,6 +72,7 @@ class Trainer:
         with fail_fast_setup("checking the config"):
             self.layout = check_layout(cfg, self.world, self.data.tokenizer.vocab_size)
             unchecked = build.check_data_vocab(self.data, cfg.model.vocab_size)  # no mid-run surprise
+        agree_on_config(cfg.to_dict())  # resolved: the tokenizer's vocabulary filled in
         if self.rank == 0:
             local_ranks = self.env.local_world_size
             for why in [

@@ -13,9 +13,9 @@ import pytest
 import torch.distributed as dist
 from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
-from megatron_lite.config import load_config
+from megatron_lite.config import Config, load_config
 from megatron_lite.errors import UserError
-from megatron_lite.launcher.fail_fast import FailureWatch, fail_fast_setup
+from megatron_lite.launcher.fail_fast import FailureWatch, agree_on_config, fail_fast_setup
 from megatron_lite.training.fault import DivergenceError
 from megatron_lite.training.trainer import Trainer
 
@@ -80,6 +80,27 @@ def _setup_verdict_inside_a_watch(rank: int, world: int) -> dict:
 def test_a_verdict_every_rank_raises_in_a_watch_is_not_posted(world2):
     expected = {"error": "rank 1 failed during loading the checkpoint: shard 1 is unreadable", "posted": False}
     assert world2.run(_setup_verdict_inside_a_watch) == [expected] * 2
+
+
+def _configs_that_differ(rank: int, world: int) -> list[str]:
+    """Rank 1 given train.steps=5 where rank 0 has 8: gloo aborted the process at the collective that
+    no longer matched (exit 134, a C++ trace), NCCL would hang."""
+    cfg = Config()
+    agree_on_config(cfg.to_dict())  # the same on every rank: passes
+    cfg.train.steps = 8 if rank == 0 else 5
+    cfg.log.dir = "runs/a" if rank == 0 else "runs/b"
+    with pytest.raises(UserError) as error:
+        agree_on_config(cfg.to_dict())
+    return [str(error.value)]
+
+
+def test_ranks_with_different_configs_are_refused_on_every_rank_naming_the_keys(world2):
+    messages = world2.run(_configs_that_differ)
+    assert messages[0] == messages[1], messages
+    assert messages[0][0] == (
+        "the ranks resolved different configs: log.dir=runs/a on rank 0 but runs/b on rank 1, train.steps=8 on "
+        "rank 0 but 5 on rank 1; give every rank the same config file and overrides"
+    )
 
 
 def _diverge_with_a_save_in_flight(rank: int, world: int, args: list[str], port: int) -> str:
