@@ -19,11 +19,12 @@ every step whether any rank is still writing (one all-reduce it already makes) a
 every rank at that step (by :meth:`save` or :meth:`close` when they come first), and never commits:
 ``metadata.json`` is only written after every rank reported a complete file. When the training
 loop fails with a save in flight, the trainer commits it only where every rank is known to stand at
-the same point (``Trainer._settle_save``), else drops it (:meth:`Checkpointer.abandon`).
+the same point (``Trainer._settle_save``, :meth:`Checkpointer.settle`), else drops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -278,6 +279,24 @@ class Checkpointer:
         if self.failed:
             failed, self.failed = self.failed, None
             raise UserError(failed)
+
+    def settle(self, commit: bool) -> None:
+        """The training loop failed: commit the save in flight (``commit``: every rank is known to
+        stand at the same point, so the collective of :meth:`finalize` cannot hang; a failure of
+        that save is logged and dropped, the loop's error being the one to raise), else
+        :meth:`abandon` it."""
+        if not self.in_flight:
+            return
+        if not commit:
+            self.abandon()
+            return
+        with contextlib.suppress(UserError):
+            self.wait()
+
+    def unsaved_note(self) -> str | None:
+        """What a rank stopped by a peer's failure leaves unsaved, for its last log line, or None."""
+        step = self.pending_step
+        return None if step is None else f"checkpoint of step {step}, still in flight, was not saved"
 
     def abandon(self) -> None:
         """The run failed with a save in flight that cannot be committed here: committing needs

@@ -16,7 +16,6 @@ every rank within seconds, each logging its error, instead of leaving them in a 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -304,7 +303,7 @@ class Trainer:
             self.trackers.close()
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
-        watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self._unsaved_note)
+        watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self.checkpointer.unsaved_note)
         with self.preemption, watch:
             self._loop(stop, history, watch)
         if self.rank == 0 and self.preempted:
@@ -340,24 +339,11 @@ class Trainer:
         self.checkpointer.close()  # waits for an async save; raises if any save failed
 
     def _settle_save(self, error: BaseException) -> None:
-        """The loop raised with an async save of an earlier step in flight. Committing it needs
-        every rank's file complete and a collective (``Checkpointer.finalize``), so it is committed
-        only where every rank is known to stand at this same point: training diverged (raised on
-        every rank after the step's collectives), or a single process failed (an interrupt aside,
-        which asks to stop now). Anywhere else a peer may be dead or blocked and a collective would
-        hang, so the save is dropped, never half-committed, and the log says so."""
-        if not self.checkpointer.in_flight:
-            return
-        if not isinstance(error, DivergenceError) and not (self.world == 1 and isinstance(error, Exception)):
-            self.checkpointer.abandon()
-            return
-        with contextlib.suppress(UserError):  # that save failed too (logged); the loop's error is the one to raise
-            self.checkpointer.wait()
-
-    def _unsaved_note(self) -> str | None:
-        """What a rank stopped by a peer's failure leaves unfinished, for its last log line."""
-        step = self.checkpointer.pending_step
-        return None if step is None else f"checkpoint of step {step}, still in flight, was not saved"
+        """The loop raised: commit an async save in flight only where every rank stands at this same
+        point (training diverged, raised on every rank after the step's collectives; or one process
+        that failed, an interrupt aside); elsewhere a peer may be gone (``Checkpointer.settle``)."""
+        together = isinstance(error, DivergenceError) or (self.world == 1 and isinstance(error, Exception))
+        self.checkpointer.settle(commit=together)
 
     def _after_step(self, out: dict, bar: tqdm, stop: int) -> dict | None:
         """Metrics, evaluation and checkpoint after one step. The step a run stops at (``stop``: train.steps
