@@ -205,6 +205,16 @@ def _record(data: bytes, vocab_size: int, max_bytes: int, total: int, files: lis
     }
 
 
+def _recording(lines: Iterator[str], failed: list[Exception]) -> Iterator[str]:
+    """``lines``, appending to ``failed`` the error that ends them: sentencepiece turns an error of
+    its sentence iterator into a RuntimeError of its own ("INTERNAL: UserError: ..." and frames)."""
+    try:
+        yield from lines
+    except Exception as e:
+        failed.append(e)
+        raise
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_prefix: str | Path,
@@ -231,7 +241,8 @@ def train_tokenizer(
         total=total, unit="B", unit_scale=True, desc="tokenizer sample", file=sys.stderr, disable=not progress
     ) as bar:
         counts: dict = {}
-        lines = _sample_lines(files, max_bytes, bar, counts, json_key)
+        failed: list[Exception] = []  # a reading error, which sentencepiece would wrap as its own
+        lines = _recording(_sample_lines(files, max_bytes, bar, counts, json_key), failed)
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines,
@@ -241,6 +252,8 @@ def train_tokenizer(
                 **TRAINING_SETTINGS,
             )
         except RuntimeError as e:  # e.g. "Vocabulary size too high" for a small corpus
+            if failed:
+                raise failed[0] from None
             if not counts["lines"]:
                 raise UserError(
                     f"no text to train a tokenizer on: {', '.join(map(str, files))} hold no text (only empty "

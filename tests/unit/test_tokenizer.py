@@ -243,3 +243,19 @@ def test_a_vocabulary_too_large_for_the_corpus_names_the_flag(tmp_path):
     small.write_text("def f(x):\n    return x\n" * 20)
     with pytest.raises(UserError, match="Vocabulary size too high.*lower --vocab-size"):
         train_tokenizer([small], tmp_path / "t", 4000, progress=False)
+
+
+def test_a_bad_jsonl_line_is_the_same_clean_error_as_preprocess_gives(tmp_path):
+    """sentencepiece wrapped the reading error: "sentencepiece could not train ... INTERNAL: UserError:
+    ..." with Python frames in the message."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": _code_text(40)}) + "\n{not json\n")
+    with pytest.raises(UserError) as e:
+        train_tokenizer([bad], tmp_path / "t", VOCAB, progress=False)
+    assert str(e.value).startswith(f"{bad}:2: invalid JSON"), str(e.value)
+    assert "sentencepiece" not in str(e.value) and not (tmp_path / "t.model").exists()
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"content": "x = 1\n"}) + "\n")
+    with pytest.raises(UserError) as e:
+        train_tokenizer([missing], tmp_path / "t", VOCAB, progress=False)
+    assert str(e.value).startswith(f"{missing}:1: ") and "INTERNAL" not in str(e.value), str(e.value)
