@@ -236,7 +236,12 @@ def _newest_good(storage: Storage, fix: str) -> CheckpointReader | None:
             committed += 1
             newest_problem = newest_problem or f"{name}: {problem}"
         if collectives.world()[0] == 0:
-            log.warning("skipping checkpoint %s: %s", storage.url(name), problem)
+            log.warning(
+                "skipping checkpoint %s: %s; the run replaces it when it saves that step again (move it out of "
+                "checkpoint.dir now to keep it)",
+                storage.url(name),
+                problem,
+            )
     if committed:
         raise UserError(
             f"every checkpoint under {storage.url()} is incomplete or corrupt (newest: {newest_problem}; "

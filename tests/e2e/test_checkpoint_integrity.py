@@ -99,6 +99,7 @@ def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, c
         reader = resolve_resume(ckpt, "auto")
     assert reader.name == "step_00000004"
     assert "skipping checkpoint" in caplog.text and why in caplog.text and "step_00000006" in caplog.text
+    assert "the run replaces it when it saves that step again (move it out of checkpoint.dir" in caplog.text
     # end to end: the run resumes at step 4 and trains 5 and 6 again, logged once each (the first
     # attempt's rows of steps 5 and 6 go, and so does a line torn by a crash mid-write)
     with (ckpt.parent / "metrics.jsonl").open("a") as f:
