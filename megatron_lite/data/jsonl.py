@@ -38,7 +38,8 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
     try:
         obj = json.loads(decode(raw, stats))
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); {_FORMAT}") from e
+        why = e.msg.removesuffix(" at")  # "Invalid control character at" would read "at at column"
+        raise UserError(f"{path}:{lineno}: invalid JSON ({why} at column {e.colno}); {_FORMAT}") from e
     if not isinstance(obj, dict):
         raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {_FORMAT}")
     if json_key not in obj:

@@ -231,6 +231,11 @@ def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -
     earlier dataset record (a tokenizer trained to the same prefix keeps its record there too), or,
     unless ``overwrite``, an earlier dataset. Returns the record's path."""
     check_output_prefix(out_prefix, "NAME.bin, NAME.idx and NAME.json")
+    if str(out_prefix).endswith((".bin", ".idx")):  # it would write NAME.bin.bin, which data.path cannot name
+        raise UserError(
+            f"--output {out_prefix} ends in its file's extension; give the prefix, --output {str(out_prefix)[:-4]} "
+            "(it writes PREFIX.bin, PREFIX.idx and PREFIX.json)"
+        )
     prefix = str(out_prefix)
     outputs = [Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".json")]
     meta_path = outputs[-1]

@@ -83,6 +83,7 @@ def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
         ('{"text": "ok"}\n{"other": "x"}\n', r"bad.jsonl:2: no key 'text'"),
         ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2: invalid JSON"),
         ('{"text": 5}\n', r"bad.jsonl:1: 'text' holds int"),
+        ('{"text": "a\tb"}\n', r"bad.jsonl:1: invalid JSON \(Invalid control character at column 12\)"),
     ],
 )
 def test_preprocess_bad_json_lines(tok, tmp_path, content, match):
@@ -93,6 +94,10 @@ def test_preprocess_bad_json_lines(tok, tmp_path, content, match):
 
 
 def test_preprocess_bad_inputs(tok, tmp_path):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"--output .*w1.bin ends in its file's extension; give the prefix, --output "):
+        preprocess([str(tmp_path / "a.txt")], tok.path, tmp_path / "w1.bin", progress=False)  # wrote w1.bin.bin
+    assert not list(tmp_path.glob("w1*"))
     with pytest.raises(UserError, match="matches no files"):
         preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", progress=False)
     with pytest.raises(UserError, match="missing.txt not found"):
