@@ -333,8 +333,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         value = getattr(getattr(cfg, section), name)
         if (section, name) in given and given[section, name][1] != value:
             cfg.replaced_overrides.append(
-                f"{dotted} is given twice on the command line, {given[section, name][0]} and then {item}: the last "
-                f"one counts ({item}); drop the other"
+                f"{dotted} is given more than once on the command line, {given[section, name][0]} and then {item}: "
+                f"the last one counts ({item}); drop the others"
             )
         given[section, name] = (item, value)
     return cfg

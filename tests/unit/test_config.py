@@ -249,8 +249,8 @@ def test_a_key_given_twice_on_the_command_line_takes_the_last_value_and_is_named
     cfg = load_config(None, ["optim.lr=1e-3", "train.seed=5", "optim.lr=2e-3", "optim.lr=0.002"])
     assert cfg.optim.lr == 2e-3
     want = (
-        "optim.lr is given twice on the command line, optim.lr=1e-3 and then optim.lr=2e-3: the last one counts "
-        "(optim.lr=2e-3); drop the other"
+        "optim.lr is given more than once on the command line, optim.lr=1e-3 and then optim.lr=2e-3: the last one "
+        "counts (optim.lr=2e-3); drop the others"
     )
     assert config_warnings(fill_defaults(cfg, 100)) == [want]  # 2e-3 then 0.002: the same value, nothing to say
     f = tmp_path / "c.yaml"
