@@ -46,7 +46,12 @@ instead, over the rendezvous store (the trainer runs one around its setup after 
 
 A rank that dies without raising (killed for memory, a segfault) posts nothing; where rank 0 hosts
 the store and is the one gone, the others notice that the store stopped answering and stop too,
-after :data:`STORE_LOST_GRACE_S` (the end of rank 0's run looks the same for a moment).
+after :data:`STORE_LOST_GRACE_S` (the end of rank 0's run looks the same for a moment). A survivor
+whose collective then fails because that peer is gone (gloo's "Connection closed by peer", a
+``DistNetworkError``: :func:`peer_gone`) is not the rank that failed: it reports the post of the rank
+that did, if there is one, else posts ``rank R found at step S that a peer rank is gone (its
+collective failed: ...)``, and waits only until every rank but one has read it (the gone one never
+will), for at most :data:`PEER_GONE_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -72,10 +77,39 @@ POLL_S = 1.0  # each rank asks the store this often whether a peer failed: one t
 STORE_LOOKS_PER_S = 500  # at most this many such requests a second from the whole world (large worlds look less often)
 PEER_WAIT_S = 15.0  # a failing rank waits at most this long for the others to read its failure
 STORE_LOST_GRACE_S = 10.0  # a store that stopped answering: rank 0 is gone, unless the loop ends meanwhile
+PEER_GONE_WAIT_S = 3.0  # the same wait where the failure is a peer gone: some readers never come
 STORE_OP_TIMEOUT_S = 30.0  # the watch's own store requests (a host that vanished without a reset)
 # Once every rank has read a failure, the rank that failed leaves first: the launcher's summary
 # (torchrun's "Root Cause", srun's first failed task) then names it, not a rank it stopped.
 FAILED_LINGER_S, STOPPED_LINGER_S = 0.5, 2.0
+# a collective that failed because a peer process is gone (gloo, NCCL, the TCP store beneath them)
+PEER_GONE_PATTERNS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "remote process exit",  # NCCL: "remote process exited or there was a network error"
+    "ncclremoteerror",
+)
+_handling = threading.Event()  # set once this process stops for a failure (``failure_being_handled``)
+
+
+def failure_being_handled() -> bool:
+    """Whether a :class:`FailureWatch` of this process is stopping it for a failure (its own or a
+    peer's): a preemption signal then can no longer get a checkpoint saved (``training/fault.py``)."""
+    return _handling.is_set()
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether ``error`` is a collective failing because a peer process is gone, not this rank's
+    own failure: a ``DistNetworkError``, or a ``RuntimeError`` (``DistBackendError``, gloo's plain
+    one) whose message says the peer closed or reset the connection, or NCCL's remote error."""
+    network = getattr(dist, "DistNetworkError", None)
+    if network is not None and isinstance(error, network):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    return any(pattern in text for pattern in PEER_GONE_PATTERNS)
 
 
 def _describe(error: BaseException) -> str:
@@ -191,6 +225,10 @@ def poll_interval(poll_s: float, world: int) -> float:
 
 def _failure_text(report: dict) -> str:
     where = report.get("where") or f"at step {report['step']}"
+    if report.get("peer_gone"):
+        return (
+            f"rank {report['rank']} found {where} that a peer rank is gone (its collective failed: {report['error']})"
+        )
     return f"rank {report['rank']} failed {where}: {report['error']}"
 
 
@@ -266,6 +304,7 @@ class FailureWatch:
             if self._store is not None:
                 self._post(error)
             self._store = None
+            _handling.clear()  # the error goes on up: a later run in this process starts afresh
 
     def _watch(self) -> None:
         """The thread: look for a peer's failure every ``poll_s`` until the loop ends."""
@@ -274,12 +313,16 @@ class FailureWatch:
                 if not self._store.check([self.FAILURE]):
                     continue
                 report = json.loads(self._store.get(self.FAILURE))
-                self._store.set(f"read/{self.rank}", "")
+                self._mark_read()
             except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
                 self._store_lost(e)
                 return
-            self._halt(_failure_text(report), report["status"])
+            self._halt(_failure_text(report), report["status"], report.get("peer_gone", False))
             return
+
+    def _mark_read(self) -> None:
+        self._store.set(f"read/{self.rank}", "")
+        self._store.add("readers", 1)  # counted too: a wait for all but the gone rank(s) asks once
 
     def _store_lost(self, error: Exception) -> None:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
@@ -291,16 +334,18 @@ class FailureWatch:
             return
         self._halt(f"rank 0 is gone: the rendezvous store it hosts stopped answering ({error})", 1)
 
-    def _halt(self, why: str, status: int) -> None:
-        """End this process now, with ``why`` as its last log line (unless the loop already ended)."""
+    def _halt(self, why: str, status: int, peer_gone: bool = False) -> None:
+        """End this process now, with ``why`` as its last log line (unless the loop already ended);
+        ``peer_gone``: a rank is gone, and will never read the failure this one waits to be read."""
         with self._acting:
             if self._stop.is_set():
                 return
+            _handling.set()
             extra = None
             with contextlib.suppress(Exception):  # the note is a courtesy; nothing may keep the rank alive
                 extra = self.note() if self.note else None
             log.error("%s; stopping rank %d too%s", why, self.rank, f" ({extra})" if extra else "")
-            self._wait_for_readers(STOPPED_LINGER_S)
+            self._wait_for_readers(STOPPED_LINGER_S, peer_gone)
             logging.shutdown()  # flush every handler: os._exit skips the interpreter's cleanup
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
@@ -308,32 +353,45 @@ class FailureWatch:
             os._exit(status)
 
     def _post(self, error: BaseException) -> None:
-        """Tell every rank that this one failed, then wait until all of them have read it."""
+        """Tell every rank that this one failed, then wait until all of them have read it. A peer
+        gone (:func:`peer_gone`) is reported as such, or as the failure a peer posted before."""
+        _handling.set()
+        gone = peer_gone(error)
         report = {"rank": self.rank, "step": self.step, "where": self.where, "error": _describe(error)}
-        report["status"] = _exit_status(error)
-        log.error("%s; stopping every rank", _failure_text(report))
+        report.update(status=_exit_status(error), peer_gone=gone)
+        if not gone:
+            log.error("%s; stopping every rank", _failure_text(report))
         try:
             first = json.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))
-            self._store.set(f"read/{self.rank}", "")
+            self._mark_read()
         except (RuntimeError, OSError) as e:
+            if gone:
+                log.error("%s; stopping", _failure_text(report))
             log.warning(
                 "could not tell the other ranks (the rendezvous store did not answer: %s); they stop at their "
                 "next collective's timeout (parallel.timeout_s)",
                 e,
             )
             return
-        if first["rank"] != self.rank:
+        if gone and first["rank"] != self.rank:  # the peer's failure is the cause: name it, not this error
+            log.error("%s; this rank's collective failed with it (%s)", _failure_text(first), _describe(error))
+        elif gone:
+            log.error("%s; stopping every rank", _failure_text(report))
+        elif first["rank"] != self.rank:
             log.error("(%s first)", _failure_text(first))
-        if self._wait_for_readers(FAILED_LINGER_S) and isinstance(error, UserError):
+        told = self._wait_for_readers(FAILED_LINGER_S, gone or first.get("peer_gone", False))
+        if told and isinstance(error, UserError):
             error.told_every_rank = True
 
-    def _wait_for_readers(self, linger_s: float) -> bool:
+    def _wait_for_readers(self, linger_s: float, peer_gone: bool = False) -> bool:
         """Whether every rank read the failure within ``wait_s`` (a rank may be dead); then linger
         ``linger_s`` more: the store's host, rank 0 or the torchrun agent beside it, must outlive
-        the others' last request, or they would see a lost store instead of the failure."""
-        readers, deadline = [f"read/{r}" for r in range(self.world)], time.monotonic() + self.wait_s
+        the others' last request, or they would see a lost store instead of the failure. With a
+        ``peer_gone``, every rank but one is enough, within :data:`PEER_GONE_WAIT_S`."""
+        readers = [f"read/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + (min(self.wait_s, PEER_GONE_WAIT_S) if peer_gone else self.wait_s)
         try:
-            while not self._store.check(readers):
+            while not (self._store.add("readers", 0) >= self.world - 1 if peer_gone else self._store.check(readers)):
                 if time.monotonic() > deadline:
                     return False
                 time.sleep(0.1)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.fail_fast import failure_being_handled
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -67,10 +68,14 @@ class PreemptionHandler:
         self.stopping = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        """Promise no save that may not come: a rank stopping for a failure (a peer gone, the launcher
+        tearing the job down) never finishes its step; a healthy one saves unless its step fails."""
         self.requested = True
-        log.warning(
-            "received %s: saving a checkpoint at the end of this step, then exiting", signal.Signals(signum).name
-        )
+        name = signal.Signals(signum).name
+        if failure_being_handled():
+            log.warning("received %s while the run stops for a failure: exiting without a checkpoint", name)
+            return
+        log.warning("received %s: stopping at the end of this step with a checkpoint (if the step can finish)", name)
 
     def install(self) -> PreemptionHandler:
         if threading.current_thread() is threading.main_thread():

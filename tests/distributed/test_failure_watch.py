@@ -4,6 +4,7 @@ attempt and a clean end trip nothing, and a run that diverges on every rank stil
 save in flight, together."""
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -38,7 +39,7 @@ def torchrun_attempt(n: str) -> Iterator[dist.PrefixStore]:
             os.environ["TORCHELASTIC_RESTART_COUNT"] = before
         dist.barrier()
         if dist.get_rank() == 0:
-            for key in ("failure", *(f"read/{r}" for r in range(dist.get_world_size()))):
+            for key in ("failure", "readers", *(f"read/{r}" for r in range(dist.get_world_size()))):
                 keys.delete_key(key)
 
 
@@ -63,6 +64,43 @@ def _restart_after_a_failed_attempt(rank: int, world: int) -> dict:
 
 def test_restart_and_clean_end_trip_nothing(world2):
     assert world2.run(_restart_after_a_failed_attempt) == [{"told": True, "during": 1, "after": 0, "posted": False}] * 2
+
+
+def _collective_failing_after_a_peers_post(rank: int, world: int) -> dict:
+    """Rank 1 fails and posts; rank 0's collective then fails as rank 1 leaves (gloo: "Connection
+    closed by peer"). Rank 0 logged that as its own failure, and waited 15 s for readers."""
+    with torchrun_attempt("gone") as keys, caught_logs() as logs:
+        if rank == 1:
+            error: Exception = UserError("rank 1's data is bad")
+        else:
+            keys.wait(["failure"])
+            error = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:3498")
+        start = time.monotonic()
+        with contextlib.suppress(type(error)), FailureWatch(poll_s=NEVER_S) as watch:
+            watch.step = 5
+            raise error
+        return {"logs": logs, "prompt": time.monotonic() - start < 5}
+
+
+def test_a_collective_failing_for_a_peer_that_posted_reports_the_peers_failure(world2):
+    rank0, rank1 = world2.run(_collective_failing_after_a_peers_post)
+    assert rank1 == {"logs": ["rank 1 failed at step 5: rank 1's data is bad; stopping every rank"], "prompt": True}
+    assert rank0["prompt"] and len(rank0["logs"]) == 1, rank0
+    assert rank0["logs"][0].startswith("rank 1 failed at step 5: rank 1's data is bad; this rank's collective failed")
+
+
+@contextlib.contextmanager
+def caught_logs() -> Iterator[list[str]]:
+    """The failure watch's log lines of the block."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("megatron_lite.launcher.fail_fast")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
 
 
 def _setup_verdict_inside_a_watch(rank: int, world: int) -> dict:

@@ -181,6 +181,42 @@ def test_rank_zero_killed_stops_the_others_naming_it(tmp_path):
     assert "rank 0 is gone: the rendezvous store it hosts stopped answering" in out1, out1[-3000:]
 
 
+# `megatron-lite train` whose rank FAIL_RANK is killed at step 3 (for memory, say): it raises nothing
+KILLED_DRIVER = """
+import os, signal, sys, time
+from megatron_lite.cli import main
+from megatron_lite.data.gpt_dataset import PretrainingLoader
+
+next_step = PretrainingLoader.next_step
+
+def next_step_then_killed(self):
+    if self.consumed_samples == 2 * self.global_batch_size and os.environ["RANK"] == os.environ["FAIL_RANK"]:
+        print(f"killed at {time.time()}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return next_step(self)
+
+PretrainingLoader.next_step = next_step_then_killed
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_survivor_whose_collective_fails_for_a_killed_peer_says_so_and_leaves_at_once(tiny_args, tmp_path):
+    """Rank 1 killed at step 3: rank 0's collective fails (gloo: "Connection closed by peer"). Rank 0
+    logged "rank 0 failed at step 3" as if the failure were its own, and waited PEER_WAIT_S (15 s)
+    for rank 1, dead, to read it."""
+    script = tmp_path / "driver.py"
+    script.write_text(KILLED_DRIVER)
+    procs = _plain_launch(script, [*tiny_args, "parallel.timeout_s=300"], fail_rank=1)
+    (out0, out1), _ = _outputs(procs, timeout_s=90)
+    ended0 = time.time()  # rank 0 was waited for first: it ended before this
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode == 1, (out0[-3000:], out1[-3000:])
+    killed = float(out1.split("killed at ")[1].split()[0])
+    assert ended0 - killed < 8, (ended0 - killed, out0[-3000:])
+    gone = "rank 0 found at step 3 that a peer rank is gone (its collective failed: RuntimeError: "
+    assert gone in out0 and "stopping every rank" in out0, out0[-3000:]
+    assert "rank 0 failed" not in out0, out0[-3000:]
+
+
 def _fail_at_step_3(monkeypatch, error: BaseException) -> None:
     next_step = PretrainingLoader.next_step
 

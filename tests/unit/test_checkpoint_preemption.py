@@ -1,11 +1,16 @@
-"""The preemption handler: SIGTERM and SIGUSR1 set a flag (no exit), and the old handlers come back."""
+"""The preemption handler: SIGTERM and SIGUSR1 set a flag (no exit), and the old handlers come back;
+what it says when the run is stopping for a failure; and which errors say a peer rank is gone."""
 
 import os
 import signal
+import threading
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from megatron_lite.errors import UserError
+from megatron_lite.launcher import fail_fast
 from megatron_lite.training.fault import PreemptionHandler, any_rank
 
 
@@ -55,3 +60,36 @@ def test_a_rank_stopped_by_a_peers_signal_ignores_its_own_late_copy():
 
 def test_any_rank_is_identity_in_one_process():
     assert any_rank([True, False], torch.device("cpu")) == [True, False]
+
+
+def test_the_signal_message_promises_no_save_that_may_not_come(caplog, monkeypatch):
+    """A rank torchrun tears down after a peer failed said it was saving a checkpoint; it never did."""
+    with PreemptionHandler() as handler:
+        signal.raise_signal(signal.SIGTERM)
+    assert handler.requested
+    assert (
+        "received SIGTERM: stopping at the end of this step with a checkpoint (if the step can finish)" in caplog.text
+    )
+    assert "saving a checkpoint" not in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(fail_fast, "_handling", threading.Event())
+    fail_fast._handling.set()  # the FailureWatch is stopping this rank for a failure
+    with PreemptionHandler():
+        signal.raise_signal(signal.SIGTERM)
+    assert "received SIGTERM while the run stops for a failure: exiting without a checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "error, gone",
+    [
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1"), True),
+        (RuntimeError("[gloo/transport/tcp/pair.cc:598] Read error [127.0.0.1]:2: Connection reset by peer"), True),
+        (dist.DistBackendError("NCCL error: remote process exited or there was a network error"), True),
+        (dist.DistNetworkError("failed to recv, got 0 bytes"), True),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), False),
+        (ValueError("connection closed by peer"), False),  # not a collective's error
+        (UserError("the data holds token id 1000000"), False),
+    ],
+)
+def test_a_collective_failing_for_a_gone_peer_is_told_from_this_ranks_own_failure(error, gone):
+    assert fail_fast.peer_gone(error) is gone
