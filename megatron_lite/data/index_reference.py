@@ -1,4 +1,4 @@
-"""The plain sample index: every array int64 and fully materialised, as ``gpt_dataset`` built it first.
+"""The plain sample index: every array int64 and fully materialised.
 
 The twin of ``data/sample_index.py`` (as ``kernels/reference.py`` is of the Triton ops): tests check
 that the compact index serves exactly these samples, and ``tools/bench/dataset_index.py`` measures

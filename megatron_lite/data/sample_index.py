@@ -1,9 +1,9 @@
 """One epoch's sample index for a packed split, in the fewest bytes that serve the same samples.
 
-An epoch of ``S`` windows over ``D`` documents used to hold four int64 arrays (doc order, token
-starts, the position each window starts in, the shuffle): ``16 D + 16 S`` bytes per epoch and rank,
-with up to three epochs alive while the next was built (``data/index_reference.py`` keeps that
-form as the twin). Here it holds ``12 D + 4 S`` bytes (``D, S < 2**31``; int64 above), and:
+The plain form of an epoch of ``S`` windows over ``D`` documents is four int64 arrays (doc order,
+token starts, the position each window starts in, the shuffle): ``16 D + 16 S`` bytes per epoch and
+rank (``data/index_reference.py``, its twin). This one holds ``12 D + 4 S`` bytes (``D, S < 2**31``;
+int64 above), one epoch at a time, and:
 
 - permutations are drawn by ``rng.shuffle`` of an ``arange`` in the smallest exact dtype, which
   makes the same draws as ``rng.permutation`` (int64) and so the same order;

@@ -12,7 +12,7 @@ The largest id of a dataset comes from, cheapest first:
    ``documents`` and ``tokens`` are the ``.idx``'s: one left beside a pair rebuilt by other means
    describes other data.
 2. otherwise a read of the whole memory-mapped ``.bin`` (numpy max: ~15 GB/s from the page cache on
-   the 2-core development machine, disk speed when cold), up to ``SCAN_LIMIT_BYTES`` a dataset.
+   a 2-core CPU, disk speed when cold), up to ``SCAN_LIMIT_BYTES`` a dataset.
    Every rank reads (the verdict must stand on each without a collective), but a node's ranks share
    the page cache, so 8 GiB costs seconds even from a cold local disk. A larger dataset without a
    record is not read: the caller warns, and the trainer's per-batch check still guards it.
