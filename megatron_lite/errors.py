@@ -9,7 +9,7 @@ class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix.
 
     ``told_every_rank``: every rank of the launch has already logged it (a training loop's failure,
-    ``launcher/fail_fast.py``), so this rank prints it at once instead of leaving it to rank 0."""
+    ``launcher/failure_watch.py``), so this rank prints it at once instead of leaving it to rank 0."""
 
     told_every_rank = False
     raised_on_every_rank = False  # a verdict every rank reached together (``fail_fast.py``)

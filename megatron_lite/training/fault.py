@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
-from megatron_lite.launcher.fail_fast import failure_being_handled
+from megatron_lite.launcher.failure_watch import failure_being_handled
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

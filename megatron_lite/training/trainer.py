@@ -10,7 +10,7 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
-The loop runs under a ``FailureWatch`` (``launcher/fail_fast.py``): a rank whose step raises stops
+The loop runs under a ``FailureWatch`` (``launcher/failure_watch.py``): a rank whose step raises stops
 every rank within seconds, each logging its error, instead of leaving them in a collective.
 """
 
@@ -34,7 +34,8 @@ from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
-from megatron_lite.launcher.fail_fast import FailureWatch, agree_on_config, fail_fast_setup
+from megatron_lite.launcher.fail_fast import agree_on_config, fail_fast_setup
+from megatron_lite.launcher.failure_watch import FailureWatch
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout

@@ -16,7 +16,8 @@ from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fix
 
 from megatron_lite.config import Config, load_config
 from megatron_lite.errors import UserError
-from megatron_lite.launcher.fail_fast import FailureWatch, agree_on_config, fail_fast_setup
+from megatron_lite.launcher.fail_fast import agree_on_config, fail_fast_setup
+from megatron_lite.launcher.failure_watch import FailureWatch
 from megatron_lite.training.fault import DivergenceError
 from megatron_lite.training.trainer import Trainer
 
@@ -95,7 +96,7 @@ def caught_logs() -> Iterator[list[str]]:
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
-    logger = logging.getLogger("megatron_lite.launcher.fail_fast")
+    logger = logging.getLogger("megatron_lite.launcher.failure_watch")
     logger.addHandler(handler)
     try:
         yield lines

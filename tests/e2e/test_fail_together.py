@@ -108,9 +108,9 @@ def test_rank_failing_under_torchrun_stops_rank_zero_with_its_error(tiny_args, t
     )
     (out,), ended = _outputs([proc], timeout_s=120)
     assert ended[0] < PROMPT_S and proc.returncode != 0, (ended, out[-4000:])
-    own = f"[rank 1/2] ERROR megatron_lite.launcher.fail_fast: rank 1 {MESSAGE}"
+    own = f"[rank 1/2] ERROR megatron_lite.launcher.failure_watch: rank 1 {MESSAGE}"
     assert own in out, out[-4000:]
-    assert f"[rank 0/2] ERROR megatron_lite.launcher.fail_fast: rank 1 {MESSAGE}" in out, out[-4000:]
+    assert f"[rank 0/2] ERROR megatron_lite.launcher.failure_watch: rank 1 {MESSAGE}" in out, out[-4000:]
 
 
 # `megatron-lite train` whose rank FAIL_RANK runs out of memory building its model, after the mesh
@@ -147,12 +147,12 @@ def test_rank_failing_in_setup_after_the_mesh_stops_the_others_with_its_error(ti
 LOST_STORE_SCRIPT = """
 import os, signal, time
 import torch.distributed as dist
-from megatron_lite.launcher import fail_fast
+from megatron_lite.launcher import failure_watch
 from megatron_lite.parallel.mesh import init_distributed
 
-fail_fast.STORE_LOST_GRACE_S = 1.0  # the pause for the end of rank 0's run, which this run never reaches
+failure_watch.STORE_LOST_GRACE_S = 1.0  # the pause for the end of rank 0's run, which this run never reaches
 env = init_distributed(timeout_s=300)
-with fail_fast.FailureWatch(300) as watch:
+with failure_watch.FailureWatch(300) as watch:
     dist.barrier()
     if env.rank == 0:
         os.kill(os.getpid(), signal.SIGKILL)  # killed for memory: no exception, nothing posted

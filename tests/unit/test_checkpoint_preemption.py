@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
-from megatron_lite.launcher import fail_fast
+from megatron_lite.launcher import failure_watch
 from megatron_lite.training.fault import PreemptionHandler, any_rank
 
 
@@ -72,8 +72,8 @@ def test_the_signal_message_promises_no_save_that_may_not_come(caplog, monkeypat
     )
     assert "saving a checkpoint" not in caplog.text
     caplog.clear()
-    monkeypatch.setattr(fail_fast, "_handling", threading.Event())
-    fail_fast._handling.set()  # the FailureWatch is stopping this rank for a failure
+    monkeypatch.setattr(failure_watch, "_handling", threading.Event())
+    failure_watch._handling.set()  # the FailureWatch is stopping this rank for a failure
     with PreemptionHandler():
         signal.raise_signal(signal.SIGTERM)
     assert "received SIGTERM while the run stops for a failure: exiting without a checkpoint" in caplog.text
@@ -92,4 +92,4 @@ def test_the_signal_message_promises_no_save_that_may_not_come(caplog, monkeypat
     ],
 )
 def test_a_collective_failing_for_a_gone_peer_is_told_from_this_ranks_own_failure(error, gone):
-    assert fail_fast.peer_gone(error) is gone
+    assert failure_watch.peer_gone(error) is gone

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import check_master_resolves
-from megatron_lite.launcher.fail_fast import STORE_LOOKS_PER_S, agree_before_joining, fail_fast_setup, poll_interval
+from megatron_lite.launcher.fail_fast import agree_before_joining, fail_fast_setup
+from megatron_lite.launcher.failure_watch import STORE_LOOKS_PER_S, poll_interval
 from megatron_lite.launcher.slurm import (
     TEMPLATE_DIR,
     TEMPLATES,
