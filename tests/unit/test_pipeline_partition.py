@@ -43,6 +43,47 @@ def test_balanced_split_is_optimal(layers, pieces, embed, head):
     assert (max(costs), sum(x * x for x in costs)) == pytest.approx(best)
 
 
+def _full_search(layers, pieces, embed, head):
+    """Every (pieces used, layers used) state and every cut: the O(P L^2) programme the windowed
+    search must agree with to the layer, ties included (so a layout never moves between versions)."""
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (layers + 1) for _ in range(pieces + 1)]
+    cut = [[0] * (layers + 1) for _ in range(pieces + 1)]
+    best[0][0] = (0.0, 0.0)
+    for k in range(1, pieces + 1):
+        extra = (embed if k == 1 else 0.0) + (head if k == pieces else 0.0)
+        for n in range(k, layers - (pieces - k) + 1):
+            for prev in range(k - 1, n):
+                if best[k - 1][prev] != inf:
+                    cost = n - prev + extra
+                    cand = (max(best[k - 1][prev][0], cost), best[k - 1][prev][1] + cost * cost)
+                    if cand < best[k][n]:
+                        best[k][n], cut[k][n] = cand, prev
+    counts, n = [], layers
+    for k in range(pieces, 0, -1):
+        counts.append(n - cut[k][n])
+        n = cut[k][n]
+    return counts[::-1]
+
+
+@pytest.mark.parametrize("embed, head", [(0.0, 0.0), (0.05, 2.4), (1.0, 0.4), (3.0, 3.0), (7.3, 0.0), (0.0, 11.0)])
+def test_windowed_search_gives_the_full_searchs_split(embed, head):
+    for layers in range(1, 25):
+        for pieces in range(1, layers + 1):
+            got = partition_layers(layers, pieces, embed_cost=embed, head_cost=head).layer_counts
+            assert got == _full_search(layers, pieces, embed, head), (layers, pieces)
+
+
+def test_deep_models_split_at_once():
+    """4096 layers over 256 pieces: the full search would take hours in Python; the windowed one,
+    which visits only splits that can beat the even one, gives the even split here."""
+    counts = partition_layers(4096, 64, vp=4).layer_counts
+    assert counts == [16] * 256
+    counts = partition_layers(4000, 64, embed_cost=0.1, head_cost=2.4).layer_counts
+    # 4000 layers cannot all sit in pieces of at most 62 (64 x 62 < 4000), and 63 is reachable
+    assert sum(counts) == 4000 and max(_piece_costs(counts, 0.1, 2.4)) == 63
+
+
 def test_equal_layers_spread_evenly_and_the_head_takes_layers_away():
     assert sorted(partition_layers(10, 4).layer_counts) == [2, 2, 3, 3]
     counts = partition_layers(12, 4, head_cost=2.0).layer_counts

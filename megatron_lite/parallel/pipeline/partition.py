@@ -104,29 +104,47 @@ def check_coverage(layer_ids: Sequence[Sequence[int]], num_layers: int) -> None:
 def _balanced_counts(num_layers: int, pieces: int, embed_cost: float, head_cost: float) -> list[int]:
     """Contiguous split minimising (max piece cost, sum of squared piece costs); >= 1 layer each.
 
-    Dynamic programme over (pieces used, layers used): O(pieces * layers^2), fine for the few
-    hundred layers and few dozen pieces of a real model.
+    Dynamic programme over (pieces used, layers used), searched only where a split can beat the
+    even split's worst piece ``bound`` (:func:`_even_worst`): a piece costing more loses, so piece
+    ``k`` ends within ``[L - (P-k) bound, k bound]`` and spans at most ``bound`` layers. That keeps
+    the exact answer of the full O(P L^2) search (ties too: only losing candidates are skipped) in
+    about O(P L) steps: 1000 layers over 64 pieces in milliseconds.
     """
     inf = (float("inf"), float("inf"))
-    best = [[inf] * (num_layers + 1) for _ in range(pieces + 1)]
-    cut = [[0] * (num_layers + 1) for _ in range(pieces + 1)]
+    bound = _even_worst(num_layers, pieces, embed_cost, head_cost)
+    # the most layers a piece within the bound can hold (+1: no float rounding may cut a split out)
+    span = int(bound - min(0.0, embed_cost, head_cost, embed_cost + head_cost)) + 1
+    best = [dict[int, tuple[float, float]]() for _ in range(pieces + 1)]
+    cut = [dict[int, int]() for _ in range(pieces + 1)]
     best[0][0] = (0.0, 0.0)
     for k in range(1, pieces + 1):
         extra = (embed_cost if k == 1 else 0.0) + (head_cost if k == pieces else 0.0)
-        for n in range(k, num_layers - (pieces - k) + 1):
-            for prev in range(k - 1, n):
-                if best[k - 1][prev] == inf:
+        lo = max(k, num_layers - (pieces - k) * span)
+        for n in range(lo, min(num_layers - (pieces - k), k * span) + 1):
+            for prev in range(max(k - 1, n - span), n):
+                if prev not in best[k - 1]:
                     continue
                 cost = n - prev + extra
+                if cost > bound:
+                    continue
                 worst, squares = best[k - 1][prev]
                 cand = (max(worst, cost), squares + cost * cost)
-                if cand < best[k][n]:
+                if cand < best[k].get(n, inf):
                     best[k][n], cut[k][n] = cand, prev
     counts, n = [], num_layers
     for k in range(pieces, 0, -1):
         counts.append(n - cut[k][n])
         n = cut[k][n]
     return counts[::-1]
+
+
+def _even_worst(num_layers: int, pieces: int, embed_cost: float, head_cost: float) -> float:
+    """The worst piece cost of the split with equal layer counts (the larger ones first): a split the
+    search may always fall back on, so no optimal piece costs more."""
+    q, r = divmod(num_layers, pieces)
+    counts = [q + 1] * r + [q] * (pieces - r)
+    extras = [(embed_cost if k == 0 else 0.0) + (head_cost if k == pieces - 1 else 0.0) for k in range(pieces)]
+    return max(n + extra for n, extra in zip(counts, extras))  # the same float sums as the search
 
 
 def partition_layers(
