@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from array import array
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from megatron_lite.data.tempfiles import create_temp
 from megatron_lite.errors import UserError
 
 MAGIC = b"MLITEIDX"
@@ -50,18 +50,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename, so readers never see half a file."""
+    """Write ``data`` to ``path`` via a temporary sibling and a rename, so readers never see half a file
+    (one a killed writer left is removable by ``tempfiles.remove_abandoned``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
+    tmp, f = create_temp(path)
+    with f:  # locked until renamed
+        try:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def check_output_prefix(prefix: str | Path, writes: str) -> None:
@@ -110,7 +112,8 @@ class IndexedDatasetBuilder:
     ``finalize()`` writes the ``.idx`` and renames both into place, the ``.idx`` last, so a crash at
     any point leaves either the previous dataset, no dataset, or a ``.bin`` without ``.idx``
     (reported as missing on open), never a pair that opens but is wrong. Use it as a context manager
-    to finalize on success and delete the temporary files on error.
+    to finalize on success and delete the temporary files on error; the ones a killed process leaves
+    stay locked only while it lives, and ``tempfiles.remove_abandoned`` deletes them after.
     """
 
     def __init__(self, prefix: str | Path, dtype: np.dtype | type = np.uint16) -> None:
@@ -119,10 +122,8 @@ class IndexedDatasetBuilder:
             raise ValueError(f"token dtype must be uint16 or int32, got {self.dtype}")
         self.bin_path, self.idx_path = _paths(prefix)
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        tag = uuid.uuid4().hex[:8]
-        self._tmp_bin = self.bin_path.with_name(f".{self.bin_path.name}.tmp-{tag}")
-        self._tmp_idx = self.idx_path.with_name(f".{self.idx_path.name}.tmp-{tag}")
-        self._file = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed by finalize()/abort()
+        self._tmp_bin, self._file = create_temp(self.bin_path)  # closed by finalize()/abort()
+        self._tmp_idx: Path | None = None
         self._sizes = array("q")
         self._max_id = np.iinfo(self.dtype).max
         self._top = -1  # the largest id added so far
@@ -181,29 +182,30 @@ class IndexedDatasetBuilder:
         np.cumsum(sizes[:-1], out=offsets[1:])
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         header = _HEADER.pack(MAGIC, VERSION, _CODE_OF_DTYPE[self.dtype], sizes.size, int(sizes.sum()))
-        with open(self._tmp_idx, "wb") as f:
+        self._tmp_idx, f = create_temp(self.idx_path)
+        with f:  # both temporaries stay open, so locked (tempfiles.py), until renamed
             f.write(header)
             f.write(offsets.astype("<i8").tobytes())
             f.write(sizes.astype("<i8").tobytes())
             f.flush()
             os.fsync(f.fileno())
-        for path in stale:
-            path.unlink(missing_ok=True)
-        # .idx is what marks a dataset complete: drop the old one before the .bin changes under it.
-        self.idx_path.unlink(missing_ok=True)
-        os.replace(self._tmp_bin, self.bin_path)
-        os.replace(self._tmp_idx, self.idx_path)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            # .idx is what marks a dataset complete: drop the old one before the .bin changes under it.
+            self.idx_path.unlink(missing_ok=True)
+            os.replace(self._tmp_bin, self.bin_path)
+            os.replace(self._tmp_idx, self.idx_path)
+        self._file.close()
         self._done = True
         return self.idx_path
 
     def abort(self) -> None:
         """Close and delete the temporary files; the destination is left as it was."""
-        if not self._file.closed:
-            self._file.close()
         self._tmp_bin.unlink(missing_ok=True)
-        self._tmp_idx.unlink(missing_ok=True)
+        if self._tmp_idx is not None:
+            self._tmp_idx.unlink(missing_ok=True)
+        self._file.close()
         self._done = True
 
     def __enter__(self) -> IndexedDatasetBuilder:

@@ -233,3 +233,8 @@ def test_no_worker_outlives_an_interrupted_or_killed_run(tok, code, tmp_path, si
     if sig == signal.SIGINT:
         assert run.returncode == 130 and stderr.strip() == "interrupted"  # no worker's traceback either
         assert not out.exists() or list(out.iterdir()) == []  # the temporary .bin was deleted
+    else:  # its temporary .bin is left, until the next run to the same prefix
+        assert len(list(out.glob(".data.bin.tmp-*"))) == 1
+        (tmp_path / "small.txt").write_text(code[:500])
+        pp.preprocess([tmp_path / "small.txt"], tok, out / "data", progress=False, workers=2)
+        assert sorted(p.name for p in out.iterdir()) == ["data.bin", "data.idx", "data.json"]

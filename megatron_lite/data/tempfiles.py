@@ -1,0 +1,103 @@
+"""Temporary files beside an output, and removing the ones a killed writer left behind.
+
+A writer (``indexed.write_atomic``, ``IndexedDatasetBuilder``) stages ``DIR/NAME`` in
+``DIR/.NAME.tmp-XXXXXXXX`` and renames it into place. From the moment it creates the temporary until
+after the rename it holds an exclusive ``flock`` on it, and the kernel drops that lock however the
+process ends (an exception, a SIGKILL, the out-of-memory killer; on NFS, when the dead client's
+lease runs out). So a temporary that :func:`remove_abandoned` can lock has no live writer, on this
+host or any other sharing the filesystem, and is deleted; one it cannot lock belongs to a run still
+writing (a concurrent ``preprocess`` to the same prefix, even a stopped one) and is left alone. On a
+filesystem without locks (``flock`` fails with anything but "held") nothing can be proven and
+nothing is removed.
+
+Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
+between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its
+name still leads to its file; if not, it starts again under a new name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import uuid
+from pathlib import Path
+from typing import BinaryIO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so no temporary is ever provably abandoned
+    fcntl = None
+
+_SUFFIX = ".tmp-"
+
+
+def _lock(fd: int, wait: bool) -> bool | None:
+    """Take an exclusive lock on ``fd``: True when taken, False when another process holds it,
+    None when this filesystem (or platform) has no locks."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: e.g. a Lustre mount without -o flock
+        return None
+    return True
+
+
+def _named(path: Path, fd: int) -> bool:
+    """Whether ``path`` is still the file open as ``fd`` (not deleted, not replaced)."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def create_temp(path: Path) -> tuple[Path, BinaryIO]:
+    """A new temporary beside ``path``, locked, and its file open for writing. The caller renames it
+    over ``path`` (or deletes it) before closing the file: closing releases the lock."""
+    while True:
+        tmp = path.with_name(f".{path.name}{_SUFFIX}{uuid.uuid4().hex[:8]}")
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115 - the caller closes it after the rename
+        except FileExistsError:
+            continue
+        try:
+            _lock(f.fileno(), wait=True)  # waits out a cleaner that took it in the instant before
+            if _named(tmp, f.fileno()):
+                return tmp, f
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            f.close()
+            raise
+        f.close()  # a cleaner deleted it as abandoned: a new name
+
+
+def remove_abandoned(path: Path) -> list[Path]:
+    """Delete the temporaries of ``path`` (``.NAME.tmp-XXXXXXXX`` beside it) that no live process
+    holds locked; returns the ones deleted. Anything else is left as it is."""
+    if fcntl is None or not path.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{path.name}{_SUFFIX}") + "[0-9a-f]{8}")
+    removed = []
+    for name in sorted(os.listdir(path.parent)):
+        if not pattern.fullmatch(name):
+            continue
+        tmp = path.parent / name
+        try:
+            # For writing: NFS grants an exclusive lock only on a file open for writing.
+            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # gone meanwhile, a link, a directory, or another user's: nothing proven
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode) and _lock(fd, wait=False) and _named(tmp, fd):
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # not ours to delete (a read-only directory): left as it is
+            pass
+        finally:
+            os.close(fd)
+    return removed

@@ -1,0 +1,145 @@
+"""Temporary files of a killed ``preprocess`` are removed by the next run to its prefix; those of a
+run still writing are not (``tempfiles.py``)."""
+
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import megatron_lite
+from megatron_lite.data import preprocess as pp
+from megatron_lite.data import preprocess_pool, tempfiles
+from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.tempfiles import create_temp, remove_abandoned
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+
+ROOT = Path(megatron_lite.__file__).parents[1]
+TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20
+
+# A preprocess that stops inside its first write of ids (the .bin temporary open, locked, partly
+# written) and prints that temporary's path: a run caught mid-write, to be killed or left running.
+_PAUSED_WRITER = """
+import sys, time
+from megatron_lite.data import indexed, preprocess_pool
+from megatron_lite.data.preprocess import preprocess
+
+add_tokens = indexed.IndexedDatasetBuilder.add_tokens
+
+def paused(self, ids):
+    add_tokens(self, ids)
+    self._file.flush()
+    print(self._tmp_bin, flush=True)
+    time.sleep(3600)
+
+indexed.IndexedDatasetBuilder.add_tokens = paused
+preprocess_pool.usable_cpus = lambda: 2
+preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], progress=False, workers=int(sys.argv[4]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    (root / "a.txt").write_text(TEXT)
+    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", 300, progress=False))
+
+
+@pytest.fixture(autouse=True)
+def _enough_cpus(monkeypatch):
+    real = preprocess_pool.usable_cpus()
+    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
+
+
+def _paused_writer(src: Path, tok: Tokenizer, out: Path, workers: int) -> tuple[subprocess.Popen, Path]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    argv = [sys.executable, "-c", _PAUSED_WRITER, str(src), str(tok.path), str(out), str(workers)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the first ids are on disk, or the child failed (the limit bounds a hang, it times nothing)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    line = proc.stdout.readline().strip() if ready else ""
+    if not line:
+        proc.kill()
+        raise AssertionError(f"the paused writer did not start writing:\n{proc.communicate()[1]}")
+    return proc, Path(line)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_killed_runs_temporaries_are_removed_and_a_live_runs_are_kept(tok, tmp_path, caplog, workers):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": TEXT[i:]}) + "\n" for i in range(0, 400, 40)))
+    out = tmp_path / "out" / "data"
+    procs = []
+    try:
+        procs.append(_paused_writer(src, tok, out, workers))
+        procs.append(_paused_writer(src, tok, out, workers))
+        (killed, dead_bin), (live, live_bin) = procs
+        killed.kill()  # SIGKILL, mid-write: nothing of it runs again
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        assert dead_bin.stat().st_size > 0  # left behind
+        # what a run killed inside finalize() or write_atomic leaves: no process holds them
+        stale = [out.parent / ".data.idx.tmp-0123abcd", out.parent / ".data.json.tmp-89abcdef"]
+        others = [".data.bin.tmp-0123abcd.keep", ".data.bin.tmp-notours", ".other.bin.tmp-0123abcd", "data.txt"]
+        for path in [*stale, *(out.parent / name for name in others)]:
+            path.write_bytes(b"x")
+        live_file = os.stat(live_bin)
+        with caplog.at_level(logging.WARNING, logger=pp.__name__):
+            stats = pp.preprocess([src], tok, out, progress=False, workers=workers)
+        removed = sorted(Path(r.args[0]) for r in caplog.records if r.getMessage().startswith("removed "))
+        assert removed == sorted([dead_bin, *stale])
+        assert "left by a run writing --output" in caplog.text and "did not finish" in caplog.text
+        assert not any(p.exists() for p in removed)
+        assert os.stat(live_bin).st_ino == live_file.st_ino  # the live run's own file, untouched
+        assert all((out.parent / name).exists() for name in others)
+        assert stats["documents"] == len(IndexedDataset(out)) == 10
+        assert live.poll() is None
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.communicate(timeout=60)
+
+
+def test_a_temporary_is_removable_only_once_its_writer_has_closed_it(tmp_path):
+    path = tmp_path / "x.bin"
+    tmp, f = create_temp(path)
+    assert tmp.name.startswith(".x.bin.tmp-")
+    assert remove_abandoned(path) == [] and tmp.exists()
+    f.close()  # as when its process dies
+    assert remove_abandoned(path) == [tmp] and not tmp.exists()
+    assert remove_abandoned(tmp_path / "missing" / "x.bin") == []
+
+
+def test_a_writer_whose_new_temporary_a_cleaner_took_starts_again(tmp_path, monkeypatch):
+    """A cleaner may lock and delete a temporary between its writer's open and lock."""
+    path = tmp_path / "x.bin"
+    lock, raced = tempfiles._lock, []
+
+    def late(fd: int, wait: bool):
+        if wait and not raced:  # the writer's first lock: a cleaner gets there first
+            raced.append(remove_abandoned(path))
+        return lock(fd, wait)
+
+    monkeypatch.setattr(tempfiles, "_lock", late)
+    tmp, f = create_temp(path)
+    with f:
+        assert len(raced[0]) == 1 and raced[0][0] != tmp  # the first name was taken as abandoned
+        assert tmp.exists() and remove_abandoned(path) == []
+
+
+def test_without_file_locks_nothing_is_removed(tmp_path, monkeypatch):
+    """On a filesystem without locks no temporary can be shown abandoned: all are kept."""
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tempfiles.fcntl, "flock", no_locks)
+    path = tmp_path / "x.bin"
+    tmp, f = create_temp(path)  # the writer still writes
+    f.close()
+    assert remove_abandoned(path) == [] and tmp.exists()
