@@ -164,12 +164,18 @@ def _positive_int(text: str) -> int:
 
 
 def _add_data_verbs(sub) -> None:
-    pp = sub.add_parser("preprocess", help="tokenize files/globs/JSONL into a .bin/.idx dataset")
+    pp = sub.add_parser(
+        "preprocess",
+        help="tokenize files/globs/JSONL into a .bin/.idx dataset",
+        description="Tokenize files/globs/JSONL into PREFIX.bin/.idx. Prints its stats as JSON, also recorded in "
+        "PREFIX.json: documents, tokens, bytes (input bytes read, after decompression: a .gz counts as the file "
+        "inside it), files, decode_errors, seconds.",
+    )
     pp.add_argument(
         "--input", nargs="+", required=True, help="files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
     )
     pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
-    pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin, PREFIX.idx and PREFIX.json)")
     pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")

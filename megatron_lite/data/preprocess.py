@@ -167,6 +167,7 @@ def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterat
     with InputReader(path) as f:
         for lineno, raw in enumerate(f, 1):
             bar.update(f.advance())
+            stats["bytes"] += len(raw)
             text = json_text(raw, path, lineno, json_key, stats)
             del raw
             if text is not None:
@@ -181,6 +182,7 @@ def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
     with InputReader(path) as f:
         while block := f.read(_READ_BYTES):
             bar.update(f.advance())
+            stats["bytes"] += len(block)
             if valid:
                 try:
                     strict.decode(block)
@@ -296,8 +298,9 @@ def preprocess(
 ) -> dict:
     """Tokenize ``inputs`` into ``<out_prefix>.bin``/``.idx`` (plus a ``.json`` of stats).
 
-    Returns the stats: ``documents``, ``tokens``, ``bytes`` (input bytes read), ``files``,
-    ``decode_errors`` (documents with invalid UTF-8), ``seconds``. An existing dataset at
+    Returns the stats: ``documents``, ``tokens``, ``bytes`` (bytes of input read, after
+    decompression: a ``.gz`` counts as the file inside it), ``files``, ``decode_errors`` (documents
+    with invalid UTF-8), ``seconds``. An existing dataset at
     ``out_prefix`` is refused unless ``overwrite``. The dataset appears only when complete; on any
     error the previous one (if any) is left untouched. Temporary files that an earlier run to
     ``out_prefix`` left when it was killed are deleted (``tempfiles.py``); those of a run still
@@ -327,7 +330,6 @@ def preprocess(
         else:  # no Python list outlives a piece
             encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
         _write(builder, encoded, eos, stats)
-        stats["bytes"] = total  # every input file is read to its end
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
         builder.finalize(stale=[meta_path])

@@ -7,6 +7,7 @@ import lzma
 
 import pytest
 
+from megatron_lite.data import preprocess_pool
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.preprocess import preprocess
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
@@ -72,3 +73,20 @@ def test_unreadable_compressed_input_is_one_error_and_writes_nothing(tok, tmp_pa
     assert not list(tmp_path.glob("*out*"))
     with pytest.raises(UserError, match=match):
         train_tokenizer([tmp_path / name], tmp_path / "tok", VOCAB, progress=False)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bytes_counts_the_text_read_after_decompression(tok, tmp_path, monkeypatch, workers):
+    """The ``bytes`` stat (returned, printed and in PREFIX.json) of a .gz input is that of the file inside."""
+    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: 2)
+    plain = [tmp_path / "docs.jsonl", tmp_path / "book.txt"]
+    plain[0].write_bytes(_jsonl() * 3)
+    plain[1].write_bytes(TEXT.encode())
+    packed = [p.with_name(p.name + ".gz") for p in plain]
+    for src, dst in zip(plain, packed, strict=True):
+        dst.write_bytes(gzip.compress(src.read_bytes()))
+    a = preprocess(plain, tok, tmp_path / "a", progress=False, workers=workers)
+    b = preprocess(packed, tok, tmp_path / "b", progress=False, workers=workers)
+    assert a["bytes"] == b["bytes"] == sum(p.stat().st_size for p in plain) != sum(p.stat().st_size for p in packed)
+    assert {**a, "seconds": 0} == {**b, "seconds": 0}
+    assert json.loads((tmp_path / "b.json").read_text())["bytes"] == a["bytes"]
