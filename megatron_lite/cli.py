@@ -66,7 +66,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from megatron_lite.data.preprocess import expand_inputs
+    from megatron_lite.data.inputs import expand_inputs
     from megatron_lite.data.tokenizer import train_tokenizer
 
     files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
@@ -169,7 +169,8 @@ def _add_data_verbs(sub) -> None:
         help="tokenize files/globs/JSONL into a .bin/.idx dataset",
         description="Tokenize files/globs/JSONL into PREFIX.bin/.idx. Prints its stats as JSON, also recorded in "
         "PREFIX.json: documents, tokens, bytes (input bytes read, after decompression: a .gz counts as the file "
-        "inside it), files, decode_errors, seconds.",
+        "inside it), files, decode_errors, seconds. Inputs with no text are an error, or a warning each when "
+        "other inputs have text. Temporary files left at --output by a run that was killed are removed.",
     )
     pp.add_argument(
         "--input", nargs="+", required=True, help="files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"

@@ -1,4 +1,4 @@
-"""Opening the input files of ``preprocess`` and ``tokenizer train``, compressed or not.
+"""Finding and opening the input files of ``preprocess`` and ``tokenizer train``, compressed or not.
 
 A file ending in ``.gz``, ``.bz2`` or ``.xz`` is decompressed as it is read (Python's own
 ``gzip``/``bz2``/``lzma``), and its format is that of the name without that ending
@@ -9,9 +9,12 @@ read as text, their bytes would be tokenized as one document of garbage with no 
 from __future__ import annotations
 
 import bz2
+import glob
 import gzip
 import lzma
+import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -110,3 +113,33 @@ class InputReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
+    named twice, by any spelling, a link or a glob, is read once, where it first appears). A name
+    that is an existing file is that file, even with glob characters in it (``data[1].jsonl``)."""
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    files: list[Path] = []
+    for item in inputs:
+        text = os.path.expanduser(str(item))
+        if glob.has_magic(text) and not Path(text).is_file():
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UserError(f"input pattern {text!r} matches no files")
+            files.extend(matches)
+        elif Path(text).is_dir():
+            raise UserError(f"input {text} is a directory; pass files or a glob such as '{text}/*.jsonl'")
+        elif not Path(text).is_file():
+            raise UserError(f"input file {text} not found")
+        else:
+            files.append(Path(text))
+    if not files:
+        raise UserError("preprocess needs at least one input file or glob pattern")
+    for path in files:
+        compression(path)  # an unreadable format is refused before any file is read
+    first: dict[str, Path] = {}
+    for path in files:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import glob
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
@@ -48,7 +47,7 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, compression
+from megatron_lite.data.inputs import InputReader, expand_inputs
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tempfiles import remove_abandoned
@@ -61,36 +60,6 @@ _READ_BYTES = 1 << 20  # block size for reading a plain-text document
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text is this in a piece
 
 log = logging.getLogger(__name__)
-
-
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
-    named twice, by any spelling, a link or a glob, is read once, where it first appears). A name
-    that is an existing file is that file, even with glob characters in it (``data[1].jsonl``)."""
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
-    files: list[Path] = []
-    for item in inputs:
-        text = os.path.expanduser(str(item))
-        if glob.has_magic(text) and not Path(text).is_file():
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise UserError(f"input pattern {text!r} matches no files")
-            files.extend(matches)
-        elif Path(text).is_dir():
-            raise UserError(f"input {text} is a directory; pass files or a glob such as '{text}/*.jsonl'")
-        elif not Path(text).is_file():
-            raise UserError(f"input file {text} not found")
-        else:
-            files.append(Path(text))
-    if not files:
-        raise UserError("preprocess needs at least one input file or glob pattern")
-    for path in files:
-        compression(path)  # an unreadable format is refused before any file is read
-    first: dict[str, Path] = {}
-    for path in files:
-        first.setdefault(os.path.realpath(path), path)
-    return list(first.values())
 
 
 class _Splitter:
@@ -207,13 +176,57 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
     yield _text_chunks(path, bar, stats)
 
 
-def _pieces(files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict) -> Iterator[str | None]:
+class _Found(NamedTuple):
+    """What one input held: bytes read (decompressed), documents, and documents with any text."""
+
+    path: Path
+    bytes: int
+    documents: int
+    with_text: int
+
+    def lack(self, json_key: str) -> str | None:
+        """What this input lacks, as the end of a sentence naming it; None when it has text."""
+        if self.with_text:
+            return None
+        if not self.bytes:
+            return "is empty"
+        if not self.documents:
+            return "has only blank lines"
+        if self.documents == 1:
+            return f"has one document, whose {json_key!r} is empty"
+        return f"has {self.documents} documents, all with an empty {json_key!r}"
+
+
+def _check_text(found: list[_Found], json_key: str, out_prefix: str | Path) -> None:
+    """One error naming the inputs when none has any text (a dataset of nothing but document ends);
+    a warning for each input without text when others have some."""
+    lacking = [f"{f.path} {why}" for f in found if (why := f.lack(json_key))]
+    if len(lacking) == len(found):
+        more = f"; and {len(lacking) - 10} more" if len(lacking) > 10 else ""
+        raise UserError(
+            f"no text to tokenize: {'; '.join(lacking[:10])}{more}. Nothing was written to --output {out_prefix}; "
+            "give inputs that hold text (JSON Lines: one object per line, its text under --json-key)"
+        )
+    for what in lacking:
+        log.warning("input %s: it adds no text to the dataset (the other inputs have some)", what)
+
+
+def _pieces(
+    files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict, found: list[_Found]
+) -> Iterator[str | None]:
     """The text of every document of ``files``, in pieces (:class:`_Splitter`), each document followed
-    by None."""
+    by None; what each file held is appended to ``found`` once it is read."""
     for path in files:
+        start, documents, with_text = stats["bytes"], 0, 0
         for chunks in _documents(path, json_key, bar, stats):
-            yield from splitter.split(chunks)
+            empty = True
+            for piece in splitter.split(chunks):
+                empty = empty and not piece
+                yield piece
             yield None
+            documents += 1
+            with_text += not empty
+        found.append(_Found(path, stats["bytes"] - start, documents, with_text))
 
 
 def _write(builder: IndexedDatasetBuilder, encoded: Iterable[np.ndarray | None], eos: np.ndarray, stats: dict) -> None:
@@ -300,11 +313,12 @@ def preprocess(
 
     Returns the stats: ``documents``, ``tokens``, ``bytes`` (bytes of input read, after
     decompression: a ``.gz`` counts as the file inside it), ``files``, ``decode_errors`` (documents
-    with invalid UTF-8), ``seconds``. An existing dataset at
-    ``out_prefix`` is refused unless ``overwrite``. The dataset appears only when complete; on any
-    error the previous one (if any) is left untouched. Temporary files that an earlier run to
-    ``out_prefix`` left when it was killed are deleted (``tempfiles.py``); those of a run still
-    writing are not. ``workers`` > 1 (or ``"auto"``) encodes in that many processes
+    with invalid UTF-8), ``seconds``. An existing dataset at ``out_prefix`` is refused unless
+    ``overwrite``. The dataset appears only when complete; on any error the previous one (if any) is
+    left untouched. Inputs with no text at all (empty, blank lines, empty ``json_key`` strings) are
+    an error naming them, or a warning for each when other inputs have text. Temporary files that an
+    earlier run to ``out_prefix`` left when it was killed are deleted (``tempfiles.py``); those of a
+    run still writing are not. ``workers`` > 1 (or ``"auto"``) encodes in that many processes
     (``preprocess_pool.py``), writing the same bytes.
     """
     workers = resolve_workers(workers)
@@ -314,6 +328,7 @@ def preprocess(
     _remove_abandoned(out_prefix)
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
+    found: list[_Found] = []
     start = time.perf_counter()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
     splitter = _Splitter(tok)
@@ -324,12 +339,13 @@ def preprocess(
         pool or contextlib.nullcontext(),
         IndexedDatasetBuilder(out_prefix, token_dtype(tok.vocab_size)) as builder,
     ):
-        pieces = _pieces(files, json_key, splitter, bar, stats)
+        pieces = _pieces(files, json_key, splitter, bar, stats, found)
         if pool is not None:
             encoded = pool.encode(pieces)
         else:  # no Python list outlives a piece
             encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
         _write(builder, encoded, eos, stats)
+        _check_text(found, json_key, out_prefix)
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
         builder.finalize(stale=[meta_path])

@@ -62,14 +62,15 @@ def test_pieces_give_the_whole_document_ids(tok, code, tmp_path, monkeypatch, na
     encode = tok.encode
     monkeypatch.setattr(tok, "encode", lambda t, **kw: pieces.append(t) or encode(t, **kw))
     (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
-    stats = pp.preprocess([tmp_path / "doc.txt"], tok, tmp_path / "out", progress=False)
+    (tmp_path / "next.txt").write_text("x = 1\n")  # a lone empty input is refused: not what this tests
+    stats = pp.preprocess([tmp_path / "doc.txt", tmp_path / "next.txt"], tok, tmp_path / "out", progress=False)
     monkeypatch.undo()
-    assert "".join(pieces) == text
+    assert "".join(pieces[:-1]) == text and pieces[-1] == "x = 1\n"
     if name in ("many_lines", "one_line", "crlf_one_line"):
         assert len(pieces) > len(text) // 500  # really cut into many pieces
         assert max(map(len, pieces)) < 97 + 100  # so sentencepiece never sees much text at once
-    assert _ids(tmp_path / "out") == [tok.encode(text, eos=True)]
-    assert stats["documents"] == 1 and stats["tokens"] == len(tok.encode(text)) + 1
+    assert _ids(tmp_path / "out") == [tok.encode(text, eos=True), tok.encode("x = 1\n", eos=True)]
+    assert stats["documents"] == 2 and stats["tokens"] == len(tok.encode(text)) + len(tok.encode("x = 1\n")) + 2
 
 
 def test_json_documents_and_invalid_utf8(tok, code, tmp_path, monkeypatch):
