@@ -14,7 +14,8 @@ per-epoch index makes that cheap (``data/sample_index.py``: numpy, int32 where e
 Windows overlap by one token (the last label of window w is the first input of window w+1), so an
 epoch of ``T`` tokens yields ``(T - 1) // L`` samples and drops at most ``L`` tokens at its end.
 Sample ``i`` of a dataset is window ``shuffle_e[i % S]`` of epoch ``e = i // S``: any ``i >= 0`` is
-valid, and the index is computed lazily per epoch (the last one cached).
+valid, and the index is computed lazily per epoch (the last one cached), or mapped from
+``data.index_cache`` where one rank of the node wrote it (``data/index_cache.py``).
 
 Several datasets are blended by a fixed interleaving that keeps every dataset within one sample of
 ``weight * n`` in every prefix of the stream (``blend_schedule``).
@@ -32,12 +33,14 @@ import logging
 import os
 import zlib
 from fractions import Fraction
+from functools import partial
 from math import lcm
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_lite.data.index_cache import IndexCache, split_key
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.sample_index import EpochIndex, build_epoch, permutation
 from megatron_lite.errors import UserError
@@ -67,13 +70,28 @@ def split_documents(sizes: np.ndarray, split: str, valid_fraction: float) -> np.
 
 
 class _PackedSplit:
-    """One dataset's split, packed into ``seq_len + 1`` windows with a fresh shuffle per epoch."""
+    """One dataset's split, packed into ``seq_len + 1`` windows with a fresh shuffle per epoch.
 
-    def __init__(self, data: IndexedDataset, docs: np.ndarray, seq_len: int, seed: int, split: str) -> None:
+    With a ``cache`` each epoch's index is mapped from its files (built and written by one rank of
+    the node when absent: ``data/index_cache.py``), otherwise built in memory."""
+
+    def __init__(
+        self,
+        data: IndexedDataset,
+        docs: np.ndarray,
+        seq_len: int,
+        seed: int,
+        split: str,
+        cache: IndexCache | None = None,
+    ) -> None:
         self.data, self.docs, self.seq_len = data, docs, seq_len
         self.num_tokens = int(data.sizes[docs].sum())
         self.samples_per_epoch = max(0, (self.num_tokens - 1) // seq_len)
         self._seed = [seed, SPLITS.index(split), _sizes_crc(data.sizes)]
+        self._cache = cache
+        if cache is not None:
+            sizes, S = data.sizes, self.samples_per_epoch
+            self._key = split_key(sizes.size, data.num_tokens, self._seed[2], split, docs, seq_len, S, self._seed)
         # One epoch only: a loader reads each dataset's samples in increasing order, so an epoch is
         # never needed again once the next is built; it is dropped first, so two never coexist.
         self._cached: tuple[int, EpochIndex] | None = None
@@ -81,7 +99,11 @@ class _PackedSplit:
     def _epoch(self, epoch: int) -> EpochIndex:
         if self._cached is None or self._cached[0] != epoch:
             self._cached = None
-            self._cached = (epoch, build_epoch(self.data.sizes, self.docs, self.samples_per_epoch, self._seed, epoch))
+            build = partial(build_epoch, self.data.sizes, self.docs, self.samples_per_epoch, self._seed, epoch)
+            if self._cache is None:
+                self._cached = (epoch, build())
+            else:
+                self._cached = (epoch, self._cache.epoch({**self._key, "epoch": epoch}, self.docs, build))
         return self._cached[1]
 
     def sample(self, k: int) -> np.ndarray:
@@ -193,7 +215,9 @@ class GPTDataset:
     """An endless, deterministic stream of ``seq_len + 1``-token samples from one or more datasets.
 
     ``weights=None`` weighs each dataset by its tokens in the split (as if they were one corpus).
-    ``dataset[i]`` depends only on the files, ``seed``, ``seq_len``, ``split`` and ``weights``.
+    ``dataset[i]`` depends only on the files, ``seed``, ``seq_len``, ``split`` and ``weights``;
+    ``index_cache`` (a directory, ``data.index_cache``) keeps the per-epoch indexes on disk for the
+    ranks of a node to share and a restart to reuse, and never changes a sample.
     """
 
     def __init__(
@@ -204,6 +228,7 @@ class GPTDataset:
         seed: int,
         split: str = "train",
         valid_fraction: float = 0.01,
+        index_cache: str | Path | None = None,
     ) -> None:
         if isinstance(prefixes, str | Path):
             prefixes = [prefixes]
@@ -212,10 +237,11 @@ class GPTDataset:
         seq_len, seed = int(seq_len), int(seed)
         self.prefixes, self.seq_len, self.seed, self.split = prefixes, seq_len, seed, split
         self._sources: list[_PackedSplit] = []
+        cache = IndexCache(index_cache) if index_cache else None
         for prefix in prefixes:
             data = IndexedDataset(prefix)
             docs = split_documents(data.sizes, split, valid_fraction)
-            source = _PackedSplit(data, docs, seq_len, seed, split)
+            source = _PackedSplit(data, docs, seq_len, seed, split, cache)
             if source.num_tokens < seq_len + 1:
                 raise UserError(
                     f"dataset {prefix} has {source.num_tokens} tokens in {docs.size} documents of its "

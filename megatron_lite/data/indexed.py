@@ -24,8 +24,9 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -49,15 +50,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size < 65_500 else np.dtype(np.int32)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename, so readers never see half a file
-    (one a killed writer left is removable by ``tempfiles.remove_abandoned``)."""
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` (bytes, or a function writing them to the open file) to ``path`` via a temporary
+    sibling, an fsync and a rename, so readers never see half a file and a mapping of the file it
+    replaces keeps its bytes (a temporary a killed writer left is removable by
+    ``tempfiles.remove_abandoned``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, f = create_temp(path)
     with f:  # locked until renamed
         try:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -86,7 +86,8 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     fix = None if d.path else "leave data.tokenizer empty to use the embedded corpus's own, or set data.path"
     for prefix in prefixes:
         check_dataset_tokenizer(prefix, tok, fix)
-    train = GPTDataset(prefixes, d.weights, seq, seed, split="train", valid_fraction=d.valid_fraction)
+    split = {"valid_fraction": d.valid_fraction, "index_cache": d.index_cache}
+    train = GPTDataset(prefixes, d.weights, seq, seed, split="train", **split)
     valid = None
     single = [p for p in prefixes if len(IndexedDataset(p).sizes) < 2]
     if d.valid_fraction > 0 and single:
@@ -96,7 +97,7 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
             single[0],
         )
     elif d.valid_fraction > 0:
-        valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", valid_fraction=d.valid_fraction)
+        valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", **split)
     return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))
 
 

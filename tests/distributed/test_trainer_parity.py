@@ -22,7 +22,13 @@ LAYOUTS = [
     ["parallel.tp=2"],  # dp=2
     ["parallel.tp=2", "parallel.sp=true", "optim.distributed=true"],
     ["parallel.tp=4", "model.kv_heads=2"],  # tp > kv_heads: KV replicated on pairs of ranks
-    ["optim.distributed=true", "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false"],  # dp=4
+    # dp=4; the four ranks share one on-disk sample index (one builds each epoch, the others map it)
+    [
+        "optim.distributed=true",
+        "parallel.overlap_grad_reduce=false",
+        "parallel.overlap_param_gather=false",
+        "data.index_cache=RUN/index",
+    ],
     # tp=2 x pp=2, tied across stages, selective recomputation (1f1b: one backward per block)
     ["parallel.pp=2", "parallel.tp=2", "model.tie_embeddings=true", "train.recompute=selective"],
     ["parallel.pp=2", "optim.distributed=true", "parallel.schedule=zb-h1"],  # pp=2 x dp=2
@@ -63,7 +69,10 @@ def train_curves(args: list[str]) -> list[float]:
 def _run_layouts(rank: int, world: int, base: list[str], port: int) -> list[list[float]]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     run_dir = base[-1].removeprefix("log.dir=")  # one run directory per layout: resume=none refuses a used one
-    return [train_curves([*base, *layout, f"log.dir={run_dir}/{i}"]) for i, layout in enumerate(LAYOUTS)]
+    return [
+        train_curves([*base, *[x.replace("RUN", run_dir) for x in layout], f"log.dir={run_dir}/{i}"])
+        for i, layout in enumerate(LAYOUTS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +92,7 @@ def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
             references[model] = train_curves([*base[:-1], f"log.dir={tmp_path / 'single' / str(i)}", *model])
         for rank, curves in enumerate(per_rank):
             assert curves[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, curves[i])
+    assert list((tmp_path / "run" / "index").glob("train-e0-*.perm.npy"))  # the cached layout used it
 
 
 def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:

@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from megatron_lite.data import sample_index
+from megatron_lite.data import gpt_dataset, sample_index
 from megatron_lite.data.gpt_dataset import GPTDataset, _PackedSplit, split_documents
 from megatron_lite.data.index_reference import reference_epoch, reference_sample
 from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder
@@ -42,10 +42,10 @@ CASES = [
 ]
 
 
-def _digest(tmp_path, case) -> tuple[int, str]:
+def _digest(tmp_path, case, index_cache=None) -> tuple[int, str]:
     specs, weights, seq, seed, split, vf = case[:6]
     prefixes = [_make(tmp_path / f"d{i}", *spec) for i, spec in enumerate(specs)]
-    ds = GPTDataset(prefixes, weights, seq, seed, split=split, valid_fraction=vf)
+    ds = GPTDataset(prefixes, weights, seq, seed, split=split, valid_fraction=vf, index_cache=index_cache)
     n = 4 * sum(ds.samples_per_epoch) + 3
     h = hashlib.sha256()
     for i in [*range(n), 10**6 + 7, 10**9]:
@@ -56,6 +56,19 @@ def _digest(tmp_path, case) -> tuple[int, str]:
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_samples_match_the_int64_index(tmp_path, case):
     assert _digest(tmp_path, case) == tuple(case[6:])
+
+
+def _never_built(*args):
+    raise AssertionError(f"epoch built although its index is cached: {args[-1]}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_cached_index_serves_the_same_samples(tmp_path, monkeypatch, case):
+    # First read: each epoch built and written; second: every epoch mapped from its files, none built.
+    cache = tmp_path / "index"
+    assert _digest(tmp_path, case, cache) == tuple(case[6:])
+    monkeypatch.setattr(gpt_dataset, "build_epoch", _never_built)
+    assert _digest(tmp_path, case, cache) == tuple(case[6:])
 
 
 def test_int64_fallback_serves_the_same_samples(tmp_path, monkeypatch):
