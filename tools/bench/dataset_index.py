@@ -1,6 +1,7 @@
 """Memory and build time of the per-epoch sample index: the compact one against the int64 twin.
 
     python tools/bench/dataset_index.py [--docs 4000000] [--mean-tokens 1000] [--seq 1024] [--epochs 3]
+        [--open] [--cache]
 
 A synthetic split (``--docs`` documents of 1 to ``2 * --mean-tokens - 1`` tokens, uniform; no files,
 the reader returns zeros) is read as a training loader reads it: the first sample of each of
@@ -15,6 +16,12 @@ the total build time; and compact / baseline samples read per second once an epo
 With ``--open``, it first measures opening the same sizes as an ``IndexedDataset`` (an ``.idx``
 written in a temporary folder, the ``.bin`` a sparse file of the right length): the mapped document
 table against reading it whole into int64 arrays, as ``_read_index`` did, with the same checks.
+
+With ``--cache``, it then reads the same epochs through ``data.index_cache`` (a temporary folder):
+once building and writing each epoch (``cache-build``), then from a fresh split that maps the files
+(``cache-open``: the files' checksums are read, nothing is built), as a restarted rank, or a rank of
+the node that did not build, opens them. ``tracemalloc`` counts what a rank holds privately; the
+mapped files are page cache, shared by the node's ranks, and are given apart as bytes per epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 
 from megatron_lite.data import indexed
 from megatron_lite.data.gpt_dataset import _PackedSplit, split_documents
+from megatron_lite.data.index_cache import IndexCache
 from megatron_lite.data.index_reference import reference_epoch, reference_sample
 
 MiB = 1 << 20
@@ -41,6 +49,7 @@ class FakeData:
 
     def __init__(self, docs: int, mean_tokens: int) -> None:
         self.sizes = np.random.default_rng(0).integers(1, 2 * mean_tokens, docs, dtype=np.int64)
+        self.num_tokens = int(self.sizes.sum())
 
     def get(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
         return np.zeros(int(self.sizes[doc]) - offset if length is None else length, dtype=np.int64)
@@ -119,6 +128,37 @@ def stream(reader, samples: int, epochs: int) -> list[dict]:
     return rows
 
 
+def cached(split: _PackedSplit, epochs: int, compact: list[dict]) -> dict:
+    """Read ``epochs`` epochs through an index cache: building it, then mapping it from a fresh split."""
+    S = split.samples_per_epoch
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {}
+        for name in ("cache-build", "cache-open"):
+            reader = _PackedSplit(split.data, split.docs, split.seq_len, split._seed[0], "train", IndexCache(tmp))
+            rows[name] = stream(reader, S, epochs)
+            for r in rows[name]:
+                mem = f"peak {r['peak_mib']:8.1f} MiB  held {r['held_mib']:8.1f} MiB"
+                print(f"{name:11s} epoch {r['epoch']}: {r['s']:6.2f} s  {mem}")
+            for k in [0, 1, S - 1, S + 3, (epochs - 1) * S + 7]:
+                assert np.array_equal(reader.sample(k), split.sample(k)), f"{name}: sample {k} differs"
+        reader.sample(0)  # mapped: what follows times the lookups alone
+        start = time.perf_counter()
+        for k in range(1, 20_001):
+            reader.sample(k)
+        reads = 20_000 / (time.perf_counter() - start)
+        print(f"cache-open  reads {reads:,.0f} samples/s (the mapped index; lookup cost)")
+        mapped = sum(f.stat().st_size for f in os.scandir(tmp) if f.name.endswith(".npy")) / epochs / MiB
+    print(f"cache files: {mapped:.1f} MiB per epoch (page cache, shared by the node's ranks)")
+    build, opened = rows["cache-build"], rows["cache-open"]
+    return {
+        "cache_open_vs_build_time": round(sum(r["s"] for r in opened) / sum(r["s"] for r in compact), 3),
+        "cache_open_peak_mib": round(max(r["peak_mib"] for r in opened), 1),
+        "cache_build_peak_mib": round(max(r["peak_mib"] for r in build), 1),
+        "cache_mib_per_epoch": round(mapped, 1),
+        "cache_reads_per_s": round(reads),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=4_000_000)
@@ -126,6 +166,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--open", action="store_true", help="also measure opening the sizes as a dataset")
+    parser.add_argument("--cache", action="store_true", help="also read the epochs through data.index_cache")
     args = parser.parse_args()
     data = FakeData(args.docs, args.mean_tokens)
     opened = open_dataset(data.sizes) if args.open else {}
@@ -156,6 +197,7 @@ def main() -> None:
         "build_time_ratio": round(sum(r["s"] for r in b) / sum(r["s"] for r in c), 2),
         "read_speed_ratio": round(reads["compact"] / reads["baseline"], 2),
         **opened,
+        **(cached(split, args.epochs, c) if args.cache else {}),
     }
     print(json.dumps(ratios))
 
