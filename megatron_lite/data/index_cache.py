@@ -19,7 +19,9 @@ directory is removed: an epoch whose files are gone is built again.
 - One rank of a node builds: the first to hold an exclusive ``flock`` on ``<name>.lock`` (an empty
   file, left in place: removing it would let a late rank lock a new file and build a second time)
   builds and writes the epoch; the others wait on the lock, then map what it wrote. On a filesystem
-  without ``flock`` every rank builds and writes the same bytes, and the renames keep that harmless.
+  without ``flock`` every rank builds and writes the same bytes, and the renames keep that harmless
+  on a local disk. A network filesystem shared by nodes may not keep a replaced file for another
+  client that mapped it, so a disk local to each node is the place for the cache.
 - Opening checks the JSON's key against the wanted one, each array's shape and dtype against the
   split's, and each CRC-32 (one read of the file, whose pages the node's ranks share): a truncated,
   damaged or mismatched epoch is rebuilt with a warning, never used.

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[2]
 SEQ = 13
 EPOCHS = 3
 
@@ -86,7 +88,8 @@ def test_a_restarted_process_maps_the_epochs_it_would_build(prefix, tmp_path):
     out = tmp_path / "restart.npy"
     n = str(EPOCHS * ds.samples_per_epoch[0])
     args = [prefix, str(SEQ), str(tmp_path / "ix"), n, str(out)]
-    subprocess.run([sys.executable, "-c", _RESTART, *args], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", _RESTART, *args], check=True, env={**os.environ, "PYTHONPATH": path})
     assert np.array_equal(np.load(out), want)
 
 
