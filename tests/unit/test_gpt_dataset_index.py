@@ -77,6 +77,10 @@ def test_int64_fallback_serves_the_same_samples(tmp_path, monkeypatch):
     assert index_dtype(6) == np.int64
     for case in (CASES[0], CASES[5]):
         assert _digest(tmp_path / str(id(case)), case) == tuple(case[6:])
+        # and cached: int64 arrays written, then mapped
+        assert _digest(tmp_path / str(id(case)), case, tmp_path / "index") == tuple(case[6:])
+        assert _digest(tmp_path / str(id(case)), case, tmp_path / "index") == tuple(case[6:])
+    assert {np.load(f).dtype for f in (tmp_path / "index").glob("*.npy")} == {np.dtype(np.int64)}
 
 
 def _split(tmp_path, n_docs=200, seq=13, max_len=60):
