@@ -28,6 +28,18 @@ RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or st
 RDZV_ID=${RDZV_ID:-}                   # the same on every machine of a job, new for each job (default: above)
 PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
 
+# Every value is checked before torchrun starts: one line for each bad one, naming what is accepted,
+# and exit 2 (megatron_lite/launcher/launch_vars.py; MASTER_ADDR must also resolve, where torchrun's
+# rendezvous would retry an unknown host for minutes).
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "launch/torchrun.sh: PYTHON=$PYTHON is not a command here: set PYTHON to the interpreter with megatron-lite" \
+       "installed" >&2
+  exit 2
+fi
+"$PYTHON" -m megatron_lite.launcher.launch_vars launch/torchrun.sh NNODES="$NNODES" NODE_RANK="$NODE_RANK" \
+  NPROC_PER_NODE="$NPROC_PER_NODE" MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" RDZV_BACKEND="$RDZV_BACKEND" \
+  || { status=$?; [ "$status" -eq 2 ] || echo "launch/torchrun.sh: PYTHON=$PYTHON cannot run megatron-lite (see above):" \
+       "set PYTHON to the interpreter with megatron-lite installed" >&2; exit 2; }
 if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "launch/torchrun.sh: no CUDA device here (or no torch for $PYTHON); for CPU ranks set" \
        "NPROC_PER_NODE=<ranks>, e.g. NPROC_PER_NODE=4 bash launch/torchrun.sh ..." >&2
@@ -38,20 +50,6 @@ if [ "$NNODES" -eq 1 ]; then
   exec "$PYTHON" -m megatron_lite.launcher.torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" \
     -m megatron_lite.train "$@"
 fi
-if [ -z "$MASTER_ADDR" ]; then
-  echo "launch/torchrun.sh: NNODES=$NNODES needs MASTER_ADDR (the first machine's host name)" >&2
-  exit 2
-fi
-# torchrun's rendezvous retries an unknown host for minutes: check the name first.
-"$PYTHON" - "$MASTER_ADDR" "$MASTER_PORT" <<'EOF' || exit 2
-import sys
-from megatron_lite.errors import UserError
-from megatron_lite.launcher.env import check_master_resolves
-try:
-    check_master_resolves(sys.argv[1], int(sys.argv[2]))
-except UserError as e:
-    sys.exit(f"launch/torchrun.sh: {e}")
-EOF
 if [ -z "$RDZV_ID" ]; then
   JOB_ID=${SLURM_JOB_ID:-${PBS_JOBID:-${LSB_JOBID:-}}}
   if [ -n "$JOB_ID" ]; then

@@ -2,7 +2,8 @@
 
 Pure functions, no process group and no torch: :func:`resolve_env` reads the launcher's variables,
 :func:`parse_nodelist` expands a SLURM hostlist, :func:`slurm_job_port` is a job's own rendezvous
-port and :func:`check_master_resolves` refuses a rendezvous host that does not resolve, in seconds.
+port, :func:`tcp_port` refuses a value that is no port and :func:`check_master_resolves` refuses a
+rendezvous host that does not resolve, in seconds.
 ``parallel/mesh.py: init_distributed`` joins the process group they describe.
 """
 
@@ -79,6 +80,14 @@ def _int_env(environ: Mapping[str, str], name: str, default: str | None = None) 
         raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def tcp_port(name: str, value: str) -> int:
+    """``value`` as a TCP port (1-65535), else a :class:`UserError` naming ``name`` and the value."""
+    port = int(value) if re.fullmatch(r"[0-9]+", value.strip()) else 0
+    if not 0 < port < 2**16:
+        raise UserError(f"{name}={value} is not a TCP port: set one in 1-65535")
+    return port
+
+
 def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]] = parse_nodelist) -> DistEnv:
     """Read the launcher's variables into a :class:`DistEnv` (pure: ``hostnames`` expands a nodelist).
 
@@ -92,9 +101,7 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     default_port = DEFAULT_MASTER_PORT
     if "SLURM_JOB_ID" in environ and "RANK" not in environ:
         default_port = slurm_job_port(environ["SLURM_JOB_ID"])
-    port = _int_env(environ, "MASTER_PORT", str(default_port))
-    if not 0 < port < 2**16:
-        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port: set one in 1-65535")
+    port = tcp_port("environment variable MASTER_PORT", environ.get("MASTER_PORT", str(default_port)))
     in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         if "MASTER_ADDR" not in environ:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_lite.errors import UserError
+from megatron_lite.launcher.env import tcp_port
 
 
 def _template_dir() -> Path:
@@ -234,8 +235,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         )
     if args.cpus_per_rank is not None and args.cpus_per_rank < 1:
         raise UserError(f"--cpus-per-rank {args.cpus_per_rank} must be positive")
-    if args.master_port is not None and not 0 < args.master_port < 2**16:
-        raise UserError(f"--master-port {args.master_port} is not a TCP port: choose one in 1-65535 (or leave it out)")
+    if args.master_port is not None:
+        tcp_port("--master-port", str(args.master_port))
     default_python = "python" if args.container_image else sys.executable
     return SlurmJob(
         config=args.config,

@@ -142,7 +142,7 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     [
         (["--gpus-per-node", "8", "--procs-per-node", "16"], "--procs-per-node 16 is more than --gpus-per-node 8"),
         (["--cpu", "--procs-per-node", "2", "--cpus-per-rank", "0"], "--cpus-per-rank 0 must be positive"),
-        (["--cpu", "--procs-per-node", "2", "--master-port", "70000"], "--master-port 70000 is not a TCP port"),
+        (["--cpu", "--procs-per-node", "2", "--master-port", "70000"], "--master-port=70000 is not a TCP port"),
     ],
 )
 def test_launch_refuses_a_job_that_cannot_run_before_writing_it(options, message, capsys):
@@ -240,3 +240,83 @@ def test_a_large_world_looks_for_failed_ranks_less_often():
     assert poll_interval(1.0, 4096) == 4096 / STORE_LOOKS_PER_S
     for world in (8, 1000, 4096, 65536):
         assert world / poll_interval(1.0, world) <= STORE_LOOKS_PER_S
+
+
+def _run_launch_script(name: str, env: dict[str, str], path: str | None = None) -> subprocess.CompletedProcess:
+    """``bash launch/NAME`` with ``env`` over this environment less any launcher's variables."""
+    launch = ("SLURM_", "PBS_", "LSB_", "RDZV_", "MASTER_", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "PROCS_PER_NODE")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(launch)}
+    if path is not None:
+        clean["PATH"] = f"{path}:{clean['PATH']}"
+    cmd = ["bash", str(ROOT / "launch" / name), "--config", "c.yaml"]
+    return subprocess.run(
+        cmd, env={**clean, "PYTHON": sys.executable, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "env, line",
+    [
+        ({"NNODES": "two"}, "NNODES=two is not a whole number: set the number of machines, 1 or more"),
+        (
+            {"NPROC_PER_NODE": "abc"},
+            "NPROC_PER_NODE=abc is not a whole number: set the ranks per machine, 1 or more, or gpu (one rank per "
+            "visible GPU)",
+        ),
+        ({"NODE_RANK": "-1"}, "NODE_RANK=-1 is out of range: set this machine's index among NNODES=1, 0 to 0"),
+        (
+            {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "127.0.0.1"},
+            "NODE_RANK=2 is out of range: set this machine's index among NNODES=2, 0 to 1",
+        ),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is not a TCP port: set one in 1-65535"),
+        ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR: set it to the first machine's host name or address"),
+        ({"RDZV_BACKEND": "foo"}, "RDZV_BACKEND=foo is not accepted: set one of c10d, static"),
+    ],
+)
+def test_torchrun_script_refuses_a_bad_variable_in_one_line_before_torchrun_starts(env, line):
+    """Each reached torchrun as it was: a shell error (`[: two: integer expression expected`), a
+    ValueError traceback, or a rendezvous that retried for minutes."""
+    r = _run_launch_script("torchrun.sh", {"NPROC_PER_NODE": "1", **env})
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"launch/torchrun.sh: {line}"], r.stderr
+
+
+def test_torchrun_script_names_a_python_that_is_not_there():
+    r = _run_launch_script("torchrun.sh", {"PYTHON": "no-such-python3"})
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "launch/torchrun.sh: PYTHON=no-such-python3 is not a command here: set PYTHON to the interpreter with "
+        "megatron-lite installed"
+    ], r.stderr
+
+
+SLURM_STUBS = {  # just enough SLURM for a batch script to reach its step: srun runs the task's command
+    "scontrol": "#!/bin/sh\necho 127.0.0.1\n",
+    "srun": '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\nexec "$@"\n',
+}
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values())
+@pytest.mark.parametrize(
+    "env, line",
+    [
+        ({"PROCS_PER_NODE": "abc"}, "PROCS_PER_NODE=abc is not a whole number: set the ranks per machine, 1 or more"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is not a TCP port: set one in 1-65535"),
+    ],
+)
+def test_sbatch_templates_refuse_a_bad_variable_in_one_line_before_training_starts(template, env, line, tmp_path):
+    """The bare-metal template checks in its batch shell; the container one inside its image, as its
+    step's tasks start (the batch host may have no megatron-lite), before torchrun or a rank."""
+    for name, text in SLURM_STUBS.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    job["CONTAINER_IMAGE"] = "img"
+    r = _run_launch_script(template, {**job, **env}, path=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"launch/{template}: {line}"], r.stderr
+
+
+def test_launch_variable_check_runs_the_command_after_it_only_when_every_value_is_good():
+    check = [sys.executable, "-m", "megatron_lite.launcher.launch_vars", "s"]
+    good = subprocess.run([*check, "PROCS_PER_NODE=2", "--", "echo", "started"], capture_output=True, text=True)
+    assert good.returncode == 0 and good.stdout == "started\n", good.stderr
+    bad = subprocess.run([*check, "PROCS_PER_NODE=0", "--", "echo", "started"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "", bad.stdout
