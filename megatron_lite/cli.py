@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from megatron_lite.errors import UserError, refuse_blank
+from megatron_lite.errors import SetupInterrupted, UserError, refuse_blank
 
 # A rank other than 0 that fails waits this long before printing its error itself (see main()).
 ERROR_GRACE_S = 10.0
@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         _report(e)
         return 2
+    except SetupInterrupted as e:  # the signal's handler logged it (training/fault.py: SetupSignals)
+        return e.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,11 @@
 """The one exception type for mistakes a user can fix (bad config, missing data, bad path).
 
 The CLI prints a ``UserError`` as one line, ``error: <message>``, and exits 2 without a traceback;
-every other exception is a bug and keeps its traceback.
+every other exception is a bug and keeps its traceback, except :class:`SetupInterrupted` (a signal
+that ends a run before its first step), which exits 128 + the signal's number.
 """
+
+import signal
 
 
 class UserError(Exception):
@@ -22,3 +25,16 @@ def refuse_blank(flag: str, value: object, to: str = "write to") -> None:
     if not str(value).strip():
         what = "empty" if not str(value) else f"only spaces ({str(value)!r})"
         raise UserError(f"{flag} is {what}, which names no path (an unset shell variable?); give the path to {to}")
+
+
+class SetupInterrupted(BaseException):
+    """SIGTERM, SIGINT or SIGUSR1 arrived during a run's setup, before its first step
+    (``training/fault.py: SetupSignals``). A ``BaseException``, as ``KeyboardInterrupt`` is, so that
+    no ``except Exception`` of the setup code stops it on its way out. The handler has logged it;
+    the process exits with :attr:`exit_status`, 128 + the signal's number (143 for SIGTERM), the
+    status of a process that the signal ended."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        self.exit_status = 128 + int(signum)
+        super().__init__(f"received {self.signal.name} during setup (before the first step); no checkpoint saved")

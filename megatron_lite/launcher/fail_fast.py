@@ -22,8 +22,8 @@ hang the healthy ranks there before they reach the exchange)::
 
 In a single process (no process group) the error passes through unchanged.
 
-In the training loop, and in the setup after the mesh exists, there is no collective-free stretch
-to guard: :class:`~megatron_lite.launcher.failure_watch.FailureWatch` guards those instead.
+In the training loop, and in the setup once the process group exists, there is no collective-free
+stretch to guard: :class:`~megatron_lite.launcher.failure_watch.FailureWatch` guards those instead.
 """
 
 from __future__ import annotations
@@ -137,6 +137,8 @@ def agree_on_config(sections: dict[str, dict]) -> None:
     keys = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k) != flat[1].get(k))
     differ = ", ".join(f"{k}={flat[0].get(k)} on rank 0 but {flat[1].get(k)} on rank {rank}" for k in keys[:5])
     more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
-    raise UserError(
+    error = UserError(
         f"the ranks resolved different configs: {differ}{more}; give every rank the same config file and overrides"
     )
+    error.raised_on_every_rank = True  # a FailureWatch around it has no rank to stop
+    raise error

@@ -5,7 +5,8 @@ holding a token id beyond the vocabulary, a failed write, an out-of-memory error
 while its peers are already blocked in the step's next collective, where no exception can reach
 them. The same holds for the setup after the mesh exists (the model built, the checkpoint
 restored: an out-of-memory error on one rank). :class:`FailureWatch` guards those stretches
-instead, over the rendezvous store (the trainer runs one around its setup after the mesh, reporting
+instead, over the rendezvous store (the trainer runs one around its setup once the process group
+exists, reporting
 ``rank R failed during setup``, and one around the loop):
 
 - the rank whose loop raises posts ``rank R failed at step S: <message>`` (the first post wins),
@@ -17,7 +18,8 @@ instead, over the rendezvous store (the trainer runs one around its setup after 
   its own (``Store.clone``: the main thread may hold the shared one in a blocking wait). When a peer
   failed it logs that rank's error, step and message and ends the process at once with ``os._exit``
   (its main thread sits inside a gloo/NCCL wait that no exception interrupts), exit status 2 for a
-  ``UserError``, 130 for an interrupt, else 1: the status of the rank that failed;
+  ``UserError``, 130 for an interrupt, 128 + N for signal N during setup, else 1: the status of the
+  rank that failed;
 - a clean end (training done, ``train.exit_after``, a preemption signal) stops the thread and posts
   nothing. Keys are per torchrun attempt (``TORCHELASTIC_RESTART_COUNT``): torchrun's agent store
   outlives a restart, which must not read the failure that caused it.
@@ -95,7 +97,9 @@ def _exit_status(error: BaseException) -> int:
     """The CLI's exit status for ``error`` (``cli.main``), which the other ranks exit with too."""
     if isinstance(error, UserError):
         return 2
-    return 130 if isinstance(error, KeyboardInterrupt) else 1
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    return getattr(error, "exit_status", 1)  # SetupInterrupted: 128 + the signal's number
 
 
 def poll_interval(poll_s: float, world: int) -> float:

@@ -5,8 +5,8 @@ SIGKILLed (an out-of-memory kill, ``kill -9``, a node agent) takes no rank with 
 training, holding their devices, and a relaunch would write into the same directories beside them.
 On Linux each rank asks the kernel for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``).
 SIGTERM is the preemption signal (``training/fault.py``): during training every rank saves a
-checkpoint at the next step boundary and exits 0; before the trainer's handler is installed, the
-default action ends the process.
+checkpoint at the next step boundary and exits 0; during setup the run ends with one line and exit
+status 143 (``SetupSignals``); while the rank joins the process group, the default action ends it.
 
 The request covers only a parent that dies after it is made. A parent that died earlier (the
 launcher killed while the rank was still importing torch) shows as another parent pid than the

@@ -8,9 +8,10 @@ all-reduce (:func:`any_rank`, a few bytes): a signal that reached only some rank
 rank at the same step, which saves a checkpoint and exits 0, so the job can be requeued and
 resume with ``checkpoint.resume=auto``.
 
-The handler is installed for the training loop only. Setup (joining the process group, building the
-model, loading a checkpoint) keeps the default actions, so a signal then ends the rank at once:
-nothing is trained yet, and a Python handler would run only after a blocking rendezvous returned.
+:class:`PreemptionHandler` is installed for the training loop only. During setup there is nothing
+to save: :class:`SetupSignals` (from joining the process group until the loop) ends the run instead,
+with one log line and exit status 128 + the signal's number. Joining the process group itself keeps
+the default actions: a Python handler would run only after the blocking rendezvous returned.
 
 :class:`SkippedSteps`: divergence, a gradient norm that stays non-finite, stops the run with one error.
 """
@@ -27,11 +28,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import SetupInterrupted, UserError
 from megatron_lite.launcher.failure_watch import failure_being_handled
 
 log = logging.getLogger(__name__)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SETUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 MAX_SKIPS_IN_A_ROW = 10
 
 
@@ -95,6 +97,51 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.uninstall()
+
+
+class SetupSignals:
+    """Ends the run when SIGTERM, SIGINT or SIGUSR1 arrives during setup (a context manager around it):
+    the handler logs ``received SIGTERM during setup (before the first step); no checkpoint saved;
+    exiting`` and raises :class:`~megatron_lite.errors.SetupInterrupted`, which the CLI turns into exit
+    status 128 + the signal's number. Without it SIGTERM and SIGUSR1 ended the rank silently (their
+    default action), the other ranks waiting for it in their next collective.
+
+    Raising unwinds the setup as any error does: a corpus being built removes its temporary
+    directory, a checkpoint being restored was only read, and a trainer's ``FailureWatch`` posts the
+    signal as this rank's failure, so the other ranks stop at once with its message. The handler
+    runs when the main thread next runs Python: one waiting in a collective for a slower peer leaves
+    when that collective returns. Later copies of a signal (SLURM signals every process of a step
+    and torchrun passes its own copy on), and a signal while a failure is on its way out, are
+    ignored: the rank is already leaving. Installed from the main thread only, as
+    :class:`PreemptionHandler`.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = SETUP_SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            return
+        error = SetupInterrupted(signum)
+        self.received = error.signal
+        if failure_being_handled():  # let the failure on its way out finish telling the other ranks
+            log.warning("received %s while the run stops for a failure: exiting", error.signal.name)
+            return
+        log.warning("%s; exiting", error)
+        raise error
+
+    def __enter__(self) -> SetupSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:

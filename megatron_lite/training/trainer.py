@@ -10,8 +10,10 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
-The loop runs under a ``FailureWatch`` (``launcher/failure_watch.py``): a rank whose step raises stops
-every rank within seconds, each logging its error, instead of leaving them in a collective.
+Setup, from the process group on, and the loop each run under a ``FailureWatch``
+(``launcher/failure_watch.py``): a rank that raises stops every rank within seconds, each logging its
+error, instead of leaving them in a collective. A signal during setup (``fault.py: SetupSignals``)
+ends the run the same way, with one line saying so; during the loop it saves a checkpoint first.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_t
 from megatron_lite.plan import Layout
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
-from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SkippedSteps, any_rank
+from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
 from megatron_lite.training.trackers import Trackers
@@ -66,6 +68,17 @@ class Trainer:
         self.env = init_distributed(cfg.parallel.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
+        # a signal from here to the loop ends the run with one line (fault.py: SetupSignals); a rank that
+        # fails or is signalled stops the others at once: they would wait for it in their next collective
+        with SetupSignals(), FailureWatch(cfg.parallel.timeout_s, where="during setup"):
+            self._check_and_join()
+            self._build()
+            self._log_setup()
+
+    def _check_and_join(self) -> None:
+        """Setup before the mesh: preflight, data, the config against the data's vocabulary (the same
+        on every rank), then the mesh."""
+        cfg = self.cfg
         self._preflight()
         kernels.set_backend(cfg.kernels.backend)
         self.data = self._prepare_data()
@@ -82,11 +95,6 @@ class Trainer:
                 log.warning("%s", why)
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
-        # a rank that fails from here on (out of memory building the model, its checkpoint shard unreadable,
-        # its tracker) stops the others at once: they would wait for it in their next collective
-        with FailureWatch(cfg.parallel.timeout_s, where="during setup"):
-            self._build()
-        self._log_setup()
 
     def _build(self) -> None:
         """The mesh's part of setup: checkpoint chosen, run directory, engine, loader, checkpointer,

@@ -243,3 +243,35 @@ def test_one_process_interrupted_drops_the_save_in_flight_saying_so(tiny_args, t
     assert "checkpoint of step 2 was not saved: it was still in flight (checkpoint.async)" in caplog.text
     ckpt = tmp_path / "run" / "checkpoints"
     assert not (ckpt / "latest").exists() and not (ckpt / "step_00000002").exists()
+
+
+# `megatron-lite train` whose rank FAIL_RANK gets SIGTERM while it opens the data, before the mesh
+SIGNAL_IN_SETUP_DRIVER = """
+import os, signal, sys
+from megatron_lite.cli import main
+from megatron_lite.training import trainer
+
+build_data = trainer.build.build_data
+
+def build_data_then_terminated(*args, **kwargs):
+    if os.environ["RANK"] == os.environ["FAIL_RANK"]:
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. its torchrun was killed (launcher/orphan.py)
+    return build_data(*args, **kwargs)
+
+trainer.build.build_data = build_data_then_terminated
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_signal_to_one_rank_during_setup_stops_every_rank_naming_it(tiny_args, tmp_path):
+    """Rank 1 ended silently (SIGTERM's default action) and rank 0, waiting for it in a setup
+    collective, failed there with a gloo traceback (NCCL: hung until parallel.timeout_s)."""
+    script = tmp_path / "driver.py"
+    script.write_text(SIGNAL_IN_SETUP_DRIVER)
+    procs = _plain_launch(script, [*tiny_args, "parallel.timeout_s=300"], fail_rank=1)
+    (out0, out1), _ = _outputs(procs, timeout_s=120)
+    assert [p.returncode for p in procs] == [143, 143], (out0[-3000:], out1[-3000:])
+    signalled = "received SIGTERM during setup (before the first step); no checkpoint saved"
+    assert f"[rank 1/2] WARNING megatron_lite.training.fault: {signalled}; exiting" in out1, out1[-3000:]
+    assert f"rank 1 failed during setup: SetupInterrupted: {signalled}; stopping rank 0 too" in out0, out0[-3000:]
+    assert "Traceback" not in out0 + out1, (out0[-3000:], out1[-3000:])

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import SetupInterrupted, UserError
 from megatron_lite.launcher import failure_watch
-from megatron_lite.training.fault import PreemptionHandler, any_rank
+from megatron_lite.training.fault import SETUP_SIGNALS, PreemptionHandler, SetupSignals, any_rank
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -93,3 +93,27 @@ def test_the_signal_message_promises_no_save_that_may_not_come(caplog, monkeypat
 )
 def test_a_collective_failing_for_a_gone_peer_is_told_from_this_ranks_own_failure(error, gone):
     assert failure_watch.peer_gone(error) is gone
+
+
+def test_a_signal_during_setup_raises_once_naming_it_and_uninstall_restores():
+    """SLURM signals every process of a step and torchrun passes its own copy on: a second copy must
+    not interrupt the rank on its way out (posting its failure to the other ranks)."""
+    before = {sig: signal.getsignal(sig) for sig in SETUP_SIGNALS}
+    with SetupSignals() as signals:
+        with pytest.raises(SetupInterrupted) as error:
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the second copy: ignored
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert error.value.exit_status == 143 and signals.received == signal.SIGTERM
+    assert str(error.value) == "received SIGTERM during setup (before the first step); no checkpoint saved"
+    assert {sig: signal.getsignal(sig) for sig in SETUP_SIGNALS} == before
+
+
+def test_a_signal_during_setup_leaves_a_failure_on_its_way_out_to_finish(monkeypatch, caplog):
+    """Raising there would cut short the post that tells the other ranks why this one stops."""
+    monkeypatch.setattr(failure_watch, "_handling", threading.Event())
+    failure_watch._handling.set()  # the FailureWatch is posting this rank's failure
+    with SetupSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)  # no SetupInterrupted
+    assert signals.received == signal.SIGTERM
+    assert "received SIGTERM while the run stops for a failure: exiting" in caplog.text
