@@ -25,6 +25,7 @@ from pathlib import Path
 
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import tcp_port
+from megatron_lite.launcher.launch_vars import whole_number
 
 
 def _template_dir() -> Path:
@@ -225,16 +226,21 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     """The :class:`SlurmJob` described by ``megatron-lite launch slurm`` arguments."""
     if args.cpu and args.procs_per_node is None:
         raise UserError("--cpu needs --procs-per-node (CPU processes per node)")
-    procs = args.procs_per_node or args.gpus_per_node
-    if args.nodes < 1 or procs < 1:
-        raise UserError(f"--nodes ({args.nodes}) and ranks per node ({procs}) must be positive")
+    counts = [
+        ("--nodes", args.nodes, "the nodes of the job"),
+        ("--procs-per-node", args.procs_per_node, "the ranks per node"),
+        ("--cpus-per-rank", args.cpus_per_rank, "the CPU cores per rank"),
+        ("--gpus-per-node", None if args.cpu else args.gpus_per_node, "the GPUs per node"),  # --cpu: unused
+    ]
+    for flag, value, what in counts:
+        if value is not None:
+            whole_number(flag, str(value), 1, None, what)
+    procs = args.gpus_per_node if args.procs_per_node is None else args.procs_per_node
     if not args.cpu and procs > args.gpus_per_node:
         raise UserError(
             f"--procs-per-node {procs} is more than --gpus-per-node {args.gpus_per_node}: each rank needs a GPU "
             f"of its own; use at most {args.gpus_per_node} ranks per node (or --cpu for CPU ranks)"
         )
-    if args.cpus_per_rank is not None and args.cpus_per_rank < 1:
-        raise UserError(f"--cpus-per-rank {args.cpus_per_rank} must be positive")
     if args.master_port is not None:
         tcp_port("--master-port", str(args.master_port))
     default_python = "python" if args.container_image else sys.executable

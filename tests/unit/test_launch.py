@@ -141,13 +141,16 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     "options, message",
     [
         (["--gpus-per-node", "8", "--procs-per-node", "16"], "--procs-per-node 16 is more than --gpus-per-node 8"),
-        (["--cpu", "--procs-per-node", "2", "--cpus-per-rank", "0"], "--cpus-per-rank 0 must be positive"),
+        (["--cpu", "--procs-per-node", "2", "--cpus-per-rank", "0"], "--cpus-per-rank=0 is out of range"),
+        (["--cpu", "--procs-per-node", "0"], "--procs-per-node=0 is out of range: set the ranks per node, 1 or more"),
+        (["--procs-per-node", "0"], "--procs-per-node=0 is out of range"),
+        (["--gpus-per-node", "0"], "--gpus-per-node=0 is out of range: set the GPUs per node, 1 or more"),
         (["--cpu", "--procs-per-node", "2", "--master-port", "70000"], "--master-port=70000 is not a TCP port"),
     ],
 )
 def test_launch_refuses_a_job_that_cannot_run_before_writing_it(options, message, capsys):
-    """Each was rendered and submitted: 16 ranks on 8 GPUs failed in the job, --cpus-per-rank 0
-    silently became the default, port 70000 failed in torchrun."""
+    """Each was rendered and submitted: 16 ranks on 8 GPUs failed in the job, --cpus-per-rank 0 and
+    --procs-per-node 0 silently became the defaults, port 70000 failed in torchrun."""
     args = ["launch", "slurm", "--nodes", "2", *options, "--dry-run", *TINY, "train.global_batch_size=64"]
     assert main([*args, "train.micro_batch_size=1"]) == 2
     err = capsys.readouterr().err
