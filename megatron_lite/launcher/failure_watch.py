@@ -6,8 +6,7 @@ while its peers are already blocked in the step's next collective, where no exce
 them. The same holds for the setup after the mesh exists (the model built, the checkpoint
 restored: an out-of-memory error on one rank). :class:`FailureWatch` guards those stretches
 instead, over the rendezvous store (the trainer runs one around its setup once the process group
-exists, reporting
-``rank R failed during setup``, and one around the loop):
+exists, reporting ``rank R failed during setup``, and one around the loop):
 
 - the rank whose loop raises posts ``rank R failed at step S: <message>`` (the first post wins),
   then waits up to :data:`PEER_WAIT_S` (at most ``parallel.timeout_s``) for every rank to read it,
