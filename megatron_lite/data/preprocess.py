@@ -350,18 +350,22 @@ def preprocess(
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
         builder.finalize(stale=[meta_path])
     stats["seconds"] = round(time.perf_counter() - start, 3)
-    meta = {
-        **stats,
+    meta = {**stats, **_record(tok, builder.max_token_id, json_key, append_eos, files)}
+    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    return stats
+
+
+def _record(tok: Tokenizer, max_token_id: int, json_key: str, append_eos: bool, files: list[Path]) -> dict:
+    """What ``PREFIX.json`` holds beside the stats: how the dataset was made."""
+    return {
         "tokenizer": str(tok.path),
         "tokenizer_sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
-        "max_token_id": builder.max_token_id,
+        "max_token_id": max_token_id,
         "json_key": json_key,
         "append_eos": append_eos,
         "inputs": [str(p) for p in files],
     }
-    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-    return stats
 
 
 def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None = None) -> None:
