@@ -191,7 +191,12 @@ def _add_data_verbs(sub) -> None:
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
-    tt = tk_sub.add_parser("train", help="train a sentencepiece BPE tokenizer (byte fallback)")
+    tt = tk_sub.add_parser(
+        "train",
+        help="train a sentencepiece BPE tokenizer (byte fallback)",
+        description="Train a sentencepiece BPE tokenizer (byte fallback) into PREFIX.model and PREFIX.json. "
+        "Temporary files left at --output by a run that was killed are removed.",
+    )
     tt.add_argument("--input", nargs="+", required=True, help="text files or globs")
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
     tt.add_argument("--vocab-size", type=int, default=8192)

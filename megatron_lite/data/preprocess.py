@@ -50,7 +50,7 @@ from megatron_lite.data.indexed import (
 from megatron_lite.data.inputs import InputReader, expand_inputs
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
-from megatron_lite.data.tempfiles import remove_abandoned
+from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.data.token_range import dataset_record
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -277,18 +277,6 @@ def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -
     )
 
 
-def _remove_abandoned(out_prefix: str | Path) -> None:
-    """Delete the temporaries of the outputs that no live process is writing (``tempfiles.py``)."""
-    for ext in (".bin", ".idx", ".json"):
-        for tmp in remove_abandoned(Path(f"{out_prefix}{ext}")):
-            log.warning(
-                "removed %s, a temporary file left by a run writing --output %s that did not finish "
-                "(it was killed, or its machine went down)",
-                tmp,
-                out_prefix,
-            )
-
-
 def _open_tokenizer(tokenizer: str | Path | Tokenizer, append_eos: bool) -> Tokenizer:
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     if append_eos and tok.eos_id < 0:
@@ -325,7 +313,7 @@ def preprocess(
     files = expand_inputs(inputs)
     meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = _open_tokenizer(tokenizer, append_eos)
-    _remove_abandoned(out_prefix)
+    remove_abandoned_outputs([Path(f"{out_prefix}{ext}") for ext in (".bin", ".idx", ".json")], str(out_prefix))
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     found: list[_Found] = []

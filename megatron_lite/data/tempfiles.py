@@ -1,14 +1,15 @@
 """Temporary files beside an output, and removing the ones a killed writer left behind.
 
-A writer (``indexed.write_atomic``, ``IndexedDatasetBuilder``) stages ``DIR/NAME`` in
-``DIR/.NAME.tmp-XXXXXXXX`` and renames it into place. From the moment it creates the temporary until
-after the rename it holds an exclusive ``flock`` on it, and the kernel drops that lock however the
-process ends (an exception, a SIGKILL, the out-of-memory killer; on NFS, when the dead client's
-lease runs out). So a temporary that :func:`remove_abandoned` can lock has no live writer, on this
-host or any other sharing the filesystem, and is deleted; one it cannot lock belongs to a run still
-writing (a concurrent ``preprocess`` to the same prefix, even a stopped one) and is left alone. On a
-filesystem without locks (``flock`` fails with anything but "held") nothing can be proven and
-nothing is removed.
+A writer (``indexed.write_atomic``, ``IndexedDatasetBuilder``: what ``preprocess`` and ``tokenizer
+train`` write through) stages ``DIR/NAME`` in ``DIR/.NAME.tmp-XXXXXXXX`` and renames it into place.
+From the moment it creates the temporary until after the rename it holds an exclusive ``flock`` on
+it, and the kernel drops that lock however the process ends (an exception, a SIGKILL, the
+out-of-memory killer; on NFS, when the dead client's lease runs out). So a temporary that
+:func:`remove_abandoned` can lock has no live writer, on this host or any other sharing the
+filesystem, and is deleted; one it cannot lock belongs to a run still writing (a concurrent
+``preprocess`` to the same prefix, even a stopped one) and is left alone. On a filesystem without
+locks (``flock`` fails with anything but "held") nothing can be proven and nothing is removed.
+:func:`remove_abandoned_outputs` is what a command runs on its outputs before writing them.
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its
@@ -17,10 +18,14 @@ name still leads to its file; if not, it starts again under a new name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import os
 import re
 import stat
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -30,6 +35,7 @@ except ImportError:  # Windows: no flock, so no temporary is ever provably aband
     fcntl = None
 
 _SUFFIX = ".tmp-"
+log = logging.getLogger(__name__)
 
 
 def _lock(fd: int, wait: bool) -> bool | None:
@@ -76,6 +82,25 @@ def create_temp(path: Path) -> tuple[Path, BinaryIO]:
         f.close()  # a cleaner deleted it as abandoned: a new name
 
 
+@contextlib.contextmanager
+def locked_if_abandoned(path: Path) -> Iterator[bool | None]:
+    """Try, without waiting, the lock on the regular file ``path`` (as its writer holds it from
+    :func:`create_temp` until it is done). Yields True while holding it: no live process does, on
+    this host or any other, so whatever its writer was writing may be deleted inside the block;
+    False when a live process holds it (or ``path`` was replaced meanwhile); None when the
+    filesystem has no locks, so nothing can be proven. OSError when ``path`` cannot be opened for
+    writing (gone, a link, another user's) or is not a regular file."""
+    # For writing: NFS grants an exclusive lock only on a file open for writing.
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens too
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        taken = _lock(fd, wait=False)
+        yield taken and _named(path, fd)
+    finally:
+        os.close(fd)
+
+
 def remove_abandoned(path: Path) -> list[Path]:
     """Delete the temporaries of ``path`` (``.NAME.tmp-XXXXXXXX`` beside it) that no live process
     holds locked; returns the ones deleted. Anything else is left as it is."""
@@ -88,16 +113,23 @@ def remove_abandoned(path: Path) -> list[Path]:
             continue
         tmp = path.parent / name
         try:
-            # For writing: NFS grants an exclusive lock only on a file open for writing.
-            fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:  # gone meanwhile, a link, a directory, or another user's: nothing proven
-            continue
-        try:
-            if stat.S_ISREG(os.fstat(fd).st_mode) and _lock(fd, wait=False) and _named(tmp, fd):
-                tmp.unlink()
-                removed.append(tmp)
-        except OSError:  # not ours to delete (a read-only directory): left as it is
+            with locked_if_abandoned(tmp) as abandoned:
+                if abandoned:
+                    tmp.unlink()
+                    removed.append(tmp)
+        except OSError:  # gone meanwhile, not a file, or not ours to delete: nothing proven, left as it is
             pass
-        finally:
-            os.close(fd)
     return removed
+
+
+def remove_abandoned_outputs(paths: Sequence[Path], output: str) -> None:
+    """:func:`remove_abandoned` for each of ``paths``, the files a command writes at ``output`` (its
+    ``--output``), with a warning naming each temporary removed."""
+    for path in paths:
+        for tmp in remove_abandoned(path):
+            log.warning(
+                "removed %s, a temporary file left by a run writing --output %s that did not finish "
+                "(it was killed, or its machine went down)",
+                tmp,
+                output,
+            )

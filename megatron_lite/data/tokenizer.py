@@ -37,6 +37,7 @@ from megatron_lite.data.indexed import (
 )
 from megatron_lite.data.inputs import InputReader, compression
 from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -231,10 +232,13 @@ def train_tokenizer(
 
     Returns the ``.model`` path (a prefix already ending in ``.model`` is used as is). Both files
     are written atomically (temp name, then rename); an existing tokenizer there is refused unless
-    ``overwrite``.
+    ``overwrite``. Temporaries that an earlier run to ``out_prefix`` left when it was killed are
+    deleted, with a warning naming each (``tempfiles.py``); those of a run still writing are not.
+    Sentencepiece itself writes no file: the model comes back through ``model_writer``.
     """
     files = _check_inputs(inputs, vocab_size)
     model_path, meta_path = _output_paths(files, out_prefix, overwrite)
+    remove_abandoned_outputs([model_path, meta_path], str(out_prefix))
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
     with tqdm(

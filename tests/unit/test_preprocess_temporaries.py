@@ -1,5 +1,5 @@
-"""Temporary files of a killed ``preprocess`` are removed by the next run to its prefix; those of a
-run still writing are not (``tempfiles.py``)."""
+"""Temporary files of a killed ``preprocess`` or ``tokenizer train`` are removed by the next run to
+its prefix; those of a run still writing are not (``tempfiles.py``)."""
 
 import errno
 import json
@@ -43,6 +43,26 @@ preprocess_pool.usable_cpus = lambda: 2
 preprocess([sys.argv[1]], sys.argv[2], sys.argv[3], progress=False, workers=int(sys.argv[4]))
 """
 
+# A tokenizer training that stops inside its write of PREFIX.model (the temporary open, locked, partly
+# written) and prints that temporary's path.
+_PAUSED_TRAINER = """
+import sys, time
+from megatron_lite.data import indexed
+from megatron_lite.data.tokenizer import train_tokenizer
+
+create_temp = indexed.create_temp
+
+def paused(path):
+    tmp, f = create_temp(path)
+    f.write(b"half a model")
+    f.flush()
+    print(tmp, flush=True)
+    time.sleep(3600)
+
+indexed.create_temp = paused
+train_tokenizer([sys.argv[1]], sys.argv[2], 300, progress=False)
+"""
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
@@ -57,9 +77,10 @@ def _enough_cpus(monkeypatch):
     monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
 
 
-def _paused_writer(src: Path, tok: Tokenizer, out: Path, workers: int) -> tuple[subprocess.Popen, Path]:
+def _paused_writer(script: str, *args: object) -> tuple[subprocess.Popen, Path]:
+    """A child running ``script`` with ``args``, once it has printed the temporary it holds."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-c", _PAUSED_WRITER, str(src), str(tok.path), str(out), str(workers)]
+    argv = [sys.executable, "-c", script, *map(str, args)]
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # the first ids are on disk, or the child failed (the limit bounds a hang, it times nothing)
     ready, _, _ = select.select([proc.stdout], [], [], 120)
@@ -77,8 +98,8 @@ def test_a_killed_runs_temporaries_are_removed_and_a_live_runs_are_kept(tok, tmp
     out = tmp_path / "out" / "data"
     procs = []
     try:
-        procs.append(_paused_writer(src, tok, out, workers))
-        procs.append(_paused_writer(src, tok, out, workers))
+        procs.append(_paused_writer(_PAUSED_WRITER, src, tok.path, out, workers))
+        procs.append(_paused_writer(_PAUSED_WRITER, src, tok.path, out, workers))
         (killed, dead_bin), (live, live_bin) = procs
         killed.kill()  # SIGKILL, mid-write: nothing of it runs again
         assert killed.wait(timeout=60) == -signal.SIGKILL
@@ -89,7 +110,7 @@ def test_a_killed_runs_temporaries_are_removed_and_a_live_runs_are_kept(tok, tmp
         for path in [*stale, *(out.parent / name for name in others)]:
             path.write_bytes(b"x")
         live_file = os.stat(live_bin)
-        with caplog.at_level(logging.WARNING, logger=pp.__name__):
+        with caplog.at_level(logging.WARNING, logger=tempfiles.__name__):
             stats = pp.preprocess([src], tok, out, progress=False, workers=workers)
         removed = sorted(Path(r.args[0]) for r in caplog.records if r.getMessage().startswith("removed "))
         assert removed == sorted([dead_bin, *stale])
@@ -98,6 +119,39 @@ def test_a_killed_runs_temporaries_are_removed_and_a_live_runs_are_kept(tok, tmp
         assert os.stat(live_bin).st_ino == live_file.st_ino  # the live run's own file, untouched
         assert all((out.parent / name).exists() for name in others)
         assert stats["documents"] == len(IndexedDataset(out)) == 10
+        assert live.poll() is None
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.communicate(timeout=60)
+
+
+def test_a_killed_tokenizer_trainings_temporaries_are_removed_and_a_live_ones_kept(tmp_path, caplog):
+    src = tmp_path / "code.txt"
+    src.write_text(TEXT)
+    out = tmp_path / "tok" / "code"
+    procs = []
+    try:
+        procs.append(_paused_writer(_PAUSED_TRAINER, src, out))
+        procs.append(_paused_writer(_PAUSED_TRAINER, src, out))
+        (killed, dead_model), (live, live_model) = procs
+        killed.kill()  # SIGKILL, mid-write
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        assert dead_model.name.startswith(".code.model.tmp-") and dead_model.stat().st_size > 0
+        stale = out.parent / ".code.json.tmp-89abcdef"  # a run killed writing PREFIX.json leaves this
+        stale.write_bytes(b"{")
+        others = [".code.model.tmp-0123abcd.keep", ".code.bin.tmp-0123abcd", ".other.model.tmp-0123abcd"]
+        for name in others:
+            (out.parent / name).write_bytes(b"x")
+        live_file = os.stat(live_model)
+        with caplog.at_level(logging.WARNING, logger=tempfiles.__name__):
+            model = train_tokenizer([src], out, 300, progress=False)
+        removed = sorted(Path(r.args[0]) for r in caplog.records if r.getMessage().startswith("removed "))
+        assert removed == sorted([dead_model, stale]) and not any(p.exists() for p in removed)
+        assert f"left by a run writing --output {out} that did not finish" in caplog.text
+        assert os.stat(live_model).st_ino == live_file.st_ino  # the live run's own file, untouched
+        assert all((out.parent / name).exists() for name in others)
+        assert Tokenizer(model).decode(Tokenizer(model).encode(TEXT)) == TEXT
         assert live.poll() is None
     finally:
         for proc, _ in procs:
