@@ -19,10 +19,14 @@ every checkpoint directory (a training run's saves there prune and replace direc
 removed or replaced while it is read (a run still saving prunes it) is one error saying so.
 
 That staging directory sits beside ``--out``, in a directory the user owns, so it is marked as ours
-(:data:`STAGING_MARKER`: which run, when, for which ``--out``). One left by an earlier run (killed,
-or kept after a failed verification for inspection) is removed with a warning only when it carries
-the marker, holds nothing but files an export writes, and its run is not still going on this host;
-anything else there is refused in one error naming the path and what to do, and left untouched.
+(:data:`STAGING_MARKER`: which run, when, for which ``--out``). The exporter holds an exclusive
+``flock`` on that marker from the moment it appears until the export ends
+(``tempfiles.create_temp``); the kernel drops it however the process ends. One left by an earlier
+run (killed, or kept after a failed verification for inspection) is removed with a warning only when
+it carries the marker, holds nothing but files an export writes, and its marker's lock can be taken
+(``tempfiles.locked_if_abandoned``): a run still writing holds it, on this host or any other sharing
+the filesystem. Where the filesystem has no locks nothing is removed. Anything else there is refused
+in one error naming the path and what to do, and left untouched.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.convert.card import model_card
@@ -52,6 +56,7 @@ from megatron_lite.convert.io import (
 )
 from megatron_lite.convert.tokenizer import special_ids, write_hf_tokenizer
 from megatron_lite.convert.verify import VerifyResult, verify
+from megatron_lite.data.tempfiles import create_temp, locked_if_abandoned
 from megatron_lite.errors import UserError, refuse_blank
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # HF Hub's long-standing default shard size
@@ -84,20 +89,6 @@ def _check_names(src: CheckpointSource, expected: dict) -> None:
         )
 
 
-def _running_here(info: dict[str, Any]) -> bool:
-    """Whether the run a staging marker names is still alive (only knowable on its own host)."""
-    pid = info.get("pid")
-    if info.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
-        return False  # our own pid: an earlier call in this process, which has returned
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
-
-
 def _remove_stale_staging(tmp: Path, out: Path) -> None:
     """Remove ``tmp`` if it is an unfinished export of ours that no live run is writing; else one
     :class:`UserError` naming it and what to do, with nothing changed there."""
@@ -122,21 +113,30 @@ def _remove_stale_staging(tmp: Path, out: Path) -> None:
         info = {}
     info = info if isinstance(info, dict) else {}
     run = f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
-    if _running_here(info):
-        raise UserError(
-            f"another to-hf run ({run}) is writing the export for --out {out} in {tmp}; wait for it to finish or "
-            f"choose another --out (if that process is not a to-hf run, delete {tmp} and run again)"
-        )
-    log.warning("removing %s, an unfinished export left by an earlier to-hf run (%s)", tmp, run)
     try:
-        shutil.rmtree(tmp)
+        with locked_if_abandoned(marker) as abandoned:
+            if abandoned is None:
+                raise UserError(
+                    f"{tmp} holds an unfinished export for --out {out} ({run}), and its filesystem has no file locks, "
+                    "so to-hf cannot tell whether that run is still writing it; nothing was removed: if no to-hf run "
+                    f"is writing it, delete it by hand (rm -r {tmp}) and run again, or choose another --out"
+                )
+            if not abandoned:
+                raise UserError(
+                    f"another to-hf run ({run}) is writing the export for --out {out} in {tmp} (it holds the lock on "
+                    f"{STAGING_MARKER}); wait for it to finish or choose another --out"
+                )
+            log.warning("removing %s, an unfinished export left by an earlier to-hf run (%s)", tmp, run)
+            shutil.rmtree(tmp)  # the lock held meanwhile: no run can take it over
     except OSError as e:
         raise UserError(f"cannot remove {tmp}, an unfinished export an earlier to-hf left: {e}; delete it") from None
 
 
-def _prepare_out(out: Path, checkpoint: Path) -> Path:
+def _prepare_out(out: Path, checkpoint: Path) -> tuple[Path, BinaryIO]:
     """The temporary directory beside ``out`` (absolute: ``--out .`` works) that the export is written to,
-    created with its marker; one left by an earlier run is removed only when it is recognisably ours."""
+    created with its marker, and the marker's open file, locked from its creation: the export's caller
+    holds it open until the export ends. One left by an earlier run is removed only when it is
+    recognisably ours and abandoned."""
     tmp = out.parent / f".tmp-{out.name}"
     if tmp.exists() or tmp.is_symlink():
         _remove_stale_staging(tmp, out)
@@ -158,8 +158,15 @@ def _prepare_out(out: Path, checkpoint: Path) -> Path:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     with _removed_on_error(tmp, out):  # ours from here on
-        (tmp / STAGING_MARKER).write_text(json.dumps(info) + "\n")
-    return tmp
+        staged, held = create_temp(tmp / STAGING_MARKER)  # locked before it has the marker's name
+        try:
+            held.write((json.dumps(info) + "\n").encode())
+            held.flush()
+            os.replace(staged, tmp / STAGING_MARKER)
+        except BaseException:
+            held.close()
+            raise
+    return tmp, held
 
 
 @contextlib.contextmanager
@@ -313,21 +320,22 @@ def to_hf(
         ids = special_ids(src.tokenizer)
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
-    tmp = _prepare_out(dest, src.path)  # only now, after every check, is anything written
-    with _removed_on_error(tmp, out), _source_kept(src, stamp):
-        n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
-    with _removed_on_error(tmp, out, writing=False), _source_kept(src, stamp):  # reads: not the output's error
-        result = verify(src.path, tmp) if check else None
-    if result is not None and not result.passed:
-        raise UserError(
-            f"verification failed, so {out} was not written ({result.summary()}); "
-            f"the unverified export is left in {tmp} for inspection (the next to-hf run to {out} removes it)"
-        )
-    from megatron_lite.data.tokenizer import Tokenizer
+    tmp, held = _prepare_out(dest, src.path)  # only now, after every check, is anything written
+    with held:  # its lock marks this export as alive until it ends, however it ends
+        with _removed_on_error(tmp, out), _source_kept(src, stamp):
+            n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
+        with _removed_on_error(tmp, out, writing=False), _source_kept(src, stamp):  # reads: not the output's error
+            result = verify(src.path, tmp) if check else None
+        if result is not None and not result.passed:
+            raise UserError(
+                f"verification failed, so {out} was not written ({result.summary()}); "
+                f"the unverified export is left in {tmp} for inspection (the next to-hf run to {out} removes it)"
+            )
+        from megatron_lite.data.tokenizer import Tokenizer
 
-    with _removed_on_error(tmp, out):
-        with _source_kept(src, stamp):
-            card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
-        (tmp / "README.md").write_text(card)
-        _install(tmp, dest)
+        with _removed_on_error(tmp, out):
+            with _source_kept(src, stamp):
+                card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
+            (tmp / "README.md").write_text(card)
+            _install(tmp, dest)
     return ExportResult(out, n_params, sorted(p.name for p in out.iterdir()), result)

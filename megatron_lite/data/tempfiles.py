@@ -9,7 +9,10 @@ out-of-memory killer; on NFS, when the dead client's lease runs out). So a tempo
 filesystem, and is deleted; one it cannot lock belongs to a run still writing (a concurrent
 ``preprocess`` to the same prefix, even a stopped one) and is left alone. On a filesystem without
 locks (``flock`` fails with anything but "held") nothing can be proven and nothing is removed.
-:func:`remove_abandoned_outputs` is what a command runs on its outputs before writing them.
+:func:`remove_abandoned_outputs` is what a command runs on its outputs before writing them. The
+same lock shows a live writer of anything else: ``convert to-hf`` holds the marker of its staging
+directory, made by :func:`create_temp`, for the export's whole life, and removes an earlier staging
+directory only while :func:`locked_if_abandoned` holds its marker.
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its

@@ -54,3 +54,10 @@ def run_error(args: list[str], capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     return err
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (a file itself too) with its bytes."""
+    if root.is_file():
+        return {root.name: root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

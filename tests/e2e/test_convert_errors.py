@@ -6,13 +6,11 @@ import importlib
 import json
 import os
 import shutil
-import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from convert_fixtures import exported_fixture, run_error, trained_fixture  # noqa: F401 (fixtures)
+from convert_fixtures import exported_fixture, run_error, snapshot, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.cli import main
@@ -22,13 +20,6 @@ from megatron_lite.convert import io
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 to_hf_module = importlib.import_module("megatron_lite.convert.to_hf")  # `convert.to_hf` is the function
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under ``root`` (a file itself too) with its bytes."""
-    if root.is_file():
-        return {root.name: root.read_bytes()}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_from_hf_refuses_a_used_out_and_changes_nothing_there(exported, tmp_path, capsys):
@@ -68,65 +59,6 @@ def test_to_hf_into_the_current_directory(trained, tmp_path, monkeypatch, capsys
     assert not Path(to_hf_module.STAGING_MARKER).exists()
     err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", "."], capsys)
     assert "--out . already exists and is not an empty directory" in err
-
-
-def test_to_hf_removes_only_its_own_unfinished_export_beside_out(trained, tmp_path, monkeypatch, caplog, capsys):
-    """A failed verification keeps the export in .tmp-<out> for inspection; the next run removes it, saying so."""
-    from megatron_lite.checkpoint import hf
-
-    out, staging = tmp_path / "hf", tmp_path / ".tmp-hf"
-    with monkeypatch.context() as m:  # k and v heads swapped: verification fails
-        m.setattr(hf.QKV, "to_hf", lambda t, m: [t.split(hf._qkv_rows(m))[i] for i in (0, 2, 1)])
-        err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(out)], capsys)
-    assert f"left in {staging} for inspection (the next to-hf run to {out} removes it)" in err
-    marker = json.loads((staging / to_hf_module.STAGING_MARKER).read_text())
-    assert (marker["pid"], marker["out"]) == (os.getpid(), str(out)) and not out.exists()
-    assert main(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(out), "--no-verify"]) == 0
-    assert (
-        f"removing {staging}, an unfinished export left by an earlier to-hf run (pid {os.getpid()} on " in caplog.text
-    )
-    assert not staging.exists() and not (out / to_hf_module.STAGING_MARKER).exists()
-    assert all(to_hf_module._EXPORT_FILE.fullmatch(p.name) for p in out.iterdir())  # the names it may remove
-    # one a killed run left (its process is gone) goes the same way
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / ".tmp-hf2").mkdir()
-    (tmp_path / ".tmp-hf2" / "model.safetensors").write_bytes(b"\0" * 8)
-    run = {"pid": dead.pid, "host": socket.gethostname(), "started": "earlier"}
-    (tmp_path / ".tmp-hf2" / to_hf_module.STAGING_MARKER).write_text(json.dumps(run))
-    assert main(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(tmp_path / "hf2"), "--no-verify"]) == 0
-    assert f"left by an earlier to-hf run (pid {dead.pid} on {socket.gethostname()}, started earlier)" in caplog.text
-    assert not (tmp_path / ".tmp-hf2").exists()
-
-
-@pytest.mark.parametrize("kind", ["not ours", "a file", "ours with a user file", "ours, still running"])
-def test_to_hf_refuses_a_staging_path_it_cannot_tell_is_a_dead_export_of_its_own(trained, tmp_path, kind, capsys):
-    out, staging = tmp_path / "hf", tmp_path / ".tmp-hf"
-    run = {"format": "megatron-lite/to-hf-staging-v1", "pid": os.getpid(), "host": socket.gethostname()}
-    if kind == "a file":
-        staging.write_text("notes\n")
-    else:
-        staging.mkdir()
-        (staging / "config.json").write_text("{}\n")
-    if kind == "ours, still running":
-        run["pid"] = os.getppid()  # alive on this host, and not this process
-    if kind.startswith("ours"):
-        (staging / to_hf_module.STAGING_MARKER).write_text(json.dumps(run))
-    if kind == "ours with a user file":
-        (staging / "notes.txt").write_text("my notes\n")
-    before = snapshot(staging)
-    err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(out), "--no-verify"], capsys)
-    expected = {
-        "not ours": f"{staging} is in the way: to-hf writes the export for --out {out} there first, and it is not "
-        f"an unfinished export of ours (no {to_hf_module.STAGING_MARKER} in it), so it was left untouched; move or "
-        "delete it, or choose another --out",
-        "ours with a user file": f"{staging}, an unfinished export an earlier to-hf left, now also holds notes.txt, "
-        "which to-hf does not write, so it was left untouched",
-        "ours, still running": f"another to-hf run (pid {os.getppid()} on {socket.gethostname()}, started None) is "
-        f"writing the export for --out {out} in {staging}; wait for it to finish",
-    }
-    assert expected.get(kind, expected["not ours"]) in err, err
-    assert snapshot(staging) == before and not out.exists()
 
 
 def test_to_hf_never_overwrites_a_file_saved_into_out_while_it_ran(trained, tmp_path, monkeypatch, capsys):
