@@ -5,7 +5,10 @@ on it and tokenizes it into ``<cache_dir>/stdlib-<X.Y>-v<vocab>/`` (``tokenizer.
 ``data.bin``/``.idx``, ``manifest.json``); later calls reuse that folder while its manifest (file
 list with sizes, tokenizer sha256) still matches this interpreter's files. The folder is built
 under a temporary name and renamed when complete, so an interrupted build never leaves a cache that
-looks valid, and ranks racing to build it end up sharing whichever copy landed first.
+looks valid, and ranks racing to build it end up sharing whichever copy landed first. A build holds
+its folder's marker (:data:`_BUILDING`) locked from the folder's first moment to its last
+(``tempfiles.py``), so the next call removes, naming it, the folder of a build that was killed (and
+no other: ranks building it at the same time are still writing).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -21,14 +26,19 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from megatron_lite.data.indexed import IndexedDataset, write_atomic
 from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.tempfiles import create_temp, locked_if_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
 MANIFEST_VERSION = 1
 _TOKENIZER_SAMPLE_BYTES = 8_000_000  # BPE on 8 MB: ~10 s here; more barely changes the merges
+_BUILDING = ".building"
+"""The file in a build folder that its build holds locked until it ends (``tempfiles.py``)."""
+log = logging.getLogger(__name__)
 
 
 def default_corpus_files() -> list[Path]:
@@ -90,6 +100,41 @@ def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected:
     return int(stats["tokens"])
 
 
+def _start_build(cache_dir: Path, name: str) -> tuple[Path, BinaryIO]:
+    """A new build folder for ``name`` in ``cache_dir``, with its marker, and the marker's open file,
+    locked from its creation: the build holds it open until it ends."""
+    tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    held = None
+    try:
+        staged, held = create_temp(tmp / _BUILDING)  # locked before it has the marker's name
+        os.replace(staged, tmp / _BUILDING)
+    except BaseException:
+        if held is not None:
+            held.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, held
+
+
+def _remove_abandoned_builds(cache_dir: Path, name: str) -> None:
+    """Delete the build folders of ``name`` that no live build holds (its marker's lock can be
+    taken), with a warning naming each; a folder without a marker, or on a filesystem without
+    locks, is left as it is."""
+    pattern = re.compile(re.escape(f".{name}.tmp-") + r"\d+-[0-9a-f]{8}")
+    for entry in sorted(os.listdir(cache_dir)):
+        tmp = cache_dir / entry
+        if not pattern.fullmatch(entry) or tmp.is_symlink() or not tmp.is_dir():
+            continue
+        try:
+            with locked_if_abandoned(tmp / _BUILDING) as abandoned:
+                if abandoned:
+                    log.warning("removing %s, the folder of a corpus build that did not finish (it was killed)", tmp)
+                    shutil.rmtree(tmp)
+        except OSError:  # no marker (gone meanwhile, still starting), or not ours to delete: left as it is
+            pass
+
+
 def _install(tmp: Path, final: Path, expected: dict) -> None:
     """Move a finished build into place, replacing a stale cache; a concurrent winner is kept."""
     if _cache_matches(final, expected):
@@ -99,6 +144,7 @@ def _install(tmp: Path, final: Path, expected: dict) -> None:
         with contextlib.suppress(OSError):  # another process may have moved it first
             os.rename(final, stale)
         shutil.rmtree(stale, ignore_errors=True)
+    (tmp / _BUILDING).unlink()  # the build still holds it open: its lock lasts to the end
     try:
         os.rename(tmp, final)
     except OSError:
@@ -126,19 +172,21 @@ def prepare_default_corpus(
     cache_dir = Path(cache_dir).expanduser()
     final = cache_dir / name
     expected = _manifest(paths, vocab_size)
+    if cache_dir.is_dir():
+        _remove_abandoned_builds(cache_dir, name)
     problem = _cache_problem(final, expected)
     if problem is None:
         return str(final / "data"), final / "tokenizer.model"
     if final.exists():
         _say(progress, f"the corpus cache {final} cannot be used ({problem}): rebuilding it")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp, held = _start_build(cache_dir, name)
     start = time.perf_counter()
-    try:
-        tokens = _build(tmp, final, paths, vocab_size, expected, progress)
-        _install(tmp, final, expected)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with held:
+        try:
+            tokens = _build(tmp, final, paths, vocab_size, expected, progress)
+            _install(tmp, final, expected)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     _say(progress, f"corpus ready in {final}: {tokens:,} tokens ({time.perf_counter() - start:.1f} s)")
     return str(final / "data"), final / "tokenizer.model"

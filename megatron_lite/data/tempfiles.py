@@ -10,9 +10,10 @@ filesystem, and is deleted; one it cannot lock belongs to a run still writing (a
 ``preprocess`` to the same prefix, even a stopped one) and is left alone. On a filesystem without
 locks (``flock`` fails with anything but "held") nothing can be proven and nothing is removed.
 :func:`remove_abandoned_outputs` is what a command runs on its outputs before writing them. The
-same lock shows a live writer of anything else: ``convert to-hf`` holds the marker of its staging
-directory, made by :func:`create_temp`, for the export's whole life, and removes an earlier staging
-directory only while :func:`locked_if_abandoned` holds its marker.
+same lock shows a live writer of a whole directory: ``convert to-hf`` (its staging directory) and
+``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_temp`, for the
+writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
+holds its marker.
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its

@@ -1,10 +1,12 @@
 """Temporary files of a killed ``preprocess`` or ``tokenizer train`` are removed by the next run to
-its prefix; those of a run still writing are not (``tempfiles.py``)."""
+its prefix, and the folder of a killed corpus build by the next build; those of a run still writing
+are not (``tempfiles.py``)."""
 
 import errno
 import json
 import logging
 import os
+import re
 import select
 import signal
 import subprocess
@@ -14,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import megatron_lite
+from megatron_lite.data import corpus, preprocess_pool, tempfiles
 from megatron_lite.data import preprocess as pp
-from megatron_lite.data import preprocess_pool, tempfiles
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.tempfiles import create_temp, remove_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
@@ -61,6 +63,20 @@ def paused(path):
 
 indexed.create_temp = paused
 train_tokenizer([sys.argv[1]], sys.argv[2], 300, progress=False)
+"""
+
+# A corpus build that stops once its tokenizer is trained, before tokenizing, and prints its build folder.
+_PAUSED_BUILD = """
+import sys, time
+from pathlib import Path
+from megatron_lite.data import corpus
+
+def paused(inputs, tokenizer, out_prefix, progress=True):
+    print(Path(out_prefix).parent, flush=True)
+    time.sleep(3600)
+
+corpus.preprocess = paused
+corpus.prepare_default_corpus(sys.argv[1], 300, progress=False, files=sys.argv[2:])
 """
 
 
@@ -153,6 +169,35 @@ def test_a_killed_tokenizer_trainings_temporaries_are_removed_and_a_live_ones_ke
         assert all((out.parent / name).exists() for name in others)
         assert Tokenizer(model).decode(Tokenizer(model).encode(TEXT)) == TEXT
         assert live.poll() is None
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.communicate(timeout=60)
+
+
+def test_a_killed_corpus_builds_folder_is_removed_and_a_live_ones_kept(tmp_path, caplog):
+    (tmp_path / "src").mkdir()
+    files = [tmp_path / "src" / "a.py", tmp_path / "src" / "b.py"]
+    files[0].write_text(TEXT)
+    files[1].write_text(TEXT.replace("x", "y"))
+    cache = tmp_path / "cache"
+    procs = []
+    try:
+        procs.append(_paused_writer(_PAUSED_BUILD, cache, *files))
+        procs.append(_paused_writer(_PAUSED_BUILD, cache, *files))
+        (killed, dead_dir), (live, live_dir) = procs
+        killed.kill()  # SIGKILL, mid-build
+        assert killed.wait(timeout=60) == -signal.SIGKILL
+        assert (dead_dir / "tokenizer.model").is_file()
+        unmarked = cache / re.sub(r"\d+-[0-9a-f]{8}$", "1-0123abcd", dead_dir.name)  # no marker: not provably ours
+        unmarked.mkdir()
+        live_model = os.stat(live_dir / "tokenizer.model")
+        with caplog.at_level(logging.WARNING, logger=corpus.__name__):
+            prefix, _ = corpus.prepare_default_corpus(cache, 300, progress=False, files=files)
+        assert f"removing {dead_dir}, the folder of a corpus build that did not finish" in caplog.text
+        assert not dead_dir.exists() and unmarked.is_dir() and str(live_dir) not in caplog.text
+        assert os.stat(live_dir / "tokenizer.model").st_ino == live_model.st_ino  # the live build's, untouched
+        assert len(IndexedDataset(prefix)) == 2 and live.poll() is None
     finally:
         for proc, _ in procs:
             proc.kill()
