@@ -21,7 +21,7 @@ removed or replaced while it is read (a run still saving prunes it) is one error
 That staging directory sits beside ``--out``, in a directory the user owns, so it is marked as ours
 (:data:`STAGING_MARKER`: which run, when, for which ``--out``). The exporter holds an exclusive
 ``flock`` on that marker from the moment it appears until the export ends
-(``tempfiles.create_temp``); the kernel drops it however the process ends. One left by an earlier
+(``tempfiles.create_locked``); the kernel drops it however the process ends. One left by an earlier
 run (killed, or kept after a failed verification for inspection) is removed with a warning only when
 it carries the marker, holds nothing but files an export writes, and its marker's lock can be taken
 (``tempfiles.locked_if_abandoned``): a run still writing holds it, on this host or any other sharing
@@ -56,7 +56,7 @@ from megatron_lite.convert.io import (
 )
 from megatron_lite.convert.tokenizer import special_ids, write_hf_tokenizer
 from megatron_lite.convert.verify import VerifyResult, verify
-from megatron_lite.data.tempfiles import create_temp, locked_if_abandoned
+from megatron_lite.data.tempfiles import create_locked, locked_if_abandoned
 from megatron_lite.errors import UserError, refuse_blank
 
 DEFAULT_MAX_SHARD = 5 * 10**9  # HF Hub's long-standing default shard size
@@ -158,14 +158,7 @@ def _prepare_out(out: Path, checkpoint: Path) -> tuple[Path, BinaryIO]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
     with _removed_on_error(tmp, out):  # ours from here on
-        staged, held = create_temp(tmp / STAGING_MARKER)  # locked before it has the marker's name
-        try:
-            held.write((json.dumps(info) + "\n").encode())
-            held.flush()
-            os.replace(staged, tmp / STAGING_MARKER)
-        except BaseException:
-            held.close()
-            raise
+        held = create_locked(tmp / STAGING_MARKER, (json.dumps(info) + "\n").encode())
     return tmp, held
 
 

@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 from megatron_lite.data.indexed import IndexedDataset, write_atomic
 from megatron_lite.data.preprocess import preprocess
-from megatron_lite.data.tempfiles import create_temp, locked_if_abandoned
+from megatron_lite.data.tempfiles import create_locked, locked_if_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
@@ -105,16 +105,11 @@ def _start_build(cache_dir: Path, name: str) -> tuple[Path, BinaryIO]:
     locked from its creation: the build holds it open until it ends."""
     tmp = cache_dir / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    held = None
     try:
-        staged, held = create_temp(tmp / _BUILDING)  # locked before it has the marker's name
-        os.replace(staged, tmp / _BUILDING)
+        return tmp, create_locked(tmp / _BUILDING)
     except BaseException:
-        if held is not None:
-            held.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return tmp, held
 
 
 def _remove_abandoned_builds(cache_dir: Path, name: str) -> None:

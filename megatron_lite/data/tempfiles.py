@@ -11,7 +11,7 @@ filesystem, and is deleted; one it cannot lock belongs to a run still writing (a
 locks (``flock`` fails with anything but "held") nothing can be proven and nothing is removed.
 :func:`remove_abandoned_outputs` is what a command runs on its outputs before writing them. The
 same lock shows a live writer of a whole directory: ``convert to-hf`` (its staging directory) and
-``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_temp`, for the
+``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_locked`, for the
 writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
 holds its marker.
 
@@ -84,6 +84,22 @@ def create_temp(path: Path) -> tuple[Path, BinaryIO]:
             f.close()
             raise
         f.close()  # a cleaner deleted it as abandoned: a new name
+
+
+def create_locked(path: Path, data: bytes = b"") -> BinaryIO:
+    """Create ``path`` holding ``data``, locked from its first moment under that name (written as a
+    :func:`create_temp` temporary, then renamed), and return its open file: the caller keeps it open
+    for as long as what ``path`` marks is being written; closing it releases the lock."""
+    tmp, f = create_temp(path)
+    try:
+        f.write(data)
+        f.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        f.close()
+        raise
+    return f
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import megatron_lite
 from megatron_lite.data import corpus, preprocess_pool, tempfiles
 from megatron_lite.data import preprocess as pp
 from megatron_lite.data.indexed import IndexedDataset
-from megatron_lite.data.tempfiles import create_temp, remove_abandoned
+from megatron_lite.data.tempfiles import create_locked, create_temp, locked_if_abandoned, remove_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 
 ROOT = Path(megatron_lite.__file__).parents[1]
@@ -212,6 +212,24 @@ def test_a_temporary_is_removable_only_once_its_writer_has_closed_it(tmp_path):
     f.close()  # as when its process dies
     assert remove_abandoned(path) == [tmp] and not tmp.exists()
     assert remove_abandoned(tmp_path / "missing" / "x.bin") == []
+
+
+def test_a_locked_marker_is_abandoned_only_once_its_holder_has_closed_it(tmp_path, monkeypatch):
+    marker = tmp_path / ".marker"
+    held = create_locked(marker, b"who\n")
+    assert marker.read_bytes() == b"who\n" and [p.name for p in tmp_path.iterdir()] == [".marker"]
+    with locked_if_abandoned(marker) as abandoned:
+        assert abandoned is False
+    held.close()  # as when its process dies
+    with locked_if_abandoned(marker) as abandoned:
+        assert abandoned is True
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "fifo", tmp_path / "missing", tmp_path):
+        with pytest.raises(OSError), locked_if_abandoned(path):
+            pass
+    monkeypatch.setattr(tempfiles, "_lock", lambda fd, wait: None)
+    with locked_if_abandoned(marker) as abandoned:
+        assert abandoned is None
 
 
 def test_a_writer_whose_new_temporary_a_cleaner_took_starts_again(tmp_path, monkeypatch):
