@@ -33,20 +33,20 @@ directory is removed: an epoch whose files are gone is built again.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from megatron_lite.data.indexed import write_atomic
 from megatron_lite.data.sample_index import EpochIndex, index_dtype
+from megatron_lite.data.tempfiles import lock
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -185,13 +185,12 @@ class IndexCache:
     def _locked(self, name: str) -> Iterator[None]:
         """Hold an exclusive ``flock`` on ``<name>.lock`` where the filesystem has one."""
         try:
-            lock = open(self.dir / f"{name}.lock", "ab")  # noqa: SIM115 - closed below
+            held = open(self.dir / f"{name}.lock", "ab")  # noqa: SIM115 - closed below
         except OSError:
             yield  # the write that follows reports the directory's problem
             return
         try:
-            with suppress(OSError):  # no flock here (some network filesystems): each rank builds
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            lock(held.fileno(), wait=True)  # None: no flock here (some network filesystems), each rank builds
             yield
         finally:
-            lock.close()  # releases the lock
+            held.close()  # releases the lock

@@ -42,7 +42,7 @@ _SUFFIX = ".tmp-"
 log = logging.getLogger(__name__)
 
 
-def _lock(fd: int, wait: bool) -> bool | None:
+def lock(fd: int, wait: bool) -> bool | None:
     """Take an exclusive lock on ``fd``: True when taken, False when another process holds it,
     None when this filesystem (or platform) has no locks."""
     if fcntl is None:
@@ -76,7 +76,7 @@ def create_temp(path: Path) -> tuple[Path, BinaryIO]:
         except FileExistsError:
             continue
         try:
-            _lock(f.fileno(), wait=True)  # waits out a cleaner that took it in the instant before
+            lock(f.fileno(), wait=True)  # waits out a cleaner that took it in the instant before
             if _named(tmp, f.fileno()):
                 return tmp, f
         except BaseException:
@@ -115,7 +115,7 @@ def locked_if_abandoned(path: Path) -> Iterator[bool | None]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens too
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        taken = _lock(fd, wait=False)
+        taken = lock(fd, wait=False)
         yield taken and _named(path, fd)
     finally:
         os.close(fd)

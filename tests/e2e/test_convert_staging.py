@@ -79,7 +79,7 @@ def test_a_live_exporters_staging_is_kept_and_a_killed_ones_removed_by_the_next_
 
 def test_without_file_locks_no_staging_directory_is_removed(ckpt, tmp_path, monkeypatch, capsys):
     """No lock can show the run that left it gone: one error naming it and how to remove it by hand."""
-    monkeypatch.setattr(tempfiles, "_lock", lambda fd, wait: None)
+    monkeypatch.setattr(tempfiles, "lock", lambda fd, wait: None)
     out, staging = tmp_path / "hf", tmp_path / ".tmp-hf"
     staging.mkdir()
     (staging / "model.safetensors").write_bytes(b"\0" * 8)

@@ -227,7 +227,7 @@ def test_a_locked_marker_is_abandoned_only_once_its_holder_has_closed_it(tmp_pat
     for path in (tmp_path / "fifo", tmp_path / "missing", tmp_path):
         with pytest.raises(OSError), locked_if_abandoned(path):
             pass
-    monkeypatch.setattr(tempfiles, "_lock", lambda fd, wait: None)
+    monkeypatch.setattr(tempfiles, "lock", lambda fd, wait: None)
     with locked_if_abandoned(marker) as abandoned:
         assert abandoned is None
 
@@ -235,14 +235,14 @@ def test_a_locked_marker_is_abandoned_only_once_its_holder_has_closed_it(tmp_pat
 def test_a_writer_whose_new_temporary_a_cleaner_took_starts_again(tmp_path, monkeypatch):
     """A cleaner may lock and delete a temporary between its writer's open and lock."""
     path = tmp_path / "x.bin"
-    lock, raced = tempfiles._lock, []
+    lock, raced = tempfiles.lock, []
 
     def late(fd: int, wait: bool):
         if wait and not raced:  # the writer's first lock: a cleaner gets there first
             raced.append(remove_abandoned(path))
         return lock(fd, wait)
 
-    monkeypatch.setattr(tempfiles, "_lock", late)
+    monkeypatch.setattr(tempfiles, "lock", late)
     tmp, f = create_temp(path)
     with f:
         assert len(raced[0]) == 1 and raced[0][0] != tmp  # the first name was taken as abandoned
