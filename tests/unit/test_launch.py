@@ -317,6 +317,15 @@ def test_sbatch_templates_refuse_a_bad_variable_in_one_line_before_training_star
     assert r.returncode == 2 and r.stderr.splitlines() == [f"launch/{template}: {line}"], r.stderr
 
 
+@pytest.mark.parametrize("template", TEMPLATES.values())
+def test_sbatch_templates_run_outside_a_job_say_to_submit_them(template, tmp_path):
+    r = _run_launch_script(template, {"CONTAINER_IMAGE": "img"}, path=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"launch/{template}: not inside a SLURM job: submit it with sbatch (or megatron-lite launch slurm); "
+        "for one machine use launch/torchrun.sh"
+    ], r.stderr
+
+
 def test_launch_variable_check_runs_the_command_after_it_only_when_every_value_is_good():
     check = [sys.executable, "-m", "megatron_lite.launcher.launch_vars", "s"]
     good = subprocess.run([*check, "PROCS_PER_NODE=2", "--", "echo", "started"], capture_output=True, text=True)
