@@ -36,7 +36,7 @@ from megatron_lite.config_validate import (  # noqa: F401  re-exported
     validate,
 )
 from megatron_lite.config_values import coerce
-from megatron_lite.config_yaml import read_config_file
+from megatron_lite.config_yaml import read_config_file, verbatim, yaml_scalar
 from megatron_lite.errors import UserError
 
 
@@ -301,14 +301,6 @@ def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), f.name, _expand_home(value) if (section, key) in PATH_KEYS else value)
 
 
-_YAML_NULLS = ("", "~", "null", "Null", "NULL")
-
-
-def _verbatim(raw: str) -> str | None:
-    """A string key's value as written (YAML's null spellings: nothing)."""
-    return None if raw in _YAML_NULLS else raw
-
-
 def _is_text(section: str, key: str) -> bool:
     """Whether ``section.key`` holds a string (or an optional one): its override is taken verbatim."""
     name = _field_of(section, key).name  # first: an unknown section or key is named
@@ -335,7 +327,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 f"embedded corpus), or write {dotted}=[] for an empty list"
             )
         # a name or path as typed: not YAML's 1_000 -> 1000, on -> True, 017 -> 15
-        _set(cfg, section, key, _verbatim(raw) if _is_text(section, key) else _yaml_scalar(raw))
+        _set(cfg, section, key, verbatim(raw) if _is_text(section, key) else yaml_scalar(raw))
         name = _field_of(section, key).name
         value = getattr(getattr(cfg, section), name)
         if (section, name) in given and given[section, name][1] != value:
@@ -345,19 +337,6 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             )
         given[section, name] = (item, value)
     return cfg
-
-
-def _yaml_scalar(raw: str) -> Any:
-    """An override's value as a YAML scalar (``1e3``, ``true``, ``null``); text that YAML reads as a
-    mapping or list, or cannot read at all (``{``, ``'4``, ``@``), stays text, which the field's type
-    then accepts (a comma list) or refuses, naming the key."""
-    if not raw or raw.startswith("["):
-        return raw
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-    return raw if isinstance(value, (dict, list)) else value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -387,7 +366,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             for key, value in values.items():
                 raw = as_written.get(str(key))
                 if isinstance(raw, str) and _is_text(str(section), str(key)):  # `dir: 2024_01` is not 202401
-                    value = _verbatim(raw)
+                    value = verbatim(raw)
                 _set(cfg, str(section), str(key), value)
     return apply_overrides(cfg, overrides or [])
 

@@ -1,5 +1,6 @@
 """Reading a config YAML file: one error naming the file and line for anything unreadable, a key
-given twice refused (PyYAML would keep the last), and each scalar also as the text written."""
+given twice refused (PyYAML would keep the last), and each scalar also as the text written; an override's
+value as YAML reads it (``yaml_scalar``) or, for a text key, as typed (``verbatim``)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,24 @@ def read_config_file(p: Path) -> tuple[dict[Any, Any], Any]:
     if not isinstance(data, dict):
         raise UserError(f"config file {str(p)!r} must be a mapping of sections")
     return data, written
+
+
+YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def verbatim(raw: str) -> str | None:
+    """A string key's value as written (YAML's null spellings: nothing)."""
+    return None if raw in YAML_NULLS else raw
+
+
+def yaml_scalar(raw: str) -> Any:
+    """An override's value as a YAML scalar (``1e3``, ``true``, ``null``); text that YAML reads as a
+    mapping or list, or cannot read at all (``{``, ``'4``, ``@``), stays text, which the field's type
+    then accepts (a comma list) or refuses, naming the key."""
+    if not raw or raw.startswith("["):
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return raw if isinstance(value, (dict, list)) else value
