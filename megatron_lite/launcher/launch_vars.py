@@ -1,9 +1,9 @@
 """The launch scripts' variables, checked before anything starts.
 
 ``launch/torchrun.sh`` and the sbatch templates read their settings from variables (``NNODES``,
-``NPROC_PER_NODE``, ``MASTER_PORT``, ...). A bad value reached torchrun or srun as it was, which
-answered with a traceback, a shell error or a rendezvous that waited for minutes. Each script
-hands its values to this module first::
+``NPROC_PER_NODE``, ``MASTER_PORT``, ...). Unchecked, a bad value would reach torchrun or srun as
+it is, which answer with a traceback, a shell error or a rendezvous that waits for minutes. Each
+script hands its values to this module first::
 
     python -m megatron_lite.launcher.launch_vars launch/torchrun.sh NNODES="$NNODES" ... [-- COMMAND ...]
 

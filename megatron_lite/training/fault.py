@@ -103,7 +103,7 @@ class SetupSignals:
     """Ends the run when SIGTERM, SIGINT or SIGUSR1 arrives during setup (a context manager around it):
     the handler logs ``received SIGTERM during setup (before the first step); no checkpoint saved;
     exiting`` and raises :class:`~megatron_lite.errors.SetupInterrupted`, which the CLI turns into exit
-    status 128 + the signal's number. Without it SIGTERM and SIGUSR1 ended the rank silently (their
+    status 128 + the signal's number. Without it SIGTERM and SIGUSR1 would end the rank silently (their
     default action), the other ranks waiting for it in their next collective.
 
     Raising unwinds the setup as any error does: a corpus being built removes its temporary
