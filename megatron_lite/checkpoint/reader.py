@@ -223,9 +223,11 @@ def _list_on_rank0(storage: Storage) -> list[str]:
     return names
 
 
-def _newest_good(storage: Storage, fix: str) -> CheckpointReader | None:
+def _newest_good(storage: Storage, fix: str, resuming: bool = False) -> CheckpointReader | None:
     """The newest checkpoint under ``storage`` that passes; None when there is none; a UserError
-    ending with ``fix`` when committed ones exist and none passes."""
+    ending with ``fix`` when committed ones exist and none passes. Each one skipped is a warning;
+    ``resuming`` (a run that saves into ``storage``) adds that the run's next save of that step
+    replaces it: a reader that only reads leaves it as it is."""
     names = _list_on_rank0(storage)
     committed, newest_problem = 0, None
     for name in reversed(names):
@@ -236,12 +238,10 @@ def _newest_good(storage: Storage, fix: str) -> CheckpointReader | None:
             committed += 1
             newest_problem = newest_problem or f"{name}: {problem}"
         if collectives.world()[0] == 0:
-            log.warning(
-                "skipping checkpoint %s: %s; the run replaces it when it saves that step again (move it out of "
-                "checkpoint.dir now to keep it)",
-                storage.url(name),
-                problem,
+            replaced = (
+                "; the run replaces it when it saves that step again (move it out of checkpoint.dir now to keep it)"
             )
+            log.warning("skipping checkpoint %s: %s%s", storage.url(name), problem, replaced if resuming else "")
     if committed:
         raise UserError(
             f"every checkpoint under {storage.url()} is incomplete or corrupt (newest: {newest_problem}; "
@@ -304,7 +304,7 @@ def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
         storage = Storage(root)
         if collectives.world()[0] == 0:
             _finish_interrupted_commit(storage)
-        return _newest_good(storage, fix)
+        return _newest_good(storage, fix, resuming=True)
     if not is_url(resume) and not Path(resume).is_dir():
         raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
     return open_step(resume)

@@ -110,6 +110,20 @@ def test_auto_resume_falls_back_to_the_newest_good_checkpoint(saved, tmp_path, c
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_readers_that_only_read_skip_a_corrupt_step_without_the_runs_advice(saved, tmp_path, caplog):
+    """eval and convert take the newest good step too, but they save nothing: the warning says what
+    they skip and why, not what a resuming run's next save does to it."""
+    ckpt = copy_run(saved, tmp_path)
+    (ckpt / "step_00000006" / "metadata.json").write_text("{not json")
+    for read in (lambda: load_model(ckpt, torch.device("cpu"))[0], lambda: open_checkpoint(ckpt)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert read() is not None
+        assert f"skipping checkpoint {ckpt / 'step_00000006'}: metadata.json is not valid JSON" in caplog.text
+        assert "the run replaces it" not in caplog.text and "checkpoint.dir" not in caplog.text, caplog.text
+    assert open_checkpoint(ckpt).meta["step"] == 4
+
+
 def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
     ckpt = copy_run(saved, tmp_path)
     for step in ("step_00000002", "step_00000004"):
