@@ -182,6 +182,18 @@ def list_steps(root: str | Path) -> list[tuple[int, str]]:
     return [(int(STEP_DIR.match(n).group(1)), n) for n in Storage(root).step_dirs()]
 
 
+def steps_there(root: str | Path) -> str:
+    """The steps under ``root`` for a message naming what is there: ``"4, 5"``, or ``"none"``."""
+    return ", ".join(str(step) for step, _ in list_steps(root)) or "none"
+
+
+def is_step_dir(path: str | Path) -> bool:
+    """Whether ``path`` is one committed checkpoint (a step directory holding ``metadata.json``),
+    whatever its name, rather than a run's checkpoint root."""
+    storage, name = _split(path)
+    return storage.exists(f"{name}/{METADATA}")
+
+
 def committed_steps(root: str | Path) -> list[int]:
     """Steps of the committed checkpoints under ``root`` (their ``metadata.json`` exists), oldest
     first; not verified. One process's cheap look (no collectives, no checksums): the trainer asks
@@ -279,8 +291,7 @@ def open_step(path: str | Path) -> CheckpointReader:
 def find_checkpoint(path: str | Path) -> CheckpointReader:
     """A step directory as given, or the newest good checkpoint under a run's checkpoint root
     (collective)."""
-    storage, name = _split(path)
-    if storage.exists(f"{name}/{METADATA}"):
+    if is_step_dir(path):
         return open_step(path)
     fix = "fix or replace them, or point at a good step directory (step_XXXXXXXX)"
     found = _newest_good(Storage(path), fix) if Storage(path).exists("") else None
@@ -305,9 +316,33 @@ def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
         if collectives.world()[0] == 0:
             _finish_interrupted_commit(storage)
         return _newest_good(storage, fix, resuming=True)
-    if not is_url(resume) and not Path(resume).is_dir():
-        raise UserError(f"checkpoint.resume={resume!r} is not a checkpoint directory")
+    if not is_url(resume):
+        _refuse_resume_path(Path(resume), resume)
     return open_step(resume)
+
+
+def _refuse_resume_path(path: Path, resume: str) -> None:
+    """``checkpoint.resume`` that is neither ``auto``, ``none`` nor a step directory: one error saying
+    what it is (a word such as ``latest``, a missing step, a file, a checkpoint root) and the fix."""
+    key = f"checkpoint.resume={resume!r}"
+    auto = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"
+    if path.is_dir():
+        if not (path / METADATA).is_file() and list_steps(path):
+            raise UserError(
+                f"{key} is a checkpoint directory holding steps {steps_there(path)}, not one step's directory: "
+                f"name one ({path / step_dir_name(list_steps(path)[-1][0])}), or set checkpoint.dir={str(path)!r} "
+                "with checkpoint.resume=auto for its newest good one"
+            )
+        return
+    if path.exists():
+        raise UserError(f"{key} is a file, not a checkpoint's step directory (step_XXXXXXXX); give one or use {auto}")
+    if path.parent == Path():  # one word ("latest", Megatron's name for the newest checkpoint)
+        raise UserError(f"{key} is not auto, none or an existing step directory; use {auto}")
+    if not path.parent.is_dir():
+        raise UserError(f"{key} does not exist, nor does {str(path.parent)!r}; give a step directory or use {auto}")
+    raise UserError(
+        f"{key} does not exist (steps in {path.parent}: {steps_there(path.parent)}); name one of them, or use {auto}"
+    )
 
 
 def iter_model_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ import torch
 
 from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
-from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps
+from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps, steps_there
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
@@ -56,8 +56,7 @@ def _step_dir(checkpoint: str | Path, step: int | None) -> str | Path:
         return checkpoint
     found = dict(list_steps(checkpoint))
     if step not in found:
-        have = ", ".join(map(str, sorted(found))) or "none"
-        raise UserError(f"no checkpoint of step {step} under {checkpoint} (steps there: {have})")
+        raise UserError(f"no checkpoint of step {step} under {checkpoint} (steps there: {steps_there(checkpoint)})")
     return Path(checkpoint) / found[step]
 
 

@@ -138,6 +138,20 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
     assert "is unusable: rank_00000.safetensors does not match its sha256" in capsys.readouterr().err
 
 
+def test_resuming_a_missing_step_lists_the_steps_there(saved, tmp_path, capsys):
+    ckpt = copy_run(saved, tmp_path)
+    before = {p: p.read_bytes() for p in ckpt.parent.rglob("*") if p.is_file()}  # (a write probe touches dirs)
+    args, _ = saved
+    for resume, says in [
+        (ckpt / "step_00000099", f"does not exist (steps in {ckpt}: 2, 4, 6)"),
+        ("latest", "use checkpoint.resume=auto for the newest good checkpoint"),
+    ]:
+        assert main(["train", *args, f"log.dir={ckpt.parent}", f"checkpoint.resume={resume}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and says in err, err
+    assert {p: p.read_bytes() for p in ckpt.parent.rglob("*") if p.is_file()} == before
+
+
 def test_rewinding_past_newer_checkpoints_is_refused(saved, tmp_path, capsys):
     """Resuming step 2 by path beside steps 4 and 6: this run would save over them, and a restart
     with resume=auto would have continued the abandoned run from step 6. Nothing is touched."""

@@ -1,0 +1,56 @@
+"""``checkpoint.resume`` naming no step directory (a missing step, ``latest``, a file, the checkpoint
+root): one error saying what it names and what to give instead, listing the steps there are."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_lite.checkpoint.reader import resolve_resume
+from megatron_lite.checkpoint.writer import save_weights
+from megatron_lite.errors import UserError
+
+
+@pytest.fixture(name="root")
+def root_fixture(tmp_path, monkeypatch) -> Path:
+    """A checkpoint root holding steps 4 and 5, inside the current directory."""
+    monkeypatch.chdir(tmp_path)
+    for step in (4, 5):  # save_weights keeps one step: each is saved aside and moved in
+        moved = Path(save_weights(tmp_path / "aside", step, {"w": torch.zeros(2, 2)}, {}, files={}))
+        (tmp_path / "ckpt").mkdir(exist_ok=True)
+        moved.rename(tmp_path / "ckpt" / moved.name)
+    return Path("ckpt")
+
+
+def refusal(root: Path, resume: str) -> str:
+    with pytest.raises(UserError) as e:
+        resolve_resume(root, resume)
+    return str(e.value)
+
+
+def test_a_missing_step_says_so_and_lists_the_steps_there(root):
+    err = refusal(root, "ckpt/step_00000099")
+    assert "checkpoint.resume='ckpt/step_00000099' does not exist (steps in ckpt: 4, 5)" in err, err
+    assert "checkpoint.resume=auto" in err
+    err = refusal(root, "typo/step_00000005")
+    assert "does not exist, nor does 'typo'" in err, err
+
+
+@pytest.mark.parametrize("word", ["latest", "last"])
+def test_a_word_that_is_not_auto_or_none_points_to_auto(root, word):
+    """Megatron loads the newest checkpoint of its --load directory: here that is ``auto``."""
+    err = refusal(root, word)
+    assert f"checkpoint.resume='{word}' is not auto, none or an existing step directory" in err, err
+    assert "use checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir" in err
+
+
+def test_a_file_or_the_checkpoint_root_is_named_as_such(root):
+    (root / "latest").write_text("step_00000005\n")
+    assert "is a file, not a checkpoint's step directory" in refusal(root, "ckpt/latest")
+    err = refusal(root, "ckpt")
+    assert "is a checkpoint directory holding steps 4, 5, not one step's directory" in err, err
+    assert "name one (ckpt/step_00000005)" in err and "checkpoint.dir='ckpt' with checkpoint.resume=auto" in err
+
+
+def test_a_step_directory_resumes(root):
+    assert resolve_resume(root, "ckpt/step_00000004").step == 4
