@@ -215,7 +215,12 @@ def _add_convert_verb(sub) -> None:
     cc = cv_sub.add_parser("verify", help="compare a checkpoint's logits with a transformers model's")
     for c in (ct, cc):
         c.add_argument("--checkpoint", required=True, help="a step directory or a run's checkpoint directory")
-        c.add_argument("--step", type=int, help="this step under --checkpoint (default: the newest good one)")
+        c.add_argument(
+            "--step",
+            type=int,
+            help="this step under --checkpoint, which is then the run's checkpoint directory (default: the newest "
+            "good one)",
+        )
     ct.add_argument("--out", required=True, help="new output directory")
     ct.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this (5GB, 500MB, bytes)")
     ct.add_argument("--no-verify", action="store_true", help="skip the logits comparison")

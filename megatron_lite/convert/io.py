@@ -20,7 +20,7 @@ import torch
 
 from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
-from megatron_lite.checkpoint.reader import find_checkpoint, iter_model_tensors, list_steps, steps_there
+from megatron_lite.checkpoint.reader import find_checkpoint, is_step_dir, iter_model_tensors, list_steps, steps_there
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
@@ -54,6 +54,12 @@ def _step_dir(checkpoint: str | Path, step: int | None) -> str | Path:
     (then the newest good checkpoint is taken)."""
     if step is None:
         return checkpoint
+    if is_step_dir(checkpoint):
+        parent = str(checkpoint).rstrip("/").rpartition("/")[0] or "."
+        raise UserError(
+            f"--checkpoint {checkpoint} is a step directory, and --step needs the run's checkpoint directory "
+            f"holding the steps: use --checkpoint {parent} --step {step}, or drop --step to convert {checkpoint}"
+        )
     found = dict(list_steps(checkpoint))
     if step not in found:
         raise UserError(f"no checkpoint of step {step} under {checkpoint} (steps there: {steps_there(checkpoint)})")

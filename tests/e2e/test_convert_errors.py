@@ -171,6 +171,17 @@ def test_a_run_root_of_unreadable_checkpoints_is_named_for_conversion_not_traini
         assert "point at a good step directory" in err and "start from scratch" not in err
 
 
+@pytest.mark.parametrize("verb", ["to-hf", "verify"])
+def test_step_with_a_step_directory_asks_for_its_parent(trained, exported, tmp_path, verb, capsys):
+    """``--step`` picks a step under the run's checkpoint directory, not under a step directory."""
+    step_dir = trained / "step_00000002"
+    target = ["--out", str(tmp_path / "hf")] if verb == "to-hf" else ["--hf", str(exported)]
+    err = run_error(["convert", verb, "--checkpoint", str(step_dir), "--step", "1", *target], capsys)
+    assert f"--checkpoint {step_dir} is a step directory, and --step needs the run's checkpoint directory" in err
+    assert f"use --checkpoint {trained} --step 1, or drop --step to convert {step_dir}" in err, err
+    assert not (tmp_path / "hf").exists()
+
+
 @pytest.mark.parametrize("edit", [{"hidden": 96}, {"heads": 2, "kv_heads": 2}, {"layers": 3}])
 def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(trained, exported, tmp_path, edit, capsys):
     """A hand-edited (or damaged) model config in metadata.json failed deep in a transform, with a traceback."""
