@@ -117,7 +117,10 @@ def _refuse_config_mismatch(path: Path, config: Config, specs: dict[str, tuple[S
 
 def refuse_used_out(out: Path) -> None:
     """``--out`` must be new or an empty directory: nothing a user saved there is ever overwritten."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        what = "a file" if out.is_file() else "not a directory"
+        raise UserError(f"--out {out} is {what}; choose a new directory to write to (the file was not changed)")
+    if out.exists() and any(out.iterdir()):
         raise UserError(
             f"--out {out} already exists and is not an empty directory; choose a new one (nothing there was changed)"
         )

@@ -29,11 +29,10 @@ def test_from_hf_refuses_a_used_out_and_changes_nothing_there(exported, tmp_path
     (used / "latest").write_text("step_00000007\n")
     a_file = tmp_path / "a_file"
     a_file.write_text("keep\n")
-    for out in (used, a_file):
+    for out, says in [(used, "already exists and is not an empty directory; choose a new one"), (a_file, "is a file")]:
         before = snapshot(out)
         err = run_error(["convert", "from-hf", "--hf", str(exported), "--out", str(out)], capsys)
-        assert f"--out {out} already exists and is not an empty directory; choose a new one" in err
-        assert "checkpoint.dir" not in err and snapshot(out) == before
+        assert f"--out {out} {says}" in err and "checkpoint.dir" not in err and snapshot(out) == before, err
 
 
 @pytest.mark.parametrize("stage", ["weights", "tokenizer"])

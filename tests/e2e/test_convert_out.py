@@ -90,6 +90,12 @@ def test_a_used_out_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
         ["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(tmp_path / "used")], capsys
     )
     assert "already exists and is not an empty directory" in err
+    (tmp_path / "afile").write_text("mine\n")
+    err = run_error(
+        ["convert", "to-hf", "--checkpoint", str(tmp_path / "typo"), "--out", str(tmp_path / "afile")], capsys
+    )
+    assert f"--out {tmp_path / 'afile'} is a file; choose a new directory" in err and "empty directory" not in err
+    assert (tmp_path / "afile").read_text() == "mine\n"
 
 
 @pytest.mark.parametrize("when", ["opened", "streaming", "verifying"])
