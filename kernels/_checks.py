@@ -60,9 +60,15 @@ def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         raise ValueError(f"apply_rope: x must be (B, T, H, D), got shape {tuple(x.shape)}; reshape it to 4-D")
     floating("apply_rope", "x", x)
     T, D = x.shape[1], x.shape[3]
-    if D % 2 or cos.shape != (T, D // 2) or sin.shape != (T, D // 2):
-        raise ValueError(f"apply_rope: x {tuple(x.shape)} needs even D and cos/sin of shape {(T, D // 2)}, got "
-                         f"{tuple(cos.shape)} and {tuple(sin.shape)}; slice the tables to T (cos[:T])")  # fmt: skip
+    if D % 2:
+        raise ValueError(f"apply_rope: x {tuple(x.shape)} has head dim D={D}, but D must be even (RoPE rotates "
+                         "pairs of channels); use an even head dim")  # fmt: skip
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (T, D // 2):
+            longer = t.dim() == 2 and t.shape[0] > T and t.shape[1] == D // 2
+            fix = f"slice the table to T ({name}[:T])" if longer else "give T rows (positions), D/2 columns"
+            raise ValueError(f"apply_rope: {name} has shape {tuple(t.shape)}, but x {tuple(x.shape)} needs cos/sin "
+                             f"of shape (T, D/2) = {(T, D // 2)}; {fix}")  # fmt: skip
     floating("apply_rope", "cos", cos)
     floating("apply_rope", "sin", sin)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
@@ -81,6 +87,10 @@ def check_cross_entropy(
     """logits (N, V) floating with V >= 1; target (N,) integer class ids; ignore_index and vocab_start ints.
 
     A target outside the vocabulary is not checked here: that needs the values, a device sync."""
+    if logits.dim() == 2 and target.dim() == 1 and target.shape != logits.shape[:1]:
+        raise ValueError(f"{op}: logits {tuple(logits.shape)} has {logits.shape[0]} rows but target "
+                         f"{tuple(target.shape)} has {target.shape[0]} ids; give one target id per row of "
+                         "logits")  # fmt: skip
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"{op}: logits must be (N, V) and target (N,), got {tuple(logits.shape)} and "
                          f"{tuple(target.shape)}; flatten them: logits.reshape(-1, V), target.reshape(-1)")  # fmt: skip

@@ -56,12 +56,29 @@ def ints(*shape, dtype=torch.int32):
         ("swiglu", lambda: (torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)), "at least one dim"),
         ("apply_rope", lambda: (randn(5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
         ("apply_rope", lambda: (randn(1, 2, 5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
-        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(6, 4), randn(6, 4)), r"cos/sin of shape \(5, 4\)"),
-        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(1, 5, 1, 4), randn(1, 5, 1, 4)), "cos/sin of shape"),
-        ("apply_rope", lambda: (randn(2, 5, 3, 7), randn(5, 3), randn(5, 3)), "needs even D"),
+        (
+            "apply_rope",
+            lambda: (randn(2, 5, 3, 8), randn(6, 4), randn(6, 4)),
+            r"cos has shape \(6, 4\), but x "
+            r"\(2, 5, 3, 8\) needs cos/sin of shape \(T, D/2\) = \(5, 4\); slice the table to T \(cos\[:T\]\)",
+        ),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4), randn(5, 8)), r"sin has shape \(5, 8\).*D/2 columns"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(1, 5, 1, 4), randn(1, 5, 1, 4)), r"= \(5, 4\); give T rows"),
+        (
+            "apply_rope",
+            lambda: (randn(2, 5, 3, 7), randn(5, 3), randn(5, 3)),
+            r"x \(2, 5, 3, 7\) has head dim D=7, "
+            r"but D must be even \(RoPE rotates pairs of channels\); use an even head dim$",
+        ),
         ("apply_rope", lambda: (ints(2, 5, 3, 8), randn(5, 4), randn(5, 4)), "x must be a floating-point tensor"),
         ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4).requires_grad_(), randn(5, 4)), "cos.detach()"),
-        ("cross_entropy", lambda: (randn(6, 10), TARGET[:5]), r"logits must be \(N, V\) and target \(N,\)"),
+        (
+            "cross_entropy",
+            lambda: (randn(6, 10), TARGET[:5]),
+            r"logits \(6, 10\) has 6 rows but target \(5,\) has 5 "
+            "ids; give one target id per row of logits",
+        ),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET.view(6, 1)), "flatten them"),
         ("cross_entropy", lambda: (randn(10), TARGET[0]), r"logits must be \(N, V\)"),
         ("cross_entropy", lambda: (randn(2, 3, 10), TARGET.view(2, 3)), "flatten them"),
         ("cross_entropy", lambda: (randn(6, 10), TARGET.float()), "target must hold integer class ids"),
@@ -70,7 +87,7 @@ def ints(*shape, dtype=torch.int32):
         ("cross_entropy", lambda: (ints(6, 10), TARGET), "logits must be a floating-point tensor"),
         ("cross_entropy", lambda: (randn(6, 0), torch.full_like(TARGET, -100)), "no vocabulary columns"),
         ("cross_entropy", lambda: (randn(6, 10), TARGET, torch.tensor(-100)), "ignore_index must be a Python int"),
-        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET[:4], 3), r"target \(N,\)"),
+        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET[:4], 3), r"6 rows but target \(4,\) has 4 ids"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET.float(), 3), "integer class ids"),
         ("cross_entropy_partials", lambda: (randn(6, 0), TARGET, 3), "no vocabulary columns; a vocab shard"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET, torch.tensor(3)), "vocab_start must be a Python int"),
