@@ -4,6 +4,11 @@ A file ending in ``.gz``, ``.bz2`` or ``.xz`` is decompressed as it is read (Pyt
 ``gzip``/``bz2``/``lzma``), and its format is that of the name without that ending
 (``a.jsonl.gz`` is JSON Lines). Other compressions (``.zst``, ``.zip``, ...) are refused by name:
 read as text, their bytes would be tokenized as one document of garbage with no error at all.
+
+So is a file whose first bytes hold a NUL (:func:`check_input`): text never does, while binary
+files (a dataset's ``.bin``, an image, an archive without its ending) and UTF-16/UTF-32 text hold
+many. Text with some bytes that are not UTF-8 is read, each such byte replaced by U+FFFD, with a
+warning naming the file and how many of its documents or lines held any (:func:`warn_invalid_utf8`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
+import logging
 import lzma
 import os
 import zlib
@@ -29,6 +35,9 @@ _OPENERS = {
 _UNSUPPORTED = (".zst", ".zstd", ".lz4", ".zip", ".7z", ".tar", ".br", ".snappy", ".parquet", ".arrow")
 # What a damaged or mislabelled compressed file raises while it is read.
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+_SNIFF_BYTES = 8000  # where a NUL byte marks a file binary (git's own test looks as far)
+
+log = logging.getLogger(__name__)
 
 
 def compression(path: Path) -> str | None:
@@ -115,6 +124,33 @@ class InputReader:
         self.close()
 
 
+def check_input(path: Path) -> None:
+    """Refuse an input that cannot be text, before any input is read in full: a compressed or binary
+    format by its name (:func:`compression`), or a NUL byte in its first bytes (decompressed)."""
+    compression(path)
+    with InputReader(path) as f:
+        head = f.read(_SNIFF_BYTES)
+    if b"\0" in head:
+        raise UserError(
+            f"input {path} is not text: it holds NUL bytes (the first at byte {head.index(0)}), as binary files "
+            "and UTF-16/UTF-32 text do; leave it out of --input, or convert it to UTF-8 text first"
+        )
+
+
+def warn_invalid_utf8(path: Path, invalid: int, read: int, unit: str) -> None:
+    """Warn, when ``invalid`` of the ``read`` ``unit`` (documents, lines) of ``path`` held bytes that are
+    not UTF-8, each of which was replaced by U+FFFD in what is tokenized or trained on."""
+    if invalid:
+        log.warning(
+            "input %s: %s with bytes that are not UTF-8: %d of %d, each such byte replaced by U+FFFD; if the file "
+            "is text in another encoding, convert it to UTF-8 first (e.g. iconv -f LATIN1 -t UTF-8)",
+            path,
+            unit,
+            invalid,
+            read,
+        )
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
     named twice, by any spelling, a link or a glob, is read once, where it first appears). A name
@@ -137,9 +173,9 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
             files.append(Path(text))
     if not files:
         raise UserError("preprocess needs at least one input file or glob pattern")
-    for path in files:
-        compression(path)  # an unreadable format is refused before any file is read
     first: dict[str, Path] = {}
     for path in files:
         first.setdefault(os.path.realpath(path), path)
+    for path in first.values():
+        check_input(path)  # an unreadable format is refused before any file is read in full
     return list(first.values())

@@ -18,8 +18,9 @@ normalizer is not the identity (a dummy prefix, whitespace collapsing): those st
 documents, are encoded whole, taking memory ~50x their size as before. A JSON line is held whole
 (raw, decoded and parsed: ~3x its size) before its text is cut into pieces.
 
-Bytes that are not UTF-8 are replaced by U+FFFD (counted in the stats) rather than stopping a long
-run on one stray file.
+Bytes that are not UTF-8 are replaced by U+FFFD (counted in the stats, and a warning names each
+file with such documents) rather than stopping a long run on one stray file; a binary file is
+refused before anything is read in full (``inputs.check_input``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, expand_inputs
+from megatron_lite.data.inputs import InputReader, expand_inputs, warn_invalid_utf8
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
@@ -177,12 +178,14 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
 
 
 class _Found(NamedTuple):
-    """What one input held: bytes read (decompressed), documents, and documents with any text."""
+    """What one input held: bytes read (decompressed), documents, documents with any text, and
+    documents with bytes that are not UTF-8."""
 
     path: Path
     bytes: int
     documents: int
     with_text: int
+    invalid_utf8: int
 
     def lack(self, json_key: str) -> str | None:
         """What this input lacks, as the end of a sentence naming it; None when it has text."""
@@ -217,7 +220,7 @@ def _pieces(
     """The text of every document of ``files``, in pieces (:class:`_Splitter`), each document followed
     by None; what each file held is appended to ``found`` once it is read."""
     for path in files:
-        start, documents, with_text = stats["bytes"], 0, 0
+        start, invalid, documents, with_text = stats["bytes"], stats["decode_errors"], 0, 0
         for chunks in _documents(path, json_key, bar, stats):
             empty = True
             for piece in splitter.split(chunks):
@@ -226,7 +229,7 @@ def _pieces(
             yield None
             documents += 1
             with_text += not empty
-        found.append(_Found(path, stats["bytes"] - start, documents, with_text))
+        found.append(_Found(path, stats["bytes"] - start, documents, with_text, stats["decode_errors"] - invalid))
 
 
 def _write(builder: IndexedDatasetBuilder, encoded: Iterable[np.ndarray | None], eos: np.ndarray, stats: dict) -> None:
@@ -334,6 +337,8 @@ def preprocess(
             encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
         _write(builder, encoded, eos, stats)
         _check_text(found, json_key, out_prefix)
+        for f in found:
+            warn_invalid_utf8(f.path, f.invalid_utf8, f.documents, "documents")
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
         builder.finalize(stale=[meta_path])

@@ -35,8 +35,8 @@ from megatron_lite.data.indexed import (
     check_outputs_spare_inputs,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, compression
-from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.inputs import InputReader, check_input, warn_invalid_utf8
+from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
 
@@ -89,13 +89,14 @@ def _line_pieces(line: str, limit: int = _SENTENCE_BYTES) -> Iterator[str]:
     yield data[start:].decode("utf-8")
 
 
-def _text_lines(raw: bytes, path: Path, lineno: int, json_key: str | None) -> list[str]:
+def _text_lines(raw: bytes, path: Path, lineno: int, json_key: str | None, stats: dict) -> list[str]:
     """The non-empty text lines in line ``lineno`` (``raw``) of ``path``: the line itself, or for a
-    JSON Lines file (``json_key`` set) the lines of the document under that key."""
+    JSON Lines file (``json_key`` set) the lines of the document under that key. A line with bytes
+    that are not UTF-8 counts in ``stats["decode_errors"]``."""
     if json_key is None:
-        line = raw.decode("utf-8", errors="replace").rstrip("\n")
+        line = decode(raw, stats).rstrip("\n")
         return [line] if line else []
-    text = json_text(raw, path, lineno, json_key, {})
+    text = json_text(raw, path, lineno, json_key, stats)
     return [line for line in text.split("\n") if line] if text else []
 
 
@@ -110,22 +111,26 @@ def _sample_lines(
     side. A line longer than sentencepiece takes is cut into pieces (``_line_pieces``). A compressed
     input counts at its size on disk, so inputs that decompress to far more than ``max_bytes`` can
     fill the sample before the last files are reached.
-    ``counts["lines"]`` counts the lines yielded.
+    ``counts["lines"]`` counts the lines yielded; ``counts["invalid_utf8"]`` holds, for each file, the
+    lines sampled and how many of them held bytes that are not UTF-8.
     """
     counts = {} if counts is None else counts
     counts.setdefault("lines", 0)
+    invalid_utf8 = counts.setdefault("invalid_utf8", {})
     total = sum(p.stat().st_size for p in files)
     keep = 1.0 if total <= max_bytes else max_bytes / total
     rng = random.Random(_SAMPLE_SEED)
     taken = 0
     for path in files:
         key = json_key if is_jsonl(path) else None
+        stats = invalid_utf8[path] = {"decode_errors": 0, "sampled": 0}
         with InputReader(path) as f:
             for lineno, raw in enumerate(f, 1):
                 bar.update(f.advance())
                 if keep < 1.0 and rng.random() >= keep:
                     continue
-                lines = _text_lines(raw, path, lineno, key)
+                stats["sampled"] += 1
+                lines = _text_lines(raw, path, lineno, key, stats)
                 if not lines:
                     continue
                 taken += len(raw)
@@ -144,7 +149,7 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise UserError(f"tokenizer training input {path} is not a readable file")
-        compression(path)  # an unreadable format is refused before any file is read
+        check_input(path)  # an unreadable format is refused before any file is read in full
     if vocab_size < MIN_VOCAB:
         raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}")
     return files
@@ -267,6 +272,8 @@ def train_tokenizer(
             raise UserError(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
             ) from e
+    for path, read in counts["invalid_utf8"].items():
+        warn_invalid_utf8(path, read["decode_errors"], read["sampled"], "sampled lines")
     data = model.getvalue()
     meta = _record(data, vocab_size, max_bytes, total, files, json_key)
     meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.checkpoint.reader import find_checkpoint
-from megatron_lite.data.inputs import InputReader, compression
+from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -75,7 +75,7 @@ def sum_next_token_loss(model: Transformer, ids: list[int], seq_len: int, batch:
 
 def _read_text(p: Path, json_key: str) -> list[str]:
     """The file's text, or for JSON Lines its documents' texts (``json_key``), as preprocess reads them."""
-    compression(p)  # an archive is refused by name
+    check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
     with InputReader(p) as f:
         if is_jsonl(p):
             return [text for n, raw in enumerate(f, 1) if (text := json_text(raw, p, n, json_key, {})) is not None]
