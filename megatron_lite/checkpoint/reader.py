@@ -235,7 +235,7 @@ def _list_on_rank0(storage: Storage) -> list[str]:
     return names
 
 
-def _newest_good(storage: Storage, fix: str, resuming: bool = False) -> CheckpointReader | None:
+def _newest_good(storage: Storage, fix: str, *, resuming: bool = False) -> CheckpointReader | None:
     """The newest checkpoint under ``storage`` that passes; None when there is none; a UserError
     ending with ``fix`` when committed ones exist and none passes. Each one skipped is a warning;
     ``resuming`` (a run that saves into ``storage``) adds that the run's next save of that step
@@ -250,10 +250,10 @@ def _newest_good(storage: Storage, fix: str, resuming: bool = False) -> Checkpoi
             committed += 1
             newest_problem = newest_problem or f"{name}: {problem}"
         if collectives.world()[0] == 0:
-            replaced = (
+            advice = (
                 "; the run replaces it when it saves that step again (move it out of checkpoint.dir now to keep it)"
             )
-            log.warning("skipping checkpoint %s: %s%s", storage.url(name), problem, replaced if resuming else "")
+            log.warning("skipping checkpoint %s: %s%s", storage.url(name), problem, advice if resuming else "")
     if committed:
         raise UserError(
             f"every checkpoint under {storage.url()} is incomplete or corrupt (newest: {newest_problem}; "
@@ -306,8 +306,9 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
 
 
 def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
-    """The checkpoint to resume from: ``none`` -> None; a path -> it (verified); ``auto`` -> the
-    newest good one under ``root``, None when there is none (collective)."""
+    """The checkpoint to resume from: ``none`` -> None; a path -> it (verified; anything but a step
+    directory is refused, naming what it is); ``auto`` -> the newest good one under ``root``, None
+    when there is none (collective)."""
     if resume == "none":
         return None
     if resume == "auto":
