@@ -24,11 +24,12 @@ import sys
 import sysconfig
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from megatron_lite.data.indexed import IndexedDataset, write_atomic
+from megatron_lite.data.inputs import log as inputs_log
 from megatron_lite.data.preprocess import preprocess
 from megatron_lite.data.tempfiles import create_locked, locked_if_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
@@ -88,9 +89,13 @@ def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected:
     token count."""
     megabytes = sum(size for _, size in expected["files"]) / 1e6
     _say(progress, f"training tokenizer on {megabytes:.1f} MB of stdlib source ({len(files)} files)...")
-    model = train_tokenizer(files, tmp / "tokenizer", vocab_size, _TOKENIZER_SAMPLE_BYTES, progress=progress)
-    _say(progress, f"tokenizing {len(files)} files with a {vocab_size}-token vocabulary...")
-    stats = preprocess([str(p) for p in files], model, tmp / "data", progress=progress)
+    with _inputs_as_they_are():
+        model = train_tokenizer(files, tmp / "tokenizer", vocab_size, _TOKENIZER_SAMPLE_BYTES, progress=progress)
+        _say(progress, f"tokenizing {len(files)} files with a {vocab_size}-token vocabulary...")
+        stats = preprocess([str(p) for p in files], model, tmp / "data", progress=progress)
+    if stats["decode_errors"]:
+        n = stats["decode_errors"]
+        _say(progress, f"({n} file{'s are' if n > 1 else ' is'} test data in another encoding: read with U+FFFD)")
     # The dataset's record names its tokenizer where it will be, not in the build folder renamed away.
     record = json.loads((tmp / "data.json").read_text())
     record["tokenizer"] = str(final / "tokenizer.model")
@@ -98,6 +103,19 @@ def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected:
     manifest = {**expected, "tokenizer_sha256": Tokenizer(model).sha256}
     write_atomic(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
     return int(stats["tokens"])
+
+
+@contextlib.contextmanager
+def _inputs_as_they_are() -> Iterator[None]:
+    """Hold back the warnings about single inputs (``data/inputs.py``) while the standard library is
+    read: its empty ``__init__.py`` files and its test files in other encodings are what they are
+    meant to be, and no user can act on a warning naming them."""
+    level = inputs_log.level
+    inputs_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        inputs_log.setLevel(level)
 
 
 def _start_build(cache_dir: Path, name: str) -> tuple[Path, BinaryIO]:

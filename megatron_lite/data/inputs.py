@@ -137,18 +137,31 @@ def check_input(path: Path) -> None:
         )
 
 
-def warn_invalid_utf8(path: Path, invalid: int, read: int, unit: str) -> None:
-    """Warn, when ``invalid`` of the ``read`` ``unit`` (documents, lines) of ``path`` held bytes that are
-    not UTF-8, each of which was replaced by U+FFFD in what is tokenized or trained on."""
-    if invalid:
-        log.warning(
-            "input %s: %s with bytes that are not UTF-8: %d of %d, each such byte replaced by U+FFFD; if the file "
-            "is text in another encoding, convert it to UTF-8 first (e.g. iconv -f LATIN1 -t UTF-8)",
-            path,
-            unit,
-            invalid,
-            read,
-        )
+WARN_EACH = 5  # inputs named one warning each; past these, one line counts the rest
+
+
+def warn_inputs(lines: Sequence[str], rest: str) -> None:
+    """Log ``lines`` (one per input) as warnings, the first :data:`WARN_EACH` of them; past those, one
+    more warning: how many were left out, then ``rest`` (what they have in common: ``with ...``). A run over a
+    directory of thousands of files (the standard library's, a crawl's shards) stays readable."""
+    for line in lines[:WARN_EACH]:
+        log.warning("%s", line)
+    if len(lines) > WARN_EACH:
+        more = len(lines) - WARN_EACH
+        log.warning("and %d more input%s %s", more, "s" if more > 1 else "", rest)
+
+
+def warn_invalid_utf8(invalid: Sequence[tuple[Path, int, int]], unit: str) -> None:
+    """Warn of each ``(path, invalid, read)`` whose ``invalid`` of ``read`` ``unit`` (documents, sampled
+    lines) held bytes that are not UTF-8, each of which was replaced by U+FFFD in what is tokenized or
+    trained on."""
+    lines = [
+        f"input {path}: {unit} with bytes that are not UTF-8: {bad} of {read}, each such byte replaced by U+FFFD; "
+        "if the file is text in another encoding, convert it to UTF-8 first (e.g. iconv -f LATIN1 -t UTF-8)"
+        for path, bad, read in invalid
+        if bad
+    ]
+    warn_inputs(lines, f"with {unit} holding bytes that are not UTF-8 (replaced by U+FFFD)")
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

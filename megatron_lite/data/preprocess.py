@@ -48,7 +48,7 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, expand_inputs, warn_invalid_utf8
+from megatron_lite.data.inputs import InputReader, expand_inputs, warn_inputs, warn_invalid_utf8
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
@@ -210,8 +210,8 @@ def _check_text(found: list[_Found], json_key: str, out_prefix: str | Path) -> N
             f"no text to tokenize: {'; '.join(lacking[:10])}{more}. Nothing was written to --output {out_prefix}; "
             "give inputs that hold text (JSON Lines: one object per line, its text under --json-key)"
         )
-    for what in lacking:
-        log.warning("input %s: it adds no text to the dataset (the other inputs have some)", what)
+    tail = "it adds no text to the dataset (the other inputs have some)"
+    warn_inputs([f"input {what}: {tail}" for what in lacking], "with no text to add (the other inputs have some)")
 
 
 def _pieces(
@@ -337,8 +337,7 @@ def preprocess(
             encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
         _write(builder, encoded, eos, stats)
         _check_text(found, json_key, out_prefix)
-        for f in found:
-            warn_invalid_utf8(f.path, f.invalid_utf8, f.documents, "documents")
+        warn_invalid_utf8([(f.path, f.invalid_utf8, f.documents) for f in found], "documents")
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.
         builder.finalize(stale=[meta_path])

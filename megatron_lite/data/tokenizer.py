@@ -272,8 +272,8 @@ def train_tokenizer(
             raise UserError(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
             ) from e
-    for path, read in counts["invalid_utf8"].items():
-        warn_invalid_utf8(path, read["decode_errors"], read["sampled"], "sampled lines")
+    invalid = counts["invalid_utf8"].items()
+    warn_invalid_utf8([(path, read["decode_errors"], read["sampled"]) for path, read in invalid], "sampled lines")
     data = model.getvalue()
     meta = _record(data, vocab_size, max_bytes, total, files, json_key)
     meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's

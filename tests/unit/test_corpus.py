@@ -171,6 +171,23 @@ def test_prepare_corpus_builds_then_reuses(tmp_path, copied_files):
     assert Tokenizer(model).decode(IndexedDataset(prefix).get(0)[:-1]).endswith("# edited\n")
 
 
+def test_the_corpus_build_reads_empty_and_latin1_files_without_a_warning_each(tmp_path, copied_files, caplog, capsys):
+    """The standard library has empty ``__init__.py`` files and test files in other encodings: no user
+    can act on a warning naming each, so the build reads them as they are and says one line."""
+    empty, latin = copied_files[0].parent / "__init__.py", copied_files[0].parent / "latin.py"
+    empty.write_bytes(b"")
+    latin.write_bytes("s = 'caf\u00e9'\n".encode("latin-1"))
+    files = [*copied_files, empty, latin]
+    with caplog.at_level(logging.WARNING):
+        prefix, model = prepare_default_corpus(tmp_path / "cache", VOCAB, progress=True, files=files)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert "(1 file is test data in another encoding: read with U+FFFD)" in capsys.readouterr().err
+    assert len(IndexedDataset(prefix)) == len(files)
+    with caplog.at_level(logging.WARNING):  # anywhere else the same inputs are warned about
+        preprocess(files, model, tmp_path / "d", progress=False)
+    assert len(caplog.records) == 2, [r.getMessage() for r in caplog.records]
+
+
 def test_interrupted_build_leaves_no_cache(tmp_path, copied_files, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
