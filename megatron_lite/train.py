@@ -23,7 +23,10 @@ def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
     The config is loaded and checked for the launch's world size before this rank joins the process
     group, and the verdict is shared there: one machine's bad config (a file that differs, a typo in
     one machine's overrides) stops every rank at once with its message, instead of leaving the other
-    machines' ranks waiting in the rendezvous for ``parallel.timeout_s``."""
+    machines' ranks waiting in the rendezvous for ``parallel.timeout_s``. The run then holds its
+    directories locked until it ends (``training/run_lock.py``), before the trainer reads or writes
+    anything there."""
+    from megatron_lite.training.run_lock import hold_run_dirs
     from megatron_lite.training.trainer import Trainer, check_layout
 
     cfg, error = None, None
@@ -32,9 +35,10 @@ def run_training(config_path: str | None, overrides: list[str]) -> list[dict]:
         check_layout(cfg, resolve_env(os.environ).world_size)
     except UserError as e:
         error = e
-    init_distributed((cfg or Config()).parallel.timeout_s, setup_error=error)
+    env = init_distributed((cfg or Config()).parallel.timeout_s, setup_error=error)
     try:
-        history = Trainer(cfg).fit()  # the trainer (and the groups it holds) is garbage from here
+        with hold_run_dirs(cfg, env.rank):  # for the whole run: a second run into its directories is refused
+            history = Trainer(cfg).fit()  # the trainer (and the groups it holds) is garbage from here
     except BaseException:
         if dist.is_initialized():  # no barrier: the other ranks may be gone
             dist.destroy_process_group()

@@ -56,6 +56,13 @@ from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
+WRITER_THREAD = "megatron-lite checkpoint writer"  # the name of a checkpoint.async write's thread
+
+
+def writing_in_background() -> bool:
+    """Whether a background checkpoint write (``checkpoint.async``) of this process is still running:
+    one abandoned when the run failed (:meth:`Checkpointer.abandon`) goes on until the process exits."""
+    return any(t.name == WRITER_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 @dataclass
@@ -141,7 +148,9 @@ class Checkpointer:
         }
         self._pending = _Save(step, staging, tensors, info, meta)
         if self.async_save:
-            self._pending.thread = threading.Thread(target=self._write, args=(self._pending,), daemon=True)
+            self._pending.thread = threading.Thread(
+                target=self._write, args=(self._pending,), name=WRITER_THREAD, daemon=True
+            )
             self._pending.thread.start()
         else:
             self._write(self._pending)

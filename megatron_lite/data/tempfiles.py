@@ -13,7 +13,8 @@ locks (``flock`` fails with anything but "held") nothing can be proven and nothi
 same lock shows a live writer of a whole directory: ``convert to-hf`` (its staging directory) and
 ``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_locked`, for the
 writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
-holds its marker.
+holds its marker. A marker that outlives its holder, a run directory's lock file, is opened in place
+by :func:`open_locked` instead.
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its
@@ -100,6 +101,28 @@ def create_locked(path: Path, data: bytes = b"") -> BinaryIO:
         f.close()
         raise
     return f
+
+
+def open_locked(path: Path) -> tuple[int, bool | None]:
+    """Open the regular file ``path`` for reading and writing, creating it empty when missing (never
+    replacing it), and try its lock without waiting: ``(fd, taken)``, ``taken`` as :func:`lock`
+    returns it. The caller closes ``fd``, which releases the lock. For a marker that stays under its
+    name from one holder to the next (a run directory's lock file): two processes creating it at once
+    open the same file, where each :func:`create_locked` would lock a file of its own, one renamed
+    over the other. OSError when ``path`` is a link or not a regular file, or cannot be opened."""
+    while True:
+        # for writing: NFS grants an exclusive lock only on a file open for writing
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens too
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
+            taken = lock(fd, wait=False)
+            if not taken or _named(path, fd):
+                return fd, taken
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # deleted or replaced since it was opened: the file under that name now
 
 
 @contextlib.contextmanager

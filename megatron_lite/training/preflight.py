@@ -10,6 +10,9 @@ shared filesystem only that machine's ranks can tell whether the directory is wr
 :func:`check_shared_checkpoint_dir` is the exception: a collective, it checks that all ranks see
 one directory.
 
+Before these, rank 0 has locked ``log.dir`` and ``checkpoint.dir`` for the whole run
+(``run_lock.py``): a second run into them is refused before it reads or writes anything there.
+
 Rank 0 also logs :func:`setup_warnings`: valid settings that are probably mistakes (``optim.warmup``
 longer than the run, an evaluation longer than the held-out split, a peak memory estimate above the
 device's), each naming the key and the fix.

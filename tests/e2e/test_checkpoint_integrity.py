@@ -15,6 +15,7 @@ from megatron_lite.checkpoint.reader import resolve_resume
 from megatron_lite.cli import main
 from megatron_lite.convert.io import open_checkpoint
 from megatron_lite.training.evaluate import load_model
+from megatron_lite.training.run_lock import LOCK_FILE
 
 
 @pytest.fixture(scope="module")
@@ -156,14 +157,14 @@ def test_rewinding_past_newer_checkpoints_is_refused(saved, tmp_path, capsys):
     """Resuming step 2 by path beside steps 4 and 6: this run would save over them, and a restart
     with resume=auto would have continued the abandoned run from step 6. Nothing is touched."""
     ckpt = copy_run(saved, tmp_path)
-    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE}  # it names each run's holder
     args, _ = saved
     rewind = [*args, f"log.dir={ckpt.parent}", f"checkpoint.resume={ckpt / 'step_00000002'}", "train.exit_after=1"]
     assert main(["train", *rewind]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "rewinds to step 2" in err and "(step_00000004, step_00000006)" in err and "move them out" in err, err
-    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE} == before
     aside = tmp_path / "rewound"  # the advice works, and a restart then continues the rewound run
     aside.mkdir()
     for step in ("step_00000004", "step_00000006"):
@@ -252,7 +253,7 @@ def test_failed_async_write_is_reported_and_never_committed(saved, tmp_path, mon
     err = capsys.readouterr().err
     assert "checkpoint of step 4 was not saved: rank 0: OSError" in err and "No space left on device" in err
     ckpt = run / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]  # no step 4, no temp dir
+    assert sorted(p.name for p in ckpt.iterdir()) == [LOCK_FILE, "latest", "step_00000002"]  # no step 4, no temp dir
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
     assert resolve_resume(ckpt, "auto").name == "step_00000002"
 

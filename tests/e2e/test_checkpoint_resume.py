@@ -17,6 +17,7 @@ import pytest
 
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
+from megatron_lite.training.run_lock import LOCK_FILE
 from megatron_lite.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def test_async_saves_resume_twice_bitwise(tiny_args, tmp_path):
     assert main(["train", *parts]) == 0  # and again, to the end
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
     ckpt = tmp_path / "p" / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000005", "step_00000006"]  # keep=2
+    assert sorted(p.name for p in ckpt.iterdir()) == [LOCK_FILE, "latest", "step_00000005", "step_00000006"]  # keep=2
 
 
 def test_async_save_runs_behind_training(tiny_args, tmp_path, monkeypatch):
@@ -114,7 +115,8 @@ def _error_line(capsys) -> str:
 
 
 def _mtimes(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    """Every path under ``root`` but the lock file (it names the last run that held the directory)."""
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.name != LOCK_FILE}
 
 
 def test_resume_with_other_model_settings_is_refused_naming_each(tiny_args, tmp_path, capsys, caplog):

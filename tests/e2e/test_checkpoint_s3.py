@@ -2,6 +2,7 @@
 this test starts on 127.0.0.1 (credentials and endpoint exist only inside the test)."""
 
 import json
+import logging
 import shutil
 import uuid
 
@@ -12,6 +13,7 @@ from moto.server import ThreadedMotoServer
 from megatron_lite.checkpoint import storage
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
+from megatron_lite.training.run_lock import LOCK_FILE
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("uploader", ["s5cmd", "fsspec"])
-def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploader):
+def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploader, caplog):
     """Rank files go up with s5cmd (installed by requirements/cpu.txt) or, without it, s3fs."""
     used = []
     if uploader == "fsspec":
@@ -53,9 +55,13 @@ def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploa
     assert main(["train", *straight]) == 0
     fs, name = bucket
     remote = [*tiny_args[:-1], f"log.dir={tmp_path / 'p'}", f"checkpoint.dir=s3://{name}/run", "checkpoint.every=1"]
+    caplog.set_level(logging.INFO, logger="megatron_lite.training.run_lock")
     assert main(["train", *remote, "train.exit_after=3"]) == 0
     assert fs.cat_file(f"{name}/run/latest").decode().strip() == "step_00000003"
+    # no lock file on the object store (it has no locks), and the log says so; log.dir has one
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/run")) == ["latest", "step_00000002", "step_00000003"]
+    assert f"checkpoint.dir='s3://{name}/run' is an object store, which has no locks" in caplog.text
+    assert (tmp_path / "p" / LOCK_FILE).is_file()
     assert {"metadata.json", "rank_00000.safetensors", "tokenizer.model"} <= {
         p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/run/step_00000003")
     }

@@ -1,0 +1,175 @@
+"""One run per run directory: a run holds ``log.dir`` and ``checkpoint.dir`` locked for its whole life.
+
+Two runs writing one directory damage each other without a word: the second resumes from the
+first's checkpoint while the first trains on, both append to one ``metrics.jsonl``, and each one's
+``checkpoint.keep`` pruning deletes the other's checkpoints. So rank 0 of a run (one holder is
+enough, however many machines share the directories) takes an exclusive ``flock`` on
+``<dir>/.megatron-lite.lock`` in ``log.dir`` and in ``checkpoint.dir`` (once when they are one
+directory), before anything reads or writes there, writes its host, pid, start time and SLURM job
+into it, and holds it until the run ends (:func:`hold_run_dirs`, around the trainer in
+``train.py``). A second run's rank 0 finds the lock taken and refuses, on every rank at once
+(``fail_fast_setup``), naming the directory, the holder (read from the file) and the fix; it
+writes nothing there.
+
+The kernel drops the lock when the holding process ends, however it ends (a SIGKILL, the
+out-of-memory killer; on NFS, when the dead client's lease runs out), so a relaunch after a crash,
+a SLURM requeue or a torchrun restart (new workers, started after the old ones died) takes it
+again. The file stays in the directory from one run to the next, opened in place
+(``tempfiles.open_locked``), and holds the last holder's details. A background checkpoint write
+(``checkpoint.async``) still running when the run fails keeps the lock until the process exits:
+no next run starts on a directory still being written.
+
+A filesystem without locks (``flock`` fails, e.g. Lustre mounted without ``-o flock``) gets one
+warning that nothing keeps a second run out, and the run goes on. An object-store
+``checkpoint.dir`` (``s3://``, ``gs://``) has no locks: only ``log.dir`` is locked, and the log
+says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from megatron_lite.checkpoint.storage import is_url
+from megatron_lite.checkpoint.writer import writing_in_background
+from megatron_lite.config import Config
+from megatron_lite.data.tempfiles import open_locked
+from megatron_lite.errors import UserError
+from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.training.preflight import probe_dir
+
+LOCK_FILE = ".megatron-lite.lock"
+log = logging.getLogger(__name__)
+
+
+def run_dirs(cfg: Config) -> list[tuple[str, Path]]:
+    """``(key, directory)`` of each run directory to lock: ``log.dir``, and ``checkpoint.dir`` unless
+    it is the same directory or an object store."""
+    dirs = [("log.dir", Path(cfg.log.dir))]
+    ckpt = str(cfg.checkpoint.dir)
+    if not is_url(ckpt):
+        where = Path(ckpt.removeprefix("file://"))
+        if os.path.realpath(where) != os.path.realpath(dirs[0][1]):
+            dirs.append(("checkpoint.dir", where))
+    return dirs
+
+
+def holder_text() -> bytes:
+    """What a holder writes into its lock file: this process's host, pid, start time, SLURM job."""
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
+    return json.dumps(info).encode()
+
+
+def describe_holder(text: bytes) -> str:
+    """The holder of a lock, from its lock file's contents, as the refusal names it."""
+    try:
+        info = json.loads(text)
+        who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):  # empty: it took the lock an instant ago and writes it now
+        return "a run that has not written its host and pid into the lock file yet"
+    return who + (f", SLURM job {info['slurm_job']}" if info.get("slurm_job") else "")
+
+
+def _unusable(key: str, where: Path, error: OSError) -> UserError:
+    """The error for a run directory whose lock file cannot be made, opened or written."""
+    probe_dir(key, where)  # an unwritable directory raises its own error, naming the key and the fix
+    return UserError(
+        f"{key}={str(where)!r}: its lock file {where / LOCK_FILE} cannot be used: {error.strerror or error}; "
+        f"remove it, or choose another {key}"
+    )
+
+
+def _lock_dir(key: str, where: Path) -> int | None:
+    """Lock ``where`` for this run: the lock file's descriptor (held while open), or None where the
+    filesystem has no locks. :class:`UserError` when another run holds it, or it cannot be used."""
+    path = where / LOCK_FILE
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, taken = open_locked(path)
+    except OSError as e:
+        raise _unusable(key, where, e) from None
+    if taken is None:
+        os.close(fd)
+        return None
+    if not taken:
+        try:
+            text = os.pread(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        raise UserError(
+            f"{key}={str(where)!r} is in use by another run ({describe_holder(text)}; lock file {path}): two runs "
+            f"in one directory overwrite each other's checkpoints and metrics; wait for that run to end, stop it, "
+            f"or choose another {key}"
+        )
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder_text(), 0)
+    except OSError as e:  # a full disk, a quota
+        os.close(fd)
+        raise _unusable(key, where, e) from None
+    return fd
+
+
+def lock_run_dirs(cfg: Config) -> list[int]:
+    """Lock every run directory (:func:`run_dirs`); returns the descriptors that hold the locks. One
+    warning names those on a filesystem without locks; they are used all the same."""
+    held: list[int] = []
+    unlocked = []
+    try:
+        for key, where in run_dirs(cfg):
+            fd = _lock_dir(key, where)
+            if fd is None:
+                unlocked.append(f"{key}={str(where)!r}")
+            else:
+                held.append(fd)
+    except BaseException:
+        release(held)
+        raise
+    if unlocked:
+        log.warning(
+            "%s on a filesystem without file locks (flock): nothing keeps a second run out, and two runs in one "
+            "directory overwrite each other's checkpoints and metrics; start one run per directory (or mount the "
+            "filesystem with locks, e.g. Lustre's -o flock)",
+            " and ".join(unlocked) + (" is" if len(unlocked) == 1 else " are"),
+        )
+    if is_url(str(cfg.checkpoint.dir)):
+        log.info(
+            "checkpoint.dir=%r is an object store, which has no locks: only log.dir is locked against a second run",
+            cfg.checkpoint.dir,
+        )
+    return held
+
+
+def release(fds: list[int]) -> None:
+    """Drop the locks :func:`lock_run_dirs` took."""
+    for fd in fds:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_run_dirs(cfg: Config, rank: int) -> Iterator[None]:
+    """Hold the run directories locked for the ``with`` block (the whole run); rank 0 holds them.
+    Collective: a refusal (another run holds one) is the same :class:`UserError` on every rank. A
+    background checkpoint write still running at the end keeps the locks until the process exits."""
+    fds: list[int] = []
+    try:
+        with fail_fast_setup("locking the run directories"):
+            if rank == 0:
+                fds = lock_run_dirs(cfg)
+        yield
+    finally:
+        if fds and writing_in_background():
+            log.info("the run directories stay locked until this process exits: a checkpoint write is still running")
+        else:
+            release(fds)
