@@ -4,8 +4,12 @@ The result is ``<out>/step_00000000`` written by :func:`save_weights`, holding t
 its metadata says ``"weights_only": true`` and it has no optimizer, scaler, data position or
 RNG, because a fresh optimizer must take its hyperparameters from the new run's config, not from
 a made-up state. The trainer starts such a checkpoint at step 0 with a fresh optimizer.
-``<out>/config.yaml`` is a run config whose ``model`` section matches the weights and whose
-``checkpoint.init_from`` points at them (so a rerun resumes from the run's own checkpoints).
+``<out>/config.yaml`` is the default config (``Config()``) with only what the weights fix: the
+``model`` section, ``data.tokenizer`` (when a sentencepiece model is copied in) and
+``checkpoint.init_from`` pointing at them (so a rerun resumes from the run's own checkpoints).
+Everything else is the new run's to choose and stays at its default, even for a model this project
+exported (whose ``megatron_lite.json`` records the source run's config): that run's parallel
+layout, length, learning-rate schedule, data and directories would not fit another run.
 
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
 and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
@@ -29,7 +33,7 @@ import torch
 
 from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
-from megatron_lite.config import Config, ModelConfig, config_from_dict
+from megatron_lite.config import Config, ModelConfig
 from megatron_lite.convert.compare import refuse_config_mismatch, unused_tensor_problem
 from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_out_in_checkpoints, refuse_used_out
 from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
@@ -70,13 +74,11 @@ def _import_tensors(adapter: Adapter, m: ModelConfig, weights: HFWeights, model_
     return state
 
 
-def _run_config(hf_dir: Path, m: ModelConfig, tokenizer: Path | None) -> Config:
-    """The config to train from: our export's recorded run config if any, else defaults; model from HF."""
-    lineage = hf_dir / "megatron_lite.json"
-    cfg = config_from_dict(read_json(lineage)["config"]) if lineage.is_file() else Config()
+def _run_config(m: ModelConfig, tokenizer: Path | None) -> Config:
+    """The config to train from (see the module docstring): defaults, the model, the tokenizer."""
+    cfg = Config()
     cfg.model = m
     cfg.data.tokenizer = str(tokenizer) if tokenizer else None
-    cfg.log.dir, cfg.checkpoint.dir, cfg.checkpoint.resume = Config().log.dir, None, "auto"  # never the old run's
     return cfg
 
 
@@ -123,7 +125,8 @@ def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:
 
 
 def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
-    """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``."""
+    """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``: the
+    defaults with only ``model``, ``data.tokenizer`` (when copied) and ``checkpoint.init_from`` set."""
     refuse_blank("--hf", hf_dir, "read")
     refuse_blank("--out", out)
     hf_dir, out = Path(hf_dir), Path(out)
@@ -137,7 +140,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     _warn_about_tokenizer(hf_dir, sp, out)
     state = _import_tensors(adapter, m, weights, raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None
-    cfg = _run_config(hf_dir, m, tok_dest)
+    cfg = _run_config(m, tok_dest)
     with tempfile.TemporaryDirectory() as td:
         files = _extra_files(hf_dir, sp, raw, Path(td))
         path = Path(save_weights(out, 0, state, cfg.to_dict(), files))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
-from megatron_lite.config import ModelConfig, load_config
+from megatron_lite.config import Config, ModelConfig, load_config
 from megatron_lite.convert import from_hf, io, to_hf
 from megatron_lite.training.evaluate import load_model
 
@@ -74,6 +74,12 @@ def test_from_hf_of_the_export_is_bitwise_with_a_run_config(trained, exported, t
     assert cfg.checkpoint.init_from == str((back / "step_00000000").resolve())
     recorded = json.loads((exported / "megatron_lite.json").read_text())["config"]["model"]
     assert cfg.model == ModelConfig(**recorded)
+    # the defaults but for what the weights fix: nothing of the source run's layout (its parallel.dp
+    # refused another world size), length and schedule (train.steps=2 and its decay), data or dirs
+    expected = Config()
+    expected.model, expected.checkpoint.init_from = cfg.model, cfg.checkpoint.init_from
+    expected.data.tokenizer = str((back / "step_00000000" / "tokenizer.model").resolve())
+    assert cfg.to_dict() == expected.to_dict()
     meta = find_checkpoint(back / "step_00000000").meta
     assert (meta["weights_only"], meta["step"], meta["optimizer"], meta["trainer"]) == (True, 0, None, None)
     assert all(name.startswith("model/") for name in meta["tensors"])
