@@ -265,7 +265,25 @@ def config_warnings(cfg: Config) -> list[str]:
             f"run, reaching only {steps}/{o.warmup} of optim.lr={o.lr:g} at the last step, and never decays; "
             f"set optim.warmup to at most {steps} (commonly 1-10% of train.steps)"
         )
+    elif why := _decay_warning(cfg):
+        warnings.append(why)
     return warnings
+
+
+def _decay_warning(cfg: Config) -> str | None:
+    """The cosine decay ends before the run does (e.g. a run's own resolved config.yaml reused with a
+    longer train.steps keeps its decay_steps), so the last steps train at min_lr; else None. The
+    default decay_steps (train.steps - warmup) ends after the last step."""
+    o, steps = cfg.optim, cfg.train.steps
+    end = o.warmup + max(o.decay_steps, 1)  # lr_at's arithmetic: step `end` (1-based) is the decay's last
+    if end >= steps:
+        return None
+    return (
+        f"optim.warmup={o.warmup} + optim.decay_steps={o.decay_steps} = {end} is less than train.steps={steps}: "
+        f"the learning-rate decay ends at step {end}, and steps {end + 1}-{steps} train at optim.min_lr="
+        f"{o.min_lr:g}; leave optim.decay_steps empty (optim.decay_steps=null) to decay over the whole run "
+        f"({steps} - {o.warmup} = {steps - o.warmup} steps)"
+    )
 
 
 def accumulation_steps(cfg: Config) -> int:

@@ -70,6 +70,23 @@ def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tm
     ), warned
 
 
+def test_a_runs_own_config_reused_for_a_longer_run_warns_that_its_decay_ends_early(tiny_args, tmp_path, caplog, capsys):
+    """<log.dir>/config.yaml is resolved (optim.decay_steps=4 of a 6-step run): continued with
+    train.steps=10, the run trained steps 7-10 at optim.min_lr without a word."""
+    assert main(["train", *tiny_args]) == 0
+    again = ["--config", str(tmp_path / "run" / "config.yaml"), "train.steps=10"]
+    want = (
+        "optim.warmup=2 + optim.decay_steps=4 = 6 is less than train.steps=10: the learning-rate decay ends at step 6"
+    )
+    capsys.readouterr()
+    assert main(["plan", "--world-size", "1", *again]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith(f"warning: {want}")], out
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *again, "train.exit_after=1"]) == 0  # resumes at step 6, trains step 7
+    assert [m for m in caplog.messages if m.startswith(want)], caplog.messages
+
+
 def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
     """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
     import numpy as np

@@ -87,6 +87,27 @@ def test_a_warmup_longer_than_the_run_is_a_warning_with_the_numbers():
     assert config_warnings(resolved("train.steps=30", "optim.warmup=30")) == []
 
 
+def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agrees_with():
+    """A run's own config.yaml (decay_steps resolved) reused with a longer train.steps trained its
+    last steps at min_lr without a word; the default decay_steps never warns."""
+    from megatron_lite.config import config_warnings
+    from megatron_lite.training.lr import lr_at
+
+    cfg = resolved("train.steps=8", "optim.warmup=1", "optim.decay_steps=4")
+    (why,) = config_warnings(cfg)
+    assert why.startswith("optim.warmup=1 + optim.decay_steps=4 = 5 is less than train.steps=8: ")
+    assert "decay ends at step 5, and steps 6-8 train at optim.min_lr=3e-05" in why, why
+    assert "leave optim.decay_steps empty (optim.decay_steps=null)" in why
+    # lr_at (0-based steps) agrees: step 5 still decays, step 6 on is min_lr
+    assert lr_at(4, cfg.optim) > cfg.optim.min_lr and lr_at(5, cfg.optim) == cfg.optim.min_lr
+    (why,) = config_warnings(resolved("train.steps=8", "optim.warmup=2", "optim.decay_steps=0"))
+    assert "decay ends at step 3, and steps 4-8" in why, why  # decay_steps=0 decays over one step, as lr_at does
+    assert config_warnings(resolved("train.steps=8", "optim.warmup=1", "optim.decay_steps=7")) == []
+    for steps in (1, 2, 7, 100):
+        for warmup in (0, 1, steps - 1, steps):
+            assert config_warnings(resolved(f"train.steps={steps}", f"optim.warmup={warmup}")) == [], (steps, warmup)
+
+
 def test_plan_prints_the_config_warnings(capsys):
     from megatron_lite.cli import main
 
