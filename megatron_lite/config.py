@@ -61,9 +61,11 @@ class ModelConfig:
     seq_len: int = 256
     """Training sequence length in tokens (also the gpt2 position table size)."""
     norm: str | None = None
-    """``rmsnorm`` or ``layernorm``. Default: rmsnorm (llama), layernorm (gpt2)."""
+    """``rmsnorm`` or ``layernorm``. Default: rmsnorm (llama), layernorm (gpt2). A llama with
+    ``layernorm`` trains, with a startup warning: ``convert to-hf`` refuses it (no HF class)."""
     activation: str | None = None
-    """``swiglu`` or ``gelu``. Default: swiglu (llama), gelu (gpt2)."""
+    """``swiglu`` or ``gelu``. Default: swiglu (llama), gelu (gpt2). A llama with ``gelu`` trains,
+    with a startup warning: ``convert to-hf`` refuses it (no HF class)."""
     tie_embeddings: bool | None = None
     """Share the input embedding with the output head. Default: false (llama), true (gpt2)."""
     rope_theta: float = 10000.0

@@ -267,7 +267,21 @@ def config_warnings(cfg: Config) -> list[str]:
         )
     elif why := _decay_warning(cfg):
         warnings.append(why)
+    if why := _export_warning(cfg.model):
+        warnings.append(why)
     return warnings
+
+
+def _export_warning(m: ModelConfig) -> str | None:
+    """A model ``convert to-hf`` will refuse (``checkpoint.hf.check_exportable``, its one rule, e.g.
+    a llama with LayerNorm or GELU): it trains, but its checkpoints never reach Hugging Face."""
+    from megatron_lite.checkpoint.hf import check_exportable  # imports torch: only when asked
+
+    try:
+        check_exportable(m)
+    except UserError as e:
+        return f"`megatron-lite convert to-hf` will refuse this run's checkpoints: {e}"
+    return None
 
 
 def _decay_warning(cfg: Config) -> str | None:

@@ -116,6 +116,17 @@ def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_
     assert any(w.startswith("train.eval_iters=100,000 x train.global_batch_size=8") for w in warned), warned
 
 
+def test_a_llama_with_layernorm_warns_at_startup_that_convert_to_hf_refuses_it(tiny_args, tmp_path, caplog, capsys):
+    """It trained without a word; only the export, after the training, said no HF class computes it."""
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *tiny_args, "model.norm=layernorm", "train.steps=2"]) == 0
+    (warned,) = [m for m in caplog.messages if m.startswith("`megatron-lite convert to-hf` will refuse")]
+    capsys.readouterr()
+    ckpt, out = tmp_path / "run" / "checkpoints", tmp_path / "hf"
+    assert main(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    assert warned.split(": ", 1)[1] in capsys.readouterr().err  # the refusal the warning foretold
+
+
 def test_loss_falls(tiny_args, tmp_path):
     args = [*tiny_args, "train.steps=30", "optim.warmup=5"]
     assert main(["train", *args]) == 0

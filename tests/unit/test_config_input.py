@@ -1,5 +1,7 @@
 """Bad config input of every kind gets one UserError naming the key, the problem and the fix."""
 
+import json
+
 import pytest
 
 from megatron_lite.config import fill_defaults, load_config, validate
@@ -106,6 +108,25 @@ def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agr
     for steps in (1, 2, 7, 100):
         for warmup in (0, 1, steps - 1, steps):
             assert config_warnings(resolved(f"train.steps={steps}", f"optim.warmup={warmup}")) == [], (steps, warmup)
+
+
+@pytest.mark.parametrize("override", ["model.norm=layernorm", "model.activation=gelu"])
+def test_a_llama_convert_to_hf_refuses_is_a_warning_by_the_exporters_own_rule(override, capsys):
+    """It trained without a word, and only `convert to-hf` said that no Hugging Face class computes it."""
+    from megatron_lite.checkpoint.hf import check_exportable
+    from megatron_lite.cli import main
+    from megatron_lite.config import config_warnings
+
+    cfg = resolved(override)
+    with pytest.raises(UserError) as refusal:
+        check_exportable(cfg.model)
+    (why,) = config_warnings(cfg)
+    assert why == f"`megatron-lite convert to-hf` will refuse this run's checkpoints: {refusal.value}"
+    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32", override]
+    assert main(["plan", "--world-size", "1", "--json", *tiny]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [why]
+    for ok in ([], ["model.arch=gpt2"], ["model.norm=rmsnorm", "model.activation=swiglu"]):
+        assert config_warnings(resolved(*ok)) == [], ok
 
 
 def test_plan_prints_the_config_warnings(capsys):
