@@ -52,8 +52,8 @@ def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
 
 def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
     """Refuse a full resume whose model settings differ from the checkpoint's (one UserError
-    listing them all); warn (rank 0) when ``train.seed`` or ``data.valid_fraction`` differs (the
-    samples from here on change: :func:`data_order_changes`). Every rank gets the same verdict
+    listing them all); warn (rank 0) when ``train.seed`` or ``data.valid_fraction`` differs and a
+    step is left to train (its samples change: :func:`data_order_changes`). Every rank gets the same verdict
     (the metadata is rank 0's, broadcast)."""
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
@@ -73,7 +73,7 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
             f"Resume with the checkpoint's model settings, or {other}"
         )
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
-    if rank == 0:
+    if rank == 0 and reader.step < cfg.train.steps:  # else no step trains: the samples do not change
         for warning in data_order_changes(saved, cfg, reader.step):
             log.warning("%s", warning)
 
@@ -120,8 +120,9 @@ SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps")
 
 def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     """A warning when this run's learning-rate schedule (resolved: ``optim.decay_steps`` defaults to
-    ``train.steps - optim.warmup``, so a longer ``train.steps`` changes it) is not the checkpoint's,
-    naming each change and the learning rate of the next step in both; else None."""
+    ``train.steps - optim.warmup``, so a longer ``train.steps`` changes it) is not the checkpoint's
+    and the next step's learning rate, as printed, differs from the one the checkpoint's run would
+    use, naming each change and both rates; else None."""
     saved = reader.meta["config"].get("optim", {})
     changed = [
         f"optim.{k} {saved[k]} -> {getattr(cfg.optim, k)}"
@@ -130,11 +131,13 @@ def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     ]
     if not changed:
         return None
-    before = lr_at(reader.step, config_from_dict(reader.meta["config"]).optim)
-    now = lr_at(reader.step, cfg.optim)
+    before = f"{lr_at(reader.step, config_from_dict(reader.meta['config']).optim):.4g}"
+    now = f"{lr_at(reader.step, cfg.optim):.4g}"
+    if now == before:
+        return None
     return (
         f"the learning-rate schedule is not the checkpoint's ({', '.join(changed)}): step {reader.step + 1} "
-        f"trains with lr {now:.4g} where the checkpoint's run would use {before:.4g}"
+        f"trains with lr {now} where the checkpoint's run would use {before}"
     )
 
 
@@ -159,7 +162,10 @@ def set_rng(rng: dict[str, torch.Tensor] | None, device: torch.device) -> None:
 
 def resume_warnings(cfg: Config, reader: CheckpointReader, lineage: dict, weights: list[float]) -> list[str]:
     """What a resume changes without refusing it: other data than the checkpoint trained on (a new
-    mixture may be intended) and another learning-rate schedule (:func:`schedule_change`)."""
+    mixture may be intended) and another learning-rate schedule (:func:`schedule_change`). Nothing
+    when the checkpoint already reached ``train.steps``: no step trains, so nothing changes."""
+    if reader.step >= cfg.train.steps:
+        return []
     warnings = []
     if changes := data_changes(reader.meta.get("lineage"), lineage, weights):
         warnings.append(

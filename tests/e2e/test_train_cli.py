@@ -87,17 +87,39 @@ def test_a_runs_own_config_reused_for_a_longer_run_warns_that_its_decay_ends_ear
     assert [m for m in caplog.messages if m.startswith(want)], caplog.messages
 
 
-def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
-    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
+def test_a_resume_that_trains_nothing_or_the_same_next_lr_warns_of_no_change(tiny_args, small_corpus, tmp_path, caplog):
+    """train.steps=2 over a step-6 checkpoint warned that step 7 trains with lr 3e-05 where the
+    checkpoint's run would use 3e-05, then trained nothing."""
+    assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4; step 7 would be at min_lr
+    fewer = ["train.steps=2", "train.seed=7", f"data.path={reversed_dataset(small_corpus[0], tmp_path)}"]
+    with caplog.at_level(logging.INFO):
+        assert main(["train", *tiny_args, *fewer]) == 0  # decay_steps 4 -> 1, another seed, other data
+    assert "checkpoint step 6 >= train.steps 2: nothing to train" in caplog.messages
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all("given more than once on the command line" in w for w in warned), warned  # the overrides only
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # decay_steps 4 -> 3: steps 7 and 8 train at min_lr in both schedules
+        assert main(["train", *tiny_args, "train.steps=8", "optim.decay_steps=3"]) == 0
+    assert "resumed from" in caplog.text and "learning-rate schedule" not in caplog.text, caplog.messages
+
+
+def reversed_dataset(prefix: str, tmp_path: Path) -> Path:
+    """The documents of ``prefix``, last first, as a new dataset: other data, the same tokenizer."""
     import numpy as np
 
     from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
-    source = IndexedDataset(small_corpus[0])
+    source = IndexedDataset(prefix)
     other = tmp_path / "reversed"
-    with IndexedDatasetBuilder(other, source.dtype) as b:  # the same documents, last first
+    with IndexedDatasetBuilder(other, source.dtype) as b:
         for doc in reversed(range(len(source))):
             b.add_document(np.asarray(source.get(doc)))
+    return other
+
+
+def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
+    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
+    other = reversed_dataset(small_corpus[0], tmp_path)
     assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
         assert main(["train", *tiny_args, f"data.path={other}", "train.exit_after=1"]) == 0
