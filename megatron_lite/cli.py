@@ -163,6 +163,28 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _OneConfig(argparse.Action):
+    """``--config`` that refuses a second file: argparse keeps the last silently, and a run would
+    train with one of two configs its command line names."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: str, option: str | None = None
+    ) -> None:
+        first = getattr(namespace, self.dest)
+        if first is not None:
+            raise argparse.ArgumentError(
+                self,
+                f"given twice ({first} and {value}): a run reads one config file; give --config once, "
+                "with other settings as section.key=value overrides",
+            )
+        setattr(namespace, self.dest, value)
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
+    """The ``--config FILE`` option of every verb that reads a run config (train, plan, launch slurm)."""
+    p.add_argument("--config", action=_OneConfig, help="YAML config file (see configs/)")
+
+
 def _add_data_verbs(sub) -> None:
     pp = sub.add_parser(
         "preprocess",
@@ -232,7 +254,7 @@ def _add_convert_verb(sub) -> None:
 
 def _add_launch_verbs(sub) -> None:
     pl = sub.add_parser("plan", help="check a parallel layout for N ranks; memory and pipeline bubble")
-    pl.add_argument("--config", help="YAML config file (see configs/)")
+    add_config_option(pl)
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
     pl.add_argument("--json", action="store_true", help="print one JSON line")
     pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline")
@@ -253,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
-    t.add_argument("--config", help="YAML config file (see configs/)")
+    add_config_option(t)
     t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     t.set_defaults(fn=_train)
 

@@ -40,9 +40,9 @@ def render() -> str:
         "A path starting with `~` (`log.dir=~/runs/a`) is under the home directory. A list is `a,b` (spaces",
         "around items are dropped) or YAML's `[a, b]`; `null` leaves an optional key unset. Overrides apply in",
         "order after the file: a key given twice on the command line takes the last value, with a warning",
-        "naming both (in a YAML file a key given twice is an error). An integer may have an exponent",
-        "(`train.steps=1e6`); integers, and sizes made of them (`model.vocab_size x model.hidden`,",
-        "`train.steps x train.global_batch_size`), must fit int64 (2**63-1).",
+        "naming both (in a YAML file a key given twice is an error, and so is `--config` given twice). An",
+        "integer may have an exponent (`train.steps=1e6`); integers, and sizes made of them",
+        "(`model.vocab_size x model.hidden`, `train.steps x train.global_batch_size`), must fit int64 (2**63-1).",
         "",
     ]
     for name, section_field in SECTIONS.items():

@@ -195,7 +195,9 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
 
 def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``megatron-lite launch slurm``."""
-    p.add_argument("--config", help="YAML config file (see configs/)")
+    from megatron_lite.cli import add_config_option  # the CLI's one --config
+
+    add_config_option(p)
     p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node")
     p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), no GPU request: test clusters")

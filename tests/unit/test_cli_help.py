@@ -41,3 +41,19 @@ def test_counts_that_must_be_positive_are_a_usage_error(argv, capsys):
         main(argv)
     assert e.value.code == 2
     assert "expects a positive integer, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "verb", [["train"], ["plan", "--world-size", "1"], ["launch", "slurm", "--nodes", "1", "--dry-run"]]
+)
+def test_config_given_twice_is_one_usage_error_naming_both_files(verb, tmp_path, capsys):
+    """argparse kept the last --config: the run trained with one of the two files without a word."""
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for f in (a, b):
+        f.write_text("train:\n  stepz: 1\n")  # read, it would fail: nothing may start whichever is taken
+    with pytest.raises(SystemExit) as stop:
+        main([*verb, "--config", str(a), "model.layers=2", f"--config={b}"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert f"argument --config: given twice ({a} and {b})" in line and "give --config once" in line, err
