@@ -1,4 +1,5 @@
-"""Checks on a checkpoint the trainer is about to resume (``checkpoint.resume=auto`` or a path).
+"""The checkpoint a run starts from (:func:`start_from`: its own to resume, ``checkpoint.resume=auto``
+or a path, else ``checkpoint.init_from``'s weights) and the checks on one it is about to resume.
 
 A resumed run must be the same run: the model it continues is the checkpoint's. Tensor shapes
 are checked against the checkpoint's global shapes (``checkpoint/shards.py``); settings that keep
@@ -26,7 +27,7 @@ import torch
 
 from megatron_lite.checkpoint.format import step_dir_name
 from megatron_lite.checkpoint.lineage import data_changes
-from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps
+from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes
 from megatron_lite.config import Config, ParallelConfig, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
@@ -113,6 +114,23 @@ def check_rewind(cfg: Config, reader: CheckpointReader) -> None:
             "checkpoint.resume=auto would continue from them instead of from this run; move them out of "
             "checkpoint.dir (they are the run being rewound), or choose a new checkpoint.dir (or log.dir)"
         )
+
+
+def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] | None:
+    """(checkpoint, single-device weights for a weights-only start or None) the trainer starts from,
+    or None for a fresh run: this run's own checkpoint (``checkpoint.resume``, checked by
+    :func:`check_resume` and :func:`check_rewind`), else ``checkpoint.init_from``'s weights.
+    Collective: every rank reaches the same verdict."""
+    c = cfg.checkpoint
+    reader = resolve_resume(c.dir, c.resume)
+    if reader is None and c.init_from:
+        reader = find_checkpoint(c.init_from)
+        return reader, reader.model_state()
+    if reader is None:
+        return None
+    check_resume(cfg, reader, rank)
+    check_rewind(cfg, reader)
+    return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
 
 
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps")

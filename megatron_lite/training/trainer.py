@@ -30,7 +30,7 @@ from tqdm import tqdm
 from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.format import dtype_name
 from megatron_lite.checkpoint.lineage import Lineage
-from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint, resolve_resume
+from megatron_lite.checkpoint.reader import CheckpointReader
 from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import PretrainingLoader
@@ -106,22 +106,22 @@ class Trainer:
             log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
         torch.manual_seed(cfg.train.seed)
         with fail_fast_setup("loading the checkpoint"):
-            resume = self._load_resume_state()
+            start = resume.start_from(cfg, self.rank)
         if self.rank == 0:  # only once the checkpoint was accepted: a refused run overwrites nothing
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
-        self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=resume and resume[1])
+        self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=start and start[1])
         t = cfg.train
         self.loader = PretrainingLoader(
             self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
         )
         self.step, self.skipped_steps = 0, 0
         self.skips = SkippedSteps(self.engine.scaler, active=self.rank == 0)
-        self.checkpointer = self._make_checkpointer(resume[0] if resume else None)
+        self.checkpointer = self._make_checkpointer(start[0] if start else None)
         tok = self.data.tokenizer_path
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
-        if resume:
-            self._restore(*resume)
+        if start:
+            self._restore(*start)
         # a launched rank ignores a preemption signal that comes after its loop (fault.py: late signals)
         self.preemption = PreemptionHandler(ignore_after_request=self.env.launcher != "none")
         self.preempted = False
@@ -229,20 +229,6 @@ class Trainer:
                 "lineage": self.lineage.at(self.loader.state_dict()["consumed_samples"]),
             }
         self.checkpointer.save(self.step, pieces, rng, self.mesh.coordinate, meta)
-
-    def _load_resume_state(self) -> tuple[CheckpointReader, dict | None] | None:
-        """(checkpoint, single-device weights for a weights-only start or None) to start from, or
-        None for a fresh run. Collective: every rank reaches the same verdict."""
-        c = self.cfg.checkpoint
-        reader = resolve_resume(c.dir, c.resume)
-        if reader is None and c.init_from:
-            reader = find_checkpoint(c.init_from)
-            return reader, reader.model_state()
-        if reader is None:
-            return None
-        resume.check_resume(self.cfg, reader, self.rank)
-        resume.check_rewind(self.cfg, reader)
-        return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
 
     def _restore(self, reader: CheckpointReader, weights: dict | None) -> None:
         """Optimizer, masters, data position, scaler and RNG; a weights-only start has only weights
