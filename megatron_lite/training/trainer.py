@@ -272,7 +272,6 @@ class Trainer:
         out = self.engine.step(micro, lr)
         self.skipped_steps += int(out["skipped"])
         self.step += 1
-        self.skips.update(self.step, out)
         return {**out, "lr": lr}
 
     def evaluate(self) -> float | None:
@@ -342,11 +341,16 @@ class Trainer:
 
     def _after_step(self, out: dict, bar: tqdm, stop: int) -> dict | None:
         """Metrics, evaluation and checkpoint after one step. The step a run stops at (``stop``: train.steps
-        or train.exit_after, or a preemption signal) always gets a metrics row, whatever ``log.every``:
-        a resumed run's rows go on from the next step without a gap."""
+        or train.exit_after, a preemption signal, or the skipped step that makes the run diverged) always
+        gets a metrics row, whatever ``log.every``: a resumed run's rows go on from the next step without a gap."""
         cfg, step = self.cfg, self.step
         bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)  # before update(), which redraws
         bar.update(1)
+        try:
+            self.skips.update(step, out)
+        except DivergenceError:  # raised on every rank alike: each logs (rank 0 writes) the row, then stops
+            self._log_step(out, bar, is_eval=False)
+            raise
         record = None
         is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
         if step % cfg.log.every == 0 or step == stop or is_eval:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,8 +167,13 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(tin
     assert "training diverged: 10 steps in a row were skipped" in err and "optim.lr" in err, err
     skipped = [r.getMessage() for r in caplog.records if "the optimizer step was skipped" in r.getMessage()]
     assert len(skipped) == 10 and skipped[0].startswith("step "), skipped
+    # the step that stops the run has its row, counting its own skip: steps 3-12 of "(steps 3-12, ...)"
+    first, last = map(int, re.search(r"\(steps (\d+)-(\d+),", err).groups())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["skipped_steps"] == 9 and rows[-1]["grad_norm"] is None, rows[-1]
+    assert [r["step"] for r in rows] == list(range(1, last + 1)), rows
+    assert [r["skipped_steps"] for r in rows[first - 1 :]] == list(range(1, 11)), rows
+    assert rows[-1]["grad_norm"] is None and rows[-1]["consumed_samples"] == last * 8, rows[-1]
+    assert rows[-1]["lr"] == 1e4 and "eval_loss" not in rows[-1], rows[-1]  # no evaluation of diverged weights
     # fp16: the loss scaler's skips are routine while it backs off, not once the loss is not finite
     fp16 = [*args, f"log.dir={tmp_path / 'fp16'}", "train.dtype=fp16"]
     assert main(["train", *fp16]) == 2
