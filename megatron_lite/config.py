@@ -167,7 +167,8 @@ class DataConfig:
     vocab_size: int = 8192
     """Vocabulary of the tokenizer trained for the embedded corpus."""
     valid_fraction: float = 0.01
-    """Fraction of documents held out for evaluation."""
+    """Fraction of documents held out for evaluation. 0: none, so no evaluation runs and
+    metrics.jsonl has no ``eval_loss`` (the startup log says so once)."""
     cache_dir: str = ".cache/megatron-lite"
     """Where the embedded corpus's tokenizer and dataset are built once and reused."""
     index_cache: str | None = None

@@ -10,6 +10,9 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
+A run without a held-out split (``data.valid_fraction=0``, or a dataset of one document) never
+evaluates: its rows have no ``eval_loss``, which rank 0 says once at startup (the single-document
+case's warning comes from ``build.build_data``).
 Setup, from the process group on, and the loop each run under a ``FailureWatch``
 (``launcher/failure_watch.py``): a rank that raises stops every rank within seconds, each logging its
 error, instead of leaving them in a collective. A signal during setup (``fault.py: SetupSignals``)
@@ -93,6 +96,10 @@ class Trainer:
                 *unchecked,
             ]:
                 log.warning("%s", why)
+            if cfg.data.valid_fraction == 0:  # Megatron's way too: an empty split is never evaluated
+                log.info(
+                    "data.valid_fraction=0: no held-out split, so no evaluation runs and metrics.jsonl has no eval_loss"
+                )
         p = cfg.parallel
         self.mesh = ParallelMesh.build(ParallelDims(tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp))
 
@@ -274,10 +281,8 @@ class Trainer:
         self.step += 1
         return {**out, "lr": lr}
 
-    def evaluate(self) -> float | None:
+    def evaluate(self) -> float:
         """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones)."""
-        if self.data.valid is None:
-            return None
         t = self.cfg.train
         loader = PretrainingLoader(
             self.data.valid, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
@@ -352,7 +357,9 @@ class Trainer:
             self._log_step(out, bar, is_eval=False)
             raise
         record = None
-        is_eval = (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
+        is_eval = self.data.valid is not None and (  # no held-out split (module docstring): no evaluation
+            (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.train.steps
+        )
         if step % cfg.log.every == 0 or step == stop or is_eval:
             record = self._log_step(out, bar, is_eval)
         # one all-reduce a step: any rank signalled? any rank still writing an async checkpoint?

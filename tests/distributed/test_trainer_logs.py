@@ -73,3 +73,6 @@ def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
     for prefix in ("resumed from ", "stopped at step 3 on a preemption signal"):
         assert sum(m.startswith(prefix) for m in rank0) == 1, rank0
         assert not any(m.startswith(prefix) for m in rank1), rank1
+    # data.valid_fraction=0: each of the two trainers says once, on rank 0, that nothing is evaluated
+    no_eval = "data.valid_fraction=0: no held-out split"
+    assert sum(m.startswith(no_eval) for m in rank0) == 2 and not any(m.startswith(no_eval) for m in rank1)

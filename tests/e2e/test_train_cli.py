@@ -352,7 +352,19 @@ def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corp
         assert main(["train", *args]) == 0
     assert "holds a single document, so it has no held-out split" in caplog.text
     records = [json.loads(x) for x in (Path(args_dir(args)) / "metrics.jsonl").read_text().splitlines()]
-    assert records and all(r.get("eval_loss") is None for r in records)
+    assert records and not any("eval_loss" in r for r in records)  # no evaluation ran: no key, not null
+
+
+def test_no_held_out_split_runs_no_evaluation_and_says_so_once(tiny_args, tmp_path, caplog):
+    """data.valid_fraction=0 wrote "eval_loss": null on every evaluation step, with no word why."""
+    with caplog.at_level(logging.INFO, logger="megatron_lite.training.trainer"):
+        assert main(["train", *tiny_args, "data.valid_fraction=0", "train.eval_every=2"]) == 0
+    said = [m for m in caplog.messages if m.startswith("data.valid_fraction=0: no held-out split")]
+    assert len(said) == 1 and "metrics.jsonl has no eval_loss" in said[0], caplog.messages
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and not any("eval_loss" in r for r in records)
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "consumed_samples"):  # DESIGN's fields
+        assert all(key in r for r in records), key
 
 
 def _dataset_of_a_larger_vocabulary(prefix: Path) -> None:
