@@ -63,7 +63,7 @@ class JsonlTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._f.close()
 
 
@@ -91,7 +91,7 @@ class TensorBoardTracker:
             if isinstance(v, (int, float)) and k != "step" and v is not None:
                 self._w.add_scalar(k, v, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self._w.close()
 
 
@@ -128,8 +128,8 @@ class WandbTracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
 
-    def close(self) -> None:
-        self._run.finish()
+    def close(self, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)  # a failed run shows as failed in W&B
 
 
 class Trackers:
@@ -176,9 +176,10 @@ class Trackers:
                 log.warning("tracker %s failed (%s); disabling it", type(t).__name__, e)
                 self._all.remove(t)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every tracker; ``failed``: the run ends with an error."""
         for t in self._all:
             try:
-                t.close()
+                t.close(failed)
             except Exception as e:
                 log.warning("tracker %s failed to close: %s", type(t).__name__, e)

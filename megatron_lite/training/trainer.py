@@ -303,8 +303,12 @@ class Trainer:
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self.checkpointer.unsaved_note)
-        with self.preemption, watch:
-            self._loop(stop, history, watch)
+        try:
+            with self.preemption, watch:
+                self._loop(stop, history, watch)
+        except BaseException:
+            self.trackers.close(failed=True)  # flushed, and marked failed (W&B), before the error goes up
+            raise
         if self.rank == 0 and self.preempted:
             log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
         elif self.rank == 0 and self.step == stop < t.steps:

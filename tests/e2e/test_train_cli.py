@@ -12,6 +12,7 @@ import pytest
 from megatron_lite.cli import main, parse_args
 from megatron_lite.errors import UserError
 from megatron_lite.training.run_lock import LOCK_FILE
+from megatron_lite.training.trackers import Trackers
 
 
 def losses(run_dir):
@@ -59,97 +60,6 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
 
 
-def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tmp_path, caplog):
-    """A longer train.steps stretches the default optim.decay_steps: the lr jumped back up silently."""
-    assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4
-    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
-        assert main(["train", *tiny_args, "train.steps=10"]) == 0
-    (warned,) = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
-    assert (
-        "optim.decay_steps 4 -> 8" in warned
-        and "step 7 trains with lr 0.001515 where the checkpoint's run would use 3e-05" in warned
-    ), warned
-
-
-def test_a_runs_own_config_reused_for_a_longer_run_warns_that_its_decay_ends_early(tiny_args, tmp_path, caplog, capsys):
-    """<log.dir>/config.yaml is resolved (optim.decay_steps=4 of a 6-step run): continued with
-    train.steps=10, the run trained steps 7-10 at optim.min_lr without a word."""
-    assert main(["train", *tiny_args]) == 0
-    again = ["--config", str(tmp_path / "run" / "config.yaml"), "train.steps=10"]
-    want = (
-        "optim.warmup=2 + optim.decay_steps=4 = 6 is less than train.steps=10: the learning-rate decay ends at step 6"
-    )
-    capsys.readouterr()
-    assert main(["plan", "--world-size", "1", *again]) == 0
-    out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if line.startswith(f"warning: {want}")], out
-    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
-        assert main(["train", *again, "train.exit_after=1"]) == 0  # resumes at step 6, trains step 7
-    assert [m for m in caplog.messages if m.startswith(want)], caplog.messages
-
-
-def test_a_resume_that_trains_nothing_or_the_same_next_lr_warns_of_no_change(tiny_args, small_corpus, tmp_path, caplog):
-    """train.steps=2 over a step-6 checkpoint warned that step 7 trains with lr 3e-05 where the
-    checkpoint's run would use 3e-05, then trained nothing."""
-    assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4; step 7 would be at min_lr
-    fewer = ["train.steps=2", "train.seed=7", f"data.path={reversed_dataset(small_corpus[0], tmp_path)}"]
-    with caplog.at_level(logging.INFO):
-        assert main(["train", *tiny_args, *fewer]) == 0  # decay_steps 4 -> 1, another seed, other data
-    assert "checkpoint step 6 >= train.steps 2: nothing to train" in caplog.messages
-    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert all("given more than once on the command line" in w for w in warned), warned  # the overrides only
-    caplog.clear()
-    with caplog.at_level(logging.INFO):  # decay_steps 4 -> 3: steps 7 and 8 train at min_lr in both schedules
-        assert main(["train", *tiny_args, "train.steps=8", "optim.decay_steps=3"]) == 0
-    assert "resumed from" in caplog.text and "learning-rate schedule" not in caplog.text, caplog.messages
-
-
-def reversed_dataset(prefix: str, tmp_path: Path) -> Path:
-    """The documents of ``prefix``, last first, as a new dataset: other data, the same tokenizer."""
-    import numpy as np
-
-    from megatron_lite.data.indexed import IndexedDataset, IndexedDatasetBuilder
-
-    source = IndexedDataset(prefix)
-    other = tmp_path / "reversed"
-    with IndexedDatasetBuilder(other, source.dtype) as b:
-        for doc in reversed(range(len(source))):
-            b.add_document(np.asarray(source.get(doc)))
-    return other
-
-
-def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
-    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
-    other = reversed_dataset(small_corpus[0], tmp_path)
-    assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
-    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
-        assert main(["train", *tiny_args, f"data.path={other}", "train.exit_after=1"]) == 0
-    (warned,) = [r.getMessage() for r in caplog.records if "other data" in r.getMessage()]
-    assert warned.startswith("resuming with other data than the checkpoint trained on: data.path names other data")
-    assert str(other) in warned and "learning-rate schedule" not in caplog.text
-
-
-def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
-    """Both were accepted without a word (exit_after=1: the run stops before its one evaluation)."""
-    args = [*tiny_args, "optim.warmup=10", "train.eval_iters=100000", "train.exit_after=1"]
-    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
-        assert main(["train", *args]) == 0
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(w.startswith("optim.warmup=10 is more than train.steps=6") for w in warned), warned
-    assert any(w.startswith("train.eval_iters=100,000 x train.global_batch_size=8") for w in warned), warned
-
-
-def test_a_llama_with_layernorm_warns_at_startup_that_convert_to_hf_refuses_it(tiny_args, tmp_path, caplog, capsys):
-    """It trained without a word; only the export, after the training, said no HF class computes it."""
-    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
-        assert main(["train", *tiny_args, "model.norm=layernorm", "train.steps=2"]) == 0
-    (warned,) = [m for m in caplog.messages if m.startswith("`megatron-lite convert to-hf` will refuse")]
-    capsys.readouterr()
-    ckpt, out = tmp_path / "run" / "checkpoints", tmp_path / "hf"
-    assert main(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
-    assert warned.split(": ", 1)[1] in capsys.readouterr().err  # the refusal the warning foretold
-
-
 def test_loss_falls(tiny_args, tmp_path):
     args = [*tiny_args, "train.steps=30", "optim.warmup=5"]
     assert main(["train", *args]) == 0
@@ -157,12 +67,18 @@ def test_loss_falls(tiny_args, tmp_path):
     assert curve[-1] < curve[0] - 1.0, curve
 
 
-def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(tiny_args, tmp_path, capsys, caplog):
-    """Without a loss scaler (fp32, bf16) a step whose gradient norm is not finite is skipped; such
-    steps used to be skipped silently to the end of the run, which then exited 0."""
+def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
+    tiny_args, tmp_path, capsys, caplog, monkeypatch
+):
+    """Without a loss scaler (fp32, bf16) a step whose gradient norm is not finite is skipped, with a
+    warning; ten in a row stop the run (exit 2), its trackers closed as failed."""
+    closed = []
+    real_close = Trackers.close
+    monkeypatch.setattr(Trackers, "close", lambda self, failed=False: closed.append(failed) or real_close(self, failed))
     args = [*tiny_args, "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.fault"):
         assert main(["train", *args]) == 2
+    assert closed == [True]  # TensorBoard and W&B flushed, and W&B told the run failed
     err = one_error_line(capsys)
     assert "training diverged: 10 steps in a row were skipped" in err and "optim.lr" in err, err
     skipped = [r.getMessage() for r in caplog.records if "the optimizer step was skipped" in r.getMessage()]
