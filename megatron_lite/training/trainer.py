@@ -10,9 +10,8 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
-A run without a held-out split (``data.valid_fraction=0``, or a dataset of one document) never
-evaluates: its rows have no ``eval_loss``, which rank 0 says once at startup (the single-document
-case's warning comes from ``build.build_data``).
+Without a held-out split (``data.valid_fraction=0``, a one-document dataset) there is no evaluation
+and no ``eval_loss``, said once at startup.
 Setup, from the process group on, and the loop each run under a ``FailureWatch``
 (``launcher/failure_watch.py``): a rank that raises stops every rank within seconds, each logging its
 error, instead of leaving them in a collective. A signal during setup (``fault.py: SetupSignals``)
