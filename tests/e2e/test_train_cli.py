@@ -104,7 +104,7 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
         (["model.layrs=2"], "did you mean 'model.layers'"),
         (["data.path=/nonexistent/prefix"], "does not exist"),
         (["model.vocab_size=100"], "smaller than the tokenizer's vocabulary"),
-        (["checkpoint.resume=/nonexistent/ckpt"], "is not a checkpoint directory"),
+        (["checkpoint.resume=/nonexistent/ckpt"], "does not exist, nor does '/nonexistent'"),
     ],
 )
 def test_bad_input_is_one_clear_error(tiny_args, extra, message, capsys):
