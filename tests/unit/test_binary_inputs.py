@@ -11,27 +11,15 @@ import pytest
 
 from megatron_lite.cli import main
 from megatron_lite.data import preprocess as pp
-from megatron_lite.data import preprocess_pool
-from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.data.tokenizer import train_tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.training import evaluate
+
+pytestmark = pytest.mark.usefixtures("enough_cpus")
 
 TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20
 BINARY = bytes(range(256)) * 8  # a NUL at byte 0 and every 256 bytes after
 LATIN1 = "café au lait\nnaïve\nplain line\n".encode("latin-1")
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    (root / "a.txt").write_text(TEXT)
-    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", 300, progress=False))
-
-
-@pytest.fixture(autouse=True)
-def _enough_cpus(monkeypatch):
-    real = preprocess_pool.usable_cpus()
-    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
 
 
 @pytest.fixture(name="binaries")

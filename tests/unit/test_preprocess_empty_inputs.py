@@ -9,10 +9,10 @@ import pytest
 
 from megatron_lite.cli import main
 from megatron_lite.data import preprocess as pp
-from megatron_lite.data import preprocess_pool
 from megatron_lite.data.indexed import IndexedDataset
-from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("enough_cpus")
 
 TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20
 # input name -> (its bytes, what the message says it lacks)
@@ -24,19 +24,6 @@ EMPTY = {
     "empty.txt": (b"", "is empty"),
     "empty.txt.gz": (gzip.compress(b""), "is empty"),
 }
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    (root / "a.txt").write_text(TEXT)
-    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", 300, progress=False))
-
-
-@pytest.fixture(autouse=True)
-def _enough_cpus(monkeypatch):
-    real = preprocess_pool.usable_cpus()
-    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
 
 
 def _inputs(root):

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 import megatron_lite
-from megatron_lite.data import corpus, preprocess_pool, tempfiles
+from megatron_lite.data import corpus, tempfiles
 from megatron_lite.data import preprocess as pp
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.tempfiles import create_locked, create_temp, locked_if_abandoned, remove_abandoned
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 
+pytestmark = pytest.mark.usefixtures("enough_cpus")
 ROOT = Path(megatron_lite.__file__).parents[1]
 TEXT = "def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 20
 
@@ -78,19 +79,6 @@ def paused(inputs, tokenizer, out_prefix, progress=True):
 corpus.preprocess = paused
 corpus.prepare_default_corpus(sys.argv[1], 300, progress=False, files=sys.argv[2:])
 """
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    root = tmp_path_factory.mktemp("tok")
-    (root / "a.txt").write_text(TEXT)
-    return Tokenizer(train_tokenizer([root / "a.txt"], root / "tok", 300, progress=False))
-
-
-@pytest.fixture(autouse=True)
-def _enough_cpus(monkeypatch):
-    real = preprocess_pool.usable_cpus()
-    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
 
 
 def _paused_writer(script: str, *args: object) -> tuple[subprocess.Popen, Path]:

@@ -21,6 +21,8 @@ from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("enough_cpus")
+
 VOCAB = 400
 ROOT = Path(megatron_lite.__file__).parents[1]
 
@@ -54,13 +56,6 @@ def _corpus(code: str, root: Path) -> list[Path]:
     (root / "c.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines[:120]) + b"\n"))
     (root / "d.txt").write_bytes(b"")
     return [root / "a.jsonl", root / "b.txt", root / "c.jsonl.gz", root / "d.txt"]
-
-
-@pytest.fixture(autouse=True)
-def _enough_cpus(monkeypatch):
-    """In-process runs with 2 workers pass on a one-CPU machine too (the refusal is tested alone)."""
-    real = preprocess_pool.usable_cpus()
-    monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
 
 
 def test_workers_write_the_same_bytes_as_one_process(tok, code, tmp_path, monkeypatch):
