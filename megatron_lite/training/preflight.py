@@ -14,8 +14,9 @@ Before these, rank 0 has locked ``log.dir`` and ``checkpoint.dir`` for the whole
 (``run_lock.py``): a second run into them is refused before it reads or writes anything there.
 
 Rank 0 also logs :func:`setup_warnings`: valid settings that are probably mistakes (``optim.warmup``
-longer than the run, an evaluation longer than the held-out split, a peak memory estimate above the
-device's), each naming the key and the fix.
+longer than the run, a learning-rate decay that ends before it, a model ``convert to-hf`` will
+refuse, an evaluation longer than the held-out split, a peak memory estimate above the device's),
+each naming the key and the fix.
 
 An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
 and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
