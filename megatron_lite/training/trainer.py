@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.format import dtype_name
@@ -302,8 +303,8 @@ class Trainer:
             return history
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self.checkpointer.unsaved_note)
-        try:
-            with self.preemption, watch:
+        try:  # log lines printed above the progress bar, not through it
+            with self.preemption, watch, logging_redirect_tqdm():
                 self._loop(stop, history, watch)
         except BaseException:
             self.trackers.close(failed=True)  # flushed, and marked failed (W&B), before the error goes up
@@ -311,13 +312,8 @@ class Trainer:
         if self.rank == 0 and self.preempted:
             log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
         elif self.rank == 0 and self.step == stop < t.steps:
-            log.info(
-                "stopped after train.exit_after=%d steps at step %d of %d; "
-                "rerun with checkpoint.resume=auto to continue",
-                t.exit_after,
-                self.step,
-                t.steps,
-            )
+            what = f"train.exit_after={t.exit_after} steps at step {self.step} of {t.steps}"
+            log.info("stopped after %s; rerun with checkpoint.resume=auto to continue", what)
         self.trackers.close()
         return history
 

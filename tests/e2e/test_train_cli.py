@@ -324,3 +324,13 @@ def test_dataset_path_with_its_extension_is_corrected_by_the_message(tiny_args, 
     prefix, _ = small_corpus
     assert main(["train", *tiny_args, f"data.path={prefix}.bin"]) == 2
     assert f"without .bin/.idx: {prefix}.bin -> {prefix}" in one_error_line(capsys)
+
+
+def test_log_lines_during_the_loop_print_above_the_progress_bar(tiny_args):
+    """A warning in the loop (each skipped step here) gets a line of its own, not the end of the bar's."""
+    args = [*tiny_args, "log.progress=true", "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
+    run = subprocess.run([sys.executable, "-m", "megatron_lite.cli", "train", *args], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-3000:]
+    segments = [s for line in run.stderr.split("\n") for s in line.split("\r")]
+    warned = [s for s in segments if "the optimizer step was skipped" in s]
+    assert len(warned) == 10 and all(s.split()[1] == "WARNING" for s in warned), warned
