@@ -9,6 +9,8 @@ So is a file whose first bytes hold a NUL (:func:`check_input`): text never does
 files (a dataset's ``.bin``, an image, an archive without its ending) and UTF-16/UTF-32 text hold
 many. Text with some bytes that are not UTF-8 is read, each such byte replaced by U+FFFD, with a
 warning naming the file and how many of its documents or lines held any (:func:`warn_invalid_utf8`).
+What each input of ``preprocess`` held is a :class:`Found`; :func:`check_text` refuses inputs
+that hold no text at all.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from megatron_lite.errors import UserError
 
@@ -192,3 +194,40 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     for path in first.values():
         check_input(path)  # an unreadable format is refused before any file is read in full
     return list(first.values())
+
+
+class Found(NamedTuple):
+    """What one input held: bytes read (decompressed), documents, documents with any text, and
+    documents with bytes that are not UTF-8."""
+
+    path: Path
+    bytes: int
+    documents: int
+    with_text: int
+    invalid_utf8: int
+
+    def lack(self, json_key: str) -> str | None:
+        """What this input lacks, as the end of a sentence naming it; None when it has text."""
+        if self.with_text:
+            return None
+        if not self.bytes:
+            return "is empty"
+        if not self.documents:
+            return "has only blank lines"
+        if self.documents == 1:
+            return f"has one document, whose {json_key!r} is empty"
+        return f"has {self.documents} documents, all with an empty {json_key!r}"
+
+
+def check_text(found: list[Found], json_key: str, out_prefix: str | Path) -> None:
+    """One error naming the inputs when none has any text (a dataset of nothing but document ends);
+    a warning for each input without text when others have some."""
+    lacking = [f"{f.path} {why}" for f in found if (why := f.lack(json_key))]
+    if len(lacking) == len(found):
+        more = f"; and {len(lacking) - 10} more" if len(lacking) > 10 else ""
+        raise UserError(
+            f"no text to tokenize: {'; '.join(lacking[:10])}{more}. Nothing was written to --output {out_prefix}; "
+            "give inputs that hold text (JSON Lines: one object per line, its text under --json-key)"
+        )
+    tail = "it adds no text to the dataset (the other inputs have some)"
+    warn_inputs([f"input {what}: {tail}" for what in lacking], "with no text to add (the other inputs have some)")

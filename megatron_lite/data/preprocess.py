@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
@@ -48,8 +47,9 @@ from megatron_lite.data.indexed import (
     token_dtype,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, expand_inputs, warn_inputs, warn_invalid_utf8
+from megatron_lite.data.inputs import Found, InputReader, check_text, expand_inputs, warn_invalid_utf8
 from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.data.token_range import dataset_record
@@ -177,45 +177,8 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
     yield _text_chunks(path, bar, stats)
 
 
-class _Found(NamedTuple):
-    """What one input held: bytes read (decompressed), documents, documents with any text, and
-    documents with bytes that are not UTF-8."""
-
-    path: Path
-    bytes: int
-    documents: int
-    with_text: int
-    invalid_utf8: int
-
-    def lack(self, json_key: str) -> str | None:
-        """What this input lacks, as the end of a sentence naming it; None when it has text."""
-        if self.with_text:
-            return None
-        if not self.bytes:
-            return "is empty"
-        if not self.documents:
-            return "has only blank lines"
-        if self.documents == 1:
-            return f"has one document, whose {json_key!r} is empty"
-        return f"has {self.documents} documents, all with an empty {json_key!r}"
-
-
-def _check_text(found: list[_Found], json_key: str, out_prefix: str | Path) -> None:
-    """One error naming the inputs when none has any text (a dataset of nothing but document ends);
-    a warning for each input without text when others have some."""
-    lacking = [f"{f.path} {why}" for f in found if (why := f.lack(json_key))]
-    if len(lacking) == len(found):
-        more = f"; and {len(lacking) - 10} more" if len(lacking) > 10 else ""
-        raise UserError(
-            f"no text to tokenize: {'; '.join(lacking[:10])}{more}. Nothing was written to --output {out_prefix}; "
-            "give inputs that hold text (JSON Lines: one object per line, its text under --json-key)"
-        )
-    tail = "it adds no text to the dataset (the other inputs have some)"
-    warn_inputs([f"input {what}: {tail}" for what in lacking], "with no text to add (the other inputs have some)")
-
-
 def _pieces(
-    files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict, found: list[_Found]
+    files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict, found: list[Found]
 ) -> Iterator[str | None]:
     """The text of every document of ``files``, in pieces (:class:`_Splitter`), each document followed
     by None; what each file held is appended to ``found`` once it is read."""
@@ -229,7 +192,7 @@ def _pieces(
             yield None
             documents += 1
             with_text += not empty
-        found.append(_Found(path, stats["bytes"] - start, documents, with_text, stats["decode_errors"] - invalid))
+        found.append(Found(path, stats["bytes"] - start, documents, with_text, stats["decode_errors"] - invalid))
 
 
 def _write(builder: IndexedDatasetBuilder, encoded: Iterable[np.ndarray | None], eos: np.ndarray, stats: dict) -> None:
@@ -245,16 +208,20 @@ def _write(builder: IndexedDatasetBuilder, encoded: Iterable[np.ndarray | None],
             stats["tokens"] += ids.size
 
 
-def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -> Path:
-    """Refuse outputs that would destroy something: an input, a ``PREFIX.json`` that is not an
-    earlier dataset record (a tokenizer trained to the same prefix keeps its record there too), or,
-    unless ``overwrite``, an earlier dataset. Returns the record's path."""
+def _check_prefix(out_prefix: str | Path) -> None:
+    """Refuse a prefix that is not a file prefix: a directory, a name ending in ``.bin`` or ``.idx``."""
     check_output_prefix(out_prefix, "NAME.bin, NAME.idx and NAME.json")
     if str(out_prefix).endswith((".bin", ".idx")):  # it would write NAME.bin.bin, which data.path cannot name
         raise UserError(
             f"--output {out_prefix} ends in its file's extension; give the prefix, --output {str(out_prefix)[:-4]} "
             "(it writes PREFIX.bin, PREFIX.idx and PREFIX.json)"
         )
+
+
+def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -> Path:
+    """Refuse outputs that would destroy something: an input, a ``PREFIX.json`` that is not an
+    earlier dataset record (a tokenizer trained to the same prefix keeps its record there too), or,
+    unless ``overwrite``, an earlier dataset. Returns the record's path."""
     prefix = str(out_prefix)
     outputs = [Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".json")]
     meta_path = outputs[-1]
@@ -310,16 +277,34 @@ def preprocess(
     an error naming them, or a warning for each when other inputs have text. Temporary files that an
     earlier run to ``out_prefix`` left when it was killed are deleted (``tempfiles.py``); those of a
     run still writing are not. ``workers`` > 1 (or ``"auto"``) encodes in that many processes
-    (``preprocess_pool.py``), writing the same bytes.
+    (``preprocess_pool.py``), writing the same bytes. The run holds ``out_prefix`` locked from before
+    it checks the outputs until its record is written (``output_lock.py``): a second run to it is
+    refused at once.
     """
     workers = resolve_workers(workers)
     files = expand_inputs(inputs)
+    _check_prefix(out_prefix)
+    with hold_output(out_prefix, out_prefix):
+        return _build(files, tokenizer, out_prefix, json_key, append_eos, progress, overwrite, workers)
+
+
+def _build(
+    files: list[Path],
+    tokenizer: str | Path | Tokenizer,
+    out_prefix: str | Path,
+    json_key: str,
+    append_eos: bool,
+    progress: bool,
+    overwrite: bool,
+    workers: int,
+) -> dict:
+    """:func:`preprocess` once its inputs and prefix are checked and the prefix is locked."""
     meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = _open_tokenizer(tokenizer, append_eos)
     remove_abandoned_outputs([Path(f"{out_prefix}{ext}") for ext in (".bin", ".idx", ".json")], str(out_prefix))
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
-    found: list[_Found] = []
+    found: list[Found] = []
     start = time.perf_counter()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
     splitter = _Splitter(tok)
@@ -336,7 +321,7 @@ def preprocess(
         else:  # no Python list outlives a piece
             encoded = (None if p is None else np.array(tok.encode(p), dtype=np.int64) for p in pieces)
         _write(builder, encoded, eos, stats)
-        _check_text(found, json_key, out_prefix)
+        check_text(found, json_key, out_prefix)
         warn_invalid_utf8([(f.path, f.invalid_utf8, f.documents) for f in found], "documents")
         # The old record goes just before the new .bin/.idx are installed: a crash after that leaves
         # no record rather than a wrong one, and a failure before it leaves the old dataset whole.

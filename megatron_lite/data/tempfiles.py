@@ -14,7 +14,8 @@ same lock shows a live writer of a whole directory: ``convert to-hf`` (its stagi
 ``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_locked`, for the
 writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
 holds its marker. A marker that outlives its holder, a run directory's lock file, is opened in place
-by :func:`open_locked` instead.
+by :func:`open_locked` instead (a run directory's, ``training/run_lock.py``; an output prefix's,
+``output_lock.py``), its holder's host and pid in it (:func:`holder_text`, :func:`describe_holder`).
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its
@@ -25,10 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
+import socket
 import stat
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -123,6 +127,27 @@ def open_locked(path: Path) -> tuple[int, bool | None]:
             os.close(fd)
             raise
         os.close(fd)  # deleted or replaced since it was opened: the file under that name now
+
+
+def holder_text() -> bytes:
+    """What a holder writes into its lock file: this process's host, pid, start time, SLURM job."""
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
+    return json.dumps(info).encode()
+
+
+def describe_holder(text: bytes) -> str:
+    """The holder of a lock, from its lock file's contents, as the refusal names it."""
+    try:
+        info = json.loads(text)
+        who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    except (ValueError, KeyError, TypeError):  # empty: it took the lock an instant ago and writes it now
+        return "a run that has not written its host and pid into the lock file yet"
+    return who + (f", SLURM job {info['slurm_job']}" if info.get("slurm_job") else "")
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from megatron_lite.data.indexed import (
 )
 from megatron_lite.data.inputs import InputReader, check_input, warn_invalid_utf8
 from megatron_lite.data.jsonl import decode, is_jsonl, json_text
+from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
 
@@ -160,7 +161,6 @@ def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = F
     input, a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
     same prefix keeps there the hash of the tokenizer it was made with), or, unless ``overwrite``,
     an earlier tokenizer (the datasets made with it record its hash and would be refused)."""
-    check_output_prefix(out_prefix, "NAME.model and NAME.json")
     prefix = str(out_prefix)
     model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
     meta_path = model_path.with_suffix(".json")
@@ -239,11 +239,24 @@ def train_tokenizer(
     are written atomically (temp name, then rename); an existing tokenizer there is refused unless
     ``overwrite``. Temporaries that an earlier run to ``out_prefix`` left when it was killed are
     deleted, with a warning naming each (``tempfiles.py``); those of a run still writing are not.
-    Sentencepiece itself writes no file: the model comes back through ``model_writer``.
+    Sentencepiece itself writes no file: the model comes back through ``model_writer``. The run holds
+    the prefix locked from before it checks the outputs until both are written (``output_lock.py``,
+    the lock ``preprocess`` takes on the same prefix): a second run to it is refused at once.
     """
     files = _check_inputs(inputs, vocab_size)
-    model_path, meta_path = _output_paths(files, out_prefix, overwrite)
-    remove_abandoned_outputs([model_path, meta_path], str(out_prefix))
+    check_output_prefix(out_prefix, "NAME.model and NAME.json")
+    with hold_output(str(out_prefix).removesuffix(".model"), out_prefix):
+        model_path, meta_path = _output_paths(files, out_prefix, overwrite)
+        remove_abandoned_outputs([model_path, meta_path], str(out_prefix))
+        data, meta = _train(files, vocab_size, max_bytes, progress, json_key)
+        meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's
+        write_atomic(model_path, data)
+        write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+    return model_path
+
+
+def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, json_key: str) -> tuple[bytes, dict]:
+    """Train the model of :func:`train_tokenizer` on a sample of ``files``: its bytes and its record."""
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
     with tqdm(
@@ -275,11 +288,7 @@ def train_tokenizer(
     invalid = counts["invalid_utf8"].items()
     warn_invalid_utf8([(path, read["decode_errors"], read["sampled"]) for path, read in invalid], "sampled lines")
     data = model.getvalue()
-    meta = _record(data, vocab_size, max_bytes, total, files, json_key)
-    meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's
-    write_atomic(model_path, data)
-    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-    return model_path
+    return data, _record(data, vocab_size, max_bytes, total, files, json_key)
 
 
 class Tokenizer:

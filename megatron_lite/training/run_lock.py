@@ -28,18 +28,15 @@ says so.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.checkpoint.writer import writing_in_background
 from megatron_lite.config import Config
-from megatron_lite.data.tempfiles import open_locked
+from megatron_lite.data.tempfiles import describe_holder, holder_text, open_locked
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.training.preflight import probe_dir
@@ -58,27 +55,6 @@ def run_dirs(cfg: Config) -> list[tuple[str, Path]]:
         if os.path.realpath(where) != os.path.realpath(dirs[0][1]):
             dirs.append(("checkpoint.dir", where))
     return dirs
-
-
-def holder_text() -> bytes:
-    """What a holder writes into its lock file: this process's host, pid, start time, SLURM job."""
-    info = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "slurm_job": os.environ.get("SLURM_JOB_ID"),
-    }
-    return json.dumps(info).encode()
-
-
-def describe_holder(text: bytes) -> str:
-    """The holder of a lock, from its lock file's contents, as the refusal names it."""
-    try:
-        info = json.loads(text)
-        who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
-    except (ValueError, KeyError, TypeError):  # empty: it took the lock an instant ago and writes it now
-        return "a run that has not written its host and pid into the lock file yet"
-    return who + (f", SLURM job {info['slurm_job']}" if info.get("slurm_job") else "")
 
 
 def _unusable(key: str, where: Path, error: OSError) -> UserError:
