@@ -54,7 +54,11 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tok
     model.load_state_dict(reader.model_state())  # assembled from the ranks' boxes, any layout
     tokenizer = reader.local_file("tokenizer.model")
     if tokenizer is None:
-        raise UserError(f"checkpoint {reader.location} has no tokenizer.model")
+        raise UserError(
+            f"checkpoint {reader.location} has no tokenizer.model, and eval tokenizes the text with the "
+            "sentencepiece model saved beside the weights (a model imported from Hugging Face with a tokenizer "
+            "that is not sentencepiece, e.g. byte-level BPE, carries none): evaluate it where its own tokenizer runs"
+        )
     return model.eval(), Tokenizer(tokenizer)
 
 

@@ -183,6 +183,9 @@ def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported,
     (bare / "metadata.json").write_text(json.dumps(meta))
     err = run_error(["convert", "to-hf", "--checkpoint", str(bare), "--out", str(tmp_path / "o4")], capsys)
     assert "has no tokenizer.model" in err
+    (tmp_path / "t.txt").write_text("x = 1\n" * 20)
+    err = run_error(["eval", "--checkpoint", str(bare), "--text", str(tmp_path / "t.txt")], capsys)
+    assert "has no tokenizer.model, and eval tokenizes the text with the sentencepiece model" in err, err
     err = run_error(["convert", "to-hf", "--checkpoint", str(trained), "--out", str(exported)], capsys)
     assert "already exists" in err
     err = run_error(
