@@ -194,7 +194,8 @@ class CheckpointConfig:
     over), or a checkpoint path (refused when dir holds checkpoints of later steps, for the same reason)."""
     init_from: str | None = None
     """Start from this checkpoint's model weights (fresh optimizer, step 0), e.g. one made by
-    ``megatron-lite convert from-hf``, when there is no checkpoint of this run to resume."""
+    ``megatron-lite convert from-hf``, when there is no checkpoint of this run to resume (a resume
+    keeps the one the run started from, with a warning when this one differs)."""
     async_: bool = False
     """Write checkpoints in the background (YAML and overrides spell it ``async``)."""
 

@@ -14,6 +14,12 @@ one, and after a crash ``checkpoint.resume=auto`` would take the newest of them,
 abandoned run instead of this one. ``auto`` itself only passes over newer checkpoints that are
 incomplete or corrupt; they are replaced when the run saves those steps again.
 
+A resumed run never reads ``checkpoint.init_from``: its weights are its own checkpoint's. Another
+``checkpoint.init_from`` than the one the run started from is warned about (:func:`keep_init_from`),
+not refused (``checkpoint.init_from`` is the start of a run that has no checkpoint yet, as Megatron's
+``--pretrained-checkpoint`` is, which ``--load`` overrides; a moved import must not block the run),
+and the run keeps recording its true start.
+
 Another learning-rate schedule is allowed (e.g. a lower ``optim.lr`` past a divergence) but logged
 (:func:`schedule_change`): the learning rate would otherwise jump without a word.
 """
@@ -21,6 +27,7 @@ Another learning-rate schedule is allowed (e.g. a lower ``optim.lr`` past a dive
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from megatron_lite.checkpoint.format import step_dir_name
 from megatron_lite.checkpoint.lineage import data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes
+from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config, ParallelConfig, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr import lr_at
@@ -130,7 +138,35 @@ def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] |
         return None
     check_resume(cfg, reader, rank)
     check_rewind(cfg, reader)
+    if not reader.weights_only:
+        keep_init_from(cfg, reader, rank)
     return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
+
+
+def keep_init_from(cfg: Config, reader: CheckpointReader, rank: int) -> None:
+    """A resumed run continues its own checkpoint's weights and never reads ``checkpoint.init_from``:
+    this run's config takes back the ``checkpoint.init_from`` the checkpoint's run started from, so
+    its checkpoints and ``config.yaml`` keep naming where the weights come from; rank 0 warns when
+    this run names another one (Megatron's ``--load`` likewise wins over ``--pretrained-checkpoint``)."""
+    saved = (reader.meta.get("config") or {}).get("checkpoint", {})
+    if "init_from" not in saved:
+        return
+    before, now = saved["init_from"], cfg.checkpoint.init_from
+    cfg.checkpoint.init_from = before
+    if now is None or now == before or (before and not is_url(now) and Path(now).resolve() == Path(before).resolve()):
+        return
+    if rank == 0:
+        origin = f"checkpoint.init_from={before!r}" if before else "a random initialisation (no checkpoint.init_from)"
+        log.warning(
+            "checkpoint.init_from=%r is not loaded: this run resumes from its own checkpoint %s at step %d, "
+            "whose weights started from %s, and its checkpoints keep recording that start; to train from %r "
+            "instead, start a new run with a new log.dir (or checkpoint.dir)",
+            now,
+            reader.location,
+            reader.step,
+            origin,
+            now,
+        )
 
 
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps")

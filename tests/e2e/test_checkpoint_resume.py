@@ -147,6 +147,31 @@ def test_resume_with_other_model_settings_is_refused_naming_each(tiny_args, tmp_
     assert "resumed from" in caplog.text and losses(tmp_path / "run")[-1][0] == 3
 
 
+def test_a_resume_naming_another_init_from_warns_and_keeps_recording_the_runs_start(tiny_args, tmp_path, caplog):
+    """Two imports trained in one log.dir: the second config's init_from B was never loaded, yet the
+    resumed run's checkpoints recorded B as their start."""
+    base = [a for a in tiny_args if not a.startswith("train.steps=")]
+    assert main(["train", *base, "train.steps=2"]) == 0
+    start = str(tmp_path / "run" / "checkpoints" / "step_00000002")  # model A
+    other = tmp_path / "b"  # model B
+    other.mkdir()
+    args = [*base[:-1], f"log.dir={tmp_path / 'x'}"]
+    assert main(["train", *args, "train.steps=2", f"checkpoint.init_from={start}", "train.exit_after=1"]) == 0
+    caplog.set_level(logging.INFO, logger="megatron_lite")
+    assert main(["train", *args, "train.steps=2", f"checkpoint.init_from={other}"]) == 0
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    want = f"checkpoint.init_from={str(other)!r} is not loaded: this run resumes from its own checkpoint"
+    assert warned.startswith(want) and "at step 1" in warned and f"checkpoint.init_from={start!r}" in warned, warned
+    assert "new log.dir (or checkpoint.dir)" in warned, warned
+    meta = json.loads((tmp_path / "x" / "checkpoints" / "step_00000002" / "metadata.json").read_text())
+    assert meta["config"]["checkpoint"]["init_from"] == start
+    assert load_config(tmp_path / "x" / "config.yaml", []).checkpoint.init_from == start
+    caplog.clear()  # the same start, spelled as given or left out: nothing to say
+    for same in ([f"checkpoint.init_from={start}"], []):
+        assert main(["train", *args, "train.steps=3", *same]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.messages
+
+
 def test_resume_at_or_past_train_steps_says_nothing_to_train(tiny_args, tmp_path, caplog):
     args = [*tiny_args, "train.steps=2"]
     assert main(["train", *args]) == 0
