@@ -110,8 +110,9 @@ class OptimConfig:
     """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``). More than
     ``train.steps`` is a warning at startup: the run would never reach ``lr`` nor decay."""
     decay_steps: int | None = None
-    """Steps of cosine decay after warmup. Default: train.steps - warmup. A decay that ends before
-    ``train.steps`` is a warning at startup (and in ``plan``): the last steps train at ``min_lr``."""
+    """Steps of cosine decay after warmup, at least 1 (for a constant learning rate after warmup set
+    ``min_lr`` to ``lr``). Default: train.steps - warmup. A decay that ends before ``train.steps`` is
+    a warning at startup (and in ``plan``): the last steps train at ``min_lr``."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not norms, biases)."""
     clip_grad: float = 1.0

@@ -51,7 +51,10 @@ _RANGES = {
     ("parallel", "timeout_s"): (lambda v: v > 0, "> 0 seconds"),
     ("optim", "lr"): (lambda v: v > 0, "a finite number > 0"),
     ("optim", "min_lr"): (lambda v: v >= 0, "a finite number >= 0"),
-    ("optim", "decay_steps"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "decay_steps"): (
+        lambda v: v >= 1,
+        ">= 1 (for a constant learning rate after warmup set optim.min_lr=optim.lr)",
+    ),
     ("optim", "beta1"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "beta2"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "eps"): (lambda v: v >= 0, ">= 0"),
@@ -287,15 +290,17 @@ def _export_warning(m: ModelConfig) -> str | None:
 def _decay_warning(cfg: Config) -> str | None:
     """The cosine decay ends before the run does (e.g. a run's own resolved config.yaml reused with a
     longer train.steps keeps its decay_steps), so the last steps train at min_lr; else None. The
-    default decay_steps (train.steps - warmup) ends after the last step."""
+    default decay_steps (train.steps - warmup) ends after the last step; with min_lr == lr the
+    decay changes nothing."""
     o, steps = cfg.optim, cfg.train.steps
-    end = o.warmup + max(o.decay_steps, 1)  # lr_at's arithmetic: step `end` (1-based) is the decay's last
-    if end >= steps:
+    end = o.warmup + o.decay_steps  # lr_at's arithmetic: step `end` (1-based) is the decay's last
+    if end >= steps or o.min_lr == o.lr:
         return None
+    rest = f"step {steps} trains" if end + 1 == steps else f"steps {end + 1}-{steps} train"
     return (
         f"optim.warmup={o.warmup} + optim.decay_steps={o.decay_steps} = {end} is less than train.steps={steps}: "
-        f"the learning-rate decay ends at step {end}, and steps {end + 1}-{steps} train at optim.min_lr="
-        f"{o.min_lr:g}; leave optim.decay_steps empty (optim.decay_steps=null) to decay over the whole run "
+        f"the learning-rate decay ends at step {end}, and {rest} at optim.min_lr={o.min_lr:g}; leave "
+        f"optim.decay_steps empty (optim.decay_steps=null) to decay over the whole run "
         f"({steps} - {o.warmup} = {steps - o.warmup} steps)"
     )
 

@@ -102,12 +102,29 @@ def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agr
     assert "leave optim.decay_steps empty (optim.decay_steps=null)" in why
     # lr_at (0-based steps) agrees: step 5 still decays, step 6 on is min_lr
     assert lr_at(4, cfg.optim) > cfg.optim.min_lr and lr_at(5, cfg.optim) == cfg.optim.min_lr
-    (why,) = config_warnings(resolved("train.steps=8", "optim.warmup=2", "optim.decay_steps=0"))
-    assert "decay ends at step 3, and steps 4-8" in why, why  # decay_steps=0 decays over one step, as lr_at does
+    (why,) = config_warnings(resolved("train.steps=8", "optim.warmup=2", "optim.decay_steps=5"))
+    assert "decay ends at step 7, and step 8 trains at optim.min_lr" in why, why  # one step: no "steps 8-8"
+    # min_lr == lr: a constant learning rate after warmup, whenever the decay ends
+    assert (
+        config_warnings(
+            resolved("train.steps=8", "optim.warmup=1", "optim.decay_steps=1", "optim.lr=1e-3", "optim.min_lr=1e-3")
+        )
+        == []
+    )
     assert config_warnings(resolved("train.steps=8", "optim.warmup=1", "optim.decay_steps=7")) == []
     for steps in (1, 2, 7, 100):
         for warmup in (0, 1, steps - 1, steps):
             assert config_warnings(resolved(f"train.steps={steps}", f"optim.warmup={warmup}")) == [], (steps, warmup)
+
+
+def test_a_decay_of_zero_steps_is_refused_naming_the_constant_lr_setting():
+    """optim.decay_steps=0 was accepted and dropped to min_lr one step after warmup (lr_at decays over
+    at least one step), where a Megatron user may have meant a constant learning rate."""
+    with pytest.raises(UserError) as e:
+        resolved("optim.decay_steps=0")
+    assert str(e.value) == (
+        "optim.decay_steps must be >= 1 (for a constant learning rate after warmup set optim.min_lr=optim.lr), got 0"
+    )
 
 
 @pytest.mark.parametrize("override", ["model.norm=layernorm", "model.activation=gelu"])
