@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -318,27 +319,44 @@ def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:
             _finish_interrupted_commit(storage)
         return _newest_good(storage, fix, resuming=True)
     if not is_url(resume):
-        _refuse_resume_path(Path(resume), resume)
+        _refuse_resume_path(Path(resume), resume, root)
     return open_step(resume)
 
 
-def _refuse_resume_path(path: Path, resume: str) -> None:
+def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
     """``checkpoint.resume`` that is neither ``auto``, ``none`` nor a step directory: one error saying
-    what it is (a word such as ``latest``, a missing step, a file, a checkpoint root) and the fix."""
+    what it is (a word such as ``latest``, a step name or number, a missing step, a file, a checkpoint
+    root) and the fix. A bare step (``step_00000300``, ``300``) is a path like any other, relative to
+    the current directory: the error names its path in ``checkpoint.dir`` (``root``) when it is
+    there, and lists the steps there (Megatron's ``--ckpt-step``: here the step directory's path)."""
     key = f"checkpoint.resume={resume!r}"
     auto = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"
     if path.is_dir():
         if not (path / METADATA).is_file() and list_steps(path):
+            newest = path / step_dir_name(list_steps(path)[-1][0])
+            if not is_url(root) and path.resolve() == Path(root).resolve():
+                raise UserError(
+                    f"{key} is checkpoint.dir itself (holding steps {steps_there(path)}), not one step's directory: "
+                    f"use checkpoint.resume=auto for its newest good one, or name one ({newest})"
+                )
             raise UserError(
                 f"{key} is a checkpoint directory holding steps {steps_there(path)}, not one step's directory: "
-                f"name one ({path / step_dir_name(list_steps(path)[-1][0])}), or set checkpoint.dir={str(path)!r} "
-                "with checkpoint.resume=auto for its newest good one"
+                f"name one ({newest}), or set checkpoint.dir={str(path)!r} with checkpoint.resume=auto for its "
+                "newest good one"
             )
         return
     if path.exists():
         raise UserError(f"{key} is a file, not a checkpoint's step directory (step_XXXXXXXX); give one or use {auto}")
-    if path.parent == Path():  # one word ("latest", Megatron's name for the newest checkpoint)
-        raise UserError(f"{key} is not auto, none or an existing step directory; use {auto}")
+    if path.parent == Path():  # one word: "latest" (Megatron's name for the newest checkpoint), a step, a number
+        step = re.fullmatch(r"(?:step_)?(\d+)", resume)
+        found = [name for n, name in list_steps(root) if step and n == int(step.group(1))]
+        there = f"checkpoint.dir={str(root)!r} holds steps {steps_there(root)}"
+        if found:
+            raise UserError(
+                f"{key} is no directory here: give the step's path, checkpoint.resume={Storage(root).url(found[0])!r} "
+                f"({there}), or use {auto}"
+            )
+        raise UserError(f"{key} is not auto, none or an existing step directory ({there}); use {auto}")
     if not path.parent.is_dir():
         raise UserError(f"{key} does not exist, nor does {str(path.parent)!r}; give a step directory or use {auto}")
     raise UserError(

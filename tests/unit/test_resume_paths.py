@@ -42,14 +42,38 @@ def test_a_word_that_is_not_auto_or_none_points_to_auto(root, word):
     err = refusal(root, word)
     assert f"checkpoint.resume='{word}' is not auto, none or an existing step directory" in err, err
     assert "use checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir" in err
+    assert "(checkpoint.dir='ckpt' holds steps 4, 5)" in err, err
+
+
+@pytest.mark.parametrize("step", ["step_00000005", "5", "step_5"])
+def test_a_bare_step_name_or_number_names_its_path_in_the_checkpoint_dir(root, step):
+    """Megatron's --ckpt-step names a step of its --load directory; here a path names it, and the
+    error gives that path rather than only saying what the value is not."""
+    err = refusal(root, step)
+    assert (
+        f"checkpoint.resume='{step}' is no directory here: give the step's path, checkpoint.resume='ckpt/step_00000005'"
+        in err
+    ), err
+    assert "(checkpoint.dir='ckpt' holds steps 4, 5)" in err and "checkpoint.resume=auto" in err, err
+    err = refusal(root, "300")  # no such step: the ones there are listed
+    assert "checkpoint.resume='300' is not auto, none or an existing step directory" in err, err
+    assert "(checkpoint.dir='ckpt' holds steps 4, 5)" in err, err
 
 
 def test_a_file_or_the_checkpoint_root_is_named_as_such(root):
     (root / "latest").write_text("step_00000005\n")
     assert "is a file, not a checkpoint's step directory" in refusal(root, "ckpt/latest")
-    err = refusal(root, "ckpt")
-    assert "is a checkpoint directory holding steps 4, 5, not one step's directory" in err, err
-    assert "name one (ckpt/step_00000005)" in err and "checkpoint.dir='ckpt' with checkpoint.resume=auto" in err
+    (root.parent / "other").mkdir()
+    moved = root / "step_00000004"
+    moved.rename(root.parent / "other" / moved.name)
+    err = refusal(root, "other")
+    assert "is a checkpoint directory holding steps 4, not one step's directory" in err, err
+    assert "name one (other/step_00000004)" in err and "checkpoint.dir='other' with checkpoint.resume=auto" in err
+    # checkpoint.dir itself: it already is checkpoint.dir, so auto is the advice
+    for same in ("ckpt", str(root.resolve()), "./ckpt/"):
+        err = refusal(root, same)
+        assert f"checkpoint.resume={same!r} is checkpoint.dir itself (holding steps 5), not one step's directory" in err
+        assert "use checkpoint.resume=auto for its newest good one" in err and "checkpoint.dir=" not in err, err
 
 
 def test_a_step_directory_resumes(root):
