@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_lite import kernels, plan
 from megatron_lite.checkpoint.format import dtype_name
@@ -49,7 +48,7 @@ from megatron_lite.training.engine import Engine
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
-from megatron_lite.training.trackers import Trackers
+from megatron_lite.training.trackers import Trackers, above_progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +303,7 @@ class Trainer:
         stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self.checkpointer.unsaved_note)
         try:  # log lines printed above the progress bar, not through it
-            with self.preemption, watch, logging_redirect_tqdm():
+            with self.preemption, watch, above_progress_bar():
                 self._loop(stop, history, watch)
         except BaseException:
             self.trackers.close(failed=True)  # flushed, and marked failed (W&B), before the error goes up
