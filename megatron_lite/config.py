@@ -246,9 +246,14 @@ class Config:
             for s in dataclasses.fields(self)
         }
 
-    def save(self, path: str | Path) -> None:
-        """Write the resolved config as YAML (loadable with :func:`load_config`)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def save(self, path: str | Path, relaunch: bool = False) -> None:
+        """Write the resolved config as YAML (loadable with :func:`load_config`). ``relaunch``: as a
+        relaunch of the run continues it, with ``checkpoint.resume=auto``: a one-off ``none`` or
+        step path would be refused, or rewind the run, on every relaunch from the file."""
+        data = self.to_dict()
+        if relaunch:
+            data["checkpoint"]["resume"] = "auto"
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}

@@ -115,7 +115,7 @@ class Trainer:
             start = resume.start_from(cfg, self.rank)
         if self.rank == 0:  # only once the checkpoint was accepted: a refused run overwrites nothing
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.run_dir / "config.yaml")
+            cfg.save(self.run_dir / "config.yaml", relaunch=True)
         self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=start and start[1])
         t = cfg.train
         self.loader = PretrainingLoader(

@@ -147,7 +147,14 @@ def test_resume_none_refuses_to_save_over_an_earlier_run(tiny_args, tmp_path, ca
     assert f"checkpoint.dir='{ckpt}'" in err and "newest: step 2" in err, err
     assert "checkpoint.resume=auto" in err and "new checkpoint.dir" in err, err
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE} == before  # nothing saved
-    assert main(["train", *args, "train.steps=3", "checkpoint.resume=auto"]) == 0  # continuing is fine
+    # the run's config.yaml relaunches it as it continues (resume=auto), not as this launch's one-off none
+    assert "resume: auto" in (tmp_path / "run" / "config.yaml").read_text()
+    assert main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "train.steps=3"]) == 0
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
