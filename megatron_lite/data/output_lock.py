@@ -13,7 +13,7 @@ nothing of the first run's.
 
 The kernel drops the lock however its holder ends (a SIGKILL, the out-of-memory killer; on NFS, when
 the dead client's lease runs out), so the next run proceeds; the file a killed holder leaves is
-opened in place (``tempfiles.open_locked``) and taken over. A run that ends deletes it while still
+opened in place (``tempfiles.take_lock``) and taken over. A run that ends deletes it while still
 holding it. A filesystem without locks gets one warning that nothing keeps a second run out, and
 the run goes on.
 """
@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from megatron_lite.data.tempfiles import describe_holder, holder_text, open_locked
+from megatron_lite.data.tempfiles import LockHeldError, take_lock
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,32 +39,21 @@ def lock_path(prefix: str | Path) -> Path:
 
 
 def _take(path: Path, output: str) -> tuple[int, bool | None]:
-    """Open and try the lock at ``path``: ``(fd, taken)`` as ``open_locked`` gives them, ``taken``
-    never False: :class:`UserError` when another run holds it, or it cannot be used."""
-    unusable = f"--output {output}: its lock file {path} cannot be used"
+    """:func:`~megatron_lite.data.tempfiles.take_lock` on ``path``, its refusals as :class:`UserError`."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, taken = open_locked(path)
-    except OSError as e:
-        raise UserError(f"{unusable}: {e.strerror or e}; remove it, or choose another --output prefix") from None
-    if taken is False:
-        try:
-            text = os.pread(fd, 4096, 0)
-        finally:
-            os.close(fd)
+        return take_lock(path)
+    except LockHeldError as e:
         raise UserError(
-            f"--output {output} is being written by another run ({describe_holder(text)}; lock file {path}): "
+            f"--output {output} is being written by another run ({e.holder}; lock file {path}): "
             "two runs to one prefix replace each other's files; wait for that run to end, or choose another "
             "--output prefix"
-        )
-    if taken:
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder_text(), 0)
-        except OSError as e:  # a full disk, a quota
-            os.close(fd)
-            raise UserError(f"{unusable}: {e.strerror or e}; free space there, or choose another --output") from None
-    return fd, taken
+        ) from None
+    except OSError as e:  # a link or a directory there, a full disk, a quota
+        raise UserError(
+            f"--output {output}: its lock file {path} cannot be used: {e.strerror or e}; remove it or free space "
+            "there, or choose another --output prefix"
+        ) from None
 
 
 @contextlib.contextmanager

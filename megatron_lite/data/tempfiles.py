@@ -14,7 +14,7 @@ same lock shows a live writer of a whole directory: ``convert to-hf`` (its stagi
 ``corpus.py`` (a build folder) hold the directory's marker, made by :func:`create_locked`, for the
 writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
 holds its marker. A marker that outlives its holder, a run directory's lock file, is opened in place
-by :func:`open_locked` instead (a run directory's, ``training/run_lock.py``; an output prefix's,
+by :func:`take_lock` instead (a run directory's, ``training/run_lock.py``; an output prefix's,
 ``output_lock.py``), its holder's host and pid in it (:func:`holder_text`, :func:`describe_holder`).
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
@@ -148,6 +148,32 @@ def describe_holder(text: bytes) -> str:
     except (ValueError, KeyError, TypeError):  # empty: it took the lock an instant ago and writes it now
         return "a run that has not written its host and pid into the lock file yet"
     return who + (f", SLURM job {info['slurm_job']}" if info.get("slurm_job") else "")
+
+
+class LockHeldError(Exception):
+    """Another live process holds the lock :func:`take_lock` tried; ``holder`` describes it."""
+
+    def __init__(self, holder: str) -> None:
+        super().__init__(holder)
+        self.holder = holder
+
+
+def take_lock(path: Path) -> tuple[int, bool | None]:
+    """Take the lock file ``path`` for this process (:func:`open_locked`) and write its holder details
+    into it: ``(fd, True)``, or ``(fd, None)`` on a filesystem without locks (nothing written); the
+    caller keeps ``fd`` open while it holds the lock. :class:`LockHeldError` naming the holder when a live
+    process has it; OSError (``fd`` closed) when the file cannot be opened or written (a full disk)."""
+    fd, taken = open_locked(path)
+    try:
+        if taken is False:
+            raise LockHeldError(describe_holder(os.pread(fd, 4096, 0)))
+        if taken:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder_text(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, taken
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ The kernel drops the lock when the holding process ends, however it ends (a SIGK
 out-of-memory killer; on NFS, when the dead client's lease runs out), so a relaunch after a crash,
 a SLURM requeue or a torchrun restart (new workers, started after the old ones died) takes it
 again. The file stays in the directory from one run to the next, opened in place
-(``tempfiles.open_locked``), and holds the last holder's details. A background checkpoint write
+(``tempfiles.take_lock``), and holds the last holder's details. A background checkpoint write
 (``checkpoint.async``) still running when the run fails keeps the lock until the process exits:
 no next run starts on a directory still being written.
 
@@ -36,7 +36,7 @@ from pathlib import Path
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.checkpoint.writer import writing_in_background
 from megatron_lite.config import Config
-from megatron_lite.data.tempfiles import describe_holder, holder_text, open_locked
+from megatron_lite.data.tempfiles import LockHeldError, take_lock
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.training.preflight import probe_dir
@@ -72,28 +72,18 @@ def _lock_dir(key: str, where: Path) -> int | None:
     path = where / LOCK_FILE
     try:
         where.mkdir(parents=True, exist_ok=True)
-        fd, taken = open_locked(path)
-    except OSError as e:
+        fd, taken = take_lock(path)
+    except LockHeldError as e:
+        raise UserError(
+            f"{key}={str(where)!r} is in use by another run ({e.holder}; lock file {path}): two runs "
+            f"in one directory overwrite each other's checkpoints and metrics; wait for that run to end, stop it, "
+            f"or choose another {key}"
+        ) from None
+    except OSError as e:  # a link or a directory there, a full disk, a quota
         raise _unusable(key, where, e) from None
     if taken is None:
         os.close(fd)
         return None
-    if not taken:
-        try:
-            text = os.pread(fd, 4096, 0)
-        finally:
-            os.close(fd)
-        raise UserError(
-            f"{key}={str(where)!r} is in use by another run ({describe_holder(text)}; lock file {path}): two runs "
-            f"in one directory overwrite each other's checkpoints and metrics; wait for that run to end, stop it, "
-            f"or choose another {key}"
-        )
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder_text(), 0)
-    except OSError as e:  # a full disk, a quota
-        os.close(fd)
-        raise _unusable(key, where, e) from None
     return fd
 
 
