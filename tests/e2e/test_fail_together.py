@@ -264,8 +264,8 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 
 def test_a_signal_to_one_rank_during_setup_stops_every_rank_naming_it(tiny_args, tmp_path):
-    """Rank 1 ended silently (SIGTERM's default action) and rank 0, waiting for it in a setup
-    collective, failed there with a gloo traceback (NCCL: hung until parallel.timeout_s)."""
+    """Both ranks exit 143 naming the signalled rank: without the setup handler rank 1 would end
+    silently (SIGTERM's default action) and rank 0 fail in a setup collective (NCCL: hang)."""
     script = tmp_path / "driver.py"
     script.write_text(SIGNAL_IN_SETUP_DRIVER)
     procs = _plain_launch(script, [*tiny_args, "parallel.timeout_s=300"], fail_rank=1)

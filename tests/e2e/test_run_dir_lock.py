@@ -1,7 +1,7 @@
 """Two runs in one run directory: the second is refused at startup, on every rank, with one error
-naming the directory, the live holder and the fix, and leaves the directory as it was. A run that
-shared the directory silently resumed from the live run's checkpoint, wrote into its metrics.jsonl,
-and the two pruned each other's checkpoints. A holder killed with SIGKILL (a crash, a requeue, a
+naming the directory, the live holder and the fix, and leaves the directory as it was (a run sharing
+it would resume from the live run's checkpoint, write into its metrics.jsonl, and the two would prune
+each other's checkpoints). A holder killed with SIGKILL (a crash, a requeue, a
 torchrun restart) holds nothing: the next run goes on. The holder is a real child process holding
 the lock through the run's own code (``run_lock.lock_run_dirs``)."""
 

@@ -1,6 +1,6 @@
 """A signal during setup, before the first step (building the model, restoring a checkpoint): the run
 ends at once with one line saying so and exit status 128 + the signal's number, and the checkpoint
-being restored is left as it was. It ended silently (SIGTERM's and SIGUSR1's default action)."""
+being restored is left as it was (SIGTERM's and SIGUSR1's default action would end it silently)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from megatron_lite.cli import main
 
 
 def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tmp_path, caplog):
-    """A longer train.steps stretches the default optim.decay_steps: the lr jumped back up silently."""
+    """A longer train.steps stretches the default optim.decay_steps, so the lr rises again: said."""
     assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
         assert main(["train", *tiny_args, "train.steps=10"]) == 0
@@ -22,7 +22,7 @@ def test_resuming_with_another_lr_schedule_warns_naming_the_change(tiny_args, tm
 
 def test_a_runs_own_config_reused_for_a_longer_run_warns_that_its_decay_ends_early(tiny_args, tmp_path, caplog, capsys):
     """<log.dir>/config.yaml is resolved (optim.decay_steps=4 of a 6-step run): continued with
-    train.steps=10, the run trained steps 7-10 at optim.min_lr without a word."""
+    train.steps=10, steps 7-10 train at optim.min_lr: plan and train say so."""
     assert main(["train", *tiny_args]) == 0
     again = ["--config", str(tmp_path / "run" / "config.yaml"), "train.steps=10"]
     want = (
@@ -38,8 +38,8 @@ def test_a_runs_own_config_reused_for_a_longer_run_warns_that_its_decay_ends_ear
 
 
 def test_a_resume_that_trains_nothing_or_the_same_next_lr_warns_of_no_change(tiny_args, small_corpus, tmp_path, caplog):
-    """train.steps=2 over a step-6 checkpoint warned that step 7 trains with lr 3e-05 where the
-    checkpoint's run would use 3e-05, then trained nothing."""
+    """train.steps=2 over a step-6 checkpoint trains nothing, so no resume warning; nor does a
+    schedule change whose next lr is the same."""
     assert main(["train", *tiny_args]) == 0  # 6 steps: warmup 2, decay_steps 4; step 7 would be at min_lr
     fewer = ["train.steps=2", "train.seed=7", f"data.path={reversed_dataset(small_corpus[0], tmp_path)}"]
     with caplog.at_level(logging.INFO):
@@ -79,7 +79,7 @@ def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus
 
 
 def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
-    """Both were accepted without a word (exit_after=1: the run stops before its one evaluation)."""
+    """Both are valid but likely mistakes: each is named (exit_after=1: the run stops before its one evaluation)."""
     args = [*tiny_args, "optim.warmup=10", "train.eval_iters=100000", "train.exit_after=1"]
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
         assert main(["train", *args]) == 0
@@ -89,7 +89,7 @@ def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_
 
 
 def test_a_llama_with_layernorm_warns_at_startup_that_convert_to_hf_refuses_it(tiny_args, tmp_path, caplog, capsys):
-    """It trained without a word; only the export, after the training, said no HF class computes it."""
+    """Said at startup, not first by the export after the training: no HF class computes it."""
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
         assert main(["train", *tiny_args, "model.norm=layernorm", "train.steps=2"]) == 0
     (warned,) = [m for m in caplog.messages if m.startswith("`megatron-lite convert to-hf` will refuse")]

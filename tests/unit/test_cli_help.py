@@ -47,7 +47,7 @@ def test_counts_that_must_be_positive_are_a_usage_error(argv, capsys):
     "verb", [["train"], ["plan", "--world-size", "1"], ["launch", "slurm", "--nodes", "1", "--dry-run"]]
 )
 def test_config_given_twice_is_one_usage_error_naming_both_files(verb, tmp_path, capsys):
-    """argparse kept the last --config: the run trained with one of the two files without a word."""
+    """argparse alone keeps the last --config: a run would train with one of the two files without a word."""
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     for f in (a, b):
         f.write_text("train:\n  stepz: 1\n")  # read, it would fail: nothing may start whichever is taken

@@ -90,8 +90,8 @@ def test_a_warmup_longer_than_the_run_is_a_warning_with_the_numbers():
 
 
 def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agrees_with():
-    """A run's own config.yaml (decay_steps resolved) reused with a longer train.steps trained its
-    last steps at min_lr without a word; the default decay_steps never warns."""
+    """A run's own config.yaml (decay_steps resolved) reused with a longer train.steps trains its
+    last steps at min_lr: a warning says which; the default decay_steps never warns."""
     from megatron_lite.config import config_warnings
     from megatron_lite.training.lr import lr_at
 
@@ -129,7 +129,7 @@ def test_a_decay_of_zero_steps_is_refused_naming_the_constant_lr_setting():
 
 @pytest.mark.parametrize("override", ["model.norm=layernorm", "model.activation=gelu"])
 def test_a_llama_convert_to_hf_refuses_is_a_warning_by_the_exporters_own_rule(override, capsys):
-    """It trained without a word, and only `convert to-hf` said that no Hugging Face class computes it."""
+    """Named at plan time, with the exporter's own words: no Hugging Face class computes it."""
     from megatron_lite.checkpoint.hf import check_exportable
     from megatron_lite.cli import main
     from megatron_lite.config import config_warnings

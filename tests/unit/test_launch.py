@@ -149,8 +149,8 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     ],
 )
 def test_launch_refuses_a_job_that_cannot_run_before_writing_it(options, message, capsys):
-    """Each was rendered and submitted: 16 ranks on 8 GPUs failed in the job, --cpus-per-rank 0 and
-    --procs-per-node 0 silently became the defaults, port 70000 failed in torchrun."""
+    """Each is refused before a script is written: otherwise 16 ranks on 8 GPUs fail in the job,
+    --cpus-per-rank 0 and --procs-per-node 0 read as the defaults, port 70000 fails in torchrun."""
     args = ["launch", "slurm", "--nodes", "2", *options, "--dry-run", *TINY, "train.global_batch_size=64"]
     assert main([*args, "train.micro_batch_size=1"]) == 2
     err = capsys.readouterr().err
