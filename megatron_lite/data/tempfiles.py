@@ -107,6 +107,16 @@ def create_locked(path: Path, data: bytes = b"") -> BinaryIO:
     return f
 
 
+def _open_regular(path: Path, create: bool) -> int:
+    """``path`` opened for reading and writing (NFS grants an exclusive lock only on a file open for
+    writing), never through a link; OSError when it is not a regular file (a FIFO opens too)."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | (os.O_CREAT if create else 0), 0o644)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
 def open_locked(path: Path) -> tuple[int, bool | None]:
     """Open the regular file ``path`` for reading and writing, creating it empty when missing (never
     replacing it), and try its lock without waiting: ``(fd, taken)``, ``taken`` as :func:`lock`
@@ -115,11 +125,8 @@ def open_locked(path: Path) -> tuple[int, bool | None]:
     open the same file, where each :func:`create_locked` would lock a file of its own, one renamed
     over the other. OSError when ``path`` is a link or not a regular file, or cannot be opened."""
     while True:
-        # for writing: NFS grants an exclusive lock only on a file open for writing
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        fd = _open_regular(path, create=True)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens too
-                raise OSError(errno.EINVAL, "not a regular file", str(path))
             taken = lock(fd, wait=False)
             if not taken or _named(path, fd):
                 return fd, taken
@@ -184,11 +191,8 @@ def locked_if_abandoned(path: Path) -> Iterator[bool | None]:
     False when a live process holds it (or ``path`` was replaced meanwhile); None when the
     filesystem has no locks, so nothing can be proven. OSError when ``path`` cannot be opened for
     writing (gone, a link, another user's) or is not a regular file."""
-    # For writing: NFS grants an exclusive lock only on a file open for writing.
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd = _open_regular(path, create=False)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO opens too
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
         taken = lock(fd, wait=False)
         yield taken and _named(path, fd)
     finally:
