@@ -18,7 +18,8 @@ A resumed run never reads ``checkpoint.init_from``: its weights are its own chec
 ``checkpoint.init_from`` than the one the run started from is warned about (:func:`keep_init_from`),
 not refused (``checkpoint.init_from`` is the start of a run that has no checkpoint yet, as Megatron's
 ``--pretrained-checkpoint`` is, which ``--load`` overrides; a moved import must not block the run),
-and the run keeps recording its true start.
+and the run keeps recording its true start. A weights-only checkpoint (``convert from-hf``'s) that
+``checkpoint.resume`` names is such a start, recorded as the run's ``checkpoint.init_from``.
 
 Another learning-rate schedule is allowed (e.g. a lower ``optim.lr`` past a divergence) but logged
 (:func:`schedule_change`): the learning rate would otherwise jump without a word.
@@ -138,9 +139,37 @@ def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] |
         return None
     check_resume(cfg, reader, rank)
     check_rewind(cfg, reader)
-    if not reader.weights_only:
-        keep_init_from(cfg, reader, rank)
-    return reader, reader.model_state() if reader.weights_only else None  # e.g. made by `convert from-hf`
+    if reader.weights_only:  # e.g. made by `convert from-hf`: a start from its weights
+        record_weights_start(cfg, reader, rank)
+        return reader, reader.model_state()
+    keep_init_from(cfg, reader, rank)
+    return reader, None
+
+
+def record_weights_start(cfg: Config, reader: CheckpointReader, rank: int) -> None:
+    """A run that ``checkpoint.resume`` starts from a weights-only checkpoint starts from its weights as
+    ``checkpoint.init_from`` would: this run's config records that checkpoint as its
+    ``checkpoint.init_from``, so its checkpoints and ``config.yaml`` name where the weights come from;
+    rank 0 warns when this run names another ``checkpoint.init_from``, which is not loaded."""
+    now, source = cfg.checkpoint.init_from, reader.location
+    cfg.checkpoint.init_from = source
+    if now is None or now == source or (not is_url(now) and not is_url(source) and _same_path(now, source)):
+        return
+    if rank == 0:
+        log.warning(
+            "checkpoint.init_from=%r is not loaded: this run starts from %s (checkpoint.resume=%r), a weights-only "
+            "checkpoint, and its checkpoints record that as checkpoint.init_from; to start from %r instead, "
+            "set checkpoint.resume=none",
+            now,
+            source,
+            cfg.checkpoint.resume,
+            now,
+        )
+
+
+def _same_path(a: str, b: str) -> bool:
+    """``a`` and ``b`` name one directory (a step directory, or a root whose newest step is the other)."""
+    return Path(a).resolve() in (Path(b).resolve(), Path(b).resolve().parent)
 
 
 def keep_init_from(cfg: Config, reader: CheckpointReader, rank: int) -> None:

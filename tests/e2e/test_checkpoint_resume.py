@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from convert_fixtures import noisy_checkpoint
 
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
@@ -169,6 +170,31 @@ def test_a_resume_naming_another_init_from_warns_and_keeps_recording_the_runs_st
     caplog.clear()  # the same start, spelled as given or left out: nothing to say
     for same in ([f"checkpoint.init_from={start}"], []):
         assert main(["train", *args, "train.steps=3", *same]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.messages
+
+
+def test_a_resume_from_a_weights_only_checkpoint_records_it_as_the_runs_start(
+    tiny_args, small_corpus, tmp_path, caplog
+):
+    """checkpoint.resume naming an import (weights only) starts from its weights: the run's checkpoints and
+    config.yaml name that import as checkpoint.init_from, not the init_from the config happened to carry."""
+    imported = noisy_checkpoint(tmp_path / "imp", small_corpus[1], kv_heads=2)
+    args = [a for a in tiny_args if not a.startswith("train.steps=")]
+    caplog.set_level(logging.INFO, logger="megatron_lite")
+    unused = tmp_path / "unused"
+    assert (
+        main(["train", *args, "train.steps=2", f"checkpoint.resume={imported}", f"checkpoint.init_from={unused}"]) == 0
+    )
+    (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.startswith(f"checkpoint.init_from={str(unused)!r} is not loaded: this run starts from {imported}")
+    assert "set checkpoint.resume=none" in warned, warned
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "metadata.json").read_text())
+    assert meta["config"]["checkpoint"]["init_from"] == str(imported)
+    assert load_config(tmp_path / "run" / "config.yaml", []).checkpoint.init_from == str(imported)
+    caplog.clear()  # the same start named both ways, or by its root: nothing to say
+    for n, same in enumerate((imported, imported.parent)):
+        again = [*args[:-1], f"log.dir={tmp_path / str(n)}", "train.steps=2", f"checkpoint.resume={imported}"]
+        assert main(["train", *again, f"checkpoint.init_from={same}"]) == 0
     assert not [r for r in caplog.records if r.levelno == logging.WARNING], caplog.messages
 
 
