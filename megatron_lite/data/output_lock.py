@@ -14,7 +14,8 @@ nothing of the first run's.
 The kernel drops the lock however its holder ends (a SIGKILL, the out-of-memory killer; on NFS, when
 the dead client's lease runs out), so the next run proceeds; the file a killed holder leaves is
 opened in place (``tempfiles.take_lock``) and taken over. A run that ends deletes it while still
-holding it. A filesystem without locks gets one warning that nothing keeps a second run out, and
+holding it, and removes the folders it made for its outputs if they stay empty (a run that failed).
+A filesystem without locks gets one warning that nothing keeps a second run out, and
 the run goes on.
 """
 
@@ -62,6 +63,7 @@ def hold_output(prefix: str | Path, output: str | Path) -> Iterator[None]:
     ``with`` block; ``output`` is the ``--output`` given, for the messages. :class:`UserError`, before
     anything is read or written there, when another run holds it."""
     path = lock_path(prefix)
+    created = _missing_dirs(path.parent)
     fd, taken = _take(path, str(output))
     if taken is None:
         log.warning(
@@ -76,3 +78,15 @@ def hold_output(prefix: str | Path, output: str | Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             path.unlink()  # held: no other run uses this file (without locks, nothing can tell)
         os.close(fd)
+        for folder in created:  # a failed run leaves no empty folders behind; one holding files stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing_dirs(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

@@ -242,7 +242,8 @@ def test_a_vocabulary_too_large_for_the_corpus_names_the_flag(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("def f(x):\n    return x\n" * 20)
     with pytest.raises(UserError, match="Vocabulary size too high.*lower --vocab-size"):
-        train_tokenizer([small], tmp_path / "t", 4000, progress=False)
+        train_tokenizer([small], tmp_path / "new" / "deeper" / "t", 4000, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # no empty folders left behind
 
 
 def test_a_bad_jsonl_line_is_the_same_clean_error_as_preprocess_gives(tmp_path):
