@@ -108,8 +108,10 @@ class ParamGather:
         self._emit("param_launch", c, b)
 
     def refresh(self, source: torch.Tensor) -> None:
-        """Gather every bucket from ``source`` and wait (no overlap)."""
-        for i in self.launch_order():
+        """Gather every bucket from ``source`` and wait (no overlap). Before the first step (a
+        resume) the buckets go in shard order and the launch order stays unplanned: it needs the
+        forwards of the first step to find the early buckets."""
+        for i in self.order if self.order is not None else range(len(self.shards)):
             self.launch(i, source)
         self.finish()
 

@@ -132,6 +132,28 @@ def test_single_rank_optimizers_match_the_trainer(distributed):
     assert_close(torch.tensor(losses), torch.tensor(_reference(4)), rtol=1e-6, atol=0.0)
 
 
+def _early_buckets_after_two_steps(resume: bool) -> list[tuple[int, int]]:
+    model = build_model(CFG, 0)
+    ddp = DataParallelGrads(model, None, bucket_numel=3000, reduce_scatter=True)
+    opt = build_dp_optimizer(ddp, OPTIM, overlap_param_gather=True)
+    if resume:  # as a checkpoint restore does, before any forward
+        opt.load_state_dict(opt.state_dict())
+    for batch in _batches(2):
+        ddp.zero_grad()
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        ddp.finish_grad_sync()
+        opt.step()
+    return sorted(opt.gather.early)
+
+
+def test_a_resumed_run_waits_each_bucket_where_its_forward_needs_it():
+    """Only the untied head's bucket (read outside its module's forward) is waited at the start of
+    the forward; the others in their modules' pre-hooks, overlapping the forward, after a resume too."""
+    fresh = _early_buckets_after_two_steps(resume=False)
+    assert fresh == [(0, 0)]  # bucket 0 holds the head: registered last, first in the buffer
+    assert _early_buckets_after_two_steps(resume=True) == fresh
+
+
 def test_each_chunk_launches_after_its_own_last_backward():
     """Two chunks as on one pipeline rank: marking chunk 1 (run last, so its backward runs first) as
     on its last microbatch launches its buckets while chunk 0's backward is still to come."""
