@@ -81,12 +81,14 @@ class ParamGather:
         """Buckets holding a parameter whose module never ran its forward go first (and are waited
         at the chunk's start), the rest in forward order: chunk by chunk, last bucket first. The
         early set is OR-ed over dp ranks, as every rank must launch the same sequence."""
-        early = torch.zeros(len(self.shards))
+        early = [False] * len(self.shards)
         if self.overlap:  # without overlap nothing is waited in a forward: no early buckets
             for i, (c, b, _, _) in enumerate(self.shards):
                 params = self.ddp.buffers[c].buckets[b].params
                 early[i] = any(all(id(m) not in self._fired for m in self._owners[p]) for p in params)
-            early = comm.all_reduce(early, self.ddp.dp_group, op=dist.ReduceOp.MAX)
+            # on the buffers' device: NCCL reduces GPU tensors only
+            votes = torch.tensor(early, dtype=torch.float32, device=self.data[0].device)
+            early = [bool(v) for v in comm.all_reduce(votes, self.ddp.dp_group, op=dist.ReduceOp.MAX).tolist()]
         self.early = {self.shards[i][:2] for i in range(len(self.shards)) if early[i]}
         return sorted(range(len(self.shards)), key=lambda i: (not early[i], self.shards[i][0], -self.shards[i][1]))
 

@@ -154,6 +154,24 @@ def test_a_resumed_run_waits_each_bucket_where_its_forward_needs_it():
     assert _early_buckets_after_two_steps(resume=True) == fresh
 
 
+def test_the_early_bucket_vote_is_reduced_on_the_buffers_device(monkeypatch):
+    """Every collective of a step runs on the device of the buffers (NCCL refuses CPU tensors); a
+    model on the meta device stands for a GPU here, and the vote's all-reduce checks the device."""
+    model = build_model(CFG, 0, device="meta")
+    ddp = DataParallelGrads(model, None, bucket_numel=3000, reduce_scatter=True)
+    opt = build_dp_optimizer(ddp, OPTIM, overlap_param_gather=True)
+
+    def nccl_like_all_reduce(x, group, op=None):
+        if x.device != ddp.buffers[0].data.device:
+            raise RuntimeError(f"No backend type associated with device type {x.device.type}")
+        return torch.ones(x.shape)  # every bucket voted early by some rank
+
+    monkeypatch.setattr(optimizer_module.comm, "all_reduce", nccl_like_all_reduce)
+    order = opt.gather.launch_order()
+    assert sorted(order) == list(range(len(opt.gather.shards)))
+    assert opt.gather.early == {shard[:2] for shard in opt.gather.shards}
+
+
 def test_each_chunk_launches_after_its_own_last_backward():
     """Two chunks as on one pipeline rank: marking chunk 1 (run last, so its backward runs first) as
     on its last microbatch launches its buckets while chunk 0's backward is still to come."""
