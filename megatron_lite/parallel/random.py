@@ -10,10 +10,14 @@ Two streams (Megatron's scheme):
   every shard would drop the same pattern and the layer would not match the single-device model
   in distribution. Under sequence parallelism, dropout on sequence-sharded activations also uses it.
 
-Use: ``tracker = seed_tensor_parallel(seed, mesh.tp_rank)``, then ``with tracker.fork():`` around
-ops that must differ per TP rank. Initialisation does not need it: TP layers are sliced from the
-single-device model's initialised weights (``tensor_parallel.py``). The model has no dropout yet;
-the tracker is what a dropout layer must use when it gets one.
+Both streams also differ between pipeline stages (the seed is offset by the stage, as Megatron's),
+since each stage holds other layers.
+
+Use: ``tracker = seed_tensor_parallel(seed, mesh.tp_rank, pp_rank=mesh.pp_rank)``, then
+``with tracker.fork():`` around ops that must differ per TP rank. Initialisation does not need
+it: TP layers are sliced from the single-device model's initialised weights
+(``tensor_parallel.py``). The model has no dropout yet; the tracker is what a dropout layer must
+use when it gets one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 MODEL_PARALLEL = "model-parallel"
 _TP_SEED_OFFSET = 2718  # Megatron's offset: keeps the per-rank seeds away from the default seed
+_PP_SEED_STRIDE = 100  # Megatron's: seed + 100 * pp_rank per pipeline stage
 
 
 class RNGTracker:
@@ -74,10 +79,13 @@ class RNGTracker:
             self._set_state(saved)
 
 
-def seed_tensor_parallel(seed: int, tp_rank: int, device: torch.device | str = "cpu") -> RNGTracker:
-    """Seed the default stream with ``seed`` (equal on every TP rank) and return a tracker whose
-    ``"model-parallel"`` stream is seeded with ``seed + 2718 + tp_rank`` (distinct per TP rank)."""
-    torch.manual_seed(seed)
+def seed_tensor_parallel(seed: int, tp_rank: int, device: torch.device | str = "cpu", pp_rank: int = 0) -> RNGTracker:
+    """Seed the default stream with ``seed + 100 * pp_rank`` (equal on every TP and DP rank of a
+    pipeline stage) and return a tracker whose ``"model-parallel"`` stream is seeded with that seed
+    ``+ 2718 + tp_rank`` (distinct per TP rank). The pipeline offset is Megatron's: stages hold
+    different layers, which must not draw the same dropout masks."""
+    stage_seed = seed + _PP_SEED_STRIDE * pp_rank
+    torch.manual_seed(stage_seed)
     tracker = RNGTracker(device)
-    tracker.add(MODEL_PARALLEL, seed + _TP_SEED_OFFSET + tp_rank)
+    tracker.add(MODEL_PARALLEL, stage_seed + _TP_SEED_OFFSET + tp_rank)
     return tracker

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from megatron_lite.errors import UserError
@@ -18,6 +19,7 @@ from megatron_lite.parallel.mesh import (
     init_distributed,
     rank_coordinates,
 )
+from megatron_lite.parallel.random import seed_tensor_parallel
 
 
 def test_resolve_derives_dp():
@@ -155,3 +157,23 @@ def test_launch_env_is_read_without_importing_torch():
     from megatron_lite.parallel import mesh
 
     assert mesh.resolve_env is resolve_env and mesh.DistEnv is DistEnv
+
+
+def _draws(tp_rank: int, pp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(default stream, model-parallel stream) draws of a fresh tracker on that (tp, pp) rank."""
+    tracker = seed_tensor_parallel(1234, tp_rank, pp_rank=pp_rank)
+    default = torch.rand(8)
+    with tracker.fork():
+        return default, torch.rand(8)
+
+
+def test_pipeline_stages_draw_their_own_random_streams():
+    """Megatron's seeds: stage s seeds its streams from seed + 100 s, so two stages (other layers)
+    never draw the same dropout masks, while TP ranks of one stage share the default stream."""
+    (default_0, tp_0), (default_1, tp_1) = _draws(0, pp_rank=0), _draws(0, pp_rank=1)
+    assert not torch.equal(default_0, default_1)
+    assert not torch.equal(tp_0, tp_1)
+    other_tp_default, other_tp = _draws(1, pp_rank=1)
+    assert torch.equal(other_tp_default, default_1) and not torch.equal(other_tp, tp_1)
+    torch.manual_seed(1234)
+    assert torch.equal(torch.rand(8), default_0)  # stage 0 keeps the plain seed
