@@ -39,9 +39,12 @@ Under pipeline parallelism: ``ddp.zero_grad(); ddp.set_last_microbatch(False)``,
 under a split backward), so that chunk's buckets launch while the other chunks still compute, then
 ``ddp.finish_grad_sync()`` after the schedule.
 
-A gradient that must first be summed over another group (a tied embedding's two pipeline copies)
-is declared with :meth:`DataParallelGrads.sum_before_reduce`; its bucket is then reduced in
-:meth:`finish_grad_sync`, after that sum.
+A weight held by ranks of another group too (a tied embedding: the first and the last pipeline
+stage each hold a copy) is given as ``tied``: it gets a bucket of its own, so its shards cover the
+same elements on every holder, is reduced over dp like any bucket, and :meth:`finish_grad_sync`
+then sums the reduced values over that group (Megatron's order). A sum of the two copies' values
+is the same bits on both holders, so the copies, stepped alike, stay bitwise equal; summed before
+the dp reduction, each holder would reduce its own buffer layout, in its own order of additions.
 
 ``on_event(name, chunk, bucket)``, optional, is called at ``grad_ready`` (a hook ran),
 ``grad_launch`` and ``grad_wait_begin`` / ``grad_wait_end``: a tracing hook (timelines, the
@@ -51,7 +54,7 @@ overlap benchmark) that costs nothing when unset.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,21 +95,31 @@ class Bucket:
         return self.start + rank * size, self.start + (rank + 1) * size
 
 
-def plan_buckets(numels: Sequence[int], bucket_numel: int, dp: int) -> list[tuple[int, int, list[int]]]:
+def plan_buckets(
+    numels: Sequence[int], bucket_numel: int, dp: int, alone: Collection[int] = ()
+) -> list[tuple[int, int, list[int]]]:
     """Group parameters (given in buffer order by element count) into buckets.
 
     Returns per bucket (start, padded end, indices of its parameters). A bucket closes once it
-    holds at least ``bucket_numel`` elements, so a parameter is never split across buckets.
+    holds at least ``bucket_numel`` elements, so a parameter is never split across buckets. The
+    parameters in ``alone`` (indices) each get a bucket of their own.
     """
     align = dp * ALIGN
-    buckets, start, size, members = [], 0, 0, []
+    groups, members, size = [], [], 0
     for i, n in enumerate(numels):
+        if i in alone and members:  # close the open bucket: i starts its own
+            groups.append((members, size))
+            members, size = [], 0
         members.append(i)
         size += n
-        if size >= bucket_numel or i == len(numels) - 1:
-            padded = -(-size // align) * align
-            buckets.append((start, start + padded, members))
-            start, size, members = start + padded, 0, []
+        if size >= bucket_numel or i in alone or i == len(numels) - 1:
+            groups.append((members, size))
+            members, size = [], 0
+    buckets, start = [], 0
+    for members, size in groups:
+        padded = -(-size // align) * align
+        buckets.append((start, start + padded, members))
+        start += padded
     return buckets
 
 
@@ -127,6 +140,7 @@ class GradBuffer:
         overlap: bool = True,
         reduce_scatter: bool = False,
         on_event: EventHook | None = None,
+        tied: Sequence[tuple[nn.Parameter, Group]] = (),
     ) -> None:
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # tied weights once
         if not named:
@@ -135,7 +149,8 @@ class GradBuffer:
         self.chunk, self.overlap, self.reduce_scatter, self.on_event = chunk, overlap, reduce_scatter, on_event
         self.params = [p for _, p in reversed(named)]
         self.names = {p: n for n, p in named}
-        plan = plan_buckets([p.numel() for p in self.params], bucket_numel, self.dp)
+        alone = {i for i, p in enumerate(self.params) if any(p is t for t, _ in tied)}
+        plan = plan_buckets([p.numel() for p in self.params], bucket_numel, self.dp, alone)
         device = self.params[0].device
         self.data = torch.zeros(plan[-1][1], dtype=torch.float32, device=device)  # (total padded numel,)
         self.buckets: list[Bucket] = []
@@ -152,9 +167,9 @@ class GradBuffer:
                 offset += p.numel()
             self.buckets.append(bucket)
         self.last_microbatch = True
-        self._pre_sums: dict[int, list[tuple[nn.Parameter, Group]]] = {}  # see sum_before_reduce()
-        self._overlapped = [b.index for b in self.buckets]  # buckets launched during backward, in order
-        self._next_launch = 0  # position in _overlapped
+        self._tied = [(self.bucket_of[p], group) for p, group in tied]  # see the module docstring
+        self._next_launch = 0  # the first bucket not launched yet
+        self._synced = False  # finish_grad_sync() ran since zero_grad()
 
     def _emit(self, name: str, bucket: int) -> None:
         if self.on_event is not None:
@@ -176,8 +191,8 @@ class GradBuffer:
             self._launch_ready_buckets()
 
     def _launch_ready_buckets(self) -> None:
-        while self._next_launch < len(self._overlapped):
-            bucket = self.buckets[self._overlapped[self._next_launch]]
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
             if len(bucket.ready) < len(bucket.params):
                 return
             self._launch(bucket)
@@ -190,17 +205,6 @@ class GradBuffer:
         start = comm.start_reduce_scatter_ if self.reduce_scatter else comm.start_all_reduce_
         bucket.pending, bucket.launched = start(grad, self.dp_group), True
         self._emit("grad_launch", bucket.index)
-
-    def sum_before_reduce(self, param: nn.Parameter, group: Group) -> None:
-        """Sum ``param``'s main grad over ``group`` right before its data-parallel reduction (a tied
-        embedding held by the first and the last pipeline stage: their embedding group). Sums
-        commute, but after a reduce-scatter only this rank's shard is valid, and the two stages'
-        buffers lay the weight out differently. The bucket is then reduced in
-        :meth:`finish_grad_sync`, after that all-reduce, never during backward, where a collective
-        with another pipeline stage could deadlock the schedule."""
-        index = self.bucket_of[param].index
-        self._pre_sums.setdefault(index, []).append((param, group))
-        self._overlapped = [b.index for b in self.buckets if b.index not in self._pre_sums]
 
     def set_last_microbatch(self, last: bool) -> None:
         """Whether the next backward is the step's last one for this chunk (launch reductions)."""
@@ -216,17 +220,24 @@ class GradBuffer:
             self.last_microbatch = before
 
     def finish_grad_sync(self) -> None:
-        """Launch the buckets not launched yet (overlap off, parameters that got no grad, buckets
-        with a :meth:`sum_before_reduce` last), in bucket order, then wait for all. Afterwards main
-        grads hold the dp average (reduce-scatter: in this rank's shard of each bucket only)."""
-        for index in self._overlapped[self._next_launch :]:
-            self._launch(self.buckets[index])
-        self._next_launch = len(self._overlapped)
-        for index, sums in sorted(self._pre_sums.items()):
-            if not self.buckets[index].launched:
-                for param, group in sums:
-                    comm.start_all_reduce_(param.main_grad, group).wait()
-                self._launch(self.buckets[index])
+        """Launch the buckets not launched yet (overlap off, parameters that got no grad), in bucket
+        order, wait for all, then sum each ``tied`` weight's reduced grad over its group (here, after
+        the schedule: a collective with another pipeline stage during backward could deadlock it).
+        Afterwards main grads hold the dp average (reduce-scatter: in this rank's shard of each
+        bucket only)."""
+        for bucket in self.buckets[self._next_launch :]:
+            self._launch(bucket)
+        self._next_launch = len(self.buckets)
+        self._wait_all()
+        if not self._synced:  # finish_grad_sync() twice is harmless: the tied sum runs once
+            for bucket, group in self._tied:
+                lo, hi = (
+                    bucket.shard_range(self.dp_rank, self.dp) if self.reduce_scatter else (bucket.start, bucket.end)
+                )
+                comm.start_all_reduce_(self.data[lo:hi], group).wait()
+        self._synced = True
+
+    def _wait_all(self) -> None:
         for bucket in self.buckets:
             if bucket.pending is None:  # already finished: finish_grad_sync() twice is harmless
                 continue
@@ -243,7 +254,7 @@ class GradBuffer:
         for bucket in self.buckets:
             bucket.ready.clear()
             bucket.launched = False
-        self._next_launch = 0
+        self._next_launch, self._synced = 0, False
 
 
 class DataParallelGrads:
@@ -258,6 +269,8 @@ class DataParallelGrads:
         overlap: launch each bucket's reduction during the last backward as soon as it is ready.
         reduce_scatter: reduce-scatter instead of all-reduce (the distributed optimizer).
         on_event: optional tracing hook ``(name, chunk, bucket)`` (module docstring).
+        tied: (parameter, group) pairs: a weight whose copies on the ranks of ``group`` (a tied
+            embedding's first and last pipeline stage) sum their grads (module docstring).
     """
 
     def __init__(
@@ -270,6 +283,7 @@ class DataParallelGrads:
         overlap: bool = True,
         reduce_scatter: bool = False,
         on_event: EventHook | None = None,
+        tied: Sequence[tuple[nn.Parameter, Group]] = (),
     ) -> None:
         if bucket_numel is not None and bucket_bytes is not None:
             raise ValueError("give bucket_numel or bucket_bytes, not both")
@@ -281,6 +295,8 @@ class DataParallelGrads:
         ids = [id(p) for m in self.chunks for p in m.parameters() if p.requires_grad]
         if len(ids) != len(set(ids)):  # each would get its own main_grad and hook: two buffers, one grad
             raise ValueError("a parameter belongs to two model chunks; give each chunk its own copy")
+        if any(id(p) not in ids for p, _ in tied):
+            raise ValueError("tied: a parameter is not a trainable parameter of these chunks")
         self.dp_group, self.reduce_scatter = dp_group, reduce_scatter
         self.buffers = [
             GradBuffer(
@@ -291,6 +307,7 @@ class DataParallelGrads:
                 overlap=overlap,
                 reduce_scatter=reduce_scatter,
                 on_event=on_event,
+                tied=[(p, g) for p, g in tied if any(p is q for q in m.parameters())],
             )
             for c, m in enumerate(self.chunks)
         ]
@@ -316,13 +333,6 @@ class DataParallelGrads:
             for buffer in self.buffers:
                 stack.enter_context(buffer.sync(last))
             yield
-
-    def sum_before_reduce(self, param: nn.Parameter, group: Group) -> None:
-        """:meth:`GradBuffer.sum_before_reduce` on the chunk that holds ``param``."""
-        holders = [b for b in self.buffers if param in b.bucket_of]
-        if not holders:
-            raise ValueError("sum_before_reduce: the parameter is not a trainable parameter of these chunks")
-        holders[0].sum_before_reduce(param, group)
 
     def finish_grad_sync(self) -> None:
         """Launch what is left and wait for every chunk's reductions (after the last backward)."""

@@ -70,15 +70,15 @@ class Engine:
         self.scaler = self.precision.make_scaler()
         self.runtime = self._build_runtime() if mesh.pp_size > 1 else None
         bucket = cfg.parallel.bucket_mb * 2**20 if cfg.parallel.bucket_mb else None
+        tied = self.runtime.tied if self.runtime is not None else None
         self.ddp = DataParallelGrads(
             self.chunks,
             mesh.dp_group,
             bucket_bytes=bucket,
             overlap=cfg.parallel.overlap_grad_reduce,
             reduce_scatter=cfg.optim.distributed,
+            tied=[(tied, self.runtime.embed_group)] if tied is not None else [],
         )
-        if self.runtime is not None and self.runtime.tied is not None:
-            self.ddp.sum_before_reduce(self.runtime.tied, self.runtime.embed_group)
         self.optimizer = build_dp_optimizer(self.ddp, cfg.optim, overlap_param_gather=cfg.parallel.overlap_param_gather)
 
     def _build_chunks(self, model_state: dict[str, torch.Tensor] | None) -> list[torch.nn.Module]:
@@ -118,7 +118,7 @@ class Engine:
             activation_shape=shape,
             scale_loss=self.scaler.scale_loss if self.scaler else None,
             before_last_backward=lambda c: self.ddp.buffers[c].set_last_microbatch(True),
-            sync_tied_grads=False,  # the main-grad buffers sum it (sum_before_reduce)
+            sync_tied_grads=False,  # the main-grad buffers sum it (DataParallelGrads' tied)
         )
         if runtime.tied is not None and not any(c.is_first for c in self.chunks):
             # the head's copy on the last stage's rank; the first stage's rank owns the embedding

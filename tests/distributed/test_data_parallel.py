@@ -229,24 +229,32 @@ class _TiedStage(nn.Module):
         self.extra = nn.Parameter(torch.zeros(32)) if stage else None
 
 
-def _sum_before_reduce(rank: int, world: int) -> bool:
+def _tied_sum(rank: int, world: int) -> bool:
     m = ParallelMesh.build(ParallelDims(pp=2, dp=2))
     stage = _TiedStage(m.pp_rank)
     log = []
-    ddp = DataParallelGrads(stage, m.dp_group, overlap=True, reduce_scatter=True, on_event=lambda *e: log.append(e))
-    ddp.sum_before_reduce(stage.tied, m.pp_group)  # the pp group pairs the two copies here
+    ddp = DataParallelGrads(
+        stage,
+        m.dp_group,
+        overlap=True,
+        reduce_scatter=True,
+        on_event=lambda *e: log.append(e),
+        tied=[(stage.tied, m.pp_group)],
+    )  # the pp group pairs the two copies here
+    buffer = ddp.buffers[0]
+    bucket = buffer.bucket_of[stage.tied]
+    assert bucket.params == [stage.tied]  # a bucket of its own: the same shards on both stages
     weights = [torch.arange(64.0) * (r + 1) for r in range(world)]  # rank r's local grad of tied
     loss = (stage.tied * weights[rank]).sum() + (stage.extra.sum() if stage.extra is not None else 0)
     loss.backward()
-    assert not [e for e in log if e[0] == "grad_launch"]  # deferred to finish_grad_sync
+    assert ("grad_launch", 0, bucket.index) in log  # reduced over dp during backward, like any bucket
     ddp.finish_grad_sync()
-    buffer = ddp.buffers[0]
-    lo, hi = buffer.buckets[0].shard_range(buffer.dp_rank, buffer.dp)
-    t_lo, t_hi = buffer.offsets[stage.tied]
+    ddp.finish_grad_sync()  # harmless: the sum over the stages runs once
+    lo, hi = bucket.shard_range(buffer.dp_rank, buffer.dp)
+    t_lo = buffer.offsets[stage.tied][0]
     expected = torch.stack(weights).sum(0) / 2  # summed over the two stages, averaged over dp
-    a, b = max(lo, t_lo), min(hi, t_hi)
-    return a < b and torch.equal(buffer.data[a:b], expected[a - t_lo : b - t_lo])
+    return torch.equal(buffer.data[lo:hi], expected[lo - t_lo : hi - t_lo])
 
 
-def test_sum_before_reduce_combines_tied_copies_with_different_layouts(world4):
-    assert world4.run(_sum_before_reduce) == [True] * 4
+def test_tied_copies_with_different_layouts_sum_their_reduced_grads(world4):
+    assert world4.run(_tied_sum) == [True] * 4

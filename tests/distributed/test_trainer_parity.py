@@ -12,6 +12,8 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from megatron_lite.config import load_config
 from megatron_lite.data.corpus import prepare_default_corpus
@@ -95,29 +97,59 @@ def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
     assert list((tmp_path / "run" / "index").glob("train-e0-*.perm.npy"))  # the cached layout used it
 
 
+@pytest.fixture(scope="module")
+def world8():
+    """The 8-rank world of this module's 3D tests (started here: no other module needs one)."""
+    from harness import World
+
+    world = World(8)
+    world.start()
+    yield world
+    world.close()
+
+
 def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return Trainer(load_config(None, args)).fit()
 
 
-def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(corpus, tmp_path):
+def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_path):
     """8 ranks: tp=2 x pp=2 x dp=2, ZeRO-1, tied embeddings across stages, evaluation through the
     pipeline; losses and held-out losses equal the one-process run (rtol 1e-5, as above)."""
-    from harness import World
-
     prefix, tok = corpus
     base = overrides(prefix, str(tok), str(tmp_path / "run"))
     base = [*base, "data.valid_fraction=0.25", "train.eval_every=2", "model.tie_embeddings=true"]
     layout = ["parallel.tp=2", "parallel.pp=2", "optim.distributed=true", "parallel.sp=true"]
-    world = World(8)
-    world.start()
-    try:
-        per_rank = world.run(_run_3d, [*base, *layout], 29501)
-    finally:
-        world.close()
+    per_rank = world8.run(_run_3d, [*base, *layout], 29501)
     reference = Trainer(load_config(None, [*base[:-4], f"log.dir={tmp_path / 'one'}", *base[-3:]])).fit()
     for key in ("loss", "eval_loss"):
         want = [r[key] for r in reference if key in r]
         assert len(want) == (4 if key == "loss" else 2)
         for records in per_rank:
             assert [r[key] for r in records if key in r] == pytest.approx(want, rel=1e-5), key
+
+
+def _train_tied(rank: int, world: int, args: list[str], port: int) -> tuple[list[float], float]:
+    """(loss and grad norm per step, largest difference between the tied embedding's two copies)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    trainer = Trainer(load_config(None, args))
+    curves = [x for r in trainer.fit() for x in (r["loss"], r["grad_norm"])]
+    engine = trainer.engine
+    engine.optimizer.finish_param_sync()  # the last step's parameter all-gathers
+    copies = [torch.empty_like(engine.runtime.tied) for _ in range(2)]
+    dist.all_gather(copies, engine.runtime.tied.detach(), group=engine.runtime.embed_group)
+    return curves, (copies[0] - copies[1]).abs().max().item()
+
+
+def test_tied_copies_stay_bitwise_equal_over_dp4(world8, corpus, tmp_path):
+    """pp=2 x dp=4, ZeRO-1, tied embeddings: the two stages reduce the embedding's gradient over dp
+    in buffers of different layouts (model.vocab_size=515 shifts the offsets), so each adds the four
+    ranks' values in its own order; the first stage's embedding and the last stage's head copy must
+    still be the same bits after training, and the losses those of one process (rtol 1e-5)."""
+    prefix, tok = corpus
+    base = [*overrides(prefix, str(tok), str(tmp_path / "run")), "model.tie_embeddings=true", "model.vocab_size=515"]
+    per_rank = world8.run(_train_tied, [*base, "parallel.pp=2", "optim.distributed=true"], 29502)
+    reference = train_curves([*base[:-3], f"log.dir={tmp_path / 'one'}", *base[-2:]])
+    for curves, gap in per_rank:
+        assert gap == 0.0
+        assert curves == pytest.approx(reference, rel=1e-5)

@@ -51,6 +51,9 @@ def test_plan_buckets_keeps_params_whole_and_pads_to_dp_shards():
     assert [members for _, _, members in plan] == [[0, 1], [2, 3], [4]]
     assert [(start, end) for start, end, _ in plan] == [(0, 32), (32, 96), (96, 128)]
     assert all(end % (2 * ALIGN) == 0 for _, end, _ in plan)
+    # a tied weight (index 1) gets a bucket of its own, closing the one before it
+    alone = plan_buckets([10, 20, 5, 40, 3], bucket_numel=25, dp=2, alone={1})
+    assert [members for _, _, members in alone] == [[0], [1], [2, 3], [4]]
 
 
 def test_buffer_is_reverse_registration_order_with_main_grad_views():

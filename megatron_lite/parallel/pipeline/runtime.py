@@ -30,8 +30,9 @@ without the ``.data`` swap). A microbatch's graph lives until its B (or W for sp
 Tied embeddings: the last stage's chunk holds its own ``embed`` for the head. At construction the
 first stage's weight is broadcast over ``embed_group`` (ranks of the first and last stage), and
 after each step the two gradients are summed over that group, so both copies see the full
-gradient and, stepped by the same optimizer, stay identical. Sums commute, so this all-reduce may
-run before or after a data-parallel reduction of the same gradient.
+gradient and, stepped by the same optimizer, stay identical. With data parallelism the trainer
+leaves that sum to ``DataParallelGrads`` (``tied``), which makes it after the dp reduction: then
+both copies get the same bits, whatever order each stage's reduction adds in.
 
 Hangs: every transfer batch and the embedding all-reduce wait at most ``timeout_s``; past that a
 :class:`PipelineTimeoutError` names the rank, stage, action and microbatch.
@@ -153,8 +154,8 @@ class PipelineRuntime:
     gradient-producing action of the step (its last B, or W under split backward), so data-parallel
     buckets of that chunk can launch their reductions while the other chunks still run.
     ``sync_tied_grads``: sum the tied embedding's ``.grad`` over ``embed_group`` after each step;
-    turn it off when data-parallel main-grad buffers own the gradient (they sum it themselves,
-    ``DataParallelGrads.sum_before_reduce``).
+    turn it off when data-parallel main-grad buffers own the gradient (they sum it themselves:
+    ``DataParallelGrads(..., tied=...)``).
     """
 
     def __init__(
