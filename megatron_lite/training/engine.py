@@ -133,7 +133,11 @@ class Engine:
 
     def forward_backward(self, micro: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over ``micro``; returns that mean on every rank
-        of this pipeline (0 before the loss exists is never seen: it is summed over the pp group)."""
+        of this pipeline (0 before the loss exists is never seen: it is summed over the pp group).
+        A microbatch's loss is the mean over its targets, and the step's the mean of those over the
+        global batch's microbatches (the dp reduction averages the ranks' means), Megatron's choice:
+        the same in every layout, since which samples form a microbatch does not depend on it
+        (``PretrainingLoader``), and the mean over tokens while no target is ignored."""
         if self.runtime is not None:
             self.ddp.set_last_microbatch(False)  # each chunk's last backward flips it (runtime)
             loss = self.runtime.step([(b[:, :-1], b[:, 1:]) for b in micro])
