@@ -73,12 +73,16 @@ def sum_of_squares(grad: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def global_grad_norm(segments: Sequence[Segment], groups: Sequence[Group], tp_rank: int) -> torch.Tensor:
+def global_grad_norm(
+    segments: Sequence[Segment], groups: Sequence[Group], tp_rank: int, device: torch.device | None = None
+) -> torch.Tensor:
     """L2 norm of all gradients in the world, as an fp32 scalar identical on every rank.
 
     ``segments``: the optimizer's ``grad_segments()``: (parameter, 1-D fp32 grad elements this rank
     holds, offset of the first in the flattened parameter); ``groups``: the groups whose ranks hold
-    disjoint parts of the model's gradient (the sums of squares are added over each in turn).
+    disjoint parts of the model's gradient (the sums of squares are added over each in turn);
+    ``device``: where the sum is reduced when this rank holds no gradient element (an empty ZeRO
+    shard), the device the collectives need (NCCL refuses CPU tensors).
     """
     counted, others = [], []
     for param, grad, offset in segments:
@@ -88,7 +92,7 @@ def global_grad_norm(segments: Sequence[Segment], groups: Sequence[Group], tp_ra
         else:
             counted.append(grad[mask])
             others.append(grad[~mask])
-    total = torch.zeros((), dtype=torch.float32, device=segments[0][1].device if segments else None)
+    total = torch.zeros((), dtype=torch.float32, device=segments[0][1].device if segments else device)
     if counted:  # per-tensor sums first: no temporary the size of a gradient
         total += torch.stack([sum_of_squares(g) for g in counted]).sum()
     if others:
@@ -107,7 +111,7 @@ def clip_grad_norm_(optimizer, max_norm: float, *, tp_group: Group, pp_group: Gr
     then does, since all read the same all-reduced norm.
     """
     groups = ([optimizer.dp_group] if optimizer.sharded else []) + [tp_group, pp_group]
-    norm = global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group))
+    norm = global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group), optimizer.device)
     finite = bool(torch.isfinite(norm))
     if finite and max_norm > 0:
         # the same ops as torch.nn.utils.clip_grad_norm_: the factor is applied even when it is 1

@@ -154,6 +154,11 @@ class DistributedAdamW:
         if self._views:
             torch._foreach_mul_([v.grad for v in self._views], factor)
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the gradients and of their collectives (also when this rank's shard is empty)."""
+        return self.master.device
+
     def grad_segments(self) -> list[tuple[nn.Parameter, torch.Tensor, int]]:
         """(parameter, its reduced fp32 grad elements in this rank's shard, offset of the first in
         the flattened parameter), for the global norm."""
@@ -269,6 +274,11 @@ class ReplicatedAdamW:
     def scale_grads(self, factor: torch.Tensor | float) -> None:
         """Multiply every main grad by ``factor`` (clip, unscale)."""
         torch._foreach_mul_([p.main_grad for p in self.params], factor)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the gradients and of their collectives."""
+        return self.params[0].main_grad.device
 
     def grad_segments(self) -> list[tuple[nn.Parameter, torch.Tensor, int]]:
         """(parameter, its full all-reduced fp32 grad, flat, 0), for the global norm."""

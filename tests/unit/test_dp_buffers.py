@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from megatron_lite.config import ModelConfig, OptimConfig
 from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel import grad_utils
 from megatron_lite.parallel import optimizer as optimizer_module
 from megatron_lite.parallel.data_parallel import ALIGN, DataParallelGrads, plan_buckets
 from megatron_lite.parallel.grad_utils import clip_grad_norm_
@@ -173,6 +174,23 @@ def test_the_early_bucket_vote_is_reduced_on_the_buffers_device(monkeypatch):
     order = opt.gather.launch_order()
     assert sorted(order) == list(range(len(opt.gather.shards)))
     assert opt.gather.early == {shard[:2] for shard in opt.gather.shards}
+
+
+def test_a_rank_holding_no_gradient_element_reduces_its_norm_on_the_gradients_device(monkeypatch):
+    """A ZeRO shard can be empty (tiny buckets, many dp ranks): that rank's zero sum of squares still
+    joins the all-reduce, on the device of the gradients (NCCL refuses CPU tensors; meta stands in)."""
+    for reduce_scatter in (True, False):
+        model = build_model(CFG, 0, device="meta")
+        ddp = DataParallelGrads(model, None, bucket_numel=3000, reduce_scatter=reduce_scatter)
+        assert build_dp_optimizer(ddp, OPTIM).device == torch.device("meta")
+
+    def nccl_like_all_reduce(x, group, op=None):
+        if x.device != torch.device("meta"):
+            raise RuntimeError(f"No backend type associated with device type {x.device.type}")
+        return x
+
+    monkeypatch.setattr(grad_utils.comm, "all_reduce", nccl_like_all_reduce)
+    assert grad_utils.global_grad_norm([], [None], 0, torch.device("meta")).device == torch.device("meta")
 
 
 def test_each_chunk_launches_after_its_own_last_backward():
