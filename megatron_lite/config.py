@@ -108,7 +108,8 @@ class OptimConfig:
     """Learning rate at the end of the cosine decay."""
     warmup: int = 100
     """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``). More than
-    ``train.steps`` is a warning at startup: the run would never reach ``lr`` nor decay."""
+    ``train.steps`` is a warning at startup: the run would never reach ``lr`` nor decay. The schedule
+    counts optimizer updates: a skipped step (non-finite gradients) does not advance it."""
     decay_steps: int | None = None
     """Steps of cosine decay after warmup, at least 1 (for a constant learning rate after warmup set
     ``min_lr`` to ``lr``). Default: train.steps - warmup. A decay that ends before ``train.steps`` is

@@ -214,8 +214,9 @@ def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     ]
     if not changed:
         return None
-    before = f"{lr_at(reader.step, config_from_dict(reader.meta['config']).optim):.4g}"
-    now = f"{lr_at(reader.step, cfg.optim):.4g}"
+    updates = reader.step - (reader.meta.get("trainer") or {}).get("skipped_steps", 0)  # the schedule's position
+    before = f"{lr_at(updates, config_from_dict(reader.meta['config']).optim):.4g}"
+    now = f"{lr_at(updates, cfg.optim):.4g}"
     if now == before:
         return None
     return (

@@ -267,7 +267,7 @@ class Trainer:
     # ---- steps -------------------------------------------------------------------------------
     def train_step(self) -> dict:
         """One optimizer step: loss (global-batch mean), grad_norm, lr, skipped."""
-        lr = lr_at(self.step, self.cfg.optim)
+        lr = lr_at(self.step - self.skipped_steps, self.cfg.optim)  # a skipped step leaves the schedule where it is
         micro = self.loader.next_step()
         top = max(int(b.max()) for b in micro)
         if top >= self.cfg.model.vocab_size:  # else an IndexError deep inside the embedding

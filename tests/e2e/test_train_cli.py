@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.cli import main, parse_args
+from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
+from megatron_lite.training.lr import lr_at
 from megatron_lite.training.run_lock import LOCK_FILE
 from megatron_lite.training.trackers import Trackers
 
@@ -75,7 +77,7 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     closed = []
     real_close = Trackers.close
     monkeypatch.setattr(Trackers, "close", lambda self, failed=False: closed.append(failed) or real_close(self, failed))
-    args = [*tiny_args, "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
+    args = [*tiny_args, "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e3", "optim.clip_grad=0"]
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.fault"):
         assert main(["train", *args]) == 2
     assert closed == [True]  # TensorBoard and W&B flushed, and W&B told the run failed
@@ -89,7 +91,12 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     assert [r["step"] for r in rows] == list(range(1, last + 1)), rows
     assert [r["skipped_steps"] for r in rows[first - 1 :]] == list(range(1, 11)), rows
     assert rows[-1]["grad_norm"] is None and rows[-1]["consumed_samples"] == last * 8, rows[-1]
-    assert rows[-1]["lr"] == 1e4 and "eval_loss" not in rows[-1], rows[-1]  # no evaluation of diverged weights
+    assert "eval_loss" not in rows[-1], rows[-1]  # no evaluation of diverged weights
+    # a skipped step does not advance the learning-rate schedule (Megatron's convention)
+    optim = load_config(tmp_path / "run" / "config.yaml", []).optim
+    skipped_before = [0] + [r["skipped_steps"] for r in rows[:-1]]
+    assert [r["lr"] for r in rows] == [lr_at(r["step"] - 1 - n, optim) for r, n in zip(rows, skipped_before)]
+    assert rows[first - 2]["lr"] != rows[first - 1]["lr"] == rows[-1]["lr"], rows
     # fp16: the loss scaler's skips are routine while it backs off, not once the loss is not finite
     fp16 = [*args, f"log.dir={tmp_path / 'fp16'}", "train.dtype=fp16"]
     assert main(["train", *fp16]) == 2
