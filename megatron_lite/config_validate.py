@@ -58,13 +58,13 @@ _RANGES = {
     ("optim", "beta1"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "beta2"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "eps"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "warmup"): (lambda v: v >= 0, ">= 0 (0: no warmup)"),
     ("optim", "weight_decay"): (lambda v: v >= 0, ">= 0"),
     ("optim", "clip_grad"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     ("train", "seed"): (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     ("train", "exit_after"): (lambda v: v >= 1, ">= 1 (steps this process trains; leave it unset for all)"),
     ("checkpoint", "every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),
-    ("log", "every"): (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -106,10 +106,8 @@ def _check_fields(cfg: Config) -> None:
             raise UserError(f"{section}.{key} must be {need}, got {value!r}")
     _check_int64(cfg)
     o = cfg.optim
-    if not o.lr > 0 or not 0 <= o.min_lr <= o.lr:
-        raise UserError(f"need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
-    if o.warmup < 0 or o.clip_grad < 0 or o.weight_decay < 0:
-        raise UserError("optim.warmup, optim.clip_grad and optim.weight_decay must be >= 0")
+    if o.min_lr > o.lr:
+        raise UserError(f"need optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
     _check_data(cfg.data)
 
 

@@ -86,7 +86,16 @@ def test_unknown_and_malformed_keys(override, expected):
         (["train.steps=0"], "train.steps must be a positive integer"),
         (["train.global_batch_size=12", "train.micro_batch_size=8"], r"8 x 1 = 8"),
         (["model.arch=bert"], "is not one of: llama, gpt2"),
-        (["optim.min_lr=1", "optim.lr=0.1"], "min_lr"),
+        (["optim.min_lr=1", "optim.lr=0.1"], r"need optim.min_lr <= optim.lr; got lr=0.1, min_lr=1"),
+        (["data.valid_fraction=1"], r"data.valid_fraction must be in \[0, 1\), got 1"),
+        (
+            ["data.path=[a,b]", "data.tokenizer=t.model", "data.weights=[1]"],
+            r"data.weights has 1 entries but data.path has 2",
+        ),
+        (
+            ["data.path=[a]", "data.tokenizer=t.model", "data.weights=[inf]"],
+            r"data.weights must be finite numbers >= 0, not all zero, one per data.path prefix; got \[inf\]",
+        ),
         (["parallel.sp=true"], r"needs parallel.tp > 1 .*: set parallel.tp > 1 or parallel.sp=false$"),
         # gpt2 as HF's GPT2LMHeadModel computes it, so `convert to-hf` can always write the model
         (
@@ -166,12 +175,13 @@ def test_save_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "override",
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
-     "optim.lr=inf", "parallel.timeout_s=0", "parallel.bucket_mb=-1", "checkpoint.every=-1",
+     "optim.lr=inf", "optim.warmup=-1", "optim.weight_decay=-0.1", "optim.clip_grad=-1", "parallel.timeout_s=0",
+     "parallel.bucket_mb=-1", "checkpoint.every=-1",
      "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan"],
 )  # fmt: skip
 def test_out_of_range_values_are_one_error_naming_the_key(override):
-    """Each of these was accepted: a traceback from AdamW or torch.normal_ at startup, or a run
-    silently broken (NaN losses, one-element gradient buckets, a checkpoint every step)."""
+    """Each of these would be a traceback from AdamW or torch.normal_ at startup, or a run silently
+    broken (NaN losses, one-element gradient buckets, a checkpoint every step)."""
     key = override.split("=")[0]
     with pytest.raises(UserError, match=rf"^{key} must be .*, got "):
         resolved(override)
