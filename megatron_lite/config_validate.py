@@ -184,11 +184,14 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
             f"of {', '.join(map(str, fits))}"
         )
     if m.arch == "llama" and (m.hidden // m.heads) % 2:
-        raise UserError(f"RoPE needs an even head dim; hidden/heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}")
+        raise UserError(
+            f"RoPE needs an even head dim; model.hidden/model.heads = {m.hidden}/{m.heads} = {m.hidden // m.heads}: "
+            f"set model.hidden to a multiple of 2 x model.heads = {2 * m.heads} (e.g. {m.hidden + m.heads})"
+        )
     if m.arch == "gpt2":
         _check_gpt2(m)
     if m.ffn_hidden < 1:
-        raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden}")
+        raise UserError(f"model.ffn_hidden must be positive, got {m.ffn_hidden} (leave it out for the arch's default)")
     if (need_vocab or m.vocab_size is not None) and (m.vocab_size is None or m.vocab_size < 2):
         raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
 

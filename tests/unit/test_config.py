@@ -87,6 +87,9 @@ def test_unknown_and_malformed_keys(override, expected):
         (["train.global_batch_size=12", "train.micro_batch_size=8"], r"8 x 1 = 8"),
         (["model.arch=bert"], "is not one of: llama, gpt2"),
         (["optim.min_lr=1", "optim.lr=0.1"], r"need optim.min_lr <= optim.lr; got lr=0.1, min_lr=1"),
+        (["model.hidden=36", "model.heads=4"], r"RoPE needs an even head dim; .* = 36/4 = 9: .* = 8 \(e.g. 40\)$"),
+        (["model.ffn_hidden=0"], r"model.ffn_hidden must be positive, got 0 \(leave it out for the arch's default\)$"),
+        (["model.vocab_size=1"], r"model.vocab_size must be >= 2 \(or left empty to take the tokenizer's\), got 1$"),
         (["data.valid_fraction=1"], r"data.valid_fraction must be in \[0, 1\), got 1"),
         (
             ["data.path=[a,b]", "data.tokenizer=t.model", "data.weights=[1]"],
