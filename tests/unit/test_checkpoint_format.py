@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative
 from megatron_lite.checkpoint.format import FORMAT, box_key, metadata_problem, sha256_file, write_tensor_file
 from megatron_lite.checkpoint.lineage import _schedule, consumed_per_dataset
-from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.checkpoint.reader import _check_files, find_checkpoint
 from megatron_lite.checkpoint.shards import Piece
+from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.checkpoint.writer import Checkpointer, save_weights
 from megatron_lite.errors import UserError
 
@@ -174,3 +175,22 @@ def test_data_changes_names_what_differs_from_the_checkpoints_lineage():
     ]
     retok = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20), tok="t2"), [0.5, 0.5])
     assert retok == ["the tokenizer tok.model is not the one the checkpoint was trained with"]
+
+
+def test_each_rank_hashes_only_its_round_robin_share_of_the_files(tmp_path, monkeypatch):
+    """File i (in sorted order) is hashed by rank i % world only: a world of N ranks reads a
+    checkpoint's bytes once, not N times; the verdicts are then gathered (tests/distributed)."""
+    (tmp_path / "step").mkdir()
+    files = {}
+    for i in range(5):
+        path = tmp_path / "step" / f"rank_{i:05d}.safetensors"
+        path.write_bytes(bytes([i]) * (i + 1))
+        files[path.name] = {"sha256": sha256_file(path), "bytes": i + 1}
+    storage, hashed = Storage(tmp_path), []
+    real = storage.sha256
+    monkeypatch.setattr(storage, "sha256", lambda rel: hashed.append(rel.split("/")[-1]) or real(rel))
+    assert _check_files(storage, "step", files, 1, 2) is None
+    assert hashed == ["rank_00001.safetensors", "rank_00003.safetensors"]
+    files["rank_00002.safetensors"]["sha256"] = "0" * 64  # rank 0's share: rank 1 does not see it
+    assert _check_files(storage, "step", files, 1, 2) is None
+    assert _check_files(storage, "step", files, 0, 2) == "rank_00002.safetensors does not match its sha256 (corrupt)"
