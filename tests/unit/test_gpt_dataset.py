@@ -98,6 +98,8 @@ def test_train_valid_disjoint(one):
     assert len(valid_ids) == 4 and not set(train_ids) & set(valid_ids)
     assert sorted([*train_ids, *valid_ids]) == list(range(len(docs)))
     assert len(split_documents(sizes, "valid", 0.001)) == 1  # at least one document
+    assert len(split_documents(sizes, "train", 0.999)) == 1  # train keeps one: round(40 * 0.999) = 40
+    assert len(split_documents(sizes[:1], "valid", 0.5)) == 0  # a single document stays in train
     train = GPTDataset([prefix], None, SEQ, seed=0, split="train", valid_fraction=0.1)
     valid = GPTDataset([prefix], None, SEQ, seed=0, split="valid", valid_fraction=0.1)
     seen_train = np.concatenate([train[i] for i in range(train.samples_per_epoch[0])])
@@ -211,6 +213,8 @@ def test_loader_resume_continues_exactly(one):
     state = a.state_dict()
     assert state == {"consumed_samples": 24}
     b = PretrainingLoader(ds, 2, 8, dp_rank=1, dp_size=2)
+    with pytest.raises(UserError, match=r"^consumed_samples in a loader state must be >= 0, got -8$"):
+        b.load_state_dict({"consumed_samples": -8})
     b.load_state_dict(state)
     for _ in range(2):
         for x, y in zip(a.next_step(), b.next_step(), strict=True):
@@ -223,6 +227,12 @@ def test_loader_rejects_indivisible_batch(one):
         PretrainingLoader(ds, 2, 10, dp_size=4)
     with pytest.raises(UserError, match="dp_rank 4"):
         PretrainingLoader(ds, 2, 8, dp_rank=4, dp_size=4)
+    with pytest.raises(
+        UserError, match=r"micro_batch_size \(0\), global_batch_size \(8\) and dp \(1\) must be positive"
+    ):
+        PretrainingLoader(ds, 0, 8)
+    with pytest.raises(UserError, match=r"^consumed_samples must be >= 0, got -1$"):
+        PretrainingLoader(ds, 2, 8, consumed_samples=-1)
 
 
 def test_one_dataset_listed_twice_is_refused(one, tmp_path):
