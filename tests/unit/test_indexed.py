@@ -55,12 +55,20 @@ def test_token_dtype_choice():
     assert token_dtype(128_256) == np.int32
 
 
-def test_out_of_range_ids_rejected(tmp_path):
+@pytest.mark.parametrize(
+    "dtype, ids, message",
+    [
+        (np.uint16, [70_000], r"token ids must lie in \[0, 65535\] for uint16, got 70000..70000"),
+        (np.uint16, [3, -1], r"token ids must lie in \[0, 65535\] for uint16, got -1..3"),  # would wrap to 65535
+        (np.int32, [-5, 7], r"token ids must lie in \[0, 2147483647\] for int32, got -5..7"),
+    ],
+)
+def test_out_of_range_ids_rejected(tmp_path, dtype, ids, message):
     with (
-        IndexedDatasetBuilder(tmp_path / "d", np.uint16) as builder,
-        pytest.raises(ValueError, match="65535"),
+        IndexedDatasetBuilder(tmp_path / "d", dtype) as builder,
+        pytest.raises(ValueError, match=message),
     ):
-        builder.add_document([70_000])
+        builder.add_document(ids)
 
 
 def test_error_inside_builder_leaves_nothing(tmp_path):
