@@ -131,6 +131,17 @@ def test_validator_names_the_broken_rule(rank0, message):
         validate(_one_microbatch(rank0, GOOD_RANK1))
 
 
+def test_validator_names_a_broken_rule_on_the_last_rank_or_of_a_split_backward():
+    # rank 1 sends the gradient to itself: the static check names it before any replay
+    with pytest.raises(ScheduleError, match=r"rank 1: SEND_B0.0->1 has the wrong peer \(expected 0\)$"):
+        validate(_one_microbatch([F0, SEND_F, RECV_B, B0], [RECV_F, F0, B0, Action(Op.SEND_B, 0, 0, 1)]))
+    # zero-bubble: the weight gradient W needs the input gradient I's saved tensors
+    i0, w0 = Action(Op.I, 0, 0), Action(Op.W, 0, 0)
+    rank1 = [RECV_F, F0, w0, i0, SEND_B]
+    with pytest.raises(ScheduleError, match=r"rank 1: I must precede W \(microbatch 0, chunk 0\)$"):
+        validate(_one_microbatch([F0, SEND_F, RECV_B, i0, w0], rank1))
+
+
 def test_validator_matches_messages_in_order():
     f = [Action(Op.F, mb, 0) for mb in range(2)]
     b = [Action(Op.B, mb, 0) for mb in range(2)]
