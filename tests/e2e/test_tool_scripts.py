@@ -29,7 +29,7 @@ def test_tool_help_is_the_verbs(script, usage):
     assert r.stdout.startswith(f"usage: {usage}"), r.stdout
 
 
-def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path):
+def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path, capsys):
     inputs = [str(p) for p in CORPUS_FILES]
     r = tool("train_tokenizer.py", "--input", *inputs, "--output", str(tmp_path / "tok"), "--vocab-size", "512")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -44,13 +44,20 @@ def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path)
     # the same --output again is refused, leaving the dataset as it was, until --overwrite asks for it
     before = (tmp_path / "b.bin").read_bytes()
     argv[2 : 2 + len(inputs)] = inputs[:1]
+    capsys.readouterr()
     assert main(argv) == 2 and (tmp_path / "b.bin").read_bytes() == before
+    refused = capsys.readouterr().err
+    assert f"--output {tmp_path / 'b'} would replace {tmp_path / 'b.bin'}, {tmp_path / 'b.idx'}" in refused, refused
+    assert "pass --overwrite to replace it, or choose another --output prefix" in refused, refused
     assert main([*argv, "--overwrite"]) == 0 and (tmp_path / "b.bin").read_bytes() != before
     retrain = ["tokenizer", "train", "--input", *inputs, "--output", str(tmp_path / "tok"), "--vocab-size", "400"]
-    assert main([*retrain, "--quiet"]) == 2 and len(model.read_bytes()) > 0
+    kept = model.read_bytes()
+    assert main([*retrain, "--quiet"]) == 2 and model.read_bytes() == kept
+    refused = capsys.readouterr().err
+    assert f"--output {tmp_path / 'tok'} would replace {model}" in refused and "pass --overwrite" in refused, refused
     assert main([*retrain, "--quiet", "--overwrite"]) == 0
 
 
 def test_tool_errors_are_the_verbs(tmp_path):
     r = tool("preprocess_data.py", "--input", str(tmp_path / "none.txt"), "--tokenizer", "x.model", "--output", "o")
-    assert r.returncode == 2 and r.stderr.startswith("error: "), r.stderr[-2000:]
+    assert r.returncode == 2 and r.stderr == f"error: input file {tmp_path / 'none.txt'} not found\n", r.stderr[-2000:]

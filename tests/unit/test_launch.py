@@ -332,3 +332,4 @@ def test_launch_variable_check_runs_the_command_after_it_only_when_every_value_i
     assert good.returncode == 0 and good.stdout == "started\n", good.stderr
     bad = subprocess.run([*check, "PROCS_PER_NODE=0", "--", "echo", "started"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "", bad.stdout
+    assert bad.stderr == "s: PROCS_PER_NODE=0 is out of range: set the ranks per machine, 1 or more\n", bad.stderr
