@@ -152,7 +152,10 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
             raise UserError(f"tokenizer training input {path} is not a readable file")
         check_input(path)  # an unreadable format is refused before any file is read in full
     if vocab_size < MIN_VOCAB:
-        raise UserError(f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}")
+        raise UserError(
+            f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}; "
+            f"give --vocab-size {MIN_VOCAB} or more"
+        )
     return files
 
 

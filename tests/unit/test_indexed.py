@@ -37,9 +37,9 @@ def test_write_read_equal(tmp_path, dtype):
 
 def test_get_out_of_range(tmp_path):
     ds = IndexedDataset(_write(tmp_path / "d"))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=rf"^document {len(DOCS)} out of range for {len(DOCS)} documents in "):
         ds.get(len(DOCS))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=rf"^span \[2, 4\) outside document 0 of {len(DOCS[0])} tokens$"):
         ds.get(0, offset=2, length=2)
 
 

@@ -150,7 +150,9 @@ def test_output_record_never_replaces_a_tokenizer_record(tok, tmp_path):
     record = model.with_suffix(".json").read_bytes()
     src = tmp_path / "docs.jsonl"
     src.write_text(json.dumps({"text": "hello world"}) + "\n")
-    with pytest.raises(pp.UserError, match="tokenizer"):
+    with pytest.raises(
+        pp.UserError, match=r"my.json exists and is the record of the tokenizer .*: choose another --output"
+    ):
         pp.preprocess([src], model, tmp_path / "my", progress=False)
     assert model.with_suffix(".json").read_bytes() == record
     pp.preprocess([src], model, tmp_path / "data", progress=False)  # another prefix is fine

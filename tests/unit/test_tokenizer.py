@@ -118,7 +118,7 @@ def test_garbage_model_is_user_error(tmp_path):
 
 
 def test_bad_training_inputs(corpus, tmp_path):
-    with pytest.raises(UserError, match="too small"):
+    with pytest.raises(UserError, match=r"^vocab_size 100 is too small: .* needs 262; give --vocab-size 262 or more$"):
         train_tokenizer(corpus, tmp_path / "t", 100, progress=False)
     with pytest.raises(UserError, match="missing.txt"):
         train_tokenizer([tmp_path / "missing.txt"], tmp_path / "t", VOCAB, progress=False)
@@ -155,7 +155,9 @@ def test_outputs_never_replace_a_dataset_record(corpus, model_path, tmp_path):
 
     preprocess([corpus[1]], model_path, tmp_path / "my", progress=False)
     record = (tmp_path / "my.json").read_bytes()
-    with pytest.raises(UserError, match="dataset"):
+    with pytest.raises(
+        UserError, match=r"my.json exists and is the record of the dataset .*: choose another --output prefix"
+    ):
         train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False)
     assert (tmp_path / "my.json").read_bytes() == record and not (tmp_path / "my.model").exists()
     train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=False)
@@ -211,7 +213,9 @@ def test_long_lines_are_trained_on_not_skipped(tmp_path):
 def test_no_text_to_train_on_is_named(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n\n")
-    with pytest.raises(UserError, match="no text"):
+    with pytest.raises(
+        UserError, match=r"^no text to train a tokenizer on: .*empty.txt hold no text .*; give files with text in them$"
+    ):
         train_tokenizer([empty], tmp_path / "t", VOCAB, progress=False)
 
 
