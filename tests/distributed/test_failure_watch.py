@@ -122,8 +122,8 @@ def test_a_verdict_every_rank_raises_in_a_watch_is_not_posted(world2):
 
 
 def _configs_that_differ(rank: int, world: int) -> list[str]:
-    """Rank 1 given train.steps=5 where rank 0 has 8: gloo aborted the process at the collective that
-    no longer matched (exit 134, a C++ trace), NCCL would hang."""
+    """Rank 1 given train.steps=5 where rank 0 has 8: unchecked, gloo aborts the process at the first
+    collective that does not match (exit 134, a C++ trace) and NCCL hangs."""
     cfg = Config()
     agree_on_config(cfg.to_dict())  # the same on every rank: passes
     cfg.train.steps = 8 if rank == 0 else 5

@@ -117,11 +117,11 @@ def test_validation_errors_show_the_numbers(overrides, expected):
 @pytest.mark.parametrize(
     "overrides,world,expected",
     [
-        # 32 over dp 32: one sequence per rank, so micro 1 (the message said "divides 1")
+        # 32 over dp 32: one sequence per rank, so micro 1
         (["train.global_batch_size=32"], 32, r"set train.global_batch_size=256 or train.micro_batch_size=1 \("),
         # 12 over dp 1 with micro 8: the largest divisor of 12 not above 8
         (["train.global_batch_size=12"], 1, r"set train.global_batch_size=8 or train.micro_batch_size=6 \("),
-        # 8 over dp 32: no micro batch size fits (the message said "a micro_batch_size that divides it")
+        # 8 over dp 32: no micro batch size fits, so the fix names only the global batch
         (["train.global_batch_size=8"], 32, r"set train.global_batch_size=256 \(a multiple of 256; no train.micro"),
     ],
 )

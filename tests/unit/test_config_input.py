@@ -118,8 +118,8 @@ def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agr
 
 
 def test_a_decay_of_zero_steps_is_refused_naming_the_constant_lr_setting():
-    """optim.decay_steps=0 was accepted and dropped to min_lr one step after warmup (lr_at decays over
-    at least one step), where a Megatron user may have meant a constant learning rate."""
+    """optim.decay_steps=0 would drop to min_lr one step after warmup (lr_at decays over at least one
+    step), where a Megatron user may mean a constant learning rate."""
     with pytest.raises(UserError) as e:
         resolved("optim.decay_steps=0")
     assert str(e.value) == (
@@ -155,7 +155,7 @@ def test_plan_prints_the_config_warnings(capsys):
 
 
 def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
-    """train.eval_iters=100000000 was accepted: the first evaluation then ran for days."""
+    """train.eval_iters=100000000 would make the first evaluation run for days."""
     from types import SimpleNamespace
 
     from megatron_lite.training.preflight import eval_warning

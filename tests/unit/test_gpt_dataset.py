@@ -168,7 +168,7 @@ def test_bad_arguments_are_user_errors(one, kwargs, match):
 
 
 def test_a_weight_too_small_to_sample_is_refused(one, tmp_path):
-    """A share under 1/65536 rounded to a quota of 0: the dataset was silently never sampled."""
+    """A share under 1/65536 rounds to a quota of 0: the dataset would silently never be sampled."""
     other = _make(tmp_path / "b", seed=1)[0]
     with pytest.raises(UserError, match=r"data.weights gives dataset .*b a weight > 0.*never be sampled"):
         GPTDataset([one[0], other], [1.0, 1e-7], SEQ, seed=0)

@@ -56,8 +56,8 @@ def test_cpu_job_renders_without_gpus_and_with_quoted_arguments():
 
 
 def test_rendezvous_port_is_the_jobs_own_unless_given():
-    """Two jobs sharing a node must not meet at one fixed port (29500 was: torchrun's agent of the
-    second job joined the first one's store and died with it)."""
+    """Two jobs sharing a node must not meet at one fixed port (at torchrun's 29500 the second job's
+    agent would join the first one's store and die with it)."""
     for job in (SlurmJob("c.yaml", 2, 2, gpus_per_node=None), SlurmJob("c.yaml", 2, 8, container_image="img")):
         script = _render(job)
         assert "\nMASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 10000))}  #" in script

@@ -196,7 +196,7 @@ def test_a_rebuild_that_dies_before_its_record_leaves_no_stale_record(tok, tmp_p
 
 
 def test_a_rebuild_that_fails_before_installing_keeps_the_old_dataset_whole(tok, tmp_path, monkeypatch):
-    """A failure while the new index is written (disk full) left the old pair without its record."""
+    """A failure while the new index is written (disk full) must not leave the old pair without its record."""
     from megatron_lite.data import indexed
 
     src = tmp_path / "a.txt"
