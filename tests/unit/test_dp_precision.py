@@ -12,6 +12,7 @@ from megatron_lite.parallel.grad_utils import (
     TIED_COPY_ATTR,
     TP_SHARDED_ATTR,
     TP_UNIQUE_ROWS_ATTR,
+    clip_grad_norm_,
     counted_elements,
     global_grad_norm,
 )
@@ -76,6 +77,49 @@ def test_norm_skips_duplicates_but_not_their_infs():
     assert norm.item() == 5.0
     norm = global_grad_norm([(counted, g, 0), (duplicate, torch.tensor([math.inf, 0.0]), 0)], [], tp_rank=1)
     assert not torch.isfinite(norm)
+    # a GQA weight: its replicated middle row is not counted, but an inf there still makes the norm inf
+    gqa = _param((3, 2), **{TP_SHARDED_ATTR: True, TP_UNIQUE_ROWS_ATTR: torch.tensor([True, False, True])})
+    rows = torch.tensor([3.0, 0.0, 100.0, 100.0, 0.0, 4.0])
+    assert global_grad_norm([(gqa, rows, 0)], [], tp_rank=1).item() == 5.0
+    rows[2] = math.inf
+    assert not torch.isfinite(global_grad_norm([(gqa, rows, 0)], [], tp_rank=1))
+
+
+class _Replicated:
+    """The part of ``ReplicatedAdamW`` that ``clip_grad_norm_`` uses, over plain ``.grad``s."""
+
+    sharded, dp_group = False, None
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def grad_segments(self):
+        return [(p, p.grad.view(-1), 0) for p in self.params]
+
+    def scale_grads(self, factor) -> None:
+        torch._foreach_mul_([p.grad for p in self.params], factor)
+
+
+def _with_grad(*values: float) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(len(values)))
+    p.grad = torch.tensor(values)
+    return p
+
+
+def test_clipping_is_torchs_and_zero_or_a_non_finite_norm_leaves_the_grads():
+    ours, theirs = _with_grad(3.0, 4.0), _with_grad(3.0, 4.0)
+    norm, finite = clip_grad_norm_(_Replicated([ours]), 1.0, tp_group=None, pp_group=None)
+    want = torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    assert finite and norm.item() == want.item() == 5.0
+    # bitwise: the same factor max_norm / (norm + 1e-6) as torch, so clipped runs match the one-process trainer
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=0)
+    assert not torch.equal(ours.grad, torch.tensor([3.0, 4.0]) / 5.0)  # the 1e-6 shows in fp32
+    kept = _with_grad(3.0, 4.0)
+    assert clip_grad_norm_(_Replicated([kept]), 0.0, tp_group=None, pp_group=None)[0].item() == 5.0
+    assert kept.grad.tolist() == [3.0, 4.0]  # optim.clip_grad=0: no clipping
+    bad = _with_grad(math.inf, 4.0)
+    norm, finite = clip_grad_norm_(_Replicated([bad]), 1.0, tp_group=None, pp_group=None)
+    assert not finite and bad.grad.tolist() == [math.inf, 4.0]  # the step is skipped, grads left as they were
 
 
 def test_norm_of_a_long_gradient_with_a_wide_range_is_accurate():
