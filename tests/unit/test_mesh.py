@@ -36,6 +36,8 @@ def test_resolve_errors_show_every_factor():
         ParallelDims.resolve(4, tp=3, pp=1)
     with pytest.raises(UserError, match=r"parallel.tp=0 must be a positive integer"):
         ParallelDims.resolve(4, tp=0)
+    with pytest.raises(UserError, match=r"^parallel.pp=True must be a positive integer$"):  # bool is an int subclass
+        ParallelDims.resolve(4, pp=True)
     with pytest.raises(UserError, match=r"parallel.vp=2 needs pipeline parallelism"):
         ParallelDims.resolve(4, tp=2, pp=1, vp=2)
 
@@ -59,6 +61,8 @@ def test_group_ranks():
     for dim in ("tp", "dp", "pp"):
         groups = {tuple(group_ranks(r, dims, dim)) for r in range(8)}
         assert sorted(r for g in groups for r in g) == list(range(8))
+    with pytest.raises(ValueError, match=r"^unknown mesh dim 'cp'; choose one of \('pp', 'dp', 'tp'\)$"):
+        group_ranks(0, dims, "cp")
 
 
 def test_coordinate_table():
