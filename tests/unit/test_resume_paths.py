@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint.reader import resolve_resume
+from megatron_lite.checkpoint.reader import find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.errors import UserError
 
@@ -78,3 +78,25 @@ def test_a_file_or_the_checkpoint_root_is_named_as_such(root):
 
 def test_a_step_directory_resumes(root):
     assert resolve_resume(root, "ckpt/step_00000004").step == 4
+
+
+def test_auto_names_the_newest_problem_and_counts_only_committed_steps(root, tmp_path):
+    (root / "step_00000005" / "metadata.json").write_text("{")
+    (root / "step_00000004" / "rank_00000.safetensors").unlink()
+    err = refusal(root, "auto")
+    assert "every checkpoint under" in err and "(newest: step_00000005: metadata.json is not valid JSON;" in err, err
+    assert err.endswith("Fix or move them, or start a fresh run in a new checkpoint.dir"), err
+    # a step a save never committed (no metadata.json) is no checkpoint: auto starts the run fresh
+    (tmp_path / "fresh" / "step_00000007").mkdir(parents=True)
+    (tmp_path / "fresh" / "step_00000007" / "rank_00000.safetensors").write_bytes(b"partial")
+    assert resolve_resume(tmp_path / "fresh", "auto") is None
+
+
+def test_a_run_directory_given_for_a_checkpoint_names_its_checkpoints_folder(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError) as e:
+        find_checkpoint(tmp_path / "run")
+    assert str(e.value) == (
+        f"no checkpoint found at {str(tmp_path / 'run')!r} (expected a step_XXXXXXXX directory or its parent); "
+        f"a run directory keeps its checkpoints in {str(tmp_path / 'run' / 'checkpoints')!r}"
+    )
