@@ -55,6 +55,8 @@ def test_plan_buckets_keeps_params_whole_and_pads_to_dp_shards():
     # a tied weight (index 1) gets a bucket of its own, closing the one before it
     alone = plan_buckets([10, 20, 5, 40, 3], bucket_numel=25, dp=2, alone={1})
     assert [members for _, _, members in alone] == [[0], [1], [2, 3], [4]]
+    # a bucket closes on reaching bucket_numel exactly
+    assert [members for _, _, members in plan_buckets([10, 15, 5], bucket_numel=25, dp=1)] == [[0, 1], [2]]
 
 
 def test_buffer_is_reverse_registration_order_with_main_grad_views():
@@ -68,6 +70,9 @@ def test_buffer_is_reverse_registration_order_with_main_grad_views():
         lo, hi = buffer.offsets[p]
         assert p.main_grad.shape == p.shape and p.main_grad.dtype == torch.float32
         assert p.main_grad.data_ptr() == buffer.data[lo:hi].data_ptr()
+    # bucket_bytes counts the fp32 main grads: 4 bytes an element
+    in_bytes = DataParallelGrads(build_model(CFG, 0), None, bucket_bytes=4 * 3000).buffers[0].buckets
+    assert [(b.start, b.end) for b in in_bytes] == [(b.start, b.end) for b in buffer.buckets]
 
 
 def test_hooks_accumulate_microbatches_and_free_param_grads():
@@ -96,6 +101,10 @@ def test_misuse_fails_loudly():
         model(batch[:, :-1], batch[:, 1:]).backward()  # a second microbatch without sync(last=False)
     with pytest.raises(ValueError, match="not both"):
         DataParallelGrads(model, None, bucket_numel=10, bucket_bytes=40)
+    with pytest.raises(ValueError, match=r"^tied: a parameter is not a trainable parameter of these chunks$"):
+        DataParallelGrads(model, None, tied=[(torch.nn.Parameter(torch.zeros(2)), None)])
+    with pytest.raises(ValueError, match=r"^model chunk 0 has no trainable parameters$"):
+        DataParallelGrads(torch.nn.Linear(2, 2).requires_grad_(False), None)
     with pytest.raises(ValueError, match="reduce_scatter=True"):
         DistributedAdamW(ddp, lr=1.0, betas=(0.9, 0.9), eps=1e-8, weight_decay=0.0)
 
