@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 
 from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative
 from megatron_lite.checkpoint.format import FORMAT, box_key, metadata_problem, sha256_file, write_tensor_file
-from megatron_lite.checkpoint.lineage import _schedule, consumed_per_dataset
+from megatron_lite.checkpoint.lineage import _schedule, consumed_per_dataset, dataset_fingerprint
 from megatron_lite.checkpoint.reader import _check_files, find_checkpoint
 from megatron_lite.checkpoint.shards import Piece
 from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.checkpoint.writer import Checkpointer, save_weights
+from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
 
@@ -168,6 +169,8 @@ def test_data_changes_names_what_differs_from_the_checkpoints_lineage():
     assert data_changes(None, moved, [0.5, 0.5]) == []  # a checkpoint without lineage (an HF import)
     rebuilt = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h3", 24)), [0.5, 0.5])
     assert rebuilt == ["/d/b changed since (.idx rebuilt, .bin 20 -> 24 bytes)"]
+    edited = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 24)), [0.5, 0.5])
+    assert edited == ["/d/b changed since (.idx same, .bin 20 -> 24 bytes)"]  # every document length kept
     other = data_changes(saved, lineage(("/d/c", "h4", 10)), [1.0])
     assert other == ["data.path names other data (/d/a, /d/b -> /d/c)"]
     assert data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20)), [0.7, 0.3]) == [
@@ -194,3 +197,14 @@ def test_each_rank_hashes_only_its_round_robin_share_of_the_files(tmp_path, monk
     files["rank_00002.safetensors"]["sha256"] = "0" * 64  # rank 0's share: rank 1 does not see it
     assert _check_files(storage, "step", files, 1, 2) is None
     assert _check_files(storage, "step", files, 0, 2) == "rank_00002.safetensors does not match its sha256 (corrupt)"
+
+
+def test_a_dataset_fingerprint_is_the_idx_hash_and_the_bin_size_and_mtime(tmp_path):
+    with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as builder:
+        builder.add_document([1, 2, 3])
+    stat = (tmp_path / "d.bin").stat()
+    assert dataset_fingerprint(str(tmp_path / "d")) == {
+        "idx_sha256": sha256_file(tmp_path / "d.idx"),
+        "bin_bytes": 6,  # three uint16 tokens
+        "bin_mtime": stat.st_mtime,
+    }
