@@ -215,7 +215,7 @@ def export_type(m: ModelConfig, origin: dict[str, Any] | None = None) -> str:
 def check_exportable(m: ModelConfig) -> None:
     """Refuse, naming what is wrong and what would work, a model no Hugging Face class computes
     (run before anything else in ``to-hf``: a llama with LayerNorm or GELU also has other tensors)."""
-    # gpt2 ones: config validation refuses them before training now; older checkpoints may have them
+    # the gpt2 rules repeat config validation's: a checkpoint's saved config.yaml is read back here unvalidated
     if m.arch == "gpt2" and m.kv_heads != m.heads:
         raise UserError(
             f"GPT-2 has no grouped-query attention; this model has kv_heads={m.kv_heads}, heads={m.heads} "
