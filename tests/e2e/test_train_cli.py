@@ -23,7 +23,7 @@ def losses(run_dir):
 
 def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
-    assert main(["train", *tiny_args]) == 0
+    assert main(["train", *tiny_args, "train.eval_every=4", "checkpoint.every=4"]) == 0
     # the startup log says which implementation each fused op takes, one line per op
     (report,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels on cpu:")]
     for op in ("rms_norm", "layer_norm", "swiglu", "apply_rope", "cross_entropy", "flash_attention"):
@@ -34,9 +34,12 @@ def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog)
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "consumed_samples"):
         assert all(key in r for r in records), key
     assert records[-1]["consumed_samples"] == 6 * 8
-    assert "eval_loss" in records[-1] and records[-1]["tokens_per_s"] > 0
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 6]  # every train.eval_every, and at the end
+    assert records[-1]["tokens_per_s"] > 0
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    # every checkpoint.every steps, and at the end
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
 
 
 def test_same_seed_gives_bitwise_identical_losses(tiny_args, tmp_path):
@@ -288,7 +291,7 @@ def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corp
 
 
 def test_no_held_out_split_runs_no_evaluation_and_says_so_once(tiny_args, tmp_path, caplog):
-    """data.valid_fraction=0 wrote "eval_loss": null on every evaluation step, with no word why."""
+    """data.valid_fraction=0: no evaluation step writes "eval_loss" (not even null), and one line says why."""
     with caplog.at_level(logging.INFO, logger="megatron_lite.training.trainer"):
         assert main(["train", *tiny_args, "data.valid_fraction=0", "train.eval_every=2"]) == 0
     said = [m for m in caplog.messages if m.startswith("data.valid_fraction=0: no held-out split")]
