@@ -91,6 +91,7 @@ def test_env_none():
 def test_env_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"}
     assert resolve_env(env) == DistEnv(3, 4, 1, "n0", 1234, "torchrun")
+    assert resolve_env({**env, "LOCAL_WORLD_SIZE": "2"}).local_world_size == 2  # the ranks sharing this machine
     with pytest.raises(UserError, match="MASTER_ADDR"):
         resolve_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match=r"RANK='x' is not an integer"):
@@ -105,6 +106,9 @@ def test_env_slurm():
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
     env["SLURM_STEP_ID"] = "0"  # an srun task
     assert resolve_env(env) == DistEnv(5, 8, 1, "gpu07", 29500, "slurm")
+    # "2(x3)": 2 tasks on each of 3 nodes; the step's own layout wins over the job's
+    assert resolve_env({**env, "SLURM_TASKS_PER_NODE": "2(x3)"}).local_world_size == 2
+    assert resolve_env({**env, "SLURM_TASKS_PER_NODE": "8", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}).local_world_size == 4
     assert resolve_env({**env, "MASTER_PORT": "6000"}).master_port == 6000
     assert resolve_env({**env, "MASTER_ADDR": "head"}).master_addr == "head"
     assert resolve_env(env, hostnames=lambda nodelist: ["from-scontrol"]).master_addr == "from-scontrol"
