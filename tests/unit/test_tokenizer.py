@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.data.tokenizer import Tokenizer, _line_pieces, train_tokenizer
 from megatron_lite.errors import UserError
 
 VOCAB = 400
@@ -208,6 +208,20 @@ def test_long_lines_are_trained_on_not_skipped(tmp_path):
     one_line.write_text(_code_text().replace("\n", " "))  # ~60 KB, no newline
     tok = Tokenizer(train_tokenizer([one_line], tmp_path / "t", VOCAB, progress=False))
     assert len(tok.encode("    return alpha * ")) <= 6  # 19 characters: learned the words of the long line
+
+
+def test_a_long_line_is_cut_before_a_space_and_never_inside_a_character():
+    words = "alpha beta gamma delta"
+    assert list(_line_pieces(words, limit=10)) == ["alpha beta", " gamma", " delta"]  # words keep their space
+    accents = "\u00e9" * 9  # 18 bytes, two each, no space: cut at a character's first byte
+    assert list(_line_pieces(accents, limit=5)) == [
+        "\u00e9\u00e9",
+        "\u00e9\u00e9",
+        "\u00e9\u00e9",
+        "\u00e9\u00e9",
+        "\u00e9",
+    ]
+    assert list(_line_pieces(words, limit=len(words))) == [words]  # a line that fits is left whole
 
 
 def test_no_text_to_train_on_is_named(tmp_path):
