@@ -249,7 +249,7 @@ def test_json_line_with_a_byte_order_mark(tok, tmp_path):
 
 
 def test_a_tokenizer_without_eos_is_refused_unless_no_eos(tmp_path):
-    """A foreign sentencepiece model with eos_id=-1 wrote -1 as every document's end: a ValueError traceback."""
+    """A foreign sentencepiece model with eos_id=-1 would write -1 as every document's end (a ValueError traceback)."""
     model = io.BytesIO()
     lines = iter(["hello world foo bar"] * 50)
     spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=14, eos_id=-1, minloglevel=2)
@@ -260,3 +260,24 @@ def test_a_tokenizer_without_eos_is_refused_unless_no_eos(tmp_path):
     assert not list(tmp_path.glob("d.*"))
     pp.preprocess([tmp_path / "a.txt"], tmp_path / "noeos.model", tmp_path / "d", append_eos=False, progress=False)
     assert len(IndexedDataset(tmp_path / "d")) == 1
+
+
+@pytest.mark.parametrize("option", ["add_dummy_prefix", "remove_extra_whitespaces"])
+def test_a_tokenizer_whose_normalizer_joins_characters_encodes_each_document_whole(tok, tmp_path, monkeypatch, option):
+    """A BPE model that adds a leading space or collapses spaces encodes a piece differently from the
+    same text inside the document: such a model is never cut into pieces."""
+    model = io.BytesIO()
+    flags = {"add_dummy_prefix": False, "remove_extra_whitespaces": False, option: True}
+    lines = iter(["def f(x):  return x  + 1"] * 50)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, vocab_size=30, model_type="bpe",
+        normalization_rule_name="identity", minloglevel=2, **flags,
+    )  # fmt: skip
+    (tmp_path / "foreign.model").write_bytes(model.getvalue())
+    foreign = Tokenizer(tmp_path / "foreign.model")
+    assert pp._Splitter(foreign).pairs is None and pp._Splitter(tok).pairs is not None
+    text = "def f(x):  return x  + 1\n" * 40
+    (tmp_path / "doc.txt").write_text(text)
+    monkeypatch.setattr(pp, "_PIECE_CHARS", 20)
+    pp.preprocess([tmp_path / "doc.txt"], foreign, tmp_path / "out", progress=False)
+    assert _ids(tmp_path / "out") == [foreign.encode(text, eos=True)]
