@@ -126,3 +126,20 @@ def test_a_resave_killed_between_its_renames_loses_no_checkpoint(tmp_path, monke
     staged.unlink()  # the staged copy is not complete: the old copy goes back
     assert resolve_resume(root, "auto").name == "step_00000006"
     assert (root / "step_00000006" / "origin.json").is_file()  # the old copy
+
+
+def test_a_resave_killed_after_its_renames_keeps_the_new_copy_and_a_clean_one_leaves_nothing_aside(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    writer = Checkpointer(root, keep=3, async_save=False)
+    for step in (4, 4):  # a clean re-save: the old copy set aside is removed by the commit, not by pruning
+        with caplog.at_level(logging.WARNING):
+            _save(writer, step)
+    assert _names(root) == ["latest", "step_00000004"] and "never committed" not in caplog.text, caplog.text
+    # killed after both renames, before removing the old copy: the new one is in place and stays
+    (root / ".tmp-replaced-step_00000004").mkdir()
+    (root / ".tmp-replaced-step_00000004" / "origin.json").write_text("{}")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume(root, "auto").name == "step_00000004"
+    assert not (root / "step_00000004" / "origin.json").exists()
+    assert caplog.messages == [], caplog.messages  # nothing to put back, and nothing failed trying

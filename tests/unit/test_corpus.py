@@ -96,7 +96,7 @@ def test_preprocess_bad_json_lines(tok, tmp_path, content, match):
 def test_preprocess_bad_inputs(tok, tmp_path):
     (tmp_path / "a.txt").write_text("x = 1\n")
     with pytest.raises(UserError, match=r"--output .*w1.bin ends in its file's extension; give the prefix, --output "):
-        preprocess([str(tmp_path / "a.txt")], tok.path, tmp_path / "w1.bin", progress=False)  # wrote w1.bin.bin
+        preprocess([str(tmp_path / "a.txt")], tok.path, tmp_path / "w1.bin", progress=False)  # unchecked: w1.bin.bin
     assert not list(tmp_path.glob("w1*"))
     with pytest.raises(UserError, match="matches no files"):
         preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", progress=False)
