@@ -48,8 +48,8 @@ def test_preprocess_records_the_largest_id(tok, tmp_path):
     assert record["max_token_id"] == IndexedDataset(tmp_path / "d").max_token_id() > 260  # a learned piece
 
 
-def test_an_idx_written_now_keeps_the_version_1_layout(tmp_path):
-    """No field was added to the .idx: a reader of version 1 (which refuses a longer file) opens it."""
+def test_an_idx_keeps_the_version_1_layout(tmp_path):
+    """The largest id is not in the .idx: a reader of version 1 (which refuses a longer file) opens it."""
     _build(tmp_path / "d", [[1, 2, 3], [], [9]])
     data = (tmp_path / "d.idx").read_bytes()
     assert struct.unpack("<8sQQQQ", data[:40]) == (MAGIC, 1, 1, 3, 4)
@@ -61,6 +61,7 @@ def test_without_a_record_the_bin_is_read(tmp_path):
     assert data.max_token_id() == 40_000
     assert largest_token_id(data, 300) == (40_000, f"the largest, read from {data.bin_path}")
     assert largest_token_id(data, 300, scan_limit=data.bin_path.stat().st_size - 1) is None  # too large to read
+    assert largest_token_id(data, 300, scan_limit=data.bin_path.stat().st_size)[0] == 40_000  # the limit itself is read
     assert _build(tmp_path / "e", [[], []]).max_token_id() == -1
 
 
@@ -97,6 +98,8 @@ def test_ids_beyond_the_vocabulary_are_refused_naming_the_dataset_and_fix(tok, t
     assert f"preprocess --tokenizer {tok.path} --output {big.prefix}" in message
     assert "set data.tokenizer to the tokenizer it was made with" in message
     assert check_token_ids([small, big], 513, tok) == []
+    with pytest.raises(UserError, match="holds token id 512 but model.vocab_size is 512"):  # ids run 0..vocab_size-1
+        check_token_ids([big], 512, tok)
 
 
 def test_a_dataset_too_large_to_read_is_reported_unchecked(tok, tmp_path):
