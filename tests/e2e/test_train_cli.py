@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_lite.cli import main, parse_args
 from megatron_lite.config import load_config
+from megatron_lite.data import token_range
+from megatron_lite.data.indexed import IndexedDatasetBuilder
+from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.run_lock import LOCK_FILE
@@ -353,3 +357,20 @@ def test_log_lines_during_the_loop_print_above_the_progress_bar(tiny_args):
     segments = [s for line in run.stderr.split("\n") for s in line.split("\r")]
     warned = [s for s in segments if "the optimizer step was skipped" in s]
     assert len(warned) == 10 and all(s.split()[1] == "WARNING" for s in warned), warned
+
+
+def test_an_unchecked_dataset_with_an_id_beyond_the_vocabulary_stops_at_its_first_batch(
+    tiny_args, small_corpus, tmp_path, monkeypatch, caplog, capsys
+):
+    """A dataset with no record of its largest id and too large to read at startup is checked batch
+    by batch: the first batch with an id >= model.vocab_size is an error, not an embedding IndexError."""
+    vocab = Tokenizer(small_corpus[1]).vocab_size
+    with IndexedDatasetBuilder(tmp_path / "big", np.int32) as builder:
+        for _ in range(8):
+            builder.add_document(np.full(64, vocab))  # the first id past the vocabulary
+    monkeypatch.setattr(token_range, "SCAN_LIMIT_BYTES", 0)  # every .bin is "too large to read" at startup
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
+    assert "has no record of its largest token id" in caplog.text, caplog.text
+    err = capsys.readouterr().err
+    assert f"the data holds token id {vocab} but model.vocab_size is {vocab} (step 1)" in err, err
