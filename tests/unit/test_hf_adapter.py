@@ -110,6 +110,20 @@ def test_unsupported_architectures_and_features_are_refused():
         import_config(scaled)
     with pytest.raises(UserError, match="activation 'relu'"):
         import_config(transformers.GPT2Config(activation_function="relu"))
+    small = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
+    for hf_config, what in [
+        (transformers.LlamaConfig(**small, hidden_act="gelu"), "llama model cannot be imported: activation 'gelu'"),
+        (transformers.LlamaConfig(**small, attention_bias=True), "llama model cannot be imported: attention biases"),
+        (transformers.LlamaConfig(**small, mlp_bias=True), "llama model cannot be imported: MLP biases"),
+        (transformers.LlamaConfig(**small, head_dim=8), "llama model cannot be imported: head_dim 8 != hidden / heads"),
+        (transformers.GPT2Config(add_cross_attention=True), "gpt2 model cannot be imported: cross-attention"),
+        (
+            transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True),
+            "gpt2 model .*: non-standard attention scaling",
+        ),
+    ]:
+        with pytest.raises(UserError, match=f"^this {what}"):
+            import_config(hf_config)
     with pytest.raises(UserError, match="norm=rmsnorm and activation=swiglu"):
         export_config(model_config(norm="layernorm"), IDS)
     with pytest.raises(UserError, match="no grouped-query attention"):
