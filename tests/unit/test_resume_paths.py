@@ -8,7 +8,9 @@ import torch
 
 from megatron_lite.checkpoint.reader import find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.writer import save_weights
+from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
+from megatron_lite.training.preflight import check_fresh_start
 
 
 @pytest.fixture(name="root")
@@ -100,3 +102,16 @@ def test_a_run_directory_given_for_a_checkpoint_names_its_checkpoints_folder(tmp
         f"no checkpoint found at {str(tmp_path / 'run')!r} (expected a step_XXXXXXXX directory or its parent); "
         f"a run directory keeps its checkpoints in {str(tmp_path / 'run' / 'checkpoints')!r}"
     )
+
+
+def test_resume_none_over_another_runs_checkpoints_is_refused_naming_both_fixes(root, tmp_path):
+    fresh = load_config(None, [f"checkpoint.dir={root}", "checkpoint.resume=none"])
+    with pytest.raises(UserError) as e:
+        check_fresh_start(fresh)
+    assert str(e.value) == (
+        "checkpoint.dir='ckpt' already holds checkpoints of an earlier run (newest: step 5) and "
+        "checkpoint.resume=none would save over them; set checkpoint.resume=auto to continue that run, "
+        "or choose a new checkpoint.dir (or log.dir) to start a fresh one"
+    )
+    check_fresh_start(load_config(None, [f"checkpoint.dir={root}", "checkpoint.resume=auto"]))  # continues it
+    check_fresh_start(load_config(None, [f"checkpoint.dir={tmp_path / 'new'}", "checkpoint.resume=none"]))
