@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_lite.checkpoint.reader import find_checkpoint, resolve_resume
+from megatron_lite.checkpoint.reader import resolve_resume
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
@@ -92,16 +92,6 @@ def test_auto_names_the_newest_problem_and_counts_only_committed_steps(root, tmp
     (tmp_path / "fresh" / "step_00000007").mkdir(parents=True)
     (tmp_path / "fresh" / "step_00000007" / "rank_00000.safetensors").write_bytes(b"partial")
     assert resolve_resume(tmp_path / "fresh", "auto") is None
-
-
-def test_a_run_directory_given_for_a_checkpoint_names_its_checkpoints_folder(tmp_path):
-    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(UserError) as e:
-        find_checkpoint(tmp_path / "run")
-    assert str(e.value) == (
-        f"no checkpoint found at {str(tmp_path / 'run')!r} (expected a step_XXXXXXXX directory or its parent); "
-        f"a run directory keeps its checkpoints in {str(tmp_path / 'run' / 'checkpoints')!r}"
-    )
 
 
 def test_resume_none_over_another_runs_checkpoints_is_refused_naming_both_fixes(root, tmp_path):
