@@ -125,7 +125,7 @@ def test_blend_tracks_weights_in_every_prefix(tmp_path, weights):
 
 def test_blend_without_weights_follows_tokens(tmp_path):
     ds = _blend(tmp_path, None)
-    assert np.allclose(ds.weights, np.array(ds.num_tokens) / sum(ds.num_tokens))
+    assert ds.weights == [n / sum(ds.num_tokens) for n in ds.num_tokens]  # one correctly rounded division each
 
 
 def test_blend_schedule_is_periodic_with_exact_quotas():

@@ -40,6 +40,7 @@ def test_balanced_split_is_optimal(layers, pieces, embed, head):
         if sum(c) == layers
     )
     costs = _piece_costs(counts, embed, head)
+    # approx (rel 1e-6): the search adds the same float costs in another order than _piece_costs
     assert (max(costs), sum(x * x for x in costs)) == pytest.approx(best)
 
 
@@ -132,6 +133,7 @@ def test_layer_equivalents():
     # in attention; the head 2 x 4096 x 32000 in its matmul + ~5 x 32000 in the softmax
     cfg = load_config(None, ["model.hidden=4096", "model.heads=32", "model.seq_len=4096"])
     _, big_head = layer_equivalents(fill_defaults(cfg, 32000).model)
+    # rel 1e-6: the same FLOP counts, summed and divided in another order (float rounding only)
     assert big_head == pytest.approx(
         (2 * 4096 + 5) * 32000 / (2 * (4 * 4096**2 + 3 * 4096 * 10944) + 2 * 4096**2), rel=1e-6
     )
