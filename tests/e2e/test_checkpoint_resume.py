@@ -183,12 +183,13 @@ def test_a_resume_from_a_weights_only_checkpoint_records_it_as_the_runs_start(
     caplog.set_level(logging.INFO, logger="megatron_lite")
     unused = tmp_path / "unused"
     assert (
-        main(["train", *args, "train.steps=2", f"checkpoint.resume={imported}", f"checkpoint.init_from={unused}"]) == 0
+        main(["train", *args, "train.steps=4", f"checkpoint.resume={imported}", f"checkpoint.init_from={unused}"]) == 0
     )
+    # the import is a start, not a run to continue: nothing of its config's data settings is compared
     (warned,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned.startswith(f"checkpoint.init_from={str(unused)!r} is not loaded: this run starts from {imported}")
     assert "set checkpoint.resume=none" in warned, warned
-    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "metadata.json").read_text())
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "metadata.json").read_text())
     assert meta["config"]["checkpoint"]["init_from"] == str(imported)
     assert load_config(tmp_path / "run" / "config.yaml", []).checkpoint.init_from == str(imported)
     caplog.clear()  # the same start named both ways, or by its root: nothing to say
