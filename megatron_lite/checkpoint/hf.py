@@ -294,8 +294,13 @@ def export_config(
 
 
 def _need(ok: bool, model_type: str, what: str) -> None:
+    """Refuse an HF config using ``what``, which megatron-lite's model cannot compute."""
     if not ok:
-        raise UserError(f"this {model_type} model cannot be imported: {what}")
+        raise UserError(
+            f"this {model_type} model cannot be imported: {what}; megatron-lite's model does not compute it, "
+            f"so the imported weights would give other outputs. Import a {model_type} checkpoint with the standard "
+            "architecture, or fine-tune this one with a framework that supports it"
+        )
 
 
 def _llama_family(c: Any, mt: str, quiet: bool = False) -> ModelConfig:
