@@ -84,7 +84,7 @@ def test_interleaved_with_one_chunk_is_1f1b():
     [
         (("pipedream", 2, 1, 4), "^parallel.schedule='pipedream' is not one of: "),
         (("1f1b", 2, 2, 4), "^parallel.schedule=1f1b .*set parallel.schedule=interleaved for parallel.vp=2"),
-        (("interleaved", 1, 2, 4), r"^parallel.vp=2 needs parallel.pp > 1"),
+        (("interleaved", 1, 2, 4), r"^parallel.vp=2 needs pipeline parallelism: set parallel.pp > 1 or parallel.vp=1$"),
         (("gpipe", 2, 1, 0), "^need parallel.pp, .*microbatches=0"),
     ],
 )

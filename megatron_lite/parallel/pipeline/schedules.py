@@ -173,7 +173,7 @@ def build_schedule(name: str, pp: int, vp: int, microbatches: int) -> Schedule:
             f">= 1; got parallel.pp={pp}, parallel.vp={vp}, microbatches={microbatches}"
         )
     if pp == 1 and vp > 1:
-        raise UserError(f"parallel.vp={vp} needs parallel.pp > 1 (virtual chunks interleave over pipeline ranks)")
+        raise UserError(f"parallel.vp={vp} needs pipeline parallelism: set parallel.pp > 1 or parallel.vp=1")
     if name == "1f1b" and vp > 1:
         raise UserError(
             f"parallel.schedule=1f1b runs one chunk per rank; set parallel.schedule=interleaved for "
