@@ -59,9 +59,11 @@ writes ``metadata.json`` (with every file's checksum), renames the directory int
 replaces ``latest``. Object stores have no rename: there the files go straight to ``step_*/`` and
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
 ``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
-missing or of the wrong type, ``ranks`` not one entry per rank of ``layout.world_size``), or with
-a file whose size or sha256 differs, or whose ``step`` is not the one its name
-says (``step_00000100``: copied or renamed), is incomplete or corrupt.
+missing or of the wrong type, a value out of range such as a negative count or a box outside its
+tensor, ``ranks`` not one entry per rank of ``layout.world_size``), or with a file whose size or
+sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
+dtype (:func:`header_problem`: ``metadata.json`` has no checksum of its own), or whose ``step`` is
+not the one its name says (``step_00000100``: copied or renamed), is incomplete or corrupt.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.boxes import Box
+from megatron_lite.checkpoint.boxes import Box, box_shape
 
 FORMAT = "megatron-lite/sharded-v1"
 METADATA = "metadata.json"
@@ -101,6 +103,8 @@ DTYPE_CODES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+PARAM_DTYPES = {str(d).removeprefix("torch.") for d in DTYPE_CODES if d.is_floating_point}
+"""``layout.param_dtype``: the dtype a run trained in (``float32``, ``bfloat16``...)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -152,6 +156,20 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str
         f.flush()
         os.fsync(f.fileno())
     return digest.hexdigest(), 8 + len(blob) + offset
+
+
+def read_tensor_header(path: Path) -> dict[str, dict]:
+    """The header of a safetensors file (what :func:`write_tensor_file` wrote): key -> ``{"dtype",
+    "shape", "data_offsets"}``, without ``__metadata__``. ValueError when it is not one."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= path.stat().st_size - 8:
+            raise ValueError(f"its header length {size} does not fit the file")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
 
 
 def sha256_file(path: Path) -> str:
@@ -235,15 +253,56 @@ def _structure_problem(meta: dict) -> str | None:
 
 def metadata_problem(meta: object) -> str | None:
     """Why a parsed ``metadata.json`` is unusable, or None: another format version; a key missing
-    or of the wrong type; ``ranks`` not one entry per rank of the saved world; a file referred to
-    without a checksum. The one check of the structure documented above: the reader's verification
-    asks it before anything indexes into the metadata, so a damaged file is a named problem and
-    ``resume=auto`` falls back to an older checkpoint, as for any corrupt one."""
+    or of the wrong type; a value out of range (:func:`_value_problem`); ``ranks`` not one entry per
+    rank of the saved world; a file referred to without a checksum. The one check of the structure
+    documented above: the reader's verification asks it before anything indexes into the metadata,
+    so a damaged file is a named problem and ``resume=auto`` falls back to an older checkpoint, as
+    for any corrupt one."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
         return f"format {got!r} is not {FORMAT!r} (written by another megatron-lite version)"
-    problem = _structure_problem(meta) or _consistency_problem(meta)
+    problem = _structure_problem(meta) or _value_problem(meta) or _consistency_problem(meta)
     return f"{METADATA} is damaged: {problem}" if problem else None
+
+
+def _box_problem(shape: list, box: list) -> str | None:
+    """Why ``box`` (``[[start, stop], ...]``) is not a box of a tensor of ``shape``, or None."""
+    if len(box) != len(shape) or not all(isinstance(r, list) and len(r) == 2 for r in box):
+        return f"box {box} is not {len(shape)} [start, stop] pairs"
+    if not all(_count(a) and _count(b) and a <= b <= n for (a, b), n in zip(box, shape)):
+        return f"box {box} is not inside the shape {shape}"
+    return None
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _value_problem(meta: dict) -> str | None:
+    """The first value out of its range (the structure is sound): a negative count, an optimizer
+    step past the checkpoint's step, an unknown dtype, a box outside its tensor's shape."""
+    step, opt, trainer = meta["step"], meta["optimizer"], meta["trainer"]
+    counts = {"step": step, **{f"files[{k!r}].bytes": f["bytes"] for k, f in meta["files"].items()}}
+    if opt is not None:
+        counts["optimizer.step"] = opt["step"]
+    if trainer is not None:
+        counts.update({f"trainer.{k}": trainer[k] for k in ("skipped_steps", "consumed_samples")})
+    if bad := next((k for k, v in counts.items() if v < 0), None):
+        return f"{bad} is {counts[bad]}, not a count >= 0"
+    for key in ("optimizer.step", "trainer.skipped_steps"):
+        if counts.get(key, 0) > step:
+            return f"{key} is {counts[key]}, past the checkpoint's step {step}"
+    if meta["layout"]["param_dtype"] not in PARAM_DTYPES:
+        return f"layout.param_dtype {meta['layout']['param_dtype']!r} is not one of {sorted(PARAM_DTYPES)}"
+    for name, t in meta["tensors"].items():
+        if t["dtype"] not in DTYPE_CODES.values():
+            return f"tensors[{name!r}].dtype {t['dtype']!r} is not a safetensors dtype"
+        if not all(_count(n) for n in t["shape"]):
+            return f"tensors[{name!r}].shape {t['shape']} is not a list of sizes"
+        for i, s in enumerate(t["shards"]):
+            if why := _box_problem(t["shape"], s["box"]):
+                return f"tensors[{name!r}].shards[{i}]: {why}"
+    return None
 
 
 def _consistency_problem(meta: dict) -> str | None:
@@ -254,3 +313,35 @@ def _consistency_problem(meta: dict) -> str | None:
     referred = {s["file"] for t in meta["tensors"].values() for s in t["shards"]} | {r["file"] for r in meta["ranks"]}
     unlisted = sorted(referred - set(meta["files"]))
     return f"{unlisted[0]} is referred to but has no checksum in files" if unlisted else None
+
+
+def listed_keys(meta: dict) -> dict[str, dict[str, tuple[tuple[int, ...], str] | None]]:
+    """file -> key -> (shape, dtype code) of each box ``metadata.json`` says the file holds (None for
+    the per-rank RNG tensors, whose shapes it does not record)."""
+    keys: dict[str, dict[str, tuple[tuple[int, ...], str] | None]] = {}
+    for t in meta["tensors"].values():
+        for s in t["shards"]:
+            keys.setdefault(s["file"], {})[s["key"]] = (box_shape(s["box"]), t["dtype"])
+    for r in meta["ranks"]:
+        keys.setdefault(r["file"], {}).update(dict.fromkeys(r["rng"]))
+    return keys
+
+
+def header_problem(path: Path, rel: str, listed: dict[str, tuple[tuple[int, ...], str] | None]) -> str | None:
+    """Why the tensors of rank file ``rel`` (its checksum matched) are not those ``metadata.json``
+    lists for it: a key missing, or another shape or dtype than its box (an edited metadata.json
+    would otherwise load the wrong elements)."""
+    try:
+        header = read_tensor_header(path)
+    except (OSError, ValueError) as e:
+        return f"{rel} is not a safetensors file: {e}"
+    for key, want in listed.items():
+        have = header.get(key)
+        if not isinstance(have, dict):
+            return f"{rel} has no tensor {key!r}, which {METADATA} lists"
+        if want is not None and [list(want[0]), want[1]] != [have.get("shape"), have.get("dtype")]:
+            return (
+                f"{rel} holds {key!r} as {have.get('dtype')} {have.get('shape')}, but {METADATA} lists it as "
+                f"{want[1]} {list(want[0])}"
+            )
+    return None

@@ -3,8 +3,9 @@
 Verification is collective and its verdict identical on every rank: rank 0 reads
 ``metadata.json``, checks its structure (``format.metadata_problem``) and broadcasts it, the files
 are checked round-robin (file i by rank i % world: present, of the recorded size, of the recorded
-sha256), and every rank receives every rank's findings. ``checkpoint.resume=auto`` takes the
-newest checkpoint that passes, warning about each one skipped; a step directory without
+sha256, a rank file holding every key ``metadata.json`` lists for it in its box's shape), and every
+rank receives every rank's findings. ``checkpoint.resume=auto`` takes the newest checkpoint that
+passes, warning about each one skipped; a step directory without
 ``metadata.json`` was never committed (a save cut short on an object store) and does not count as
 a checkpoint, but when committed checkpoints exist and none passes, the run stops with an error
 rather than start from scratch.
@@ -27,7 +28,14 @@ import torch
 
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
-from megatron_lite.checkpoint.format import METADATA, STEP_DIR, metadata_problem, step_dir_name
+from megatron_lite.checkpoint.format import (
+    METADATA,
+    STEP_DIR,
+    header_problem,
+    listed_keys,
+    metadata_problem,
+    step_dir_name,
+)
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
@@ -150,8 +158,9 @@ def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None
     return (None, problem) if problem else (meta, None)
 
 
-def _check_files(storage: Storage, name: str, files: dict[str, dict], rank: int, size: int) -> str | None:
-    for i, (rel, info) in enumerate(sorted(files.items())):
+def _check_files(storage: Storage, name: str, meta: dict, rank: int, size: int) -> str | None:
+    listed = listed_keys(meta)
+    for i, (rel, info) in enumerate(sorted(meta["files"].items())):
         if i % size != rank:
             continue
         got = storage.size(f"{name}/{rel}")
@@ -162,6 +171,8 @@ def _check_files(storage: Storage, name: str, files: dict[str, dict], rank: int,
         try:
             if storage.sha256(f"{name}/{rel}") != info["sha256"]:
                 return f"{rel} does not match its sha256 (corrupt)"
+            if rel in listed and (why := header_problem(storage.fetch(f"{name}/{rel}"), rel, listed[rel])):
+                return why
         except OSError as e:  # a problem like any other: this rank must still reach the all-gather
             return f"{rel} cannot be read: {e}"
     return None
@@ -174,7 +185,7 @@ def verify(storage: Storage, name: str) -> tuple[dict | None, str | None]:
     meta, problem = collectives.broadcast(_read_metadata(storage, name) if rank == 0 else None)
     if problem:
         return None, problem
-    found = [p for p in collectives.all_gather(_check_files(storage, name, meta["files"], rank, size)) if p]
+    found = [p for p in collectives.all_gather(_check_files(storage, name, meta, rank, size)) if p]
     return (None, found[0]) if found else (meta, None)
 
 

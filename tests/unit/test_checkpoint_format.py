@@ -4,6 +4,7 @@ their structure, lineage counts."""
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -129,6 +130,14 @@ def _training_meta() -> dict:
         (lambda m: m["tensors"]["model/w"]["shards"][0].pop("box"), "tensors['model/w'].shards[0] has no 'box' key"),
         (lambda m: m["ranks"][0].update(file="rank_00001.safetensors"), "rank_00001.safetensors is referred to"),
         (lambda m: m.update(format="megatron-lite/sharded-v0"), "written by another megatron-lite version"),
+        # values in range: resumed as they are, they would train on silently broken
+        (lambda m: m["optimizer"].update(step=-3), "optimizer.step is -3, not a count >= 0"),
+        (lambda m: m["optimizer"].update(step=5), "optimizer.step is 5, past the checkpoint's step 4"),
+        (lambda m: m["trainer"].update(consumed_samples=-1), "trainer.consumed_samples is -1, not a count >= 0"),
+        (lambda m: m["layout"].update(param_dtype="float99"), "layout.param_dtype 'float99' is not one of"),
+        (lambda m: m["tensors"]["model/w"].update(dtype="F99"), "tensors['model/w'].dtype 'F99' is not"),
+        (lambda m: m["tensors"]["model/w"].update(shape=[1]), "shards[0]: box [[0, 2]] is not inside the shape [1]"),
+        (lambda m: m["tensors"]["model/w"]["shards"][0].update(box=[[0, 1], [0, 1]]), "is not 1 [start, stop] pairs"),
     ],
 )
 def test_damaged_metadata_is_named_in_one_problem(damage, why):
@@ -137,6 +146,25 @@ def test_damaged_metadata_is_named_in_one_problem(damage, why):
     damage(meta)
     problem = metadata_problem(meta)
     assert problem is not None and why in problem, problem
+
+
+def test_a_rank_file_not_holding_the_boxes_metadata_lists_is_corrupt(tmp_path):
+    """metadata.json is not checksummed: a box edited there (its file intact) would read other elements
+    than the ones saved. Verification compares every listed key with the file's own header."""
+    full = torch.arange(8.0)
+    reader = _save_boxes(tmp_path / "a", [Piece("model/w", (8,), ((0, 8),), full)])
+    path = reader.storage.url(f"{reader.name}/metadata.json")
+    meta = json.loads(Path(path).read_text())
+    shard = meta["tensors"]["model/w"]["shards"][0]
+    meta["tensors"]["model/w"]["shards"] = [{**shard, "box": [[0, 4]]}, {**shard, "box": [[4, 8]]}]
+    Path(path).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"unusable: rank_00000.safetensors holds 'model/w\[0:8\]' as F32 \[8\], but "
+                       r"metadata.json lists it as F32 \[4\]"):  # fmt: skip
+        find_checkpoint(reader.location)
+    meta["tensors"]["model/w"]["shards"] = [{**shard, "key": "model/w[0:9]"}]
+    Path(path).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"rank_00000.safetensors has no tensor 'model/w\[0:9\]', which metadata"):
+        find_checkpoint(reader.location)
 
 
 def test_weights_only_metadata_may_have_no_trainer_state():
