@@ -147,9 +147,9 @@ def collect_pieces(
     return pieces, step
 
 
-def check_shapes(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]) -> None:
-    """One UserError listing every tensor the checkpoint lacks, has extra, or has in another shape
-    than the single-device model of ``model`` (built on the meta device: no memory, no init).
+def shape_problems(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]) -> str | None:
+    """Every tensor the checkpoint lacks, has extra, or has in another shape than the single-device
+    model of ``model`` (built on the meta device: no memory, no init), in one line; None when it fits.
     Global, so every rank of every pipeline stage reaches the same verdict."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(model).state_dict().items()}
@@ -161,8 +161,14 @@ def check_shapes(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]) 
             if want != got:
                 have = list(got) if got else "missing"
                 problems.append(f"{kind}/{name}: checkpoint {have}, model {list(want) if want else 'none'}")
-    if problems:
-        shown = "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
+    if not problems:
+        return None
+    return "; ".join(problems[:12]) + (f"; ... {len(problems) - 12} more" if len(problems) > 12 else "")
+
+
+def check_shapes(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]) -> None:
+    """One UserError listing :func:`shape_problems`, if any."""
+    if shown := shape_problems(model, reader, kinds):
         raise UserError(f"the checkpoint does not fit this model (changed model.* settings?): {shown}")
 
 

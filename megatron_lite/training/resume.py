@@ -36,7 +36,7 @@ import torch
 from megatron_lite.checkpoint.format import step_dir_name
 from megatron_lite.checkpoint.lineage import data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
-from megatron_lite.checkpoint.shards import check_shapes
+from megatron_lite.checkpoint.shards import check_shapes, shape_problems
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config, ParallelConfig, config_from_dict, fill_defaults
 from megatron_lite.errors import UserError
@@ -134,6 +134,7 @@ def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] |
     reader = resolve_resume(c.dir, c.resume)
     if reader is None and c.init_from:
         reader = find_checkpoint(c.init_from)
+        check_init_from(cfg, reader)
         return reader, reader.model_state()
     if reader is None:
         return None
@@ -170,6 +171,27 @@ def record_weights_start(cfg: Config, reader: CheckpointReader, rank: int) -> No
 def _same_path(a: str, b: str) -> bool:
     """``a`` and ``b`` name one directory (a step directory, or a root whose newest step is the other)."""
     return Path(a).resolve() in (Path(b).resolve(), Path(b).resolve().parent)
+
+
+def check_init_from(cfg: Config, reader: CheckpointReader) -> None:
+    """Refuse ``checkpoint.init_from`` weights that do not fit this model: a tensor missing, extra
+    or of another shape, checked against the whole single-device model (the same verdict in every
+    layout: a pipeline stage alone cannot tell that the checkpoint has layers past its own), naming
+    the model settings that differ from the checkpoint's as the fix."""
+    shown = shape_problems(cfg.model, reader, ("model",))
+    if shown is None:
+        return
+    saved = (reader.meta.get("config") or {}).get("model")
+    changes = model_changes(saved, cfg) if saved else []
+    fix = (
+        f"its model settings differ: {'; '.join(changes)}. Set them as the checkpoint has them"
+        if changes
+        else "set model.* to the model it holds"
+    )
+    raise UserError(
+        f"checkpoint.init_from={cfg.checkpoint.init_from!r}: the weights in {reader.location} do not fit this "
+        f"model ({shown}); {fix}, or drop checkpoint.init_from to train this model from scratch"
+    )
 
 
 def keep_init_from(cfg: Config, reader: CheckpointReader, rank: int) -> None:
