@@ -74,7 +74,15 @@ class CheckpointReader:
 
     @property
     def config(self) -> Config:
-        return config_from_dict(self.meta["config"])
+        """The run config saved with the checkpoint; a key or value this version cannot read is one
+        error naming the checkpoint (rather than the user's own config)."""
+        try:
+            return config_from_dict(self.meta["config"])
+        except UserError as e:
+            raise UserError(
+                f"checkpoint {self.location}: the config in its {METADATA} cannot be read: {e} (saved by another "
+                f"megatron-lite version, or edited); use the version that saved it, or another checkpoint"
+            ) from None
 
     def shapes(self, kind: str) -> dict[str, tuple[int, ...]]:
         """Global shape of every tensor of ``kind`` (``model``, ``exp_avg``...), by parameter name."""

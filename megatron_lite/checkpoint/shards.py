@@ -33,10 +33,11 @@ from megatron_lite.checkpoint.boxes import (
     named_params,
     param_blocks,
 )
-from megatron_lite.config import ModelConfig
+from megatron_lite.checkpoint.format import METADATA
+from megatron_lite.config import Config, ModelConfig
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
-from megatron_lite.models.transformer import Transformer
+from megatron_lite.models.transformer import Transformer, state_shapes
 from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.optimizer import DistributedAdamW, ReplicatedAdamW
 
@@ -170,6 +171,31 @@ def check_shapes(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]) 
     """One UserError listing :func:`shape_problems`, if any."""
     if shown := shape_problems(model, reader, kinds):
         raise UserError(f"the checkpoint does not fit this model (changed model.* settings?): {shown}")
+
+
+def check_saved_config(location: str, config: Config, stored: dict[str, tuple[int, ...]]) -> None:
+    """The stored model tensors (``stored``: name -> shape) must be the ones the checkpoint's own model
+    ``config`` builds: readers that build the model from it (``eval``, ``convert``) would otherwise
+    fail deep in a load or a transform, with a traceback, on a hand-edited or damaged ``metadata.json``."""
+    fix = f"{METADATA}'s config was edited or damaged; restore it, or use another checkpoint"
+    try:
+        expected = state_shapes(config.model)
+    except Exception as e:  # a model.* value no model can have (hidden not divisible by heads...)
+        raise UserError(
+            f"checkpoint {location}: its model config builds no model ({type(e).__name__}: {e}); {fix}"
+        ) from None
+    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise UserError(
+            f"checkpoint {location}: its tensors are not those of its model config (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); {fix}"
+        )
+    name = next((n for n in expected if tuple(stored[n]) != expected[n]), None)
+    if name is not None:
+        raise UserError(
+            f"checkpoint {location}: {name} is stored with shape {tuple(stored[name])}, but its model config "
+            f"makes it {expected[name]}; {fix}"
+        )
 
 
 def _fill(segments: list[_Segment], reader: BoxReader, tp_rank: int) -> None:

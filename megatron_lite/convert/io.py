@@ -21,6 +21,7 @@ import torch
 from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
 from megatron_lite.checkpoint.reader import find_checkpoint, is_step_dir, iter_model_tensors, list_steps, steps_there
+from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
 from megatron_lite.errors import UserError
@@ -74,7 +75,7 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
     meta = reader.meta
     dtype = getattr(torch, meta["layout"]["param_dtype"])
     specs = {name: (shape, dtype) for name, shape in reader.shapes("model").items()}
-    _refuse_config_mismatch(reader.path, reader.config, specs)
+    check_saved_config(reader.location, reader.config, reader.shapes("model"))
     trainer = meta["trainer"] or {}
     origin = reader.local_file("origin.json")
     return CheckpointSource(
@@ -86,33 +87,6 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
         consumed_samples=trainer.get("consumed_samples"),
         origin=json.loads(origin.read_text()) if origin else None,
     )
-
-
-def _refuse_config_mismatch(path: Path, config: Config, specs: dict[str, tuple[Shape, torch.dtype]]) -> None:
-    """The stored tensors must be the ones the checkpoint's own model config builds (a hand-edited or
-    damaged ``metadata.json`` would otherwise fail deep in a transform, with a traceback)."""
-    from megatron_lite.models.transformer import state_shapes
-
-    fix = f"{METADATA}'s config was edited or damaged; restore it, or convert another checkpoint"
-    try:
-        expected = state_shapes(config.model)
-    except Exception as e:  # a model.* value no model can have (hidden not divisible by heads...)
-        raise UserError(
-            f"checkpoint {path}: its model config builds no model ({type(e).__name__}: {e}); {fix}"
-        ) from None
-    stored = {name: spec[0] for name, spec in specs.items()}
-    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    if missing or extra:
-        raise UserError(
-            f"checkpoint {path}: its tensors are not those of its model config (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}); {fix}"
-        )
-    name = next((n for n in expected if tuple(stored[n]) != expected[n]), None)
-    if name is not None:
-        raise UserError(
-            f"checkpoint {path}: {name} is stored with shape {tuple(stored[name])}, but its model config "
-            f"makes it {expected[name]}; {fix}"
-        )
 
 
 def refuse_used_out(out: Path) -> None:

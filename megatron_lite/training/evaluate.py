@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
@@ -50,6 +51,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tok
     """The trained model (in eval mode) and the tokenizer saved with it."""
     reader = find_checkpoint(path)
     cfg = reader.config
+    check_saved_config(reader.location, cfg, reader.shapes("model"))
     model = build_model(cfg.model, cfg.train.seed, device)
     model.load_state_dict(reader.model_state())  # assembled from the ranks' boxes, any layout
     tokenizer = reader.local_file("tokenizer.model")

@@ -237,7 +237,7 @@ def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     if not changed:
         return None
     updates = reader.step - (reader.meta.get("trainer") or {}).get("skipped_steps", 0)  # the schedule's position
-    before = f"{lr_at(updates, config_from_dict(reader.meta['config']).optim):.4g}"
+    before = f"{lr_at(updates, reader.config.optim):.4g}"
     now = f"{lr_at(updates, cfg.optim):.4g}"
     if now == before:
         return None

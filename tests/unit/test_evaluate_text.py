@@ -2,11 +2,13 @@
 
 import gzip
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.cli import main
 from megatron_lite.config import fill_defaults, load_config
 from megatron_lite.errors import UserError
@@ -101,3 +103,22 @@ def test_a_non_finite_loss_is_json_null_naming_the_cause_and_exits_2(weight, cau
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the loss of checkpoint ") and cause in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_checkpoint_whose_saved_config_is_not_its_models_is_one_error_naming_it(tmp_path):
+    """eval builds the model from the config saved in metadata.json: one edited (or saved by another
+    version with a key this one lacks) is one error naming the checkpoint, not a load_state_dict
+    traceback or an 'unknown config key' that reads like the user's own config."""
+    cfg = fill_defaults(load_config(None, ["model.hidden=64", "model.heads=4", "model.layers=1"]), vocab_size=100)
+    step = save_weights(tmp_path / "c", 0, build_model(cfg.model, 0, "cpu").state_dict(), cfg.to_dict(), files={})
+    meta_path = Path(step) / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    for edit, why in [
+        ({"hidden": 128}, r"embed.weight is stored with shape \(100, 64\), but its model config makes it \(100, 128\)"),
+        ({"layrs": 2}, r"the config in its metadata.json cannot be read: unknown config key 'model.layrs'"),
+    ]:
+        meta_path.write_text(
+            json.dumps({**meta, "config": {**meta["config"], "model": {**cfg.to_dict()["model"], **edit}}})
+        )
+        with pytest.raises(UserError, match=f"^checkpoint {step}: {why}"):
+            evaluate.load_model(step, torch.device("cpu"))
