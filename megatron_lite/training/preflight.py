@@ -43,7 +43,9 @@ from megatron_lite.config import Config, config_warnings
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.training.trackers import DROPPED_FILE, METRICS_FILE
 
+LOG_DIR_FILES = ("config.yaml", METRICS_FILE, DROPPED_FILE)  # what a run writes in log.dir
 SHARED_WAIT_S = 5.0  # how long a rank waits to see rank 0's file in a shared checkpoint.dir
 
 
@@ -68,8 +70,16 @@ def probe_dir(key: str, path: str | Path) -> None:
 
 
 def check_log_dir(cfg: Config) -> None:
-    """``log.dir`` exists (created here) and is writable (rank 0's: no other rank writes there)."""
+    """``log.dir`` exists (created here) and is writable (rank 0's: no other rank writes there), and
+    none of the files a run writes there is a directory (or anything else but a file)."""
     probe_dir("log.dir", cfg.log.dir)
+    for name in LOG_DIR_FILES:
+        path = Path(cfg.log.dir) / name
+        if path.exists() and not path.is_file():
+            raise UserError(
+                f"log.dir={cfg.log.dir!r} holds {str(path)!r}, which is not a file, where the run writes its "
+                f"{name}: move it out of the way, or choose another log.dir"
+            )
 
 
 def check_checkpoint_dir(cfg: Config, world_size: int = 1) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 log = logging.getLogger(__name__)
+METRICS_FILE, DROPPED_FILE = "metrics.jsonl", "metrics.dropped.jsonl"  # in log.dir (JsonlTracker)
 
 
 def _clean(v: Any) -> Any:
@@ -41,7 +42,7 @@ class JsonlTracker:
     """
 
     def __init__(self, run_dir: Path, step: int = 0) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if self.path.exists():
             self._drop_rows_after(step)
         self._f = self.path.open("a", buffering=1)
@@ -52,7 +53,7 @@ class JsonlTracker:
         if len(keep) == len(lines):
             return
         dropped = [line for line in lines if _row_step(line) > step]
-        kept_aside = self.path.with_name("metrics.dropped.jsonl")
+        kept_aside = self.path.with_name(DROPPED_FILE)
         with kept_aside.open("a") as f:  # first, so a crash below loses no row
             f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
         tmp = self.path.with_name(self.path.name + ".tmp")
