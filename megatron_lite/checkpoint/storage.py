@@ -12,10 +12,12 @@ and endpoints come from the usual environment (``AWS_*``), never from the config
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_lite.checkpoint.format import METADATA, STAGING_DIR, STEP_DIR, TMP_PREFIX, sha256_file
@@ -239,3 +241,31 @@ class Storage:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+
+
+def commit_stamp(step_dir: Path) -> tuple[int, int] | None:
+    """What identifies this commit of a local step directory: its ``metadata.json``'s inode and mtime
+    (a re-save replaces the file, pruning removes it); None when it is gone."""
+    try:
+        st = (Path(step_dir) / METADATA).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def kept_while_read(step_dir: Path, stamp: tuple[int, int] | None, doing: str, fix: str) -> Iterator[None]:
+    """A failure to read the checkpoint in ``step_dir`` (an OSError, or its re-verification finding
+    none) when it was meanwhile removed or replaced (``stamp``, from :func:`commit_stamp` when it was
+    opened, no longer matches: a training run still saving into its directory prunes old steps) is
+    one :class:`UserError` saying so, what the reader was ``doing`` and ``fix`` (what to do with a copy)."""
+    try:
+        yield
+    except (OSError, UserError) as e:
+        if stamp is None or commit_stamp(step_dir) == stamp:
+            raise
+        raise UserError(
+            f"checkpoint {step_dir} was removed or replaced while it was being {doing} ({type(e).__name__}: {e}): "
+            "a training run saving into its directory prunes older steps (checkpoint.keep); copy the step "
+            f"directory out of the run's checkpoint.dir and {fix}"
+        ) from None

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
+from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.convert.card import model_card
 from megatron_lite.convert.io import (
     CheckpointSource,
@@ -175,31 +176,8 @@ def _removed_on_error(tmp: Path, out: Path, writing: bool = True) -> Iterator[No
         raise
 
 
-def _stamp(step_dir: Path) -> tuple[int, int] | None:
-    """What identifies this commit of a step directory: its ``metadata.json``'s inode and mtime
-    (a re-save replaces the file, pruning removes it); None when it is gone."""
-    try:
-        st = (step_dir / "metadata.json").stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns
-
-
-@contextlib.contextmanager
-def _source_kept(src: CheckpointSource, stamp: tuple[int, int] | None) -> Iterator[None]:
-    """A failure to read the checkpoint (an OSError, or its re-verification finding none), when the
-    checkpoint was meanwhile removed or replaced (a training run still saving into its directory
-    prunes old steps), is one :class:`UserError` saying so."""
-    try:
-        yield
-    except (OSError, UserError) as e:
-        if stamp is None or _stamp(src.path) == stamp:
-            raise
-        raise UserError(
-            f"checkpoint {src.path} was removed or replaced while it was being converted ({type(e).__name__}: "
-            f"{e}): a training run saving into its directory prunes older steps (checkpoint.keep); copy the step "
-            "directory out of the run's checkpoint.dir and convert the copy; nothing was written to --out"
-        ) from None
+def _kept(src: CheckpointSource, stamp: tuple[int, int] | None) -> contextlib.AbstractContextManager[None]:
+    return kept_while_read(src.path, stamp, "converted", "convert the copy; nothing was written to --out")
 
 
 def _write_error(out: Path, e: OSError) -> UserError:
@@ -298,7 +276,7 @@ def to_hf(
     refuse_out_in_checkpoints(Path(out), checkpoint)
     refuse_used_out(Path(out))
     src = open_checkpoint(checkpoint, step)
-    stamp = _stamp(src.path)
+    stamp = commit_stamp(src.path)
     m = src.config.model
     check_exportable(m)  # first: an unsupported model's tensor names differ too, a less useful error
     if src.tokenizer is None:
@@ -309,15 +287,15 @@ def to_hf(
     adapter = ADAPTERS[export_type(m, src.origin)]
     name_map = adapter.name_map(m)
     _check_names(src, name_map)
-    with _source_kept(src, stamp):
+    with _kept(src, stamp):
         ids = special_ids(src.tokenizer)
     hf_config = export_config(m, ids, src.specs["embed.weight"][1], src.origin)  # refuses what HF cannot express
     out, dest = Path(out), Path(os.path.abspath(out))  # dest: `--out .` has a name and a parent
     tmp, held = _prepare_out(dest, src.path)  # only now, after every check, is anything written
     with held:  # its lock marks this export as alive until it ends, however it ends
-        with _removed_on_error(tmp, out), _source_kept(src, stamp):
+        with _removed_on_error(tmp, out), _kept(src, stamp):
             n_params = _write_export(src, name_map, hf_config, ids, tmp, max_shard_size)
-        with _removed_on_error(tmp, out, writing=False), _source_kept(src, stamp):  # reads: not the output's error
+        with _removed_on_error(tmp, out, writing=False), _kept(src, stamp):  # reads: not the output's error
             result = verify(src.path, tmp) if check else None
         if result is not None and not result.passed:
             raise UserError(
@@ -327,7 +305,7 @@ def to_hf(
         from megatron_lite.data.tokenizer import Tokenizer
 
         with _removed_on_error(tmp, out):
-            with _source_kept(src, stamp):
+            with _kept(src, stamp):
                 card = model_card(src, adapter.hf_class, n_params, Tokenizer(src.tokenizer).vocab_size, result)
             (tmp / "README.md").write_text(card)
             _install(tmp, dest)

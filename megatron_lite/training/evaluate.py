@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
+from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
 from megatron_lite.data.tokenizer import Tokenizer
@@ -50,18 +51,21 @@ def _non_finite_why(model: Transformer) -> str:
 def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
     """The trained model (in eval mode) and the tokenizer saved with it."""
     reader = find_checkpoint(path)
+    stamp = commit_stamp(reader.path)  # a run saving into its directory may prune it while it is read
     cfg = reader.config
     check_saved_config(reader.location, cfg, reader.shapes("model"))
     model = build_model(cfg.model, cfg.train.seed, device)
-    model.load_state_dict(reader.model_state())  # assembled from the ranks' boxes, any layout
-    tokenizer = reader.local_file("tokenizer.model")
-    if tokenizer is None:
+    with kept_while_read(reader.path, stamp, "evaluated", "evaluate the copy"):
+        model.load_state_dict(reader.model_state())  # assembled from the ranks' boxes, any layout
+        tokenizer = reader.local_file("tokenizer.model")
+        tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is None:
         raise UserError(
             f"checkpoint {reader.location} has no tokenizer.model, and eval tokenizes the text with the "
             "sentencepiece model saved beside the weights (a model imported from Hugging Face with a tokenizer "
             "that is not sentencepiece, e.g. byte-level BPE, carries none): evaluate it where its own tokenizer runs"
         )
-    return model.eval(), Tokenizer(tokenizer)
+    return model.eval(), tok
 
 
 @torch.no_grad()

@@ -122,3 +122,26 @@ def test_a_checkpoint_whose_saved_config_is_not_its_models_is_one_error_naming_i
         )
         with pytest.raises(UserError, match=f"^checkpoint {step}: {why}"):
             evaluate.load_model(step, torch.device("cpu"))
+
+
+def test_a_checkpoint_pruned_while_it_is_evaluated_is_one_error(tmp_path, monkeypatch):
+    """eval of a live run's checkpoint directory: the run prunes the step (checkpoint.keep) while eval
+    reads it; a FileNotFoundError traceback before."""
+    import shutil
+
+    from megatron_lite.checkpoint.reader import CheckpointReader
+
+    cfg = fill_defaults(load_config(None, ["model.hidden=64", "model.heads=4", "model.layers=1"]), vocab_size=100)
+    step = save_weights(tmp_path / "c", 0, build_model(cfg.model, 0, "cpu").state_dict(), cfg.to_dict(), files={})
+    real = CheckpointReader.model_state
+
+    def pruned_first(self):
+        shutil.rmtree(step)
+        return real(self)
+
+    monkeypatch.setattr(CheckpointReader, "model_state", pruned_first)
+    with pytest.raises(
+        UserError, match=f"^checkpoint {step} was removed or replaced while it was being evaluated"
+    ) as e:
+        evaluate.load_model(tmp_path / "c", torch.device("cpu"))
+    assert "copy the step directory out of the run's checkpoint.dir and evaluate the copy" in str(e.value)
