@@ -224,7 +224,12 @@ class Checkpointer:
                     errors.append(f"rank 0: commit failed: {type(e).__name__}: {e}")
             if errors:
                 self.storage.remove(save.staging)
-                outcome = f"checkpoint of step {save.step} was not saved: " + "; ".join(errors)
+                outcome = (
+                    f"checkpoint of step {save.step} was not saved: {'; '.join(errors)} (checkpoint.dir="
+                    f"{self.storage.url()!r}); the checkpoints saved before it are untouched: fix the cause (a full "
+                    "disk: free space there, or lower checkpoint.keep), then rerun with checkpoint.resume=auto to "
+                    "continue from the newest"
+                )
         outcome = collectives.broadcast(outcome)
         if outcome:
             log.error("%s", outcome)

@@ -104,7 +104,10 @@ def test_all_ranks_agree_on_corrupt_and_failed_checkpoints(verdicts):
     assert [r["resume"] for r in per_rank] == ["step_00000002", "step_00000002"]
     for r in per_rank:
         assert r["error"] == (
-            "checkpoint of step 4 was not saved: rank 1: OSError: [Errno 28] No space left on device"
+            "checkpoint of step 4 was not saved: rank 1: OSError: [Errno 28] No space left on device (checkpoint.dir="
+            f"'{root / 'b' / 'checkpoints'}'); the checkpoints saved before it are untouched: fix the cause (a full "
+            "disk: free space there, or lower checkpoint.keep), then rerun with checkpoint.resume=auto to continue "
+            "from the newest"
         ), r["error"]
     ckpt = root / "b" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_00000002"]

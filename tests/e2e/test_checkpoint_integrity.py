@@ -272,6 +272,8 @@ def test_failed_async_write_stops_the_run_at_the_next_step(saved, tmp_path, monk
     assert main(["train", *args, f"log.dir={run}", "checkpoint.async=true", "checkpoint.every=3", "train.steps=9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint of step 3 was not saved: rank 0: OSError") and "No space left" in err
+    assert f"(checkpoint.dir='{run / 'checkpoints'}'); the checkpoints saved before it are untouched" in err, err
+    assert "free space there, or lower checkpoint.keep), then rerun with checkpoint.resume=auto" in err, err
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] < 6, steps  # the write fails at once: known at step 4 (5 if the thread was slow)
 
