@@ -319,6 +319,8 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
         hint = ""
         if not is_url(path) and (Path(path) / "checkpoints").is_dir():  # a run's log.dir
             hint = f"; a run directory keeps its checkpoints in {str(Path(path) / 'checkpoints')!r}"
+        elif not is_url(path) and Path(path).is_file():  # `latest` or a step's metadata.json
+            hint = f"; it is a file: give the directory holding it, {str(Path(path).parent)!r}"
         raise UserError(
             f"no checkpoint found at {str(path)!r} (expected a step_XXXXXXXX directory or its parent){hint}"
         )

@@ -42,6 +42,10 @@ def test_eval_reports_mean_loss_over_overlapping_windows(tiny_args, tmp_path, ca
     # the run directory instead of its checkpoints: the error says where they are
     assert main(["eval", "--checkpoint", str(ckpt.parent), "--text", str(text)]) == 2
     assert f"a run directory keeps its checkpoints in {str(ckpt)!r}" in capsys.readouterr().err
+    # a file of the checkpoint directory (Megatron's habit: its tracker file) names the directory to give
+    for file, holder in ((ckpt / "latest", ckpt), (step_dir / "metadata.json", step_dir)):
+        assert main(["eval", "--checkpoint", str(file), "--text", str(text)]) == 2
+        assert f"; it is a file: give the directory holding it, {str(holder)!r}" in capsys.readouterr().err
 
 
 def test_eval_bad_paths(tmp_path, capsys):
