@@ -93,6 +93,7 @@ class Checkpointer:
         self.extra_files = {k: v for k, v in (extra_files or {}).items() if v.is_file()}
         self.rank = collectives.world()[0]
         self._pending: _Save | None = None
+        self.last_step: int | None = None  # the step of the newest save started
         # Host copies for async saves, reused from save to save (a box key names the same shape
         # every time): pinned allocations are slow and a fresh 10 GB copy would fault in every page.
         # Safe to overwrite: a save starts only after the previous write finished.
@@ -126,6 +127,7 @@ class Checkpointer:
         """Save this rank's ``pieces`` and ``rank_tensors`` (RNG) as the checkpoint of ``step``.
         ``meta`` (used on rank 0): the metadata fields the trainer knows (``format.py``)."""
         self.wait()
+        self.last_step = step
         staging = self._begin(step)
         tensors = {box_key(p.name, p.box): self._to_host(box_key(p.name, p.box), p.tensor) for p in pieces}
         tensors.update({key: self._to_host(key, t) for key, t in rank_tensors.items()})

@@ -194,6 +194,22 @@ class SkippedSteps:
         if self.in_a_row >= self.limit:
             raise DivergenceError(
                 f"training diverged: {self.in_a_row} steps in a row were skipped, their gradient norm not finite "
-                f"(steps {self.since}-{step}, loss {out['loss']}); resume from an earlier checkpoint with a lower "
-                "optim.lr or a longer optim.warmup"
+                f"(steps {self.since}-{step}, loss {out['loss']}); resume from an earlier checkpoint (those of steps "
+                f"before {self.since} are kept) with a lower optim.lr or a longer optim.warmup"
             )
+
+    def hold_save(self, step: int) -> bool:
+        """Whether the periodic checkpoint of ``step`` is held back: it falls in a streak of hopeless
+        skips. Its weights are those the streak started from, the ones that no longer train, and
+        saving it would rotate out (``checkpoint.keep``) the checkpoints from before the divergence,
+        the ones to resume from. Saves go on once a step succeeds; a preemption or the run's end still
+        saves. The same verdict on every rank (the skips are)."""
+        if self.in_a_row and self.active:
+            log.warning(
+                "step %d: checkpoint not saved: the last %d steps were skipped (gradient norm not finite); "
+                "the checkpoints from before step %d are kept",
+                step,
+                self.in_a_row,
+                self.since,
+            )
+        return self.in_a_row > 0

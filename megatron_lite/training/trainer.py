@@ -331,7 +331,7 @@ class Trainer:
             if record:
                 history.append(record)
         bar.close()
-        if cfg.checkpoint.every == 0 or self.step % cfg.checkpoint.every:
+        if self.checkpointer.last_step != self.step:  # the step it stops at, unless a periodic save was it
             self.save()
         self.checkpointer.close()  # waits for an async save; raises if any save failed
 
@@ -370,7 +370,7 @@ class Trainer:
             # every rank's file is complete: commit it now; a failed one stops the run at this step
             # (as a failed synchronous save does), not a checkpoint interval later
             self.checkpointer.wait()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not self.skips.hold_save(step):
             self.save()
         return record
 

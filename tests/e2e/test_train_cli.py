@@ -76,13 +76,14 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     tiny_args, tmp_path, capsys, caplog, monkeypatch
 ):
     """Without a loss scaler (fp32, bf16) a step whose gradient norm is not finite is skipped, with a
-    warning; ten in a row stop the run (exit 2), its trackers closed as failed."""
+    warning; ten in a row stop the run (exit 2), its trackers closed as failed. No periodic checkpoint
+    is saved during the skips: with checkpoint.keep it would rotate out the ones to resume from."""
     closed = []
     real_close = Trackers.close
     monkeypatch.setattr(Trackers, "close", lambda self, failed=False: closed.append(failed) or real_close(self, failed))
     args = [*tiny_args, "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e3", "optim.clip_grad=0"]
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.fault"):
-        assert main(["train", *args]) == 2
+        assert main(["train", *args, "checkpoint.every=1", "checkpoint.keep=2"]) == 2
     assert closed == [True]  # TensorBoard and W&B flushed, and W&B told the run failed
     err = one_error_line(capsys)
     assert "training diverged: 10 steps in a row were skipped" in err and "optim.lr" in err, err
@@ -100,6 +101,14 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     skipped_before = [0] + [r["skipped_steps"] for r in rows[:-1]]
     assert [r["lr"] for r in rows] == [lr_at(r["step"] - 1 - n, optim) for r, n in zip(rows, skipped_before)]
     assert rows[first - 2]["lr"] != rows[first - 1]["lr"] == rows[-1]["lr"], rows
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == [first - 2, first - 1], kept  # the two saved before the skips began
+    held = [r.getMessage() for r in caplog.records if "checkpoint not saved" in r.getMessage()]
+    assert len(held) == 9 and held[0] == (
+        f"step {first}: checkpoint not saved: the last 1 steps were skipped (gradient norm not finite); "
+        f"the checkpoints from before step {first} are kept"
+    ), held
+    assert f"resume from an earlier checkpoint (those of steps before {first} are kept)" in err, err
     # fp16: the loss scaler's skips are routine while it backs off, not once the loss is not finite
     fp16 = [*args, f"log.dir={tmp_path / 'fp16'}", "train.dtype=fp16"]
     assert main(["train", *fp16]) == 2
