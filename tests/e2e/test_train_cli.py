@@ -109,6 +109,11 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
         f"the checkpoints from before step {first} are kept"
     ), held
     assert f"resume from an earlier checkpoint (those of steps before {first} are kept)" in err, err
+    # a run that ends during the skips still saves the step it stops at, its periodic save held back
+    short = [*args, f"log.dir={tmp_path / 'short'}", f"train.steps={first + 1}", "checkpoint.every=1"]
+    assert main(["train", *short, "checkpoint.keep=3"]) == 0
+    kept = sorted(int(p.name[5:]) for p in (tmp_path / "short" / "checkpoints").glob("step_*"))
+    assert kept == [first - 2, first - 1, first + 1], kept
     # fp16: the loss scaler's skips are routine while it backs off, not once the loss is not finite
     fp16 = [*args, f"log.dir={tmp_path / 'fp16'}", "train.dtype=fp16"]
     assert main(["train", *fp16]) == 2
