@@ -41,6 +41,7 @@ from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
+_AUTO = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"
 
 
 class CheckpointReader:
@@ -301,7 +302,11 @@ def open_step(path: str | Path) -> CheckpointReader:
     """The checkpoint in step directory ``path``, verified (collective)."""
     storage, name = _split(path)
     if not is_url(path) and not (Path(path) / METADATA).is_file():
-        raise UserError(f"{str(path)!r} is not a checkpoint directory (no {METADATA})")
+        committed = ", ".join(map(str, committed_steps(Path(path).parent))) or "none"
+        raise UserError(
+            f"{str(path)!r} is not a checkpoint: it has no {METADATA} (a save cut short is never committed); give a "
+            f"committed step directory (steps in {str(Path(path).parent)!r}: {committed}), or use {_AUTO}"
+        )
     meta, problem = verify(storage, name)
     if problem:
         raise UserError(f"checkpoint {storage.url(name)} is unusable: {problem}")
@@ -351,7 +356,6 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
     the current directory: the error names its path in ``checkpoint.dir`` (``root``) when it is
     there, and lists the steps there (Megatron's ``--ckpt-step``: here the step directory's path)."""
     key = f"checkpoint.resume={resume!r}"
-    auto = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"
     if path.is_dir():
         if not (path / METADATA).is_file() and list_steps(path):
             newest = path / step_dir_name(list_steps(path)[-1][0])
@@ -367,7 +371,7 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
             )
         return
     if path.exists():
-        raise UserError(f"{key} is a file, not a checkpoint's step directory (step_XXXXXXXX); give one or use {auto}")
+        raise UserError(f"{key} is a file, not a checkpoint's step directory (step_XXXXXXXX); give one or use {_AUTO}")
     if path.parent == Path():  # one word: "latest" (Megatron's name for the newest checkpoint), a step, a number
         step = re.fullmatch(r"(?:step_)?(\d+)", resume)
         found = [name for n, name in list_steps(root) if step and n == int(step.group(1))]
@@ -375,13 +379,13 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
         if found:
             raise UserError(
                 f"{key} is no directory here: give the step's path, checkpoint.resume={Storage(root).url(found[0])!r} "
-                f"({there}), or use {auto}"
+                f"({there}), or use {_AUTO}"
             )
-        raise UserError(f"{key} is not auto, none or an existing step directory ({there}); use {auto}")
+        raise UserError(f"{key} is not auto, none or an existing step directory ({there}); use {_AUTO}")
     if not path.parent.is_dir():
-        raise UserError(f"{key} does not exist, nor does {str(path.parent)!r}; give a step directory or use {auto}")
+        raise UserError(f"{key} does not exist, nor does {str(path.parent)!r}; give a step directory or use {_AUTO}")
     raise UserError(
-        f"{key} does not exist (steps in {path.parent}: {steps_there(path.parent)}); name one of them, or use {auto}"
+        f"{key} does not exist (steps in {path.parent}: {steps_there(path.parent)}); name one of them, or use {_AUTO}"
     )
 
 

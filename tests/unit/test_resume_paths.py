@@ -105,3 +105,14 @@ def test_resume_none_over_another_runs_checkpoints_is_refused_naming_both_fixes(
     )
     check_fresh_start(load_config(None, [f"checkpoint.dir={root}", "checkpoint.resume=auto"]))  # continues it
     check_fresh_start(load_config(None, [f"checkpoint.dir={tmp_path / 'new'}", "checkpoint.resume=none"]))
+
+
+def test_a_step_directory_without_metadata_names_the_committed_steps(root):
+    """A save cut short (its step directory holds no metadata.json) is not a checkpoint to resume."""
+    (root / "step_00000006").mkdir()
+    err = refusal(root, "ckpt/step_00000006")
+    assert err.startswith("'ckpt/step_00000006' is not a checkpoint: it has no metadata.json"), err
+    assert (
+        "give a committed step directory (steps in 'ckpt': 4, 5), or use checkpoint.resume=auto for the newest good"
+        in err
+    ), err
