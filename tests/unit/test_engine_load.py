@@ -51,7 +51,7 @@ def test_a_fitting_checkpoint_loads():
 def test_init_from_weights_that_do_not_fit_are_refused_before_any_layout_is_built(tmp_path):
     """A pipeline stage loads only its own layers and cannot tell that the checkpoint has more, so the
     whole model is checked once, before the engine: a deeper checkpoint is refused in every layout
-    (pp=2 took its first layers silently), naming the checkpoint and the setting to change."""
+    (pp=2 as one process), naming the checkpoint and the setting to change."""
     deeper = fill_defaults(load_config(None, [*TINY, "model.layers=3"]), vocab_size=100)
     start = save_weights(tmp_path / "import", 0, model("model.layers=3").state_dict(), deeper.to_dict(), files={})
     run = [f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.init_from={start}"]

@@ -126,7 +126,7 @@ def test_a_checkpoint_whose_saved_config_is_not_its_models_is_one_error_naming_i
 
 def test_a_checkpoint_pruned_while_it_is_evaluated_is_one_error(tmp_path, monkeypatch):
     """eval of a live run's checkpoint directory: the run prunes the step (checkpoint.keep) while eval
-    reads it; a FileNotFoundError traceback before."""
+    reads it: one error saying so and what to do, not a FileNotFoundError traceback."""
     import shutil
 
     from megatron_lite.checkpoint.reader import CheckpointReader

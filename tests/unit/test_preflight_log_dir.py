@@ -1,5 +1,5 @@
 """log.dir at startup: a directory (or anything but a file) where the run writes one of its files is
-one error naming it, before anything is trained; the run failed at setup with a traceback."""
+one error naming it, before anything is trained, not a traceback from the config save or the tracker."""
 
 import pytest
 
