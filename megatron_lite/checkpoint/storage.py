@@ -253,6 +253,10 @@ def commit_stamp(step_dir: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+class CheckpointGoneError(UserError):
+    """The checkpoint a reader was reading was removed or replaced meanwhile (:func:`kept_while_read`)."""
+
+
 @contextlib.contextmanager
 def kept_while_read(step_dir: Path, stamp: tuple[int, int] | None, doing: str, fix: str) -> Iterator[None]:
     """A failure to read the checkpoint in ``step_dir`` (an OSError, or its re-verification finding
@@ -261,10 +265,12 @@ def kept_while_read(step_dir: Path, stamp: tuple[int, int] | None, doing: str, f
     one :class:`UserError` saying so, what the reader was ``doing`` and ``fix`` (what to do with a copy)."""
     try:
         yield
+    except CheckpointGoneError:  # said already, by a reader this one called
+        raise
     except (OSError, UserError) as e:
         if stamp is None or commit_stamp(step_dir) == stamp:
             raise
-        raise UserError(
+        raise CheckpointGoneError(
             f"checkpoint {step_dir} was removed or replaced while it was being {doing} ({type(e).__name__}: {e}): "
             "a training run saving into its directory prunes older steps (checkpoint.keep); copy the step "
             f"directory out of the run's checkpoint.dir and {fix}"

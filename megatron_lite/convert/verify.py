@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lite.checkpoint.hf import Adapter, import_config
+from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.convert.compare import compare_tensors, refuse_config_mismatch
 from megatron_lite.convert.io import (
     CheckpointSource,
@@ -162,18 +163,20 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, step: int | None = None) 
     hf_dir = Path(hf_dir)
     adapter = _check_hf_dir(hf_dir)
     src = open_checkpoint(checkpoint, step)
+    stamp = commit_stamp(src.path)  # a run saving into its directory may prune it while it is read
     m = src.config.model
     length = min(m.seq_len, 96)
-    text_ids, tok_equal = _sample_ids(src, hf_dir, length)
-    tok_required = _tokenizer_converted_by_us(hf_dir)
-    n_equal, problem = compare_tensors(src, hf_dir, adapter)
-    if problem:
-        nan = float("nan")
-        return VerifyResult(nan, nan, nan, nan, 0, tok_equal, tok_required, n_equal, problem)
-    g = torch.Generator().manual_seed(1)
-    random_ids = torch.randint(0, m.vocab_size, (length,), generator=g)  # reaches rows the text never uses
-    batch = torch.stack([torch.tensor(text_ids), random_ids])  # (2, T)
-    ours = _our_model(src)(batch)  # the model is freed here, before the HF one is loaded
+    with kept_while_read(src.path, stamp, "verified", "verify the copy"):
+        text_ids, tok_equal = _sample_ids(src, hf_dir, length)
+        tok_required = _tokenizer_converted_by_us(hf_dir)
+        n_equal, problem = compare_tensors(src, hf_dir, adapter)
+        if problem:
+            nan = float("nan")
+            return VerifyResult(nan, nan, nan, nan, 0, tok_equal, tok_required, n_equal, problem)
+        g = torch.Generator().manual_seed(1)
+        random_ids = torch.randint(0, m.vocab_size, (length,), generator=g)  # reaches rows the text never uses
+        batch = torch.stack([torch.tensor(text_ids), random_ids])  # (2, T)
+        ours = _our_model(src)(batch)  # the model is freed here, before the HF one is loaded
     with _no_progress_bars():
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()

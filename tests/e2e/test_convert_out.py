@@ -118,3 +118,24 @@ def test_a_checkpoint_pruned_while_it_is_converted_is_one_error(ckpt, tmp_path, 
     err = run_error(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)], capsys)
     assert f"checkpoint {step} was removed or replaced while it was being converted" in err, err
     assert "copy the step directory out" in err and not out.exists() and not (tmp_path / ".tmp-hf").exists()
+
+
+def test_a_checkpoint_pruned_while_it_is_verified_is_one_error(ckpt, tmp_path, monkeypatch, capsys):
+    """`convert verify` of a live run's checkpoint directory: the run prunes the step while it is read."""
+    import importlib
+    import shutil
+
+    from megatron_lite.cli import main
+
+    assert main(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), "--no-verify"]) == 0
+    verify_module = importlib.import_module("megatron_lite.convert.verify")
+    step, real = ckpt / "step_00000003", verify_module.compare_tensors
+
+    def prune_first(*args, **kwargs):
+        shutil.rmtree(step)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(verify_module, "compare_tensors", prune_first)
+    err = run_error(["convert", "verify", "--checkpoint", str(ckpt), "--hf", str(tmp_path / "hf")], capsys)
+    assert f"checkpoint {step} was removed or replaced while it was being verified" in err, err
+    assert "copy the step directory out of the run's checkpoint.dir and verify the copy" in err, err
