@@ -93,6 +93,10 @@ class _Replicated:
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
 
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].grad.device
+
     def grad_segments(self):
         return [(p, p.grad.view(-1), 0) for p in self.params]
 
