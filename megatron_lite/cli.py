@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from megatron_lite.errors import SetupInterrupted, UserError, refuse_blank
+from megatron_lite.errors import SetupInterrupted, UserError, explained, refuse_blank
 
 # A rank other than 0 that fails waits this long before printing its error itself (see main()).
 ERROR_GRACE_S = 10.0
@@ -387,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         # Python would print a second traceback flushing stdout at exit: point it at /dev/null
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # a shell's status for a process that SIGPIPE ended
+    except Exception as e:
+        if explained(e):  # a peer gone, which the failure watch has logged: the traceback adds nothing
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The CLI prints a ``UserError`` as one line, ``error: <message>``, and exits 2 without a traceback;
 every other exception is a bug and keeps its traceback, except :class:`SetupInterrupted` (a signal
-that ends a run before its first step), which exits 128 + the signal's number.
+that ends a run before its first step), which exits 128 + the signal's number, and a collective that
+failed because a peer process is gone, which the failure watch has already explained (:func:`explained`).
 """
 
 import signal
@@ -38,3 +39,14 @@ class SetupInterrupted(BaseException):
         self.signal = signal.Signals(signum)
         self.exit_status = 128 + int(signum)
         super().__init__(f"received {self.signal.name} during setup (before the first step); no checkpoint saved")
+
+
+def mark_explained(error: BaseException) -> None:
+    """``error`` is fully explained by lines already logged (a survivor's collective failing because
+    a peer process is gone: ``launcher/failure_watch.py``): the CLI exits 1 without its traceback."""
+    error.megatron_lite_explained = True
+
+
+def explained(error: BaseException) -> bool:
+    """Whether :func:`mark_explained` marked ``error``."""
+    return getattr(error, "megatron_lite_explained", False)

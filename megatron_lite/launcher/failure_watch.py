@@ -48,7 +48,7 @@ from types import TracebackType
 
 import torch.distributed as dist
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, mark_explained
 from megatron_lite.launcher.fail_fast import attempt_key, describe
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,8 @@ class FailureWatch:
             log.error("%s; this rank's collective failed with it (%s)", _failure_text(first), describe(error))
         elif gone:
             log.error("%s; stopping every rank", _failure_text(report))
+        if gone:  # its traceback would only show where this rank's collective was
+            mark_explained(error)
         elif first["rank"] != self.rank:
             log.error("(%s first)", _failure_text(first))
         told = self._wait_for_readers(FAILED_LINGER_S, gone or first.get("peer_gone", False))
