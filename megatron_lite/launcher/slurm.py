@@ -92,7 +92,11 @@ def sbatch_directives(job: SlurmJob, output: str) -> dict[str, str | None]:
             directives[key] = getattr(job, key)
     for key, value in directives.items():
         if value is not None and (not value or re.search(r"\s", value)):
-            raise UserError(f"sbatch --{key}={value!r}: must be non-empty, without spaces")
+            source = "log.dir (the job's output file lies under it)" if key == "output" else f"--{key}"
+            problem = "is empty" if not value else "holds a space"
+            raise UserError(
+                f"sbatch --{key}={value!r} {problem}, which sbatch cannot take: give {source} a value without spaces"
+            )
     return directives
 
 

@@ -146,11 +146,18 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
         (["--procs-per-node", "0"], "--procs-per-node=0 is out of range"),
         (["--gpus-per-node", "0"], "--gpus-per-node=0 is out of range: set the GPUs per node, 1 or more"),
         (["--cpu", "--procs-per-node", "2", "--master-port", "70000"], "--master-port=70000 is not a TCP port"),
+        (["--cpu"], "--cpu needs --procs-per-node (CPU processes per node)"),
+        (
+            ["--job-name", "my run"],
+            "sbatch --job-name='my run' holds a space, which sbatch cannot take: give --job-name",
+        ),
+        (["--time", ""], "sbatch --time='' is empty, which sbatch cannot take: give --time a value without spaces"),
     ],
 )
 def test_launch_refuses_a_job_that_cannot_run_before_writing_it(options, message, capsys):
     """Each is refused before a script is written: otherwise 16 ranks on 8 GPUs fail in the job,
-    --cpus-per-rank 0 and --procs-per-node 0 read as the defaults, port 70000 fails in torchrun."""
+    --cpus-per-rank 0 and --procs-per-node 0 read as the defaults, port 70000 fails in torchrun, an
+    #SBATCH line cuts a value at its first space."""
     args = ["launch", "slurm", "--nodes", "2", *options, "--dry-run", *TINY, "train.global_batch_size=64"]
     assert main([*args, "train.micro_batch_size=1"]) == 2
     err = capsys.readouterr().err
