@@ -187,7 +187,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         else:
             files.append(Path(text))
     if not files:
-        raise UserError("preprocess needs at least one input file or glob pattern")
+        raise UserError("no inputs given (an empty list): pass at least one input file or glob pattern")
     first: dict[str, Path] = {}
     for path in files:
         first.setdefault(os.path.realpath(path), path)

@@ -60,7 +60,12 @@ def test_tokenizer_trains_on_the_text_inside_a_compressed_jsonl(tmp_path):
     [
         ("cut.jsonl.gz", gzip.compress(b'{"text": "hello"}\n' * 100)[:40], "damaged or truncated"),
         ("mislabelled.jsonl.gz", b'{"text": "hello"}\n', "cannot be decompressed as .gz"),
-        ("data.jsonl.zst", b"\x28\xb5\x2f\xfd", "decompress or unpack it first"),
+        (
+            "data.jsonl.zst",
+            b"\x28\xb5\x2f\xfd",
+            r"data.jsonl.zst: .zst files cannot be read \(supported compressions: .gz, .bz2, .xz\); decompress or "
+            "unpack it first, and give the text files",
+        ),
         ("corpus.tar.gz", gzip.compress(b"corpus/a.txt\x00" * 40), ".tar files cannot be read"),
     ],
 )

@@ -102,8 +102,10 @@ def test_preprocess_bad_inputs(tok, tmp_path):
         preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", progress=False)
     with pytest.raises(UserError, match="missing.txt not found"):
         preprocess([str(tmp_path / "missing.txt")], tok.path, tmp_path / "out", progress=False)
-    with pytest.raises(UserError, match="is a directory"):
+    with pytest.raises(UserError, match=r"input .* is a directory; pass files or a glob such as '.*/\*.jsonl'"):
         preprocess([str(tmp_path)], tok.path, tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match=r"no inputs given \(an empty list\): pass at least one input file or glob"):
+        preprocess([], tok.path, tmp_path / "out", progress=False)  # a script's own glob that matched nothing
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(UserError, match="megatron-lite tokenizer train"):
         preprocess([str(tmp_path / "x.txt")], tmp_path / "no.model", tmp_path / "out", progress=False)
