@@ -111,7 +111,10 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     documents = is_jsonl(p) and tok.eos_id >= 0  # each document ends with EOS, as preprocess stores it
     ids = [i for text in texts for i in tok.encode(text, eos=documents)]
     if len(ids) < 2:
-        raise UserError(f"text file {str(p)!r} has {len(ids)} token(s); at least 2 are needed to predict one")
+        raise UserError(
+            f"text file {str(p)!r} has {len(ids)} token(s), and a score needs at least 2 (one to predict the "
+            "next from): give --text a file with more text"
+        )
     loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)
     if not math.isfinite(loss):
         raise NonFiniteLossError(

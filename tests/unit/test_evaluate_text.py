@@ -72,6 +72,20 @@ def test_eval_of_json_lines_with_a_tokenizer_without_eos_adds_none(tmp_path, mon
     assert scored == [[ord(c) for c in "abcd"]]
 
 
+@pytest.mark.parametrize("text, tokens", [("", 0), ("a", 1)])
+def test_a_text_of_fewer_than_two_tokens_is_one_error_asking_for_more_text(text, tokens, tmp_path, monkeypatch, capsys):
+    model = SimpleNamespace(cfg=SimpleNamespace(seq_len=4))
+    monkeypatch.setattr(evaluate, "load_model", lambda path, device: (model, _Tok()))
+    (tmp_path / "short.txt").write_text(text)
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "short.txt"), "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: text file {str(tmp_path / 'short.txt')!r} has {tokens} token(s), and a score needs at least 2 (one "
+        "to predict the next from): give --text a file with more text\n"
+    ), err
+
+
 def _strict_json(line: str) -> dict:
     """json.loads as a strict parser (jq, JSON.parse) reads it: NaN and Infinity are no JSON."""
 
