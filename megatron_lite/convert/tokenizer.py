@@ -48,6 +48,16 @@ def _parse(sp_model: Path) -> Any:
     return proto
 
 
+def _space_clash(proto: Any) -> str | None:
+    """Two pieces that differ only by ' ' vs U+2581 (both are one string, so one id, in the HF vocabulary)."""
+    first: dict[str, str] = {}  # vocabulary spelling -> the first piece spelt so
+    for p in proto.pieces:
+        seen = first.setdefault(_piece(p.piece), p.piece)
+        if seen != p.piece:
+            return f"pieces {seen!r} and {p.piece!r}, which differ only by ' ' vs U+2581"
+    return None
+
+
 def _inexact(proto: Any) -> list[str]:
     """The settings of a sentencepiece model that the ``tokenizers`` BPE here does not reproduce."""
     from sentencepiece import sentencepiece_model_pb2
@@ -61,7 +71,8 @@ def _inexact(proto: Any) -> list[str]:
         (n.remove_extra_whitespaces, "whitespace collapsing"),
         (not n.escape_whitespaces, "unescaped whitespace"),
     ]
-    return [what for bad, what in found if bad]
+    clash = _space_clash(proto)
+    return [what for bad, what in found if bad] + ([clash] if clash else [])
 
 
 def unexportable(sp_model: Path) -> str | None:
@@ -91,9 +102,7 @@ def build_hf_tokenizer(sp_model: Path) -> Any:
     from tokenizers.models import BPE
 
     proto = _load_proto(sp_model)
-    vocab = {_piece(p.piece): i for i, p in enumerate(proto.pieces)}
-    if len(vocab) != len(proto.pieces):
-        raise UserError(f"tokenizer {sp_model} has pieces that differ only by ' ' vs U+2581")
+    vocab = {_piece(p.piece): i for i, p in enumerate(proto.pieces)}  # one-to-one: _load_proto refuses clashes
     learned = {_piece(p.piece): i for i, p in enumerate(proto.pieces) if p.type == _NORMAL}
     merges = []
     for piece in learned:  # id order = score order: sentencepiece's merge priority
@@ -157,5 +166,6 @@ def find_sentencepiece(hf_dir: Path) -> Path | None:
         return None
     raise UserError(
         f"no tokenizer in {hf_dir}: expected tokenizer.model (sentencepiece; copied into the checkpoint) "
-        "or tokenizer.json / vocab.json (Hugging Face; its path is recorded)"
+        "or tokenizer.json / vocab.json (Hugging Face; its path is recorded): copy the model's tokenizer files "
+        "from its source into it"
     )

@@ -155,6 +155,17 @@ def test_a_sentencepiece_tokenizer_to_hf_cannot_convert_is_named_at_import(expor
     assert f"{hf_dir / 'tokenizer.model'} is not a sentencepiece model" in err and not (tmp_path / "o").exists()
 
 
+def test_an_hf_directory_without_a_tokenizer_asks_for_its_files(exported, tmp_path, capsys):
+    """A download of the weights and config.json alone: the import says which tokenizer files it needs."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (hf_dir / name).unlink()
+    err = run_error(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "out")], capsys)
+    assert f"no tokenizer in {hf_dir}: expected tokenizer.model (sentencepiece; copied into the checkpoint) or " in err
+    assert "copy the model's tokenizer files from its source into it" in err and not (tmp_path / "out").exists()
+
+
 def test_a_run_root_of_unreadable_checkpoints_is_named_for_conversion_not_training(trained, tmp_path, capsys):
     broken = tmp_path / "checkpoints"
     shutil.copytree(trained, broken)

@@ -78,3 +78,26 @@ def test_sentencepiece_models_we_cannot_match_are_refused(tmp_path):
     )  # defaults: nmt_nfkc normalisation, dummy prefix, no byte fallback
     with pytest.raises(UserError, match="supported: sentencepiece BPE, byte_fallback"):
         write_hf_tokenizer(tmp_path / "dummy.model", tmp_path, max_length=16)
+
+
+def test_pieces_that_differ_only_by_space_vs_the_marker_are_refused(tokenizers, tmp_path):
+    """HF's vocabulary spells U+2581 as a space: a piece with a real space would take another's id."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(tokenizers[0].path).read_bytes())
+    marked = next(p.piece for p in proto.pieces if "\u2581" in p.piece)
+    proto.pieces.add(
+        piece=marked.replace("\u2581", " "),
+        score=0.0,
+        type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED,
+    )
+    (tmp_path / "clash.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(UserError) as err:
+        write_hf_tokenizer(tmp_path / "clash.model", tmp_path, max_length=16)
+    spaced = marked.replace("\u2581", " ")
+    assert str(err.value) == (
+        f"tokenizer {tmp_path / 'clash.model'} cannot be converted exactly (pieces {marked!r} and {spaced!r}, which "
+        "differ only by ' ' vs U+2581); supported: sentencepiece BPE, byte_fallback, identity normalisation, no "
+        "dummy prefix, no whitespace collapsing"
+    )
