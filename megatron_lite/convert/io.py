@@ -201,8 +201,9 @@ class HFWeights:
             files = ["model.safetensors"]
         else:
             bins = sorted(p.name for p in hf_dir.glob("*.bin"))
-            hint = f" (found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True))" if bins else ""
-            raise UserError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}{hint}")
+            fix = f"found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True)" if bins else ""
+            fix = fix or "copy the model's weights (its *.safetensors files) into it"
+            raise UserError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}: {fix}")
         handles = [_open_safetensors(hf_dir / f) for f in files]
         self.where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (not a dict)
 
@@ -224,7 +225,9 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
     if not m:
-        raise UserError(f"size {text!r} is not a number of bytes or like 5GB, 500MB, 64KiB")
+        raise UserError(
+            f"--max-shard-size {text!r} is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB"
+        )
     unit = (m.group(2) or "").upper()
     base = 1024 if "I" in unit else 1000
     power = {"": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3}[unit]

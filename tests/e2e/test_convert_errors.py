@@ -85,10 +85,19 @@ def damage(hf_dir: Path, kind: str) -> str:
     if kind == "missing shard":
         shards[1].unlink()
         return f"model.safetensors.index.json lists {shards[1].name}, which is not in {hf_dir}"
-    if kind == "no weights":
+    if kind in ("no weights", "pytorch weights"):
         for p in [*shards, hf_dir / "model.safetensors.index.json"]:
             p.unlink()
-        return f"no model.safetensors or model.safetensors.index.json in {hf_dir}"
+        if kind == "no weights":
+            return f"no model.safetensors or model.safetensors.index.json in {hf_dir}: copy the model's weights (its"
+        (hf_dir / "pytorch_model.bin").write_bytes(b"")
+        return f"in {hf_dir}: found pytorch_model.bin: re-save with save_pretrained(safe_serialization=True)"
+    if kind == "index without weight_map":
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
+        return "model.safetensors.index.json has no weight_map of tensor names to files; restore it from the model's"
+    if kind == "config not an object":
+        (hf_dir / "config.json").write_text("[]\n")
+        return f"{hf_dir / 'config.json'} is not a Hugging Face config (a JSON object); restore it from the model's"
     if kind == "malformed config":
         (hf_dir / "config.json").write_text('{"model_type": "llama",\n')
         return f"{hf_dir / 'config.json'} is not valid JSON"
@@ -96,7 +105,19 @@ def damage(hf_dir: Path, kind: str) -> str:
     return f"transformers cannot load the config in {hf_dir}: "
 
 
-@pytest.mark.parametrize("kind", ["truncated shard", "missing shard", "no weights", "malformed config", "bad field"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "truncated shard",
+        "missing shard",
+        "no weights",
+        "pytorch weights",
+        "index without weight_map",
+        "malformed config",
+        "config not an object",
+        "bad field",
+    ],
+)
 def test_damaged_hf_directory_is_one_error_naming_the_file(trained, exported, tmp_path, kind, capsys):
     hf_dir = tmp_path / "hf"
     shutil.copytree(exported, hf_dir)
@@ -192,8 +213,21 @@ def test_step_with_a_step_directory_asks_for_its_parent(trained, exported, tmp_p
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("edit", [{"hidden": 96}, {"heads": 2, "kv_heads": 2}, {"layers": 3}])
-def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(trained, exported, tmp_path, edit, capsys):
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        ({"hidden": 96}, "embed.weight is stored with shape (512, 64), but its model config makes it (512, 96)"),
+        (
+            {"heads": 2, "kv_heads": 2},
+            "layers.0.attn.qkv.weight is stored with shape (128, 64), but its model config makes it (192, 64)",
+        ),
+        ({"layers": 3}, "its tensors are not those of its model config (missing ['layers.2."),
+        ({"heads": 0}, "its model config builds no model (ZeroDivisionError: integer division or modulo by zero)"),
+    ],
+)
+def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(
+    trained, exported, tmp_path, edit, says, capsys
+):
     """A hand-edited (or damaged) model config in metadata.json failed deep in a transform, with a traceback."""
     step = tmp_path / "checkpoints" / "step_00000002"
     shutil.copytree(trained / "step_00000002", step)
@@ -202,7 +236,7 @@ def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(trained,
     (step / "metadata.json").write_text(json.dumps(meta))
     for args in (["to-hf", "--out", str(tmp_path / "hf")], ["verify", "--hf", str(exported)]):
         err = run_error(["convert", args[0], "--checkpoint", str(step), *args[1:]], capsys)
-        assert f"checkpoint {step}: " in err and "metadata.json's config was edited or damaged" in err, err
+        assert f"checkpoint {step}: {says}" in err and "metadata.json's config was edited or damaged" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_lite.checkpoint.hf import ADAPTERS, adapter_for, export_config, export_type, import_config
+from megatron_lite.cli import main
 from megatron_lite.config import Config, ModelConfig, fill_defaults
 from megatron_lite.convert.compare import tensor_difference
 from megatron_lite.convert.io import ShardedWriter, parse_size
@@ -140,10 +141,13 @@ def test_mistral_window_caps_the_sequence_length():
     assert import_config(c).seq_len == 16  # sequences within the window see plain causal attention
 
 
-def test_parse_size():
+def test_parse_size(tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536 and parse_size("123") == 123
-    with pytest.raises(UserError, match="not a number of bytes"):
-        parse_size("lots")
+    args = ["convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]
+    assert main([*args, "--max-shard-size", "5 gigs"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --max-shard-size '5 gigs' is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB\n"
+    )
 
 
 def test_sharded_writer_accepts_any_arrival_order(tmp_path):
