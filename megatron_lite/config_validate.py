@@ -171,9 +171,14 @@ def _check_gpt2(m: ModelConfig) -> None:
 
 def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
     if m.hidden % m.heads:
+        rope = m.arch == "llama"  # RoPE also needs an even head dim (below): suggest sizes that pass both
+        step = 2 * m.heads if rope else m.heads
+        near = [h for h in (m.hidden - m.hidden % step, m.hidden - m.hidden % step + step) if h > 0]
+        what = f"2 x model.heads = {step} (RoPE needs an even head dim)" if rope else f"model.heads = {step}"
         raise UserError(
             f"model.hidden ({m.hidden}) must be divisible by model.heads ({m.heads}): "
-            f"{m.hidden} % {m.heads} = {m.hidden % m.heads}"
+            f"{m.hidden} % {m.heads} = {m.hidden % m.heads}; set model.hidden to a multiple of {what}, e.g. "
+            f"{' or '.join(map(str, near))}"
         )
     if m.kv_heads < 1:
         raise UserError(f"model.kv_heads must be a positive integer, got {m.kv_heads} (leave it out for model.heads)")

@@ -49,7 +49,10 @@ def read_config_file(p: Path) -> tuple[dict[Any, Any], Any]:
         why = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {why}") from None
     if not isinstance(data, dict):
-        raise UserError(f"config file {str(p)!r} must be a mapping of sections")
+        raise UserError(
+            f"config file {str(p)!r} holds a YAML {type(data).__name__}, not a mapping of sections: write each "
+            "section as `model:`, `train:`, ... with its keys indented below it (see configs/ for examples)"
+        )
     return data, written
 
 

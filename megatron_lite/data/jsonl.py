@@ -49,5 +49,8 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
         )
     value = obj.pop(json_key)
     if not isinstance(value, str):
-        raise UserError(f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string")
+        raise UserError(
+            f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string; give each document's text "
+            "as a JSON string there, or name the key holding the text with --json-key"
+        )
     return value

@@ -78,7 +78,15 @@ def test_unknown_and_malformed_keys(override, expected):
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["model.hidden=100", "model.heads=3"], r"100 % 3 = 1"),
+        (
+            ["model.hidden=100", "model.heads=3"],
+            r"100 % 3 = 1; set model.hidden to a multiple of 2 x model.heads = 6 \(RoPE needs an even head dim\), "
+            "e.g. 96 or 102$",
+        ),
+        (
+            ["model.arch=gpt2", "model.hidden=2", "model.heads=3"],
+            r"2 % 3 = 2; set model.hidden to a multiple of model.heads = 3, e.g. 3$",
+        ),
         (
             ["model.heads=4", "model.kv_heads=3"],
             r"divisible by model.kv_heads \(3\): set model.kv_heads to one of 1, 2, 4$",
@@ -156,6 +164,11 @@ def test_yaml_errors(tmp_path):
         load_config(bad)
     bad.write_text("model: 5\n")
     with pytest.raises(UserError, match=r"config section 'model' in .* must be a mapping of keys .*not int 5"):
+        load_config(bad)
+    bad.write_text("- model.layers=2\n- train.steps=5\n")
+    with pytest.raises(
+        UserError, match=r"bad.yaml' holds a YAML list, not a mapping of sections: write each section as"
+    ):
         load_config(bad)
     bad.write_text("modle: 5\n")
     with pytest.raises(UserError, match=r"unknown config section 'modle'; did you mean 'model'"):

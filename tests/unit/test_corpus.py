@@ -82,7 +82,11 @@ def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
     [
         ('{"text": "ok"}\n{"other": "x"}\n', r"bad.jsonl:2: no key 'text'"),
         ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2: invalid JSON"),
-        ('{"text": 5}\n', r"bad.jsonl:1: 'text' holds int"),
+        (
+            '{"text": 5}\n',
+            r"bad.jsonl:1: 'text' holds int, not a string; give each document's text as a JSON string there, or "
+            "name the key holding the text with --json-key$",
+        ),
         ('{"text": "a\tb"}\n', r"bad.jsonl:1: invalid JSON \(Invalid control character at column 12\)"),
     ],
 )
