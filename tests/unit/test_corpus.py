@@ -102,6 +102,11 @@ def test_preprocess_bad_inputs(tok, tmp_path):
     with pytest.raises(UserError, match=r"--output .*w1.bin ends in its file's extension; give the prefix, --output "):
         preprocess([str(tmp_path / "a.txt")], tok.path, tmp_path / "w1.bin", progress=False)  # unchecked: w1.bin.bin
     assert not list(tmp_path.glob("w1*"))
+    with pytest.raises(
+        UserError, match=r"--output .*/ names a directory, not a file prefix; give a name inside it, e\.g\."
+    ):
+        preprocess([str(tmp_path / "a.txt")], tok.path, f"{tmp_path}/", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     with pytest.raises(UserError, match="matches no files"):
         preprocess([str(tmp_path / "*.jsonl")], tok.path, tmp_path / "out", progress=False)
     with pytest.raises(UserError, match="missing.txt not found"):

@@ -177,6 +177,20 @@ def test_a_weight_too_small_to_sample_is_refused(one, tmp_path):
     assert any(ds.locate(i)[0] == 1 for i in range(65536))
 
 
+def test_one_dataset_listed_twice_is_refused_naming_both_spellings(one, tmp_path):
+    """Two entries of one dataset (here through links) would serve each sample twice in a row."""
+    alias = tmp_path / "alias"
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"alias{ext}").symlink_to(one[0] + ext)
+    with pytest.raises(UserError) as err:
+        GPTDataset([one[0], str(alias)], None, SEQ, seed=0)
+    assert str(err.value) == (
+        f"data.path lists the dataset {one[0]} twice (also as {alias}): both entries would serve the same samples "
+        "in the same order, so the run would see each sample twice in a row; list it once and give it more weight "
+        "in data.weights"
+    )
+
+
 def test_missing_dataset_is_user_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         GPTDataset([str(tmp_path / "nope")], None, SEQ, seed=0)

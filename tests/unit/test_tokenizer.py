@@ -197,8 +197,12 @@ def test_a_retrain_that_dies_before_its_record_leaves_no_stale_record(corpus, tm
 
 
 def test_output_that_names_a_directory_is_refused(corpus, tmp_path):
-    with pytest.raises(UserError, match="--output"):
+    with pytest.raises(UserError) as err:
         train_tokenizer(corpus, str(tmp_path) + "/", VOCAB, progress=False)
+    assert str(err.value) == (
+        f"--output {tmp_path}/ names a directory, not a file prefix; give a name inside it, e.g. --output "
+        f"{tmp_path}/NAME (writes NAME.model and NAME.json)"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
