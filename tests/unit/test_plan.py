@@ -74,6 +74,7 @@ def test_text_report_shows_layout_memory_and_timeline(capsys):
         (["parallel.pp=2", "parallel.vp=2"], 2, "set parallel.schedule=interleaved for parallel.vp=2"),
         (["parallel.pp=8"], 8, "cannot split model.layers=4 into parallel.pp x parallel.vp = 8 x 1"),
         (["parallel.dp=2"], 4, r"parallel.tp=1 x parallel.pp=1 x parallel.dp=2 = 2 does not equal world size 4"),
+        ([], 0, r"^error: --world-size=0 is out of range: set the ranks \(GPUs\) the job will have, 1 or more$"),
     ],
 )
 def test_bad_layout_is_one_error_line(extra, world, message, capsys):
