@@ -105,7 +105,10 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
     if "RANK" in environ and "WORLD_SIZE" in environ:
         if "MASTER_ADDR" not in environ:
-            raise UserError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: launch with torchrun")
+            raise UserError(
+                "RANK and WORLD_SIZE are set but MASTER_ADDR is not: launch with torchrun (which sets all three), "
+                "or set MASTER_ADDR to rank 0's host name too"
+            )
         rank, world = _int_env(environ, "RANK"), _int_env(environ, "WORLD_SIZE")
         local = _int_env(environ, "LOCAL_RANK", "0")
         local_world = _int_env(environ, "LOCAL_WORLD_SIZE", "1")
@@ -142,7 +145,10 @@ def _first_host(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
     hosts = hostnames(nodelist) if nodelist else []
     if not hosts:
-        raise UserError("SLURM run without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master host")
+        raise UserError(
+            "SLURM run without SLURM_JOB_NODELIST or MASTER_ADDR: cannot find the master host; run it in an sbatch "
+            "or salloc allocation (which sets SLURM_JOB_NODELIST), or set MASTER_ADDR to the first node's host name"
+        )
     return hosts[0]
 
 

@@ -92,7 +92,9 @@ def test_env_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"}
     assert resolve_env(env) == DistEnv(3, 4, 1, "n0", 1234, "torchrun")
     assert resolve_env({**env, "LOCAL_WORLD_SIZE": "2"}).local_world_size == 2  # the ranks sharing this machine
-    with pytest.raises(UserError, match="MASTER_ADDR"):
+    with pytest.raises(
+        UserError, match=r"MASTER_ADDR is not: launch with torchrun .*or set MASTER_ADDR to rank 0's host"
+    ):
         resolve_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(UserError, match=r"RANK='x' is not an integer"):
         resolve_env({**env, "RANK": "x"})
@@ -117,7 +119,9 @@ def test_env_slurm():
     assert resolve_env(both).launcher == "torchrun"
     with pytest.raises(UserError, match="MASTER_PORT=70000 is not a TCP port"):  # torch: a ValueError traceback
         resolve_env({**env, "MASTER_PORT": "70000"})
-    with pytest.raises(UserError, match="SLURM_JOB_NODELIST"):
+    with pytest.raises(
+        UserError, match=r"cannot find the master host; run it in an sbatch or salloc allocation .*set MAST"
+    ):
         resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEPID": "0"})
 
 
