@@ -93,7 +93,10 @@ def _read_text(p: Path, json_key: str) -> list[str]:
     try:
         return [data.decode("utf-8")]  # as preprocess reads it: "\r\n" stays two characters
     except UnicodeDecodeError as e:
-        raise UserError(f"text file {str(p)!r} is not UTF-8: {e}") from None
+        raise UserError(
+            f"text file {str(p)!r} is not UTF-8 ({e}); convert it to UTF-8 first "
+            "(iconv -f ITS_ENCODING -t UTF-8 FILE > NEW_FILE)"
+        ) from None
 
 
 def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:

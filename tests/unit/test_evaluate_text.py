@@ -86,6 +86,18 @@ def test_a_text_of_fewer_than_two_tokens_is_one_error_asking_for_more_text(text,
     ), err
 
 
+def test_a_text_that_is_not_utf8_is_one_error_saying_how_to_convert_it(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin1"))
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "latin1.txt"), "--device", "cpu"]
+    assert main(args) == 2  # refused before the checkpoint is opened
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: text file {str(tmp_path / 'latin1.txt')!r} is not UTF-8 ('utf-8' codec can't decode byte 0xe9 in "
+        "position 3: invalid continuation byte); convert it to UTF-8 first (iconv -f ITS_ENCODING -t UTF-8 FILE > "
+        "NEW_FILE)\n"
+    ), err
+
+
 def _strict_json(line: str) -> dict:
     """json.loads as a strict parser (jq, JSON.parse) reads it: NaN and Infinity are no JSON."""
 
