@@ -369,11 +369,6 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
                 f"name one ({newest}), or set checkpoint.dir={str(path)!r} with checkpoint.resume=auto for its "
                 "newest good one"
             )
-        if not (path / METADATA).is_file():  # a save or a copy that did not finish leaves none
-            raise UserError(
-                f"{key} has no {METADATA}: it is not a complete checkpoint's step directory; name one (complete "
-                f"in {path.parent}: {', '.join(map(str, committed_steps(path.parent))) or 'none'}), or use {auto}"
-            )
         return
     if path.exists():
         raise UserError(f"{key} is a file, not a checkpoint's step directory (step_XXXXXXXX); give one or use {_AUTO}")

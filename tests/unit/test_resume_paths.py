@@ -38,17 +38,6 @@ def test_a_missing_step_says_so_and_lists_the_steps_there(root):
     assert "does not exist, nor does 'typo'" in err, err
 
 
-def test_a_step_directory_without_metadata_is_named_unfinished(root):
-    """A step directory a copy or a killed save left without metadata.json."""
-    (root / "step_00000006").mkdir()
-    err = refusal(root, "ckpt/step_00000006")
-    assert err == (
-        "checkpoint.resume='ckpt/step_00000006' has no metadata.json: it is not a complete checkpoint's step "
-        "directory; name one (complete in ckpt: 4, 5), or use checkpoint.resume=auto for the newest good checkpoint "
-        "in checkpoint.dir"
-    ), err
-
-
 @pytest.mark.parametrize("word", ["latest", "last"])
 def test_a_word_that_is_not_auto_or_none_points_to_auto(root, word):
     """Megatron loads the newest checkpoint of its --load directory: here that is ``auto``."""
