@@ -66,13 +66,11 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from megatron_lite.data.inputs import expand_inputs
     from megatron_lite.data.tokenizer import train_tokenizer
 
-    files = expand_inputs(args.input)  # quoted globs too, as `preprocess` reads them
     _writable_parent("--output", args.output)
     path = train_tokenizer(
-        files,
+        args.input,  # files and quoted globs, as `preprocess` reads them
         args.output,
         args.vocab_size,
         max_bytes=args.max_bytes,

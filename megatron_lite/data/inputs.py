@@ -181,7 +181,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"input pattern {text!r} matches no files")
             files.extend(matches)
         elif Path(text).is_dir():
-            raise UserError(f"input {text} is a directory; pass files or a glob such as '{text}/*.jsonl'")
+            raise UserError(f"input {text} is a directory; pass files or a glob such as '{text.rstrip('/')}/*.jsonl'")
         elif not Path(text).is_file():
             raise UserError(f"input file {text} not found")
         else:

@@ -35,7 +35,7 @@ from megatron_lite.data.indexed import (
     check_outputs_spare_inputs,
     write_atomic,
 )
-from megatron_lite.data.inputs import InputReader, check_input, warn_invalid_utf8
+from megatron_lite.data.inputs import InputReader, expand_inputs, warn_invalid_utf8
 from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
@@ -144,13 +144,9 @@ def _sample_lines(
 
 
 def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
-    files = [Path(p) for p in inputs]
-    if not files:
-        raise UserError("train_tokenizer needs at least one input text file")
-    for path in files:
-        if not path.is_file():
-            raise UserError(f"tokenizer training input {path} is not a readable file")
-        check_input(path)  # an unreadable format is refused before any file is read in full
+    """The input files (globs expanded and each checked as ``preprocess`` does: ``expand_inputs``),
+    once ``vocab_size`` is known to be large enough."""
+    files = expand_inputs(inputs)
     if vocab_size < MIN_VOCAB:
         raise UserError(
             f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}; "
