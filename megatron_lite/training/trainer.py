@@ -35,7 +35,7 @@ from megatron_lite.checkpoint.lineage import Lineage
 from megatron_lite.checkpoint.reader import CheckpointReader
 from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults
-from megatron_lite.data.gpt_dataset import PretrainingLoader
+from megatron_lite.data.gpt_dataset import GPTDataset, PretrainingLoader
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
 from megatron_lite.launcher.fail_fast import agree_on_config, fail_fast_setup
@@ -117,10 +117,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml", relaunch=True)
         self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=start and start[1])
-        t = cfg.train
-        self.loader = PretrainingLoader(
-            self.data.train, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
-        )
+        self.loader = self._loader(self.data.train)
         self.step, self.skipped_steps = 0, 0
         self.skips = SkippedSteps(self.engine.scaler, active=self.rank == 0)
         self.checkpointer = self._make_checkpointer(start[0] if start else None)
@@ -206,7 +203,7 @@ class Trainer:
         steps, loss scale. Model, optimizer and RNG are per-rank tensors (see :meth:`save`)."""
         return {
             "skipped_steps": self.skipped_steps,
-            "consumed_samples": self.loader.state_dict()["consumed_samples"],
+            "consumed_samples": self.loader.consumed_samples,
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler else None,
         }
 
@@ -232,7 +229,7 @@ class Trainer:
                 },
                 "optimizer": {"step": optimizer_step},
                 "trainer": self.state_dict(),
-                "lineage": self.lineage.at(self.loader.state_dict()["consumed_samples"]),
+                "lineage": self.lineage.at(self.loader.consumed_samples),
             }
         self.checkpointer.save(self.step, pieces, rng, self.mesh.coordinate, meta)
 
@@ -282,11 +279,13 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones)."""
+        loader, iters = self._loader(self.data.valid), self.cfg.train.eval_iters
+        return sum(self.engine.eval_loss(loader.next_step()) for _ in range(iters)) / iters
+
+    def _loader(self, dataset: GPTDataset) -> PretrainingLoader:
+        """This dp rank's microbatches of ``dataset``, from its first global batch."""
         t = self.cfg.train
-        loader = PretrainingLoader(
-            self.data.valid, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size
-        )
-        return sum(self.engine.eval_loss(loader.next_step()) for _ in range(t.eval_iters)) / t.eval_iters
+        return PretrainingLoader(dataset, t.micro_batch_size, t.global_batch_size, self.mesh.dp_rank, self.mesh.dp_size)
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -383,7 +382,7 @@ class Trainer:
             "lr": out["lr"],
             "grad_norm": out["grad_norm"],
             **self.throughput.report(),
-            "consumed_samples": self.loader.state_dict()["consumed_samples"],
+            "consumed_samples": self.loader.consumed_samples,
             "skipped_steps": self.skipped_steps,
         }
         if self.device.type == "cuda":
