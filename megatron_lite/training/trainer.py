@@ -217,13 +217,16 @@ class Trainer:
         meta = {}
         if self.rank == 0:
             p = self.cfg.parallel
-            layout = {"world_size": self.world, "tp": p.tp, "pp": p.pp, "vp": p.vp, "dp": p.dp}
             meta = {
                 "step": self.step,
                 "weights_only": False,
                 "config": self.cfg.to_dict(),
                 "layout": {
-                    **layout,
+                    "world_size": self.world,
+                    "tp": p.tp,
+                    "pp": p.pp,
+                    "vp": p.vp,
+                    "dp": p.dp,
                     "distributed_optimizer": self.cfg.optim.distributed,
                     "param_dtype": dtype_name(self.dtype),
                 },
