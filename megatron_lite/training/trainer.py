@@ -65,19 +65,19 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        env = resolve_env(os.environ)
-        check_layout(cfg, env.world_size)  # a layout that cannot fill the world fails before any group forms
+        # a layout that cannot fill the world fails before any group forms
+        check_layout(cfg, resolve_env(os.environ).world_size)
         self.env = init_distributed(cfg.parallel.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.device = build.resolve_device(cfg.train.device)
         # a signal from here to the loop ends the run with one line (fault.py: SetupSignals); a rank that
         # fails or is signalled stops the others at once: they would wait for it in their next collective
         with SetupSignals(), FailureWatch(cfg.parallel.timeout_s, where="during setup"):
-            self._check_and_join()
+            self._check_and_make_mesh()
             self._build()
             self._log_setup()
 
-    def _check_and_join(self) -> None:
+    def _check_and_make_mesh(self) -> None:
         """Setup before the mesh: preflight, data, the config against the data's vocabulary (the same
         on every rank), then the mesh."""
         cfg = self.cfg
