@@ -128,19 +128,18 @@ class Engine:
         return runtime
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        return self.model(batch[:, :-1], batch[:, 1:])
+        return self.model(*_inputs_and_labels(batch.to(self.device, non_blocking=True)))
 
     def forward_backward(self, micro: list[torch.Tensor]) -> torch.Tensor:
         """Accumulate the gradient of the mean loss over ``micro``; returns that mean on every rank
-        of this pipeline (0 before the loss exists is never seen: it is summed over the pp group).
+        of this pipeline (only the last stage computes it: the sum over the pp group adds zeros).
         A microbatch's loss is the mean over its targets, and the step's the mean of those over the
         global batch's microbatches (the dp reduction averages the ranks' means), Megatron's choice:
         the same in every layout, since which samples form a microbatch does not depend on it
         (``PretrainingLoader``), and the mean over tokens while no target is ignored."""
         if self.runtime is not None:
             self.ddp.set_last_microbatch(False)  # each chunk's last backward flips it (runtime)
-            loss = self.runtime.step([(b[:, :-1], b[:, 1:]) for b in micro])
+            loss = self.runtime.step([_inputs_and_labels(b) for b in micro])
             self.ddp.finish_grad_sync()
             local = loss.float() if loss is not None else torch.zeros((), device=self.device)
             return comm.all_reduce(local, self.mesh.pp_group)  # only the last stage has it
@@ -190,10 +189,9 @@ class Engine:
     def _pipeline_forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Forward of one microbatch through every virtual stage in order (blocking P2P: evaluation
         only); the loss on the rank holding the last stage, 0 elsewhere."""
-        ids, labels = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)
-        pp, dims, loss = self.mesh.pp_size, self.mesh.dims, torch.zeros((), device=self.device)
-        ranks = group_ranks(self.mesh.rank, dims, "pp")
-        h = None
+        ids, labels = _inputs_and_labels(batch.to(self.device))
+        pp, ranks = self.mesh.pp_size, group_ranks(self.mesh.rank, self.mesh.dims, "pp")
+        loss, h = torch.zeros((), device=self.device), None
         for vstage in range(pp * self.layout.schedule.vp):
             owner, local = vstage % pp, vstage // pp
             if owner != self.mesh.pp_rank:
@@ -220,6 +218,11 @@ class Engine:
         """Load masters, Adam moments (``step`` steps taken) and parameters from a checkpoint saved
         in any layout, reading only this rank's boxes. Collective over dp (parameter refresh)."""
         restore(self.ddp, self.optimizer, self.cfg.model, self.mesh.tp_rank, reader, step)
+
+
+def _inputs_and_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (B, T + 1) window of tokens -> input ids (B, T) and next-token labels (B, T)."""
+    return batch[:, :-1], batch[:, 1:]
 
 
 def _load_single_device_state(chunk: torch.nn.Module, state: dict[str, torch.Tensor], whole: bool) -> None:
