@@ -3,7 +3,9 @@
 Sequence parallelism is ``apply_tp(..., sequence_parallel=True)``; activation recompute is
 ``models/recompute.py`` and pipeline stages are cut by ``parallel/pipeline/partition.build_stage_chunks``.
 
-The trainer's order (each step needs the previous one)::
+On one tensor-parallel model, in this order (each step needs the previous one; the trainer's own
+order, with pipeline chunks, main-grad buffers and the distributed optimizer, is
+``training/engine.py``'s)::
 
     init_distributed(timeout_s)                 # then ParallelMesh.build(dims), on every rank
     model = build_model(cfg, seed)              # meta -> CPU/GPU -> deterministic init (full model)

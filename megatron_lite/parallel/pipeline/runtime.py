@@ -1,6 +1,7 @@
 """Execute a pipeline schedule on this rank: compute actions, batched P2P, tied embeddings.
 
-The trainer's use, on every rank (``mesh`` from ``parallel/mesh.py``)::
+Use, on every rank (``mesh`` from ``parallel/mesh.py``; the trainer's, with main-grad buffers and
+the distributed optimizer, is ``training/engine.py``)::
 
     partition = plan_for_model(cfg.model, pp, vp)                      # same on every rank
     chunks = build_stage_chunks(cfg.model, partition, mesh.pp_rank, seed)
