@@ -56,7 +56,6 @@ class DataBundle:
     tokenizer: Tokenizer
     train: GPTDataset
     valid: GPTDataset | None
-    prefixes: list[str]
     tokenizer_path: Path
 
 
@@ -98,7 +97,7 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
         )
     elif d.valid_fraction > 0:
         valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", **split)
-    return DataBundle(tok, train, valid, prefixes, Path(tokenizer_path))
+    return DataBundle(tok, train, valid, Path(tokenizer_path))
 
 
 def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:
