@@ -112,6 +112,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(name: str) -> int:
+    """100 for ``step_00000100``: the inverse of :func:`step_dir_name` (``name`` must match ``STEP_DIR``)."""
+    return int(STEP_DIR.match(name).group(1))
+
+
 def rank_file(rank: int) -> str:
     """``rank_00003.safetensors`` for rank 3."""
     return f"rank_{rank:05d}.safetensors"

@@ -35,6 +35,7 @@ from megatron_lite.checkpoint.format import (
     listed_keys,
     metadata_problem,
     step_dir_name,
+    step_of,
 )
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_from_dict
@@ -200,7 +201,7 @@ def verify(storage: Storage, name: str) -> tuple[dict | None, str | None]:
 
 def list_steps(root: str | Path) -> list[tuple[int, str]]:
     """(step, directory name) of every ``step_*`` directory under ``root``, oldest first."""
-    return [(int(STEP_DIR.match(n).group(1)), n) for n in Storage(root).step_dirs()]
+    return [(step_of(n), n) for n in Storage(root).step_dirs()]
 
 
 def steps_there(root: str | Path) -> str:
@@ -220,7 +221,7 @@ def committed_steps(root: str | Path) -> list[int]:
     first; not verified. One process's cheap look (no collectives, no checksums): the trainer asks
     it whether ``checkpoint.resume=none`` would save over an earlier run."""
     storage = Storage(root)
-    return [int(STEP_DIR.match(n).group(1)) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
+    return [step_of(n) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
 
 
 def peek_metadata(path: str | Path) -> dict[str, Any] | None:

@@ -43,12 +43,12 @@ from megatron_lite.checkpoint.format import (
     LATEST,
     METADATA,
     SAVE_FILE,
-    STEP_DIR,
     box_key,
     dtype_name,
     rank_file,
     sha256_file,
     step_dir_name,
+    step_of,
     write_tensor_file,
 )
 from megatron_lite.checkpoint.shards import Piece
@@ -272,7 +272,7 @@ class Checkpointer:
         store, which has no staging directory, an older step directory without ``metadata.json``.
         Only what a save writes is removed: a directory that also holds other files (an export a user
         put there) is left alone, whatever its name."""
-        older = [n for n in self.storage.step_dirs() if int(STEP_DIR.match(n).group(1)) < step]
+        older = [n for n in self.storage.step_dirs() if step_of(n) < step]
         committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
         for name in self.storage.staging_dirs() + older:
             if name not in committed and self._only_save_files(name):
