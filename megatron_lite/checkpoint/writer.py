@@ -110,12 +110,6 @@ class Checkpointer:
         """A save was started and not finalized yet."""
         return self._pending is not None
 
-    @property
-    def pending_step(self) -> int | None:
-        """The step of the save in flight, or None."""
-        save = self._pending
-        return None if save is None else save.step
-
     def save(
         self,
         step: int,
@@ -311,8 +305,8 @@ class Checkpointer:
 
     def unsaved_note(self) -> str | None:
         """What a rank stopped by a peer's failure leaves unsaved, for its last log line, or None."""
-        step = self.pending_step
-        return None if step is None else f"checkpoint of step {step}, still in flight, was not saved"
+        save = self._pending
+        return None if save is None else f"checkpoint of step {save.step}, still in flight, was not saved"
 
     def abandon(self) -> None:
         """The run failed with a save in flight that cannot be committed here: committing needs
