@@ -358,8 +358,9 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
     there, and lists the steps there (Megatron's ``--ckpt-step``: here the step directory's path)."""
     key = f"checkpoint.resume={resume!r}"
     if path.is_dir():
-        if not (path / METADATA).is_file() and list_steps(path):
-            newest = path / step_dir_name(list_steps(path)[-1][0])
+        steps = list_steps(path)
+        if not (path / METADATA).is_file() and steps:
+            newest = path / steps[-1][1]
             if not is_url(root) and path.resolve() == Path(root).resolve():
                 raise UserError(
                     f"{key} is checkpoint.dir itself (holding steps {steps_there(path)}), not one step's directory: "
@@ -391,8 +392,9 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
 
 
 def iter_model_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of a verified checkpoint's model, one tensor at a time, in the dtype the
-    run trained in (the stored weights are its fp32 masters)."""
+    """``(name, tensor)`` of the model in step directory ``path``, one tensor at a time, in the dtype
+    the run trained in (the stored weights are its fp32 masters). Reads without verifying: the caller
+    verified the checkpoint first (:func:`find_checkpoint`)."""
     storage, name = _split(path)
     meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
     dtype = getattr(torch, meta["layout"]["param_dtype"])
