@@ -3,30 +3,31 @@
 :class:`DistributedAdamW` (``optim.distributed=true``; grads reduce-scattered). Rank r owns shard r
 of every bucket (see ``data_parallel.py``): the fp32 master weights of that range and their Adam
 moments, i.e. 1/dp of the optimizer state. Its flat shard is the concatenation of its bucket
-shards, chunk by chunk, bucket by bucket (padding included, so each bucket shard is one copy).
-The update itself is ``torch.optim.AdamW`` (one per bucket shard) run on 1-D views of the master
-shard, one view per (parameter, shard) overlap ("segment"), with weight decay on segments of
-parameters with ndim >= 2 (norm scales and biases are not decayed): every AdamW operation is per element, so a
+shards, chunk by chunk, bucket by bucket (padding included, so each bucket shard is one copy). The
+update itself is ``torch.optim.AdamW`` (one per bucket shard) run on 1-D views of the master shard,
+one view per (parameter, shard) overlap ("segment"), with weight decay on segments of parameters
+with ndim >= 2 (norm scales and biases are not decayed): every AdamW operation is per element, so a
 parameter split across ranks gets bitwise the update it would get unsplit, and the math is torch's
 own in every torch version. Each bucket's updated shard is then cast to the parameter dtype and
-all-gathered, in place,
-into a flat parameter buffer of which every model parameter is a view (:class:`ParamGather` in ``param_gather.py``;
-``param.data`` is re-pointed at construction: build the optimizer after the model is on its
-device and dtype). With ``overlap_param_gather`` each bucket's all-gather is launched async as soon
-as that bucket is updated (behind the other buckets' updates) and waited for in the forward
-pre-hook of the first module whose own parameters live in it, so it also overlaps the next forward. A parameter the
-model uses outside its own module's forward (the untied head: ``F.linear(h, self.head.weight)``)
-would be read before its wait; such parameters are found in the forwards before the first step
-(their module's pre-hook never fired), and their buckets are launched first and waited when the
-chunk's forward starts: correct always, overlapped for every other bucket.
+all-gathered, in place, into a flat parameter buffer of which every model parameter is a view
+(:class:`ParamGather` in ``param_gather.py``; ``param.data`` is re-pointed at construction: build
+the optimizer after the model is on its device and dtype). With ``overlap_param_gather`` each
+bucket's all-gather is launched async as soon as that bucket is updated (behind the other buckets'
+updates) and waited for in the forward pre-hook of the first module whose own parameters live in
+it, so it also overlaps the next forward. A parameter the model uses outside its own module's
+forward (the untied head: ``F.linear(h, self.head.weight)``) would be read before its wait; such
+parameters are found in the forwards before the first step (their module's pre-hook never fired),
+and their buckets are launched first and waited when the chunk's forward starts: correct always,
+overlapped for every other bucket.
 
 :class:`ReplicatedAdamW` (plain DP; grads all-reduced): ``torch.optim.AdamW`` on full fp32
 parameters: the parameters themselves when fp32, else fp32 master copies written back after the
 step.
 
-Both offer the interface the trainer and ``grad_utils`` use: ``param_groups`` (the trainer sets
-``group["lr"]`` each step), ``step()``, ``scale_grads(factor)``, ``grad_segments()``, ``sharded``,
-``dp_group``, ``finish_param_sync()``, ``memory_bytes()``, ``state_dict()``, ``load_state_dict()``.
+Both offer the interface ``training/engine.py``, ``grad_utils`` and ``checkpoint/shards.py`` use:
+``param_groups`` (the engine sets ``group["lr"]`` each step), ``step()``, ``scale_grads(factor)``,
+``grad_segments()``, ``device``, ``sharded``, ``dp_group``, ``finish_param_sync()``,
+``memory_bytes()``, ``state_dict()``, ``load_state_dict()``.
 ``on_event(name, chunk, bucket)`` traces ``param_launch``, ``param_wait_begin``, ``param_wait_end``.
 """
 
