@@ -148,10 +148,10 @@ class PipelineRuntime:
     ``pp_group``: the pipeline group (None for pp=1). ``embed_group``: {first, last} stage group,
     required on those two ranks when embeddings are tied and pp > 1. ``activation_shape``: maps an
     input-ids shape to the activation shape sent between stages (default ``(*ids.shape, hidden)``).
-    ``scale_loss``: applied to the loss before backward (e.g. ``GradScaler.scale``).
-    ``forward_context``: entered around each forward (e.g. autocast). ``record``: keep per-action
-    timings (``records``) and count saved activation bytes (``meter``) in every step (cheap; for
-    benchmarks and tests). ``before_last_backward(c)``: called right before local chunk c's last
+    ``scale_loss``: applied to the loss before backward (e.g. ``GradScaler.scale``). ``record``:
+    keep per-action timings (``records``) and count saved activation bytes (``meter``) in every
+    step (cheap; for benchmarks and tests). Activations travel in the chunks' parameter dtype.
+    ``before_last_backward(c)``: called right before local chunk c's last
     gradient-producing action of the step (its last B, or W under split backward), so data-parallel
     buckets of that chunk can launch their reductions while the other chunks still run.
     ``sync_tied_grads``: sum the tied embedding's ``.grad`` over ``embed_group`` after each step;
@@ -168,9 +168,7 @@ class PipelineRuntime:
         embed_group: dist.ProcessGroup | None = None,
         timeout_s: float = 300.0,
         activation_shape: Callable[[torch.Size], Sequence[int]] | None = None,
-        activation_dtype: torch.dtype | None = None,
         scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         record: bool = False,
         before_last_backward: Callable[[int], None] | None = None,
         sync_tied_grads: bool = True,
@@ -187,9 +185,8 @@ class PipelineRuntime:
         hidden = self.chunks[0].cfg.hidden
         self.activation_shape = activation_shape or (lambda shape: (*shape, hidden))
         first_param = next(p for c in self.chunks for p in c.parameters() if p.is_floating_point())
-        self.dtype, self.device = activation_dtype or first_param.dtype, first_param.device
+        self.dtype, self.device = first_param.dtype, first_param.device  # of the activations sent
         self.scale_loss = scale_loss or (lambda loss: loss)
-        self.forward_context = forward_context
         self.record = record
         self.records: list[Record] = []
         self.before_last_backward, self.sync_tied_grads = before_last_backward, sync_tied_grads
@@ -274,7 +271,7 @@ class PipelineRuntime:
         ids, labels = st.microbatches[a.mb]
         embedded = None
         meter = self.meter.forward((a.mb, a.chunk)) if self.meter else contextlib.nullcontext()
-        with meter, self.forward_context():
+        with meter:
             if chunk.is_first:
                 # Cut after the embedding so the chunk's input is a leaf like every other stage's:
                 # split backward then treats the embedding's gradient as part of W.
