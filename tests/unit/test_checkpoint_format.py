@@ -217,14 +217,15 @@ def test_each_rank_hashes_only_its_round_robin_share_of_the_files(tmp_path, monk
         path = tmp_path / "step" / f"rank_{i:05d}.safetensors"
         path.write_bytes(bytes([i]) * (i + 1))
         files[path.name] = {"sha256": sha256_file(path), "bytes": i + 1}
+    meta = {"files": files, "tensors": {}, "ranks": []}  # no keys listed: only sizes and checksums are checked
     storage, hashed = Storage(tmp_path), []
     real = storage.sha256
     monkeypatch.setattr(storage, "sha256", lambda rel: hashed.append(rel.split("/")[-1]) or real(rel))
-    assert _check_files(storage, "step", files, 1, 2) is None
+    assert _check_files(storage, "step", meta, 1, 2) is None
     assert hashed == ["rank_00001.safetensors", "rank_00003.safetensors"]
     files["rank_00002.safetensors"]["sha256"] = "0" * 64  # rank 0's share: rank 1 does not see it
-    assert _check_files(storage, "step", files, 1, 2) is None
-    assert _check_files(storage, "step", files, 0, 2) == "rank_00002.safetensors does not match its sha256 (corrupt)"
+    assert _check_files(storage, "step", meta, 1, 2) is None
+    assert _check_files(storage, "step", meta, 0, 2) == "rank_00002.safetensors does not match its sha256 (corrupt)"
 
 
 def test_a_dataset_fingerprint_is_the_idx_hash_and_the_bin_size_and_mtime(tmp_path):
