@@ -72,7 +72,7 @@ class _Save:
     step: int
     staging: str
     tensors: dict[str, torch.Tensor] | None
-    info: dict[str, Any]  # gathered by rank 0: entries, rank file name, coordinate, rng keys
+    info: dict[str, Any]  # this rank's entries, file name, coordinate, rng keys: all-gathered by finalize
     meta: dict[str, Any]  # rank 0: metadata without tensors, ranks and files
     thread: threading.Thread | None = None
     files: dict[str, dict] = field(default_factory=dict)
