@@ -34,10 +34,10 @@ One step of the trainer without pipeline parallelism::
             (model(batch) / len(micro)).backward()
     ddp.finish_grad_sync()  # waits every outstanding reduction; main grads are now averaged
 
-Under pipeline parallelism: ``ddp.zero_grad(); ddp.set_last_microbatch(False)``, the runtime calls
-``ddp.buffers[c].set_last_microbatch(True)`` right before chunk c's last backward (its last W
-under a split backward), so that chunk's buckets launch while the other chunks still compute, then
-``ddp.finish_grad_sync()`` after the schedule.
+Under pipeline parallelism: ``ddp.zero_grad(); ddp.set_last_microbatch(False)``, the runtime's
+``before_last_backward(c)`` calls ``ddp.buffers[c].set_last_microbatch(True)`` right before chunk
+c's last backward (its last W under a split backward), so that chunk's buckets launch while the
+other chunks still compute, then ``ddp.finish_grad_sync()`` after the schedule.
 
 A weight held by ranks of another group too (a tied embedding: the first and the last pipeline
 stage each hold a copy) is given as ``tied``: it gets a bucket of its own, so its shards cover the

@@ -11,8 +11,8 @@ Every gradient element of the model must be counted exactly once in the global L
   rank. A parameter NOT sharded (norm scales, a row-parallel bias) is replicated on every tp
   rank: only tp rank 0 counts it.
 - PP: stages hold disjoint layers, summed over the pp group; the copy of a tied embedding on a
-  later stage carries ``param.pipeline_tied_copy = True`` (set where that stage's copy is built)
-  and is not counted (its twin on the first stage is).
+  later stage carries ``param.pipeline_tied_copy = True`` (set by ``training/engine.py`` on the
+  rank without the first stage) and is not counted (its twin on the first stage is).
 
 Not-counted grads still take part as ``0 * (their sum of squares)``: zero when finite, NaN when
 not, so an inf/NaN in ANY gradient on ANY rank makes the all-reduced norm non-finite, and every
