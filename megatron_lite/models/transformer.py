@@ -69,7 +69,9 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.hidden, cfg.norm_eps) if cfg.norm == "rmsnorm" else LayerNorm(cfg.hidden, cfg.norm_eps)
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, each (seq_len, head_dim/2), in fp32 (Llama's inv_freq = theta^(-2j/hd))."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
