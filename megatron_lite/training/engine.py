@@ -105,7 +105,8 @@ class Engine:
         if cfg.model.tie_embeddings:  # a collective: every rank creates every pipeline's {first, last} group
             dims = mesh.dims
             pipelines = sorted({tuple(group_ranks(r, dims, "pp")) for r in range(dims.world_size)})
-            embed_group = tied_embedding_groups(pipelines)[pipelines.index(tuple(group_ranks(mesh.rank, dims, "pp")))]
+            mine = pipelines.index(tuple(group_ranks(mesh.rank, dims, "pp")))
+            embed_group = tied_embedding_groups(pipelines)[mine]
         tp, hidden = mesh.tp_size, cfg.model.hidden
         # activations between stages: (B, T, H), or (B, T/tp, H) under sequence parallelism
         shape = (lambda s: (s[0], s[1] // tp, hidden)) if cfg.parallel.sp else None
