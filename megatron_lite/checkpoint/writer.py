@@ -123,8 +123,8 @@ class Checkpointer:
         self.wait()
         self.last_step = step
         staging = self._begin(step)
-        tensors = {box_key(p.name, p.box): self._to_host(box_key(p.name, p.box), p.tensor) for p in pieces}
-        tensors.update({key: self._to_host(key, t) for key, t in rank_tensors.items()})
+        keyed = [(box_key(p.name, p.box), p.tensor) for p in pieces] + list(rank_tensors.items())
+        tensors = {key: self._to_host(key, t) for key, t in keyed}
         if any(p.tensor.is_cuda for p in pieces):
             torch.cuda.synchronize()  # the non-blocking copies into pinned memory are complete
         entries = [
