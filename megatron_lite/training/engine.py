@@ -4,9 +4,13 @@ One object for every layout; built in the documented order (each step needs the 
 
     build_model (meta -> device -> per-name init)     the full single-device model
     pp > 1: only this rank's pipeline chunks          (built by name: the same values as the whole)
+    model_state, when given                           a checkpoint's single-device weights, loaded
+    chunk.recompute = train.recompute                 how each block runs (models/recompute.py)
     apply_tp(each chunk, mesh, sp)                    this rank's tensor-parallel shard (no comm)
+    block.compile() (train.compile)                   per block, after TP and recompute
     Precision.cast_model                              bf16/fp16 parameters, when asked
     fp8.enable (train.dtype=fp8)                      block projections as TE te.Linear, fp8_autocast
+    PipelineRuntime (pp > 1)                          runs the schedule; the tied-embedding group
     DataParallelGrads(chunks, dp_group)               fp32 main grads in buckets, reduced in backward
     build_dp_optimizer(ddp, ...)                      ZeRO-1 (optim.distributed) or replicated AdamW
 
