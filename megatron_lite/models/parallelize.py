@@ -228,7 +228,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group: Group) -> torch.Te
     """TP-aware ``torch.nn.utils.clip_grad_norm_``: scale every grad by min(1, max_norm / (norm +
     1e-6)) with the norm of :func:`grad_norm`, so every TP rank applies the same factor (a per-rank
     norm would give each rank its own factor and the replicated parameters would drift apart).
-    Returns the norm before clipping."""
+    Returns the norm before clipping. For one model over TP only; the trainer clips through its
+    optimizer (:func:`~megatron_lite.parallel.grad_utils.clip_grad_norm_`: dp, tp and pp)."""
     norm = grad_norm(model, group)
     coef = (max_norm / (norm + CLIP_EPS)).clamp(max=1.0)
     for g in map(_grad, model.parameters()):
