@@ -88,15 +88,16 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     split = {"valid_fraction": d.valid_fraction, "index_cache": d.index_cache}
     train = GPTDataset(prefixes, d.weights, seq, seed, split="train", **split)
     valid = None
-    single = [p for p in prefixes if len(IndexedDataset(p).sizes) < 2]
-    if d.valid_fraction > 0 and single:
-        log.warning(
-            "dataset %s holds a single document, so it has no held-out split: training without "
-            "evaluation (split the text into documents, e.g. JSONL lines, or set data.valid_fraction=0)",
-            single[0],
-        )
-    elif d.valid_fraction > 0:
-        valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", **split)
+    if d.valid_fraction > 0:
+        single = [p for p in prefixes if len(IndexedDataset(p).sizes) < 2]
+        if single:
+            log.warning(
+                "dataset %s holds a single document, so it has no held-out split: training without "
+                "evaluation (split the text into documents, e.g. JSONL lines, or set data.valid_fraction=0)",
+                single[0],
+            )
+        else:
+            valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", **split)
     return DataBundle(tok, train, valid, Path(tokenizer_path))
 
 
