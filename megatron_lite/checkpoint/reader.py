@@ -392,9 +392,8 @@ def _refuse_resume_path(path: Path, resume: str, root: str | Path) -> None:
 
 
 def iter_model_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the model in step directory ``path``, one tensor at a time, in the dtype
-    the run trained in (the stored weights are its fp32 masters). Reads without verifying: the caller
-    verified the checkpoint first (:func:`find_checkpoint`)."""
+    """``(name, tensor)`` of the model in step directory ``path`` (verified by the caller: no checks
+    here), one at a time, in the dtype the run trained in (the stored weights are its fp32 masters)."""
     storage, name = _split(path)
     meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
     dtype = getattr(torch, meta["layout"]["param_dtype"])
