@@ -119,7 +119,8 @@ class Trainer:
         self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=start and start[1])
         self.loader = self._loader(self.data.train)
         self.step, self.skipped_steps = 0, 0
-        self.skips = SkippedSteps(self.engine.scaler, active=self.rank == 0)
+        # why a step was skipped, and DivergenceError after too many in a row (skipped_steps counts them)
+        self.skip_watch = SkippedSteps(self.engine.scaler, active=self.rank == 0)
         self.checkpointer = self._make_checkpointer(start[0] if start else None)
         tok = self.data.tokenizer_path
         self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
@@ -352,7 +353,7 @@ class Trainer:
         bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)  # before update(), which redraws
         bar.update(1)
         try:
-            self.skips.update(step, out)
+            self.skip_watch.update(step, out)
         except DivergenceError:  # raised on every rank alike: each logs (rank 0 writes) the row, then stops
             self._log_step(out, bar, is_eval=False)
             raise
@@ -372,7 +373,7 @@ class Trainer:
             # every rank's file is complete: commit it now; a failed one stops the run at this step
             # (as a failed synchronous save does), not a checkpoint interval later
             self.checkpointer.wait()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not self.skips.hold_save(step):
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not self.skip_watch.hold_save(step):
             self.save()
         return record
 

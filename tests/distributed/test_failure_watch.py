@@ -145,7 +145,7 @@ def test_ranks_with_different_configs_are_refused_on_every_rank_naming_the_keys(
 def _diverge_with_a_save_in_flight(rank: int, world: int, args: list[str], port: int) -> str:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     trainer = Trainer(load_config(None, args))
-    trainer.skips.limit = 1
+    trainer.skip_watch.limit = 1
     step = trainer.engine.step
 
     def step_3_not_finite(micro: list, lr: float) -> dict:
