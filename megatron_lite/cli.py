@@ -19,6 +19,8 @@ from megatron_lite.errors import SetupInterrupted, UserError, explained, refuse_
 
 # A rank other than 0 that fails waits this long before printing its error itself (see main()).
 ERROR_GRACE_S = 10.0
+# The inputs `preprocess` and `tokenizer train` read, both through data/inputs.py.
+INPUT_HELP = "files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -152,8 +154,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--width 0`` divided by zero; ``--max-bytes 0`` sampled no
-    text, then blamed the input files for holding none)."""
+    """argparse type: an integer >= 1 (``--width 0`` would divide by zero, ``--max-bytes 0`` would sample
+    no text and then blame the input files for holding none)."""
     try:
         value = int(text)
     except ValueError:
@@ -194,9 +196,7 @@ def _add_data_verbs(sub) -> None:
         "inside it), files, decode_errors, seconds. Inputs with no text are an error, or a warning each when "
         "other inputs have text. Temporary files left at --output by a run that was killed are removed.",
     )
-    pp.add_argument(
-        "--input", nargs="+", required=True, help="files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
-    )
+    pp.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin, PREFIX.idx and PREFIX.json)")
     pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
@@ -219,12 +219,12 @@ def _add_data_verbs(sub) -> None:
         description="Train a sentencepiece BPE tokenizer (byte fallback) into PREFIX.model and PREFIX.json. "
         "Temporary files left at --output by a run that was killed are removed.",
     )
-    tt.add_argument("--input", nargs="+", required=True, help="text files or globs")
+    tt.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
-    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--vocab-size", type=int, default=8192, help="pieces in the vocabulary (default 8192)")
     tt.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="sample at most this much text")
     tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
-    tt.add_argument("--quiet", action="store_true")
+    tt.add_argument("--quiet", action="store_true", help="no progress bar")
     tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --output")
     tt.set_defaults(fn=_tokenizer)
 
@@ -245,7 +245,7 @@ def _add_convert_verb(sub) -> None:
         )
     ct.add_argument("--out", required=True, help="new output directory")
     ct.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this (5GB, 500MB, bytes)")
-    ct.add_argument("--no-verify", action="store_true", help="skip the logits comparison")
+    ct.add_argument("--no-verify", action="store_true", help="skip the check of every tensor and the logits")
     cf.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
     cf.add_argument("--out", required=True, help="new checkpoint root (writes OUT/step_00000000, OUT/config.yaml)")
     cc.add_argument("--hf", required=True, help="Hugging Face model directory")
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_verbs(sub)
     _add_convert_verb(sub)
     d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
-    d.add_argument("--json", action="store_true")
+    d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     d.set_defaults(fn=_doctor)
     _add_launch_verbs(sub)
     return p

@@ -219,7 +219,7 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--master-port", type=int, help="rendezvous port on the first node (default: 20000 + job id %% 10000)"
     )
-    p.add_argument("--job-name", default="megatron-lite")
+    p.add_argument("--job-name", default="megatron-lite", help="sbatch --job-name (default: megatron-lite)")
     p.add_argument("--time", help="sbatch --time limit, e.g. 24:00:00 (default: the template's)")
     p.add_argument("--partition", help="sbatch --partition")
     p.add_argument("--account", help="sbatch --account")

@@ -1,8 +1,10 @@
 """The CLI help says exactly which paths a command accepts."""
 
+import argparse
+
 import pytest
 
-from megatron_lite.cli import main
+from megatron_lite.cli import build_parser, main
 
 
 def test_eval_checkpoint_help_names_what_is_accepted(capsys):
@@ -14,8 +16,38 @@ def test_eval_checkpoint_help_names_what_is_accepted(capsys):
     assert "log.dir itself is not accepted" in text
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command words, parser) of every command that takes options: `eval`, `convert to-hf`, ..."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for sub in subs:
+        for name, child in sub.choices.items():
+            yield from _leaf_parsers(child, (*path, name))
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    bare = [
+        f"megatron-lite {' '.join(words)} {a.option_strings[-1]}"
+        for words, parser in _leaf_parsers(build_parser())
+        for a in parser._actions
+        if a.option_strings and a.help in (None, "") and not isinstance(a, argparse._HelpAction)
+    ]
+    assert not bare, f"options without help text: {bare}"
+
+
+def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
+    """Both read their --input through data/inputs.py: JSONL and compressed files included."""
+    parsers = dict(_leaf_parsers(build_parser()))
+    helps = [
+        next(a.help for a in parsers[words]._actions if "--input" in a.option_strings)
+        for words in (("preprocess",), ("tokenizer", "train"))
+    ]
+    assert helps[0] == helps[1] and ".jsonl" in helps[0] and ".gz" in helps[0], helps
+
+
 def test_output_piped_into_head_is_no_traceback():
-    """`megatron-lite plan ... | head -3` printed a BrokenPipeError traceback (twice)."""
+    """`megatron-lite plan ... | head -3`: the reader leaving is exit status 141, with no BrokenPipeError traceback."""
     import subprocess
     import sys
 
@@ -32,8 +64,8 @@ def test_output_piped_into_head_is_no_traceback():
 @pytest.mark.parametrize(
     "argv",
     [
-        ["plan", "--world-size", "1", "--width", "0"],  # was a ZeroDivisionError traceback
-        ["tokenizer", "train", "--input", "x.txt", "--output", "t", "--max-bytes", "0"],  # "x.txt holds no text"
+        ["plan", "--world-size", "1", "--width", "0"],  # a timeline of no columns would divide by zero
+        ["tokenizer", "train", "--input", "x.txt", "--output", "t", "--max-bytes", "0"],  # no text sampled
     ],
 )
 def test_counts_that_must_be_positive_are_a_usage_error(argv, capsys):
