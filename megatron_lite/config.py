@@ -71,7 +71,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base frequency (llama only)."""
     norm_eps: float | None = None
-    """Normalisation epsilon. Default: 1e-5 for both families (HF's Llama and GPT-2 defaults)."""
+    """Normalisation epsilon. Default: 1e-5 for both families (GPT-2's, and the published Llama 2 and 3
+    configs'; HF's ``LlamaConfig`` class defaults to 1e-6). ``convert`` carries it both ways."""
     init_std: float = 0.02
     """Standard deviation of the normal init; output projections use init_std / sqrt(2 x layers)."""
 
@@ -165,9 +166,10 @@ class DataConfig:
     weights: list[float] | None = None
     """Blending weights, one per prefix. Default: proportional to each prefix's token count."""
     tokenizer: str | None = None
-    """Sentencepiece ``.model`` path. Empty: the tokenizer trained for the embedded corpus."""
+    """Sentencepiece ``.model`` path: the one ``data.path`` was preprocessed with (required with
+    ``data.path``). Empty: the tokenizer trained for the embedded corpus."""
     vocab_size: int = 8192
-    """Vocabulary of the tokenizer trained for the embedded corpus."""
+    """Vocabulary of the tokenizer trained for the embedded corpus (unused with ``data.path``)."""
     valid_fraction: float = 0.01
     """Fraction of documents held out for evaluation. 0: none, so no evaluation runs and
     metrics.jsonl has no ``eval_loss`` (the startup log says so once)."""
