@@ -234,7 +234,7 @@ def _add_convert_verb(sub) -> None:
     cv_sub = cv.add_subparsers(dest="action", required=True, metavar="ACTION")
     ct = cv_sub.add_parser("to-hf", help="export a checkpoint as a transformers model directory")
     cf = cv_sub.add_parser("from-hf", help="import a Llama/Mistral/Qwen2/GPT-2 directory as a checkpoint")
-    cc = cv_sub.add_parser("verify", help="compare a checkpoint's logits with a transformers model's")
+    cc = cv_sub.add_parser("verify", help="compare a checkpoint's tensors and logits with a transformers model's")
     for c in (ct, cc):
         c.add_argument("--checkpoint", required=True, help="a step directory or a run's checkpoint directory")
         c.add_argument(

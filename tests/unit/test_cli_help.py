@@ -46,6 +46,16 @@ def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
     assert helps[0] == helps[1] and ".jsonl" in helps[0] and ".gz" in helps[0], helps
 
 
+def test_verify_and_to_hf_name_both_checks():
+    """`convert verify` (and to-hf unless --no-verify) compares every tensor, then the logits."""
+    convert = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["convert"]
+    verbs = next(a for a in convert._actions if isinstance(a, argparse._SubParsersAction))
+    verify = next(c.help for c in verbs._choices_actions if c.dest == "verify")
+    no_verify = next(a.help for a in verbs.choices["to-hf"]._actions if "--no-verify" in a.option_strings)
+    for text in (verify, no_verify):
+        assert "tensor" in text and "logits" in text, text
+
+
 def test_output_piped_into_head_is_no_traceback():
     """`megatron-lite plan ... | head -3`: the reader leaving is exit status 141, with no BrokenPipeError traceback."""
     import subprocess
