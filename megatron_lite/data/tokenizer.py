@@ -277,8 +277,8 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
                 raise failed[0] from None
             if not counts["lines"]:
                 raise UserError(
-                    f"no text to train a tokenizer on: {', '.join(map(str, files))} hold no text (only empty "
-                    "lines, or JSON Lines documents with empty text); give files with text in them"
+                    f"no text to train a tokenizer on in {', '.join(map(str, files))} (only empty lines, or JSON "
+                    "Lines documents with empty text); give files with text in them"
                 ) from e
             hint = "; lower --vocab-size (vocab_size) or give more text" if "Vocabulary size" in str(e) else ""
             raise UserError(

@@ -232,7 +232,8 @@ def test_no_text_to_train_on_is_named(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n\n")
     with pytest.raises(
-        UserError, match=r"^no text to train a tokenizer on: .*empty.txt hold no text .*; give files with text in them$"
+        UserError,
+        match=r"^no text to train a tokenizer on in \S*empty.txt \(only empty lines, .*; give files with text in them$",
     ):
         train_tokenizer([empty], tmp_path / "t", VOCAB, progress=False)
 
