@@ -13,7 +13,7 @@ Requirements, checked before the model is built (:func:`config_problem` by ``pla
 message that names the fix: a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell),
 a working Transformer Engine (``kernels.accelerators.transformer_engine_problem``), and shapes FP8
 GEMMs accept (every projection width a multiple of 16, tokens per microbatch a multiple of 16).
-Not combined, for now, with megatron-lite's own tensor-parallel layers (``parallel.tp`` must be 1;
+Not combined with megatron-lite's own tensor-parallel layers (``parallel.tp`` must be 1;
 data and pipeline parallelism apply unchanged), with ``train.recompute`` (FP8 recompute needs TE's
 own checkpoint function to replay the scaling state) or with ``train.compile``.
 
