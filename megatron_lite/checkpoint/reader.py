@@ -5,10 +5,9 @@ Verification is collective and its verdict identical on every rank: rank 0 reads
 are checked round-robin (file i by rank i % world: present, of the recorded size, of the recorded
 sha256, a rank file holding every key ``metadata.json`` lists for it in its box's shape), and every
 rank receives every rank's findings. ``checkpoint.resume=auto`` takes the newest checkpoint that
-passes, warning about each one skipped; a step directory without
-``metadata.json`` was never committed (a save cut short on an object store) and does not count as
-a checkpoint, but when committed checkpoints exist and none passes, the run stops with an error
-rather than start from scratch.
+passes, warning about each one skipped; a step directory without ``metadata.json`` was never
+committed (a save cut short) and is no checkpoint, but when committed checkpoints exist and none
+passes, the run stops with an error rather than start from scratch.
 
 Reading is by box: :meth:`CheckpointReader.read_box` assembles any box of a global tensor from
 the boxes that overlap it, each read with safetensors' ``get_slice`` (only the overlap is read).
@@ -42,7 +41,7 @@ from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
-_AUTO = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"
+_AUTO = "checkpoint.resume=auto for the newest good checkpoint in checkpoint.dir"  # the other fix, in messages
 
 
 class CheckpointReader:
@@ -315,8 +314,7 @@ def open_step(path: str | Path) -> CheckpointReader:
 
 
 def find_checkpoint(path: str | Path) -> CheckpointReader:
-    """A step directory as given, or the newest good checkpoint under a run's checkpoint root
-    (collective)."""
+    """A step directory as given, or the newest good checkpoint under a checkpoint root (collective)."""
     if is_step_dir(path):
         return open_step(path)
     fix = "fix or replace them, or point at a good step directory (step_XXXXXXXX)"
