@@ -183,8 +183,15 @@ class _OneConfig(argparse.Action):
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
-    """The ``--config FILE`` option of every verb that reads a run config (train, plan, launch slurm)."""
+    """The ``--config FILE`` option and the ``section.key=value`` overrides of every verb that reads
+    a run config (train, plan, launch slurm)."""
     p.add_argument("--config", action=_OneConfig, help="YAML config file (see configs/)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. train.steps=100 (every key, its default and meaning: docs/config.md)",
+    )
 
 
 def _add_data_verbs(sub) -> None:
@@ -258,7 +265,6 @@ def _add_launch_verbs(sub) -> None:
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
     pl.add_argument("--json", action="store_true", help="print one JSON line")
     pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline")
-    pl.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     pl.set_defaults(fn=_plan)
 
     from megatron_lite.launcher.slurm import add_slurm_arguments
@@ -276,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
     add_config_option(t)
-    t.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")

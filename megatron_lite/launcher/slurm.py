@@ -225,7 +225,6 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--account", help="sbatch --account")
     p.add_argument("--dry-run", action="store_true", help="print the rendered script; submit nothing")
     p.add_argument("--wait", action="store_true", help="block until the job ends (sbatch --wait)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
 
 def job_from_args(args: argparse.Namespace) -> SlurmJob:

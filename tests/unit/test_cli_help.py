@@ -36,6 +36,17 @@ def test_every_option_of_every_command_says_what_it_does():
     assert not bare, f"options without help text: {bare}"
 
 
+def test_every_verb_taking_overrides_points_to_the_config_reference():
+    overrides = {
+        " ".join(words): a.help
+        for words, parser in _leaf_parsers(build_parser())
+        for a in parser._actions
+        if a.dest == "overrides"
+    }
+    assert sorted(overrides) == ["launch slurm", "plan", "train"]
+    assert all("docs/config.md" in text for text in overrides.values()), overrides
+
+
 def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
     """Both read their --input through data/inputs.py: JSONL and compressed files included."""
     parsers = dict(_leaf_parsers(build_parser()))
