@@ -152,6 +152,11 @@ def _check_data(d: DataConfig) -> None:
         raise UserError(
             f"data.weights must be finite numbers >= 0, not all zero, one per data.path prefix; got {d.weights}"
         )
+    if not math.isfinite(sum(d.weights)):
+        raise UserError(
+            f"data.weights {d.weights} add up to more than a float holds; only their ratios count, so scale "
+            "them down, e.g. to shares that sum to 1"
+        )
 
 
 def _check_gpt2(m: ModelConfig) -> None:

@@ -204,6 +204,11 @@ def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: i
             f"blend weights (data.weights) must not all be zero, got {list(weights)}: no dataset would be "
             "sampled; give at least one dataset a positive weight"
         )
+    if not np.isfinite(sum(weights)):  # each share would be w / inf = 0
+        raise UserError(
+            f"blend weights (data.weights) {list(weights)} add up to more than a float holds; only their "
+            "ratios count, so scale them down, e.g. to shares that sum to 1"
+        )
 
 
 def _same_files(a: IndexedDataset, b: IndexedDataset) -> bool:
@@ -264,17 +269,18 @@ class GPTDataset:
 
     def _check_quotas(self, by_tokens: bool) -> None:
         """A dataset whose share rounds to no sample per blend period would never be sampled."""
-        lost = [p for p, w, q in zip(self.prefixes, self.weights, self._quota, strict=True) if w > 0 and q == 0]
+        zipped = zip(self.prefixes, self.weights, self._quota, strict=True)
+        lost = [(p, w) for p, w, q in zipped if w > 0 and q == 0]
         if not lost:
             return
-        q = self._slot_dataset.size
-        why = f"share of the blend is below 1/{q}, so it rounds to no sample in each period of {q} samples"
+        (prefix, share), q = lost[0], self._slot_dataset.size
+        why = f"share of the blend ({share:.3g}) rounds to no sample in each period of {q} samples"
         if by_tokens:
-            log.warning("dataset %s is never sampled: its %s (its tokens' share; set data.weights)", lost[0], why)
+            log.warning("dataset %s is never sampled: its %s (its tokens' share; set data.weights)", prefix, why)
             return
         raise UserError(
-            f"data.weights gives dataset {lost[0]} a weight > 0, but its {why} and it would never be sampled; "
-            f"give it at least 1/{q} of the total weight, or weight 0 to leave it out on purpose"
+            f"data.weights gives dataset {prefix} a weight > 0, but its {why} and it would never be sampled; "
+            f"give it at least 1/{_MAX_PERIOD} of the total weight, or weight 0 to leave it out on purpose"
         )
 
     @property

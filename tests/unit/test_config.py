@@ -107,6 +107,10 @@ def test_unknown_and_malformed_keys(override, expected):
             ["data.path=[a]", "data.tokenizer=t.model", "data.weights=[inf]"],
             r"data.weights must be finite numbers >= 0, not all zero, one per data.path prefix; got \[inf\]",
         ),
+        (
+            ["data.path=[a,b]", "data.tokenizer=t.model", "data.weights=[1e308,1e308]"],
+            r"data.weights \[1e\+308, 1e\+308\] add up to more than a float holds; .* scale them down",
+        ),
         (["parallel.sp=true"], r"needs parallel.tp > 1 .*: set parallel.tp > 1 or parallel.sp=false$"),
         # gpt2 as HF's GPT2LMHeadModel computes it, so `convert to-hf` can always write the model
         (

@@ -177,6 +177,25 @@ def test_a_weight_too_small_to_sample_is_refused(one, tmp_path):
     assert any(ds.locate(i)[0] == 1 for i in range(65536))
 
 
+def test_a_weight_below_a_billionth_is_refused_with_the_share_that_would_be_sampled(one, tmp_path):
+    """1e-10 is within 1e-9 of 0/1, so the blend period is 1 sample: the fix names 1/65536, not 1/1."""
+    other = _make(tmp_path / "b", seed=1)[0]
+    with pytest.raises(UserError) as err:
+        GPTDataset([one[0], other], [1.0, 1e-10], SEQ, seed=0)
+    assert "share of the blend (1e-10) rounds to no sample in each period of 1 samples" in str(err.value)
+    assert str(err.value).endswith(
+        "give it at least 1/65536 of the total weight, or weight 0 to leave it out on purpose"
+    )
+
+
+def test_weights_whose_sum_overflows_are_refused(one, tmp_path):
+    """Each share would be w / inf = 0: the blend would fail on a NaN instead of naming the weights."""
+    other = _make(tmp_path / "b", seed=1)[0]
+    with pytest.raises(UserError, match=r"weights \(data.weights\) \[1e\+308, 1e\+308\] add up to more than a float"):
+        GPTDataset([one[0], other], [1e308, 1e308], SEQ, seed=0)
+    assert GPTDataset([one[0], other], [1e307, 1e307], SEQ, seed=0).weights == [0.5, 0.5]
+
+
 def test_one_dataset_listed_twice_is_refused_naming_both_spellings(one, tmp_path):
     """Two entries of one dataset (here through links) would serve each sample twice in a row."""
     alias = tmp_path / "alias"
