@@ -164,7 +164,8 @@ class DataConfig:
     path: list[str] = field(default_factory=list)
     """Dataset prefixes (``<prefix>.bin``/``.idx``). Empty: the embedded stdlib corpus."""
     weights: list[float] | None = None
-    """Blending weights, one per prefix. Default: proportional to each prefix's token count."""
+    """Blending weights, one per prefix; only their ratios count, and 0 leaves a prefix out (never
+    sampled, so it may be smaller than one sample). Default: proportional to each prefix's token count."""
     tokenizer: str | None = None
     """Sentencepiece ``.model`` path: the one ``data.path`` was preprocessed with (required with
     ``data.path``). Empty: the tokenizer trained for the embedded corpus."""

@@ -219,7 +219,8 @@ def _same_files(a: IndexedDataset, b: IndexedDataset) -> bool:
 class GPTDataset:
     """An endless, deterministic stream of ``seq_len + 1``-token samples from one or more datasets.
 
-    ``weights=None`` weighs each dataset by its tokens in the split (as if they were one corpus).
+    ``weights=None`` weighs each dataset by its tokens in the split (as if they were one corpus); a
+    dataset of weight 0 is never sampled, so it may hold fewer than ``seq_len + 1`` tokens.
     ``dataset[i]`` depends only on the files, ``seed``, ``seq_len``, ``split`` and ``weights``;
     ``index_cache`` (a directory, ``data.index_cache``) keeps the per-epoch indexes on disk for the
     ranks of a node to share and a restart to reuse, and never changes a sample.
@@ -243,11 +244,12 @@ class GPTDataset:
         self.prefixes, self.seq_len, self.seed, self.split = prefixes, seq_len, seed, split
         self._sources: list[_PackedSplit] = []
         cache = IndexCache(index_cache) if index_cache else None
-        for prefix in prefixes:
+        for k, prefix in enumerate(prefixes):
             data = IndexedDataset(prefix)
             docs = split_documents(data.sizes, split, valid_fraction)
             source = _PackedSplit(data, docs, seq_len, seed, split, cache)
-            if source.num_tokens < seq_len + 1:
+            left_out = weights is not None and weights[k] == 0  # never sampled, so it needs no sample
+            if source.num_tokens < seq_len + 1 and not left_out:
                 raise UserError(
                     f"dataset {prefix} has {source.num_tokens} tokens in {docs.size} documents of its "
                     f"{split!r} split (valid_fraction={valid_fraction}), fewer than "

@@ -89,7 +89,8 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     train = GPTDataset(prefixes, d.weights, seq, seed, split="train", **split)
     valid = None
     if d.valid_fraction > 0:
-        single = [p for p in prefixes if len(IndexedDataset(p).sizes) < 2]
+        sampled = [p for k, p in enumerate(prefixes) if d.weights is None or d.weights[k] > 0]
+        single = [p for p in sampled if len(IndexedDataset(p).sizes) < 2]
         if single:
             log.warning(
                 "dataset %s holds a single document, so it has no held-out split: training without "

@@ -196,6 +196,40 @@ def test_weights_whose_sum_overflows_are_refused(one, tmp_path):
     assert GPTDataset([one[0], other], [1e307, 1e307], SEQ, seed=0).weights == [0.5, 0.5]
 
 
+def _tiny(path, sizes):
+    with IndexedDatasetBuilder(path, np.uint16) as builder:
+        for size in sizes:
+            builder.add_document(np.arange(size))
+    return str(path)
+
+
+def test_a_dataset_of_weight_0_may_be_smaller_than_one_sample(one, tmp_path):
+    """Weight 0 leaves a dataset out (as the too-small-weight error advises): it is never sampled, so its
+    size does not matter; with a weight > 0 it is refused as before."""
+    tiny = _tiny(tmp_path / "tiny", [3, 0, 2])
+    for split in ("train", "valid"):
+        ds = GPTDataset([one[0], tiny], [1.0, 0.0], SEQ, seed=0, split=split, valid_fraction=0.1)
+        alone = GPTDataset([one[0]], None, SEQ, seed=0, split=split, valid_fraction=0.1)
+        assert ds.samples_per_epoch[1] == 0
+        assert all(np.array_equal(ds[i], alone[i]) for i in range(3 * alone.samples_per_epoch[0]))
+    with pytest.raises(UserError, match=r"tiny has 5 tokens in 2 documents of its 'train' split"):
+        GPTDataset([one[0], tiny], [1.0, 1e-3], SEQ, seed=0, valid_fraction=0.1)
+
+
+def test_a_single_document_dataset_of_weight_0_keeps_the_evaluation(one, tmp_path, tok):
+    from megatron_lite.config import Config
+    from megatron_lite.training.build import build_data
+
+    single = _tiny(tmp_path / "single", [40])
+    cfg = Config()
+    cfg.data.path, cfg.data.tokenizer, cfg.data.valid_fraction = [one[0], single], str(tok.path), 0.1
+    cfg.model.seq_len = SEQ
+    cfg.data.weights = [1.0, 0.0]
+    assert build_data(cfg, cfg.data.path, tok.path).valid.samples_per_epoch[0] > 0
+    cfg.data.weights = [1.0, 1.0]  # sampled: it has no held-out split, so there is no evaluation
+    assert build_data(cfg, cfg.data.path, tok.path).valid is None
+
+
 def test_one_dataset_listed_twice_is_refused_naming_both_spellings(one, tmp_path):
     """Two entries of one dataset (here through links) would serve each sample twice in a row."""
     alias = tmp_path / "alias"
