@@ -154,7 +154,7 @@ class TrainConfig:
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_iters: int = 4
     """Global batches per evaluation (always the same ones). More samples than the held-out split
-    holds is a warning at startup: they would only repeat."""
+    serves before it repeats one is a warning at startup."""
     exit_after: int | None = None
     """Stop (after checkpointing) once this many steps have run in this process."""
 

@@ -300,6 +300,19 @@ class GPTDataset:
         """Samples in one epoch of each dataset's split."""
         return [s.samples_per_epoch for s in self._sources]
 
+    @property
+    def distinct_samples(self) -> int:
+        """Samples ``[0, n)`` served before the first that repeats its dataset's split (the first of
+        that dataset's second epoch): the sum of ``samples_per_epoch`` for one dataset, less in a blend,
+        where the dataset that runs out first, for its share, sets it."""
+        q, firsts = self._slot_dataset.size, []
+        for d, (samples, quota) in enumerate(zip(self.samples_per_epoch, self._quota.tolist(), strict=True)):
+            if quota:
+                period, local = divmod(samples, quota)
+                slot = np.flatnonzero((self._slot_dataset == d) & (self._slot_local == local))[0]
+                firsts.append(period * q + int(slot))
+        return min(firsts)
+
     def locate(self, i: int) -> tuple[int, int]:
         """(dataset index, sample index within that dataset) of global sample ``i``."""
         period, slot = divmod(i, self._slot_dataset.size)

@@ -174,18 +174,19 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
 
 
 def eval_warning(cfg: Config, valid: GPTDataset | None) -> str | None:
-    """A warning when one evaluation reads more samples than the held-out split holds: it would only
-    repeat them (the same mean, ``train.eval_iters / needed`` times slower), else None."""
+    """A warning when one evaluation reads more samples than the held-out split serves before it
+    repeats one (``GPTDataset.distinct_samples``: in a blend, the dataset that runs out first for its
+    weight sets it): it would only repeat them, ``train.eval_iters / needed`` times slower; else None."""
     t = cfg.train
     if valid is None:
         return None
-    held, wanted = sum(valid.samples_per_epoch), t.eval_iters * t.global_batch_size
+    held, wanted = valid.distinct_samples, t.eval_iters * t.global_batch_size
     if wanted <= held:
         return None
     return (
         f"train.eval_iters={t.eval_iters:,} x train.global_batch_size={t.global_batch_size} = {wanted:,} samples "
-        f"per evaluation, but the held-out split holds {held:,}: each evaluation would read them "
-        f"{wanted / max(held, 1):,.1f} times over for the same loss; set train.eval_iters to at most "
+        f"per evaluation, but the held-out split serves {held:,} before it repeats one: each evaluation would read "
+        f"{wanted / max(held, 1):,.1f} times that many, repeating samples; set train.eval_iters to at most "
         f"{max(held // t.global_batch_size, 1):,} (or raise data.valid_fraction)"
     )
 

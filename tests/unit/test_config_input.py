@@ -160,10 +160,10 @@ def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
 
     from megatron_lite.training.preflight import eval_warning
 
-    valid = SimpleNamespace(samples_per_epoch=[30, 10])
+    valid = SimpleNamespace(distinct_samples=40)
     why = eval_warning(resolved("train.eval_iters=100000000", "train.global_batch_size=8"), valid)
     assert why.startswith("train.eval_iters=100,000,000 x train.global_batch_size=8 = 800,000,000 samples")
-    assert "the held-out split holds 40" in why and "set train.eval_iters to at most 5 " in why
+    assert "the held-out split serves 40 before it repeats one" in why and "set train.eval_iters to at most 5 " in why
     assert eval_warning(resolved("train.eval_iters=5", "train.global_batch_size=8"), valid) is None
     assert eval_warning(resolved("train.eval_iters=5"), None) is None  # no held-out split: nothing evaluated
 

@@ -313,3 +313,24 @@ def test_one_dataset_listed_twice_is_refused(one, tmp_path):
             GPTDataset(prefixes, [1.0, 3.0], SEQ, seed=0)
     other = _make(tmp_path / "b", seed=1)[0]
     GPTDataset([one[0], other], [1.0, 3.0], SEQ, seed=0)
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 1.0], [0.9, 0.1], [1.0, 0.0], [1, math.sqrt(2)]])
+def test_distinct_samples_end_where_a_dataset_first_repeats(one, tmp_path, weights):
+    """An evaluation longer than this repeats samples: in a blend the dataset that runs out first for
+    its share sets it, long before the sum of the epochs (here about twice ``small``'s, at 1:1)."""
+    from megatron_lite.config import Config
+    from megatron_lite.training.preflight import eval_warning
+
+    small = _make(tmp_path / "small", n_docs=4, seed=5, base=100_000, max_len=30)[0]
+    ds = GPTDataset([one[0], small], weights, SEQ, seed=0)
+    first_repeat = next(i for i in range(10**6) if ds.locate(i)[1] >= ds.samples_per_epoch[ds.locate(i)[0]])
+    assert ds.distinct_samples == first_repeat
+    if weights == [1.0, 1.0]:
+        # slots alternate one, small: small's sample S is global sample 2 S + 1
+        assert first_repeat == 2 * ds.samples_per_epoch[1] + 1 < sum(ds.samples_per_epoch)
+        cfg = Config()
+        cfg.train.global_batch_size, cfg.train.eval_iters = 1, first_repeat + 1
+        assert f"serves {first_repeat} before it repeats one" in eval_warning(cfg, ds)
+        cfg.train.eval_iters = first_repeat
+        assert eval_warning(cfg, ds) is None
