@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from megatron_lite.data.gpt_dataset import GPTDataset, PretrainingLoader, blend_schedule, split_documents
+from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, PretrainingLoader, blend_schedule, split_documents
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
@@ -106,6 +106,18 @@ def test_train_valid_disjoint(one):
     seen_valid = np.concatenate([valid[i] for i in range(valid.samples_per_epoch[0])])
     assert np.isin(seen_valid, _tokens_of(docs, valid_ids)).all()
     assert not np.isin(seen_train, seen_valid).any()
+
+
+def test_each_datasets_split_and_order_stay_when_the_blend_changes(one, tmp_path):
+    """Which documents are held out, and each dataset's own sample order, depend on that dataset alone:
+    not on its place in data.path nor on the weights (a weight of 0 shows one dataset's stream)."""
+    other = _make(tmp_path / "b", seed=1, base=100_000)[0]
+    for split in SPLITS:
+        alone = GPTDataset([one[0]], None, SEQ, seed=0, split=split, valid_fraction=0.2)
+        first = GPTDataset([one[0], other], [1.0, 0.0], SEQ, seed=0, split=split, valid_fraction=0.2)
+        second = GPTDataset([other, one[0]], [0.0, 3.0], SEQ, seed=0, split=split, valid_fraction=0.2)
+        for i in range(2 * alone.samples_per_epoch[0]):
+            assert np.array_equal(first[i], alone[i]) and np.array_equal(second[i], alone[i])
 
 
 def _blend(tmp_path, weights, n_sets=3):
