@@ -20,14 +20,27 @@ def floating(op: str, name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}; cast it (e.g. .float())")
 
 
+def same_device(op: str, name: str, first: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """Every tensor in ``others`` is on ``first``'s device (a Triton kernel cannot read across devices,
+    and torch's own message does not name the argument)."""
+    for other, t in others.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: {other} is on {t.device} but {name} is on {first.device}; move them to one "
+                             f"device (e.g. {other}.to({name}.device))")  # fmt: skip
+
+
 def check_norm(
     op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, residual=None
 ) -> None:
-    """x (..., N) floating; weight and bias (N,) floating (any float dtype: fp32 weights may scale bf16
-    activations); eps a finite number >= 0; residual, when given, exactly x's shape and dtype."""
+    """x (..., N) floating; weight (N,) and bias (N,) or None floating (any float dtype: fp32 weights may
+    scale bf16 activations), on x's device; eps a finite number >= 0; residual, when given, exactly x's
+    shape and dtype."""
     if x.dim() == 0:
         raise ValueError(f"{op}: x must have at least one dimension (..., N), got a 0-d tensor")
     n = x.shape[-1]
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: weight must be a tensor of shape ({n},), got {type(weight).__name__}; for a "
+                        f"norm without a learned scale pass torch.ones({n})")  # fmt: skip
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, but x {tuple(x.shape)} needs ({n},): "
@@ -42,6 +55,7 @@ def check_norm(
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"{op}: residual {tuple(residual.shape)} {residual.dtype} must have x's shape and dtype "
                          f"{tuple(x.shape)} {x.dtype}; expand or cast it first")  # fmt: skip
+    same_device(op, "x", x, weight=weight, bias=bias, residual=residual)
 
 
 def check_swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -52,6 +66,7 @@ def check_swiglu(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.dim() == 0:
         raise ValueError("swiglu: gate and up must have at least one dimension (..., N), got 0-d tensors")
     floating("swiglu", "gate", gate)
+    same_device("swiglu", "gate", gate, up=up)
 
 
 def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -71,6 +86,7 @@ def check_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
                              f"of shape (T, D/2) = {(T, D // 2)}; {fix}")  # fmt: skip
     floating("apply_rope", "cos", cos)
     floating("apply_rope", "sin", sin)
+    same_device("apply_rope", "x", x, cos=cos, sin=sin)
     if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         raise ValueError("apply_rope: cos/sin require grad, but the tables are constants that get no gradient "
                          "(the Triton kernel has none to give); pass cos.detach() and sin.detach()")  # fmt: skip
@@ -101,6 +117,7 @@ def check_cross_entropy(
     if logits.shape[1] == 0:
         what = "a vocab shard with no columns adds nothing: leave it out" if op != "cross_entropy" else "V >= 1"
         raise ValueError(f"{op}: logits {tuple(logits.shape)} have no vocabulary columns; {what}")
+    same_device(op, "logits", logits, target=target)
     _integer(op, "ignore_index", ignore_index)
     _integer(op, "vocab_start", vocab_start)
 
@@ -119,5 +136,6 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"flash_attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype} and "
                          f"{v.dtype}; cast k and v to q's")  # fmt: skip
+    same_device("flash_attention", "q", q, k=k, v=v)
     if not isinstance(causal, bool):
         raise TypeError(f"flash_attention: causal must be a bool, got {type(causal).__name__}")

@@ -55,15 +55,16 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, N): ambiguous when N = 0
 
 
-def row_block(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for a kernel that keeps one row of ``n_cols`` values in registers.
+def row_block(n_cols: int, op: str) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for op ``op``'s kernel that keeps one row of ``n_cols`` values in registers.
 
     Warps grow with the row so that each thread holds 8 to 16 values: 4 warps up to 2K columns,
     8 up to 8K, 16 beyond (the hidden sizes 4096 and 8192 land on 8 and 16).
     """
     block = triton.next_power_of_2(max(n_cols, 1))  # rows of 0 values: one masked-off lane
     if block > MAX_ROW_BLOCK:
-        raise ValueError(f"row of {n_cols} values exceeds the {MAX_ROW_BLOCK}-value row kernels")
+        raise ValueError(f"{op}: rows of {n_cols} values exceed the Triton kernel's {MAX_ROW_BLOCK} per row; "
+                         "run this op on torch (kernels.backend=torch, or kernels.set_backend('torch'))")  # fmt: skip
     warps = 4 if block < 2048 else 8 if block < 8192 else 16
     return block, warps
 

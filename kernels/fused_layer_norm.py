@@ -99,7 +99,7 @@ def layer_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (rows, N) with unit column stride -> (y, mean (rows,) fp32, rstd (rows,) fp32)."""
     n_rows, n_cols = x.shape
-    block, warps = row_block(n_cols)
+    block, warps = row_block(n_cols, "layer_norm")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     mean = torch.empty(n_rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
@@ -116,7 +116,7 @@ def layer_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dx, dweight, dbias or None) from dy (rows, N)."""
     n_rows, n_cols = x.shape
-    block, warps = row_block(n_cols)
+    block, warps = row_block(n_cols, "layer_norm")
     programs = reduction_programs(n_rows, x.device)
     stages = pipeline_stages(block * x.element_size() * 2, x.device)  # streamed: dy, x
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -96,7 +96,7 @@ def rms_norm_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """x, residual: (rows, N) with unit column stride -> (y, h or None, rstd (rows,) fp32)."""
     n_rows, n_cols = x.shape
-    block, warps = row_block(n_cols)
+    block, warps = row_block(n_cols, "rms_norm")
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else None
     rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
@@ -116,7 +116,7 @@ def rms_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (dx, dweight) from dy (and dh, the gradient of the returned x + residual)."""
     n_rows, n_cols = x.shape
-    block, warps = row_block(n_cols)
+    block, warps = row_block(n_cols, "rms_norm")
     programs = reduction_programs(n_rows, x.device)
     streamed = 3 if dh is not None else 2  # dy, x (and dh) stream through the row loop
     stages = pipeline_stages(block * x.element_size() * streamed, x.device)

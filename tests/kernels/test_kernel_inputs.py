@@ -45,14 +45,21 @@ def ints(*shape, dtype=torch.int32):
         ("rms_norm", lambda: (randn(4, 8), randn(8), torch.tensor(1e-6)), "eps must be a Python number"),
         ("rms_norm", lambda: (randn(4, 8), randn(8), 1e-6, randn(1, 8)), "residual .* must have x's shape"),
         ("rms_norm", lambda: (randn(4, 8), randn(8), 1e-6, randn(4, 8, dtype=torch.bfloat16)), "residual"),
+        ("rms_norm", lambda: (randn(4, 8), None), r"weight must be a tensor of shape \(8,\).*torch.ones\(8\)"),
+        # "meta" stands for any other device: one the kernels cannot read, on a CPU-only machine too.
+        ("rms_norm", lambda: (randn(4, 8), randn(8).to("meta")), "weight is on meta but x is on .*weight.to"),
+        ("rms_norm", lambda: (randn(4, 8), randn(8), 1e-6, randn(4, 8).to("meta")), "residual is on meta but x"),
         ("layer_norm", lambda: (randn(4, 8), randn(7), None), r"weight has shape \(7,\)"),
         ("layer_norm", lambda: (randn(4, 8), randn(8), randn(7)), r"bias has shape \(7,\)"),
         ("layer_norm", lambda: (ints(4, 8, dtype=torch.int64), randn(8), None), "floating"),
         ("layer_norm", lambda: (randn(4, 8), randn(8), None, float("nan")), "eps must be a finite number"),
+        ("layer_norm", lambda: (randn(4, 8), None, randn(8)), "weight must be a tensor of shape"),
+        ("layer_norm", lambda: (randn(4, 8), randn(8), randn(8).to("meta")), "bias is on meta but x is on"),
         ("swiglu", lambda: (randn(4, 8), randn(4, 9)), "must match in shape and dtype"),
         ("swiglu", lambda: (randn(4, 8), randn(1, 8)), "must match in shape and dtype"),
         ("swiglu", lambda: (randn(4, 8), randn(4, 8, dtype=torch.bfloat16)), "must match in shape and dtype"),
         ("swiglu", lambda: (ints(4, 8), ints(4, 8)), "gate must be a floating-point tensor"),
+        ("swiglu", lambda: (randn(4, 8), randn(4, 8).to("meta")), "up is on meta but gate is on"),
         ("swiglu", lambda: (torch.tensor(1.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)), "at least one dim"),
         ("apply_rope", lambda: (randn(5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
         ("apply_rope", lambda: (randn(1, 2, 5, 3, 8), randn(5, 4), randn(5, 4)), r"x must be \(B, T, H, D\)"),
@@ -72,6 +79,7 @@ def ints(*shape, dtype=torch.int32):
         ),
         ("apply_rope", lambda: (ints(2, 5, 3, 8), randn(5, 4), randn(5, 4)), "x must be a floating-point tensor"),
         ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4).requires_grad_(), randn(5, 4)), "cos.detach()"),
+        ("apply_rope", lambda: (randn(2, 5, 3, 8), randn(5, 4), randn(5, 4).to("meta")), "sin is on meta but x is on"),
         (
             "cross_entropy",
             lambda: (randn(6, 10), TARGET[:5]),
@@ -87,10 +95,12 @@ def ints(*shape, dtype=torch.int32):
         ("cross_entropy", lambda: (ints(6, 10), TARGET), "logits must be a floating-point tensor"),
         ("cross_entropy", lambda: (randn(6, 0), torch.full_like(TARGET, -100)), "no vocabulary columns"),
         ("cross_entropy", lambda: (randn(6, 10), TARGET, torch.tensor(-100)), "ignore_index must be a Python int"),
+        ("cross_entropy", lambda: (randn(6, 10), TARGET.to("meta")), "target is on meta but logits is on"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET[:4], 3), r"6 rows but target \(4,\) has 4 ids"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET.float(), 3), "integer class ids"),
         ("cross_entropy_partials", lambda: (randn(6, 0), TARGET, 3), "no vocabulary columns; a vocab shard"),
         ("cross_entropy_partials", lambda: (randn(6, 5), TARGET, torch.tensor(3)), "vocab_start must be a Python int"),
+        ("cross_entropy_partials", lambda: (randn(6, 5), TARGET.to("meta"), 3), "target is on meta but logits"),
         ("flash_attention", lambda: qkv(kv_heads=3), "Hkv dividing H"),
         ("flash_attention", lambda: qkv(heads=2, kv_heads=4), "Hkv dividing H"),
         ("flash_attention", lambda: (*qkv()[:2], randn(1, 2, 9, 32)), "need k == v shapes"),
@@ -101,6 +111,7 @@ def ints(*shape, dtype=torch.int32):
         ("flash_attention", lambda: (qkv()[0], *(t.bfloat16() for t in qkv()[1:])), "share one dtype"),
         ("flash_attention", lambda: (*qkv()[:2], qkv()[2].bfloat16()), "share one dtype"),
         ("flash_attention", lambda: (*qkv(), None), "causal must be a bool"),
+        ("flash_attention", lambda: (*qkv()[:2], qkv()[2].to("meta")), "v is on meta but q is on"),
         ("flash_attention", lambda: (*qkv(), torch.tensor(True)), "causal must be a bool"),
     ],
 )
@@ -141,6 +152,20 @@ def test_cross_entropy_takes_any_integer_target_dtype(backend):
         torch.testing.assert_close(kernels.cross_entropy(logits, target.to(dtype)), expected)
     parts = kernels.cross_entropy_partials(logits, target.int(), 0)
     torch.testing.assert_close(parts, kernels.reference.cross_entropy_partials(logits, target, 0))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_norm_rows_past_the_triton_row_limit_name_the_op_and_the_fix(op):
+    # Torch normalises any width; the Triton kernels hold a row in registers (MAX_ROW_BLOCK values).
+    x, w = randn(1, 65537), randn(65537)
+    args = (x, w) if op == "rms_norm" else (x, w, None)
+    assert getattr(kernels.reference, op)(*args).shape == x.shape
+    kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match=f"^{op}: rows of 65537 values exceed .*kernels.backend=torch"):
+            getattr(kernels, op)(*args)
+    finally:
+        kernels.set_backend("auto")
 
 
 def test_attention_with_no_heads_is_empty(backend):
