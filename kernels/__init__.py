@@ -70,6 +70,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy over non-ignored targets; logits (N, V), target (N,) integer ids; fp32 accumulation.
 
+    With no target left to average (every one is ``ignore_index``, or N = 0) the loss is NaN (0 / 0, as
+    ``F.cross_entropy`` gives) and the gradient is zero, in both backends.
+
     Target values are not checked (that needs a device sync): one outside [0, V) other than
     ``ignore_index`` raises in torch but counts as a zero logit in the Triton kernel. The trainer
     checks the data's token ids against ``model.vocab_size``.

@@ -153,6 +153,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     """Mean cross-entropy over rows whose target is not ``ignore_index``; logits (N, V), target (N,).
 
     Accumulates in fp32 whatever the logits dtype; the gradient comes back in the logits dtype.
+    With every target ignored (or N = 0) the loss is NaN (0 / 0) and the gradient zero, as in torch.
     A target outside [0, V) that is not ignore_index counts as a zero logit (no device sync to check).
     """
     check_cross_entropy("cross_entropy", logits, target, ignore_index)

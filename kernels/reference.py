@@ -66,7 +66,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss over non-ignored targets; logits (N, V) are upcast to fp32; target (N,) of any
-    integer dtype (F.cross_entropy itself takes int64 and uint8 only)."""
+    integer dtype (F.cross_entropy itself takes int64 and uint8 only). No target left to average (all
+    ignored, or N = 0): the loss is NaN (0 / 0) and the gradient zero."""
     check_cross_entropy("cross_entropy", logits, target, ignore_index)
     return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index)
 

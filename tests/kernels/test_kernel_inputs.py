@@ -154,6 +154,28 @@ def test_cross_entropy_takes_any_integer_target_dtype(backend):
     torch.testing.assert_close(parts, kernels.reference.cross_entropy_partials(logits, target, 0))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # 0/0 mean of no values
+@pytest.mark.parametrize("ignore_index", [-100, 7])
+def test_cross_entropy_of_no_counted_target_is_nan_with_zero_grad(backend, ignore_index):
+    # The documented mean over zero targets, as F.cross_entropy gives: NaN loss, zero gradient.
+    for logits, target in ((randn(4, 10), torch.full((4,), ignore_index, device=DEVICE)),
+                           (randn(0, 10), torch.zeros(0, dtype=torch.long, device=DEVICE))):  # fmt: skip
+        logits.requires_grad_()
+        loss = kernels.cross_entropy(logits, target, ignore_index)
+        assert loss.isnan(), loss
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_ignore_index_inside_the_vocabulary(backend):
+    # ignore_index = 7, a real class id: rows targeting it drop out of the mean and get no gradient.
+    logits, target = randn(6, 10).requires_grad_(), torch.tensor([7, 2, 7, 9, 0, 3], device=DEVICE)
+    loss = kernels.cross_entropy(logits, target, 7)
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=7)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits), torch.autograd.grad(expected, logits))
+
+
 @pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
 def test_norm_rows_past_the_triton_row_limit_name_the_op_and_the_fix(op):
     # Torch normalises any width; the Triton kernels hold a row in registers (MAX_ROW_BLOCK values).
