@@ -45,23 +45,26 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (the Llama MLP nonlinearity)."""
+    """``silu(gate) * up`` (the Llama MLP nonlinearity), computed in fp32 and cast back to ``gate.dtype``
+    (one rounding, as the Triton kernel: bf16 silu then product rounds twice, a third of values 1 ulp off)."""
     check_swiglu(gate, up)
-    return F.silu(gate) * up
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, half-split rotation (Llama / Hugging Face convention).
 
     x: (B, T, H, D); cos, sin: (T, D/2). The first half of each head is rotated against the
-    second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``.
+    second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``, computed in fp32 (with the fp32
+    tables, not tables rounded to x's dtype) and cast back to ``x.dtype``, as the Triton kernel does.
     """
     check_rope(x, cos, sin)
     d2 = x.shape[-1] // 2
-    x1, x2 = x[..., :d2], x[..., d2:]
-    c = cos[None, :, None, :].to(x.dtype)  # (1, T, 1, D/2)
-    s = sin[None, :, None, :].to(x.dtype)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    xf = x.float()
+    x1, x2 = xf[..., :d2], xf[..., d2:]
+    c = cos[None, :, None, :].float()  # (1, T, 1, D/2)
+    s = sin[None, :, None, :].float()
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -17,8 +17,8 @@ def backend(request):
     kernels.set_backend("auto")
 
 
-def randn(*shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + 1)).to(DEVICE, dtype)
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape) + 1)) * scale).to(DEVICE, dtype)
 
 
 TARGET = torch.tensor([1, 2, -100, 9, 0, 3], device=DEVICE)
@@ -126,6 +126,31 @@ def test_norms_take_fp32_weights_on_bf16_activations(backend, mixed):
     x, w, b = randn(3, 8, dtype=torch.bfloat16), randn(8), randn(8)
     assert kernels.layer_norm(x, w, b if mixed == "bias" else b.bfloat16()).dtype == torch.bfloat16
     assert kernels.rms_norm(x, w).dtype == torch.bfloat16
+
+
+ROUND_ONCE = {
+    "rms_norm": lambda x, w: kernels.reference.rms_norm(x, w),
+    "layer_norm": lambda x, w: kernels.reference.layer_norm(x, w, w.flip(0)),
+    "swiglu": lambda x, w: kernels.reference.swiglu(x, x.detach().flip(-1)),  # dgate: the silu derivative
+    "apply_rope": lambda x, w: kernels.reference.apply_rope(x.view(2, 3, 1, 8), w[:4].expand(3, 4), w[4:].expand(3, 4)),
+}
+
+
+@pytest.mark.parametrize("op", ROUND_ONCE)
+def test_bf16_twins_compute_in_fp32_and_round_once(op):
+    # The Triton kernels load bf16, compute in fp32 and round each result once: the twins must give
+    # exactly that, output and gradient, or the two backends differ by an ulp on a third of the values.
+    x = randn(6, 8, dtype=torch.bfloat16, scale=3.0)
+    w = randn(8)  # fp32 weights and rope tables next to bf16 activations, as in mixed precision
+    grad = randn(6, 8, dtype=torch.bfloat16).view(ROUND_ONCE[op](x, w).shape)
+    outs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        leaf = x.to(dtype).requires_grad_()
+        out = ROUND_ONCE[op](leaf, w)
+        (g,) = torch.autograd.grad(out, leaf, grad.to(dtype))
+        outs.append((out.detach().bfloat16(), g.bfloat16()))
+    assert torch.equal(outs[0][0], outs[1][0]), f"{op}: bf16 output is not the fp32 result rounded once"
+    assert torch.equal(outs[0][1], outs[1][1]), f"{op}: bf16 gradient is not the fp32 result rounded once"
 
 
 @pytest.mark.parametrize("view", ["strided", "expanded"])
