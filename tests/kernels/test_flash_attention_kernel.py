@@ -42,6 +42,25 @@ def test_attention_bf16_long_sequence_gpu(check):
     _check(check, _qkv(check, 2, 8, 2, 1024, 128, torch.bfloat16), True, torch.bfloat16)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_of_one_token_over_one_kv_head(check, causal):
+    """T = 1 (every descriptor dim but D of size 1, their strides replaced) and Hkv = 1: the softmax over one
+    key is 1, so the output is v, dV sums dO over the query group and dQ, dK are 0 up to the rounding of
+    dS = P * (dO.v - delta), D-term dot products of |dO| |v| each (torch's fp32 SDPA leaves ~1e-8 there
+    too, which a tolerance relative to a zero gradient cannot absorb)."""
+    q, k, v = (t.requires_grad_() for t in _qkv(check, 2, 3, 1, 1, 16, torch.float32))
+    grad = check.randn(2, 3, 1, 16)
+    out = flash_attention(q, k, v, causal)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, v.detach().expand(2, 3, 1, 16))
+    torch.testing.assert_close(dv, grad.sum(1, keepdim=True))
+    d, eps = 16, torch.finfo(torch.float32).eps
+    ds_bound = 2 * d * eps * (grad.norm(dim=-1) * v.detach().norm(dim=-1)).max()
+    for name, g, other in (("dq", dq, k), ("dk", dk, q)):
+        bound = ds_bound * other.detach().norm(dim=-1).max() / d**0.5 * (3 if name == "dk" else 1)  # dK sums 3 queries
+        assert g.abs().max() <= bound, f"{name} {g.abs().max():.2e} > {bound:.2e}"
+
+
 def test_attention_unsupported_head_dim_falls_back(check, caplog):
     q, k, v = _qkv(check, 1, 2, 2, 9, 48, torch.float32)
     with caplog.at_level(logging.WARNING):

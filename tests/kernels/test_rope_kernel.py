@@ -14,7 +14,8 @@ def _tables(check, t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 33, 5, 16), (1, 17, 3, 128)])  # odd T and H; D from 16 to 128
+# odd T and H; D from 16 to 128; B = T = H = 1 with D = 2 (one pair: a block of one lane per half)
+@pytest.mark.parametrize("shape", [(2, 33, 5, 16), (1, 17, 3, 128), (1, 1, 1, 2)])
 def test_rope_matches_reference(check, shape, dtype):
     cos, sin = _tables(check, shape[1], shape[3])
     check("apply_rope", lambda x: apply_rope(x, cos, sin), lambda x: reference.apply_rope(x, cos, sin),
