@@ -50,6 +50,9 @@ from megatron_lite.kernels._checks import check_attention
 from megatron_lite.kernels._common import first_order_only
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
+# CUDA's limit on a grid's second (y) axis, the kernels' batch x head axis.
+MAX_GRID_Y = 65535
+
 # The warp-specialized forward (``_attn_fwd_ws_kernel``) runs when this is True, for 16-bit inputs.
 # Off: not yet timed on a GPU (tools/bench/kernel_sweep.py --parts attention_ws times it).
 WARP_SPECIALIZE = False
@@ -201,6 +204,9 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return "empty input (a tensor descriptor needs every dimension >= 1)"
     if k.shape[2] != q.shape[2]:
         return f"query length {q.shape[2]} != key length {k.shape[2]} (the kernels are for self-attention)"
+    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
+        # Each kernel's grid is (query or key tiles, B x H): CUDA refuses a launch past this second axis.
+        return f"B x H = {q.shape[0] * q.shape[1]} query heads exceed a CUDA grid's {MAX_GRID_Y} on its second axis"
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         # Before Hopper, Triton lowers the tiles' descriptors to plain loads without cp.async
         # pipelining, and most tiles spill (tools/kernel_static.py --arch 80): SDPA is the faster choice.
@@ -220,8 +226,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Softmax(q k^T / sqrt(D)) v with an optional causal mask; q (B, H, T, D), k and v (B, Hkv, T, D).
 
     Grouped-query attention when Hkv divides H: query head h reads K/V head h // (H // Hkv), as in
-    the reference's repeat_interleave. Head dims outside 16/32/64/128, unequal query/key lengths and
-    GPUs before Hopper run the reference (logged once per reason). Softmax statistics are fp32 whatever the dtype.
+    the reference's repeat_interleave. Head dims outside 16/32/64/128, unequal query/key lengths, more
+    than 65535 (batch x head) pairs and GPUs before Hopper run the reference (logged once per reason).
+    Softmax statistics are fp32 whatever the dtype.
     """
     check_attention(q, k, v, causal)
     reason = unsupported_reason(q, k, v)

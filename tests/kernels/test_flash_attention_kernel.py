@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 from megatron_lite.kernels import reference
-from megatron_lite.kernels.fused_attention import flash_attention
+from megatron_lite.kernels.fused_attention import flash_attention, unsupported_reason
 
 GPU = torch.cuda.is_available()
 
@@ -67,6 +67,17 @@ def test_attention_unsupported_head_dim_falls_back(check, caplog):
         out = flash_attention(q, k, v)
     torch.testing.assert_close(out, reference.flash_attention(q, k, v), rtol=0, atol=0)
     assert "head dim 48" in caplog.text
+
+
+def test_attention_past_the_cuda_grid_falls_back(check, caplog):
+    # 65536 (batch x head) pairs: one past the 65535 programs a CUDA grid takes on the kernels' second axis.
+    q, k, v = _qkv(check, 2, 32768, 1, 1, 16, torch.float32)
+    assert "B x H = 65536 query heads exceed a CUDA grid's 65535" in unsupported_reason(q, k, v)
+    with caplog.at_level(logging.WARNING):
+        out = flash_attention(q, k, v)
+    torch.testing.assert_close(out, reference.flash_attention(q, k, v), rtol=0, atol=0)
+    assert "65536 query heads" in caplog.text
+    assert "query heads" not in (unsupported_reason(q[:1, :32767], k[:1], v[:1]) or "")
 
 
 def test_attention_of_an_empty_batch_is_empty(check):
