@@ -50,6 +50,7 @@ from megatron_lite.kernels._checks import check_attention
 from megatron_lite.kernels._common import first_order_only
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CUDA's limit on a grid's second (y) axis, the kernels' batch x head axis.
 MAX_GRID_Y = 65535
 
@@ -198,6 +199,9 @@ class _FlashAttention(torch.autograd.Function):
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these inputs (they then run the reference), or None."""
     D = q.shape[-1]
+    if q.dtype not in KERNEL_DTYPES:
+        # fp64 would lose its precision to the fp32 softmax statistics and accumulator (3e-7 off the twin).
+        return f"dtype {q.dtype} is not one of fp16/bf16/fp32 (the kernels accumulate in fp32)"
     if D not in SUPPORTED_HEAD_DIMS:
         return f"head dim {D} is not one of {SUPPORTED_HEAD_DIMS} (tl.dot tiles need a power of two >= 16)"
     if q.numel() == 0 or k.numel() == 0:
@@ -226,8 +230,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     """Softmax(q k^T / sqrt(D)) v with an optional causal mask; q (B, H, T, D), k and v (B, Hkv, T, D).
 
     Grouped-query attention when Hkv divides H: query head h reads K/V head h // (H // Hkv), as in
-    the reference's repeat_interleave. Head dims outside 16/32/64/128, unequal query/key lengths, more
-    than 65535 (batch x head) pairs and GPUs before Hopper run the reference (logged once per reason).
+    the reference's repeat_interleave. Dtypes other than fp16/bf16/fp32, head dims outside 16/32/64/128,
+    unequal query/key lengths, more than 65535 (batch x head) pairs and GPUs before Hopper run the
+    reference (logged once per reason).
     Softmax statistics are fp32 whatever the dtype.
     """
     check_attention(q, k, v, causal)
