@@ -41,6 +41,8 @@ def check_norm(
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{op}: weight must be a tensor of shape ({n},), got {type(weight).__name__}; for a "
                         f"norm without a learned scale pass torch.ones({n})")  # fmt: skip
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor of shape ({n},) or None, got {type(bias).__name__}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (n,):
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, but x {tuple(x.shape)} needs ({n},): "

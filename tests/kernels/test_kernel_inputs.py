@@ -54,6 +54,7 @@ def ints(*shape, dtype=torch.int32):
         ("layer_norm", lambda: (ints(4, 8, dtype=torch.int64), randn(8), None), "floating"),
         ("layer_norm", lambda: (randn(4, 8), randn(8), None, float("nan")), "eps must be a finite number"),
         ("layer_norm", lambda: (randn(4, 8), None, randn(8)), "weight must be a tensor of shape"),
+        ("layer_norm", lambda: (randn(4, 8), randn(8), 0.0), r"bias must be a tensor of shape \(8,\) or None"),
         ("layer_norm", lambda: (randn(4, 8), randn(8), randn(8).to("meta")), "bias is on meta but x is on"),
         ("swiglu", lambda: (randn(4, 8), randn(4, 9)), "must match in shape and dtype"),
         ("swiglu", lambda: (randn(4, 8), randn(1, 8)), "must match in shape and dtype"),
