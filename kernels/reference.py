@@ -19,10 +19,15 @@ from megatron_lite.kernels._checks import (
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype the twins compute in: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim, computed in fp32 and cast back to ``x.dtype``.
+    """RMSNorm over the last dim, computed in fp32 (fp64 for fp64 inputs) and cast back to ``x.dtype``.
 
     With ``residual``: ``h = x + residual`` is normalised and ``(norm(h), h)`` is returned, the
     fused add-then-norm of a pre-norm block.
@@ -30,40 +35,41 @@ def rms_norm(
     check_norm("rms_norm", x, weight, None, eps, residual)
     if residual is not None:
         x = x + residual
-    xf = x.float()
+    xf = _wide(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    out = (y * weight.float()).to(x.dtype)
+    out = (y * _wide(weight)).to(x.dtype)
     return (out, x) if residual is not None else out
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dim, computed in fp32 and cast back to ``x.dtype``."""
+    """LayerNorm over the last dim, computed in fp32 (fp64 for fp64 inputs) and cast back to ``x.dtype``."""
     check_norm("layer_norm", x, weight, bias, eps)
-    w = weight.float()
-    b = bias.float() if bias is not None else None
-    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+    xf = _wide(x)
+    w = weight.to(xf.dtype)
+    b = bias.to(xf.dtype) if bias is not None else None
+    return F.layer_norm(xf, (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (the Llama MLP nonlinearity), computed in fp32 and cast back to ``gate.dtype``
-    (one rounding, as the Triton kernel: bf16 silu then product rounds twice, a third of values 1 ulp off)."""
+    """``silu(gate) * up`` (the Llama MLP nonlinearity), computed in fp32 (fp64 for fp64 inputs) and cast
+    back to ``gate.dtype`` (one rounding, as the Triton kernel: bf16 silu then product rounds twice)."""
     check_swiglu(gate, up)
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    return (F.silu(_wide(gate)) * _wide(up)).to(gate.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, half-split rotation (Llama / Hugging Face convention).
 
     x: (B, T, H, D); cos, sin: (T, D/2). The first half of each head is rotated against the
-    second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``, computed in fp32 (with the fp32
-    tables, not tables rounded to x's dtype) and cast back to ``x.dtype``, as the Triton kernel does.
+    second half: ``[x1, x2] -> [x1*cos - x2*sin, x2*cos + x1*sin]``, computed in fp32 (fp64 for fp64
+    inputs; the tables not rounded to x's dtype) and cast back to ``x.dtype``, as the Triton kernel does.
     """
     check_rope(x, cos, sin)
     d2 = x.shape[-1] // 2
-    xf = x.float()
+    xf = _wide(x)
     x1, x2 = xf[..., :d2], xf[..., d2:]
-    c = cos[None, :, None, :].float()  # (1, T, 1, D/2)
-    s = sin[None, :, None, :].float()
+    c = cos[None, :, None, :].to(xf.dtype)  # (1, T, 1, D/2)
+    s = sin[None, :, None, :].to(xf.dtype)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 

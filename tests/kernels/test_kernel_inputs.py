@@ -268,3 +268,14 @@ def test_empty_inputs_give_empty_outputs_like_torch(backend, case):
     kernels.set_backend("torch")
     expected = EMPTY[case]()
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("op", ROUND_ONCE)
+def test_fp64_twins_keep_fp64(op):
+    # The twins compute in at least fp32: fp64 inputs (references in tests, gradient checks) stay fp64
+    # rather than being rounded to fp32 on the way through.
+    x, w = randn(6, 8, dtype=torch.float64, scale=3.0), randn(8, dtype=torch.float64)
+    out64 = ROUND_ONCE[op](x, w)
+    out32 = ROUND_ONCE[op](x.float(), w.float())
+    assert out64.dtype == torch.float64
+    assert 0 < (out64 - out32.double()).abs().max() < 1e-5, f"{op}: the fp64 result is the fp32 one"
