@@ -1,4 +1,4 @@
-"""Before step 1: every dataset's token ids must fit the model's vocabulary.
+"""Before step 1, and in every batch: every dataset's token ids must fit the model's vocabulary.
 
 A dataset tokenized with another, larger tokenizer holds ids >= ``model.vocab_size``. Found when a
 batch holding one is read, it stops one rank mid-run while the others wait in their collectives;
@@ -87,3 +87,20 @@ def _too_large(data: IndexedDataset, found: tuple[int, str], vocab_size: int, to
         f"tokens){made}; re-run `megatron-lite preprocess --tokenizer {tok.path} --output {data.prefix} "
         "--overwrite ...` on its text, or set data.tokenizer to the tokenizer it was made with"
     )
+
+
+def check_batch_ids(micro: Sequence, vocab_size: int, step: int, tokenizer: str | Path) -> None:
+    """The trainer's per-batch guard (a dataset too large to check here, or damaged since): every id
+    of the microbatches ``micro`` of step ``step`` is in ``[0, vocab_size)``, else one
+    :class:`UserError` (not an IndexError deep inside the embedding)."""
+    top, low = max(int(b.max()) for b in micro), min(int(b.min()) for b in micro)
+    if top >= vocab_size:
+        raise UserError(
+            f"the data holds token id {top} but model.vocab_size is {vocab_size} (step {step}): the dataset was "
+            f"tokenized with another tokenizer than {tokenizer}"
+        )
+    if low < 0:
+        raise UserError(
+            f"the data holds token id {low} (step {step}): token ids are never negative, so the dataset's .bin is "
+            "damaged; rebuild it with `megatron-lite preprocess`"
+        )

@@ -36,6 +36,7 @@ from megatron_lite.checkpoint.reader import CheckpointReader
 from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data.gpt_dataset import GPTDataset, PretrainingLoader
+from megatron_lite.data.token_range import check_batch_ids
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import resolve_env
 from megatron_lite.launcher.fail_fast import agree_on_config, fail_fast_setup
@@ -270,12 +271,7 @@ class Trainer:
         """One optimizer step: loss (global-batch mean), grad_norm, lr, skipped."""
         lr = lr_at(self.step - self.skipped_steps, self.cfg.optim)  # a skipped step leaves the schedule where it is
         micro = self.loader.next_step()
-        top = max(int(b.max()) for b in micro)
-        if top >= self.cfg.model.vocab_size:  # else an IndexError deep inside the embedding
-            raise UserError(
-                f"the data holds token id {top} but model.vocab_size is {self.cfg.model.vocab_size} (step "
-                f"{self.step + 1}): the dataset was tokenized with another tokenizer than {self.data.tokenizer_path}"
-            )
+        check_batch_ids(micro, self.cfg.model.vocab_size, self.step + 1, self.data.tokenizer_path)
         out = self.engine.step(micro, lr)
         self.skipped_steps += int(out["skipped"])
         self.step += 1

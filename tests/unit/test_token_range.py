@@ -6,10 +6,11 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder
 from megatron_lite.data.preprocess import preprocess
-from megatron_lite.data.token_range import check_token_ids, largest_token_id
+from megatron_lite.data.token_range import check_batch_ids, check_token_ids, largest_token_id
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
@@ -105,3 +106,22 @@ def test_ids_beyond_the_vocabulary_are_refused_naming_the_dataset_and_fix(tok, t
 def test_a_dataset_too_large_to_read_is_reported_unchecked(tok, tmp_path):
     big = _build(tmp_path / "big", [[1, 2], [512, 7]])
     assert check_token_ids([big], 300, tok, scan_limit=4) == [big.prefix]
+
+
+def test_each_batch_is_checked_for_ids_outside_the_vocabulary():
+    """The per-batch guard: an id past the vocabulary names the tokenizer; a negative id (a damaged
+    int32 .bin) names the rebuild; both before the embedding would raise an IndexError."""
+    good = [torch.tensor([[0, 5, 511]]), torch.tensor([[3, 4, 2]])]
+    check_batch_ids(good, 512, 7, "tok.model")
+    with pytest.raises(UserError) as e:
+        check_batch_ids([*good, torch.tensor([[1, 512, 0]])], 512, 7, "tok.model")
+    assert str(e.value) == (
+        "the data holds token id 512 but model.vocab_size is 512 (step 7): the dataset was tokenized with another "
+        "tokenizer than tok.model"
+    )
+    with pytest.raises(UserError) as e:
+        check_batch_ids([*good, torch.tensor([[1, -3, 0]])], 512, 7, "tok.model")
+    assert str(e.value) == (
+        "the data holds token id -3 (step 7): token ids are never negative, so the dataset's .bin is damaged; "
+        "rebuild it with `megatron-lite preprocess`"
+    )
