@@ -4,6 +4,7 @@ value as YAML reads it (``yaml_scalar``) or, for a text key, as typed (``verbati
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,20 @@ from megatron_lite.errors import UserError
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently), and a
+    list or mapping as a key, which is no name of a section or key."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):  # `? [a]` or `[a]: 1`: a list or mapping as the key
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    "a key is a list or mapping, not a name; write `name: value`",
+                    key_node.start_mark,
+                )
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice; keep one", key_node.start_mark

@@ -206,3 +206,14 @@ def test_a_config_file_that_is_not_utf8_or_cannot_be_read_is_one_error(tmp_path,
     monkeypatch.setattr(type(f), "read_text", denied)
     with pytest.raises(UserError, match=r"c.yaml' cannot be read: Permission denied$"):
         load_config(f)
+
+
+@pytest.mark.parametrize("text", ["? [a]\n: 1\n", "model:\n  ? {a: 1}\n  : 2\n", "[layers]: 2\n"])
+def test_a_yaml_key_that_is_a_list_or_mapping_is_one_error_naming_the_line(tmp_path, text):
+    """An unhashable key raised TypeError from the duplicate-key check (a traceback from the CLI)."""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(
+        UserError, match=r"c.yaml' is not valid YAML \(line \d\): a key is a list or mapping, not a name; "
+    ):
+        load_config(f)
