@@ -180,3 +180,14 @@ def test_chunks_in_sequence_compute_the_model(arch):
 def test_stage_chunks_must_match_the_partition():
     with pytest.raises(UserError, match="partition is for 4 layers but model.layers=6"):
         build_stage_chunks(_cfg(), partition_layers(4, 2), 0, seed=0)
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 8])
+def test_a_huge_layer_count_splits_at_once(pieces):
+    """model.layers=2**31 hung `megatron-lite plan`: the search walked every layer of each piece's span,
+    and the coverage check held a set of every layer index."""
+    layers = 2**31
+    counts = partition_layers(layers, pieces, embed_cost=0.1, head_cost=2.4).layer_counts
+    q, r = divmod(layers, pieces)
+    even = [q + 1] * r + [q] * (pieces - r)
+    assert sum(counts) == layers and max(_piece_costs(counts, 0.1, 2.4)) <= max(_piece_costs(even, 0.1, 2.4))
