@@ -359,7 +359,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         p = Path(path)
-        data, written = read_config_file(p)
+        data, written = read_config_file(path)
         for section, values in data.items():
             if str(section).split(".")[0] in SECTIONS and "." in str(section):  # `model.layers: 4`
                 top, key = str(section).split(".", 1)

@@ -36,13 +36,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_config_file(p: Path) -> tuple[dict[Any, Any], Any]:
+def read_config_file(path: str | Path) -> tuple[dict[Any, Any], Any]:
     """``(sections, as_written)``: the file as YAML values, and as text (``yaml.BaseLoader``: every
     scalar the string written, so that a name such as ``2024_01`` is not the number 202401)."""
+    if str(path) == "":  # Path("") is ".", the current directory
+        raise UserError("--config is given an empty file name (an unset shell variable?); give a YAML file")
+    p = Path(path)
     if p.is_dir():
         raise UserError(f"config file {str(p)!r} is a directory, not a YAML file (see configs/ for examples)")
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"config file {str(p)!r} does not exist (see configs/ for examples)")
+    if not p.is_file():  # /dev/null, a FIFO: nothing a run could record or read again
+        raise UserError(f"config file {str(p)!r} is not a regular file; give a YAML file (see configs/ for examples)")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -217,3 +217,13 @@ def test_a_yaml_key_that_is_a_list_or_mapping_is_one_error_naming_the_line(tmp_p
         UserError, match=r"c.yaml' is not valid YAML \(line \d\): a key is a list or mapping, not a name; "
     ):
         load_config(f)
+
+
+def test_a_config_path_that_is_empty_or_no_regular_file_is_named_for_what_it_is(tmp_path):
+    """`--config ''` was "config file '.' is a directory"; `--config /dev/null` "does not exist"."""
+    with pytest.raises(UserError, match=r"^--config is given an empty file name .*give a YAML file$"):
+        load_config("")
+    with pytest.raises(UserError, match=r"^config file '/dev/null' is not a regular file; give a YAML file"):
+        load_config("/dev/null")
+    with pytest.raises(UserError, match=r"c.yaml' does not exist"):
+        load_config(tmp_path / "c.yaml")
