@@ -31,6 +31,7 @@ import yaml
 
 from megatron_lite.config_validate import (  # noqa: F401  re-exported
     accumulation_steps,
+    check_vocab_covers,
     config_warnings,
     fill_defaults,
     validate,

@@ -206,6 +206,16 @@ def _check_model(m: ModelConfig, need_vocab: bool = True) -> None:
         raise UserError(f"model.vocab_size must be >= 2 (or left empty to take the tokenizer's), got {m.vocab_size}")
 
 
+def check_vocab_covers(vocab_size: int, tokens: int) -> None:
+    """Refuse a ``model.vocab_size`` below the tokenizer's vocabulary of ``tokens`` pieces: its
+    larger ids would index past the embedding (``plan`` and the trainer both ask this)."""
+    if vocab_size < tokens:
+        raise UserError(
+            f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary ({tokens}); "
+            "leave it empty to use the tokenizer's"
+        )
+
+
 def _check_sizes(cfg: Config) -> None:
     """Products of keys that torch holds in int64: each key fits (``config_values``), but together
     they can overflow, as a tensor's element count or the run's sample counter."""

@@ -44,8 +44,17 @@ W) frees them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from megatron_lite.config import Config, ModelConfig, accumulation_steps, config_warnings, fill_defaults, validate
+from megatron_lite.config import (
+    Config,
+    ModelConfig,
+    accumulation_steps,
+    check_vocab_covers,
+    config_warnings,
+    fill_defaults,
+    validate,
+)
 from megatron_lite.errors import UserError
 from megatron_lite.models.parallelize import validate_tp
 from megatron_lite.parallel.mesh import ParallelDims
@@ -151,14 +160,21 @@ def check_layout(cfg: Config, world_size: int, need_vocab: bool = True) -> Layou
 
 
 def _vocab_size(cfg: Config) -> int:
-    """The vocabulary training would use: model.vocab_size, else its tokenizer's (not building one)."""
-    if cfg.model.vocab_size is not None:
-        return cfg.model.vocab_size
-    if cfg.data.tokenizer:
+    """The vocabulary training would use: model.vocab_size, refused below its tokenizer's as the
+    trainer refuses it, else the tokenizer's (not building one)."""
+    m, d = cfg.model, cfg.data
+    if m.vocab_size is not None and (d.tokenizer and not Path(d.tokenizer).exists() or d.path and not d.tokenizer):
+        return m.vocab_size  # no tokenizer here (a cluster's, planned on a laptop), or none given: validate's
+    if d.tokenizer:
         from megatron_lite.data.tokenizer import Tokenizer
 
-        return Tokenizer(cfg.data.tokenizer).vocab_size
-    return cfg.data.vocab_size  # the embedded corpus's tokenizer (data.path without data.tokenizer: refused)
+        tokens = Tokenizer(d.tokenizer).vocab_size
+    else:
+        tokens = d.vocab_size  # the embedded corpus's tokenizer (data.path without data.tokenizer: refused)
+    if m.vocab_size is None:
+        return tokens
+    check_vocab_covers(m.vocab_size, tokens)
+    return m.vocab_size
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.config import Config
+from megatron_lite.config import Config, check_vocab_covers
 from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.data.indexed import IndexedDataset
@@ -107,11 +107,7 @@ def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:
     (``model.vocab_size``): made with a larger tokenizer than the run's. Returns a warning for each
     dataset too large to read whole and without a record of its largest id (``data/token_range.py``).
     A ``vocab_size`` below the tokenizer's is refused first."""
-    if vocab_size < (tokens := data.tokenizer.vocab_size):
-        raise UserError(
-            f"model.vocab_size ({vocab_size}) is smaller than the tokenizer's vocabulary ({tokens}); "
-            "leave it empty to use the tokenizer's"
-        )
+    check_vocab_covers(vocab_size, data.tokenizer.vocab_size)
     return [
         f"dataset {prefix} has no record of its largest token id ({prefix}.json, written by `megatron-lite "
         "preprocess`) and is too large to read whole at startup: its ids are checked against "

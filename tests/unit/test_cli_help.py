@@ -74,7 +74,16 @@ def test_output_piped_into_head_is_no_traceback():
 
     code = "import sys; from megatron_lite.cli import main; sys.exit(main(sys.argv[1:]))"
     # a timeline wider than a pipe holds (64 KiB), so the writer is still writing when the reader leaves
-    argv = ["plan", "--world-size", "4", "model.vocab_size=500", "parallel.pp=4", "--width", "50000"]
+    argv = [
+        "plan",
+        "--world-size",
+        "4",
+        "model.vocab_size=500",
+        "data.vocab_size=500",
+        "parallel.pp=4",
+        "--width",
+        "50000",
+    ]
     proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.readline()  # the reader takes a line, then goes away
     proc.stdout.close()

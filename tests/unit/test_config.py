@@ -286,7 +286,7 @@ def test_a_key_given_twice_on_the_command_line_takes_the_last_value_and_is_named
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 1.0e-3\n")
     assert config_warnings(fill_defaults(load_config(f, ["optim.lr=2e-3"]), 100)) == []  # the file, then an override
-    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32"]
+    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "data.vocab_size=500", "model.seq_len=32"]
     assert main(["plan", "--world-size", "1", *tiny, "optim.lr=1e-3", "optim.lr=2e-3"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == f"warning: {want}"
 

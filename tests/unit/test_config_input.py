@@ -139,7 +139,14 @@ def test_a_llama_convert_to_hf_refuses_is_a_warning_by_the_exporters_own_rule(ov
         check_exportable(cfg.model)
     (why,) = config_warnings(cfg)
     assert why == f"`megatron-lite convert to-hf` will refuse this run's checkpoints: {refusal.value}"
-    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32", override]
+    tiny = [
+        "model.layers=2",
+        "model.hidden=64",
+        "model.vocab_size=500",
+        "data.vocab_size=500",
+        "model.seq_len=32",
+        override,
+    ]
     assert main(["plan", "--world-size", "1", "--json", *tiny]) == 0
     assert json.loads(capsys.readouterr().out)["warnings"] == [why]
     for ok in ([], ["model.arch=gpt2"], ["model.norm=rmsnorm", "model.activation=swiglu"]):
@@ -149,7 +156,7 @@ def test_a_llama_convert_to_hf_refuses_is_a_warning_by_the_exporters_own_rule(ov
 def test_plan_prints_the_config_warnings(capsys):
     from megatron_lite.cli import main
 
-    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "model.seq_len=32"]
+    tiny = ["model.layers=2", "model.hidden=64", "model.vocab_size=500", "data.vocab_size=500", "model.seq_len=32"]
     assert main(["plan", "--world-size", "1", *tiny, "train.steps=5", "optim.warmup=30"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("warning: optim.warmup=30 is more than train.steps=5")
 

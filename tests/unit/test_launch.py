@@ -32,7 +32,14 @@ from megatron_lite.launcher.slurm import (
 from megatron_lite.parallel.mesh import init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+TINY = [
+    "model.layers=2",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.vocab_size=500",
+    "data.vocab_size=500",
+    "model.seq_len=32",
+]
 
 
 def _render(job: SlurmJob) -> str:

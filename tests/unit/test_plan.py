@@ -19,7 +19,14 @@ from megatron_lite.parallel.pipeline.simulate import simulate
 from megatron_lite.plan import layer_activation_elements, make_plan
 
 CONFIG_70B = str(Path(__file__).resolve().parents[2] / "configs" / "llama70b_512gpu.yaml")
-TINY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+TINY = [
+    "model.layers=4",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.vocab_size=500",
+    "data.vocab_size=500",
+    "model.seq_len=32",
+]
 
 
 def _plan(overrides: list[str], world_size: int, config: str | None = None):
@@ -172,3 +179,14 @@ def test_optimizer_bytes_match_the_built_optimizer(dtype, distributed):
     assert plan.stages[0].parameters == sum(p.numel() for p in model.parameters())
     assert plan.stages[0].optimizer_bytes == measured
     assert plan.stages[0].grad_bytes == sum(b.data.numel() * 4 for b in ddp.buffers)
+
+
+def test_plan_refuses_a_vocabulary_below_the_tokenizers_as_training_does(capsys):
+    """plan accepted model.vocab_size=64 with the embedded corpus's 8192-piece tokenizer, which train refused."""
+    assert main(["plan", "--world-size", "1", "model.vocab_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "model.vocab_size (64) is smaller than the tokenizer's vocabulary (8192); leave it empty" in err
+    assert main(["plan", "--world-size", "1", "model.vocab_size=64", "data.vocab_size=300"]) == 2
+    assert main(["plan", "--world-size", "1", "model.vocab_size=8192"]) == 0
+    # a cluster's tokenizer, not on this machine: the layout is still planned, with the vocabulary given
+    assert main(["plan", "--world-size", "1", "model.vocab_size=64", "data.tokenizer=/absent/tok.model"]) == 0

@@ -6,7 +6,14 @@ import pytest
 
 from megatron_lite.cli import main
 
-TINY = ["model.layers=4", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+TINY = [
+    "model.layers=4",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.vocab_size=500",
+    "data.vocab_size=500",
+    "model.seq_len=32",
+]
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from megatron_lite.cli import main
 
-TINY = ["model.layers=2", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "model.seq_len=32"]
+TINY = [
+    "model.layers=2",
+    "model.hidden=64",
+    "model.heads=4",
+    "model.vocab_size=500",
+    "data.vocab_size=500",
+    "model.seq_len=32",
+]
 
 
 def _launch(run: Path, capfd, *options: str) -> str:
