@@ -137,12 +137,17 @@ def _check_data(d: DataConfig) -> None:
             "row; list it once and give it more weight in data.weights"
         )
     if not d.path:  # the embedded corpus's tokenizer is trained to data.vocab_size
-        from megatron_lite.data.tokenizer import MIN_VOCAB
+        from megatron_lite.data.tokenizer import MAX_VOCAB, MIN_VOCAB
 
         if d.vocab_size < MIN_VOCAB:
             raise UserError(
                 f"data.vocab_size={d.vocab_size} is too small for the embedded corpus's tokenizer: byte "
                 f"fallback alone needs {MIN_VOCAB}; set data.vocab_size={MIN_VOCAB} or more (default 8192)"
+            )
+        if d.vocab_size > MAX_VOCAB:
+            raise UserError(
+                f"data.vocab_size={d.vocab_size} is too large for the embedded corpus's tokenizer: sentencepiece "
+                f"holds at most {MAX_VOCAB:,} (2**31-1) pieces; set a smaller data.vocab_size (default 8192)"
             )
     if d.weights is None:
         return

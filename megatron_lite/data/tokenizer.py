@@ -45,6 +45,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NEWLINE = "\n"
 _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker
 MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
+MAX_VOCAB = 2**31 - 1  # sentencepiece reads vocab_size as an int32
 _SAMPLE_SEED = 1234
 # sentencepiece's max_sentence_length (its default): it silently skips longer lines, so a corpus of
 # long lines (prose paragraphs, minified code, one-line files) would train on little or nothing.
@@ -151,6 +152,11 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
         raise UserError(
             f"vocab_size {vocab_size} is too small: byte fallback alone needs {MIN_VOCAB}; "
             f"give --vocab-size {MIN_VOCAB} or more"
+        )
+    if vocab_size > MAX_VOCAB:
+        raise UserError(
+            f"vocab_size {vocab_size} is too large: sentencepiece holds at most {MAX_VOCAB:,} (2**31-1) pieces; "
+            "give a smaller --vocab-size (commonly 32000 to 256000)"
         )
     return files
 

@@ -234,3 +234,11 @@ def test_a_config_path_that_is_empty_or_no_regular_file_is_named_for_what_it_is(
         load_config("/dev/null")
     with pytest.raises(UserError, match=r"c.yaml' does not exist"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_data_vocab_size_beyond_sentencepieces_int32_is_refused_at_validation():
+    """data.vocab_size=2**31 passed plan; train then got sentencepiece's ValueError (a traceback)."""
+    cfg = fill_defaults(load_config(None, ["data.vocab_size=2147483648"]), 8192)
+    with pytest.raises(UserError, match=r"^data.vocab_size=2147483648 is too large .* 2,147,483,647 \(2\*\*31-1\) "):
+        validate(cfg)
+    validate(fill_defaults(load_config(None, ["data.vocab_size=2147483647"]), 8192))

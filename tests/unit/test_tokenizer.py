@@ -283,3 +283,12 @@ def test_a_bad_jsonl_line_is_the_same_clean_error_as_preprocess_gives(tmp_path):
     with pytest.raises(UserError) as e:
         train_tokenizer([missing], tmp_path / "t", VOCAB, progress=False)
     assert str(e.value).startswith(f"{missing}:1: ") and "INTERNAL" not in str(e.value), str(e.value)
+
+
+def test_a_vocabulary_beyond_int32_is_refused_before_sentencepiece(tmp_path):
+    """--vocab-size 2147483648 was sentencepiece's ValueError "cannot parse ... as int" (a traceback)."""
+    small = tmp_path / "small.txt"
+    small.write_text("x = 1\n")
+    with pytest.raises(UserError, match=r"^vocab_size 2147483648 is too large: .*give a smaller --vocab-size"):
+        train_tokenizer([small], tmp_path / "t", 2**31, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]
