@@ -137,7 +137,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward on one rank."""
     global_batch_size: int = 8
-    """Sequences per optimizer step over all ranks = micro_batch_size x accumulation x dp."""
+    """Sequences per optimizer step over all ranks = micro_batch_size x accumulation (<= 65,536) x dp."""
     seed: int = 1234
     """Seed for the initial weights and the data order: same seed -> same run."""
     dtype: str = "auto"

@@ -31,6 +31,11 @@ _CHOICES = {
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("kernels", "backend"): ("auto", "triton", "torch"),
 }
+# Microbatches per optimizer step (global / (micro x dp)) at most: each rank's pipeline schedule is data
+# listing every microbatch's actions, built and replayed before step 1 (65,536 take seconds; 2**30, from
+# a global batch of 2**31 sequences at micro 2, would take hours and hundreds of GB). Real runs use tens
+# to a few thousand.
+MAX_MICROBATCHES = 2**16
 _POSITIVE = {
     "model": ("layers", "hidden", "heads", "seq_len"),
     "parallel": ("tp", "pp", "vp"),
@@ -262,13 +267,31 @@ def _check_layout(cfg: Config, world_size: int) -> int:
         if rest:  # no micro batch size fits: the global batch must be a multiple of dp
             fix += f" (a multiple of {per_step}; no train.micro_batch_size fits {t.global_batch_size} over dp {dp})"
         else:  # the largest micro batch, up to the current one, that divides each rank's share
-            micro = max(d for d in range(1, min(per_rank, t.micro_batch_size) + 1) if per_rank % d == 0)
+            micro = _largest_divisor_upto(per_rank, t.micro_batch_size)
             fix += f" or train.micro_batch_size={micro} (a divisor of global / dp = {per_rank})"
         raise UserError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}; {fix}"
         )
+    if (microbatches := t.global_batch_size // per_step) > MAX_MICROBATCHES:
+        raise UserError(
+            f"train.global_batch_size / (train.micro_batch_size x dp) = {t.global_batch_size} / {per_step} = "
+            f"{microbatches:,} microbatches per step, more than {MAX_MICROBATCHES:,}: every rank's pipeline "
+            f"schedule lists each one's actions; raise train.micro_batch_size (to at least "
+            f"{-(-t.global_batch_size // (dp * MAX_MICROBATCHES))}) or lower train.global_batch_size"
+        )
     return dp
+
+
+def _largest_divisor_upto(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` up to ``limit``, searched down from ``limit`` over at most 2**16
+    candidates (a micro batch of 10**12 must not stall the error suggesting one), else their gcd,
+    which divides both."""
+    top = min(n, limit)
+    for d in range(top, max(top - 2**16, 0), -1):
+        if n % d == 0:
+            return d
+    return math.gcd(n, limit)
 
 
 def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Config:

@@ -143,6 +143,21 @@ def test_a_global_batch_that_does_not_split_names_a_value_that_fits(overrides, w
     assert "divides it" not in str(err.value)
 
 
+def test_a_huge_micro_or_global_batch_is_one_error_at_once():
+    """Both hung plan and train: a micro batch of 10**12 walked every candidate divisor; a global
+    batch of 2**31 at micro 2 built and replayed a schedule of 2**30 microbatches."""
+    with pytest.raises(UserError, match=r"set train.global_batch_size=1000000000000 or train.micro_batch_size=1 \("):
+        resolved("train.micro_batch_size=1e12", "train.global_batch_size=1000000000001")
+    # 1999999999990 = 2 x 999999999995: its largest divisor up to the micro batch, 5 below it
+    with pytest.raises(UserError, match=r"or train.micro_batch_size=999999999995 \("):
+        resolved("train.micro_batch_size=1e12", "train.global_batch_size=1999999999990")
+    with pytest.raises(
+        UserError, match=r"= 2147483648 / 2 = 1,073,741,824 microbatches per step, more than 65,536: .*at least 32768\)"
+    ):
+        resolved("train.micro_batch_size=2", "train.global_batch_size=2147483648")
+    assert accumulation_steps(resolved("train.micro_batch_size=1", "train.global_batch_size=65536")) == 65536
+
+
 def test_layout_must_fill_world():
     with pytest.raises(
         UserError, match=r"parallel.tp=2 x parallel.pp=1 x parallel.dp=3 = 6 does not equal world size 4"
