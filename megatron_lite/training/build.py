@@ -63,6 +63,14 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
     """(dataset prefixes, tokenizer path): the user's, or the embedded stdlib corpus built once."""
     d = cfg.data
     if not d.path:
+        try:  # here, for the key's name in the error; a cache already built may sit in a read-only parent
+            Path(d.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            reason = "it exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+            raise UserError(
+                f"data.cache_dir={d.cache_dir!r} cannot be made a directory for the embedded corpus: {reason}; "
+                "choose a directory this process can create (or one holding the corpus already built)"
+            ) from None
         prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
         return [prefix], Path(d.tokenizer) if d.tokenizer else tok
     for prefix in d.path:

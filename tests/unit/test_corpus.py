@@ -228,3 +228,17 @@ def test_one_file_named_twice_is_read_once(tok, tmp_path):
     inputs = [str(tmp_path / "a.txt"), str(tmp_path / "sub" / ".." / "a.txt"), str(tmp_path / "*.txt")]
     stats = preprocess(inputs, tok.path, tmp_path / "out", progress=False)
     assert stats["documents"] == stats["files"] == 1
+
+
+def test_a_cache_dir_that_cannot_be_a_directory_is_one_error_naming_the_key(tmp_path):
+    """data.cache_dir=/dev/null (or any file) was a FileExistsError traceback from the corpus build."""
+    from megatron_lite.config import load_config
+    from megatron_lite.training.build import resolve_data_paths
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for bad, why in ((afile, "it exists and is not a directory"), (afile / "sub", "Not a directory")):
+        cfg = load_config(None, [f"data.cache_dir={bad}"])
+        with pytest.raises(UserError, match=rf"^data.cache_dir='{bad}' cannot be made a directory .*: {why}; "):
+            resolve_data_paths(cfg, progress=False)
+    assert afile.read_text() == "x"
