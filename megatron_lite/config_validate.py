@@ -45,6 +45,10 @@ _POSITIVE = {
     "data": ("vocab_size",),
 }
 
+# AdamW's fp32 arithmetic overflows (a traceback at step 1) past ~3.4e38, also in lr x weight_decay: a
+# bound far past any value that trains, whose products stay in range.
+_OPTIM_MAX = 1e10
+
 # Fields no other check covers, each with its allowed range: AdamW and torch.normal_ raise a bare
 # traceback on a few of these at startup, and the rest train on silently broken (a negative
 # bucket_mb: one-element buckets; a negative checkpoint.every: a save every step).
@@ -54,17 +58,17 @@ _RANGES = {
     ("model", "init_std"): (lambda v: v >= 0, ">= 0"),
     ("parallel", "bucket_mb"): (lambda v: v >= 0, ">= 0 (0: the default size)"),
     ("parallel", "timeout_s"): (lambda v: v > 0, "> 0 seconds"),
-    ("optim", "lr"): (lambda v: v > 0, "a finite number > 0"),
-    ("optim", "min_lr"): (lambda v: v >= 0, "a finite number >= 0"),
+    ("optim", "lr"): (lambda v: 0 < v <= _OPTIM_MAX, f"a number in (0, {_OPTIM_MAX:g}]"),
+    ("optim", "min_lr"): (lambda v: 0 <= v <= _OPTIM_MAX, f"a number in [0, {_OPTIM_MAX:g}]"),
     ("optim", "decay_steps"): (
         lambda v: v >= 1,
         ">= 1 (for a constant learning rate after warmup set optim.min_lr=optim.lr)",
     ),
     ("optim", "beta1"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "beta2"): (lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("optim", "eps"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "eps"): (lambda v: 0 <= v <= _OPTIM_MAX, f"in [0, {_OPTIM_MAX:g}]"),
     ("optim", "warmup"): (lambda v: v >= 0, ">= 0 (0: no warmup)"),
-    ("optim", "weight_decay"): (lambda v: v >= 0, ">= 0"),
+    ("optim", "weight_decay"): (lambda v: 0 <= v <= _OPTIM_MAX, f"in [0, {_OPTIM_MAX:g}]"),
     ("optim", "clip_grad"): (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
     ("train", "seed"): (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     ("train", "eval_every"): (lambda v: v >= 0, ">= 0 (0: only at the end)"),

@@ -212,11 +212,13 @@ def test_save_round_trip(tmp_path):
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
      "optim.lr=inf", "optim.warmup=-1", "optim.weight_decay=-0.1", "optim.clip_grad=-1", "parallel.timeout_s=0",
      "parallel.bucket_mb=-1", "checkpoint.every=-1",
-     "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan"],
+     "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan",
+     "optim.lr=1e308", "optim.min_lr=1e39", "optim.eps=1e38", "optim.weight_decay=1e20"],
 )  # fmt: skip
 def test_out_of_range_values_are_one_error_naming_the_key(override):
-    """Each of these would be a traceback from AdamW or torch.normal_ at startup, or a run silently
-    broken (NaN losses, one-element gradient buckets, a checkpoint every step)."""
+    """Each of these would be a traceback from AdamW (also one overflowing fp32, e.g. lr x weight_decay)
+    or torch.normal_ at startup, or a run silently broken (NaN losses, one-element gradient buckets, a
+    checkpoint every step)."""
     key = override.split("=")[0]
     with pytest.raises(UserError, match=rf"^{key} must be .*, got "):
         resolved(override)
