@@ -331,13 +331,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _report(error: UserError) -> None:
-    """Print ``error: ...`` once per launch. Every rank of a launch usually reaches the same verdict
-    (the config checks, or fail-fast setup), and rank 0 says it. Another rank does not exit at once:
-    its exit makes the launcher (torchrun, srun) kill every rank, rank 0 included, maybe before rank 0
-    has got as far (a slower start, its process-group teardown), and then nobody says anything. So it
-    waits ``ERROR_GRACE_S``, during which rank 0's exit normally ends it, and only then prints the
-    error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data shard). An error
-    every rank has already logged (``UserError.told_every_rank``) is printed at once."""
+    """Print ``error: ...`` once per launch. Every rank usually reaches the same verdict, and rank 0
+    says it. Another rank's exit would make the launcher (torchrun, srun) kill every rank, maybe before
+    rank 0 has said it, so it waits ``ERROR_GRACE_S`` (rank 0's exit normally ends it) and only then
+    prints the error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data
+    shard). An error every rank has already logged (``UserError.told_every_rank``) is printed at once."""
     position = _launch_position(os.environ)
     rank = position[0] if position else "0"
     if rank != "0":

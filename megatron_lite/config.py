@@ -6,13 +6,12 @@ it; ``docs/config.md`` is generated from them by ``python -m megatron_lite.confi
 
 Loading order: dataclass defaults <- YAML file <- ``section.key=value`` overrides, in order: a key
 given twice on the command line takes the last value (a base list of overrides plus a changed one is
-how scripts vary a run), and :func:`config_warnings` names it with both values. Unknown
-sections or keys are a :class:`UserError` naming the key and the closest valid one.
+how scripts vary a run), and :func:`config_warnings` names it with both values. Unknown sections or
+keys are a :class:`UserError` naming the key and the closest valid one.
 
-Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`,
-:func:`config_warnings`, :func:`accumulation_steps`) lives in ``config_validate.py`` and is
-re-exported here; reading a YAML file in ``config_yaml.py``; converting one value to its field's
-type in ``config_values.py``.
+Resolving and checking a loaded config (:func:`fill_defaults`, :func:`validate`, :func:`config_warnings`,
+:func:`accumulation_steps`) lives in ``config_validate.py`` and is re-exported here; reading a YAML
+file in ``config_yaml.py``; converting one value to its field's type in ``config_values.py``.
 """
 
 from __future__ import annotations
