@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from tiny_config import tiny
 
 from megatron_lite.cli import log_format, main
 from megatron_lite.errors import UserError
@@ -32,14 +33,7 @@ from megatron_lite.launcher.slurm import (
 from megatron_lite.parallel.mesh import init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = [
-    "model.layers=2",
-    "model.hidden=64",
-    "model.heads=4",
-    "model.vocab_size=500",
-    "data.vocab_size=500",
-    "model.seq_len=32",
-]
+TINY = tiny(2)
 
 
 def _render(job: SlurmJob) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_config import tiny
 
 from megatron_lite.cli import main
 from megatron_lite.config import ModelConfig, fill_defaults, load_config
@@ -19,14 +20,7 @@ from megatron_lite.parallel.pipeline.simulate import simulate
 from megatron_lite.plan import layer_activation_elements, make_plan
 
 CONFIG_70B = str(Path(__file__).resolve().parents[2] / "configs" / "llama70b_512gpu.yaml")
-TINY = [
-    "model.layers=4",
-    "model.hidden=64",
-    "model.heads=4",
-    "model.vocab_size=500",
-    "data.vocab_size=500",
-    "model.seq_len=32",
-]
+TINY = tiny(4)
 
 
 def _plan(overrides: list[str], world_size: int, config: str | None = None):

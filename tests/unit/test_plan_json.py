@@ -3,17 +3,11 @@
 import json
 
 import pytest
+from tiny_config import tiny
 
 from megatron_lite.cli import main
 
-TINY = [
-    "model.layers=4",
-    "model.hidden=64",
-    "model.heads=4",
-    "model.vocab_size=500",
-    "data.vocab_size=500",
-    "model.seq_len=32",
-]
+TINY = tiny(4)
 
 
 @pytest.mark.parametrize(

@@ -6,16 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from tiny_config import tiny
+
 from megatron_lite.cli import main
 
-TINY = [
-    "model.layers=2",
-    "model.hidden=64",
-    "model.heads=4",
-    "model.vocab_size=500",
-    "data.vocab_size=500",
-    "model.seq_len=32",
-]
+TINY = tiny(2)
 
 
 def _launch(run: Path, capfd, *options: str) -> str:
