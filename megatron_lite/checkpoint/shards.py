@@ -37,7 +37,7 @@ from megatron_lite.checkpoint.format import METADATA
 from megatron_lite.config import Config, ModelConfig
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
-from megatron_lite.models.transformer import Transformer, state_shapes
+from megatron_lite.models.transformer import state_shapes
 from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.optimizer import DistributedAdamW, ReplicatedAdamW
 
@@ -152,8 +152,7 @@ def shape_problems(model: ModelConfig, reader: BoxReader, kinds: tuple[str, ...]
     """Every tensor the checkpoint lacks, has extra, or has in another shape than the single-device
     model of ``model`` (built on the meta device: no memory, no init), in one line; None when it fits.
     Global, so every rank of every pipeline stage reaches the same verdict."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(model).state_dict().items()}
+    expected = state_shapes(model)
     problems = []
     for kind in kinds:
         saved = reader.shapes(kind)

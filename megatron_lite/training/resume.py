@@ -154,7 +154,7 @@ def record_weights_start(cfg: Config, reader: CheckpointReader, rank: int) -> No
     rank 0 warns when this run names another ``checkpoint.init_from``, which is not loaded."""
     now, source = cfg.checkpoint.init_from, reader.location
     cfg.checkpoint.init_from = source
-    if now is None or now == source or (not is_url(now) and not is_url(source) and _same_path(now, source)):
+    if _same_start(now, source):
         return
     if rank == 0:
         log.warning(
@@ -168,9 +168,14 @@ def record_weights_start(cfg: Config, reader: CheckpointReader, rank: int) -> No
         )
 
 
-def _same_path(a: str, b: str) -> bool:
-    """``a`` and ``b`` name one directory (a step directory, or a root whose newest step is the other)."""
-    return Path(a).resolve() in (Path(b).resolve(), Path(b).resolve().parent)
+def _same_start(given: str | None, start: str | None) -> bool:
+    """``given`` (this run's ``checkpoint.init_from``) names the checkpoint ``start`` the run's weights
+    come from: unset, the same text, or a local path to that step directory or to its root."""
+    if given is None or given == start:
+        return True
+    if not start or is_url(given) or is_url(start):
+        return False
+    return Path(given).resolve() in (Path(start).resolve(), Path(start).resolve().parent)
 
 
 def check_init_from(cfg: Config, reader: CheckpointReader) -> None:
@@ -204,7 +209,7 @@ def keep_init_from(cfg: Config, reader: CheckpointReader, rank: int) -> None:
         return
     before, now = saved["init_from"], cfg.checkpoint.init_from
     cfg.checkpoint.init_from = before
-    if now is None or now == before or (before and not is_url(now) and Path(now).resolve() == Path(before).resolve()):
+    if _same_start(now, before):
         return
     if rank == 0:
         origin = f"checkpoint.init_from={before!r}" if before else "a random initialisation (no checkpoint.init_from)"
