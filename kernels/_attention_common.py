@@ -26,27 +26,20 @@ SHORT = 256
 
 # Autotune candidates (BLOCK_M, BLOCK_N, warps, stages) for D <= 128, measured at B4 H32 T4096 D128
 # causal bf16 on an H100 SXM (tools/bench/kernel_sweep.py, ms; BENCHMARKS.md). Forward: 64x64 w4 s3
-# 1.21, 128x128 w8 s3 1.23, 128x64 w8 s3 1.26, 64x64 w4 s1 1.25-1.31, 128x64 w8 s4 1.27-1.29.
+# 1.20-1.21, 128x128 w8 s3 1.22-1.23, 64x64 w4 s1 1.25-1.31; every other tile swept was 5% or more
+# slower in every sweep (128x64 w8 s3 or s4 1.26-1.32, 128x128 w8 s2 1.38, 64x128 w4 1.39-1.76) and is
+# not a candidate, so that the autotuner's single timing of each tile cannot pick one of them.
 # Descriptor loads free registers (tools/kernel_static.py, sm_90): 64x64 w4 needs 138 and 113 KB of
 # shared memory, so two 4-warp programs share an SM and one's softmax can overlap the other's
 # matmuls (an 8-warp program's two warpgroups meet at 3 barriers per key tile and run in lockstep);
-# 128x128 w8 needs 191 (no spill) and issues 7.8 instructions per score against 10.8 for 64-key
+# 128x128 w8 needs 187 (no spill) and issues 7.8 instructions per score against 10.8 for 64-key
 # tiles. Tiles that exceed shared memory are skipped by autotune. The last, smallest tile of each
 # list is fp32's (prune).
-FWD_TILES = [
-    (64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
-    (64, 64, 4, 1), (64, 128, 4, 1), (128, 128, 8, 2), (64, 32, 4, 2),
-]  # fmt: skip
+FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 1), (64, 32, 4, 2)]
 # dK/dV holds a key tile and streams queries past it; dQ the opposite. Measured (ms, same shape):
 # dK/dV 64x128 w8 s3 2.12-2.17 (it spills 8 bytes on sm_90, so it is not the first tile, which
 # tests/kernels/test_static_compile.py holds to no spills), 32x64 w4 s3 2.17-2.24, 64x64 w4 s3
 # 2.35-2.37; dQ 128x64 w8 s3 1.44-1.45, 128x32 w4 s3 1.54-1.59, 64x64 w4 s3 1.64.
-# The forward's warp-specialized form (fused_attention.WARP_SPECIALIZE, off until timed on a GPU by
-# tools/bench/kernel_sweep.py --parts attention_ws): Triton 3.6 gives a 4-warp, 128-query program a
-# producer warpgroup (TMA loads) and two consumer warpgroups of 64 queries each (tools/kernel_static.py:
-# 384 threads, 168 registers; 128x64 s2 131 KB of shared memory). A 64-query tile is not split: both
-# consumers would compute the same 64 rows.
-FWD_WS_TILES = [(128, 64, 4, 2), (128, 128, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3)]
 DKDV_TILES = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 
@@ -56,15 +49,14 @@ DQ_TILES = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (32, 32, 4, 2)]
 AUTOTUNE_KEY = ["T", "HEAD_DIM", "CAUSAL", "PRECISION"]
 
 
-def configs(tiles: list[tuple[int, int, int, int]], pre_hook, **switches) -> list[triton.Config]:
+def configs(tiles: list[tuple[int, int, int, int]], pre_hook) -> list[triton.Config]:
     """Autotune candidates on a GPU; one fixed small tile when interpreting, where autotuning fails
-    ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks;
-    ``switches`` are further constexprs of every config (the sweep's ``WARP_SPECIALIZE=True``)."""
+    ("0 active drivers") and each block is a numpy call. ``pre_hook`` sizes the descriptors' blocks."""
     if INTERPRET:
         # BLOCK_M != BLOCK_N on purpose: the tests then cover the causal bounds of unequal tiles.
         tiles = [(32, 16, 4, 1)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, **switches}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
         for m, n, w, s in tiles
     ]
 
@@ -125,36 +117,15 @@ def dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def load_tile(DESC, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PER_HEAD: tl.constexpr = False):
-    """Rows [start, start + ROWS) of head h of batch b as a (ROWS, HEAD_DIM) tile; rows past T are 0.
-    PER_HEAD: ``DESC`` is a ``head_rows`` descriptor, already of that head."""
-    if PER_HEAD:
-        return DESC.load([start, 0])
-    else:
-        return DESC.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
+def load_tile(DESC, b, h, start, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows [start, start + ROWS) of head h of batch b as a (ROWS, HEAD_DIM) tile; rows past T are 0."""
+    return DESC.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
 
 
 @triton.jit
-def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, PER_HEAD: tl.constexpr = False):
+def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Stores a (ROWS, HEAD_DIM) tile at rows [start, start + ROWS) of head h; rows past T are dropped."""
-    if PER_HEAD:
-        DESC.store([start, 0], tile.to(DESC.dtype))
-    else:
-        DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
-
-
-@triton.jit
-def head_rows(X, b, h, stride_b, stride_h, stride_t, T, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A descriptor over the (T, HEAD_DIM) rows of head h of batch b of ``X`` (B, H, T, D), made on the
-    device. Triton's warp specialization splits a 2-D tile between its consumers, not a 4-D one."""
-    base = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    return tl.make_tensor_descriptor(base, [T, HEAD_DIM], [stride_t, 1], [ROWS, HEAD_DIM])
-
-
-def head_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """(batch, head, row) strides of a describable ``x`` for ``head_rows``: a TMA row stride must be a
-    multiple of 16 bytes, so that of a single row (which torch leaves arbitrary) becomes D."""
-    return x.stride(0), x.stride(1), x.stride(2) if x.shape[2] > 1 else x.shape[3]
+    DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
 
 
 @triton.jit

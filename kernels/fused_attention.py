@@ -8,8 +8,7 @@ result is deterministic) and one per query block (dQ).
 
 Scores live in base 2: ``qk_scale = log2(e) / sqrt(D)`` folds the softmax scale into one multiply
 and ``exp2`` is the hardware's native exponential; the saved logsumexp is in the same base. Tiles
-move through tensor descriptors (TMA on Hopper; see ``_attention_common``). The forward has a second,
-warp-specialized form (``_attn_fwd_ws_kernel``, behind ``WARP_SPECIALIZE``); the backward kernels live
+move through tensor descriptors (TMA on Hopper; see ``_attention_common``); the backward kernels live
 in ``fused_attention_bwd``.
 """
 
@@ -29,15 +28,12 @@ from megatron_lite.kernels import reference
 from megatron_lite.kernels._attention_common import (
     AUTOTUNE_KEY,
     FWD_TILES,
-    FWD_WS_TILES,
     LOG2E,
     SUPPORTED_HEAD_DIMS,
     configs,
     describable,
     descriptor,
     dot,
-    head_rows,
-    head_strides,
     key_ranges,
     launch_args,
     load_tile,
@@ -54,46 +50,40 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CUDA's limit on a grid's second (y) axis, the kernels' batch x head axis.
 MAX_GRID_Y = 65535
 
-# The warp-specialized forward (``_attn_fwd_ws_kernel``) runs when this is True, for 16-bit inputs.
-# Off: not yet timed on a GPU (tools/bench/kernel_sweep.py --parts attention_ws times it).
-WARP_SPECIALIZE = False
-
 
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, K, V, b, hk, offs_m, lo, hi, T, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over key tiles [lo, hi); MASKED tiles may hold keys past T or past the diagonal.
-    WARP_SPECIALIZE: K and V are ``head_rows`` descriptors and the loop is Triton's to specialize."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM, WARP_SPECIALIZE)
+    """Online softmax over key tiles [lo, hi); MASKED tiles may hold keys past T or past the diagonal."""
+    for start_n in range(lo, hi, BLOCK_N):
+        k = load_tile(K, b, hk, start_n, BLOCK_N, HEAD_DIM)
         s = dot(q, tl.trans(k), None, INTERPRET, PRECISION)
         if MASKED:
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            valid = offs_n[None, :] < T
-            if CAUSAL:
-                valid = valid & (offs_n[None, :] <= offs_m[:, None])
+            # Causal: a query inside T sees only keys inside T, and rows past T are never stored.
+            valid = offs_n[None, :] <= offs_m[:, None] if CAUSAL else offs_n[None, :] < T
             s = tl.where(valid, s, float("-inf"))
         # Key 0 sits in the first tile and is valid for every query, so m_i is finite from then on.
         # The scale is applied to the row maximum, then in one multiply-add per score (qk_scale > 0).
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM, WARP_SPECIALIZE)
+        v = load_tile(V, b, hk, start_n, BLOCK_N, HEAD_DIM)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET, PRECISION)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
 def _fwd_finish(O, LSE, acc, l_i, m_i, b, h, bh, start_m, offs_m, T,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PER_HEAD: tl.constexpr):  # fmt: skip
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     """Stores the query tile's logsumexp (base 2) and its normalized output."""
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
-    store_tile(O, b, h, start_m, acc / l_i[:, None], BLOCK_M, HEAD_DIM, PER_HEAD)
+    store_tile(O, b, h, start_m, acc / l_i[:, None], BLOCK_M, HEAD_DIM)
 
 
 def _fwd_blocks(nargs: dict) -> None:
@@ -115,68 +105,23 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     split, hi = key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)  # unmasked tiles save a compare and a select
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, 0, split, T, qk_scale,
-                               False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N, False)  # fmt: skip
+                               False, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, K, V, b, h // GROUP, offs_m, split, hi, T, qk_scale,
-                               True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N, False)  # fmt: skip
-    _fwd_finish(O, LSE, acc, l_i, m_i, b, h, bh, start_m, offs_m, T, BLOCK_M, HEAD_DIM, False)
+                               True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N)  # fmt: skip
+    _fwd_finish(O, LSE, acc, l_i, m_i, b, h, bh, start_m, offs_m, T, BLOCK_M, HEAD_DIM)
 
 
-@triton.autotune(configs=configs(FWD_WS_TILES, None), key=AUTOTUNE_KEY,
-                 prune_configs_by={"early_config_prune": prune})  # fmt: skip
-@triton.jit
-def _attn_fwd_ws_kernel(
-    Q, K, V, O, LSE, H, T, GROUP, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """The forward in the one form Triton 3.6 warp-specializes on Hopper: 2-D descriptors made on the
-    device (``head_rows``; a 4-D tile is not split between consumers) and one loop, masked throughout
-    (unmasked and diagonal loops fail in its NVGPUWarpSpecialization pass)."""
-    start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
-    hk = h // GROUP
-    q = load_tile(head_rows(Q, b, h, sqb, sqh, sqt, T, BLOCK_M, HEAD_DIM), b, h, start_m, BLOCK_M, HEAD_DIM, True)
-    k_rows = head_rows(K, b, hk, skb, skh, skt, T, BLOCK_N, HEAD_DIM)
-    v_rows = head_rows(V, b, hk, svb, svh, svt, T, BLOCK_N, HEAD_DIM)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    _, hi = key_ranges(start_m, T, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_rows, v_rows, b, hk, offs_m, 0, hi, T, qk_scale,
-                               True, CAUSAL, INTERPRET, PRECISION, HEAD_DIM, BLOCK_N, True)  # fmt: skip
-    o_rows = head_rows(O, b, h, sob, soh, sot, T, BLOCK_M, HEAD_DIM)
-    _fwd_finish(o_rows, LSE, acc, l_i, m_i, b, h, bh, start_m, offs_m, T, BLOCK_M, HEAD_DIM, True)
-
-
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, warp_specialize: bool | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, T, D), k and v (B, Hkv, T, D), descriptor-ready (see ``describable``) -> (o (B, H, T, D)
-    contiguous, lse (B, H, T) fp32 in base 2). ``warp_specialize`` (default: ``WARP_SPECIALIZE`` for
-    16-bit inputs) picks ``_attn_fwd_ws_kernel``."""
+    contiguous, lse (B, H, T) fp32 in base 2)."""
     B, H, T, D = q.shape
     o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     scalars = (H, T, H // k.shape[1], LOG2E / math.sqrt(D))
-    if warp_specialize is None:
-        warp_specialize = WARP_SPECIALIZE and q.dtype != torch.float32
-    if warp_specialize:
-        _device_descriptor_scratch(q)
-        strides = (*head_strides(q), *head_strides(k), *head_strides(v), *head_strides(o))
-        _attn_fwd_ws_kernel[grid](q, k, v, o, lse, *scalars, *strides, CAUSAL=causal, **launch_args(q))
-    else:
-        _attn_fwd_kernel[grid](descriptor(q), descriptor(k), descriptor(v), descriptor(o), lse, *scalars,
-                               CAUSAL=causal, **launch_args(q))  # fmt: skip
+    _attn_fwd_kernel[grid](descriptor(q), descriptor(k), descriptor(v), descriptor(o), lse, *scalars,
+                           CAUSAL=causal, **launch_args(q))  # fmt: skip
     return o, lse
-
-
-def _device_descriptor_scratch(x: torch.Tensor) -> None:
-    """Descriptors made on the device live in global scratch memory, which Triton asks its allocator
-    for at launch: give it torch's when no allocator was set (the interpreter needs none)."""
-    from triton.runtime import _allocation
-
-    if x.is_cuda and isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 class _FlashAttention(torch.autograd.Function):

@@ -140,8 +140,7 @@ def launches(arch: int) -> list[Launch]:
         ("_bwd", lambda: rope.rope_rotate(o.transpose(1, 2), cos, cos, inverse=True)),
         ("", lambda: ce.ce_partials_fwd(logits, target, 0, -100)),
         ("", lambda: ce.ce_bwd(logits, target, 0, -100, stat, stat, stat)),
-        ("", lambda: fa.attention_fwd(q, k, k, causal=True, warp_specialize=False)),
-        ("", lambda: fa.attention_fwd(q, k, k, causal=True, warp_specialize=True)),
+        ("", lambda: fa.attention_fwd(q, k, k, causal=True)),
         ("", lambda: fa.attention_bwd(o, q, k, k, o, lse, causal=True)),
     ]
     with ExitStack() as stack:
@@ -218,15 +217,6 @@ def parse_ptxas(log: str) -> dict:
     stores, loads = (int(spill.group(1)), int(spill.group(2))) if spill else (None, None)
     return {"registers": int(regs.group(1)) if regs else None, "spill_stores": stores, "spill_loads": loads,
             "advisories": advisories}  # fmt: skip
-
-
-def consumer_rows(ttgir: str) -> list[int]:
-    """Rows (M) of the first matmul of each warp-specialized partition that has one (the consumers),
-    from the TritonGPU IR: [] for a kernel that Triton did not warp-specialize. Consumers that split
-    a query tile sum to its rows; consumers that each compute the whole tile repeat it."""
-    parts = re.split(r"^\s*partition\d+\(", ttgir, flags=re.M)[1:]
-    dots = (re.search(r"ttng\.warp_group_dot .*-> tensor<(\d+)x", part) for part in parts)
-    return [int(m.group(1)) for m in dots if m]
 
 
 _INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(?:.*`\((\.L_x_\d+)\))?")
@@ -311,7 +301,7 @@ def analyse(arch: int, all_tiles: bool = False, only: str | None = None) -> list
                 sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             row["config"] = f"{tile}w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}"
             rows.append({**row, **parse_ptxas(log), "shared": compiled.metadata.shared, "loops": sass_loops(sass),
-                         "warps": compiled.metadata.num_warps, "consumer_rows": consumer_rows(compiled.asm["ttgir"]),
+                         "warps": compiled.metadata.num_warps,
                          "compile_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     return rows
 

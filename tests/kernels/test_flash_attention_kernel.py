@@ -152,40 +152,6 @@ def test_attention_gradients_stay_finite_when_every_score_is_very_negative(check
         assert e <= 4 * r + 1e-6, f"{name}: kernel error {e:.2e} of rms against float64, torch fp32's {r:.2e}"
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_attention_forward_in_its_warp_specialized_form(check, monkeypatch, causal):
-    """``WARP_SPECIALIZE`` (timed by tools/bench/kernel_sweep.py) sends 16-bit inputs to
-    ``_attn_fwd_ws_kernel``: per-head descriptors made on the device, one masked loop. It must run and
-    match the reference on the model's (B, T, H, D) views, with grouped heads and a partial last tile;
-    fp32 keeps the plain kernel. In the interpreter, with the same tile and the same order of every
-    sum, its fp32 results are those of the plain kernel bit for bit."""
-    from megatron_lite.kernels import fused_attention as fa
-
-    launched = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launched.append(self.kernel.fn.__name__)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(fa, "WARP_SPECIALIZE", True)
-    monkeypatch.setattr(fa, "_attn_fwd_ws_kernel", Spy(fa._attn_fwd_ws_kernel))
-    monkeypatch.setattr(fa, "_attn_fwd_kernel", Spy(fa._attn_fwd_kernel))
-    b, t, h, hkv, d = 2, 97, 4, 2, 64
-    for dtype, kernel in ((torch.bfloat16, "_attn_fwd_ws_kernel"), (torch.float32, "_attn_fwd_kernel")):
-        q, k, v = (check.randn(b, t, n, d, dtype=dtype).transpose(1, 2) for n in (h, hkv, hkv))
-        launched.clear()
-        _check(check, (q, k, v), causal, dtype)
-        assert launched and set(launched) == {kernel}, (dtype, launched)
-    if not GPU:
-        q, k, v = (check.randn(b, t, n, d).transpose(1, 2) for n in (h, hkv, hkv))
-        for got, plain in zip(fa.attention_fwd(q, k, v, causal, True), fa.attention_fwd(q, k, v, causal, False)):
-            assert torch.equal(got, plain)
-
-
 def test_attention_autotune_keys_tell_fp32_from_16_bit():
     """Descriptors carry no dtype into Triton's autotune cache key: without PRECISION an fp32 call would
     reuse the tile a bf16 call chose (too much shared memory, or minutes of ptxas)."""

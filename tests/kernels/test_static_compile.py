@@ -27,15 +27,15 @@ ARCHS = (90, 80)
 KERNELS = {
     "rms_norm_fwd", "rms_norm_fwd+residual", "rms_norm_bwd", "rms_norm_bwd+residual",
     "layer_norm_fwd+bias", "layer_norm_bwd+bias", "swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd",
-    "ce_fwd", "ce_bwd", "attn_fwd", "attn_fwd_ws", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq",
+    "ce_fwd", "ce_bwd", "attn_fwd", "attn_bwd_delta", "attn_bwd_dkdv", "attn_bwd_dq",
     "rms_norm_bwd+residual_fp32_wide", "layer_norm_bwd+bias_fp32_wide",
 }  # fmt: skip
 # Default configs that spill today, by arch: before Hopper the attention kernels' tensor descriptors
 # lower to per-element masked loads (no cp.async) and spill (Triton 3.6, bytes stored/loaded: attn_fwd
-# 64x64 w4 14904/16016, attn_fwd_ws 128x64 w4 12848/13216). flash_attention never launches them there:
+# 64x64 w4 14904/16016). flash_attention never launches them there:
 # it runs SDPA before compute capability 9.0 (unsupported_reason). Kept exact, so that a fix (or a new
 # spill) shows here.
-KNOWN_SPILLS = {80: {"attn_fwd", "attn_fwd_ws", "attn_bwd_dkdv", "attn_bwd_dq"}}
+KNOWN_SPILLS = {80: {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}}
 
 
 @pytest.fixture(scope="module")
@@ -106,31 +106,6 @@ def test_attention_wgmma_not_serialized(reports: dict[int, dict]) -> None:
     text = kernel_static.WGMMA_SERIALIZED
     serialized = {r["kernel"]: r["advisories"] for r in rows if any(text in a for a in r["advisories"])}
     assert not serialized, f"ptxas serialized wgmma (sm_90): {serialized}"
-
-
-def test_attention_forward_warp_specializes_into_two_halves(reports: dict[int, dict]) -> None:
-    """On sm_90 the warp-specialized forward must become a producer warpgroup and two consumers that
-    split the query tile (64 rows each of 128): consumers that each compute the whole tile (what a
-    64-query tile, or a 4-D descriptor, gives) do the work twice and still pass every numerical test."""
-    rows = {r["kernel"]: r for r in reports[90]["kernels"] if "error" not in r}
-    ws, plain = rows["attn_fwd_ws"], rows["attn_fwd"]
-    block_m = int(ws["config"].split("x")[0])
-    assert (ws["warps"], ws["consumer_rows"]) == (12, [block_m // 2] * 2), ws["config"]
-    assert plain["consumer_rows"] == []
-
-
-def test_consumer_rows_reads_each_partitions_matmul() -> None:
-    ttgir = (
-        "ttg.warp_specialize(%a) default {\n  ttg.warp_yield\n}\n"
-        "    partition0(%arg1: i32) num_warps(4) {\n"
-        "      %s = ttng.warp_group_dot %q, %k, %c : !ttg.memdesc<64x128xbf16> * !ttg.memdesc<128x64xbf16> -> "
-        "tensor<64x64xf32, #mma>\n"
-        "    }\n    partition1(%arg1: i32) num_warps(4) {\n"
-        "      %s = ttng.warp_group_dot %q, %k, %c : !ttg.memdesc<32x128xbf16> * !ttg.memdesc<128x64xbf16> -> "
-        "tensor<32x64xf32, #mma>\n    }\n"
-    )
-    assert kernel_static.consumer_rows(ttgir) == [64, 32]
-    assert kernel_static.consumer_rows(ttgir.split("partition0")[0]) == []
 
 
 def test_ptxas_log_parsing_catches_serialized_wgmma_and_spills() -> None:

@@ -7,9 +7,7 @@
   rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
   timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
-  tile with its largest difference from SDPA (``max_err``);
-- attention_ws: the same for the forward's warp-specialized form (``fused_attention.WARP_SPECIALIZE``:
-  a producer warpgroup and two consumers of 64 queries each, so 128-query tiles of 4 warps).
+  tile with its largest difference from SDPA (``max_err``).
 
 Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
 the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
@@ -33,9 +31,6 @@ ATTN = (4, 32, 4096, 128)  # B, H, T, D
 FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
              (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 128, 4, 2), (64, 128, 4, 1),
              (64, 32, 4, 1)]  # fmt: skip
-# The warp-specialized forward's candidates (BLOCK_M 128 over 4 warps: two 64-query consumers);
-# tiles that exceed shared memory are skipped by the autotuner.
-WS_TILES = [(128, 64, 4, 2), (128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 2), (128, 32, 4, 3), (128, 32, 4, 4)]
 BWD_TILES = [(32, 128, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3),
              (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)]  # fmt: skip
 
@@ -106,26 +101,9 @@ def sweep_attention() -> list[dict]:
             for row in _autotune_rows(f"attention_{name}", kernel, errors if name == "fwd" else None)]  # fmt: skip
 
 
-def sweep_attention_ws() -> list[dict]:
-    """The forward's warp-specialized form alone: a part of its own, so that a tile the compiler
-    fails on there costs the other parts nothing."""
-    from megatron_lite.kernels import fused_attention as fa
-
-    kernel = fa._attn_fwd_ws_kernel
-    _use_tiles(kernel, WS_TILES)
-    q, k, v = (_randn(*ATTN) for _ in range(3))
-    fa.WARP_SPECIALIZE = True
-    try:
-        fa.flash_attention(q, k, v, causal=True)
-        torch.cuda.synchronize()
-        return _autotune_rows("attention_fwd_ws", kernel, _forward_errors(fa, kernel, q, k, v))
-    finally:
-        fa.WARP_SPECIALIZE = False
-
-
 def _forward_errors(fa, kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
     """Max |output - SDPA| of the forward with each of ``kernel``'s configs forced: the timings say
-    which tile is fastest, this that each (the warp-specialized ones above all) computes attention."""
+    which tile is fastest, this that each computes attention."""
     from megatron_lite.kernels import reference
 
     every = kernel.configs
@@ -140,7 +118,7 @@ def _forward_errors(fa, kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return errors
 
 
-PARTS = {"norms": sweep_norms, "attention": sweep_attention, "attention_ws": sweep_attention_ws}
+PARTS = {"norms": sweep_norms, "attention": sweep_attention}
 
 
 def main(argv: list[str] | None = None) -> int:
