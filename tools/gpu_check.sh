@@ -106,7 +106,7 @@ for name in $wanted; do
                 --heads 16 --kv-heads 4 --ffn 5632 --seq 2048 --batch 4
         fi
         ;;
-    sweep) part sweep 120 python tools/bench/kernel_sweep.py ;;
+    sweep) part sweep 180 python tools/bench/kernel_sweep.py ;;
     bench_compile) part bench_compile 300 python tools/bench/kernels.py --impls compile ;;
     esac
 done

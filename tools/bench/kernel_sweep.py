@@ -5,6 +5,9 @@
 - norms: the backward's programs per SM (``_common.PROGRAMS_PER_SM``) x its row loop's pipelining
   depth (``_common.BWD_STAGES``) x its warps (``_common.BWD_WARPS``, None: the row's default), for
   rms_norm, rms_norm + residual and layer_norm, fwd+bwd;
+- streaming: the block and warps of the one-pass kernels, fwd and fwd+bwd: SwiGLU's values per program
+  (``fused_swiglu._BLOCK_N``) x ``_WARPS``, cross-entropy's vocabulary chunk (``fused_cross_entropy._BLOCK_V``)
+  x ``_WARPS``;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
   timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
   tile with its largest difference from SDPA (``max_err``).
@@ -26,6 +29,8 @@ from bench_common import time_call
 
 BF16 = 2
 NORM_ROWS, NORM_COLS = 16384, 4096
+SWIGLU_ROWS, SWIGLU_COLS = 16384, 14336
+CE_ROWS, CE_VOCAB = 8192, 128256
 ATTN = (4, 32, 4096, 128)  # B, H, T, D
 
 FWD_TILES = [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
@@ -60,6 +65,42 @@ def sweep_norms() -> list[dict]:
         setting = {"programs_per_sm": per_sm, "stages": stages, "warps": warps}
         rows.append(_row(name, setting, "fwd+bwd", ms, nbytes))
         torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_streaming() -> list[dict]:
+    from bench_common import randint
+    from megatron_lite.kernels import fused_cross_entropy, fused_swiglu
+
+    ffn, logits = SWIGLU_ROWS * SWIGLU_COLS * BF16, CE_ROWS * CE_VOCAB * BF16
+    swiglu_in = lambda: [_randn(SWIGLU_ROWS, SWIGLU_COLS), _randn(SWIGLU_ROWS, SWIGLU_COLS)]  # noqa: E731
+    ce_in = lambda: [_randn(CE_ROWS, CE_VOCAB, scale=4.0), randint(CE_VOCAB, CE_ROWS)]  # noqa: E731
+    # name -> (module, its block constant, blocks, inputs, grad indices, fwd and fwd+bwd bytes as in kernels.py)
+    ops = {
+        "swiglu": (fused_swiglu, "_BLOCK_N", (1024, 2048, 4096, 8192), swiglu_in, [0, 1], 3 * ffn, 8 * ffn),
+        "cross_entropy": (fused_cross_entropy, "_BLOCK_V", (2048, 4096, 8192), ce_in, [0], logits, 3 * logits),
+    }
+    rows = []
+    for name, (module, constant, blocks, make, grad_idx, fwd_bytes, both_bytes) in ops.items():
+        fn = getattr(module, name)  # fused_swiglu.swiglu, fused_cross_entropy.cross_entropy
+        default = getattr(module, constant), module._WARPS
+        try:
+            for block, warps in itertools.product(blocks, (4, 8, 16)):
+                setattr(module, constant, block)
+                module._WARPS = warps
+                for backward, mode, nbytes in ((False, "fwd", fwd_bytes), (True, "fwd+bwd", both_bytes)):
+                    setting = {"block": block, "warps": warps}
+                    try:
+                        ms, _ = time_call(fn, make(), grad_idx, backward=backward)
+                    except Exception as e:  # a setting the compiler or the GPU refuses: reported, the sweep goes on
+                        rows.append({"part": name, **setting, "mode": mode, "error": f"{type(e).__name__}: {e}"[:200]})
+                        print(json.dumps(rows[-1]), flush=True)
+                        continue
+                    rows.append(_row(name, setting, mode, ms, nbytes))
+                torch.cuda.empty_cache()
+        finally:
+            setattr(module, constant, default[0])
+            module._WARPS = default[1]
     return rows
 
 
@@ -118,7 +159,7 @@ def _forward_errors(fa, kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return errors
 
 
-PARTS = {"norms": sweep_norms, "attention": sweep_attention}
+PARTS = {"norms": sweep_norms, "streaming": sweep_streaming, "attention": sweep_attention}
 
 
 def main(argv: list[str] | None = None) -> int:
