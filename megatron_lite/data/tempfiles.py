@@ -15,7 +15,8 @@ same lock shows a live writer of a whole directory: ``convert to-hf`` (its stagi
 writing's whole life, and remove an earlier such directory only while :func:`locked_if_abandoned`
 holds its marker. A marker that outlives its holder, a run directory's lock file, is opened in place
 by :func:`take_lock` instead (a run directory's, ``training/run_lock.py``; an output prefix's,
-``output_lock.py``), its holder's host and pid in it (:func:`holder_text`, :func:`describe_holder`).
+``output_lock.py``), its holder's host, pid and launch in it (:func:`holder_text`,
+:func:`describe_holder`; :func:`earlier_start` tells an earlier start of the same launch).
 
 Locking cannot be atomic with creating: a cleaner may lock and delete a temporary in the instant
 between its writer's ``open`` and ``flock``. The writer waits for the lock, then checks that its
@@ -136,33 +137,87 @@ def open_locked(path: Path) -> tuple[int, bool | None]:
         os.close(fd)  # deleted or replaced since it was opened: the file under that name now
 
 
-def holder_text() -> bytes:
-    """What a holder writes into its lock file: this process's host, pid, start time, SLURM job."""
-    info = {
+RUN_ID = uuid.uuid4().hex  # this process: a holder's lock files and object-store claims name it
+_NO_RUN_ID = ("", "none")  # torchrun's --rdzv_id when none is given: shared by unrelated runs
+
+
+def holder_info() -> dict:
+    """This process as a lock's holder: host, pid, start time, :data:`RUN_ID`, and the launch it belongs
+    to (SLURM job and restart count, torchrun run id and restart count; None outside them)."""
+    env = os.environ.get
+    return {
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "run": RUN_ID,
+        "slurm_job": env("SLURM_JOB_ID"),
+        "slurm_restart": env("SLURM_RESTART_COUNT"),
+        "torchrun_run": env("TORCHELASTIC_RUN_ID"),
+        "torchrun_restart": env("TORCHELASTIC_RESTART_COUNT"),
     }
-    return json.dumps(info).encode()
 
 
-def describe_holder(text: bytes) -> str:
-    """The holder of a lock, from its lock file's contents, as the refusal names it."""
+def holder_text() -> bytes:
+    """What a holder writes into its lock file: :func:`holder_info` as JSON."""
+    return json.dumps(holder_info()).encode()
+
+
+def read_holder(text: bytes | str) -> dict | None:
+    """The holder written in a lock file (:func:`holder_text`); None when it is empty or unreadable."""
     try:
         info = json.loads(text)
-        who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
-    except (ValueError, KeyError, TypeError):  # empty: it took the lock an instant ago and writes it now
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and {"host", "pid", "started"} <= info.keys() else None
+
+
+def describe_holder(text: bytes | str) -> str:
+    """The holder of a lock, from its lock file's contents, as the refusal names it."""
+    info = read_holder(text)
+    if info is None:  # empty: it took the lock an instant ago and writes it now
         return "a run that has not written its host and pid into the lock file yet"
-    return who + (f", SLURM job {info['slurm_job']}" if info.get("slurm_job") else "")
+    who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"
+    if info.get("slurm_job"):
+        restart = info.get("slurm_restart")
+        who += f", SLURM job {info['slurm_job']}" + (f" restart {restart}" if restart not in (None, "0") else "")
+    return who
+
+
+def _count(value: object) -> int:
+    """A restart count as the launcher exports it (unset: the first start)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return -1  # not a count: never taken for an earlier start
+
+
+def earlier_start(holder: dict | None, ours: dict) -> bool:
+    """Whether ``holder`` (:func:`read_holder`) is an earlier start of the launch ``ours``
+    (:func:`holder_info`) belongs to: the same SLURM job with a lower ``SLURM_RESTART_COUNT`` (a
+    requeue), or the same SLURM job or none and the same torchrun run id with a lower
+    ``TORCHELASTIC_RESTART_COUNT`` (an elastic restart). Such a holder has been replaced, as its
+    launcher stops it before starting the next; any other holder may be a live, different run."""
+    if holder is None:
+        return False
+    if holder.get("slurm_job") or ours["slurm_job"]:
+        if holder.get("slurm_job") != ours["slurm_job"]:
+            return False
+        theirs, mine = _count(holder.get("slurm_restart")), _count(ours["slurm_restart"])
+        if theirs != mine:
+            return 0 <= theirs < mine
+    run = ours["torchrun_run"]
+    if run in (None, *_NO_RUN_ID) or holder.get("torchrun_run") != run:
+        return False
+    return 0 <= _count(holder.get("torchrun_restart")) < _count(ours["torchrun_restart"])
 
 
 class LockHeldError(Exception):
-    """Another live process holds the lock :func:`take_lock` tried; ``holder`` describes it."""
+    """Another live process holds the lock :func:`take_lock` tried; ``holder`` describes it, ``info``
+    is what it wrote (:func:`read_holder`)."""
 
-    def __init__(self, holder: str) -> None:
-        super().__init__(holder)
-        self.holder = holder
+    def __init__(self, text: bytes) -> None:
+        self.holder, self.info = describe_holder(text), read_holder(text)
+        super().__init__(self.holder)
 
 
 def take_lock(path: Path) -> tuple[int, bool | None]:
@@ -173,7 +228,7 @@ def take_lock(path: Path) -> tuple[int, bool | None]:
     fd, taken = open_locked(path)
     try:
         if taken is False:
-            raise LockHeldError(describe_holder(os.pread(fd, 4096, 0)))
+            raise LockHeldError(os.pread(fd, 4096, 0))
         if taken:
             os.ftruncate(fd, 0)
             os.pwrite(fd, holder_text(), 0)

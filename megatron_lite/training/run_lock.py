@@ -12,9 +12,15 @@ into it, and holds it until the run ends (:func:`hold_run_dirs`, around the trai
 writes nothing there.
 
 The kernel drops the lock when the holding process ends, however it ends (a SIGKILL, the
-out-of-memory killer; on NFS, when the dead client's lease runs out), so a relaunch after a crash,
-a SLURM requeue or a torchrun restart (new workers, started after the old ones died) takes it
-again. The file stays in the directory from one run to the next, opened in place
+out-of-memory killer), so a relaunch after a crash, a SLURM requeue or a torchrun restart (new
+workers, started after the old ones died) takes it again. On NFS the lock of a crashed node
+outlives it: the server keeps it until the dead client's lease runs out (NFSv4: 90 s by default;
+NFSv3: until that node reboots). So a run whose lock file names an earlier start of its own launch
+(the same SLURM job with a lower ``SLURM_RESTART_COUNT``, or the same torchrun run id with a lower
+``TORCHELASTIC_RESTART_COUNT``: ``tempfiles.earlier_start``) waits for that lock, up to
+:data:`EARLIER_START_WAIT_S`, logging once what it waits for, and takes it when it goes; still held
+then, it is refused, naming what to do. Any other holder is refused at once: the lock of a live,
+different run is never taken. The file stays in the directory from one run to the next, opened in place
 (``tempfiles.take_lock``), and holds the last holder's details. A background checkpoint write
 (``checkpoint.async``) still running when the run fails keeps the lock until the process exits:
 no next run starts on a directory still being written.
@@ -30,18 +36,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.checkpoint.writer import writing_in_background
 from megatron_lite.config import Config
-from megatron_lite.data.tempfiles import LockHeldError, take_lock
+from megatron_lite.data.tempfiles import LockHeldError, earlier_start, holder_info, take_lock
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.training.preflight import probe_dir
 
 LOCK_FILE = ".megatron-lite.lock"
+# How long a run waits for the lock of an earlier start of its own launch (a requeue, a torchrun
+# restart): an NFSv4 server keeps a crashed client's lock until its lease runs out, 90 s by default
+# (Linux nfsd's nfsv4leasetime), plus 30 s for the server to act on it. At most half of
+# parallel.timeout_s, for which the other ranks wait in the collective that follows.
+EARLIER_START_WAIT_S = 120.0
+POLL_S = 1.0  # between tries of that lock: each is one lock request to the file server
 log = logging.getLogger(__name__)
 
 
@@ -66,19 +79,47 @@ def _unusable(key: str, where: Path, error: OSError) -> UserError:
     )
 
 
-def _lock_dir(key: str, where: Path) -> int | None:
+def _in_use(key: str, where: Path, holder: str) -> UserError:
+    return UserError(
+        f"{key}={str(where)!r} is in use by another run ({holder}; lock file {where / LOCK_FILE}): two runs "
+        f"in one directory overwrite each other's checkpoints and metrics; wait for that run to end, stop it, "
+        f"or choose another {key}"
+    )
+
+
+def _take(key: str, where: Path, wait_s: float) -> tuple[int, bool | None]:
+    """``take_lock`` on ``where``'s lock file, waiting up to ``wait_s`` while an earlier start of this
+    launch holds it (:func:`~megatron_lite.data.tempfiles.earlier_start`); any other holder is refused."""
+    path, deadline = where / LOCK_FILE, None
+    while True:
+        try:
+            return take_lock(path)
+        except LockHeldError as e:
+            if not earlier_start(e.info, holder_info()):
+                raise _in_use(key, where, e.holder) from None
+            if deadline is None:
+                deadline = time.monotonic() + wait_s
+                log.warning(
+                    "%s=%r is locked by an earlier start of this job (%s), replaced by this one: waiting up to %.0f s "
+                    "for its lock to go (on NFS a crashed node's lock lasts until its lease runs out)",
+                    key, str(where), e.holder, wait_s,
+                )  # fmt: skip
+            elif time.monotonic() >= deadline:
+                raise UserError(
+                    f"{key}={str(where)!r} is still locked by an earlier start of this job ({e.holder}; lock file "
+                    f"{path}) after {wait_s:.0f} s: if that process still runs, stop it; if its node is down and "
+                    f"the filesystem keeps its lock (NFSv3 until the node reboots), delete {path}; then start again"
+                ) from None
+            time.sleep(POLL_S)
+
+
+def _lock_dir(key: str, where: Path, wait_s: float) -> int | None:
     """Lock ``where`` for this run: the lock file's descriptor (held while open), or None where the
-    filesystem has no locks. :class:`UserError` when another run holds it, or it cannot be used."""
-    path = where / LOCK_FILE
+    filesystem has no locks. :class:`UserError` when another run holds it (an earlier start of this
+    launch: after ``wait_s``), or it cannot be used."""
     try:
         where.mkdir(parents=True, exist_ok=True)
-        fd, taken = take_lock(path)
-    except LockHeldError as e:
-        raise UserError(
-            f"{key}={str(where)!r} is in use by another run ({e.holder}; lock file {path}): two runs "
-            f"in one directory overwrite each other's checkpoints and metrics; wait for that run to end, stop it, "
-            f"or choose another {key}"
-        ) from None
+        fd, taken = _take(key, where, wait_s)
     except OSError as e:  # a link or a directory there, a full disk, a quota
         raise _unusable(key, where, e) from None
     if taken is None:
@@ -93,8 +134,9 @@ def lock_run_dirs(cfg: Config) -> list[int]:
     held: list[int] = []
     unlocked = []
     try:
+        wait_s = min(EARLIER_START_WAIT_S, cfg.parallel.timeout_s / 2)
         for key, where in run_dirs(cfg):
-            fd = _lock_dir(key, where)
+            fd = _lock_dir(key, where, wait_s)
             if fd is None:
                 unlocked.append(f"{key}={str(where)!r}")
             else:

@@ -4,9 +4,12 @@ holder, and one whose holder is gone takes them. Holders here are other open fil
 test_run_dir_lock.py holds them from a real child process and runs the trainer."""
 
 import errno
+import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,7 +17,7 @@ import pytest
 from megatron_lite.checkpoint.writer import WRITER_THREAD, writing_in_background
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.data import tempfiles
-from megatron_lite.data.tempfiles import open_locked
+from megatron_lite.data.tempfiles import earlier_start, holder_info, open_locked
 from megatron_lite.errors import UserError
 from megatron_lite.training import run_lock
 from megatron_lite.training.run_lock import LOCK_FILE, hold_run_dirs, lock_run_dirs, release, run_dirs
@@ -162,3 +165,134 @@ def test_a_lock_file_that_cannot_be_written_is_one_error(tmp_path, monkeypatch):
         lock_run_dirs(_cfg(tmp_path))
     monkeypatch.undo()
     release(lock_run_dirs(_cfg(tmp_path)))  # the failed run let go of it
+
+
+# A SLURM requeue: the job's first start (restart 0) crashed; its node's NFS lease keeps the lock ~90 s.
+HOLDER = """
+import os, sys, time
+from pathlib import Path
+from megatron_lite.data.tempfiles import take_lock
+
+fd, taken = take_lock(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(2)  # then the lease runs out: the lock goes as this process ends
+"""
+LAUNCH = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+
+def _launch(monkeypatch, job=None, restart=None, run=None, attempt=None) -> None:
+    """This process as started by SLURM job ``job`` (its ``restart``-th start) / torchrun run ``run``."""
+    for name, value in zip(LAUNCH, (job, restart, run, attempt), strict=True):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def _holder(job=None, restart=None, run=None, attempt=None) -> dict:
+    return {
+        **holder_info(),
+        "slurm_job": job,
+        "slurm_restart": restart,
+        "torchrun_run": run,
+        "torchrun_restart": attempt,
+    }
+
+
+def _held_by(path, holder: dict) -> int:
+    """``path`` locked through another open file (as another process), ``holder`` written in it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, taken = open_locked(path)
+    assert taken is True
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return fd
+
+
+@pytest.mark.parametrize(
+    ("holder", "ours", "earlier"),
+    [
+        (("7", None, None, None), ("7", "1", None, None), True),  # a requeue; unset is the first start
+        (("7", "1", "7", "0"), ("7", "2", "7", "0"), True),  # a requeue under torchrun: its count starts again
+        (("7", "0", "7", "0"), ("7", "0", "7", "1"), True),  # torchrun's restart inside one SLURM start
+        ((None, None, "r1", "0"), (None, None, "r1", "2"), True),  # torchrun --max-restarts outside SLURM
+        (("7", "1", None, None), ("7", "1", None, None), False),  # two runs in one job start: live, different
+        (("7", "2", None, None), ("7", "1", None, None), False),  # a later start holds it
+        (("8", "0", None, None), ("7", "1", None, None), False),  # another job
+        ((None, None, None, None), ("7", "1", None, None), False),  # a run outside SLURM
+        (("7", "0", "7", "0"), (None, None, "7", "1"), False),  # a torchrun outside the SLURM job
+        ((None, None, "none", "0"), (None, None, "none", "1"), False),  # torchrun's default run id: any run's
+        ((None, None, "r1", "1"), (None, None, "r2", "2"), False),  # another torchrun run
+        (("7", "x", None, None), ("7", "1", None, None), False),  # not a count
+    ],
+)
+def test_which_holder_is_an_earlier_start_of_this_launch(monkeypatch, holder, ours, earlier):
+    _launch(monkeypatch, *ours)
+    assert earlier_start(_holder(*holder), holder_info()) is earlier
+    assert earlier_start(None, holder_info()) is False  # an empty lock file: a run just starting
+
+
+def test_a_requeue_waits_for_the_lock_of_its_crashed_first_start_and_takes_it(tmp_path, monkeypatch, caplog):
+    cfg = _cfg(tmp_path, ckpt=f"file://{tmp_path}")  # one directory to lock
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / LOCK_FILE)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline() == "held\n"
+    _launch(monkeypatch, "77", "1")
+    fds = lock_run_dirs(cfg)
+    assert holder.wait(timeout=60) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # logged once, however many tries
+    assert warnings[0].startswith(
+        f"log.dir={str(tmp_path)!r} is locked by an earlier start of this job (host {socket.gethostname()}, "
+        f"pid {holder.pid}, started 20"
+    )
+    assert ", SLURM job 77), replaced by this one: waiting up to 120 s" in warnings[0]
+    info = json.loads((tmp_path / LOCK_FILE).read_bytes())
+    assert (info["pid"], info["slurm_job"], info["slurm_restart"]) == (os.getpid(), "77", "1")
+    release(fds)
+
+
+@pytest.mark.parametrize("holder", [("78", "0"), ("77", "1"), ("77", "2")])
+def test_any_other_holder_is_refused_at_once(tmp_path, monkeypatch, holder):
+    fd = _held_by(tmp_path / LOCK_FILE, _holder(*holder))
+    _launch(monkeypatch, "77", "1")
+    monkeypatch.setattr(run_lock.time, "sleep", lambda s: pytest.fail("waited for a live, different run"))
+    with pytest.raises(UserError, match=rf"is in use by another run \(.*, SLURM job {holder[0]}"):
+        lock_run_dirs(_cfg(tmp_path))
+    release([fd])
+
+
+def test_an_earlier_start_still_holding_after_the_wait_is_refused(tmp_path, monkeypatch, caplog):
+    """The wait is at most half of parallel.timeout_s, which the other ranks wait in the collective after it."""
+    fd = _held_by(tmp_path / LOCK_FILE, _holder("77", "0"))
+    before = _state(tmp_path)
+    _launch(monkeypatch, "77", "1")
+    monkeypatch.setattr(run_lock, "POLL_S", 0.1)
+    cfg = _cfg(tmp_path)
+    cfg.parallel.timeout_s = 2.0
+    with pytest.raises(UserError) as refused:
+        lock_run_dirs(cfg)
+    assert str(refused.value).startswith(f"log.dir={str(tmp_path)!r} is still locked by an earlier start of this job")
+    assert str(refused.value).endswith(
+        f"after 1 s: if that process still runs, stop it; if its node is down and the filesystem keeps its lock "
+        f"(NFSv3 until the node reboots), delete {tmp_path / LOCK_FILE}; then start again"
+    )
+    assert [r.levelno for r in caplog.records].count(logging.WARNING) == 1
+    assert _state(tmp_path) == before  # its lock file as it wrote it, and no checkpoints/ made
+    release([fd])
+
+
+def test_a_different_run_taking_the_lock_meanwhile_is_refused(tmp_path, monkeypatch):
+    """The earlier start's lock goes and another run takes it between two tries: that one is refused."""
+    held = [_held_by(tmp_path / LOCK_FILE, _holder("77", "0"))]
+
+    def another_run_takes_it(seconds):
+        release([held.pop()])
+        held.append(_held_by(tmp_path / LOCK_FILE, _holder("78", "0")))
+
+    monkeypatch.setattr(run_lock.time, "sleep", another_run_takes_it)
+    _launch(monkeypatch, "77", "1")
+    with pytest.raises(UserError, match=r"is in use by another run \(.*, SLURM job 78; lock file"):
+        lock_run_dirs(_cfg(tmp_path))
+    release(held)
