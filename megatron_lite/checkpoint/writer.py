@@ -3,8 +3,9 @@
 One save, on every rank at the same step::
 
     wait for the previous save (at most one in flight) and report its failure, if any
-    rank 0 prepares the staging directory; broadcast of its outcome (the barrier): a failure
-        there is the same error on every rank, before anything is written
+    rank 0 prepares the staging directory (on an object store, once it found no other run's claim:
+        claim.py); broadcast of its outcome (the barrier): a failure there is the same error on
+        every rank, before anything is written
     copy this rank's boxes to host memory (async: always, pinned on CUDA; sync: only off-CPU)
     write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
@@ -36,6 +37,7 @@ import torch
 
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import full_box
+from megatron_lite.checkpoint.claim import claimed_by_another
 from megatron_lite.checkpoint.format import (
     DTYPE_CODES,
     EXTRA_FILES,
@@ -155,12 +157,15 @@ class Checkpointer:
     def _begin(self, step: int) -> str:
         """Rank 0 prepares the staging directory of ``step``; every rank gets its name, or the same
         :class:`UserError` when it could not be prepared (``checkpoint.dir`` became a file or
-        unwritable): nothing was written, and the checkpoints already saved are untouched."""
+        unwritable, or another run claims the object store it is on): nothing was written, and the
+        checkpoints already saved are untouched."""
         final = step_dir_name(step)
         staging, error = self.storage.staging_name(final), None
         if self.rank == 0:
-            try:
-                self.storage.begin(final)
+            try:  # an object store has no locks: a run claims it instead, checked at each save (claim.py)
+                error = claimed_by_another(self.storage) if self.storage.remote else None
+                if error is None:
+                    self.storage.begin(final)
             except Exception as e:  # reported on every rank below, never raised between collectives
                 error = (
                     f"rank 0: cannot prepare {self.storage.url(staging)}: {type(e).__name__}: {e}; "

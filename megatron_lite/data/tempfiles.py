@@ -173,7 +173,11 @@ def read_holder(text: bytes | str) -> dict | None:
 
 def describe_holder(text: bytes | str) -> str:
     """The holder of a lock, from its lock file's contents, as the refusal names it."""
-    info = read_holder(text)
+    return describe_info(read_holder(text))
+
+
+def describe_info(info: dict | None) -> str:
+    """A holder as :func:`read_holder` reads it, as a refusal names it."""
     if info is None:  # empty: it took the lock an instant ago and writes it now
         return "a run that has not written its host and pid into the lock file yet"
     who = f"host {info['host']}, pid {info['pid']}, started {info['started']}"

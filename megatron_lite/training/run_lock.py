@@ -27,8 +27,11 @@ no next run starts on a directory still being written.
 
 A filesystem without locks (``flock`` fails, e.g. Lustre mounted without ``-o flock``) gets one
 warning that nothing keeps a second run out, and the run goes on. An object-store
-``checkpoint.dir`` (``s3://``, ``gs://``) has no locks: only ``log.dir`` is locked, and the log
-says so.
+``checkpoint.dir`` (``s3://``, ``gs://``) has no locks: rank 0 claims it with a claim object
+instead, after locking ``log.dir``, checked again before each save and deleted when the run ends
+(``checkpoint/claim.py``, which says what that does and does not protect). A claim left by a run
+that died is taken over by a later start of the same launch, and by a run whose ``log.dir`` lock
+file named that run (it held its ``log.dir`` for its whole life, and holds it no more).
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from megatron_lite.checkpoint.storage import is_url
+from megatron_lite.checkpoint.claim import CLAIM, claim, release_claim
+from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.checkpoint.writer import writing_in_background
 from megatron_lite.config import Config
-from megatron_lite.data.tempfiles import LockHeldError, earlier_start, holder_info, take_lock
+from megatron_lite.data.tempfiles import LockHeldError, earlier_start, holder_info, read_holder, take_lock
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
-from megatron_lite.training.preflight import probe_dir
+from megatron_lite.training.preflight import check_checkpoint_dir, probe_dir
 
 LOCK_FILE = ".megatron-lite.lock"
 # How long a run waits for the lock of an earlier start of its own launch (a requeue, a torchrun
@@ -128,19 +132,55 @@ def _lock_dir(key: str, where: Path, wait_s: float) -> int | None:
     return fd
 
 
+def _named_run(where: Path) -> str | None:
+    """The run id in ``where``'s lock file, read before this run takes the lock: once taken, that run
+    holds it no more, and as a run holds its ``log.dir`` for its whole life, it has ended."""
+    try:
+        holder = read_holder((where / LOCK_FILE).read_bytes())
+    except OSError:
+        return None
+    return None if holder is None else holder.get("run")
+
+
+def _claim(cfg: Config, ended: str | None) -> None:
+    """Claim the object-store ``checkpoint.dir`` for this run (``checkpoint/claim.py``): ``ended``, the
+    run this one's ``log.dir`` lock file named, has ended, and its claim is taken over."""
+    check_checkpoint_dir(cfg)  # a bucket that cannot be written: one error naming it and what to check
+    storage = Storage(cfg.checkpoint.dir)
+    try:
+        claim(storage, holder_info(), ended)
+    except UserError:
+        raise
+    except Exception as e:  # the client's own errors: access denied, a lost connection
+        raise UserError(
+            f"checkpoint.dir={storage.url()!r}: its claim object {storage.url(CLAIM)} cannot be read or written: "
+            f"{type(e).__name__}: {e}; check the bucket, the credentials and the endpoint (AWS_ENDPOINT_URL)"
+        ) from None
+    log.info(
+        "checkpoint.dir=%r is an object store, which has no locks: this run claims it with %s until it ends, "
+        "and a second run is refused (checkpoint/claim.py says what that does and does not cover)",
+        storage.url(), storage.url(CLAIM),
+    )  # fmt: skip
+
+
 def lock_run_dirs(cfg: Config) -> list[int]:
-    """Lock every run directory (:func:`run_dirs`); returns the descriptors that hold the locks. One
-    warning names those on a filesystem without locks; they are used all the same."""
+    """Lock every run directory (:func:`run_dirs`) and claim an object-store ``checkpoint.dir``;
+    returns the descriptors that hold the locks. One warning names those on a filesystem without
+    locks; they are used all the same."""
     held: list[int] = []
-    unlocked = []
+    unlocked, ended = [], None
     try:
         wait_s = min(EARLIER_START_WAIT_S, cfg.parallel.timeout_s / 2)
         for key, where in run_dirs(cfg):
+            before = _named_run(where) if key == "log.dir" else None
             fd = _lock_dir(key, where, wait_s)
             if fd is None:
                 unlocked.append(f"{key}={str(where)!r}")
             else:
                 held.append(fd)
+                ended = ended or before
+        if is_url(str(cfg.checkpoint.dir)):
+            _claim(cfg, ended)
     except BaseException:
         release(held)
         raise
@@ -150,11 +190,6 @@ def lock_run_dirs(cfg: Config) -> list[int]:
             "directory overwrite each other's checkpoints and metrics; start one run per directory (or mount the "
             "filesystem with locks, e.g. Lustre's -o flock)",
             " and ".join(unlocked) + (" is" if len(unlocked) == 1 else " are"),
-        )
-    if is_url(str(cfg.checkpoint.dir)):
-        log.info(
-            "checkpoint.dir=%r is an object store, which has no locks: only log.dir is locked against a second run",
-            cfg.checkpoint.dir,
         )
     return held
 
@@ -171,13 +206,29 @@ def hold_run_dirs(cfg: Config, rank: int) -> Iterator[None]:
     Collective: a refusal (another run holds one) is the same :class:`UserError` on every rank. A
     background checkpoint write still running at the end keeps the locks until the process exits."""
     fds: list[int] = []
+    locked = False
     try:
         with fail_fast_setup("locking the run directories"):
             if rank == 0:
-                fds = lock_run_dirs(cfg)
+                fds, locked = lock_run_dirs(cfg), True
         yield
     finally:
-        if fds and writing_in_background():
+        claimed = locked and is_url(str(cfg.checkpoint.dir))
+        if (fds or claimed) and writing_in_background():
             log.info("the run directories stay locked until this process exits: a checkpoint write is still running")
         else:
             release(fds)
+            if claimed:
+                _release_claim(Storage(cfg.checkpoint.dir))
+
+
+def _release_claim(storage: Storage) -> None:
+    """Give up this run's claim on an object-store ``checkpoint.dir``; a failure is a warning (the run is over)."""
+    try:
+        release_claim(storage)
+    except Exception as e:  # the client's own errors
+        log.warning(
+            "the claim object %s of this run could not be deleted (%s: %s): a run in another log.dir is refused "
+            "there until it is deleted",
+            storage.url(CLAIM), type(e).__name__, e,
+        )  # fmt: skip

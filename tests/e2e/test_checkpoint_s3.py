@@ -11,6 +11,7 @@ import s3fs
 from moto.server import ThreadedMotoServer
 
 from megatron_lite.checkpoint import storage
+from megatron_lite.checkpoint.claim import CLAIM
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
 from megatron_lite.training.run_lock import LOCK_FILE
@@ -58,7 +59,7 @@ def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploa
     caplog.set_level(logging.INFO, logger="megatron_lite.training.run_lock")
     assert main(["train", *remote, "train.exit_after=3"]) == 0
     assert fs.cat_file(f"{name}/run/latest").decode().strip() == "step_00000003"
-    # no lock file on the object store (it has no locks), and the log says so; log.dir has one
+    # the run's claim on the object store (it has no locks) is gone once it ended; log.dir has its lock file
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/run")) == ["latest", "step_00000002", "step_00000003"]
     assert f"checkpoint.dir='s3://{name}/run' is an object store, which has no locks" in caplog.text
     assert (tmp_path / "p" / LOCK_FILE).is_file()
@@ -85,6 +86,14 @@ def test_unusable_object_store_fails_at_startup_with_one_line(tiny_args, tmp_pat
     err = capsys.readouterr().err
     assert "is not writable" in err and f"no-such-{name}" in err and "Traceback" not in err, err
     assert not (tmp_path / "nb" / "metrics.jsonl").exists()  # not one step was trained
+    other = {"host": "node7", "pid": 4242, "started": "2026-11-27 10:00:00 UTC", "run": "f" * 32, "slurm_job": "91"}
+    fs.pipe_file(f"{name}/run/{CLAIM}", json.dumps(other).encode())  # a live run with another log.dir
+    args = [*tiny_args[:-1], f"log.dir={tmp_path / 'nc'}", f"checkpoint.dir=s3://{name}/run"]
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint.dir='s3://{name}/run' is claimed by another run (host node7, pid 4242, ")
+    assert len(err.strip().splitlines()) == 1 and "SLURM job 91" in err, err
+    assert fs.ls(f"{name}/run", detail=False) == [f"{name}/run/{CLAIM}"]  # nothing written, the claim kept
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()

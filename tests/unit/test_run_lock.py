@@ -89,17 +89,15 @@ def test_log_dir_is_refused_and_an_empty_lock_file_names_a_holder_just_starting(
     release(first)
 
 
-def test_which_directories_are_locked(tmp_path, caplog):
+def test_which_directories_are_locked(tmp_path):
     assert run_dirs(_cfg(tmp_path)) == [("log.dir", tmp_path), ("checkpoint.dir", tmp_path / "checkpoints")]
     assert run_dirs(_cfg(tmp_path, ckpt=f"file://{tmp_path}/")) == [("log.dir", tmp_path)]  # one directory
-    s3 = _cfg(tmp_path / "run", ckpt="s3://bucket/run")
-    assert run_dirs(s3) == [("log.dir", tmp_path / "run")]
-    with caplog.at_level(logging.INFO):
-        fds = lock_run_dirs(s3)
+    assert run_dirs(_cfg(tmp_path / "run", ckpt="s3://bucket/run")) == [("log.dir", tmp_path / "run")]
+    store = _cfg(tmp_path / "run", ckpt=f"memory://{tmp_path.name}/run")  # claimed instead: test_checkpoint_claim.py
+    fds = lock_run_dirs(store)
     assert len(fds) == 1 and (tmp_path / "run" / LOCK_FILE).exists()
-    assert "checkpoint.dir='s3://bucket/run' is an object store, which has no locks: only log.dir" in caplog.text
     with pytest.raises(UserError, match="log.dir="):  # log.dir still keeps a second run out
-        lock_run_dirs(_cfg(tmp_path / "run", ckpt="s3://bucket/other"))
+        lock_run_dirs(_cfg(tmp_path / "run", ckpt=f"memory://{tmp_path.name}/other"))
     release(fds)
 
 

@@ -1,0 +1,78 @@
+"""One run per object-store ``checkpoint.dir``: a claim object in place of a lock.
+
+An object store (``s3://``, ``gs://``) has no locks, so rank 0 of a run claims its ``checkpoint.dir``
+instead: at startup (``training/run_lock.py``, before anything reads or writes there) it reads
+``<checkpoint.dir>/.megatron-lite.claim`` and, unless another run's claim is there, writes its own (the
+holder details of a lock file, ``tempfiles.holder_info``, with its run id), and deletes it when the run
+ends. Before each save, before anything of the step is written, rank 0 reads it again
+(:meth:`Checkpointer._begin <megatron_lite.checkpoint.writer.Checkpointer>`): a claim of another run
+stops this one with an error on every rank.
+
+What this protects: a second run started while the first one runs is refused at startup, naming the
+first; of two runs started at the same moment (both read no claim, the later write wins), the one
+whose claim was overwritten is refused at its first save, before it writes. What it cannot: reading a
+claim and writing one are two requests, not one atomic step, so a run that claims the directory
+between another run's check and the end of that run's save is seen only at that run's next save.
+
+A claim outlives a run that dies without ending (a crash, a SIGKILL). It is taken over at once by a
+later start of the same launch (a SLURM requeue, a torchrun restart: ``tempfiles.earlier_start``), and
+by a run in the same ``log.dir`` whose lock file named the claim's run (that run no longer holds its
+``log.dir``, so it has ended). Any other run is refused, and told to delete the claim if its run is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from megatron_lite.checkpoint.storage import Storage
+from megatron_lite.data import tempfiles
+from megatron_lite.data.tempfiles import describe_info, earlier_start, read_holder
+from megatron_lite.errors import UserError
+
+CLAIM = ".megatron-lite.claim"
+log = logging.getLogger(__name__)
+
+
+def read_claim(storage: Storage) -> dict | None:
+    """The run that claims ``storage`` (:func:`~megatron_lite.data.tempfiles.read_holder`); None when none does."""
+    try:
+        return read_holder(storage.read_text(CLAIM))
+    except FileNotFoundError:
+        return None
+
+
+def _refusal(storage: Storage, holder: dict) -> str:
+    return (
+        f"checkpoint.dir={storage.url()!r} is claimed by another run ({describe_info(holder)}; claim object "
+        f"{storage.url(CLAIM)}): an object store has no locks, and two runs in one checkpoint.dir overwrite each "
+        "other's checkpoints; wait for that run to end, stop it, or choose another checkpoint.dir (if that run is "
+        f"gone without ending, e.g. its machine crashed, delete {storage.url(CLAIM)})"
+    )
+
+
+def claimed_by_another(storage: Storage) -> str | None:
+    """Why this process must not write into ``storage``: another run's claim is there; else None."""
+    holder = read_claim(storage)
+    return None if holder is None or holder.get("run") == tempfiles.RUN_ID else _refusal(storage, holder)
+
+
+def claim(storage: Storage, ours: dict, ended: str | None) -> None:
+    """Claim ``storage`` for this run (``ours``: its :func:`~megatron_lite.data.tempfiles.holder_info`).
+    :class:`UserError` when another run claims it, unless that run is an earlier start of this launch
+    or the run ``ended`` (the run id of a holder known to have ended), whose claims are taken over."""
+    holder = read_claim(storage)
+    if holder is not None and holder.get("run") != ours["run"]:
+        if not (earlier_start(holder, ours) or (ended is not None and holder.get("run") == ended)):
+            raise UserError(_refusal(storage, holder))
+        log.info(
+            "checkpoint.dir=%r: taking over the claim of %s, which has ended", storage.url(), describe_info(holder)
+        )
+    storage.write_text(CLAIM, json.dumps(ours))
+
+
+def release_claim(storage: Storage) -> None:
+    """Delete this process's claim on ``storage`` (another run's is left as it is)."""
+    holder = read_claim(storage)
+    if holder is not None and holder.get("run") == tempfiles.RUN_ID:
+        storage.remove(CLAIM)
