@@ -65,7 +65,8 @@ def consumed_per_dataset(dataset: GPTDataset, consumed: int) -> list[int]:
 def data_changes(saved: dict[str, Any] | None, now: dict[str, Any], weights: list[float]) -> list[str]:
     """What differs between the data a checkpoint's lineage records (``saved``) and this run's
     (``now``: :attr:`Lineage.static`, with the blend's ``weights``): datasets by content (a moved
-    dataset with the same ``.idx`` hash and ``.bin`` size is the same), weights and tokenizer."""
+    dataset with the same ``.idx`` hash and ``.bin`` size is the same) and weights. Another tokenizer is
+    no data change: a resume refuses it (``training/resume.py: check_tokenizer``)."""
     if not saved or "datasets" not in saved:
         return []
     old, new = saved["datasets"], now["datasets"]
@@ -86,8 +87,6 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any], weights: lis
             )
     elif [d.get("weight") for d in old] != list(weights):
         changes.append(f"data.weights {[d.get('weight') for d in old]} -> {list(weights)}")
-    if saved.get("tokenizer", {}).get("sha256") != now["tokenizer"]["sha256"]:
-        changes.append(f"the tokenizer {now['tokenizer']['path']} is not the one the checkpoint was trained with")
     return changes
 
 

@@ -7,6 +7,16 @@ every shape (``model.rope_theta``, ``model.seq_len``, ``model.norm_eps``...) are
 comparing the checkpoint's saved ``model`` section with this run's, both resolved (defaults that
 depend on other fields and the tokenizer's vocabulary filled in). Starting a *new* run from the
 weights with other settings is what ``checkpoint.init_from`` is for, and is not checked here.
+``model.init_std`` is the exception: it is read only to initialise weights, which a resume loads.
+The tokenizer is checked too (:func:`check_tokenizer`): another one with the same vocabulary size
+fits every tensor, yet each token id then stands for other text.
+
+Every other setting may change on resume (``train.steps``, the batch sizes: the data position is
+counted in samples and carries over, the layout: the checkpoint reshards on load, ``train.dtype``,
+intervals, data...). The trainer logs one line naming each setting changed since the checkpoint
+(:func:`config_changes`), so that no run is changed by accident; the changes whose effect is not
+plain from the value are also warned about, saying what they mean (seed and held-out split:
+:func:`data_order_changes`; data and learning-rate schedule: :func:`resume_warnings`).
 
 A resume by path to an earlier step (a rewind, e.g. past a loss spike) is refused while
 ``checkpoint.dir`` holds committed checkpoints of later steps: the run would save over them one by
@@ -33,7 +43,7 @@ from typing import Any
 
 import torch
 
-from megatron_lite.checkpoint.format import step_dir_name
+from megatron_lite.checkpoint.format import sha256_file, step_dir_name
 from megatron_lite.checkpoint.lineage import data_changes
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
@@ -54,17 +64,45 @@ def resolved_model(saved: dict[str, Any]) -> dict[str, Any]:
     return cfg.to_dict()["model"]
 
 
+INIT_ONLY = ("init_std",)  # model settings read only to initialise weights, which a resume loads instead
+
+
 def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
-    """``model.KEY: checkpoint A, now B`` for every resolved model setting that differs."""
+    """``model.KEY: checkpoint A, now B`` for every resolved model setting that differs, but those
+    read only at initialisation (:data:`INIT_ONLY`)."""
     before, after = resolved_model(saved), now.to_dict()["model"]
-    return [f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}" for k in after if before[k] != after[k]]
+    return [
+        f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}"
+        for k in after
+        if k not in INIT_ONLY and before[k] != after[k]
+    ]
 
 
-def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
+PER_PROCESS = {("checkpoint", "resume"), ("train", "exit_after")}  # how this process starts and stops
+
+
+def config_changes(saved: dict[str, Any], now: Config) -> list[str]:
+    """``section.key A -> B`` for every setting of ``now`` that differs from the checkpoint's saved
+    config (its ``model`` section resolved by :func:`resolved_model`), but those that say only how
+    this process starts or stops (:data:`PER_PROCESS`); keys one side lacks are not compared."""
+    before = {**saved, "model": resolved_model(saved["model"])} if "model" in saved else saved
+    changes = []
+    for section, values in now.to_dict().items():
+        old = before.get(section) or {}
+        changes += [
+            f"{section}.{k} {old[k]} -> {v}"
+            for k, v in values.items()
+            if (section, k) not in PER_PROCESS and k in old and old[k] != v
+        ]
+    return changes
+
+
+def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Path) -> None:
     """Refuse a full resume whose model settings differ from the checkpoint's (one UserError
-    listing them all); warn (rank 0) when ``train.seed`` or ``data.valid_fraction`` differs and a
-    step is left to train (its samples change: :func:`data_order_changes`). Every rank gets the same verdict
-    (the metadata is rank 0's, broadcast)."""
+    listing them all) or whose ``tokenizer`` is not its run's (:func:`check_tokenizer`); warn (rank 0)
+    when ``train.seed`` or ``data.valid_fraction`` differs and a step is left to train (its samples
+    change: :func:`data_order_changes`). Every rank gets the same verdict (the metadata is rank 0's,
+    broadcast)."""
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
     saved = reader.meta.get("config") or {}
@@ -83,9 +121,26 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int) -> None:
             f"Resume with the checkpoint's model settings, or {other}"
         )
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
+    check_tokenizer(reader, tokenizer)
     if rank == 0 and reader.step < cfg.train.steps:  # else no step trains: the samples do not change
         for warning in data_order_changes(saved, cfg, reader.step):
             log.warning("%s", warning)
+
+
+def check_tokenizer(reader: CheckpointReader, tokenizer: Path) -> None:
+    """Refuse a ``tokenizer`` file other than the one the checkpoint's run trained with (the sha256 its
+    lineage records; a checkpoint without one is not checked)."""
+    saved = (reader.meta.get("lineage") or {}).get("tokenizer") or {}
+    if "sha256" not in saved or saved["sha256"] == sha256_file(tokenizer):
+        return
+    was = saved.get("path")
+    copy = f" (a copy: {reader.location}/tokenizer.model)" if "tokenizer.model" in reader.meta["files"] else ""
+    raise UserError(
+        f"the tokenizer {tokenizer} is not the one checkpoint {reader.location} was trained with, {was}{copy}: "
+        "the vocabulary size is the same, so every tensor fits, but each token id would stand for other text than "
+        f"the model learned it for. Resume with data.tokenizer={was} and data tokenized with it, or start a new "
+        f"run from these weights with checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
+    )
 
 
 def data_order_changes(saved: dict[str, Any], now: Config, step: int) -> list[str]:
@@ -125,11 +180,11 @@ def check_rewind(cfg: Config, reader: CheckpointReader) -> None:
         )
 
 
-def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] | None:
+def start_from(cfg: Config, rank: int, tokenizer: Path) -> tuple[CheckpointReader, dict | None] | None:
     """(checkpoint, single-device weights for a weights-only start or None) the trainer starts from,
     or None for a fresh run: this run's own checkpoint (``checkpoint.resume``, checked by
-    :func:`check_resume` and :func:`check_rewind`), else ``checkpoint.init_from``'s weights.
-    Collective: every rank reaches the same verdict."""
+    :func:`check_resume` against this config and ``tokenizer``, and by :func:`check_rewind`), else
+    ``checkpoint.init_from``'s weights. Collective: every rank reaches the same verdict."""
     c = cfg.checkpoint
     reader = resolve_resume(c.dir, c.resume)
     if reader is None and c.init_from:
@@ -138,7 +193,7 @@ def start_from(cfg: Config, rank: int) -> tuple[CheckpointReader, dict | None] |
         return reader, reader.model_state()
     if reader is None:
         return None
-    check_resume(cfg, reader, rank)
+    check_resume(cfg, reader, rank, tokenizer)
     check_rewind(cfg, reader)
     if reader.weights_only:  # e.g. made by `convert from-hf`: a start from its weights
         record_weights_start(cfg, reader, rank)

@@ -113,7 +113,7 @@ class Trainer:
             log.info("rank layout:\n%s", coordinate_table(self.mesh.dims))
         torch.manual_seed(cfg.train.seed)
         with fail_fast_setup("loading the checkpoint"):
-            start = resume.start_from(cfg, self.rank)
+            start = resume.start_from(cfg, self.rank, self.data.tokenizer_path)
         if self.rank == 0:  # only once the checkpoint was accepted: a refused run overwrites nothing
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml", relaunch=True)
@@ -262,6 +262,8 @@ class Trainer:
             if rng is None:
                 log.info("the layout changed since the checkpoint: RNG states not restored (the model has no dropout)")
             log.info("resumed from %s at step %d", reader.location, self.step)
+            if changed := resume.config_changes(reader.meta.get("config") or {}, self.cfg):
+                log.info("settings changed since the checkpoint (saved -> now): %s", "; ".join(changed))
             for why in resume.resume_warnings(self.cfg, reader, self.lineage.static, self.data.train.weights):
                 log.warning("%s", why)
         reader.close()

@@ -220,3 +220,62 @@ def test_exit_after_says_why_it_stopped(tiny_args, tmp_path, caplog):
     caplog.clear()
     assert main(["train", *tiny_args, "train.exit_after=10"]) == 0  # reaches train.steps: nothing to say
     assert not any(m.startswith("stopped") for m in caplog.messages), caplog.messages
+
+
+def test_a_resume_with_other_steps_batch_sizes_and_dtype_trains_on_and_names_each_change_in_one_line(
+    tiny_args, tmp_path, caplog
+):
+    """Settings a run may change on resume (as Megatron allows): it trains on from the checkpoint's
+    samples (consumed_samples carries over into the larger global batch), and one startup line names
+    each change; a relaunch that changes nothing (train.exit_after is this process's) names none."""
+    kept = [a for a in tiny_args if not a.startswith(("train.steps=", "train.micro_batch_size=", "train.global"))]
+    base = [*kept, "optim.decay_steps=2"]  # the learning-rate schedule of train.steps=4 throughout
+    run = [*base, "train.steps=3", "train.micro_batch_size=4", "train.global_batch_size=8"]
+    assert main(["train", *run, "train.exit_after=2"]) == 0
+    caplog.set_level(logging.INFO, logger="megatron_lite")
+    assert main(["train", *run]) == 0
+    assert not [m for m in caplog.messages if m.startswith("settings changed")], caplog.messages
+    caplog.clear()
+    changed = ["train.steps=4", "train.micro_batch_size=2", "train.global_batch_size=16", "train.dtype=bf16"]
+    assert main(["train", *base, *changed, "model.init_std=0.01"]) == 0
+    (line,) = [m for m in caplog.messages if m.startswith("settings changed")]
+    assert line == (
+        "settings changed since the checkpoint (saved -> now): model.init_std 0.02 -> 0.01; train.steps 3 -> 4; "
+        "train.micro_batch_size 4 -> 2; train.global_batch_size 8 -> 16; train.dtype auto -> bf16"
+    ), line
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.messages
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["consumed_samples"]) for r in rows] == [(1, 8), (2, 16), (3, 24), (4, 40)]
+
+
+def _swapped_tokenizer(tok: Path, out: Path) -> Path:
+    """``tok`` with two of its pieces' ids swapped: the same vocabulary size, other ids."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.read_bytes())
+    a, b = proto.pieces[300], proto.pieces[301]
+    a.piece, b.piece = b.piece, a.piece
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+def test_a_resume_with_another_tokenizer_of_the_same_size_is_refused_naming_both(
+    tiny_args, small_corpus, tmp_path, capsys
+):
+    """Every tensor fits, but token ids stand for other text: one error naming both tokenizers and the
+    two ways on (the checkpoint's tokenizer, or a new run from the weights); nothing saved is touched."""
+    prefix, tok = small_corpus
+    assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
+    other = tmp_path / "other"
+    for suffix in (".bin", ".idx"):  # the same tokens, with no record of the tokenizer that made them
+        other.with_suffix(suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    swapped = _swapped_tokenizer(tok, tmp_path / "swapped.model")
+    ckpt = tmp_path / "run" / "checkpoints"
+    before = _mtimes(ckpt)
+    assert main(["train", *tiny_args, f"data.path={other}", f"data.tokenizer={swapped}"]) == 2
+    err = _error_line(capsys)
+    step = ckpt / "step_00000002"
+    assert f"the tokenizer {swapped} is not the one checkpoint {step} was trained with, {tok}" in err, err
+    assert f"data.tokenizer={tok}" in err and f"checkpoint.init_from={step}" in err, err
+    assert _mtimes(ckpt) == before

@@ -55,14 +55,15 @@ def test_init_from_weights_that_do_not_fit_are_refused_before_any_layout_is_buil
     deeper = fill_defaults(load_config(None, [*TINY, "model.layers=3"]), vocab_size=100)
     start = save_weights(tmp_path / "import", 0, model("model.layers=3").state_dict(), deeper.to_dict(), files={})
     run = [f"checkpoint.dir={tmp_path / 'run'}", f"checkpoint.init_from={start}"]
+    tok = tmp_path / "tokenizer.model"  # never read: only a resume compares tokenizers
     for pp in ("parallel.pp=1", "parallel.pp=2"):
         cfg = fill_defaults(load_config(None, [*TINY, "model.layers=2", pp, *run]), vocab_size=100)
         with pytest.raises(UserError) as e:
-            start_from(cfg, rank=0)
+            start_from(cfg, rank=0, tokenizer=tok)
         msg = str(e.value)
         assert msg.startswith(f"checkpoint.init_from={start!r}: the weights in {start} do not fit this model"), msg
         assert "model/layers.2.attn.qkv.weight: checkpoint [192, 64], model none" in msg, msg
         assert "its model settings differ: model.layers: checkpoint 3, now 2" in msg, msg
     fits = fill_defaults(load_config(None, [*TINY, "model.layers=3", *run]), vocab_size=100)
-    reader, weights = start_from(fits, rank=0)
+    reader, weights = start_from(fits, rank=0, tokenizer=tok)
     assert reader.location == start and sorted(weights) == sorted(model("model.layers=3").state_dict())
