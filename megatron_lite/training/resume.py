@@ -328,17 +328,20 @@ def set_rng(rng: dict[str, torch.Tensor] | None, device: torch.device) -> None:
 
 def resume_warnings(cfg: Config, reader: CheckpointReader, lineage: dict, weights: list[float]) -> list[str]:
     """What a resume changes without refusing it: other data than the checkpoint trained on (a new
-    mixture may be intended) and another learning-rate schedule (:func:`schedule_change`). Nothing
-    when the checkpoint already reached ``train.steps``: no step trains, so nothing changes."""
+    mixture may be intended; read from the checkpoint's ``consumed_samples`` on, as Megatron does) and
+    another learning-rate schedule (:func:`schedule_change`). Nothing when the checkpoint already
+    reached ``train.steps``: no step trains, so nothing changes."""
     if reader.step >= cfg.train.steps:
         return []
     warnings = []
     if changes := data_changes(reader.meta.get("lineage"), lineage, weights):
+        consumed = reader.meta["trainer"]["consumed_samples"]
         warnings.append(
             "resuming with other data than the checkpoint trained on: "
             + "; ".join(changes)
             + "; the samples from here on are not the ones the run would have seen (restore the data and "
-            "settings to continue it exactly)"
+            f"settings to continue it exactly), and the data position carries over: the blend of this data is "
+            f"read from its sample {consumed} on"
         )
     if why := schedule_change(cfg, reader):
         warnings.append(why)

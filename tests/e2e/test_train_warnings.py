@@ -72,7 +72,8 @@ def reversed_dataset(prefix: str, tmp_path: Path) -> Path:
 
 
 def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus, tmp_path, caplog):
-    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's."""
+    """Other data is allowed (a new mixture may be intended) but said: the samples are not the run's,
+    and the new data is not read from its start (the data position carries over)."""
     other = reversed_dataset(small_corpus[0], tmp_path)
     assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
     with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
@@ -80,6 +81,7 @@ def test_resuming_on_other_data_warns_naming_the_dataset(tiny_args, small_corpus
     (warned,) = [r.getMessage() for r in caplog.records if "other data" in r.getMessage()]
     assert warned.startswith("resuming with other data than the checkpoint trained on: data.path names other data")
     assert str(other) in warned and "learning-rate schedule" not in caplog.text
+    assert warned.endswith("the blend of this data is read from its sample 16 on"), warned  # 2 steps of 8
 
 
 def test_startup_warns_of_a_warmup_longer_than_the_run_and_an_evaluation_longer_than_its_data(tiny_args, caplog):
