@@ -1,5 +1,6 @@
 """What a multi-rank run logs: the startup parameter count covers every chunk this rank holds
-(interleaved pipeline, vp > 1), and run-wide events (resumed, preempted) are said once, by rank 0."""
+(interleaved pipeline, vp > 1), and run-wide events (resumed, with which settings changed, preempted)
+are said once, by rank 0."""
 
 import logging
 import os
@@ -70,7 +71,8 @@ def test_parameter_count_covers_every_chunk_of_the_rank(logs):
 
 def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
     (rank0, _), (rank1, _) = logs
-    for prefix in ("resumed from ", "stopped at step 3 on a preemption signal"):
+    changed = "settings changed since the checkpoint (saved -> now): optim.decay_steps 1 -> 5; train.steps 2 -> 6"
+    for prefix in ("resumed from ", changed, "stopped at step 3 on a preemption signal"):
         assert sum(m.startswith(prefix) for m in rank0) == 1, rank0
         assert not any(m.startswith(prefix) for m in rank1), rank1
     # data.valid_fraction=0: each of the two trainers says once, on rank 0, that nothing is evaluated
