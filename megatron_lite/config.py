@@ -138,7 +138,8 @@ class TrainConfig:
     global_batch_size: int = 8
     """Sequences per optimizer step over all ranks = micro_batch_size x accumulation (<= 65,536) x dp."""
     seed: int = 1234
-    """Seed for the initial weights and the data order: same seed -> same run."""
+    """Seed for the initial weights and the training data order: same seed -> same run. The held-out
+    split's samples do not depend on it, so eval losses of runs with different seeds compare."""
     dtype: str = "auto"
     """``fp32``, ``bf16``, ``fp16``, ``fp8`` or ``auto`` (bf16 on GPUs that support it, fp32 on CPU).
     ``fp8``: bf16 with the block projections as Transformer Engine FP8 layers (compute capability

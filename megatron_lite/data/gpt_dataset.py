@@ -21,8 +21,9 @@ Several datasets are blended by a fixed interleaving that keeps every dataset wi
 ``weight * n`` in every prefix of the stream (``blend_schedule``).
 
 Differences from Megatron, on purpose: epochs do not share windows (each epoch is its own shuffle);
-the train/valid split uses a fixed seed mixed with the dataset's document sizes rather than the
-training seed, so runs with different seeds evaluate on the same held-out documents; and blending
+the held-out (valid) split is fixed by the files alone: its documents are drawn, and its samples
+ordered, from a fixed seed mixed with the dataset's document sizes rather than the training seed, so
+runs with different seeds evaluate on the same samples and their eval losses compare; and blending
 uses Tijdeman's rule rather than Megatron's greedy, which can drift past one sample (see
 ``blend_schedule``).
 """
@@ -221,7 +222,8 @@ class GPTDataset:
 
     ``weights=None`` weighs each dataset by its tokens in the split (as if they were one corpus); a
     dataset of weight 0 is never sampled, so it may hold fewer than ``seq_len + 1`` tokens.
-    ``dataset[i]`` depends only on the files, ``seed``, ``seq_len``, ``split`` and ``weights``;
+    ``dataset[i]`` depends only on the files, ``seq_len``, ``split``, ``weights`` and, for the train
+    split, ``seed`` (the valid split's order is fixed, so every seed evaluates on the same samples);
     ``index_cache`` (a directory, ``data.index_cache``) keeps the per-epoch indexes on disk for the
     ranks of a node to share and a restart to reuse, and never changes a sample.
     """
@@ -244,10 +246,11 @@ class GPTDataset:
         self.prefixes, self.seq_len, self.seed, self.split = prefixes, seq_len, seed, split
         self._sources: list[_PackedSplit] = []
         cache = IndexCache(index_cache) if index_cache else None
+        order_seed = seed if split == "train" else _SPLIT_SEED  # held-out samples: the same for every seed
         for k, prefix in enumerate(prefixes):
             data = IndexedDataset(prefix)
             docs = split_documents(data.sizes, split, valid_fraction)
-            source = _PackedSplit(data, docs, seq_len, seed, split, cache)
+            source = _PackedSplit(data, docs, seq_len, order_seed, split, cache)
             left_out = weights is not None and weights[k] == 0  # never sampled, so it needs no sample
             if source.num_tokens < seq_len + 1 and not left_out:
                 raise UserError(

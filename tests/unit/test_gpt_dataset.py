@@ -55,6 +55,22 @@ def test_same_seed_same_samples_other_seed_differs(one):
     assert not all(np.array_equal(a[i], c[i]) for i in idx)
 
 
+def test_the_valid_split_serves_the_same_samples_for_every_seed(one, tmp_path):
+    """train.seed orders the training samples only: evaluations of runs with other seeds read the same
+    held-out samples, and share one cached index of them (its key holds the seed that built it)."""
+    cache = tmp_path / "index"
+    train, valid = [], []
+    for seed in (1, 2):
+        kw = {"valid_fraction": 0.2, "index_cache": cache}
+        train.append(GPTDataset([one[0]], None, SEQ, seed=seed, split="train", **kw))
+        valid.append(GPTDataset([one[0]], None, SEQ, seed=seed, split="valid", **kw))
+    spe = valid[0].samples_per_epoch[0]
+    assert spe > 1 and all(np.array_equal(valid[0][i], valid[1][i]) for i in range(3 * spe))
+    assert not all(np.array_equal(train[0][i], train[1][i]) for i in range(30))
+    assert len(list(cache.glob("valid-e*.json"))) == 3  # epochs 0, 1, 2, built once for both seeds
+    assert len(list(cache.glob("train-e0-*.json"))) == 2
+
+
 def test_epoch_covers_split_tokens_once(one):
     prefix, docs = one
     ds = GPTDataset([prefix], None, SEQ, seed=3)
