@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from megatron_lite.checkpoint.format import sha256_file
-from megatron_lite.data.gpt_dataset import GPTDataset, blend_schedule
+from megatron_lite.data.blend import blend_schedule
+from megatron_lite.data.gpt_dataset import GPTDataset
 
 GIT_TIMEOUT_S = 10.0  # a hung git (network filesystem) must not hold up training
 CODE_DIR = Path(__file__).resolve().parent

@@ -18,14 +18,14 @@ valid, and the index is computed lazily per epoch (the last one cached), or mapp
 ``data.index_cache`` where one rank of the node wrote it (``data/index_cache.py``).
 
 Several datasets are blended by a fixed interleaving that keeps every dataset within one sample of
-``weight * n`` in every prefix of the stream (``blend_schedule``).
+``weight * n`` in every prefix of the stream (``data/blend.py``).
 
 Differences from Megatron, on purpose: epochs do not share windows (each epoch is its own shuffle);
 the held-out (valid) split is fixed by the files alone: its documents are drawn, and its samples
 ordered, from a fixed seed mixed with the dataset's document sizes rather than the training seed, so
 runs with different seeds evaluate on the same samples and their eval losses compare; and blending
 uses Tijdeman's rule rather than Megatron's greedy, which can drift past one sample (see
-``blend_schedule``).
+``blend.blend_schedule``).
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from fractions import Fraction
 from functools import partial
-from math import lcm
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_lite.data.blend import MAX_PERIOD, blend_schedule
 from megatron_lite.data.index_cache import IndexCache, split_key
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.sample_index import EpochIndex, build_epoch, permutation
@@ -49,7 +48,6 @@ from megatron_lite.errors import UserError
 log = logging.getLogger(__name__)
 SPLITS = ("train", "valid")
 _SPLIT_SEED = 0x5EED5
-_MAX_PERIOD = 1 << 16
 
 
 def _sizes_crc(sizes: np.ndarray) -> int:
@@ -121,65 +119,6 @@ class _PackedSplit:
             pos += 1
             offset = 0
         return out
-
-
-def _blend_period(weights: np.ndarray) -> tuple[int, np.ndarray]:
-    """Smallest ``q`` and integer quotas ``p`` (summing to q) with ``p / q == weights``.
-
-    Weights that are not small-denominator fractions (exact within 1e-9) are rounded to quotas of
-    ``q = 65536`` by largest remainder: a relative error of at most 1 / 131072 per weight.
-    """
-    q = 1
-    for w in weights:
-        frac = Fraction(float(w)).limit_denominator(_MAX_PERIOD)
-        if abs(float(frac) - w) > 1e-9 or lcm(q, frac.denominator) > _MAX_PERIOD:
-            q = 0
-            break
-        q = lcm(q, frac.denominator)
-    if q:
-        quota = np.rint(weights * q).astype(np.int64)
-        if int(quota.sum()) == q:
-            return q, quota
-    q = _MAX_PERIOD
-    scaled = weights * q
-    quota = np.floor(scaled).astype(np.int64)
-    short = q - int(quota.sum())
-    quota[np.argsort(-(scaled - quota), kind="stable")[:short]] += 1
-    return q, quota
-
-
-def blend_schedule(weights: list[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Deterministic blend over one period: ``(dataset_of_slot, local_of_slot, quota)``.
-
-    Megatron's rule (give slot ``n`` to the dataset furthest below ``weight * n``) can drift more
-    than one sample from ``weight * n`` with three or more datasets (measured: 1.13 with 8 skewed
-    weights). We use Tijdeman's greedy instead (R. Tijdeman, "The chairman assignment problem",
-    1980): among datasets at least ``delta = 1 / (2K - 2)`` below their share, take the one whose
-    next sample is due first, ``(count + 1 - delta) / weight``; ties go to the lowest index. It keeps
-    ``|count_d - weight_d * n| <= 1 - delta < 1`` for every dataset in every prefix. With exact
-    quotas ``p_d / q`` every count is exactly ``p_d`` after ``q`` slots and the pattern repeats, so
-    global sample ``i`` is slot ``i % q`` of period ``i // q``: an O(1) lookup for any ``i``.
-    """
-    w = np.asarray(weights, dtype=np.float64)
-    q, quota = _blend_period(w / w.sum())
-    K, p = quota.size, quota.tolist()
-    m = max(2 * K - 2, 1)  # delta = 1 / m; all tests below are in integers, scaled by m * q
-    counts = [0] * K
-    slot_dataset = np.empty(q, dtype=np.int64)
-    slot_local = np.empty(q, dtype=np.int64)
-    for n in range(1, q + 1):
-        best = -1
-        for d in range(K):
-            if m * (p[d] * n - q * counts[d]) < q:  # fewer than delta samples behind
-                continue
-            # due time (c + 1 - delta) / w ~ (m * (c + 1) - 1) / p, compared by cross-multiplying
-            if best < 0 or (m * (counts[d] + 1) - 1) * p[best] < (m * (counts[best] + 1) - 1) * p[d]:
-                best = d
-        assert best >= 0, "no dataset due"  # cannot happen: the deficits sum to 1 >= delta
-        slot_dataset[n - 1], slot_local[n - 1] = best, counts[best]
-        counts[best] += 1
-    assert counts == p, "blend period did not close"  # guaranteed by the theorem's bound
-    return slot_dataset, slot_local, quota
 
 
 def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: int, split: str, vf: float) -> None:
@@ -285,7 +224,7 @@ class GPTDataset:
             return
         raise UserError(
             f"data.weights gives dataset {prefix} a weight > 0, but its {why} and it would never be sampled; "
-            f"give it at least 1/{_MAX_PERIOD} of the total weight, or weight 0 to leave it out on purpose"
+            f"give it at least 1/{MAX_PERIOD} of the total weight, or weight 0 to leave it out on purpose"
         )
 
     @property

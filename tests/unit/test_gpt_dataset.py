@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, PretrainingLoader, blend_schedule, split_documents
+from megatron_lite.data.blend import blend_schedule
+from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, PretrainingLoader, split_documents
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
