@@ -151,6 +151,30 @@ def _validate(prefixes: list, weights: list[float] | None, seq_len: int, seed: i
         )
 
 
+class NoHeldOutSamplesError(UserError):
+    """A valid split in which no dataset of weight > 0 holds one sample: nothing to evaluate on."""
+
+
+def _short_of_a_sample(prefix: str, source: _PackedSplit, split: str, valid_fraction: float) -> str | None:
+    """Why ``source`` (``prefix``'s ``split``) serves no sample, and the fix; None when it serves one."""
+    if source.num_tokens > source.seq_len:
+        return None
+    if split == "valid" and source.data.sizes.size == 1:
+        return (
+            f"dataset {prefix} holds a single document, so it has no held-out split (split the text into "
+            "documents, e.g. JSONL lines)"
+        )
+    fix = (
+        "use more data, a shorter seq_len or another valid_fraction"
+        if split == "train"
+        else "hold out more of it (a larger data.valid_fraction) or use a shorter model.seq_len"
+    )
+    return (
+        f"dataset {prefix} has {source.num_tokens} tokens in {source.docs.size} documents of its {split!r} split "
+        f"(valid_fraction={valid_fraction}), fewer than seq_len+1 = {source.seq_len + 1}; {fix}"
+    )
+
+
 def _same_files(a: IndexedDataset, b: IndexedDataset) -> bool:
     """Whether two prefixes name one dataset (the same ``.bin`` and ``.idx``, through any path or link)."""
     return os.path.samefile(a.bin_path, b.bin_path) and os.path.samefile(a.idx_path, b.idx_path)
@@ -184,20 +208,14 @@ class GPTDataset:
         seq_len, seed = int(seq_len), int(seed)
         self.prefixes, self.seq_len, self.seed, self.split = prefixes, seq_len, seed, split
         self._sources: list[_PackedSplit] = []
+        self.left_out: list[str] = []
+        """Why each dataset of weight > 0 serves no sample of this (valid) split and is left out of its blend."""
         cache = IndexCache(index_cache) if index_cache else None
         order_seed = seed if split == "train" else _SPLIT_SEED  # held-out samples: the same for every seed
+        raw = []
         for k, prefix in enumerate(prefixes):
             data = IndexedDataset(prefix)
             docs = split_documents(data.sizes, split, valid_fraction)
-            source = _PackedSplit(data, docs, seq_len, order_seed, split, cache)
-            left_out = weights is not None and weights[k] == 0  # never sampled, so it needs no sample
-            if source.num_tokens < seq_len + 1 and not left_out:
-                raise UserError(
-                    f"dataset {prefix} has {source.num_tokens} tokens in {docs.size} documents of its "
-                    f"{split!r} split (valid_fraction={valid_fraction}), fewer than "
-                    f"seq_len+1 = {seq_len + 1}; "
-                    "use more data, a shorter seq_len or another valid_fraction"
-                )
             for earlier, other in zip(prefixes, self._sources, strict=False):
                 if _same_files(other.data, data):
                     raise UserError(
@@ -205,8 +223,17 @@ class GPTDataset:
                         "serve the same samples in the same order, so the run would see each sample twice "
                         "in a row; list it once and give it more weight in data.weights"
                     )
-            self._sources.append(source)
-        raw = [s.num_tokens for s in self._sources] if weights is None else [float(w) for w in weights]
+            self._sources.append(_PackedSplit(data, docs, seq_len, order_seed, split, cache))
+            raw.append(self._sources[-1].num_tokens if weights is None else float(weights[k]))
+            sampled = weights is None or weights[k] > 0  # weight 0: never sampled, so it needs no sample
+            short = _short_of_a_sample(prefix, self._sources[-1], split, valid_fraction) if sampled else None
+            if short and split == "train":
+                raise UserError(short)
+            if short:  # Megatron's way: each dataset's held-out split is built, and what exists is blended
+                self.left_out.append(short)
+                raw[-1] = 0.0
+        if not any(raw):
+            raise NoHeldOutSamplesError(f"no dataset of data.path serves a held-out sample: {'; '.join(self.left_out)}")
         self.weights = [w / sum(raw) for w in raw]
         self._slot_dataset, self._slot_local, self._quota = blend_schedule(self.weights)
         self._check_quotas(weights is None)

@@ -6,22 +6,19 @@ training builds.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from megatron_lite.config import Config, check_vocab_covers
 from megatron_lite.data.corpus import prepare_default_corpus
-from megatron_lite.data.gpt_dataset import GPTDataset
-from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.gpt_dataset import GPTDataset, NoHeldOutSamplesError
 from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.token_range import check_token_ids
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 
-log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -57,6 +54,8 @@ class DataBundle:
     train: GPTDataset
     valid: GPTDataset | None
     tokenizer_path: Path
+    warnings: list[str] = field(default_factory=list)
+    """What the held-out split leaves out: a dataset of the blend, or the whole evaluation (rank 0 logs them)."""
 
 
 def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
@@ -87,7 +86,9 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
 
 def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBundle:
     """Open the tokenizer and both splits (datasets only read files: safe on every rank); each
-    dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded)."""
+    dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded). A
+    dataset whose held-out split serves no sample is left out of the evaluation's blend, and without
+    any such sample there is no evaluation: both said in ``DataBundle.warnings``."""
     tok = Tokenizer(tokenizer_path)
     d, seq, seed = cfg.data, cfg.model.seq_len, cfg.train.seed
     fix = None if d.path else "leave data.tokenizer empty to use the embedded corpus's own, or set data.path"
@@ -95,19 +96,16 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
         check_dataset_tokenizer(prefix, tok, fix)
     split = {"valid_fraction": d.valid_fraction, "index_cache": d.index_cache}
     train = GPTDataset(prefixes, d.weights, seq, seed, split="train", **split)
-    valid = None
+    valid, warnings = None, []
     if d.valid_fraction > 0:
-        sampled = [p for k, p in enumerate(prefixes) if d.weights is None or d.weights[k] > 0]
-        single = [p for p in sampled if len(IndexedDataset(p).sizes) < 2]
-        if single:
-            log.warning(
-                "dataset %s holds a single document, so it has no held-out split: training without "
-                "evaluation (split the text into documents, e.g. JSONL lines, or set data.valid_fraction=0)",
-                single[0],
-            )
-        else:
+        try:
             valid = GPTDataset(prefixes, d.weights, seq, seed, split="valid", **split)
-    return DataBundle(tok, train, valid, Path(tokenizer_path))
+        except NoHeldOutSamplesError as e:
+            warnings.append(f"{e}: training without evaluation (or set data.valid_fraction=0 to say so)")
+        else:
+            blend = "the evaluation blends the other datasets of data.path, by their weights, without it"
+            warnings += [f"{why}; {blend}" for why in valid.left_out]
+    return DataBundle(tok, train, valid, Path(tokenizer_path), warnings)
 
 
 def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:

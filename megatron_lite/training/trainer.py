@@ -10,8 +10,9 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
-Without a held-out split (``data.valid_fraction=0``, a one-document dataset) there is no evaluation
-and no ``eval_loss``, said once at startup.
+Without a held-out sample (``data.valid_fraction=0``, one-document datasets) there is no evaluation
+and no ``eval_loss``, said once at startup; a dataset of a blend without one is left out of the
+evaluation's blend, also said (``build.build_data``).
 Setup, from the process group on, and the loop each run under a ``FailureWatch``
 (``launcher/failure_watch.py``): a rank that raises stops every rank within seconds, each logging its
 error, instead of leaving them in a collective. A signal during setup (``fault.py: SetupSignals``)
@@ -92,6 +93,7 @@ class Trainer:
         if self.rank == 0:
             local_ranks = self.env.local_world_size
             for why in [
+                *self.data.warnings,
                 *preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid),
                 *unchecked,
             ]:

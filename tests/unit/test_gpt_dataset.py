@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megatron_lite.data.blend import blend_schedule
-from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, PretrainingLoader, split_documents
+from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, NoHeldOutSamplesError, PretrainingLoader, split_documents
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
@@ -245,7 +245,37 @@ def test_a_dataset_of_weight_0_may_be_smaller_than_one_sample(one, tmp_path):
         GPTDataset([one[0], tiny], [1.0, 1e-3], SEQ, seed=0, valid_fraction=0.1)
 
 
-def test_a_single_document_dataset_of_weight_0_keeps_the_evaluation(one, tmp_path, tok):
+def test_a_blends_dataset_without_a_held_out_sample_is_left_out_of_the_evaluation(one, tmp_path):
+    """As Megatron builds each dataset's valid split and blends those that exist: a dataset whose held-out
+    documents are shorter than one sample is named in ``left_out`` and the valid blend is the others'."""
+    short = _tiny(tmp_path / "short", [5] * 10)  # 45 tokens to train on, 5 held out: less than SEQ + 1
+    alone = GPTDataset([one[0]], None, SEQ, seed=0, split="valid", valid_fraction=0.1)
+    for weights in (None, [1.0, 3.0]):
+        ds = GPTDataset([one[0], short], weights, SEQ, seed=0, split="valid", valid_fraction=0.1)
+        assert ds.weights == [1.0, 0.0] and ds.left_out == [
+            f"dataset {short} has 5 tokens in 1 documents of its 'valid' split (valid_fraction=0.1), fewer than "
+            "seq_len+1 = 17; hold out more of it (a larger data.valid_fraction) or use a shorter model.seq_len"
+        ]
+        assert all(np.array_equal(ds[i], alone[i]) for i in range(2 * alone.samples_per_epoch[0]))
+        train = GPTDataset([one[0], short], weights, SEQ, seed=0, valid_fraction=0.1)
+        assert train.left_out == [] and train.weights[1] > 0
+    with pytest.raises(UserError, match=r"short has 5 tokens in 1 documents of its 'train' split"):
+        GPTDataset([one[0], short], None, SEQ, seed=0, valid_fraction=0.99)  # train still needs a sample
+
+
+def test_a_valid_split_without_any_sample_names_every_dataset(tmp_path):
+    short, single = _tiny(tmp_path / "short", [5] * 10), _tiny(tmp_path / "single", [400])
+    with pytest.raises(NoHeldOutSamplesError) as err:
+        GPTDataset([short, single], [1.0, 1.0], SEQ, seed=0, split="valid", valid_fraction=0.1)
+    assert str(err.value).startswith(
+        f"no dataset of data.path serves a held-out sample: dataset {short} has 5 tokens in 1 documents of its "
+        f"'valid' split (valid_fraction=0.1), fewer than seq_len+1 = 17; hold out more of it (a larger "
+        f"data.valid_fraction) or use a shorter model.seq_len; dataset {single} holds a single document, so it "
+        "has no held-out split (split the text into documents, e.g. JSONL lines)"
+    )
+
+
+def test_the_run_evaluates_on_the_datasets_with_a_held_out_sample(one, tmp_path, tok):
     from megatron_lite.config import Config
     from megatron_lite.training.build import build_data
 
@@ -253,10 +283,25 @@ def test_a_single_document_dataset_of_weight_0_keeps_the_evaluation(one, tmp_pat
     cfg = Config()
     cfg.data.path, cfg.data.tokenizer, cfg.data.valid_fraction = [one[0], single], str(tok.path), 0.1
     cfg.model.seq_len = SEQ
-    cfg.data.weights = [1.0, 0.0]
-    assert build_data(cfg, cfg.data.path, tok.path).valid.samples_per_epoch[0] > 0
-    cfg.data.weights = [1.0, 1.0]  # sampled: it has no held-out split, so there is no evaluation
-    assert build_data(cfg, cfg.data.path, tok.path).valid is None
+    for weights in ([1.0, 0.0], [1.0, 1.0]):  # left out by its weight, or for want of a held-out sample
+        cfg.data.weights = weights
+        data = build_data(cfg, cfg.data.path, tok.path)
+        assert data.valid.weights == [1.0, 0.0]
+        assert data.warnings == (
+            []
+            if weights[1] == 0
+            else [
+                f"{data.valid.left_out[0]}; the evaluation blends "
+                "the other datasets of data.path, by their weights, without it"
+            ]
+        )
+    cfg.data.path, cfg.data.weights = [single], None
+    data = build_data(cfg, cfg.data.path, tok.path)
+    assert data.valid is None and data.warnings == [
+        f"no dataset of data.path serves a held-out sample: dataset {single} holds a single document, so it has "
+        "no held-out split (split the text into documents, e.g. JSONL lines): training without evaluation "
+        "(or set data.valid_fraction=0 to say so)"
+    ]
 
 
 def test_one_dataset_listed_twice_is_refused_naming_both_spellings(one, tmp_path):
