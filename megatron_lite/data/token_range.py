@@ -89,18 +89,18 @@ def _too_large(data: IndexedDataset, found: tuple[int, str], vocab_size: int, to
     )
 
 
-def check_batch_ids(micro: Sequence, vocab_size: int, step: int, tokenizer: str | Path) -> None:
+def check_batch_ids(micro: Sequence, vocab_size: int, where: str, tokenizer: str | Path) -> None:
     """The trainer's per-batch guard (a dataset too large to check here, or damaged since): every id
-    of the microbatches ``micro`` of step ``step`` is in ``[0, vocab_size)``, else one
-    :class:`UserError` (not an IndexError deep inside the embedding)."""
+    of the microbatches ``micro`` (read for ``where``: "step 7", "the evaluation at step 4") is in
+    ``[0, vocab_size)``, else one :class:`UserError` (not an IndexError deep inside the embedding)."""
     top, low = max(int(b.max()) for b in micro), min(int(b.min()) for b in micro)
     if top >= vocab_size:
         raise UserError(
-            f"the data holds token id {top} but model.vocab_size is {vocab_size} (step {step}): the dataset was "
+            f"the data holds token id {top} but model.vocab_size is {vocab_size} ({where}): the dataset was "
             f"tokenized with another tokenizer than {tokenizer}"
         )
     if low < 0:
         raise UserError(
-            f"the data holds token id {low} (step {step}): token ids are never negative, so the dataset's .bin is "
+            f"the data holds token id {low} ({where}): token ids are never negative, so the dataset's .bin is "
             "damaged; rebuild it with `megatron-lite preprocess`"
         )

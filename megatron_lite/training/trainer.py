@@ -275,16 +275,22 @@ class Trainer:
         """One optimizer step: loss (global-batch mean), grad_norm, lr, skipped."""
         lr = lr_at(self.step - self.skipped_steps, self.cfg.optim)  # a skipped step leaves the schedule where it is
         micro = self.loader.next_step()
-        check_batch_ids(micro, self.cfg.model.vocab_size, self.step + 1, self.data.tokenizer_path)
+        check_batch_ids(micro, self.cfg.model.vocab_size, f"step {self.step + 1}", self.data.tokenizer_path)
         out = self.engine.step(micro, lr)
         self.skipped_steps += int(out["skipped"])
         self.step += 1
         return {**out, "lr": lr}
 
     def evaluate(self) -> float:
-        """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones)."""
-        loader, iters = self._loader(self.data.valid), self.cfg.train.eval_iters
-        return sum(self.engine.eval_loss(loader.next_step()) for _ in range(iters)) / iters
+        """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones),
+        their token ids checked as the training batches' are (held-out documents are never trained on)."""
+        loader, iters, total = self._loader(self.data.valid), self.cfg.train.eval_iters, 0.0
+        for _ in range(iters):
+            micro = loader.next_step()
+            where = f"the evaluation at step {self.step}"
+            check_batch_ids(micro, self.cfg.model.vocab_size, where, self.data.tokenizer_path)
+            total += self.engine.eval_loss(micro)
+        return total / iters
 
     def _loader(self, dataset: GPTDataset) -> PretrainingLoader:
         """This dp rank's microbatches of ``dataset``, from its first global batch."""

@@ -349,6 +349,30 @@ def test_token_ids_past_the_vocabulary_are_caught_as_read_where_the_data_is_too_
     assert "the data holds token id 512 but model.vocab_size is 512 (step 1)" in err and str(tok) in err
 
 
+def test_held_out_token_ids_past_the_vocabulary_are_caught_as_the_evaluation_reads_them(
+    tiny_args, small_corpus, tmp_path, capsys, monkeypatch
+):
+    """Held-out documents are never in a training batch: the evaluation checks its own batches."""
+    import numpy as np
+
+    from megatron_lite.data import token_range
+    from megatron_lite.data.gpt_dataset import split_documents
+    from megatron_lite.data.indexed import IndexedDatasetBuilder
+
+    monkeypatch.setattr(token_range, "SCAN_LIMIT_BYTES", 0)  # as for a .bin of terabytes without its record
+    sizes = np.arange(100, 110)
+    (held,) = split_documents(sizes, "valid", 0.1)
+    with IndexedDatasetBuilder(tmp_path / "big") as builder:
+        for d, size in enumerate(sizes):
+            builder.add_document([512 if d == held else 7, *range(size - 1)])
+    args = [*tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0.1", "train.eval_every=2"]
+    assert main(["train", *args]) == 2
+    err = one_error_line(capsys)
+    assert "the data holds token id 512 but model.vocab_size is 512 (the evaluation at step 2)" in err
+    rows = [json.loads(x) for x in (Path(args_dir(args)) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # steps 1 and 2 trained on the good documents
+
+
 def args_dir(args: list[str]) -> str:
     return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("log.dir="))
 

@@ -112,15 +112,15 @@ def test_each_batch_is_checked_for_ids_outside_the_vocabulary():
     """The per-batch guard: an id past the vocabulary names the tokenizer; a negative id (a damaged
     int32 .bin) names the rebuild; both before the embedding would raise an IndexError."""
     good = [torch.tensor([[0, 5, 511]]), torch.tensor([[3, 4, 2]])]
-    check_batch_ids(good, 512, 7, "tok.model")
+    check_batch_ids(good, 512, "step 7", "tok.model")
     with pytest.raises(UserError) as e:
-        check_batch_ids([*good, torch.tensor([[1, 512, 0]])], 512, 7, "tok.model")
+        check_batch_ids([*good, torch.tensor([[1, 512, 0]])], 512, "step 7", "tok.model")
     assert str(e.value) == (
         "the data holds token id 512 but model.vocab_size is 512 (step 7): the dataset was tokenized with another "
         "tokenizer than tok.model"
     )
     with pytest.raises(UserError) as e:
-        check_batch_ids([*good, torch.tensor([[1, -3, 0]])], 512, 7, "tok.model")
+        check_batch_ids([*good, torch.tensor([[1, -3, 0]])], 512, "step 7", "tok.model")
     assert str(e.value) == (
         "the data holds token id -3 (step 7): token ids are never negative, so the dataset's .bin is damaged; "
         "rebuild it with `megatron-lite preprocess`"
