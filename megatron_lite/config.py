@@ -173,10 +173,12 @@ class DataConfig:
     vocab_size: int = 8192
     """Vocabulary of the tokenizer trained for the embedded corpus (unused with ``data.path``)."""
     valid_fraction: float = 0.01
-    """Fraction of documents held out for evaluation. 0: none, so no evaluation runs and
-    metrics.jsonl has no ``eval_loss`` (the startup log says so once). A dataset whose held-out
-    documents hold fewer than ``seq_len + 1`` tokens is left out of the evaluation's blend (the others
-    keep their weights' ratios), with a startup warning naming it; with none left, no evaluation runs."""
+    """Fraction of each dataset's documents held out for evaluation, at least one of two or more (a
+    startup warning names a dataset where that one is a larger share of its tokens than this). 0:
+    none, so no evaluation runs and metrics.jsonl has no ``eval_loss`` (the startup log says so
+    once). A dataset whose held-out documents hold fewer than ``seq_len + 1`` tokens is left out of
+    the evaluation's blend (the others keep their weights' ratios), with a startup warning naming it;
+    with none left, no evaluation runs."""
     cache_dir: str = ".cache/megatron-lite"
     """Where the embedded corpus's tokenizer and dataset are built once and reused."""
     index_cache: str | None = None

@@ -55,6 +55,28 @@ def _sizes_crc(sizes: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(sizes, dtype="<i8"))
 
 
+def held_out_count(n: int, valid_fraction: float) -> int:
+    """How many of ``n`` documents ``split_documents`` holds out: ``round(n * valid_fraction)``, but at
+    least one when ``valid_fraction > 0`` and ``n >= 2``, and never all."""
+    return 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
+
+
+def held_out_warnings(valid: GPTDataset, valid_fraction: float) -> list[str]:
+    """A line for each dataset sampled by ``valid`` (its valid split) that holds out a document only
+    because at least one is held out (``n * valid_fraction`` rounds to none), where that document is a
+    larger share of the dataset's tokens than ``valid_fraction``: tokens the user did not expect to lose."""
+    found = []
+    for prefix, data, held, weight in zip(valid.prefixes, valid.datasets, valid.num_tokens, valid.weights, strict=True):
+        n, share = int(data.sizes.size), held / max(data.num_tokens, 1)
+        if weight > 0 and round(n * valid_fraction) == 0 < held_out_count(n, valid_fraction) and share > valid_fraction:
+            found.append(
+                f"dataset {prefix} has {n} documents, too few for data.valid_fraction={valid_fraction} to hold out "
+                f"any, so one is held out for evaluation: {share:.1%} of its tokens are never trained on (split its "
+                "text into more documents, e.g. JSONL lines, to hold out less)"
+            )
+    return found
+
+
 def split_documents(sizes: np.ndarray, split: str, valid_fraction: float) -> np.ndarray:
     """Sorted document ids of ``split``: the last ``valid_fraction`` of a seeded permutation is valid.
 
@@ -62,7 +84,7 @@ def split_documents(sizes: np.ndarray, split: str, valid_fraction: float) -> np.
     train always keeps at least one. The permutation depends only on the document sizes.
     """
     n = int(sizes.size)
-    n_valid = 0 if valid_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
+    n_valid = held_out_count(n, valid_fraction)
     perm = permutation(np.random.default_rng([_SPLIT_SEED, n, _sizes_crc(sizes)]), n)
     docs = perm[n - n_valid :] if split == "valid" else perm[: n - n_valid]
     return np.sort(docs)

@@ -13,7 +13,7 @@ import torch
 
 from megatron_lite.config import Config, check_vocab_covers
 from megatron_lite.data.corpus import prepare_default_corpus
-from megatron_lite.data.gpt_dataset import GPTDataset, NoHeldOutSamplesError
+from megatron_lite.data.gpt_dataset import GPTDataset, NoHeldOutSamplesError, held_out_warnings
 from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.token_range import check_token_ids
 from megatron_lite.data.tokenizer import Tokenizer
@@ -55,7 +55,8 @@ class DataBundle:
     valid: GPTDataset | None
     tokenizer_path: Path
     warnings: list[str] = field(default_factory=list)
-    """What the held-out split leaves out: a dataset of the blend, or the whole evaluation (rank 0 logs them)."""
+    """What the held-out split leaves out (a dataset of the blend, or the whole evaluation) or takes
+    beyond data.valid_fraction; rank 0 logs them."""
 
 
 def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
@@ -88,7 +89,8 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
     """Open the tokenizer and both splits (datasets only read files: safe on every rank); each
     dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded). A
     dataset whose held-out split serves no sample is left out of the evaluation's blend, and without
-    any such sample there is no evaluation: both said in ``DataBundle.warnings``."""
+    any such sample there is no evaluation; both are said in ``DataBundle.warnings``, as is a dataset
+    holding out more of its tokens than ``data.valid_fraction`` asks (``held_out_warnings``)."""
     tok = Tokenizer(tokenizer_path)
     d, seq, seed = cfg.data, cfg.model.seq_len, cfg.train.seed
     fix = None if d.path else "leave data.tokenizer empty to use the embedded corpus's own, or set data.path"
@@ -104,7 +106,7 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
             warnings.append(f"{e}: training without evaluation (or set data.valid_fraction=0 to say so)")
         else:
             blend = "the evaluation blends the other datasets of data.path, by their weights, without it"
-            warnings += [f"{why}; {blend}" for why in valid.left_out]
+            warnings += [f"{why}; {blend}" for why in valid.left_out] + held_out_warnings(valid, d.valid_fraction)
     return DataBundle(tok, train, valid, Path(tokenizer_path), warnings)
 
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from megatron_lite.data.blend import blend_schedule
-from megatron_lite.data.gpt_dataset import SPLITS, GPTDataset, NoHeldOutSamplesError, PretrainingLoader, split_documents
+from megatron_lite.data.gpt_dataset import (
+    SPLITS,
+    GPTDataset,
+    NoHeldOutSamplesError,
+    PretrainingLoader,
+    held_out_warnings,
+    split_documents,
+)
 from megatron_lite.data.indexed import IndexedDatasetBuilder
 from megatron_lite.errors import UserError
 
@@ -302,6 +309,29 @@ def test_the_run_evaluates_on_the_datasets_with_a_held_out_sample(one, tmp_path,
         "no held-out split (split the text into documents, e.g. JSONL lines): training without evaluation "
         "(or set data.valid_fraction=0 to say so)"
     ]
+
+
+def test_a_document_held_out_only_because_one_must_be_is_named_with_its_share(one, tmp_path, tok):
+    """5 documents at valid_fraction 0.05 would hold out none; one is held out anyway: 20% of the tokens."""
+    from megatron_lite.config import Config
+    from megatron_lite.training.build import build_data
+
+    few = _tiny(tmp_path / "few", [100] * 5)
+    cfg = Config()
+    cfg.data.path, cfg.data.tokenizer, cfg.data.valid_fraction = [one[0], few], str(tok.path), 0.05
+    cfg.model.seq_len = SEQ
+    data = build_data(cfg, cfg.data.path, tok.path)
+    assert (
+        data.warnings
+        == held_out_warnings(data.valid, 0.05)
+        == [
+            f"dataset {few} has 5 documents, too few for data.valid_fraction=0.05 to hold out any, so one is held out "
+            "for evaluation: 20.0% of its tokens are never trained on (split its text into more documents, e.g. JSONL "
+            "lines, to hold out less)"
+        ]
+    )  # not the 40 documents of `one`, of which round(40 * 0.05) = 2 are held out as asked
+    unsampled = GPTDataset([one[0], few], [1.0, 0.0], SEQ, seed=0, split="valid", valid_fraction=0.05)
+    assert held_out_warnings(unsampled, 0.05) == []
 
 
 def test_one_dataset_listed_twice_is_refused_naming_both_spellings(one, tmp_path):
