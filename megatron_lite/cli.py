@@ -31,10 +31,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from megatron_lite.training.evaluate import NonFiniteLossError, evaluate_text
+    from megatron_lite.training.evaluate import NonFiniteLossError, evaluate_held_out, evaluate_text
 
     try:
-        result = evaluate_text(args.checkpoint, args.text, device=args.device, json_key=args.json_key)
+        if args.held_out:
+            result = evaluate_held_out(args.checkpoint, args.device)
+        else:
+            result = evaluate_text(args.checkpoint, args.text, args.device, args.json_key)
     except NonFiniteLossError as e:
         if not args.json:
             raise
@@ -44,8 +47,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:  # the documented line is exactly these two keys
         print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}, allow_nan=False))
     else:
-        r = result
-        print(f"loss {r['loss']:.4f} (perplexity {r['perplexity']:.2f}) over {r['tokens']} tokens")
+        print(f"loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) over {result['tokens']} tokens")
     return 0
 
 
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_option(t)
     t.set_defaults(fn=_train)
 
-    e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file")
+    e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file or its run's held-out samples")
     e.add_argument(
         "--checkpoint",
         required=True,
@@ -292,9 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint.dir, by default <log.dir>/checkpoints (its newest good step is used); "
         "the run's log.dir itself is not accepted",
     )
-    e.add_argument(
-        "--text", required=True, help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)"
-    )
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)")
+    what.add_argument("--held-out", action="store_true", help="the run's held-out samples (its eval_loss)")
     e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text")
     e.add_argument(
         "--json",

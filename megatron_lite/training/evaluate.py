@@ -1,4 +1,5 @@
-"""``megatron-lite eval``: the mean next-token loss of a checkpoint on a text file.
+"""``megatron-lite eval``: the mean next-token loss of a checkpoint on a text file, or on its run's
+held-out samples (``--held-out``: :func:`evaluate_held_out`, the run's ``eval_loss`` at that step).
 
 The file is tokenized without BOS/EOS and cut into consecutive windows of ``seq_len + 1`` tokens
 that overlap by one token (window k covers tokens [k*T, k*T + T]); the last window may be shorter.
@@ -14,6 +15,7 @@ is no score: :class:`NonFiniteLossError`, which ``eval --json`` prints as ``"los
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -23,12 +25,16 @@ import torch.nn.functional as F
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
+from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.token_range import check_batch_ids
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
-from megatron_lite.training.build import resolve_device
+from megatron_lite.training.build import build_data, resolve_data_paths, resolve_device
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -119,10 +125,47 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
             "next from): give --text a file with more text"
         )
     loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)
+    return _score(loss, len(ids), model, f"checkpoint {str(checkpoint)!r} on {str(p)!r}")
+
+
+def _score(loss: float, tokens: int, model: Transformer, what: str) -> dict:
+    """The result of a finite loss; :class:`NonFiniteLossError` naming ``what`` and the cause otherwise."""
     if not math.isfinite(loss):
         raise NonFiniteLossError(
-            f"the loss of checkpoint {str(checkpoint)!r} on {str(p)!r} is {loss}, no score: {_non_finite_why(model)}; "
+            f"the loss of {what} is {loss}, no score: {_non_finite_why(model)}; "
             "the run diverged before this checkpoint: evaluate an earlier one",
-            len(ids),
+            tokens,
         )
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": len(ids)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
+
+
+def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
+    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on the samples its run evaluates:
+    ``train.eval_iters`` global batches of the held-out split, built from the data and settings in
+    the checkpoint's config as training builds them, so the loss is the run's ``eval_loss`` at that
+    step (to float rounding: one device, fp32, whatever the run's layout and dtype)."""
+    dev = resolve_device(device, option="--device ")
+    reader = find_checkpoint(checkpoint)
+    cfg, where = reader.config, reader.location
+    if reader.weights_only:
+        raise UserError(
+            f"checkpoint {where} holds imported weights, not a run's, so it has no held-out split; use --text"
+        )
+    if cfg.data.valid_fraction <= 0:
+        raise UserError(f"the run of checkpoint {where} held out no documents (data.valid_fraction=0); use --text")
+    data = build_data(cfg, *resolve_data_paths(cfg, progress=False))
+    if data.valid is None:
+        raise UserError(f"the run of checkpoint {where} has no held-out samples: {data.warnings[0]}; use --text")
+    for why in data.warnings:  # a dataset left out of the held-out blend, as training said
+        log.warning("%s", why)
+    model, _ = load_model(checkpoint, dev)
+    t = cfg.train
+    loader = PretrainingLoader(data.valid, t.micro_batch_size, t.global_batch_size)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(t.eval_iters):  # as Trainer.evaluate: the mean of each global batch's microbatch mean
+            micro = loader.next_step()
+            check_batch_ids(micro, cfg.model.vocab_size, "the held-out samples", data.tokenizer_path)
+            total += sum(model(b[:, :-1].to(dev), b[:, 1:].to(dev)).float().item() for b in micro) / len(micro)
+    tokens = t.eval_iters * t.global_batch_size * cfg.model.seq_len
+    return _score(total / t.eval_iters, tokens, model, f"checkpoint {str(checkpoint)!r} on its held-out samples")
