@@ -113,7 +113,11 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     if p.is_dir():
         raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
     if not p.is_file():
-        raise UserError(f"text file {str(p)!r} does not exist")
+        dataset = Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file()
+        hint = (
+            "; it is a preprocessed dataset's prefix, and --text reads text (--held-out scores a run's held-out split)"
+        )
+        raise UserError(f"text file {str(p)!r} does not exist{hint if dataset else ''}")
     dev = resolve_device(device, option="--device ")  # before reading anything
     texts = _read_text(p, json_key)
     model, tok = load_model(checkpoint, dev)

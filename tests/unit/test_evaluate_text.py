@@ -86,6 +86,17 @@ def test_a_text_of_fewer_than_two_tokens_is_one_error_asking_for_more_text(text,
     ), err
 
 
+def test_a_dataset_prefix_given_as_text_is_named_for_what_it_is(tmp_path, capsys):
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"data{ext}").write_bytes(b"")
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "data"), "--device", "cpu"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: text file {str(tmp_path / 'data')!r} does not exist; it is a preprocessed dataset's prefix, and "
+        "--text reads text (--held-out scores a run's held-out split)\n"
+    )
+
+
 def test_a_text_that_is_not_utf8_is_one_error_saying_how_to_convert_it(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin1"))
     args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "latin1.txt"), "--device", "cpu"]
