@@ -21,3 +21,11 @@ def enough_cpus(monkeypatch):
     """In-process runs with 2 workers pass on a one-CPU machine too (the refusal is tested alone)."""
     real = preprocess_pool.usable_cpus()
     monkeypatch.setattr(preprocess_pool, "usable_cpus", lambda: max(real, 2))
+
+
+@pytest.fixture
+def one(tmp_path):
+    """A dataset of 40 documents whose every token is unique (``unique_tokens.make_dataset``)."""
+    from unique_tokens import make_dataset
+
+    return make_dataset(tmp_path / "a")
