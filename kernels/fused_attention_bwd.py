@@ -102,8 +102,7 @@ def _attn_bwd_dkdv_kernel(
     if CAUSAL:
         # Queries before this key tile never see it: start at the query tile holding start_n.
         lo = (start_n // BLOCK_M) * BLOCK_M
-    for g in range(GROUP):
-        h = hkv * GROUP + g
+    for h in range(hkv * GROUP, hkv * GROUP + GROUP):  # the K/V head's query heads
         rows = (b.to(tl.int64) * H + h) * T
         # One loop, masked throughout when causal: a second, unmasked copy for the tiles past the
         # diagonal (as dQ has) cost the 32x64 tile ~40 registers and the others spills on sm_90.

@@ -67,8 +67,9 @@ def _layer_norm_bwd_kernel(
     db = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    # Row pointers advance by their strides: int64 from the start, as rows x stride can pass 2^31.
-    first = row_start.to(tl.int64)
+    # Row pointers advance by their strides, in int64 from a first row computed in int64: rows x stride
+    # can pass 2^31 (the loop's own row index stays int32, below n_rows).
+    first = pid.to(tl.int64) * rows_per_program
     X += first * stride_x
     DY += first * stride_dy
     DX += first * stride_dx
@@ -89,9 +90,10 @@ def _layer_norm_bwd_kernel(
         X += stride_x
         DY += stride_dy
         DX += stride_dx
-    tl.store(DW_PART + pid * stride_part + cols, dw, mask=mask)
+    part = pid.to(tl.int64) * stride_part
+    tl.store(DW_PART + part + cols, dw, mask=mask)
     if HAS_BIAS:
-        tl.store(DB_PART + pid * stride_part + cols, db, mask=mask)
+        tl.store(DB_PART + part + cols, db, mask=mask)
 
 
 def layer_norm_fwd(

@@ -64,8 +64,9 @@ def _rms_norm_bwd_kernel(
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    # Row pointers advance by their strides: int64 from the start, as rows x stride can pass 2^31.
-    first = row_start.to(tl.int64)
+    # Row pointers advance by their strides, in int64 from a first row computed in int64: rows x stride
+    # can pass 2^31 (the loop's own row index stays int32, below n_rows).
+    first = pid.to(tl.int64) * rows_per_program
     X += first * stride_x
     DY += first * stride_dy
     DX += first * stride_dx
@@ -88,7 +89,7 @@ def _rms_norm_bwd_kernel(
         X += stride_x
         DY += stride_dy
         DX += stride_dx
-    tl.store(DW_PART + pid * n_cols + cols, dw, mask=mask)
+    tl.store(DW_PART + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
 
 
 def rms_norm_fwd(

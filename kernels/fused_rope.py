@@ -21,8 +21,8 @@ from megatron_lite.kernels._common import first_order_only
 @triton.jit
 def _rope_kernel(
     X, COS, SIN, Y,
-    stride_xb, stride_xt, stride_xh, stride_xd,
-    stride_yb, stride_yt, stride_yh, stride_yd,
+    stride_xb, stride_xt, stride_xh,
+    stride_yb, stride_yt, stride_yh,
     stride_ct, stride_st,
     T, H, HALF,
     INVERSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -30,7 +30,9 @@ def _rope_kernel(
     pid = tl.program_id(0)
     b = (pid // T).to(tl.int64)
     t = (pid % T).to(tl.int64)
-    h = tl.arange(0, BLOCK_H)[:, None]
+    # int64: a (B, H, T, D) gradient comes in as a (B, T, H, D) view whose head stride is T x D, and
+    # h x T x D passes 2^31 at 128 heads of T = 256K, D = 128.
+    h = tl.arange(0, BLOCK_H)[:, None].to(tl.int64)
     d = tl.arange(0, BLOCK_D)[None, :]
     dmask = d < HALF
     mask = (h < H) & dmask
@@ -39,15 +41,17 @@ def _rope_kernel(
     if INVERSE:
         sin = -sin
     x_row = X + b * stride_xb + t * stride_xt + h * stride_xh
-    x1 = tl.load(x_row + d * stride_xd, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_row + (d + HALF) * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + d + HALF, mask=mask, other=0.0).to(tl.float32)
     y_row = Y + b * stride_yb + t * stride_yt + h * stride_yh
-    tl.store(y_row + d * stride_yd, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_row + (d + HALF) * stride_yd, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_row + d, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_row + d + HALF, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=mask)
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
     """Rotate x (B, T, H, D), any strides, by theta (or -theta when ``inverse``); returns contiguous."""
+    if x.stride(-1) != 1:  # the kernel reads a head's D values at unit stride
+        x = x.contiguous()
     B, T, H, D = x.shape
     y = torch.empty((B, T, H, D), device=x.device, dtype=x.dtype)
     if y.numel() == 0:  # no heads or D = 0: nothing to rotate (and no block of 0 lanes to launch)
@@ -58,7 +62,7 @@ def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
     warps = 4 if block_h * block_d <= 4096 else 8
     _rope_kernel[(B * T,)](
         x, cos, sin, y,
-        *x.stride(), *y.stride(), cos.stride(0), sin.stride(0),
+        *x.stride()[:3], *y.stride()[:3], cos.stride(0), sin.stride(0),
         T, H, D // 2,
         INVERSE=inverse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip

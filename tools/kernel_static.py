@@ -9,7 +9,8 @@ no memory, no device) with its kernels swapped for recorders, so arguments, cons
 launcher's own; autotuned kernels get their autotune configs. Triton's own binder specializes the
 arguments as a launch would, and ``triton.compile`` builds for ``GPUTarget("cuda", arch, 32)`` with the
 ptxas bundled in the Triton wheel. Its ``-v`` log gives registers, spills and advisories (such as C7515,
-serialized wgmma); ``nvdisasm`` the SASS, whose innermost loops are counted by instruction class. Run
+serialized wgmma); ``nvdisasm`` the SASS, whose innermost loops are counted by instruction class; the
+TTIR, pointer offsets multiplied in 32 bits, which wrap past 2**31 elements (``ttir_offsets``). Run
 it without ``TRITON_INTERPRET=1`` (the kernels would be interpreter functions). Triton 3.6 and 3.9 tested.
 """
 
@@ -34,6 +35,7 @@ from types import ModuleType
 from unittest import mock
 
 import torch
+from ttir_offsets import narrow_products
 
 SHAPES = dict(batch=2, seq=4096, hidden=4096, ffn=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: reduction_programs sizes the norms' backward grid by it
@@ -281,7 +283,8 @@ def sass_loops(sass: str) -> list[dict]:
 
 
 def analyse(arch: int, all_tiles: bool = False, only: str | None = None) -> list[dict]:
-    """One report row per kernel config: registers, spills, shared memory, advisories, hot loops (or error)."""
+    """One report row per kernel config: registers, spills, shared memory, advisories, hot loops, int32 offset
+    products (or error)."""
     nvdisasm = toolchain(arch)["nvdisasm"]
     rows = []
     for launch in launches(arch):
@@ -301,7 +304,7 @@ def analyse(arch: int, all_tiles: bool = False, only: str | None = None) -> list
                 sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
             row["config"] = f"{tile}w{compiled.metadata.num_warps} s{compiled.metadata.num_stages}"
             rows.append({**row, **parse_ptxas(log), "shared": compiled.metadata.shared, "loops": sass_loops(sass),
-                         "warps": compiled.metadata.num_warps,
+                         "warps": compiled.metadata.num_warps, "i32_offsets": narrow_products(compiled.asm["ttir"]),
                          "compile_s": round(time.perf_counter() - start, 2)})  # fmt: skip
     return rows
 
@@ -323,6 +326,10 @@ def table(rows: list[dict]) -> str:
                      f"{r['shared'] / 1024:>8.1f}  {loops[0] if loops else '-'}")  # fmt: skip
         lines += [" " * 79 + loop for loop in loops[1:]]
         lines += [f"{'':<4}! {adv}" for adv in r["advisories"]]
+        lines += [
+            f"{'':<4}! pointer offset multiplied in int32 (wraps past 2**31 elements) at {at}"
+            for at in r["i32_offsets"]
+        ]
     return "\n".join(lines)
 
 

@@ -22,12 +22,20 @@ def test_rope_matches_reference(check, shape, dtype):
           [check.randn(*shape, dtype=dtype)], dtype)  # fmt: skip
 
 
-def test_rope_on_strided_input(check):
-    # q taken as a transpose of (B, H, T, D): no unit stride on T or H, the kernel uses the strides.
+@pytest.mark.parametrize(
+    "layout",
+    [
+        (1, 2),  # q as a transpose of (B, H, T, D): no unit stride on T or H, the kernel uses the strides
+        (2, 3),  # (B, T, D, H) seen as (B, T, H, D): D at stride H, which the launcher copies to unit stride
+    ],
+)
+def test_rope_on_strided_input(check, layout):
     cos, sin = _tables(check, 33, 32)
-    check("apply_rope", lambda x: apply_rope(x.transpose(1, 2), cos, sin),
-          lambda x: reference.apply_rope(x.transpose(1, 2), cos, sin),
-          [check.randn(2, 3, 33, 32)], torch.float32)  # fmt: skip
+    shape = [2, 33, 3, 32]
+    shape[layout[0]], shape[layout[1]] = shape[layout[1]], shape[layout[0]]
+    check("apply_rope", lambda x: apply_rope(x.transpose(*layout), cos, sin),
+          lambda x: reference.apply_rope(x.transpose(*layout), cos, sin),
+          [check.randn(*shape)], torch.float32)  # fmt: skip
 
 
 def test_rope_rejects_wrong_table(check):

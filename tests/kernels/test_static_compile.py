@@ -1,10 +1,13 @@
-"""Every Triton kernel compiles for sm_90 and sm_80 on this machine, without spills or serialized wgmma.
+"""Every Triton kernel compiles for sm_90 and sm_80 on this machine, without spills, serialized wgmma or
+pointer offsets multiplied in int32.
 
 ``tools/kernel_static.py`` compiles each kernel as its launcher would launch it (default config: the
 first tile of each attention autotune list) with the ptxas bundled in the Triton wheel; no GPU is
 needed. Register spills cost local-memory traffic in the hot loop, and ptxas's advisories C7510-C7515 mean
 the wgmma pipeline of an attention kernel was serialized: both are silent slowdowns that the
-numerical tests in this directory cannot see.
+numerical tests in this directory cannot see. An int32 ``row * stride`` wraps past 2**31 elements (a
+bf16 logits tensor of 32768 x 128256 holds 4.2e9), which no tensor these tests can allocate reaches:
+the compiled TTIR shows it at any size (``tools/ttir_offsets.py``).
 """
 
 from __future__ import annotations
@@ -98,6 +101,60 @@ def test_every_kernel_fits_shared_memory(reports: dict[int, dict], arch: int) ->
     over = {f"{r['kernel']} {r['config']}": r["shared"] for r in reports[arch]["kernels"]
             if "error" not in r and r["shared"] > limit}  # fmt: skip
     assert not over, f"sm_{arch}: shared memory (bytes) over the {limit} a program may use: {over}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pointer_offsets_are_not_int32_products(reports: dict[int, dict], arch: int) -> None:
+    rows = [r for r in reports[arch]["kernels"] if "error" not in r]
+    narrow = {r["kernel"]: r["i32_offsets"] for r in rows if r["i32_offsets"]}
+    assert not narrow, f"sm_{arch}: int32 products in pointer offsets (cast a factor .to(tl.int64)): {narrow}"
+
+
+# A row kernel as Triton 3.6/3.7 lowers it: the row offset is pid x stride, in int32 at line 7 and in int64
+# at line 9 (its factors widened first); the column block's pid x 1024 is a multiple of a constant.
+_TTIR = """
+module {
+  tt.func public @k(%X: !tt.ptr<bf16> loc("X"(#loc)), %stride: i32 loc("stride"(#loc))) {
+    %c1024_i32 = arith.constant 1024 : i32 loc(#loc1)
+    %pid = tt.get_program_id x : i32 loc(#loc2)
+    %cols = tt.make_range {end = 1024 : i32, start = 0 : i32} : tensor<1024xi32> loc(#loc3)
+    %off = arith.muli %pid, %stride : i32 loc(#loc4)
+    %row = tt.addptr %X, %off : !tt.ptr<bf16>, i32 loc(#loc4)
+    %pid64 = arith.extsi %pid : i32 to i64 loc(#loc5)
+    %stride64 = arith.extsi %stride : i32 to i64 loc(#loc5)
+    %off64 = arith.muli %pid64, %stride64 : i64 loc(#loc5)
+    %row64 = tt.addptr %X, %off64 : !tt.ptr<bf16>, i64 loc(#loc6)
+    %blk = arith.muli %pid, %c1024_i32 : i32 loc(#loc7)
+    %blks = tt.splat %blk : i32 -> tensor<1024xi32> loc(#loc7)
+    %c = arith.addi %blks, %cols : tensor<1024xi32> loc(#loc7)
+    %ptrs = tt.splat %row64 : !tt.ptr<bf16> -> tensor<1024x!tt.ptr<bf16>> loc(#loc7)
+    %p = tt.addptr %ptrs, %c : tensor<1024x!tt.ptr<bf16>>, tensor<1024xi32> loc(#loc7)
+    %wide = arith.muli %pid, %stride : i32 loc(#loc8)
+    %wide64 = arith.extsi %wide : i32 to i64 loc(#loc8)
+    %q = tt.addptr %X, %wide64 : !tt.ptr<bf16>, i64 loc(#loc9)
+    tt.return loc(#loc)
+  } loc(#loc)
+} loc(#loc)
+#loc = loc("k.py":1:0)
+#loc1 = loc("k.py":3:0)
+#loc2 = loc("k.py":4:0)
+#loc3 = loc("k.py":5:0)
+#loc4 = loc("k.py":7:0)
+#loc5 = loc("k.py":9:0)
+#loc6 = loc("row"(#loc5))
+#loc7 = loc("k.py":11:0)
+#loc10 = loc("k.py":13:0)
+#loc8 = loc(callsite(#loc10 at #loc7))
+#loc9 = loc("k.py":14:0)
+"""
+
+
+def test_ttir_offsets_finds_int32_products_of_runtime_values() -> None:
+    """Reported: pid x stride in int32, whether used as is (line 7) or widened after the multiply (line 13,
+    inside an inlined helper); not: the product of widened factors (9) or a multiple of a constant (11)."""
+    from ttir_offsets import narrow_products
+
+    assert narrow_products(_TTIR) == ["k.py:13", "k.py:7"]
 
 
 def test_attention_wgmma_not_serialized(reports: dict[int, dict]) -> None:
