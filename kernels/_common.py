@@ -7,6 +7,7 @@ Imported only by the Triton op files, which :mod:`megatron_lite.kernels` loads l
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -18,7 +19,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # One program holds a whole row in registers: 64K fp32 values is already 256 KB per program, past
-# which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384).
+# which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384), and
+# wider rows run the norms' torch twins (wide_row_reason).
 MAX_ROW_BLOCK = 65536
 
 # Programs per SM of the norms' backward (see reduction_programs), and its warps per program (None:
@@ -48,6 +50,19 @@ def first_order_only(op: str) -> None:
                            "kernels.set_backend('torch') for higher-order gradients")  # fmt: skip
 
 
+@functools.cache
+def warn_fallback(op: str, reason: str) -> None:
+    """Logs, once per op and reason, that ``op`` runs its torch twin because its kernel cannot take the input."""
+    logging.getLogger(__name__).warning("%s runs the torch reference: %s", op, reason)
+
+
+def wide_row_reason(n_cols: int) -> str | None:
+    """Why a norm's kernels cannot take rows of ``n_cols`` values (the op then runs its twin), or None."""
+    if triton.next_power_of_2(max(n_cols, 1)) > MAX_ROW_BLOCK:
+        return f"rows wider than {MAX_ROW_BLOCK} values (a program holds one row in registers)"
+    return None
+
+
 def as_rows(x: torch.Tensor) -> torch.Tensor:
     """View ``x`` as (rows, last dim) with a unit stride along the last dim (copying only if needed)."""
     if x.stride(-1) != 1:
@@ -62,9 +77,8 @@ def row_block(n_cols: int, op: str) -> tuple[int, int]:
     8 up to 8K, 16 beyond (the hidden sizes 4096 and 8192 land on 8 and 16).
     """
     block = triton.next_power_of_2(max(n_cols, 1))  # rows of 0 values: one masked-off lane
-    if block > MAX_ROW_BLOCK:
-        raise ValueError(f"{op}: rows of {n_cols} values exceed the Triton kernel's {MAX_ROW_BLOCK} per row; "
-                         "run this op on torch (kernels.backend=torch, or kernels.set_backend('torch'))")  # fmt: skip
+    if reason := wide_row_reason(n_cols):  # the public rms_norm and layer_norm run their twins before this
+        raise ValueError(f"{op}: {reason}, got {n_cols}; run reference.{op} on them")
     warps = 4 if block < 2048 else 8 if block < 8192 else 16
     return block, warps
 

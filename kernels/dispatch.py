@@ -114,6 +114,7 @@ def describe(device: str | torch.device | None = None) -> dict[str, str]:
     out = dict.fromkeys(OPS, choice)
     if choice.startswith("triton"):
         out["flash_attention"] = choice + "; head dims outside 16/32/64/128 and GPUs before Hopper fall back to torch"
+        out["rms_norm"] = out["layer_norm"] = choice + "; rows wider than 65536 values fall back to torch"
         if _backend == "auto":
             out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
     apex, te = apex_problem(), transformer_engine_problem()

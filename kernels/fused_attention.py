@@ -17,8 +17,6 @@ in ``fused_attention_bwd``.
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 
 import torch
@@ -43,7 +41,7 @@ from megatron_lite.kernels._attention_common import (
     store_tile,
 )
 from megatron_lite.kernels._checks import check_attention
-from megatron_lite.kernels._common import first_order_only
+from megatron_lite.kernels._common import first_order_only, warn_fallback
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -163,11 +161,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
     return None
 
 
-@functools.cache
-def _warn_fallback(reason: str) -> None:
-    logging.getLogger(__name__).warning("flash_attention runs the torch reference: %s", reason)
-
-
 # torch.compile (train.compile) cannot trace the autotune configs' pre-hooks that size the tensor
 # descriptors (torch raises "pre_hook ... not supported"), so compiled blocks call this one eagerly.
 @torch.compiler.disable
@@ -183,6 +176,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     check_attention(q, k, v, causal)
     reason = unsupported_reason(q, k, v)
     if reason is not None:
-        _warn_fallback(reason)
+        warn_fallback("flash_attention", reason)
         return reference.sdpa(q, k, v, causal)
     return _FlashAttention.apply(q, k, v, causal)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels import reference
 from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
@@ -22,6 +23,8 @@ from megatron_lite.kernels._common import (
     reduction_programs,
     row_block,
     row_mask,
+    warn_fallback,
+    wide_row_reason,
 )
 
 
@@ -152,8 +155,13 @@ class _LayerNorm(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm over the last dim in fp32, output in ``x.dtype``; x (..., N), weight and bias (N,)."""
+    """LayerNorm over the last dim in fp32, output in ``x.dtype``; x (..., N), weight and bias (N,).
+
+    Rows wider than ``MAX_ROW_BLOCK`` (65536) values run the twin, logged once."""
     check_norm("layer_norm", x, weight, bias, eps)
+    if reason := wide_row_reason(x.shape[-1]):
+        warn_fallback("layer_norm", reason)
+        return reference.layer_norm(x, weight, bias, eps)
     # The kernels read weight and bias at unit stride: strided or expanded views are copied.
     bias = bias.contiguous() if bias is not None else None
     return _LayerNorm.apply(x, weight.contiguous(), bias, eps)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels import reference
 from megatron_lite.kernels._checks import check_norm
 from megatron_lite.kernels._common import (
     as_rows,
@@ -23,6 +24,8 @@ from megatron_lite.kernels._common import (
     reduction_programs,
     row_block,
     row_mask,
+    warn_fallback,
+    wide_row_reason,
 )
 
 
@@ -168,7 +171,11 @@ def rms_norm(
 
     With ``residual`` (same shape and dtype as x) returns ``(norm(h), h)`` for ``h = x + residual``,
     the fused add-then-norm of a pre-norm block: one read of each input instead of three passes.
+    Rows wider than ``MAX_ROW_BLOCK`` (65536) values run the twin, logged once.
     """
     check_norm("rms_norm", x, weight, None, eps, residual)
+    if reason := wide_row_reason(x.shape[-1]):
+        warn_fallback("rms_norm", reason)
+        return reference.rms_norm(x, weight, eps, residual)
     # The kernels read weight at unit stride: a strided or expanded view (w[::2], w.expand(n)) is copied.
     return _RMSNorm.apply(x, weight.contiguous(), residual, eps)

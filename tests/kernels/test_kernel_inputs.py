@@ -1,6 +1,8 @@
 """Bad input through the public ops (``megatron_lite.kernels``): under either backend, one clear error
 naming the problem, the same one, raised before anything runs; edge cases agree with torch."""
 
+import logging
+
 import pytest
 import torch
 
@@ -202,18 +204,36 @@ def test_cross_entropy_ignore_index_inside_the_vocabulary(backend):
     torch.testing.assert_close(torch.autograd.grad(loss, logits), torch.autograd.grad(expected, logits))
 
 
-@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
-def test_norm_rows_past_the_triton_row_limit_name_the_op_and_the_fix(op):
-    # Torch normalises any width; the Triton kernels hold a row in registers (MAX_ROW_BLOCK values).
-    x, w = randn(1, 65537), randn(65537)
-    args = (x, w) if op == "rms_norm" else (x, w, None)
-    assert getattr(kernels.reference, op)(*args).shape == x.shape
+# Each norm's public call and its inputs for rows of n values (the residual is rms_norm's fused add).
+WIDE_NORMS = {
+    "rms_norm": (lambda m, x, w: m.rms_norm(x, w, 1e-6), lambda n: [randn(2, n), randn(n)]),
+    "rms_norm+residual": (lambda m, x, w, r: m.rms_norm(x, w, 1e-6, r), lambda n: [randn(2, n), randn(n), randn(2, n)]),
+    "layer_norm": (lambda m, x, w, b: m.layer_norm(x, w, b, 1e-5), lambda n: [randn(2, n), randn(n), randn(n)]),
+}
+
+
+@pytest.mark.parametrize("op", WIDE_NORMS)
+def test_norm_rows_past_the_kernel_limit_run_the_twin_with_one_warning(op, check, caplog):
+    # The kernels hold a row in registers (MAX_ROW_BLOCK = 65536 values): rows of 65536 run them, wider
+    # rows (two widths, one cause) run the twin, forward and backward, say so once, and describe() tells.
+    from megatron_lite.kernels import _common
+
+    call, inputs = WIDE_NORMS[op]
+    kernel, twin = (lambda *a: call(kernels, *a)), (lambda *a: call(kernels.reference, *a))
+    name = op.split("+")[0]
+    _common.warn_fallback.cache_clear()  # logged once per process: forget what earlier tests logged
+    warned = {}
     kernels.set_backend("triton")
     try:
-        with pytest.raises(ValueError, match=f"^{op}: rows of 65537 values exceed .*kernels.backend=torch"):
-            getattr(kernels, op)(*args)
+        with caplog.at_level(logging.WARNING):
+            for n in (65536, 65537, 70001):
+                check(name, kernel, twin, inputs(n), torch.float32)
+                warned[n] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert kernels.describe(DEVICE)[name].endswith("; rows wider than 65536 values fall back to torch")
     finally:
         kernels.set_backend("auto")
+    reason = f"{name} runs the torch reference: rows wider than 65536 values (a program holds one row in registers)"
+    assert warned == {65536: [], 65537: [reason], 70001: [reason]}
 
 
 def test_attention_with_no_heads_is_empty(backend):
