@@ -18,6 +18,11 @@ A claim outlives a run that dies without ending (a crash, a SIGKILL). It is take
 later start of the same launch (a SLURM requeue, a torchrun restart: ``tempfiles.earlier_start``), and
 by a run in the same ``log.dir`` whose lock file named the claim's run (that run no longer holds its
 ``log.dir``, so it has ended). Any other run is refused, and told to delete the claim if its run is gone.
+
+A claim object that holds no holder (not the JSON this module writes: another tool's object, a claim
+of another format) names no run that can be asked whether it has ended, so it is no claim to take
+over either: starting a run, and each save, is refused naming the object and saying to delete it when
+no run uses the directory; a run's end leaves it as it is.
 """
 
 from __future__ import annotations
@@ -35,11 +40,24 @@ log = logging.getLogger(__name__)
 
 
 def read_claim(storage: Storage) -> dict | None:
-    """The run that claims ``storage`` (:func:`~megatron_lite.data.tempfiles.read_holder`); None when none does."""
+    """The run that claims ``storage`` (:func:`~megatron_lite.data.tempfiles.read_holder`); None when none
+    does. :class:`UserError` when the claim object holds no holder (see the module docstring)."""
     try:
-        return read_holder(storage.read_text(CLAIM))
+        text = storage.read_text(CLAIM)
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        text = None
+    holder = None if text is None else read_holder(text)
+    if holder is None:
+        shown = "bytes that are not UTF-8 text" if text is None else repr(text[:80] + ("..." if len(text) > 80 else ""))
+        raise UserError(
+            f"checkpoint.dir={storage.url()!r} holds a claim object {storage.url(CLAIM)} that names no run (it "
+            f"holds {shown}, not a run's claim: its host, pid and start time as JSON), so whether a run still "
+            f"uses this checkpoint.dir cannot be told; if none does, delete {storage.url(CLAIM)}, else choose "
+            "another checkpoint.dir"
+        )
+    return holder
 
 
 def _refusal(storage: Storage, holder: dict) -> str:
@@ -52,8 +70,12 @@ def _refusal(storage: Storage, holder: dict) -> str:
 
 
 def claimed_by_another(storage: Storage) -> str | None:
-    """Why this process must not write into ``storage``: another run's claim is there; else None."""
-    holder = read_claim(storage)
+    """Why this process must not write into ``storage``: another run's claim is there, or a claim object
+    naming no run; else None."""
+    try:
+        holder = read_claim(storage)
+    except UserError as e:
+        return str(e)
     return None if holder is None or holder.get("run") == tempfiles.RUN_ID else _refusal(storage, holder)
 
 
@@ -72,7 +94,10 @@ def claim(storage: Storage, ours: dict, ended: str | None) -> None:
 
 
 def release_claim(storage: Storage) -> None:
-    """Delete this process's claim on ``storage`` (another run's is left as it is)."""
-    holder = read_claim(storage)
+    """Delete this process's claim on ``storage`` (another run's, or an object naming no run, is left as it is)."""
+    try:
+        holder = read_claim(storage)
+    except UserError:
+        return
     if holder is not None and holder.get("run") == tempfiles.RUN_ID:
         storage.remove(CLAIM)

@@ -157,3 +157,30 @@ def test_a_claim_that_cannot_be_read_or_deleted(tmp_path, store, monkeypatch, ca
         f"the claim object {store}/{CLAIM} of this run could not be deleted (OSError: lost): a run in another "
         "log.dir is refused there until it is deleted"
     ]
+
+
+@pytest.mark.parametrize("content", [b"", b"not json", b'{"run": "x"}', b"\xff\xfe binary"])
+def test_a_claim_object_that_names_no_run_is_refused_and_kept(tmp_path, store, monkeypatch, content):
+    """A claim object that is not a run's claim (empty, not JSON, no holder, not text) was read as no
+    claim and overwritten: a run started over whatever uses the directory. Starting and each save are
+    refused naming the object and the fix; the run's end leaves the object as it is."""
+    release(lock_run_dirs(_cfg(tmp_path / "a", store)))
+    writer = Checkpointer(store, keep=2, async_save=False)
+    _save(writer, 2)
+    fsspec.filesystem("memory").pipe_file(f"{store.removeprefix('memory://')}/{CLAIM}", content)
+    before = _listing(store)
+    why = f"checkpoint.dir={store!r} holds a claim object {store}/{CLAIM} that names no run (it holds "
+    fix = f"; if none does, delete {store}/{CLAIM}, else choose another checkpoint.dir"
+    with pytest.raises(UserError) as refused:
+        _save(writer, 4)
+    assert str(refused.value).startswith(f"checkpoint of step 4 was not saved: {why}"), refused.value
+    assert str(refused.value).endswith(fix)
+    writer.close()
+    _as_run(monkeypatch, "b" * 32)
+    with pytest.raises(UserError) as refused, hold_run_dirs(_cfg(tmp_path / "b", store), rank=0):
+        pass
+    assert str(refused.value).startswith(why) and str(refused.value).endswith(fix), refused.value
+    shown = "bytes that are not UTF-8 text" if content.startswith(b"\xff") else repr(content.decode())
+    assert f"(it holds {shown}, not a run's claim" in str(refused.value)
+    assert _listing(store) == before  # the object kept, nothing written
+
