@@ -144,14 +144,16 @@ def _named_run(where: Path) -> str | None:
 
 def _claim(cfg: Config, ended: str | None) -> None:
     """Claim the object-store ``checkpoint.dir`` for this run (``checkpoint/claim.py``): ``ended``, the
-    run this one's ``log.dir`` lock file named, has ended, and its claim is taken over."""
-    check_checkpoint_dir(cfg)  # a bucket that cannot be written: one error naming it and what to check
+    run this one's ``log.dir`` lock file named, has ended, and its claim is taken over. The trainer's
+    preflight probes the directory for writes (``check_checkpoint_dir``, on every rank): here the probe
+    runs only when the claim fails, so that a bucket that cannot be written gets that probe's error."""
     storage = Storage(cfg.checkpoint.dir)
     try:
         claim(storage, holder_info(), ended)
     except UserError:
         raise
     except Exception as e:  # the client's own errors: access denied, a lost connection
+        check_checkpoint_dir(cfg)  # a bucket that cannot be written: one error naming it and what to check
         raise UserError(
             f"checkpoint.dir={storage.url()!r}: its claim object {storage.url(CLAIM)} cannot be read or written: "
             f"{type(e).__name__}: {e}; check the bucket, the credentials and the endpoint (AWS_ENDPOINT_URL)"

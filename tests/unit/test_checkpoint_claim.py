@@ -184,3 +184,27 @@ def test_a_claim_object_that_names_no_run_is_refused_and_kept(tmp_path, store, m
     assert f"(it holds {shown}, not a run's claim" in str(refused.value)
     assert _listing(store) == before  # the object kept, nothing written
 
+
+def test_rank_0_probes_an_object_store_once_and_a_bucket_it_cannot_write_gets_the_probes_error(
+    tmp_path, store, monkeypatch
+):
+    """The claim at startup and the trainer's preflight each wrote and deleted a probe object on rank 0:
+    the preflight's probe alone stays; a claim that fails still reports the probe's error first."""
+    from megatron_lite.training.preflight import check_checkpoint_dir
+
+    written = []
+    real = Storage.write_text
+    monkeypatch.setattr(Storage, "write_text", lambda self, rel, text: written.append(rel) or real(self, rel, text))
+    cfg = _cfg(tmp_path, store)
+    with hold_run_dirs(cfg, rank=0):
+        check_checkpoint_dir(cfg)  # as Trainer._preflight runs it on every rank
+    probes = [rel for rel in written if rel.startswith(".megatron-lite-probe-")]
+    assert len(probes) == 1 and written.count(CLAIM) == 1, written
+
+    def no_bucket(self, rel, text):
+        raise FileNotFoundError(f"NoSuchBucket: {rel}")
+
+    monkeypatch.setattr(Storage, "write_text", no_bucket)
+    with pytest.raises(UserError) as refused:
+        lock_run_dirs(_cfg(tmp_path / "b", store))
+    assert str(refused.value).startswith(f"checkpoint.dir={store!r} is not writable: FileNotFoundError: NoSuchBucket")
