@@ -68,14 +68,33 @@ INIT_ONLY = ("init_std",)  # model settings read only to initialise weights, whi
 
 
 def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
-    """``model.KEY: checkpoint A, now B`` for every resolved model setting that differs, but those
-    read only at initialisation (:data:`INIT_ONLY`)."""
-    before, after = resolved_model(saved), now.to_dict()["model"]
+    """``model.KEY: checkpoint A, now B`` for every resolved model setting of the saved config ``saved``
+    (its ``model`` section) that differs, but those read only at initialisation (:data:`INIT_ONLY`);
+    a ``model.vocab_size`` that follows the embedded corpus's ``data.vocab_size`` is named by that key
+    (:func:`_corpus_vocab_change`)."""
+    before, after = resolved_model(saved["model"]), now.to_dict()["model"]
     return [
-        f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}"
+        (k == "vocab_size" and _corpus_vocab_change(saved, now))
+        or f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}"
         for k in after
         if k not in INIT_ONLY and before[k] != after[k]
     ]
+
+
+def _corpus_vocab_change(saved: dict[str, Any], now: Config) -> str | None:
+    """A changed ``model.vocab_size`` named by the key the user changed, ``data.vocab_size``, when both
+    runs train on the embedded corpus with its own tokenizer (trained to ``data.vocab_size`` pieces)
+    and ``model.vocab_size`` is that vocabulary (its default) in both; else None."""
+    data, model = saved.get("data") or {}, saved["model"]
+    d, vocab = now.data, now.model.vocab_size
+    ours = not d.path and not d.tokenizer and vocab == d.vocab_size
+    theirs = not data.get("path") and not data.get("tokenizer") and model.get("vocab_size") == data.get("vocab_size")
+    if ours and theirs:
+        return (
+            f"data.vocab_size: checkpoint {data['vocab_size']!r}, now {d.vocab_size!r} (the embedded corpus's "
+            "tokenizer is trained to it, and model.vocab_size is that tokenizer's vocabulary)"
+        )
+    return None
 
 
 PER_PROCESS = {("checkpoint", "resume"), ("train", "exit_after")}  # how this process starts and stops
@@ -106,7 +125,7 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Pa
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
     saved = reader.meta.get("config") or {}
-    changes = model_changes(saved["model"], cfg) if "model" in saved else []
+    changes = model_changes(saved, cfg) if "model" in saved else []
     if changes:
         try:
             check_shapes(cfg.model, reader, ("model",))
@@ -118,7 +137,7 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Pa
             other = "train this model as a new run, in a new checkpoint.dir (or log.dir)"
         raise UserError(
             f"checkpoint {reader.location} was saved with other model settings: {'; '.join(changes)}. "
-            f"Resume with the checkpoint's model settings, or {other}"
+            f"Resume with the checkpoint's values of these settings, or {other}"
         )
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
     check_tokenizer(reader, tokenizer)
@@ -241,8 +260,8 @@ def check_init_from(cfg: Config, reader: CheckpointReader) -> None:
     shown = shape_problems(cfg.model, reader, ("model",))
     if shown is None:
         return
-    saved = (reader.meta.get("config") or {}).get("model")
-    changes = model_changes(saved, cfg) if saved else []
+    saved = reader.meta.get("config") or {}
+    changes = model_changes(saved, cfg) if saved.get("model") else []
     fix = (
         f"its model settings differ: {'; '.join(changes)}. Set them as the checkpoint has them"
         if changes

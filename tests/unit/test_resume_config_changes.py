@@ -1,17 +1,24 @@
 """What a resume names of a config changed since its checkpoint: every setting that changed, in the
 one startup line (``config_changes``), and which model settings refuse it (``model_changes``)."""
 
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_lite.checkpoint.shards import state_shapes
 from megatron_lite.config import Config, fill_defaults
-from megatron_lite.training.resume import config_changes, model_changes
+from megatron_lite.errors import UserError
+from megatron_lite.training.resume import check_resume, config_changes, model_changes
 
 
-def _resolved(**changes: object) -> Config:
-    """A config as the trainer resolves it, with ``section.key`` values from ``changes`` (``__`` for the dot)."""
+def _resolved(vocab: int = 512, **changes: object) -> Config:
+    """A config as the trainer resolves it with a tokenizer of ``vocab`` pieces, with ``section.key``
+    values from ``changes`` (``__`` for the dot)."""
     cfg = Config()
     for dotted, value in changes.items():
         section, key = dotted.split("__")
         setattr(getattr(cfg, section), key, value)
-    return fill_defaults(cfg, vocab_size=512)
+    return fill_defaults(cfg, vocab_size=vocab)
 
 
 def test_each_changed_setting_is_named_with_both_values():
@@ -48,5 +55,34 @@ def test_init_std_is_named_but_is_no_model_change():
     """model.init_std is read only to initialise weights, which a resume loads: it does not refuse a resume."""
     saved = _resolved().to_dict()
     now = _resolved(model__init_std=0.01, model__rope_theta=500000.0)
-    assert model_changes(saved["model"], now) == ["model.rope_theta: checkpoint 10000.0, now 500000.0"]
+    assert model_changes(saved, now) == ["model.rope_theta: checkpoint 10000.0, now 500000.0"]
     assert config_changes(saved, now) == ["model.rope_theta 10000.0 -> 500000.0", "model.init_std 0.02 -> 0.01"]
+
+
+def test_a_vocabulary_the_embedded_corpus_takes_from_data_vocab_size_is_named_by_that_key():
+    """With the embedded corpus, data.vocab_size sets its tokenizer's vocabulary and so model.vocab_size:
+    the refusal named model.vocab_size, a key the user had not changed."""
+    before = _resolved(vocab=8192)
+    saved = before.to_dict()
+    now = _resolved(vocab=4096, data__vocab_size=4096)
+    reader = SimpleNamespace(
+        weights_only=False,
+        meta={"config": saved},
+        location="c/step_00000004",
+        shapes=lambda kind: state_shapes(before.model),
+    )
+    with pytest.raises(UserError) as refused:
+        check_resume(now, reader, rank=0, tokenizer=None)
+    assert str(refused.value) == (
+        "checkpoint c/step_00000004 was saved with other model settings: data.vocab_size: checkpoint 8192, now 4096 "
+        "(the embedded corpus's tokenizer is trained to it, and model.vocab_size is that tokenizer's vocabulary). "
+        "Resume with the checkpoint's values of these settings, or train this model as a new run, in a new "
+        "checkpoint.dir (or log.dir)"
+    )
+    # model.vocab_size set apart from the tokenizer's, or a tokenizer of the user's: model.vocab_size is the key
+    explicit = _resolved(vocab=4096, data__vocab_size=4096, model__vocab_size=4160)
+    assert model_changes(saved, explicit) == ["model.vocab_size: checkpoint 8192, now 4160"]
+    for data in ({"data__path": ["/d/x"], "data__tokenizer": "/d/x.model"}, {"data__tokenizer": "/d/x.model"}):
+        assert model_changes(_resolved(vocab=8192, **data).to_dict(), _resolved(vocab=4096, **data)) == [
+            "model.vocab_size: checkpoint 8192, now 4096"
+        ]
