@@ -8,7 +8,7 @@ whose ids go to the ``.bin`` as they come, so memory holds one piece's text and 
 document's (sentencepiece alone needs ~50 bytes per character it encodes at once).
 
 The pieces give exactly the ids of encoding the whole document at once. A cut is made only between
-two characters that no multi-character vocabulary piece contains side by side (:class:`_Splitter`):
+two characters that no multi-character vocabulary piece contains side by side (:class:`Splitter`):
 BPE only ever merges adjacent symbols into vocabulary pieces, so no token can span such a boundary
 and the two sides are encoded independently. With our tokenizers that holds after every newline
 (``"\n"`` is a user-defined symbol, never merged) and before most spaces, so the bound holds even
@@ -63,7 +63,7 @@ _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker: a space in the text i
 log = logging.getLogger(__name__)
 
 
-class _Splitter:
+class Splitter:
     """Cuts a document's text into pieces whose ids, concatenated, are the ids of the whole text.
 
     Sentencepiece BPE starts from single characters (user-defined symbols matched whole) and only
@@ -178,9 +178,9 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
 
 
 def _pieces(
-    files: list[Path], json_key: str, splitter: _Splitter, bar: tqdm, stats: dict, found: list[Found]
+    files: list[Path], json_key: str, splitter: Splitter, bar: tqdm, stats: dict, found: list[Found]
 ) -> Iterator[str | None]:
-    """The text of every document of ``files``, in pieces (:class:`_Splitter`), each document followed
+    """The text of every document of ``files``, in pieces (:class:`Splitter`), each document followed
     by None; what each file held is appended to ``found`` once it is read."""
     for path in files:
         start, invalid, documents, with_text = stats["bytes"], stats["decode_errors"], 0, 0
@@ -307,7 +307,7 @@ def _build(
     found: list[Found] = []
     start = time.perf_counter()
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
-    splitter = _Splitter(tok)
+    splitter = Splitter(tok)
     eos = np.array([tok.eos_id] if append_eos else [], dtype=np.int64)
     pool = EncodingPool(tok, workers) if workers > 1 else None  # its processes start with the first batch
     with (

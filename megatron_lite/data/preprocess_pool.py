@@ -2,7 +2,7 @@
 
 The parent still does everything that decides what is written: it reads and decompresses the
 inputs, parses JSON lines (so a bad line gives the same error, naming its file and line, as one
-process does), cuts documents into pieces (``preprocess._Splitter``) and writes the ids. The
+process does), cuts documents into pieces (``preprocess.Splitter``) and writes the ids. The
 workers only turn piece text into ids, over 90% of the time (BENCHMARKS.md). Batch ``k`` of pieces
 goes to worker ``k % N`` and its ids are written in ``k`` order, so the ``.bin``/``.idx`` are byte
 for byte those of ``--workers 1``.

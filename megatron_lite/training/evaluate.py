@@ -8,6 +8,12 @@ Every token after the first is predicted exactly once, so the loss is the mean o
 is scored on its documents' text under ``json_key``, each followed by EOS as ``preprocess``
 stores them, not on the JSON syntax around it; ``.gz``/``.bz2``/``.xz`` files are decompressed.
 
+The file streams through in bounded memory, as ``preprocess`` reads it: read in blocks (a JSON
+line whole), tokenized in pieces that give exactly the ids of the whole text
+(``preprocess.Splitter``), and scored a group of windows at a time, so memory holds one piece's
+text and ids and one group's tokens, never the file's. It is read twice: once to check it (UTF-8,
+JSON) before the checkpoint is loaded, once to score it.
+
 A loss that is not finite (NaN or infinite: non-finite weights, or a forward pass that overflowed)
 is no score: :class:`NonFiniteLossError`, which ``eval --json`` prints as ``"loss": null`` with an
 ``error``.
@@ -15,12 +21,17 @@ is no score: :class:`NonFiniteLossError`, which ``eval --json`` prints as ``"los
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.lib.stride_tricks import sliding_window_view
 
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
@@ -28,12 +39,14 @@ from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
+from megatron_lite.data.preprocess import Splitter
 from megatron_lite.data.token_range import check_batch_ids
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer, build_model
 from megatron_lite.training.build import build_data, resolve_data_paths, resolve_device
 
+_READ_BYTES = 1 << 20  # block size for reading a plain-text file
 log = logging.getLogger(__name__)
 
 
@@ -75,34 +88,85 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tok
 
 
 @torch.no_grad()
-def sum_next_token_loss(model: Transformer, ids: list[int], seq_len: int, batch: int = 8) -> float:
-    """Summed next-token loss over windows of ``seq_len + 1`` tokens overlapping by one."""
-    windows = [ids[s : s + seq_len + 1] for s in range(0, len(ids) - 1, seq_len)]
-    total = 0.0
-    full = [w for w in windows if len(w) == seq_len + 1]
-    rest = [w for w in windows if len(w) != seq_len + 1]
-    groups = [full[i : i + batch] for i in range(0, len(full), batch)] + [[w] for w in rest]
-    for group in groups:
-        x = torch.tensor(group, dtype=torch.long, device=next(model.parameters()).device)
-        logits = model(x[:, :-1]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
-    return total
+def sum_next_token_loss(
+    model: Transformer, pieces: Iterable[Sequence[int]], seq_len: int, batch: int = 8
+) -> tuple[float, int]:
+    """(summed next-token loss, tokens) of the ids of ``pieces`` taken as one stream, over windows of
+    ``seq_len + 1`` tokens overlapping by one (the last may be shorter): full windows ``batch`` at a
+    time in order, then the short one alone. Memory holds one piece's ids and one group's tokens."""
+    group = batch * seq_len + 1  # the tokens of `batch` full windows
+    buf, total, tokens = np.empty(0, dtype=np.int64), 0.0, 0
+    for ids in pieces:
+        buf = np.concatenate([buf, np.asarray(ids, dtype=np.int64)])
+        tokens += len(ids)
+        while len(buf) >= group:
+            total += _windows_loss(model, buf[:group], seq_len)
+            buf = buf[group - 1 :]  # the next window starts at the last token of this group
+    full = max(len(buf) - 1, 0) // seq_len
+    if full:
+        total += _windows_loss(model, buf[: full * seq_len + 1], seq_len)
+    if len(buf) - full * seq_len >= 2:
+        total += _windows_loss(model, buf[full * seq_len :], len(buf) - full * seq_len - 1)
+    return total, tokens
 
 
-def _read_text(p: Path, json_key: str) -> list[str]:
-    """The file's text, or for JSON Lines its documents' texts (``json_key``), as preprocess reads them."""
-    check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
+def _windows_loss(model: Transformer, ids: np.ndarray, seq_len: int) -> float:
+    """Summed loss of ``ids`` (``k * seq_len + 1`` tokens) as ``k`` windows of ``seq_len + 1`` tokens
+    overlapping by one, in one batch."""
+    device = next(model.parameters()).device
+    windows = sliding_window_view(ids, seq_len + 1)[::seq_len].copy()  # (k, T+1)
+    x = torch.from_numpy(windows).to(device)
+    logits = model(x[:, :-1]).float()
+    return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+
+
+def _not_utf8(p: Path, e: UnicodeDecodeError, start: int) -> UserError:
+    """The error for a file that is not UTF-8, ``e`` raised decoding the bytes from offset ``start``."""
+    at, end = start + e.start, start + e.end - 1
+    where = f"byte 0x{e.object[e.start]:02x} in position {at}" if end == at else f"bytes in position {at}-{end}"
+    return UserError(
+        f"text file {str(p)!r} is not UTF-8 ('utf-8' codec can't decode {where}: {e.reason}); convert it to "
+        "UTF-8 first (iconv -f ITS_ENCODING -t UTF-8 FILE > NEW_FILE)"
+    )
+
+
+def _text_chunks(p: Path) -> Iterator[str]:
+    """The file's text, decoded block by block (as preprocess reads it: "\r\n" stays two characters)."""
+    decoder, read = codecs.getincrementaldecoder("utf-8")(), 0
     with InputReader(p) as f:
-        if is_jsonl(p):
-            return [text for n, raw in enumerate(f, 1) if (text := json_text(raw, p, n, json_key, {})) is not None]
-        data = f.read(-1)
-    try:
-        return [data.decode("utf-8")]  # as preprocess reads it: "\r\n" stays two characters
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"text file {str(p)!r} is not UTF-8 ({e}); convert it to UTF-8 first "
-            "(iconv -f ITS_ENCODING -t UTF-8 FILE > NEW_FILE)"
-        ) from None
+        while True:
+            block = f.read(_READ_BYTES)
+            start = read - len(decoder.getstate()[0])  # the bytes held back from the block before come first
+            try:
+                yield decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                raise _not_utf8(p, e, start) from None
+            if not block:
+                return
+            read += len(block)
+
+
+def _documents(p: Path, json_key: str) -> Iterator[Iterable[str]]:
+    """Each document of the file as text chunks, to be consumed before the next: the whole file, or for
+    JSON Lines each line's text under ``json_key``, as preprocess reads them."""
+    if not is_jsonl(p):
+        yield _text_chunks(p)
+        return
+    with InputReader(p) as f:
+        for n, raw in enumerate(f, 1):
+            if (text := json_text(raw, p, n, json_key, {})) is not None:
+                yield (text,)
+
+
+def _token_pieces(p: Path, json_key: str, tok: Tokenizer, eos: bool) -> Iterator[list[int]]:
+    """The file's token ids in pieces (:class:`~megatron_lite.data.preprocess.Splitter`), each document
+    followed by EOS when ``eos``."""
+    splitter = Splitter(tok)
+    for chunks in _documents(p, json_key):
+        for piece in splitter.split(chunks):
+            yield tok.encode(piece)
+        if eos:
+            yield [tok.eos_id]
 
 
 def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
@@ -119,17 +183,18 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
         )
         raise UserError(f"text file {str(p)!r} does not exist{hint if dataset else ''}")
     dev = resolve_device(device, option="--device ")  # before reading anything
-    texts = _read_text(p, json_key)
+    check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
+    for chunks in _documents(p, json_key):  # not UTF-8, bad JSON: refused before the checkpoint is loaded
+        deque(chunks, maxlen=0)
     model, tok = load_model(checkpoint, dev)
     documents = is_jsonl(p) and tok.eos_id >= 0  # each document ends with EOS, as preprocess stores it
-    ids = [i for text in texts for i in tok.encode(text, eos=documents)]
-    if len(ids) < 2:
+    total, tokens = sum_next_token_loss(model, _token_pieces(p, json_key, tok, documents), model.cfg.seq_len)
+    if tokens < 2:
         raise UserError(
-            f"text file {str(p)!r} has {len(ids)} token(s), and a score needs at least 2 (one to predict the "
+            f"text file {str(p)!r} has {tokens} token(s), and a score needs at least 2 (one to predict the "
             "next from): give --text a file with more text"
         )
-    loss = sum_next_token_loss(model, ids, model.cfg.seq_len) / (len(ids) - 1)
-    return _score(loss, len(ids), model, f"checkpoint {str(checkpoint)!r} on {str(p)!r}")
+    return _score(total / (tokens - 1), tokens, model, f"checkpoint {str(checkpoint)!r} on {str(p)!r}")
 
 
 def _score(loss: float, tokens: int, model: Transformer, what: str) -> dict:

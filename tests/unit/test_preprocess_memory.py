@@ -275,7 +275,7 @@ def test_a_tokenizer_whose_normalizer_joins_characters_encodes_each_document_who
     )  # fmt: skip
     (tmp_path / "foreign.model").write_bytes(model.getvalue())
     foreign = Tokenizer(tmp_path / "foreign.model")
-    assert pp._Splitter(foreign).pairs is None and pp._Splitter(tok).pairs is not None
+    assert pp.Splitter(foreign).pairs is None and pp.Splitter(tok).pairs is not None
     text = "def f(x):  return x  + 1\n" * 40
     (tmp_path / "doc.txt").write_text(text)
     monkeypatch.setattr(pp, "_PIECE_CHARS", 20)
