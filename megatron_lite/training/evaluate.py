@@ -131,7 +131,7 @@ def _not_utf8(p: Path, e: UnicodeDecodeError, start: int) -> UserError:
 
 
 def _text_chunks(p: Path) -> Iterator[str]:
-    """The file's text, decoded block by block (as preprocess reads it: "\r\n" stays two characters)."""
+    """The file's text, decoded block by block (as preprocess reads it: a CRLF stays two characters)."""
     decoder, read = codecs.getincrementaldecoder("utf-8")(), 0
     with InputReader(p) as f:
         while True:
