@@ -180,7 +180,10 @@ class DataConfig:
     the evaluation's blend (the others keep their weights' ratios), with a startup warning naming it;
     with none left, no evaluation runs."""
     cache_dir: str = ".cache/megatron-lite"
-    """Where the embedded corpus's tokenizer and dataset are built once and reused."""
+    """Where the embedded corpus's tokenizer and dataset are built once and reused. Relative, as every
+    relative path of ``data.*``: to the directory the run starts in, which its checkpoints record, so
+    ``eval --held-out`` reads the run's own files from any directory (from its own where that
+    directory is gone)."""
     index_cache: str | None = None
     """Directory for the per-epoch sample index files (``.npy``, memory-mapped): one rank of a node
     builds each epoch's index and every rank maps it from the page cache, and a restart maps it

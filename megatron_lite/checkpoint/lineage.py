@@ -7,10 +7,14 @@ dataset changes its ``.idx``; an edit that keeps every document length only show
 size or mtime. The tokenizer is hashed whole. Samples consumed per dataset follow from the blend
 schedule (``data/gpt_dataset.py``), which depends only on the weights: global sample ``i`` comes
 from dataset ``slot_dataset[i % q]``.
+
+The run's working directory (``workdir``) is recorded too: relative paths in its config (``data.path``,
+``data.cache_dir``...) are relative to it, and ``eval --held-out`` reads the run's data through them.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -98,6 +102,7 @@ class Lineage:
         self.dataset = dataset
         self.static = {
             **git_state(),
+            "workdir": os.getcwd(),
             "datasets": [{"prefix": p, **dataset_fingerprint(p)} for p in dataset.prefixes],
             "tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)},
         }

@@ -59,17 +59,25 @@ class DataBundle:
     beyond data.valid_fraction; rank 0 logs them."""
 
 
-def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
-    """(dataset prefixes, tokenizer path): the user's, or the embedded stdlib corpus built once."""
+def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = None) -> tuple[list[str], Path]:
+    """(dataset prefixes, tokenizer path): the user's, or the embedded stdlib corpus built once.
+    ``checkpoint``: the checkpoint whose run's data ``cfg`` names (``eval --held-out``), for errors
+    that fit reading that run's data rather than starting a run."""
     d = cfg.data
+    run = f"checkpoint {checkpoint}'s run" if checkpoint else None
     if not d.path:
         try:  # here, for the key's name in the error; a cache already built may sit in a read-only parent
             Path(d.cache_dir).expanduser().mkdir(parents=True, exist_ok=True)
         except OSError as e:
             reason = "it exists and is not a directory" if isinstance(e, FileExistsError) else e.strerror or str(e)
+            fix = (
+                f"{run} keeps the embedded corpus there, and eval --held-out reads its held-out split from it: run "
+                "eval where that directory can be reached, or score a text file with --text"
+                if run
+                else "choose a directory this process can create (or one holding the corpus already built)"
+            )
             raise UserError(
-                f"data.cache_dir={d.cache_dir!r} cannot be made a directory for the embedded corpus: {reason}; "
-                "choose a directory this process can create (or one holding the corpus already built)"
+                f"data.cache_dir={d.cache_dir!r} cannot be made a directory for the embedded corpus: {reason}; {fix}"
             ) from None
         prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
         return [prefix], Path(d.tokenizer) if d.tokenizer else tok
@@ -78,10 +86,13 @@ def resolve_data_paths(cfg: Config, progress: bool) -> tuple[list[str], Path]:
             raise UserError(f"data.path takes dataset prefixes without .bin/.idx: {prefix} -> {prefix[:-4]}")
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():
-                raise UserError(
-                    f"dataset file {prefix + ext} does not exist; build it with "
-                    "`megatron-lite preprocess --input FILES --tokenizer MODEL --output PREFIX`"
+                fix = (
+                    f"{run} trained on it (data.path), and eval --held-out reads its held-out split from it: "
+                    "restore the file there, or score a text file with --text"
+                    if run
+                    else "build it with `megatron-lite preprocess --input FILES --tokenizer MODEL --output PREFIX`"
                 )
+                raise UserError(f"dataset file {prefix + ext} does not exist; {fix}")
     return list(d.path), Path(d.tokenizer)
 
 

@@ -36,6 +36,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
+from megatron_lite.config import Config
 from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.data.inputs import InputReader, check_input
 from megatron_lite.data.jsonl import is_jsonl, json_text
@@ -208,11 +209,32 @@ def _score(loss: float, tokens: int, model: Transformer, what: str) -> dict:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
 
+RUN_DATA_KEYS = ("path", "tokenizer", "cache_dir", "index_cache")  # the data.* keys that name files
+
+
+def run_data_paths(cfg: Config, workdir: str | None) -> None:
+    """Make the relative paths of ``cfg``'s data section (a checkpoint's run config) relative to
+    ``workdir``, the directory that run started in (its lineage records it), as the run read them;
+    unchanged where ``workdir`` is unknown or is no directory here (e.g. the checkpoint was copied to
+    another machine): relative to this process's directory, then."""
+    if not workdir or not Path(workdir).is_dir():
+        return
+    d = cfg.data
+
+    def rebased(p: str | None) -> str | None:
+        return p if p is None or Path(p).is_absolute() else str(Path(workdir) / p)
+
+    for key in RUN_DATA_KEYS:
+        value = getattr(d, key)
+        setattr(d, key, [rebased(p) for p in value] if isinstance(value, list) else rebased(value))
+
+
 def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
     """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on the samples its run evaluates:
     ``train.eval_iters`` global batches of the held-out split, built from the data and settings in
     the checkpoint's config as training builds them, so the loss is the run's ``eval_loss`` at that
-    step (to float rounding: one device, fp32, whatever the run's layout and dtype)."""
+    step (to float rounding: one device, fp32, whatever the run's layout and dtype). Relative data
+    paths are the run's: relative to the directory it started in (:func:`run_data_paths`)."""
     dev = resolve_device(device, option="--device ")
     reader = find_checkpoint(checkpoint)
     cfg, where = reader.config, reader.location
@@ -222,7 +244,8 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
         )
     if cfg.data.valid_fraction <= 0:
         raise UserError(f"the run of checkpoint {where} held out no documents (data.valid_fraction=0); use --text")
-    data = build_data(cfg, *resolve_data_paths(cfg, progress=False))
+    run_data_paths(cfg, (reader.meta.get("lineage") or {}).get("workdir"))
+    data = build_data(cfg, *resolve_data_paths(cfg, progress=False, checkpoint=where))
     if data.valid is None:
         raise UserError(f"the run of checkpoint {where} has no held-out samples: {data.warnings[0]}; use --text")
     for why in data.warnings:  # a dataset left out of the held-out blend, as training said

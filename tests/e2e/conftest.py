@@ -24,6 +24,12 @@ CORPUS_FILES = [
 
 
 @pytest.fixture(scope="session")
+def corpus_files() -> list[Path]:
+    """The stdlib files of the small corpus, for a test that builds the embedded corpus from them."""
+    return CORPUS_FILES
+
+
+@pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> tuple[str, Path]:
     """(dataset prefix, tokenizer path) of ~150 KB of stdlib source with a 512-token vocabulary."""
     cache = tmp_path_factory.mktemp("corpus")

@@ -242,3 +242,11 @@ def test_a_cache_dir_that_cannot_be_a_directory_is_one_error_naming_the_key(tmp_
         with pytest.raises(UserError, match=rf"^data.cache_dir='{bad}' cannot be made a directory .*: {why}; "):
             resolve_data_paths(cfg, progress=False)
     assert afile.read_text() == "x"
+    # eval --held-out reads a run's corpus: the fix is where to run eval, not another directory to choose
+    with pytest.raises(UserError) as refused:
+        resolve_data_paths(cfg, progress=False, checkpoint="runs/x/checkpoints/step_00000004")
+    assert str(refused.value).endswith(
+        "Not a directory; checkpoint runs/x/checkpoints/step_00000004's run keeps the embedded corpus there, and eval "
+        "--held-out reads its held-out split from it: run eval where that directory can be reached, or score a text "
+        "file with --text"
+    ), refused.value
