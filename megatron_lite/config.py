@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from megatron_lite.config_validate import (  # noqa: F401  re-exported
     fill_defaults,
     validate,
 )
-from megatron_lite.config_values import coerce
+from megatron_lite.config_values import coerce, expand_home
 from megatron_lite.config_yaml import read_config_file, verbatim, yaml_scalar
 from megatron_lite.errors import UserError
 
@@ -298,30 +297,10 @@ def _field_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section].default_factory)
 
 
-# Keys that name files or directories. A leading ``~`` is the home directory, as in a shell, which
-# does not expand it inside ``log.dir=~/runs`` (not a shell assignment: the name has a dot).
-PATH_KEYS = {
-    ("data", "path"),
-    ("data", "tokenizer"),
-    ("data", "cache_dir"),
-    ("data", "index_cache"),
-    ("checkpoint", "dir"),
-    ("checkpoint", "resume"),
-    ("checkpoint", "init_from"),
-    ("log", "dir"),
-}
-
-
-def _expand_home(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_expand_home(v) for v in value]
-    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
-
-
 def _set(cfg: Config, section: str, key: str, value: Any) -> None:
     f = _field_of(section, key)
     value = coerce(value, _field_types(section)[f.name], f"{section}.{key}")
-    setattr(getattr(cfg, section), f.name, _expand_home(value) if (section, key) in PATH_KEYS else value)
+    setattr(getattr(cfg, section), f.name, expand_home(section, key, value))
 
 
 def _is_text(section: str, key: str) -> bool:

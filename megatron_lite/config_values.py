@@ -12,6 +12,7 @@ int64 are refused (:func:`beyond_int64`): here those too large to read (``1e400`
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 from decimal import Decimal, InvalidOperation
@@ -113,3 +114,27 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         f"config key '{where}' expects {getattr(tp, '__name__', tp)}, got {got}"
         + ("; give a value, or leave the key out to keep its default" if got.startswith("nothing") else "")
     )
+
+
+# Keys that name files or directories. A leading ``~`` is the home directory, as in a shell, which
+# does not expand it inside ``log.dir=~/runs`` (not a shell assignment: the name has a dot).
+PATH_KEYS = {
+    ("data", "path"),
+    ("data", "tokenizer"),
+    ("data", "cache_dir"),
+    ("data", "index_cache"),
+    ("checkpoint", "dir"),
+    ("checkpoint", "resume"),
+    ("checkpoint", "init_from"),
+    ("log", "dir"),
+}
+
+
+def expand_home(section: str, key: str, value: Any) -> Any:
+    """``value`` of ``section.key`` with a leading ``~`` made the home directory where the key names a
+    path (:data:`PATH_KEYS`; each item of a list)."""
+    if (section, key) not in PATH_KEYS:
+        return value
+    if isinstance(value, list):
+        return [expand_home(section, key, v) for v in value]
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
