@@ -23,6 +23,9 @@ Per step, after ``ddp.finish_grad_sync()`` (and ``scaler.unscale_(opt)`` under f
     norm, finite = clip_grad_norm_(opt, cfg.optim.clip_grad, tp_group=mesh.tp_group, pp_group=mesh.pp_group)
     if finite:
         opt.step()
+
+``training/engine.py`` runs the same two parts, :func:`optimizer_grad_norm` and :func:`clip_grads_`,
+around one host read of the norm and the step's loss together.
 """
 
 from __future__ import annotations
@@ -102,18 +105,35 @@ def global_grad_norm(
     return total.sqrt()
 
 
-def clip_grad_norm_(optimizer, max_norm: float, *, tp_group: Group, pp_group: Group) -> tuple[torch.Tensor, bool]:
-    """Global grad norm of ``optimizer``'s grads; scale them to ``max_norm`` if larger (0: never).
+def optimizer_grad_norm(optimizer, *, tp_group: Group, pp_group: Group) -> torch.Tensor:
+    """Global grad norm of ``optimizer``'s grads, an fp32 scalar on its device, identical on every
+    rank; nothing is read back to the host.
 
     ``optimizer``: a ``DistributedAdamW`` or ``ReplicatedAdamW`` (``optimizer.py``); its dp group
-    joins the sum only when it is sharded. Returns (norm before clipping, finite). A non-finite
-    norm leaves the grads untouched: the caller must skip ``optimizer.step()``, which every rank
-    then does, since all read the same all-reduced norm.
+    joins the sum only when it is sharded.
     """
     groups = ([optimizer.dp_group] if optimizer.sharded else []) + [tp_group, pp_group]
-    norm = global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group), optimizer.device)
-    finite = bool(torch.isfinite(norm))
-    if finite and max_norm > 0:
+    return global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group), optimizer.device)
+
+
+def clip_grads_(optimizer, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale ``optimizer``'s grads to ``max_norm`` when ``norm`` (finite, from
+    :func:`optimizer_grad_norm`) is larger; ``max_norm`` 0: never."""
+    if max_norm > 0:
         # the same ops as torch.nn.utils.clip_grad_norm_: the factor is applied even when it is 1
         optimizer.scale_grads(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
+
+
+def clip_grad_norm_(optimizer, max_norm: float, *, tp_group: Group, pp_group: Group) -> tuple[torch.Tensor, bool]:
+    """:func:`optimizer_grad_norm`, then :func:`clip_grads_` when the norm is finite.
+
+    Returns (norm before clipping, finite). A non-finite norm leaves the grads untouched: the
+    caller must skip ``optimizer.step()``, which every rank then does, since all read the same
+    all-reduced norm. Reading ``finite`` is one host sync; ``training/engine.py`` calls the two
+    parts itself, so that the norm and the loss come back in one read.
+    """
+    norm = optimizer_grad_norm(optimizer, tp_group=tp_group, pp_group=pp_group)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        clip_grads_(optimizer, max_norm, norm)
     return norm, finite

@@ -17,15 +17,17 @@ One object for every layout; built in the documented order (each step needs the 
 One step (:meth:`Engine.step`): zero the main grads -> forward/backward each microbatch, the last
 one launching the bucket reductions as its gradients become ready -> wait for them -> sum
 sequence-parallel norm grads over TP -> unscale (fp16) -> one global grad norm over dp, tp and pp
-(replicated parameters counted once), clip -> AdamW, or skip on every rank when the norm is not
-finite. Under pipeline parallelism the schedule (``parallel.schedule``) runs the microbatches
-instead of the plain loop, and each chunk's buckets launch right before that chunk's last backward.
+(replicated parameters counted once), read back together with the loss (the step's one host sync)
+-> clip -> AdamW, or skip on every rank when the norm is not finite. Under pipeline parallelism
+the schedule (``parallel.schedule``) runs the microbatches instead of the plain loop, and each
+chunk's buckets launch right before that chunk's last backward.
 The single-process run is the same code with every group of size one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.distributed as dist
@@ -37,7 +39,7 @@ from megatron_lite.models.parallelize import allreduce_sequence_parallel_grads, 
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.data_parallel import DataParallelGrads
-from megatron_lite.parallel.grad_utils import clip_grad_norm_
+from megatron_lite.parallel.grad_utils import clip_grads_, optimizer_grad_norm
 from megatron_lite.parallel.mesh import ParallelMesh, group_ranks
 from megatron_lite.parallel.optimizer import build_dp_optimizer
 from megatron_lite.parallel.pipeline import PipelineRuntime, build_stage_chunks, tied_embedding_groups
@@ -158,28 +160,38 @@ class Engine:
         return total
 
     def step(self, micro: list[torch.Tensor], lr: float) -> dict[str, float | bool]:
-        """One optimizer step on this rank's microbatches; loss is the mean over the global batch."""
+        """One optimizer step on this rank's microbatches; loss is the mean over the global batch.
+
+        The host reads the device once per step (Megatron's one found-inf/grad-norm read): the
+        global grad norm and the loss come back together, after the backward and before the
+        optimizer step, which the norm's finiteness decides."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ddp.zero_grad()
-        loss = self.forward_backward(micro)
+        loss = self._dp_mean(self.forward_backward(micro))
         for chunk in self.chunks:
             allreduce_sequence_parallel_grads(chunk, self.mesh.tp_group)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm, finite = clip_grad_norm_(
-            self.optimizer, self.cfg.optim.clip_grad, tp_group=self.mesh.tp_group, pp_group=self.mesh.pp_group
-        )
+        norm = optimizer_grad_norm(self.optimizer, tp_group=self.mesh.tp_group, pp_group=self.mesh.pp_group)
+        norm_value, loss_value = torch.stack((norm, loss)).tolist()  # the step's one host sync
+        finite = math.isfinite(norm_value)
         if self.scaler:
             self.scaler.update(found_inf=not finite)
         if finite:
+            clip_grads_(self.optimizer, self.cfg.optim.clip_grad, norm)
             self.optimizer.step()
-        return {"loss": self.global_mean(loss), "grad_norm": norm.item(), "skipped": not finite}
+        return {"loss": loss_value, "grad_norm": norm_value, "skipped": not finite}
 
     def global_mean(self, local: torch.Tensor) -> float:
         """The data-parallel mean of a per-rank loss (tp ranks already agree)."""
+        return self._dp_mean(local).item()
+
+    def _dp_mean(self, local: torch.Tensor) -> torch.Tensor:
+        """:meth:`global_mean` as an fp32 scalar on the device (no host sync)."""
+        total = comm.all_reduce(local.detach().float(), self.mesh.dp_group)  # out of place: ``local`` stays
         dp = comm.group_size(self.mesh.dp_group)
-        return (comm.all_reduce(local.detach().float().clone(), self.mesh.dp_group) / dp).item()
+        return total / dp if dp > 1 else total
 
     @torch.no_grad()
     def eval_loss(self, micro: list[torch.Tensor]) -> float:

@@ -1,0 +1,90 @@
+"""The host side of one optimizer step (``Engine.step``). On a GPU a read back (``.item()``,
+``.tolist()``, ``bool(t)``) waits for every kernel queued before it, so a launch-bound step pays for
+each one. The step reads the device once, the norm and the loss together (Megatron's one
+found-inf/grad-norm read); the loss and norm stay torch's, and a step whose gradient is not finite
+is still skipped."""
+
+import contextlib
+import math
+import sys
+
+import pytest
+import torch
+
+from megatron_lite import plan
+from megatron_lite.config import Config, fill_defaults
+from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
+from megatron_lite.training.engine import Engine
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+def tiny(**optim) -> Config:
+    cfg = Config()
+    m = cfg.model
+    m.layers, m.hidden, m.heads, m.kv_heads, m.ffn_hidden, m.seq_len = 2, 64, 4, 2, 128, 16
+    cfg.train.micro_batch_size = cfg.train.global_batch_size = 2
+    for k, v in optim.items():
+        setattr(cfg.optim, k, v)
+    fill_defaults(cfg, vocab_size=96)
+    return cfg
+
+
+def engine_of(cfg: Config) -> Engine:
+    mesh, layout = ParallelMesh.build(ParallelDims()), plan.check_layout(cfg, 1)
+    return Engine(cfg, mesh, layout, torch.device("cpu"), torch.float32)
+
+
+@contextlib.contextmanager
+def count_reads(monkeypatch):
+    """Counts the tensor-to-host reads made by code outside torch (torch's CPU AdamW reads its own
+    step counters with ``.item()``; its fused CUDA kernel, the one used on GPUs, does not)."""
+    calls: list[str] = []
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, _real=real, _name=name, **kwargs):
+            if not sys._getframe(1).f_globals.get("__name__", "").startswith("torch"):
+                calls.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    yield calls
+    monkeypatch.undo()
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    return [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(n)]
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_a_step_reads_the_device_once(monkeypatch, distributed):
+    engine = engine_of(tiny(distributed=distributed))
+    first, second = batches(2)
+    engine.step([first], lr=1e-3)  # the first step plans the parameter gathers (once per run)
+    with count_reads(monkeypatch) as reads:
+        engine.step([second], lr=1e-3)
+    assert reads == ["tolist"]
+
+
+def test_a_step_returns_torchs_loss_and_norm_and_skips_a_non_finite_one(monkeypatch):
+    cfg = tiny(clip_grad=0.5)
+    engine, ref = engine_of(cfg), build_model(cfg.model, cfg.train.seed, "cpu")
+    (batch,) = batches(1)
+    loss = ref(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+    out = engine.step([batch], lr=1e-3)
+    assert out["loss"] == loss.item() and not out["skipped"]
+    assert out["grad_norm"] == pytest.approx(norm.item(), rel=1e-6)  # the norm sums in another order
+    assert out["grad_norm"] > 0.5  # clipped: the norm returned is the one before clipping
+    before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    with torch.no_grad():
+        engine.model.final_norm.weight[0] = math.nan  # every gradient NaN from here
+    with count_reads(monkeypatch) as reads:
+        out = engine.step([batch], lr=1e-3)
+    assert out["skipped"] and math.isnan(out["grad_norm"]) and math.isnan(out["loss"])
+    assert reads == ["tolist"]
+    after = engine.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "final_norm.weight")
