@@ -249,6 +249,8 @@ class ReplicatedAdamW:
         self.params = list(ddp.parameters())
         # fp32 master weights: the parameter itself when it is fp32, else an fp32 copy
         self.masters = [p if p.dtype == FP32 else p.detach().to(FP32) for p in self.params]
+        self._copies = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]  # written back each step
+        self._low, self._high = [p for p, _ in self._copies], [m for _, m in self._copies]
         decay = [m for p, m in zip(self.params, self.masters) if p.ndim >= 2]
         no_decay = [m for p, m in zip(self.params, self.masters) if p.ndim < 2]
         self.optimizer = _adamw(decay, no_decay, lr, betas, eps, weight_decay)
@@ -264,10 +266,10 @@ class ReplicatedAdamW:
         for p, m in zip(self.params, self.masters):
             m.grad = p.main_grad  # a view: no copy. Cleared after, so backward never accumulates into it
         self.optimizer.step()
-        for p, m in zip(self.params, self.masters):
+        for m in self.masters:
             m.grad = None
-            if m is not p:
-                p.copy_(m)
+        if self._copies:  # one multi-tensor copy (cast), not a kernel launch per parameter
+            torch._foreach_copy_(self._low, self._high)
 
     def finish_param_sync(self) -> None:
         """Nothing is in flight: :meth:`step` updates the parameters in place (shared interface)."""
@@ -291,8 +293,7 @@ class ReplicatedAdamW:
 
     def state_dict(self) -> dict:
         """torch's AdamW state, plus the fp32 masters when the parameters are not fp32."""
-        masters = [m for p, m in zip(self.params, self.masters) if m is not p]
-        return {"kind": "replicated_adamw", "optimizer": self.optimizer.state_dict(), "masters": masters}
+        return {"kind": "replicated_adamw", "optimizer": self.optimizer.state_dict(), "masters": list(self._high)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
@@ -300,8 +301,7 @@ class ReplicatedAdamW:
         if state.get("kind") != "replicated_adamw":
             raise ValueError(f"not a replicated AdamW state: kind={state.get('kind')!r}")
         self.optimizer.load_state_dict(state["optimizer"])
-        separate = [(p, m) for p, m in zip(self.params, self.masters) if m is not p]
-        for (p, m), saved in zip(separate, state["masters"], strict=True):
+        for (p, m), saved in zip(self._copies, state["masters"], strict=True):
             m.copy_(saved)
             p.copy_(m)
 

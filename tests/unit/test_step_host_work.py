@@ -1,20 +1,26 @@
 """The host side of one optimizer step (``Engine.step``). On a GPU a read back (``.item()``,
-``.tolist()``, ``bool(t)``) waits for every kernel queued before it, so a launch-bound step pays for
-each one. The step reads the device once, the norm and the loss together (Megatron's one
-found-inf/grad-norm read); the loss and norm stay torch's, and a step whose gradient is not finite
+``.tolist()``, ``bool(t)``) waits for every kernel queued before it, and a small step is
+launch-bound, so it pays per kernel launch. The step reads the device once, the norm and the loss
+together (Megatron's one found-inf/grad-norm read), and low-precision parameters get their masters
+in one multi-tensor copy. The loss and norm stay torch's, and a step whose gradient is not finite
 is still skipped."""
 
 import contextlib
 import math
 import sys
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lite import plan
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
+from megatron_lite.parallel.optimizer import build_dp_optimizer
+from megatron_lite.parallel.precision import Precision
 from megatron_lite.training.engine import Engine
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
@@ -88,3 +94,29 @@ def test_a_step_returns_torchs_loss_and_norm_and_skips_a_non_finite_one(monkeypa
     assert reads == ["tolist"]
     after = engine.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k != "final_norm.weight")
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_low_precision_parameters_get_their_masters_in_one_multi_tensor_copy():
+    cfg = tiny()
+    model = Precision.from_name("bf16").cast_model(build_model(cfg.model, cfg.train.seed, "cpu"))
+    opt = build_dp_optimizer(DataParallelGrads(model, None), cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+    with CountOps() as counted:
+        opt.step()
+    # one launch for every parameter, not one per parameter (a launch-bound GPU step pays per launch)
+    assert counted.ops["aten._foreach_copy_.default"] == 1 and counted.ops["aten.copy_.default"] == 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt.params, opt.masters, strict=True))
+    assert not any(torch.equal(p.float(), m) for p, m in zip(opt.params, opt.masters))  # the masters keep fp32 bits
