@@ -205,9 +205,11 @@ def allreduce_sequence_parallel_grads(model: nn.Module, group: Group) -> None:
     sums, so the result does not depend on their order. Reads ``param.main_grad`` when the DP
     buffers provide one, else ``param.grad``. A no-op without SP or at tp=1.
     """
+    if comm.group_size(group) == 1:  # before the walk over the parameters: it costs ~0.1 ms a step
+        return
     marked = [p for p in model.parameters() if getattr(p, "sequence_parallel", False)]
     grads = [g for g in map(_grad, marked) if g is not None]
-    if not grads or comm.group_size(group) == 1:
+    if not grads:
         return
     summed = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]), group)
     for g, s in zip(grads, summed.split([g.numel() for g in grads])):

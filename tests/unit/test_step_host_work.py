@@ -1,9 +1,9 @@
 """The host side of one optimizer step (``Engine.step``). On a GPU a read back (``.item()``,
 ``.tolist()``, ``bool(t)``) waits for every kernel queued before it, and a small step is
-launch-bound, so it pays per kernel launch. The step reads the device once, the norm and the loss
-together (Megatron's one found-inf/grad-norm read), and low-precision parameters get their masters
-in one multi-tensor copy. The loss and norm stay torch's, and a step whose gradient is not finite
-is still skipped."""
+launch-bound, so it pays per kernel launch and per Python walk. The step reads the device once, the
+norm and the loss together (Megatron's one found-inf/grad-norm read); low-precision parameters get
+their masters in one multi-tensor copy, and without tensor parallelism nothing walks the module
+tree. The loss and norm stay torch's, and a step whose gradient is not finite is still skipped."""
 
 import contextlib
 import math
@@ -120,3 +120,19 @@ def test_low_precision_parameters_get_their_masters_in_one_multi_tensor_copy():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(opt.params, opt.masters, strict=True))
     assert not any(torch.equal(p.float(), m) for p, m in zip(opt.params, opt.masters))  # the masters keep fp32 bits
+
+
+def test_a_step_without_tensor_parallelism_walks_no_module_tree(monkeypatch):
+    engine = engine_of(tiny())
+    first, second = batches(2)
+    engine.step([first], lr=1e-3)
+    walks = []
+    real = torch.nn.Module.named_modules
+
+    def named_modules(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "named_modules", named_modules)
+    engine.step([second], lr=1e-3)
+    assert walks == []  # the sequence-parallel grad sum has nothing to do at tp=1
