@@ -76,6 +76,31 @@ def sum_of_squares(grad: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def _joined(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` (1-D) with each run of neighbours in memory joined into one view. The parameters
+    of a bucket lie back to back in the main-grad buffer, so the norm costs a few ops per bucket
+    instead of per parameter (on a GPU each op is a kernel launch, and small steps are launch-bound)."""
+    joined: list[torch.Tensor] = []
+    for g in grads:
+        if joined and _follows(joined[-1], g):
+            last = joined[-1]
+            joined[-1] = last.as_strided((last.numel() + g.numel(),), (1,), last.storage_offset())
+        else:
+            joined.append(g)
+    return joined
+
+
+def _follows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether 1-D ``b`` starts in memory right where 1-D ``a`` ends, both unit-stride, of one storage."""
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and a.stride() == b.stride() == (1,)
+        and b.storage_offset() == a.storage_offset() + a.numel()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    )
+
+
 def global_grad_norm(
     segments: Sequence[Segment], groups: Sequence[Group], tp_rank: int, device: torch.device | None = None
 ) -> torch.Tensor:
@@ -96,10 +121,10 @@ def global_grad_norm(
             counted.append(grad[mask])
             others.append(grad[~mask])
     total = torch.zeros((), dtype=torch.float32, device=segments[0][1].device if segments else device)
-    if counted:  # per-tensor sums first: no temporary the size of a gradient
-        total += torch.stack([sum_of_squares(g) for g in counted]).sum()
+    if counted:  # per-run sums first: no temporary the size of a gradient
+        total += torch.stack([sum_of_squares(g) for g in _joined(counted)]).sum()
     if others:
-        total += 0.0 * torch.stack([sum_of_squares(g) for g in others]).sum()
+        total += 0.0 * torch.stack([sum_of_squares(g) for g in _joined(others)]).sum()
     for group in groups:
         total = comm.all_reduce(total, group)
     return total.sqrt()

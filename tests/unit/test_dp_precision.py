@@ -85,6 +85,15 @@ def test_norm_skips_duplicates_but_not_their_infs():
     assert not torch.isfinite(global_grad_norm([(gqa, rows, 0)], [], tp_rank=1))
 
 
+def test_norm_joins_only_gradients_that_are_neighbours_in_memory():
+    buffer, p = torch.tensor([3.0, 4.0, 100.0, 12.0, 0.0]), _param(**{TP_SHARDED_ATTR: True})
+    assert global_grad_norm([(p, buffer[0:2], 0), (p, buffer[3:5], 0)], [], tp_rank=0).item() == 13.0  # not the 100
+    assert global_grad_norm([(p, buffer[3:5], 0), (p, buffer[0:2], 0)], [], tp_rank=0).item() == 13.0
+    other = torch.tensor([100.0, 0.0])  # another storage
+    assert global_grad_norm([(p, buffer[0:1], 0), (p, other[1:2], 0)], [], tp_rank=0).item() == 3.0
+    assert global_grad_norm([(p, buffer[0:1], 0), (p, buffer[1:2], 0)], [], tp_rank=0).item() == 5.0  # joined
+
+
 class _Replicated:
     """The part of ``ReplicatedAdamW`` that ``clip_grad_norm_`` uses, over plain ``.grad``s."""
 

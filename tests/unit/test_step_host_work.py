@@ -1,9 +1,10 @@
 """The host side of one optimizer step (``Engine.step``). On a GPU a read back (``.item()``,
 ``.tolist()``, ``bool(t)``) waits for every kernel queued before it, and a small step is
 launch-bound, so it pays per kernel launch and per Python walk. The step reads the device once, the
-norm and the loss together (Megatron's one found-inf/grad-norm read); low-precision parameters get
-their masters in one multi-tensor copy, and without tensor parallelism nothing walks the module
-tree. The loss and norm stay torch's, and a step whose gradient is not finite is still skipped."""
+norm and the loss together (Megatron's one found-inf/grad-norm read); the grad norm takes a few ops
+per bucket, low-precision parameters get their masters in one multi-tensor copy, and without tensor
+parallelism nothing walks the module tree. The loss and norm stay torch's, and a step whose
+gradient is not finite is still skipped."""
 
 import contextlib
 import math
@@ -18,6 +19,7 @@ from megatron_lite import plan
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.data_parallel import DataParallelGrads
+from megatron_lite.parallel.grad_utils import optimizer_grad_norm
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
 from megatron_lite.parallel.optimizer import build_dp_optimizer
 from megatron_lite.parallel.precision import Precision
@@ -136,3 +138,20 @@ def test_a_step_without_tensor_parallelism_walks_no_module_tree(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "named_modules", named_modules)
     engine.step([second], lr=1e-3)
     assert walks == []  # the sequence-parallel grad sum has nothing to do at tp=1
+
+
+def test_the_grad_norm_takes_a_few_ops_per_bucket_not_per_parameter():
+    cfg = tiny()
+    model = build_model(cfg.model, cfg.train.seed, "cpu")
+    ddp = DataParallelGrads(model, None, bucket_numel=20_000)
+    opt = build_dp_optimizer(ddp, cfg.optim)
+    gen = torch.Generator().manual_seed(0)
+    for p in opt.params:
+        p.main_grad.copy_(torch.randn(p.shape, generator=gen))
+    with CountOps() as counted:
+        norm = optimizer_grad_norm(opt, tp_group=None, pp_group=None)
+    buckets = len(ddp.buffers[0].buckets)
+    assert 1 < buckets < len(opt.params) / 2
+    assert counted.ops["aten.linalg_vector_norm.default"] <= 2 * buckets  # a bucket's rows, and its tail
+    want = torch.cat([p.main_grad.double().flatten() for p in opt.params]).norm().item()
+    assert norm.item() == pytest.approx(want, rel=1e-6)
