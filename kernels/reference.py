@@ -19,9 +19,13 @@ from megatron_lite.kernels._checks import (
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA gained enable_gqa in 2.5
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the dtype the twins compute in: fp32 for 16-bit and fp32 inputs, fp64 for fp64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """``t`` in the dtype the twins compute in: fp32 for 16-bit inputs; fp32 and fp64 as they are,
+    with no call into torch (a training step runs the twins a few times per layer)."""
+    return t if t.dtype in _WIDE else t.float()
 
 
 def rms_norm(
