@@ -10,13 +10,11 @@ start from (one saved with other model settings is refused: ``resume.py``) -> th
 One optimizer step: the loader yields this rank's microbatches of the global batch (which samples
 depend only on seed and step) -> ``Engine.step`` (forward/backward, overlapped gradient reduction,
 global clipping, AdamW or a skip on every rank) -> metrics on rank 0, evaluation and checkpoints.
-Without a held-out sample (``data.valid_fraction=0``, one-document datasets) there is no evaluation
-and no ``eval_loss``, said once at startup; a dataset of a blend without one is left out of the
-evaluation's blend, also said (``build.build_data``).
-Setup, from the process group on, and the loop each run under a ``FailureWatch``
+Without a held-out sample there is no evaluation and no ``eval_loss``, said once at startup
+(``build.build_data``). Setup, from the process group on, and the loop run under a ``FailureWatch``
 (``launcher/failure_watch.py``): a rank that raises stops every rank within seconds, each logging its
-error, instead of leaving them in a collective. A signal during setup (``fault.py: SetupSignals``)
-ends the run the same way, with one line saying so; during the loop it saves a checkpoint first.
+error. A signal during setup (``fault.py: SetupSignals``) ends the run the same way; during the loop
+it saves a checkpoint first.
 """
 
 from __future__ import annotations
@@ -190,15 +188,10 @@ class Trainer:
         if self.rank != 0:
             return
         model = torch.nn.ModuleList(self.engine.chunks)  # every chunk of this rank (vp > 1), each parameter once
-        log.info(
-            "model: %s parameters on this rank (%s without embeddings); world %d; device %s, dtype %s, kernels %s",
-            f"{count_parameters(model):,}",
-            f"{count_parameters(model, True):,}",
-            self.world,
-            self.device,
-            str(self.dtype).replace("torch.", ""),
-            kernels.get_backend(),
-        )
+        n, body = count_parameters(model), count_parameters(model, True)
+        sizes = f"{n:,} parameters on this rank ({body:,} without embeddings)"
+        dtype, backend = str(self.dtype).replace("torch.", ""), kernels.get_backend()
+        log.info("model: %s; world %d; device %s, dtype %s, kernels %s", sizes, self.world, self.device, dtype, backend)
         log.info("kernels on %s:\n%s", self.device, preflight.kernel_report(self.device))
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -287,8 +280,9 @@ class Trainer:
         loader, iters, total = self._loader(self.data.valid), self.cfg.train.eval_iters, 0.0
         for _ in range(iters):
             micro = loader.next_step()
-            where = f"the evaluation at step {self.step}"
-            check_batch_ids(micro, self.cfg.model.vocab_size, where, self.data.tokenizer_path)
+            check_batch_ids(
+                micro, self.cfg.model.vocab_size, f"the evaluation at step {self.step}", self.data.tokenizer_path
+            )
             total += self.engine.eval_loss(micro)
         return total / iters
 
