@@ -61,10 +61,11 @@ replaces ``latest``. Object stores have no rename: there the files go straight t
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
 ``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
 missing or of the wrong type, a value out of range such as a negative count or a box outside its
-tensor, ``ranks`` not one entry per rank of ``layout.world_size``), or with a file whose size or
-sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
-dtype (:func:`header_problem`: ``metadata.json`` has no checksum of its own), or whose ``step`` is
-not the one its name says (``step_00000100``: copied or renamed), is incomplete or corrupt.
+tensor, ``ranks`` not one entry per rank of ``layout.world_size``, a file name that is a path such
+as ``../x``), or with a file whose size or sha256 differs, or a rank file without a key
+``metadata.json`` lists for it in that box's shape and dtype (:func:`header_problem`:
+``metadata.json`` has no checksum of its own), or whose ``step`` is not the one its name says
+(``step_00000100``: copied or renamed), is incomplete or corrupt.
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def _structure_problem(meta: dict) -> str | None:
 def metadata_problem(meta: object) -> str | None:
     """Why a parsed ``metadata.json`` is unusable, or None: another format version; a key missing
     or of the wrong type; a value out of range (:func:`_value_problem`); ``ranks`` not one entry per
-    rank of the saved world; a file referred to without a checksum. The one check of the structure
+    rank of the saved world; a file name that is a path (``../x``, ``/x``); a file referred to
+    without a checksum. The one check of the structure
     documented above: the reader's verification asks it before anything indexes into the metadata,
     so a damaged file is a named problem and ``resume=auto`` falls back to an older checkpoint, as
     for any corrupt one."""
@@ -311,12 +313,23 @@ def _value_problem(meta: dict) -> str | None:
     return None
 
 
+def _file_name_problem(name: str) -> str | None:
+    """Why ``name`` is not the name of a file directly inside the step directory (every file a save
+    writes is): a path such as ``../x`` or ``/etc/x`` would make the reader open a file outside it."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        return f"file name {name!r} is not a file directly inside the step directory (a path, or empty)"
+    return None
+
+
 def _consistency_problem(meta: dict) -> str | None:
-    """``ranks`` holds one entry per rank of the saved world; every file referred to has a checksum."""
+    """``ranks`` holds one entry per rank of the saved world; every file referred to is a plain file
+    name (:func:`_file_name_problem`) and has a checksum."""
     world = meta["layout"]["world_size"]
     if len(meta["ranks"]) != world:
         return f"ranks has {len(meta['ranks'])} entries but the checkpoint's world (layout.world_size) is {world}"
     referred = {s["file"] for t in meta["tensors"].values() for s in t["shards"]} | {r["file"] for r in meta["ranks"]}
+    if bad := next((p for n in sorted(referred | set(meta["files"])) if (p := _file_name_problem(n))), None):
+        return bad
     unlisted = sorted(referred - set(meta["files"]))
     return f"{unlisted[0]} is referred to but has no checksum in files" if unlisted else None
 

@@ -117,6 +117,12 @@ def _training_meta() -> dict:
     }
 
 
+def _rename_file(meta: dict, name: str) -> None:
+    """Refer to the one rank file as ``name`` everywhere in ``meta`` (shards, ranks, files)."""
+    meta["tensors"]["model/w"]["shards"][0]["file"] = meta["ranks"][0]["file"] = name
+    meta["files"] = {name: meta["files"]["rank_00000.safetensors"]}
+
+
 @pytest.mark.parametrize(
     "damage,why",
     [
@@ -138,6 +144,11 @@ def _training_meta() -> dict:
         (lambda m: m["tensors"]["model/w"].update(dtype="F99"), "tensors['model/w'].dtype 'F99' is not"),
         (lambda m: m["tensors"]["model/w"].update(shape=[1]), "shards[0]: box [[0, 2]] is not inside the shape [1]"),
         (lambda m: m["tensors"]["model/w"]["shards"][0].update(box=[[0, 1], [0, 1]]), "is not 1 [start, stop] pairs"),
+        # a file name is a name inside the step directory: a path would read a file outside it
+        (lambda m: _rename_file(m, "../rank_00000.safetensors"), "file name '../rank_00000.safetensors' is not a file"),
+        (lambda m: _rename_file(m, "/tmp/rank_00000.safetensors"), "file name '/tmp/rank_00000.safetensors' is not"),
+        (lambda m: _rename_file(m, ".."), "file name '..' is not a file directly inside the step directory"),
+        (lambda m: m["files"].update({"sub\\x": {"sha256": "0" * 64, "bytes": 1}}), "file name 'sub\\\\x' is not"),
     ],
 )
 def test_damaged_metadata_is_named_in_one_problem(damage, why):
@@ -165,6 +176,21 @@ def test_a_rank_file_not_holding_the_boxes_metadata_lists_is_corrupt(tmp_path):
     Path(path).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"rank_00000.safetensors has no tensor 'model/w\[0:9\]', which metadata"):
         find_checkpoint(reader.location)
+
+
+def test_a_file_outside_the_step_directory_is_never_read(tmp_path):
+    """A downloaded checkpoint whose metadata.json names ``../NAME`` (with that file's true checksum)
+    would otherwise pass verification and load tensors from outside its step directory."""
+    full = torch.arange(4.0)
+    reader = _save_boxes(tmp_path / "a", [Piece("model/w", (4,), ((0, 4),), full)])
+    step = Path(reader.location)
+    (step.parent / "outside.safetensors").write_bytes((step / "rank_00000.safetensors").read_bytes())
+    meta = json.loads((step / "metadata.json").read_text())
+    _rename_file(meta, "../outside.safetensors")
+    (step / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"unusable: metadata.json is damaged: file name '../outside.safetensors' is "
+                       r"not a file directly inside the step directory"):  # fmt: skip
+        find_checkpoint(step)
 
 
 def test_weights_only_metadata_may_have_no_trainer_state():
