@@ -179,6 +179,18 @@ def _open_safetensors(path: Path) -> Any:
         raise UserError(f"{path} is not a readable safetensors file ({e}); copy or download it again") from None
 
 
+def _refuse_outside(index: Path, hf_dir: Path, files: list[str]) -> None:
+    """Shards are files in the model directory: a name in ``index`` that is absolute or climbs out of
+    it (``../x``) would read weights from elsewhere. Lexical, so that a Hugging Face cache snapshot
+    (shards symlinked to ``../../blobs/``) stays readable."""
+    bad = next((f for f in files if not f or Path(f).is_absolute() or ".." in Path(f).parts), None)
+    if bad is not None:
+        raise UserError(
+            f"{index} names {bad!r} as a shard, which is not a file inside {hf_dir}; restore the index from the "
+            "model's source"
+        )
+
+
 class HFWeights:
     """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards).
     Every file is opened (headers read) up front, so a missing or damaged one is reported before any work."""
@@ -193,6 +205,7 @@ class HFWeights:
                     f"{index} has no weight_map of tensor names to files; restore it from the model's source"
                 )
             files = sorted(set(weight_map.values()))
+            _refuse_outside(index, hf_dir, files)
             missing = [f for f in files if not (hf_dir / f).is_file()]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

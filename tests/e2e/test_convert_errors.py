@@ -92,6 +92,13 @@ def damage(hf_dir: Path, kind: str) -> str:
             return f"no model.safetensors or model.safetensors.index.json in {hf_dir}: copy the model's weights (its"
         (hf_dir / "pytorch_model.bin").write_bytes(b"")
         return f"in {hf_dir}: found pytorch_model.bin: re-save with save_pretrained(safe_serialization=True)"
+    if kind in ("shard outside", "shard absolute"):  # an index naming weights outside the directory
+        outside = shards[1].rename(hf_dir.parent / shards[1].name)
+        name = f"../{outside.name}" if kind == "shard outside" else str(outside)
+        index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: name if v == outside.name else v for k, v in index["weight_map"].items()}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        return f"model.safetensors.index.json names {name!r} as a shard, which is not a file inside {hf_dir}"
     if kind == "index without weight_map":
         (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
         return "model.safetensors.index.json has no weight_map of tensor names to files; restore it from the model's"
@@ -113,6 +120,8 @@ def damage(hf_dir: Path, kind: str) -> str:
         "no weights",
         "pytorch weights",
         "index without weight_map",
+        "shard outside",
+        "shard absolute",
         "malformed config",
         "config not an object",
         "bad field",
