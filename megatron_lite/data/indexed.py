@@ -235,7 +235,9 @@ def _corrupt(path: Path, what: str) -> UserError:
 
 
 def _check_table(idx_path: Path, offsets: np.ndarray, sizes: np.ndarray) -> None:
-    """No negative size, and each document starts where the one before ends (the first at 0).
+    """No negative size, each document starts where the one before ends (the first at 0), and no
+    end wraps past int64 (crafted sizes such as ``2**63 - 1`` twice would otherwise wrap around to
+    a small total that matches the header and the ``.bin``).
 
     Read in chunks of ``_CHECK_CHUNK`` documents, so a mapped table is never copied whole.
     """
@@ -246,11 +248,17 @@ def _check_table(idx_path: Path, offsets: np.ndarray, sizes: np.ndarray) -> None
     expected = 0  # where the next document must start
     for lo in range(0, sizes.size, _CHECK_CHUNK):
         starts = np.asarray(offsets[lo : lo + _CHECK_CHUNK])
-        ends = starts + sizes[lo : lo + _CHECK_CHUNK]
-        bad = np.flatnonzero(starts != np.concatenate(([expected], ends[:-1])))
+        with np.errstate(over="ignore"):
+            ends = starts + sizes[lo : lo + _CHECK_CHUNK]  # a wrap makes an end smaller than its start
+        misplaced = starts != np.concatenate(([expected], ends[:-1]))
+        bad = np.flatnonzero(misplaced | (ends < starts))
         if bad.size:
             doc = lo + int(bad[0])
-            raise _corrupt(idx_path, f"document {doc} starts at token {offsets[doc]}, not where the one before ends")
+            if misplaced[doc - lo]:
+                raise _corrupt(
+                    idx_path, f"document {doc} starts at token {offsets[doc]}, not where the one before ends"
+                )
+            raise _corrupt(idx_path, f"document {doc} of {sizes[doc]} tokens ends past the largest offset int64 holds")
         expected = int(ends[-1])
 
 

@@ -131,6 +131,17 @@ def _negative_size(idx, bin_):
     _patch(idx, 40 + 8 * len(DOCS), struct.pack("<q", -1))
 
 
+def _wrapping_sizes(idx, bin_):
+    """Three documents (2**63 - 1, 2**63 - 1, 2 tokens) whose int64 ends wrap to 0: without the
+    check they match an empty .bin and a header of 0 tokens."""
+    big = 2**63 - 1
+    offsets = np.array([0, big, 2 * big - 2**64], "<i8")
+    idx.write_bytes(
+        indexed._HEADER.pack(MAGIC, 1, 1, 3, 0) + offsets.tobytes() + np.array([big, big, 2], "<i8").tobytes()
+    )
+    bin_.write_bytes(b"")
+
+
 CORRUPTIONS = [
     (_corrupt_magic, "bad magic"),
     (_corrupt_version, "unsupported version 7"),
@@ -142,6 +153,7 @@ CORRUPTIONS = [
     (_bad_offsets, "document 2 starts at token 1"),
     (_bad_token_count, "header says 3 tokens"),
     (_negative_size, "negative document size"),
+    (_wrapping_sizes, f"document 1 of {2**63 - 1} tokens ends past the largest offset int64 holds"),
 ]
 
 
