@@ -60,25 +60,28 @@ writes ``metadata.json`` (with every file's checksum), renames the directory int
 replaces ``latest``. Object stores have no rename: there the files go straight to ``step_*/`` and
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
 ``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
-missing or of the wrong type, a value out of range such as a negative count or a box outside its
-tensor, ``ranks`` not one entry per rank of ``layout.world_size``, a file name that is a path such
-as ``../x``), or with a file whose size or sha256 differs, or a rank file without a key
-``metadata.json`` lists for it in that box's shape and dtype (:func:`header_problem`:
-``metadata.json`` has no checksum of its own), or whose ``step`` is not the one its name says
-(``step_00000100``: copied or renamed), is incomplete or corrupt.
+missing or of the wrong type, a value out of range such as a negative count, a box outside its
+tensor or boxes not holding exactly its shape's elements, ``ranks`` not one entry per rank of
+``layout.world_size``, a file name that is a path such as ``../x``), or with a file whose size or
+sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
+dtype, its bytes inside the file (:func:`header_problem`: ``metadata.json`` has no checksum of its
+own), or whose ``step`` is not the one its name says (``step_00000100``: copied or renamed), is
+incomplete or corrupt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.boxes import Box, box_shape
+from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape
 
 FORMAT = "megatron-lite/sharded-v1"
 METADATA = "metadata.json"
@@ -105,6 +108,7 @@ DTYPE_CODES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ITEMSIZE = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
 PARAM_DTYPES = {str(d).removeprefix("torch.") for d in DTYPE_CODES if d.is_floating_point}
 """``layout.param_dtype``: the dtype a run trained in (``float32``, ``bfloat16``...)."""
 
@@ -165,18 +169,20 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str
     return digest.hexdigest(), 8 + len(blob) + offset
 
 
-def read_tensor_header(path: Path) -> dict[str, dict]:
+def read_tensor_header(path: Path) -> tuple[dict[str, dict], int]:
     """The header of a safetensors file (what :func:`write_tensor_file` wrote): key -> ``{"dtype",
-    "shape", "data_offsets"}``, without ``__metadata__``. ValueError when it is not one."""
+    "shape", "data_offsets"}``, without ``__metadata__``; and the bytes of data after it (what
+    ``data_offsets`` count in). ValueError when it is not one."""
     with path.open("rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        if not 0 < size <= path.stat().st_size - 8:
+        data = path.stat().st_size - 8 - size
+        if size <= 0 or data < 0:
             raise ValueError(f"its header length {size} does not fit the file")
         header = json.loads(f.read(size))
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
     header.pop("__metadata__", None)
-    return header
+    return header, data
 
 
 def sha256_file(path: Path) -> str:
@@ -288,7 +294,8 @@ def _count(v: object) -> bool:
 
 def _value_problem(meta: dict) -> str | None:
     """The first value out of its range (the structure is sound): a negative count, an optimizer
-    step past the checkpoint's step, an unknown dtype, a box outside its tensor's shape."""
+    step past the checkpoint's step, an unknown dtype, a box outside its tensor's shape, boxes
+    holding fewer or more elements than their tensor's shape."""
     step, opt, trainer = meta["step"], meta["optimizer"], meta["trainer"]
     counts = {"step": step, **{f"files[{k!r}].bytes": f["bytes"] for k, f in meta["files"].items()}}
     if opt is not None:
@@ -310,6 +317,10 @@ def _value_problem(meta: dict) -> str | None:
         for i, s in enumerate(t["shards"]):
             if why := _box_problem(t["shape"], s["box"]):
                 return f"tensors[{name!r}].shards[{i}]: {why}"
+        # a save stores every element once: a shape larger than its boxes would be allocated whole on read
+        stored, numel = sum(box_numel(s["box"]) for s in t["shards"]), math.prod(t["shape"])
+        if stored != numel:
+            return f"tensors[{name!r}] has shape {t['shape']} ({numel} elements) but its shards hold {stored}"
     return None
 
 
@@ -323,13 +334,16 @@ def _file_name_problem(name: str) -> str | None:
 
 def _consistency_problem(meta: dict) -> str | None:
     """``ranks`` holds one entry per rank of the saved world; every file referred to is a plain file
-    name (:func:`_file_name_problem`) and has a checksum."""
+    name (:func:`_file_name_problem`) and has a checksum; no stored key is listed for two boxes."""
     world = meta["layout"]["world_size"]
     if len(meta["ranks"]) != world:
         return f"ranks has {len(meta['ranks'])} entries but the checkpoint's world (layout.world_size) is {world}"
     referred = {s["file"] for t in meta["tensors"].values() for s in t["shards"]} | {r["file"] for r in meta["ranks"]}
     if bad := next((p for n in sorted(referred | set(meta["files"])) if (p := _file_name_problem(n))), None):
         return bad
+    stored = Counter((s["file"], s["key"]) for t in meta["tensors"].values() for s in t["shards"])
+    if twice := next((fk for fk, n in stored.items() if n > 1), None):
+        return f"{twice[0]} key {twice[1]!r} is listed for more than one box"
     unlisted = sorted(referred - set(meta["files"]))
     return f"{unlisted[0]} is referred to but has no checksum in files" if unlisted else None
 
@@ -346,12 +360,24 @@ def listed_keys(meta: dict) -> dict[str, dict[str, tuple[tuple[int, ...], str] |
     return keys
 
 
+def _span_problem(have: dict, shape: tuple[int, ...], code: str, data: int) -> str | None:
+    """Why the bytes ``have["data_offsets"]`` gives a tensor of ``shape`` and dtype ``code`` are not
+    exactly its bytes within the ``data`` bytes of its file (the reader allocates the box before
+    safetensors reads the file: a header claiming more than the file holds would be allocated)."""
+    span, want = have.get("data_offsets"), math.prod(shape) * _ITEMSIZE[code]
+    if not (isinstance(span, list) and len(span) == 2 and all(_count(x) for x in span)):
+        return f"data_offsets {span!r}, not [start, stop]"
+    if span[1] - span[0] != want or span[1] > data:
+        return f"data_offsets {span}, not its {want} bytes within the file's {data} bytes of data"
+    return None
+
+
 def header_problem(path: Path, rel: str, listed: dict[str, tuple[tuple[int, ...], str] | None]) -> str | None:
     """Why the tensors of rank file ``rel`` (its checksum matched) are not those ``metadata.json``
-    lists for it: a key missing, or another shape or dtype than its box (an edited metadata.json
-    would otherwise load the wrong elements)."""
+    lists for it: a key missing, another shape or dtype than its box (an edited metadata.json
+    would otherwise load the wrong elements), or bytes not inside the file (:func:`_span_problem`)."""
     try:
-        header = read_tensor_header(path)
+        header, data = read_tensor_header(path)
     except (OSError, ValueError) as e:
         return f"{rel} is not a safetensors file: {e}"
     for key, want in listed.items():
@@ -363,4 +389,6 @@ def header_problem(path: Path, rel: str, listed: dict[str, tuple[tuple[int, ...]
                 f"{rel} holds {key!r} as {have.get('dtype')} {have.get('shape')}, but {METADATA} lists it as "
                 f"{want[1]} {list(want[0])}"
             )
+        if want is not None and (why := _span_problem(have, want[0], want[1], data)):
+            return f"{rel} holds {key!r} with {why}"
     return None

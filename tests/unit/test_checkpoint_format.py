@@ -68,9 +68,14 @@ def test_read_box_assembles_stored_boxes_and_refuses_holes(tmp_path):
     reader = _save_boxes(tmp_path / "a", pieces)
     assert torch.equal(reader.read_box("model/w", ((1, 4), (1, 3))), full[1:4, 1:3])
     assert torch.equal(reader.read_tensor("model/w"), full)
-    holed = _save_boxes(tmp_path / "b", pieces[:1])
+    with pytest.raises(
+        UserError, match=r"tensors\['model/w'\] has shape \[6, 4\] \(24 elements\) but its shards hold 8"
+    ):
+        _save_boxes(tmp_path / "b", pieces[:1])  # verification refuses a tensor with a hole
+    meta = json.loads(json.dumps(reader.meta))
+    del meta["tensors"]["model/w"]["shards"][1]
     with pytest.raises(UserError, match=r"model/w\[\(0, 6\), \(0, 4\)\] is only partly stored"):
-        holed.read_tensor("model/w")
+        type(reader)(reader.storage, reader.name, meta).read_tensor("model/w")
     assert box_key("model/w", ((0, 2), (0, 4))) == "model/w[0:2,0:4]"
     # metadata.json listing a key its file lacks (edited by hand): one error naming both, not safetensors' own
     meta = json.loads(json.dumps(reader.meta))
@@ -144,6 +149,15 @@ def _rename_file(meta: dict, name: str) -> None:
         (lambda m: m["tensors"]["model/w"].update(dtype="F99"), "tensors['model/w'].dtype 'F99' is not"),
         (lambda m: m["tensors"]["model/w"].update(shape=[1]), "shards[0]: box [[0, 2]] is not inside the shape [1]"),
         (lambda m: m["tensors"]["model/w"]["shards"][0].update(box=[[0, 1], [0, 1]]), "is not 1 [start, stop] pairs"),
+        # every element stored once: a shape beyond its boxes would be allocated whole on read
+        (lambda m: m["tensors"]["model/w"].update(shape=[3]), "has shape [3] (3 elements) but its shards hold 2"),
+        (
+            lambda m: (
+                m["tensors"]["model/w"]["shards"].append({**m["tensors"]["model/w"]["shards"][0], "box": [[2, 4]]})
+                or m["tensors"]["model/w"].update(shape=[4])
+            ),
+            "key 'model/w[0:2]' is listed for more than one box",
+        ),
         # a file name is a name inside the step directory: a path would read a file outside it
         (lambda m: _rename_file(m, "../rank_00000.safetensors"), "file name '../rank_00000.safetensors' is not a file"),
         (lambda m: _rename_file(m, "/tmp/rank_00000.safetensors"), "file name '/tmp/rank_00000.safetensors' is not"),
@@ -167,12 +181,12 @@ def test_a_rank_file_not_holding_the_boxes_metadata_lists_is_corrupt(tmp_path):
     path = reader.storage.url(f"{reader.name}/metadata.json")
     meta = json.loads(Path(path).read_text())
     shard = meta["tensors"]["model/w"]["shards"][0]
-    meta["tensors"]["model/w"]["shards"] = [{**shard, "box": [[0, 4]]}, {**shard, "box": [[4, 8]]}]
+    meta["tensors"]["model/w"].update(shape=[4], shards=[{**shard, "box": [[0, 4]]}])
     Path(path).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"unusable: rank_00000.safetensors holds 'model/w\[0:8\]' as F32 \[8\], but "
                        r"metadata.json lists it as F32 \[4\]"):  # fmt: skip
         find_checkpoint(reader.location)
-    meta["tensors"]["model/w"]["shards"] = [{**shard, "key": "model/w[0:9]"}]
+    meta["tensors"]["model/w"].update(shape=[8], shards=[{**shard, "key": "model/w[0:9]"}])
     Path(path).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"rank_00000.safetensors has no tensor 'model/w\[0:9\]', which metadata"):
         find_checkpoint(reader.location)
@@ -190,6 +204,33 @@ def test_a_file_outside_the_step_directory_is_never_read(tmp_path):
     (step / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"unusable: metadata.json is damaged: file name '../outside.safetensors' is "
                        r"not a file directly inside the step directory"):  # fmt: skip
+        find_checkpoint(step)
+
+
+def test_a_shape_or_header_claiming_more_than_the_files_hold_is_refused_before_reading(tmp_path):
+    """The reader allocates a whole box before safetensors reads it: a metadata.json shape, or a rank
+    file header (with its true checksum) claiming 4 TiB for 8 bytes, must not reach the allocation."""
+    reader = _save_boxes(tmp_path / "a", [Piece("model/w", (2,), ((0, 2),), torch.ones(2))])
+    step = Path(reader.location)
+    meta = json.loads((step / "metadata.json").read_text())
+    meta["tensors"]["model/w"]["shape"] = [2**40]
+    (step / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r"has shape \[1099511627776\] \(1099511627776 elements\) but its shards hold 2"
+    ):
+        find_checkpoint(step)
+    key = f"model/w[0:{2**40}]"
+    blob = json.dumps({key: {"dtype": "F32", "shape": [2**40], "data_offsets": [0, 8]}}).encode()
+    (step / "rank_00000.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(8))
+    meta["tensors"]["model/w"]["shards"] = [{"file": "rank_00000.safetensors", "key": key, "box": [[0, 2**40]]}]
+    meta["ranks"][0]["rng"] = []
+    meta["files"]["rank_00000.safetensors"] = {
+        "sha256": sha256_file(step / "rank_00000.safetensors"),
+        "bytes": (step / "rank_00000.safetensors").stat().st_size,
+    }
+    (step / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"rank_00000.safetensors holds 'model/w\[0:1099511627776\]' with data_offsets "
+                       r"\[0, 8\], not its 4398046511104 bytes within the file's 8 bytes of data"):  # fmt: skip
         find_checkpoint(step)
 
 
