@@ -132,10 +132,9 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_used_out(out)  # first: a config.yaml or `latest` already there would be overwritten
     refuse_out_in_checkpoints(out)  # a run's saves there would prune or replace what is written
-    raw, adapter, hf_config = read_hf_config(hf_dir)
+    raw, adapter, hf_config, weights = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
-    weights = HFWeights(hf_dir)
     refuse_config_mismatch(hf_dir, adapter, m, weights)  # before any warning: a wrong config.json is the news
     _warn_about_tokenizer(hf_dir, sp, out)
     state = _import_tensors(adapter, m, weights, raw["model_type"])

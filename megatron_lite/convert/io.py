@@ -152,9 +152,10 @@ def hf_load_error(what: str, hf_dir: Path, e: Exception) -> UserError:
     return UserError(f"transformers cannot load the {what} in {hf_dir}: {type(e).__name__}: {reason[:400]}")
 
 
-def read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any]:
-    """(raw ``config.json``, its adapter, the ``transformers`` config object), or one :class:`UserError`
-    naming what is missing, damaged or unsupported (that one before transformers reads anything)."""
+def read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any, HFWeights]:
+    """(raw ``config.json``, its adapter, the ``transformers`` config object, the weights), or one
+    :class:`UserError` naming what is missing, damaged or unsupported (that one before transformers
+    reads anything: it builds per-layer state, so a crafted layer count alone would exhaust memory)."""
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"{hf_dir} is not a Hugging Face model directory: config.json is missing")
@@ -162,10 +163,19 @@ def read_hf_config(hf_dir: Path) -> tuple[dict[str, Any], Adapter, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a Hugging Face config (a JSON object); restore it from the model's source")
     adapter = adapter_for(raw.get("model_type"))
+    weights = HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
+    key = "n_layer" if adapter.arch == "gpt2" else "num_hidden_layers"
+    layers, tensors = raw.get(key), len(weights.where)
+    if isinstance(layers, int) and layers > tensors:  # each layer holds several tensors
+        raise UserError(
+            f"{path} does not match the weights in {hf_dir}: it says {key}={layers}, more layers than its "
+            f"{tensors} tensors can hold; correct config.json to describe the weights (or restore both from the "
+            "model's source)"
+        )
     from transformers import AutoConfig
 
     try:
-        return raw, adapter, AutoConfig.from_pretrained(str(hf_dir))
+        return raw, adapter, AutoConfig.from_pretrained(str(hf_dir)), weights
     except Exception as e:  # transformers raises OSError, ValueError, TypeError, its validation errors...
         raise hf_load_error("config", hf_dir, e) from None
 

@@ -35,7 +35,6 @@ from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.convert.compare import compare_tensors, refuse_config_mismatch
 from megatron_lite.convert.io import (
     CheckpointSource,
-    HFWeights,
     hf_load_error,
     open_checkpoint,
     read_hf_config,
@@ -126,8 +125,7 @@ def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
 def _check_hf_dir(hf_dir: Path) -> Adapter:
     """Refuse, before any work, a directory whose config or weights are missing or damaged, or whose
     config.json does not describe its weights (transformers would print its load report first); its adapter."""
-    _, adapter, hf_config = read_hf_config(hf_dir)
-    weights = HFWeights(hf_dir)  # opens every weights file: missing, truncated or unlisted ones are named
+    _, adapter, hf_config, weights = read_hf_config(hf_dir)
     try:
         m = import_config(hf_config, quiet=True)
     except UserError as e:

@@ -302,6 +302,34 @@ def test_a_config_json_that_disagrees_with_the_weights_is_one_error_without_tran
     assert not (tmp_path / "imported").exists()
 
 
+@pytest.mark.parametrize("verb", ["from-hf", "verify"])
+def test_a_crafted_layer_count_is_refused_before_transformers_reads_config_json(
+    trained, exported, tmp_path, monkeypatch, verb, capsys
+):
+    """transformers builds per-layer state from config.json (about 60 bytes a layer): 10**9 layers
+    would exhaust memory before the layers are compared with the weights."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(exported, hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("transformers read a config.json claiming 10**9 layers")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
+    args = [
+        "--hf",
+        str(hf_dir),
+        *(["--out", str(tmp_path / "o")] if verb == "from-hf" else ["--checkpoint", str(trained)]),
+    ]
+    err = run_error(["convert", verb, *args], capsys)
+    assert (
+        f"{hf_dir / 'config.json'} does not match the weights in {hf_dir}: it says num_hidden_layers=1000000000, "
+        "more layers than its" in err
+    ), err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_gpt2_config_json_with_other_layers_names_its_own_key(exported, tmp_path, capfd):
     """GPT-2's keys (n_layer, n_embd) are named, for a base-model file whose names lack ``transformer.``."""
     ids = dict(bos_token_id=0, eos_token_id=0)  # within the vocabulary: no warning from transformers
