@@ -20,7 +20,14 @@ import torch
 
 from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
-from megatron_lite.checkpoint.reader import find_checkpoint, is_step_dir, iter_model_tensors, list_steps, steps_there
+from megatron_lite.checkpoint.reader import (
+    CheckpointReader,
+    find_checkpoint,
+    is_step_dir,
+    iter_model_tensors,
+    list_steps,
+    steps_there,
+)
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
@@ -77,7 +84,6 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
     specs = {name: (shape, dtype) for name, shape in reader.shapes("model").items()}
     check_saved_config(reader.location, reader.config, reader.shapes("model"))
     trainer = meta["trainer"] or {}
-    origin = reader.local_file("origin.json")
     return CheckpointSource(
         path=reader.path,
         config=reader.config,
@@ -85,8 +91,25 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
         specs=specs,
         tokenizer=reader.local_file("tokenizer.model"),
         consumed_samples=trainer.get("consumed_samples"),
-        origin=json.loads(origin.read_text()) if origin else None,
+        origin=_origin(reader),
     )
+
+
+def _origin(reader: CheckpointReader) -> dict[str, Any] | None:
+    """The checkpoint's ``origin.json`` (None when it has none), or one error when it is not a JSON object."""
+    path = reader.local_file("origin.json")
+    if path is None:
+        return None
+    try:
+        origin = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        origin = None
+    if not isinstance(origin, dict):
+        raise UserError(
+            f"checkpoint {reader.location}: its origin.json is not a JSON object (edited or damaged); use another "
+            "copy of the checkpoint"
+        )
+    return origin
 
 
 def refuse_used_out(out: Path) -> None:

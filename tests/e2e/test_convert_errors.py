@@ -13,6 +13,7 @@ import torch
 from convert_fixtures import exported_fixture, run_error, snapshot, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
+from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
 from megatron_lite.convert import io
@@ -247,6 +248,20 @@ def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(
         err = run_error(["convert", args[0], "--checkpoint", str(step), *args[1:]], capsys)
         assert f"checkpoint {step}: {says}" in err and "metadata.json's config was edited or damaged" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+@pytest.mark.parametrize("text", ["[]\n", "{not json\n"])
+def test_an_origin_json_that_is_no_json_object_is_one_error(exported, tmp_path, text, capsys):
+    """origin.json (checksummed in files, so a crafted checkpoint passes verification) is read for the export."""
+    assert main(["convert", "from-hf", "--hf", str(exported), "--out", str(tmp_path / "imported")]) == 0
+    step = tmp_path / "imported" / "step_00000000"
+    (step / "origin.json").write_text(text)
+    meta = json.loads((step / "metadata.json").read_text())
+    meta["files"]["origin.json"] = {"sha256": sha256_file(step / "origin.json"), "bytes": len(text)}
+    (step / "metadata.json").write_text(json.dumps(meta))
+    err = run_error(["convert", "to-hf", "--checkpoint", str(step), "--out", str(tmp_path / "hf")], capsys)
+    assert f"checkpoint {step}: its origin.json is not a JSON object (edited or damaged)" in err, err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_import_of_a_mistral_with_a_short_sliding_window_says_it_shortens_seq_len(exported, tmp_path, caplog):
