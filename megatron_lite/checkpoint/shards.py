@@ -177,6 +177,11 @@ def check_saved_config(location: str, config: Config, stored: dict[str, tuple[in
     ``config`` builds: readers that build the model from it (``eval``, ``convert``) would otherwise
     fail deep in a load or a transform, with a traceback, on a hand-edited or damaged ``metadata.json``."""
     fix = f"{METADATA}'s config was edited or damaged; restore it, or use another checkpoint"
+    if config.model.layers > len(stored):  # each layer holds several tensors; building 10**9 would exhaust memory
+        raise UserError(
+            f"checkpoint {location}: its model config says model.layers={config.model.layers}, more layers than "
+            f"its {len(stored)} stored model tensors can hold; {fix}"
+        )
     try:
         expected = state_shapes(config.model)
     except Exception as e:  # a model.* value no model can have (hidden not divisible by heads...)

@@ -13,6 +13,7 @@ import torch
 from convert_fixtures import exported_fixture, run_error, snapshot, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
+from megatron_lite.checkpoint import shards
 from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
@@ -262,6 +263,26 @@ def test_an_origin_json_that_is_no_json_object_is_one_error(exported, tmp_path, 
     err = run_error(["convert", "to-hf", "--checkpoint", str(step), "--out", str(tmp_path / "hf")], capsys)
     assert f"checkpoint {step}: its origin.json is not a JSON object (edited or damaged)" in err, err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_metadata_config_with_a_crafted_layer_count_is_refused_before_building_it(
+    trained, exported, tmp_path, monkeypatch, capsys
+):
+    """A model of 10**9 layers, even on the meta device, would exhaust memory before its shapes are compared."""
+    step = tmp_path / "checkpoints" / "step_00000002"
+    shutil.copytree(trained / "step_00000002", step)
+    meta = json.loads((step / "metadata.json").read_text())
+    meta["config"]["model"]["layers"] = 10**9
+    (step / "metadata.json").write_text(json.dumps(meta))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model of the crafted config was built")
+
+    monkeypatch.setattr(shards, "state_shapes", never)
+    for args in (["to-hf", "--out", str(tmp_path / "hf")], ["verify", "--hf", str(exported)]):
+        err = run_error(["convert", args[0], "--checkpoint", str(step), *args[1:]], capsys)
+        assert f"checkpoint {step}: its model config says model.layers=1000000000, more layers than its " in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
 def test_import_of_a_mistral_with_a_short_sliding_window_says_it_shortens_seq_len(exported, tmp_path, caplog):
