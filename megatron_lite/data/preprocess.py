@@ -356,6 +356,11 @@ def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None 
         recorded, made_with = meta.get("tokenizer_sha256"), meta.get("tokenizer", "another tokenizer")
     except (OSError, ValueError, AttributeError):
         return
+    if recorded is not None and not isinstance(recorded, str):
+        raise UserError(
+            f"{meta_path} records tokenizer_sha256 {recorded!r}, not a sha256: the dataset's record is damaged; "
+            f"re-run `megatron-lite preprocess --tokenizer {tok.path} --output {prefix} --overwrite ...` on its text"
+        )
     if not recorded or recorded == tok.sha256:
         return
     if dataset_record(IndexedDataset(prefix)) is None:  # opened only here, where it would refuse

@@ -2,6 +2,7 @@
 ``.bin`` when there is no record, and checked against the model's vocabulary before training."""
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder
-from megatron_lite.data.preprocess import preprocess
+from megatron_lite.data.preprocess import check_dataset_tokenizer, preprocess
 from megatron_lite.data.token_range import check_batch_ids, check_token_ids, largest_token_id
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
@@ -47,6 +48,18 @@ def test_preprocess_records_the_largest_id(tok, tmp_path):
     preprocess([tmp_path / "a.txt"], tok, tmp_path / "d", progress=False)
     record = json.loads((tmp_path / "d.json").read_text())
     assert record["max_token_id"] == IndexedDataset(tmp_path / "d").max_token_id() > 260  # a learned piece
+
+
+@pytest.mark.parametrize("recorded", [12345, ["ab"], {"sha256": "ab"}])
+def test_a_record_whose_tokenizer_hash_is_no_string_is_one_error(tok, tmp_path, recorded):
+    """A downloaded dataset's PREFIX.json is read before training: a crafted hash was a TypeError."""
+    (tmp_path / "a.txt").write_text("def g(y):\n    return y\n")
+    preprocess([tmp_path / "a.txt"], tok, tmp_path / "d", progress=False)
+    record = json.loads((tmp_path / "d.json").read_text())
+    (tmp_path / "d.json").write_text(json.dumps({**record, "tokenizer_sha256": recorded}))
+    fix = re.escape(f"re-run `megatron-lite preprocess --tokenizer {tok.path} --output {tmp_path / 'd'} --overwrite")
+    with pytest.raises(UserError, match=rf"d.json records tokenizer_sha256 .*, not a sha256: .* is damaged; {fix}"):
+        check_dataset_tokenizer(tmp_path / "d", tok)
 
 
 def test_an_idx_keeps_the_version_1_layout(tmp_path):
