@@ -375,7 +375,7 @@ def _span_problem(have: dict, shape: tuple[int, ...], code: str, data: int) -> s
 def header_problem(path: Path, rel: str, listed: dict[str, tuple[tuple[int, ...], str] | None]) -> str | None:
     """Why the tensors of rank file ``rel`` (its checksum matched) are not those ``metadata.json``
     lists for it: a key missing, another shape or dtype than its box (an edited metadata.json
-    would otherwise load the wrong elements), or bytes not inside the file (:func:`_span_problem`)."""
+    would otherwise load the wrong elements), or bytes not its own inside the file (:func:`_span_problem`)."""
     try:
         header, data = read_tensor_header(path)
     except (OSError, ValueError) as e:
@@ -391,4 +391,6 @@ def header_problem(path: Path, rel: str, listed: dict[str, tuple[tuple[int, ...]
             )
         if want is not None and (why := _span_problem(have, want[0], want[1], data)):
             return f"{rel} holds {key!r} with {why}"
-    return None
+    spans = sorted((header[k]["data_offsets"], k) for k, want in listed.items() if want is not None)
+    shared = next((k for (a, _), (b, k) in zip(spans, spans[1:]) if b[0] < a[1]), None)
+    return f"{rel} holds {shared!r} in bytes another listed tensor holds too" if shared else None

@@ -232,6 +232,23 @@ def test_a_shape_or_header_claiming_more_than_the_files_hold_is_refused_before_r
     with pytest.raises(UserError, match=r"rank_00000.safetensors holds 'model/w\[0:1099511627776\]' with data_offsets "
                        r"\[0, 8\], not its 4398046511104 bytes within the file's 8 bytes of data"):  # fmt: skip
         find_checkpoint(step)
+    # two boxes whose keys share the file's 8 bytes: each within the file, together twice what it holds
+    header = {k: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]} for k in ("model/w[0:2]", "model/w[2:4]")}
+    blob = json.dumps(header).encode()
+    (step / "rank_00000.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(8))
+    meta["tensors"]["model/w"].update(
+        shape=[4],
+        shards=[{"file": "rank_00000.safetensors", "key": k, "box": [[i, i + 2]]} for k, i in zip(header, (0, 2))],
+    )
+    meta["files"]["rank_00000.safetensors"] = {
+        "sha256": sha256_file(step / "rank_00000.safetensors"),
+        "bytes": (step / "rank_00000.safetensors").stat().st_size,
+    }
+    (step / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r"rank_00000.safetensors holds 'model/w\[2:4\]' in bytes another listed tensor"
+    ):
+        find_checkpoint(step)
 
 
 def test_weights_only_metadata_may_have_no_trainer_state():
