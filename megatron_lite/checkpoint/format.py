@@ -178,7 +178,10 @@ def read_tensor_header(path: Path) -> tuple[dict[str, dict], int]:
         data = path.stat().st_size - 8 - size
         if size <= 0 or data < 0:
             raise ValueError(f"its header length {size} does not fit the file")
-        header = json.loads(f.read(size))
+        try:
+            header = json.loads(f.read(size))
+        except RecursionError:  # nested past Python's stack: no header safetensors writes
+            raise ValueError("its header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
     header.pop("__metadata__", None)

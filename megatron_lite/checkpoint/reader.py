@@ -156,7 +156,7 @@ def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None
         meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
     except FileNotFoundError:
         return None, f"{METADATA} is missing (never committed)"
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's stack
         return None, f"{METADATA} is not valid JSON"
     except OSError as e:
         return None, f"{METADATA} cannot be read: {e}"

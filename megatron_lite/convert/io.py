@@ -102,7 +102,7 @@ def _origin(reader: CheckpointReader) -> dict[str, Any] | None:
         return None
     try:
         origin = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         origin = None
     if not isinstance(origin, dict):
         raise UserError(
@@ -163,7 +163,7 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting
         raise UserError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
     except OSError as e:
         raise UserError(f"{path} cannot be read: {e}") from None

@@ -40,6 +40,8 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
     except json.JSONDecodeError as e:
         why = e.msg.removesuffix(" at")  # "Invalid control character at" would read "at at column"
         raise UserError(f"{path}:{lineno}: invalid JSON ({why} at column {e.colno}); {_FORMAT}") from e
+    except RecursionError:  # lists or objects nested past Python's stack
+        raise UserError(f"{path}:{lineno}: invalid JSON (nested too deeply); {_FORMAT}") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {_FORMAT}")
     if json_key not in obj:

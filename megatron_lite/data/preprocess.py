@@ -354,7 +354,7 @@ def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None 
     try:
         meta = json.loads(meta_path.read_text())
         recorded, made_with = meta.get("tokenizer_sha256"), meta.get("tokenizer", "another tokenizer")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return
     if recorded is not None and not isinstance(recorded, str):
         raise UserError(

@@ -39,7 +39,7 @@ def dataset_record(data: IndexedDataset) -> dict | None:
     path = Path(data.prefix + ".json")
     try:
         record = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(record, dict) or (record.get("documents"), record.get("tokens")) != (len(data), data.num_tokens):
         return None

@@ -107,6 +107,9 @@ def damage(hf_dir: Path, kind: str) -> str:
     if kind == "config not an object":
         (hf_dir / "config.json").write_text("[]\n")
         return f"{hf_dir / 'config.json'} is not a Hugging Face config (a JSON object); restore it from the model's"
+    if kind == "deeply nested config":  # json.loads raises RecursionError, not a ValueError
+        (hf_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+        return f"{hf_dir / 'config.json'} is not valid JSON (maximum recursion depth exceeded"
     if kind == "malformed config":
         (hf_dir / "config.json").write_text('{"model_type": "llama",\n')
         return f"{hf_dir / 'config.json'} is not valid JSON"
@@ -125,6 +128,7 @@ def damage(hf_dir: Path, kind: str) -> str:
         "shard outside",
         "shard absolute",
         "malformed config",
+        "deeply nested config",
         "config not an object",
         "bad field",
     ],
@@ -251,7 +255,7 @@ def test_a_metadata_config_that_disagrees_with_the_tensors_is_one_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
 
 
-@pytest.mark.parametrize("text", ["[]\n", "{not json\n"])
+@pytest.mark.parametrize("text", ["[]\n", "{not json\n", "[" * 100_000 + "]" * 100_000], ids=["list", "text", "nested"])
 def test_an_origin_json_that_is_no_json_object_is_one_error(exported, tmp_path, text, capsys):
     """origin.json (checksummed in files, so a crafted checkpoint passes verification) is read for the export."""
     assert main(["convert", "from-hf", "--hf", str(exported), "--out", str(tmp_path / "imported")]) == 0

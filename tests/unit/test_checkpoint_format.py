@@ -251,6 +251,28 @@ def test_a_shape_or_header_claiming_more_than_the_files_hold_is_refused_before_r
         find_checkpoint(step)
 
 
+def test_json_nested_past_pythons_stack_is_a_corrupt_checkpoint(tmp_path):
+    """json.loads raises RecursionError (no ValueError) for 100,000 nested lists: verification must name the
+    file as damaged (resume=auto then falls back to an older checkpoint), not stop with a traceback."""
+    nested = "[" * 100_000 + "]" * 100_000
+    reader = _save_boxes(tmp_path / "a", [Piece("model/w", (2,), ((0, 2),), torch.ones(2))])
+    step = Path(reader.location)
+    meta_text = (step / "metadata.json").read_text()
+    (step / "metadata.json").write_text(nested)
+    with pytest.raises(UserError, match=r"unusable: metadata.json is not valid JSON"):
+        find_checkpoint(step)
+    blob = nested.encode()
+    (step / "rank_00000.safetensors").write_bytes(len(blob).to_bytes(8, "little") + blob)
+    meta = json.loads(meta_text)
+    meta["files"]["rank_00000.safetensors"] = {
+        "sha256": sha256_file(step / "rank_00000.safetensors"),
+        "bytes": 8 + len(blob),
+    }
+    (step / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"rank_00000.safetensors is not a safetensors file: its header is nested too"):
+        find_checkpoint(step)
+
+
 def test_weights_only_metadata_may_have_no_trainer_state():
     meta = {**_training_meta(), "weights_only": True, "optimizer": None, "trainer": None}
     assert metadata_problem(meta) is None

@@ -88,6 +88,7 @@ def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
             "name the key holding the text with --json-key$",
         ),
         ('{"text": "a\tb"}\n', r"bad.jsonl:1: invalid JSON \(Invalid control character at column 12\)"),
+        ("[" * 100_000 + "]" * 100_000 + "\n", r"bad.jsonl:1: invalid JSON \(nested too deeply\)"),
     ],
 )
 def test_preprocess_bad_json_lines(tok, tmp_path, content, match):

@@ -94,6 +94,15 @@ def test_a_record_is_used_only_when_it_describes_the_files(tmp_path):
     assert largest_token_id(data, 300) == (700, f"the largest, read from {data.bin_path}")
 
 
+def test_a_record_nested_past_pythons_stack_is_no_record(tok, tmp_path):
+    """json.loads raises RecursionError (no ValueError) for 100,000 nested lists: a downloaded dataset's
+    PREFIX.json like that is unreadable, as a truncated one is, and the .bin is read instead."""
+    data = _build(tmp_path / "d", [[1, 2], [700]])
+    (tmp_path / "d.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert largest_token_id(data, 300) == (700, f"the largest, read from {data.bin_path}")
+    assert check_dataset_tokenizer(tmp_path / "d", tok) is None  # no hash to compare: the ids are checked
+
+
 def test_an_older_record_bounds_the_ids_by_its_tokenizer(tmp_path):
     data = _build(tmp_path / "d", [[1, 2], [250]])
     _record(tmp_path / "d", documents=2, tokens=3, vocab_size=300)  # no max_token_id yet
