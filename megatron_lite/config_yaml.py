@@ -62,6 +62,8 @@ def read_config_file(path: str | Path) -> tuple[dict[Any, Any], Any]:
         where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
         why = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"config file {str(p)!r} is not valid YAML{where}: {why}") from None
+    except RecursionError:  # PyYAML composes recursively: lists or mappings nested past Python's stack
+        raise UserError(f"config file {str(p)!r} is not valid YAML: lists or mappings nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(
             f"config file {str(p)!r} holds a YAML {type(data).__name__}, not a mapping of sections: write each "
@@ -86,6 +88,6 @@ def yaml_scalar(raw: str) -> Any:
         return raw
     try:
         value = yaml.safe_load(raw)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):  # RecursionError: `{{{...` nested past Python's stack
         return raw
     return raw if isinstance(value, (dict, list)) else value

@@ -226,6 +226,17 @@ def test_a_yaml_key_that_is_a_list_or_mapping_is_one_error_naming_the_line(tmp_p
         load_config(f)
 
 
+def test_yaml_nested_past_pythons_stack_is_one_error(tmp_path):
+    """PyYAML composes recursively: 5,000 nested lists raised RecursionError (a traceback from the CLI)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(UserError, match=r"c.yaml' is not valid YAML: lists or mappings nested too deeply$"):
+        load_config(f)
+    f.write_text("model:\n  layers: 2\n")
+    with pytest.raises(UserError, match=r"model.layers"):  # an override's value YAML cannot read stays text
+        load_config(f, ["model.layers=" + "{" * 5000 + "}" * 5000])
+
+
 def test_a_config_path_that_is_empty_or_no_regular_file_is_named_for_what_it_is(tmp_path):
     """`--config ''` was "config file '.' is a directory"; `--config /dev/null` "does not exist"."""
     with pytest.raises(UserError, match=r"^--config is given an empty file name .*give a YAML file$"):
