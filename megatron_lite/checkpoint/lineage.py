@@ -71,10 +71,11 @@ def data_changes(saved: dict[str, Any] | None, now: dict[str, Any], weights: lis
     """What differs between the data a checkpoint's lineage records (``saved``) and this run's
     (``now``: :attr:`Lineage.static`, with the blend's ``weights``): datasets by content (a moved
     dataset with the same ``.idx`` hash and ``.bin`` size is the same) and weights. Another tokenizer is
-    no data change: a resume refuses it (``training/resume.py: check_tokenizer``)."""
-    if not saved or "datasets" not in saved:
-        return []
-    old, new = saved["datasets"], now["datasets"]
+    no data change: a resume refuses it (``training/resume.py: check_tokenizer``). ``saved`` comes from
+    a file: anything but the record a save writes is no record."""
+    old, new = saved.get("datasets") if isinstance(saved, dict) else None, now["datasets"]
+    if not isinstance(old, list) or not all(isinstance(d, dict) for d in old):
+        return []  # none recorded (an HF import), or a record no save writes (edited): nothing to compare
     changes = []
     content = [(d["idx_sha256"], d["bin_bytes"]) for d in new]
     if [(d.get("idx_sha256"), d.get("bin_bytes")) for d in old] != content:

@@ -148,9 +148,10 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Pa
 
 def check_tokenizer(reader: CheckpointReader, tokenizer: Path) -> None:
     """Refuse a ``tokenizer`` file other than the one the checkpoint's run trained with (the sha256 its
-    lineage records; a checkpoint without one is not checked)."""
-    saved = (reader.meta.get("lineage") or {}).get("tokenizer") or {}
-    if "sha256" not in saved or saved["sha256"] == sha256_file(tokenizer):
+    lineage records; a checkpoint without one, or with a lineage no save writes, is not checked)."""
+    lineage = reader.meta.get("lineage")
+    saved = lineage.get("tokenizer") if isinstance(lineage, dict) else None  # from a file: maybe no record
+    if not isinstance(saved, dict) or "sha256" not in saved or saved["sha256"] == sha256_file(tokenizer):
         return
     was = saved.get("path")
     copy = f" (a copy: {reader.location}/tokenizer.model)" if "tokenizer.model" in reader.meta["files"] else ""

@@ -312,6 +312,22 @@ def test_data_changes_names_what_differs_from_the_checkpoints_lineage():
     ]
     retok = data_changes(saved, lineage(("/d/a", "h1", 10), ("/d/b", "h2", 20), tok="t2"), [0.5, 0.5])
     assert retok == []  # not a data change: a resume refuses another tokenizer (training/resume.py)
+    for crafted in ("x", {"datasets": None}, {"datasets": ["/d/a"]}, {"datasets": {"a": 1}}):  # an edited lineage
+        assert data_changes(crafted, moved, [0.5, 0.5]) == [], crafted  # no record, as without one
+
+
+@pytest.mark.parametrize("lineage", ["x", ["t"], {"tokenizer": "t"}, {"tokenizer": ["sha256"]}])
+def test_a_lineage_no_save_writes_is_no_tokenizer_record(tmp_path, lineage):
+    """lineage comes from metadata.json (not checksummed): an edited one was a TypeError or AttributeError
+    on resume; it records no tokenizer, as a checkpoint without lineage records none."""
+    from megatron_lite.training.resume import check_tokenizer
+
+    (tmp_path / "tok.model").write_bytes(b"t")
+    reader = SimpleNamespace(meta={"lineage": lineage, "files": {}}, location=str(tmp_path))
+    assert check_tokenizer(reader, tmp_path / "tok.model") is None
+    reader.meta["lineage"] = {"tokenizer": {"path": "other.model", "sha256": "0" * 64}}
+    with pytest.raises(UserError, match="is not the one checkpoint .* was trained with, other.model"):
+        check_tokenizer(reader, tmp_path / "tok.model")
 
 
 def test_each_rank_hashes_only_its_round_robin_share_of_the_files(tmp_path, monkeypatch):
