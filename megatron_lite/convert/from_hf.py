@@ -35,7 +35,13 @@ from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig
 from megatron_lite.convert.compare import refuse_config_mismatch, unused_tensor_problem
-from megatron_lite.convert.io import HFWeights, read_hf_config, read_json, refuse_out_in_checkpoints, refuse_used_out
+from megatron_lite.convert.io import (
+    HFWeights,
+    read_export_record,
+    read_hf_config,
+    refuse_out_in_checkpoints,
+    refuse_used_out,
+)
 from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
 from megatron_lite.errors import UserError, refuse_blank
 
@@ -85,8 +91,7 @@ def _run_config(m: ModelConfig, tokenizer: Path | None) -> Config:
 def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[str, Path]:
     """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_weights files."""
     files = {"tokenizer.model": sp} if sp else {}
-    lineage = hf_dir / "megatron_lite.json"
-    tok_meta = read_json(lineage).get("tokenizer") if lineage.is_file() else None
+    tok_meta = read_export_record(hf_dir).get("tokenizer")
     if sp and tok_meta:
         (tmp / "tokenizer.json").write_text(json.dumps(tok_meta, indent=1) + "\n")
         files["tokenizer.json"] = tmp / "tokenizer.json"

@@ -169,6 +169,20 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} cannot be read: {e}") from None
 
 
+def read_export_record(hf_dir: Path) -> dict[str, Any]:
+    """``megatron_lite.json`` of an HF directory (what ``to-hf`` records of an export; ``{}`` when
+    absent), or one :class:`UserError` naming it when it is not a JSON object."""
+    path = hf_dir / "megatron_lite.json"
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise UserError(
+            f"{path} is not a JSON object (what `convert to-hf` writes); restore it from the model's source"
+        )
+    return record
+
+
 def hf_load_error(what: str, hf_dir: Path, e: Exception) -> UserError:
     """One line for transformers failing to load ``what`` from ``hf_dir`` (a damaged file, a bad field)."""
     reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

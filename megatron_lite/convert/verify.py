@@ -37,8 +37,8 @@ from megatron_lite.convert.io import (
     CheckpointSource,
     hf_load_error,
     open_checkpoint,
+    read_export_record,
     read_hf_config,
-    read_json,
 )
 from megatron_lite.errors import UserError, refuse_blank
 
@@ -118,8 +118,7 @@ def _sample_ids(src: CheckpointSource, hf_dir: Path, length: int) -> tuple[list[
 
 def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
     """True for our exports: their tokenizer was converted from ours, so it must give our ids."""
-    lineage = hf_dir / "megatron_lite.json"
-    return lineage.is_file() and bool(read_json(lineage).get("tokenizer_converted"))
+    return bool(read_export_record(hf_dir).get("tokenizer_converted"))
 
 
 def _check_hf_dir(hf_dir: Path) -> Adapter:

@@ -110,6 +110,9 @@ def damage(hf_dir: Path, kind: str) -> str:
     if kind == "deeply nested config":  # json.loads raises RecursionError, not a ValueError
         (hf_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
         return f"{hf_dir / 'config.json'} is not valid JSON (maximum recursion depth exceeded"
+    if kind == "export record not an object":  # megatron_lite.json, read for the tokenizer
+        (hf_dir / "megatron_lite.json").write_text("[]\n")
+        return f"{hf_dir / 'megatron_lite.json'} is not a JSON object (what `convert to-hf` writes); restore it"
     if kind == "malformed config":
         (hf_dir / "config.json").write_text('{"model_type": "llama",\n')
         return f"{hf_dir / 'config.json'} is not valid JSON"
@@ -129,6 +132,7 @@ def damage(hf_dir: Path, kind: str) -> str:
         "shard absolute",
         "malformed config",
         "deeply nested config",
+        "export record not an object",
         "config not an object",
         "bad field",
     ],
