@@ -15,10 +15,11 @@ import types
 
 import pytest
 import torch
+from tiny_config import tiny_cfg
 from torch import nn
 
 from megatron_lite import plan
-from megatron_lite.config import Config, fill_defaults, load_config
+from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
@@ -26,17 +27,6 @@ from megatron_lite.parallel.pipeline import build_stage_chunks
 from megatron_lite.parallel.pipeline.partition import plan_for_model
 from megatron_lite.training import fp8
 from megatron_lite.training.engine import Engine
-
-
-def tiny(**train) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.layers, m.hidden, m.heads, m.kv_heads, m.ffn_hidden, m.seq_len = 2, 64, 4, 2, 128, 16
-    cfg.train.micro_batch_size = cfg.train.global_batch_size = 2
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    fill_defaults(cfg, vocab_size=96)
-    return cfg
 
 
 class FakeTE:
@@ -105,12 +95,12 @@ def test_fp8_checks_name_the_device_library_and_shape_problems(monkeypatch):
     assert fp8.device_problem(cuda).startswith("Transformer Engine is not installed: pip install")
     monkeypatch.setattr(fp8, "transformer_engine_problem", lambda: None)
     assert fp8.device_problem(cuda) is None
-    cfg = tiny()
+    cfg = tiny_cfg("train")
     cfg.parallel.tp = 2
     assert "parallel.tp=2" in fp8.config_problem(cfg)
-    assert "train.recompute=full" in fp8.config_problem(tiny(recompute="full"))
-    assert "train.compile=true" in fp8.config_problem(tiny(compile=True))
-    cfg = tiny()
+    assert "train.recompute=full" in fp8.config_problem(tiny_cfg("train", recompute="full"))
+    assert "train.compile=true" in fp8.config_problem(tiny_cfg("train", compile=True))
+    cfg = tiny_cfg("train")
     cfg.model.ffn_hidden, cfg.model.seq_len = 100, 12
     why = fp8.config_problem(cfg)
     assert "model.ffn_hidden = 100" in why and "(micro_batch_size x seq_len) = 24" in why
@@ -118,7 +108,7 @@ def test_fp8_checks_name_the_device_library_and_shape_problems(monkeypatch):
 
 
 def test_block_projections_become_te_layers_with_the_same_names_and_outputs(te):
-    cfg = tiny()
+    cfg = tiny_cfg("train")
     model = build_model(cfg.model, seed=3, device="cpu")
     ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     before = dict(model.named_parameters())
@@ -135,7 +125,7 @@ def test_block_projections_become_te_layers_with_the_same_names_and_outputs(te):
 
 
 def test_pipeline_chunks_run_their_blocks_under_the_autocast(te):
-    cfg = tiny()
+    cfg = tiny_cfg("train")
     chunks = build_stage_chunks(cfg.model, plan_for_model(cfg.model, 2, 1), 0, seed=3)
     fp8.enable(chunks, torch.float32, None)
     chunks[0](torch.randint(0, 96, (2, 16)))
@@ -146,7 +136,7 @@ def test_engine_trains_swapped_layers_like_the_plain_model(te):
     batches = [torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(s)) for s in range(3)]
 
     def run(dtype_key: str) -> tuple[list[float], set[str]]:
-        cfg = tiny(dtype=dtype_key)
+        cfg = tiny_cfg("train", dtype=dtype_key)
         mesh, layout = ParallelMesh.build(ParallelDims()), plan.check_layout(cfg, 1)
         engine = Engine(cfg, mesh, layout, torch.device("cpu"), torch.float32)
         losses = [engine.step([b], lr=1e-3)["loss"] for b in batches]
@@ -161,7 +151,7 @@ def test_engine_trains_swapped_layers_like_the_plain_model(te):
 
 
 def test_plan_refuses_what_fp8_training_would_refuse():
-    cfg = tiny(dtype="fp8", recompute="full")
+    cfg = tiny_cfg("train", dtype="fp8", recompute="full")
     with pytest.raises(UserError, match=r"train.dtype=fp8: train.recompute=full: FP8 recompute is not supported"):
         plan.check_layout(cfg, 1)
-    plan.check_layout(tiny(dtype="fp8"), 1)  # the device is checked when training starts
+    plan.check_layout(tiny_cfg("train", dtype="fp8"), 1)  # the device is checked when training starts

@@ -13,10 +13,11 @@ from collections import Counter
 
 import pytest
 import torch
+from tiny_config import tiny_cfg
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lite import plan
-from megatron_lite.config import Config, fill_defaults
+from megatron_lite.config import Config
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.data_parallel import DataParallelGrads
 from megatron_lite.parallel.grad_utils import optimizer_grad_norm
@@ -26,17 +27,6 @@ from megatron_lite.parallel.precision import Precision
 from megatron_lite.training.engine import Engine
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-
-def tiny(**optim) -> Config:
-    cfg = Config()
-    m = cfg.model
-    m.layers, m.hidden, m.heads, m.kv_heads, m.ffn_hidden, m.seq_len = 2, 64, 4, 2, 128, 16
-    cfg.train.micro_batch_size = cfg.train.global_batch_size = 2
-    for k, v in optim.items():
-        setattr(cfg.optim, k, v)
-    fill_defaults(cfg, vocab_size=96)
-    return cfg
 
 
 def engine_of(cfg: Config) -> Engine:
@@ -68,7 +58,7 @@ def batches(n: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("distributed", [False, True])
 def test_a_step_reads_the_device_once(monkeypatch, distributed):
-    engine = engine_of(tiny(distributed=distributed))
+    engine = engine_of(tiny_cfg("optim", distributed=distributed))
     first, second = batches(2)
     engine.step([first], lr=1e-3)  # the first step plans the parameter gathers (once per run)
     with count_reads(monkeypatch) as reads:
@@ -77,7 +67,7 @@ def test_a_step_reads_the_device_once(monkeypatch, distributed):
 
 
 def test_a_step_returns_torchs_loss_and_norm_and_skips_a_non_finite_one(monkeypatch):
-    cfg = tiny(clip_grad=0.5)
+    cfg = tiny_cfg("optim", clip_grad=0.5)
     engine, ref = engine_of(cfg), build_model(cfg.model, cfg.train.seed, "cpu")
     (batch,) = batches(1)
     loss = ref(batch[:, :-1], batch[:, 1:])
@@ -109,7 +99,7 @@ class CountOps(TorchDispatchMode):
 
 
 def test_low_precision_parameters_get_their_masters_in_one_multi_tensor_copy():
-    cfg = tiny()
+    cfg = tiny_cfg("optim")
     model = Precision.from_name("bf16").cast_model(build_model(cfg.model, cfg.train.seed, "cpu"))
     opt = build_dp_optimizer(DataParallelGrads(model, None), cfg.optim)
     gen = torch.Generator().manual_seed(0)
@@ -125,7 +115,7 @@ def test_low_precision_parameters_get_their_masters_in_one_multi_tensor_copy():
 
 
 def test_a_step_without_tensor_parallelism_walks_no_module_tree(monkeypatch):
-    engine = engine_of(tiny())
+    engine = engine_of(tiny_cfg("optim"))
     first, second = batches(2)
     engine.step([first], lr=1e-3)
     walks = []
@@ -141,7 +131,7 @@ def test_a_step_without_tensor_parallelism_walks_no_module_tree(monkeypatch):
 
 
 def test_the_grad_norm_takes_a_few_ops_per_bucket_not_per_parameter():
-    cfg = tiny()
+    cfg = tiny_cfg("optim")
     model = build_model(cfg.model, cfg.train.seed, "cpu")
     ddp = DataParallelGrads(model, None, bucket_numel=20_000)
     opt = build_dp_optimizer(ddp, cfg.optim)
