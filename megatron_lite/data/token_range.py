@@ -27,6 +27,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -92,8 +94,10 @@ def _too_large(data: IndexedDataset, found: tuple[int, str], vocab_size: int, to
 def check_batch_ids(micro: Sequence, vocab_size: int, where: str, tokenizer: str | Path) -> None:
     """The trainer's per-batch guard (a dataset too large to check here, or damaged since): every id
     of the microbatches ``micro`` (read for ``where``: "step 7", "the evaluation at step 4") is in
-    ``[0, vocab_size)``, else one :class:`UserError` (not an IndexError deep inside the embedding)."""
-    top, low = max(int(b.max()) for b in micro), min(int(b.min()) for b in micro)
+    ``[0, vocab_size)``, else one :class:`UserError` (not an IndexError deep inside the embedding).
+    One reduction per microbatch and one host read for them all (it runs every step)."""
+    bounds = torch.stack([end for b in micro for end in torch.aminmax(b)]).tolist()  # [min0, max0, min1, ...]
+    top, low = max(bounds[1::2]), min(bounds[0::2])
     if top >= vocab_size:
         raise UserError(
             f"the data holds token id {top} but model.vocab_size is {vocab_size} ({where}): the dataset was "

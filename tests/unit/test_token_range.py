@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_lite.data.indexed import MAGIC, IndexedDataset, IndexedDatasetBuilder
 from megatron_lite.data.preprocess import check_dataset_tokenizer, preprocess
@@ -147,3 +148,28 @@ def test_each_batch_is_checked_for_ids_outside_the_vocabulary():
         "the data holds token id -3 (step 7): token ids are never negative, so the dataset's .bin is damaged; "
         "rebuild it with `megatron-lite preprocess`"
     )
+
+
+class _CountReductionsAndReads(TorchFunctionMode):
+    """Counts the torch calls that reduce a tensor and those that read a value back to Python."""
+
+    REDUCE = {"max", "min", "amax", "amin", "aminmax"}
+    READ = {"item", "tolist", "__int__", "__float__", "__index__", "__bool__", "numpy"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reductions = self.reads = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        self.reductions += name in self.REDUCE
+        self.reads += name in self.READ
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("microbatches", [1, 3])
+def test_the_batch_check_reduces_each_microbatch_once_and_reads_once(microbatches):
+    micro = [torch.tensor([[0, 5, 511], [3, 4, 2]]) for _ in range(microbatches)]
+    with _CountReductionsAndReads() as counted:
+        check_batch_ids(micro, 512, "step 7", "tok.model")
+    assert (counted.reductions, counted.reads) == (microbatches, 1)
