@@ -4,10 +4,18 @@
     python tools/bench/step_throughput.py --device cuda --layers 12 --hidden 2048 --heads 16 \
         --kv-heads 4 --ffn 5632 --seq 2048 --batch 4          # a ~0.56B Llama on one GPU, bf16
 
-1. ours: the framework's own ``Trainer.train_step`` (model, loss, backward, clipping, AdamW);
+1. ours: the framework's own ``Trainer.train_step``: the next batch of its loader, the check of its
+   token ids against the vocabulary (``check_batch_ids``: one reduction, one host read), and the
+   engine's step (copy to the device, model, loss, backward, clipping, AdamW, one host read);
 2. plain: the same Llama written here in plain eager PyTorch, the straightforward way (separate
    q/k/v and gate/up projections, rotate-half RoPE, SDPA), with the same optimizer and clipping;
 3. hf: ``transformers.LlamaForCausalLM`` with the same config, batch, optimizer and clipping.
+
+The baselines' steps (``make_step``) take their data as ours does: the next batch of a
+``PretrainingLoader`` over the trainer's dataset (one loader each, from the first batch, so all
+three train on the same sequence of batches), copied with ``.to(device, non_blocking=True)`` as the
+engine copies it, then forward, backward, clipping, AdamW and the loss read on the host. Only the
+token-id check is ours alone, so the ratios compare training steps, not data handling.
 
 Precision: fp32 on CPU. With ``--dtype bf16`` (the default on CUDA) ours runs its own bf16 regime
 (bf16 parameters and activations, fp32 main grads and master weights, ``parallel/precision.py``)
@@ -34,6 +42,7 @@ from torch import nn
 
 from megatron_lite.config import load_config
 from megatron_lite.data.corpus import default_corpus_files
+from megatron_lite.data.gpt_dataset import PretrainingLoader
 from megatron_lite.training.trainer import Trainer
 
 
@@ -91,12 +100,17 @@ class PlainLlama(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, lr: float = 1e-3):
-    """One optimizer step of ``model`` the way every baseline does it: backward, clip, AdamW."""
+def make_step(
+    model: nn.Module, loss_of, loader: PretrainingLoader, device: torch.device, autocast: bool, lr: float = 1e-3
+):
+    """One optimizer step of ``model`` the way every baseline does it: the loader's next batch copied
+    to ``device`` (as the trainer's engine copies it), forward, backward, clip, AdamW."""
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
-    def step(batch: torch.Tensor) -> float:
+    def step() -> float:
+        (batch,) = loader.next_step()  # one microbatch: global batch = micro batch
+        batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_of(batch)
         loss.backward()
@@ -109,7 +123,7 @@ def make_step(model: nn.Module, loss_of, device: torch.device, autocast: bool, l
 
 
 def build_all(a: argparse.Namespace):
-    """(ours, plain, hf) step functions plus the batch they all train on."""
+    """(ours, plain, hf) step functions, each drawing its batches from its own loader."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ov = [
@@ -133,14 +147,16 @@ def build_all(a: argparse.Namespace):
     trainer = Trainer(load_config(None, ov))
     vocab = trainer.cfg.model.vocab_size
     device = trainer.device
-    batch = trainer.loader.next_step()[0].to(device)
     autocast = a.dtype == "bf16"
 
-    def ours(_batch: torch.Tensor) -> float:
+    def ours() -> float:
         return trainer.train_step()["loss"]
 
+    def loader() -> PretrainingLoader:
+        return PretrainingLoader(trainer.loader.dataset, a.batch, a.batch)
+
     plain_model = PlainLlama(vocab, a.hidden, a.layers, a.heads, a.kv_heads, a.ffn, a.seq)
-    plain = make_step(plain_model, lambda b: plain_model(b[:, :-1], b[:, 1:]), device, autocast)
+    plain = make_step(plain_model, lambda b: plain_model(b[:, :-1], b[:, 1:]), loader(), device, autocast)
     hf_cfg = LlamaConfig(
         vocab_size=vocab,
         hidden_size=a.hidden,
@@ -154,8 +170,8 @@ def build_all(a: argparse.Namespace):
     )
     hf_model = LlamaForCausalLM(hf_cfg)
     # HF shifts labels internally: T+1 tokens in gives the same T predictions as ours
-    hf = make_step(hf_model, lambda b: hf_model(input_ids=b, labels=b).loss, device, autocast)
-    return {"ours": ours, "plain": plain, "hf": hf}, batch
+    hf = make_step(hf_model, lambda b: hf_model(input_ids=b, labels=b).loss, loader(), device, autocast)
+    return {"ours": ours, "plain": plain, "hf": hf}
 
 
 def main() -> None:
@@ -174,12 +190,12 @@ def main() -> None:
     a.dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     if not default_corpus_files():
         sys.exit("no stdlib corpus found")
-    steps, batch = build_all(a)
+    steps = build_all(a)
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(a.steps + 2):  # two warm-up rounds
         for name, fn in steps.items():
             start = time.perf_counter()
-            fn(batch)
+            fn()
             if a.device == "cuda":  # every step ends with its GPU work done, whichever returns first
                 torch.cuda.synchronize()
             if r >= 2:
