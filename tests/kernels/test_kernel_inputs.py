@@ -2,11 +2,10 @@
 naming the problem, the same one, raised before anything runs; edge cases agree with torch."""
 
 import logging
-from collections import Counter
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from dispatch_count import CountOps
 
 from megatron_lite import kernels
 
@@ -303,22 +302,12 @@ def test_fp64_twins_keep_fp64(op):
     assert 0 < (out64 - out32.double()).abs().max() < 1e-5, f"{op}: the fp64 result is the fp32 one"
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("op", ROUND_ONCE)
 def test_fp32_twins_promote_and_cast_nothing(op):
     # fp32 in, fp32 out: no dtype promotion or cast is dispatched (host work a training step pays for
     # each of the few calls per layer)
     x, w = randn(6, 8), randn(8)
-    with _Ops() as counted:
+    with CountOps() as counted:
         out = ROUND_ONCE[op](x, w)
     assert out.dtype == torch.float32
     assert not {"aten.promote_types.default", "aten._to_copy.default"} & set(counted.ops), counted.ops

@@ -9,12 +9,11 @@ gradient is not finite is still skipped."""
 import contextlib
 import math
 import sys
-from collections import Counter
 
 import pytest
 import torch
+from dispatch_count import CountOps
 from tiny_config import tiny_cfg
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_lite import plan
 from megatron_lite.config import Config
@@ -86,16 +85,6 @@ def test_a_step_returns_torchs_loss_and_norm_and_skips_a_non_finite_one(monkeypa
     assert reads == ["tolist"]
     after = engine.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k != "final_norm.weight")
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def test_low_precision_parameters_get_their_masters_in_one_multi_tensor_copy():
