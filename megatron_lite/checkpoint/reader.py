@@ -223,10 +223,11 @@ def committed_steps(root: str | Path) -> list[int]:
     return [step_of(n) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
 
 
-def peek_metadata(path: str | Path) -> dict[str, Any] | None:
-    """The metadata of step directory ``path``, or of the newest committed step under it; None when
-    there is none or it cannot be read. One process's cheap look (no checksums, no collectives): the
-    trainer's preflight asks what a run would start from."""
+def peek_checkpoint(path: str | Path) -> CheckpointReader | None:
+    """Step directory ``path``, or the newest committed step under it, with its metadata's structure
+    checked but its files not verified; None when there is none or its metadata is unusable. One
+    process's cheap look (no checksums, no collectives): the trainer's preflight asks what a run
+    would start from, and reads only the metadata (config, files, tensor shapes)."""
     try:
         storage, name = _split(path)
         if not storage.exists(f"{name}/{METADATA}"):
@@ -234,10 +235,10 @@ def peek_metadata(path: str | Path) -> dict[str, Any] | None:
             if not steps:
                 return None
             storage, name = Storage(path), step_dir_name(steps[-1])
-        meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
-        return meta if isinstance(meta, dict) else None
+        meta, problem = _read_metadata(storage, name)
     except Exception:  # unreadable or unreachable: the trainer's own (verified) load reports it
         return None
+    return None if problem else CheckpointReader(storage, name, meta)
 
 
 def _list_on_rank0(storage: Storage) -> list[str]:

@@ -3,10 +3,12 @@
 Each one turns a mistake that would otherwise surface late (a traceback at the first save, after
 all the training; a crash at the first step) into one :class:`UserError` naming the config key,
 the value and the fix. They touch only the local filesystem or the checkpoint listing and have no
-collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: ``log.dir`` and the
-fresh-start check on rank 0 (only it writes there), the kernel and ``checkpoint.dir`` checks on
-every rank (each rank writes its own file into every checkpoint, and on several machines without a
-shared filesystem only that machine's ranks can tell whether the directory is writable there).
+collectives inside, so the trainer runs them in a ``fail_fast_setup`` block: on rank 0 ``log.dir``
+(only it writes there), the fresh-start check and the checks of the checkpoint a run on the embedded
+corpus starts from (its metadata alone, before the corpus is built); the kernel and
+``checkpoint.dir`` checks on every rank (each rank writes its own file into every checkpoint, and on
+several machines without a shared filesystem only that machine's ranks can tell whether the
+directory is writable there).
 :func:`check_shared_checkpoint_dir` is the exception: a collective, it checks that all ranks see
 one directory.
 
@@ -37,12 +39,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import kernels
-from megatron_lite.checkpoint.reader import committed_steps, peek_metadata
+from megatron_lite.checkpoint.reader import committed_steps, peek_checkpoint
 from megatron_lite.checkpoint.storage import Storage, is_url
-from megatron_lite.config import Config, config_warnings
+from megatron_lite.config import Config, config_warnings, fill_defaults
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
+from megatron_lite.training import resume
 from megatron_lite.training.trackers import DROPPED_FILE, METRICS_FILE
 
 LOG_DIR_FILES = ("config.yaml", METRICS_FILE, DROPPED_FILE)  # what a run writes in log.dir
@@ -216,31 +219,52 @@ def check_fresh_start(cfg: Config) -> None:
         )
 
 
+def _resumed(cfg: Config) -> tuple[str, str] | None:
+    """(key, path) of the run's own checkpoint the trainer will resume: ``checkpoint.resume`` when it
+    is a path, else ``checkpoint.dir`` when ``resume=auto`` finds a checkpoint there; None otherwise."""
+    c = cfg.checkpoint
+    if c.resume not in ("auto", "none"):
+        return "checkpoint.resume", c.resume
+    if c.resume == "auto" and peek_checkpoint(c.dir) is not None:
+        return "checkpoint.dir", c.dir
+    return None
+
+
 def check_start_tokenizer(cfg: Config) -> None:
     """A run on the embedded corpus (empty ``data.path``) must not start from weights that carry no
     tokenizer, such as a ``convert from-hf`` import of a byte-level BPE model (GPT-2, Llama 3): the
     corpus's ids are megatron-lite's own tokenizer's and mean nothing to that model's vocabulary.
-    The start is what the trainer will load: ``checkpoint.resume`` when it is a path, else the newest
-    checkpoint in ``checkpoint.dir`` (``resume=auto``), else ``checkpoint.init_from``."""
-    c = cfg.checkpoint
+    The start is what the trainer will load: the run's own checkpoint (:func:`_resumed`: the run's
+    own checkpoints come first), else ``checkpoint.init_from``."""
     if cfg.data.path:
         return
-    if c.resume not in ("auto", "none"):
-        key, start = "checkpoint.resume", c.resume
-    elif c.resume == "auto" and peek_metadata(c.dir) is not None:  # the run's own checkpoints come first
-        key, start = "checkpoint.dir", c.dir
-    else:
-        key, start = "checkpoint.init_from", c.init_from
+    key, start = _resumed(cfg) or ("checkpoint.init_from", cfg.checkpoint.init_from)
     if not start:
         return
-    meta = peek_metadata(start)
-    if meta is not None and "tokenizer.model" not in (meta.get("files") or {}):
+    reader = peek_checkpoint(start)
+    if reader is not None and "tokenizer.model" not in reader.meta["files"]:
         raise UserError(
             f"{key}={start!r} holds weights that carry no tokenizer megatron-lite can use (an import of a "
             "byte-level BPE model such as GPT-2 or Llama 3), and data.path is empty: this run would train them "
             "on the embedded corpus, whose token ids mean nothing to their vocabulary; set data.path and "
             "data.tokenizer to datasets tokenized with the model's own tokenizer"
         )
+
+
+def check_start_vocab(cfg: Config) -> None:
+    """A resume on the embedded corpus with its own tokenizer (empty ``data.path`` and ``data.tokenizer``)
+    and another ``data.vocab_size`` than its checkpoint's is refused here, with the message the resume
+    check gives (:func:`resume.check_model_settings`), before a corpus for the new vocabulary is built
+    (minutes). That tokenizer holds exactly ``data.vocab_size`` pieces (sentencepiece's hard vocabulary
+    limit), so the model settings resolve here as the trainer resolves them once the corpus is open."""
+    d = cfg.data
+    resumed = None if d.path or d.tokenizer else _resumed(cfg)
+    reader = peek_checkpoint(resumed[1]) if resumed else None
+    if reader is None or reader.weights_only:  # a weights-only start is checked as checkpoint.init_from is
+        return
+    saved, now = reader.meta.get("config") or {}, fill_defaults(copy.deepcopy(cfg), vocab_size=d.vocab_size)
+    if "model" in saved and resume.corpus_vocab_change(saved, now):
+        resume.check_model_settings(now, reader)
 
 
 def check_kernels(backend: str, device: torch.device) -> None:

@@ -71,17 +71,17 @@ def model_changes(saved: dict[str, Any], now: Config) -> list[str]:
     """``model.KEY: checkpoint A, now B`` for every resolved model setting of the saved config ``saved``
     (its ``model`` section) that differs, but those read only at initialisation (:data:`INIT_ONLY`);
     a ``model.vocab_size`` that follows the embedded corpus's ``data.vocab_size`` is named by that key
-    (:func:`_corpus_vocab_change`)."""
+    (:func:`corpus_vocab_change`)."""
     before, after = resolved_model(saved["model"]), now.to_dict()["model"]
     return [
-        (k == "vocab_size" and _corpus_vocab_change(saved, now))
+        (k == "vocab_size" and corpus_vocab_change(saved, now))
         or f"model.{k}: checkpoint {before[k]!r}, now {after[k]!r}"
         for k in after
         if k not in INIT_ONLY and before[k] != after[k]
     ]
 
 
-def _corpus_vocab_change(saved: dict[str, Any], now: Config) -> str | None:
+def corpus_vocab_change(saved: dict[str, Any], now: Config) -> str | None:
     """A changed ``model.vocab_size`` named by the key the user changed, ``data.vocab_size``, when both
     runs train on the embedded corpus with its own tokenizer (trained to ``data.vocab_size`` pieces)
     and ``model.vocab_size`` is that vocabulary (its default) in both; else None."""
@@ -117,33 +117,42 @@ def config_changes(saved: dict[str, Any], now: Config) -> list[str]:
 
 
 def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Path) -> None:
-    """Refuse a full resume whose model settings differ from the checkpoint's (one UserError
-    listing them all) or whose ``tokenizer`` is not its run's (:func:`check_tokenizer`); warn (rank 0)
-    when ``train.seed`` or ``data.valid_fraction`` differs and a step is left to train (its samples
-    change: :func:`data_order_changes`). Every rank gets the same verdict (the metadata is rank 0's,
-    broadcast)."""
+    """Refuse a full resume whose model settings differ from the checkpoint's (:func:`check_model_settings`)
+    or whose ``tokenizer`` is not its run's (:func:`check_tokenizer`); warn (rank 0) when ``train.seed``
+    or ``data.valid_fraction`` differs and a step is left to train (its samples change:
+    :func:`data_order_changes`). Every rank gets the same verdict (the metadata is rank 0's, broadcast)."""
     if reader.weights_only:  # e.g. `convert from-hf`: a start from weights, like checkpoint.init_from
         return
     saved = reader.meta.get("config") or {}
-    changes = model_changes(saved, cfg) if "model" in saved else []
-    if changes:
-        try:
-            check_shapes(cfg.model, reader, ("model",))
-            other = (
-                f"start a new run from these weights with checkpoint.init_from={reader.location} and a new "
-                "checkpoint.dir (or log.dir)"
-            )
-        except UserError:  # the weights do not fit this model either
-            other = "train this model as a new run, in a new checkpoint.dir (or log.dir)"
-        raise UserError(
-            f"checkpoint {reader.location} was saved with other model settings: {'; '.join(changes)}. "
-            f"Resume with the checkpoint's values of these settings, or {other}"
-        )
+    check_model_settings(cfg, reader)
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
     check_tokenizer(reader, tokenizer)
     if rank == 0 and reader.step < cfg.train.steps:  # else no step trains: the samples do not change
         for warning in data_order_changes(saved, cfg, reader.step):
             log.warning("%s", warning)
+
+
+def check_model_settings(cfg: Config, reader: CheckpointReader) -> None:
+    """Refuse to resume ``reader`` (a full checkpoint) when its saved model settings differ from
+    ``cfg``'s (resolved): one UserError listing every change (:func:`model_changes`), whose fix is
+    ``checkpoint.init_from`` when the weights fit this model, else a new run. Reads only the metadata
+    (saved config, tensor shapes): the trainer's preflight runs it on an unverified checkpoint too."""
+    saved = reader.meta.get("config") or {}
+    changes = model_changes(saved, cfg) if "model" in saved else []
+    if not changes:
+        return
+    try:
+        check_shapes(cfg.model, reader, ("model",))
+        other = (
+            f"start a new run from these weights with checkpoint.init_from={reader.location} and a new "
+            "checkpoint.dir (or log.dir)"
+        )
+    except UserError:  # the weights do not fit this model either
+        other = "train this model as a new run, in a new checkpoint.dir (or log.dir)"
+    raise UserError(
+        f"checkpoint {reader.location} was saved with other model settings: {'; '.join(changes)}. "
+        f"Resume with the checkpoint's values of these settings, or {other}"
+    )
 
 
 def check_tokenizer(reader: CheckpointReader, tokenizer: Path) -> None:

@@ -157,7 +157,8 @@ class Trainer:
             preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
             if self.rank == 0:
                 preflight.check_fresh_start(cfg)
-                preflight.check_start_tokenizer(cfg)  # before the embedded corpus is built
+                preflight.check_start_tokenizer(cfg)  # these two before the embedded corpus is built
+                preflight.check_start_vocab(cfg)
         preflight.check_shared_checkpoint_dir(cfg, self.rank, self.world)  # one machine's view is not enough
 
     def _make_checkpointer(self, source: CheckpointReader | None) -> Checkpointer:
