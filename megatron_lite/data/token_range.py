@@ -95,7 +95,19 @@ def check_batch_ids(micro: Sequence, vocab_size: int, where: str, tokenizer: str
     """The trainer's per-batch guard (a dataset too large to check here, or damaged since): every id
     of the microbatches ``micro`` (read for ``where``: "step 7", "the evaluation at step 4") is in
     ``[0, vocab_size)``, else one :class:`UserError` (not an IndexError deep inside the embedding).
-    One reduction per microbatch and one host read for them all (it runs every step)."""
+    One reduction per microbatch and one host read for them all (it runs every step).
+
+    It runs every step even when every dataset passed :func:`check_token_ids` at startup:
+
+    - it costs no device read: the loader's microbatches are CPU tensors it has just assembled from
+      the memory map, and one ``aminmax`` over them is of the order of that assembly;
+    - the startup verdict can stop holding: the open memory map serves a ``.bin`` rewritten in place
+      (``cp`` over it keeps the inode; only a replacement by rename, as ``preprocess`` writes, leaves
+      the run its old file), and a record is believed on its document and token counts alone;
+    - an id past the vocabulary raises nothing on its own under tensor parallelism: the vocabulary-
+      parallel embedding gives an id no rank owns a zero vector (one in the padding, a padding row),
+      and the run would train on it silently; on one CUDA device it is a device-side assert that ends
+      the process without naming the dataset."""
     bounds = torch.stack([end for b in micro for end in torch.aminmax(b)]).tolist()  # [min0, max0, min1, ...]
     top, low = max(bounds[1::2]), min(bounds[0::2])
     if top >= vocab_size:

@@ -150,6 +150,18 @@ def test_each_batch_is_checked_for_ids_outside_the_vocabulary():
     )
 
 
+def test_a_bin_rewritten_in_place_after_the_startup_check_is_caught_by_the_batch_check(tok, tmp_path):
+    """Why the per-batch guard stays when every dataset passed at startup: an open memory map serves a
+    .bin rewritten in place (``cp`` over it keeps the inode), so the startup verdict no longer holds."""
+    data = _build(tmp_path / "d", [[1, 2, 3], [4, 5, 6]])
+    assert check_token_ids([data], 300, tok, scan_limit=1 << 20) == []
+    with open(data.bin_path, "r+b") as f:  # as `cp other.bin d.bin` writes: same file, new bytes
+        f.write(np.array([1, 299, 700], dtype=np.uint16).tobytes())
+    micro = [torch.from_numpy(data.get(0).astype(np.int64))[None]]  # (1, 3): the map the run holds open
+    with pytest.raises(UserError, match=r"^the data holds token id 700 but model.vocab_size is 300 \(step 9\)"):
+        check_batch_ids(micro, 300, "step 9", "tok.model")
+
+
 class _CountReductionsAndReads(TorchFunctionMode):
     """Counts the torch calls that reduce a tensor and those that read a value back to Python."""
 
