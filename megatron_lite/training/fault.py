@@ -145,7 +145,18 @@ class SetupSignals:
 
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag OR-ed over every rank of the world (one all-reduce of ``len(flags)`` bytes)."""
+    """Each flag OR-ed over every rank of the world (one all-reduce of ``len(flags)`` bytes).
+
+    The trainer calls it once a step, after the step's metrics and evaluation: a preemption signal
+    that reaches any rank before that call on step ``t`` stops every rank after step ``t`` (with a
+    checkpoint of it); one that comes later, after step ``t + 1``. Its read is the step's second
+    (the engine's read of grad norm and loss is the first), and it stays separate: no reduction of
+    the engine spans the world (the loss is reduced over pp and dp, the grad norm over tp and pp, and
+    over dp only with the distributed optimizer), so the flags would have to be threaded through both,
+    into ``global_grad_norm``'s sums of squares and the loss's dp mean, giving the engine and the
+    parallel layers a trainer's state (signals, async saves) to carry, to save one reduction of a few
+    bytes; and they would be read before the optimizer step, so a signal during it, the metrics or an
+    evaluation would wait a step longer."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(flags)
     t = torch.tensor(flags, dtype=torch.uint8, device=device)
