@@ -18,7 +18,9 @@ never a pipeline stage's copy of a tied embedding (the first stage writes it).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,22 @@ def box_shape(box: Box) -> tuple[int, ...]:
 
 def box_numel(box: Box) -> int:
     return math.prod(box_shape(box))
+
+
+def tiles(shape: tuple[int, ...] | list[int], boxes: list) -> bool:
+    """Whether ``boxes`` (each inside ``shape``) hold every element of a tensor of ``shape`` exactly once.
+
+    O(len(boxes) * 2**ndim) whatever the boxes' layout: a box's indicator is the sum, over its
+    corners, of +1 or -1 (-1 per stop coordinate) times the indicator of the quadrant starting at
+    that corner; the boxes tile the tensor iff these corner weights add up to those of the whole
+    tensor's box. Boxes that overlap where others leave a hole (the element counts still agree)
+    leave some corner's weights unequal.
+    """
+    weights: Counter[tuple[int, ...]] = Counter()
+    for box, sign in [(full_box(tuple(shape)), -1)] + [(b, 1) for b in boxes]:
+        for corner in itertools.product(*(((a, 1), (b, -1)) for a, b in box)):
+            weights[tuple(c for c, _ in corner)] += sign * math.prod(s for _, s in corner)
+    return not any(weights.values())
 
 
 def intersect(a: Box, b: Box) -> Box | None:

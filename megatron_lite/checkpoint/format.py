@@ -61,7 +61,7 @@ replaces ``latest``. Object stores have no rename: there the files go straight t
 ``metadata.json``, written last in one PUT, is the commit. A step directory without a readable
 ``metadata.json``, with one that does not hold the schema above (:func:`metadata_problem`: a key
 missing or of the wrong type, a value out of range such as a negative count, a box outside its
-tensor or boxes not holding exactly its shape's elements, ``ranks`` not one entry per rank of
+tensor or boxes not holding each of its elements exactly once, ``ranks`` not one entry per rank of
 ``layout.world_size``, a file name that is a path such as ``../x``), or with a file whose size or
 sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
 dtype, its bytes inside the file (:func:`header_problem`: ``metadata.json`` has no checksum of its
@@ -81,7 +81,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape
+from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, tiles
 
 FORMAT = "megatron-lite/sharded-v1"
 METADATA = "metadata.json"
@@ -298,7 +298,7 @@ def _count(v: object) -> bool:
 def _value_problem(meta: dict) -> str | None:
     """The first value out of its range (the structure is sound): a negative count, an optimizer
     step past the checkpoint's step, an unknown dtype, a box outside its tensor's shape, boxes
-    holding fewer or more elements than their tensor's shape."""
+    holding fewer or more elements than their tensor's shape, or overlapping boxes."""
     step, opt, trainer = meta["step"], meta["optimizer"], meta["trainer"]
     counts = {"step": step, **{f"files[{k!r}].bytes": f["bytes"] for k, f in meta["files"].items()}}
     if opt is not None:
@@ -324,6 +324,8 @@ def _value_problem(meta: dict) -> str | None:
         stored, numel = sum(box_numel(s["box"]) for s in t["shards"]), math.prod(t["shape"])
         if stored != numel:
             return f"tensors[{name!r}] has shape {t['shape']} ({numel} elements) but its shards hold {stored}"
+        if not tiles(t["shape"], [s["box"] for s in t["shards"]]):  # read_box allocates with torch.empty
+            return f"tensors[{name!r}] has shards whose boxes overlap, leaving other elements unstored"
     return None
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative
+from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative, tiles
 from megatron_lite.checkpoint.format import FORMAT, box_key, metadata_problem, sha256_file, write_tensor_file
 from megatron_lite.checkpoint.lineage import _schedule, consumed_per_dataset, dataset_fingerprint
 from megatron_lite.checkpoint.reader import _check_files, find_checkpoint
@@ -32,6 +32,22 @@ def test_flat_range_boxes_cover_the_range_in_order(shape):
             got = np.concatenate([flat[tuple(slice(a, b) for a, b in box)].ravel() for box in boxes])
             assert got.tolist() == list(range(lo, hi)), (shape, lo, hi, boxes)
             assert len(boxes) <= 2 * len(shape) - 1
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4), (0, 3), ()])
+def test_boxes_tile_a_tensor_only_when_each_element_is_held_once(shape):
+    n = math.prod(shape)
+    cuts = sorted({0, n, n // 3, n // 2 + 1} & set(range(n + 1)))  # ranges as ranks of a distributed optimizer
+    split = [b for lo, hi in zip(cuts, cuts[1:]) for b in flat_range_boxes(shape, lo, hi)] or [
+        tuple((0, d) for d in shape)
+    ]
+    assert tiles(shape, split)
+    if n > 1:  # the first element twice, the last never: the element counts still agree
+        first = tuple((0, 1) for _ in shape)
+        last = tuple((d - 1, d) for d in shape)
+        moved = [first if b == last else b for b in flat_range_boxes(shape, 0, n - 1)] + [first]
+        assert sum(map(box_numel, moved)) == n and not tiles(shape, moved)
+    assert not n or not tiles(shape, split + split) and not tiles(shape, split[1:])  # an empty tensor holds none
 
 
 def test_intersect_and_relative():
@@ -72,6 +88,12 @@ def test_read_box_assembles_stored_boxes_and_refuses_holes(tmp_path):
         UserError, match=r"tensors\['model/w'\] has shape \[6, 4\] \(24 elements\) but its shards hold 8"
     ):
         _save_boxes(tmp_path / "b", pieces[:1])  # verification refuses a tensor with a hole
+    overlapping = [  # rows 2 stored twice, row 5 never: 12 + 12 elements, as many as the shape holds
+        Piece("model/w", (6, 4), ((0, 3), (0, 4)), full[:3]),
+        Piece("model/w", (6, 4), ((2, 5), (0, 4)), full[2:5]),
+    ]
+    with pytest.raises(UserError, match=r"tensors\['model/w'\] has shards whose boxes overlap"):
+        _save_boxes(tmp_path / "c", overlapping)  # read_tensor would return row 5 uninitialized
     meta = json.loads(json.dumps(reader.meta))
     del meta["tensors"]["model/w"]["shards"][1]
     with pytest.raises(UserError, match=r"model/w\[\(0, 6\), \(0, 4\)\] is only partly stored"):
