@@ -51,6 +51,9 @@ class CheckpointSource:
     """Samples the run had trained on (None for a weights-only checkpoint)."""
     origin: dict[str, Any] | None
     """``origin.json`` of a checkpoint imported with ``convert from-hf``."""
+    tokenizer_record: Any
+    """The checkpoint's ``tokenizer.json`` (the record ``tokenizer train`` writes beside the model,
+    which the run copied in), None when it has none."""
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` one at a time: memory holds one tensor, not the model."""
@@ -92,7 +95,20 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
         tokenizer=reader.local_file("tokenizer.model"),
         consumed_samples=trainer.get("consumed_samples"),
         origin=_origin(reader),
+        tokenizer_record=_tokenizer_record(reader),
     )
+
+
+def _tokenizer_record(reader: CheckpointReader) -> Any:
+    """The checkpoint's ``tokenizer.json``, or one error naming it when it is not JSON (read before the
+    export writes anything)."""
+    path = reader.local_file("tokenizer.json")
+    fix = (
+        "the run copied it into the checkpoint from beside its tokenizer (data.tokenizer, PREFIX.json); "
+        f"convert another checkpoint, or a copy of this one with that file valid JSON there and its sha256 and "
+        f"bytes updated under files in {METADATA}"
+    )
+    return None if path is None else read_json(path, fix)
 
 
 def _origin(reader: CheckpointReader) -> dict[str, Any] | None:
@@ -157,14 +173,14 @@ def refuse_out_in_checkpoints(out: Path, source: str | Path | None = None) -> No
         )
 
 
-def read_json(path: Path) -> Any:
-    """The JSON in ``path``, or a :class:`UserError` naming the file and what is wrong with it."""
+def read_json(path: Path, fix: str = "restore it from the model's source") -> Any:
+    """The JSON in ``path``, or a :class:`UserError` naming the file, what is wrong with it and ``fix``."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting
-        raise UserError(f"{path} is not valid JSON ({e}); restore it from the model's source") from None
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
     except OSError as e:
         raise UserError(f"{path} cannot be read: {e}") from None
 

@@ -235,7 +235,6 @@ def _write_weights(src: CheckpointSource, name_map: dict, tmp: Path, max_shard_b
 
 
 def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
-    tok_meta = src.tokenizer.with_suffix(".json") if src.tokenizer else None
     lineage = {
         "format": "megatron-lite/hf-export-v1",
         "checkpoint": str(src.path.resolve()),
@@ -244,7 +243,7 @@ def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
         "config": src.config.to_dict(),
         "origin": src.origin,
         "tokenizer_converted": True,
-        "tokenizer": json.loads(tok_meta.read_text()) if tok_meta and tok_meta.is_file() else None,
+        "tokenizer": src.tokenizer_record,
     }
     (tmp / "megatron_lite.json").write_text(json.dumps(lineage, indent=1) + "\n")
 

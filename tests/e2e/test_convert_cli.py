@@ -14,6 +14,7 @@ import torch
 from convert_fixtures import exported_fixture, noisy_checkpoint, run_error, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
+from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
 from megatron_lite.config import Config, ModelConfig, load_config
@@ -192,6 +193,24 @@ def test_unsupported_or_incomplete_inputs_are_one_clear_error(trained, exported,
         ["convert", "to-hf", "--checkpoint", str(trained), "--step", "7", "--out", str(tmp_path / "o5")], capsys
     )
     assert "no checkpoint of step 7" in err and "steps there: 2" in err
+
+
+def test_a_tokenizer_record_that_is_not_json_is_one_error_before_the_export(trained, tmp_path, capsys):
+    """The run copies PREFIX.json from beside its tokenizer into each checkpoint as it is: to-hf names
+    it when it is not JSON, before writing anything (not a traceback from json)."""
+    step = tmp_path / "copy" / sorted(trained.glob("step_*"))[-1].name
+    shutil.copytree(trained / step.name, step)
+    meta = json.loads((step / "metadata.json").read_text())
+    assert "tokenizer.json" in meta["files"]
+    (step / "tokenizer.json").write_text('{"vocab_size": 512,\n')
+    meta["files"]["tokenizer.json"] = {
+        "sha256": sha256_file(step / "tokenizer.json"),
+        "bytes": (step / "tokenizer.json").stat().st_size,
+    }
+    (step / "metadata.json").write_text(json.dumps(meta))
+    err = run_error(["convert", "to-hf", "--checkpoint", str(step), "--out", str(tmp_path / "o")], capsys)
+    assert f"{step / 'tokenizer.json'} is not valid JSON (" in err and "(data.tokenizer, PREFIX.json)" in err, err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o*"))
 
 
 @pytest.mark.parametrize("model", [dict(norm="layernorm"), dict(activation="gelu")], ids=["layernorm", "gelu"])
