@@ -9,6 +9,10 @@ So is a file whose first bytes hold a NUL (:func:`check_input`): text never does
 files (a dataset's ``.bin``, an image, an archive without its ending) and UTF-16/UTF-32 text hold
 many. Text with some bytes that are not UTF-8 is read, each such byte replaced by U+FFFD, with a
 warning naming the file and how many of its documents or lines held any (:func:`warn_invalid_utf8`).
+Lines are read whole, each at most :data:`MAX_LINE_BYTES` (64 MiB, its newline included): a JSON
+Lines document, a line ``tokenizer train`` samples. A longer one (a file without newlines, a
+decompression bomb) is refused, naming its file and line, rather than filling memory; ``preprocess``
+and ``eval --text`` read plain text in blocks, whatever its lines' lengths.
 What each input of ``preprocess`` held is a :class:`Found`; :func:`check_text` refuses inputs
 that hold no text at all.
 """
@@ -37,6 +41,9 @@ _OPENERS = {
 _UNSUPPORTED = (".zst", ".zstd", ".lz4", ".zip", ".7z", ".tar", ".br", ".snappy", ".parquet", ".arrow")
 # What a damaged or mislabelled compressed file raises while it is read.
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
+MAX_LINE_BYTES = 64 << 20
+"""The longest line read whole (module docstring): far longer than a corpus's documents (a novel is
+a few MiB); decoded and parsed, a line takes a few times its bytes of memory."""
 _SNIFF_BYTES = 8000  # where a NUL byte marks a file binary (git's own test looks as far)
 
 log = logging.getLogger(__name__)
@@ -65,10 +72,10 @@ def text_suffix(path: Path) -> str:
 class InputReader:
     """Binary reader of one input file, decompressing it when its name says so.
 
-    Iterating yields lines (with their ``\\n``), ``read(n)`` blocks. ``advance()`` is how many bytes
-    of the file on disk were consumed since its last call, so progress counts on-disk sizes, the
-    same as the total it is measured against. A damaged compressed file gives one :class:`UserError`
-    naming it.
+    Iterating yields lines (with their ``\\n``; one past :data:`MAX_LINE_BYTES` is a :class:`UserError`),
+    ``read(n)`` blocks. ``advance()`` is how many bytes of the file on disk were consumed since its
+    last call, so progress counts on-disk sizes, the same as the total it is measured against. A
+    damaged compressed file gives one :class:`UserError` naming it.
     """
 
     def __init__(self, path: Path) -> None:
@@ -78,6 +85,7 @@ class InputReader:
         self._file: BinaryIO = _OPENERS[kind](self._raw) if kind else self._raw
         self._kind = kind
         self._done = 0
+        self._lines = 0
 
     def _failed(self, e: Exception) -> UserError:
         return UserError(
@@ -90,13 +98,20 @@ class InputReader:
 
     def __next__(self) -> bytes:
         try:
-            line = self._file.readline()
+            line = self._file.readline(MAX_LINE_BYTES + 1)
         except _DECOMPRESS_ERRORS as e:
             if self._kind is None:
                 raise
             raise self._failed(e) from e
         if not line:
             raise StopIteration
+        self._lines += 1
+        if len(line) > MAX_LINE_BYTES:
+            raise UserError(
+                f"input {self.path}:{self._lines}: line {self._lines} is longer than {MAX_LINE_BYTES >> 20} MiB, the "
+                "most a line is read whole; split it into lines (a .jsonl file: one document of at most that per "
+                "line), or give plain text to preprocess, which reads it in blocks"
+            )
         return line
 
     def read(self, size: int) -> bytes:

@@ -9,6 +9,7 @@ import pytest
 
 from megatron_lite.data import preprocess_pool
 from megatron_lite.data.indexed import IndexedDataset
+from megatron_lite.data.inputs import MAX_LINE_BYTES, InputReader
 from megatron_lite.data.preprocess import preprocess
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
@@ -95,3 +96,19 @@ def test_bytes_counts_the_text_read_after_decompression(tok, tmp_path, monkeypat
     assert a["bytes"] == b["bytes"] == sum(p.stat().st_size for p in plain) != sum(p.stat().st_size for p in packed)
     assert {**a, "seconds": 0} == {**b, "seconds": 0}
     assert json.loads((tmp_path / "b.json").read_text())["bytes"] == a["bytes"]
+
+
+def test_a_line_past_the_limit_is_refused_naming_it_before_it_fills_memory(tok, tmp_path):
+    """A decompression bomb: one JSON line of 64 MiB and more without a newline, a few hundred KiB on disk."""
+    bomb = tmp_path / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(_jsonl() + b'{"text": "' + b"a" * MAX_LINE_BYTES + b'"}', compresslevel=1))
+    match = rf"input {bomb}:{len(DOCS) + 1}: line {len(DOCS) + 1} is longer than 64 MiB, the most a line is read"
+    with pytest.raises(UserError, match=match):
+        preprocess([bomb], tok, tmp_path / "out", progress=False)
+    assert not list(tmp_path.glob("*out*"))
+    with pytest.raises(UserError, match=match):
+        train_tokenizer([bomb], tmp_path / "tok", VOCAB, progress=False)
+    longest = tmp_path / "longest.txt"  # at the limit, its newline included: read whole
+    longest.write_bytes(b"a" * (MAX_LINE_BYTES - 1) + b"\nb")
+    with InputReader(longest) as f:
+        assert [len(line) for line in f] == [MAX_LINE_BYTES, 1]
