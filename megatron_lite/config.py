@@ -58,7 +58,7 @@ class ModelConfig:
     vocab_size: int | None = None
     """Vocabulary size. Default: the tokenizer's vocabulary size."""
     seq_len: int = 256
-    """Training sequence length in tokens (also the gpt2 position table size)."""
+    """Training sequence length in tokens (also the gpt2 position table size); at most 2**20."""
     norm: str | None = None
     """``rmsnorm`` or ``layernorm``. Default: rmsnorm (llama), layernorm (gpt2). A llama with
     ``layernorm`` trains, with a startup warning: ``convert to-hf`` refuses it (no HF class)."""

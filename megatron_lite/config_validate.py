@@ -36,6 +36,11 @@ _CHOICES = {
 # a global batch of 2**31 sequences at micro 2, would take hours and hundreds of GB). Real runs use tens
 # to a few thousand.
 MAX_MICROBATCHES = 2**16
+# model.seq_len at most: the model builds its RoPE tables (seq_len x head_dim / 2, computed in float64)
+# or gpt2 position table for it at start, so 10**12 (a damaged config.json) would be terabytes there.
+# 2**20 is past the longest context of any released model of the supported families (Qwen2.5-1M:
+# 1,010,000 positions).
+MAX_SEQ_LEN = 2**20
 _POSITIVE = {
     "model": ("layers", "hidden", "heads", "seq_len"),
     "parallel": ("tp", "pp", "vp"),
@@ -53,6 +58,7 @@ _OPTIM_MAX = 1e10
 # traceback on a few of these at startup, and the rest train on silently broken (a negative
 # bucket_mb: one-element buckets; a negative checkpoint.every: a save every step).
 _RANGES = {
+    ("model", "seq_len"): (lambda v: v <= MAX_SEQ_LEN, f"at most {MAX_SEQ_LEN:,} (2**20) tokens"),
     ("model", "rope_theta"): (lambda v: v > 0, "> 0"),
     ("model", "norm_eps"): (lambda v: v > 0, "> 0"),
     ("model", "init_std"): (lambda v: v >= 0, ">= 0"),

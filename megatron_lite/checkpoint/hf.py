@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from megatron_lite.config import ModelConfig
+from megatron_lite.config_validate import MAX_SEQ_LEN
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -373,4 +374,12 @@ def import_config(hf_config: Any, quiet: bool = False) -> ModelConfig:
     short sliding window sets ``seq_len``, for callers that only read the tensor shapes)."""
     mt = hf_config.model_type
     adapter_for(mt)
-    return _gpt2(hf_config) if mt == "gpt2" else _llama_family(hf_config, mt, quiet)
+    m = _gpt2(hf_config) if mt == "gpt2" else _llama_family(hf_config, mt, quiet)
+    if m.seq_len > MAX_SEQ_LEN:  # it would become model.seq_len: refused here, naming the HF key
+        key = "n_positions" if mt == "gpt2" else "max_position_embeddings"
+        raise UserError(
+            f"this {mt} model's {key} is {m.seq_len:,}, more than the {MAX_SEQ_LEN:,} (2**20) tokens megatron-lite's "
+            f"model.seq_len may be (its position tables are built for it); set {key} in its config.json to the "
+            "context the model was trained for"
+        )
+    return m

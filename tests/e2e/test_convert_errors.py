@@ -113,6 +113,10 @@ def damage(hf_dir: Path, kind: str) -> str:
     if kind == "export record not an object":  # megatron_lite.json, read for the tokenizer
         (hf_dir / "megatron_lite.json").write_text("[]\n")
         return f"{hf_dir / 'megatron_lite.json'} is not a JSON object (what `convert to-hf` writes); restore it"
+    if kind == "absurd context":  # would become model.seq_len, whose position tables are built at start
+        config = json.loads((hf_dir / "config.json").read_text())
+        (hf_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 10**12}))
+        return "this llama model's max_position_embeddings is 1,000,000,000,000, more than the 1,048,576 (2**20)"
     if kind == "malformed config":
         (hf_dir / "config.json").write_text('{"model_type": "llama",\n')
         return f"{hf_dir / 'config.json'} is not valid JSON"
@@ -134,6 +138,7 @@ def damage(hf_dir: Path, kind: str) -> str:
         "deeply nested config",
         "export record not an object",
         "config not an object",
+        "absurd context",
         "bad field",
     ],
 )

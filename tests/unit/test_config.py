@@ -211,7 +211,7 @@ def test_save_round_trip(tmp_path):
     "override",
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
      "optim.lr=inf", "optim.warmup=-1", "optim.weight_decay=-0.1", "optim.clip_grad=-1", "parallel.timeout_s=0",
-     "parallel.bucket_mb=-1", "checkpoint.every=-1",
+     "parallel.bucket_mb=-1", "checkpoint.every=-1", "model.seq_len=1e12",
      "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan",
      "optim.lr=1e308", "optim.min_lr=1e39", "optim.eps=1e38", "optim.weight_decay=1e20"],
 )  # fmt: skip
@@ -321,7 +321,7 @@ def test_a_key_given_twice_on_the_command_line_takes_the_last_value_and_is_named
         (["model.vocab_size=1e17"], r"^model.vocab_size x model.hidden = 100000000000000000 x 256 = 2.56e\+19 ele"),
         (["model.ffn_hidden=1e17"], r"^model.hidden x model.ffn_hidden = 256 x 100000000000000000 = 2.56e\+19"),
         (["model.layers=1e14"], r"^model.layers x model.hidden x model.ffn_hidden = .* = 1.8e\+19 parameters"),
-        (["model.seq_len=1e16", "train.micro_batch_size=10", "train.global_batch_size=10"], r"= 1e\+19 logits"),
+        (["model.seq_len=1048576", "train.micro_batch_size=1e11", "train.global_batch_size=1e11"], r"= 1.05e\+19 logi"),
     ],
 )
 def test_integers_beyond_int64_alone_or_multiplied_are_refused_naming_the_keys(overrides, expected):

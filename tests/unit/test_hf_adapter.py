@@ -141,6 +141,20 @@ def test_mistral_window_caps_the_sequence_length():
     assert import_config(c).seq_len == 16  # sequences within the window see plain causal attention
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_a_context_past_what_model_seq_len_may_be_is_refused_naming_the_hf_key(model_type):
+    """It would become model.seq_len, for which the model builds its position tables at start."""
+    if model_type == "gpt2":
+        c, key = transformers.GPT2Config(n_embd=64, n_layer=1, n_head=4, n_positions=2**20 + 1), "n_positions"
+    else:
+        c = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+        c.max_position_embeddings, key = 10**12, "max_position_embeddings"
+    with pytest.raises(UserError, match=rf"this {model_type} model's {key} is [\d,]+, more than the 1,048,576"):
+        import_config(c)
+    setattr(c, key, 2**20)
+    assert import_config(c).seq_len == 2**20
+
+
 def test_parse_size(tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536 and parse_size("123") == 123
     args = ["convert", "to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]
