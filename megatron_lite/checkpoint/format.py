@@ -170,9 +170,8 @@ def write_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[str
 
 
 def read_tensor_header(path: Path) -> tuple[dict[str, dict], int]:
-    """The header of a safetensors file (what :func:`write_tensor_file` wrote): key -> ``{"dtype",
-    "shape", "data_offsets"}``, without ``__metadata__``; and the bytes of data after it (what
-    ``data_offsets`` count in). ValueError when it is not one."""
+    """A safetensors file's header (key -> ``{"dtype", "shape", "data_offsets"}``, no ``__metadata__``)
+    and the bytes of data after it, which ``data_offsets`` count in; ValueError when it is not one."""
     with path.open("rb") as f:
         size = int.from_bytes(f.read(8), "little")
         data = path.stat().st_size - 8 - size

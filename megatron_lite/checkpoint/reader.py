@@ -224,10 +224,9 @@ def committed_steps(root: str | Path) -> list[int]:
 
 
 def peek_checkpoint(path: str | Path) -> CheckpointReader | None:
-    """Step directory ``path``, or the newest committed step under it, with its metadata's structure
-    checked but its files not verified; None when there is none or its metadata is unusable. One
-    process's cheap look (no checksums, no collectives): the trainer's preflight asks what a run
-    would start from, and reads only the metadata (config, files, tensor shapes)."""
+    """Step directory ``path``, or the newest committed step under it, its metadata checked but its
+    files not verified (None when there is none or it is unusable): the preflight's cheap look (no
+    checksums, no collectives) at what a run would start from (config, files, tensor shapes)."""
     try:
         storage, name = _split(path)
         if not storage.exists(f"{name}/{METADATA}"):
