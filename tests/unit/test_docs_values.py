@@ -1,0 +1,24 @@
+"""Numbers README.md and docs/tour.md state are the code's: each is checked against the constant it names."""
+
+from pathlib import Path
+
+from megatron_lite.kernels._common import MAX_ROW_BLOCK
+
+from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+TOUR = (ROOT / "docs" / "tour.md").read_text()
+
+
+def _flat(text: str) -> str:
+    """The text with its line breaks and indents as single spaces, as a reader sees a wrapped sentence."""
+    return " ".join(text.split())
+
+
+def test_readme_states_the_requeue_wait_for_an_earlier_starts_lock():
+    assert f"waits for it up to {EARLIER_START_WAIT_S:.0f} s" in _flat(README)
+
+
+def test_tour_states_the_norm_row_width_past_which_the_twin_runs():
+    assert f"norm rows wider than {MAX_ROW_BLOCK} values" in _flat(TOUR)
