@@ -1,5 +1,6 @@
-"""Numbers README.md and docs/tour.md state are the code's: each is checked against the constant it names."""
+"""Numbers and lists README.md and docs/tour.md state are the code's: each is checked against its source."""
 
+import re
 from pathlib import Path
 
 from megatron_lite.kernels._common import MAX_ROW_BLOCK
@@ -22,3 +23,11 @@ def test_readme_states_the_requeue_wait_for_an_earlier_starts_lock():
 
 def test_tour_states_the_norm_row_width_past_which_the_twin_runs():
     assert f"norm rows wider than {MAX_ROW_BLOCK} values" in _flat(TOUR)
+
+
+def test_readme_lists_the_gpu_check_parts_and_budget_of_the_script():
+    script = (ROOT / "tools" / "gpu_check.sh").read_text()
+    parts = re.search(r'^all_parts="([^"]+)"', script, re.M).group(1)
+    budget = re.search(r"GPU_CHECK_BUDGET:-(\d+)", script).group(1)
+    assert f"parts: `{parts}`" in _flat(README)
+    assert f"`GPU_CHECK_BUDGET` seconds, default {budget}" in _flat(README)
