@@ -81,6 +81,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite import jsontext
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, tiles
 
 FORMAT = "megatron-lite/sharded-v1"
@@ -178,9 +179,9 @@ def read_tensor_header(path: Path) -> tuple[dict[str, dict], int]:
         if size <= 0 or data < 0:
             raise ValueError(f"its header length {size} does not fit the file")
         try:
-            header = json.loads(f.read(size))
-        except RecursionError:  # nested past Python's stack: no header safetensors writes
-            raise ValueError("its header is nested too deeply") from None
+            header = jsontext.loads(f.read(size))
+        except ValueError as e:
+            raise ValueError(f"its header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
     header.pop("__metadata__", None)

@@ -16,7 +16,6 @@ Loading never unpickles anything: tensors come from safetensors, the rest from J
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite import jsontext
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
 from megatron_lite.checkpoint.format import (
@@ -153,10 +153,10 @@ class CheckpointReader:
 
 def _read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None]:
     try:
-        meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
+        meta = jsontext.loads(storage.read_text(f"{name}/{METADATA}"))
     except FileNotFoundError:
         return None, f"{METADATA} is missing (never committed)"
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested past Python's stack
+    except (ValueError, UnicodeDecodeError):
         return None, f"{METADATA} is not valid JSON"
     except OSError as e:
         return None, f"{METADATA} cannot be read: {e}"
@@ -393,7 +393,7 @@ def iter_model_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the model in step directory ``path`` (verified by the caller: no checks
     here), one at a time, in the dtype the run trained in (the stored weights are its fp32 masters)."""
     storage, name = _split(path)
-    meta = json.loads(storage.read_text(f"{name}/{METADATA}"))
+    meta = jsontext.loads(storage.read_text(f"{name}/{METADATA}"))
     dtype = getattr(torch, meta["layout"]["param_dtype"])
     reader = CheckpointReader(storage, name, meta)
     for param, t in reader.model_tensors():

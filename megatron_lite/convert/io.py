@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from megatron_lite import jsontext
 from megatron_lite.checkpoint.format import DTYPE_CODES, LATEST, METADATA, STAGING_DIR, STEP_DIR
 from megatron_lite.checkpoint.hf import Adapter, adapter_for
 from megatron_lite.checkpoint.reader import (
@@ -117,8 +118,8 @@ def _origin(reader: CheckpointReader) -> dict[str, Any] | None:
     if path is None:
         return None
     try:
-        origin = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        origin = jsontext.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
         origin = None
     if not isinstance(origin, dict):
         raise UserError(
@@ -176,10 +177,10 @@ def refuse_out_in_checkpoints(out: Path, source: str | Path | None = None) -> No
 def read_json(path: Path, fix: str = "restore it from the model's source") -> Any:
     """The JSON in ``path``, or a :class:`UserError` naming the file, what is wrong with it and ``fix``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return jsontext.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is missing") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
         raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
     except OSError as e:
         raise UserError(f"{path} cannot be read: {e}") from None

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from megatron_lite import jsontext
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.convert.card import model_card
@@ -109,7 +110,7 @@ def _remove_stale_staging(tmp: Path, out: Path) -> None:
             "--out"
         )
     try:
-        info = json.loads(marker.read_text())
+        info = jsontext.loads(marker.read_text())
     except (OSError, ValueError):
         info = {}
     info = info if isinstance(info, dict) else {}

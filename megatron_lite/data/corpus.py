@@ -28,6 +28,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from megatron_lite import jsontext
 from megatron_lite.data.indexed import IndexedDataset, write_atomic
 from megatron_lite.data.inputs import log as inputs_log
 from megatron_lite.data.preprocess import preprocess
@@ -65,7 +66,7 @@ def _manifest(files: list[Path], vocab_size: int) -> dict:
 def _cache_problem(folder: Path, expected: dict) -> str | None:
     """Why ``folder`` is not a complete build for exactly ``expected``'s files and vocab, or None."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = jsontext.loads((folder / "manifest.json").read_text())
         sha = manifest.pop("tokenizer_sha256")
     except (OSError, ValueError, KeyError, AttributeError) as e:
         return f"no readable manifest.json ({type(e).__name__})"
@@ -97,7 +98,7 @@ def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected:
         n = stats["decode_errors"]
         _say(progress, f"({n} file{'s are' if n > 1 else ' is'} test data in another encoding: read with U+FFFD)")
     # The dataset's record names its tokenizer where it will be, not in the build folder renamed away.
-    record = json.loads((tmp / "data.json").read_text())
+    record = jsontext.loads((tmp / "data.json").read_text())
     record["tokenizer"] = str(final / "tokenizer.model")
     write_atomic(tmp / "data.json", (json.dumps(record, indent=1) + "\n").encode())
     manifest = {**expected, "tokenizer_sha256": Tokenizer(model).sha256}

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_lite import jsontext
 from megatron_lite.data.indexed import write_atomic
 from megatron_lite.data.sample_index import EpochIndex, index_dtype
 from megatron_lite.data.tempfiles import lock
@@ -133,7 +134,7 @@ class IndexCache:
             return None
         arrays, problem = {}, None
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = jsontext.loads(meta_path.read_text())
             if meta.get("key") != key:
                 problem = "its key fields differ from this split's"
             for a in ARRAYS if problem is None else ():

@@ -8,6 +8,7 @@ import codecs
 import json
 from pathlib import Path
 
+from megatron_lite import jsontext
 from megatron_lite.data.inputs import text_suffix
 from megatron_lite.errors import UserError
 
@@ -36,12 +37,12 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
     if not raw.strip():
         return None
     try:
-        obj = json.loads(decode(raw, stats))
+        obj = jsontext.loads(decode(raw, stats))
     except json.JSONDecodeError as e:
         why = e.msg.removesuffix(" at")  # "Invalid control character at" would read "at at column"
         raise UserError(f"{path}:{lineno}: invalid JSON ({why} at column {e.colno}); {_FORMAT}") from e
-    except RecursionError:  # lists or objects nested past Python's stack
-        raise UserError(f"{path}:{lineno}: invalid JSON (nested too deeply); {_FORMAT}") from None
+    except ValueError as e:  # jsontext's "nested too deeply": no column to name
+        raise UserError(f"{path}:{lineno}: invalid JSON ({e}); {_FORMAT}") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {_FORMAT}")
     if json_key not in obj:

@@ -38,6 +38,7 @@ import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 from tqdm import tqdm
 
+from megatron_lite import jsontext
 from megatron_lite.data.indexed import (
     IndexedDataset,
     IndexedDatasetBuilder,
@@ -231,7 +232,7 @@ def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -
         check_not_replacing(outputs, out_prefix, what, overwrite)
         return meta_path
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = jsontext.loads(meta_path.read_text())
     except (OSError, ValueError):
         meta = None
     if isinstance(meta, dict) and "tokenizer_sha256" in meta:
@@ -352,9 +353,9 @@ def check_dataset_tokenizer(prefix: str | Path, tok: Tokenizer, fix: str | None 
     is no hash to compare; the trainer still checks the largest token id (``token_range.py``)."""
     meta_path = Path(str(prefix) + ".json")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = jsontext.loads(meta_path.read_text())
         recorded, made_with = meta.get("tokenizer_sha256"), meta.get("tokenizer", "another tokenizer")
-    except (OSError, ValueError, AttributeError, RecursionError):
+    except (OSError, ValueError, AttributeError):
         return
     if recorded is not None and not isinstance(recorded, str):
         raise UserError(

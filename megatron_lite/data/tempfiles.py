@@ -39,6 +39,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from megatron_lite import jsontext
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock, so no temporary is ever provably abandoned
@@ -165,7 +167,7 @@ def holder_text() -> bytes:
 def read_holder(text: bytes | str) -> dict | None:
     """The holder written in a lock file (:func:`holder_text`); None when it is empty or unreadable."""
     try:
-        info = json.loads(text)
+        info = jsontext.loads(text)
     except ValueError:
         return None
     return info if isinstance(info, dict) and {"host", "pid", "started"} <= info.keys() else None

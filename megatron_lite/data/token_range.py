@@ -23,12 +23,12 @@ so the record stays beside it, and datasets without it (older ones, ones made el
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from megatron_lite import jsontext
 from megatron_lite.data.indexed import IndexedDataset
 from megatron_lite.data.tokenizer import Tokenizer
 from megatron_lite.errors import UserError
@@ -40,8 +40,8 @@ def dataset_record(data: IndexedDataset) -> dict | None:
     """``PREFIX.json`` when it is the record of exactly this ``.bin``/``.idx``, else None."""
     path = Path(data.prefix + ".json")
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        record = jsontext.loads(path.read_text())
+    except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or (record.get("documents"), record.get("tokens")) != (len(data), data.num_tokens):
         return None

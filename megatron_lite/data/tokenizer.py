@@ -29,6 +29,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
+from megatron_lite import jsontext
 from megatron_lite.data.indexed import (
     check_not_replacing,
     check_output_prefix,
@@ -172,7 +173,7 @@ def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = F
     check_outputs_spare_inputs(files, [model_path, meta_path], out_prefix)
     if meta_path.exists():
         try:
-            meta = json.loads(meta_path.read_text())
+            meta = jsontext.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
         if not (isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer"):

@@ -48,6 +48,7 @@ from types import TracebackType
 
 import torch.distributed as dist
 
+from megatron_lite import jsontext
 from megatron_lite.errors import UserError, mark_explained
 from megatron_lite.launcher.fail_fast import attempt_key, describe
 
@@ -196,7 +197,7 @@ class FailureWatch:
             try:
                 if not self._store.check([self.FAILURE]):
                     continue
-                report = json.loads(self._store.get(self.FAILURE))
+                report = jsontext.loads(self._store.get(self.FAILURE))
                 self._mark_read()
             except (RuntimeError, OSError) as e:  # DistNetworkError and DistStoreError are RuntimeErrors
                 self._store_lost(e)
@@ -246,7 +247,7 @@ class FailureWatch:
         if not gone:
             log.error("%s; stopping every rank", _failure_text(report))
         try:
-            first = json.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))
+            first = jsontext.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))
             self._mark_read()
         except (RuntimeError, OSError) as e:
             if gone:

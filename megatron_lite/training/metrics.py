@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_lite import jsontext
 from megatron_lite.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def cpu_peak_flops() -> float:
     key = f"{_cpu_model()}|{cores} cores|torch {torch.__version__}"
     path = _cpu_cache_path()
     try:
-        cached = json.loads(path.read_text())
+        cached = jsontext.loads(path.read_text())
     except (OSError, ValueError):
         cached = {}
     if key in cached:

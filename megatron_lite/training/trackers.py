@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from megatron_lite import jsontext
+
 log = logging.getLogger(__name__)
 METRICS_FILE, DROPPED_FILE = "metrics.jsonl", "metrics.dropped.jsonl"  # in log.dir (JsonlTracker)
 
@@ -76,7 +78,7 @@ class JsonlTracker:
 def _row_step(line: str) -> float:
     """The step of one metrics.jsonl line; a torn last line (a crash mid-write) counts as past any step."""
     try:
-        return json.loads(line)["step"]
+        return jsontext.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
 

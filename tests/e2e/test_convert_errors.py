@@ -109,7 +109,7 @@ def damage(hf_dir: Path, kind: str) -> str:
         return f"{hf_dir / 'config.json'} is not a Hugging Face config (a JSON object); restore it from the model's"
     if kind == "deeply nested config":  # json.loads raises RecursionError, not a ValueError
         (hf_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-        return f"{hf_dir / 'config.json'} is not valid JSON (maximum recursion depth exceeded"
+        return f"{hf_dir / 'config.json'} is not valid JSON (nested too deeply)"
     if kind == "export record not an object":  # megatron_lite.json, read for the tokenizer
         (hf_dir / "megatron_lite.json").write_text("[]\n")
         return f"{hf_dir / 'megatron_lite.json'} is not a JSON object (what `convert to-hf` writes); restore it"

@@ -291,7 +291,10 @@ def test_json_nested_past_pythons_stack_is_a_corrupt_checkpoint(tmp_path):
         "bytes": 8 + len(blob),
     }
     (step / "metadata.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"rank_00000.safetensors is not a safetensors file: its header is nested too"):
+    with pytest.raises(
+        UserError,
+        match=r"rank_00000.safetensors is not a safetensors file: its header is not valid JSON \(nested too deeply\)",
+    ):
         find_checkpoint(step)
 
 

@@ -169,6 +169,7 @@ DAMAGE = {
     "other dtype": ("perm.npy", _retype),
     "other key": ("json", _rekey),
     "json not json": ("json", lambda p: p.write_text("{")),
+    "json nested too deeply": ("json", lambda p: p.write_text("[" * 100_000 + "]" * 100_000)),
     "missing array": ("starts.npy", lambda p: p.unlink()),
 }
 
