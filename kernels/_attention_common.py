@@ -20,7 +20,6 @@ from megatron_lite.kernels._common import INTERPRET
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # Sequences up to this many tokens run one tile without autotuning (see prune).
 SHORT = 256
 

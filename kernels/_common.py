@@ -14,14 +14,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 # Read once at import, like the @triton.jit decorators of the op files, so kernels and launchers agree.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# One program holds a whole row in registers: 64K fp32 values is already 256 KB per program, past
-# which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384), and
-# wider rows run the norms' torch twins (wide_row_reason).
-MAX_ROW_BLOCK = 65536
 
 # Programs per SM of the norms' backward (see reduction_programs), and its warps per program (None:
 # row_block's choice for the row); tools/bench/kernel_sweep.py varies both.

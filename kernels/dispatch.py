@@ -28,6 +28,16 @@ _BACKENDS = ("auto", "triton", "torch")
 AUTO_PREFERS_TORCH = {"flash_attention": "SDPA measured faster than our Triton attention on H100 (0.67x fwd+bwd)"}
 _backend = "auto"
 
+# Limits of the Triton kernels past which an op runs its torch twin: defined here, where no Triton is
+# imported, so that describe() states the numbers the op files check.
+# One program holds a whole row in registers: 64K fp32 values is already 256 KB per program, past
+# which the row kernels would spill; no norm width in a decoder LM comes near (hidden <= 16384), and
+# wider rows run the norms' torch twins (_common.wide_row_reason).
+MAX_ROW_BLOCK = 65536
+# The attention kernels' head dims: tl.dot tiles need a power of two >= 16, and their tiles are tuned
+# for D <= 128 (_attention_common.py).
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
 
 def set_backend(name: str) -> None:
     """Select the kernel backend for every op: ``auto`` | ``triton`` | ``torch``."""
@@ -113,8 +123,9 @@ def describe(device: str | torch.device | None = None) -> dict[str, str]:
     choice = _op_choice(device)
     out = dict.fromkeys(OPS, choice)
     if choice.startswith("triton"):
-        out["flash_attention"] = choice + "; head dims outside 16/32/64/128 and GPUs before Hopper fall back to torch"
-        out["rms_norm"] = out["layer_norm"] = choice + "; rows wider than 65536 values fall back to torch"
+        dims = "/".join(map(str, SUPPORTED_HEAD_DIMS))
+        out["flash_attention"] = choice + f"; head dims outside {dims} and GPUs before Hopper fall back to torch"
+        out["rms_norm"] = out["layer_norm"] = choice + f"; rows wider than {MAX_ROW_BLOCK} values fall back to torch"
         if _backend == "auto":
             out["flash_attention"] = "torch: " + AUTO_PREFERS_TORCH["flash_attention"]
     apex, te = apex_problem(), transformer_engine_problem()

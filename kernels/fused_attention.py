@@ -27,7 +27,6 @@ from megatron_lite.kernels._attention_common import (
     AUTOTUNE_KEY,
     FWD_TILES,
     LOG2E,
-    SUPPORTED_HEAD_DIMS,
     configs,
     describable,
     descriptor,
@@ -42,6 +41,7 @@ from megatron_lite.kernels._attention_common import (
 )
 from megatron_lite.kernels._checks import check_attention
 from megatron_lite.kernels._common import first_order_only, warn_fallback
+from megatron_lite.kernels.dispatch import SUPPORTED_HEAD_DIMS
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -180,3 +180,21 @@ def test_describe_names_apex_for_the_norms_where_it_runs(monkeypatch):
     assert info["rms_norm"] == info["layer_norm"] == "apex: fused norms (Triton is not importable)"
     assert info["swiglu"] == "torch: Triton is not importable"
     assert info["apex"].startswith("available: runs the norms under auto")
+
+
+def test_describe_states_the_kernel_limits_the_op_files_check(monkeypatch):
+    """dispatch.py defines the row width and head dims past which the kernels run the twins (the op
+    files import them, dispatch.py cannot import those without Triton); describe() words those values."""
+    from megatron_lite.kernels import _common, fused_attention
+
+    assert (_common.MAX_ROW_BLOCK, fused_attention.SUPPORTED_HEAD_DIMS) == (
+        dispatch.MAX_ROW_BLOCK,
+        dispatch.SUPPORTED_HEAD_DIMS,
+    )
+    monkeypatch.setattr(dispatch, "MAX_ROW_BLOCK", 4096)
+    monkeypatch.setattr(dispatch, "SUPPORTED_HEAD_DIMS", (64, 128))
+    kernels.set_backend("triton")
+    info = kernels.describe("cpu")
+    assert info["rms_norm"].endswith("; rows wider than 4096 values fall back to torch"), info["rms_norm"]
+    assert info["layer_norm"] == info["rms_norm"]
+    assert "; head dims outside 64/128 and GPUs before Hopper fall back to torch" in info["flash_attention"]

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from megatron_lite.kernels._common import MAX_ROW_BLOCK
+from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 
