@@ -65,8 +65,7 @@ tensor or boxes not holding each of its elements exactly once, ``ranks`` not one
 ``layout.world_size``, a file name that is a path such as ``../x``), or with a file whose size or
 sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
 dtype, its bytes inside the file (:func:`header_problem`: ``metadata.json`` has no checksum of its
-own), or whose ``step`` is not the one its name says (``step_00000100``: copied or renamed), is
-incomplete or corrupt.
+own), or whose ``step`` is not its name's (``step_00000100``: copied or renamed), is corrupt.
 """
 
 from __future__ import annotations
