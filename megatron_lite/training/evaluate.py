@@ -25,7 +25,7 @@ import codecs
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -253,11 +253,26 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
     model, _ = load_model(checkpoint, dev)
     t = cfg.train
     loader = PretrainingLoader(data.valid, t.micro_batch_size, t.global_batch_size)
-    total = 0.0
+
+    def micro_mean(micro: list[torch.Tensor]) -> float:
+        return sum(model(b[:, :-1].to(dev), b[:, 1:].to(dev)).float().item() for b in micro) / len(micro)
+
     with torch.no_grad():
-        for _ in range(t.eval_iters):  # as Trainer.evaluate: the mean of each global batch's microbatch mean
-            micro = loader.next_step()
-            check_batch_ids(micro, cfg.model.vocab_size, "the held-out samples", data.tokenizer_path)
-            total += sum(model(b[:, :-1].to(dev), b[:, 1:].to(dev)).float().item() for b in micro) / len(micro)
+        loss = held_out_loss(loader, cfg, "the held-out samples", data.tokenizer_path, micro_mean)
     tokens = t.eval_iters * t.global_batch_size * cfg.model.seq_len
-    return _score(total / t.eval_iters, tokens, model, f"checkpoint {str(checkpoint)!r} on its held-out samples")
+    return _score(loss, tokens, model, f"checkpoint {str(checkpoint)!r} on its held-out samples")
+
+
+def held_out_loss(
+    loader: PretrainingLoader, cfg: Config, where: str, tokenizer: Path, micro_mean: Callable[[list], float]
+) -> float:
+    """The evaluation's loss, for a run (``Trainer.evaluate``) and for ``eval --held-out`` alike: the mean
+    over ``train.eval_iters`` global batches of ``loader`` (the held-out split, from its first batch) of
+    ``micro_mean`` (a global batch's mean loss over its microbatches), each batch's token ids checked
+    as the training batches' are (``where`` names the read in the error)."""
+    total = 0.0
+    for _ in range(cfg.train.eval_iters):
+        micro = loader.next_step()
+        check_batch_ids(micro, cfg.model.vocab_size, where, tokenizer)
+        total += micro_mean(micro)
+    return total / cfg.train.eval_iters

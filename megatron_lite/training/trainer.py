@@ -45,6 +45,7 @@ from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_t
 from megatron_lite.plan import Layout
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
+from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
@@ -278,14 +279,10 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over ``train.eval_iters`` global batches of the held-out split (always the same ones),
         their token ids checked as the training batches' are (held-out documents are never trained on)."""
-        loader, iters, total = self._loader(self.data.valid), self.cfg.train.eval_iters, 0.0
-        for _ in range(iters):
-            micro = loader.next_step()
-            check_batch_ids(
-                micro, self.cfg.model.vocab_size, f"the evaluation at step {self.step}", self.data.tokenizer_path
-            )
-            total += self.engine.eval_loss(micro)
-        return total / iters
+        where = f"the evaluation at step {self.step}"
+        return held_out_loss(
+            self._loader(self.data.valid), self.cfg, where, self.data.tokenizer_path, self.engine.eval_loss
+        )
 
     def _loader(self, dataset: GPTDataset) -> PretrainingLoader:
         """This dp rank's microbatches of ``dataset``, from its first global batch."""
