@@ -127,12 +127,16 @@ def _loss_and_attention_cases(k) -> list[Case]:
     attn = {"triton": k.flash_attention, "eager": reference.flash_attention, "liger": "Liger has no attention"}
     mha = lambda: ([_randn(B, H, T, D), _randn(B, H, T, D), _randn(B, H, T, D)], [0, 1, 2])  # noqa: E731
     gqa = lambda: ([_randn(B, H, T, D), _randn(B, 8, T, D), _randn(B, 8, T, D)], [0, 1, 2])  # noqa: E731
+    full = {  # no mask: every tile is a full one and every program as long as the others
+        name: (lambda q, k, v, f=f: f(q, k, v, causal=False)) if callable(f) else f for name, f in attn.items()
+    }
     flops = 4 * B * H * T * T * D / 2  # QK^T and PV, 2*T*T*D flops each per head, half masked
     return [
         # fwd: logits -> loss; bwd: logits -> dlogits
         Case("cross_entropy", f"{N}x{V}", logits, ce, bytes_fwd=N * V * BF16, bytes_bwd=2 * N * V * BF16),
         Case("flash_attention", f"B{B} H{H} T{T} D{D} causal", mha, attn, flops_fwd=flops),
         Case("flash_attention_gqa", f"B{B} H{H} Hkv8 T{T} D{D} causal", gqa, attn, flops_fwd=flops),
+        Case("flash_attention_full", f"B{B} H{H} T{T} D{D} not causal", mha, full, flops_fwd=2 * flops),
     ]
 
 
