@@ -1,158 +1,26 @@
 """``megatron-lite`` command line: train, eval, preprocess, tokenizer, convert, doctor, plan, launch.
 
-Every verb is a thin wrapper over library code. A :class:`UserError` (bad config, missing data,
-bad path) prints one ``error: ...`` line and exits 2, with no traceback.
+Every verb is a thin wrapper over library code (``cli_verbs.py``); this module builds the parsers
+and runs the chosen verb. A :class:`UserError` (bad config, missing data, bad path) prints one
+``error: ...`` line and exits 2, with no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
-from megatron_lite.errors import SetupInterrupted, UserError, explained, refuse_blank
+from megatron_lite import cli_verbs
+from megatron_lite.errors import SetupInterrupted, UserError, explained
 
 # A rank other than 0 that fails waits this long before printing its error itself (see main()).
 ERROR_GRACE_S = 10.0
 # The inputs `preprocess` and `tokenizer train` read, both through data/inputs.py.
 INPUT_HELP = "files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
-
-
-def _train(args: argparse.Namespace) -> int:
-    from megatron_lite.train import run_training
-
-    run_training(args.config, args.overrides)
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from megatron_lite.training.evaluate import NonFiniteLossError, evaluate_held_out, evaluate_text
-
-    try:
-        if args.held_out:
-            result = evaluate_held_out(args.checkpoint, args.device)
-        else:
-            result = evaluate_text(args.checkpoint, args.text, args.device, args.json_key)
-    except NonFiniteLossError as e:
-        if not args.json:
-            raise
-        # strict JSON has no NaN or Infinity (json.dumps would print them): null, the reason, exit 2
-        print(json.dumps({"loss": None, "tokens": e.tokens, "error": str(e)}))
-        return 2
-    if args.json:  # the documented line is exactly these two keys
-        print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}, allow_nan=False))
-    else:
-        print(f"loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) over {result['tokens']} tokens")
-    return 0
-
-
-def _preprocess(args: argparse.Namespace) -> int:
-    from megatron_lite.data.preprocess import preprocess
-
-    _writable_parent("--output", args.output)
-    stats = preprocess(
-        args.input,
-        args.tokenizer,
-        args.output,
-        json_key=args.json_key,
-        append_eos=not args.no_eos,
-        progress=not args.quiet,
-        overwrite=args.overwrite,
-        workers=args.workers,
-    )
-    print(json.dumps(stats))
-    return 0
-
-
-def _tokenizer(args: argparse.Namespace) -> int:
-    from megatron_lite.data.tokenizer import train_tokenizer
-
-    _writable_parent("--output", args.output)
-    path = train_tokenizer(
-        args.input,  # files and quoted globs, as `preprocess` reads them
-        args.output,
-        args.vocab_size,
-        max_bytes=args.max_bytes,
-        progress=not args.quiet,
-        json_key=args.json_key,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {path}")
-    return 0
-
-
-def _writable_parent(flag: str, path: str, create: bool = True) -> None:
-    """Refuse, before any work, an output whose directory cannot be created or written. With
-    ``create=False`` nothing is created: the nearest existing directory above it is probed (a
-    command refused later, for a bad checkpoint, leaves no empty directories behind)."""
-    from megatron_lite.checkpoint.storage import is_url
-    from megatron_lite.training.preflight import probe_dir
-
-    refuse_blank(flag, path)  # "" is the current directory, whose parent is probed and maybe not writable
-    if not is_url(path):
-        parent = Path(os.path.abspath(path)).parent  # `--out .`: the parent
-        if not create:
-            parent = next(p for p in (parent, *parent.parents) if p.exists() or p.is_symlink() or p == p.parent)
-        probe_dir(f"the directory of {flag}", parent)
-
-
-def _doctor(args: argparse.Namespace) -> int:
-    from megatron_lite.doctor import report
-
-    print(report(as_json=args.json))
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from megatron_lite import convert
-    from megatron_lite.convert.io import parse_size
-
-    if args.action == "to-hf":
-        size = parse_size(args.max_shard_size)
-        _writable_parent("--out", args.out, create=False)
-        r = convert.to_hf(args.checkpoint, args.out, step=args.step, max_shard_size=size, check=not args.no_verify)
-        print(f"wrote {r.out}: {r.parameters:,} parameters; {', '.join(r.files)}")
-        print(f"verified: {r.check.summary()}" if r.check else "not verified (--no-verify)")
-    elif args.action == "from-hf":
-        _writable_parent("--out", args.out, create=False)
-        r = convert.from_hf(args.hf, args.out)
-        print(f"wrote {r.checkpoint}: {r.parameters:,} parameters (weights only)")
-        tok = "" if r.tokenizer else " data.tokenizer=MODEL"  # no sentencepiece model came with the weights
-        print(f"train from it: megatron-lite train --config {r.config_path} data.path=PREFIX{tok} log.dir=RUN_DIR")
-    else:
-        r = convert.verify(args.checkpoint, args.hf, step=args.step)
-        print(r.summary())
-        if not r.passed:
-            raise UserError(f"verification failed: {r.summary()}")
-    return 0
-
-
-def _plan(args: argparse.Namespace) -> int:
-    from megatron_lite.config import load_config
-    from megatron_lite.launcher.launch_vars import whole_number
-    from megatron_lite.plan import format_plan, make_plan
-
-    try:
-        whole_number("--world-size", str(args.world_size), 1, None, "the ranks (GPUs) the job will have")
-        plan = make_plan(load_config(args.config, args.overrides), args.world_size)
-    except UserError as e:
-        if not args.json:
-            raise
-        print(json.dumps({"error": str(e)}))  # --json: the one line on stdout is JSON, failures too
-        return 2
-    print(json.dumps(plan.to_json()) if args.json else format_plan(plan, width=args.width))
-    return 0
-
-
-def _launch(args: argparse.Namespace) -> int:
-    from megatron_lite.launcher.slurm import job_from_args, launch_slurm
-
-    return launch_slurm(job_from_args(args), dry_run=args.dry_run, wait=args.wait)
 
 
 def _positive_int(text: str) -> int:
@@ -218,7 +86,7 @@ def _add_data_verbs(sub) -> None:
         metavar="N",
         help="tokenizing processes: 1 to the usable CPUs, or auto (all); the output is the same for any N (default 1)",
     )
-    pp.set_defaults(fn=_preprocess)
+    pp.set_defaults(fn=cli_verbs.run_preprocess)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tk_sub = tk.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -235,7 +103,7 @@ def _add_data_verbs(sub) -> None:
     tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
     tt.add_argument("--quiet", action="store_true", help="no progress bar")
     tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --output")
-    tt.set_defaults(fn=_tokenizer)
+    tt.set_defaults(fn=cli_verbs.run_tokenizer)
 
 
 def _add_convert_verb(sub) -> None:
@@ -258,7 +126,7 @@ def _add_convert_verb(sub) -> None:
     cf.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
     cf.add_argument("--out", required=True, help="new checkpoint root (writes OUT/step_00000000, OUT/config.yaml)")
     cc.add_argument("--hf", required=True, help="Hugging Face model directory")
-    cv.set_defaults(fn=_convert)
+    cv.set_defaults(fn=cli_verbs.run_convert)
 
 
 def _add_launch_verbs(sub) -> None:
@@ -267,14 +135,14 @@ def _add_launch_verbs(sub) -> None:
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
     pl.add_argument("--json", action="store_true", help="print one JSON line")
     pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline")
-    pl.set_defaults(fn=_plan)
+    pl.set_defaults(fn=cli_verbs.run_plan)
 
     from megatron_lite.launcher.slurm import add_slurm_arguments
 
     la = sub.add_parser("launch", help="render and submit a multi-node job")
     la_sub = la.add_subparsers(dest="target", required=True, metavar="TARGET")
     add_slurm_arguments(la_sub.add_parser("slurm", help="sbatch launch/train.sbatch for this config"))
-    la.set_defaults(fn=_launch)
+    la.set_defaults(fn=cli_verbs.run_launch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (single process, torchrun or srun)")
     add_config_option(t)
-    t.set_defaults(fn=_train)
+    t.set_defaults(fn=cli_verbs.run_train)
 
     e = sub.add_parser("eval", help="mean next-token loss of a checkpoint on a text file or its run's held-out samples")
     e.add_argument(
@@ -301,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     nan = 'a NaN or infinite loss is null, with an "error" naming the cause (exit status 2)'
     e.add_argument("--json", action="store_true", help=f'print one line {{"loss": ..., "tokens": ...}}; {nan}')
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    e.set_defaults(fn=_eval)
+    e.set_defaults(fn=cli_verbs.run_eval)
 
     _add_data_verbs(sub)
     _add_convert_verb(sub)
     d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    d.set_defaults(fn=_doctor)
+    d.set_defaults(fn=cli_verbs.run_doctor)
     _add_launch_verbs(sub)
     return p
 
