@@ -10,8 +10,8 @@ import dataclasses
 import inspect
 import typing
 
-from megatron_lite import config as config_module
-from megatron_lite.config import SECTIONS
+from megatron_lite import config_sections
+from megatron_lite.config_sections import SECTIONS, public_name
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -35,7 +35,7 @@ def render() -> str:
     out = [
         "# Config reference",
         "",
-        "Generated from `megatron_lite/config.py` by `python -m megatron_lite.config_docs`; do not edit.",
+        "Generated from `megatron_lite/config_sections.py` by `python -m megatron_lite.config_docs`; do not edit.",
         "Set keys in a YAML file (`section: {key: value}`) or on the command line as `section.key=value`.",
         "A path starting with `~` (`log.dir=~/runs/a`) is under the home directory. A list is `a,b` (spaces",
         "around items are dropped) or YAML's `[a, b]`; `null` leaves an optional key unset. Overrides apply in",
@@ -47,11 +47,11 @@ def render() -> str:
     ]
     for name, section_field in SECTIONS.items():
         cls = section_field.default_factory
-        hints, docs = typing.get_type_hints(cls, vars(config_module)), field_docs(cls)
+        hints, docs = typing.get_type_hints(cls, vars(config_sections)), field_docs(cls)
         out += [f"## `{name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            key = f.name.rstrip("_")
+            key = public_name(f.name)
             out.append(f"| `{name}.{key}` | `{_type_name(hints[f.name])}` | `{default!r}` | {docs.get(f.name, '')} |")
         out.append("")
     return "\n".join(out)
