@@ -1,19 +1,18 @@
-"""`megatron-lite train` end to end: metrics, checkpoints, resume, determinism, bad input."""
+"""`megatron-lite train` end to end: metrics, checkpoints, resume, determinism, divergence, entry points."""
 
 import json
 import logging
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from train_checks import one_error_line
 
 from megatron_lite.cli import main, parse_args
 from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr import lr_at
-from megatron_lite.training.run_lock import LOCK_FILE
 from megatron_lite.training.trackers import Trackers
 
 
@@ -120,87 +119,14 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     assert "training diverged" in one_error_line(capsys)
 
 
-@pytest.mark.parametrize(
-    "extra,message",
-    [
-        (["train.steps=0"], "train.steps must be a positive integer"),
-        (["model.hidden=30"], r"30 % 4 = 2"),
-        (["model.layrs=2"], "did you mean 'model.layers'"),
-        (["data.path=/nonexistent/prefix"], "does not exist"),
-        (["model.vocab_size=100"], "smaller than the tokenizer's vocabulary"),
-        (["checkpoint.resume=/nonexistent/ckpt"], "does not exist, nor does '/nonexistent'"),
-    ],
-)
-def test_bad_input_is_one_clear_error(tiny_args, extra, message, capsys):
-    assert main(["train", *tiny_args, *extra]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
-    assert __import__("re").search(message, err), err
-
-
-def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
-@pytest.mark.parametrize("key", ["checkpoint.dir", "log.dir"])
-def test_unusable_run_directory_fails_at_setup_naming_key_path_and_reason(tiny_args, tmp_path, key, capsys):
-    afile = tmp_path / "afile"
-    afile.write_text("a regular file")
-    run = tmp_path / "run"
-    for bad, reason in [(afile / "sub", "Not a directory"), (afile, "exists and is not a directory")]:
-        assert main(["train", *tiny_args, f"{key}={bad}"]) == 2
-        err = one_error_line(capsys)
-        assert f"{key}='{bad}'" in err and reason in err, err
-        assert not (run / "metrics.jsonl").exists()  # refused before training, not at the first save
-    if Path("/proc/self").is_dir():  # procfs refuses new directories, even to root
-        assert main(["train", *tiny_args, f"{key}=/proc/megatron-lite-ck"]) == 2
-        err = one_error_line(capsys)
-        assert f"{key}='/proc/megatron-lite-ck'" in err and "No such file or directory" in err, err
-
-
-def test_resume_none_refuses_to_save_over_an_earlier_run(tiny_args, tmp_path, capsys):
-    args = [*tiny_args, "train.steps=2", "checkpoint.resume=none"]
-    assert main(["train", *args]) == 0  # a fresh directory: resume=none starts from scratch
-    ckpt = tmp_path / "run" / "checkpoints"
-    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE}  # it names each holder
-    assert main(["train", *args, "train.steps=3"]) == 2
-    err = one_error_line(capsys)
-    assert f"checkpoint.dir='{ckpt}'" in err and "newest: step 2" in err, err
-    assert "checkpoint.resume=auto" in err and "new checkpoint.dir" in err, err
-    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE} == before  # nothing saved
-    # the run's config.yaml relaunches it as it continues (resume=auto), not as this launch's one-off none
-    assert "resume: auto" in (tmp_path / "run" / "config.yaml").read_text()
-    assert main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "train.steps=3"]) == 0
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
-        1,
-        2,
-        3,
-    ]
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks a machine without CUDA")
-def test_triton_backend_without_cuda_fails_at_setup(tiny_args, tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/kernels sets it for the whole session
-    assert main(["train", *tiny_args, "kernels.backend=triton"]) == 2
-    err = one_error_line(capsys)
-    assert "kernels.backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1" in err, err
-    assert "use kernels.backend=auto" in err and not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-def test_dataset_made_with_another_tokenizer_is_refused(tiny_args, small_corpus, tmp_path, capsys):
-    prefix, tok = small_corpus
-    for ext in (".bin", ".idx"):
-        (tmp_path / f"data{ext}").write_bytes(Path(prefix + ext).read_bytes())
-    meta = json.loads(Path(prefix + ".json").read_text())
-    (tmp_path / "data.json").write_text(
-        json.dumps({**meta, "tokenizer": "/elsewhere/big.model", "tokenizer_sha256": "ab" * 32})
-    )
-    assert main(["train", *tiny_args, f"data.path={tmp_path / 'data'}"]) == 2
-    err = one_error_line(capsys)
-    assert "/elsewhere/big.model" in err and f"data.tokenizer={tok}" in err and "megatron-lite preprocess" in err
+def test_log_lines_during_the_loop_print_above_the_progress_bar(tiny_args):
+    """A warning in the loop (each skipped step here) gets a line of its own, not the end of the bar's."""
+    args = [*tiny_args, "log.progress=true", "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
+    run = subprocess.run([sys.executable, "-m", "megatron_lite.cli", "train", *args], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr[-3000:]
+    segments = [s for line in run.stderr.split("\n") for s in line.split("\r")]
+    warned = [s for s in segments if "the optimizer step was skipped" in s]
+    assert len(warned) == 10 and all(s.split()[1] == "WARNING" for s in warned), warned
 
 
 @pytest.mark.parametrize(
@@ -216,17 +142,6 @@ def test_overrides_on_both_sides_of_options(argv, overrides):
     assert args.overrides == overrides and args.config in (None, "F")
     with pytest.raises(SystemExit):  # an unknown option is still refused
         parse_args([*argv, "--bogus"])
-
-
-def test_missing_config_file_and_corrupt_idx(tiny_args, tmp_path, small_corpus, capsys):
-    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    prefix, _ = small_corpus
-    bad = tmp_path / "bad"
-    (tmp_path / "bad.bin").write_bytes(Path(prefix + ".bin").read_bytes())
-    (tmp_path / "bad.idx").write_bytes(Path(prefix + ".idx").read_bytes()[:-7])  # truncated index
-    assert main(["train", *tiny_args, f"data.path={bad}"]) == 2
-    assert "idx" in capsys.readouterr().err
 
 
 def test_console_script_and_module_entry_points(tiny_args, tmp_path):
@@ -288,106 +203,3 @@ def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
     cli._report(told)
     assert waits == [cli.ERROR_GRACE_S]  # printed at once: rank 0 has nothing more to say
     assert capsys.readouterr().err == "error: (rank 1) the data holds token id 600\n"
-
-
-def test_single_document_dataset_trains_without_evaluation(tiny_args, small_corpus, tmp_path, caplog):
-    prefix, tok = small_corpus
-    text = tmp_path / "one.txt"  # a plain text file is one document
-    text.write_text(Path(json.__file__).read_text())
-    out = tmp_path / "one"
-    assert main(["preprocess", "--input", str(text), "--tokenizer", str(tok), "--output", str(out), "--quiet"]) == 0
-    args = [*tiny_args, f"data.path={out}", "data.valid_fraction=0.01", "train.eval_every=1"]
-    with caplog.at_level(logging.WARNING):
-        assert main(["train", *args]) == 0
-    assert "holds a single document, so it has no held-out split" in caplog.text
-    records = [json.loads(x) for x in (Path(args_dir(args)) / "metrics.jsonl").read_text().splitlines()]
-    assert records and not any("eval_loss" in r for r in records)  # no evaluation ran: no key, not null
-
-
-def test_no_held_out_split_runs_no_evaluation_and_says_so_once(tiny_args, tmp_path, caplog):
-    """data.valid_fraction=0: no evaluation step writes "eval_loss" (not even null), and one line says why."""
-    with caplog.at_level(logging.INFO, logger="megatron_lite.training.trainer"):
-        assert main(["train", *tiny_args, "data.valid_fraction=0", "train.eval_every=2"]) == 0
-    said = [m for m in caplog.messages if m.startswith("data.valid_fraction=0: no held-out split")]
-    assert len(said) == 1 and "metrics.jsonl has no eval_loss" in said[0], caplog.messages
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and not any("eval_loss" in r for r in records)
-    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "consumed_samples"):  # DESIGN's fields
-        assert all(key in r for r in records), key
-
-
-def _dataset_of_a_larger_vocabulary(prefix: Path) -> None:
-    from megatron_lite.data.indexed import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(prefix)  # no PREFIX.json: the tokenizer hash check cannot help
-    for _ in range(4):
-        builder.add_document(list(range(100)) + [512])  # the first id past the tokenizer's 512
-    builder.finalize()
-
-
-def test_token_ids_past_the_vocabulary_are_one_clear_error(tiny_args, small_corpus, tmp_path, capsys):
-    _, tok = small_corpus
-    _dataset_of_a_larger_vocabulary(tmp_path / "big")
-    assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
-    err = one_error_line(capsys)
-    assert "token id 512 but model.vocab_size is 512 (the largest, read from" in err and str(tok) in err
-    assert not (Path(args_dir(tiny_args)) / "metrics.jsonl").exists()  # refused before step 1
-
-
-def test_token_ids_past_the_vocabulary_are_caught_as_read_where_the_data_is_too_large_to_check_first(
-    tiny_args, small_corpus, tmp_path, capsys, caplog, monkeypatch
-):
-    from megatron_lite.data import token_range
-
-    _, tok = small_corpus
-    monkeypatch.setattr(token_range, "SCAN_LIMIT_BYTES", 0)  # as for a .bin of terabytes without its record
-    _dataset_of_a_larger_vocabulary(tmp_path / "big")
-    with caplog.at_level(logging.WARNING):
-        assert main(["train", *tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0"]) == 2
-    assert f"dataset {tmp_path / 'big'} has no record of its largest token id" in caplog.text
-    err = one_error_line(capsys)
-    assert "the data holds token id 512 but model.vocab_size is 512 (step 1)" in err and str(tok) in err
-
-
-def test_held_out_token_ids_past_the_vocabulary_are_caught_as_the_evaluation_reads_them(
-    tiny_args, small_corpus, tmp_path, capsys, monkeypatch
-):
-    """Held-out documents are never in a training batch: the evaluation checks its own batches."""
-    import numpy as np
-
-    from megatron_lite.data import token_range
-    from megatron_lite.data.gpt_dataset import split_documents
-    from megatron_lite.data.indexed import IndexedDatasetBuilder
-
-    monkeypatch.setattr(token_range, "SCAN_LIMIT_BYTES", 0)  # as for a .bin of terabytes without its record
-    sizes = np.arange(100, 110)
-    (held,) = split_documents(sizes, "valid", 0.1)
-    with IndexedDatasetBuilder(tmp_path / "big") as builder:
-        for d, size in enumerate(sizes):
-            builder.add_document([512 if d == held else 7, *range(size - 1)])
-    args = [*tiny_args, f"data.path={tmp_path / 'big'}", "data.valid_fraction=0.1", "train.eval_every=2"]
-    assert main(["train", *args]) == 2
-    err = one_error_line(capsys)
-    assert "the data holds token id 512 but model.vocab_size is 512 (the evaluation at step 2)" in err
-    rows = [json.loads(x) for x in (Path(args_dir(args)) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1]  # steps 1 and 2 trained on the good documents
-
-
-def args_dir(args: list[str]) -> str:
-    return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("log.dir="))
-
-
-def test_dataset_path_with_its_extension_is_corrected_by_the_message(tiny_args, small_corpus, capsys):
-    prefix, _ = small_corpus
-    assert main(["train", *tiny_args, f"data.path={prefix}.bin"]) == 2
-    assert f"without .bin/.idx: {prefix}.bin -> {prefix}" in one_error_line(capsys)
-
-
-def test_log_lines_during_the_loop_print_above_the_progress_bar(tiny_args):
-    """A warning in the loop (each skipped step here) gets a line of its own, not the end of the bar's."""
-    args = [*tiny_args, "log.progress=true", "train.steps=40", "optim.lr=1e4", "optim.min_lr=1e4", "optim.clip_grad=0"]
-    run = subprocess.run([sys.executable, "-m", "megatron_lite.cli", "train", *args], capture_output=True, text=True)
-    assert run.returncode == 2, run.stderr[-3000:]
-    segments = [s for line in run.stderr.split("\n") for s in line.split("\r")]
-    warned = [s for s in segments if "the optimizer step was skipped" in s]
-    assert len(warned) == 10 and all(s.split()[1] == "WARNING" for s in warned), warned
