@@ -47,7 +47,7 @@ everything else is JSON: nothing in a checkpoint is ever unpickled.
                   "scaler": {"scale": 65536.0, "clean_steps": 3} | null},
       "ranks": [{"file": "rank_00000.safetensors", "coordinate": [0, 0, 0],   # (pp, dp, tp)
                  "rng": ["rng/torch"]}, ...],          # per-rank RNG state tensors in that file
-      "lineage": {"git_commit": "ab1af7e...", "git_dirty": false,
+      "lineage": {"git_commit": "ab1af7e...", "git_dirty": false, "python": "3.11.7",
                   "workdir": "/home/me/project",   # where the run started: its relative paths' base
                   "datasets": [{"prefix": "...", "weight": 1.0, "consumed_samples": 800,
                                 "idx_sha256": "...", "bin_bytes": 123, "bin_mtime": 1.7e9}],

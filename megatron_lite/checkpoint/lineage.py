@@ -9,12 +9,15 @@ schedule (``data/gpt_dataset.py``), which depends only on the weights: global sa
 from dataset ``slot_dataset[i % q]``.
 
 The run's working directory (``workdir``) is recorded too: relative paths in its config (``data.path``,
-``data.cache_dir``...) are relative to it, and ``eval --held-out`` reads the run's data through them.
+``data.cache_dir``...) are relative to it, and ``eval --held-out`` reads the run's data through them,
+refusing data whose fingerprint is not the recorded one (:func:`recorded_datasets`). So is the
+Python version (``python``): the embedded corpus is built from that interpreter's standard library.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -67,24 +70,37 @@ def consumed_per_dataset(dataset: GPTDataset, consumed: int) -> list[int]:
     return [int(periods * q + h) for q, h in zip(quota, head, strict=True)]
 
 
+def recorded_datasets(lineage: Any) -> list[dict[str, Any]] | None:
+    """The datasets a checkpoint's ``lineage`` records, or None: none recorded (an HF import) or a record
+    no save writes (``lineage`` comes from a file: an edited one)."""
+    datasets = lineage.get("datasets") if isinstance(lineage, dict) else None
+    if not isinstance(datasets, list) or not all(isinstance(d, dict) for d in datasets):
+        return None
+    return datasets
+
+
+def content(dataset: dict[str, Any]) -> tuple[Any, Any]:
+    """What identifies a dataset's tokens in a fingerprint: the ``.idx`` sha256 and the ``.bin`` size."""
+    return dataset.get("idx_sha256"), dataset.get("bin_bytes")
+
+
 def data_changes(saved: dict[str, Any] | None, now: dict[str, Any], weights: list[float]) -> list[str]:
     """What differs between the data a checkpoint's lineage records (``saved``) and this run's
     (``now``: :attr:`Lineage.static`, with the blend's ``weights``): datasets by content (a moved
     dataset with the same ``.idx`` hash and ``.bin`` size is the same) and weights. Another tokenizer is
     no data change: a resume refuses it (``training/resume.py: check_tokenizer``). ``saved`` comes from
     a file: anything but the record a save writes is no record."""
-    old, new = saved.get("datasets") if isinstance(saved, dict) else None, now["datasets"]
-    if not isinstance(old, list) or not all(isinstance(d, dict) for d in old):
-        return []  # none recorded (an HF import), or a record no save writes (edited): nothing to compare
+    old, new = recorded_datasets(saved), now["datasets"]
+    if old is None:
+        return []  # nothing to compare
     changes = []
-    content = [(d["idx_sha256"], d["bin_bytes"]) for d in new]
-    if [(d.get("idx_sha256"), d.get("bin_bytes")) for d in old] != content:
+    if list(map(content, old)) != list(map(content, new)):
         if [d.get("prefix") for d in old] == [d["prefix"] for d in new]:
             changes += [
                 f"{d['prefix']} changed since (.idx {'rebuilt' if o.get('idx_sha256') != d['idx_sha256'] else 'same'}"
                 f", .bin {o.get('bin_bytes')} -> {d['bin_bytes']} bytes)"
                 for o, d in zip(old, new)
-                if (o.get("idx_sha256"), o.get("bin_bytes")) != (d["idx_sha256"], d["bin_bytes"])
+                if content(o) != content(d)
             ]
         else:
             changes.append(
@@ -103,6 +119,7 @@ class Lineage:
         self.dataset = dataset
         self.static = {
             **git_state(),
+            "python": platform.python_version(),
             "workdir": os.getcwd(),
             "datasets": [{"prefix": p, **dataset_fingerprint(p)} for p in dataset.prefixes],
             "tokenizer": {"path": str(tokenizer), "sha256": sha256_file(tokenizer)},

@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import logging
 import math
+import platform
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
-from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets
+from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.config import Config
@@ -229,12 +231,53 @@ def run_data_paths(cfg: Config, workdir: str | None) -> None:
         setattr(d, key, [rebased(p) for p in value] if isinstance(value, list) else rebased(value))
 
 
+def check_run_data(reader: CheckpointReader, cfg: Config, prefixes: list[str]) -> None:
+    """Refuse to score other samples than the checkpoint's run held out: each dataset at ``prefixes``
+    must hold the tokens its lineage fingerprints (``.idx`` sha256, ``.bin`` size; a moved copy is the
+    same). The embedded corpus is built from this interpreter's standard library, another in another
+    Python version. A lineage without datasets allows no check: a warning says so."""
+    lineage, where = reader.meta.get("lineage"), reader.location
+    saved = recorded_datasets(lineage)
+    if saved is None:
+        log.warning(
+            "checkpoint %s records no fingerprint of its run's data (no datasets in its lineage): eval --held-out "
+            "cannot check that the held-out samples it reads are the run's",
+            where,
+        )
+        return
+    now = [{"prefix": p, **dataset_fingerprint(p)} for p in prefixes]
+    if list(map(content, saved)) == list(map(content, now)):
+        return
+    if len(saved) != len(now):
+        ran = f"{len(saved)} datasets ({', '.join(str(d.get('prefix')) for d in saved)})"
+        reads = f"{len(now)} ({', '.join(prefixes)})"
+    else:
+        old, new = next((o, n) for o, n in zip(saved, now) if content(o) != content(n))
+        ran = (
+            f"{old.get('prefix')} (.idx sha256 {str(old.get('idx_sha256'))[:12]}..., .bin {old.get('bin_bytes')} bytes)"
+        )
+        reads = f"{new['prefix']} (.idx sha256 {new['idx_sha256'][:12]}..., .bin {new['bin_bytes']} bytes)"
+    held = "its held-out split is not the run's, so the loss would be no held-out loss"
+    if not cfg.data.path:
+        python = lineage.get("python") or "(unrecorded)"
+        raise UserError(
+            f"checkpoint {where}'s run trained on the embedded corpus {ran}, built from the standard library of "
+            f"Python {python}; eval --held-out built it here from Python {platform.python_version()}'s as {reads}, "
+            f"other documents: {held}; run eval with the run's Python, or score a text file with --text"
+        )
+    raise UserError(
+        f"checkpoint {where}'s run trained on {ran}, and eval --held-out reads {reads}, other tokens: {held}; "
+        "restore the run's data there, or score a text file with --text"
+    )
+
+
 def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
     """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on the samples its run evaluates:
     ``train.eval_iters`` global batches of the held-out split, built from the data and settings in
     the checkpoint's config as training builds them, so the loss is the run's ``eval_loss`` at that
     step (to float rounding: one device, fp32, whatever the run's layout and dtype). Relative data
-    paths are the run's: relative to the directory it started in (:func:`run_data_paths`)."""
+    paths are the run's: relative to the directory it started in (:func:`run_data_paths`); data other
+    than the run's is refused (:func:`check_run_data`)."""
     dev = resolve_device(device, option="--device ")
     reader = find_checkpoint(checkpoint)
     cfg, where = reader.config, reader.location
@@ -245,7 +288,9 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
     if cfg.data.valid_fraction <= 0:
         raise UserError(f"the run of checkpoint {where} held out no documents (data.valid_fraction=0); use --text")
     run_data_paths(cfg, (reader.meta.get("lineage") or {}).get("workdir"))
-    data = build_data(cfg, *resolve_data_paths(cfg, progress=False, checkpoint=where))
+    prefixes, tokenizer = resolve_data_paths(cfg, progress=False, checkpoint=where)
+    check_run_data(reader, cfg, prefixes)
+    data = build_data(cfg, prefixes, tokenizer)
     if data.valid is None:
         raise UserError(f"the run of checkpoint {where} has no held-out samples: {data.warnings[0]}; use --text")
     for why in data.warnings:  # a dataset left out of the held-out blend, as training said

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_lite.cli import main
+from megatron_lite.data.preprocess import preprocess
 from megatron_lite.training import build
 
 
@@ -55,6 +56,23 @@ def test_a_run_whose_data_is_gone_is_one_error_naming_the_file(tiny_args, small_
     )
 
 
+def test_a_dataset_rebuilt_since_the_run_is_refused(tiny_args, small_corpus, corpus_files, tmp_path, capsys):
+    """A dataset of data.path rebuilt from other text with the same tokenizer reads as a valid dataset,
+    but its held-out samples are not the run's: one error naming both fingerprints."""
+    prefix, tok = small_corpus
+    copy = tmp_path / "copy"
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, str(copy) + ext)
+    assert main(["train", *tiny_args, "train.steps=1", f"data.path={copy}"]) == 0
+    size = (tmp_path / "copy.bin").stat().st_size
+    preprocess([str(p) for p in corpus_files[1:]], tok, copy, progress=False, overwrite=True)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--held-out"]) == 2
+    err = capsys.readouterr().err
+    assert f", .bin {size} bytes), and eval --held-out reads {copy} (.idx sha256 " in err
+    assert err.endswith("restore the run's data there, or score a text file with --text\n") and err.count("\n") == 1
+
+
 def test_a_runs_relative_data_paths_are_relative_to_where_it_started(
     tiny_args, corpus_files, tmp_path, monkeypatch, capsys
 ):
@@ -84,3 +102,41 @@ def test_a_runs_relative_data_paths_are_relative_to_where_it_started(
     monkeypatch.chdir(moved)
     assert _eval_json(tmp_path / "run" / "checkpoints", capsys) == got
     assert built[-1] == moved / ".cache" / "megatron-lite"
+
+
+def _drop_from_lineage(checkpoint: Path, key: str) -> None:
+    """Make ``checkpoint`` one whose lineage records no ``key`` (metadata.json is not checksummed)."""
+    meta_path = checkpoint / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["lineage"][key]
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_an_embedded_corpus_rebuilt_from_another_standard_library_is_refused(
+    tiny_args, corpus_files, tmp_path, monkeypatch, capsys, caplog
+):
+    """A run on the embedded corpus held out documents of its Python's standard library; eval under
+    another Python rebuilds the corpus from another standard library, whose held-out split is other
+    documents: one error naming both corpora (the lineage's .idx hash), not a loss that is no held-out
+    loss. A checkpoint whose lineage records no datasets cannot be checked: a warning says so."""
+    real, files = build.prepare_default_corpus, [corpus_files]
+
+    def stdlib(cache_dir, vocab_size, progress=True):  # this interpreter's standard library: files[0]
+        return real(cache_dir, vocab_size, progress=progress, files=files[0])
+
+    monkeypatch.setattr(build, "prepare_default_corpus", stdlib)
+    monkeypatch.chdir(tmp_path)
+    own = [a for a in tiny_args if not a.startswith(("data.path=", "data.tokenizer="))]
+    assert main(["train", *own, "data.vocab_size=512", "train.steps=1"]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    files[0] = corpus_files[:-1]  # another Python: one module fewer in its standard library
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(step), "--held-out", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    run_idx = json.loads((step / "metadata.json").read_text())["lineage"]["datasets"][0]["idx_sha256"]
+    assert err.startswith(f"error: checkpoint {step}'s run trained on the embedded corpus") and err.count("\n") == 1
+    assert "eval --held-out built it here from Python" in err and run_idx[:12] in err
+    assert "--text" in err and "Traceback" not in err
+    _drop_from_lineage(step, "datasets")
+    assert _eval_json(step, capsys)["tokens"] == 8 * 32
+    assert "cannot check that the held-out samples it reads are the run's" in caplog.text
