@@ -6,8 +6,8 @@ Layout of ``<checkpoint.dir>/`` (a local directory or an fsspec URL such as ``s3
         metadata.json              written last by rank 0: the commit record (schema below)
         rank_00000.safetensors     what rank 0 owns: boxes of global tensors, its RNG state
         rank_00001.safetensors     ... one file per rank that owns anything (every rank: RNG)
-        tokenizer.model            copied in (and tokenizer.json, origin.json when present), so a
-        tokenizer.json             checkpoint stands alone for eval and export
+        tokenizer.model            copied in (and tokenizer.json, its record, and origin.json when
+        tokenizer.json             present), so a checkpoint stands alone for eval and export
     latest                         "step_00000100\\n", replaced after the step directory is complete
     .tmp-step_00000200/            a save in progress (local storage): renamed when complete
                                    (one a crash left is removed by the next commit)

@@ -42,7 +42,7 @@ from megatron_lite.convert.io import (
     refuse_out_in_checkpoints,
     refuse_used_out,
 )
-from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, unexportable
+from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, record_of_model, unexportable
 from megatron_lite.errors import UserError, refuse_blank
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _run_config(m: ModelConfig, tokenizer: Path | None) -> Config:
 def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[str, Path]:
     """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_weights files."""
     files = {"tokenizer.model": sp} if sp else {}
-    tok_meta = read_export_record(hf_dir).get("tokenizer")
+    tok_meta = record_of_model(read_export_record(hf_dir).get("tokenizer"), hf_dir / "megatron_lite.json", sp)
     if sp and tok_meta:
         (tmp / "tokenizer.json").write_text(json.dumps(tok_meta, indent=1) + "\n")
         files["tokenizer.json"] = tmp / "tokenizer.json"

@@ -32,6 +32,7 @@ from megatron_lite.checkpoint.reader import (
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
+from megatron_lite.convert.tokenizer import record_of_model
 from megatron_lite.errors import UserError
 
 Shape = tuple[int, ...]
@@ -101,15 +102,15 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
 
 
 def _tokenizer_record(reader: CheckpointReader) -> Any:
-    """The checkpoint's ``tokenizer.json``, or one error naming it when it is not JSON (read before the
-    export writes anything)."""
+    """The checkpoint's ``tokenizer.json`` when it is the record of its ``tokenizer.model`` (else None, with a
+    warning), or one error naming it when it is not JSON (read before the export writes anything)."""
     path = reader.local_file("tokenizer.json")
     fix = (
         "the run copied it into the checkpoint from beside its tokenizer (data.tokenizer, PREFIX.json); "
         f"convert another checkpoint, or a copy of this one with that file valid JSON there and its sha256 and "
         f"bytes updated under files in {METADATA}"
     )
-    return None if path is None else read_json(path, fix)
+    return None if path is None else record_of_model(read_json(path, fix), path, reader.local_file("tokenizer.model"))
 
 
 def _origin(reader: CheckpointReader) -> dict[str, Any] | None:

@@ -24,11 +24,16 @@ without BOS (``preprocess`` appends EOS only), so ``tok(text).input_ids == Token
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from megatron_lite.checkpoint.format import sha256_file
+from megatron_lite.data.tokenizer import is_tokenizer_record
 from megatron_lite.errors import UserError
+
+log = logging.getLogger(__name__)
 
 _SP_SPACE = "\u2581"
 # sentencepiece ModelProto.SentencePiece.Type
@@ -169,3 +174,20 @@ def find_sentencepiece(hf_dir: Path) -> Path | None:
         "or tokenizer.json / vocab.json (Hugging Face; its path is recorded): copy the model's tokenizer files "
         "from its source into it"
     )
+
+
+def record_of_model(record: Any, where: Path, model: Path | None) -> Any:
+    """``record`` (read from ``where``: a checkpoint's ``tokenizer.json``, an export's ``megatron_lite.json``)
+    when it is the tokenizer record of the sentencepiece ``model`` beside it (its sha256), else None, with
+    a warning naming both files where it is none: an export or import carries no record of another tokenizer."""
+    if record is None or model is None:
+        return None
+    if is_tokenizer_record(record) and record.get("sha256") == sha256_file(model):
+        return record
+    why = (
+        f"records sha256 {str(record.get('sha256'))[:12]}..., {model} is {sha256_file(model)[:12]}..."
+        if is_tokenizer_record(record)
+        else "is not a tokenizer record of `megatron-lite tokenizer train`"
+    )
+    log.warning("the tokenizer record in %s is not the record of %s (it %s): it is left out", where, model, why)
+    return None

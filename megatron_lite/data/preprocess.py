@@ -54,7 +54,7 @@ from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.data.token_range import dataset_record
-from megatron_lite.data.tokenizer import Tokenizer
+from megatron_lite.data.tokenizer import Tokenizer, is_tokenizer_record
 from megatron_lite.errors import UserError
 
 _PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
@@ -238,7 +238,7 @@ def _check_outputs(files: list[Path], out_prefix: str | Path, overwrite: bool) -
     if isinstance(meta, dict) and "tokenizer_sha256" in meta:
         check_not_replacing(outputs, out_prefix, what, overwrite)
         return meta_path  # the record of the dataset this run rebuilds
-    if isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer":
+    if is_tokenizer_record(meta):
         what = "the record of the tokenizer trained to the same prefix (`megatron-lite tokenizer train`)"
     else:
         what = "not a dataset record written by `megatron-lite preprocess`"

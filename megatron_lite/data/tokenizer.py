@@ -24,6 +24,7 @@ import random
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -48,6 +49,7 @@ _SP_SPACE = "\u2581"  # sentencepiece's whitespace marker
 MIN_VOCAB = 4 + 1 + 256 + 1  # specials, newline, bytes, and at least one learned piece
 MAX_VOCAB = 2**31 - 1  # sentencepiece reads vocab_size as an int32
 _SAMPLE_SEED = 1234
+RECORD_FORMAT = "megatron-lite-tokenizer"  # PREFIX.json's "format": a tokenizer's record
 # sentencepiece's max_sentence_length (its default): it silently skips longer lines, so a corpus of
 # long lines (prose paragraphs, minified code, one-line files) would train on little or nothing.
 _SENTENCE_BYTES = 4192
@@ -162,6 +164,33 @@ def _check_inputs(inputs: Sequence[str | Path], vocab_size: int) -> list[Path]:
     return files
 
 
+def is_tokenizer_record(meta: Any) -> bool:
+    """Whether ``meta`` (a parsed ``PREFIX.json``) is a record ``megatron-lite tokenizer train`` writes."""
+    return isinstance(meta, dict) and meta.get("format") == RECORD_FORMAT
+
+
+def tokenizer_record(tok: Tokenizer) -> Path | None:
+    """``PREFIX.json`` beside ``tok``'s model when it is that model's record, which a run copies into its
+    checkpoints as ``tokenizer.json``; None without one (no file, or another kind of file, e.g. a
+    Hugging Face ``tokenizer.json``). A record of another model (its ``sha256`` not this model's) is
+    refused: every checkpoint would carry the record of a tokenizer it was not trained with."""
+    path = tok.path.with_suffix(".json")
+    try:
+        meta = jsontext.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not is_tokenizer_record(meta):
+        return None
+    if meta.get("sha256") != tok.sha256:
+        raise UserError(
+            f"{path} is the record of another tokenizer than {tok.path} beside it: it records sha256 "
+            f"{str(meta.get('sha256'))[:12]}..., the model's is {tok.sha256[:12]}... (one was replaced without the "
+            "other), and checkpoints carry the record as the model's; put the model's own record there (`megatron-lite "
+            "tokenizer train` writes both), or move the record away"
+        )
+    return path
+
+
 def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
     """``(PREFIX.model, PREFIX.json)``, refused where writing them would destroy something: an
     input, a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
@@ -176,7 +205,7 @@ def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = F
             meta = jsontext.loads(meta_path.read_text())
         except (OSError, ValueError):
             meta = None
-        if not (isinstance(meta, dict) and meta.get("format") == "megatron-lite-tokenizer"):
+        if not is_tokenizer_record(meta):
             if isinstance(meta, dict) and "tokenizer_sha256" in meta:
                 what = "the record of the dataset preprocessed to the same prefix (which tokenizer made it)"
             else:
@@ -196,7 +225,7 @@ def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = F
 def _record(data: bytes, vocab_size: int, max_bytes: int, total: int, files: list[Path], json_key: str) -> dict:
     """``PREFIX.json`` of a trained model: ids, hash, and everything its training depended on."""
     return {
-        "format": "megatron-lite-tokenizer",
+        "format": RECORD_FORMAT,
         "version": 1,
         "vocab_size": vocab_size,
         "pad_id": PAD_ID,

@@ -16,7 +16,7 @@ from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset, NoHeldOutSamplesError, held_out_warnings
 from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.token_range import check_token_ids
-from megatron_lite.data.tokenizer import Tokenizer
+from megatron_lite.data.tokenizer import Tokenizer, tokenizer_record
 from megatron_lite.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +57,8 @@ class DataBundle:
     warnings: list[str] = field(default_factory=list)
     """What the held-out split leaves out (a dataset of the blend, or the whole evaluation) or takes
     beyond data.valid_fraction; rank 0 logs them."""
+    tokenizer_record: Path | None = None
+    """The tokenizer's ``PREFIX.json`` record, checked to be its model's; None without one."""
 
 
 def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = None) -> tuple[list[str], Path]:
@@ -98,11 +100,13 @@ def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = Non
 
 def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBundle:
     """Open the tokenizer and both splits (datasets only read files: safe on every rank); each
-    dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded). A
+    dataset must have been made with this tokenizer (``PREFIX.json``'s hash, when recorded), as must the
+    tokenizer's own record beside it (:func:`~megatron_lite.data.tokenizer.tokenizer_record`). A
     dataset whose held-out split serves no sample is left out of the evaluation's blend, and without
     any such sample there is no evaluation; both are said in ``DataBundle.warnings``, as is a dataset
     holding out more of its tokens than ``data.valid_fraction`` asks (``held_out_warnings``)."""
     tok = Tokenizer(tokenizer_path)
+    record = tokenizer_record(tok)
     d, seq, seed = cfg.data, cfg.model.seq_len, cfg.train.seed
     fix = None if d.path else "leave data.tokenizer empty to use the embedded corpus's own, or set data.path"
     for prefix in prefixes:
@@ -118,7 +122,7 @@ def build_data(cfg: Config, prefixes: list[str], tokenizer_path: Path) -> DataBu
         else:
             blend = "the evaluation blends the other datasets of data.path, by their weights, without it"
             warnings += [f"{why}; {blend}" for why in valid.left_out] + held_out_warnings(valid, d.valid_fraction)
-    return DataBundle(tok, train, valid, Path(tokenizer_path), warnings)
+    return DataBundle(tok, train, valid, Path(tokenizer_path), warnings, record)
 
 
 def check_data_vocab(data: DataBundle, vocab_size: int) -> list[str]:

@@ -163,13 +163,13 @@ class Trainer:
         preflight.check_shared_checkpoint_dir(cfg, self.rank, self.world)  # one machine's view is not enough
 
     def _make_checkpointer(self, source: CheckpointReader | None) -> Checkpointer:
-        """The writer. Rank 0 copies into every checkpoint the tokenizer and, when the run starts
-        from a Hugging Face import (or a checkpoint of one), its ``origin.json``, which makes
+        """The writer. Rank 0 copies into every checkpoint the tokenizer (and its record) and, when the
+        run starts from a Hugging Face import (or a checkpoint of one), its ``origin.json``, which makes
         ``convert to-hf`` write the source's class again (e.g. Mistral)."""
         c, files = self.cfg.checkpoint, {}
         if self.rank == 0:
-            tok = self.data.tokenizer_path
-            files = {"tokenizer.model": tok, "tokenizer.json": tok.with_suffix(".json")}
+            record = self.data.tokenizer_record  # None: no record of this model to copy
+            files = {"tokenizer.model": self.data.tokenizer_path, **({"tokenizer.json": record} if record else {})}
             origin = source.local_file("origin.json") if source is not None else None
             if origin is not None:
                 files["origin.json"] = self.run_dir / "origin.json"
