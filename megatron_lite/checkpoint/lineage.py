@@ -79,6 +79,13 @@ def recorded_datasets(lineage: Any) -> list[dict[str, Any]] | None:
     return datasets
 
 
+def recorded_workdir(lineage: Any) -> str | None:
+    """The directory a checkpoint's run started in, as its ``lineage`` records it; None where it records
+    none (a checkpoint written without it, an HF import) or a record no save writes (edited)."""
+    workdir = lineage.get("workdir") if isinstance(lineage, dict) else None
+    return workdir if isinstance(workdir, str) and workdir else None
+
+
 def content(dataset: dict[str, Any]) -> tuple[Any, Any]:
     """What identifies a dataset's tokens in a fingerprint: the ``.idx`` sha256 and the ``.bin`` size."""
     return dataset.get("idx_sha256"), dataset.get("bin_bytes")

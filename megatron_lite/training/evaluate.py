@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
-from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets
+from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets, recorded_workdir
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
@@ -214,21 +214,37 @@ def _score(loss: float, tokens: int, model: Transformer, what: str) -> dict:
 RUN_DATA_KEYS = ("path", "tokenizer", "cache_dir", "index_cache")  # the data.* keys that name files
 
 
-def run_data_paths(cfg: Config, workdir: str | None) -> None:
-    """Make the relative paths of ``cfg``'s data section (a checkpoint's run config) relative to
-    ``workdir``, the directory that run started in (its lineage records it), as the run read them;
-    unchanged where ``workdir`` is unknown or is no directory here (e.g. the checkpoint was copied to
-    another machine): relative to this process's directory, then."""
-    if not workdir or not Path(workdir).is_dir():
-        return
+def run_data_paths(cfg: Config, workdir: str | None, where: str) -> None:
+    """Make the relative paths of ``cfg``'s data section (the run config of checkpoint ``where``)
+    relative to ``workdir``, the directory that run started in (its lineage records it), as the run
+    read them. Where ``workdir`` is unknown (a checkpoint that records none) or is no directory here
+    (the checkpoint was copied to another machine), they stay relative to this process's directory,
+    and a warning says so, once."""
     d = cfg.data
+    # data.cache_dir is read only without data.path (the embedded corpus)
+    used = [k for k in RUN_DATA_KEYS if getattr(d, k) and (k != "cache_dir" or not d.path)]
+    relative = [k for k in used if any(not Path(p).is_absolute() for p in _as_list(getattr(d, k)))]
+    if not relative:
+        return
+    if workdir and Path(workdir).is_dir():
+        for key in relative:
+            value = getattr(d, key)
+            rebased = [p if Path(p).is_absolute() else str(Path(workdir) / p) for p in _as_list(value)]
+            setattr(d, key, rebased if isinstance(value, list) else rebased[0])
+        return
+    why = f"'s run started in {workdir}, no directory here" if workdir else " records no working directory of its run"
+    paths = ", ".join(f"data.{k}={','.join(_as_list(getattr(d, k)))}" for k in relative)
+    log.warning(
+        "checkpoint %s%s: its relative data paths (%s) are read relative to this directory, %s",
+        where,
+        why,
+        paths,
+        Path.cwd(),
+    )
 
-    def rebased(p: str | None) -> str | None:
-        return p if p is None or Path(p).is_absolute() else str(Path(workdir) / p)
 
-    for key in RUN_DATA_KEYS:
-        value = getattr(d, key)
-        setattr(d, key, [rebased(p) for p in value] if isinstance(value, list) else rebased(value))
+def _as_list(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [value]
 
 
 def check_run_data(reader: CheckpointReader, cfg: Config, prefixes: list[str]) -> None:
@@ -287,7 +303,7 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
         )
     if cfg.data.valid_fraction <= 0:
         raise UserError(f"the run of checkpoint {where} held out no documents (data.valid_fraction=0); use --text")
-    run_data_paths(cfg, (reader.meta.get("lineage") or {}).get("workdir"))
+    run_data_paths(cfg, recorded_workdir(reader.meta.get("lineage")), where)
     prefixes, tokenizer = resolve_data_paths(cfg, progress=False, checkpoint=where)
     check_run_data(reader, cfg, prefixes)
     data = build_data(cfg, prefixes, tokenizer)

@@ -74,12 +74,12 @@ def test_a_dataset_rebuilt_since_the_run_is_refused(tiny_args, small_corpus, cor
 
 
 def test_a_runs_relative_data_paths_are_relative_to_where_it_started(
-    tiny_args, corpus_files, tmp_path, monkeypatch, capsys
+    tiny_args, corpus_files, tmp_path, monkeypatch, capsys, caplog
 ):
     """A run on the embedded corpus keeps it in data.cache_dir, relative (.cache/megatron-lite) by
     default: eval --held-out from another directory built a second corpus there. It reads the run's,
     relative to the directory the run started in; where that directory is gone (a moved project),
-    relative to eval's own."""
+    relative to eval's own, with a warning saying so."""
     real, built = build.prepare_default_corpus, []
 
     def small(cache_dir, vocab_size, progress=True):  # the embedded corpus, of a few files for speed
@@ -100,8 +100,14 @@ def test_a_runs_relative_data_paths_are_relative_to_where_it_started(
     moved = tmp_path / "moved"
     project.rename(moved)
     monkeypatch.chdir(moved)
+    assert not [m for m in caplog.messages if "relative data paths" in m]
     assert _eval_json(tmp_path / "run" / "checkpoints", capsys) == got
     assert built[-1] == moved / ".cache" / "megatron-lite"
+    step = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert [m for m in caplog.messages if "relative data paths" in m] == [
+        f"checkpoint {step}'s run started in {project}, no directory here: its relative data paths "
+        f"(data.cache_dir=.cache/megatron-lite) are read relative to this directory, {moved}"
+    ]
 
 
 def _drop_from_lineage(checkpoint: Path, key: str) -> None:

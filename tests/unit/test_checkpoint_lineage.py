@@ -48,6 +48,15 @@ def test_data_changes_names_what_differs_from_the_checkpoints_lineage():
         assert data_changes(crafted, moved, [0.5, 0.5]) == [], crafted  # no record, as without one
 
 
+def test_a_lineage_no_save_writes_records_no_workdir_and_no_datasets():
+    """eval --held-out reads both (training/evaluate.py): an edited lineage is none, not an AttributeError."""
+    from megatron_lite.checkpoint.lineage import recorded_datasets, recorded_workdir
+
+    for crafted in (None, "x", ["t"], {}, {"workdir": 3, "datasets": "a"}, {"workdir": "", "datasets": [1]}):
+        assert recorded_workdir(crafted) is None and recorded_datasets(crafted) is None, crafted
+    assert recorded_workdir({"workdir": "/w"}) == "/w" and recorded_datasets({"datasets": []}) == []
+
+
 @pytest.mark.parametrize("lineage", ["x", ["t"], {"tokenizer": "t"}, {"tokenizer": ["sha256"]}])
 def test_a_lineage_no_save_writes_is_no_tokenizer_record(tmp_path, lineage):
     """lineage comes from metadata.json (not checksummed): an edited one was a TypeError or AttributeError
