@@ -28,12 +28,14 @@ import platform
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets, recorded_workdir
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint
 from megatron_lite.checkpoint.shards import check_saved_config
@@ -229,7 +231,7 @@ def run_data_paths(cfg: Config, workdir: str | None, where: str) -> None:
     if workdir and Path(workdir).is_dir():
         for key in relative:
             value = getattr(d, key)
-            rebased = [p if Path(p).is_absolute() else str(Path(workdir) / p) for p in _as_list(value)]
+            rebased = [_as_run_read(p, workdir) for p in _as_list(value)]
             setattr(d, key, rebased if isinstance(value, list) else rebased[0])
         return
     why = f"'s run started in {workdir}, no directory here" if workdir else " records no working directory of its run"
@@ -245,6 +247,32 @@ def run_data_paths(cfg: Config, workdir: str | None, where: str) -> None:
 
 def _as_list(value: str | list[str]) -> list[str]:
     return value if isinstance(value, list) else [value]
+
+
+def _as_run_read(path: str, workdir: str | None) -> str:
+    """``path`` as the run read it: a relative path against ``workdir`` where that is a directory here."""
+    if Path(path).is_absolute() or not workdir or not Path(workdir).is_dir():
+        return path
+    return str(Path(workdir) / path)
+
+
+def recorded_corpus(cfg: Config, lineage: Any) -> tuple[list[str], Path] | None:
+    """(prefixes, tokenizer) of the embedded corpus the run trained on, as its lineage records them
+    (relative paths as :func:`run_data_paths` reads them), where both are still there
+    with the recorded content; else None, and the corpus is built from this interpreter's standard
+    library, as training builds it (``data/corpus.py``). So a run's own corpus is read, whatever this
+    Python's standard library, and never rebuilt over."""
+    saved = recorded_datasets(lineage)
+    if cfg.data.path or saved is None or len(saved) != 1 or not isinstance(lineage.get("tokenizer"), dict):
+        return None
+    workdir, tok = recorded_workdir(lineage), lineage["tokenizer"]
+    prefix, model = (_as_run_read(str(p), workdir) for p in (saved[0].get("prefix"), tok.get("path")))
+    try:
+        if content(dataset_fingerprint(prefix)) != content(saved[0]) or sha256_file(Path(model)) != tok.get("sha256"):
+            return None
+    except OSError:  # not there (another machine, a cleared cache)
+        return None
+    return [prefix], Path(model)
 
 
 def check_run_data(reader: CheckpointReader, cfg: Config, prefixes: list[str]) -> None:
@@ -279,7 +307,8 @@ def check_run_data(reader: CheckpointReader, cfg: Config, prefixes: list[str]) -
         raise UserError(
             f"checkpoint {where}'s run trained on the embedded corpus {ran}, built from the standard library of "
             f"Python {python}; eval --held-out built it here from Python {platform.python_version()}'s as {reads}, "
-            f"other documents: {held}; run eval with the run's Python, or score a text file with --text"
+            f"other documents: {held}; run eval where the run's corpus is (its data.cache_dir) or with its Python, or "
+            "score a text file with --text"
         )
     raise UserError(
         f"checkpoint {where}'s run trained on {ran}, and eval --held-out reads {reads}, other tokens: {held}; "
@@ -292,8 +321,9 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
     ``train.eval_iters`` global batches of the held-out split, built from the data and settings in
     the checkpoint's config as training builds them, so the loss is the run's ``eval_loss`` at that
     step (to float rounding: one device, fp32, whatever the run's layout and dtype). Relative data
-    paths are the run's: relative to the directory it started in (:func:`run_data_paths`); data other
-    than the run's is refused (:func:`check_run_data`)."""
+    paths are the run's: relative to the directory it started in (:func:`run_data_paths`); the embedded
+    corpus is the run's own where it is still there (:func:`recorded_corpus`); data other than the run's
+    is refused (:func:`check_run_data`)."""
     dev = resolve_device(device, option="--device ")
     reader = find_checkpoint(checkpoint)
     cfg, where = reader.config, reader.location
@@ -303,8 +333,9 @@ def evaluate_held_out(checkpoint: str | Path, device: str = "auto") -> dict:
         )
     if cfg.data.valid_fraction <= 0:
         raise UserError(f"the run of checkpoint {where} held out no documents (data.valid_fraction=0); use --text")
-    run_data_paths(cfg, recorded_workdir(reader.meta.get("lineage")), where)
-    prefixes, tokenizer = resolve_data_paths(cfg, progress=False, checkpoint=where)
+    lineage = reader.meta.get("lineage")
+    run_data_paths(cfg, recorded_workdir(lineage), where)
+    prefixes, tokenizer = recorded_corpus(cfg, lineage) or resolve_data_paths(cfg, progress=False, checkpoint=where)
     check_run_data(reader, cfg, prefixes)
     data = build_data(cfg, prefixes, tokenizer)
     if data.valid is None:

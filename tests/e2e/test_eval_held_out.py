@@ -96,13 +96,13 @@ def test_a_runs_relative_data_paths_are_relative_to_where_it_started(
     monkeypatch.chdir(elsewhere)
     got = _eval_json(tmp_path / "run" / "checkpoints", capsys)
     assert got["loss"] == pytest.approx(eval_loss, rel=1e-6)
-    assert built == [project / ".cache" / "megatron-lite"] * 2 and not any(elsewhere.iterdir())
+    assert built == [project / ".cache" / "megatron-lite"] and not any(elsewhere.iterdir())  # the run's, read
     moved = tmp_path / "moved"
     project.rename(moved)
     monkeypatch.chdir(moved)
     assert not [m for m in caplog.messages if "relative data paths" in m]
     assert _eval_json(tmp_path / "run" / "checkpoints", capsys) == got
-    assert built[-1] == moved / ".cache" / "megatron-lite"
+    assert len(built) == 1  # the moved project's corpus, read as it is
     step = tmp_path / "run" / "checkpoints" / "step_00000003"
     assert [m for m in caplog.messages if "relative data paths" in m] == [
         f"checkpoint {step}'s run started in {project}, no directory here: its relative data paths "
@@ -121,27 +121,32 @@ def _drop_from_lineage(checkpoint: Path, key: str) -> None:
 def test_an_embedded_corpus_rebuilt_from_another_standard_library_is_refused(
     tiny_args, corpus_files, tmp_path, monkeypatch, capsys, caplog
 ):
-    """A run on the embedded corpus held out documents of its Python's standard library; eval under
-    another Python rebuilds the corpus from another standard library, whose held-out split is other
-    documents: one error naming both corpora (the lineage's .idx hash), not a loss that is no held-out
-    loss. A checkpoint whose lineage records no datasets cannot be checked: a warning says so."""
-    real, files = build.prepare_default_corpus, [corpus_files]
+    """A run on the embedded corpus held out documents of its Python's standard library. Eval under
+    another Python reads the run's corpus where it is still there (its lineage's fingerprint), building
+    none; where it is gone, the corpus built from this standard library holds other documents: one error
+    naming both corpora (the lineage's .idx hash), not a loss that is no held-out loss. A checkpoint
+    whose lineage records no datasets cannot be checked: a warning says so."""
+    real, files, built = build.prepare_default_corpus, [corpus_files], []
 
     def stdlib(cache_dir, vocab_size, progress=True):  # this interpreter's standard library: files[0]
+        built.append(len(files[0]))
         return real(cache_dir, vocab_size, progress=progress, files=files[0])
 
     monkeypatch.setattr(build, "prepare_default_corpus", stdlib)
     monkeypatch.chdir(tmp_path)
     own = [a for a in tiny_args if not a.startswith(("data.path=", "data.tokenizer="))]
-    assert main(["train", *own, "data.vocab_size=512", "train.steps=1"]) == 0
+    assert main(["train", *own, "data.vocab_size=512", "train.steps=1", "train.eval_every=1"]) == 0
+    eval_loss = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     files[0] = corpus_files[:-1]  # another Python: one module fewer in its standard library
-    capsys.readouterr()
+    assert _eval_json(step, capsys)["loss"] == pytest.approx(eval_loss, rel=1e-6)
+    assert built == [len(corpus_files)]  # training's build only
+    run = json.loads((step / "metadata.json").read_text())["lineage"]["datasets"][0]
+    shutil.rmtree(Path(run["prefix"]).parent)  # the run's corpus is gone (a cleared cache, another machine)
     assert main(["eval", "--checkpoint", str(step), "--held-out", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    run_idx = json.loads((step / "metadata.json").read_text())["lineage"]["datasets"][0]["idx_sha256"]
     assert err.startswith(f"error: checkpoint {step}'s run trained on the embedded corpus") and err.count("\n") == 1
-    assert "eval --held-out built it here from Python" in err and run_idx[:12] in err
+    assert "eval --held-out built it here from Python" in err and run["idx_sha256"][:12] in err
     assert "--text" in err and "Traceback" not in err
     _drop_from_lineage(step, "datasets")
     assert _eval_json(step, capsys)["tokens"] == 8 * 32
