@@ -38,13 +38,14 @@ Another learning-rate schedule is allowed (e.g. a lower ``optim.lr`` past a dive
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_lite.checkpoint.format import sha256_file, step_dir_name
-from megatron_lite.checkpoint.lineage import data_changes
+from megatron_lite.checkpoint.lineage import data_changes, recorded_datasets, recorded_workdir
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
 from megatron_lite.checkpoint.storage import is_url
@@ -126,7 +127,7 @@ def check_resume(cfg: Config, reader: CheckpointReader, rank: int, tokenizer: Pa
     saved = reader.meta.get("config") or {}
     check_model_settings(cfg, reader)
     check_shapes(cfg.model, reader, ("model",))  # no saved config to compare: the shapes must fit
-    check_tokenizer(reader, tokenizer)
+    check_tokenizer(reader, tokenizer, embedded=not cfg.data.path)
     if rank == 0 and reader.step < cfg.train.steps:  # else no step trains: the samples do not change
         for warning in data_order_changes(saved, cfg, reader.step):
             log.warning("%s", warning)
@@ -155,20 +156,35 @@ def check_model_settings(cfg: Config, reader: CheckpointReader) -> None:
     )
 
 
-def check_tokenizer(reader: CheckpointReader, tokenizer: Path) -> None:
+def check_tokenizer(reader: CheckpointReader, tokenizer: Path, embedded: bool = False) -> None:
     """Refuse a ``tokenizer`` file other than the one the checkpoint's run trained with (the sha256 its
-    lineage records; a checkpoint without one, or with a lineage no save writes, is not checked)."""
+    lineage records; a checkpoint without one, or with a lineage no save writes, is not checked).
+    ``embedded``: the run trains on the embedded corpus, whose tokenizer is its own (built from this
+    Python's standard library); the way on is then the run's corpus, as the lineage records it."""
     lineage = reader.meta.get("lineage")
     saved = lineage.get("tokenizer") if isinstance(lineage, dict) else None  # from a file: maybe no record
     if not isinstance(saved, dict) or "sha256" not in saved or saved["sha256"] == sha256_file(tokenizer):
         return
     was = saved.get("path")
     copy = f" (a copy: {reader.location}/tokenizer.model)" if "tokenizer.model" in reader.meta["files"] else ""
+    way = f"data.tokenizer={was} and data tokenized with it"
+    corpus = recorded_datasets(lineage) if embedded else None
+    if corpus and len(corpus) == 1:  # the embedded corpus is one dataset, its tokenizer always its own
+        workdir = recorded_workdir(lineage) or ""
+        run_data = " ".join(
+            f"{k}={Path(workdir) / str(p)}"
+            for k, p in (("data.path", corpus[0].get("prefix")), ("data.tokenizer", was))
+        )
+        way = (
+            f"the run's embedded corpus, while it is there: {run_data} (the embedded corpus and its tokenizer "
+            f"are built from this Python's standard library, {platform.python_version()}; the run's Python: "
+            f"{lineage.get('python') or 'unrecorded'})"
+        )
     raise UserError(
         f"the tokenizer {tokenizer} is not the one checkpoint {reader.location} was trained with, {was}{copy}: "
         "the vocabulary size is the same, so every tensor fits, but each token id would stand for other text than "
-        f"the model learned it for. Resume with data.tokenizer={was} and data tokenized with it, or start a new "
-        f"run from these weights with checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
+        f"the model learned it for. Resume with {way}, or start a new run from these weights with "
+        f"checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
     )
 
 

@@ -18,6 +18,7 @@ from convert_fixtures import noisy_checkpoint
 
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
+from megatron_lite.training import build
 from megatron_lite.training.run_lock import LOCK_FILE
 from megatron_lite.training.trainer import Trainer
 
@@ -279,3 +280,32 @@ def test_a_resume_with_another_tokenizer_of_the_same_size_is_refused_naming_both
     assert f"the tokenizer {swapped} is not the one checkpoint {step} was trained with, {tok}" in err, err
     assert f"data.tokenizer={tok}" in err and f"checkpoint.init_from={step}" in err, err
     assert _mtimes(ckpt) == before
+
+
+def test_a_resume_on_an_embedded_corpus_of_another_python_names_the_runs_corpus(
+    tiny_args, corpus_files, tmp_path, monkeypatch, capsys
+):
+    """Under another Python the embedded corpus and its tokenizer are built from another standard library:
+    the resume is refused (another tokenizer), and the way on it names is the run's own corpus, as its
+    lineage records it (setting data.tokenizer alone is refused: the embedded corpus has its own)."""
+    real, files = build.prepare_default_corpus, [corpus_files]
+
+    def stdlib(cache_dir, vocab_size, progress=True):  # this interpreter's standard library: files[0]
+        return real(cache_dir, vocab_size, progress=progress, files=files[0])
+
+    monkeypatch.setattr(build, "prepare_default_corpus", stdlib)
+    monkeypatch.chdir(tmp_path)
+    own = [a for a in tiny_args if not a.startswith(("data.path=", "data.tokenizer="))]
+    assert main(["train", *own, "data.vocab_size=512", "train.exit_after=1"]) == 0
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    lineage = json.loads((step / "metadata.json").read_text())["lineage"]
+    files[0] = corpus_files[:-1]  # another Python: one module fewer in its standard library
+    assert main(["train", *own, "data.vocab_size=512"]) == 2
+    err = _error_line(capsys)
+    prefix, tok = (tmp_path / p for p in (lineage["datasets"][0]["prefix"], lineage["tokenizer"]["path"]))
+    run_data = f"data.path={prefix} data.tokenizer={tok}"
+    assert (
+        "the tokenizer .cache/megatron-lite/" in err
+        and f"the run's embedded corpus, while it is there: {run_data} (" in err
+    )
+    assert main(["train", *own, "data.vocab_size=512", *run_data.split()]) == 0  # the way on it named
