@@ -4,7 +4,8 @@ Parity: dp in {2, 4} x {all-reduce + ReplicatedAdamW, reduce-scatter + Distribut
 overlap, both overlaps}, for a llama (untied head) and a gpt2 (tied head, biases) model. Each rank
 runs MICRO microbatches of its part of the global batch per step. The reference is what the
 one-process trainer does (``training/build.py``'s AdamW, ``loss / n_micro`` accumulation over
-the same microbatches, ``clip_grad_norm_``), computed in the pytest process. The clip value is
+the same microbatches, ``clip_grad_norm_``), computed in the pytest process. One more case shards
+the optimizer over dp=2 across tp=2 ranks whose KV rows are replicated (:func:`_train_tp2`). The clip value is
 far below the norms (asserted), so every step clips and the global norm decides the update.
 
 Tolerance: LOSS_RTOL 1e-5 on losses and norms (fp32): dp only reassociates sums (the mean over
@@ -13,6 +14,7 @@ ranks, the norm over shards), ~1e-7 relative per op, and a few AdamW steps keep 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -21,10 +23,11 @@ from torch import nn
 from torch.testing import assert_close
 
 from megatron_lite.config import ModelConfig, OptimConfig
+from megatron_lite.models.parallelize import apply_tp
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.data_parallel import DataParallelGrads
-from megatron_lite.parallel.grad_utils import clip_grad_norm_
+from megatron_lite.parallel.grad_utils import TP_UNIQUE_ROWS_ATTR, clip_grad_norm_
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
 from megatron_lite.parallel.optimizer import build_dp_optimizer
 
@@ -73,9 +76,12 @@ def mesh(world: int) -> ParallelMesh:
     return ParallelMesh.build(ParallelDims(dp=world))
 
 
-def train_step(model, ddp, opt, micro, *, step: int, clip: float = CLIP, scaler=None, loss_factor: float = 1.0):
+def train_step(
+    model, ddp, opt, micro, *, step: int, clip: float = CLIP, scaler=None, loss_factor: float = 1.0, on=None
+):
     """One trainer step on DP: returns (dp-mean loss, global norm, finite). ``loss_factor`` lets a
-    test inject an inf on one rank."""
+    test inject an inf on one rank; ``on``: the mesh (default: dp only, :func:`mesh`)."""
+    on = on or mesh(ddp.dp)
     for group in opt.param_groups:
         group["lr"] = lr_at(step)
     ddp.zero_grad()
@@ -88,7 +94,7 @@ def train_step(model, ddp, opt, micro, *, step: int, clip: float = CLIP, scaler=
     ddp.finish_grad_sync()
     if scaler is not None:
         scaler.unscale_(opt)
-    norm, finite = clip_grad_norm_(opt, clip, tp_group=mesh(ddp.dp).tp_group, pp_group=mesh(ddp.dp).pp_group)
+    norm, finite = clip_grad_norm_(opt, clip, tp_group=on.tp_group, pp_group=on.pp_group)
     if scaler is not None:
         scaler.update(found_inf=not finite)
     if finite:
@@ -117,9 +123,10 @@ def _train(rank: int, world: int, arch: str, distributed: bool, overlap: bool) -
 
 
 @functools.cache
-def reference(arch: str, dp: int) -> list[tuple[float, float]]:
+def reference(arch: str, dp: int, kv_heads: int | None = None) -> list[tuple[float, float]]:
     """One process, the trainer's way: (loss, pre-clip norm) per step over all dp*MICRO microbatches."""
-    model = build_model(model_config(arch), SEED)
+    cfg = model_config(arch)
+    model = build_model(cfg if kv_heads is None else dataclasses.replace(cfg, kv_heads=kv_heads), SEED)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": OPTIM.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -148,6 +155,36 @@ def test_losses_match_one_process(request, dp, distributed, overlap, arch):
     ref = reference(arch, dp)
     assert all(norm > 5 * CLIP for _, norm in ref)  # clipping is active
     for got in world.run(_train, arch, distributed, overlap):
+        assert_close(torch.tensor(got), torch.tensor(ref), rtol=LOSS_RTOL, atol=0.0)
+
+
+def _train_tp2(rank: int, world: int) -> tuple[list[tuple[float, float]], bool]:
+    """tp=2 x dp=2, ZeRO-1, both overlaps, one KV head (replicated on both tp ranks, so the norm
+    counts its rows on tp rank 0 only: ``tp_unique_rows``). With buckets of >= 2000 elements (5 a
+    rank) the dp shard boundary of layers.1's bucket falls in its (32, 32) local qkv weight, between
+    the K rows (16-23) and the V rows (24-31): each rank's segment of that weight needs the row
+    mask sliced at the segment's offset (``grad_utils.counted_elements``). Returns the per-step
+    (loss, norm) and whether a shard boundary cut a row-masked weight."""
+    on = ParallelMesh.build(ParallelDims(tp=2, dp=world // 2))
+    model = apply_tp(build_model(dataclasses.replace(model_config("llama"), kv_heads=1), SEED), on)
+    ddp = DataParallelGrads(model, on.dp_group, bucket_numel=2000, reduce_scatter=True)
+    opt = build_dp_optimizer(ddp, OPTIM)
+    out = []
+    for step in range(STEPS):
+        loss, norm, finite = train_step(model, ddp, opt, micro_batches(step, on.dp_size, on.dp_rank), step=step, on=on)
+        assert finite
+        out.append((loss, norm))
+    opt.finish_param_sync()
+    masked = [s for s in opt.segments if getattr(s.param, TP_UNIQUE_ROWS_ATTR, None) is not None]
+    return out, any(s.param_range != (0, s.param.numel()) for s in masked)
+
+
+def test_tp2_dp2_sharded_optimizer_with_replicated_kv_rows_matches_one_process(world4):
+    """Tolerance: LOSS_RTOL, as above (TP adds its reassociated partial sums, ~1e-7 relative)."""
+    ref = reference("llama", 2, kv_heads=1)
+    results = world4.run(_train_tp2)
+    assert any(cut for _, cut in results), "no shard boundary cuts a row-masked parameter: the case is not exercised"
+    for got, _ in results:
         assert_close(torch.tensor(got), torch.tensor(ref), rtol=LOSS_RTOL, atol=0.0)
 
 
