@@ -4,7 +4,8 @@ Each layout trains the same tiny llama on the same corpus for a few steps with c
 clips, so the global norm over dp, tp and pp shards is exercised); per-step losses and global
 gradient norms must equal the single-process run within rtol 1e-5: TP and DP change the order of the reductions (fp32
 all-reduces of partial sums), so bitwise equality is not expected, and 1e-5 is ~100x the
-differences measured.
+differences measured. The bf16 layouts of :data:`EXACT_LAYOUTS` change no sum's order, and their
+losses are compared bitwise (see there).
 """
 
 import os
@@ -37,6 +38,50 @@ LAYOUTS = [
     ["parallel.pp=4", "parallel.vp=2", "model.layers=8", "parallel.schedule=interleaved"],
     # interleaved with tied embeddings: rank 0 holds the embedding AND later stages' chunks
     ["parallel.pp=2", "parallel.vp=2", "model.layers=4", "parallel.schedule=interleaved", "model.tie_embeddings=true"],
+    # gpt2 (LayerNorm and row-parallel biases summed over tp under SP, learned positions, tied head):
+    # tp=2 x pp=2 with SP, zb-h1's split backward of recomputed blocks, 3 layers on 2 stages
+    [
+        "model.arch=gpt2",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.sp=true",
+        "parallel.schedule=zb-h1",
+        "train.recompute=full",
+        "model.layers=3",
+    ],
+    # ZeRO-1 over dp=2 with two chunks per rank (a grad buffer and a parameter gather each), GQA, 5
+    # layers on 4 virtual stages; grads reduced after the schedule, parameter all-gathers overlapped
+    [
+        "parallel.pp=2",
+        "parallel.vp=2",
+        "parallel.schedule=interleaved",
+        "optim.distributed=true",
+        "parallel.overlap_grad_reduce=false",
+        "model.kv_heads=2",
+        "model.layers=5",
+    ],
+]
+# bf16 layouts that change no sum's order, so their losses are the one process's bits (compared with
+# ==; the grad norms, whose sums of squares add over pp and dp in another order, within rtol 1e-5):
+# each pipeline stage adds each microbatch's gradient into the fp32 main grads in the one process's
+# order; dp=2 without accumulation (global batch = micro x dp) adds the two ranks' gradients once
+# (a + b on both: addition commutes), their scale 1/2 applied after the backward rather than to its
+# loss (halving is exact, in bf16 as in fp32); optim.clip_grad=0 keeps the reordered norm out of the
+# update. The one-process twin runs on one thread, as every rank does (harness.py): more threads may
+# block a CPU matmul's sums differently.
+EXACT = ["train.dtype=bf16", "optim.clip_grad=0", "train.global_batch_size=4"]
+EXACT_LAYOUTS = [
+    # dp=2 x pp=2, ZeRO-1 gathering bf16 parameters, two chunks per rank, 5 layers on 4 virtual stages, GQA
+    [
+        "parallel.pp=2",
+        "parallel.vp=2",
+        "parallel.schedule=interleaved",
+        "optim.distributed=true",
+        "model.kv_heads=2",
+        "model.layers=5",
+    ],
+    # pp=4 with 2 microbatches, fewer than the stages; the split backward of recomputed blocks
+    ["parallel.pp=4", "parallel.schedule=zb-h1", "train.recompute=full", "model.layers=5"],
 ]
 
 
@@ -68,12 +113,17 @@ def train_curves(args: list[str]) -> list[float]:
     return [x for r in Trainer(load_config(None, args)).fit() for x in (r["loss"], r["grad_norm"])]
 
 
-def _run_layouts(rank: int, world: int, base: list[str], port: int) -> list[list[float]]:
+def twin(layout: list[str]) -> list[str]:
+    """The one-process run of ``layout``: its model settings."""
+    return [x for x in layout if x.startswith("model.")]
+
+
+def _run_layouts(rank: int, world: int, base: list[str], port: int, layouts: list[list[str]]) -> list[list[float]]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     run_dir = base[-1].removeprefix("log.dir=")  # one run directory per layout: resume=none refuses a used one
     return [
         train_curves([*base, *[x.replace("RUN", run_dir) for x in layout], f"log.dir={run_dir}/{i}"])
-        for i, layout in enumerate(LAYOUTS)
+        for i, layout in enumerate(layouts)
     ]
 
 
@@ -86,15 +136,35 @@ def corpus(tmp_path_factory):
 def test_trainer_layouts_match_one_process(world4, corpus, tmp_path):
     prefix, tok = corpus
     base = overrides(prefix, str(tok), str(tmp_path / "run"))
-    per_rank = world4.run(_run_layouts, base, 29500)
+    per_rank = world4.run(_run_layouts, base, 29500, LAYOUTS, timeout=180)
     references: dict[tuple[str, ...], list[float]] = {}
     for i, layout in enumerate(LAYOUTS):
-        model = tuple(x for x in layout if x.startswith("model."))  # the one-process twin of the layout
+        model = tuple(twin(layout))
         if model not in references:
             references[model] = train_curves([*base[:-1], f"log.dir={tmp_path / 'single' / str(i)}", *model])
         for rank, curves in enumerate(per_rank):
             assert curves[i] == pytest.approx(references[model], rel=1e-5), (layout, rank, curves[i])
     assert list((tmp_path / "run" / "index").glob("train-e0-*.perm.npy"))  # the cached layout used it
+
+
+def test_bf16_layouts_that_keep_every_sum_in_order_match_bitwise(world4, corpus, tmp_path):
+    prefix, tok = corpus
+    base = [*overrides(prefix, str(tok), str(tmp_path / "run"))[:-1], *EXACT, f"log.dir={tmp_path / 'run'}"]
+    per_rank = world4.run(_run_layouts, base, 29503, EXACT_LAYOUTS, timeout=180)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        references = [
+            train_curves([*base[:-1], f"log.dir={tmp_path / 'single' / str(i)}", *twin(layout)])
+            for i, layout in enumerate(EXACT_LAYOUTS)
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    for i, (layout, reference) in enumerate(zip(EXACT_LAYOUTS, references)):
+        for rank, curves in enumerate(per_rank):
+            got = curves[i]
+            assert got[0::2] == reference[0::2], (layout, rank, got, reference)  # the losses
+            assert got[1::2] == pytest.approx(reference[1::2], rel=1e-5), (layout, rank, got, reference)
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +183,35 @@ def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:
     return Trainer(load_config(None, args)).fit()
 
 
-def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_path):
-    """8 ranks: tp=2 x pp=2 x dp=2, ZeRO-1, tied embeddings across stages, evaluation through the
+FULL_3D = {
+    "1f1b": ["parallel.tp=2", "parallel.pp=2", "optim.distributed=true", "parallel.sp=true"],
+    # vp=2: rank 0 holds the embedding and virtual stage 2, the last stage's rank the head's copy and
+    # stage 1; 5 layers on 4 virtual stages; GQA with the KV heads split over tp; every block recomputed
+    "interleaved": [
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.vp=2",
+        "parallel.schedule=interleaved",
+        "optim.distributed=true",
+        "parallel.sp=true",
+        "model.kv_heads=2",
+        "model.layers=5",
+        "train.recompute=full",
+    ],
+}
+
+
+@pytest.mark.parametrize("schedule", FULL_3D)
+def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_path, schedule):
+    """8 ranks: tp=2 x pp=2 x dp=2, ZeRO-1 with both overlaps, tied embeddings across stages,
+    gradient accumulation (global batch 8 = micro 2 x accum 2 x dp 2), evaluation through the
     pipeline; losses and held-out losses equal the one-process run (rtol 1e-5, as above)."""
     prefix, tok = corpus
     base = overrides(prefix, str(tok), str(tmp_path / "run"))
-    base = [*base, "data.valid_fraction=0.25", "train.eval_every=2", "model.tie_embeddings=true"]
-    layout = ["parallel.tp=2", "parallel.pp=2", "optim.distributed=true", "parallel.sp=true"]
-    per_rank = world8.run(_run_3d, [*base, *layout], 29501)
-    reference = Trainer(load_config(None, [*base[:-4], f"log.dir={tmp_path / 'one'}", *base[-3:]])).fit()
+    extra = ["data.valid_fraction=0.25", "train.eval_every=2", "model.tie_embeddings=true"]
+    layout = FULL_3D[schedule]
+    per_rank = world8.run(_run_3d, [*base, *extra, *layout], 29501, timeout=180)
+    reference = Trainer(load_config(None, [*base[:-1], f"log.dir={tmp_path / 'one'}", *extra, *twin(layout)])).fit()
     for key in ("loss", "eval_loss"):
         want = [r[key] for r in reference if key in r]
         assert len(want) == (4 if key == "loss" else 2)
@@ -148,7 +238,7 @@ def test_tied_copies_stay_bitwise_equal_over_dp4(world8, corpus, tmp_path):
     still be the same bits after training, and the losses those of one process (rtol 1e-5)."""
     prefix, tok = corpus
     base = [*overrides(prefix, str(tok), str(tmp_path / "run")), "model.tie_embeddings=true", "model.vocab_size=515"]
-    per_rank = world8.run(_train_tied, [*base, "parallel.pp=2", "optim.distributed=true"], 29502)
+    per_rank = world8.run(_train_tied, [*base, "parallel.pp=2", "optim.distributed=true"], 29502, timeout=180)
     reference = train_curves([*base[:-3], f"log.dir={tmp_path / 'one'}", *base[-2:]])
     for curves, gap in per_rank:
         assert gap == 0.0
