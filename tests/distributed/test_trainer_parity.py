@@ -1,11 +1,11 @@
-"""The real Trainer under tensor, sequence and data parallelism equals the one-process run.
+"""The real Trainer under tensor, sequence, pipeline and data parallelism equals the one-process run.
 
-Each layout trains the same tiny llama on the same corpus for a few steps with clipping (every step
-clips, so the global norm over dp, tp and pp shards is exercised); per-step losses and global
-gradient norms must equal the single-process run within rtol 1e-5: TP and DP change the order of the reductions (fp32
-all-reduces of partial sums), so bitwise equality is not expected, and 1e-5 is ~100x the
-differences measured. The bf16 layouts of :data:`EXACT_LAYOUTS` change no sum's order, and their
-losses are compared bitwise (see there).
+Each layout trains the same tiny llama (gpt2 where the layout says so) on the same corpus for a few
+steps with clipping (every step clips, so the global norm over dp, tp and pp shards is exercised);
+per-step losses and global gradient norms must equal the single-process run within rtol 1e-5: TP
+and DP change the order of the reductions (fp32 all-reduces of partial sums), so bitwise equality
+is not expected, and 1e-5 is ~100x the differences measured. The bf16 layouts of
+:data:`EXACT_LAYOUTS` change no sum's order, and their losses are compared bitwise (see there).
 """
 
 import os
