@@ -50,11 +50,12 @@ LAYOUTS = [
         "model.layers=3",
     ],
     # ZeRO-1 over dp=2 with two chunks per rank (a grad buffer and a parameter gather each), GQA, 5
-    # layers on 4 virtual stages; grads reduced after the schedule, parameter all-gathers overlapped
+    # layers on 4 virtual stages, gpipe; grads reduced after the schedule, parameter all-gathers
+    # overlapped with the next forward
     [
         "parallel.pp=2",
         "parallel.vp=2",
-        "parallel.schedule=interleaved",
+        "parallel.schedule=gpipe",
         "optim.distributed=true",
         "parallel.overlap_grad_reduce=false",
         "model.kv_heads=2",
