@@ -152,7 +152,7 @@ def _check_data(d: DataConfig) -> None:
             "row; list it once and give it more weight in data.weights"
         )
     if not d.path:  # the embedded corpus's tokenizer is trained to data.vocab_size
-        from megatron_lite.data.tokenizer import MAX_VOCAB, MIN_VOCAB
+        from megatron_lite.data.tokenizer_train import MAX_VOCAB, MIN_VOCAB
 
         if d.vocab_size < MIN_VOCAB:
             raise UserError(

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from megatron_lite.data.tokenizer import Tokenizer, _line_pieces, train_tokenizer
+from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
+from megatron_lite.data.tokenizer_train import _line_pieces
 from megatron_lite.errors import UserError
 
 VOCAB = 400
@@ -180,17 +181,17 @@ def test_an_existing_tokenizer_is_replaced_only_when_asked(corpus, tmp_path):
 
 def test_a_retrain_that_dies_before_its_record_leaves_no_stale_record(corpus, tmp_path, monkeypatch):
     """The old PREFIX.json (sha256, vocab_size) must not outlive the model it described."""
-    from megatron_lite.data import tokenizer as tokenizer_mod
+    from megatron_lite.data import tokenizer_train as training
 
     model = train_tokenizer(corpus, tmp_path / "my", VOCAB - 20, progress=False)
-    real = tokenizer_mod.write_atomic
+    real = training.write_atomic
 
     def die_on_the_record(path, data):
         if path.suffix == ".json":
             raise OSError("killed before the record was written")
         real(path, data)
 
-    monkeypatch.setattr(tokenizer_mod, "write_atomic", die_on_the_record)
+    monkeypatch.setattr(training, "write_atomic", die_on_the_record)
     with pytest.raises(OSError, match="killed"):
         train_tokenizer(corpus, tmp_path / "my", VOCAB, progress=False, overwrite=True)
     assert Tokenizer(model).vocab_size == VOCAB and not model.with_suffix(".json").exists()
