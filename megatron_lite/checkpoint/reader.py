@@ -1,7 +1,7 @@
 """Finding, verifying and reading sharded checkpoints (the format: ``format.py``).
 
 Verification is collective and its verdict identical on every rank: rank 0 reads
-``metadata.json``, checks its structure (``format.metadata_problem``) and broadcasts it, the files
+``metadata.json``, checks its structure (``integrity.metadata_problem``) and broadcasts it, the files
 are checked round-robin (file i by rank i % world: present, of the recorded size, of the recorded
 sha256, a rank file holding every key ``metadata.json`` lists for it in its box's shape), and every
 rank receives every rank's findings. ``checkpoint.resume=auto`` takes the newest checkpoint that
@@ -27,15 +27,8 @@ import torch
 from megatron_lite import jsontext
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
-from megatron_lite.checkpoint.format import (
-    METADATA,
-    STEP_DIR,
-    header_problem,
-    listed_keys,
-    metadata_problem,
-    step_dir_name,
-    step_of,
-)
+from megatron_lite.checkpoint.format import METADATA, STEP_DIR, step_dir_name, step_of
+from megatron_lite.checkpoint.integrity import header_problem, listed_keys, metadata_problem
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError

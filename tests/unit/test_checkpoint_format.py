@@ -12,7 +12,8 @@ from checkpoint_fixtures import rename_file, save_boxes, training_meta
 from safetensors.torch import load_file
 
 from megatron_lite.checkpoint.boxes import box_numel, flat_range_boxes, intersect, relative, tiles
-from megatron_lite.checkpoint.format import box_key, metadata_problem, sha256_file, write_tensor_file
+from megatron_lite.checkpoint.format import box_key, sha256_file, write_tensor_file
+from megatron_lite.checkpoint.integrity import metadata_problem
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import Piece
 from megatron_lite.checkpoint.writer import save_weights
