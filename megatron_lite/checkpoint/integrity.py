@@ -5,7 +5,7 @@ docstring (keys and their types, values in range, boxes tiling their tensors, on
 rank, plain file names, a checksum for every file). :func:`header_problem` checks that a rank file
 whose checksum matched holds each key ``metadata.json`` lists for it (:func:`listed_keys`) in its box's
 shape and dtype, in bytes of its own inside the file: ``metadata.json`` has no checksum of its own.
-The reader (``reader.py``) asks both while verifying a checkpoint, so a damaged one is a named problem.
+Verification (``step_dir.py``) asks both before reading a checkpoint: a damaged one is a named problem.
 """
 
 from __future__ import annotations

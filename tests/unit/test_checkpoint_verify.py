@@ -10,8 +10,9 @@ import torch
 from checkpoint_fixtures import rename_file, save_boxes
 
 from megatron_lite.checkpoint.format import sha256_file
-from megatron_lite.checkpoint.reader import _check_files, find_checkpoint
+from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.checkpoint.shards import Piece
+from megatron_lite.checkpoint.step_dir import _check_files
 from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.errors import UserError
 
