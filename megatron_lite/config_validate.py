@@ -12,14 +12,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from megatron_lite.config_sections import Config, DataConfig, ModelConfig
 from megatron_lite.config_values import INT64_MAX, beyond_int64
 from megatron_lite.errors import UserError
-
-if TYPE_CHECKING:  # config.py imports this module: only the annotations need its dataclasses
-    from megatron_lite.config import Config, DataConfig, ModelConfig
-
 
 _CHOICES = {
     ("model", "arch"): ("llama", "gpt2"),
