@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_checks import one_error_line
 
 from megatron_lite.checkpoint.reader import resolve_resume
 from megatron_lite.cli import main
@@ -132,11 +133,10 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(saved, tmp_path, capsys):
     truncated(ckpt / "step_00000006")
     args, _ = saved
     assert main(["train", *args, f"log.dir={ckpt.parent}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "refusing to start from scratch" in err and len(err.splitlines()) == 1
+    assert "refusing to start from scratch" in one_error_line(capsys)
     resume = f"checkpoint.resume={ckpt / 'step_00000004'}"
     assert main(["train", *args, f"log.dir={ckpt.parent}", resume]) == 2
-    assert "is unusable: rank_00000.safetensors does not match its sha256" in capsys.readouterr().err
+    assert "is unusable: rank_00000.safetensors does not match its sha256" in one_error_line(capsys)
 
 
 def test_resuming_a_missing_step_lists_the_steps_there(saved, tmp_path, capsys):
@@ -149,8 +149,8 @@ def test_resuming_a_missing_step_lists_the_steps_there(saved, tmp_path, capsys):
         ("latest", "use checkpoint.resume=auto for the newest good checkpoint"),
     ]:
         assert main(["train", *args, f"log.dir={ckpt.parent}", f"checkpoint.resume={resume}"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and says in err, err
+        err = one_error_line(capsys)
+        assert says in err, err
     assert files() == before
 
 
@@ -162,8 +162,7 @@ def test_rewinding_past_newer_checkpoints_is_refused(saved, tmp_path, capsys):
     args, _ = saved
     rewind = [*args, f"log.dir={ckpt.parent}", f"checkpoint.resume={ckpt / 'step_00000002'}", "train.exit_after=1"]
     assert main(["train", *rewind]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    err = one_error_line(capsys)
     assert "rewinds to step 2" in err and "(step_00000004, step_00000006)" in err and "move them out" in err, err
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != LOCK_FILE} == before
     aside = tmp_path / "rewound"  # the advice works, and a restart then continues the rewound run
@@ -179,8 +178,7 @@ def test_changed_model_is_one_error_listing_the_settings(saved, tmp_path, capsys
     config = (ckpt.parent / "config.yaml").read_bytes()
     args, _ = saved
     assert main(["train", *args, f"log.dir={ckpt.parent}", "model.kv_heads=4", "model.layers=3"]) == 2
-    err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1, err
+    err = one_error_line(capsys)
     assert "other model settings: model.layers: checkpoint 2, now 3; model.kv_heads: checkpoint 2, now 4" in err
     assert "train this model as a new run" in err and "init_from" not in err  # its weights would not fit
     assert (ckpt.parent / "config.yaml").read_bytes() == config  # the refused run saved nothing
@@ -194,8 +192,8 @@ def test_checkpoint_without_its_config_is_checked_by_shape(saved, tmp_path, caps
         meta_path.write_text(json.dumps(meta))
     args, _ = saved
     assert main(["train", *args, f"log.dir={ckpt.parent}", "model.kv_heads=4", "model.layers=3"]) == 2
-    err = capsys.readouterr().err
-    assert "does not fit this model" in err and len(err.splitlines()) == 1
+    err = one_error_line(capsys)
+    assert "does not fit this model" in err, err
     assert "model/layers.0.attn.qkv.weight: checkpoint [128, 64], model [192, 64]" in err
     assert "model/layers.2.attn.qkv.weight: checkpoint missing, model [192, 64]" in err
 
@@ -251,7 +249,7 @@ def test_failed_async_write_is_reported_and_never_committed(saved, tmp_path, mon
     args, _ = saved
     run = tmp_path / "run"
     assert main(["train", *args, f"log.dir={run}", "checkpoint.async=true", "train.steps=5"]) == 2
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
     assert "checkpoint of step 4 was not saved: rank 0: OSError" in err and "No space left on device" in err
     ckpt = run / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == [LOCK_FILE, "latest", "step_00000002"]  # no step 4, no temp dir
@@ -270,7 +268,7 @@ def test_failed_async_write_stops_the_run_at_the_next_step(saved, tmp_path, monk
     args, _ = saved
     run = tmp_path / "run"
     assert main(["train", *args, f"log.dir={run}", "checkpoint.async=true", "checkpoint.every=3", "train.steps=9"]) == 2
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
     assert err.startswith("error: checkpoint of step 3 was not saved: rank 0: OSError") and "No space left" in err
     assert f"(checkpoint.dir='{run / 'checkpoints'}'); the checkpoints saved before it are untouched" in err, err
     assert "free space there, or lower checkpoint.keep), then rerun with checkpoint.resume=auto" in err, err
@@ -293,11 +291,8 @@ def test_checkpoint_dir_turned_into_a_file_mid_run_is_one_error(saved, tmp_path,
     monkeypatch.setattr(writer.Checkpointer, "save", replaced_before_step_4)
     args, _ = saved
     assert main(["train", *args, f"log.dir={run}", "train.steps=5"]) == 2
-    err = capsys.readouterr().err
-    assert (
-        err.startswith("error: checkpoint of step 4 was not saved: rank 0: cannot prepare ")
-        and len(err.strip().splitlines()) == 1
-    ), err
+    err = one_error_line(capsys)
+    assert err.startswith("error: checkpoint of step 4 was not saved: rank 0: cannot prepare "), err
     assert "NotADirectoryError" in err and f"checkpoint.dir='{ckpt}' must stay a writable directory" in err, err
     assert ckpt.read_text() == "not a directory"  # the error path wrote nothing, removed nothing
     assert resolve_resume(kept, "auto").name == "step_00000002"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from convert_fixtures import noisy_checkpoint
+from train_checks import one_error_line
 
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
@@ -110,12 +111,6 @@ def test_the_step_a_run_stops_at_is_logged_once_and_the_resumed_run_goes_on_from
     assert [step for step, _ in losses(tmp_path / "run")] == [3, 4, 6]
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def _mtimes(root: Path) -> dict[Path, int]:
     """Every path under ``root`` but the lock file (it names the last run that held the directory)."""
     return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.name != LOCK_FILE}
@@ -130,7 +125,7 @@ def test_resume_with_other_model_settings_is_refused_naming_each(tiny_args, tmp_
     before = _mtimes(ckpt)
     changed = ["model.rope_theta=500000.0", "model.seq_len=64"]
     assert main(["train", *args, "train.steps=3", *changed]) == 2
-    err = _error_line(capsys)
+    err = one_error_line(capsys)
     assert "model.rope_theta: checkpoint 10000.0, now 500000.0" in err, err
     assert "model.seq_len: checkpoint 32, now 64" in err, err
     assert err.count("checkpoint ") >= 2 and "vocab_size" not in err and "kv_heads" not in err, err
@@ -275,7 +270,7 @@ def test_a_resume_with_another_tokenizer_of_the_same_size_is_refused_naming_both
     ckpt = tmp_path / "run" / "checkpoints"
     before = _mtimes(ckpt)
     assert main(["train", *tiny_args, f"data.path={other}", f"data.tokenizer={swapped}"]) == 2
-    err = _error_line(capsys)
+    err = one_error_line(capsys)
     step = ckpt / "step_00000002"
     assert f"the tokenizer {swapped} is not the one checkpoint {step} was trained with, {tok}" in err, err
     assert f"data.tokenizer={tok}" in err and f"checkpoint.init_from={step}" in err, err
@@ -301,7 +296,7 @@ def test_a_resume_on_an_embedded_corpus_of_another_python_names_the_runs_corpus(
     lineage = json.loads((step / "metadata.json").read_text())["lineage"]
     files[0] = corpus_files[:-1]  # another Python: one module fewer in its standard library
     assert main(["train", *own, "data.vocab_size=512"]) == 2
-    err = _error_line(capsys)
+    err = one_error_line(capsys)
     prefix, tok = (tmp_path / p for p in (lineage["datasets"][0]["prefix"], lineage["tokenizer"]["path"]))
     run_data = f"data.path={prefix} data.tokenizer={tok}"
     assert (

@@ -9,6 +9,7 @@ import uuid
 import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
+from train_checks import one_error_line
 
 from megatron_lite.checkpoint import storage
 from megatron_lite.checkpoint.claim import CLAIM
@@ -83,21 +84,20 @@ def test_unusable_object_store_fails_at_startup_with_one_line(tiny_args, tmp_pat
     args = [*tiny_args[:-1], f"log.dir={tmp_path / 'nb'}", f"checkpoint.dir=s3://no-such-{name}/run"]
     capsys.readouterr()
     assert main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert "is not writable" in err and f"no-such-{name}" in err and "Traceback" not in err, err
+    err = one_error_line(capsys)
+    assert "is not writable" in err and f"no-such-{name}" in err, err
     assert not (tmp_path / "nb" / "metrics.jsonl").exists()  # not one step was trained
     other = {"host": "node7", "pid": 4242, "started": "2026-11-27 10:00:00 UTC", "run": "f" * 32, "slurm_job": "91"}
     fs.pipe_file(f"{name}/run/{CLAIM}", json.dumps(other).encode())  # a live run with another log.dir
     args = [*tiny_args[:-1], f"log.dir={tmp_path / 'nc'}", f"checkpoint.dir=s3://{name}/run"]
     assert main(["train", *args]) == 2
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
     assert err.startswith(f"error: checkpoint.dir='s3://{name}/run' is claimed by another run (host node7, pid 4242, ")
-    assert len(err.strip().splitlines()) == 1 and "SLURM job 91" in err, err
+    assert "SLURM job 91" in err, err
     assert fs.ls(f"{name}/run", detail=False) == [f"{name}/run/{CLAIM}"]  # nothing written, the claim kept
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()
     args = [*tiny_args[:-1], f"log.dir={tmp_path / 'ne'}", f"checkpoint.dir=s3://{name}/run"]
     assert main(["train", *args]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    one_error_line(capsys)
