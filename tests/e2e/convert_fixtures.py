@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_checks import one_error_line
 
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.cli import main
@@ -51,9 +52,7 @@ def run_error(args: list[str], capsys) -> str:
     """stderr of ``megatron-lite ARGS``, which must exit 2 with one ``error:`` line and no traceback."""
     capsys.readouterr()  # drop what the test's own setup printed
     assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
+    return one_error_line(capsys)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -1,8 +1,8 @@
-"""Shared by the `megatron-lite train` tests: the one error line of a refused run, a run's log.dir."""
+"""Shared by the e2e tests: the one error line of a refused command (train, convert...), a run's log.dir."""
 
 
 def one_error_line(capsys) -> str:
-    """stderr of a refused run: one ``error:`` line, no traceback."""
+    """stderr of a refused command: one ``error:`` line, no traceback."""
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     return err
