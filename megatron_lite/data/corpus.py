@@ -1,9 +1,13 @@
 """A corpus every machine already has: the Python standard library's own ``.py`` source (~30 MB).
 
 It lets ``megatron-lite train`` run end to end with no download: the first call trains a tokenizer
-on it and tokenizes it into ``<cache_dir>/stdlib-<X.Y>-v<vocab>/`` (``tokenizer.model``,
+on it and tokenizes it into ``<cache_dir>/stdlib-<X.Y>-v<vocab>-<hash>/`` (``tokenizer.model``,
 ``data.bin``/``.idx``, ``manifest.json``); later calls reuse that folder while its manifest (file
-list with sizes, tokenizer sha256) still matches this interpreter's files. The folder is built
+list with sizes, tokenizer sha256) still matches this interpreter's files. ``<hash>`` is a short hash
+of that file list (paths and sizes) and the vocabulary size, so two interpreters of one X.Y whose
+standard libraries differ (patch releases) each have their own folder, and neither build replaces
+the corpus another run may be reading; interpreters with the same files share one. A folder named
+``stdlib-<X.Y>-v<vocab>`` (without the hash) whose manifest matches is reused as it is. The folder is built
 under a temporary name and renamed when complete, so an interrupted build never leaves a cache that
 looks valid, and ranks racing to build it end up sharing whichever copy landed first. A build holds
 its folder's marker (:data:`_BUILDING`) locked from the folder's first moment to its last
@@ -18,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import sys
@@ -166,6 +171,39 @@ def _install(tmp: Path, final: Path, expected: dict) -> None:
             raise
 
 
+def _folder_names(expected: dict, default: bool) -> list[str]:
+    """Names of the cache folders that may hold the build ``expected`` describes, the one a build
+    makes first: named by the manifest's hash (:data:`MANIFEST_VERSION`, files with sizes,
+    vocabulary), and, for the standard library (``default``), the name without the hash."""
+    version = ".".join(platform.python_version().split(".")[:2])
+    digest = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:10]
+    name = f"stdlib-{version}-v{expected['vocab_size']}"
+    return [f"{name}-{digest}", *([name] if default else [])]
+
+
+def _corpus_files(files: Sequence[str | Path] | None) -> list[Path]:
+    paths = sorted(Path(p) for p in files) if files is not None else default_corpus_files()
+    if not paths:
+        raise UserError("no corpus files: no .py files found under the standard library (sysconfig stdlib path)")
+    return paths
+
+
+def _locate(cache_dir: Path, paths: list[Path], vocab_size: int, default: bool) -> tuple[Path, bool]:
+    expected = _manifest(paths, vocab_size)
+    names = _folder_names(expected, default)
+    ready = next((cache_dir / n for n in names if _cache_matches(cache_dir / n, expected)), None)
+    return (ready, True) if ready is not None else (cache_dir / names[0], False)
+
+
+def locate_default_corpus(
+    cache_dir: str | Path, vocab_size: int, files: Sequence[str | Path] | None = None
+) -> tuple[Path, bool]:
+    """``(folder, ready)``: the cache folder :func:`prepare_default_corpus` reads for these arguments,
+    and whether a complete build for exactly this interpreter's files is there (else a build makes
+    that folder). Builds nothing: it lists and stats the files and reads the folder's manifest."""
+    return _locate(Path(cache_dir).expanduser(), _corpus_files(files), vocab_size, default=files is None)
+
+
 def prepare_default_corpus(
     cache_dir: str | Path,
     vocab_size: int,
@@ -174,25 +212,18 @@ def prepare_default_corpus(
 ) -> tuple[str, Path]:
     """Build (or reuse) the stdlib corpus; returns ``(dataset prefix, tokenizer model path)``.
 
-    ``files`` replaces the stdlib file list (tests use a handful of files); such a build gets its
-    own cache folder, named with a hash of the list, so it never evicts the default one.
+    ``files`` replaces the stdlib file list (tests use a handful of files); its folder is named by
+    its files as the standard library's is (:func:`locate_default_corpus`).
     """
-    paths = sorted(Path(p) for p in files) if files is not None else default_corpus_files()
-    if not paths:
-        raise UserError("no corpus files: no .py files found under the standard library (sysconfig stdlib path)")
-    name = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-v{vocab_size}"
-    if files is not None:
-        name += "-" + hashlib.sha256("\n".join(map(str, paths)).encode()).hexdigest()[:10]
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / name
-    expected = _manifest(paths, vocab_size)
+    paths, cache_dir = _corpus_files(files), Path(cache_dir).expanduser()
+    final, ready = _locate(cache_dir, paths, vocab_size, default=files is None)
+    if ready:
+        return str(final / "data"), final / "tokenizer.model"
+    name, expected = final.name, _manifest(paths, vocab_size)
     if cache_dir.is_dir():
         _remove_abandoned_builds(cache_dir, name)
-    problem = _cache_problem(final, expected)
-    if problem is None:
-        return str(final / "data"), final / "tokenizer.model"
     if final.exists():
-        _say(progress, f"the corpus cache {final} cannot be used ({problem}): rebuilding it")
+        _say(progress, f"the corpus cache {final} cannot be used ({_cache_problem(final, expected)}): rebuilding it")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp, held = _start_build(cache_dir, name)
     start = time.perf_counter()
