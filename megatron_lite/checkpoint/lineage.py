@@ -86,6 +86,27 @@ def recorded_workdir(lineage: Any) -> str | None:
     return workdir if isinstance(workdir, str) and workdir else None
 
 
+def run_corpus_way(lineage: Any) -> str | None:
+    """The way on for a resume on the embedded corpus that this Python builds from another standard
+    library than the run's (so with another tokenizer): the run's own corpus as ``data.path`` and
+    ``data.tokenizer``, as its ``lineage`` records them (relative paths against its workdir), with both
+    Python versions. None where the lineage records no single dataset and tokenizer (an edited one)."""
+    corpus = recorded_datasets(lineage)
+    tok = lineage.get("tokenizer") if corpus else None
+    if not corpus or len(corpus) != 1 or not isinstance(tok, dict):
+        return None
+    workdir = recorded_workdir(lineage) or ""
+    run_data = " ".join(
+        f"{k}={Path(workdir) / str(p)}"
+        for k, p in (("data.path", corpus[0].get("prefix")), ("data.tokenizer", tok.get("path")))
+    )
+    return (
+        f"the run's embedded corpus, while it is there: {run_data} (the embedded corpus and its tokenizer are built "
+        f"from this Python's standard library, {platform.python_version()}; the run's Python: "
+        f"{lineage.get('python') or 'unrecorded'})"
+    )
+
+
 def content(dataset: dict[str, Any]) -> tuple[Any, Any]:
     """What identifies a dataset's tokens in a fingerprint: the ``.idx`` sha256 and the ``.bin`` size."""
     return dataset.get("idx_sha256"), dataset.get("bin_bytes")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import platform
 import socket
 import time
 import uuid
@@ -39,9 +40,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import kernels
-from megatron_lite.checkpoint.reader import committed_steps, peek_checkpoint
+from megatron_lite.checkpoint.lineage import recorded_datasets, run_corpus_way
+from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, peek_checkpoint
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, config_warnings, fill_defaults
+from megatron_lite.data.corpus import locate_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
@@ -256,7 +259,8 @@ def check_start_vocab(cfg: Config) -> None:
     and another ``data.vocab_size`` than its checkpoint's is refused here, with the message the resume
     check gives (:func:`resume.check_model_settings`), before a corpus for the new vocabulary is built
     (minutes). That tokenizer holds exactly ``data.vocab_size`` pieces (sentencepiece's hard vocabulary
-    limit), so the model settings resolve here as the trainer resolves them once the corpus is open."""
+    limit), so the model settings resolve here as the trainer resolves them once the corpus is open.
+    Then the corpus itself: :func:`check_start_corpus`."""
     d = cfg.data
     resumed = None if d.path or d.tokenizer else _resumed(cfg)
     reader = peek_checkpoint(resumed[1]) if resumed else None
@@ -265,6 +269,40 @@ def check_start_vocab(cfg: Config) -> None:
     saved, now = reader.meta.get("config") or {}, fill_defaults(copy.deepcopy(cfg), vocab_size=d.vocab_size)
     if "model" in saved and resume.corpus_vocab_change(saved, now):
         resume.check_model_settings(now, reader)
+    check_start_corpus(cfg, reader)
+
+
+def check_start_corpus(cfg: Config, reader: CheckpointReader) -> None:
+    """A resume of ``reader`` (a full checkpoint) on the embedded corpus that this Python would not give
+    the run's tokenizer is refused here, before the corpus is built (minutes on the standard library)
+    and the resume's tokenizer check (:func:`resume.check_tokenizer`) refuses it. Built here for this
+    Python's standard library (``corpus.locate_default_corpus``), the corpus's tokenizer is checked
+    as that check will; not built yet, the run's corpus is another one when the lineage records another
+    Python and names another folder than this Python builds (the name holds a hash of the standard
+    library's files: a patch release with the same files builds the same corpus). The refusal names
+    both Pythons and the run's own corpus as the way on (``lineage.run_corpus_way``)."""
+    lineage, data = reader.meta.get("lineage"), (reader.meta.get("config") or {}).get("data") or {}
+    saved = lineage.get("tokenizer") if isinstance(lineage, dict) else None  # from a file: maybe no record
+    if not isinstance(saved, dict) or "sha256" not in saved or data.get("path") or data.get("tokenizer"):
+        return  # no record to check, or the run trained on data of its own: the resume checks judge it
+    folder, ready = locate_default_corpus(cfg.data.cache_dir, cfg.data.vocab_size)
+    if ready:
+        resume.check_tokenizer(reader, folder / "tokenizer.model", embedded=True)
+        return
+    ran, now, way = lineage.get("python"), platform.python_version(), run_corpus_way(lineage)
+    if (
+        not ran
+        or ran == now
+        or way is None
+        or Path(str(recorded_datasets(lineage)[0].get("prefix"))).parent.name == folder.name
+    ):
+        return  # this Python's build is the run's corpus, as far as the lineage tells
+    raise UserError(
+        f"checkpoint {reader.location}'s run trained on the embedded corpus built by Python {ran}; this Python, "
+        f"{now}, would build it from another standard library (into {folder}) with another tokenizer, so each token "
+        f"id would stand for other text than the model learned it for. Resume with {way}, or start a new run from "
+        f"these weights with checkpoint.init_from={reader.location} and a new checkpoint.dir (or log.dir)"
+    )
 
 
 def check_kernels(backend: str, device: torch.device) -> None:

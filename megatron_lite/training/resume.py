@@ -32,13 +32,12 @@ and the run keeps recording its true start. A weights-only checkpoint (``convert
 from __future__ import annotations
 
 import logging
-import platform
 from pathlib import Path
 
 import torch
 
 from megatron_lite.checkpoint.format import sha256_file, step_dir_name
-from megatron_lite.checkpoint.lineage import recorded_datasets, recorded_workdir
+from megatron_lite.checkpoint.lineage import run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
 from megatron_lite.checkpoint.storage import is_url
@@ -105,19 +104,7 @@ def check_tokenizer(reader: CheckpointReader, tokenizer: Path, embedded: bool = 
         return
     was = saved.get("path")
     copy = f" (a copy: {reader.location}/tokenizer.model)" if "tokenizer.model" in reader.meta["files"] else ""
-    way = f"data.tokenizer={was} and data tokenized with it"
-    corpus = recorded_datasets(lineage) if embedded else None
-    if corpus and len(corpus) == 1:  # the embedded corpus is one dataset, its tokenizer always its own
-        workdir = recorded_workdir(lineage) or ""
-        run_data = " ".join(
-            f"{k}={Path(workdir) / str(p)}"
-            for k, p in (("data.path", corpus[0].get("prefix")), ("data.tokenizer", was))
-        )
-        way = (
-            f"the run's embedded corpus, while it is there: {run_data} (the embedded corpus and its tokenizer "
-            f"are built from this Python's standard library, {platform.python_version()}; the run's Python: "
-            f"{lineage.get('python') or 'unrecorded'})"
-        )
+    way = (embedded and run_corpus_way(lineage)) or f"data.tokenizer={was} and data tokenized with it"
     raise UserError(
         f"the tokenizer {tokenizer} is not the one checkpoint {reader.location} was trained with, {was}{copy}: "
         "the vocabulary size is the same, so every tensor fits, but each token id would stand for other text than "
