@@ -9,7 +9,10 @@ a made-up state. The trainer starts such a checkpoint at step 0 with a fresh opt
 ``checkpoint.init_from`` pointing at them (so a rerun resumes from the run's own checkpoints).
 Everything else is the new run's to choose and stays at its default, even for a model this project
 exported (whose ``megatron_lite.json`` records the source run's config): that run's parallel
-layout, length, learning-rate schedule, data and directories would not fit another run.
+layout, length, learning-rate schedule, data and directories would not fit another run. Its
+checkpoint, step and lineage are kept in ``origin.json`` as ``exported_from`` (the record of where
+the weights were trained, which a later ``to-hf`` carries on and shows in the model card); the
+checkpoint's own lineage stays empty: it trained nothing.
 
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
 and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
@@ -90,8 +93,8 @@ def _run_config(m: ModelConfig, tokenizer: Path | None) -> Config:
 
 def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[str, Path]:
     """tokenizer.model, our tokenizer metadata (for our own exports) and origin.json, as save_weights files."""
-    files = {"tokenizer.model": sp} if sp else {}
-    tok_meta = record_of_model(read_export_record(hf_dir).get("tokenizer"), hf_dir / "megatron_lite.json", sp)
+    files, record = {"tokenizer.model": sp} if sp else {}, read_export_record(hf_dir)
+    tok_meta = record_of_model(record.get("tokenizer"), hf_dir / "megatron_lite.json", sp)
     if sp and tok_meta:
         (tmp / "tokenizer.json").write_text(json.dumps(tok_meta, indent=1) + "\n")
         files["tokenizer.json"] = tmp / "tokenizer.json"
@@ -101,6 +104,8 @@ def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[st
         "model_type": raw["model_type"],
         "hf_config": raw,
         "tokenizer": "tokenizer.model (sentencepiece, copied)" if sp else f"Hugging Face tokenizer at {hf_dir}",
+        # an export of megatron-lite's: the checkpoint, step and lineage of the run that trained the weights
+        "exported_from": {k: record[k] for k in ("checkpoint", "step", "lineage") if k in record} or None,
     }
     (tmp / "origin.json").write_text(json.dumps(origin, indent=1) + "\n")
     files["origin.json"] = tmp / "origin.json"

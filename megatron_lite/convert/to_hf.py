@@ -3,8 +3,9 @@
 Output: ``config.json`` (``LlamaConfig`` or ``GPT2Config``; ``MistralConfig`` for a checkpoint
 imported from a Mistral, see ``checkpoint/hf.py``), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``, tokenizer
-files (``convert/tokenizer.py``), ``megatron_lite.json`` (lineage: source checkpoint, step, full
-run config, tokenizer metadata) and a model card ``README.md``.
+files (``convert/tokenizer.py``), ``megatron_lite.json`` (source checkpoint, step, the checkpoint's
+lineage as saved: code commit, Python, the run's working directory, dataset fingerprints, tokenizer
+sha256; full run config, tokenizer metadata) and a model card ``README.md`` that shows that lineage.
 
 Streaming: tensors are read, transformed and written one at a time at offsets planned from the
 checkpoint's headers, so memory holds about one tensor (plus its split parts), never the model.
@@ -241,6 +242,7 @@ def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
         "checkpoint": str(src.path.resolve()),
         "step": src.meta.get("step"),
         "consumed_samples": src.consumed_samples,
+        "lineage": src.meta.get("lineage"),
         "config": src.config.to_dict(),
         "origin": src.origin,
         "tokenizer_converted": True,
