@@ -62,7 +62,7 @@ class Storage:
 
     # ---- listing and small files -------------------------------------------------------------
     def step_dirs(self) -> list[str]:
-        """Names of ``step_*`` directories, oldest first (complete or not: see ``reader.py``)."""
+        """Names of ``step_*`` directories, oldest first (complete or not: see ``step_dir.py``)."""
         if self.remote:
             names = (
                 [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._base, detail=False)]

@@ -4,7 +4,7 @@
 def one_error_line(capsys) -> str:
     """stderr of a refused command: one ``error:`` line, no traceback."""
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 
 
