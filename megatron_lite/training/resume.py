@@ -96,15 +96,18 @@ def check_model_settings(cfg: Config, reader: CheckpointReader) -> None:
 def check_tokenizer(reader: CheckpointReader, tokenizer: Path, embedded: bool = False) -> None:
     """Refuse a ``tokenizer`` file other than the one the checkpoint's run trained with (the sha256 its
     lineage records; a checkpoint without one, or with a lineage no save writes, is not checked).
-    ``embedded``: the run trains on the embedded corpus, whose tokenizer is its own (built from this
-    Python's standard library); the way on is then the run's corpus, as the lineage records it."""
+    ``embedded``: this run trains on the embedded corpus, whose tokenizer is its own (built from this
+    Python's standard library); where the checkpoint's run did too, the way on is that run's corpus, as
+    the lineage records it (a run on data of its own: its tokenizer, as for any other resume)."""
     lineage = reader.meta.get("lineage")
     saved = lineage.get("tokenizer") if isinstance(lineage, dict) else None  # from a file: maybe no record
     if not isinstance(saved, dict) or "sha256" not in saved or saved["sha256"] == sha256_file(tokenizer):
         return
     was = saved.get("path")
     copy = f" (a copy: {reader.location}/tokenizer.model)" if "tokenizer.model" in reader.meta["files"] else ""
-    way = (embedded and run_corpus_way(lineage)) or f"data.tokenizer={was} and data tokenized with it"
+    run_data = (reader.meta.get("config") or {}).get("data") or {}
+    run_embedded = embedded and not run_data.get("path") and not run_data.get("tokenizer")
+    way = (run_embedded and run_corpus_way(lineage)) or f"data.tokenizer={was} and data tokenized with it"
     raise UserError(
         f"the tokenizer {tokenizer} is not the one checkpoint {reader.location} was trained with, {was}{copy}: "
         "the vocabulary size is the same, so every tensor fits, but each token id would stand for other text than "

@@ -71,6 +71,26 @@ def test_a_lineage_no_save_writes_is_no_tokenizer_record(tmp_path, lineage):
         check_tokenizer(reader, tmp_path / "tok.model")
 
 
+def test_the_way_on_names_the_runs_embedded_corpus_only_where_the_run_trained_on_it(tmp_path):
+    """A resume on the embedded corpus with another tokenizer: the run's own corpus is the way on where
+    that run trained on the embedded corpus too; a run on data of its own is pointed at its tokenizer."""
+    from megatron_lite.training.resume import check_tokenizer
+
+    (tmp_path / "tok.model").write_bytes(b"t")
+    lineage = {
+        "tokenizer": {"path": "run/tok.model", "sha256": "0" * 64},
+        "datasets": [{"prefix": "run/corpus"}],
+        "workdir": "/w",
+        "python": "3.99.0",
+    }
+    for data, expected in (({"path": None}, "the run's embedded corpus"), ({"path": "mine"}, "data.tokenizer=")):
+        reader = SimpleNamespace(meta={"lineage": lineage, "files": {}, "config": {"data": data}}, location="ck")
+        with pytest.raises(UserError) as err:
+            check_tokenizer(reader, tmp_path / "tok.model", embedded=True)
+        assert expected in str(err.value), (data, str(err.value))
+        assert ("embedded corpus" in str(err.value)) == (data["path"] is None), str(err.value)
+
+
 def test_a_dataset_fingerprint_is_the_idx_hash_and_the_bin_size_and_mtime(tmp_path):
     with IndexedDatasetBuilder(tmp_path / "d", np.uint16) as builder:
         builder.add_document([1, 2, 3])
