@@ -29,7 +29,6 @@ import codecs
 import contextlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -56,6 +55,7 @@ from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.data.token_range import dataset_record
 from megatron_lite.data.tokenizer import Tokenizer, is_tokenizer_record
 from megatron_lite.errors import UserError
+from megatron_lite.progress import progress_bar
 
 _PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
 _READ_BYTES = 1 << 20  # block size for reading a plain-text document
@@ -307,7 +307,7 @@ def _build(
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     found: list[Found] = []
     start = time.perf_counter()
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr, disable=not progress)
+    bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc="tokenizing")
     splitter = Splitter(tok)
     eos = np.array([tok.eos_id] if append_eos else [], dtype=np.int64)
     pool = EncodingPool(tok, workers) if workers > 1 else None  # its processes start with the first batch

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import random
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
+from megatron_lite.progress import progress_bar
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NEWLINE = "\n"
@@ -265,9 +265,7 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
     """Train the model of :func:`train_tokenizer` on a sample of ``files``: its bytes and its record."""
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc="tokenizer sample", file=sys.stderr, disable=not progress
-    ) as bar:
+    with progress_bar(progress, total=total, unit="B", unit_scale=True, desc="tokenizer sample") as bar:
         counts: dict = {}
         failed: list[Exception] = []  # a reading error, which sentencepiece would wrap as its own
         lines = _recording(_sample_lines(files, max_bytes, bar, counts, json_key), failed)

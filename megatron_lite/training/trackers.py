@@ -7,18 +7,13 @@ resolved config (which holds no secrets) and scalar metrics are ever sent.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import netrc
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from megatron_lite import jsontext
 
@@ -191,15 +186,3 @@ class Trackers:
                 t.close(failed)
             except Exception as e:
                 log.warning("tracker %s failed to close: %s", type(t).__name__, e)
-
-
-@contextlib.contextmanager
-def above_progress_bar() -> Iterator[None]:
-    """Print log lines above the progress bar (tqdm's redirect) where the process logs to the console
-    (the CLI's ``basicConfig``); a program that set up no console logging keeps its own handlers."""
-    console = any(
-        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
-        for h in logging.root.handlers
-    )
-    with logging_redirect_tqdm() if console else contextlib.nullcontext():
-        yield

@@ -43,13 +43,14 @@ from megatron_lite.launcher.failure_watch import FailureWatch
 from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout
+from megatron_lite.progress import above_progress_bar, progress_bar
 from megatron_lite.training import build, fp8, preflight, resume
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
-from megatron_lite.training.trackers import Trackers, above_progress_bar
+from megatron_lite.training.trackers import Trackers
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +323,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         show = cfg.log.progress and self.rank == 0
-        bar = tqdm(total=t.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True, mininterval=1)
+        bar = progress_bar(show, total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1)
         while self.step < stop and not self.preempted:
             watch.step = self.step + 1
             start = time.perf_counter()

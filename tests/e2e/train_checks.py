@@ -1,4 +1,12 @@
-"""Shared by the e2e tests: the one error line of a refused command (train, convert...), a run's log.dir."""
+"""Shared by the e2e tests: the one error line of a refused command (train, convert...), a run's log.dir,
+a command run on a pseudo-terminal."""
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import termios
 
 
 def one_error_line(capsys) -> str:
@@ -11,3 +19,22 @@ def one_error_line(capsys) -> str:
 def args_dir(args: list[str]) -> str:
     """The run directory the last ``log.dir=`` override names."""
     return next(a.split("=", 1)[1] for a in reversed(args) if a.startswith("log.dir="))
+
+
+def on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """(exit status, output) of ``cmd`` run with stdout and stderr on a pseudo-terminal, as in a shell."""
+    main_fd, term = pty.openpty()
+    fcntl.ioctl(term, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120: tqdm sizes its bar to it
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=term, stderr=term)
+    os.close(term)
+    chunks = []
+    while True:  # read as it comes: a full terminal buffer would block the process
+        try:
+            chunk = os.read(main_fd, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main_fd)
+    return proc.wait(timeout=60), b"".join(chunks).decode()

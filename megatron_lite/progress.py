@@ -1,0 +1,35 @@
+"""Progress bars, drawn on a terminal only.
+
+tqdm redraws its line with carriage returns. A file (SLURM's job log, ``2> run.log``) keeps every
+redraw, so the bar becomes one line of many kilobytes, and a closed bar writes its last state twice.
+Where stderr is not a terminal the bars are off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+
+def progress_bar(show: bool, **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr (``kwargs``: tqdm's), drawn where ``show`` and stderr is a terminal;
+    elsewhere a disabled one, whose updates do nothing."""
+    return tqdm(file=sys.stderr, disable=not (show and sys.stderr.isatty()), **kwargs)
+
+
+@contextlib.contextmanager
+def above_progress_bar() -> Iterator[None]:
+    """Print log lines above the progress bar (tqdm's redirect) where the process logs to the console
+    (the CLI's ``basicConfig``); a program that set up no console logging keeps its own handlers."""
+    console = any(
+        isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+        for h in logging.root.handlers
+    )
+    with logging_redirect_tqdm() if console else contextlib.nullcontext():
+        yield
