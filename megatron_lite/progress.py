@@ -2,7 +2,8 @@
 
 tqdm redraws its line with carriage returns. A file (SLURM's job log, ``2> run.log``) keeps every
 redraw, so the bar becomes one line of many kilobytes, and a closed bar writes its last state twice.
-Where stderr is not a terminal the bars are off.
+Where stderr is not a terminal the bars are off: a training run's log says the same in one line per
+logged step (``training/metrics.py: step_lines``), on a terminal too, above the bar.
 """
 
 from __future__ import annotations

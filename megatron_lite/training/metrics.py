@@ -1,4 +1,4 @@
-"""Model FLOPs, the device's peak, and MFU.
+"""Model FLOPs, the device's peak, MFU, and the run log's line for a logged step.
 
 FLOPs are counted from the architecture, per token, as matmul multiply-adds x 2:
 QKV (with grouped-query K/V), attention scores and values (causal: half of the T x T products,
@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -142,3 +143,30 @@ class Throughput:
         mfu = tps * self.flops_per_tok / (self.peak * self.world) if self.peak else None
         self.tokens, self.seconds = 0, 0.0
         return {"tokens_per_s": tps, "mfu": mfu}
+
+
+def step_lines(record: dict[str, Any], steps: int, tokens_per_step: int) -> list[str]:
+    """The run log's lines for one metrics row of a run of ``steps`` steps, one line each whether the
+    log is a terminal or a job's file (``metrics.jsonl`` keeps every value in full), as Megatron's::
+
+        step 10/300 | loss 7.8300 | lr 3.333e-04 | grad norm 2.497 | 1,429 tokens/s | MFU 27.1% | 1,433.3 ms/step
+        step 10/300 | eval loss 7.5968
+
+    MFU where the device's peak is known, the peak memory on CUDA and the skipped steps once there are
+    any; ms/step is the train steps' own time since the last row, evaluations and saves aside."""
+    head = f"step {record['step']}/{steps}"
+    tps, mfu = record["tokens_per_s"], record["mfu"]
+    parts = [head, f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}", f"grad norm {record['grad_norm']:.3f}"]
+    parts.append(f"{tps:,.0f} tokens/s")
+    if mfu is not None:
+        parts.append(f"MFU {100 * mfu:.1f}%")
+    if tps > 0:
+        parts.append(f"{1000 * tokens_per_step / tps:,.1f} ms/step")
+    if "max_memory_gb" in record:
+        parts.append(f"max memory {record['max_memory_gb']:.2f} GiB")
+    if record.get("skipped_steps"):
+        parts.append(f"skipped steps {record['skipped_steps']}")
+    lines = [" | ".join(parts)]
+    if "eval_loss" in record:
+        lines.append(f"{head} | eval loss {record['eval_loss']:.4f}")
+    return lines

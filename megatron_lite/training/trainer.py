@@ -49,7 +49,7 @@ from megatron_lite.training.engine import Engine
 from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
-from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops
+from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops, step_lines
 from megatron_lite.training.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ class Trainer:
         # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention
         peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
         self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
     def _preflight(self) -> None:
         """The startup checks that need no data: kernels and fp8 on this device, and the run and
@@ -321,14 +322,13 @@ class Trainer:
     def _loop(self, stop: int, history: list[dict], watch: FailureWatch) -> None:
         """The steps up to ``stop`` (or a preemption), then the last save, committed."""
         cfg, t = self.cfg, self.cfg.train
-        tokens_per_step = t.global_batch_size * cfg.model.seq_len
         show = cfg.log.progress and self.rank == 0
         bar = progress_bar(show, total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1)
         while self.step < stop and not self.preempted:
             watch.step = self.step + 1
             start = time.perf_counter()
             out = self.train_step()
-            self.throughput.add(tokens_per_step, time.perf_counter() - start)
+            self.throughput.add(self.tokens_per_step, time.perf_counter() - start)
             record = self._after_step(out, bar, stop)
             if record:
                 history.append(record)
@@ -393,5 +393,8 @@ class Trainer:
         if is_eval:
             record["eval_loss"] = self.evaluate()
         self.trackers.log(record, step)
+        if self.rank == 0:  # one line for the row (and one for its evaluation), on a terminal or in a job log
+            for line in step_lines(record, self.cfg.train.steps, self.tokens_per_step):
+                log.info("%s", line)
         bar.set_postfix(loss=f"{out['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         return record

@@ -13,6 +13,7 @@ from megatron_lite.cli import main, parse_args
 from megatron_lite.config import load_config
 from megatron_lite.errors import UserError
 from megatron_lite.training.lr import lr_at
+from megatron_lite.training.metrics import step_lines
 from megatron_lite.training.trackers import Trackers
 
 
@@ -35,6 +36,9 @@ def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog)
     assert records[-1]["consumed_samples"] == 6 * 8
     assert [r["step"] for r in records if "eval_loss" in r] == [4, 6]  # every train.eval_every, and at the end
     assert records[-1]["tokens_per_s"] > 0
+    # the run log: one line per row and one per evaluation (metrics.step_lines), each said once
+    said = [m for m in caplog.messages if re.match(r"step \d+/6 \| ", m)]
+    assert said == [line for r in records for line in step_lines(r, 6, 8 * 32)], said
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     # every checkpoint.every steps, and at the end
@@ -148,7 +152,7 @@ def test_overrides_on_both_sides_of_options(argv, overrides):
 
 def test_console_script_and_module_entry_points(tiny_args, tmp_path):
     """The installed `megatron-lite` script and `python -m megatron_lite.train` are the same command."""
-    args = [*tiny_args[:-1], "train.steps=2"]
+    args = [*(a for a in tiny_args[:-1] if a != "log.progress=false"), "train.steps=2"]  # the bar on, as it is
     exe = [sys.executable, "-c", "import sys; from megatron_lite.cli import main; sys.exit(main())"]
     r1 = subprocess.run([*exe, "train", *args, f"log.dir={tmp_path / 'x'}"], capture_output=True, text=True)
     r2 = subprocess.run(
@@ -157,6 +161,10 @@ def test_console_script_and_module_entry_points(tiny_args, tmp_path):
         text=True,
     )
     assert r1.returncode == 0, r1.stderr
+    for r in (r1, r2):  # stderr is a file here: no bar, and one line for each logged step
+        assert "\r" not in r.stderr and "step/s" not in r.stderr, r.stderr
+        said = [line.split(": ", 1)[1].split(" | ")[0] for line in r.stderr.splitlines() if " | loss " in line]
+        assert said == ["step 1/2", "step 2/2"], r.stderr
     assert r2.returncode == 0, r2.stderr
     assert losses(tmp_path / "x") == losses(tmp_path / "y")
     r3 = subprocess.run(["megatron-lite", "train", *args, "train.steps=-1"], capture_output=True, text=True)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
+from megatron_lite.training.metrics import step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,3 +32,10 @@ def test_readme_lists_the_gpu_check_parts_and_budget_of_the_script():
     budget = re.search(r"GPU_CHECK_BUDGET:-(\d+)", script).group(1)
     assert f"parts: `{parts}`" in _flat(README)
     assert f"`GPU_CHECK_BUDGET` seconds, default {budget}" in _flat(README)
+
+
+def test_readme_shows_the_line_the_trainer_logs_for_a_step():
+    """The quickstart's step 10 (global batch 8 x 256 tokens, 300 steps), as metrics.jsonl has it."""
+    row = {"step": 10, "loss": 7.82997, "lr": 1e-3 * 10 / 30, "grad_norm": 2.49725, "tokens_per_s": 1428.79}
+    (line,) = step_lines({**row, "mfu": 0.27110, "consumed_samples": 80, "skipped_steps": 0}, 300, 8 * 256)
+    assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line

@@ -1,4 +1,4 @@
-"""LR schedule, FLOPs/MFU accounting, CPU peak cache, and the metric trackers."""
+"""LR schedule, FLOPs/MFU accounting, CPU peak cache, the run log's step lines, and the metric trackers."""
 
 import json
 import logging
@@ -199,3 +199,21 @@ def test_skipped_steps_stop_a_run_once_they_are_hopeless(caplog):
     plain.update(3, skip)
     with pytest.raises(UserError, match=r"2 steps in a row were skipped.*\(steps 3-4"):
         plain.update(4, skip)
+
+
+def test_each_logged_step_is_one_readable_line_with_the_megatron_fields():
+    row = {"step": 10, "loss": 7.82996, "lr": 3.3333e-4, "grad_norm": 2.4972, "tokens_per_s": 1428.79, "mfu": 0.2711}
+    row |= {"consumed_samples": 80, "skipped_steps": 0}
+    # 2,048 tokens a step at 1,428.79 tokens/s: 1,433.4 ms a step
+    expected = (
+        "step 10/300 | loss 7.8300 | lr 3.333e-04 | grad norm 2.497 | 1,429 tokens/s | MFU 27.1% | 1,433.4 ms/step"
+    )
+    assert metrics.step_lines(row, 300, 2048) == [expected]
+    # an evaluation step gets a second line; an unknown peak leaves MFU out; CUDA adds the memory peak;
+    # a skipped step's norm is not finite, and the count shows once there is one
+    row |= {"eval_loss": 7.59677, "mfu": None, "max_memory_gb": 1.234, "grad_norm": math.inf, "skipped_steps": 2}
+    assert metrics.step_lines(row, 300, 2048) == [
+        "step 10/300 | loss 7.8300 | lr 3.333e-04 | grad norm inf | 1,429 tokens/s | 1,433.4 ms/step"
+        " | max memory 1.23 GiB | skipped steps 2",
+        "step 10/300 | eval loss 7.5968",
+    ]
