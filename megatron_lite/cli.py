@@ -241,7 +241,7 @@ def log_format(environ: Mapping[str, str] = os.environ) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-lite`` console script."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%Y-%m-%d %H:%M:%S")  # jobs run for days
     try:
         return args.fn(args)
     except UserError as e:
