@@ -45,6 +45,9 @@ if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(no
        "NPROC_PER_NODE=<ranks>, e.g. NPROC_PER_NODE=4 bash launch/torchrun.sh ..." >&2
   exit 2
 fi
+# one thread per rank: torchrun's own default for several ranks, set here so that torchrun does not
+# print its four-line warning about it into every job's log (launch/train.sbatch does the same)
+[ "$NPROC_PER_NODE" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$NNODES" -eq 1 ]; then
   # --standalone: a private rendezvous on a free local port; nothing to configure.
   exec "$PYTHON" -m megatron_lite.launcher.torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" \

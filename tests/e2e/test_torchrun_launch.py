@@ -104,6 +104,7 @@ def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
     # the failure watch ran on every rank (over torchrun's agent store) and the clean end tripped nothing
     assert not any("fail_fast" in o or "failure_watch" in o for o in outs), "\n".join(o[-4000:] for o in outs)
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=LOSS_RTOL)
+    assert not any("OMP_NUM_THREADS" in o for o in outs), outs[0][:2000]  # torchrun's warning: the script sets it
     # each logged step is one line of the job's output, said by rank 0 alone
     said = [line for out in outs for line in out.splitlines() if " | loss " in line]
     assert [line.split(": ", 1)[1].split(" | ")[0] for line in said] == [f"step {n}/6" for n in range(1, 7)], said
