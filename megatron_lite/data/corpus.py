@@ -56,8 +56,9 @@ def default_corpus_files() -> list[Path]:
 
 
 def _say(progress: bool, message: str) -> None:
+    """A phase of the build, logged (dated, as the run's other lines in a job log) where ``progress``."""
     if progress:
-        print(message, file=sys.stderr, flush=True)
+        log.info("%s", message)
 
 
 def _manifest(files: list[Path], vocab_size: int) -> dict:
