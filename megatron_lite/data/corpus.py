@@ -25,7 +25,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import sysconfig
 import time
 import uuid
