@@ -4,9 +4,9 @@ relative data paths shown as recorded with the directory they are relative to. `
 it in ``origin.json`` as where the weights were trained, and a later export carries it on."""
 
 import json
-import shutil
 
 import pytest
+from train_checks import run_in_a_project
 
 from megatron_lite.cli import main
 
@@ -15,14 +15,7 @@ pytest.importorskip("transformers")
 
 def test_the_export_carries_the_lineage_and_the_round_trip_keeps_it(tiny_args, small_corpus, tmp_path, monkeypatch):
     prefix, _ = small_corpus
-    project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
-    for ext in (".bin", ".idx"):
-        shutil.copy(prefix + ext, project / "data" / f"c{ext}")
-    monkeypatch.chdir(project)
-    own = [a for a in tiny_args if not a.startswith("data.path=")]
-    assert main(["train", *own, "data.path=data/c", "train.steps=1"]) == 0
-    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    project, step = run_in_a_project(tiny_args, prefix, tmp_path, monkeypatch)
     lineage = json.loads((step / "metadata.json").read_text())["lineage"]
     assert lineage["workdir"] == str(project) and lineage["datasets"][0]["prefix"] == "data/c"
 

@@ -4,7 +4,8 @@ relative paths from its own directory and says so once; convert and resume need 
 
 import json
 import logging
-import shutil
+
+from train_checks import run_in_a_project
 
 from megatron_lite.cli import main
 
@@ -15,14 +16,7 @@ def test_a_checkpoint_without_workdir_is_read_relative_to_this_directory(
     tiny_args, small_corpus, tmp_path, monkeypatch, capsys, caplog
 ):
     prefix, tok = small_corpus
-    project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
-    for ext in (".bin", ".idx"):
-        shutil.copy(prefix + ext, project / "data" / f"c{ext}")
-    monkeypatch.chdir(project)
-    own = [a for a in tiny_args if not a.startswith("data.path=")]
-    assert main(["train", *own, "data.path=data/c", "train.steps=1"]) == 0
-    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    project, step = run_in_a_project(tiny_args, prefix, tmp_path, monkeypatch)
     meta = json.loads((step / "metadata.json").read_text())
     assert meta["lineage"].pop("workdir") == str(project)
     (step / "metadata.json").write_text(json.dumps(meta))
@@ -46,6 +40,7 @@ def test_a_checkpoint_without_workdir_is_read_relative_to_this_directory(
     out = tmp_path / "hf"
     assert main(["convert", "to-hf", "--checkpoint", str(step), "--out", str(out), "--no-verify"]) == 0
     assert json.loads((out / "megatron_lite.json").read_text())["step"] == 1
+    own = [a for a in tiny_args if not a.startswith("data.path=")]
     assert main(["train", *own, "data.path=data/c", "train.steps=2"]) == 0  # resumes step 1
     resumed = json.loads((step.with_name("step_00000002") / "metadata.json").read_text())
     assert resumed["lineage"]["workdir"] == str(project)

@@ -1,12 +1,14 @@
 """Shared by the e2e tests: the one error line of a refused command (train, convert...), a run's log.dir,
-a command run on a pseudo-terminal."""
+a command run on a pseudo-terminal, a one-step run on relative data paths."""
 
 import fcntl
 import os
 import pty
+import shutil
 import struct
 import subprocess
 import termios
+from pathlib import Path
 
 
 def one_error_line(capsys) -> str:
@@ -38,3 +40,18 @@ def on_a_terminal(cmd: list[str]) -> tuple[int, str]:
         chunks.append(chunk)
     os.close(main_fd)
     return proc.wait(timeout=60), b"".join(chunks).decode()
+
+
+def run_in_a_project(tiny_args: list[str], prefix: str, tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    """(project, step dir) of a one-step run started in ``tmp_path/project`` on a copy of the dataset
+    ``prefix`` given by a relative ``data.path`` (``data/c``): its lineage records that directory."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for ext in (".bin", ".idx"):
+        shutil.copy(prefix + ext, project / "data" / f"c{ext}")
+    monkeypatch.chdir(project)
+    from megatron_lite.cli import main
+
+    own = [a for a in tiny_args if not a.startswith("data.path=")]
+    assert main(["train", *own, "data.path=data/c", "train.steps=1"]) == 0
+    return project, Path(args_dir(own)) / "checkpoints" / "step_00000001"
