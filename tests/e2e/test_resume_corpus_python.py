@@ -8,6 +8,7 @@ import platform
 from pathlib import Path
 
 import pytest
+from train_checks import one_error_line
 
 from megatron_lite.cli import main
 from megatron_lite.data import corpus
@@ -25,12 +26,6 @@ def run(tiny_args, corpus_files, tmp_path, monkeypatch) -> tuple[list[str], dict
     return own, json.loads((step / "metadata.json").read_text())["lineage"]
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def _run_data(tmp_path: Path, lineage: dict) -> str:
     prefix, tok = (tmp_path / p for p in (lineage["datasets"][0]["prefix"], lineage["tokenizer"]["path"]))
     return f"data.path={prefix} data.tokenizer={tok}"
@@ -43,7 +38,7 @@ def test_another_python_is_refused_before_the_build_naming_the_runs_corpus(run, 
     monkeypatch.setattr(platform, "python_version", lambda: "3.99.0")
     monkeypatch.setattr(corpus, "_build", lambda *a, **k: pytest.fail("the corpus was built"))
     assert main(["train", *own]) == 2
-    err, step = _error(capsys), tmp_path / "run" / "checkpoints" / "step_00000001"
+    err, step = one_error_line(capsys), tmp_path / "run" / "checkpoints" / "step_00000001"
     assert f"checkpoint {step}'s run trained on the embedded corpus built by Python {ran}; this Python, 3.99.0," in err
     assert f"Resume with the run's embedded corpus, while it is there: {_run_data(tmp_path, lineage)} (" in err, err
     assert f"the run's Python: {ran})" in err and f"checkpoint.init_from={step}" in err
@@ -69,7 +64,7 @@ def test_a_cached_corpus_of_another_standard_library_is_refused_before_it_is_ope
     _, tok = corpus.prepare_default_corpus(Path(".cache/megatron-lite"), 512, progress=False)
     monkeypatch.setattr(build, "prepare_default_corpus", lambda *a, **k: pytest.fail("the data was prepared"))
     assert main(["train", *own]) == 2
-    err = _error(capsys)
+    err = one_error_line(capsys)
     assert err.startswith(f"error: the tokenizer {tok} is not the one checkpoint ")
     assert f"Resume with the run's embedded corpus, while it is there: {_run_data(tmp_path, lineage)} (" in err, err
 
