@@ -11,8 +11,8 @@ Everything else is the new run's to choose and stays at its default, even for a 
 exported (whose ``megatron_lite.json`` records the source run's config): that run's parallel
 layout, length, learning-rate schedule, data and directories would not fit another run. Its
 checkpoint, step and lineage are kept in ``origin.json`` as ``exported_from`` (the record of where
-the weights were trained, which a later ``to-hf`` carries on and shows in the model card); the
-checkpoint's own lineage stays empty: it trained nothing.
+the weights were trained, which a later ``to-hf`` carries on and shows in the model card, and a
+later ``from-hf`` of that export keeps); the checkpoint's own lineage stays empty: it trained nothing.
 
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
 and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
@@ -31,6 +31,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,12 +105,22 @@ def _extra_files(hf_dir: Path, sp: Path | None, raw: dict, tmp: Path) -> dict[st
         "model_type": raw["model_type"],
         "hf_config": raw,
         "tokenizer": "tokenizer.model (sentencepiece, copied)" if sp else f"Hugging Face tokenizer at {hf_dir}",
-        # an export of megatron-lite's: the checkpoint, step and lineage of the run that trained the weights
-        "exported_from": {k: record[k] for k in ("checkpoint", "step", "lineage") if k in record} or None,
+        "exported_from": _exported_from(record),
     }
     (tmp / "origin.json").write_text(json.dumps(origin, indent=1) + "\n")
     files["origin.json"] = tmp / "origin.json"
     return files
+
+
+def _exported_from(record: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the weights of a megatron-lite export (``record``: its ``megatron_lite.json``) were trained:
+    the exported checkpoint, step and lineage; for an export of an import, whose checkpoint trained
+    nothing (no lineage), the ``exported_from`` its origin carries. None for another model's directory."""
+    origin = record.get("origin")
+    carried = origin.get("exported_from") if isinstance(origin, dict) else None
+    if record.get("lineage") is None and isinstance(carried, dict):
+        return carried
+    return {k: record[k] for k in ("checkpoint", "step", "lineage") if k in record} or None
 
 
 def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:

@@ -1,7 +1,7 @@
 """`convert to-hf` carries the checkpoint's lineage into the export (``megatron_lite.json`` and the model
 card): code commit, Python, the run's working directory, dataset fingerprints, tokenizer sha256, step;
 relative data paths shown as recorded with the directory they are relative to. `convert from-hf` keeps
-it in ``origin.json`` as where the weights were trained, and a later export carries it on."""
+it in ``origin.json`` as where the weights were trained, and a later export or import carries it on."""
 
 import json
 
@@ -46,3 +46,7 @@ def test_the_export_carries_the_lineage_and_the_round_trip_keeps_it(tiny_args, s
     card = (again / "README.md").read_text()
     assert f"  - exported by megatron-lite from checkpoint `{step.resolve()}` (step 1)" in card
     assert f"    - dataset `data/c` (relative to `{project}`): " in card
+    # imported once more: the import it exports trained nothing, the run that trained the weights is kept
+    assert main(["convert", "from-hf", "--hf", str(again), "--out", str(tmp_path / "back2")]) == 0
+    origin2 = json.loads((tmp_path / "back2" / "step_00000000" / "origin.json").read_text())
+    assert origin2["exported_from"] == origin["exported_from"]
