@@ -85,7 +85,6 @@ FORMAT = "megatron-lite/sharded-v1"
 METADATA = "metadata.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
-STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 STAGING_DIR = re.compile(r"^\.tmp-(replaced-)?step_\d{8}$")
 """What a local save stages in (``.tmp-step_*``) or sets aside while re-saving a step
