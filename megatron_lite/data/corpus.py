@@ -11,8 +11,8 @@ the corpus another run may be reading; interpreters with the same files share on
 under a temporary name and renamed when complete, so an interrupted build never leaves a cache that
 looks valid, and ranks racing to build it end up sharing whichever copy landed first. A build holds
 its folder's marker (:data:`_BUILDING`) locked from the folder's first moment to its last
-(``tempfiles.py``), so the next call removes, naming it, the folder of a build that was killed (and
-no other: ranks building it at the same time are still writing).
+(``tempfiles.py``), so the next build removes, naming it, the folder of a build that was killed (of
+either name, and no other: ranks building it at the same time are still writing).
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ def prepare_default_corpus(
         return str(final / "data"), final / "tokenizer.model"
     name, expected = final.name, _manifest(paths, vocab_size)
     if cache_dir.is_dir():
-        _remove_abandoned_builds(cache_dir, name)
+        for folder in _folder_names(expected, default=files is None):  # a killed build of either name
+            _remove_abandoned_builds(cache_dir, folder)
     if final.exists():
         _say(progress, f"the corpus cache {final} cannot be used ({_cache_problem(final, expected)}): rebuilding it")
     cache_dir.mkdir(parents=True, exist_ok=True)

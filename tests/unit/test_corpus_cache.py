@@ -67,3 +67,15 @@ def test_a_cache_named_without_the_hash_is_reused_while_it_matches(tmp_path, std
     prefix2, _ = prepare_default_corpus(cache, VOCAB, progress=False)
     assert Path(prefix2).parent.name.startswith(f"{plain.name}-")  # built beside it
     assert (plain / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_a_killed_build_of_the_name_without_the_hash_is_removed(tmp_path, stdlib, caplog):
+    """The build folder a killed build of ``stdlib-<X.Y>-v<vocab>`` left (its marker unlocked) is removed
+    by the next build, as one of the hashed name is."""
+    version = ".".join(platform.python_version().split(".")[:2])
+    killed = tmp_path / "cache" / f".stdlib-{version}-v{VOCAB}.tmp-1-0123abcd"
+    killed.mkdir(parents=True)
+    (killed / corpus._BUILDING).touch()
+    with caplog.at_level(logging.WARNING, logger=corpus.__name__):
+        prepare_default_corpus(tmp_path / "cache", VOCAB, progress=False)
+    assert not killed.exists() and f"removing {killed}, the folder of a corpus build" in caplog.text
