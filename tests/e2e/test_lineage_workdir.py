@@ -1,6 +1,6 @@
 """A checkpoint whose lineage records no ``workdir`` (the directory its run started in, the base of its
-relative data paths; checkpoints from before it was recorded): eval --held-out reads the run's
-relative paths from its own directory and says so once; convert and resume need no workdir."""
+relative data paths): eval --held-out reads the run's relative paths from its own directory and says
+so once; convert and resume need no workdir."""
 
 import json
 import logging

@@ -59,8 +59,8 @@ def test_a_lineage_no_save_writes_records_no_workdir_and_no_datasets():
 
 @pytest.mark.parametrize("lineage", ["x", ["t"], {"tokenizer": "t"}, {"tokenizer": ["sha256"]}])
 def test_a_lineage_no_save_writes_is_no_tokenizer_record(tmp_path, lineage):
-    """lineage comes from metadata.json (not checksummed): an edited one was a TypeError or AttributeError
-    on resume; it records no tokenizer, as a checkpoint without lineage records none."""
+    """lineage comes from metadata.json (not checksummed): an edited one records no tokenizer, as a
+    checkpoint without lineage records none (no TypeError or AttributeError on resume)."""
     from megatron_lite.training.resume import check_tokenizer
 
     (tmp_path / "tok.model").write_bytes(b"t")
