@@ -202,7 +202,8 @@ class LogConfig:
     tensorboard: bool = False
     """Write TensorBoard event files under ``<log.dir>/tensorboard``."""
     progress: bool = True
-    """Show a progress bar on rank 0 where stderr is a terminal (in a file, its redraws would pile up)."""
+    """Show a progress bar on rank 0 where stderr is a terminal (in a file, its redraws would pile up),
+    and log the phases of an embedded-corpus build (tokenizer training, tokenizing)."""
 
 
 @dataclass
