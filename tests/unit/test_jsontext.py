@@ -1,6 +1,6 @@
 """JSON read from files: lists nested past Python's stack (``json.loads`` raises RecursionError there,
 not ValueError) are handled as each reader handles any other invalid JSON. Readers tested elsewhere
-with such a file: checkpoint metadata and rank-file headers (test_checkpoint_verify.py), a dataset's
+with such a file: checkpoint metadata and rank-file headers (test_checkpoint_file_checks.py), a dataset's
 record (test_token_range.py), JSON Lines inputs (test_corpus.py), the epoch index cache
 (test_index_cache.py), an HF config (e2e/test_convert_hf_inputs.py) and a checkpoint's origin.json
 (e2e/test_convert_errors.py)."""
