@@ -62,7 +62,8 @@ class ParallelConfig:
     vp: int = 1
     """Virtual pipeline chunks per pipeline rank (interleaved schedule)."""
     dp: int | None = None
-    """Data-parallel size. Default: world size / (tp x pp)."""
+    """Data-parallel size. Default: world size / (tp x pp), derived again by a relaunch from the run's
+    ``config.yaml`` (which leaves it empty), so that a relaunch on another world size resumes."""
     sp: bool = False
     """Sequence parallelism: shard activations outside attention/MLP along the sequence (needs tp > 1)."""
     schedule: str = "1f1b"
@@ -228,6 +229,9 @@ class Config:
         self.replaced_overrides: list[str] = []
         """Overrides that a later one of the same key replaced: one line each, for
         :func:`~megatron_lite.config.config_warnings`."""
+        self.world_derived: set[str] = set()
+        """Keys left empty that :func:`~megatron_lite.config.validate` filled from the world size
+        (``parallel.dp``): :meth:`save` with ``relaunch`` writes them empty again."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict with the user-facing key names (``async``, not ``async_``)."""
@@ -239,10 +243,15 @@ class Config:
     def save(self, path: str | Path, relaunch: bool = False) -> None:
         """Write the resolved config as YAML (loadable with :func:`~megatron_lite.config.load_config`).
         ``relaunch``: as a relaunch of the run continues it, with ``checkpoint.resume=auto``: a one-off
-        ``none`` or step path would be refused, or rewind the run, on every relaunch from the file."""
+        ``none`` or step path would be refused, or rewind the run, on every relaunch from the file. And
+        what was derived from the world size (:attr:`world_derived`) is left empty, to be derived again:
+        a relaunch on more or fewer ranks resumes, its checkpoint resharded on load."""
         data = self.to_dict()
         if relaunch:
             data["checkpoint"]["resume"] = "auto"
+            for dotted in self.world_derived:
+                section, key = dotted.split(".")
+                data[section][key] = None
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 

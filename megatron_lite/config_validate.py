@@ -301,7 +301,8 @@ def _largest_divisor_upto(n: int, limit: int) -> int:
 
 
 def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Config:
-    """Check every field and the cross-field arithmetic; fills ``parallel.dp``. Errors show the numbers.
+    """Check every field and the cross-field arithmetic; fills ``parallel.dp`` (recorded in
+    ``cfg.world_derived`` where it was empty). Errors show the numbers.
 
     ``need_vocab=False`` allows an unresolved ``model.vocab_size`` (it comes from the tokenizer),
     so the layout can be checked before any data is opened.
@@ -309,6 +310,8 @@ def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Confi
     _check_fields(cfg)
     _check_model(cfg.model, need_vocab)
     _check_sizes(cfg)
+    if cfg.parallel.dp is None:
+        cfg.world_derived.add("parallel.dp")
     cfg.parallel.dp = _check_layout(cfg, world_size)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Launching under torchrun, for real: two "machines" on 127.0.0.1 train to the one-process losses,
+"""Launching under torchrun, for real: two "machines" on 127.0.0.1 resume a one-process run to its losses,
 a bad rendezvous host or a layout that cannot fill the world fails in seconds with one clear line,
 and a rank that fails during setup takes every rank down with its own error."""
 
@@ -76,12 +76,17 @@ def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[str
     return outs
 
 
-def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
+def test_a_one_process_run_relaunched_on_two_machines_resumes_to_the_one_process_losses(tiny_args, tmp_path):
+    """A one-process run stopped at step 3 is relaunched from its config.yaml by torchrun on two
+    "machines" of two ranks (tp 2, and dp, derived from the world size, 1 -> 2): it resumes from the
+    checkpoint and trains to the losses of an uninterrupted one-process run."""
     assert main(["train", *tiny_args[:-1], f"log.dir={tmp_path / 'ref'}"]) == 0
+    assert main(["train", *tiny_args, "train.exit_after=3"]) == 0
+    relaunch = ["--config", str(tmp_path / "run" / "config.yaml"), "parallel.tp=2"]
     port = free_port()
     nodes = [
         subprocess.Popen(
-            ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_args, "parallel.tp=2"],
+            ["bash", str(REPO / "launch" / "torchrun.sh"), *relaunch],
             env=clean_env(
                 NNODES="2",
                 NODE_RANK=str(node),
@@ -105,9 +110,11 @@ def test_two_machines_with_torchrun_match_one_process(tiny_args, tmp_path):
     assert not any("fail_fast" in o or "failure_watch" in o for o in outs), "\n".join(o[-4000:] for o in outs)
     assert losses(tmp_path / "run") == pytest.approx(losses(tmp_path / "ref"), rel=LOSS_RTOL)
     assert not any("OMP_NUM_THREADS" in o for o in outs), outs[0][:2000]  # torchrun's warning: the script sets it
+    assert "resumed from" in outs[0] and "at step 3" in outs[0], outs[0][-4000:]
+    assert "parallel.dp 1 -> 2" in outs[0], outs[0][-4000:]  # named among the changed settings
     # each logged step is one line of the job's output, said by rank 0 alone
     said = [line for out in outs for line in out.splitlines() if " | loss " in line]
-    assert [line.split(": ", 1)[1].split(" | ")[0] for line in said] == [f"step {n}/6" for n in range(1, 7)], said
+    assert [line.split(": ", 1)[1].split(" | ")[0] for line in said] == [f"step {n}/6" for n in range(4, 7)], said
     # dated: a job runs for days, and a requeued one appends to the same log
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank 0/4\] INFO ", line) for line in said), said
 

@@ -207,6 +207,24 @@ def test_save_round_trip(tmp_path):
     assert isinstance(Config().to_dict()["checkpoint"]["async"], bool)
 
 
+def test_a_relaunch_config_derives_dp_again_and_keeps_a_dp_given(tmp_path):
+    """A one-rank run's config.yaml (``save(relaunch=True)``) relaunched on two ranks: the dp it
+    derived from its world size is derived again, while a dp the user gave is kept, and refused where
+    it does not fit the new world. A checkpoint's config (no relaunch) keeps the dp it ran with."""
+    path = tmp_path / "config.yaml"
+    resolved("train.micro_batch_size=4").save(path, relaunch=True)
+    again = fill_defaults(load_config(path), 100)
+    assert again.parallel.dp is None
+    assert validate(again, world_size=2).parallel.dp == 2
+    resolved("train.micro_batch_size=4").save(path)
+    assert load_config(path).parallel.dp == 1
+    resolved("train.micro_batch_size=4", "parallel.dp=1").save(path, relaunch=True)
+    fixed = fill_defaults(load_config(path), 100)
+    assert fixed.parallel.dp == 1
+    with pytest.raises(UserError, match=r"parallel.dp=1 = 1 does not equal world size 2: .*leave parallel.dp empty"):
+        validate(fixed, world_size=2)
+
+
 @pytest.mark.parametrize(
     "override",
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
