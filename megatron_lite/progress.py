@@ -24,6 +24,16 @@ def progress_bar(show: bool, **kwargs: Any) -> tqdm:
     return tqdm(file=sys.stderr, disable=not (show and sys.stderr.isatty()), **kwargs)
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as a log line writes a duration: ``42.0 s``, ``12m05s``, ``3h04m``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = int(seconds) // 60
+    if minutes < 60:
+        return f"{minutes}m{int(seconds) % 60:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 @contextlib.contextmanager
 def above_progress_bar() -> Iterator[None]:
     """Print log lines above the progress bar (tqdm's redirect) where the process logs to the console

@@ -1,4 +1,4 @@
-"""Model FLOPs, the device's peak, MFU, and the run log's line for a logged step.
+"""Model FLOPs, the device's peak, MFU, the run log's line for a logged step and its closing lines.
 
 FLOPs are counted from the architecture, per token, as matmul multiply-adds x 2:
 QKV (with grouped-query K/V), attention scores and values (causal: half of the T x T products,
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from megatron_lite import jsontext
-from megatron_lite.config import ModelConfig
+from megatron_lite.config import ModelConfig, TrainConfig
+from megatron_lite.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,23 @@ def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int =
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last report."""
+    """Tokens/s and MFU over the steps since the last report, and tokens/s over every step added
+    (:meth:`mean_tokens_per_s`)."""
 
     def __init__(self, flops_per_tok: float, peak: float | None, world_size: int = 1) -> None:
         self.flops_per_tok, self.peak, self.world = flops_per_tok, peak, world_size
         self.tokens, self.seconds = 0, 0.0
+        self.total_tokens, self.total_seconds = 0, 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
         self.seconds += seconds
+        self.total_tokens += tokens
+        self.total_seconds += seconds
+
+    def mean_tokens_per_s(self) -> float:
+        """Global tokens/s over every step added, whatever the reports since."""
+        return self.total_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
 
     def report(self) -> dict[str, float | None]:
         """``tokens_per_s`` (global) and ``mfu`` (per device), then reset."""
@@ -169,4 +178,39 @@ def step_lines(record: dict[str, Any], steps: int, tokens_per_step: int) -> list
     lines = [" | ".join(parts)]
     if "eval_loss" in record:
         lines.append(f"{head} | eval loss {record['eval_loss']:.4f}")
+    return lines
+
+
+def closing_lines(
+    t: TrainConfig,
+    first_step: int,
+    history: list[dict[str, Any]],
+    preempted: bool,
+    seconds: float,
+    throughput: Throughput,
+    checkpoint: str,
+) -> list[str]:
+    """Rank 0's last lines of a launch whose loop ran from step ``first_step`` to the step of its last
+    row (``history``, which has the row of the step it stopped at): why it stopped before
+    ``train.steps``, if it did, then one summary of the launch: ``seconds``, its wall time (setup
+    included); tokens/s over its steps' own time (``throughput``), as each step line's; the last
+    step's loss, the last evaluation's where it evaluated; the checkpoint it saved last::
+
+        run summary: steps 1-300 of 300 (300 this launch) in 1h02m | 1,429 tokens/s | final loss 3.2100 | eval loss
+        3.3012 (step 300) | checkpoint runs/x/checkpoints/step_00000300     (one line, cut here)
+    """
+    step, lines = history[-1]["step"], []
+    if preempted:
+        lines.append(f"stopped at step {step} on a preemption signal; the checkpoint is saved")
+    elif step < t.steps:
+        what = f"train.exit_after={t.exit_after} steps at step {step} of {t.steps}"
+        lines.append(f"stopped after {what}; rerun with checkpoint.resume=auto to continue")
+    parts = [
+        f"steps {first_step + 1}-{step} of {t.steps} ({step - first_step} this launch) in {duration(seconds)}",
+        f"{throughput.mean_tokens_per_s():,.0f} tokens/s",
+        f"final loss {history[-1]['loss']:.4f}",
+    ]
+    if evaluated := [r for r in history if r.get("eval_loss") is not None]:
+        parts.append(f"eval loss {evaluated[-1]['eval_loss']:.4f} (step {evaluated[-1]['step']})")
+    lines.append("run summary: " + " | ".join([*parts, f"checkpoint {checkpoint}"]))
     return lines

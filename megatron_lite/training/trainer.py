@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_lite import kernels, plan
-from megatron_lite.checkpoint.format import dtype_name
+from megatron_lite.checkpoint.format import dtype_name, step_dir_name
 from megatron_lite.checkpoint.lineage import Lineage
 from megatron_lite.checkpoint.reader import CheckpointReader
 from megatron_lite.checkpoint.writer import Checkpointer
@@ -49,7 +49,7 @@ from megatron_lite.training.engine import Engine
 from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
-from megatron_lite.training.metrics import Throughput, flops_per_token, peak_flops, step_lines
+from megatron_lite.training.metrics import Throughput, closing_lines, flops_per_token, peak_flops, step_lines
 from megatron_lite.training.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Trainer:
     """Owns this rank's engine, data position and trackers for one run."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
+        self.cfg, self.started = cfg, time.perf_counter()
         # a layout that cannot fill the world fails before any group forms
         check_layout(cfg, resolve_env(os.environ).world_size)
         self.env = init_distributed(cfg.parallel.timeout_s)
@@ -303,7 +303,7 @@ class Trainer:
                 self.checkpointer.close()
             self.trackers.close()
             return history
-        stop = t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
+        first, stop = self.step, t.steps if t.exit_after is None else min(t.steps, self.step + t.exit_after)
         watch = FailureWatch(cfg.parallel.timeout_s, settle=self._settle_save, note=self.checkpointer.unsaved_note)
         try:  # log lines printed above the progress bar, not through it
             with self.preemption, watch, above_progress_bar():
@@ -311,11 +311,10 @@ class Trainer:
         except BaseException:
             self.trackers.close(failed=True)  # flushed, and marked failed (W&B), before the error goes up
             raise
-        if self.rank == 0 and self.preempted:
-            log.info("stopped at step %d on a preemption signal; the checkpoint is saved", self.step)
-        elif self.rank == 0 and self.step == stop < t.steps:
-            what = f"train.exit_after={t.exit_after} steps at step {self.step} of {t.steps}"
-            log.info("stopped after %s; rerun with checkpoint.resume=auto to continue", what)
+        if self.rank == 0:
+            wall, where = time.perf_counter() - self.started, self.checkpointer.storage.url(step_dir_name(self.step))
+            for line in closing_lines(t, first, history, self.preempted, wall, self.throughput, where):
+                log.info("%s", line)
         self.trackers.close()
         return history
 

@@ -1,6 +1,6 @@
 """What a multi-rank run logs: the startup parameter count covers every chunk this rank holds
-(interleaved pipeline, vp > 1), and run-wide events (resumed, with which settings changed, preempted)
-are said once, by rank 0."""
+(interleaved pipeline, vp > 1), and run-wide events (resumed, with which settings changed, preempted,
+each launch's closing summary) are said once, by rank 0."""
 
 import logging
 import os
@@ -72,9 +72,14 @@ def test_parameter_count_covers_every_chunk_of_the_rank(logs):
 def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
     (rank0, _), (rank1, _) = logs
     changed = "settings changed since the checkpoint (saved -> now): optim.decay_steps 1 -> 5; train.steps 2 -> 6"
-    for prefix in ("resumed from ", changed, "stopped at step 3 on a preemption signal"):
+    preempted = "stopped at step 3 on a preemption signal"
+    for prefix in ("resumed from ", changed, preempted, "run summary: steps 3-3 of 6 (1 this launch) in "):
         assert sum(m.startswith(prefix) for m in rank0) == 1, rank0
         assert not any(m.startswith(prefix) for m in rank1), rank1
+    # each launch's last line is its summary, the preempted one's right after saying why it stopped
+    summaries = [i for i, m in enumerate(rank0) if m.startswith("run summary: ")]
+    assert len(summaries) == 2 and rank0[summaries[1] - 1].startswith(preempted), rank0
+    assert rank0[summaries[0]].startswith("run summary: steps 1-2 of 2 (2 this launch) in "), rank0
     # data.valid_fraction=0: each of the two trainers says once, on rank 0, that nothing is evaluated
     no_eval = "data.valid_fraction=0: no held-out split"
     assert sum(m.startswith(no_eval) for m in rank0) == 2 and not any(m.startswith(no_eval) for m in rank1)

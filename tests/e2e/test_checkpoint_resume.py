@@ -212,10 +212,15 @@ def test_exit_after_says_why_it_stopped(tiny_args, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
     assert main(["train", *tiny_args, "train.exit_after=2"]) == 0
     want = "stopped after train.exit_after=2 steps at step 2 of 6; rerun with checkpoint.resume=auto to continue"
-    assert want in caplog.messages, caplog.messages
+    assert caplog.messages[-2:][0] == want, caplog.messages
+    # then the launch's summary, the last line, naming the checkpoint to resume from
+    summary = "run summary: steps 1-2 of 6 (2 this launch) in "
+    assert caplog.messages[-1].startswith(summary), caplog.messages
+    assert caplog.messages[-1].endswith(f" | checkpoint {tmp_path / 'run' / 'checkpoints' / 'step_00000002'}")
     caplog.clear()
     assert main(["train", *tiny_args, "train.exit_after=10"]) == 0  # reaches train.steps: nothing to say
     assert not any(m.startswith("stopped") for m in caplog.messages), caplog.messages
+    assert caplog.messages[-1].startswith("run summary: steps 3-6 of 6 (4 this launch) in "), caplog.messages
 
 
 def test_a_resume_with_other_steps_batch_sizes_and_dtype_trains_on_and_names_each_change_in_one_line(

@@ -98,3 +98,10 @@ def test_sigusr1_to_the_job_saves_and_the_job_completes(slurm_cluster, tiny_args
         assert f"[rank {rank}/4] WARNING megatron_lite.training.fault: received SIGUSR1" in log, log
     step = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 0 < step < 100000 and len(losses(run)) == step
+    # the job log's last word on the launch: one summary, by rank 0, naming the checkpoint it saved
+    summary = (
+        f"[rank 0/4] INFO megatron_lite.training.trainer: run summary: steps 1-{step} of 100000 ({step} this launch)"
+    )
+    said = [line for line in log.splitlines() if "run summary: " in line]
+    assert len(said) == 1 and summary in said[0], said
+    assert said[0].endswith(f" | checkpoint {run / 'checkpoints' / f'step_{step:08d}'}"), said

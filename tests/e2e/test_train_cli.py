@@ -16,6 +16,8 @@ from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import step_lines
 from megatron_lite.training.trackers import Trackers
 
+WALL = r"(?:\d+\.\d s|\d+m\d\ds|\d+h\d\dm)"  # progress.duration
+
 
 def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -39,6 +41,17 @@ def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog)
     # the run log: one line per row and one per evaluation (metrics.step_lines), each said once
     said = [m for m in caplog.messages if re.match(r"step \d+/6 \| ", m)]
     assert said == [line for r in records for line in step_lines(r, 6, 8 * 32)], said
+    # and one closing line: this launch's steps, wall time, mean tokens/s, last losses, last checkpoint
+    (summary,) = [m for m in caplog.messages if m.startswith("run summary: ")]
+    last, where = records[-1], re.escape(str(run / "checkpoints" / "step_00000006"))
+    m = re.fullmatch(
+        rf"run summary: steps 1-6 of 6 \(6 this launch\) in {WALL} \| ([\d,]+) tokens/s \| "
+        rf"final loss {last['loss']:.4f} \| eval loss {last['eval_loss']:.4f} \(step 6\) \| checkpoint {where}",
+        summary,
+    )
+    assert m, summary
+    rates = [r["tokens_per_s"] for r in records]  # the mean over the steps' time lies among the rows' rates
+    assert min(rates) - 1 <= int(m[1].replace(",", "")) <= max(rates) + 1, (summary, rates)
     assert (run / "config.yaml").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     # every checkpoint.every steps, and at the end

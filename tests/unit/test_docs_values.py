@@ -5,7 +5,8 @@ from pathlib import Path
 
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
-from megatron_lite.training.metrics import step_lines
+from megatron_lite.config import TrainConfig
+from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,4 +39,14 @@ def test_readme_shows_the_line_the_trainer_logs_for_a_step():
     """The quickstart's step 10 (global batch 8 x 256 tokens, 300 steps), as metrics.jsonl has it."""
     row = {"step": 10, "loss": 7.82997, "lr": 1e-3 * 10 / 30, "grad_norm": 2.49725, "tokens_per_s": 1428.79}
     (line,) = step_lines({**row, "mfu": 0.27110, "consumed_samples": 80, "skipped_steps": 0}, 300, 8 * 256)
+    assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line
+
+
+def test_readme_shows_the_summary_line_the_trainer_logs_at_the_end():
+    """The quickstart's last line: 300 steps of 8 x 256 tokens in 1h11m30s, at 1,431 tokens/s."""
+    throughput = Throughput(1.0, None)
+    throughput.add(300 * 8 * 256, 300 * 8 * 256 / 1431)
+    history = [{"step": 300, "loss": 4.48702, "eval_loss": 4.61198}]
+    where = "runs/quickstart/checkpoints/step_00000300"
+    (line,) = closing_lines(TrainConfig(steps=300), 0, history, False, 4290.0, throughput, where)
     assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megatron_lite.progress import progress_bar
+from megatron_lite.progress import duration, progress_bar
 
 
 class Stream(io.StringIO):
@@ -27,3 +27,16 @@ def test_a_bar_is_drawn_where_shown_on_a_terminal_only(terminal, show, drawn, mo
             bar.update(1)
     assert ("3/3" in stderr.getvalue()) == drawn, stderr.getvalue()
     assert ("\r" in stderr.getvalue()) == drawn
+
+
+def test_durations_read_as_seconds_then_minutes_then_hours():
+    assert [duration(s) for s in (0.04, 59.94, 60, 725.9, 3599, 3600, 11041, 400000)] == [
+        "0.0 s",
+        "59.9 s",
+        "1m00s",
+        "12m05s",
+        "59m59s",
+        "1h00m",
+        "3h04m",
+        "111h06m",
+    ]
