@@ -55,7 +55,7 @@ from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.data.token_range import dataset_record
 from megatron_lite.data.tokenizer import Tokenizer, is_tokenizer_record
 from megatron_lite.errors import UserError
-from megatron_lite.progress import progress_bar
+from megatron_lite.progress import ProgressLines, byte_progress
 
 _PIECE_CHARS = 1 << 20  # characters of text per sentencepiece call (memory ~50x that while it runs)
 _READ_BYTES = 1 << 20  # block size for reading a plain-text document
@@ -133,7 +133,7 @@ class Splitter:
         yield pending
 
 
-def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
+def _json_documents(path: Path, json_key: str, bar: tqdm | ProgressLines, stats: dict) -> Iterator[Iterable[str]]:
     """Each non-blank line of ``path`` is a JSON object; yield its ``json_key`` string (as one chunk)."""
     with InputReader(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -145,7 +145,7 @@ def _json_documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterat
                 yield (text,)
 
 
-def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
+def _text_chunks(path: Path, bar: tqdm | ProgressLines, stats: dict) -> Iterator[str]:
     """The whole file as one document, decoded block by block (the same text as decoding it at once)."""
     lenient = codecs.getincrementaldecoder("utf-8")(errors="replace")
     strict = codecs.getincrementaldecoder("utf-8")(errors="strict")
@@ -170,7 +170,7 @@ def _text_chunks(path: Path, bar: tqdm, stats: dict) -> Iterator[str]:
     yield lenient.decode(b"", final=True)
 
 
-def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[Iterable[str]]:
+def _documents(path: Path, json_key: str, bar: tqdm | ProgressLines, stats: dict) -> Iterator[Iterable[str]]:
     """Each document of ``path`` as an iterable of text chunks, to be consumed before the next."""
     if is_jsonl(path):
         yield from _json_documents(path, json_key, bar, stats)
@@ -179,7 +179,7 @@ def _documents(path: Path, json_key: str, bar: tqdm, stats: dict) -> Iterator[It
 
 
 def _pieces(
-    files: list[Path], json_key: str, splitter: Splitter, bar: tqdm, stats: dict, found: list[Found]
+    files: list[Path], json_key: str, splitter: Splitter, bar: tqdm | ProgressLines, stats: dict, found: list[Found]
 ) -> Iterator[str | None]:
     """The text of every document of ``files``, in pieces (:class:`Splitter`), each document followed
     by None; what each file held is appended to ``found`` once it is read."""
@@ -307,7 +307,9 @@ def _build(
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     found: list[Found] = []
     start = time.perf_counter()
-    bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc="tokenizing")
+    bar = byte_progress(
+        progress, total, "tokenizing", lambda: f"{stats['documents']:,} documents, {stats['tokens']:,} tokens"
+    )
     splitter = Splitter(tok)
     eos = np.array([tok.eos_id] if append_eos else [], dtype=np.int64)
     pool = EncodingPool(tok, workers) if workers > 1 else None  # its processes start with the first batch

@@ -35,7 +35,7 @@ from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
-from megatron_lite.progress import progress_bar
+from megatron_lite.progress import ProgressLines, byte_progress
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NEWLINE = "\n"
@@ -99,7 +99,7 @@ def _text_lines(raw: bytes, path: Path, lineno: int, json_key: str | None, stats
 
 
 def _sample_lines(
-    files: list[Path], max_bytes: int, bar: tqdm, counts: dict | None = None, json_key: str = "text"
+    files: list[Path], max_bytes: int, bar: tqdm | ProgressLines, counts: dict | None = None, json_key: str = "text"
 ) -> Iterator[str]:
     """Yield lines (without newlines) from ``files``, keeping about ``max_bytes`` of them.
 
@@ -265,8 +265,8 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
     """Train the model of :func:`train_tokenizer` on a sample of ``files``: its bytes and its record."""
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
-    with progress_bar(progress, total=total, unit="B", unit_scale=True, desc="tokenizer sample") as bar:
-        counts: dict = {}
+    counts: dict = {"lines": 0}
+    with byte_progress(progress, total, "tokenizer sample", lambda: f"{counts['lines']:,} lines sampled") as bar:
         failed: list[Exception] = []  # a reading error, which sentencepiece would wrap as its own
         lines = _recording(_sample_lines(files, max_bytes, bar, counts, json_key), failed)
         try:

@@ -6,6 +6,7 @@ from pathlib import Path
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 from megatron_lite.config import TrainConfig
+from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 
@@ -50,3 +51,7 @@ def test_readme_shows_the_summary_line_the_trainer_logs_at_the_end():
     where = "runs/quickstart/checkpoints/step_00000300"
     (line,) = closing_lines(TrainConfig(steps=300), 0, history, False, 4290.0, throughput, where)
     assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line
+
+
+def test_readme_states_the_interval_of_the_progress_lines_in_a_job_log():
+    assert f"a dated line every {LOG_EVERY_S:.0f} s says how far the read got" in _flat(README)

@@ -1,12 +1,18 @@
 """Progress bars are drawn on a terminal only: in a file (a SLURM job log) tqdm's carriage-return
-redraws would pile up into one long line."""
+redraws would pile up into one long line, so a long read logs a line now and then instead."""
 
 import io
+import json
+import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
+from tqdm import tqdm
 
-from megatron_lite.progress import duration, progress_bar
+from megatron_lite import progress
+from megatron_lite.cli import main
+from megatron_lite.progress import byte_progress, duration, progress_bar
 
 
 class Stream(io.StringIO):
@@ -40,3 +46,53 @@ def test_durations_read_as_seconds_then_minutes_then_hours():
         "3h04m",
         "111h06m",
     ]
+
+
+def test_in_a_job_log_a_long_read_logs_one_line_per_interval_with_its_counts_rate_and_eta(monkeypatch, caplog):
+    """stderr is a file: no bar, but a dated line every LOG_EVERY_S seconds (a clock of our own here:
+    one MB read a second); on a terminal the bar instead, and nothing where progress is off."""
+    now = [1000.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(sys, "stderr", Stream(False))
+    caplog.set_level(logging.INFO, logger="megatron_lite.progress")
+    docs = [0]
+    with byte_progress(True, 100_000_000, "tokenizing", lambda: f"{docs[0]:,} documents") as meter:
+        for _ in range(100):
+            now[0] += 1
+            docs[0] += 1
+            meter.update(1_000_000)
+    assert caplog.messages == [
+        f"tokenizing | {s} documents | {s}.0 of 100.0 MB read ({s}%) | 1.0 MB/s | ETA {eta}"
+        for s, eta in ((30, "1m10s"), (60, "40.0 s"), (90, "10.0 s"))
+    ]
+    caplog.clear()
+    for terminal, show in ((True, True), (False, False)):
+        monkeypatch.setattr(sys, "stderr", Stream(terminal))
+        with byte_progress(show, 100, "tokenizing") as meter:
+            now[0] += 3600
+            meter.update(100)
+        assert isinstance(meter, tqdm) and caplog.messages == []
+
+
+def test_preprocess_and_tokenizer_train_in_a_job_log_say_how_far_they_got(tmp_path, monkeypatch, capsys, caplog):
+    """Both verbs with stderr not a terminal (a SLURM job's log): progress lines through logging, with
+    what was read so far (a tiny interval: a line at every document read)."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    caplog.set_level(logging.INFO, logger="megatron_lite.progress")
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(200)))
+    tok = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--input", str(src), "--output", str(tok), "--vocab-size", "300"]) == 0
+    sampled = [m for m in caplog.messages if m.startswith("tokenizer sample | ")]
+    assert [int(m.split(" | ")[1].split()[0]) for m in sampled] == list(range(0, 400, 2)), sampled[:3]
+    assert "(100%)" in sampled[-1] and "\r" not in capsys.readouterr().err
+    caplog.clear()
+    assert (
+        main(["preprocess", "--input", str(src), "--tokenizer", f"{tok}.model", "--output", str(tmp_path / "d")]) == 0
+    )
+    stats = json.loads(capsys.readouterr().out)
+    said = [m.split(" | ") for m in caplog.messages if m.startswith("tokenizing | ")]
+    assert [int(s[1].split()[0]) for s in said] == list(range(200)), said[:3]  # documents written before each read
+    tokens = [int(s[1].split(", ")[1].split()[0].replace(",", "")) for s in said]
+    assert tokens == sorted(tokens) and 0 < tokens[-1] < stats["tokens"], (tokens[-3:], stats)
+    assert said[-1][2].endswith("MB read (100%)") and said[-1][4] == "ETA 0.0 s", said[-1]
