@@ -218,6 +218,12 @@ def test_a_relaunch_config_derives_dp_again_and_keeps_a_dp_given(tmp_path):
     assert validate(again, world_size=2).parallel.dp == 2
     resolved("train.micro_batch_size=4").save(path)
     assert load_config(path).parallel.dp == 1
+    # the global batch is kept: where the new dp does not divide it, the error says where dp came from
+    resolved("train.micro_batch_size=8", "train.global_batch_size=8").save(path, relaunch=True)
+    with pytest.raises(
+        UserError, match=r"= 8 x 2 = 16 \(dp = world size 2 / \(tp x pp\)\); set train.global_batch_size=16"
+    ):
+        validate(fill_defaults(load_config(path), 100), world_size=2)
     resolved("train.micro_batch_size=4", "parallel.dp=1").save(path, relaunch=True)
     fixed = fill_defaults(load_config(path), 100)
     assert fixed.parallel.dp == 1
