@@ -275,7 +275,7 @@ def _check_layout(cfg: Config, world_size: int) -> int:
         else:  # the largest micro batch, up to the current one, that divides each rank's share
             micro = _largest_divisor_upto(per_rank, t.micro_batch_size)
             fix += f" or train.micro_batch_size={micro} (a divisor of global / dp = {per_rank})"
-        # a dp derived from the world size is named as such: a relaunch on more ranks changed it
+        # a dp derived from the world size is named as such: a relaunch on another world size changes it
         why = f" (dp = world size {world_size} / (tp x pp))" if "parallel.dp" in cfg.world_derived else ""
         raise UserError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
