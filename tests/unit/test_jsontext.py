@@ -12,7 +12,7 @@ import pytest
 
 from megatron_lite import jsontext
 from megatron_lite.convert.to_hf import STAGING_MARKER, _remove_stale_staging
-from megatron_lite.data import corpus, preprocess, tempfiles, tokenizer
+from megatron_lite.data import corpus, preprocess, tempfiles, tokenizer_train
 from megatron_lite.errors import UserError
 from megatron_lite.training import metrics, trackers
 
@@ -60,7 +60,7 @@ def _tokenizer_record(tmp_path, monkeypatch):
     """``tokenizer train`` keeps a PREFIX.json it cannot read as its own record."""
     (tmp_path / "tok.json").write_text(NESTED)
     with pytest.raises(UserError, match=r"tok.json exists and is not a tokenizer record written by"):
-        tokenizer._output_paths([], tmp_path / "tok")
+        tokenizer_train._output_paths([], tmp_path / "tok")
     assert (tmp_path / "tok.json").read_text() == NESTED
 
 
