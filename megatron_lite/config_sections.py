@@ -72,8 +72,11 @@ class ParallelConfig:
     """Launch each gradient bucket's reduction as soon as it is ready, during backward."""
     overlap_param_gather: bool = True
     """All-gather updated parameters bucket by bucket, overlapped with the next forward."""
-    bucket_mb: int = 0
-    """Gradient bucket size in MiB of fp32 grads (0: 160 MiB, i.e. Megatron's 40M elements)."""
+    bucket_mb: float = 0
+    """Gradient bucket size in MiB of fp32 grads, a fraction allowed (0.01: 2,621 elements; Megatron's
+    ``--ddp-bucket-size`` counts elements, 4 bytes each here). 0: the default, 40M elements (160 MiB)
+    or 1M per data-parallel rank, whichever is larger. A bucket closes at the first whole parameter
+    reaching the size, so a size below one parameter gives one bucket per parameter."""
     timeout_s: float = 600.0
     """Seconds any collective or P2P may take before the run fails with an error (not a hang)."""
 

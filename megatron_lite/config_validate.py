@@ -37,6 +37,9 @@ MAX_MICROBATCHES = 2**16
 # 2**20 is past the longest context of any released model of the supported families (Qwen2.5-1M:
 # 1,010,000 positions).
 MAX_SEQ_LEN = 2**20
+# parallel.bucket_mb at most: one bucket already holds every gradient of any model that trains; 1e308
+# (finite) would overflow to inf in bytes.
+MAX_BUCKET_MB = 2**20
 _POSITIVE = {
     "model": ("layers", "hidden", "heads", "seq_len"),
     "parallel": ("tp", "pp", "vp"),
@@ -58,7 +61,10 @@ _RANGES = {
     ("model", "rope_theta"): (lambda v: v > 0, "> 0"),
     ("model", "norm_eps"): (lambda v: v > 0, "> 0"),
     ("model", "init_std"): (lambda v: v >= 0, ">= 0"),
-    ("parallel", "bucket_mb"): (lambda v: v >= 0, ">= 0 (0: the default size)"),
+    ("parallel", "bucket_mb"): (
+        lambda v: 0 <= v <= MAX_BUCKET_MB,
+        f"0 (the default size) or a positive number of MiB up to {MAX_BUCKET_MB:,} (2**20, 1 TiB)",
+    ),
     ("parallel", "timeout_s"): (lambda v: v > 0, "> 0 seconds"),
     ("optim", "lr"): (lambda v: 0 < v <= _OPTIM_MAX, f"a number in (0, {_OPTIM_MAX:g}]"),
     ("optim", "min_lr"): (lambda v: 0 <= v <= _OPTIM_MAX, f"a number in [0, {_OPTIM_MAX:g}]"),

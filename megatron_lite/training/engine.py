@@ -75,7 +75,7 @@ class Engine:
             fp8.enable(self.chunks, dtype, mesh.dp_group)
         self.scaler = self.precision.make_scaler()
         self.runtime = self._build_runtime() if mesh.pp_size > 1 else None
-        bucket = cfg.parallel.bucket_mb * 2**20 if cfg.parallel.bucket_mb else None
+        bucket = round(cfg.parallel.bucket_mb * 2**20) if cfg.parallel.bucket_mb else None
         tied = self.runtime.tied if self.runtime is not None else None
         self.ddp = DataParallelGrads(
             self.chunks,

@@ -235,7 +235,8 @@ def test_a_relaunch_config_derives_dp_again_and_keeps_a_dp_given(tmp_path):
     "override",
     ["optim.beta1=1.5", "optim.eps=-1", "model.init_std=-0.02", "model.norm_eps=-1", "model.rope_theta=0",
      "optim.lr=inf", "optim.warmup=-1", "optim.weight_decay=-0.1", "optim.clip_grad=-1", "parallel.timeout_s=0",
-     "parallel.bucket_mb=-1", "checkpoint.every=-1", "model.seq_len=1e12",
+     "parallel.bucket_mb=-1", "parallel.bucket_mb=nan", "parallel.bucket_mb=inf", "parallel.bucket_mb=1e308",
+     "checkpoint.every=-1", "model.seq_len=1e12",
      "train.eval_every=-5", "train.exit_after=-1", "train.exit_after=0", "optim.decay_steps=-3", "optim.beta2=nan",
      "optim.lr=1e308", "optim.min_lr=1e39", "optim.eps=1e38", "optim.weight_decay=1e20"],
 )  # fmt: skip
@@ -246,6 +247,15 @@ def test_out_of_range_values_are_one_error_naming_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(UserError, match=rf"^{key} must be .*, got "):
         resolved(override)
+
+
+def test_a_fractional_bucket_size_is_kept_and_saved(tmp_path):
+    """parallel.bucket_mb sizes buckets below 1 MiB (tiny models, several buckets per chunk)."""
+    cfg = resolved("parallel.bucket_mb=0.01")
+    assert cfg.parallel.bucket_mb == 0.01
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml").parallel.bucket_mb == 0.01
+    assert resolved("parallel.bucket_mb=2").parallel.bucket_mb == 2
 
 
 def test_null_or_empty_string_keys_are_refused_not_the_text_none(tmp_path):
