@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,9 @@ from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
-from megatron_lite.progress import ProgressLines, byte_progress
+from megatron_lite.progress import ProgressLines, above_progress_bar, byte_progress, duration
+
+log = logging.getLogger(__name__)
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 NEWLINE = "\n"
@@ -109,11 +113,13 @@ def _sample_lines(
     side. A line longer than sentencepiece takes is cut into pieces (``_line_pieces``). A compressed
     input counts at its size on disk, so inputs that decompress to far more than ``max_bytes`` can
     fill the sample before the last files are reached.
-    ``counts["lines"]`` counts the lines yielded; ``counts["invalid_utf8"]`` holds, for each file, the
-    lines sampled and how many of them held bytes that are not UTF-8.
+    ``counts["lines"]`` and ``counts["bytes"]`` count the lines yielded and their UTF-8 bytes;
+    ``counts["invalid_utf8"]`` holds, for each file, the lines sampled and how many of them held bytes
+    that are not UTF-8.
     """
     counts = {} if counts is None else counts
     counts.setdefault("lines", 0)
+    counts.setdefault("bytes", 0)
     invalid_utf8 = counts.setdefault("invalid_utf8", {})
     total = sum(p.stat().st_size for p in files)
     keep = 1.0 if total <= max_bytes else max_bytes / total
@@ -133,6 +139,7 @@ def _sample_lines(
                     continue
                 taken += len(raw)
                 for line in lines:
+                    counts["bytes"] += len(line.encode("utf-8"))
                     for piece in _line_pieces(line):
                         counts["lines"] += 1
                         yield piece
@@ -227,6 +234,16 @@ def _recording(lines: Iterator[str], failed: list[Exception]) -> Iterator[str]:
         raise
 
 
+def _announced(lines: Iterator[str], counts: dict, vocab_size: int, started: list[float]) -> Iterator[str]:
+    """``lines``, then a log line saying that training starts, with the time it starts appended to
+    ``started``: sentencepiece reads every sentence before it trains (minutes on a large sample), so the
+    sample's end is the training's start."""
+    yield from lines
+    size = f"{counts['bytes'] / 1e6:,.1f} MB of sample lines ({counts['lines']:,} lines)"
+    log.info("training a %s-piece BPE on %s...", f"{vocab_size:,}", size)
+    started.append(time.monotonic())
+
+
 def train_tokenizer(
     inputs: Sequence[str | Path],
     out_prefix: str | Path,
@@ -266,9 +283,13 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
     total = sum(p.stat().st_size for p in files)
     model = io.BytesIO()
     counts: dict = {"lines": 0}
-    with byte_progress(progress, total, "tokenizer sample", lambda: f"{counts['lines']:,} lines sampled") as bar:
+    started: list[float] = []  # when the sample ended and sentencepiece's training began
+    meter = byte_progress(progress, total, "tokenizer sample", lambda: f"{counts['lines']:,} lines sampled")
+    with meter as bar, above_progress_bar():
         failed: list[Exception] = []  # a reading error, which sentencepiece would wrap as its own
         lines = _recording(_sample_lines(files, max_bytes, bar, counts, json_key), failed)
+        if progress:
+            lines = _announced(lines, counts, vocab_size, started)
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=lines,
@@ -289,6 +310,8 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
             raise UserError(
                 f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
             ) from e
+    if started:
+        log.info("trained the %s-piece tokenizer in %s", f"{vocab_size:,}", duration(time.monotonic() - started[0]))
     invalid = counts["invalid_utf8"].items()
     warn_invalid_utf8([(path, read["decode_errors"], read["sampled"]) for path, read in invalid], "sampled lines")
     data = model.getvalue()

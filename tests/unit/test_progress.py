@@ -76,9 +76,11 @@ def test_in_a_job_log_a_long_read_logs_one_line_per_interval_with_its_counts_rat
 
 def test_preprocess_and_tokenizer_train_in_a_job_log_say_how_far_they_got(tmp_path, monkeypatch, capsys, caplog):
     """Both verbs with stderr not a terminal (a SLURM job's log): progress lines through logging, with
-    what was read so far (a tiny interval: a line at every document read)."""
+    what was read so far (a tiny interval: a line at every document read); tokenizer train then says
+    that sentencepiece trains, and in how long."""
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     caplog.set_level(logging.INFO, logger="megatron_lite.progress")
+    caplog.set_level(logging.INFO, logger="megatron_lite.data.tokenizer_train")
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(200)))
     tok = tmp_path / "tok"
@@ -86,6 +88,9 @@ def test_preprocess_and_tokenizer_train_in_a_job_log_say_how_far_they_got(tmp_pa
     sampled = [m for m in caplog.messages if m.startswith("tokenizer sample | ")]
     assert [int(m.split(" | ")[1].split()[0]) for m in sampled] == list(range(0, 400, 2)), sampled[:3]
     assert "(100%)" in sampled[-1] and "\r" not in capsys.readouterr().err
+    assert caplog.messages[-3] == sampled[-1], caplog.messages[-3:]
+    assert caplog.messages[-2].startswith("training a 300-piece BPE on 0.0 MB of sample lines (400 lines)")
+    assert caplog.messages[-1].startswith("trained the 300-piece tokenizer in ")
     caplog.clear()
     assert (
         main(["preprocess", "--input", str(src), "--tokenizer", f"{tok}.model", "--output", str(tmp_path / "d")]) == 0

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import logging
+import re
 
 import pytest
 
@@ -101,6 +103,21 @@ def test_bounded_sample_still_trains(corpus, tmp_path):
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["training"]["max_bytes"] == 20_000
     assert Tokenizer(path).decode(Tokenizer(path).encode(SAMPLES[0])) == SAMPLES[0]
+
+
+def test_training_logs_a_line_before_and_after_sentencepiece_trains_where_progress_is_on(corpus, tmp_path, caplog):
+    """Sentencepiece trains silently after the sample is read: a line names what it trains on, one
+    its time; neither where progress is off (``--quiet``)."""
+    caplog.set_level(logging.INFO, logger="megatron_lite.data.tokenizer_train")
+    lines = [line for path in corpus for line in path.read_text().split("\n") if line]
+    megabytes = sum(len(line.encode()) for line in lines) / 1e6
+    train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=True)
+    before, after = caplog.messages
+    assert before == f"training a {VOCAB}-piece BPE on {megabytes:.1f} MB of sample lines ({len(lines):,} lines)..."
+    assert re.fullmatch(rf"trained the {VOCAB}-piece tokenizer in \d+\.\d s", after), after
+    caplog.clear()
+    train_tokenizer(corpus, tmp_path / "quiet", VOCAB, progress=False)
+    assert caplog.messages == []
 
 
 def test_missing_model_names_path_and_fix(tmp_path):
