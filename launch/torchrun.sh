@@ -40,14 +40,21 @@ fi
   NPROC_PER_NODE="$NPROC_PER_NODE" MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" RDZV_BACKEND="$RDZV_BACKEND" \
   || { status=$?; [ "$status" -eq 2 ] || echo "launch/torchrun.sh: PYTHON=$PYTHON cannot run megatron-lite (see above):" \
        "set PYTHON to the interpreter with megatron-lite installed" >&2; exit 2; }
-if [ "$NPROC_PER_NODE" = gpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  echo "launch/torchrun.sh: no CUDA device here (or no torch for $PYTHON); for CPU ranks set" \
-       "NPROC_PER_NODE=<ranks>, e.g. NPROC_PER_NODE=4 bash launch/torchrun.sh ..." >&2
-  exit 2
+if [ "$NPROC_PER_NODE" = gpu ]; then
+  # every visible GPU, counted as torchrun counts them for `gpu` (CUDA_VISIBLE_DEVICES applies), so
+  # that the thread setting below sees the number of ranks
+  NPROC_PER_NODE=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" \
+    2>/dev/null) || NPROC_PER_NODE=0
+  if ! [ "$NPROC_PER_NODE" -ge 1 ] 2>/dev/null; then
+    echo "launch/torchrun.sh: no CUDA device here (or no torch for $PYTHON); for CPU ranks set" \
+         "NPROC_PER_NODE=<ranks>, e.g. NPROC_PER_NODE=4 bash launch/torchrun.sh ..." >&2
+    exit 2
+  fi
 fi
-# one thread per rank: torchrun's own default for several ranks, set here so that torchrun does not
-# print its four-line warning about it into every job's log (launch/train.sbatch does the same)
-[ "$NPROC_PER_NODE" = 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# one thread per rank: torchrun's own default for several ranks on a machine, set here so that
+# torchrun does not print its four-line warning about it into every job's log (launch/train.sbatch
+# does the same); one rank keeps every core, as under torchrun
+[ "$NPROC_PER_NODE" -eq 1 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [ "$NNODES" -eq 1 ]; then
   # --standalone: a private rendezvous on a free local port; nothing to configure.
   exec "$PYTHON" -m megatron_lite.launcher.torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" \

@@ -291,6 +291,48 @@ def test_torchrun_script_refuses_a_bad_variable_in_one_line_before_torchrun_star
     assert r.returncode == 2 and r.stderr.splitlines() == [f"launch/torchrun.sh: {line}"], r.stderr
 
 
+def _torchrun_start(tmp_path: Path, gpus: int, **env: str) -> subprocess.CompletedProcess:
+    """launch/torchrun.sh on a machine with ``gpus`` GPUs (as torch counts them), one line for the torchrun
+    it would start: its OMP_NUM_THREADS and its arguments."""
+    stub = tmp_path / "python"  # the interpreter, but torch's GPU count is `gpus` and torchrun only says how it starts
+    stub.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        f'  "-c "*torch.cuda*) echo {gpus}; exit {0 if gpus else 1};;\n'
+        '  "-m megatron_lite.launcher.torchrun") shift 2\n'
+        '    echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-unset} $*"; exit 0;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    stub.chmod(0o755)
+    return _run_launch_script("torchrun.sh", {"PYTHON": str(stub), **env})
+
+
+@pytest.mark.parametrize(
+    "gpus, nproc, threads",
+    [(1, "gpu", "unset"), (4, "gpu", "1"), (4, "1", "unset"), (0, "2", "1")],
+)
+def test_torchrun_script_sets_one_thread_per_rank_only_for_several_ranks_on_a_machine(
+    tmp_path, monkeypatch, gpus, nproc, threads
+):
+    """Several ranks on a machine get one thread each (torchrun's default); NPROC_PER_NODE=gpu on a
+    one-GPU machine is one rank, left every core as torchrun leaves it. `gpu` reaches torchrun as the
+    count it stands for."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    r = _torchrun_start(tmp_path, gpus, NPROC_PER_NODE=nproc)
+    ranks = gpus if nproc == "gpu" else int(nproc)
+    assert r.returncode == 0 and r.stdout.startswith(f"OMP_NUM_THREADS={threads} --standalone "), r.stdout + r.stderr
+    assert f" --nproc_per_node={ranks} " in r.stdout, r.stdout
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's own setting stands
+    assert _torchrun_start(tmp_path, gpus, NPROC_PER_NODE=nproc).stdout.startswith("OMP_NUM_THREADS=6 ")
+
+
+def test_torchrun_script_with_gpu_ranks_and_no_gpu_refuses_naming_cpu_ranks(tmp_path):
+    r = _torchrun_start(tmp_path, 0, NPROC_PER_NODE="gpu")
+    assert r.returncode == 2 and r.stdout == "" and "launch/torchrun.sh: no CUDA device here" in r.stderr, r.stderr
+    assert "NPROC_PER_NODE=<ranks>" in r.stderr
+
+
 def test_torchrun_script_names_a_python_that_is_not_there():
     r = _run_launch_script("torchrun.sh", {"PYTHON": "no-such-python3"})
     assert r.returncode == 2 and r.stderr.splitlines() == [
