@@ -74,7 +74,7 @@ class Run:
         self.ddp = DataParallelGrads(
             self.model,
             mesh.dp_group,
-            bucket_bytes=args.bucket_mb * 2**20,
+            bucket_bytes=round(args.bucket_mb * 2**20),
             overlap=overlap,
             reduce_scatter=distributed,
             on_event=self.clock,
@@ -186,7 +186,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--micro", type=int, default=2, help="microbatches per step (gradient accumulation)")
-    p.add_argument("--bucket-mb", type=int, default=16)
+    p.add_argument("--bucket-mb", type=float, default=16.0)
     p.add_argument("--rounds", type=int, default=3, help="passes over the four configurations")
     p.add_argument("--steps", type=int, default=2, help="measured steps per configuration and round")
     p.add_argument("--json", help="also write the figures here")
