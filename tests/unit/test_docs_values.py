@@ -6,7 +6,7 @@ from pathlib import Path
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 from megatron_lite.config import TrainConfig
-from megatron_lite.progress import LOG_EVERY_S
+from megatron_lite.progress import LOG_EVERY_S, duration
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 
@@ -37,20 +37,29 @@ def test_readme_lists_the_gpu_check_parts_and_budget_of_the_script():
 
 
 def test_readme_shows_the_line_the_trainer_logs_for_a_step():
-    """The quickstart's step 10 (global batch 8 x 256 tokens, 300 steps), as metrics.jsonl has it."""
-    row = {"step": 10, "loss": 7.82997, "lr": 1e-3 * 10 / 30, "grad_norm": 2.49725, "tokens_per_s": 1428.79}
-    (line,) = step_lines({**row, "mfu": 0.27110, "consumed_samples": 80, "skipped_steps": 0}, 300, 8 * 256)
+    """The quickstart's step 10 (global batch 8 x 256 tokens, 300 steps), as metrics.jsonl has it, and
+    the loss the README's prose states for it."""
+    row = {"step": 10, "loss": 7.82997, "lr": 1e-3 * 10 / 30, "grad_norm": 2.49725, "tokens_per_s": 567.958}
+    (line,) = step_lines({**row, "mfu": 0.139788, "consumed_samples": 80, "skipped_steps": 0}, 300, 8 * 256)
     assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line
+    assert f"{row['loss']:.1f} at step 10 (the first logged step)" in _flat(README)
 
 
 def test_readme_shows_the_summary_line_the_trainer_logs_at_the_end():
-    """The quickstart's last line: 300 steps of 8 x 256 tokens in 1h11m30s, at 1,431 tokens/s."""
+    """The quickstart's last line: 300 steps of 8 x 256 tokens at 1,108 tokens/s (554 s of steps) in
+    569 s of wall time, setup and evaluations included; the prose states its losses and wall time."""
+    tokens, tps, wall = 300 * 8 * 256, 1108.0, 569.0
     throughput = Throughput(1.0, None)
-    throughput.add(300 * 8 * 256, 300 * 8 * 256 / 1431)
-    history = [{"step": 300, "loss": 4.48702, "eval_loss": 4.61198}]
+    throughput.add(tokens, tokens / tps)
+    history = [{"step": 300, "loss": 4.48272, "eval_loss": 4.18957}]
     where = "runs/quickstart/checkpoints/step_00000300"
-    (line,) = closing_lines(TrainConfig(steps=300), 0, history, False, 4290.0, throughput, where)
+    (line,) = closing_lines(TrainConfig(steps=300), 0, history, False, wall, throughput, where)
     assert f" INFO megatron_lite.training.trainer: {line}\n" in README, line
+    prose = (
+        f"about {history[0]['loss']:.1f} at step 300, with an evaluation loss of about {history[0]['eval_loss']:.1f}"
+    )
+    assert prose in _flat(README)
+    assert f"cores with other jobs: {duration(wall)})" in _flat(README)
 
 
 def test_readme_states_the_interval_of_the_progress_lines_in_a_job_log():
