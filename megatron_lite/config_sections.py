@@ -175,7 +175,8 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None
-    """Checkpoint directory. Default: ``<log.dir>/checkpoints``."""
+    """Checkpoint directory. Default: ``<log.dir>/checkpoints``, derived again by a relaunch from the
+    run's ``config.yaml`` (which leaves it empty), so a relaunch with another ``log.dir`` keeps its own."""
     every: int = 0
     """Save every N steps (0: only at the end)."""
     keep: int = 2
@@ -232,8 +233,10 @@ class Config:
         self.replaced_overrides: list[str] = []
         """Overrides that a later one of the same key replaced: one line each, for
         :func:`~megatron_lite.config.config_warnings`."""
-        self.world_derived: set[str] = set()
-        """Keys left empty that :func:`~megatron_lite.config.validate` filled from the world size
+        self.derived: set[str] = set()
+        """Keys left empty that :func:`~megatron_lite.config.fill_defaults` filled from other keys
+        (``checkpoint.dir`` from ``log.dir``, model sizes from ``model.heads``/``hidden``/``arch``, the
+        tokenizer's ``model.vocab_size``) or :func:`~megatron_lite.config.validate` from the world size
         (``parallel.dp``): :meth:`save` with ``relaunch`` writes them empty again."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -247,12 +250,13 @@ class Config:
         """Write the resolved config as YAML (loadable with :func:`~megatron_lite.config.load_config`).
         ``relaunch``: as a relaunch of the run continues it, with ``checkpoint.resume=auto``: a one-off
         ``none`` or step path would be refused, or rewind the run, on every relaunch from the file. And
-        what was derived from the world size (:attr:`world_derived`) is left empty, to be derived again:
-        a relaunch on more or fewer ranks resumes, its checkpoint resharded on load."""
+        what was derived from other keys or the world size (:attr:`derived`) is left empty, to be
+        derived again: a relaunch on more or fewer ranks resumes, its checkpoint resharded on load, and
+        one with another ``log.dir`` keeps its checkpoints in that directory, not the first run's."""
         data = self.to_dict()
         if relaunch:
             data["checkpoint"]["resume"] = "auto"
-            for dotted in self.world_derived:
+            for dotted in self.derived:
                 section, key = dotted.split(".")
                 data[section][key] = None
         Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -86,9 +86,13 @@ _RANGES = {
 
 
 def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
-    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps)."""
+    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps, log.dir).
+    Each key filled from another is recorded in ``cfg.derived``, so the relaunch config derives it
+    again from that key (``optim.decay_steps`` is kept resolved: README, "What a run leaves behind")."""
     m = cfg.model
     gpt2 = m.arch == "gpt2"
+    empty = {f"model.{k}" for k in _MODEL_DERIVED if getattr(m, k) in (None, "")}
+    empty |= {"checkpoint.dir"} if cfg.checkpoint.dir is None else set()
     m.kv_heads = m.heads if m.kv_heads is None else m.kv_heads
     if m.ffn_hidden is None:
         m.ffn_hidden = 4 * m.hidden if gpt2 else -(-(8 * m.hidden // 3) // 64) * 64
@@ -102,7 +106,14 @@ def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
         cfg.optim.decay_steps = max(cfg.train.steps - cfg.optim.warmup, 1)
     if cfg.checkpoint.dir is None:
         cfg.checkpoint.dir = str(Path(cfg.log.dir) / "checkpoints")
+    if m.vocab_size is None:  # no tokenizer yet: filled by a later call
+        empty.discard("model.vocab_size")
+    cfg.derived |= empty
     return cfg
+
+
+# model keys whose default follows another key: heads, hidden, arch, the tokenizer's vocabulary
+_MODEL_DERIVED = ("kv_heads", "ffn_hidden", "norm", "activation", "tie_embeddings", "vocab_size")
 
 
 def _check_fields(cfg: Config) -> None:
@@ -282,7 +293,7 @@ def _check_layout(cfg: Config, world_size: int) -> int:
             micro = _largest_divisor_upto(per_rank, t.micro_batch_size)
             fix += f" or train.micro_batch_size={micro} (a divisor of global / dp = {per_rank})"
         # a dp derived from the world size is named as such: a relaunch on another world size changes it
-        why = f" (dp = world size {world_size} / (tp x pp))" if "parallel.dp" in cfg.world_derived else ""
+        why = f" (dp = world size {world_size} / (tp x pp))" if "parallel.dp" in cfg.derived else ""
         raise UserError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}{why}; {fix}"
@@ -310,7 +321,7 @@ def _largest_divisor_upto(n: int, limit: int) -> int:
 
 def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Config:
     """Check every field and the cross-field arithmetic; fills ``parallel.dp`` (recorded in
-    ``cfg.world_derived`` where it was empty). Errors show the numbers.
+    ``cfg.derived`` where it was empty). Errors show the numbers.
 
     ``need_vocab=False`` allows an unresolved ``model.vocab_size`` (it comes from the tokenizer),
     so the layout can be checked before any data is opened.
@@ -319,7 +330,7 @@ def validate(cfg: Config, world_size: int = 1, need_vocab: bool = True) -> Confi
     _check_model(cfg.model, need_vocab)
     _check_sizes(cfg)
     if cfg.parallel.dp is None:
-        cfg.world_derived.add("parallel.dp")
+        cfg.derived.add("parallel.dp")
     cfg.parallel.dp = _check_layout(cfg, world_size)
     return cfg
 

@@ -77,7 +77,13 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
         assert main(["train", *parts, "train.exit_after=2"]) == 0  # resumed once
     assert "resumed from" in caplog.text and "other data" not in caplog.text  # the same data: no warning
     assert "learning-rate schedule" not in caplog.text
-    assert main(["train", *parts]) == 0  # and again, to the end
+    # a variant started from the run's config.yaml in another log.dir starts fresh in its own checkpoints
+    relaunch = ["train", "--config", str(tmp_path / "p" / "config.yaml")]
+    assert main([*relaunch, f"log.dir={tmp_path / 'v'}"]) == 0
+    assert losses(tmp_path / "v") == losses(tmp_path / "s")[:2]
+    assert (tmp_path / "v" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert (tmp_path / "p" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    assert main(relaunch) == 0  # while a relaunch in the same log.dir resumes, to the end
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
 
 

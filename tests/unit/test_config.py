@@ -1,6 +1,9 @@
 """Config loading, overrides, defaults and validation errors (each names the problem)."""
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from megatron_lite.config import (
     Config,
@@ -374,3 +377,24 @@ def test_the_largest_real_runs_are_far_inside_the_int64_limits():
     assert resolved(*big).train.steps == 10**7
     # read exactly, not through a float (1234567890123456768)
     assert load_config(None, ["train.steps=1.234567890123456789e18"]).train.steps == 1234567890123456789
+
+
+def test_a_relaunch_config_leaves_keys_derived_from_other_keys_empty(tmp_path):
+    """checkpoint.dir filled from log.dir (and model sizes filled from heads/hidden/arch) are written
+    empty, so a relaunch with another log.dir or model.heads derives them from its own; keys the user
+    gave are kept. A checkpoint's config (no relaunch) keeps them resolved."""
+    path = tmp_path / "config.yaml"
+    resolved("log.dir=runs/a").save(path, relaunch=True)
+    saved = yaml.safe_load(path.read_text())
+    assert saved["checkpoint"]["dir"] is None
+    assert [saved["model"][k] for k in ("kv_heads", "ffn_hidden", "norm", "activation", "tie_embeddings")] == [None] * 5
+    assert saved["optim"]["decay_steps"] is not None  # kept resolved on purpose (README)
+    again = fill_defaults(load_config(path, ["log.dir=runs/b", "model.heads=2", "model.hidden=16"]), 100)
+    assert again.checkpoint.dir == str(Path("runs/b") / "checkpoints")
+    assert again.model.kv_heads == 2
+    given = ["log.dir=runs/a", "checkpoint.dir=ckpts", "model.kv_heads=1", "model.norm=layernorm"]
+    resolved(*given).save(path, relaunch=True)
+    saved = yaml.safe_load(path.read_text())
+    assert (saved["checkpoint"]["dir"], saved["model"]["kv_heads"], saved["model"]["norm"]) == ("ckpts", 1, "layernorm")
+    resolved("log.dir=runs/a").save(path)
+    assert load_config(path).checkpoint.dir == str(Path("runs/a") / "checkpoints")
