@@ -238,10 +238,34 @@ def log_format(environ: Mapping[str, str] = os.environ) -> str:
     return "%(asctime)s " + tag + "%(levelname)s %(name)s: %(message)s"
 
 
+class PrefixedLines(logging.Formatter):
+    """Gives every line of a multi-line message (the kernel report, the rank-layout table) the
+    line prefix (date, rank, level, logger), so each line of a job log of many ranks can be
+    attributed and grepped; a traceback follows unprefixed, as Python prints it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        message = record.message
+        try:
+            lines = []
+            for line in message.split("\n"):
+                record.message = line
+                lines.append(super().formatMessage(record))
+        finally:
+            record.message = message
+        return "\n".join(lines)
+
+
+def console_handler(environ: Mapping[str, str] = os.environ) -> logging.Handler:
+    """The CLI's log handler: stderr, every line in :func:`log_format` (:class:`PrefixedLines`)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrefixedLines(log_format(environ), datefmt="%Y-%m-%d %H:%M:%S"))  # jobs run for days
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``megatron-lite`` console script."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=log_format(), datefmt="%Y-%m-%d %H:%M:%S")  # jobs run for days
+    logging.basicConfig(level=logging.INFO, handlers=[console_handler()])
     try:
         return args.fn(args)
     except UserError as e:
