@@ -127,14 +127,43 @@ def store_tile(DESC, b, h, start, tile, ROWS: tl.constexpr, HEAD_DIM: tl.constex
     DESC.store([b, h, start, 0], tile.to(DESC.dtype).reshape(1, 1, ROWS, HEAD_DIM))
 
 
+# The L2 cache of an H100 or H200. Programs are launched in sections of heads whose streamed tiles
+# (K and V for the forward and dQ, Q and dO for dK/dV) fit in it together (``section_heads``).
+L2_BYTES = 50 * 2**20
+
+
+def section_heads(heads: int, streamed_bytes: int, share: int = 1) -> int:
+    """Program heads per section of the launch order (of ``heads`` in all): the largest power of two
+    of heads whose ``streamed_bytes`` each fit in ``L2_BYTES`` together (at least one), times
+    ``share``, the program heads that read the same streamed tiles (a K/V head's query heads in
+    grouped-query attention)."""
+    fit = max(1, L2_BYTES // max(1, streamed_bytes))
+    return min(heads, (1 << (fit.bit_length() - 1)) * share)
+
+
 @triton.jit
-def query_program(H, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(start_m, bh, b, h, offs_m) of a program that owns one query tile of head h of batch b. Causal:
-    the last tiles (the most keys) first, so that the longest programs start in the first wave and
-    the short ones fill the tail, not the other way round."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
+def schedule(n_tiles, SECTION: tl.constexpr):
+    """(rank, bh) of this program in a 1-D grid of n_tiles x (B x H) programs, the order of
+    FlashAttention-3's longest-processing-time scheduler: the grid runs SECTION heads at a time (the
+    last section may hold fewer), and within a section the rank-0 tile of every head, then rank 1, and
+    so on. Ranks are dealt most work first, so the longest programs start early and the shortest fill
+    the tail (a head-major order leaves some SMs idle on long tiles at the end, ~3% of a causal
+    forward), while the heads in flight at once share their K and V (or Q and dO) in L2."""
+    pid = tl.program_id(0)
+    first = pid // (SECTION * n_tiles) * SECTION
+    heads = tl.minimum(SECTION, tl.num_programs(0) // n_tiles - first)
+    r = pid % (SECTION * n_tiles)
+    return r // heads, first + r % heads
+
+
+@triton.jit
+def query_program(H, T, SECTION: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(start_m, bh, b, h, offs_m) of a program that owns one query tile of head h of batch b, in
+    ``schedule`` order. Causal: the last tiles (the most keys) have rank 0."""
+    n_tiles = tl.cdiv(T, BLOCK_M)
+    rank, bh = schedule(n_tiles, SECTION)
+    tile = n_tiles - 1 - rank if CAUSAL else rank
     start_m = tile * BLOCK_M
-    bh = tl.program_id(1)
     return start_m, bh, bh // H, bh % H, start_m + tl.arange(0, BLOCK_M)
 
 

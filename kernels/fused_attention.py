@@ -36,6 +36,7 @@ from megatron_lite.kernels._attention_common import (
     load_tile,
     prune,
     query_program,
+    section_heads,
     set_blocks,
     store_tile,
 )
@@ -45,8 +46,6 @@ from megatron_lite.kernels.dispatch import SUPPORTED_HEAD_DIMS
 from megatron_lite.kernels.fused_attention_bwd import attention_bwd
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# CUDA's limit on a grid's second (y) axis, the kernels' batch x head axis.
-MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -92,11 +91,11 @@ def _fwd_blocks(nargs: dict) -> None:
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, H, T, GROUP, qk_scale,
+    Q, K, V, O, LSE, H, T, GROUP, qk_scale, SECTION: tl.constexpr,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
+    start_m, bh, b, h, offs_m = query_program(H, T, SECTION, CAUSAL, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -115,10 +114,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     B, H, T, D = q.shape
     o = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
-    scalars = (H, T, H // k.shape[1], LOG2E / math.sqrt(D))
+    group = H // k.shape[1]
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+    scalars = (H, T, group, LOG2E / math.sqrt(D))
+    section = section_heads(B * H, 2 * k[0, 0].nbytes, group) if causal else 1  # equal work: head-major
     _attn_fwd_kernel[grid](descriptor(q), descriptor(k), descriptor(v), descriptor(o), lse, *scalars,
-                           CAUSAL=causal, **launch_args(q))  # fmt: skip
+                           SECTION=section, CAUSAL=causal, **launch_args(q))  # fmt: skip
     return o, lse
 
 
@@ -151,9 +152,6 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str
         return "empty input (a tensor descriptor needs every dimension >= 1)"
     if k.shape[2] != q.shape[2]:
         return f"query length {q.shape[2]} != key length {k.shape[2]} (the kernels are for self-attention)"
-    if q.shape[0] * q.shape[1] > MAX_GRID_Y:
-        # Each kernel's grid is (query or key tiles, B x H): CUDA refuses a launch past this second axis.
-        return f"B x H = {q.shape[0] * q.shape[1]} query heads exceed a CUDA grid's {MAX_GRID_Y} on its second axis"
     if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
         # Before Hopper, Triton lowers the tiles' descriptors to plain loads without cp.async
         # pipelining, and most tiles spill (tools/kernel_static.py --arch 80): SDPA is the faster choice.
@@ -169,8 +167,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
     Grouped-query attention when Hkv divides H: query head h reads K/V head h // (H // Hkv), as in
     the reference's repeat_interleave. Dtypes other than fp16/bf16/fp32, head dims outside 16/32/64/128,
-    unequal query/key lengths, more than 65535 (batch x head) pairs and GPUs before Hopper run the
-    reference (logged once per reason).
+    unequal query/key lengths and GPUs before Hopper run the reference (logged once per reason).
     Softmax statistics are fp32 whatever the dtype.
     """
     check_attention(q, k, v, causal)

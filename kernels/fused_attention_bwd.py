@@ -29,6 +29,8 @@ from megatron_lite.kernels._attention_common import (
     load_tile,
     prune,
     query_program,
+    schedule,
+    section_heads,
     set_blocks,
     store_tile,
 )
@@ -39,8 +41,9 @@ _DELTA_ROWS = 64
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, DELTA, H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d o_id * do_id, the softmax backward's row term, once per query instead of per block.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    n_tiles = tl.cdiv(T, BLOCK_M)
+    start_m = tl.program_id(0) % n_tiles * BLOCK_M
+    bh = tl.program_id(0) // n_tiles
     o = load_tile(O, bh // H, bh % H, start_m, BLOCK_M, HEAD_DIM).to(tl.float32)
     do = load_tile(DO, bh // H, bh % H, start_m, BLOCK_M, HEAD_DIM).to(tl.float32)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -85,12 +88,13 @@ def _dkdv_tiles(
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, H, HKV, T, GROUP, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DK, DV, H, HKV, T, GROUP, qk_scale, sm_scale, SECTION: tl.constexpr,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
+    # Causal: the first key tiles are seen by the most queries, so key tile = rank.
+    rank, bhk = schedule(tl.cdiv(T, BLOCK_N), SECTION)
+    start_n = rank * BLOCK_N
     b = bhk // HKV
     hkv = bhk % HKV
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -147,11 +151,11 @@ def _dq_tiles(
                  prune_configs_by={"early_config_prune": prune})  # fmt: skip
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, H, T, GROUP, qk_scale, sm_scale,
+    Q, K, V, DO, LSE, DELTA, DQ, H, T, GROUP, qk_scale, sm_scale, SECTION: tl.constexpr,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    start_m, bh, b, h, offs_m = query_program(H, CAUSAL, BLOCK_M)
+    start_m, bh, b, h, offs_m = query_program(H, T, SECTION, CAUSAL, BLOCK_M)
     q = load_tile(Q, b, h, start_m, BLOCK_M, HEAD_DIM)
     do = load_tile(DO, b, h, start_m, BLOCK_M, HEAD_DIM)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
@@ -175,7 +179,7 @@ def attention_bwd(
     delta = torch.empty_like(lse)
     o_desc, do_desc = descriptor(o), descriptor(do)
     o_desc.block_shape[2] = do_desc.block_shape[2] = _DELTA_ROWS
-    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_ROWS), B * H)](
+    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_ROWS) * B * H,)](
         o_desc, do_desc, delta, H, T, HEAD_DIM=D, BLOCK_M=_DELTA_ROWS
     )
     dq = torch.empty((B, H, T, D), device=q.device, dtype=q.dtype)
@@ -184,14 +188,18 @@ def attention_bwd(
     q_desc, k_desc, v_desc = descriptor(q), descriptor(k), descriptor(v)
     qk_scale, sm_scale = LOG2E / math.sqrt(D), 1.0 / math.sqrt(D)
     args = launch_args(q)
-    grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * hkv)  # noqa: E731
+    group, head_bytes = H // hkv, 2 * k[0, 0].nbytes  # K and V of a head, or Q and dO
+    # Causal: sections of heads, longest tiles first (``schedule``); equal work otherwise: head-major.
+    dkdv_section = section_heads(B * hkv, group * head_bytes) if causal else 1
+    dq_section = section_heads(B * H, head_bytes, group) if causal else 1
+    grid_kv = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]) * B * hkv,)  # noqa: E731
     _attn_bwd_dkdv_kernel[grid_kv](
         q_desc, k_desc, v_desc, descriptor(do), lse, delta, descriptor(dk), descriptor(dv),
-        H, hkv, T, H // hkv, qk_scale, sm_scale, CAUSAL=causal, **args,
+        H, hkv, T, group, qk_scale, sm_scale, SECTION=dkdv_section, CAUSAL=causal, **args,
     )  # fmt: skip
-    grid_q = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid_q = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_bwd_dq_kernel[grid_q](
         q_desc, k_desc, v_desc, descriptor(do), lse, delta, descriptor(dq),
-        H, T, H // hkv, qk_scale, sm_scale, CAUSAL=causal, **args,
+        H, T, group, qk_scale, sm_scale, SECTION=dq_section, CAUSAL=causal, **args,
     )  # fmt: skip
     return dq, dk, dv

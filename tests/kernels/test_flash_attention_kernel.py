@@ -74,15 +74,25 @@ def test_attention_unsupported_input_falls_back(check, caplog, d, dtype, reason)
     assert reason in caplog.text
 
 
-def test_attention_past_the_cuda_grid_falls_back(check, caplog):
-    # 65536 (batch x head) pairs: one past the 65535 programs a CUDA grid takes on the kernels' second axis.
-    q, k, v = _qkv(check, 2, 32768, 1, 1, 16, torch.float32)
-    assert "B x H = 65536 query heads exceed a CUDA grid's 65535" in unsupported_reason(q, k, v)
-    with caplog.at_level(logging.WARNING):
-        out = flash_attention(q, k, v)
-    torch.testing.assert_close(out, reference.flash_attention(q, k, v), rtol=0, atol=0)
-    assert "65536 query heads" in caplog.text
-    assert "query heads" not in (unsupported_reason(q[:1, :32767], k[:1], v[:1]) or "")
+@pytest.mark.parametrize("heads", [(5, 5), (6, 3)])
+def test_attention_launch_order_in_sections_of_heads(check, monkeypatch, heads):
+    # An L2 that holds the streamed tiles of two heads: the causal launch order runs two heads at a
+    # time (MHA: 2 + 2 + 1; GQA forward and dQ: 4 + 2 query heads, dK/dV: one K/V head per section),
+    # the last section short. Every program must still own exactly one tile of one head.
+    from megatron_lite.kernels import _attention_common
+
+    t, d = 47, 16
+    monkeypatch.setattr(_attention_common, "L2_BYTES", 2 * 2 * t * d * 4)
+    assert _attention_common.section_heads(6, 2 * t * d * 4, 2) == 4
+    _check(check, _qkv(check, 1, heads[0], heads[1], t, d, torch.float32), True, torch.float32)
+
+
+@pytest.mark.skipif(not GPU, reason="65536 heads are 65536 programs per kernel: minutes in the interpreter")
+def test_attention_of_many_heads_gpu(check):
+    # The kernels' grids are 1-D (tiles x batch x heads, up to 2^31 - 1 programs): 65536 heads, past
+    # the 65535 a CUDA grid's second axis takes, run the kernels.
+    assert unsupported_reason(*_qkv(check, 2, 32768, 1, 3, 16, torch.bfloat16)) is None
+    _check(check, _qkv(check, 2, 32768, 1, 3, 16, torch.bfloat16), True, torch.bfloat16)
 
 
 def test_attention_of_an_empty_batch_is_empty(check):

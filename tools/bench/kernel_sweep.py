@@ -9,8 +9,9 @@
   (``fused_swiglu._BLOCK_N``) x ``_WARPS``, cross-entropy's vocabulary chunk (``fused_cross_entropy._BLOCK_V``)
   x ``_WARPS``;
 - attention: every candidate tile (BLOCK_M, BLOCK_N, warps, stages) of the three autotuned kernels,
-  timed by Triton's autotuner itself; each kernel's timings are printed fastest first, each forward
-  tile with its largest difference from SDPA (``max_err``).
+  timed by Triton's autotuner itself (causal), then the forward's tiles without the causal mask; each
+  kernel's timings are printed fastest first, each causal forward tile with its largest difference from
+  SDPA (``max_err``).
 
 Shapes and byte counts are the kernels benchmark's (``tools/bench/kernels.py``), bf16. Each row gives
 the median time (CUDA-graph replay) and the achieved bandwidth; the last line is JSON with every row.
@@ -138,8 +139,14 @@ def sweep_attention() -> list[dict]:
     fa.flash_attention(q, k, v, causal=True).backward(_randn(b, h, t, d))
     torch.cuda.synchronize()
     errors = _forward_errors(fa, fa._attn_fwd_kernel, q.detach(), k.detach(), v.detach())
-    return [row for name, (kernel, _) in kernels.items()
+    rows = [row for name, (kernel, _) in kernels.items()
             for row in _autotune_rows(f"attention_{name}", kernel, errors if name == "fwd" else None)]  # fmt: skip
+    # The unmasked forward (kernels.py's flash_attention_full): the same tiles, autotuned afresh.
+    _use_tiles(fa._attn_fwd_kernel, FWD_TILES)
+    with torch.no_grad():
+        fa.flash_attention(q, k, v, causal=False)
+    torch.cuda.synchronize()
+    return rows + _autotune_rows("attention_fwd_not_causal", fa._attn_fwd_kernel)
 
 
 def _forward_errors(fa, kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, float]:
