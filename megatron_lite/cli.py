@@ -2,7 +2,8 @@
 
 Every verb is a thin wrapper over library code (``cli_verbs.py``); this module builds the parsers
 and runs the chosen verb. A :class:`UserError` (bad config, missing data, bad path) prints one
-``error: ...`` line and exits 2, with no traceback.
+``error: ...`` line and exits 2, with no traceback; with several ranks the line carries the log
+lines' date and rank prefix (:func:`_report`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from megatron_lite import cli_verbs
 from megatron_lite.errors import SetupInterrupted, UserError, explained
 
-# A rank other than 0 that fails waits this long before printing its error itself (see main()).
+# A rank other than 0 that fails waits this long before printing its error itself (see _report).
 ERROR_GRACE_S = 10.0
 # The inputs `preprocess` and `tokenizer train` read, both through data/inputs.py.
 INPUT_HELP = "files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
@@ -196,45 +198,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _report(error: UserError) -> None:
-    """Print ``error: ...`` once per launch. Every rank usually reaches the same verdict, and rank 0
-    says it. Another rank's exit would make the launcher (torchrun, srun) kill every rank, maybe before
-    rank 0 has said it, so it waits ``ERROR_GRACE_S`` (rank 0's exit normally ends it) and only then
-    prints the error itself: rank 0 was slower, or the error is this rank's alone (e.g. its data
-    shard). An error every rank has already logged (``UserError.told_every_rank``) is printed at once."""
-    position = _launch_position(os.environ)
-    rank = position[0] if position else "0"
-    if rank != "0":
+def _report(error: UserError, environ: Mapping[str, str] = os.environ) -> None:
+    """Say a refusal: one line ``error: <message>`` on stderr. A single process prints it bare, the
+    command's answer to whoever ran it. In a launch of several ranks it is a line of a job log
+    shared with every rank, so it carries the log lines' prefix (:func:`console_formatter`: date,
+    rank, level, logger), once per launch where one line tells it:
+
+    - Rank 0 says it at once: every rank usually reaches the same verdict.
+    - Another rank waits ``ERROR_GRACE_S`` first: its exit would make the launcher (torchrun, srun)
+      kill every rank, maybe before rank 0 has said it, and rank 0's exit normally ends it.
+    - After that wait, an error every rank raised together (``UserError.raised_on_every_rank``, a
+      verdict shared at the rendezvous) is said again only by the first rank of each other machine,
+      whose log may be its own; the rest of that machine's ranks exit without a line.
+    - Otherwise the error may be this rank's alone (e.g. its data shard): it says it. An error every
+      rank has already logged (``UserError.told_every_rank``) is said at once."""
+    position = _launch_position(environ)
+    if position is None:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    if position.rank != "0":
         if not error.told_every_rank:
             time.sleep(ERROR_GRACE_S)
-        print(f"error: (rank {rank}) {error}", file=sys.stderr, flush=True)
-        return
-    print(f"error: {error}", file=sys.stderr, flush=True)
+        if error.raised_on_every_rank and position.local_rank != "0":
+            return
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "error: %s", (error,), None)
+    print(console_formatter(environ).format(record), file=sys.stderr, flush=True)
 
 
-def _launch_position(environ: Mapping[str, str]) -> tuple[str, str] | None:
-    """``(rank, world size)`` as text in a launch of several ranks (torchrun's RANK / WORLD_SIZE, or an
-    srun step's SLURM_PROCID / SLURM_NTASKS), else None. The precedence of ``launcher.env.resolve_env``,
-    read without importing anything: this runs before any verb, and for errors raised before the mesh
-    exists."""
+class LaunchPosition(NamedTuple):
+    """Where a process sits in a launch of several ranks, as text from the launcher's variables."""
+
+    rank: str
+    world: str
+    local_rank: str  # 0 for the first rank on each machine (and where the launcher sets none)
+
+
+def _launch_position(environ: Mapping[str, str]) -> LaunchPosition | None:
+    """The position in a launch of several ranks (torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or an
+    srun step's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID), else None. The precedence of
+    ``launcher.env.resolve_env``, read without importing anything: this runs before any verb, and for
+    errors raised before the mesh exists."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        rank, world = environ["RANK"], environ["WORLD_SIZE"]
+        rank, world, local = environ["RANK"], environ["WORLD_SIZE"], environ.get("LOCAL_RANK", "0")
     elif (
         "SLURM_PROCID" in environ
         and "SLURM_NTASKS" in environ
         and ("SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ)
     ):
-        rank, world = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+        rank, world, local = environ["SLURM_PROCID"], environ["SLURM_NTASKS"], environ.get("SLURM_LOCALID", "0")
     else:
         return None
-    return (rank, world) if world.strip() not in ("", "1") else None
+    return LaunchPosition(rank, world, local.strip()) if world.strip() not in ("", "1") else None
 
 
 def log_format(environ: Mapping[str, str] = os.environ) -> str:
     """The log line format: with several ranks each line names its rank, since every rank's lines
     land in one job log (a preemption warning, a failure) and would otherwise read the same."""
     position = _launch_position(environ)
-    tag = f"[rank {position[0]}/{position[1]}] " if position else ""
+    tag = f"[rank {position.rank}/{position.world}] " if position else ""
     return "%(asctime)s " + tag + "%(levelname)s %(name)s: %(message)s"
 
 
@@ -255,10 +276,16 @@ class PrefixedLines(logging.Formatter):
         return "\n".join(lines)
 
 
+def console_formatter(environ: Mapping[str, str] = os.environ) -> logging.Formatter:
+    """Every line in :func:`log_format` (:class:`PrefixedLines`): the CLI's log lines and, with several
+    ranks, its ``error:`` line."""
+    return PrefixedLines(log_format(environ), datefmt="%Y-%m-%d %H:%M:%S")  # jobs run for days
+
+
 def console_handler(environ: Mapping[str, str] = os.environ) -> logging.Handler:
-    """The CLI's log handler: stderr, every line in :func:`log_format` (:class:`PrefixedLines`)."""
+    """The CLI's log handler: stderr, every line in :func:`console_formatter`."""
     handler = logging.StreamHandler()
-    handler.setFormatter(PrefixedLines(log_format(environ), datefmt="%Y-%m-%d %H:%M:%S"))  # jobs run for days
+    handler.setFormatter(console_formatter(environ))
     return handler
 
 

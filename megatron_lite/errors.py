@@ -1,6 +1,7 @@
 """The one exception type for mistakes a user can fix (bad config, missing data, bad path).
 
-The CLI prints a ``UserError`` as one line, ``error: <message>``, and exits 2 without a traceback;
+The CLI prints a ``UserError`` as one line, ``error: <message>`` (with several ranks after the log
+lines' date and rank prefix, once per launch: ``cli._report``), and exits 2 without a traceback;
 every other exception is a bug and keeps its traceback, except :class:`SetupInterrupted` (a signal
 that ends a run before its first step), which exits 128 + the signal's number, and a collective that
 failed because a peer process is gone, which the failure watch has already explained (:func:`explained`).
@@ -13,7 +14,9 @@ class UserError(Exception):
     """A problem in the user's input, with a message that names it and the fix.
 
     ``told_every_rank``: every rank of the launch has already logged it (a training loop's failure,
-    ``launcher/failure_watch.py``), so this rank prints it at once instead of leaving it to rank 0."""
+    ``launcher/failure_watch.py``), so this rank prints it at once instead of leaving it to rank 0.
+    ``raised_on_every_rank``: every rank raised the same verdict together, which rank 0 prints, and
+    the first rank of each other machine after a wait, for that machine's log."""
 
     told_every_rank = False
     raised_on_every_rank = False  # a verdict every rank reached together (``fail_fast.py``)

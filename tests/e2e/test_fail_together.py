@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from ports import free_port
 from test_torchrun_launch import clean_env
+from train_checks import job_log_error
 
 from megatron_lite.cli import main
 from megatron_lite.data.gpt_dataset import PretrainingLoader
@@ -85,7 +87,8 @@ def test_store_host_failing_mid_run_stops_the_other_rank_with_its_error(tiny_arg
     (out0, out1), ended = _outputs(procs, timeout_s=120)
     assert max(ended) < PROMPT_S, (ended, out1[-3000:])
     assert [p.returncode for p in procs] == [2, 2], (out0[-3000:], out1[-3000:])
-    assert out0.strip().splitlines()[-1].startswith("error: the data holds token id"), out0[-3000:]
+    last = out0.strip().splitlines()[-1]
+    assert re.match(job_log_error(0, 2, "the data holds token id"), last), out0[-3000:]
     stopped = [line for line in out1.splitlines() if f"rank 0 {MESSAGE}" in line]
     assert len(stopped) == 1 and "[rank 1/2] ERROR" in stopped[0], out1[-3000:]
     assert stopped[0].endswith("stopping rank 1 too (checkpoint of step 2, still in flight, was not saved)"), stopped

@@ -1,6 +1,6 @@
 """Launching under torchrun, for real: two "machines" on 127.0.0.1 resume a one-process run to its losses,
 a bad rendezvous host or a layout that cannot fill the world fails in seconds with one clear line,
-and a rank that fails during setup takes every rank down with its own error."""
+and a rank that fails during setup takes every rank down with its own error, said in one line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from ports import free_port
+from train_checks import job_log_error
 
 from megatron_lite.cli import main
 
@@ -25,6 +26,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
 LOSS_RTOL = 1e-5  # fp32; TP and DP only reassociate sums (tests/distributed/test_model_parity.py)
 FAIL_SCRIPT = """
 import os, sys
+from megatron_lite import cli
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.parallel.mesh import init_distributed
@@ -36,7 +38,8 @@ try:
         if env.rank == 1:
             raise ValueError("boom")
 except UserError as e:
-    print(f"rank {env.rank} error: {e}", flush=True)
+    print(f"rank {env.rank} agreed: {e}", flush=True)
+    cli._report(e)  # as `megatron-lite train` reports it
     sys.exit(2)
 """
 
@@ -130,9 +133,13 @@ def test_failing_rank_stops_every_rank_with_its_error(tmp_path):
     (out,) = communicate_all([proc], timeout_s=120)
     assert time.monotonic() - start < 60, "ranks waited for the collective timeout (300 s) instead"
     assert proc.returncode != 0
+    message = "rank 1 failed during building the model: ValueError: boom"
     for rank in (0, 1):
-        assert f"rank {rank} error: rank 1 failed during building the model: ValueError: boom" in out, out
+        assert f"rank {rank} agreed: {message}" in out, out
         assert f"rank {rank} CUDA_DEVICE_MAX_CONNECTIONS=1" in out, out
+    # one line says it for the whole launch, dated and naming its rank; rank 1 (the machine's second) is silent
+    said = [line for line in out.splitlines() if f"error: {message}" in line]
+    assert len(said) == 1 and re.fullmatch(job_log_error(0, 2, message), said[0]), out
 
 
 def _train_alone(args: list[str], **env: str) -> subprocess.CompletedProcess:
@@ -146,7 +153,7 @@ def test_unresolvable_master_fails_within_seconds_naming_it(tiny_args):
     r = _train_alone(tiny_args, **env, MASTER_PORT=str(free_port()))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "no-such-host.invalid" in last, r.stderr[-3000:]
+    assert re.match(job_log_error(0, 2, ""), last) and "no-such-host.invalid" in last, r.stderr[-3000:]
 
 
 def test_torchrun_script_with_unresolvable_master_fails_within_seconds(tiny_args):
@@ -166,7 +173,7 @@ def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_a
     r = _train_alone([*tiny_args, "parallel.tp=3", "parallel.timeout_s=3"], **env, MASTER_PORT=str(free_port()))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in last, last
+    assert re.match(job_log_error(0, 4, "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4"), last), last
 
 
 LATE_SIGNAL_SCRIPT = """
@@ -197,14 +204,13 @@ def test_a_sigusr1_after_the_loop_leaves_a_launched_rank_finishing_cleanly(tiny_
 
 def test_one_machines_bad_config_stops_every_rank_at_once_with_its_message(tiny_args):
     """Rank 1's overrides hold a typo, rank 0's are fine: rank 1 stopped before joining, and rank 0
-    waited in the rendezvous for it until parallel.timeout_s, then reported only a timeout."""
+    waited in the rendezvous for it until parallel.timeout_s, then reported only a timeout. Each rank
+    is the first of its machine, whose output is its own: each ends with the verdict."""
     port = str(free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "megatron_lite.train", *tiny_args, "parallel.timeout_s=300", *extra],
-            env=clean_env(
-                RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
-            ),
+            env=clean_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -220,5 +226,5 @@ def test_one_machines_bad_config_stops_every_rank_at_once_with_its_message(tiny_
                 os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in procs] == [2, 2], "\n".join(o[-3000:] for o in outs)
     message = "rank 1 failed before joining the process group: unknown config key 'train.stepz'"
-    assert outs[0].strip().splitlines()[-1].startswith(f"error: {message}"), outs[0][-3000:]
-    assert outs[1].strip().splitlines()[-1].startswith(f"error: (rank 1) {message}"), outs[1][-3000:]
+    for rank, out in enumerate(outs):
+        assert re.match(job_log_error(rank, 2, message), out.strip().splitlines()[-1]), out[-3000:]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from train_checks import on_a_terminal, one_error_line
+from train_checks import job_log_error, on_a_terminal, one_error_line
 
 from megatron_lite.cli import main, parse_args
 from megatron_lite.config import load_config
@@ -210,10 +210,12 @@ def test_compiled_blocks_train_like_eager(tiny_args, tmp_path):
 
 def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
     """Under torchrun every rank reaches the same verdict; rank 0 prints the one `error:` line at
-    once. Another rank waits (the launcher stops it when rank 0 exits) and only then prints it, so
-    the error is never lost when rank 0 is slower, or when the error is that rank's alone: its
-    exit would make torchrun kill rank 0 before rank 0 said anything (seen with parallel.tp=3 on
-    4 ranks: torchrun's ChildFailedError, exit code 2, and no reason anywhere)."""
+    once, dated and naming its rank as every other line of the job log does, so a reader can tell
+    which rank said it and when. Another rank waits (the launcher stops it when
+    rank 0 exits) and only then prints it, so the error is never lost when rank 0 is slower, or when
+    the error is that rank's alone: its exit would make torchrun kill rank 0 before rank 0 said
+    anything (seen with parallel.tp=3 on 4 ranks: torchrun's ChildFailedError, exit code 2, and no
+    reason anywhere)."""
     import megatron_lite.cli as cli
 
     waits = []
@@ -221,14 +223,40 @@ def test_only_rank_zero_prints_a_launch_wide_error_at_once(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun sets both
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "train.stpes=3"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown config key 'train.stpes'")
+    err = capsys.readouterr().err
+    assert re.fullmatch(job_log_error(0, 4, "unknown config key 'train.stpes'") + r".*\n", err), err
     assert waits == []
     monkeypatch.setenv("RANK", "1")
     assert main(["train", "train.stpes=3"]) == 2
     assert waits == [cli.ERROR_GRACE_S] and cli.ERROR_GRACE_S >= 5
-    assert capsys.readouterr().err.startswith("error: (rank 1) unknown config key 'train.stpes'")
+    err = capsys.readouterr().err
+    assert re.fullmatch(job_log_error(1, 4, "unknown config key 'train.stpes'") + r".*\n", err), err
     told = UserError("the data holds token id 600")  # a loop failure that every rank has logged
     told.told_every_rank = True
     cli._report(told)
     assert waits == [cli.ERROR_GRACE_S]  # printed at once: rank 0 has nothing more to say
-    assert capsys.readouterr().err == "error: (rank 1) the data holds token id 600\n"
+    assert re.fullmatch(job_log_error(1, 4, "the data holds token id 600") + "\n", capsys.readouterr().err)
+
+
+def test_a_verdict_every_rank_reached_is_printed_once_per_machine(capsys, monkeypatch):
+    """A verdict shared at the rendezvous is the same text on every rank: rank 0 says it, and after
+    the wait only the first rank of each other machine (its log may be a file of its own); an srun
+    step's ranks are placed by SLURM_PROCID / SLURM_LOCALID."""
+    import megatron_lite.cli as cli
+
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    verdict = UserError("rank 1 failed before joining the process group: unknown config key 'train.stepz'")
+    verdict.raised_on_every_rank = True
+    said = []
+    for rank, local in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        cli._report(verdict, {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local)})
+        said.append(capsys.readouterr().err)
+    assert [bool(e) for e in said] == [True, False, True, False], said
+    assert re.fullmatch(job_log_error(2, 4, str(verdict)) + "\n", said[2]), said
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0"}
+    cli._report(verdict, srun)
+    assert capsys.readouterr().err == ""
+    cli._report(verdict, {**srun, "SLURM_LOCALID": "0"})
+    assert re.fullmatch(job_log_error(5, 8, str(verdict)) + "\n", capsys.readouterr().err)
+    cli._report(verdict, {"RANK": "0", "WORLD_SIZE": "1"})  # one process: the bare line
+    assert capsys.readouterr().err == f"error: {verdict}\n"

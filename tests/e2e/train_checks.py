@@ -1,9 +1,10 @@
-"""Shared by the e2e tests: the one error line of a refused command (train, convert...), a run's log.dir,
-a command run on a pseudo-terminal, a one-step run on relative data paths."""
+"""Shared by the e2e tests: the one error line of a refused command (train, convert...) and of a refused
+rank, a run's log.dir, a command run on a pseudo-terminal, a one-step run on relative data paths."""
 
 import fcntl
 import os
 import pty
+import re
 import shutil
 import struct
 import subprocess
@@ -16,6 +17,13 @@ def one_error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+def job_log_error(rank: int, world: int, message: str) -> str:
+    """A regex of the ``error:`` line that rank ``rank`` of ``world`` prints in a job log: prefixed as
+    every log line of a launch of several ranks is (date, rank, level, logger), then the message."""
+    prefix = rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \[rank {rank}/{world}\] ERROR megatron_lite\.cli: "
+    return prefix + re.escape(f"error: {message}")
 
 
 def args_dir(args: list[str]) -> str:
