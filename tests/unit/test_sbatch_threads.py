@@ -1,0 +1,54 @@
+"""The sbatch templates' thread setting: OMP_NUM_THREADS=1 only for several ranks per node, as
+launch/torchrun.sh sets it, read off the command each template's step would start."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from ports import free_port
+from test_launch import SLURM_STUBS, _run_launch_script
+
+from megatron_lite.launcher.slurm import TEMPLATES
+
+
+def _step_start(tmp_path: Path, template: str, **env: str) -> str:
+    """The line the job's step prints instead of starting: the OMP_NUM_THREADS its command sees and
+    the arguments after ``-m megatron_lite.launcher.torchrun`` (or ``-m megatron_lite.train``)."""
+    stub = tmp_path / "python"  # the interpreter, except that torchrun and a rank only say how they start
+    stub.write_text(
+        "#!/bin/sh\n"
+        'case "$1 $2" in\n'
+        '  "-m megatron_lite.launcher.torchrun"|"-m megatron_lite.train") shift 2\n'
+        '    echo "OMP_NUM_THREADS=${OMP_NUM_THREADS-unset} $*"; exit 0;;\n'
+        "esac\n"
+        f'exec {sys.executable} "$@"\n'
+    )
+    stub.chmod(0o755)
+    for name, text in SLURM_STUBS.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    job.update(CONTAINER_IMAGE="img", MASTER_PORT=str(free_port()), PYTHON=str(stub))
+    r = _run_launch_script(template, {**job, **env}, path=str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = [line for line in r.stdout.splitlines() if line.startswith("OMP_NUM_THREADS=")]
+    return line
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values())
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+@pytest.mark.parametrize("procs, threads", [("1", "unset"), ("4", "1")])
+def test_sbatch_templates_set_one_thread_per_rank_only_for_several_ranks_per_node(
+    template, launcher, procs, threads, tmp_path, monkeypatch
+):
+    """One rank per node keeps every core (torchrun leaves OMP_NUM_THREADS alone for one process);
+    several get one thread each. The user's own setting stands either way."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    line = _step_start(tmp_path, template, LAUNCHER=launcher, PROCS_PER_NODE=procs)
+    assert line.startswith(f"OMP_NUM_THREADS={threads} "), line
+    if launcher == "torchrun":
+        assert f" --nproc_per_node={procs} " in line, line
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert _step_start(tmp_path, template, LAUNCHER=launcher, PROCS_PER_NODE=procs).startswith("OMP_NUM_THREADS=6 ")
