@@ -221,6 +221,8 @@ def _report(error: UserError, environ: Mapping[str, str] = os.environ) -> None:
             time.sleep(ERROR_GRACE_S)
         if error.raised_on_every_rank and position.local_rank != "0":
             return
+    # formatted here rather than logged: the line reaches stderr once, whatever handlers a program
+    # embedding main() set up (basicConfig adds none where the root logger has some)
     record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, "error: %s", (error,), None)
     print(console_formatter(environ).format(record), file=sys.stderr, flush=True)
 
