@@ -13,6 +13,7 @@ and endpoints come from the usual environment (``AWS_*``), never from the config
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import subprocess
@@ -124,6 +125,34 @@ class Storage:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # left only by a failure (a full disk)
+
+    @property
+    def creates_exclusively(self) -> bool:
+        """Whether :meth:`create_text` is one request that the store itself refuses when the object exists:
+        a local O_EXCL open, or an fsspec client whose ``pipe_file(..., mode="create")`` sends the store's
+        conditional create (s3fs >= 2024.12: S3's ``If-None-Match: *``; gcsfs: ``ifGenerationMatch=0``;
+        fsspec's ``memory://``), not fsspec's generic stand-in (an existence check, then a write). Whether
+        the store honours the condition is known only once it refused one (``claim.py``)."""
+        if not self.remote:
+            return True
+        from fsspec.asyn import AsyncFileSystem
+        from fsspec.spec import AbstractFileSystem
+
+        asynchronous = isinstance(self.fs, AsyncFileSystem)
+        method = type(self.fs)._pipe_file if asynchronous else type(self.fs).pipe_file
+        generic = AsyncFileSystem._pipe_file if asynchronous else AbstractFileSystem.pipe_file
+        return method is not generic and "mode" in inspect.signature(method).parameters
+
+    def create_text(self, rel: str, text: str) -> None:
+        """Write ``rel`` only where nothing is there: FileExistsError when it exists. Only where
+        :attr:`creates_exclusively` (elsewhere fsspec checks, then writes, or the client lacks the mode)."""
+        if self.remote:
+            self.fs.pipe_file(self._remote(rel), text.encode(), mode="create")
+            return
+        with self._local(rel).open("x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
     def sha256(self, rel: str) -> str:
         """Hex sha256 of file ``rel`` (remote: streamed, not stored)."""

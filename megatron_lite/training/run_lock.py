@@ -28,10 +28,11 @@ no next run starts on a directory still being written.
 A filesystem without locks (``flock`` fails, e.g. Lustre mounted without ``-o flock``) gets one
 warning that nothing keeps a second run out, and the run goes on. An object-store
 ``checkpoint.dir`` (``s3://``, ``gs://``) has no locks: rank 0 claims it with a claim object
-instead, after locking ``log.dir``, checked again before each save and deleted when the run ends
-(``checkpoint/claim.py``, which says what that does and does not protect). A claim left by a run
-that died is taken over by a later start of the same launch, and by a run whose ``log.dir`` lock
-file named that run (it held its ``log.dir`` for its whole life, and holds it no more).
+instead (created with the store's conditional create where it has one), after locking ``log.dir``,
+checked again before each save and deleted when the run ends (``checkpoint/claim.py``, which says
+what that does and does not protect). A claim left by a run that died is taken over by a later start
+of the same launch, and by a run whose ``log.dir`` lock file named that run (it held its ``log.dir``
+for its whole life, and holds it no more).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _claim(cfg: Config, ended: str | None) -> None:
     runs only when the claim fails, so that a bucket that cannot be written gets that probe's error."""
     storage = Storage(cfg.checkpoint.dir)
     try:
-        claim(storage, holder_info(), ended)
+        exclusive = claim(storage, holder_info(), ended)
     except UserError:
         raise
     except Exception as e:  # the client's own errors: access denied, a lost connection
@@ -158,10 +159,17 @@ def _claim(cfg: Config, ended: str | None) -> None:
             f"checkpoint.dir={storage.url()!r}: its claim object {storage.url(CLAIM)} cannot be read or written: "
             f"{type(e).__name__}: {e}; check the bucket, the credentials and the endpoint (AWS_ENDPOINT_URL)"
         ) from None
+    how = (
+        "created with the store's conditional create: of two runs started at the same moment, one is refused at startup"
+        if exclusive
+        else "read, then written: the store (or its fsspec client) has no conditional create, so of two runs "
+        "started at the same moment the one whose claim was overwritten is refused at its first save"
+    )
     log.info(
         "checkpoint.dir=%r is an object store, which has no locks: this run claims it with %s until it ends, "
-        "and a second run is refused (checkpoint/claim.py says what that does and does not cover)",
-        storage.url(), storage.url(CLAIM),
+        "and a second run is refused; the claim was %s (checkpoint/claim.py says what that does and does not "
+        "cover)",
+        storage.url(), storage.url(CLAIM), how,
     )  # fmt: skip
 
 

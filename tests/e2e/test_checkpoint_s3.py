@@ -12,9 +12,11 @@ from moto.server import ThreadedMotoServer
 from train_checks import one_error_line
 
 from megatron_lite.checkpoint import storage
-from megatron_lite.checkpoint.claim import CLAIM
+from megatron_lite.checkpoint.claim import CLAIM, claim, read_claim
 from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
+from megatron_lite.data.tempfiles import holder_info
+from megatron_lite.errors import UserError
 from megatron_lite.training.run_lock import LOCK_FILE
 
 
@@ -63,6 +65,7 @@ def test_save_and_resume_from_s3(tiny_args, tmp_path, bucket, monkeypatch, uploa
     # the run's claim on the object store (it has no locks) is gone once it ended; log.dir has its lock file
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/run")) == ["latest", "step_00000002", "step_00000003"]
     assert f"checkpoint.dir='s3://{name}/run' is an object store, which has no locks" in caplog.text
+    assert "the claim was created with the store's conditional create" in caplog.text  # If-None-Match: *
     assert (tmp_path / "p" / LOCK_FILE).is_file()
     assert {"metadata.json", "rank_00000.safetensors", "tokenizer.model"} <= {
         p.rsplit("/", 1)[-1] for p in fs.ls(f"{name}/run/step_00000003")
@@ -101,3 +104,25 @@ def test_unusable_object_store_fails_at_startup_with_one_line(tiny_args, tmp_pat
     args = [*tiny_args[:-1], f"log.dir={tmp_path / 'ne'}", f"checkpoint.dir=s3://{name}/run"]
     assert main(["train", *args]) == 2
     one_error_line(capsys)
+
+
+def test_of_two_runs_claiming_at_once_on_s3_one_is_refused(bucket, monkeypatch):
+    """S3's conditional create (``If-None-Match: *``, sent by s3fs): the other run claims between this
+    run's read of the claim object (none) and its create, whose 412 refuses this run, naming the other."""
+    fs, name = bucket
+    ours, other = {**holder_info(), "run": "a" * 32}, {**holder_info(), "pid": 4242, "run": "b" * 32}
+    real, raced = storage.Storage.read_text, []
+
+    def then_other_claims(self, rel):
+        try:
+            return real(self, rel)
+        finally:
+            if not raced:
+                raced.append(None)  # its own read of the claim object comes through here too
+                raced[0] = claim(storage.Storage(f"s3://{name}/run"), other, None)
+
+    monkeypatch.setattr(storage.Storage, "read_text", then_other_claims)
+    with pytest.raises(UserError, match=r"is claimed by another run \(host .*, pid 4242, started "):
+        claim(storage.Storage(f"s3://{name}/run"), ours, None)
+    assert raced == [True]  # the other run's claim was made with the conditional create
+    assert read_claim(storage.Storage(f"s3://{name}/run")) == other

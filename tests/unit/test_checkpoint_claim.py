@@ -4,6 +4,7 @@ over by a later start of its launch or by a run in its log.dir. fsspec's ``memor
 stands in for the object store (the same client API; tests/e2e/test_checkpoint_s3.py runs against
 S3); another run is this process with another run id (``tempfiles.RUN_ID``)."""
 
+import errno
 import json
 import logging
 import os
@@ -12,9 +13,11 @@ import uuid
 import fsspec
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.spec import AbstractFileSystem
 
 from megatron_lite.checkpoint.boxes import full_box
-from megatron_lite.checkpoint.claim import CLAIM, read_claim
+from megatron_lite.checkpoint.claim import CLAIM, CLAIM_TRIES, claim, claimed_by_another, read_claim
 from megatron_lite.checkpoint.shards import Piece
 from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.checkpoint.writer import Checkpointer
@@ -193,18 +196,135 @@ def test_rank_0_probes_an_object_store_once_and_a_bucket_it_cannot_write_gets_th
     from megatron_lite.training.preflight import check_checkpoint_dir
 
     written = []
-    real = Storage.write_text
-    monkeypatch.setattr(Storage, "write_text", lambda self, rel, text: written.append(rel) or real(self, rel, text))
+    for name in ("write_text", "create_text"):
+        real = getattr(Storage, name)
+        monkeypatch.setattr(
+            Storage, name, lambda self, rel, text, real=real: written.append(rel) or real(self, rel, text)
+        )
     cfg = _cfg(tmp_path, store)
     with hold_run_dirs(cfg, rank=0):
         check_checkpoint_dir(cfg)  # as Trainer._preflight runs it on every rank
     probes = [rel for rel in written if rel.startswith(".megatron-lite-probe-")]
-    assert len(probes) == 1 and written.count(CLAIM) == 1, written
+    assert len(probes) == 1 and written.count(CLAIM) == 2, written  # the claim's create, and its refused repeat
 
     def no_bucket(self, rel, text):
         raise FileNotFoundError(f"NoSuchBucket: {rel}")
 
     monkeypatch.setattr(Storage, "write_text", no_bucket)
+    monkeypatch.setattr(Storage, "create_text", no_bucket)
     with pytest.raises(UserError) as refused:
         lock_run_dirs(_cfg(tmp_path / "b", store))
     assert str(refused.value).startswith(f"checkpoint.dir={store!r} is not writable: FileNotFoundError: NoSuchBucket")
+
+
+OTHER = {**holder_info(), "pid": 4242, "run": "b" * 32}  # another run, claiming through claim() itself
+
+
+def _store_without_conditional_create(monkeypatch, store_kind: str) -> None:
+    """The memory filesystem as a store without a conditional create: its client has none (fsspec's
+    generic check-then-write), the store ignores the condition, or it answers 501 Not Implemented."""
+    real = MemoryFileSystem.pipe_file
+
+    def ignores(self, path, value, mode="overwrite", **kwargs):
+        real(self, path, value, **kwargs)
+
+    def rejects(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create":
+            raise OSError(errno.ENOSYS, "Not Implemented")
+        real(self, path, value, **kwargs)
+
+    kinds = {"client": AbstractFileSystem.pipe_file, "ignores": ignores, "rejects": rejects}
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", kinds[store_kind])
+
+
+def _after(monkeypatch, method: str, store: str) -> None:
+    """``OTHER`` claims ``store`` right after this run's first ``Storage.<method>`` of the claim object."""
+    real, raced = getattr(Storage, method), []
+
+    def then_other_claims(self, rel, *args):
+        try:
+            return real(self, rel, *args)
+        finally:
+            if rel == CLAIM and not raced:
+                raced.append(True)
+                claim(Storage(store), OTHER, None)
+
+    monkeypatch.setattr(Storage, method, then_other_claims)
+
+
+@pytest.mark.parametrize("store_kind", ["conditional", "client", "ignores", "rejects"])
+def test_two_runs_claiming_at_the_same_moment(tmp_path, store, monkeypatch, caplog, store_kind):
+    """Both read no claim, then both claim. With the store's conditional create the second create is
+    refused: one run holds the claim and the other is refused at startup, naming it. Without one the
+    later write wins, and the run whose claim was overwritten is refused at its first save."""
+    if store_kind != "conditional":
+        _store_without_conditional_create(monkeypatch, store_kind)
+    _after(monkeypatch, "read_text", store)  # the other run reads and claims between our read and our create
+    if store_kind == "conditional":
+        with pytest.raises(UserError) as refused:
+            lock_run_dirs(_cfg(tmp_path, store))
+        assert str(refused.value).startswith(f"checkpoint.dir={store!r} is claimed by another run (host ")
+        assert "pid 4242, started " in str(refused.value)
+        assert read_claim(Storage(store)) == OTHER
+        fd, taken = open_locked(tmp_path / LOCK_FILE)  # the refused run let go of its log.dir
+        assert taken is True
+        release([fd])
+        return
+    with caplog.at_level(logging.INFO):
+        release(lock_run_dirs(_cfg(tmp_path, store)))
+    assert read_claim(Storage(store))["run"] == tempfiles.RUN_ID  # the later write won
+    assert "the claim was read, then written: the store (or its fsspec client) has no conditional create" in (
+        caplog.text
+    )
+    _as_run(monkeypatch, OTHER["run"])
+    assert claimed_by_another(Storage(store)).startswith(f"checkpoint.dir={store!r} is claimed by another run")
+
+
+def test_a_claim_made_with_the_stores_conditional_create_says_so(tmp_path, store, caplog):
+    with caplog.at_level(logging.INFO):
+        release(lock_run_dirs(_cfg(tmp_path, store)))
+    assert "the claim was created with the store's conditional create: of two runs started at the same " in (
+        caplog.text
+    )
+
+
+def test_a_run_claiming_during_a_takeover_wins_and_the_takeover_is_refused_at_startup(tmp_path, store, monkeypatch):
+    """A takeover deletes the ended run's claim, then creates its own: a run that claims in between wins
+    the create, and the run taking over is refused at startup, naming it."""
+    dead = {**holder_info(), "run": "d" * 32}
+    Storage(store).write_text(CLAIM, json.dumps(dead))
+    (tmp_path / LOCK_FILE).write_text(json.dumps(dead))  # its log.dir: it has ended
+    _after(monkeypatch, "remove", store)
+    with pytest.raises(UserError, match=r"is claimed by another run \(host .*, pid 4242, started "):
+        lock_run_dirs(_cfg(tmp_path, store))
+    assert read_claim(Storage(store)) == OTHER
+
+
+def test_claims_that_keep_appearing_and_going_end_in_one_error(tmp_path, store, monkeypatch):
+    tries = []
+
+    def taken_and_gone(self, rel, text):
+        tries.append(rel)
+        raise FileExistsError(rel)
+
+    monkeypatch.setattr(Storage, "create_text", taken_and_gone)
+    with pytest.raises(UserError) as refused:
+        lock_run_dirs(_cfg(tmp_path, store))
+    assert str(refused.value) == (
+        f"checkpoint.dir={store!r}: other runs' claims ({store}/{CLAIM}) appeared and went {CLAIM_TRIES} times "
+        "while this run claimed it: other runs start and end in it; start one run per checkpoint.dir"
+    )
+    assert tries == [CLAIM] * CLAIM_TRIES
+
+
+def test_create_text_refuses_an_existing_object_and_which_clients_create_exclusively(tmp_path, store, monkeypatch):
+    for where in (Storage(tmp_path), Storage(store)):
+        assert where.creates_exclusively
+        where.create_text("x", "first")
+        with pytest.raises(FileExistsError):
+            where.create_text("x", "second")
+        assert where.read_text("x") == "first"
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", AbstractFileSystem.pipe_file)  # fsspec's check-then-write
+    assert not Storage(store).creates_exclusively
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", lambda self, path, value, **kwargs: None)  # no mode= at all
+    assert not Storage(store).creates_exclusively
