@@ -144,10 +144,17 @@ class Storage:
         return method is not generic and "mode" in inspect.signature(method).parameters
 
     def create_text(self, rel: str, text: str) -> None:
-        """Write ``rel`` only where nothing is there: FileExistsError when it exists. Only where
-        :attr:`creates_exclusively` (elsewhere fsspec checks, then writes, or the client lacks the mode)."""
+        """Write ``rel`` only where nothing is there: FileExistsError when it exists, or when another
+        create of it was in flight (S3 answers 409 ConditionalRequestConflict to all but one of concurrent
+        creates). Only where :attr:`creates_exclusively` (elsewhere fsspec checks, then writes, or the
+        client lacks the mode)."""
         if self.remote:
-            self.fs.pipe_file(self._remote(rel), text.encode(), mode="create")
+            try:
+                self.fs.pipe_file(self._remote(rel), text.encode(), mode="create")
+            except OSError as e:
+                if _conflicting_create(e):
+                    raise FileExistsError(f"{self.url(rel)}: another create of it was in flight ({e})") from e
+                raise
             return
         with self._local(rel).open("x") as f:
             f.write(text)
@@ -270,6 +277,13 @@ class Storage:
         if self._spool is not None:
             shutil.rmtree(self._spool, ignore_errors=True)
             self._spool = None
+
+
+def _conflicting_create(e: OSError) -> bool:
+    """S3's answer to a conditional create while another create of the object is in flight: 409
+    ConditionalRequestConflict, which s3fs passes on as a plain OSError caused by botocore's error."""
+    response = getattr(e.__cause__, "response", None)
+    return isinstance(response, dict) and response.get("Error", {}).get("Code") == "ConditionalRequestConflict"
 
 
 def commit_stamp(step_dir: Path) -> tuple[int, int] | None:

@@ -300,6 +300,27 @@ def test_a_run_claiming_during_a_takeover_wins_and_the_takeover_is_refused_at_st
     assert read_claim(Storage(store)) == OTHER
 
 
+def test_a_create_that_s3_answers_with_a_conflict_reads_the_claim_again(tmp_path, store, monkeypatch):
+    """Of concurrent conditional creates S3 lets one win and answers the others 409
+    ConditionalRequestConflict (an OSError from s3fs): the loser reads the claim again and is refused."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    real, answered = MemoryFileSystem.pipe_file, []
+
+    def conflict(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create" and not answered:
+            answered.append(True)
+            claim(Storage(store), OTHER, None)  # the other run's create, in flight with this one, wins
+            raise translate_boto_error(ClientError({"Error": {"Code": "ConditionalRequestConflict"}}, "PutObject"))
+        real(self, path, value, mode, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", conflict)
+    with pytest.raises(UserError, match=r"is claimed by another run \(host .*, pid 4242, started "):
+        lock_run_dirs(_cfg(tmp_path, store))
+    assert read_claim(Storage(store)) == OTHER
+
+
 def test_claims_that_keep_appearing_and_going_end_in_one_error(tmp_path, store, monkeypatch):
     tries = []
 
