@@ -27,17 +27,23 @@ not refused (``checkpoint.init_from`` is the start of a run that has no checkpoi
 ``--pretrained-checkpoint`` is, which ``--load`` overrides; a moved import must not block the run),
 and the run keeps recording its true start. A weights-only checkpoint (``convert from-hf``'s) that
 ``checkpoint.resume`` names is such a start, recorded as the run's ``checkpoint.init_from``.
+
+A resume from a checkpoint in ``checkpoint.dir`` that a run with another ``log.dir`` saved (a config
+naming that run's ``checkpoint.dir``) is warned about at startup (:func:`other_run_note`), not refused:
+this run continues that run's step and saves among its checkpoints, which is how a finished run is
+trained on under a new ``log.dir``, and a run still holding that directory is refused by its lock.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
 
 from megatron_lite.checkpoint.format import sha256_file, step_dir_name
-from megatron_lite.checkpoint.lineage import run_corpus_way
+from megatron_lite.checkpoint.lineage import recorded_workdir, run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
 from megatron_lite.checkpoint.storage import is_url
@@ -152,7 +158,42 @@ def start_from(cfg: Config, rank: int, tokenizer: Path) -> tuple[CheckpointReade
         record_weights_start(cfg, reader, rank)
         return reader, reader.model_state()
     keep_init_from(cfg, reader, rank)
+    if rank == 0 and (note := other_run_note(cfg, reader)):
+        log.warning("%s", note)
     return reader, None
+
+
+def writer_log_dir(reader: CheckpointReader) -> Path | None:
+    """The ``log.dir`` of the run that saved ``reader``, as its saved config names it, a relative one
+    taken against the directory that run started in (its lineage's ``workdir``; this one where it
+    records none); None where the saved config names none (a record no save writes)."""
+    saved = ((reader.meta.get("config") or {}).get("log") or {}).get("dir")
+    if not isinstance(saved, str) or not saved:
+        return None
+    return Path(recorded_workdir(reader.meta.get("lineage")) or os.getcwd()) / saved
+
+
+def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
+    """The warning for a resume from a checkpoint in ``checkpoint.dir`` that a run with another
+    ``log.dir`` saved (:func:`writer_log_dir`): this run continues that run's step and saves among its
+    checkpoints (a variant started from a config that names that run's ``checkpoint.dir``); None for
+    a run's own checkpoint (a relaunch, a requeue) or one resumed by path from elsewhere. Not refused:
+    continuing a finished run under a new ``log.dir`` is a way to train it on (Megatron's ``--load`` and
+    ``--save`` in one directory); a run still holding the directory is refused by its lock (``run_lock.py``)."""
+    c, theirs = cfg.checkpoint, writer_log_dir(reader)
+    if theirs is None or os.path.realpath(theirs) == os.path.realpath(cfg.log.dir):
+        return None
+    if c.resume != "auto" and not _same_start(c.dir, reader.location):
+        return None  # saved elsewhere: this run's checkpoints do not go among that run's
+    fresh = "checkpoint.dir=DIR (an empty or new directory)"
+    if "checkpoint.dir" not in cfg.derived:  # set, not <log.dir>/checkpoints: unsetting it is the way back
+        fresh += f", or checkpoint.dir=null for this log.dir's own ({Path(cfg.log.dir) / 'checkpoints'})"
+    return (
+        f"checkpoint.dir={c.dir!r} holds the checkpoints of another run (log.dir {theirs}): this run (log.dir "
+        f"{cfg.log.dir}) resumes from its step {reader.step} and saves its checkpoints there too, where "
+        f"checkpoint.keep={c.keep} prunes that run's older ones as its own, and a relaunch of that run then resumes "
+        f"from this one's; to start fresh instead, add to the train command {fresh}"
+    )
 
 
 def record_weights_start(cfg: Config, reader: CheckpointReader, rank: int) -> None:

@@ -16,6 +16,7 @@ from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import step_lines
 from megatron_lite.training.trackers import Trackers
 
+OTHER_RUN = "holds the checkpoints of another run"  # resume.other_run_note
 WALL = r"(?:\d+\.\d s|\d+m\d\ds|\d+h\d\dm)"  # progress.duration
 
 
@@ -76,7 +77,7 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         assert main(["train", *parts, "train.exit_after=2"]) == 0  # resumed once
     assert "resumed from" in caplog.text and "other data" not in caplog.text  # the same data: no warning
-    assert "learning-rate schedule" not in caplog.text
+    assert "learning-rate schedule" not in caplog.text and OTHER_RUN not in caplog.text  # its own checkpoint
     # a variant started from the run's config.yaml in another log.dir starts fresh in its own checkpoints
     relaunch = ["train", "--config", str(tmp_path / "p" / "config.yaml")]
     assert main([*relaunch, f"log.dir={tmp_path / 'v'}"]) == 0
@@ -85,6 +86,18 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     assert (tmp_path / "p" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert main(relaunch) == 0  # while a relaunch in the same log.dir resumes, to the end
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
+    assert OTHER_RUN not in caplog.text  # no run so far resumed another run's checkpoint
+    # a config naming the run's checkpoint.dir (a config.yaml written with it filled in) in another log.dir
+    # resumes that run's checkpoint and saves next to it: one startup warning says so and how to start fresh
+    ckpt = tmp_path / "p" / "checkpoints"
+    caplog.clear()
+    assert main([*relaunch, f"checkpoint.dir={ckpt}", f"log.dir={tmp_path / 'w'}", "train.steps=7"]) == 0
+    (said,) = [m for m in caplog.messages if OTHER_RUN in m]
+    assert said.startswith(f"checkpoint.dir={str(ckpt)!r} {OTHER_RUN} (log.dir {tmp_path / 'p'}): this run (log.dir ")
+    assert "resumes from its step 6 and saves its checkpoints there too" in said, said
+    assert said.endswith(f"or checkpoint.dir=null for this log.dir's own ({tmp_path / 'w' / 'checkpoints'})"), said
+    assert [json.loads(line)["step"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()] == [7]
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000006", "step_00000007"]
 
 
 def test_loss_falls(tiny_args, tmp_path):

@@ -1,0 +1,63 @@
+"""A resume from a checkpoint in ``checkpoint.dir`` saved by a run with another ``log.dir``: one startup
+warning naming that run, the step and how to start fresh (``other_run_note``); nothing for the run's own
+checkpoint, however its ``log.dir`` is spelled, nor for one resumed by path from elsewhere."""
+
+from types import SimpleNamespace
+
+from megatron_lite.config import Config, fill_defaults
+from megatron_lite.training.resume import other_run_note
+
+
+def _cfg(log_dir: str, ckpt: str | None = None, resume: str = "auto") -> Config:
+    cfg = Config()
+    cfg.log.dir, cfg.checkpoint.dir, cfg.checkpoint.resume = log_dir, ckpt, resume
+    return fill_defaults(cfg)
+
+
+def _saved_by(log_dir: str, workdir: str | None, location: str, step: int = 40) -> SimpleNamespace:
+    """A checkpoint's reader as far as the note reads it: saved config, lineage, step and location."""
+    lineage = {} if workdir is None else {"workdir": workdir}
+    return SimpleNamespace(meta={"config": {"log": {"dir": log_dir}}, "lineage": lineage}, step=step, location=location)
+
+
+def test_the_runs_own_checkpoint_says_nothing_however_its_log_dir_is_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    own = _saved_by("runs/a", str(tmp_path), "runs/a/checkpoints/step_00000040")
+    assert other_run_note(_cfg("runs/a"), own) is None  # a relaunch, a requeue
+    assert other_run_note(_cfg(str(tmp_path / "runs" / "a")), own) is None  # the same directory, absolute
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # its relative log.dir is taken against the directory the run started in
+    assert other_run_note(_cfg(str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "a" / "checkpoints")), own) is None
+
+
+def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fresh(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    theirs = _saved_by("runs/a", str(tmp_path), "runs/a/checkpoints/step_00000040")
+    note = other_run_note(_cfg("runs/b", "runs/a/checkpoints"), theirs)
+    assert note == (
+        f"checkpoint.dir='runs/a/checkpoints' holds the checkpoints of another run (log.dir {tmp_path / 'runs/a'}): "
+        "this run (log.dir runs/b) resumes from its step 40 and saves its checkpoints there too, where "
+        "checkpoint.keep=2 prunes that run's older ones as its own, and a relaunch of that run then resumes from "
+        "this one's; to start fresh instead, add to the train command checkpoint.dir=DIR (an empty or new "
+        "directory), or "
+        "checkpoint.dir=null for this log.dir's own (runs/b/checkpoints)"
+    )
+    # checkpoint.dir already <log.dir>/checkpoints (a run directory copied): unsetting it is no way out
+    copied = _saved_by("runs/a", str(tmp_path), "runs/b/checkpoints/step_00000040")
+    note = other_run_note(_cfg("runs/b"), copied)
+    assert note is not None and note.endswith(
+        "add to the train command checkpoint.dir=DIR (an empty or new directory)"
+    ), note
+    # a lineage without workdir: the saved log.dir is taken against this directory
+    assert other_run_note(_cfg("runs/b", "runs/a/checkpoints"), _saved_by("runs/a", None, theirs.location))
+
+
+def test_a_checkpoint_resumed_by_path_from_elsewhere_says_nothing(tmp_path, monkeypatch):
+    """This run's checkpoints go to its own checkpoint.dir, not among that run's."""
+    monkeypatch.chdir(tmp_path)
+    step = "runs/a/checkpoints/step_00000040"
+    theirs = _saved_by("runs/a", str(tmp_path), step)
+    assert other_run_note(_cfg("runs/b", resume=step), theirs) is None
+    assert other_run_note(_cfg("runs/b", "runs/a/checkpoints", resume=step), theirs) is not None
+    assert other_run_note(_cfg("runs/b"), _saved_by("", None, step)) is None  # no log.dir saved: nothing to compare
