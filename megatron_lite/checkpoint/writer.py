@@ -10,7 +10,7 @@ One save, on every rank at the same step::
     write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
         metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`
-        committed checkpoints (older saves cut short are removed);
+        committed checkpoints of this run (older saves cut short are removed; another run's are kept);
         any error before the rename instead removes the staging directory, and every rank records
         the same message (after it, failing to replace `latest` or to prune is a warning)
 
@@ -29,6 +29,7 @@ import contextlib
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,13 +86,20 @@ class Checkpointer:
     """Writes this rank's part of each checkpoint under ``root`` (see the module docstring).
 
     ``extra_files``: name -> local source copied into every checkpoint by rank 0 (the tokenizer).
+    ``spared``: step directories of another run in ``root`` (used on rank 0), never pruned (:meth:`_prune`).
     """
 
     def __init__(
-        self, root: str | Path, keep: int, async_save: bool, extra_files: dict[str, Path] | None = None
+        self,
+        root: str | Path,
+        keep: int,
+        async_save: bool,
+        extra_files: dict[str, Path] | None = None,
+        spared: Iterable[str] = (),
     ) -> None:
         self.storage = Storage(root)
         self.keep, self.async_save = keep, async_save
+        self.spared = frozenset(spared)
         self.extra_files = {k: v for k, v in (extra_files or {}).items() if v.is_file()}
         self.rank = collectives.world()[0]
         self._pending: _Save | None = None
@@ -270,8 +278,9 @@ class Checkpointer:
         checkpoint: a local ``.tmp-step_*`` directory (no other save is in flight now), or on an object
         store, which has no staging directory, an older step directory without ``metadata.json``.
         Only what a save writes is removed: a directory that also holds other files (an export a user
-        put there) is left alone, whatever its name."""
-        older = [n for n in self.storage.step_dirs() if step_of(n) < step]
+        put there) is left alone, whatever its name. Another run's checkpoints (``spared``) are neither
+        removed nor counted: ``checkpoint.keep`` is this run's."""
+        older = [n for n in self.storage.step_dirs() if step_of(n) < step and n not in self.spared]
         committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
         for name in self.storage.staging_dirs() + older:
             if name not in committed and self._only_save_files(name):

@@ -31,7 +31,8 @@ and the run keeps recording its true start. A weights-only checkpoint (``convert
 A resume from a checkpoint in ``checkpoint.dir`` that a run with another ``log.dir`` saved (a config
 naming that run's ``checkpoint.dir``) is warned about at startup (:func:`other_run_note`), not refused:
 this run continues that run's step and saves among its checkpoints, which is how a finished run is
-trained on under a new ``log.dir``, and a run still holding that directory is refused by its lock.
+trained on under a new ``log.dir``; its ``checkpoint.keep`` prunes none of that run's
+(:func:`other_runs_checkpoints`), and a run still holding that directory is refused by its lock.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from megatron_lite.checkpoint.format import sha256_file, step_dir_name
 from megatron_lite.checkpoint.lineage import recorded_workdir, run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
-from megatron_lite.checkpoint.storage import is_url
+from megatron_lite.checkpoint.step_dir import read_metadata
+from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.config import Config, ParallelConfig
 from megatron_lite.errors import UserError
 from megatron_lite.training.resume_changes import (  # noqa: F401  re-exported
@@ -163,25 +165,59 @@ def start_from(cfg: Config, rank: int, tokenizer: Path) -> tuple[CheckpointReade
     return reader, None
 
 
-def writer_log_dir(reader: CheckpointReader) -> Path | None:
-    """The ``log.dir`` of the run that saved ``reader``, as its saved config names it, a relative one
-    taken against the directory that run started in (its lineage's ``workdir``; this one where it
-    records none); None where the saved config names none (a record no save writes)."""
-    saved = ((reader.meta.get("config") or {}).get("log") or {}).get("dir")
+def writer_log_dir(meta: dict) -> Path | None:
+    """The ``log.dir`` of the run that saved a checkpoint (its metadata ``meta``), as its saved config
+    names it, a relative one taken against the directory that run started in (its lineage's
+    ``workdir``; this one where it records none); None where the saved config names none."""
+    saved = ((meta.get("config") or {}).get("log") or {}).get("dir")
     if not isinstance(saved, str) or not saved:
         return None
-    return Path(recorded_workdir(reader.meta.get("lineage")) or os.getcwd()) / saved
+    return Path(recorded_workdir(meta.get("lineage")) or os.getcwd()) / saved
+
+
+def other_run(cfg: Config, meta: dict) -> Path | None:
+    """The ``log.dir`` of the run that saved a checkpoint (metadata ``meta``) when it is not this run's
+    (:func:`writer_log_dir`, both resolved), else None: this run's own, however its path is spelled."""
+    theirs = writer_log_dir(meta)
+    if theirs is None or os.path.realpath(theirs) == os.path.realpath(cfg.log.dir):
+        return None
+    return theirs
+
+
+def other_runs_checkpoints(cfg: Config, rank: int) -> list[str]:
+    """The committed checkpoints in ``checkpoint.dir`` that a run with another ``log.dir`` saved
+    (:func:`other_run`): this run's ``checkpoint.keep`` never prunes them (the ``Checkpointer``'s
+    ``spared``), so a run continued from another's checkpoint deletes none of that run's. Read on rank 0
+    only, which prunes (none elsewhere). A step with an unusable ``metadata.json`` (no checkpoint to
+    resume) is not spared; one whose read fails (an object store's client error) is, being unknown."""
+    if rank != 0:
+        return []
+    storage = Storage(cfg.checkpoint.dir)
+    try:
+        names = storage.step_dirs()
+    except Exception:  # nothing listed, nothing pruned: the save reports the directory
+        return []
+    return [name for name in names if _saved_by_other_run(cfg, storage, name)]
+
+
+def _saved_by_other_run(cfg: Config, storage: Storage, name: str) -> bool:
+    try:
+        meta = read_metadata(storage, name)[0]
+    except Exception:  # the client's own errors (read_metadata reports a local OSError as a problem)
+        return True
+    return meta is not None and other_run(cfg, meta) is not None
 
 
 def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
     """The warning for a resume from a checkpoint in ``checkpoint.dir`` that a run with another
-    ``log.dir`` saved (:func:`writer_log_dir`): this run continues that run's step and saves among its
+    ``log.dir`` saved (:func:`other_run`): this run continues that run's step and saves among its
     checkpoints (a variant started from a config that names that run's ``checkpoint.dir``); None for
     a run's own checkpoint (a relaunch, a requeue) or one resumed by path from elsewhere. Not refused:
     continuing a finished run under a new ``log.dir`` is a way to train it on (Megatron's ``--load`` and
-    ``--save`` in one directory); a run still holding the directory is refused by its lock (``run_lock.py``)."""
-    c, theirs = cfg.checkpoint, writer_log_dir(reader)
-    if theirs is None or os.path.realpath(theirs) == os.path.realpath(cfg.log.dir):
+    ``--save`` in one directory), nothing of that run is deleted (:func:`other_runs_checkpoints`), and
+    a run still holding the directory is refused by its lock (``run_lock.py``)."""
+    c, theirs = cfg.checkpoint, other_run(cfg, reader.meta)
+    if theirs is None:
         return None
     if c.resume != "auto" and not _same_start(c.dir, reader.location):
         return None  # saved elsewhere: this run's checkpoints do not go among that run's
@@ -190,9 +226,9 @@ def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
         fresh += f", or checkpoint.dir=null for this log.dir's own ({Path(cfg.log.dir) / 'checkpoints'})"
     return (
         f"checkpoint.dir={c.dir!r} holds the checkpoints of another run (log.dir {theirs}): this run (log.dir "
-        f"{cfg.log.dir}) resumes from its step {reader.step} and saves its checkpoints there too, where "
-        f"checkpoint.keep={c.keep} prunes that run's older ones as its own, and a relaunch of that run then resumes "
-        f"from this one's; to start fresh instead, add to the train command {fresh}"
+        f"{cfg.log.dir}) resumes from its step {reader.step} and saves its checkpoints there too, next to that "
+        f"run's, which checkpoint.keep={c.keep} leaves alone (it prunes this run's only); a relaunch of that run "
+        f"then resumes from this one's. To start fresh instead, add to the train command {fresh}"
     )
 
 

@@ -176,7 +176,7 @@ class Trainer:
             if origin is not None:
                 files["origin.json"] = self.run_dir / "origin.json"
                 shutil.copyfile(origin, files["origin.json"])
-        return Checkpointer(c.dir, c.keep, c.async_, files)
+        return Checkpointer(c.dir, c.keep, c.async_, files, spared=resume.other_runs_checkpoints(self.cfg, self.rank))
 
     def _prepare_data(self) -> build.DataBundle:
         """Build the default corpus once per node (local rank 0 first), then open it on every rank."""

@@ -88,16 +88,27 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
     assert OTHER_RUN not in caplog.text  # no run so far resumed another run's checkpoint
     # a config naming the run's checkpoint.dir (a config.yaml written with it filled in) in another log.dir
-    # resumes that run's checkpoint and saves next to it: one startup warning says so and how to start fresh
-    ckpt = tmp_path / "p" / "checkpoints"
+    # resumes that run's checkpoint and saves next to it: one startup warning says so and how to start fresh,
+    # and checkpoint.keep=2 prunes only the new run's own checkpoints there, on its relaunch too
+    ckpt, other = tmp_path / "p" / "checkpoints", [*relaunch, f"checkpoint.dir={tmp_path / 'p' / 'checkpoints'}"]
+    other += [f"log.dir={tmp_path / 'w'}", "checkpoint.every=1", "train.exit_after=null"]
     caplog.clear()
-    assert main([*relaunch, f"checkpoint.dir={ckpt}", f"log.dir={tmp_path / 'w'}", "train.steps=7"]) == 0
+    assert main([*other, "train.steps=9"]) == 0
     (said,) = [m for m in caplog.messages if OTHER_RUN in m]
     assert said.startswith(f"checkpoint.dir={str(ckpt)!r} {OTHER_RUN} (log.dir {tmp_path / 'p'}): this run (log.dir ")
     assert "resumes from its step 6 and saves its checkpoints there too" in said, said
     assert said.endswith(f"or checkpoint.dir=null for this log.dir's own ({tmp_path / 'w' / 'checkpoints'})"), said
-    assert [json.loads(line)["step"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()] == [7]
-    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000006", "step_00000007"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()] == [
+        7,
+        8,
+        9,
+    ]
+    assert sorted(p.name[-2:] for p in ckpt.glob("step_*")) == ["04", "06", "08", "09"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([*other, "train.steps=10"]) == 0  # the new run relaunched in its log.dir: its own checkpoint
+    assert "resumed from" in caplog.text and OTHER_RUN not in caplog.text
+    assert sorted(p.name[-2:] for p in ckpt.glob("step_*")) == ["04", "06", "09", "10"]
 
 
 def test_loss_falls(tiny_args, tmp_path):

@@ -42,6 +42,20 @@ def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, c
     assert resolve_resume(root, "auto").name == "step_00000006"
 
 
+def test_another_runs_checkpoints_are_neither_pruned_nor_counted(tmp_path):
+    """``spared`` (the step directories another run saved there, ``resume.other_runs_checkpoints``)."""
+    root = tmp_path / "ckpt"
+    theirs = Checkpointer(root, keep=2, async_save=False)
+    for step in (2, 4):
+        _save(theirs, step)
+    theirs.close()
+    ours = Checkpointer(root, keep=2, async_save=False, spared=["step_00000002", "step_00000004"])
+    for step in (5, 6, 7):
+        _save(ours, step)
+    ours.close()
+    assert _names(root) == ["latest", "step_00000002", "step_00000004", "step_00000006", "step_00000007"]
+
+
 def test_a_failure_after_the_commit_is_a_warning_not_a_lost_checkpoint(tmp_path, monkeypatch, caplog):
     """The step directory is in place once renamed: a full disk when replacing ``latest`` (which no
     reader needs) or pruning must not report the checkpoint as not saved, nor stop the run."""

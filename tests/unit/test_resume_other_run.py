@@ -1,10 +1,12 @@
 """A resume from a checkpoint in ``checkpoint.dir`` saved by a run with another ``log.dir``: one startup
 warning naming that run, the step and how to start fresh (``other_run_note``); nothing for the run's own
-checkpoint, however its ``log.dir`` is spelled, nor for one resumed by path from elsewhere."""
+checkpoint, however its ``log.dir`` is spelled, nor for one resumed by path from elsewhere. That run's
+checkpoints are never pruned by this one (``other_runs_checkpoints``)."""
 
 from types import SimpleNamespace
 
 from megatron_lite.config import Config, fill_defaults
+from megatron_lite.training import resume
 from megatron_lite.training.resume import other_run_note
 
 
@@ -37,10 +39,10 @@ def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fr
     note = other_run_note(_cfg("runs/b", "runs/a/checkpoints"), theirs)
     assert note == (
         f"checkpoint.dir='runs/a/checkpoints' holds the checkpoints of another run (log.dir {tmp_path / 'runs/a'}): "
-        "this run (log.dir runs/b) resumes from its step 40 and saves its checkpoints there too, where "
-        "checkpoint.keep=2 prunes that run's older ones as its own, and a relaunch of that run then resumes from "
-        "this one's; to start fresh instead, add to the train command checkpoint.dir=DIR (an empty or new "
-        "directory), or "
+        "this run (log.dir runs/b) resumes from its step 40 and saves its checkpoints there too, next to that "
+        "run's, which checkpoint.keep=2 leaves alone (it prunes this run's only); a relaunch of that run then "
+        "resumes from this one's. To start fresh instead, add to the train command checkpoint.dir=DIR (an empty "
+        "or new directory), or "
         "checkpoint.dir=null for this log.dir's own (runs/b/checkpoints)"
     )
     # checkpoint.dir already <log.dir>/checkpoints (a run directory copied): unsetting it is no way out
@@ -61,3 +63,23 @@ def test_a_checkpoint_resumed_by_path_from_elsewhere_says_nothing(tmp_path, monk
     assert other_run_note(_cfg("runs/b", resume=step), theirs) is None
     assert other_run_note(_cfg("runs/b", "runs/a/checkpoints", resume=step), theirs) is not None
     assert other_run_note(_cfg("runs/b"), _saved_by("", None, step)) is None  # no log.dir saved: nothing to compare
+
+
+def test_pruning_spares_the_checkpoints_another_run_saved_and_those_it_cannot_read(tmp_path, monkeypatch):
+    """``other_runs_checkpoints``: the ``Checkpointer``'s ``spared`` (rank 0 prunes: none elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    saved_by = {"step_00000002": "runs/a", "step_00000004": "runs/b", "step_00000006": "runs/a"}
+    for name in [*saved_by, "step_00000008", "step_00000009"]:
+        (tmp_path / "ckpt" / name).mkdir(parents=True)
+
+    def read(storage, name):
+        if name == "step_00000008":
+            raise RuntimeError("an object store's client error")
+        if name == "step_00000009":
+            return None, "metadata.json is not valid JSON"
+        return _saved_by(saved_by[name], str(tmp_path), "").meta, None
+
+    monkeypatch.setattr(resume, "read_metadata", read)
+    cfg = _cfg("runs/b", "ckpt")
+    assert resume.other_runs_checkpoints(cfg, 0) == ["step_00000002", "step_00000006", "step_00000008"]
+    assert resume.other_runs_checkpoints(cfg, 1) == []
