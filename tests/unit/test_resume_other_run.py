@@ -46,6 +46,7 @@ def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fr
         "checkpoint.dir=null for this log.dir's own (runs/b/checkpoints)"
     )
     # checkpoint.dir already <log.dir>/checkpoints (a run directory copied): unsetting it is no way out
+    (tmp_path / "runs" / "a").mkdir(parents=True)
     copied = _saved_by("runs/a", str(tmp_path), "runs/b/checkpoints/step_00000040")
     note = other_run_note(_cfg("runs/b"), copied)
     assert note is not None and note.endswith(
@@ -53,6 +54,23 @@ def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fr
     ), note
     # a lineage without workdir: the saved log.dir is taken against this directory
     assert other_run_note(_cfg("runs/b", "runs/a/checkpoints"), _saved_by("runs/a", None, theirs.location))
+
+
+def test_a_run_directory_moved_to_this_log_dir_is_this_runs_own(tmp_path, monkeypatch):
+    """``mv runs/a runs/b`` and a relaunch with log.dir=runs/b: the checkpoints that moved with it are
+    this run's (no note, pruned by its checkpoint.keep); a copy, whose original remains, is another's."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("step_00000002", "step_00000004"):
+        (tmp_path / "runs" / "b" / "checkpoints" / name).mkdir(parents=True)
+    moved = _saved_by("runs/a", str(tmp_path), "runs/b/checkpoints/step_00000004", step=4)
+    monkeypatch.setattr(resume, "read_metadata", lambda storage, name: (moved.meta, None))
+    assert other_run_note(_cfg("runs/b"), moved) is None
+    assert resume.other_runs_checkpoints(_cfg("runs/b"), 0) == []
+    # an explicit checkpoint.dir elsewhere: the run that saved there may only have been removed
+    assert other_run_note(_cfg("runs/c", "runs/b/checkpoints"), moved) is not None
+    (tmp_path / "runs" / "a").mkdir()  # the original remains: a copy
+    assert other_run_note(_cfg("runs/b"), moved) is not None
+    assert resume.other_runs_checkpoints(_cfg("runs/b"), 0) == ["step_00000002", "step_00000004"]
 
 
 def test_a_checkpoint_resumed_by_path_from_elsewhere_says_nothing(tmp_path, monkeypatch):
