@@ -178,12 +178,15 @@ def writer_log_dir(meta: dict) -> Path | None:
 def other_run(cfg: Config, meta: dict) -> Path | None:
     """The ``log.dir`` of the run that saved a checkpoint (metadata ``meta``) when it is not this run's
     (:func:`writer_log_dir`, both resolved), else None: this run's own, however its path is spelled,
-    and that of a run directory moved (renamed) to this ``log.dir``: its log.dir is gone, and this run's
-    ``checkpoint.dir`` is ``<log.dir>/checkpoints``, the checkpoints that moved with it."""
+    and that of a run directory moved (renamed) to this ``log.dir``: its log.dir is gone, and both runs'
+    ``checkpoint.dir`` is their ``<log.dir>/checkpoints``, the checkpoints that moved with it."""
     theirs = writer_log_dir(meta)
     if theirs is None or os.path.realpath(theirs) == os.path.realpath(cfg.log.dir):
         return None
-    if "checkpoint.dir" in cfg.derived and not theirs.exists():
+    saved = meta["config"].get("checkpoint")
+    saved_dir = saved.get("dir") if isinstance(saved, dict) else None
+    in_its_log_dir = saved_dir == str(Path(meta["config"]["log"]["dir"]) / "checkpoints")
+    if "checkpoint.dir" in cfg.derived and in_its_log_dir and not theirs.exists():
         return None
     return theirs
 

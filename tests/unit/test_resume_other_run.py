@@ -16,10 +16,13 @@ def _cfg(log_dir: str, ckpt: str | None = None, resume: str = "auto") -> Config:
     return fill_defaults(cfg)
 
 
-def _saved_by(log_dir: str, workdir: str | None, location: str, step: int = 40) -> SimpleNamespace:
+def _saved_by(
+    log_dir: str, workdir: str | None, location: str, step: int = 40, ckpt: str | None = None
+) -> SimpleNamespace:
     """A checkpoint's reader as far as the note reads it: saved config, lineage, step and location."""
     lineage = {} if workdir is None else {"workdir": workdir}
-    return SimpleNamespace(meta={"config": {"log": {"dir": log_dir}}, "lineage": lineage}, step=step, location=location)
+    config = {"log": {"dir": log_dir}, "checkpoint": {"dir": ckpt or f"{log_dir}/checkpoints"}}
+    return SimpleNamespace(meta={"config": config, "lineage": lineage}, step=step, location=location)
 
 
 def test_the_runs_own_checkpoint_says_nothing_however_its_log_dir_is_spelled(tmp_path, monkeypatch):
@@ -68,6 +71,9 @@ def test_a_run_directory_moved_to_this_log_dir_is_this_runs_own(tmp_path, monkey
     assert resume.other_runs_checkpoints(_cfg("runs/b"), 0) == []
     # an explicit checkpoint.dir elsewhere: the run that saved there may only have been removed
     assert other_run_note(_cfg("runs/c", "runs/b/checkpoints"), moved) is not None
+    # a removed run that had saved into this log.dir's checkpoints by its own explicit checkpoint.dir
+    removed = _saved_by("runs/a", str(tmp_path), moved.location, step=4, ckpt="runs/b/checkpoints")
+    assert other_run_note(_cfg("runs/b"), removed) is not None
     (tmp_path / "runs" / "a").mkdir()  # the original remains: a copy
     assert other_run_note(_cfg("runs/b"), moved) is not None
     assert resume.other_runs_checkpoints(_cfg("runs/b"), 0) == ["step_00000002", "step_00000004"]
