@@ -143,12 +143,12 @@ def section_heads(heads: int, streamed_bytes: int, share: int = 1) -> int:
 
 @triton.jit
 def schedule(n_tiles, SECTION: tl.constexpr):
-    """(rank, bh) of this program in a 1-D grid of n_tiles x (B x H) programs, the order of
-    FlashAttention-3's longest-processing-time scheduler: the grid runs SECTION heads at a time (the
-    last section may hold fewer), and within a section the rank-0 tile of every head, then rank 1, and
-    so on. Ranks are dealt most work first, so the longest programs start early and the shortest fill
-    the tail (a head-major order leaves some SMs idle on long tiles at the end, ~3% of a causal
-    forward), while the heads in flight at once share their K and V (or Q and dO) in L2."""
+    """(rank, bh) of this program in a 1-D grid of n_tiles x (B x heads) programs (query heads, or K/V
+    heads for dK/dV), the order of FlashAttention-3's longest-processing-time scheduler: the grid runs
+    SECTION heads at a time (the last section may hold fewer), and within a section the rank-0 tile of
+    every head, then rank 1, and so on. Ranks are dealt most work first, so the longest programs start
+    early and the shortest fill the tail (a head-major order leaves some SMs idle on long tiles at the
+    end, ~3% of a causal forward), while the heads in flight at once share their K and V (or Q and dO) in L2."""
     pid = tl.program_id(0)
     first = pid // (SECTION * n_tiles) * SECTION
     heads = tl.minimum(SECTION, tl.num_programs(0) // n_tiles - first)
