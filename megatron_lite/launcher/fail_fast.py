@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch.distributed as dist
 
@@ -66,10 +66,19 @@ def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGrou
 
 def _verdict(failed: list[tuple[int, str]], what: str) -> UserError:
     rank, msg = failed[0]
-    also = f" (ranks {', '.join(str(r) for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
+    also = f" ({_others(r for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
     error = UserError(f"rank {rank} {what}: {msg}{also}")
     error.raised_on_every_rank = True  # a FailureWatch around it has no rank to stop
     return error
+
+
+def _others(ranks: Iterable[int], shown: int = 8) -> str:
+    """``rank 1``, ``ranks 1, 2`` or, past ``shown`` ranks, ``ranks 1, ..., 8 and 503 more``."""
+    ranks = list(ranks)
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    listed = ", ".join(str(r) for r in ranks[:shown])
+    return f"ranks {listed}" + (f" and {len(ranks) - shown} more" if len(ranks) > shown else "")
 
 
 def attempt_key() -> str:

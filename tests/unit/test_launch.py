@@ -245,6 +245,43 @@ def test_verdicts_before_joining_are_per_torchrun_attempt(monkeypatch):
         agree_before_joining(store, 0, 2, None, False)
 
 
+def _verdicts_before_joining(world: int, failing: set[int]) -> list[str]:
+    """Each rank's error message from ``agree_before_joining`` where the ranks in ``failing`` post a
+    bad config key, every rank in a thread of its own on one store."""
+    store = dist.HashStore()
+    store.set_timeout(timedelta(seconds=10))
+    messages: list[str] = []
+
+    def rank(r: int) -> None:
+        error = UserError("unknown config key 'train.stepz'") if r in failing else None
+        with pytest.raises(UserError) as raised:
+            agree_before_joining(store, r, world, error, False)
+        messages.append(str(raised.value))
+
+    ranks = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join()
+    assert len(messages) == world
+    return messages
+
+
+def test_a_verdict_names_the_other_failed_ranks_in_plain_words():
+    """One other failed rank is 'rank 1', several are listed, and a large world's are counted past
+    the eighth, so a bad config on 512 ranks is not a line of 511 numbers."""
+    first = "rank 0 failed before joining the process group: unknown config key 'train.stepz'"
+    assert set(_verdicts_before_joining(2, {0, 1})) == {f"{first} (rank 1 failed too)"}
+    assert set(_verdicts_before_joining(3, {0, 2})) == {f"{first} (rank 2 failed too)"}
+    assert set(_verdicts_before_joining(4, {0, 1, 3})) == {f"{first} (ranks 1, 3 failed too)"}
+    assert set(_verdicts_before_joining(12, set(range(12)))) == {
+        f"{first} (ranks 1, 2, 3, 4, 5, 6, 7, 8 and 3 more failed too)"
+    }
+    assert set(_verdicts_before_joining(2, {1})) == {
+        "rank 1 failed before joining the process group: unknown config key 'train.stepz'"
+    }
+
+
 def test_a_large_world_looks_for_failed_ranks_less_often():
     """Every rank of the world asks the one rendezvous store: their looks together stay bounded."""
     assert poll_interval(1.0, 8) == 1.0 and poll_interval(1.0, 500) == 1.0
