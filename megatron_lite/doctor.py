@@ -16,6 +16,7 @@ import sys
 import torch
 
 from megatron_lite import __version__, kernels
+from megatron_lite.amounts import counted
 
 
 def _version(dist: str) -> str | None:
@@ -35,7 +36,7 @@ def _importable(module: str) -> tuple[bool, str]:
 
 def _devices() -> list[str]:
     if not torch.cuda.is_available():
-        return [f"cpu ({torch.get_num_threads()} threads)"]
+        return [f"cpu ({counted(torch.get_num_threads(), 'thread')})"]
     return [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_lite.amounts import byte_size, counted
 from megatron_lite.config import (
     Config,
     ModelConfig,
@@ -309,8 +310,8 @@ def format_plan(plan: Plan, width: int = 100) -> str:
         f"layout: world {d.world_size} = pp {d.pp} x dp {d.dp} x tp {d.tp} (vp {d.vp}); sp {cfg.parallel.sp}; "
         f"schedule {lay.schedule.name}",
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x microbatches {lay.microbatches} "
-        f"x dp {d.dp} ({tokens:,} tokens per step)",
-        f"model: {plan.model_parameters:,} parameters ({m.arch}, {m.layers} layers, hidden {m.hidden}, "
+        f"x dp {d.dp} ({counted(tokens, 'token')} per step)",
+        f"model: {plan.model_parameters:,} parameters ({m.arch}, {counted(m.layers, 'layer')}, hidden {m.hidden}, "
         f"heads {m.heads}/{m.kv_heads} kv, ffn {m.ffn_hidden}, vocab {m.vocab_size}, seq {m.seq_len})",
         f"pipeline: layers per virtual stage (model order) {counts}",
         f"memory per rank, by pipeline stage ({dtype}; recompute {t.recompute}; distributed optimizer "
@@ -322,7 +323,7 @@ def format_plan(plan: Plan, width: int = 100) -> str:
             f"{s.stage:5d} {s.parameters:12,} {_gib(s.param_bytes)} {_gib(s.grad_bytes)} "
             f"{_gib(s.optimizer_bytes)} {_gib(s.activation_bytes)} {_gib(s.total)}"
         )
-    lines.append(f"peak per rank: {_gib(plan.memory_bytes_per_rank).strip()}")
+    lines.append(f"peak per rank: {byte_size(plan.memory_bytes_per_rank, binary=True)}")
     sim = plan.simulation
     lines.append(f"pipeline bubble: {sim.bubble_fraction:.2%} of time (simulated, backward = 2 x forward)")
     lines.append(render(sim, width))

@@ -5,7 +5,8 @@ redraw, so the bar becomes one line of many kilobytes, and a closed bar writes i
 Where stderr is not a terminal the bars are off: a training run's log says the same in one line per
 logged step (``training/metrics.py: step_lines``), on a terminal too, above the bar; a long read of
 input bytes (``preprocess``, ``tokenizer train``) logs one dated line every :data:`LOG_EVERY_S`
-seconds instead (:class:`ProgressLines`, through :func:`byte_progress`).
+seconds instead (:class:`ProgressLines`, through :func:`byte_progress`), its amounts worded by
+``amounts.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
+
+from megatron_lite.amounts import byte_size, duration
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def progress_bar(show: bool, **kwargs: Any) -> tqdm:
 class ProgressLines:
     """Progress over ``total`` bytes as dated log lines, one every :data:`LOG_EVERY_S` seconds, e.g.::
 
-        tokenizing | 52,113 documents, 61,245,310 tokens | 245.1 of 1,024.0 MB read (24%) | 8.2 MB/s | ETA 1m35s
+        tokenizing | 52,113 documents, 61,245,310 tokens | 245.1 MB of 1.0 GB read (24%) | 8.2 MB/s | ETA 1m35s
 
     ``counts`` says what the bytes held so far (documents, tokens). :meth:`update` is called for each
     document read: it adds and reads the clock; the line is built and logged once per interval. Used
@@ -59,8 +62,8 @@ class ProgressLines:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         eta = f"ETA {duration(max(self.total - self.n, 0) / rate)}" if rate > 0 else "ETA unknown"
-        read = f"{self.n / 1e6:,.1f} of {self.total / 1e6:,.1f} MB read{share}"
-        return " | ".join([self.desc, *([self.counts()] if self.counts else []), read, f"{rate / 1e6:,.1f} MB/s", eta])
+        read = f"{byte_size(self.n)} of {byte_size(self.total)} read{share}"
+        return " | ".join([self.desc, *([self.counts()] if self.counts else []), read, f"{byte_size(rate)}/s", eta])
 
     def close(self) -> None:
         """Nothing to flush: each line was logged whole."""
@@ -78,16 +81,6 @@ def byte_progress(show: bool, total: int, desc: str, counts: Callable[[], str] |
     if show and not sys.stderr.isatty():
         return ProgressLines(desc, total, counts)
     return progress_bar(show, total=total, unit="B", unit_scale=True, desc=desc)
-
-
-def duration(seconds: float) -> str:
-    """``seconds`` as a log line writes a duration: ``42.0 s``, ``12m05s``, ``3h04m``."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes = int(seconds) // 60
-    if minutes < 60:
-        return f"{minutes}m{int(seconds) % 60:02d}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 @contextlib.contextmanager

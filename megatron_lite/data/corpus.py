@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from megatron_lite import jsontext
+from megatron_lite.amounts import byte_size, counted
 from megatron_lite.data.indexed import IndexedDataset, write_atomic
 from megatron_lite.data.inputs import log as inputs_log
 from megatron_lite.data.preprocess import preprocess
@@ -93,11 +94,11 @@ def _cache_matches(folder: Path, expected: dict) -> bool:
 def _build(tmp: Path, final: Path, files: list[Path], vocab_size: int, expected: dict, progress: bool) -> int:
     """Train the tokenizer and tokenize ``files`` into ``tmp`` (to be renamed ``final``); returns the
     token count."""
-    megabytes = sum(size for _, size in expected["files"]) / 1e6
-    _say(progress, f"training tokenizer on {megabytes:.1f} MB of stdlib source ({len(files)} files)...")
+    size = byte_size(sum(size for _, size in expected["files"]))
+    _say(progress, f"training tokenizer on {size} of stdlib source ({counted(len(files), 'file')})...")
     with _inputs_as_they_are():
         model = train_tokenizer(files, tmp / "tokenizer", vocab_size, _TOKENIZER_SAMPLE_BYTES, progress=progress)
-        _say(progress, f"tokenizing {len(files)} files with a {vocab_size}-token vocabulary...")
+        _say(progress, f"tokenizing {counted(len(files), 'file')} with a {vocab_size}-token vocabulary...")
         stats = preprocess([str(p) for p in files], model, tmp / "data", progress=progress)
     if stats["decode_errors"]:
         n = stats["decode_errors"]

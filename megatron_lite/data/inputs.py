@@ -31,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, NamedTuple
 
+from megatron_lite.amounts import counted
 from megatron_lite.errors import UserError
 
 _OPENERS = {
@@ -165,7 +166,7 @@ def warn_inputs(lines: Sequence[str], rest: str) -> None:
         log.warning("%s", line)
     if len(lines) > WARN_EACH:
         more = len(lines) - WARN_EACH
-        log.warning("and %d more input%s %s", more, "s" if more > 1 else "", rest)
+        log.warning("and %s %s", counted(more, "more input"), rest)
 
 
 def warn_invalid_utf8(invalid: Sequence[tuple[Path, int, int]], unit: str) -> None:

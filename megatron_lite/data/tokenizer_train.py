@@ -26,6 +26,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from megatron_lite import jsontext
+from megatron_lite.amounts import byte_size, counted, duration
 from megatron_lite.data.indexed import (
     check_not_replacing,
     check_output_prefix,
@@ -37,7 +38,7 @@ from megatron_lite.data.jsonl import decode, is_jsonl, json_text
 from megatron_lite.data.output_lock import hold_output
 from megatron_lite.data.tempfiles import remove_abandoned_outputs
 from megatron_lite.errors import UserError
-from megatron_lite.progress import ProgressLines, above_progress_bar, byte_progress, duration
+from megatron_lite.progress import ProgressLines, above_progress_bar, byte_progress
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def _announced(lines: Iterator[str], counts: dict, vocab_size: int, started: lis
     ``started``: sentencepiece reads every sentence before it trains (minutes on a large sample), so the
     sample's end is the training's start."""
     yield from lines
-    size = f"{counts['bytes'] / 1e6:,.1f} MB of sample lines ({counts['lines']:,} lines)"
+    size = f"{byte_size(counts['bytes'])} of sample lines ({counted(counts['lines'], 'line')})"
     log.info("training a %s-piece BPE on %s...", f"{vocab_size:,}", size)
     started.append(time.monotonic())
 

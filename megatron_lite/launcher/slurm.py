@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_lite.amounts import byte_size, counted
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import tcp_port
 from megatron_lite.launcher.launch_vars import whole_number
@@ -172,8 +173,9 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
     plan = make_plan(load_config(job.config, job.overrides), job.world_size)
     d = plan.layout.dims
     summary = (
-        f"layout ok: {job.nodes} nodes x {job.procs_per_node} = {d.world_size} ranks = pp {d.pp} x dp {d.dp} x "
-        f"tp {d.tp}; about {plan.memory_bytes_per_rank / 2**30:.1f} GiB per rank (megatron-lite plan)"
+        f"layout ok: {counted(job.nodes, 'node')} x {job.procs_per_node} = {counted(d.world_size, 'rank')} = pp "
+        f"{d.pp} x dp {d.dp} x tp {d.tp}; about {byte_size(plan.memory_bytes_per_rank, binary=True)} per rank "
+        "(megatron-lite plan)"
     )
     template = TEMPLATE_DIR / job.template
     if not template.is_file():
@@ -244,7 +246,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
     if not args.cpu and procs > args.gpus_per_node:
         raise UserError(
             f"--procs-per-node {procs} is more than --gpus-per-node {args.gpus_per_node}: each rank needs a GPU "
-            f"of its own; use at most {args.gpus_per_node} ranks per node (or --cpu for CPU ranks)"
+            f"of its own; use at most {counted(args.gpus_per_node, 'rank')} per node (or --cpu for CPU ranks)"
         )
     if args.master_port is not None:
         tcp_port("--master-port", str(args.master_port))

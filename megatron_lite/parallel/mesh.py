@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional  # noqa: F401  isort: skip
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from megatron_lite.amounts import counted
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import (  # noqa: F401  (re-exported: the launch env's old home)
     DEFAULT_MASTER_PORT,
@@ -97,7 +98,7 @@ class ParallelDims:
             raise UserError(
                 f"parallel.tp={tp} x parallel.pp={pp} x parallel.dp={dp} = {dims.world_size} does not equal "
                 f"world size {world_size}: change the layout (leave parallel.dp empty to take what tp x pp "
-                f"leave) or launch {dims.world_size} ranks"
+                f"leave) or launch {counted(dims.world_size, 'rank')}"
             )
         return dims
 
@@ -258,8 +259,8 @@ def init_distributed(
             torch.cuda.set_device(env.local_rank)
         elif error is None:
             error = UserError(
-                f"local rank {env.local_rank} but only {gpus} GPUs on this node (CUDA_VISIBLE_DEVICES="
-                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch at most {gpus} ranks per node "
+                f"local rank {env.local_rank} but only {counted(gpus, 'GPU')} on this node (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): launch at most {counted(gpus, 'rank')} per node "
                 "(torchrun --nproc_per_node, PROCS_PER_NODE, --gpus-per-node)"
             )
     timeout = timedelta(seconds=timeout_s)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
+from megatron_lite.amounts import counted
 from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets, recorded_workdir
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint
@@ -196,7 +197,7 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     total, tokens = sum_next_token_loss(model, _token_pieces(p, json_key, tok, documents), model.cfg.seq_len)
     if tokens < 2:
         raise UserError(
-            f"text file {str(p)!r} has {tokens} token(s), and a score needs at least 2 (one to predict the "
+            f"text file {str(p)!r} has {counted(tokens, 'token')}, and a score needs at least 2 (one to predict the "
             "next from): give --text a file with more text"
         )
     return _score(total / (tokens - 1), tokens, model, f"checkpoint {str(checkpoint)!r} on {str(p)!r}")

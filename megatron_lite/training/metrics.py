@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from megatron_lite import jsontext
+from megatron_lite.amounts import duration
 from megatron_lite.config import ModelConfig, TrainConfig
-from megatron_lite.progress import duration
 
 log = logging.getLogger(__name__)
 

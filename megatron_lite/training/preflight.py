@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import kernels
+from megatron_lite.amounts import byte_size
 from megatron_lite.checkpoint.lineage import recorded_datasets, run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, peek_checkpoint
 from megatron_lite.checkpoint.storage import Storage, is_url
@@ -173,9 +174,9 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
     if need <= have:
         return None
     return (
-        f"`megatron-lite plan` estimates {need / 2**30:.1f} GiB per rank at peak, and {where} {have / 2**30:.1f} "
-        "GiB: expect an out-of-memory failure; lower train.micro_batch_size or model.seq_len, set "
-        "train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
+        f"`megatron-lite plan` estimates {byte_size(need, binary=True)} per rank at peak, and {where} "
+        f"{byte_size(have, binary=True)}: expect an out-of-memory failure; lower train.micro_batch_size or "
+        "model.seq_len, set train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
     )
 
 

@@ -76,6 +76,15 @@ def test_doctor_says_triton_kernels_need_cuda_or_the_interpreter(monkeypatch, ca
     assert json.loads(capsys.readouterr().out)["optional"]["triton"]["usable"] == kernels.triton_available()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_doctor_counts_the_cpu_threads_in_words_that_fit_one(monkeypatch, capsys):
+    """One thread per rank is what the sbatch templates set for several ranks per node."""
+    for threads, words in ((1, "cpu (1 thread)"), (4, "cpu (4 threads)")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        assert main(["doctor", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["devices"] == [words]
+
+
 def test_doctor_reports_versions_and_backends(capsys):
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

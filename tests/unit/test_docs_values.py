@@ -5,8 +5,9 @@ from pathlib import Path
 
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
+from megatron_lite.amounts import duration
 from megatron_lite.config import TrainConfig
-from megatron_lite.progress import LOG_EVERY_S, duration
+from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 

@@ -88,7 +88,7 @@ def test_eval_of_json_lines_with_a_tokenizer_without_eos_adds_none(tmp_path, mon
     assert scored == [[ord(c) for c in "abcd"]]
 
 
-@pytest.mark.parametrize("text, tokens", [("", 0), ("a", 1)])
+@pytest.mark.parametrize("text, tokens", [("", "0 tokens"), ("a", "1 token")])
 def test_a_text_of_fewer_than_two_tokens_is_one_error_asking_for_more_text(text, tokens, tmp_path, monkeypatch, capsys):
     model = SimpleNamespace(cfg=SimpleNamespace(seq_len=4))
     monkeypatch.setattr(evaluate, "load_model", lambda path, device: (model, _Tok()))
@@ -97,7 +97,7 @@ def test_a_text_of_fewer_than_two_tokens_is_one_error_asking_for_more_text(text,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err == (
-        f"error: text file {str(tmp_path / 'short.txt')!r} has {tokens} token(s), and a score needs at least 2 (one "
+        f"error: text file {str(tmp_path / 'short.txt')!r} has {tokens}, and a score needs at least 2 (one "
         "to predict the next from): give --text a file with more text\n"
     ), err
 

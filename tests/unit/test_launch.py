@@ -128,7 +128,11 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     assert main([*args, *TINY, "parallel.tp=2", "train.global_batch_size=16"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("#!/bin/bash") and "parallel.tp=2" in captured.out
-    assert "4 ranks = pp 1 x dp 2 x tp 2" in captured.err
+    assert "layout ok: 2 nodes x 2 = 4 ranks = pp 1 x dp 2 x tp 2; about " in captured.err
+    one = ["launch", "slurm", "--cpu", "--nodes", "1", "--procs-per-node", "1", "--dry-run", *TINY]
+    assert main(one) == 0
+    summary = capsys.readouterr().err
+    assert re.search(r"^layout ok: 1 node x 1 = 1 rank = pp 1 x dp 1 x tp 1; about \d+\.\d MiB per rank ", summary)
     assert main([*args, *TINY, "parallel.tp=3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in err
@@ -138,6 +142,7 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     "options, message",
     [
         (["--gpus-per-node", "8", "--procs-per-node", "16"], "--procs-per-node 16 is more than --gpus-per-node 8"),
+        (["--gpus-per-node", "1", "--procs-per-node", "2"], "of its own; use at most 1 rank per node (or --cpu"),
         (["--cpu", "--procs-per-node", "2", "--cpus-per-rank", "0"], "--cpus-per-rank=0 is out of range"),
         (["--cpu", "--procs-per-node", "0"], "--procs-per-node=0 is out of range: set the ranks per node, 1 or more"),
         (["--procs-per-node", "0"], "--procs-per-node=0 is out of range"),

@@ -32,6 +32,8 @@ def test_resolve_errors_show_every_factor():
         UserError, match=r"parallel.tp=2 x parallel.pp=3 x parallel.dp=1 = 6 does not equal world size 4"
     ):
         ParallelDims.resolve(4, tp=2, pp=3, dp=1)
+    with pytest.raises(UserError, match=r"= 1 does not equal world size 2: .* or launch 1 rank$"):
+        ParallelDims.resolve(2, tp=1, pp=1, dp=1)
     with pytest.raises(UserError, match=r"parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4"):
         ParallelDims.resolve(4, tp=3, pp=1)
     with pytest.raises(UserError, match=r"parallel.tp=0 must be a positive integer"):

@@ -65,6 +65,11 @@ def test_text_report_shows_layout_memory_and_timeline(capsys):
     assert "global 32 = micro 8 x microbatches 4 x dp 1" in out
     assert "pipeline bubble: 20.00% of time" in out  # 1F1B: (p-1)/(m+p-1) = 1/5
     assert "rank  0 |" in out and "rank  1 |" in out
+    one = [*tiny(1)[:-1], "model.seq_len=1", "train.global_batch_size=1", "train.micro_batch_size=1"]
+    assert main(["plan", "--world-size", "1", *one]) == 0
+    out = capsys.readouterr().out
+    assert "(1 token per step)" in out and "(llama, 1 layer, hidden 64," in out, out
+    assert re.search(r"\npeak per rank: \d+\.\d MiB\n", out), out
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The trainer warns before starting when plan's peak estimate exceeds what a rank has."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -33,5 +34,7 @@ def test_the_machines_ram_is_shared_by_its_local_ranks(monkeypatch):
     assert memory_warning(cfg, 1, torch.device("cpu"), local_world_size=1) is None
     why = memory_warning(cfg, 1, torch.device("cpu"), local_world_size=2)  # 0.75x each
     assert why is not None and "per local rank (2)" in why, why
+    # a model of hundreds of MiB in MiB, not 0.4 GiB
+    assert re.search(r"estimates \d+\.\d MiB per rank at peak, and .* per local rank \(2\), \d+\.\d MiB: ", why), why
     ram["SC_PHYS_PAGES"] = need  # exactly the estimate: it fits
     assert memory_warning(cfg, 1, torch.device("cpu"), local_world_size=1) is None

@@ -11,8 +11,9 @@ import pytest
 from tqdm import tqdm
 
 from megatron_lite import progress
+from megatron_lite.amounts import byte_size, counted, duration
 from megatron_lite.cli import main
-from megatron_lite.progress import byte_progress, duration, progress_bar
+from megatron_lite.progress import byte_progress, progress_bar
 
 
 class Stream(io.StringIO):
@@ -48,6 +49,36 @@ def test_durations_read_as_seconds_then_minutes_then_hours():
     ]
 
 
+def test_sizes_read_in_the_largest_unit_that_holds_one():
+    """A tiny corpus is ``740 bytes``, not ``0.0 MB``; a unit is passed once the number rounds to its base."""
+    sizes = [0, 1, 740, 999.4, 999.6, 12_345, 999_949, 999_960, 4e6, 1.5e12]
+    assert [byte_size(n) for n in sizes] == [
+        "0 bytes",
+        "1 byte",
+        "740 bytes",
+        "999 bytes",
+        "1.0 KB",
+        "12.3 KB",
+        "999.9 KB",
+        "1.0 MB",
+        "4.0 MB",
+        "1,500.0 GB",
+    ]
+    assert [byte_size(n, binary=True) for n in (1023, 1024, 12_345, 3 * 2**20, 2**30, 2**41)] == [
+        "1,023 bytes",
+        "1.0 KiB",
+        "12.1 KiB",
+        "3.0 MiB",
+        "1.0 GiB",
+        "2,048.0 GiB",
+    ]
+
+
+def test_a_count_names_one_thing_in_the_singular_and_others_in_the_plural():
+    assert [counted(n, "node") for n in (0, 1, 2, 1024)] == ["0 nodes", "1 node", "2 nodes", "1,024 nodes"]
+    assert [counted(n, "directory", "directories") for n in (1, 3)] == ["1 directory", "3 directories"]
+
+
 def test_in_a_job_log_a_long_read_logs_one_line_per_interval_with_its_counts_rate_and_eta(monkeypatch, caplog):
     """stderr is a file: no bar, but a dated line every LOG_EVERY_S seconds (a clock of our own here:
     one MB read a second); on a terminal the bar instead, and nothing where progress is off."""
@@ -62,7 +93,7 @@ def test_in_a_job_log_a_long_read_logs_one_line_per_interval_with_its_counts_rat
             docs[0] += 1
             meter.update(1_000_000)
     assert caplog.messages == [
-        f"tokenizing | {s} documents | {s}.0 of 100.0 MB read ({s}%) | 1.0 MB/s | ETA {eta}"
+        f"tokenizing | {s} documents | {s}.0 MB of 100.0 MB read ({s}%) | 1.0 MB/s | ETA {eta}"
         for s, eta in ((30, "1m10s"), (60, "40.0 s"), (90, "10.0 s"))
     ]
     caplog.clear()
@@ -89,7 +120,8 @@ def test_preprocess_and_tokenizer_train_in_a_job_log_say_how_far_they_got(tmp_pa
     assert [int(m.split(" | ")[1].split()[0]) for m in sampled] == list(range(0, 400, 2)), sampled[:3]
     assert "(100%)" in sampled[-1] and "\r" not in capsys.readouterr().err
     assert caplog.messages[-3] == sampled[-1], caplog.messages[-3:]
-    assert caplog.messages[-2].startswith("training a 300-piece BPE on 0.0 MB of sample lines (400 lines)")
+    sample = sum(len(line.encode()) for i in range(200) for line in (f"def f{i}(x):", f"    return x + {i}"))
+    assert caplog.messages[-2] == f"training a 300-piece BPE on {sample / 1000:.1f} KB of sample lines (400 lines)..."
     assert caplog.messages[-1].startswith("trained the 300-piece tokenizer in ")
     caplog.clear()
     assert (
@@ -100,4 +132,5 @@ def test_preprocess_and_tokenizer_train_in_a_job_log_say_how_far_they_got(tmp_pa
     assert [int(s[1].split()[0]) for s in said] == list(range(200)), said[:3]  # documents written before each read
     tokens = [int(s[1].split(", ")[1].split()[0].replace(",", "")) for s in said]
     assert tokens == sorted(tokens) and 0 < tokens[-1] < stats["tokens"], (tokens[-3:], stats)
-    assert said[-1][2].endswith("MB read (100%)") and said[-1][4] == "ETA 0.0 s", said[-1]
+    read = (tmp_path / "docs.jsonl").stat().st_size
+    assert said[-1][2] == f"{byte_size(read)} of {byte_size(read)} read (100%)" and said[-1][4] == "ETA 0.0 s", said[-1]

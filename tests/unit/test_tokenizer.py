@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from megatron_lite.amounts import byte_size
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.data.tokenizer_train import _line_pieces
 from megatron_lite.errors import UserError
@@ -110,10 +111,10 @@ def test_training_logs_a_line_before_and_after_sentencepiece_trains_where_progre
     its time; neither where progress is off (``--quiet``)."""
     caplog.set_level(logging.INFO, logger="megatron_lite.data.tokenizer_train")
     lines = [line for path in corpus for line in path.read_text().split("\n") if line]
-    megabytes = sum(len(line.encode()) for line in lines) / 1e6
+    size = byte_size(sum(len(line.encode()) for line in lines))
     train_tokenizer(corpus, tmp_path / "tok", VOCAB, progress=True)
     before, after = caplog.messages
-    assert before == f"training a {VOCAB}-piece BPE on {megabytes:.1f} MB of sample lines ({len(lines):,} lines)..."
+    assert before == f"training a {VOCAB}-piece BPE on {size} of sample lines ({len(lines):,} lines)..."
     assert re.fullmatch(rf"trained the {VOCAB}-piece tokenizer in \d+\.\d s", after), after
     caplog.clear()
     train_tokenizer(corpus, tmp_path / "quiet", VOCAB, progress=False)
