@@ -222,7 +222,8 @@ def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
     a run's own checkpoint (a relaunch, a requeue) or one resumed by path from elsewhere. Not refused:
     continuing a finished run under a new ``log.dir`` is a way to train it on (Megatron's ``--load`` and
     ``--save`` in one directory), nothing of that run is deleted (:func:`other_runs_checkpoints`), and
-    a run still holding the directory is refused by its lock (``run_lock.py``)."""
+    a run still holding the directory is refused by its lock (``run_lock.py``). Both ``log.dir`` are
+    shown as :func:`other_run` compares them, resolved and absolute, so that they read side by side."""
     c, theirs = cfg.checkpoint, other_run(cfg, reader.meta)
     if theirs is None:
         return None
@@ -232,10 +233,10 @@ def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
     if "checkpoint.dir" not in cfg.derived:  # set, not <log.dir>/checkpoints: unsetting it is the way back
         fresh += f", or checkpoint.dir=null for this log.dir's own ({Path(cfg.log.dir) / 'checkpoints'})"
     return (
-        f"checkpoint.dir={c.dir!r} holds the checkpoints of another run (log.dir {theirs}): this run (log.dir "
-        f"{cfg.log.dir}) resumes from its step {reader.step} and saves its checkpoints there too, next to that "
-        f"run's, which checkpoint.keep={c.keep} leaves alone (it prunes this run's only); a relaunch of that run "
-        f"then resumes from this one's. To start fresh instead, add to the train command {fresh}"
+        f"checkpoint.dir={c.dir!r} holds the checkpoints of another run (log.dir {theirs.resolve()}): this run "
+        f"(log.dir {Path(cfg.log.dir).resolve()}) resumes from its step {reader.step} and saves its checkpoints "
+        f"there too, next to that run's, which checkpoint.keep={c.keep} leaves alone (it prunes this run's only); "
+        f"a relaunch of that run then resumes from this one's. To start fresh instead, add to the train command {fresh}"
     )
 
 

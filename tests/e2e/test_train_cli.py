@@ -95,7 +95,10 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     caplog.clear()
     assert main([*other, "train.steps=9"]) == 0
     (said,) = [m for m in caplog.messages if OTHER_RUN in m]
-    assert said.startswith(f"checkpoint.dir={str(ckpt)!r} {OTHER_RUN} (log.dir {tmp_path / 'p'}): this run (log.dir ")
+    runs = tmp_path.resolve()  # both log.dir as the warning compares them: resolved, absolute
+    assert said.startswith(
+        f"checkpoint.dir={str(ckpt)!r} {OTHER_RUN} (log.dir {runs / 'p'}): this run (log.dir {runs / 'w'}) "
+    )
     assert "resumes from its step 6 and saves its checkpoints there too" in said, said
     assert said.endswith(f"or checkpoint.dir=null for this log.dir's own ({tmp_path / 'w' / 'checkpoints'})"), said
     assert [json.loads(line)["step"] for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()] == [

@@ -38,11 +38,12 @@ def test_the_runs_own_checkpoint_says_nothing_however_its_log_dir_is_spelled(tmp
 
 def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fresh(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    theirs = _saved_by("runs/a", str(tmp_path), "runs/a/checkpoints/step_00000040")
+    theirs = _saved_by("runs/x/../a", str(tmp_path), "runs/a/checkpoints/step_00000040")
     note = other_run_note(_cfg("runs/b", "runs/a/checkpoints"), theirs)
+    runs = tmp_path.resolve() / "runs"  # both log.dir resolved and absolute, side by side
     assert note == (
-        f"checkpoint.dir='runs/a/checkpoints' holds the checkpoints of another run (log.dir {tmp_path / 'runs/a'}): "
-        "this run (log.dir runs/b) resumes from its step 40 and saves its checkpoints there too, next to that "
+        f"checkpoint.dir='runs/a/checkpoints' holds the checkpoints of another run (log.dir {runs / 'a'}): "
+        f"this run (log.dir {runs / 'b'}) resumes from its step 40 and saves its checkpoints there too, next to that "
         "run's, which checkpoint.keep=2 leaves alone (it prunes this run's only); a relaunch of that run then "
         "resumes from this one's. To start fresh instead, add to the train command checkpoint.dir=DIR (an empty "
         "or new directory), or "
