@@ -180,8 +180,10 @@ class CheckpointConfig:
     every: int = 0
     """Save every N steps (0: only at the end)."""
     keep: int = 2
-    """Keep the newest N committed checkpoints of this run (older saves cut short are removed, never
-    counted; checkpoints in ``checkpoint.dir`` saved by a run with another ``log.dir`` are kept)."""
+    """Keep the newest N committed checkpoints of this run (older local saves cut short are removed,
+    never counted). Step directories in ``checkpoint.dir`` saved by a run with another ``log.dir``, or
+    whose ``metadata.json`` is missing, unreadable or not valid, are kept and not counted (the latter
+    named in a startup warning)."""
     resume: str = "auto"
     """``auto`` (the newest complete and intact checkpoint in dir, if any: incomplete or corrupt ones
     are skipped with a warning, and an error when committed ones exist but none passes), ``none``

@@ -10,7 +10,8 @@ One save, on every rank at the same step::
     write rank_XXXXX.safetensors (+ rank 0: tokenizer files), fsync, hash   <- background thread
     finalize (collective): gather every rank's entries, checksums and errors; rank 0 writes
         metadata.json, renames the directory into place, replaces `latest`, prunes to `keep`
-        committed checkpoints of this run (older saves cut short are removed; another run's are kept);
+        committed checkpoints of this run (older local saves cut short are removed; another run's, and
+        step directories no metadata.json shows to be this run's, are kept);
         any error before the rename instead removes the staging directory, and every rank records
         the same message (after it, failing to replace `latest` or to prune is a warning)
 
@@ -86,7 +87,8 @@ class Checkpointer:
     """Writes this rank's part of each checkpoint under ``root`` (see the module docstring).
 
     ``extra_files``: name -> local source copied into every checkpoint by rank 0 (the tokenizer).
-    ``spared``: step directories of another run in ``root`` (used on rank 0), never pruned (:meth:`_prune`).
+    ``spared``: step directories in ``root`` not this run's to prune (used on rank 0): another run's, or
+    not shown to be this run's (:meth:`_prune`).
     """
 
     def __init__(
@@ -273,17 +275,19 @@ class Checkpointer:
                 log.warning("saved checkpoint %s, but could not %s: %s: %s", final, what, type(e).__name__, e)
 
     def _prune(self, step: int) -> None:
-        """Keep the newest ``keep`` committed checkpoints (this one included). What a save cut short
-        left (a process killed mid-save) is removed, never counted, so it cannot displace a complete
-        checkpoint: a local ``.tmp-step_*`` directory (no other save is in flight now), or on an object
-        store, which has no staging directory, an older step directory without ``metadata.json``.
-        Only what a save writes is removed: a directory that also holds other files (an export a user
-        put there) is left alone, whatever its name. Another run's checkpoints (``spared``) are neither
-        removed nor counted: ``checkpoint.keep`` is this run's."""
+        """Keep the newest ``keep`` committed checkpoints (this one included). What a local save cut
+        short left (a process killed mid-save: a ``.tmp-step_*`` directory, no other save being in
+        flight now) is removed, never counted, so it cannot displace a complete checkpoint; only what a
+        save writes is removed: a directory that also holds other files (an export a user put there) is
+        left alone, whatever its name. A step directory without ``metadata.json`` is neither removed nor
+        counted: nothing shows which run wrote it (on an object store, which has no staging directory, it
+        is a save cut short, replaced when its step is saved again). The directories in ``spared``
+        (another run's, and those no ``metadata.json`` shows to be this run's: ``resume.other_runs_checkpoints``)
+        are neither removed nor counted either: ``checkpoint.keep`` is this run's."""
         older = [n for n in self.storage.step_dirs() if step_of(n) < step and n not in self.spared]
         committed = [n for n in older if self.storage.exists(f"{n}/{METADATA}")]
-        for name in self.storage.staging_dirs() + older:
-            if name not in committed and self._only_save_files(name):
+        for name in self.storage.staging_dirs():
+            if self._only_save_files(name):
                 log.warning("removing %s: a save cut short (never committed)", self.storage.url(name))
                 self.storage.remove(name)
         for name in committed[: max(0, len(committed) - (self.keep - 1))]:
@@ -326,7 +330,8 @@ class Checkpointer:
         """The run failed with a save in flight that cannot be committed here: committing needs
         every rank's complete file and a collective (:meth:`finalize`), and a peer may be gone.
         Nothing is committed: ``metadata.json`` is never written, so the checkpoints already
-        saved stay the newest, and the next save removes what this one wrote (:meth:`_prune`)."""
+        saved stay the newest; a later save removes what this one wrote locally (:meth:`_prune`), and
+        on an object store the save of the same step replaces it."""
         save, self._pending = self._pending, None
         if save is None:
             return

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_lite.checkpoint.format import sha256_file, step_dir_name
+from megatron_lite.checkpoint.format import METADATA, sha256_file, step_dir_name
 from megatron_lite.checkpoint.lineage import recorded_workdir, run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, find_checkpoint, resolve_resume
 from megatron_lite.checkpoint.shards import check_shapes, shape_problems
@@ -192,11 +192,14 @@ def other_run(cfg: Config, meta: dict) -> Path | None:
 
 
 def other_runs_checkpoints(cfg: Config, rank: int) -> list[str]:
-    """The committed checkpoints in ``checkpoint.dir`` that a run with another ``log.dir`` saved
-    (:func:`other_run`): this run's ``checkpoint.keep`` never prunes them (the ``Checkpointer``'s
-    ``spared``), so a run continued from another's checkpoint deletes none of that run's. Read on rank 0
-    only, which prunes (none elsewhere). A step with an unusable ``metadata.json`` (no checkpoint to
-    resume) is not spared; one whose read fails (an object store's client error) is, being unknown."""
+    """The step directories in ``checkpoint.dir`` that this run's ``checkpoint.keep`` leaves alone (the
+    ``Checkpointer``'s ``spared``: neither pruned nor counted), so that pruning deletes only what this run
+    provably saved: those a run with another ``log.dir`` saved (:func:`other_run`), so a run continued
+    from another's checkpoint deletes none of that run's, and those whose ``metadata.json`` proves nothing,
+    being missing (never committed: a copy still arriving, or on an object store a save cut short,
+    replaced when its step is saved again), unreadable, not valid JSON or not of the schema. Each of the
+    latter is logged here, once a launch, naming it and why; a local directory and an object store are
+    treated alike. Read on rank 0 only, which prunes (none elsewhere)."""
     if rank != 0:
         return []
     storage = Storage(cfg.checkpoint.dir)
@@ -204,15 +207,27 @@ def other_runs_checkpoints(cfg: Config, rank: int) -> list[str]:
         names = storage.step_dirs()
     except Exception:  # nothing listed, nothing pruned: the save reports the directory
         return []
-    return [name for name in names if _saved_by_other_run(cfg, storage, name)]
+    spared = []
+    for name in names:
+        meta, problem = _metadata(storage, name)
+        if meta is None:
+            log.warning(
+                "checkpoint.keep leaves %s alone (%s): nothing in it shows that this run saved it; delete it "
+                "yourself if no run needs it",
+                storage.url(name),
+                problem,
+            )
+        if meta is None or other_run(cfg, meta) is not None:
+            spared.append(name)
+    return spared
 
 
-def _saved_by_other_run(cfg: Config, storage: Storage, name: str) -> bool:
+def _metadata(storage: Storage, name: str) -> tuple[dict | None, str | None]:
+    """:func:`read_metadata`, an object store client's own error being a problem too (a local OSError is one)."""
     try:
-        meta = read_metadata(storage, name)[0]
-    except Exception:  # the client's own errors (read_metadata reports a local OSError as a problem)
-        return True
-    return meta is not None and other_run(cfg, meta) is not None
+        return read_metadata(storage, name)
+    except Exception as e:
+        return None, f"{METADATA} cannot be read: {type(e).__name__}: {e}"
 
 
 def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:

@@ -1,5 +1,6 @@
 """Pruning after a commit, with interrupted saves lying around: ``checkpoint.keep`` counts committed
-checkpoints only, and what a save cut short left behind is removed, never counted."""
+checkpoints only, what a local save cut short left behind is removed, never counted, and a step
+directory without metadata.json (nothing shows whose) is left, never counted."""
 
 import logging
 from pathlib import Path
@@ -23,12 +24,12 @@ def _names(root) -> list[str]:
     return sorted(p.name for p in root.iterdir())
 
 
-def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, caplog):
+def test_keep_counts_committed_checkpoints_and_removes_local_partial_saves(tmp_path, caplog):
     root = tmp_path / "ckpt"
     writer = Checkpointer(root, keep=2, async_save=False)
     for step in (2, 4):
         _save(writer, step)
-    (root / "step_00000005").mkdir()  # an object-store save cut short: files, never its metadata.json
+    (root / "step_00000005").mkdir()  # an object-store save cut short, a copy arriving: whose, nothing shows
     (root / "step_00000005" / "rank_00000.safetensors").write_bytes(b"partial")
     (root / ".tmp-step_00000003").mkdir()  # a local save killed mid-write (another checkpoint.every)
     (root / ".tmp-step_00000003" / "rank_00000.safetensors").write_bytes(b"partial")
@@ -37,8 +38,10 @@ def test_keep_counts_committed_checkpoints_and_removes_partial_saves(tmp_path, c
     (root / ".tmp-replaced-step_00000006").mkdir()  # left by a crash between the renames of a re-save
     _save(writer, 6)  # a re-save (resumed from an older checkpoint): the old one goes only once replaced
     writer.close()
-    assert _names(root) == ["latest", "step_00000004", "step_00000006"]  # keep=2 usable ones, not 6 and a wreck
-    assert "step_00000005" in caplog.text and ".tmp-step_00000003" in caplog.text and "never committed" in caplog.text
+    assert _names(root) == ["latest", "step_00000004", "step_00000005", "step_00000006"]  # keep=2 usable ones
+    assert (
+        "step_00000005" not in caplog.text and ".tmp-step_00000003" in caplog.text and "never committed" in caplog.text
+    )
     assert resolve_resume(root, "auto").name == "step_00000006"
 
 

@@ -1,10 +1,21 @@
 """A resume from a checkpoint in ``checkpoint.dir`` saved by a run with another ``log.dir``: one startup
 warning naming that run, the step and how to start fresh (``other_run_note``); nothing for the run's own
 checkpoint, however its ``log.dir`` is spelled, nor for one resumed by path from elsewhere. That run's
-checkpoints are never pruned by this one (``other_runs_checkpoints``)."""
+checkpoints are never pruned by this one, nor any whose metadata.json cannot show whose it is
+(``other_runs_checkpoints``)."""
 
+import logging
+import uuid
 from types import SimpleNamespace
 
+import fsspec
+import pytest
+import torch
+
+from megatron_lite.checkpoint.boxes import full_box
+from megatron_lite.checkpoint.shards import Piece
+from megatron_lite.checkpoint.storage import Storage
+from megatron_lite.checkpoint.writer import Checkpointer
 from megatron_lite.config import Config, fill_defaults
 from megatron_lite.training import resume
 from megatron_lite.training.resume import other_run_note
@@ -106,5 +117,59 @@ def test_pruning_spares_the_checkpoints_another_run_saved_and_those_it_cannot_re
 
     monkeypatch.setattr(resume, "read_metadata", read)
     cfg = _cfg("runs/b", "ckpt")
-    assert resume.other_runs_checkpoints(cfg, 0) == ["step_00000002", "step_00000006", "step_00000008"]
+    assert resume.other_runs_checkpoints(cfg, 0) == ["step_00000002", "step_00000006", "step_00000008", "step_00000009"]
     assert resume.other_runs_checkpoints(cfg, 1) == []
+
+
+@pytest.fixture(params=["local", "object store"])
+def root(request, tmp_path):
+    """checkpoint.dir on a local disk, or on fsspec's ``memory://`` standing in for an object store."""
+    if request.param == "local":
+        yield str(tmp_path / "ckpt")
+        return
+    url = f"memory://ckpt-{uuid.uuid4().hex[:12]}/run"
+    yield url
+    fsspec.filesystem("memory").rm(url.removeprefix("memory://").split("/")[0], recursive=True)
+
+
+def _save(writer: Checkpointer, step: int) -> None:
+    """A checkpoint of the run with log.dir runs/b (taken against the current directory)."""
+    meta = {"step": step, "weights_only": True, "optimizer": None, "trainer": None, "lineage": None}
+    meta |= {"config": {"log": {"dir": "runs/b"}}, "layout": {"world_size": 1, "param_dtype": "float32"}}
+    writer.save(step, [Piece("model/w", (2,), full_box((2,)), torch.ones(2))], {}, (0, 0, 0), meta)
+
+
+def test_pruning_spares_and_names_once_each_step_directory_whose_metadata_shows_no_run(
+    root, tmp_path, monkeypatch, caplog
+):
+    """metadata.json not valid JSON, missing (never committed, or a copy still arriving) or unreadable:
+    nothing shows the directory is this run's, so checkpoint.keep neither deletes nor counts it, on a
+    local directory as on an object store; one startup warning each names it and why."""
+    monkeypatch.chdir(tmp_path)
+    first = Checkpointer(root, keep=4, async_save=False)
+    for step in (1, 2, 3, 4):
+        _save(first, step)
+    first.close()
+    storage = Storage(root)
+    storage.write_text("step_00000001/metadata.json", '{"format": ')
+    storage.remove("step_00000002/metadata.json")
+    read_text = Storage.read_text
+
+    def unreadable(self, rel):
+        if rel == "step_00000003/metadata.json":
+            raise PermissionError(13, "Permission denied")  # s3fs's AccessDenied too
+        return read_text(self, rel)
+
+    monkeypatch.setattr(Storage, "read_text", unreadable)
+    with caplog.at_level(logging.WARNING):
+        spared = resume.other_runs_checkpoints(_cfg("runs/b", root), 0)
+        ours = Checkpointer(root, keep=1, async_save=False, spared=spared)
+        for step in (5, 6):
+            _save(ours, step)
+        ours.close()
+    assert storage.step_dirs() == ["step_00000001", "step_00000002", "step_00000003", "step_00000006"]
+    why = {1: "metadata.json is not valid JSON", 2: "metadata.json is missing", 3: "Permission denied"}
+    for step, problem in why.items():
+        (said,) = [m for m in caplog.messages if f"step_{step:08d}" in m]
+        assert said.startswith(f"checkpoint.keep leaves {storage.url(f'step_{step:08d}')} alone (") and problem in said
+        assert said.endswith("nothing in it shows that this run saved it; delete it yourself if no run needs it")
