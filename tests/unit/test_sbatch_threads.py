@@ -1,5 +1,6 @@
 """The sbatch templates' thread setting: OMP_NUM_THREADS=1 only for several ranks per node, as
-launch/torchrun.sh sets it, read off the command each template's step would start."""
+launch/torchrun.sh sets it, read off the command each template's step would start; and the job line
+they print first."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from test_launch import SLURM_STUBS, _run_launch_script
 from megatron_lite.launcher.slurm import TEMPLATES
 
 
-def _step_start(tmp_path: Path, template: str, **env: str) -> str:
-    """The line the job's step prints instead of starting: the OMP_NUM_THREADS its command sees and
-    the arguments after ``-m megatron_lite.launcher.torchrun`` (or ``-m megatron_lite.train``)."""
+def _job_output(tmp_path: Path, template: str, **env: str) -> str:
+    """What the job prints, its step printing instead of starting: the OMP_NUM_THREADS its command sees
+    and the arguments after ``-m megatron_lite.launcher.torchrun`` (or ``-m megatron_lite.train``)."""
     stub = tmp_path / "python"  # the interpreter, except that torchrun and a rank only say how they start
     stub.write_text(
         "#!/bin/sh\n"
@@ -33,8 +34,20 @@ def _step_start(tmp_path: Path, template: str, **env: str) -> str:
     job.update(CONTAINER_IMAGE="img", MASTER_PORT=str(free_port()), PYTHON=str(stub))
     r = _run_launch_script(template, {**job, **env}, path=str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
-    (line,) = [line for line in r.stdout.splitlines() if line.startswith("OMP_NUM_THREADS=")]
+    return r.stdout
+
+
+def _step_start(tmp_path: Path, template: str, **env: str) -> str:
+    """The line the job's step prints instead of starting (:func:`_job_output`)."""
+    (line,) = [x for x in _job_output(tmp_path, template, **env).splitlines() if x.startswith("OMP_NUM_THREADS=")]
     return line
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values())
+def test_sbatch_templates_count_the_jobs_nodes_and_ranks_in_words_that_fit_one(template, tmp_path):
+    for nodes, procs, words in (("1", "1", "1 node x 1 rank"), ("2", "4", "2 nodes x 4 ranks")):
+        out = _job_output(tmp_path, template, SLURM_NNODES=nodes, PROCS_PER_NODE=procs)
+        assert out.startswith(f"job 7: {words} via torchrun"), out
 
 
 @pytest.mark.parametrize("template", TEMPLATES.values())
