@@ -66,6 +66,11 @@ tensor or boxes not holding each of its elements exactly once, ``ranks`` not one
 sha256 differs, or a rank file without a key ``metadata.json`` lists for it in that box's shape and
 dtype, its bytes inside the file (``integrity.header_problem``: ``metadata.json`` has no checksum of its
 own), or whose ``step`` is not its name's (``step_00000100``: copied or renamed), is corrupt.
+
+A step directory holding ``meta.json`` instead (:data:`OLDER_METADATA`) is a committed checkpoint of the
+one-process format that came before this one (``meta.json``, ``model.safetensors``, ``state.pt``;
+format ``megatron-lite/local-v1``): this format's readers do not read it, and count it as committed, so
+that ``checkpoint.resume=auto`` refuses it rather than start the run over and save over it.
 """
 
 from __future__ import annotations
@@ -83,6 +88,8 @@ from megatron_lite.checkpoint.boxes import Box
 
 FORMAT = "megatron-lite/sharded-v1"
 METADATA = "metadata.json"
+OLDER_METADATA = "meta.json"
+"""The commit record of the one-process format before this one (see above)."""
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d{8})$")

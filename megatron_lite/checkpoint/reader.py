@@ -3,8 +3,9 @@
 A step directory is verified and read by ``step_dir.py`` (:func:`verify`, :class:`CheckpointReader`,
 re-exported here). ``checkpoint.resume=auto`` takes the newest checkpoint that passes, warning about
 each one skipped; a step directory without ``metadata.json`` was never committed (a save cut short)
-and is no checkpoint, but when committed checkpoints exist and none passes, the run stops with an
-error rather than start from scratch. A ``checkpoint.resume`` path that is no step directory is
+and is no checkpoint, unless it holds the older format's ``meta.json`` (committed, though unreadable
+here). When committed checkpoints exist and none passes, the run stops with an error rather than
+start from scratch. A ``checkpoint.resume`` path that is no step directory is
 refused, naming what it is (:func:`resolve_resume`).
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from megatron_lite import jsontext
 from megatron_lite.checkpoint import collectives
-from megatron_lite.checkpoint.format import METADATA, step_dir_name, step_of
+from megatron_lite.checkpoint.format import METADATA, OLDER_METADATA, step_dir_name, step_of
 from megatron_lite.checkpoint.step_dir import CheckpointReader, read_metadata, verify
 from megatron_lite.checkpoint.storage import Storage, is_url
 from megatron_lite.errors import UserError
@@ -38,19 +39,25 @@ def steps_there(root: str | Path) -> str:
     return ", ".join(str(step) for step, _ in list_steps(root)) or "none"
 
 
+def _committed(storage: Storage, name: str) -> bool:
+    """Whether directory ``name`` holds a commit record: ``metadata.json``, or the older format's
+    ``meta.json`` (a checkpoint this version cannot read, but one a run must not save over)."""
+    return storage.exists(f"{name}/{METADATA}") or storage.exists(f"{name}/{OLDER_METADATA}")
+
+
 def is_step_dir(path: str | Path) -> bool:
-    """Whether ``path`` is one committed checkpoint (a step directory holding ``metadata.json``),
-    whatever its name, rather than a run's checkpoint root."""
-    storage, name = _split(path)
-    return storage.exists(f"{name}/{METADATA}")
+    """Whether ``path`` is one committed checkpoint (a step directory holding ``metadata.json``, or
+    ``meta.json`` of the older format), whatever its name, rather than a run's checkpoint root."""
+    return _committed(*_split(path))
 
 
 def committed_steps(root: str | Path) -> list[int]:
-    """Steps of the committed checkpoints under ``root`` (their ``metadata.json`` exists), oldest
-    first; not verified. One process's cheap look (no collectives, no checksums): the trainer asks
-    it whether ``checkpoint.resume=none`` would save over an earlier run."""
+    """Steps of the committed checkpoints under ``root`` (their ``metadata.json``, or the older
+    format's ``meta.json``, exists), oldest first; not verified. One process's cheap look (no
+    collectives, no checksums): the trainer asks it whether ``checkpoint.resume=none`` would save
+    over an earlier run."""
     storage = Storage(root)
-    return [step_of(n) for n in storage.step_dirs() if storage.exists(f"{n}/{METADATA}")]
+    return [step_of(n) for n in storage.step_dirs() if _committed(storage, n)]
 
 
 def peek_checkpoint(path: str | Path) -> CheckpointReader | None:
@@ -131,7 +138,7 @@ def _split(path: str | Path) -> tuple[Storage, str]:
 def open_step(path: str | Path) -> CheckpointReader:
     """The checkpoint in step directory ``path``, verified (collective)."""
     storage, name = _split(path)
-    if not is_url(path) and not (Path(path) / METADATA).is_file():
+    if not is_url(path) and not _committed(storage, name):
         committed = ", ".join(map(str, committed_steps(Path(path).parent))) or "none"
         raise UserError(
             f"{str(path)!r} is not a checkpoint: it has no {METADATA} (a save cut short is never committed); give a "

@@ -22,11 +22,18 @@ import torch
 from megatron_lite import jsontext
 from megatron_lite.checkpoint import collectives
 from megatron_lite.checkpoint.boxes import Box, box_numel, box_shape, full_box, intersect, relative
-from megatron_lite.checkpoint.format import METADATA, STEP_DIR
+from megatron_lite.checkpoint.format import METADATA, OLDER_METADATA, STEP_DIR
 from megatron_lite.checkpoint.integrity import header_problem, listed_keys, metadata_problem
 from megatron_lite.checkpoint.storage import Storage
 from megatron_lite.config import Config, config_from_dict
 from megatron_lite.errors import UserError
+
+OLDER_FORMAT = (
+    f"it holds {OLDER_METADATA}, not {METADATA}: a checkpoint of the older one-process format "
+    "(megatron-lite/local-v1), which this version cannot read; train on from it with the megatron-lite "
+    "version that saved it"
+)
+"""The problem of a step directory of that format (``format.py``): committed, so never a fresh start."""
 
 
 class CheckpointReader:
@@ -142,6 +149,8 @@ def read_metadata(storage: Storage, name: str) -> tuple[dict | None, str | None]
     try:
         meta = jsontext.loads(storage.read_text(f"{name}/{METADATA}"))
     except FileNotFoundError:
+        if storage.exists(f"{name}/{OLDER_METADATA}"):
+            return None, OLDER_FORMAT
         return None, f"{METADATA} is missing (never committed)"
     except (ValueError, UnicodeDecodeError):
         return None, f"{METADATA} is not valid JSON"

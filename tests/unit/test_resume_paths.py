@@ -116,3 +116,29 @@ def test_a_step_directory_without_metadata_names_the_committed_steps(root):
         "give a committed step directory (steps in 'ckpt': 4, 5), or use checkpoint.resume=auto for the newest good"
         in err
     ), err
+
+
+def test_a_checkpoint_of_the_older_one_process_format_is_refused_never_started_over(root, tmp_path):
+    """A step directory of the format before sharded checkpoints (meta.json, model.safetensors,
+    state.pt) is committed: auto must not take it for a save cut short and start the run over (its
+    next save of that step would replace it), nor resume=none save over it."""
+    older = tmp_path / "older"
+    step = older / "step_00000006"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text('{"step": 6, "format": "megatron-lite/local-v1", "config": {}, "sha256": {}}')
+    (step / "model.safetensors").write_bytes(b"weights")
+    (step / "state.pt").write_bytes(b"state")
+    files = lambda d: {p.name: p.read_bytes() for p in d.iterdir()}  # noqa: E731
+    before = files(step)
+    says = "it holds meta.json, not metadata.json: a checkpoint of the older one-process format"
+    for resume in ("auto", str(step)):
+        err = refusal(older, resume)
+        assert says in err and "train on from it with the megatron-lite version that saved it" in err, err
+    assert "refusing to start from scratch" in refusal(older, "auto")
+    with pytest.raises(UserError, match="already holds checkpoints of an earlier run"):
+        check_fresh_start(load_config(None, [f"checkpoint.dir={older}", "checkpoint.resume=none"]))
+    assert files(step) == before
+    # beside a good checkpoint it is skipped, the good one taken
+    step.rename(root / step.name)
+    assert resolve_resume(root, "auto").step == 5
+    assert files(root / step.name) == before
