@@ -1,12 +1,13 @@
 """Sharded checkpoints reshard on load: a run saved in one layout resumes in another.
 
 Each saving run trains 3 of 6 steps (``train.exit_after=3``) in one layout and saves; resuming runs
-load that checkpoint in other layouts (tensor, data and pipeline parallel, distributed optimizer
-on or off, and one process) and train steps 4-6. Their losses must equal the uninterrupted
-one-process run within rtol 1e-5: changing the layout changes the order of fp32 reductions, so
-bitwise equality is not expected (test_trainer_parity.py measures ~1e-7). The model has GQA with
-fewer KV heads than tp=4 ranks (KV rows replicated), an untied head and a vocabulary of 520 padded
-to 768 at tp=2, so every kind of box is exercised.
+load that checkpoint in other layouts (tensor, data and pipeline parallel, virtual stages, sequence
+parallelism and the distributed optimizer on or off, and one process) and train steps 4-6. Their
+losses must equal the uninterrupted one-process run within rtol 1e-5: changing the layout changes the
+order of fp32 reductions, so bitwise equality is not expected (test_trainer_parity.py measures ~1e-7).
+A resume in the saving layout changes no sum's order: it equals that layout's uninterrupted run
+bitwise. The model has GQA with fewer KV heads than tp=4 ranks (KV rows replicated), an untied head
+and a vocabulary of 520 padded to 768 at tp=2, so every kind of box is exercised.
 """
 
 import os
@@ -19,18 +20,19 @@ from megatron_lite.config import load_config
 from megatron_lite.training.trainer import Trainer
 
 SAVES = {
-    "tp2_dp2_distopt": ["parallel.tp=2", "optim.distributed=true"],
+    "tp2_sp_dp2_distopt": ["parallel.tp=2", "parallel.sp=true", "optim.distributed=true"],
     "tp4": ["parallel.tp=4"],
 }
 RESUMES = {  # name: (saved by, layout it resumes in)
-    "tp2_dp2_distopt->dp4": ("tp2_dp2_distopt", []),
-    "tp2_dp2_distopt->tp4": ("tp2_dp2_distopt", ["parallel.tp=4"]),
+    "tp2_sp_dp2_distopt->dp4": ("tp2_sp_dp2_distopt", []),
+    "tp2_sp_dp2_distopt->tp4": ("tp2_sp_dp2_distopt", ["parallel.tp=4"]),
     "tp4->dp4_distopt": ("tp4", ["optim.distributed=true"]),
     "tp4->tp2_dp2": ("tp4", ["parallel.tp=2", "parallel.sp=true"]),
 }
 PP_SAVE = ["parallel.tp=2", "parallel.pp=2"]
 PP_RESUMES = {
     "tp2_pp2->tp4": ["parallel.tp=4"],
+    "tp2_pp2->dp4": [],
     "tp2_pp2->pp2_dp2_distopt": ["parallel.pp=2", "optim.distributed=true"],
 }
 
@@ -84,7 +86,7 @@ def test_checkpoints_reshard_across_layouts(world4, base, straight, tmp_path):
     per_rank = world4.run(_save_and_resume, base, tmp_path, 29500, timeout=240)
     assert_every_rank(per_rank, RESUMES, straight[3:])
     # and the tp=2 x dp=2 distributed-optimizer checkpoint in one process (tp=1, pp=1, dp=1)
-    one = run(base, tmp_path, "tp2_dp2_distopt->one_process", [], step3(tmp_path, "tp2_dp2_distopt"))
+    one = run(base, tmp_path, "tp2_sp_dp2_distopt->one_process", [], step3(tmp_path, "tp2_sp_dp2_distopt"))
     assert one == pytest.approx(straight[3:], rel=1e-5)
 
 
@@ -96,21 +98,30 @@ def test_pipeline_checkpoint_reshards(world4, base, straight, tmp_path):
 
 
 TIED = ["model.layers=4", "model.tie_embeddings=true"]
-INTERLEAVED = ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved"]
+INTERLEAVED = ["parallel.pp=2", "parallel.vp=2", "parallel.schedule=interleaved", "optim.distributed=true"]
 
 
-def _interleaved_tied(rank: int, world: int, base: list[str], root: Path, port: int) -> list[float]:
+def _interleaved_tied(rank: int, world: int, base: list[str], root: Path, port: int) -> dict[str, list[float]]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    whole = run(base, root, "vp2_tied_whole", [*TIED, *INTERLEAVED])
     run(base, root, "vp2_tied", [*TIED, *INTERLEAVED], "train.exit_after=3")
-    return run(base, root, "vp2_tied->vp2_tied", [*TIED, *INTERLEAVED], step3(root, "vp2_tied"))
+    return {
+        "whole": whole[3:],
+        "vp2_tied->vp2_tied": run(base, root, "vp2_tied->vp2_tied", [*TIED, *INTERLEAVED], step3(root, "vp2_tied")),
+        "vp2_tied->dp4": run(base, root, "vp2_tied->dp4", TIED, step3(root, "vp2_tied")),
+    }
 
 
 def test_interleaved_tied_checkpoint_holds_the_embedding(world4, base, tmp_path):
-    """Interleaved stages with tied embeddings: rank 0 holds the embedding and a later stage, the
-    last stage's rank the head's copy; the checkpoint must hold the embedding once (the owner's)."""
+    """Interleaved stages (pp=2 x dp=2, distributed optimizer) with tied embeddings: rank 0 holds the
+    embedding and a later stage, the last stage's rank the head's copy; the checkpoint must hold the
+    embedding once (the owner's). It resumes in its own layout, bitwise as if never stopped, and at
+    dp=4 without pipeline stages or the distributed optimizer."""
     want = run(base, tmp_path, "tied_straight", TIED)[3:]
     per_rank = world4.run(_interleaved_tied, base, tmp_path, 29500, timeout=240)
     for rank, losses in enumerate(per_rank):
-        assert losses == pytest.approx(want, rel=1e-5), (rank, losses)
+        assert losses["vp2_tied->vp2_tied"] == losses["whole"], (rank, losses)
+        for name in ("vp2_tied->vp2_tied", "vp2_tied->dp4"):
+            assert losses[name] == pytest.approx(want, rel=1e-5), (name, rank, losses[name])
     one = run(base, tmp_path, "vp2_tied->one_process", TIED, step3(tmp_path, "vp2_tied"))
     assert one == pytest.approx(want, rel=1e-5)
