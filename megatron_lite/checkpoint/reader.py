@@ -146,7 +146,11 @@ def open_step(path: str | Path) -> CheckpointReader:
         )
     meta, problem = verify(storage, name)
     if problem:
-        raise UserError(f"checkpoint {storage.url(name)} is unusable: {problem}")
+        others = ", ".join(str(step_of(n)) for n in storage.step_dirs() if n != name and _committed(storage, n))
+        raise UserError(
+            f"checkpoint {storage.url(name)} is unusable: {problem}; give another step directory (the other "
+            f"committed steps in {storage.url()}: {others or 'none'})"
+        )
     return CheckpointReader(storage, name, meta)
 
 

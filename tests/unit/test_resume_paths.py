@@ -82,6 +82,15 @@ def test_a_step_directory_resumes(root):
     assert resolve_resume(root, "ckpt/step_00000004").step == 4
 
 
+def test_a_damaged_step_directory_names_the_problem_and_the_other_steps(root):
+    (root / "step_00000004" / "rank_00000.safetensors").unlink()
+    err = refusal(root, "ckpt/step_00000004")
+    assert err == (
+        "checkpoint ckpt/step_00000004 is unusable: rank_00000.safetensors is missing; give another step directory "
+        "(the other committed steps in ckpt: 5)"
+    ), err
+
+
 def test_auto_names_the_newest_problem_and_counts_only_committed_steps(root, tmp_path):
     (root / "step_00000005" / "metadata.json").write_text("{")
     (root / "step_00000004" / "rank_00000.safetensors").unlink()
