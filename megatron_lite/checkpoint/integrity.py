@@ -99,7 +99,10 @@ def metadata_problem(meta: object) -> str | None:
     for any corrupt one."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
-        return f"format {got!r} is not {FORMAT!r} (written by another megatron-lite version)"
+        return (
+            f"format {got!r} is not {FORMAT!r}: written by another megatron-lite version, which this one cannot "
+            "read; train on from it with the megatron-lite version that saved it"
+        )
     problem = _structure_problem(meta) or _value_problem(meta) or _consistency_problem(meta)
     return f"{METADATA} is damaged: {problem}" if problem else None
 

@@ -125,7 +125,11 @@ def test_weights_only_checkpoint_has_every_documented_key(tmp_path):
         (lambda m: m["optimizer"].update(step=True), "optimizer.step is a boolean, not an integer"),
         (lambda m: m["tensors"]["model/w"]["shards"][0].pop("box"), "tensors['model/w'].shards[0] has no 'box' key"),
         (lambda m: m["ranks"][0].update(file="rank_00001.safetensors"), "rank_00001.safetensors is referred to"),
-        (lambda m: m.update(format="megatron-lite/sharded-v0"), "written by another megatron-lite version"),
+        (
+            lambda m: m.update(format="megatron-lite/sharded-v0"),
+            "written by another megatron-lite version, which this one cannot read; train on from it with the "
+            "megatron-lite version that saved it",
+        ),
         # values in range: resumed as they are, they would train on silently broken
         (lambda m: m["optimizer"].update(step=-3), "optimizer.step is -3, not a count >= 0"),
         (lambda m: m["optimizer"].update(step=5), "optimizer.step is 5, past the checkpoint's step 4"),
