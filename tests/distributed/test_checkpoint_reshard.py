@@ -17,6 +17,8 @@ import pytest
 from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
 from megatron_lite.config import load_config
+from megatron_lite.errors import UserError
+from megatron_lite.training.run_lock import LOCK_FILE
 from megatron_lite.training.trainer import Trainer
 
 SAVES = {
@@ -53,14 +55,30 @@ def _save_and_resume(rank: int, world: int, base: list[str], root: Path, port: i
     return {name: run(base, root, name, layout, step3(root, src)) for name, (src, layout) in RESUMES.items()}
 
 
-def _pipeline(rank: int, world: int, base: list[str], root: Path, port: int) -> dict[str, list[float]]:
+def refusal(base: list[str], root: Path, name: str, layout: list[str], *extra: str) -> str:
+    """The error of a run every rank must refuse (each raises it: none is left waiting in a collective)."""
+    with pytest.raises(UserError) as e:
+        run(base, root, name, layout, *extra)
+    return str(e.value)
+
+
+def saved_files(run_dir: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+
+
+def _pipeline(rank: int, world: int, base: list[str], root: Path, port: int) -> dict[str, list[float] | str]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     trainer = Trainer(load_config(None, [*base, *PP_SAVE, f"log.dir={root / 'probe'}"]))
     names = {n for chunk in trainer.engine.ddp.chunks for n, _ in chunk.named_parameters()}
     # the checkpoint must really come from pipeline stages: each rank holds one of the two layers
     assert ("layers.0.attn.qkv.weight" in names) != ("layers.1.attn.qkv.weight" in names), sorted(names)
     run(base, root, "tp2_pp2", PP_SAVE, "train.exit_after=3")
-    return {name: run(base, root, name, layout, step3(root, "tp2_pp2")) for name, layout in PP_RESUMES.items()}
+    resumed = {name: run(base, root, name, layout, step3(root, "tp2_pp2")) for name, layout in PP_RESUMES.items()}
+    saved = saved_files(root / "tp2_pp2")
+    other_model = ["parallel.tp=4", "model.hidden=128", "model.layers=3", "model.vocab_size=640"]
+    refused = refusal(base, root, "tp2_pp2->tp4_other_model", other_model, step3(root, "tp2_pp2"))
+    assert saved_files(root / "tp2_pp2") == saved
+    return {**resumed, "refused": refused}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +109,16 @@ def test_checkpoints_reshard_across_layouts(world4, base, straight, tmp_path):
 
 
 def test_pipeline_checkpoint_reshards(world4, base, straight, tmp_path):
+    """A tp=2 x pp=2 checkpoint resumes in other layouts; resumed in another layout with another model,
+    it is one error on every rank naming each setting, and the checkpoint is left as it was."""
     per_rank = world4.run(_pipeline, base, tmp_path, 29500, timeout=240)
     assert_every_rank(per_rank, PP_RESUMES, straight[3:])
+    for rank, results in enumerate(per_rank):
+        error = results["refused"]
+        assert "was saved with other model settings: " in error, (rank, error)
+        for change in ("model.layers: checkpoint 2, now 3", "model.hidden: checkpoint 64, now 128"):
+            assert change in error, (rank, error)
+        assert "model.vocab_size: checkpoint 520, now 640" in error, (rank, error)
     one = run(base, tmp_path, "tp2_pp2->one_process", [], step3(tmp_path, "tp2_pp2"))
     assert one == pytest.approx(straight[3:], rel=1e-5)
 
