@@ -151,3 +151,28 @@ def test_interleaved_tied_checkpoint_holds_the_embedding(world4, base, tmp_path)
             assert losses[name] == pytest.approx(want, rel=1e-5), (name, rank, losses[name])
     one = run(base, tmp_path, "vp2_tied->one_process", TIED, step3(tmp_path, "vp2_tied"))
     assert one == pytest.approx(want, rel=1e-5)
+
+
+GPT2 = ["model.arch=gpt2", "model.kv_heads=4", "model.layers=3"]  # LayerNorm, biases, learned positions, tied
+
+
+def _gpt2(rank: int, world: int, base: list[str], root: Path, port: int) -> list[float]:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    run(
+        base,
+        root,
+        "gpt2_tp2_pp2_sp",
+        [*GPT2, "parallel.tp=2", "parallel.pp=2", "parallel.sp=true"],
+        "train.exit_after=3",
+    )
+    return run(base, root, "gpt2->dp4_distopt", [*GPT2, "optim.distributed=true"], step3(root, "gpt2_tp2_pp2_sp"))
+
+
+def test_gpt2_checkpoint_reshards(world4, base, tmp_path):
+    """gpt2's column-parallel biases (split over tp), row-parallel biases and LayerNorms (replicated),
+    learned positions and tied head, saved by tp=2 x pp=2 with sequence parallelism, resume at dp=4
+    with the distributed optimizer."""
+    want = run(base, tmp_path, "gpt2_straight", GPT2)[3:]
+    per_rank = world4.run(_gpt2, base, tmp_path, 29500, timeout=240)
+    for rank, losses in enumerate(per_rank):
+        assert losses == pytest.approx(want, rel=1e-5), (rank, losses)
