@@ -175,6 +175,19 @@ def writer_log_dir(meta: dict) -> Path | None:
     return Path(recorded_workdir(meta.get("lineage")) or os.getcwd()) / saved
 
 
+def _saves_into(meta: dict, checkpoint_dir: str) -> bool:
+    """Whether the run that saved a checkpoint (metadata ``meta``) saves into ``checkpoint_dir``: its saved
+    ``checkpoint.dir`` (a relative one against the directory it started in, as :func:`writer_log_dir`) is
+    that directory, or is not recorded. False for a run directory copied here, whose original saves in its own."""
+    saved = ((meta.get("config") or {}).get("checkpoint") or {}).get("dir")
+    if not isinstance(saved, str) or not saved:
+        return True
+    if is_url(saved) or is_url(checkpoint_dir):
+        return saved.rstrip("/") == checkpoint_dir.rstrip("/")
+    theirs = Path(recorded_workdir(meta.get("lineage")) or os.getcwd()) / saved
+    return os.path.realpath(theirs) == os.path.realpath(checkpoint_dir)
+
+
 def other_run(cfg: Config, meta: dict) -> Path | None:
     """The ``log.dir`` of the run that saved a checkpoint (metadata ``meta``) when it is not this run's
     (:func:`writer_log_dir`, both resolved), else None: this run's own, however its path is spelled,
@@ -247,11 +260,16 @@ def other_run_note(cfg: Config, reader: CheckpointReader) -> str | None:
     fresh = "checkpoint.dir=DIR (an empty or new directory)"
     if "checkpoint.dir" not in cfg.derived:  # set, not <log.dir>/checkpoints: unsetting it is the way back
         fresh += f", or checkpoint.dir=null for this log.dir's own ({Path(cfg.log.dir) / 'checkpoints'})"
+    relaunch = (
+        "a relaunch of that run then resumes from this one's"
+        if _saves_into(reader.meta, c.dir)
+        else "that run saves in its own checkpoint.dir, from which these were copied"
+    )
     return (
         f"checkpoint.dir={c.dir!r} holds the checkpoints of another run (log.dir {theirs.resolve()}): this run "
         f"(log.dir {Path(cfg.log.dir).resolve()}) resumes from its step {reader.step} and saves its checkpoints "
         f"there too, next to that run's, which checkpoint.keep={c.keep} leaves alone (it prunes this run's only); "
-        f"a relaunch of that run then resumes from this one's. To start fresh instead, add to the train command {fresh}"
+        f"{relaunch}. To start fresh instead, add to the train command {fresh}"
     )
 
 

@@ -67,6 +67,9 @@ def test_another_runs_checkpoint_names_that_run_the_step_and_the_way_to_start_fr
     assert note is not None and note.endswith(
         "add to the train command checkpoint.dir=DIR (an empty or new directory)"
     ), note
+    # ... whose original saves in its own: a relaunch of it does not resume from this run's
+    assert "that run saves in its own checkpoint.dir, from which these were copied" in note, note
+    assert "a relaunch of that run" not in note, note
     # a lineage without workdir: the saved log.dir is taken against this directory
     assert other_run_note(_cfg("runs/b", "runs/a/checkpoints"), _saved_by("runs/a", None, theirs.location))
 
