@@ -251,14 +251,15 @@ class Config:
 
     def save(self, path: str | Path, relaunch: bool = False) -> None:
         """Write the resolved config as YAML (loadable with :func:`~megatron_lite.config.load_config`).
-        ``relaunch``: as a relaunch of the run continues it, with ``checkpoint.resume=auto``: a one-off
-        ``none`` or step path would be refused, or rewind the run, on every relaunch from the file. And
+        ``relaunch``: as a relaunch of the run continues it, with ``checkpoint.resume=auto`` and no
+        ``train.exit_after``: a one-off ``none`` or step path would be refused, or rewind the run, and a
+        one-off stop would cut every relaunch from the file short again, however far the run got. And
         what was derived from other keys or the world size (:attr:`derived`) is left empty, to be
         derived again: a relaunch on more or fewer ranks resumes, its checkpoint resharded on load, and
         one with another ``log.dir`` keeps its checkpoints in that directory, not the first run's."""
         data = self.to_dict()
         if relaunch:
-            data["checkpoint"]["resume"] = "auto"
+            data["checkpoint"]["resume"], data["train"]["exit_after"] = "auto", None
             for dotted in self.derived:
                 section, key = dotted.split(".")
                 data[section][key] = None

@@ -398,3 +398,16 @@ def test_a_relaunch_config_leaves_keys_derived_from_other_keys_empty(tmp_path):
     assert (saved["checkpoint"]["dir"], saved["model"]["kv_heads"], saved["model"]["norm"]) == ("ckpts", 1, "layernorm")
     resolved("log.dir=runs/a").save(path)
     assert load_config(path).checkpoint.dir == str(Path("runs/a") / "checkpoints")
+
+
+def test_a_relaunch_config_continues_the_run_to_its_end(tmp_path):
+    """How one process started and stopped (``checkpoint.resume=none``, ``train.exit_after=5``) is not
+    the run's: a relaunch from its config.yaml resumes and trains on to ``train.steps``. A checkpoint's
+    config (no relaunch) records them as they were."""
+    path = tmp_path / "config.yaml"
+    run = resolved("checkpoint.resume=none", "train.exit_after=5")
+    run.save(path, relaunch=True)
+    again = load_config(path)
+    assert (again.checkpoint.resume, again.train.exit_after) == ("auto", None)
+    run.save(path)
+    assert (load_config(path).checkpoint.resume, load_config(path).train.exit_after) == ("none", 5)
