@@ -13,7 +13,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from megatron_lite.config_sections import Config, DataConfig, ModelConfig
+from megatron_lite.config_sections import Config, DataConfig, ModelConfig, ParallelConfig
 from megatron_lite.config_values import INT64_MAX, beyond_int64
 from megatron_lite.errors import UserError
 
@@ -349,7 +349,25 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append(why)
     if why := _export_warning(cfg.model):
         warnings.append(why)
+    if why := _schedule_warning(cfg.parallel):
+        warnings.append(why)
     return warnings
+
+
+def _schedule_warning(p: ParallelConfig) -> str | None:
+    """A ``parallel.schedule`` that runs as another one: any at ``pp=1`` (one stage runs each
+    microbatch's forward, then its backward), ``interleaved`` at ``vp=1`` (1F1B exactly)."""
+    if p.pp == 1 and p.schedule != "1f1b":
+        return (
+            f"parallel.schedule={p.schedule} has no effect at parallel.pp=1: one pipeline stage runs each "
+            f"microbatch's forward, then its backward; set parallel.pp > 1 to pipeline the layers"
+        )
+    if p.schedule == "interleaved" and p.vp == 1:
+        return (
+            "parallel.schedule=interleaved at parallel.vp=1 runs 1f1b: each pipeline rank holds one chunk of "
+            "layers; set parallel.vp > 1 (chunks per rank) to interleave them"
+        )
+    return None
 
 
 def _export_warning(m: ModelConfig) -> str | None:

@@ -89,6 +89,23 @@ def test_a_warmup_longer_than_the_run_is_a_warning_with_the_numbers():
     assert config_warnings(resolved("train.steps=30", "optim.warmup=30")) == []
 
 
+def test_a_schedule_that_runs_as_another_is_a_warning_naming_the_key_that_makes_it_work():
+    """Any schedule at pp=1 runs each microbatch's forward then backward; interleaved at vp=1 is 1f1b
+    (``build_schedule``): accepted, but the user asked for something this layout does not do."""
+    from megatron_lite.config import config_warnings
+
+    for schedule in ("interleaved", "gpipe", "zb-h1"):
+        (why,) = config_warnings(resolved(f"parallel.schedule={schedule}"))
+        assert why.startswith(f"parallel.schedule={schedule} has no effect at parallel.pp=1")
+        assert "set parallel.pp > 1" in why
+    (why,) = config_warnings(resolved("parallel.pp=2", "parallel.schedule=interleaved", world=2))
+    assert why.startswith("parallel.schedule=interleaved at parallel.vp=1 runs 1f1b") and "parallel.vp > 1" in why
+    interleaved = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.vp=2"]
+    for ok in (interleaved, ["parallel.pp=2", "parallel.schedule=gpipe"]):
+        assert config_warnings(resolved(*ok, "model.layers=4", world=2)) == []
+    assert config_warnings(resolved()) == []
+
+
 def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agrees_with():
     """A run's own config.yaml (decay_steps resolved) reused with a longer train.steps trains its
     last steps at min_lr: a warning says which; the default decay_steps never warns."""
