@@ -296,12 +296,17 @@ class GPTDataset:
         """Samples ``[0, n)`` served before the first that repeats its dataset's split (the first of
         that dataset's second epoch): the sum of ``samples_per_epoch`` for one dataset, less in a blend,
         where the dataset that runs out first, for its share, sets it."""
+        return self.first_repeat[0]
+
+    @property
+    def first_repeat(self) -> tuple[int, str]:
+        """(:attr:`distinct_samples`, prefix of the dataset whose sample repeats first)."""
         q, firsts = self._slot_dataset.size, []
         for d, (samples, quota) in enumerate(zip(self.samples_per_epoch, self._quota.tolist(), strict=True)):
             if quota:
                 period, local = divmod(samples, quota)
                 slot = np.flatnonzero((self._slot_dataset == d) & (self._slot_local == local))[0]
-                firsts.append(period * q + int(slot))
+                firsts.append((period * q + int(slot), self.prefixes[d]))
         return min(firsts)
 
     def locate(self, i: int) -> tuple[int, int]:

@@ -17,8 +17,8 @@ Before these, rank 0 has locked ``log.dir`` and ``checkpoint.dir`` for the whole
 
 Rank 0 also logs :func:`setup_warnings`: valid settings that are probably mistakes (``optim.warmup``
 longer than the run, a learning-rate decay that ends before it, a model ``convert to-hf`` will
-refuse, an evaluation longer than the held-out split, a peak memory estimate above the device's),
-each naming the key and the fix.
+refuse, a run that reads its training data more than once, an evaluation longer than the held-out
+split, a peak memory estimate above the device's), each naming the key and the fix.
 
 An object-store ``checkpoint.dir`` (``s3://...``) gets the same probe: one small object written
 and deleted (a missing bucket, wrong credentials or an unreachable endpoint fail here, not at
@@ -198,11 +198,41 @@ def eval_warning(cfg: Config, valid: GPTDataset | None) -> str | None:
     )
 
 
+def repeat_warning(cfg: Config, train: GPTDataset) -> str | None:
+    """A warning when the run reads more training samples (``train.steps`` global batches, from step
+    0) than the training split serves before it repeats one (``GPTDataset.first_repeat``): it trains
+    on a dataset more than once (epochs, each in a new order), or, past one global batch, on the same
+    sample more than once in one step; else None. Several epochs may be meant, so it only warns."""
+    t = cfg.train
+    held, prefix = train.first_repeat
+    wanted = t.steps * t.global_batch_size
+    if wanted <= held:
+        return None
+    first = " (the first of data.path to run out, for its weight)" if len(train.prefixes) > 1 else ""
+    if t.global_batch_size > held:
+        why = f"; one global batch of {t.global_batch_size} holds the same sample more than once"
+        fix = f"a train.global_batch_size of at most {held:,}"
+    else:
+        why, fix = "", f"at most train.steps={held // t.global_batch_size:,} (one epoch)"
+    return (
+        f"train.steps={t.steps:,} x train.global_batch_size={t.global_batch_size} = {wanted:,} training samples, "
+        f"but the training split serves {held:,} before it repeats one: the run reads dataset {prefix}{first} "
+        f"{wanted / held:,.1f} times over (epochs, each in a new order){why}; if that is not meant, give more data "
+        f"(data.path) or {fix}"
+    )
+
+
 def setup_warnings(
-    cfg: Config, world_size: int, device: torch.device, local: int, valid: GPTDataset | None
+    cfg: Config, world_size: int, device: torch.device, local: int, train: GPTDataset, valid: GPTDataset | None
 ) -> list[str]:
-    """Every startup warning rank 0 logs: settings that are probably mistakes, evaluation, memory."""
-    found = [*config_warnings(cfg), eval_warning(cfg, valid), memory_warning(cfg, world_size, device, local)]
+    """Every startup warning rank 0 logs: settings that are probably mistakes, training data read more
+    than once, evaluation, memory."""
+    found = [
+        *config_warnings(cfg),
+        repeat_warning(cfg, train),
+        eval_warning(cfg, valid),
+        memory_warning(cfg, world_size, device, local),
+    ]
     return [w for w in found if w]
 
 

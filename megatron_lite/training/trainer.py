@@ -94,7 +94,7 @@ class Trainer:
             local_ranks = self.env.local_world_size
             for why in [
                 *self.data.warnings,
-                *preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.valid),
+                *preflight.setup_warnings(cfg, self.world, self.device, local_ranks, self.data.train, self.data.valid),
                 *unchecked,
             ]:
                 log.warning("%s", why)

@@ -103,3 +103,22 @@ def test_a_llama_with_layernorm_warns_at_startup_that_convert_to_hf_refuses_it(t
     ckpt, out = tmp_path / "run" / "checkpoints", tmp_path / "hf"
     assert main(["convert", "to-hf", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
     assert warned.split(": ", 1)[1] in capsys.readouterr().err  # the refusal the warning foretold
+
+
+def test_a_dataset_smaller_than_one_global_batch_trains_and_warns_that_it_repeats(
+    tiny_args, small_corpus, tmp_path, caplog
+):
+    """A few samples in a global batch of 8: the run trains, reading them many times over, and says so."""
+    import json
+
+    text = tmp_path / "short.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 4)
+    out = tmp_path / "short"
+    assert main(["preprocess", "--input", str(text), "--tokenizer", str(small_corpus[1]), "--output", str(out)]) == 0
+    with caplog.at_level(logging.WARNING, logger="megatron_lite.training.trainer"):
+        assert main(["train", *tiny_args, f"data.path={out}", "data.valid_fraction=0"]) == 0
+    (warned,) = [m for m in caplog.messages if "before it repeats one" in m]
+    assert warned.startswith("train.steps=6 x train.global_batch_size=8 = 48 training samples"), warned
+    assert f"the run reads dataset {out} " in warned and "one global batch of 8 holds the same sample" in warned
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["consumed_samples"]) for r in records] == [(s, 8 * s) for s in range(1, 7)]

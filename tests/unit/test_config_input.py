@@ -192,6 +192,28 @@ def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
     assert eval_warning(resolved("train.eval_iters=5"), None) is None  # no held-out split: nothing evaluated
 
 
+def test_a_run_longer_than_its_training_data_is_a_warning_naming_the_dataset_and_the_fix():
+    """Epochs past the first are silent otherwise: the loss falls on repeated samples."""
+    from types import SimpleNamespace
+
+    from megatron_lite.training.preflight import repeat_warning
+
+    train = SimpleNamespace(first_repeat=(40, "data/a"), prefixes=["data/a"])
+    assert repeat_warning(resolved("train.steps=100", "train.global_batch_size=8"), train) == (
+        "train.steps=100 x train.global_batch_size=8 = 800 training samples, but the training split serves 40 "
+        "before it repeats one: the run reads dataset data/a 20.0 times over (epochs, each in a new order); if that "
+        "is not meant, give more data (data.path) or at most train.steps=5 (one epoch)"
+    )
+    assert repeat_warning(resolved("train.steps=5", "train.global_batch_size=8"), train) is None  # one epoch
+    one_batch = resolved("train.steps=1", "train.micro_batch_size=4", "train.global_batch_size=64")
+    why = repeat_warning(one_batch, SimpleNamespace(first_repeat=(40, "data/b"), prefixes=["data/a", "data/b"]))
+    assert "reads dataset data/b (the first of data.path to run out, for its weight) 1.6 times over" in why
+    assert why.endswith(
+        "; one global batch of 64 holds the same sample more than once; if that is not meant, give more data "
+        "(data.path) or a train.global_batch_size of at most 40"
+    ), why
+
+
 @pytest.mark.parametrize(
     "overrides,expected",
     [

@@ -235,12 +235,13 @@ def test_distinct_samples_end_where_a_dataset_first_repeats(one, tmp_path, weigh
     """An evaluation longer than this repeats samples: in a blend the dataset that runs out first for
     its share sets it, long before the sum of the epochs (here about twice ``small``'s, at 1:1)."""
     from megatron_lite.config import Config
-    from megatron_lite.training.preflight import eval_warning
+    from megatron_lite.training.preflight import eval_warning, repeat_warning
 
     small = make_dataset(tmp_path / "small", n_docs=4, seed=5, base=100_000, max_len=30)[0]
     ds = GPTDataset([one[0], small], weights, SEQ, seed=0)
     first_repeat = next(i for i in range(10**6) if ds.locate(i)[1] >= ds.samples_per_epoch[ds.locate(i)[0]])
     assert ds.distinct_samples == first_repeat
+    assert ds.first_repeat == (first_repeat, ds.prefixes[ds.locate(first_repeat)[0]])
     if weights == [1.0, 1.0]:
         # slots alternate one, small: small's sample S is global sample 2 S + 1
         assert first_repeat == 2 * ds.samples_per_epoch[1] + 1 < sum(ds.samples_per_epoch)
@@ -249,3 +250,7 @@ def test_distinct_samples_end_where_a_dataset_first_repeats(one, tmp_path, weigh
         assert f"serves {first_repeat} before it repeats one" in eval_warning(cfg, ds)
         cfg.train.eval_iters = first_repeat
         assert eval_warning(cfg, ds) is None
+        cfg.train.steps = first_repeat + 1  # one sample of small's second epoch: small is named
+        assert f"reads dataset {small} (the first of data.path to run out" in repeat_warning(cfg, ds)
+        cfg.train.steps = first_repeat
+        assert repeat_warning(cfg, ds) is None
