@@ -16,6 +16,14 @@ JSON_SUFFIXES = (".jsonl", ".json")
 _FORMAT = 'a .jsonl/.json input holds one JSON object per line (JSON Lines), e.g. {"text": "..."}'
 
 
+def json_kind(value: object) -> str:
+    """What ``value``, as ``json.loads`` returns it, is in JSON's own words: ``a JSON array``, ``JSON null``."""
+    if value is None:
+        return "JSON null"
+    kinds = ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"), (list, "array"), (dict, "object"))
+    return f"a JSON {next(name for kind, name in kinds if isinstance(value, kind))}"
+
+
 def is_jsonl(path: Path) -> bool:
     return text_suffix(path) in JSON_SUFFIXES
 
@@ -44,7 +52,7 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
     except ValueError as e:  # jsontext's "nested too deeply": no column to name
         raise UserError(f"{path}:{lineno}: invalid JSON ({e}); {_FORMAT}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}:{lineno}: a JSON {type(obj).__name__}, not an object; {_FORMAT}")
+        raise UserError(f"{path}:{lineno}: {json_kind(obj)}, not an object; {_FORMAT}")
     if json_key not in obj:
         raise UserError(
             f"{path}:{lineno}: no key {json_key!r} (found {sorted(obj)[:8]}); "
@@ -53,7 +61,7 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
     value = obj.pop(json_key)
     if not isinstance(value, str):
         raise UserError(
-            f"{path}:{lineno}: {json_key!r} holds {type(value).__name__}, not a string; give each document's text "
+            f"{path}:{lineno}: {json_key!r} holds {json_kind(value)}, not a string; give each document's text "
             "as a JSON string there, or name the key holding the text with --json-key"
         )
     return value

@@ -84,9 +84,15 @@ def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
         ('{"text": "ok"}\nnot json\n', r"bad.jsonl:2: invalid JSON"),
         (
             '{"text": 5}\n',
-            r"bad.jsonl:1: 'text' holds int, not a string; give each document's text as a JSON string there, or "
-            "name the key holding the text with --json-key$",
+            r"bad.jsonl:1: 'text' holds a JSON number, not a string; give each document's text as a JSON string "
+            "there, or name the key holding the text with --json-key$",
         ),
+        ('{"text": null}\n', r"bad.jsonl:1: 'text' holds JSON null, not a string;"),  # JSON's words, not Python's
+        ('{"text": ["a"]}\n', r"bad.jsonl:1: 'text' holds a JSON array, not a string;"),
+        ('{"text": true}\n', r"bad.jsonl:1: 'text' holds a JSON boolean, not a string;"),
+        ('["a", "b"]\n', r"bad.jsonl:1: a JSON array, not an object; a .jsonl/.json input holds one JSON object"),
+        ('"a"\n', r"bad.jsonl:1: a JSON string, not an object;"),
+        ("null\n", r"bad.jsonl:1: JSON null, not an object;"),
         ('{"text": "a\tb"}\n', r"bad.jsonl:1: invalid JSON \(Invalid control character at column 12\)"),
         ("[" * 100_000 + "]" * 100_000 + "\n", r"bad.jsonl:1: invalid JSON \(nested too deeply\)"),
     ],
