@@ -26,7 +26,9 @@ import logging
 import lzma
 import os
 import zlib
+from collections import Counter
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, NamedTuple
@@ -182,6 +184,19 @@ def warn_invalid_utf8(invalid: Sequence[tuple[Path, int, int]], unit: str) -> No
     warn_inputs(lines, f"with {unit} holding bytes that are not UTF-8 (replaced by U+FFFD)")
 
 
+def _glob_for(directory: str) -> str:
+    """A glob of ``directory``'s files for an error's fix: the commonest suffix of the files in it
+    (``dir/*.txt``), else of those beneath it (``dir/**/*.py``), hidden files aside; ``dir/*.jsonl``
+    for a directory without such files. The first 10,000 entries decide: a crawl's folder stays quick."""
+    root, stem = Path(directory), directory.rstrip("/")
+    for pattern, entries in (("*", root.glob("*")), ("**/*", root.glob("**/*"))):
+        files = (p for p in islice(entries, 10_000) if p.suffix and not p.name.startswith(".") and p.is_file())
+        seen = Counter(p.suffix for p in files)
+        if seen:
+            return f"{stem}/{pattern}{seen.most_common(1)[0][0]}"
+    return f"{stem}/*.jsonl"
+
+
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Resolve files and glob patterns into an ordered list of files (duplicates dropped: a file
     named twice, by any spelling, a link or a glob, is read once, where it first appears). A name
@@ -197,7 +212,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"input pattern {text!r} matches no files")
             files.extend(matches)
         elif Path(text).is_dir():
-            raise UserError(f"input {text} is a directory; pass files or a glob such as '{text.rstrip('/')}/*.jsonl'")
+            raise UserError(f"input {text} is a directory; pass files or a glob such as '{_glob_for(text)}'")
         elif not Path(text).is_file():
             raise UserError(f"input file {text} not found")
         else:

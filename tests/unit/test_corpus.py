@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 import sysconfig
 from pathlib import Path
@@ -121,7 +122,18 @@ def test_preprocess_bad_inputs(tok, tmp_path):
     for given in (str(tmp_path), f"{tmp_path}/"):  # the glob it suggests is well formed either way
         with pytest.raises(UserError) as e:
             preprocess([given], tok.path, tmp_path / "out", progress=False)
-        assert str(e.value) == f"input {given} is a directory; pass files or a glob such as '{tmp_path}/*.jsonl'"
+        assert str(e.value) == f"input {given} is a directory; pass files or a glob such as '{tmp_path}/*.txt'"
+    for files, want in (  # the glob names the files the directory holds: directly in it, else beneath it
+        (["a/x.py", "a/y.py", "a/n.txt", "a/.x.lock", "a/.h.lock", "a/.i.lock", "a/d.jsonl/z.txt"], "a/*.py"),
+        (["b/1/x.txt", "b/2/y.txt", "b/z.md"], "b/*.md"),
+        (["c/1/x.py", "c/2/y.py", "c/3/z.txt"], "c/**/*.py"),
+        (["e/1/README"], "e/*.jsonl"),
+    ):
+        for name in files:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text("x = 1\n")
+        with pytest.raises(UserError, match=f"pass files or a glob such as '{re.escape(str(tmp_path / want))}'$"):
+            preprocess([str(tmp_path / files[0].split("/")[0])], tok.path, tmp_path / "out", progress=False)
     with pytest.raises(UserError, match=r"no inputs given \(an empty list\): pass at least one input file or glob"):
         preprocess([], tok.path, tmp_path / "out", progress=False)  # a script's own glob that matched nothing
     (tmp_path / "x.txt").write_text("x")
