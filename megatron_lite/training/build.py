@@ -6,6 +6,8 @@ training builds.
 
 from __future__ import annotations
 
+import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,40 @@ class DataBundle:
     """The tokenizer's ``PREFIX.json`` record, checked to be its model's; None without one."""
 
 
+def _datasets_in(paths: list[str]) -> list[str]:
+    """The dataset prefixes among ``paths`` (files or directories): ``X`` for each ``X.bin`` with an ``X.idx``."""
+    found = [str(p)[:-4] for path in paths for p in sorted(Path(path).glob("*.bin") if Path(path).is_dir() else [])]
+    found += [p[:-4] for p in sorted(paths) if p.endswith(".bin")]
+    return [p for p in found if Path(p + ".idx").is_file()]
+
+
+def _not_a_prefix(entry: str) -> str | None:
+    """Why the ``data.path`` entry ``entry``, which has no ``.bin``, is not a dataset prefix, with the
+    fix: a file of the dataset (``.bin``, ``.idx``, ``.json``), a directory or glob of datasets, a text
+    file not tokenized yet; None where none of these fits (the file is missing)."""
+    stem, suffix = os.path.splitext(entry)
+    if suffix in (".bin", ".idx", ".json") and (suffix != ".json" or Path(stem + ".bin").is_file()):
+        return f"data.path takes dataset prefixes without .bin/.idx/.json: {entry} -> {stem}"
+    is_dir = Path(entry).is_dir()
+    if is_dir or glob.has_magic(entry):
+        what = "a directory" if is_dir else "a glob"
+        found = _datasets_in([entry] if is_dir else glob.glob(entry))
+        listed = f"data.path={','.join(found[:8])}{',...' if len(found) > 8 else ''}"
+        fix = (
+            f"list the datasets: {listed}"
+            if found
+            else "it holds no dataset (PREFIX.bin with PREFIX.idx): build one with `megatron-lite preprocess "
+            "--input FILES --tokenizer MODEL --output PREFIX`"
+        )
+        return f"data.path={entry} is {what}, not a dataset prefix (PREFIX for PREFIX.bin/.idx); {fix}"
+    if Path(entry).is_file():
+        return (
+            f"data.path={entry} is a file, not a dataset prefix (PREFIX for PREFIX.bin/.idx); tokenize it first: "
+            f"`megatron-lite preprocess --input {entry} --tokenizer MODEL --output data/NAME`, then data.path=data/NAME"
+        )
+    return None
+
+
 def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = None) -> tuple[list[str], Path]:
     """(dataset prefixes, tokenizer path): the user's, or the embedded stdlib corpus built once.
     ``checkpoint``: the checkpoint whose run's data ``cfg`` names (``eval --held-out``), for errors
@@ -84,8 +120,8 @@ def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = Non
         prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
         return [prefix], Path(d.tokenizer) if d.tokenizer else tok
     for prefix in d.path:
-        if prefix.endswith((".bin", ".idx")) and not Path(prefix + ".bin").is_file():
-            raise UserError(f"data.path takes dataset prefixes without .bin/.idx: {prefix} -> {prefix[:-4]}")
+        if not Path(prefix + ".bin").is_file() and (why := _not_a_prefix(prefix)):
+            raise UserError(why)
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():
                 fix = (

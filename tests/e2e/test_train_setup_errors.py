@@ -97,7 +97,26 @@ def test_missing_config_file_and_corrupt_idx(tiny_args, tmp_path, small_corpus, 
     assert "idx" in capsys.readouterr().err
 
 
-def test_dataset_path_with_its_extension_is_corrected_by_the_message(tiny_args, small_corpus, capsys):
+def test_a_data_path_entry_that_is_no_dataset_prefix_is_refused_naming_the_fix(
+    tiny_args, small_corpus, tmp_path, capsys
+):
+    """A dataset's file, a directory or glob of datasets, a text file not tokenized yet: each refused
+    with the prefixes to give (or the command that makes one), not as a missing PATH.bin."""
     prefix, _ = small_corpus
-    assert main(["train", *tiny_args, f"data.path={prefix}.bin"]) == 2
-    assert f"without .bin/.idx: {prefix}.bin -> {prefix}" in one_error_line(capsys)
+    data, empty = tmp_path / "data", tmp_path / "empty"
+    data.mkdir(), empty.mkdir()
+    for name in ("a", "b"):
+        for ext in (".bin", ".idx"):
+            (data / (name + ext)).symlink_to(prefix + ext)
+    (data / "notes.txt").write_text("x = 1\n")
+    listed = f"list the datasets: data.path={data}/a,{data}/b"
+    for given, want in (
+        (f"{prefix}.bin", f"data.path takes dataset prefixes without .bin/.idx/.json: {prefix}.bin -> {prefix}"),
+        (f"{data}/a.json", f"without .bin/.idx/.json: {data}/a.json -> {data}/a"),
+        (str(data), f"data.path={data} is a directory, not a dataset prefix (PREFIX for PREFIX.bin/.idx); {listed}"),
+        (f"{data}/*", f"data.path={data}/* is a glob, not a dataset prefix (PREFIX for PREFIX.bin/.idx); {listed}"),
+        (str(empty), "it holds no dataset (PREFIX.bin with PREFIX.idx): build one with `megatron-lite preprocess"),
+        (f"{data}/notes.txt", f"tokenize it first: `megatron-lite preprocess --input {data}/notes.txt --tokenizer"),
+    ):
+        assert main(["train", *tiny_args, f"data.path={given}"]) == 2
+        assert want in one_error_line(capsys), given
