@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -279,6 +280,20 @@ def train_tokenizer(
     return model_path
 
 
+def _vocab_hint(e: Exception) -> str:
+    """The fix for sentencepiece's vocabulary-size errors, in this command's flags: too high for the
+    text (its largest size named), or too small for the text's distinct characters (its least named;
+    the ``--character_coverage`` its message suggests is no flag here)."""
+    if high := re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", str(e)):
+        return f"; lower --vocab-size to {int(high[1]):,} or less, or give more text"
+    if low := re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", str(e)):
+        return (
+            f"; raise --vocab-size to {int(low[1]):,} or more: each distinct character of the sampled text, and each "
+            "special piece, needs a piece of its own (this command has no --character_coverage)"
+        )
+    return ""
+
+
 def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, json_key: str) -> tuple[bytes, dict]:
     """Train the model of :func:`train_tokenizer` on a sample of ``files``: its bytes and its record."""
     total = sum(p.stat().st_size for p in files)
@@ -307,9 +322,8 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
                     f"no text to train a tokenizer on in {', '.join(map(str, files))} (only empty lines, or JSON "
                     "Lines documents with empty text); give files with text in them"
                 ) from e
-            hint = "; lower --vocab-size (vocab_size) or give more text" if "Vocabulary size" in str(e) else ""
             raise UserError(
-                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{hint}"
+                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{_vocab_hint(e)}"
             ) from e
     if started:
         log.info("trained the %s-piece tokenizer in %s", f"{vocab_size:,}", duration(time.monotonic() - started[0]))

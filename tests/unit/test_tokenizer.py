@@ -283,9 +283,20 @@ def test_a_tokenizer_prefix_in_place_of_its_model_file_is_named(model_path, tmp_
 def test_a_vocabulary_too_large_for_the_corpus_names_the_flag(tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("def f(x):\n    return x\n" * 20)
-    with pytest.raises(UserError, match="Vocabulary size too high.*lower --vocab-size"):
+    with pytest.raises(UserError, match=r"Vocabulary size too high.*; lower --vocab-size to \d+ or less, or give"):
         train_tokenizer([small], tmp_path / "new" / "deeper" / "t", 4000, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.txt"]  # no empty folders left behind
+
+
+def test_a_vocabulary_too_small_for_the_texts_characters_names_the_least_size(tmp_path):
+    """Over byte fallback's minimum, yet short of one piece per distinct character: raise it, not lower it."""
+    chars = tmp_path / "chars.txt"
+    chars.write_text("".join(chr(0x4E00 + k) * 3 + "\n" for k in range(120)))  # 120 distinct CJK characters
+    with pytest.raises(UserError) as err:
+        train_tokenizer([chars], tmp_path / "t", 300, progress=False)
+    need = int(re.search(r"raise --vocab-size to (\d+) or more: each distinct character", str(err.value))[1])
+    assert need > 300 and "lower --vocab-size" not in str(err.value), err.value
+    train_tokenizer([chars], tmp_path / "t", need, progress=False)  # the size named is enough
 
 
 def test_a_bad_jsonl_line_is_the_same_clean_error_as_preprocess_gives(tmp_path):
