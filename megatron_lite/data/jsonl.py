@@ -37,6 +37,17 @@ def decode(raw: bytes, stats: dict) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
+def _format(path: Path, lineno: int, raw: bytes, obj: object = None) -> str:
+    """The JSON Lines format an error's fix names; for a first line that opens one JSON document
+    (``[`` or ``{`` alone, or a whole array: a ``.json`` file as many tools save one), how to convert it."""
+    head = raw.strip()
+    if lineno == 1 and (head == b"[" or isinstance(obj, list)):
+        return f"{_FORMAT}; {path} looks like one JSON array: convert it, e.g. jq -c '.[]' {path} > NEW.jsonl"
+    if lineno == 1 and head == b"{":
+        return f"{_FORMAT}; {path} looks like one JSON object over several lines: e.g. jq -c . {path} > NEW.jsonl"
+    return _FORMAT
+
+
 def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -> str | None:
     """The ``json_key`` string of line ``lineno`` (``raw``) of ``path``, None for a blank line; one
     :class:`UserError` naming the line and the fix for anything else."""
@@ -48,11 +59,13 @@ def json_text(raw: bytes, path: Path, lineno: int, json_key: str, stats: dict) -
         obj = jsontext.loads(decode(raw, stats))
     except json.JSONDecodeError as e:
         why = e.msg.removesuffix(" at")  # "Invalid control character at" would read "at at column"
-        raise UserError(f"{path}:{lineno}: invalid JSON ({why} at column {e.colno}); {_FORMAT}") from e
+        raise UserError(
+            f"{path}:{lineno}: invalid JSON ({why} at column {e.colno}); {_format(path, lineno, raw)}"
+        ) from e
     except ValueError as e:  # jsontext's "nested too deeply": no column to name
         raise UserError(f"{path}:{lineno}: invalid JSON ({e}); {_FORMAT}") from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path}:{lineno}: {json_kind(obj)}, not an object; {_FORMAT}")
+        raise UserError(f"{path}:{lineno}: {json_kind(obj)}, not an object; {_format(path, lineno, raw, obj)}")
     if json_key not in obj:
         raise UserError(
             f"{path}:{lineno}: no key {json_key!r} (found {sorted(obj)[:8]}); "

@@ -94,6 +94,10 @@ def test_an_input_named_with_glob_characters_is_that_file(tok, tmp_path):
         ('["a", "b"]\n', r"bad.jsonl:1: a JSON array, not an object; a .jsonl/.json input holds one JSON object"),
         ('"a"\n', r"bad.jsonl:1: a JSON string, not an object;"),
         ("null\n", r"bad.jsonl:1: JSON null, not an object;"),
+        # a .json file as many tools save one: the fix converts it to JSON Lines
+        ('[\n  {"text": "a"}\n]\n', r"bad.jsonl:1: invalid JSON .* looks like one JSON array: convert it, e.g. jq -c"),
+        ('[{"text": "a"}]\n', r"bad.jsonl:1: a JSON array, not an object; .* looks like one JSON array: convert it"),
+        ('{\n  "text": "a"\n}\n', r"bad.jsonl:1: invalid JSON .*looks like one JSON object over several lines: e"),
         ('{"text": "a\tb"}\n', r"bad.jsonl:1: invalid JSON \(Invalid control character at column 12\)"),
         ("[" * 100_000 + "]" * 100_000 + "\n", r"bad.jsonl:1: invalid JSON \(nested too deeply\)"),
     ],
