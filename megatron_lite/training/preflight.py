@@ -190,11 +190,17 @@ def eval_warning(cfg: Config, valid: GPTDataset | None) -> str | None:
     held, wanted = valid.distinct_samples, t.eval_iters * t.global_batch_size
     if wanted <= held:
         return None
+    if held < t.global_batch_size:  # no train.eval_iters helps: one batch already repeats samples
+        fix = (
+            f"one evaluation batch of {t.global_batch_size} holds the same sample more than once; raise "
+            "data.valid_fraction (or give the dataset more documents)"
+        )
+    else:
+        fix = f"set train.eval_iters to at most {held // t.global_batch_size:,} (or raise data.valid_fraction)"
     return (
         f"train.eval_iters={t.eval_iters:,} x train.global_batch_size={t.global_batch_size} = {wanted:,} samples "
         f"per evaluation, but the held-out split serves {held:,} before it repeats one: each evaluation would read "
-        f"{wanted / max(held, 1):,.1f} times that many, repeating samples; set train.eval_iters to at most "
-        f"{max(held // t.global_batch_size, 1):,} (or raise data.valid_fraction)"
+        f"{wanted / max(held, 1):,.1f} times that many, repeating samples; {fix}"
     )
 
 

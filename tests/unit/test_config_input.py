@@ -190,6 +190,11 @@ def test_an_evaluation_longer_than_the_held_out_split_is_a_warning():
     assert "the held-out split serves 40 before it repeats one" in why and "set train.eval_iters to at most 5 " in why
     assert eval_warning(resolved("train.eval_iters=5", "train.global_batch_size=8"), valid) is None
     assert eval_warning(resolved("train.eval_iters=5"), None) is None  # no held-out split: nothing evaluated
+    # fewer held-out samples than one global batch: no train.eval_iters fits, so none is offered
+    why = eval_warning(resolved("train.eval_iters=1", "train.global_batch_size=64", "train.micro_batch_size=4"), valid)
+    assert why.endswith(
+        "of 64 holds the same sample more than once; raise data.valid_fraction (or give the dataset more documents)"
+    )
 
 
 def test_a_run_longer_than_its_training_data_is_a_warning_naming_the_dataset_and_the_fix():
