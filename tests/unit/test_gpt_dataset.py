@@ -159,6 +159,20 @@ def test_loader_resume_continues_exactly(one):
             assert x.equal(y)
 
 
+def test_a_resume_in_another_dp_past_the_end_of_an_epoch_reads_what_the_run_would_have(tmp_path):
+    """A dataset of a few samples, read several epochs over: a loader resumed at any step, in any dp,
+    serves the samples the uninterrupted one-rank run serves from there."""
+    ds = GPTDataset([make_dataset(tmp_path / "few", n_docs=6, seed=3)[0]], None, SEQ, seed=0)
+    G, mb, steps = 8, 2, 4
+    assert steps * G > 2 * ds.samples_per_epoch[0]  # past the end of the second epoch
+    straight = PretrainingLoader(ds, mb, G)
+    want = [np.concatenate([b.numpy() for b in straight.next_step()]) for _ in range(steps)]
+    for dp in (2, 4):
+        for step in range(1, steps):
+            got = _step_union(ds, mb, G, dp, step)  # a loader built at consumed_samples = step x G
+            assert np.array_equal(np.stack(got), want[step]), (dp, step)
+
+
 def test_loader_rejects_indivisible_batch(one):
     ds = GPTDataset([one[0]], None, SEQ, seed=0)
     with pytest.raises(UserError, match=r"global_batch_size 10 .* 2 x 4 = 8"):
