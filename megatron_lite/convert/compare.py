@@ -11,7 +11,9 @@ drop too (:func:`unused_tensor_problem`).
 
 Before either, :func:`config_problem` checks that an HF directory's ``config.json`` describes its own
 weights (names and shapes from the safetensors headers): otherwise ``transformers`` would load it
-with layers left random or refuse it, after printing its load report.
+with layers left random or refuse it, after printing its load report. :func:`refuse_other_task` comes
+first: a ``config.json`` naming a model that predicts no tokens (a classifier, a base model without a
+head) is right about its weights, and the error names that model's class instead.
 
 Memory: one checkpoint tensor and one HF tensor at a time.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,6 +112,29 @@ def unused_tensor_problem(adapter: Adapter, m: ModelConfig, weights: HFWeights, 
             continue
         return f"unexpected tensor {hf_name}"
     return None
+
+
+def refuse_other_task(hf_dir: Path, raw: dict[str, Any], adapter: Adapter, m: ModelConfig, weights: HFWeights) -> None:
+    """Refuse an HF directory whose ``config.json`` (``raw``, as ``m``) names in ``architectures`` a model that
+    does not predict tokens: another task's head (``LlamaForSequenceClassification``: ``score.weight``), or a
+    base model (``LlamaModel``) with neither an ``lm_head.weight`` nor a head tied to the embedding."""
+    base = adapter.hf_class.removesuffix("ForCausalLM").removesuffix("LMHeadModel") + "Model"
+    named = raw.get("architectures")
+    for cls in named if isinstance(named, list) else []:
+        if not isinstance(cls, str) or cls.endswith(("ForCausalLM", "LMHeadModel")):
+            continue
+        if cls != base:
+            raise UserError(
+                f"{hf_dir / 'config.json'} describes a {cls} (its architectures), a model for another task than "
+                f"predicting the next token; megatron-lite imports causal language models ({adapter.hf_class}): "
+                f"import this model's {adapter.hf_class} checkpoint"
+            )
+        if not m.tie_embeddings and "lm_head.weight" not in weights.full_names(adapter):
+            raise UserError(
+                f"{hf_dir / 'config.json'} describes a {cls} (its architectures), a base model without the output "
+                "head that predicts tokens (no lm_head.weight, and tie_word_embeddings is false); import this "
+                f"model's {adapter.hf_class} checkpoint, which has it"
+            )
 
 
 def refuse_config_mismatch(hf_dir: Path, adapter: Adapter, m: ModelConfig, weights: HFWeights) -> None:

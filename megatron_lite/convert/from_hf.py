@@ -38,7 +38,7 @@ import torch
 from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.config import Config, ModelConfig
-from megatron_lite.convert.compare import refuse_config_mismatch, unused_tensor_problem
+from megatron_lite.convert.compare import refuse_config_mismatch, refuse_other_task, unused_tensor_problem
 from megatron_lite.convert.io import (
     HFWeights,
     read_export_record,
@@ -156,6 +156,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     raw, adapter, hf_config, weights = read_hf_config(hf_dir)
     sp = find_sentencepiece(hf_dir)
     m = import_config(hf_config)
+    refuse_other_task(hf_dir, raw, adapter, m, weights)
     refuse_config_mismatch(hf_dir, adapter, m, weights)  # before any warning: a wrong config.json is the news
     _warn_about_tokenizer(hf_dir, sp, out)
     state = _import_tensors(adapter, m, weights, raw["model_type"])

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from megatron_lite.checkpoint.hf import Adapter, import_config
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
-from megatron_lite.convert.compare import compare_tensors, refuse_config_mismatch
+from megatron_lite.convert.compare import compare_tensors, refuse_config_mismatch, refuse_other_task
 from megatron_lite.convert.io import (
     CheckpointSource,
     hf_load_error,
@@ -122,9 +122,10 @@ def _tokenizer_converted_by_us(hf_dir: Path) -> bool:
 
 
 def _check_hf_dir(hf_dir: Path) -> Adapter:
-    """Refuse, before any work, a directory whose config or weights are missing or damaged, or whose
-    config.json does not describe its weights (transformers would print its load report first); its adapter."""
-    _, adapter, hf_config, weights = read_hf_config(hf_dir)
+    """Refuse, before any work, a directory whose config or weights are missing or damaged, whose config.json
+    names a model that predicts no tokens, or does not describe its weights (transformers would print its load
+    report first); its adapter."""
+    raw, adapter, hf_config, weights = read_hf_config(hf_dir)
     try:
         m = import_config(hf_config, quiet=True)
     except UserError as e:
@@ -132,6 +133,7 @@ def _check_hf_dir(hf_dir: Path) -> Adapter:
             f"{hf_dir / 'config.json'} describes a model megatron-lite does not compute, so no checkpoint of "
             f"ours can match it ({e})"
         ) from None
+    refuse_other_task(hf_dir, raw, adapter, m, weights)
     refuse_config_mismatch(hf_dir, adapter, m, weights)
     return adapter
 

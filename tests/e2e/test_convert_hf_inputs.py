@@ -249,3 +249,41 @@ def test_a_gpt2_config_json_with_other_layers_names_its_own_key(exported, tmp_pa
         (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, **change}))
         err = run_error(["convert", "from-hf", "--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")], capfd)
         assert expected in err and not (tmp_path / "o").exists(), err
+
+
+def tiny_llama(out: Path, tok: Path, cls: str = "LlamaForCausalLM", vocab: int = 512) -> Path:
+    """A random Llama of class ``cls`` saved by transformers into ``out``, with the tokenizer ``tok`` copied in."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    getattr(transformers, cls)(cfg).save_pretrained(str(out))
+    shutil.copyfile(tok, out / "tokenizer.model")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cls", "expected"),
+    [
+        (
+            "LlamaForSequenceClassification",
+            "describes a LlamaForSequenceClassification (its architectures), a model for another task than predicting "
+            "the next token; megatron-lite imports causal language models (LlamaForCausalLM): import this model's ",
+        ),
+        (
+            "LlamaModel",
+            "describes a LlamaModel (its architectures), a base model without the output head that predicts tokens "
+            "(no lm_head.weight, and tie_word_embeddings is false); import this model's LlamaForCausalLM checkpoint",
+        ),
+    ],
+)
+def test_a_model_without_a_language_model_head_is_refused_as_such(small_corpus, tmp_path, cls, expected, capsys):
+    """Not "the weights lack lm_head.weight ...; correct config.json": config.json is right, the model is not an LM."""
+    hf_dir = tiny_llama(tmp_path / "hf", small_corpus[1], cls)
+    for args in (
+        ["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "out")],
+        ["convert", "verify", "--checkpoint", str(tmp_path), "--hf", str(hf_dir)],
+    ):
+        err = run_error(args, capsys)
+        assert f"error: {hf_dir / 'config.json'} {expected}" in err, err
+    assert not (tmp_path / "out").exists()
