@@ -15,10 +15,11 @@ the weights were trained, which a later ``to-hf`` carries on and shows in the mo
 later ``from-hf`` of that export keeps); the checkpoint's own lineage stays empty: it trained nothing.
 
 Tokenizer: a sentencepiece ``tokenizer.model`` (Llama 2, Mistral, our own exports) is copied in
-and becomes ``data.tokenizer``. Byte-level BPE tokenizers (GPT-2, Llama 3) cannot be expressed in
-sentencepiece; their path is recorded in ``origin.json`` and data must be tokenized to the same ids
-outside megatron-lite: the import warns, and the trainer refuses to train such a checkpoint on the
-embedded corpus (``training/preflight.py``), whose ids are megatron-lite's own tokenizer's.
+and becomes ``data.tokenizer`` (refused when it has more pieces than ``vocab_size``). Byte-level BPE
+tokenizers (GPT-2, Llama 3) cannot be expressed in sentencepiece; their path is recorded in
+``origin.json`` and data must be tokenized to the same ids outside megatron-lite: the import warns,
+and the trainer refuses to train such a checkpoint on the embedded corpus (``training/preflight.py``),
+whose ids are megatron-lite's own tokenizer's.
 
 Memory: the weights are held once (``save_weights`` takes the whole state); HF tensors keep
 their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load).
@@ -46,7 +47,13 @@ from megatron_lite.convert.io import (
     refuse_out_in_checkpoints,
     refuse_used_out,
 )
-from megatron_lite.convert.tokenizer import REQUIRED_SENTENCEPIECE, find_sentencepiece, record_of_model, unexportable
+from megatron_lite.convert.tokenizer import (
+    REQUIRED_SENTENCEPIECE,
+    find_sentencepiece,
+    piece_count,
+    record_of_model,
+    unexportable,
+)
 from megatron_lite.errors import UserError, refuse_blank
 
 log = logging.getLogger(__name__)
@@ -145,6 +152,18 @@ def _warn_about_tokenizer(hf_dir: Path, sp: Path | None, out: Path) -> None:
         )
 
 
+def _refuse_tokenizer_past_vocab(hf_dir: Path, sp: Path | None, m: ModelConfig) -> None:
+    """Refuse a sentencepiece model with more pieces than ``config.json``'s ``vocab_size``: its larger ids
+    have no embedding row, so it is not the tokenizer these weights were trained with."""
+    pieces = piece_count(sp) if sp else 0
+    if pieces > m.vocab_size:
+        raise UserError(
+            f"{sp} has {pieces} pieces, more than the vocab_size={m.vocab_size} of {hf_dir / 'config.json'}: ids "
+            f"{m.vocab_size} and up have no embedding row, so it is not the tokenizer these weights were trained "
+            "with; copy the model's own tokenizer.model into the directory"
+        )
+
+
 def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     """Import an HF model directory as ``<out>/step_00000000`` plus ``<out>/config.yaml``: the
     defaults with only ``model``, ``data.tokenizer`` (when copied) and ``checkpoint.init_from`` set."""
@@ -158,6 +177,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> ImportResult:
     m = import_config(hf_config)
     refuse_other_task(hf_dir, raw, adapter, m, weights)
     refuse_config_mismatch(hf_dir, adapter, m, weights)  # before any warning: a wrong config.json is the news
+    _refuse_tokenizer_past_vocab(hf_dir, sp, m)
     _warn_about_tokenizer(hf_dir, sp, out)
     state = _import_tensors(adapter, m, weights, raw["model_type"])
     tok_dest = (out / "step_00000000" / "tokenizer.model").resolve() if sp else None

@@ -86,6 +86,11 @@ def unexportable(sp_model: Path) -> str | None:
     return ", ".join(problems) if problems else None
 
 
+def piece_count(sp_model: Path) -> int:
+    """The number of pieces (the vocabulary size) of the sentencepiece model ``sp_model``."""
+    return len(_parse(sp_model).pieces)
+
+
 def _load_proto(sp_model: Path) -> Any:
     proto = _parse(sp_model)
     problems = _inexact(proto)

@@ -287,3 +287,16 @@ def test_a_model_without_a_language_model_head_is_refused_as_such(small_corpus, 
         err = run_error(args, capsys)
         assert f"error: {hf_dir / 'config.json'} {expected}" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_with_more_pieces_than_the_vocab_size_is_refused_at_import(small_corpus, tmp_path, capsys):
+    """Its ids past vocab_size have no embedding row. A run from such an import is refused at startup with
+    advice the weights rule out (leave model.vocab_size empty), so the import says what is wrong."""
+    hf_dir = tiny_llama(tmp_path / "hf", small_corpus[1], vocab=400)
+    err = run_error(["convert", "from-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "out")], capsys)
+    assert (
+        f"{hf_dir / 'tokenizer.model'} has 512 pieces, more than the vocab_size=400 of {hf_dir / 'config.json'}: ids "
+        "400 and up have no embedding row, so it is not the tokenizer these weights were trained with; copy the "
+        "model's own tokenizer.model into the directory"
+    ) in err, err
+    assert not (tmp_path / "out").exists()
