@@ -139,8 +139,16 @@ def refuse_other_task(hf_dir: Path, raw: dict[str, Any], adapter: Adapter, m: Mo
 
 def refuse_config_mismatch(hf_dir: Path, adapter: Adapter, m: ModelConfig, weights: HFWeights) -> None:
     """One :class:`UserError` naming what in ``hf_dir``'s ``config.json`` (as ``m``) disagrees with its
-    weights (:func:`config_problem`), before ``transformers`` or an import reads any tensor data."""
+    weights (:func:`config_problem`), before ``transformers`` or an import reads any tensor data; it names the
+    directory's shards the index leaves out, which may hold the weights config.json describes."""
     problem = config_problem(adapter, m, weights)
+    if problem and weights.unlisted:  # a shard the index leaves out may hold what config.json describes
+        more = f" (and {len(weights.unlisted) - 1} more)" if len(weights.unlisted) > 1 else ""
+        raise UserError(
+            f"{hf_dir / 'config.json'} does not match the weights in {hf_dir}: {problem}; model.safetensors.index.json "
+            f"does not list {weights.unlisted[0]}{more}, which is in {hf_dir}: if it holds those weights, restore the "
+            "index from the model's source, else correct config.json to describe the weights"
+        )
     if problem:
         raise UserError(
             f"{hf_dir / 'config.json'} does not match the weights in {hf_dir}: {problem}; correct config.json "

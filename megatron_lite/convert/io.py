@@ -258,10 +258,12 @@ def _refuse_outside(index: Path, hf_dir: Path, files: list[str]) -> None:
 
 class HFWeights:
     """Lazy access to the tensors of an HF directory (``model.safetensors`` or an indexed set of shards).
-    Every file is opened (headers read) up front, so a missing or damaged one is reported before any work."""
+    Every file is opened (headers read) up front, so a missing or damaged one is reported before any work.
+    ``unlisted``: the directory's other ``*.safetensors`` files, which an index leaves out (as transformers does)."""
 
     def __init__(self, hf_dir: Path) -> None:
         index = hf_dir / "model.safetensors.index.json"
+        self.unlisted: list[str] = []
         if index.is_file():
             weight_map = read_json(index)
             weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -275,6 +277,7 @@ class HFWeights:
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise UserError(f"{index} lists {missing[0]}{more}, which is not in {hf_dir}; copy every shard")
+            self.unlisted = sorted(p.name for p in hf_dir.glob("*.safetensors") if p.name not in files)
         elif (hf_dir / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:

@@ -41,6 +41,14 @@ def damage(hf_dir: Path, kind: str) -> str:
         index["weight_map"] = {k: name if v == outside.name else v for k, v in index["weight_map"].items()}
         (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
         return f"model.safetensors.index.json names {name!r} as a shard, which is not a file inside {hf_dir}"
+    if kind == "shard left out of the index":  # transformers reads only the listed shards; so does the import
+        index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shards[-1].name}
+        (hf_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+        return (
+            f"model.safetensors.index.json does not list {shards[-1].name}, which is in {hf_dir}: if it holds those "
+            "weights, restore the index from the model's source, else correct config.json"
+        )
     if kind == "index without weight_map":
         (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1}}))
         return "model.safetensors.index.json has no weight_map of tensor names to files; restore it from the model's"
@@ -69,6 +77,7 @@ def damage(hf_dir: Path, kind: str) -> str:
     [
         "truncated shard",
         "missing shard",
+        "shard left out of the index",
         "no weights",
         "pytorch weights",
         "index without weight_map",
