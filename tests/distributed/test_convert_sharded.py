@@ -1,5 +1,6 @@
 """Checkpoints saved across 4 ranks export to Hugging Face directly, with matching logits: tp=2 x pp=2,
-and pp=2 with two virtual chunks per rank x dp=2 with the sharded (ZeRO-1) optimizer."""
+and pp=2 with two virtual chunks per rank x dp=2 with the sharded (ZeRO-1) optimizer. The export is
+byte for byte the export of the same weights saved by one process."""
 
 import os
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 from test_trainer_parity import corpus, overrides  # noqa: F401 (corpus is a fixture)
 
+from megatron_lite.checkpoint.reader import find_checkpoint
+from megatron_lite.checkpoint.writer import save_weights
 from megatron_lite.cli import main
 from megatron_lite.config import load_config
 from megatron_lite.training.evaluate import load_model
@@ -19,7 +22,8 @@ def _train(rank: int, world: int, args: list[str], port: int) -> None:
 
 
 LAYOUTS = {
-    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "model.kv_heads=2"],
+    # vocab 513: tp=2 pads the layout's vocabulary to 514 rows; the checkpoint and the export hold 513
+    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "model.kv_heads=2", "model.vocab_size=513"],
     "pp2_vp2_dp2_zero1": [
         "parallel.pp=2",
         "parallel.vp=2",
@@ -51,3 +55,15 @@ def test_sharded_checkpoint_exports_with_matching_logits(world4, corpus, tmp_pat
     with torch.no_grad():
         diff = (theirs(input_ids=ids).logits - ours(ids)).abs().max().item()
     assert diff < 1e-4, diff
+    # the same weights saved by one process: the weights, config and tokenizer files are the same bytes
+    reader, single = find_checkpoint(ckpt), tmp_path / "single"
+    save_weights(single, reader.meta["step"], reader.model_state(), reader.config.to_dict(), {"tokenizer.model": tok})
+    assert main(["convert", "to-hf", "--checkpoint", str(single), "--out", str(tmp_path / "hf1"), "--no-verify"]) == 0
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        assert (hf / name).read_bytes() == (tmp_path / "hf1" / name).read_bytes(), name
