@@ -202,6 +202,19 @@ def check_saved_config(location: str, config: Config, stored: dict[str, tuple[in
         )
 
 
+def check_saved_tokenizer(location: str, config: Config, pieces: int) -> None:
+    """The checkpoint's ``tokenizer.model`` (of ``pieces`` pieces) must give no id past its model's embedding:
+    ``eval`` and ``convert`` would otherwise stop with an IndexError on the first text they encode."""
+    vocab = config.model.vocab_size
+    if pieces > vocab:
+        raise UserError(
+            f"checkpoint {location}: its tokenizer.model has {pieces} pieces, more than its model.vocab_size={vocab}: "
+            f"ids {vocab} and up have no embedding row, so it is not the tokenizer these weights were trained with; "
+            "use a checkpoint saved with their own tokenizer (for an import: convert from-hf again, with the model's "
+            "own tokenizer.model in its directory)"
+        )
+
+
 def _fill(segments: list[_Segment], reader: BoxReader, tp_rank: int) -> None:
     for seg in segments:
         _, blocks = param_blocks(seg.module, seg.attr, seg.param, tp_rank)

@@ -29,10 +29,10 @@ from megatron_lite.checkpoint.reader import (
     list_steps,
     steps_there,
 )
-from megatron_lite.checkpoint.shards import check_saved_config
+from megatron_lite.checkpoint.shards import check_saved_config, check_saved_tokenizer
 from megatron_lite.checkpoint.storage import is_url
 from megatron_lite.config import Config
-from megatron_lite.convert.tokenizer import record_of_model
+from megatron_lite.convert.tokenizer import piece_count, record_of_model
 from megatron_lite.errors import UserError
 
 Shape = tuple[int, ...]
@@ -88,13 +88,16 @@ def open_checkpoint(checkpoint: str | Path, step: int | None = None) -> Checkpoi
     dtype = getattr(torch, meta["layout"]["param_dtype"])
     specs = {name: (shape, dtype) for name, shape in reader.shapes("model").items()}
     check_saved_config(reader.location, reader.config, reader.shapes("model"))
+    tokenizer = reader.local_file("tokenizer.model")
+    if tokenizer is not None:
+        check_saved_tokenizer(reader.location, reader.config, piece_count(tokenizer))
     trainer = meta["trainer"] or {}
     return CheckpointSource(
         path=reader.path,
         config=reader.config,
         meta=meta,
         specs=specs,
-        tokenizer=reader.local_file("tokenizer.model"),
+        tokenizer=tokenizer,
         consumed_samples=trainer.get("consumed_samples"),
         origin=_origin(reader),
         tokenizer_record=_tokenizer_record(reader),

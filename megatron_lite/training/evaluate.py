@@ -39,7 +39,7 @@ from megatron_lite.amounts import counted
 from megatron_lite.checkpoint.format import sha256_file
 from megatron_lite.checkpoint.lineage import content, dataset_fingerprint, recorded_datasets, recorded_workdir
 from megatron_lite.checkpoint.reader import CheckpointReader, find_checkpoint
-from megatron_lite.checkpoint.shards import check_saved_config
+from megatron_lite.checkpoint.shards import check_saved_config, check_saved_tokenizer
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
 from megatron_lite.config import Config
 from megatron_lite.data.gpt_dataset import PretrainingLoader
@@ -90,6 +90,7 @@ def load_model(path: str | Path, device: torch.device) -> tuple[Transformer, Tok
             "sentencepiece model saved beside the weights (a model imported from Hugging Face with a tokenizer "
             "that is not sentencepiece, e.g. byte-level BPE, carries none): evaluate it where its own tokenizer runs"
         )
+    check_saved_tokenizer(reader.location, cfg, tok.vocab_size)
     return model.eval(), tok
 
 

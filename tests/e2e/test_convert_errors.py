@@ -9,7 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from convert_fixtures import exported_fixture, run_error, snapshot, trained_fixture  # noqa: F401 (fixtures)
+from convert_fixtures import (  # noqa: F401 (fixtures)
+    exported_fixture,
+    noisy_checkpoint,
+    run_error,
+    snapshot,
+    trained_fixture,
+)
 
 from megatron_lite.checkpoint import shards
 from megatron_lite.checkpoint.format import sha256_file
@@ -160,3 +166,20 @@ def test_a_metadata_config_with_a_crafted_layer_count_is_refused_before_building
         err = run_error(["convert", args[0], "--checkpoint", str(step), *args[1:]], capsys)
         assert f"checkpoint {step}: its model config says model.layers=1000000000, more layers than its " in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_a_checkpoint_whose_tokenizer_outgrows_its_vocabulary_is_one_error(small_corpus, exported, tmp_path, capsys):
+    """512 pieces, 400 embedding rows: eval and convert encoded text and stopped with an IndexError."""
+    step = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], vocab_size=400)
+    (tmp_path / "t.txt").write_text("x = 1\n" * 20)
+    for args in (
+        ["convert", "to-hf", "--checkpoint", str(step), "--out", str(tmp_path / "hf")],
+        ["convert", "verify", "--checkpoint", str(step), "--hf", str(exported)],
+        ["eval", "--checkpoint", str(step), "--text", str(tmp_path / "t.txt")],
+    ):
+        err = run_error(args, capsys)
+        assert (
+            f"checkpoint {step}: its tokenizer.model has 512 pieces, more than its model.vocab_size=400: ids 400 "
+            in err
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "t.txt"]
