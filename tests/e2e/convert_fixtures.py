@@ -1,6 +1,7 @@
-"""Shared by the `megatron-lite convert` tests: a trained checkpoint, its export, a random checkpoint,
-and the check that a command failed with one clear error line."""
+"""Shared by the `megatron-lite convert` tests: a trained checkpoint, its export, a random checkpoint, a
+random Llama saved by transformers, and the check that a command failed with one clear error line."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,26 @@ def noisy_checkpoint(root: Path, tok: Path, **model) -> Path:
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return Path(save_weights(root, 3, net.state_dict(), cfg.to_dict(), files={"tokenizer.model": tok}))
+
+
+def tiny_llama(out: Path, tok: Path, cls: str = "LlamaForCausalLM", vocab: int = 512) -> Path:
+    """A random Llama of class ``cls`` saved by transformers into ``out``, with the tokenizer ``tok`` copied in;
+    its norms are not all 1 (so a swapped mapping shows)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(str(out))
+    shutil.copyfile(tok, out / "tokenizer.model")
+    return out
 
 
 def run_error(args: list[str], capsys) -> str:

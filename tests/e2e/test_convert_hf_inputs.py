@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_fixtures import exported_fixture, run_error, trained_fixture  # noqa: F401 (fixtures)
+from convert_fixtures import exported_fixture, run_error, tiny_llama, trained_fixture  # noqa: F401 (fixtures)
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.cli import main
@@ -258,17 +258,6 @@ def test_a_gpt2_config_json_with_other_layers_names_its_own_key(exported, tmp_pa
         (tmp_path / "gpt2" / "config.json").write_text(json.dumps({**config, **change}))
         err = run_error(["convert", "from-hf", "--hf", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")], capfd)
         assert expected in err and not (tmp_path / "o").exists(), err
-
-
-def tiny_llama(out: Path, tok: Path, cls: str = "LlamaForCausalLM", vocab: int = 512) -> Path:
-    """A random Llama of class ``cls`` saved by transformers into ``out``, with the tokenizer ``tok`` copied in."""
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
-    getattr(transformers, cls)(cfg).save_pretrained(str(out))
-    shutil.copyfile(tok, out / "tokenizer.model")
-    return out
 
 
 @pytest.mark.parametrize(
