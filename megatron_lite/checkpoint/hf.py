@@ -248,7 +248,7 @@ def _llama_family_config(m: ModelConfig, model_type: str, source: dict[str, Any]
         hidden_act="silu",
         max_position_embeddings=m.seq_len,
         rms_norm_eps=m.norm_eps,
-        rope_theta=float(m.rope_theta),  # transformers 5 files it under rope_parameters
+        rope_theta=float(m.rope_theta),  # transformers 5 files it under rope_parameters (to_hf adds it on top)
         **common,
     )
     if model_type == "mistral":  # a window covering seq_len never binds within it; a shorter one would

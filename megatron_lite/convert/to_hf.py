@@ -1,7 +1,8 @@
 """``convert to-hf``: one of our checkpoints -> a directory ``transformers`` loads offline.
 
 Output: ``config.json`` (``LlamaConfig`` or ``GPT2Config``; ``MistralConfig`` for a checkpoint
-imported from a Mistral, see ``checkpoint/hf.py``), ``model.safetensors`` (or shards with
+imported from a Mistral, see ``checkpoint/hf.py``; a llama's ``rope_theta`` also at the top level,
+where transformers 4 reads it), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``, tokenizer
 files (``convert/tokenizer.py``), ``megatron_lite.json`` (source checkpoint, step, the checkpoint's
 lineage as saved: code commit, Python, the run's working directory, dataset fingerprints, tokenizer
@@ -49,6 +50,7 @@ from typing import Any, BinaryIO
 from megatron_lite import jsontext
 from megatron_lite.checkpoint.hf import ADAPTERS, check_exportable, export_config, export_type
 from megatron_lite.checkpoint.storage import commit_stamp, kept_while_read
+from megatron_lite.config import ModelConfig
 from megatron_lite.convert.card import model_card
 from megatron_lite.convert.io import (
     CheckpointSource,
@@ -251,12 +253,24 @@ def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
     (tmp / "megatron_lite.json").write_text(json.dumps(lineage, indent=1) + "\n")
 
 
+def _write_config(hf_config: Any, m: ModelConfig, tmp: Path) -> None:
+    """``config.json``, with a llama's ``rope_theta`` also at the top level: transformers 5 writes it only
+    inside ``rope_parameters``, and transformers 4 (which vLLM and many fine-tuning setups still run) reads
+    only the top-level key, silently taking 10000 without it. transformers 5 reads either."""
+    hf_config.save_pretrained(str(tmp))
+    if m.arch == "llama":
+        path = tmp / "config.json"
+        config = json.loads(path.read_text())
+        config["rope_theta"] = float(m.rope_theta)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
+
+
 def _write_export(
     src: CheckpointSource, name_map: dict, hf_config: Any, ids: dict, tmp: Path, max_shard_size: int
 ) -> int:
     """Weights, configs, tokenizer and lineage into ``tmp``; returns the parameter count."""
     n_params = _write_weights(src, name_map, tmp, max_shard_size)
-    hf_config.save_pretrained(str(tmp))
+    _write_config(hf_config, src.config.model, tmp)
     from transformers import GenerationConfig
 
     GenerationConfig(**ids).save_pretrained(str(tmp))
