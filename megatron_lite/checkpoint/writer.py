@@ -27,6 +27,7 @@ the same point (``Trainer._settle_save``, :meth:`Checkpointer.settle`), else dro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -355,9 +356,11 @@ def save_weights(
     root: str | Path, step: int, state: dict[str, torch.Tensor], config: dict, files: dict[str, Path]
 ) -> str:
     """Write a weights-only checkpoint of a single-device state dict from one process (``convert
-    from-hf``); returns its location. The trainer starts from it with a fresh optimizer."""
+    from-hf``); returns its location. The trainer starts from it with a fresh optimizer. Its
+    ``param_dtype`` (the dtype ``to-hf`` writes) is the one that holds every tensor's values exactly:
+    theirs, or fp32 for a state that mixes dtypes (bf16 matrices beside fp32 norms)."""
     pieces = [Piece(f"model/{n}", tuple(t.shape), full_box(t.shape), t.detach().contiguous()) for n, t in state.items()]
-    dtype = next(iter(state.values())).dtype
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in state.values()})
     layout = {"world_size": 1, "tp": 1, "pp": 1, "vp": 1, "dp": 1, "distributed_optimizer": False}
     meta = {
         "step": step,

@@ -22,7 +22,9 @@ and the trainer refuses to train such a checkpoint on the embedded corpus (``tra
 whose ids are megatron-lite's own tokenizer's.
 
 Memory: the weights are held once (``save_weights`` takes the whole state); HF tensors keep
-their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load).
+their dtype (bf16 stays bf16; the trainer's fp32 parameters upcast them on load). Weights that mix
+dtypes (bf16 matrices, fp32 norms) are recorded as fp32, the dtype a later ``to-hf`` writes them in,
+so that no value is rounded.
 """
 
 from __future__ import annotations

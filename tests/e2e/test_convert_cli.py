@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_fixtures import exported_fixture, noisy_checkpoint, run_error, trained_fixture  # noqa: F401 (fixtures)
+from convert_fixtures import (  # noqa: F401 (fixtures)
+    exported_fixture,
+    noisy_checkpoint,
+    run_error,
+    tiny_llama,
+    trained_fixture,
+)
 from safetensors.torch import load_file, save_file
 
 from megatron_lite.checkpoint.format import sha256_file
@@ -111,6 +117,17 @@ def test_a_llama_config_json_has_rope_theta_where_transformers_4_reads_it(small_
     back = from_hf(out, tmp_path / "back")
     assert load_config(back.config_path).model.rope_theta == 500000.0
     assert_bitwise(ckpt, back.checkpoint)
+
+
+def test_weights_of_mixed_dtypes_export_back_without_rounding(small_corpus, tmp_path):
+    """bf16 matrices beside fp32 norms: the import records fp32, so its export holds every value exactly (in
+    the embedding's dtype the norms would be rounded, and verification allows the coarser dtype's rounding)."""
+    src = tiny_llama(tmp_path / "src", small_corpus[1])
+    weights = {k: v if "norm" in k else v.bfloat16() for k, v in load_file(src / "model.safetensors").items()}
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    back = load_file(to_hf(from_hf(src, tmp_path / "imported").checkpoint, tmp_path / "back").out / "model.safetensors")
+    assert back.keys() == weights.keys() and {t.dtype for t in back.values()} == {torch.float32}
+    assert all(torch.equal(weights[k].float(), back[k]) for k in weights)
 
 
 def test_gpt2_saved_as_base_model_with_buffers_imports(small_corpus, tmp_path):
