@@ -25,7 +25,8 @@ from megatron_lite.checkpoint.reader import find_checkpoint
 from megatron_lite.cli import main
 from megatron_lite.config import Config, ModelConfig, load_config
 from megatron_lite.convert import from_hf, io, to_hf
-from megatron_lite.training.evaluate import load_model
+from megatron_lite.convert.verify import RELATIVE_TOLERANCE
+from megatron_lite.training.evaluate import evaluate_text, load_model
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
@@ -59,6 +60,30 @@ def test_to_hf_writes_a_sharded_directory_transformers_loads(trained, exported):
     card = (exported / "README.md").read_text()
     assert "tokens: 512 = 16 consumed samples x 32" in card and "LlamaForCausalLM" in card
     assert load_config(trained.parent / "config.yaml").data.path[0] in card  # the datasets trained on
+
+
+def test_evals_loss_on_a_text_is_the_loss_transformers_gives_the_export(small_corpus, tmp_path):
+    """What a user fine-tuning elsewhere checks first: `eval --text` of the checkpoint and transformers on the
+    export, with its tokenizer, over the same windows (seq_len + 1 tokens overlapping by one, the last shorter).
+    Tolerance: verify.py bounds the logits difference by RELATIVE_TOLERANCE x max |logit|; a cross-entropy
+    moves by at most twice its logits' largest change."""
+    ckpt = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], init_std=0.3)  # confident: losses differ per token
+    exported = to_hf(ckpt, tmp_path / "hf", check=False).out
+    text = tmp_path / "text.py"
+    text.write_text((ROOT / "megatron_lite" / "cli.py").read_text()[:3000])
+    ours = evaluate_text(ckpt, text, device="cpu")
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    ids, seq = torch.tensor(tok(text.read_text())["input_ids"]), model.config.max_position_embeddings
+    total, top = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, seq):
+            window = ids[start : start + seq + 1][None]  # (1, <= T+1)
+            logits = model(input_ids=window[:, :-1]).logits[0]
+            total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            top = max(top, logits.abs().max().item())
+    assert ours["tokens"] == len(ids)
+    assert abs(ours["loss"] - total / (len(ids) - 1)) <= 2 * RELATIVE_TOLERANCE * max(1.0, top)
 
 
 def test_the_model_cards_code_is_ruff_formatted(exported):
