@@ -101,7 +101,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from megatron_lite import convert
-    from megatron_lite.convert.io import parse_size
+    from megatron_lite.convert.to_hf import parse_size
 
     if args.action == "to-hf":
         size = parse_size(args.max_shard_size)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,8 +285,14 @@ class HFWeights:
             files = ["model.safetensors"]
         else:
             bins = sorted(p.name for p in hf_dir.glob("*.bin"))
-            fix = f"found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True)" if bins else ""
-            fix = fix or "copy the model's weights (its *.safetensors files) into it"
+            shards = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+            if bins:
+                fix = f"found {', '.join(bins)}: re-save with save_pretrained(safe_serialization=True)"
+            elif shards:  # shards without their index: which tensor is in which file is unknown
+                more = f" (and {len(shards) - 1} more)" if len(shards) > 1 else ""
+                fix = f"found {shards[0]}{more}: copy in the model.safetensors.index.json that maps tensors to them"
+            else:
+                fix = "copy the model's weights (its *.safetensors files) into it"
             raise UserError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}: {fix}")
         handles = [_open_safetensors(hf_dir / f) for f in files]
         self.where = {name: h for h in handles for name in h.keys()}  # noqa: SIM118 (not a dict)
@@ -301,21 +307,6 @@ class HFWeights:
     def full_names(self, adapter: Adapter) -> dict[str, str]:
         """Full HF name -> stored name (a base-model file leaves out the prefix, :meth:`Adapter.hf_name`)."""
         return {adapter.hf_name(name): name for name in self.where}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes of ``"5GB"``, ``"200MB"``, ``"64KiB"`` or a plain integer (HF's convention: GB = 1e9)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(
-            f"--max-shard-size {text!r} is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB"
-        )
-    unit = (m.group(2) or "").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3}[unit]
-    return int(float(m.group(1)) * base**power)
 
 
 class ShardedWriter:
@@ -393,7 +384,4 @@ class ShardedWriter:
 
 
 def _nbytes(shape: Shape, dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()

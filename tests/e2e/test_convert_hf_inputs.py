@@ -27,6 +27,12 @@ def damage(hf_dir: Path, kind: str) -> str:
     if kind == "missing shard":
         shards[1].unlink()
         return f"model.safetensors.index.json lists {shards[1].name}, which is not in {hf_dir}"
+    if kind == "index missing":  # shards whose index was not copied: transformers finds no weights either
+        (hf_dir / "model.safetensors.index.json").unlink()
+        return (
+            f"no model.safetensors or model.safetensors.index.json in {hf_dir}: found {shards[0].name} (and "
+            f"{len(shards) - 1} more): copy in the model.safetensors.index.json that maps tensors to them"
+        )
     if kind in ("no weights", "pytorch weights"):
         for p in [*shards, hf_dir / "model.safetensors.index.json"]:
             p.unlink()
@@ -78,6 +84,7 @@ def damage(hf_dir: Path, kind: str) -> str:
         "truncated shard",
         "missing shard",
         "shard left out of the index",
+        "index missing",
         "no weights",
         "pytorch weights",
         "index without weight_map",
