@@ -1,8 +1,8 @@
 """``convert to-hf``: one of our checkpoints -> a directory ``transformers`` loads offline.
 
 Output: ``config.json`` (``LlamaConfig`` or ``GPT2Config``; ``MistralConfig`` for a checkpoint
-imported from a Mistral, see ``checkpoint/hf.py``; a llama's ``rope_theta`` also at the top level,
-where transformers 4 reads it), ``model.safetensors`` (or shards with
+imported from a Mistral, see ``checkpoint/hf.py``; with ``torch_dtype`` beside ``dtype`` and a
+llama's ``rope_theta`` also at the top level, where transformers 4 reads them), ``model.safetensors`` (or shards with
 ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``, tokenizer
 files (``convert/tokenizer.py``), ``megatron_lite.json`` (source checkpoint, step, the checkpoint's
 lineage as saved: code commit, Python, the run's working directory, dataset fingerprints, tokenizer
@@ -269,15 +269,19 @@ def _write_lineage(src: CheckpointSource, tmp: Path) -> None:
 
 
 def _write_config(hf_config: Any, m: ModelConfig, tmp: Path) -> None:
-    """``config.json``, with a llama's ``rope_theta`` also at the top level: transformers 5 writes it only
-    inside ``rope_parameters``, and transformers 4 (which vLLM and many fine-tuning setups still run) reads
-    only the top-level key, silently taking 10000 without it. transformers 5 reads either."""
+    """``config.json``, with the keys transformers 4 (which vLLM and many fine-tuning setups still run)
+    reads where transformers 5 writes others: ``torch_dtype`` beside ``dtype`` (without it, before 4.56,
+    a bf16 export loads as fp32, twice the memory), and a llama's ``rope_theta`` at the top level too
+    (transformers 5 writes it only inside ``rope_parameters``; transformers 4 reads only the top-level
+    key, silently taking 10000 without it). transformers 5 reads either."""
     hf_config.save_pretrained(str(tmp))
+    path = tmp / "config.json"
+    config = json.loads(path.read_text())
+    if "dtype" in config:
+        config.setdefault("torch_dtype", config["dtype"])
     if m.arch == "llama":
-        path = tmp / "config.json"
-        config = json.loads(path.read_text())
         config["rope_theta"] = float(m.rope_theta)
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as save_pretrained writes it
 
 
 def _write_export(

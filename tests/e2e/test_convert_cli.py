@@ -131,13 +131,15 @@ def test_tied_llama_and_gpt2_match_logits_and_round_trip(small_corpus, tmp_path,
     assert_bitwise(ckpt, from_hf(tmp_path / "hf", tmp_path / "back").checkpoint)
 
 
-def test_a_llama_config_json_has_rope_theta_where_transformers_4_reads_it(small_corpus, tmp_path):
-    """transformers 5 writes rope_theta only in rope_parameters; transformers 4 (vLLM's, many fine-tuning
-    setups') reads the top-level key and, without it, runs the model with theta 10000, silently."""
+def test_a_llama_config_json_has_rope_theta_and_dtype_where_transformers_4_reads_them(small_corpus, tmp_path):
+    """transformers 5 writes rope_theta only in rope_parameters and the dtype as ``dtype``; transformers 4
+    (vLLM's, many fine-tuning setups') reads the top-level rope_theta and, without it, runs the model with
+    theta 10000, silently; before 4.56 it reads ``torch_dtype`` and, without it, loads the weights in fp32."""
     ckpt = noisy_checkpoint(tmp_path / "ckpt", small_corpus[1], rope_theta=500000.0)
     out = to_hf(ckpt, tmp_path / "hf").out
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 500000.0
+    assert config["torch_dtype"] == config["dtype"] == "float32"
     assert transformers.AutoConfig.from_pretrained(str(out)).rope_parameters["rope_theta"] == 500000.0
     back = from_hf(out, tmp_path / "back")
     assert load_config(back.config_path).model.rope_theta == 500000.0
