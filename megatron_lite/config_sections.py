@@ -204,11 +204,13 @@ class LogConfig:
     every: int = 10
     """Log metrics every N steps."""
     wandb: bool = False
-    """Log to Weights & Biases (offline unless an API key is configured)."""
+    """Log to Weights & Biases (offline unless an API key is configured). Without the ``wandb``
+    package installed, an error at startup."""
     wandb_project: str = "megatron-lite"
     """W&B project name."""
     tensorboard: bool = False
-    """Write TensorBoard event files under ``<log.dir>/tensorboard``."""
+    """Write TensorBoard event files under ``<log.dir>/tensorboard``. Without the ``tensorboard``
+    package installed, an error at startup."""
     progress: bool = True
     """Show a progress bar on rank 0 where stderr is a terminal (in a file, its redraws would pile up),
     and log the phases of an embedded-corpus build (tokenizer training, tokenizing)."""

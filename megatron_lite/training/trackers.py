@@ -1,12 +1,14 @@
 """Where metrics go: ``<log.dir>/metrics.jsonl`` always; TensorBoard and W&B when enabled.
 
-An optional tracker that cannot start (package missing, no network, bad key) is logged as a warning
-and dropped: it never crashes a run. W&B runs offline unless an API key is configured, and only the
-resolved config (which holds no secrets) and scalar metrics are ever sent.
+A tracker asked for whose package is not installed is a setup error (:func:`check_packages`, before
+the data is built or a step taken). One that cannot start for another reason (no network, bad key)
+is logged as a warning and dropped: it never crashes a run. W&B runs offline unless an API key is
+configured, and only the resolved config (which holds no secrets) and scalar metrics are ever sent.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -16,9 +18,27 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lite import jsontext
+from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
 METRICS_FILE, DROPPED_FILE = "metrics.jsonl", "metrics.dropped.jsonl"  # in log.dir (JsonlTracker)
+# log.<key> -> (the package to install, the module its tracker imports)
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def check_packages(tensorboard: bool, wandb: bool) -> None:
+    """One :class:`UserError` naming the key and the fix where a tracker asked for cannot be imported."""
+    for key, wanted in (("tensorboard", tensorboard), ("wandb", wandb)):
+        package, module = TRACKER_PACKAGES[key]
+        if not wanted:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(
+                f"log.{key}=true but {module} cannot be imported ({e}): install it (pip install {package}) "
+                f"or set log.{key}=false"
+            ) from None
 
 
 def _clean(v: Any) -> Any:

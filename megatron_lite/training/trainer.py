@@ -50,7 +50,7 @@ from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
 from megatron_lite.training.lr import lr_at
 from megatron_lite.training.metrics import Throughput, closing_lines, flops_per_token, peak_flops, step_lines
-from megatron_lite.training.trackers import Trackers
+from megatron_lite.training.trackers import Trackers, check_packages
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 
     def _preflight(self) -> None:
-        """The startup checks that need no data: kernels and fp8 on this device, and the run and
-        checkpoint directories, before any slow work (a bad path would otherwise fail the first
-        save, and hang the peers)."""
+        """The startup checks that need no data: kernels and fp8 on this device, the run and
+        checkpoint directories and the trackers' packages, before any slow work (a bad path would
+        otherwise fail the first save, and hang the peers)."""
         cfg = self.cfg
         with fail_fast_setup("checking the kernels and run directories"):
             if cfg.train.dtype == "fp8" and (why := fp8.device_problem(self.device)):  # the rest: check_layout
@@ -157,6 +157,7 @@ class Trainer:
             preflight.check_kernels(cfg.kernels.backend, self.device)
             if self.rank == 0:
                 preflight.check_log_dir(cfg)
+                check_packages(cfg.log.tensorboard, cfg.log.wandb)  # only rank 0 writes to the trackers
             preflight.check_checkpoint_dir(cfg, self.world)  # every rank writes there: each checks its own view
             if self.rank == 0:
                 preflight.check_fresh_start(cfg)

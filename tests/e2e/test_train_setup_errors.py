@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,22 @@ def test_unusable_run_directory_fails_at_setup_naming_key_path_and_reason(tiny_a
         assert main(["train", *tiny_args, f"{key}=/proc/megatron-lite-ck"]) == 2
         err = one_error_line(capsys)
         assert f"{key}='/proc/megatron-lite-ck'" in err and "No such file or directory" in err, err
+
+
+@pytest.mark.parametrize(
+    "key,module,package",
+    [("log.wandb", "wandb", "wandb"), ("log.tensorboard", "torch.utils.tensorboard", "tensorboard")],
+)
+def test_a_tracker_asked_for_without_its_package_fails_at_setup(
+    tiny_args, tmp_path, monkeypatch, key, module, package, capsys
+):
+    monkeypatch.setitem(sys.modules, module, None)  # what an import of a package not installed meets
+    assert main(["train", *tiny_args, f"{key}=true"]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {key}=true but {module} cannot be imported (") and err.endswith(
+        f"): install it (pip install {package}) or set {key}=false\n"
+    ), err
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.suffix in (".yaml", ".jsonl")]  # before setup wrote
 
 
 def test_resume_none_refuses_to_save_over_an_earlier_run(tiny_args, tmp_path, capsys):
