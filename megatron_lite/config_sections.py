@@ -204,8 +204,8 @@ class LogConfig:
     every: int = 10
     """Log metrics every N steps."""
     wandb: bool = False
-    """Log to Weights & Biases (offline unless an API key is configured). Without the ``wandb``
-    package installed, an error at startup."""
+    """Log to Weights & Biases (offline unless an API key is configured), every launch of a run to one
+    W&B run. Without the ``wandb`` package installed, an error at startup."""
     wandb_project: str = "megatron-lite"
     """W&B project name."""
     tensorboard: bool = False

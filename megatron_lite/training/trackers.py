@@ -14,6 +14,7 @@ import logging
 import math
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
 METRICS_FILE, DROPPED_FILE = "metrics.jsonl", "metrics.dropped.jsonl"  # in log.dir (JsonlTracker)
+WANDB_ID_FILE = "wandb/run_id"  # in log.dir: the W&B run every launch of this run logs to (WandbTracker)
 # log.<key> -> (the package to install, the module its tracker imports)
 TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": ("wandb", "wandb")}
 
@@ -130,23 +132,46 @@ def _wandb_key_configured() -> bool:
         return False
 
 
+def wandb_run_id(run_dir: Path, step: int, new_id: str) -> str:
+    """The W&B run id of a run that starts at ``step``: the one its earlier launches logged to
+    (``<log.dir>/wandb/run_id``) when it resumes (``step`` > 0), else ``new_id``, recorded there."""
+    path = run_dir / WANDB_ID_FILE
+    if step > 0:
+        try:
+            if saved := path.read_text().strip():
+                return saved
+        except OSError:
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new_id + "\n")
+    return new_id
+
+
 class WandbTracker:
-    def __init__(self, run_dir: Path, project: str, config: dict[str, Any]) -> None:
+    """One W&B run per training run: every launch of it (a resume, a requeue) logs to the same run
+    id (:func:`wandb_run_id`, W&B's ``resume="allow"``), a fresh start (step 0) to a new one. W&B's
+    steps only increase: steps a rerun from an earlier checkpoint logs again keep their first values
+    there (``metrics.jsonl`` and TensorBoard hold the rerun's)."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any], step: int = 0) -> None:
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
         # wandb waits 90 s for an unreachable server by default; WANDB_INIT_TIMEOUT still overrides
         settings = wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", INIT_TIMEOUT_S)))
+        run = {"project": project, "dir": str(run_dir), "config": config, "resume": "allow"}
+        run["id"] = wandb_run_id(run_dir, step, uuid.uuid4().hex[:12])  # W&B ids: [a-z0-9]
         try:
-            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode, settings=settings)
+            self._run = wandb.init(**run, mode=mode, settings=settings)
         except Exception as e:  # no network: keep the metrics locally (`wandb sync` uploads them later)
             if mode != "online":
                 raise
             # The cause may be the network or the login (WANDB_MODE=online without an API key): name it.
             log.warning("W&B could not start online (%s: %s); logging offline instead", type(e).__name__, str(e)[:200])
             mode = "offline"
-            self._run = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
-        log.info("W&B tracker started (%s mode)", mode)
+            wandb.teardown()  # the failed start still holds the run id: "run ID ... is in use"
+            self._run = wandb.init(**run, mode=mode)
+        log.info("W&B tracker started (%s mode, run id %s)", mode, run["id"])
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._run.log({k: v for k, v in metrics.items() if v is not None and k != "step"}, step=step)
@@ -176,7 +201,7 @@ class Trackers:
         self._all.append(JsonlTracker(run_dir, step))
         optional = [
             ("tensorboard", tensorboard, lambda: TensorBoardTracker(run_dir, step)),
-            ("wandb", wandb, lambda: WandbTracker(run_dir, wandb_project, config)),
+            ("wandb", wandb, lambda: WandbTracker(run_dir, wandb_project, config, step)),
         ]
         for name, enabled, make in optional:
             if not enabled:

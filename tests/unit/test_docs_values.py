@@ -10,6 +10,7 @@ from megatron_lite.config import TrainConfig
 from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
+from megatron_lite.training.trackers import WANDB_ID_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -65,3 +66,7 @@ def test_readme_shows_the_summary_line_the_trainer_logs_at_the_end():
 
 def test_readme_states_the_interval_of_the_progress_lines_in_a_job_log():
     assert f"a dated line every {LOG_EVERY_S:.0f} s says how far the read got" in _flat(README)
+
+
+def test_readme_names_the_file_that_keeps_the_wandb_run_id():
+    assert f"whose id `{WANDB_ID_FILE}` keeps" in _flat(README)

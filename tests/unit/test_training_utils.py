@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+from wandb_records import history
 
 from megatron_lite.config import OptimConfig, fill_defaults, load_config
 from megatron_lite.errors import UserError
@@ -106,6 +107,47 @@ def test_trackers_write_jsonl_and_never_crash_on_optional_ones(tmp_path, monkeyp
     assert any(p.name.startswith("events") for p in (tmp_path / "tensorboard").iterdir())
 
 
+def test_every_launch_of_a_run_logs_to_one_wandb_run_the_values_of_metrics_jsonl(tmp_path, monkeypatch):
+    """A launch that resumes (starts past step 0) logs to the W&B run of the launches before it; a fresh
+    start gets a run of its own. Each W&B row is metrics.jsonl's row of its step, step and nulls aside."""
+    for name, value in [("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")]:
+        monkeypatch.setenv(name, value)
+    import wandb.sdk.wandb_init
+
+    # an offline run's directory is named by its start second and id: one launch a minute keeps them apart
+    starts = iter(range(0, 3600, 60))
+    monkeypatch.setattr(wandb.sdk.wandb_init, "time", types.SimpleNamespace(time=lambda: 1.8e9 + next(starts)))
+    rows = [
+        {"step": s, "loss": 9.0 - s, "lr": s / 1e3, "grad_norm": 0.5, "tokens_per_s": 100.0 + s, "mfu": None}
+        | {"consumed_samples": 8 * s, "skipped_steps": 0}
+        for s in range(1, 6)
+    ]
+
+    def launch(start: int, stop: int) -> None:
+        tr = Trackers(tmp_path, {"a": 1}, active=True, tensorboard=False, wandb=True, wandb_project="t", step=start)
+        for row in rows[start:stop]:
+            tr.log(row, row["step"])
+        tr.close()
+
+    def run_ids() -> list[str]:
+        return [run.name.rsplit("-", 1)[1] for run in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+
+    launch(0, 3)
+    launch(3, 5)  # resumed from step 3
+    assert len(run_ids()) == 2 and len(set(run_ids())) == 1
+    logged = [
+        row
+        for run in sorted((tmp_path / "wandb").glob("offline-run-*"))
+        for row in history(run / f"run-{run_ids()[0]}.wandb")
+    ]
+    assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == rows
+    assert logged == [
+        {"_step": r["step"], **{k: v for k, v in r.items() if k != "step" and v is not None}} for r in rows
+    ]
+    launch(0, 1)  # a fresh start in the same log.dir
+    assert len(set(run_ids())) == 2
+
+
 def test_wandb_with_a_key_but_no_server_logs_offline(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # a key, so online is tried
@@ -117,7 +159,7 @@ def test_wandb_with_a_key_but_no_server_logs_offline(tmp_path, monkeypatch, capl
         tr = Trackers(tmp_path, {"a": 1}, active=True, tensorboard=False, wandb=True, wandb_project="t")
         tr.log({"step": 1, "loss": 2.5}, 1)
         tr.close()
-    assert "logging offline instead" in caplog.text and "W&B tracker started (offline mode)" in caplog.text
+    assert "logging offline instead" in caplog.text and "W&B tracker started (offline mode, run id " in caplog.text
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert "k" * 40 not in (tmp_path / "metrics.jsonl").read_text() and "k" * 40 not in caplog.text
 
