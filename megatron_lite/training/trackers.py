@@ -67,17 +67,22 @@ class JsonlTracker:
         self._f = self.path.open("a", buffering=1)
 
     def _drop_rows_after(self, step: int) -> None:
+        """Move the rows past ``step`` aside, and end the last row kept with its line break (a crash can
+        cut a row's write just before it), so the rows this run appends start lines of their own."""
         lines = self.path.read_text().splitlines(keepends=True)
-        keep = [line for line in lines if _row_step(line) <= step]
-        if len(keep) == len(lines):
+        keep = [_whole(line) for line in lines if _row_step(line) <= step]
+        dropped = [_whole(line) for line in lines if _row_step(line) > step]
+        if keep == lines:
             return
-        dropped = [line for line in lines if _row_step(line) > step]
         kept_aside = self.path.with_name(DROPPED_FILE)
-        with kept_aside.open("a") as f:  # first, so a crash below loses no row
-            f.writelines(line if line.endswith("\n") else line + "\n" for line in dropped)
+        if dropped:
+            with kept_aside.open("a") as f:  # first, so a crash below loses no row
+                f.writelines(dropped)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
+        if not dropped:
+            return
         log.warning(
             "metrics.jsonl: moved %d rows past step %d, which this run logs again, to %s",
             len(dropped),
@@ -90,6 +95,10 @@ class JsonlTracker:
 
     def close(self, failed: bool = False) -> None:
         self._f.close()
+
+
+def _whole(line: str) -> str:
+    return line if line.endswith("\n") else line + "\n"
 
 
 def _row_step(line: str) -> float:

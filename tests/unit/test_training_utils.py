@@ -207,6 +207,17 @@ def test_rows_dropped_for_a_rerun_are_kept_aside_not_erased(tmp_path, caplog):
     assert len((tmp_path / "metrics.dropped.jsonl").read_text().splitlines()) == 5
 
 
+def test_a_last_row_cut_before_its_line_break_leaves_the_next_row_a_line_of_its_own(tmp_path):
+    """A write cut just before a row's line break leaves that row whole: the run resumed at its step
+    keeps it, and appends its own rows on lines of their own (each row parses; none is set aside)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}')
+    tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=False, wandb_project="t", step=2)
+    tr.log({"step": 3, "loss": 1.0}, 3)
+    tr.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and not (tmp_path / "metrics.dropped.jsonl").exists()
+
+
 def test_tensorboard_after_a_rerun_shows_each_step_once(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
