@@ -202,7 +202,9 @@ class LogConfig:
     dir: str = "runs/default"
     """Run directory: resolved config, metrics.jsonl, trackers."""
     every: int = 10
-    """Log metrics every N steps."""
+    """Log metrics every N steps, at each evaluation and at the step a run stops at. A row's loss, lr
+    and grad_norm are its step's own; its tokens_per_s and mfu are over the steps since the previous
+    row (their tokens over their time)."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless an API key is configured), every launch of a run to one
     W&B run. Without the ``wandb`` package installed, an error at startup."""

@@ -8,6 +8,7 @@ from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 from megatron_lite.amounts import duration
 from megatron_lite.config import TrainConfig
 from megatron_lite.progress import LOG_EVERY_S
+from megatron_lite.training import metrics
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
 from megatron_lite.training.run_lock import EARLIER_START_WAIT_S
 from megatron_lite.training.trackers import WANDB_ID_FILE
@@ -70,3 +71,9 @@ def test_readme_states_the_interval_of_the_progress_lines_in_a_job_log():
 
 def test_readme_names_the_file_that_keeps_the_wandb_run_id():
     assert f"whose id `{WANDB_ID_FILE}` keeps" in _flat(README)
+
+
+def test_readme_names_the_file_that_caches_the_measured_cpu_peak(monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/home/u")
+    assert f"cached in `~{str(metrics._cpu_cache_path()).removeprefix('/home/u')}`" in _flat(README)
