@@ -22,6 +22,7 @@ import torch
 from megatron_lite import jsontext
 from megatron_lite.amounts import duration
 from megatron_lite.config import ModelConfig, TrainConfig
+from megatron_lite.data.preprocess_pool import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,10 @@ def measure_cpu_peak(seconds: float = 1.0, n: int = 1024, trials: int = 5) -> fl
 
 
 def cpu_peak_flops() -> float:
-    """The whole machine's fp32 GEMM peak (every core, best of several trials), measured once per
-    CPU model, core count and torch version, and cached on disk."""
-    cores = os.cpu_count() or 1
+    """The fp32 GEMM peak of every CPU this process may run on (a container's or taskset's share, not
+    the host's: best of several trials), measured once per CPU model, CPU count and torch version, and
+    cached on disk."""
+    cores = usable_cpus()
     key = f"{_cpu_model()}|{cores} cores|torch {torch.__version__}"
     path = _cpu_cache_path()
     try:

@@ -66,8 +66,23 @@ def test_cpu_peak_is_measured_once_per_machine_and_shared_by_local_ranks(tmp_pat
     assert metrics.peak_flops(torch.device("cpu"), torch.float32) == 8e10
     assert metrics.peak_flops(torch.device("cpu"), torch.float32, local_world_size=4) == 2e10
     assert len(calls) == 1  # cached on disk after the first measurement
-    assert calls[0] == (__import__("os").cpu_count() or 1)  # measured with every core
+    assert calls[0] == metrics.usable_cpus()  # measured with every CPU this process may use
     assert list(json.loads((tmp_path / "megatron-lite" / "cpu_peak_v2.json").read_text()).values()) == [8e10]
+
+
+def test_a_share_of_the_cpus_has_a_cached_peak_of_its_own(tmp_path, monkeypatch):
+    """A container or taskset allowed 2 of the host's CPUs measures their peak; one allowed 4 on the same
+    host measures again, with 4 threads, instead of taking the 2 CPUs' peak for its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(metrics.os, "cpu_count", lambda: 64)
+    measured = []
+    monkeypatch.setattr(
+        metrics, "measure_cpu_peak", lambda: measured.append(torch.get_num_threads()) or 1e10 * measured[-1]
+    )
+    for cpus in (2, 4, 2):
+        monkeypatch.setattr(metrics.os, "sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)), raising=False)
+        assert metrics.cpu_peak_flops() == 1e10 * cpus
+    assert measured == [2, 4]
 
 
 def test_unknown_device_gets_no_made_up_peak(caplog):
