@@ -1,16 +1,22 @@
 """What a multi-rank run logs: the startup parameter count covers every chunk this rank holds
-(interleaved pipeline, vp > 1), and run-wide events (resumed, with which settings changed, preempted,
-each launch's closing summary) are said once, by rank 0."""
+(interleaved pipeline, vp > 1), run-wide events (resumed, with which settings changed, preempted,
+each launch's closing summary) are said once, by rank 0, and metrics.jsonl's samples, tokens/s and
+MFU count the whole data-parallel batch."""
 
+import itertools
+import json
 import logging
 import os
 import sysconfig
+import types
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from megatron_lite.config import load_config
 from megatron_lite.data.corpus import prepare_default_corpus
+from megatron_lite.training import metrics, trainer
 from megatron_lite.training.trainer import Trainer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -83,3 +89,38 @@ def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
     # data.valid_fraction=0: each of the two trainers says once, on rank 0, that nothing is evaluated
     no_eval = "data.valid_fraction=0: no held-out split"
     assert sum(m.startswith(no_eval) for m in rank0) == 2 and not any(m.startswith(no_eval) for m in rank1)
+
+
+PEAK, TICK = 1e12, 0.25  # the stand-in machine's CPU peak (FLOP/s) and clock step (s)
+
+
+def _dp2_rows(rank: int, world: int, args: list[str], port: int) -> tuple[list[dict], float]:
+    """(rank 0's metrics.jsonl rows, FLOPs per token) of a dp=2 run stopped after step 2 and resumed,
+    as under torchrun on one machine (LOCAL_WORLD_SIZE=2), on a stand-in clock and CPU peak."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    clock = itertools.count()
+    saved = trainer.time, metrics.cpu_peak_flops
+    trainer.time = types.SimpleNamespace(perf_counter=lambda: TICK * next(clock))
+    metrics.cpu_peak_flops = lambda: PEAK
+    try:
+        Trainer(load_config(None, [*args, "train.exit_after=2"])).fit()
+        resumed = Trainer(load_config(None, args))
+        resumed.fit()
+    finally:
+        trainer.time, metrics.cpu_peak_flops = saved
+        del os.environ["LOCAL_WORLD_SIZE"]
+    run = Path(resumed.cfg.log.dir)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
+    return rows, metrics.flops_per_token(resumed.cfg.model)
+
+
+def test_dp2_rows_count_the_global_batch_across_a_resume(world2, corpus, tmp_path):
+    prefix, tok = corpus
+    args = [f"data.path={prefix}", f"data.tokenizer={tok}", "model.layers=2", "model.hidden=64", "model.heads=4"]
+    args += ["model.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=3"]
+    args += ["log.every=1", "log.progress=false", "data.valid_fraction=0", f"log.dir={tmp_path / 'run'}"]
+    (rows, fpt), _ = world2.run(_dp2_rows, args, free_port())
+    assert [(r["step"], r["consumed_samples"]) for r in rows] == [(1, 8), (2, 16), (3, 24)]  # 2 ranks x 2 x 2
+    for r in rows:
+        assert r["tokens_per_s"] == 8 * 32 / TICK  # the global batch's tokens a step, not one rank's
+        assert r["mfu"] == r["tokens_per_s"] * fpt / PEAK  # each rank's half of the peak, times 2 ranks
