@@ -93,8 +93,11 @@ class OptimConfig:
     counts optimizer updates: a skipped step (non-finite gradients) does not advance it."""
     decay_steps: int | None = None
     """Steps of cosine decay after warmup, at least 1 (for a constant learning rate after warmup set
-    ``min_lr`` to ``lr``). Default: train.steps - warmup. A decay that ends before ``train.steps`` is
-    a warning at startup (and in ``plan``): the last steps train at ``min_lr``."""
+    ``min_lr`` to ``lr``): decay step i (from 0) uses ``min_lr + (lr - min_lr) * (1 + cos(pi * i /
+    decay_steps)) / 2``, so the first is at ``lr`` and ``min_lr`` comes at the step after the last.
+    Default: train.steps - warmup, so the run's last step is one decay step short of ``min_lr``. A
+    decay that ends before ``train.steps`` is a warning at startup (and in ``plan``):
+    the last steps train at ``min_lr``."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not norms, biases)."""
     clip_grad: float = 1.0

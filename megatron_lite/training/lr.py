@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup from 0 to ``lr``, then cosine decay to ``min_lr``."""
+"""Learning-rate schedule: linear warmup to ``lr`` (warmup step i at ``lr * (i + 1) / warmup``), then
+cosine decay towards ``min_lr``, reached at the step after the decay's last (``optim.decay_steps``)."""
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ def test_lr_warmup_then_cosine_to_min():
     # approx (rel 1e-6): mid-decay, lr_at associates 0.5 * (lr - min_lr) * (1 + cos) in its own order
     assert lr_at(9, o) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(14, o) == 0.1 and lr_at(100, o) == 0.1
+    # optim.decay_steps' docstring: decay step i uses 0.1 + 0.9 * (1 + cos(pi * i / 10)) / 2; the last one
+    # (i = 9, the run's 14th step) is one short of min_lr
+    assert lr_at(13, o) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.9))) and lr_at(13, o) > 0.1
 
 
 def test_flops_per_token_counts_every_matmul():
