@@ -41,11 +41,11 @@ from megatron_lite.config_sections import (  # noqa: F401  re-exported
 from megatron_lite.config_validate import (  # noqa: F401  re-exported
     accumulation_steps,
     check_vocab_covers,
-    config_warnings,
     fill_defaults,
     validate,
 )
 from megatron_lite.config_values import coerce, expand_home
+from megatron_lite.config_warnings import config_warnings  # noqa: F401  re-exported
 from megatron_lite.config_yaml import read_config_file, verbatim, yaml_scalar
 from megatron_lite.errors import UserError
 
