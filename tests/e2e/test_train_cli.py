@@ -79,8 +79,9 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     assert "resumed from" in caplog.text and "other data" not in caplog.text  # the same data: no warning
     assert "learning-rate schedule" not in caplog.text and OTHER_RUN not in caplog.text  # its own checkpoint
     # a variant started from the run's config.yaml in another log.dir starts fresh in its own checkpoints
+    # (the file holds no train.exit_after: a relaunch from it trains to the end unless told otherwise)
     relaunch = ["train", "--config", str(tmp_path / "p" / "config.yaml")]
-    assert main([*relaunch, f"log.dir={tmp_path / 'v'}"]) == 0
+    assert main([*relaunch, f"log.dir={tmp_path / 'v'}", "train.exit_after=2"]) == 0
     assert losses(tmp_path / "v") == losses(tmp_path / "s")[:2]
     assert (tmp_path / "v" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert (tmp_path / "p" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
@@ -91,7 +92,7 @@ def test_stop_and_resume_continues_the_same_curve(tiny_args, tmp_path, caplog):
     # resumes that run's checkpoint and saves next to it: one startup warning says so and how to start fresh,
     # and checkpoint.keep=2 prunes only the new run's own checkpoints there, on its relaunch too
     ckpt, other = tmp_path / "p" / "checkpoints", [*relaunch, f"checkpoint.dir={tmp_path / 'p' / 'checkpoints'}"]
-    other += [f"log.dir={tmp_path / 'w'}", "checkpoint.every=1", "train.exit_after=null"]
+    other += [f"log.dir={tmp_path / 'w'}", "checkpoint.every=1"]
     caplog.clear()
     assert main([*other, "train.steps=9"]) == 0
     (said,) = [m for m in caplog.messages if OTHER_RUN in m]
