@@ -22,6 +22,13 @@ class UserError(Exception):
     raised_on_every_rank = False  # a verdict every rank reached together (``fail_fast.py``)
 
 
+def on_every_rank(error: UserError) -> UserError:
+    """``error`` marked as a verdict every rank reached together (``UserError.raised_on_every_rank``):
+    a failure watch reports no rank as the one that failed, and the CLI says it once."""
+    error.raised_on_every_rank = True
+    return error
+
+
 def refuse_blank(flag: str, value: object, to: str = "write to") -> None:
     """A path option given as ``""`` or spaces (an unset shell variable: ``--out "$OUT"``) would mean
     the current directory or a directory named by spaces: one :class:`UserError` naming ``flag``

@@ -58,7 +58,7 @@ from megatron_lite.checkpoint.format import (
 )
 from megatron_lite.checkpoint.shards import Piece
 from megatron_lite.checkpoint.storage import Storage
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, on_every_rank
 
 log = logging.getLogger(__name__)
 WRITER_THREAD = "megatron-lite checkpoint writer"  # the name of a checkpoint.async write's thread
@@ -185,7 +185,7 @@ class Checkpointer:
         # the broadcast is also the barrier: nobody writes into the staging directory before it is clean
         error = collectives.broadcast(error)
         if error:
-            raise UserError(f"checkpoint of step {step} was not saved: {error}")
+            raise on_every_rank(UserError(f"checkpoint of step {step} was not saved: {error}"))
         return staging
 
     def _to_host(self, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -307,7 +307,7 @@ class Checkpointer:
             self.finalize()
         if self.failed:
             failed, self.failed = self.failed, None
-            raise UserError(failed)
+            raise on_every_rank(UserError(failed))
 
     def settle(self, commit: bool) -> None:
         """The training loop failed: commit the save in flight (``commit``: every rank is known to

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator
 
 import torch.distributed as dist
 
-from megatron_lite.errors import UserError
+from megatron_lite.errors import UserError, on_every_rank
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ def agree_on_failure(error: Exception | None, what: str, group: dist.ProcessGrou
 def _verdict(failed: list[tuple[int, str]], what: str) -> UserError:
     rank, msg = failed[0]
     also = f" ({_others(r for r, _ in failed[1:])} failed too)" if len(failed) > 1 else ""
-    error = UserError(f"rank {rank} {what}: {msg}{also}")
-    error.raised_on_every_rank = True  # a FailureWatch around it has no rank to stop
-    return error
+    return on_every_rank(UserError(f"rank {rank} {what}: {msg}{also}"))  # a FailureWatch has no rank to stop
 
 
 def _others(ranks: Iterable[int], shown: int = 8) -> str:
@@ -146,8 +144,5 @@ def agree_on_config(sections: dict[str, dict]) -> None:
     keys = sorted(k for k in flat[0].keys() | flat[1].keys() if flat[0].get(k) != flat[1].get(k))
     differ = ", ".join(f"{k}={flat[0].get(k)} on rank 0 but {flat[1].get(k)} on rank {rank}" for k in keys[:5])
     more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
-    error = UserError(
-        f"the ranks resolved different configs: {differ}{more}; give every rank the same config file and overrides"
-    )
-    error.raised_on_every_rank = True  # a FailureWatch around it has no rank to stop
-    raise error
+    fix = "give every rank the same config file and overrides"
+    raise on_every_rank(UserError(f"the ranks resolved different configs: {differ}{more}; {fix}"))

@@ -130,8 +130,9 @@ class FailureWatch:
     line (what this rank leaves unfinished), or None. ``where``: the stage a failure is reported
     in (``during setup``), instead of the step.
 
-    An error that every rank raises together (a :func:`fail_fast_setup` verdict inside the watch) is
-    not posted: no rank is left waiting for it.
+    An error that every rank raises together (``UserError.raised_on_every_rank``: a
+    :func:`fail_fast_setup` verdict inside the watch, training diverged, a checkpoint not saved) is
+    settled but not posted: no rank is left waiting for it, and none is the rank that failed.
     """
 
     FAILURE = "failure"
@@ -179,14 +180,14 @@ class FailureWatch:
                 self._stop.set()
             self._thread.join(self.poll_s + 1)  # its request in flight, then it sees the stop
         clean_exit = isinstance(error, SystemExit) and error.code in (0, None)
-        if error is None or clean_exit or getattr(error, "raised_on_every_rank", False):
+        if error is None or clean_exit:
             self._store = None  # closes this watch's connection
             return
         try:
             if self.settle is not None:
                 self.settle(error)
         finally:
-            if self._store is not None:
+            if self._store is not None and not getattr(error, "raised_on_every_rank", False):
                 self._post(error)
             self._store = None
             _handling.clear()  # the error goes on up: a later run in this process starts afresh

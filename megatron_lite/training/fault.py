@@ -166,7 +166,10 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 class DivergenceError(UserError):
     """Training diverged (:class:`SkippedSteps`): raised on every rank at the same point of the same
-    step, after all of that step's collectives, so the ranks can still act together on it."""
+    step, after all of that step's collectives, so the ranks can still act together on it, and no
+    rank is reported as the one that failed (``raised_on_every_rank``)."""
+
+    raised_on_every_rank = True
 
 
 class SkippedSteps:

@@ -339,9 +339,9 @@ class Trainer:
 
     def _settle_save(self, error: BaseException) -> None:
         """The loop raised: commit an async save in flight only where every rank stands at this same
-        point (training diverged, raised on every rank after the step's collectives; or one process
-        that failed, an interrupt aside); elsewhere a peer may be gone (``Checkpointer.settle``)."""
-        together = isinstance(error, DivergenceError) or (self.world == 1 and isinstance(error, Exception))
+        point (an error raised on every rank after the step's collectives: training diverged; or one
+        process that failed, an interrupt aside); elsewhere a peer may be gone (``Checkpointer.settle``)."""
+        together = getattr(error, "raised_on_every_rank", False) or (self.world == 1 and isinstance(error, Exception))
         self.checkpointer.settle(commit=together)
 
     def _after_step(self, out: dict, bar: tqdm, stop: int) -> dict | None:

@@ -1,16 +1,20 @@
 """Pruning after a commit, with interrupted saves lying around: ``checkpoint.keep`` counts committed
 checkpoints only, what a local save cut short left behind is removed, never counted, and a step
-directory without metadata.json (nothing shows whose) is left, never counted."""
+directory without metadata.json (nothing shows whose) is left, never counted. A failed save is every
+rank's verdict."""
 
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 
+from megatron_lite.checkpoint import writer as checkpoint_writer
 from megatron_lite.checkpoint.boxes import full_box
 from megatron_lite.checkpoint.reader import resolve_resume
 from megatron_lite.checkpoint.shards import Piece
 from megatron_lite.checkpoint.writer import Checkpointer
+from megatron_lite.errors import UserError
 
 
 def _save(writer: Checkpointer, step: int) -> None:
@@ -18,6 +22,10 @@ def _save(writer: Checkpointer, step: int) -> None:
     meta = {"step": step, "weights_only": True, "config": {}, "optimizer": None, "trainer": None, "lineage": None}
     meta["layout"] = {"world_size": 1, "param_dtype": "float32"}
     writer.save(step, [Piece("model/w", (4, 3), full_box((4, 3)), t)], {}, (0, 0, 0), meta)
+
+
+def _full_disk(path: Path, tensors: dict) -> None:
+    raise OSError(28, "No space left on device")
 
 
 def _names(root) -> list[str]:
@@ -160,3 +168,20 @@ def test_a_resave_killed_after_its_renames_keeps_the_new_copy_and_a_clean_one_le
         assert resolve_resume(root, "auto").name == "step_00000004"
     assert not (root / "step_00000004" / "origin.json").exists()
     assert caplog.messages == [], caplog.messages  # nothing to put back, and nothing failed trying
+
+
+@pytest.mark.parametrize("where", ["write", "staging"])
+def test_a_failed_save_is_a_verdict_of_every_rank(tmp_path, monkeypatch, where):
+    """Every rank learns a save's outcome from the same broadcast and raises it at the same call, so no
+    rank is the one that failed: marked so, a failure watch posts nothing (with several ranks each
+    logged "rank R failed at step S: checkpoint of step ... not saved; stopping every rank") and the
+    CLI says it once."""
+    root = tmp_path / "ckpt"
+    writer = Checkpointer(root, keep=2, async_save=False)
+    if where == "write":
+        monkeypatch.setattr(checkpoint_writer, "write_tensor_file", _full_disk)
+    else:
+        root.write_text("not a directory")  # checkpoint.dir replaced by a file mid-run
+    with pytest.raises(UserError, match="checkpoint of step 2 was not saved") as error:
+        _save(writer, 2)
+    assert error.value.raised_on_every_rank
