@@ -251,8 +251,9 @@ class FailureWatch:
             first = jsontext.loads(self._store.compare_set(self.FAILURE, "", json.dumps(report)))
             self._mark_read()
         except (RuntimeError, OSError) as e:
-            if gone:
+            if gone:  # the store's host (rank 0 of a plain launch or srun) may be the gone peer
                 log.error("%s; stopping", _failure_text(report))
+                mark_explained(error)
             log.warning(
                 "could not tell the other ranks (the rendezvous store did not answer: %s); they stop at their "
                 "next collective's timeout (parallel.timeout_s)",

@@ -224,6 +224,20 @@ def test_a_survivor_whose_collective_fails_for_a_killed_peer_says_so_and_leaves_
     assert "Traceback" not in out0, out0[-3000:]  # the line above says it all; where the collective was adds nothing
 
 
+def test_the_survivor_of_a_killed_store_host_says_so_without_a_traceback(tiny_args, tmp_path):
+    """Rank 0, which hosts the store, killed at step 3: rank 1's collective fails and the store is gone
+    with it, so rank 1 can tell nobody. Its line says a peer is gone; a traceback of the collective
+    followed it, which adds nothing."""
+    script = tmp_path / "driver.py"
+    script.write_text(KILLED_DRIVER)
+    procs = _plain_launch(script, [*tiny_args, "parallel.timeout_s=300"], fail_rank=0)
+    (_, out1), ended = _outputs(procs, timeout_s=90)
+    assert procs[0].returncode == -signal.SIGKILL and procs[1].returncode == 1, out1[-3000:]
+    assert ended[1] < PROMPT_S, ended
+    assert "rank 1 found at step 3 that a peer rank is gone (its collective failed: " in out1, out1[-3000:]
+    assert "Traceback" not in out1, out1[-3000:]
+
+
 def _fail_at_step_3(monkeypatch, error: BaseException) -> None:
     next_step = PretrainingLoader.next_step
 
