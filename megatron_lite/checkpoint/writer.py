@@ -221,11 +221,14 @@ class Checkpointer:
 
     def finalize(self) -> None:
         """Commit the save in flight, or record why it failed (collective; call only when no rank
-        is writing any more: after :meth:`wait`'s join, or when the trainer's all-reduce says so)."""
-        save, self._pending = self._pending, None
+        is writing any more: after :meth:`wait`'s join, or when the trainer's all-reduce says so).
+        The save stays in flight (:meth:`unsaved_note`, :meth:`abandon`) until every rank has joined the
+        gather: a rank stopped by a peer's failure while it waits there has saved nothing."""
+        save = self._pending
         if save is None:
             return
         gathered = collectives.all_gather({**save.info, "files": save.files, "error": save.error})
+        self._pending = None
         outcome = None
         if self.rank == 0:
             errors = [f"rank {r}: {g['error']}" for r, g in enumerate(gathered) if g["error"]]

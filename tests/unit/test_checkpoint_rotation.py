@@ -1,7 +1,7 @@
 """Pruning after a commit, with interrupted saves lying around: ``checkpoint.keep`` counts committed
 checkpoints only, what a local save cut short left behind is removed, never counted, and a step
 directory without metadata.json (nothing shows whose) is left, never counted. A failed save is every
-rank's verdict."""
+rank's verdict, and a save waiting for the other ranks' files is still in flight."""
 
 import logging
 from pathlib import Path
@@ -185,3 +185,18 @@ def test_a_failed_save_is_a_verdict_of_every_rank(tmp_path, monkeypatch, where):
     with pytest.raises(UserError, match="checkpoint of step 2 was not saved") as error:
         _save(writer, 2)
     assert error.value.raised_on_every_rank
+
+
+def test_a_save_waiting_for_the_other_ranks_files_is_still_in_flight(tmp_path, monkeypatch):
+    """A rank stopped by a peer's failure inside the commit's gather names the save it leaves unsaved
+    (``unsaved_note``): the save was dropped from the writer before the gather, and rank 0's last line
+    said nothing of it."""
+    writer = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
+    gather, notes = checkpoint_writer.collectives.all_gather, []
+    monkeypatch.setattr(
+        checkpoint_writer.collectives, "all_gather", lambda obj: notes.append(writer.unsaved_note()) or gather(obj)
+    )
+    _save(writer, 2)
+    writer.wait()
+    assert notes == ["checkpoint of step 2, still in flight, was not saved"]
+    assert writer.unsaved_note() is None and (tmp_path / "ckpt" / "step_00000002" / "metadata.json").exists()
