@@ -83,13 +83,25 @@ def byte_progress(show: bool, total: int, desc: str, counts: Callable[[], str] |
     return progress_bar(show, total=total, unit="B", unit_scale=True, desc=desc)
 
 
+class _WholeLines(tqdm):
+    """tqdm whose :meth:`write` writes a line and its end in one call. tqdm writes them in two, and a
+    line logged by a signal handler (``received SIGTERM: ...``, ``training/fault.py``), which runs
+    between any two of the main thread's calls, landed between them: glued to the end of the line
+    being written, with an empty line after it."""
+
+    @classmethod
+    def write(cls, s: str, file: Any = None, end: str = "\n", nolock: bool = False) -> None:
+        super().write(s + end, file=file, end="", nolock=nolock)
+
+
 @contextlib.contextmanager
 def above_progress_bar() -> Iterator[None]:
     """Print log lines above the progress bar (tqdm's redirect) where the process logs to the console
-    (the CLI's ``basicConfig``); a program that set up no console logging keeps its own handlers."""
+    (the CLI's ``basicConfig``), each line whole; a program that set up no console logging keeps its
+    own handlers."""
     console = any(
         isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
         for h in logging.root.handlers
     )
-    with logging_redirect_tqdm() if console else contextlib.nullcontext():
+    with logging_redirect_tqdm(tqdm_class=_WholeLines) if console else contextlib.nullcontext():
         yield

@@ -36,6 +36,27 @@ def test_a_bar_is_drawn_where_shown_on_a_terminal_only(terminal, show, drawn, mo
     assert ("\r" in stderr.getvalue()) == drawn
 
 
+def test_a_line_logged_while_another_is_written_above_the_bar_is_a_line_of_its_own(monkeypatch):
+    """A signal handler's log line (``received SIGTERM: ...``) runs between any two writes of the main
+    thread: between a line and its end it was glued to that line, an empty line after it."""
+
+    class Signalled(Stream):
+        def write(self, s: str) -> int:
+            n = super().write(s)
+            if s.startswith("step 3"):  # the signal arrives as the step's line is being written
+                logging.getLogger("fault").warning("received SIGTERM")
+            return n
+
+    stderr = Signalled(terminal=False)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    console = logging.StreamHandler(stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    monkeypatch.setattr(logging.root, "handlers", [console])
+    with progress.above_progress_bar():
+        logging.getLogger("trainer").warning("step 3")
+    assert stderr.getvalue() == "step 3\nreceived SIGTERM\n"
+
+
 def test_durations_read_as_seconds_then_minutes_then_hours():
     assert [duration(s) for s in (0.04, 59.94, 60, 725.9, 3599, 3600, 11041, 400000)] == [
         "0.0 s",
