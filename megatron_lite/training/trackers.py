@@ -2,8 +2,10 @@
 
 A tracker asked for whose package is not installed is a setup error (:func:`check_packages`, before
 the data is built or a step taken). One that cannot start for another reason (no network, bad key)
-is logged as a warning and dropped: it never crashes a run. W&B runs offline unless an API key is
-configured, and only the resolved config (which holds no secrets) and scalar metrics are ever sent.
+is logged as a warning and dropped: it never crashes a run. Nor does a tracker whose write fails (a
+full disk under ``log.dir``): one warning names it and the step, and the log's step lines go on. W&B
+runs offline unless an API key is configured, and only the resolved config (which holds no secrets)
+and scalar metrics are ever sent.
 """
 
 from __future__ import annotations
@@ -229,8 +231,17 @@ class Trackers:
         for t in list(self._all):
             try:
                 t.log(metrics, step)
-            except Exception as e:
-                log.warning("tracker %s failed (%s); disabling it", type(t).__name__, e)
+            except Exception as e:  # a full disk under log.dir: the run and its checkpoints go on
+                path = getattr(t, "path", None)
+                log.warning(
+                    "tracker %s failed at step %d%s (%s: %s); disabling it: later steps' metrics are in this "
+                    "log's step lines only",
+                    type(t).__name__,
+                    step,
+                    f" writing {path}" if path else "",
+                    type(e).__name__,
+                    e,
+                )
                 self._all.remove(t)
 
     def close(self, failed: bool = False) -> None:

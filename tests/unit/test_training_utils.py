@@ -204,6 +204,28 @@ def test_a_broken_optional_tracker_is_dropped_with_a_warning(tmp_path, monkeypat
     assert not (tmp_path / "other").exists()  # ranks other than 0 write nothing
 
 
+def test_a_full_disk_under_log_dir_drops_metrics_jsonl_naming_the_file_and_step(tmp_path, caplog):
+    """It said only "tracker JsonlTracker failed ([Errno 28] No space left on device); disabling it":
+    neither which file stops where, nor that the run goes on."""
+
+    class FullDisk:
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    tr = Trackers(tmp_path, {}, active=True, tensorboard=False, wandb=False, wandb_project="t")
+    tr.log({"step": 1, "loss": 1.0}, 1)
+    tr._all[0]._f = FullDisk()
+    with caplog.at_level(logging.WARNING):
+        tr.log({"step": 2, "loss": 1.0}, 2)
+        tr.log({"step": 3, "loss": 1.0}, 3)  # disabled: no second warning, no error
+    tr.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"tracker JsonlTracker failed at step 2 writing {tmp_path / 'metrics.jsonl'} (OSError: [Errno 28] No space "
+        "left on device); disabling it: later steps' metrics are in this log's step lines only"
+    ], warnings
+
+
 def test_rows_dropped_for_a_rerun_are_kept_aside_not_erased(tmp_path, caplog):
     """A fresh run (step 0) in an old run's log.dir, e.g. with another checkpoint.dir, erased the old
     run's whole metrics.jsonl; the rows it drops now go to metrics.dropped.jsonl."""
