@@ -26,7 +26,6 @@ the same point (``Trainer._settle_save``, :meth:`Checkpointer.settle`), else dro
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -246,8 +245,7 @@ class Checkpointer:
                     "continue from the newest"
                 )
         outcome = collectives.broadcast(outcome)
-        if outcome:
-            log.error("%s", outcome)
+        if outcome:  # raised by wait(), which every caller of finalize is: the CLI says it once
             self.failed = self.failed or outcome
         elif self.rank == 0:
             log.info("saved checkpoint %s", self.storage.url(step_dir_name(save.step)))
@@ -322,8 +320,10 @@ class Checkpointer:
         if not commit:
             self.abandon()
             return
-        with contextlib.suppress(UserError):
+        try:
             self.wait()
+        except UserError as e:
+            log.error("%s", e)
 
     def unsaved_note(self) -> str | None:
         """What a rank stopped by a peer's failure leaves unsaved, for its last log line, or None."""

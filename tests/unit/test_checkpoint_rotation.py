@@ -171,11 +171,11 @@ def test_a_resave_killed_after_its_renames_keeps_the_new_copy_and_a_clean_one_le
 
 
 @pytest.mark.parametrize("where", ["write", "staging"])
-def test_a_failed_save_is_a_verdict_of_every_rank(tmp_path, monkeypatch, where):
+def test_a_failed_save_is_a_verdict_of_every_rank(tmp_path, monkeypatch, caplog, where):
     """Every rank learns a save's outcome from the same broadcast and raises it at the same call, so no
     rank is the one that failed: marked so, a failure watch posts nothing (with several ranks each
     logged "rank R failed at step S: checkpoint of step ... not saved; stopping every rank") and the
-    CLI says it once."""
+    CLI says it once (the writer logged it too, on every rank: the CLI's error line came twice)."""
     root = tmp_path / "ckpt"
     writer = Checkpointer(root, keep=2, async_save=False)
     if where == "write":
@@ -185,6 +185,17 @@ def test_a_failed_save_is_a_verdict_of_every_rank(tmp_path, monkeypatch, where):
     with pytest.raises(UserError, match="checkpoint of step 2 was not saved") as error:
         _save(writer, 2)
     assert error.value.raised_on_every_rank
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_failed_save_settled_after_the_loop_failed_is_logged_once(tmp_path, monkeypatch, caplog):
+    """The loop's own error is the one raised: the save's failure is logged, not lost."""
+    monkeypatch.setattr(checkpoint_writer, "write_tensor_file", _full_disk)
+    writer = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
+    _save(writer, 2)
+    writer.settle(commit=True)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("checkpoint of step 2 was not saved: rank 0: OSError"), errors
 
 
 def test_a_save_waiting_for_the_other_ranks_files_is_still_in_flight(tmp_path, monkeypatch):
