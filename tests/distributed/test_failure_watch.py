@@ -1,11 +1,13 @@
 """The training loop's failure watch in a real gloo world (what a failure does to the other ranks,
 which ends their processes, is in tests/e2e/test_fail_together.py): a failure of an earlier torchrun
-attempt and a clean end trip nothing, and a run that diverges on every rank still commits the async
-save in flight, together, reporting no rank as the one that failed."""
+attempt and a clean end trip nothing, a run that diverges on every rank still commits the async save
+in flight, together, reporting no rank as the one that failed, and a preemption signal that reaches
+one rank stops every rank at the same step with a checkpoint that resumes bitwise."""
 
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -168,3 +170,43 @@ def test_divergence_on_every_rank_commits_the_async_save_in_flight(world2, corpu
     assert outcomes[0]["error"].startswith("training diverged: 1 steps in a row"), outcomes
     ckpt = tmp_path / "run" / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000002" and (ckpt / "step_00000002/metadata.json").exists()
+
+
+def _preempt_one_rank_then_resume(rank: int, world: int, args: list[str], port: int) -> dict:
+    """SIGTERM to rank 1 alone during step 3 (the save of step 2 may still be in flight), a relaunch
+    to the end, and the uninterrupted run beside it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    log_dir = next(a for a in args if a.startswith("log.dir="))
+    run = [a for a in args if not a.startswith(("log.dir=", "checkpoint.resume="))]
+    straight = Trainer(load_config(None, [*run, f"{log_dir}/straight"])).fit()
+    trainer = Trainer(load_config(None, [*run, f"{log_dir}/preempted"]))
+    step = trainer.train_step
+
+    def signalled_in_step_3() -> dict:
+        out = step()
+        if trainer.step == 3 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler: stop after this step, saved
+        return out
+
+    trainer.train_step = signalled_in_step_3
+    first = trainer.fit()
+    resumed = Trainer(load_config(None, [*run, f"{log_dir}/preempted"])).fit()
+    return {
+        "stopped_at": trainer.step,
+        "losses": [r["loss"] for r in first + resumed],
+        "straight": [r["loss"] for r in straight],
+    }
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(
+    world2,
+    corpus,  # noqa: F811
+    tmp_path,
+):
+    args = [*overrides(*corpus, str(tmp_path)), "train.steps=6", "checkpoint.every=2", "checkpoint.async=true"]
+    outcomes = world2.run(_preempt_one_rank_then_resume, args, 29504)
+    for outcome in outcomes:
+        assert outcome["stopped_at"] == 3 and outcome["losses"] == outcome["straight"], outcome
+        assert len(outcome["straight"]) == 6, outcome
+    ckpt = tmp_path / "preempted" / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000004", "step_00000006"]  # keep: 2
