@@ -300,9 +300,10 @@ def _build(
     workers: int,
 ) -> dict:
     """:func:`preprocess` once its inputs and prefix are checked and the prefix is locked."""
+    # a killed run's temporaries go first, also when this run is refused: they may hold gigabytes
+    remove_abandoned_outputs([Path(f"{out_prefix}{ext}") for ext in (".bin", ".idx", ".json")], str(out_prefix))
     meta_path = _check_outputs(files, out_prefix, overwrite)
     tok = _open_tokenizer(tokenizer, append_eos)
-    remove_abandoned_outputs([Path(f"{out_prefix}{ext}") for ext in (".bin", ".idx", ".json")], str(out_prefix))
     total = sum(p.stat().st_size for p in files)
     stats = {"documents": 0, "tokens": 0, "bytes": 0, "files": len(files), "decode_errors": 0}
     found: list[Found] = []

@@ -171,14 +171,19 @@ def is_tokenizer_record(meta: Any) -> bool:
     return isinstance(meta, dict) and meta.get("format") == RECORD_FORMAT
 
 
+def _output_names(out_prefix: str | Path) -> tuple[Path, Path]:
+    """``(PREFIX.model, PREFIX.json)`` (a prefix already ending in ``.model`` is the model's path)."""
+    prefix = str(out_prefix)
+    model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
+    return model_path, model_path.with_suffix(".json")
+
+
 def _output_paths(files: list[Path], out_prefix: str | Path, overwrite: bool = False) -> tuple[Path, Path]:
     """``(PREFIX.model, PREFIX.json)``, refused where writing them would destroy something: an
     input, a ``PREFIX.json`` that is not an earlier tokenizer record (a dataset preprocessed to the
     same prefix keeps there the hash of the tokenizer it was made with), or, unless ``overwrite``,
     an earlier tokenizer (the datasets made with it record its hash and would be refused)."""
-    prefix = str(out_prefix)
-    model_path = Path(prefix if prefix.endswith(".model") else prefix + ".model")
-    meta_path = model_path.with_suffix(".json")
+    model_path, meta_path = _output_names(out_prefix)
     check_outputs_spare_inputs(files, [model_path, meta_path], out_prefix)
     if meta_path.exists():
         try:
@@ -263,7 +268,8 @@ def train_tokenizer(
     Returns the ``.model`` path (a prefix already ending in ``.model`` is used as is). Both files
     are written atomically (temp name, then rename); an existing tokenizer there is refused unless
     ``overwrite``. Temporaries that an earlier run to ``out_prefix`` left when it was killed are
-    deleted, with a warning naming each (``tempfiles.py``); those of a run still writing are not.
+    deleted, with a warning naming each (``tempfiles.py``), also by a run then refused; those of a run
+    still writing are not.
     Sentencepiece itself writes no file: the model comes back through ``model_writer``. The run holds
     the prefix locked from before it checks the outputs until both are written (``output_lock.py``,
     the lock ``preprocess`` takes on the same prefix): a second run to it is refused at once.
@@ -271,8 +277,9 @@ def train_tokenizer(
     files = _check_inputs(inputs, vocab_size)
     check_output_prefix(out_prefix, "NAME.model and NAME.json")
     with hold_output(str(out_prefix).removesuffix(".model"), out_prefix):
+        # a killed run's temporaries go first, also when this run is refused
+        remove_abandoned_outputs(list(_output_names(out_prefix)), str(out_prefix))
         model_path, meta_path = _output_paths(files, out_prefix, overwrite)
-        remove_abandoned_outputs([model_path, meta_path], str(out_prefix))
         data, meta = _train(files, vocab_size, max_bytes, progress, json_key)
         meta_path.unlink(missing_ok=True)  # a crash before the new record leaves none, not the old model's
         write_atomic(model_path, data)

@@ -157,6 +157,28 @@ def test_a_second_preprocess_to_a_prefix_is_refused_while_the_first_lives(tok, t
             proc.communicate(timeout=60)
 
 
+def test_a_refused_rerun_still_removes_what_a_killed_run_left(tok, tmp_path, caplog):
+    """A rerun refused for want of --overwrite removes the temporaries a killed run to the same prefix
+    left (a ``.bin`` may be gigabytes), and nothing else: the dataset and tokenizer built are kept."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": TEXT[i:]}) + "\n" for i in range(0, 400, 40)))
+    out = tmp_path / "out" / "data"
+    pp.preprocess([src], tok, out, progress=False)
+    model = train_tokenizer([src], tmp_path / "out" / "tok", 300, progress=False)
+    built = _files(out.parent)
+    stale = [out.parent / ".data.bin.tmp-0123abcd", out.parent / ".tok.model.tmp-89abcdef"]
+    for path in stale:
+        path.write_bytes(b"x" * 100)
+    with caplog.at_level(logging.WARNING, logger=tempfiles.__name__):
+        with pytest.raises(UserError, match=r"would replace .*pass --overwrite"):
+            pp.preprocess([src], tok, out, progress=False)
+        with pytest.raises(UserError, match=r"would replace .*pass --overwrite"):
+            train_tokenizer([src], model, 300, progress=False)
+    removed = [Path(r.args[0]) for r in caplog.records if r.getMessage().startswith("removed ")]
+    assert removed == stale and not any(p.exists() for p in stale)
+    assert _files(out.parent) == built and len(IndexedDataset(out)) == 10
+
+
 def _user_error(fn, *args, **kwargs) -> int:
     """``fn(*args, **kwargs)``, its :class:`UserError` printed as the CLI prints it: 2 when it raised one."""
     try:
