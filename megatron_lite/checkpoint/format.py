@@ -44,7 +44,8 @@ everything else is JSON: nothing in a checkpoint is ever unpickled.
                                          # schedule has no state of its own: it is a function of
                                          # this step and train.lr, min_lr, warmup, steps
       "trainer": {"skipped_steps": 0, "consumed_samples": 800,
-                  "scaler": {"scale": 65536.0, "clean_steps": 3} | null},
+                  "scaler": {"scale": 65536.0, "clean_steps": 3} | null,
+                  "skip_streak": {"in_a_row": 0, "since": 0}},   # skipped steps in a row, from step since
       "ranks": [{"file": "rank_00000.safetensors", "coordinate": [0, 0, 0],   # (pp, dp, tp)
                  "rng": ["rng/torch"]}, ...],          # per-rank RNG state tensors in that file
       "lineage": {"git_commit": "ab1af7e...", "git_dirty": false, "python": "3.11.7",

@@ -29,6 +29,7 @@ _RANK = {"file": str, "coordinate": list, "rng": list}
 _FILE = {"sha256": str, "bytes": int}
 _OPTIMIZER = {"step": int}
 _TRAINER = {"skipped_steps": int, "consumed_samples": int, "scaler": (dict, _NULL)}
+_STREAK = {"in_a_row": int, "since": int}  # trainer.skip_streak, optional (absent: no streak)
 _JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "an integer", bool: "a boolean"}
 
 
@@ -68,6 +69,17 @@ def _section(meta: dict, key: str, fields: dict[str, type | tuple[type, ...]]) -
     return _fields(meta[key], key, fields)
 
 
+def _streak_problem(trainer: dict | None) -> str | None:
+    """``trainer.skip_streak`` (the streak of skipped steps a checkpoint was saved in), where present:
+    two counts."""
+    streak = (trainer or {}).get("skip_streak")
+    if streak is None:
+        return None
+    if problem := _fields(streak, "trainer.skip_streak", _STREAK):
+        return problem
+    return None if all(_count(streak[k]) for k in _STREAK) else f"trainer.skip_streak {streak} holds a negative count"
+
+
 def _structure_problem(meta: dict) -> str | None:
     """The first key missing or of the wrong type; each check relies on those before it."""
     checks = (
@@ -82,6 +94,7 @@ def _structure_problem(meta: dict) -> str | None:
         lambda: _each(meta["files"], "files", _FILE),
         lambda: _section(meta, "optimizer", _OPTIMIZER),
         lambda: _section(meta, "trainer", _TRAINER),
+        lambda: _streak_problem(meta["trainer"]),
         lambda: (
             None if isinstance(config := meta.get("config"), (dict, _NULL)) else f"config is {_json_name(type(config))}"
         ),

@@ -212,6 +212,15 @@ class SkippedSteps:
                 f"before {self.since} are kept) with a lower optim.lr or a longer optim.warmup"
             )
 
+    def state_dict(self) -> dict[str, int]:
+        """The streak of hopeless skips this step ends in (``in_a_row`` 0: none), for the checkpoint a
+        preemption or ``train.exit_after`` saves inside one: its relaunch counts on from there."""
+        return {"in_a_row": self.in_a_row, "since": self.since}
+
+    def load_state_dict(self, state: dict[str, int] | None) -> None:
+        """A checkpoint's streak (:meth:`state_dict`); None (saved before streaks were recorded): none."""
+        self.in_a_row, self.since = (state["in_a_row"], state["since"]) if state else (0, 0)
+
     def hold_save(self, step: int) -> bool:
         """Whether the periodic checkpoint of ``step`` is held back: it falls in a streak of hopeless
         skips. Its weights are those the streak started from, the ones that no longer train, and

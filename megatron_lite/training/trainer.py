@@ -121,12 +121,10 @@ class Trainer:
             cfg.save(self.run_dir / "config.yaml", relaunch=True)
         self.engine = Engine(cfg, self.mesh, self.layout, self.device, self.dtype, model_state=start and start[1])
         self.loader = self._loader(self.data.train)
-        self.step, self.skipped_steps = 0, 0
-        # why a step was skipped, and DivergenceError after too many in a row (skipped_steps counts them)
+        self.step, self.skipped_steps = 0, 0  # the skip_watch says why, and stops a run that diverged
         self.skip_watch = SkippedSteps(self.engine.scaler, active=self.rank == 0)
         self.checkpointer = self._make_checkpointer(start[0] if start else None)
-        tok = self.data.tokenizer_path
-        self.lineage = Lineage(self.data.train, tok) if self.rank == 0 else None  # hashes: once per run
+        self.lineage = Lineage(self.data.train, self.data.tokenizer_path) if self.rank == 0 else None  # hashes once
         if start:
             self._restore(*start)
         # a launched rank ignores a preemption signal that comes after its loop (fault.py: late signals)
@@ -202,11 +200,13 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The trainer's part of a checkpoint, identical on every rank (JSON): data position, skipped
-        steps, loss scale. Model, optimizer and RNG are per-rank tensors (see :meth:`save`)."""
+        steps and the streak of them this step ends in, loss scale. Model, optimizer and RNG are
+        per-rank tensors (see :meth:`save`)."""
         return {
             "skipped_steps": self.skipped_steps,
             "consumed_samples": self.loader.consumed_samples,
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler else None,
+            "skip_streak": self.skip_watch.state_dict(),
         }
 
     def save(self) -> None:
@@ -257,6 +257,7 @@ class Trainer:
             self.engine.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict({"consumed_samples": state["consumed_samples"]})
         self.step, self.skipped_steps = reader.step, state["skipped_steps"]
+        self.skip_watch.load_state_dict(state.get("skip_streak"))
         resume.set_rng(rng, self.device)
         if self.rank == 0:
             if rng is None:
@@ -368,10 +369,8 @@ class Trainer:
             self.preemption.peer_requested()  # its own copy of the signal may come late: harmless then
         if self.preempted and record is None:  # every rank stops at this step (the all-reduce says so): its row too
             record = self._log_step(out, bar, is_eval=False)
-        if self.checkpointer.in_flight and not writing:
-            # every rank's file is complete: commit it now; a failed one stops the run at this step
-            # (as a failed synchronous save does), not a checkpoint interval later
-            self.checkpointer.wait()
+        if self.checkpointer.in_flight and not writing:  # every rank's file is complete: commit it now; a failed
+            self.checkpointer.wait()  # one stops the run at this step (as a failed synchronous save), not later
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and not self.skip_watch.hold_save(step):
             self.save()
         return record

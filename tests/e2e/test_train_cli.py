@@ -164,6 +164,12 @@ def test_a_diverged_run_warns_at_each_skipped_step_then_stops_naming_the_fix(
     assert main(["train", *short, "checkpoint.keep=3"]) == 0
     kept = sorted(int(p.name[5:]) for p in (tmp_path / "short" / "checkpoints").glob("step_*"))
     assert kept == [first - 2, first - 1, first + 1], kept
+    # ... with the streak it stopped in: its relaunch stops at the streak's tenth skip, naming where it began
+    capsys.readouterr()
+    assert main(["train", *args, f"log.dir={tmp_path / 'short'}", "checkpoint.every=1"]) == 2
+    err = one_error_line(capsys)
+    assert f"training diverged: 10 steps in a row were skipped, their gradient norm not finite (steps {first}-" in err
+    assert f"(steps {first}-{first + 9}, " in err, err
     # fp16: the loss scaler's skips are routine while it backs off, not once the loss is not finite
     fp16 = [*args, f"log.dir={tmp_path / 'fp16'}", "train.dtype=fp16"]
     assert main(["train", *fp16]) == 2

@@ -152,6 +152,10 @@ def test_weights_only_checkpoint_has_every_documented_key(tmp_path):
         (lambda m: rename_file(m, "/tmp/rank_00000.safetensors"), "file name '/tmp/rank_00000.safetensors' is not"),
         (lambda m: rename_file(m, ".."), "file name '..' is not a file directly inside the step directory"),
         (lambda m: m["files"].update({"sub\\x": {"sha256": "0" * 64, "bytes": 1}}), "file name 'sub\\\\x' is not"),
+        # the streak of skipped steps a save was made in, where recorded: two counts
+        (lambda m: m["trainer"].update(skip_streak={"in_a_row": 2}), "trainer.skip_streak has no 'since' key"),
+        (lambda m: m["trainer"].update(skip_streak=[2, 5]), "trainer.skip_streak is a list, not an object"),
+        (lambda m: m["trainer"].update(skip_streak={"in_a_row": -1, "since": 5}), "holds a negative count"),
     ],
 )
 def test_damaged_metadata_is_named_in_one_problem(damage, why):

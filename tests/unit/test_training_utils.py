@@ -294,6 +294,24 @@ def test_skipped_steps_stop_a_run_once_they_are_hopeless(caplog):
         plain.update(4, skip)
 
 
+def test_a_streak_of_skipped_steps_carries_over_a_checkpoint():
+    """A preemption (or train.exit_after) inside a streak saves its checkpoint with the streak: the
+    relaunch stops after the streak's ``limit``-th skip, naming the step it began at."""
+    skip = {"skipped": True, "loss": 9.0, "grad_norm": float("inf")}
+    first = SkippedSteps(None, active=False, limit=3)
+    first.update(5, skip)
+    first.update(6, skip)
+    saved = json.loads(json.dumps(first.state_dict()))  # as metadata.json holds it
+    assert saved == {"in_a_row": 2, "since": 5}
+    relaunched = SkippedSteps(None, active=False, limit=3)
+    relaunched.load_state_dict(saved)
+    with pytest.raises(UserError, match=r"3 steps in a row were skipped.*\(steps 5-7"):
+        relaunched.update(7, skip)
+    fresh = SkippedSteps(None, active=False, limit=3)
+    fresh.load_state_dict(None)  # a checkpoint that records no streak: none
+    assert fresh.state_dict() == {"in_a_row": 0, "since": 0}
+
+
 def test_each_logged_step_is_one_readable_line_with_the_megatron_fields():
     row = {"step": 10, "loss": 7.82996, "lr": 3.3333e-4, "grad_norm": 2.4972, "tokens_per_s": 1428.79, "mfu": 0.2711}
     row |= {"consumed_samples": 80, "skipped_steps": 0}
