@@ -15,13 +15,16 @@ reassociation error is ~1e-7 relative.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from harness import run_world
 from torch import nn
 from torch.testing import assert_close
 
+from megatron_lite import kernels
 from megatron_lite.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -233,3 +236,31 @@ def test_layers_tp2(world2):
 
 def test_layers_tp4(world4):
     world4.run(check_all_layers)
+
+
+def check_cross_entropy_on_triton_partials(rank: int, world: int) -> list[int]:
+    """``_check_cross_entropy`` with each rank's partials from the Triton kernel; returns its launches."""
+    from megatron_lite.kernels import fused_cross_entropy
+
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the ranks' tensors are on the CPU: Triton needs its interpreter"
+    launches, real = [], fused_cross_entropy.ce_partials_fwd
+    fused_cross_entropy.ce_partials_fwd = lambda *a: launches.append(a[2]) or real(*a)
+    kernels.set_backend("triton")
+    try:
+        for pad_to in (1, 4, 8):
+            _check_cross_entropy(rank, world, pad_to)
+    finally:
+        kernels.set_backend("auto")
+        fused_cross_entropy.ce_partials_fwd = real
+    return launches
+
+
+def test_vocab_parallel_loss_on_triton_partials_tp2(monkeypatch):
+    """The TP loss with the kernels' vocab-parallel form under the Triton backend matches the unsharded
+    loss and gradients on 2 gloo ranks. A fresh world, not the session's: Triton fixes interpreter or
+    compiled mode at its import, and the session's ranks may have imported it for compiled kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # gloo ranks hold CPU tensors; they inherit it before importing Triton
+    launches = run_world(2, check_cross_entropy_on_triton_partials)
+    # vocab 13 over 2 ranks: rank 1's columns start at 7 (padded to 14) or 8 (padded to 16); one launch
+    # for the mixed batch and one for the all-ignored one, per pad_to
+    assert launches == [[0] * 6, [7, 7, 8, 8, 8, 8]], launches
