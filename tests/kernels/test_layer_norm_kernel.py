@@ -30,3 +30,11 @@ def test_layer_norm_large_mean(check):
     x = check.randn(9, 257) + 300.0
     check("layer_norm_offset", lambda x, w: layer_norm(x, w, None, 1e-5),
           lambda x, w: reference.layer_norm(x, w, None, 1e-5), [x, check.randn(257)], torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_eps_counts(check, dtype):
+    # var(x) = 1e-2 = eps: a kernel that dropped eps (or used another) would be off by up to 1/sqrt(2)
+    x, w, b = check.randn(5, 37, dtype=dtype, scale=0.1), check.randn(37, dtype=dtype), check.randn(37, dtype=dtype)
+    check("layer_norm", lambda x, w, b: layer_norm(x, w, b, 1e-2), lambda x, w, b: reference.layer_norm(x, w, b, 1e-2),
+          [x, w, b], dtype)  # fmt: skip

@@ -37,3 +37,14 @@ def test_rms_norm_gradient_through_residual_output_alone(check):
 def test_rms_norm_rejects_mismatched_residual(check):
     with pytest.raises(ValueError, match="residual"):
         rms_norm(check.randn(3, 8), check.randn(8), 1e-6, check.randn(3, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_eps_counts(check, dtype):
+    # mean(x^2) = 1e-2 = eps: a kernel that dropped eps (or used another) would be off by up to 1/sqrt(2)
+    x, r = check.randn(5, 37, dtype=dtype, scale=0.1), check.randn(5, 37, dtype=dtype, scale=0.1)
+    w = check.randn(37, dtype=dtype)
+    check("rms_norm", lambda x, w: rms_norm(x, w, 1e-2), lambda x, w: reference.rms_norm(x, w, 1e-2), [x, w], dtype)
+    # the fused residual path: mean((x + r)^2) = 2e-2
+    check("rms_norm", lambda x, w, r: rms_norm(x, w, 1e-2, r), lambda x, w, r: reference.rms_norm(x, w, 1e-2, r),
+          [x, w, r], dtype)  # fmt: skip

@@ -92,6 +92,7 @@ def test_unknown_and_malformed_keys(override, expected):
         (["train.steps=0"], "train.steps must be a positive integer"),
         (["train.global_batch_size=12", "train.micro_batch_size=8"], r"8 x 1 = 8"),
         (["model.arch=bert"], "is not one of: llama, gpt2"),
+        (["kernels.backend=cuda"], r"kernels.backend='cuda' is not one of: auto, triton, torch$"),
         (["optim.min_lr=1", "optim.lr=0.1"], r"need optim.min_lr <= optim.lr; got lr=0.1, min_lr=1"),
         (["model.hidden=36", "model.heads=4"], r"RoPE needs an even head dim; .* = 36/4 = 9: .* = 8 \(e.g. 40\)$"),
         (["model.ffn_hidden=0"], r"model.ffn_hidden must be positive, got 0 \(leave it out for the arch's default\)$"),
