@@ -34,7 +34,10 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16 = torch.float32, torch.bfloat16
 
-# Worst errors in brackets were measured in the interpreter over this directory's tests.
+# Worst errors in brackets were measured in the interpreter over this directory's tests. The bf16
+# entries sit 1.5-3x above them; the fp32 ones 8-36x (layer_norm_offset 3.8x, rope measured exact),
+# since on a GPU the same tests run the compiled kernels, whose reductions and exp differ from the
+# interpreter's numpy (not measured here).
 TOL: dict[tuple[str, torch.dtype], float] = {
     # fp32 row reductions reordered against torch's: a few ulps (max 9e-7).
     ("rms_norm", F32): 1e-5,
@@ -46,11 +49,11 @@ TOL: dict[tuple[str, torch.dtype], float] = {
     # Element-wise: ulps of exp / sigmoid (max 3e-7); the rotation is exact up to fma (max 0).
     ("swiglu", F32): 1e-5,
     ("apply_rope", F32): 1e-6,
-    # Online logsumexp in fp32 against torch's two passes (max 6e-7).
+    # Online logsumexp in fp32 against torch's two passes (max 1.1e-6, the gradient of the std-4 logits).
     ("cross_entropy", F32): 1e-5,
     ("cross_entropy_partials", F32): 1e-5,
     # Blockwise online softmax reorders sums over <= 1024 keys; fp32 dots are exact in the
-    # interpreter and "ieee" (tf32 off) on GPU (max 3.6e-6).
+    # interpreter and "ieee" (tf32 off) on GPU (max 5.9e-6, dQ of multi-query attention).
     ("flash_attention", F32): 5e-5,
     # (Scores near -150 are held against float64 instead, kernel and torch alike, in
     # test_attention_gradients_stay_finite_when_every_score_is_very_negative: on a GPU torch's own
@@ -65,7 +68,8 @@ TOL: dict[tuple[str, torch.dtype], float] = {
     ("cross_entropy", BF16): 1.6e-2,
     ("cross_entropy_partials", BF16): 1.6e-2,
     # P and dS are rounded to bf16 before their matmuls, as in FlashAttention: torch's own bf16
-    # attention is off from fp32 by up to 3.9e-2 (dQ, causal, T = 47), the kernel by up to 3.7e-2.
+    # attention is off from fp32 by up to 3.9e-2 (dQ, causal, T = 47, GQA), the kernel by up to 5.3e-2
+    # (dK, causal, T = 47, MHA; torch's 1.3e-2 there). Margin 1.5x.
     ("flash_attention", BF16): 8e-2,
 }
 
