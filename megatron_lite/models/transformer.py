@@ -48,8 +48,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` in one pass (one kernel)."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LayerNorm(nn.Module):
@@ -61,8 +64,14 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` (the add apart: no fused kernel)."""
+        if residual is None:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        h = x + residual
+        return kernels.layer_norm(h, self.weight, self.bias, self.eps), h
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -129,7 +138,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm transformer block: h = x + attn(norm(x)), then h + mlp(norm(h)); the first residual add
+    and the MLP's norm run as one fused op (``kernels.rms_norm``'s ``residual``: one read of x and
+    attn's output, one write of h and norm(h)), the same arithmetic as the add, then the norm."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -137,8 +148,8 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), rope)
-        return h + self.mlp(self.mlp_norm(h))
+        y, h = self.mlp_norm(self.attn(self.attn_norm(x), rope), residual=x)
+        return h + self.mlp(y)
 
 
 class LMLoss(nn.Module):

@@ -149,3 +149,19 @@ def test_selective_recompute_reruns_the_elementwise_ops_but_no_matmul_or_attenti
     # full: the block forward re-runs, GEMMs and attention too (qkv, proj and gate_up: the re-run
     # stops before `down`, whose output backward never needs)
     assert full["mm"] == none["mm"] + 3 * layers and full["_scaled_dot_product_flash_attention_for_cpu"] == layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_block_adds_its_first_residual_inside_the_mlps_norm(arch, monkeypatch):
+    """h = x + attn(norm(x)) and norm(h) are one op (``kernels.rms_norm``'s residual: one pass over
+    the activations on a GPU), the same numbers as the add, then the norm (bitwise on CPU)."""
+    m = build_model(tiny(f"model.arch={arch}", "model.kv_heads=4"), 4)
+    block, x = m.layers[0], torch.randn(2, 16, 32)
+    rope = rope_tables(16, 8, 10000.0) if arch == "llama" else None
+    calls, real = [], kernels.rms_norm
+    record = lambda x, w, eps, r=None: calls.append(r is not None) or real(x, w, eps, r)  # noqa: E731
+    monkeypatch.setattr(kernels, "rms_norm", record)
+    out = block(x, rope)
+    assert calls == ([False, True] if arch == "llama" else [])  # attn_norm(x), then mlp_norm(attn, residual=x)
+    h = x + block.attn(block.attn_norm(x), rope)
+    assert torch.equal(out, h + block.mlp(block.mlp_norm(h)))
