@@ -88,7 +88,7 @@ class Checkpointer:
 
     ``extra_files``: name -> local source copied into every checkpoint by rank 0 (the tokenizer).
     ``spared``: step directories in ``root`` not this run's to prune (used on rank 0): another run's, or
-    not shown to be this run's (:meth:`_prune`).
+    not shown to be this run's (:meth:`_prune`); a step this run saves again is its own from then on.
     """
 
     def __init__(
@@ -266,6 +266,7 @@ class Checkpointer:
         final = step_dir_name(save.step)
         self.storage.write_text(f"{save.staging}/{METADATA}", json.dumps(meta, indent=1) + "\n")
         self.storage.commit(save.staging, final)
+        self.spared -= {final}  # this run's now, whatever lay there before: pruned and counted as its own
         # committed: from here on a failure (a full disk) loses nothing, and is only a warning
         for what, act in (
             (f"replace {LATEST!r} (no reader needs it)", lambda: self.storage.write_text(LATEST, final + "\n")),

@@ -67,6 +67,19 @@ def test_another_runs_checkpoints_are_neither_pruned_nor_counted(tmp_path):
     assert _names(root) == ["latest", "step_00000002", "step_00000004", "step_00000006", "step_00000007"]
 
 
+def test_a_spared_step_directory_saved_again_by_this_run_is_pruned_as_its_own(tmp_path):
+    """A step directory spared at startup (no metadata.json: an object-store save cut short) that this run
+    then saves again holds this run's checkpoint: ``checkpoint.keep`` counts and prunes it."""
+    root = tmp_path / "ckpt"
+    (root / "step_00000005").mkdir(parents=True)
+    (root / "step_00000005" / "rank_00000.safetensors").write_bytes(b"partial")
+    ours = Checkpointer(root, keep=2, async_save=False, spared=["step_00000005"])
+    for step in (5, 6, 7):
+        _save(ours, step)
+    ours.close()
+    assert _names(root) == ["latest", "step_00000006", "step_00000007"]
+
+
 def test_a_failure_after_the_commit_is_a_warning_not_a_lost_checkpoint(tmp_path, monkeypatch, caplog):
     """The step directory is in place once renamed: a full disk when replacing ``latest`` (which no
     reader needs) or pruning must not report the checkpoint as not saved, nor stop the run."""
