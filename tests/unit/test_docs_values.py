@@ -6,6 +6,7 @@ from pathlib import Path
 from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 from megatron_lite.amounts import duration
+from megatron_lite.cli import main
 from megatron_lite.config import TrainConfig
 from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training import metrics
@@ -77,3 +78,13 @@ def test_readme_names_the_file_that_caches_the_measured_cpu_peak(monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", "/home/u")
     assert f"cached in `~{str(metrics._cpu_cache_path()).removeprefix('/home/u')}`" in _flat(README)
+
+
+def test_readme_says_how_many_of_the_startup_warnings_plan_prints(capsys):
+    """``plan`` prints every ``config_warnings`` warning: the README's list counts them."""
+    settings = ["train.steps=10", "optim.warmup=20", "model.norm=layernorm", "parallel.schedule=interleaved"]
+    model = ["model.layers=1", "model.hidden=64", "model.heads=4", "model.vocab_size=500", "data.vocab_size=500"]
+    assert main(["plan", "--world-size", "1", *model, "model.seq_len=32", *settings]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert [w.split()[1] for w in printed] == ["optim.warmup=20", "`megatron-lite", "parallel.schedule=interleaved"]
+    assert "A warning at startup (`plan` prints the first three too) when:" in README
