@@ -186,7 +186,7 @@ class CheckpointConfig:
     """Keep the newest N committed checkpoints of this run (older local saves cut short are removed,
     never counted). Step directories in ``checkpoint.dir`` saved by a run with another ``log.dir``, or
     whose ``metadata.json`` is missing, unreadable or not valid, are kept and not counted (the latter
-    named in a startup warning)."""
+    named in a startup warning), until this run saves their step again, replacing them with its own."""
     resume: str = "auto"
     """``auto`` (the newest complete and intact checkpoint in dir, if any: incomplete or corrupt ones
     are skipped with a warning, and an error when committed ones exist but none passes), ``none``
