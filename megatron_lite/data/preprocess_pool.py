@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Iterable, Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -44,11 +45,25 @@ _BATCH_ITEMS = 1 << 14  # and at most this many pieces and document ends (a run 
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on: a container's or taskset's share, not the host's."""
+    """The CPUs this process may use: a container's or taskset's share, not the host's. Its CPU
+    affinity (taskset, a cpuset, SLURM's binding), and a cgroup v2 CPU quota below it (Docker's
+    ``--cpus``, a Kubernetes limit: :func:`cgroup_cpu_quota`), rounded up to whole CPUs."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return min(cpus, cgroup_cpu_quota() or cpus)
+
+
+def cgroup_cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The whole CPUs (rounded up) this process's cgroup v2 ``cpu.max`` allows, or None: no quota
+    (``max``), cgroup v1 (its ``cpu.cfs_quota_us`` is not read), or not Linux."""
+    try:
+        path = next(line[3:] for line in Path(proc).read_text().splitlines() if line.startswith("0::"))
+        quota, period = (Path(root) / path.strip().lstrip("/") / "cpu.max").read_text().split()
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def resolve_workers(value: int | str) -> int:

@@ -17,7 +17,7 @@ from megatron_lite.cli import main
 from megatron_lite.data import preprocess as pp
 from megatron_lite.data import preprocess_pool
 from megatron_lite.data.corpus import default_corpus_files
-from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers
+from megatron_lite.data.preprocess_pool import EncodingPool, resolve_workers, usable_cpus
 from megatron_lite.data.tokenizer import Tokenizer, train_tokenizer
 from megatron_lite.errors import UserError
 
@@ -124,9 +124,34 @@ def test_the_cli_refuses_workers_below_one_before_any_work(tok, tmp_path, capsys
 
 
 def test_workers_auto_is_one_per_usable_cpu():
-    cpus = len(os.sched_getaffinity(0))
+    affinity = len(os.sched_getaffinity(0))
+    cpus = min(affinity, preprocess_pool.cgroup_cpu_quota() or affinity)  # this machine's quota, if any
     assert resolve_workers("auto") == cpus
     assert resolve_workers(str(cpus)) == resolve_workers(cpus) == cpus
+
+
+@pytest.mark.parametrize(
+    "cgroup,cpu_max,want",
+    [
+        ("0::/\n", "200000 100000\n", 2),  # docker --cpus=2: the container's cgroup is its root
+        ("0::/kubepods/pod1/c1\n", "150000 100000\n", 2),  # a 1.5-CPU limit: rounded up
+        ("0::/kubepods/pod1/c1\n", "max 100000\n", None),  # no quota
+        ("4:memory:/x\n1:cpu:/\n", None, None),  # cgroup v1 only: not read
+    ],
+)
+def test_a_cgroup_v2_cpu_quota_caps_the_usable_cpus(tmp_path, cgroup, cpu_max, want, monkeypatch):
+    """A container given 2 CPUs of a 64-CPU host by quota (its affinity still lists all 64) uses 2:
+    ``--workers auto`` and the CPU MFU peak count those, not the host's."""
+    (tmp_path / "cgroup").write_text(cgroup)
+    if cpu_max is not None:
+        folder = tmp_path / "fs" / cgroup.strip()[3:].lstrip("/")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cpu.max").write_text(cpu_max)
+    quota = preprocess_pool.cgroup_cpu_quota(str(tmp_path / "cgroup"), str(tmp_path / "fs"))
+    assert quota == want
+    monkeypatch.setattr(preprocess_pool, "cgroup_cpu_quota", lambda: quota)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cpus() == (want or 64)  # the function itself (this module's runs patch the name)
 
 
 def test_more_workers_than_usable_cpus_are_refused(tmp_path, tok, capsys):
