@@ -22,11 +22,15 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_lite.amounts import byte_size, counted
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import tcp_port
 from megatron_lite.launcher.launch_vars import whole_number
+
+if TYPE_CHECKING:
+    from megatron_lite.config import Config
 
 
 def _template_dir() -> Path:
@@ -165,6 +169,28 @@ def submit(script: Path, wait: bool) -> tuple[str, int]:
     return job_id, proc.returncode
 
 
+def check_tp_within_nodes(cfg: Config, procs_per_node: int) -> None:
+    """Refuse a tensor-parallel group that spans nodes. Ranks are numbered node by node and tp is the
+    innermost mesh dimension (``parallel/mesh.py``), so each group of ``tp`` consecutive ranks stays on
+    one node only when ``tp`` divides the ranks per node; TP's per-layer collectives across nodes run
+    at network speed instead of NVLink's."""
+    from megatron_lite.models.parallelize import tp_values
+
+    tp = cfg.parallel.tp
+    if procs_per_node % tp == 0:
+        return
+    fits = [t for t in tp_values(cfg.model, cfg.parallel.sp) if procs_per_node % t == 0]
+    fix = (
+        f"set parallel.tp to {' or '.join(map(str, fits))} (pipeline and data parallelism go across nodes), or "
+        if fits
+        else ""
+    )
+    raise UserError(
+        f"parallel.tp={tp} does not divide the {counted(procs_per_node, 'rank')} per node, so tensor-parallel groups "
+        f"would span nodes: {fix}give each node a multiple of {tp} ranks (--gpus-per-node, --procs-per-node)"
+    )
+
+
 def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> int:
     """Check the layout, render the template for ``job``, then print it or submit it."""
     from megatron_lite.config import load_config
@@ -172,6 +198,7 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
 
     plan = make_plan(load_config(job.config, job.overrides), job.world_size)
     d = plan.layout.dims
+    check_tp_within_nodes(plan.cfg, job.procs_per_node)
     summary = (
         f"layout ok: {counted(job.nodes, 'node')} x {job.procs_per_node} = {counted(d.world_size, 'rank')} = pp "
         f"{d.pp} x dp {d.dp} x tp {d.tp}; about {byte_size(plan.memory_bytes_per_rank, binary=True)} per rank "

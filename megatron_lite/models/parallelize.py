@@ -98,10 +98,15 @@ def validate_tp(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
         raise UserError("model.vocab_size and model.ffn_hidden must be resolved (fill_defaults) before apply_tp")
     problems = _tp_problems(cfg, tp, sequence_parallel)
     if problems:
-        # sp=true needs tp > 1 (config validation): tp=1 is no fix while sp stays on
-        fits = [t for t in range(1 + sequence_parallel, cfg.heads + 1) if not _tp_problems(cfg, t, sequence_parallel)]
+        fits = tp_values(cfg, sequence_parallel)
         fix = f"; parallel.tp values that fit this model: {', '.join(map(str, fits))}" if fits else ""
         raise UserError("; ".join(problems) + fix)
+
+
+def tp_values(cfg: ModelConfig, sequence_parallel: bool) -> list[int]:
+    """Every ``parallel.tp`` that splits ``cfg`` (with ``parallel.sp`` as given), smallest first."""
+    # sp=true needs tp > 1 (config validation): tp=1 is no fix while sp stays on
+    return [t for t in range(1 + sequence_parallel, cfg.heads + 1) if not _tp_problems(cfg, t, sequence_parallel)]
 
 
 def apply_tp(

@@ -138,6 +138,25 @@ def test_launch_dry_run_prints_the_script_and_checks_the_layout_first(capsys):
     assert err.startswith("error: ") and "parallel.tp=3 x parallel.pp=1 = 3 does not divide world size 4" in err
 
 
+def test_launch_refuses_tensor_parallel_groups_that_span_nodes(capsys):
+    """tp=4 on nodes of 2 ranks (or 6: ranks 4-7 sit on two nodes) passed the layout check: TP's per-layer
+    collectives then cross the network. The fix names the tp values the model and the node both take."""
+
+    def launch(procs: int) -> int:
+        args = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", str(procs), "--dry-run", *TINY]
+        return main([*args, "parallel.tp=4", "train.micro_batch_size=1", f"train.global_batch_size={procs // 2}"])
+
+    for procs in (2, 6):
+        assert launch(procs) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: parallel.tp=4 does not divide the "), err
+        assert f"{procs} ranks per node, so tensor-parallel groups would span nodes: set parallel.tp to " in err, err
+        assert "give each node a multiple of 4 ranks (--gpus-per-node, --procs-per-node)" in err, err
+    assert "set parallel.tp to 1 or 2 (pipeline" in err, err  # 4 heads: 1, 2, 4 fit; 6 ranks: 1, 2, 3, 6
+    assert launch(4) == 0
+    assert "layout ok: 2 nodes x 4 = 8 ranks = pp 1 x dp 2 x tp 4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
