@@ -12,6 +12,8 @@
 # config path and overrides) or set RDZV_ID. One id for every job would let a second job on the same
 # endpoint join the first one's rendezvous, where torchrun restarts a job's workers for each newcomer.
 # Under SLURM use launch/train.sbatch (or `megatron-lite launch slurm`), which runs torchrun the same way.
+# A machine that never joins: the others wait RDZV_TIMEOUT seconds (default 600, torchrun's own), then
+# exit 1 with one line naming the rendezvous (megatron_lite/launcher/torchrun.py).
 # Signals: SIGTERM to torchrun reaches the ranks, which save a checkpoint and exit 0, while torchrun
 # exits 1 (SignalException, its own behaviour); ranks whose torchrun was SIGKILLed get SIGTERM too.
 # torchrun runs as megatron_lite.launcher.torchrun, which passes SIGUSR1 on to the ranks (they save and
@@ -26,6 +28,7 @@ MASTER_ADDR=${MASTER_ADDR:-}           # first machine's host name or address (n
 MASTER_PORT=${MASTER_PORT:-29500}      # rendezvous port on it, reachable from every machine
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or static (by NODE_RANK)
 RDZV_ID=${RDZV_ID:-}                   # the same on every machine of a job, new for each job (default: above)
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}      # seconds the machines wait for each other at a c10d rendezvous
 PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
 
 # Every value is checked before torchrun starts: one line for each bad one, naming what is accepted,
@@ -38,6 +41,7 @@ if ! command -v "$PYTHON" >/dev/null; then
 fi
 "$PYTHON" -m megatron_lite.launcher.launch_vars launch/torchrun.sh NNODES="$NNODES" NODE_RANK="$NODE_RANK" \
   NPROC_PER_NODE="$NPROC_PER_NODE" MASTER_ADDR="$MASTER_ADDR" MASTER_PORT="$MASTER_PORT" RDZV_BACKEND="$RDZV_BACKEND" \
+  RDZV_TIMEOUT="$RDZV_TIMEOUT" \
   || { status=$?; [ "$status" -eq 2 ] || echo "launch/torchrun.sh: PYTHON=$PYTHON cannot run megatron-lite (see above):" \
        "set PYTHON to the interpreter with megatron-lite installed" >&2; exit 2; }
 if [ "$NPROC_PER_NODE" = gpu ]; then
@@ -72,4 +76,4 @@ fi
 echo "launch/torchrun.sh: rendezvous $RDZV_ID at $MASTER_ADDR:$MASTER_PORT for $NNODES machines" >&2
 exec "$PYTHON" -m megatron_lite.launcher.torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
-  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" -m megatron_lite.train "$@"
+  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=join_timeout="$RDZV_TIMEOUT" -m megatron_lite.train "$@"

@@ -59,6 +59,8 @@ def _check_one(name: str, value: str, values: Mapping[str, str]) -> None:
         tcp_port(name, value)
     elif name == "MASTER_ADDR":
         _check_master(value, values)
+    elif name == "RDZV_TIMEOUT":
+        whole_number(name, value, 1, None, "the seconds the machines wait for each other at the rendezvous")
     elif name == "RDZV_BACKEND":
         one_of(name, value, RDZV_BACKENDS)
     else:

@@ -9,6 +9,11 @@ but not SIGUSR1, whose default action ends it at once; its srun task then fails,
 (30 by default), whatever warning time was asked for, and the job ends FAILED. Here torchrun passes
 SIGUSR1 on to its ranks (those it started: ``LOCAL_RANK`` in their environment) and goes on
 watching them: they save and exit 0, and so does torchrun.
+
+A machine that never joins the c10d rendezvous leaves the others waiting ``join_timeout`` seconds
+(``--rdzv_conf=join_timeout=N``, 600 by default; ``RDZV_TIMEOUT`` of ``launch/torchrun.sh``), after
+which torchrun raises a bare ``RendezvousTimeoutError``; here that is one line naming the endpoint,
+the machines expected and what to check, and exit status 1.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 from types import FrameType
 
 FORWARDED = signal.SIGUSR1
+DEFAULT_JOIN_TIMEOUT_S = 600  # torch.distributed.elastic.rendezvous.dynamic_rendezvous: join_timeout
 
 
 def _children() -> list[int]:
@@ -51,12 +57,32 @@ def forward_to_ranks(signum: int, frame: FrameType | None = None) -> list[int]:
     return ranks
 
 
+def rendezvous_timeout_message(argv: list[str]) -> str:
+    """What a rendezvous that timed out means for torchrun arguments ``argv``."""
+    from torch.distributed.run import parse_args
+
+    args = parse_args(argv)
+    conf = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item)
+    waited = conf.get("join_timeout", str(DEFAULT_JOIN_TIMEOUT_S))
+    return (
+        f"torchrun: rendezvous {args.rdzv_id} at {args.rdzv_endpoint} timed out after {waited} s before "
+        f"--nnodes={args.nnodes} machines joined: start the job on every machine with the same MASTER_ADDR, "
+        "MASTER_PORT and rendezvous id (launch/torchrun.sh: the same arguments, or the same RDZV_ID; each "
+        "machine prints its id), or let them wait longer (launch/torchrun.sh: RDZV_TIMEOUT)"
+    )
+
+
 def main() -> None:
     signal.signal(FORWARDED, forward_to_ranks)
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun
 
-    sys.argv[0] = "torchrun"
-    torchrun()
+    argv, sys.argv[0] = sys.argv[1:], "torchrun"
+    try:
+        torchrun()
+    except RendezvousTimeoutError:
+        print(rendezvous_timeout_message(argv), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

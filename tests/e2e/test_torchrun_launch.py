@@ -166,6 +166,25 @@ def test_torchrun_script_with_unresolvable_master_fails_within_seconds(tiny_args
     assert last.startswith("launch/torchrun.sh: rendezvous host 'no-such-host.invalid'"), r.stderr[-3000:]
 
 
+def test_a_machine_that_never_joins_leaves_the_other_one_line_after_rdzv_timeout(tiny_args, tmp_path):
+    """The first of two machines, the second never started: torchrun waited 600 s, not settable from the
+    script, then ended in a bare RendezvousTimeoutError traceback. The 120 s guard only stops a hang."""
+    env = clean_env(NNODES="2", NODE_RANK="0", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", RDZV_TIMEOUT="2")
+    cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_args]
+    env.update(MASTER_PORT=str(free_port()), PYTHON=sys.executable)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    rendezvous = re.search(r"^launch/torchrun.sh: rendezvous (\S+) at (127.0.0.1:\d+) for 2 machines$", r.stderr, re.M)
+    assert rendezvous, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"torchrun: rendezvous {rendezvous[1]} at {rendezvous[2]} timed out after 2 s before --nnodes=2 machines "
+        "joined: start the job on every machine with the same MASTER_ADDR, MASTER_PORT and rendezvous id "
+        "(launch/torchrun.sh: the same arguments, or the same RDZV_ID; each machine prints its id), or let them "
+        "wait longer (launch/torchrun.sh: RDZV_TIMEOUT)"
+    ), r.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # no rank started
+
+
 def test_layout_that_cannot_fill_the_world_fails_before_any_process_group(tiny_args):
     # Rank 0 of 4 alone: it waits at the rendezvous for ranks 1-3 to hear its error (parallel.timeout_s
     # here, at most mesh.ERROR_WAIT_S), then leaves with its own message, never a timeout's.

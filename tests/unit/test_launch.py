@@ -279,6 +279,11 @@ def _run_launch_script(name: str, env: dict[str, str], path: str | None = None) 
         ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is not a TCP port: set one in 1-65535"),
         ({"NNODES": "2"}, "NNODES=2 needs MASTER_ADDR: set it to the first machine's host name or address"),
         ({"RDZV_BACKEND": "foo"}, "RDZV_BACKEND=foo is not accepted: set one of c10d, static"),
+        (
+            {"RDZV_TIMEOUT": "0"},
+            "RDZV_TIMEOUT=0 is out of range: set the seconds the machines wait for each other at the rendezvous, 1 or "
+            "more",
+        ),
     ],
 )
 def test_torchrun_script_refuses_a_bad_variable_in_one_line_before_torchrun_starts(env, line):
