@@ -121,6 +121,7 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
         local_world = int(per_node.group()) if per_node else 1
         addr, launcher = environ.get("MASTER_ADDR") or _first_host(environ, hostnames), "slurm"
     else:
+        _refuse_half_torchrun_env(environ)
         return DistEnv()
     if not 0 <= rank < world:
         raise UserError(f"rank {rank} is outside world size {world} ({launcher} environment)")
@@ -130,6 +131,20 @@ def resolve_env(environ: Mapping[str, str], hostnames: Callable[[str], list[str]
             "SLURM_LOCALID); launch with torchrun or srun, which set it"
         )
     return DistEnv(rank, world, local, addr, port, launcher, local_world)
+
+
+def _refuse_half_torchrun_env(environ: Mapping[str, str]) -> None:
+    """RANK or WORLD_SIZE set alone (by hand, or left over from another launch) outside an srun step:
+    this process would train alone, as if the launch had one rank. WORLD_SIZE=1 alone is one process."""
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if len(given) != 1 or environ.get("WORLD_SIZE") == "1":
+        return
+    name, other = given[0], "WORLD_SIZE" if given[0] == "RANK" else "RANK"
+    raise UserError(
+        f"environment variable {name}={environ[name]} is set but {other} is not, so this process would train "
+        f"alone: launch the ranks with torchrun (launch/torchrun.sh), which sets RANK, WORLD_SIZE, LOCAL_RANK "
+        f"and MASTER_ADDR, or unset {name} to train as one process"
+    )
 
 
 def slurm_job_port(job_id: str) -> int:

@@ -90,6 +90,21 @@ def test_env_none():
     assert resolve_env({}) == DistEnv()
 
 
+def test_env_half_set_by_hand_is_refused_not_one_process():
+    """WORLD_SIZE=2 alone (no torchrun) trained as one process without a word."""
+    for name, value, other in (("WORLD_SIZE", "2", "RANK"), ("RANK", "1", "WORLD_SIZE")):
+        with pytest.raises(UserError) as e:
+            resolve_env({name: value})
+        assert str(e.value) == (
+            f"environment variable {name}={value} is set but {other} is not, so this process would train alone: "
+            "launch the ranks with torchrun (launch/torchrun.sh), which sets RANK, WORLD_SIZE, LOCAL_RANK and "
+            f"MASTER_ADDR, or unset {name} to train as one process"
+        )
+    assert resolve_env({"WORLD_SIZE": "1"}) == DistEnv()
+    srun = {"WORLD_SIZE": "4", "SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "MASTER_ADDR": "n0"}
+    assert resolve_env(srun).rank == 1  # an srun step's own variables place it
+
+
 def test_env_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n0", "MASTER_PORT": "1234"}
     assert resolve_env(env) == DistEnv(3, 4, 1, "n0", 1234, "torchrun")
