@@ -14,7 +14,7 @@ from test_launch import SLURM_STUBS, _run_launch_script
 from megatron_lite.launcher.slurm import TEMPLATES
 
 
-def _job_output(tmp_path: Path, template: str, **env: str) -> str:
+def _job_output(tmp_path: Path, template: str, stubs: dict[str, str] = SLURM_STUBS, **env: str) -> str:
     """What the job prints, its step printing instead of starting: the OMP_NUM_THREADS its command sees
     and the arguments after ``-m megatron_lite.launcher.torchrun`` (or ``-m megatron_lite.train``)."""
     stub = tmp_path / "python"  # the interpreter, except that torchrun and a rank only say how they start
@@ -27,7 +27,7 @@ def _job_output(tmp_path: Path, template: str, **env: str) -> str:
         f'exec {sys.executable} "$@"\n'
     )
     stub.chmod(0o755)
-    for name, text in SLURM_STUBS.items():
+    for name, text in stubs.items():
         (tmp_path / name).write_text(text)
         (tmp_path / name).chmod(0o755)
     job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(tmp_path)}
@@ -65,3 +65,12 @@ def test_sbatch_templates_set_one_thread_per_rank_only_for_several_ranks_per_nod
         assert f" --nproc_per_node={procs} " in line, line
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert _step_start(tmp_path, template, LAUNCHER=launcher, PROCS_PER_NODE=procs).startswith("OMP_NUM_THREADS=6 ")
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values())
+def test_sbatch_templates_take_the_first_host_of_a_long_node_list(template, tmp_path):
+    """`scontrol show hostnames | head -n1` under pipefail ended the job with exit 141 (SIGPIPE) when
+    scontrol was still writing as head exited: 20,000 hosts, one write each, fill the pipe first."""
+    many = "#!/bin/sh\necho 127.0.0.1\ni=0; while [ $i -lt 20000 ]; do echo node$i; i=$((i + 1)); done\n"
+    out = _job_output(tmp_path, template, {**SLURM_STUBS, "scontrol": many}, SLURM_NNODES="2", PROCS_PER_NODE="4")
+    assert out.startswith("job 7: 2 nodes x 4 ranks via torchrun") and "rendezvous 127.0.0.1:" in out, out
