@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_verb(sub)
     d = sub.add_parser("doctor", help="versions, devices, kernel backends, optional packages")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    d.add_argument(
+        "--backend",
+        choices=("auto", "triton", "torch"),
+        default="auto",
+        help="report the kernels a run with kernels.backend=BACKEND takes here (default: auto)",
+    )
     d.set_defaults(fn=cli_verbs.run_doctor)
     _add_launch_verbs(sub)
     return p

@@ -93,9 +93,17 @@ def _writable_parent(flag: str, path: str, create: bool = True) -> None:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    from megatron_lite import kernels
     from megatron_lite.doctor import report
 
-    print(report(as_json=args.json))
+    before = kernels.get_backend()  # the process's choice, as it was (main() also runs inside tests)
+    try:
+        kernels.set_backend(args.backend)
+        print(report(as_json=args.json))
+    except RuntimeError as e:  # triton not importable: what train refuses at startup
+        raise UserError(f"doctor --backend {args.backend}: {e}") from None
+    finally:
+        kernels.set_backend(before)
     return 0
 
 

@@ -85,6 +85,23 @@ def test_doctor_counts_the_cpu_threads_in_words_that_fit_one(monkeypatch, capsys
         assert json.loads(capsys.readouterr().out)["devices"] == [words]
 
 
+def test_doctor_reports_the_kernels_of_the_backend_asked_for(monkeypatch, capsys):
+    """``doctor --backend B`` shows what a run with kernels.backend=B takes on this machine, and leaves
+    the process's own choice as it was."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["doctor", "--json", "--backend", "torch"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kernel_backend"] == "torch" and info["kernels"]["swiglu"] == "torch: set_backend('torch')"
+    if kernels.triton_available() and not torch.cuda.is_available():
+        assert main(["doctor", "--json", "--backend", "triton"]) == 0
+        swiglu = json.loads(capsys.readouterr().out)["kernels"]["swiglu"]
+        assert swiglu.startswith("triton: set_backend('triton')") and "UNUSABLE here" in swiglu, swiglu
+    assert kernels.get_backend() == "auto"
+    with pytest.raises(SystemExit):
+        main(["doctor", "--backend", "cuda"])
+    assert "argument --backend: invalid choice: 'cuda'" in capsys.readouterr().err
+
+
 def test_doctor_reports_versions_and_backends(capsys):
     assert main(["doctor", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
