@@ -216,8 +216,10 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
         return 0
     print(summary, flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "train.sbatch"
-    path.write_text(script)
+    path, (shebang, rest) = run_dir / "train.sbatch", script.split("\n", 1)
+    # the template's header shows its generic commands: this file's own comes first
+    resubmit = f"# written by `megatron-lite launch slurm`; resubmit it from {Path.cwd()}: sbatch {path}"
+    path.write_text(f"{shebang}\n{resubmit}\n{rest}")
     job_id, status = submit(path, wait)
     log = run_dir / f"slurm-{job_id}.out"
     if status:

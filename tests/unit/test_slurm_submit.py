@@ -52,6 +52,9 @@ def test_a_failed_job_names_its_output_file(tmp_path, monkeypatch, capfd):
     run = tmp_path / "run"
     assert main(["launch", "slurm", "--cpu", "--nodes", "1", "--procs-per-node", "1", *TINY, f"log.dir={run}"]) == 0
     assert "submitted job 4242" in capfd.readouterr().out  # without --wait: submitted is all sbatch says
+    written = (run / "slurm" / "train.sbatch").read_text().splitlines()  # its own resubmit command on top
+    assert written[:2] == ["#!/bin/bash", f"# written by `megatron-lite launch slurm`; resubmit it from {Path.cwd()}: "
+                           f"sbatch {run / 'slurm' / 'train.sbatch'}"]  # fmt: skip
     err = _launch(run, capfd, "--wait")
     assert f"job 4242 failed (sbatch exit 3); its output: {run / 'slurm' / 'slurm-4242.out'}" in err
 
