@@ -157,7 +157,10 @@ def _check_data(d: DataConfig) -> None:
     if d.path and not d.tokenizer:
         raise UserError(
             "data.path is set but data.tokenizer is not: give the sentencepiece .model the "
-            "data was preprocessed with (data.tokenizer=PATH)"
+            "data was preprocessed with (data.tokenizer=PATH). data.path takes datasets (PREFIX for "
+            "PREFIX.bin/.idx); text files are tokenized first: `megatron-lite tokenizer train --input FILES "
+            "--output tok/NAME --vocab-size N`, then `megatron-lite preprocess --input FILES --tokenizer "
+            "tok/NAME.model --output data/NAME`, and data.path=data/NAME data.tokenizer=tok/NAME.model"
         )
     if twice := sorted({p for p in d.path if d.path.count(p) > 1}):  # the dataset also catches links, later
         raise UserError(

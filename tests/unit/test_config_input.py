@@ -50,7 +50,13 @@ def resolved(*overrides, world=1, vocab=100):
     "overrides,expected",
     [
         # refused only once the ranks had started, opening the data
-        (["data.path=d/a"], r"^data.path is set but data.tokenizer is not: .*\(data.tokenizer=PATH\)$"),
+        # a folder of text files, not tokenized yet: the message names both commands that make a dataset
+        (
+            ["data.path=d/a"],
+            r"^data.path is set but data.tokenizer is not: .*\(data.tokenizer=PATH\)\. .*text files are tokenized "
+            r"first: `megatron-lite tokenizer train --input FILES .*`megatron-lite preprocess --input FILES "
+            r"--tokenizer tok/NAME.model --output data/NAME`, and data.path=data/NAME data.tokenizer=tok/NAME.model$",
+        ),
         # refused by the dataset without the key's name (`blend weights must be ...`), after the ranks started
         (["data.path=a,b", "data.tokenizer=t.model", "data.weights=-1,2"], r"^data.weights must be finite .*-1.0"),
         (["data.path=a,b", "data.tokenizer=t.model", "data.weights=0,0"], r"^data.weights must be .*not all zero"),
