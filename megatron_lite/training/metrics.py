@@ -183,6 +183,14 @@ def step_lines(record: dict[str, Any], steps: int, tokens_per_step: int) -> list
     return lines
 
 
+def nothing_to_train(step: int, steps: int) -> str:
+    """The line of a launch whose checkpoint already reached ``train.steps``, with the ways on."""
+    return (
+        f"checkpoint step {step} >= train.steps {steps}: nothing to train; to train on, raise train.steps above "
+        f"{step}; for a new run, give another log.dir"
+    )
+
+
 def closing_lines(
     t: TrainConfig,
     first_step: int,

@@ -44,7 +44,7 @@ from megatron_lite.models.transformer import count_parameters
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh, coordinate_table, init_distributed
 from megatron_lite.plan import Layout
 from megatron_lite.progress import above_progress_bar, progress_bar
-from megatron_lite.training import build, fp8, preflight, resume
+from megatron_lite.training import build, fp8, metrics, preflight, resume
 from megatron_lite.training.engine import Engine
 from megatron_lite.training.evaluate import held_out_loss
 from megatron_lite.training.fault import DivergenceError, PreemptionHandler, SetupSignals, SkippedSteps, any_rank
@@ -300,7 +300,7 @@ class Trainer:
         t = cfg.train
         if self.step >= t.steps:  # saving again would only rewrite the checkpoint just loaded
             if self.rank == 0:
-                log.info("checkpoint step %d >= train.steps %d: nothing to train", self.step, t.steps)
+                log.info("%s", metrics.nothing_to_train(self.step, t.steps))
             with self.preemption:  # nothing to save: a preemption signal from here on is harmless
                 self.checkpointer.close()
             self.trackers.close()

@@ -44,7 +44,10 @@ def test_a_resume_that_trains_nothing_or_the_same_next_lr_warns_of_no_change(tin
     fewer = ["train.steps=2", "train.seed=7", f"data.path={reversed_dataset(small_corpus[0], tmp_path)}"]
     with caplog.at_level(logging.INFO):
         assert main(["train", *tiny_args, *fewer]) == 0  # decay_steps 4 -> 1, another seed, other data
-    assert "checkpoint step 6 >= train.steps 2: nothing to train" in caplog.messages
+    assert (
+        "checkpoint step 6 >= train.steps 2: nothing to train; to train on, raise train.steps above 6; for a new "
+        "run, give another log.dir" in caplog.messages
+    )
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     # the overrides given twice are the only warnings: no resume warning
     assert sorted(w.split(" is given more than once on the command line")[0] for w in warned) == [
