@@ -128,7 +128,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                     "the dotted form is for command-line overrides"
                 )
             if str(section) not in SECTIONS:
-                raise UserError(f"unknown config section {str(section)!r}{_suggest(str(section), list(SECTIONS))}")
+                raise UserError(
+                    f"unknown config section {str(section)!r} in {str(p)!r}{_suggest(str(section), list(SECTIONS))}"
+                )
             if values is None:  # `model:` with every key commented out
                 continue
             if not isinstance(values, dict):
@@ -139,9 +141,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             as_written = written.get(str(section)) or {}
             for key, value in values.items():
                 raw = as_written.get(str(key))
-                if isinstance(raw, str) and _is_text(str(section), str(key)):  # `dir: 2024_01` is not 202401
-                    value = verbatim(raw)
-                _set(cfg, str(section), str(key), value)
+                try:  # an error names the file that says it: a run may read one of several configs
+                    if isinstance(raw, str) and _is_text(str(section), str(key)):  # `dir: 2024_01` is not 202401
+                        value = verbatim(raw)
+                    _set(cfg, str(section), str(key), value)
+                except UserError as e:
+                    raise UserError(f"config file {str(p)!r}: {e}") from None
     return apply_overrides(cfg, overrides or [])
 
 

@@ -189,7 +189,13 @@ def test_yaml_errors(tmp_path):
     ):
         load_config(bad)
     bad.write_text("modle: 5\n")
-    with pytest.raises(UserError, match=r"unknown config section 'modle'; did you mean 'model'"):
+    with pytest.raises(UserError, match=r"unknown config section 'modle' in '.*bad.yaml'; did you mean 'model'"):
+        load_config(bad)
+    bad.write_text("train:\n  step: 5\n")  # a key, or a value, the file gives: the message names the file
+    with pytest.raises(UserError, match=r"^config file '.*bad.yaml': unknown config key 'train.step'; did you mean"):
+        load_config(bad)
+    bad.write_text("train:\n  steps: five\n")
+    with pytest.raises(UserError, match=r"^config file '.*bad.yaml': .*train.steps"):
         load_config(bad)
     bad.write_text("model:\ntrain:\n  steps: 7\n")  # a section with every key commented out
     assert load_config(bad).train.steps == 7
