@@ -184,7 +184,7 @@ def warn_invalid_utf8(invalid: Sequence[tuple[Path, int, int]], unit: str) -> No
     warn_inputs(lines, f"with {unit} holding bytes that are not UTF-8 (replaced by U+FFFD)")
 
 
-def _glob_for(directory: str) -> str:
+def files_glob(directory: str) -> str:
     """A glob of ``directory``'s files for an error's fix: the commonest suffix of the files in it
     (``dir/*.txt``), else of those beneath it (``dir/**/*.py``), hidden files aside; ``dir/*.jsonl``
     for a directory without such files. The first 10,000 entries decide: a crawl's folder stays quick."""
@@ -212,7 +212,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
                 raise UserError(f"input pattern {text!r} matches no files")
             files.extend(matches)
         elif Path(text).is_dir():
-            raise UserError(f"input {text} is a directory; pass files or a glob such as '{_glob_for(text)}'")
+            raise UserError(f"input {text} is a directory; pass files or a glob such as '{files_glob(text)}'")
         elif not Path(text).is_file():
             raise UserError(f"input file {text} not found")
         else:

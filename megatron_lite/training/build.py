@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from megatron_lite.config import Config, check_vocab_covers
 from megatron_lite.data.corpus import prepare_default_corpus
 from megatron_lite.data.gpt_dataset import GPTDataset, NoHeldOutSamplesError, held_out_warnings
+from megatron_lite.data.inputs import files_glob
 from megatron_lite.data.preprocess import check_dataset_tokenizer
 from megatron_lite.data.token_range import check_token_ids
 from megatron_lite.data.tokenizer import Tokenizer, tokenizer_record
@@ -70,10 +72,12 @@ def _datasets_in(paths: list[str]) -> list[str]:
     return [p for p in found if Path(p + ".idx").is_file()]
 
 
-def _not_a_prefix(entry: str) -> str | None:
+def _not_a_prefix(entry: str, tokenizer: str | None) -> str | None:
     """Why the ``data.path`` entry ``entry``, which has no ``.bin``, is not a dataset prefix, with the
     fix: a file of the dataset (``.bin``, ``.idx``, ``.json``), a directory or glob of datasets, a text
-    file not tokenized yet; None where none of these fits (the file is missing)."""
+    file not tokenized yet (the ``preprocess`` command to run, with ``tokenizer``, ``data.tokenizer``,
+    where set); None where none of these fits (the file is missing)."""
+    model = shlex.quote(tokenizer) if tokenizer else "MODEL"
     stem, suffix = os.path.splitext(entry)
     if suffix in (".bin", ".idx", ".json") and (suffix != ".json" or Path(stem + ".bin").is_file()):
         return f"data.path takes dataset prefixes without .bin/.idx/.json: {entry} -> {stem}"
@@ -86,13 +90,15 @@ def _not_a_prefix(entry: str) -> str | None:
             f"list the datasets: {listed}"
             if found
             else "it holds no dataset (PREFIX.bin with PREFIX.idx): build one with `megatron-lite preprocess "
-            "--input FILES --tokenizer MODEL --output PREFIX`"
+            f"--input {shlex.quote(files_glob(entry)) if is_dir else 'FILES'} --tokenizer {model} --output data/NAME`, "
+            "then data.path=data/NAME"
         )
         return f"data.path={entry} is {what}, not a dataset prefix (PREFIX for PREFIX.bin/.idx); {fix}"
     if Path(entry).is_file():
         return (
             f"data.path={entry} is a file, not a dataset prefix (PREFIX for PREFIX.bin/.idx); tokenize it first: "
-            f"`megatron-lite preprocess --input {entry} --tokenizer MODEL --output data/NAME`, then data.path=data/NAME"
+            f"`megatron-lite preprocess --input {shlex.quote(entry)} --tokenizer {model} --output data/NAME`, then "
+            "data.path=data/NAME"
         )
     return None
 
@@ -120,7 +126,7 @@ def resolve_data_paths(cfg: Config, progress: bool, checkpoint: str | None = Non
         prefix, tok = prepare_default_corpus(d.cache_dir, d.vocab_size, progress=progress)
         return [prefix], Path(d.tokenizer) if d.tokenizer else tok
     for prefix in d.path:
-        if not Path(prefix + ".bin").is_file() and (why := _not_a_prefix(prefix)):
+        if not Path(prefix + ".bin").is_file() and (why := _not_a_prefix(prefix, d.tokenizer)):
             raise UserError(why)
         for ext in (".bin", ".idx"):
             if not Path(prefix + ext).is_file():

@@ -126,6 +126,9 @@ def test_a_data_path_entry_that_is_no_dataset_prefix_is_refused_naming_the_fix(
         for ext in (".bin", ".idx"):
             (data / (name + ext)).symlink_to(prefix + ext)
     (data / "notes.txt").write_text("x = 1\n")
+    text, tok = tmp_path / "text", small_corpus[1]
+    text.mkdir()
+    (text / "a.txt").write_text("x = 1\n")
     listed = f"list the datasets: data.path={data}/a,{data}/b"
     for given, want in (
         (f"{prefix}.bin", f"data.path takes dataset prefixes without .bin/.idx/.json: {prefix}.bin -> {prefix}"),
@@ -134,6 +137,8 @@ def test_a_data_path_entry_that_is_no_dataset_prefix_is_refused_naming_the_fix(
         (f"{data}/*", f"data.path={data}/* is a glob, not a dataset prefix (PREFIX for PREFIX.bin/.idx); {listed}"),
         (str(empty), "it holds no dataset (PREFIX.bin with PREFIX.idx): build one with `megatron-lite preprocess"),
         (f"{data}/notes.txt", f"tokenize it first: `megatron-lite preprocess --input {data}/notes.txt --tokenizer"),
+        # a folder of text files: the command to run, its glob and the run's data.tokenizer filled in
+        (str(text), f"--input '{text}/*.txt' --tokenizer {tok} --output data/NAME`, then data.path=data/NAME"),
     ):
         assert main(["train", *tiny_args, f"data.path={given}"]) == 2
         assert want in one_error_line(capsys), given
