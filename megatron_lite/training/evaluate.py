@@ -22,6 +22,7 @@ is no score: :class:`NonFiniteLossError`, which ``eval --json`` prints as ``"los
 from __future__ import annotations
 
 import codecs
+import glob
 import logging
 import math
 import platform
@@ -187,8 +188,12 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
         dataset = Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file()
         hint = (
             "; it is a preprocessed dataset's prefix, and --text reads text (--held-out scores a run's held-out split)"
+            if dataset
+            else "; --text takes one file, not a glob (concatenate the files into one)"
+            if glob.has_magic(str(p))
+            else ""
         )
-        raise UserError(f"text file {str(p)!r} does not exist{hint if dataset else ''}")
+        raise UserError(f"text file {str(p)!r} does not exist{hint}")
     dev = resolve_device(device, option="--device ")  # before reading anything
     check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
     for chunks in _documents(p, json_key):  # not UTF-8, bad JSON: refused before the checkpoint is loaded

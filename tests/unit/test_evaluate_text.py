@@ -113,6 +113,16 @@ def test_a_dataset_prefix_given_as_text_is_named_for_what_it_is(tmp_path, capsys
     )
 
 
+def test_a_glob_given_as_text_is_told_that_text_takes_one_file(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("x = 1\n")
+    args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "*.txt"), "--device", "cpu"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: text file {str(tmp_path / '*.txt')!r} does not exist; --text takes one file, not a glob "
+        "(concatenate the files into one)\n"
+    )
+
+
 def test_a_text_that_is_not_utf8_is_one_error_saying_how_to_convert_it(tmp_path, capsys):
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin1"))
     args = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--text", str(tmp_path / "latin1.txt"), "--device", "cpu"]
