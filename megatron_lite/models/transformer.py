@@ -51,7 +51,13 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` in one pass (one kernel)."""
+        """norm(x); with ``residual``, ``(norm(x + residual), x + residual)`` in one pass (one kernel).
+
+        Inputs of two dtypes (under ``torch.autocast`` a bf16 attention output meets the fp32 stream)
+        are added apart, promoted as torch's ``+`` does: the fused kernel takes one dtype."""
+        if residual is not None and residual.dtype != x.dtype:
+            h = x + residual
+            return kernels.rms_norm(h, self.weight, self.eps), h
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 

@@ -165,3 +165,17 @@ def test_a_block_adds_its_first_residual_inside_the_mlps_norm(arch, monkeypatch)
     assert calls == ([False, True] if arch == "llama" else [])  # attn_norm(x), then mlp_norm(attn, residual=x)
     h = x + block.attn(block.attn_norm(x), rope)
     assert torch.equal(out, h + block.mlp(block.mlp_norm(h)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_model_under_autocast_adds_its_bf16_attention_output_to_the_fp32_stream(arch):
+    """Under ``torch.autocast`` the attention output is bf16 and the block input fp32: the residual
+    add promotes as torch's ``+`` (the fused norm takes one dtype), the same numbers as the add apart."""
+    m = build_model(tiny(f"model.arch={arch}", "model.kv_heads=4"), 4)
+    block, x = m.layers[0], torch.randn(2, 16, 32)
+    rope = rope_tables(16, 8, 10000.0) if arch == "llama" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x, rope)
+        h = x + block.attn(block.attn_norm(x), rope)
+        assert h.dtype == torch.float32
+        assert torch.equal(out, h + block.mlp(block.mlp_norm(h)))
