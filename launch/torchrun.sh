@@ -28,7 +28,7 @@ MASTER_ADDR=${MASTER_ADDR:-}           # first machine's host name or address (n
 MASTER_PORT=${MASTER_PORT:-29500}      # rendezvous port on it, reachable from every machine
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}     # c10d (machines join in any order) or static (by NODE_RANK)
 RDZV_ID=${RDZV_ID:-}                   # the same on every machine of a job, new for each job (default: above)
-RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}      # seconds the machines wait for each other at a c10d rendezvous
+RDZV_TIMEOUT=${RDZV_TIMEOUT:-600}      # seconds the machines wait for each other at the rendezvous (c10d or static)
 PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite installed
 
 # Every value is checked before torchrun starts: one line for each bad one, naming what is accepted,
@@ -76,4 +76,4 @@ fi
 echo "launch/torchrun.sh: rendezvous $RDZV_ID at $MASTER_ADDR:$MASTER_PORT for $NNODES machines" >&2
 exec "$PYTHON" -m megatron_lite.launcher.torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC_PER_NODE" --rdzv_backend="$RDZV_BACKEND" --rdzv_id="$RDZV_ID" \
-  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=join_timeout="$RDZV_TIMEOUT" -m megatron_lite.train "$@"
+  --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_conf=join_timeout="$RDZV_TIMEOUT",timeout="$RDZV_TIMEOUT" -m megatron_lite.train "$@"

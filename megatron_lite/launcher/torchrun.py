@@ -10,10 +10,12 @@ but not SIGUSR1, whose default action ends it at once; its srun task then fails,
 SIGUSR1 on to its ranks (those it started: ``LOCAL_RANK`` in their environment) and goes on
 watching them: they save and exit 0, and so does torchrun.
 
-A machine that never joins the c10d rendezvous leaves the others waiting ``join_timeout`` seconds
-(``--rdzv_conf=join_timeout=N``, 600 by default; ``RDZV_TIMEOUT`` of ``launch/torchrun.sh``), after
-which torchrun raises a bare ``RendezvousTimeoutError``; here that is one line naming the endpoint,
-the machines expected and what to check, and exit status 1.
+A machine that never joins the rendezvous leaves the others waiting ``join_timeout`` seconds under
+the c10d backend, ``timeout`` under the static one (``--rdzv_conf=join_timeout=N,timeout=N``, 600 by
+default each; ``RDZV_TIMEOUT`` of ``launch/torchrun.sh`` sets both), after which torchrun raises a bare
+``RendezvousTimeoutError`` (c10d) or the store's ``DistStoreError`` / ``DistNetworkError`` "timed out"
+(static); here that is one line naming the endpoint, the machines expected and what to check, and
+exit status 1.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def rendezvous_timeout_message(argv: list[str]) -> str:
 
     args = parse_args(argv)
     conf = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item)
-    waited = conf.get("join_timeout", str(DEFAULT_JOIN_TIMEOUT_S))
+    # the static backend's TCPStore waits `timeout` (also 600 s by default), c10d's `join_timeout`
+    waited = conf.get("timeout" if args.rdzv_backend == "static" else "join_timeout", str(DEFAULT_JOIN_TIMEOUT_S))
     return (
         f"torchrun: rendezvous {args.rdzv_id} at {args.rdzv_endpoint} timed out after {waited} s before "
         f"--nnodes={args.nnodes} machines joined: start the job on every machine with the same MASTER_ADDR, "
@@ -74,13 +77,22 @@ def rendezvous_timeout_message(argv: list[str]) -> str:
 
 def main() -> None:
     signal.signal(FORWARDED, forward_to_ranks)
+    from torch.distributed import DistNetworkError, DistStoreError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.run import main as torchrun
+    from torch.distributed.run import parse_args
 
     argv, sys.argv[0] = sys.argv[1:], "torchrun"
     try:
         torchrun()
     except RendezvousTimeoutError:
+        print(rendezvous_timeout_message(argv), file=sys.stderr)
+        sys.exit(1)
+    except (DistStoreError, DistNetworkError) as e:
+        # the static rendezvous is a TCPStore: machine 0 times out waiting for clients, the others
+        # connecting to it; a ranks' failure is torchrun's ChildFailedError, never one of these
+        if parse_args(argv).rdzv_backend != "static" or "timed out" not in str(e).lower():
+            raise
         print(rendezvous_timeout_message(argv), file=sys.stderr)
         sys.exit(1)
 

@@ -166,10 +166,13 @@ def test_torchrun_script_with_unresolvable_master_fails_within_seconds(tiny_args
     assert last.startswith("launch/torchrun.sh: rendezvous host 'no-such-host.invalid'"), r.stderr[-3000:]
 
 
-def test_a_machine_that_never_joins_leaves_the_other_one_line_after_rdzv_timeout(tiny_args, tmp_path):
+@pytest.mark.parametrize("backend", ["c10d", "static"])
+def test_a_machine_that_never_joins_leaves_the_other_one_line_after_rdzv_timeout(tiny_args, tmp_path, backend):
     """The first of two machines, the second never started: torchrun waited 600 s, not settable from the
-    script, then ended in a bare RendezvousTimeoutError traceback. The 120 s guard only stops a hang."""
+    script, then ended in a bare traceback (c10d: RendezvousTimeoutError; static: the TCPStore's
+    DistStoreError, after its own `timeout`). The 120 s guard only stops a hang."""
     env = clean_env(NNODES="2", NODE_RANK="0", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", RDZV_TIMEOUT="2")
+    env["RDZV_BACKEND"] = backend
     cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_args]
     env.update(MASTER_PORT=str(free_port()), PYTHON=sys.executable)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

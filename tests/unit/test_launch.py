@@ -26,6 +26,7 @@ from megatron_lite.launcher.slurm import (
     sbatch_directives,
     template_variables,
 )
+from megatron_lite.launcher.torchrun import rendezvous_timeout_message
 from megatron_lite.parallel.mesh import init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -385,3 +386,14 @@ def test_launch_variable_check_runs_the_command_after_it_only_when_every_value_i
     bad = subprocess.run([*check, "PROCS_PER_NODE=0", "--", "echo", "started"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "", bad.stdout
     assert bad.stderr == "s: PROCS_PER_NODE=0 is out of range: set the ranks per machine, 1 or more\n", bad.stderr
+
+
+@pytest.mark.parametrize(("backend", "conf", "waited"), [
+    ("c10d", "join_timeout=7,timeout=9", "7"),
+    ("static", "join_timeout=7,timeout=9", "9"),
+    ("static", "", "600"),
+])  # fmt: skip
+def test_a_rendezvous_timeout_names_the_seconds_its_backend_waited(backend, conf, waited):
+    """c10d waits ``join_timeout``, static its TCPStore's ``timeout`` (600 s by default)."""
+    argv = ["--nnodes=2", f"--rdzv_backend={backend}", "--rdzv_endpoint=h:1", f"--rdzv_conf={conf}", "x.py"]
+    assert f" timed out after {waited} s before --nnodes=2 machines joined: " in rendezvous_timeout_message(argv)
