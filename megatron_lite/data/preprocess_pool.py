@@ -56,14 +56,23 @@ def usable_cpus() -> int:
 
 
 def cgroup_cpu_quota(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
-    """The whole CPUs (rounded up) this process's cgroup v2 ``cpu.max`` allows, or None: no quota
-    (``max``), cgroup v1 (its ``cpu.cfs_quota_us`` is not read), or not Linux."""
+    """The whole CPUs (rounded up) the cgroup v2 ``cpu.max`` files allow this process, or None: no
+    quota (``max``), cgroup v1 (its ``cpu.cfs_quota_us`` is not read), or not Linux. A quota on any
+    ancestor binds too (a systemd slice's ``CPUQuota``, a Kubernetes pod's limit above its
+    containers'): the lowest one from the process's cgroup up to the root counts."""
     try:
         path = next(line[3:] for line in Path(proc).read_text().splitlines() if line.startswith("0::"))
-        quota, period = (Path(root) / path.strip().lstrip("/") / "cpu.max").read_text().split()
-        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
-    except (OSError, StopIteration, ValueError):
+    except (OSError, StopIteration):
         return None
+    parts = [p for p in path.strip().split("/") if p]
+    quotas = []
+    for depth in range(len(parts), -1, -1):  # a folder missing here (another cgroup namespace) is skipped
+        try:
+            quota, period = Path(root, *parts[:depth], "cpu.max").read_text().split()
+            quotas += [] if quota == "max" else [max(1, -(-int(quota) // int(period)))]
+        except (OSError, ValueError):
+            continue
+    return min(quotas, default=None)
 
 
 def resolve_workers(value: int | str) -> int:

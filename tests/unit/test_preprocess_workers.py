@@ -154,6 +154,20 @@ def test_a_cgroup_v2_cpu_quota_caps_the_usable_cpus(tmp_path, cgroup, cpu_max, w
     assert usable_cpus() == (want or 64)  # the function itself (this module's runs patch the name)
 
 
+def test_a_cpu_quota_on_an_ancestor_cgroup_caps_the_usable_cpus(tmp_path):
+    """A systemd slice's CPUQuota (or a Kubernetes pod's limit) sits above the process's own cgroup,
+    whose cpu.max says max: the lowest quota on the way up to the root binds."""
+    (tmp_path / "cgroup").write_text("0::/limited.slice/job.scope\n")
+    fs = tmp_path / "fs"
+    (fs / "limited.slice" / "job.scope").mkdir(parents=True)
+    (fs / "cpu.max").write_text("max 100000\n")
+    (fs / "limited.slice" / "cpu.max").write_text("300000 100000\n")
+    (fs / "limited.slice" / "job.scope" / "cpu.max").write_text("max 100000\n")
+    assert preprocess_pool.cgroup_cpu_quota(str(tmp_path / "cgroup"), str(fs)) == 3
+    (fs / "limited.slice" / "job.scope" / "cpu.max").write_text("100000 100000\n")  # the leaf lower still
+    assert preprocess_pool.cgroup_cpu_quota(str(tmp_path / "cgroup"), str(fs)) == 1
+
+
 def test_more_workers_than_usable_cpus_are_refused(tmp_path, tok, capsys):
     """--workers 100000 started processes until the machine ran out of memory."""
     cpus = len(os.sched_getaffinity(0))
