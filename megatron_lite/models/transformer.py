@@ -145,8 +145,9 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block: h = x + attn(norm(x)), then h + mlp(norm(h)); the first residual add
-    and the MLP's norm run as one fused op (``kernels.rms_norm``'s ``residual``: one read of x and
-    attn's output, one write of h and norm(h)), the same arithmetic as the add, then the norm."""
+    is the MLP norm's ``residual``: with RMSNorm one fused op (``kernels.rms_norm``'s ``residual``: one
+    read of x and attn's output, one write of h and norm(h)), the same arithmetic as the add, then the
+    norm; LayerNorm, and inputs of two dtypes, add apart."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
