@@ -169,17 +169,32 @@ def submit(script: Path, wait: bool) -> tuple[str, int]:
     return job_id, proc.returncode
 
 
-def check_tp_within_nodes(cfg: Config, procs_per_node: int) -> None:
+def _fills(cfg: Config, tp: int, world_size: int, dp: int | None) -> bool:
+    """Whether ``parallel.tp=tp`` with the config's pp and vp and ``dp`` (the parallel.dp the user set,
+    or None: what tp x pp leave) fills ``world_size``."""
+    from megatron_lite.parallel.mesh import ParallelDims
+
+    try:
+        ParallelDims.resolve(world_size, tp, cfg.parallel.pp, dp, cfg.parallel.vp)
+    except UserError:
+        return False
+    return True
+
+
+def check_tp_within_nodes(cfg: Config, procs_per_node: int, world_size: int, dp: int | None = None) -> None:
     """Refuse a tensor-parallel group that spans nodes. Ranks are numbered node by node and tp is the
     innermost mesh dimension (``parallel/mesh.py``), so each group of ``tp`` consecutive ranks stays on
     one node only when ``tp`` divides the ranks per node; TP's per-layer collectives across nodes run
-    at network speed instead of NVLink's."""
+    at network speed instead of NVLink's. The tp values the error names also fill ``world_size`` with
+    the config's pp and ``dp`` (the parallel.dp the user set; None: what tp x pp leave)."""
     from megatron_lite.models.parallelize import tp_values
 
     tp = cfg.parallel.tp
     if procs_per_node % tp == 0:
         return
-    fits = [t for t in tp_values(cfg.model, cfg.parallel.sp) if procs_per_node % t == 0]
+    fits = [
+        t for t in tp_values(cfg.model, cfg.parallel.sp) if procs_per_node % t == 0 and _fills(cfg, t, world_size, dp)
+    ]
     fix = (
         f"set parallel.tp to {' or '.join(map(str, fits))} (pipeline and data parallelism go across nodes), or "
         if fits
@@ -196,9 +211,11 @@ def launch_slurm(job: SlurmJob, dry_run: bool = False, wait: bool = False) -> in
     from megatron_lite.config import load_config
     from megatron_lite.plan import make_plan
 
-    plan = make_plan(load_config(job.config, job.overrides), job.world_size)
+    cfg = load_config(job.config, job.overrides)
+    dp = cfg.parallel.dp  # as set: the plan resolves it
+    plan = make_plan(cfg, job.world_size)
     d = plan.layout.dims
-    check_tp_within_nodes(plan.cfg, job.procs_per_node)
+    check_tp_within_nodes(plan.cfg, job.procs_per_node, job.world_size, dp)
     summary = (
         f"layout ok: {counted(job.nodes, 'node')} x {job.procs_per_node} = {counted(d.world_size, 'rank')} = pp "
         f"{d.pp} x dp {d.dp} x tp {d.tp}; about {byte_size(plan.memory_bytes_per_rank, binary=True)} per rank "

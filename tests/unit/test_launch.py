@@ -158,6 +158,16 @@ def test_launch_refuses_tensor_parallel_groups_that_span_nodes(capsys):
     assert "layout ok: 2 nodes x 4 = 8 ranks = pp 1 x dp 2 x tp 4" in capsys.readouterr().err
 
 
+def test_tp_values_suggested_for_nodes_keep_a_set_parallel_dp(capsys):
+    """parallel.dp=3 set on 2 nodes of 6 ranks with tp=4: tp=1 or 2 fit the node but not
+    tp x pp x dp = 12, so naming them sent the user on to the next refusal."""
+    args = ["launch", "slurm", "--nodes", "2", "--gpus-per-node", "6", "--dry-run", *TINY]
+    assert main([*args, "parallel.tp=4", "parallel.dp=3", "train.micro_batch_size=1", "train.global_batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert "parallel.tp=4 does not divide the 6 ranks per node, so tensor-parallel groups would span nodes: " in err
+    assert "set parallel.tp" not in err and "give each node a multiple of 4 ranks" in err, err
+
+
 @pytest.mark.parametrize(
     "options, message",
     [
