@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_scripts import SLURM_STUBS, run_launch_script
 from ports import free_port
-from test_launch import SLURM_STUBS, _run_launch_script
 
 from megatron_lite.launcher.slurm import TEMPLATES
 
@@ -32,7 +32,7 @@ def _job_output(tmp_path: Path, template: str, stubs: dict[str, str] = SLURM_STU
         (tmp_path / name).chmod(0o755)
     job = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1", "SLURM_SUBMIT_DIR": str(tmp_path)}
     job.update(CONTAINER_IMAGE="img", MASTER_PORT=str(free_port()), PYTHON=str(stub))
-    r = _run_launch_script(template, {**job, **env}, path=str(tmp_path))
+    r = run_launch_script(template, {**job, **env}, path=str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout
 
