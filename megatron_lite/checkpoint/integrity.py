@@ -69,15 +69,20 @@ def _section(meta: dict, key: str, fields: dict[str, type | tuple[type, ...]]) -
     return _fields(meta[key], key, fields)
 
 
-def _streak_problem(trainer: dict | None) -> str | None:
+def _streak_problem(trainer: dict | None, step: int) -> str | None:
     """``trainer.skip_streak`` (the streak of skipped steps a checkpoint was saved in), where present:
-    two counts."""
+    two counts, a streak no longer than the skipped steps, begun at or before the checkpoint's step."""
     streak = (trainer or {}).get("skip_streak")
     if streak is None:
         return None
     if problem := _fields(streak, "trainer.skip_streak", _STREAK):
         return problem
-    return None if all(_count(streak[k]) for k in _STREAK) else f"trainer.skip_streak {streak} holds a negative count"
+    if not all(_count(streak[k]) for k in _STREAK):
+        return f"trainer.skip_streak {streak} holds a negative count"
+    if streak["in_a_row"] > trainer["skipped_steps"] or streak["since"] > step:
+        skipped = trainer["skipped_steps"]
+        return f"trainer.skip_streak {streak} does not fit trainer.skipped_steps={skipped} and step {step}"
+    return None
 
 
 def _structure_problem(meta: dict) -> str | None:
@@ -94,7 +99,7 @@ def _structure_problem(meta: dict) -> str | None:
         lambda: _each(meta["files"], "files", _FILE),
         lambda: _section(meta, "optimizer", _OPTIMIZER),
         lambda: _section(meta, "trainer", _TRAINER),
-        lambda: _streak_problem(meta["trainer"]),
+        lambda: _streak_problem(meta["trainer"], meta["step"]),
         lambda: (
             None if isinstance(config := meta.get("config"), (dict, _NULL)) else f"config is {_json_name(type(config))}"
         ),

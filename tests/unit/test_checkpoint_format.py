@@ -156,6 +156,11 @@ def test_weights_only_checkpoint_has_every_documented_key(tmp_path):
         (lambda m: m["trainer"].update(skip_streak={"in_a_row": 2}), "trainer.skip_streak has no 'since' key"),
         (lambda m: m["trainer"].update(skip_streak=[2, 5]), "trainer.skip_streak is a list, not an object"),
         (lambda m: m["trainer"].update(skip_streak={"in_a_row": -1, "since": 5}), "holds a negative count"),
+        (
+            lambda m: m["trainer"].update(skip_streak={"in_a_row": 1, "since": 5}),
+            "does not fit trainer.skipped_steps=0",
+        ),
+        (lambda m: m["trainer"].update(skipped_steps=1, skip_streak={"in_a_row": 1, "since": 10**6}), "and step"),
     ],
 )
 def test_damaged_metadata_is_named_in_one_problem(damage, why):
