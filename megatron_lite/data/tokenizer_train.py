@@ -330,7 +330,8 @@ def _train(files: list[Path], vocab_size: int, max_bytes: int, progress: bool, j
                     "Lines documents with empty text); give files with text in them"
                 ) from e
             raise UserError(
-                f"sentencepiece could not train a {vocab_size}-token model on {len(files)} file(s): {e}{_vocab_hint(e)}"
+                f"sentencepiece could not train a {vocab_size}-token model on {counted(len(files), 'file')}: "
+                f"{e}{_vocab_hint(e)}"
             ) from e
     if started:
         log.info("trained the %s-piece tokenizer in %s", f"{vocab_size:,}", duration(time.monotonic() - started[0]))
