@@ -313,11 +313,11 @@ class Trainer:
         except BaseException:
             self.trackers.close(failed=True)  # flushed, and marked failed (W&B), before the error goes up
             raise
+        self.trackers.close()  # before the summary: W&B prints its own as it finishes, and ours is the last word
         if self.rank == 0:
             wall, where = time.perf_counter() - self.started, self.checkpointer.storage.url(step_dir_name(self.step))
             for line in closing_lines(t, first, history, self.preempted, wall, self.throughput, where):
                 log.info("%s", line)
-        self.trackers.close()
         return history
 
     def _loop(self, stop: int, history: list[dict], watch: FailureWatch) -> None:

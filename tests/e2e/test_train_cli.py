@@ -24,8 +24,13 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog):
+def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="megatron_lite.training.trainer")
+    # a tracker's closing words (W&B prints a summary of its own as it finishes) come before ours
+    trainer_log, close = logging.getLogger("megatron_lite.training.trainer"), Trackers.close
+    monkeypatch.setattr(
+        Trackers, "close", lambda self, failed=False: (trainer_log.info("trackers closed"), close(self, failed))
+    )
     assert main(["train", *tiny_args, "train.eval_every=4", "checkpoint.every=4"]) == 0
     # the startup log says which implementation each fused op takes, one line per op
     (report,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("kernels on cpu:")]
@@ -44,6 +49,7 @@ def test_train_writes_metrics_config_and_checkpoint(tiny_args, tmp_path, caplog)
     assert said == [line for r in records for line in step_lines(r, 6, 8 * 32)], said
     # and one closing line: this launch's steps, wall time, mean tokens/s, last losses, last checkpoint
     (summary,) = [m for m in caplog.messages if m.startswith("run summary: ")]
+    assert caplog.messages[-2:] == ["trackers closed", summary], caplog.messages[-2:]
     last, where = records[-1], re.escape(str(run / "checkpoints" / "step_00000006"))
     m = re.fullmatch(
         rf"run summary: steps 1-6 of 6 \(6 this launch\) in {WALL} \| ([\d,]+) tokens/s \| "
