@@ -12,10 +12,10 @@ watching them: they save and exit 0, and so does torchrun.
 
 A machine that never joins the rendezvous leaves the others waiting ``join_timeout`` seconds under
 the c10d backend, ``timeout`` under the static one (``--rdzv_conf=join_timeout=N,timeout=N``, 600 by
-default each; ``RDZV_TIMEOUT`` of ``launch/torchrun.sh`` sets both), after which torchrun raises a bare
-``RendezvousTimeoutError`` (c10d) or the store's ``DistStoreError`` / ``DistNetworkError`` "timed out"
-(static); here that is one line naming the endpoint, the machines expected and what to check, and
-exit status 1.
+default each; ``RDZV_TIMEOUT`` of ``launch/torchrun.sh`` and of the sbatch templates sets both), after
+which torchrun raises a bare ``RendezvousTimeoutError`` (c10d) or the store's ``DistStoreError`` /
+``DistNetworkError`` "timed out" (static); here that is one line naming the endpoint, the machines
+expected and what to check, and exit status 1.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def rendezvous_timeout_message(argv: list[str]) -> str:
         f"torchrun: rendezvous {args.rdzv_id} at {args.rdzv_endpoint} timed out after {waited} s before "
         f"--nnodes={args.nnodes} machines joined: start the job on every machine with the same MASTER_ADDR, "
         "MASTER_PORT and rendezvous id (launch/torchrun.sh: the same arguments, or the same RDZV_ID; each "
-        "machine prints its id), or let them wait longer (launch/torchrun.sh: RDZV_TIMEOUT)"
+        "machine prints its id), or let them wait longer (RDZV_TIMEOUT of launch/torchrun.sh or launch/*.sbatch)"
     )
 
 

@@ -183,7 +183,7 @@ def test_a_machine_that_never_joins_leaves_the_other_one_line_after_rdzv_timeout
         f"torchrun: rendezvous {rendezvous[1]} at {rendezvous[2]} timed out after 2 s before --nnodes=2 machines "
         "joined: start the job on every machine with the same MASTER_ADDR, MASTER_PORT and rendezvous id "
         "(launch/torchrun.sh: the same arguments, or the same RDZV_ID; each machine prints its id), or let them "
-        "wait longer (launch/torchrun.sh: RDZV_TIMEOUT)"
+        "wait longer (RDZV_TIMEOUT of launch/torchrun.sh or launch/*.sbatch)"
     ), r.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # no rank started
 

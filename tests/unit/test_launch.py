@@ -232,6 +232,11 @@ def test_a_large_world_looks_for_failed_ranks_less_often():
     [
         ({"PROCS_PER_NODE": "abc"}, "PROCS_PER_NODE=abc is not a whole number: set the ranks per machine, 1 or more"),
         ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is not a TCP port: set one in 1-65535"),
+        (
+            {"RDZV_TIMEOUT": "10m"},
+            "RDZV_TIMEOUT=10m is not a whole number: set the seconds the machines wait for each other at the "
+            "rendezvous, 1 or more",
+        ),
     ],
 )
 def test_sbatch_templates_refuse_a_bad_variable_in_one_line_before_training_starts(template, env, line, tmp_path):

@@ -1,6 +1,6 @@
 """The sbatch templates' thread setting: OMP_NUM_THREADS=1 only for several ranks per node, as
-launch/torchrun.sh sets it, read off the command each template's step would start; and the job line
-they print first."""
+launch/torchrun.sh sets it, read off the command each template's step would start; the job line
+they print first; the rendezvous timeout their torchrun gets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from launch_scripts import SLURM_STUBS, run_launch_script
 from ports import free_port
 
-from megatron_lite.launcher.slurm import TEMPLATES
+from megatron_lite.launcher.slurm import TEMPLATE_DIR, TEMPLATES, SlurmJob, render_sbatch, template_variables
 
 
 def _job_output(tmp_path: Path, template: str, stubs: dict[str, str] = SLURM_STUBS, **env: str) -> str:
@@ -74,3 +74,18 @@ def test_sbatch_templates_take_the_first_host_of_a_long_node_list(template, tmp_
     many = "#!/bin/sh\necho 127.0.0.1\ni=0; while [ $i -lt 20000 ]; do echo node$i; i=$((i + 1)); done\n"
     out = _job_output(tmp_path, template, {**SLURM_STUBS, "scontrol": many}, SLURM_NNODES="2", PROCS_PER_NODE="4")
     assert out.startswith("job 7: 2 nodes x 4 ranks via torchrun") and "rendezvous 127.0.0.1:" in out, out
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values())
+def test_sbatch_templates_hand_rdzv_timeout_to_torchruns_rendezvous(template, tmp_path):
+    """RDZV_TIMEOUT set how long launch/torchrun.sh's machines wait at the rendezvous, but the sbatch
+    templates (and the train.sbatch `launch slurm` writes from them) left torchrun's 600 s."""
+    rendered = tmp_path / "train.sbatch"
+    image = "img" if "container" in template else None  # the interpreter: _job_output's stand-in
+    job = SlurmJob("c.yaml", 2, 2, gpus_per_node=None, container_image=image, python=str(tmp_path / "python"))
+    assert job.template == template
+    rendered.write_text(render_sbatch((TEMPLATE_DIR / template).read_text(), {}, template_variables(job)))
+    for script in (template, str(rendered)):
+        assert " --rdzv_conf=join_timeout=600,timeout=600 " in _step_start(tmp_path, script), script  # torchrun's own
+        line = _step_start(tmp_path, script, RDZV_TIMEOUT="1800")
+        assert " --rdzv_conf=join_timeout=1800,timeout=1800 -m megatron_lite.train " in line, line
