@@ -33,7 +33,9 @@ PYTHON=${PYTHON:-python3}              # the interpreter with megatron-lite inst
 
 # Every value is checked before torchrun starts: one line for each bad one, naming what is accepted,
 # and exit 2 (megatron_lite/launcher/launch_vars.py; MASTER_ADDR must also resolve, where torchrun's
-# rendezvous would retry an unknown host for minutes).
+# rendezvous would retry an unknown host for minutes). On the machine that hosts the rendezvous of
+# several (NODE_RANK=0; under c10d, where MASTER_ADDR names it) MASTER_PORT must be free, where torchrun
+# would wait on whatever holds it: the line names the holder (launcher/rendezvous_port.py).
 if ! command -v "$PYTHON" >/dev/null; then
   echo "launch/torchrun.sh: PYTHON=$PYTHON is not a command here: set PYTHON to the interpreter with megatron-lite" \
        "installed" >&2

@@ -7,7 +7,8 @@ script hands its values to this module first::
 
     python -m megatron_lite.launcher.launch_vars launch/torchrun.sh NNODES="$NNODES" ... [-- COMMAND ...]
 
-Every bad value is one line naming the variable, the value and what is accepted, and the exit
+Every bad value is one line naming the variable, the value and what is accepted, and so is a
+MASTER_PORT in use on the machine that hosts the rendezvous (``rendezvous_port.py``); the exit
 status is 2; with ``-- COMMAND`` the command replaces this process when every value is good (the
 container template runs the check inside its image this way, where megatron-lite is installed).
 ``megatron-lite launch slurm`` checks its options with the same functions.
@@ -22,6 +23,7 @@ from collections.abc import Mapping
 
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.env import check_master_resolves, tcp_port
+from megatron_lite.launcher.rendezvous_port import check_port_free, is_this_machine
 
 RDZV_BACKENDS = ("c10d", "static")  # c10d: machines join in any order; static: by NODE_RANK
 
@@ -86,12 +88,29 @@ def _check_master(addr: str, values: Mapping[str, str]) -> None:
     check_master_resolves(addr, int(port) if re.fullmatch(r"[0-9]+", port) else 29500)
 
 
+def hosts_rendezvous(values: Mapping[str, str]) -> bool:
+    """Whether this machine serves the rendezvous of a launch on several machines whose (good) values
+    are ``values``: NODE_RANK=0 under the static backend; under c10d, NODE_RANK=0 where MASTER_ADDR
+    names this machine (c10d ignores NODE_RANK, so every machine may leave it 0; a second agent on the
+    host itself, given another NODE_RANK, joins as a client). One machine (NNODES=1) runs torchrun
+    --standalone, on a free port of its own choosing."""
+    if "MASTER_PORT" not in values or int(values.get("NNODES", "1")) == 1 or int(values.get("NODE_RANK", "0")) != 0:
+        return False
+    return values.get("RDZV_BACKEND", "c10d") == "static" or is_this_machine(values["MASTER_ADDR"])
+
+
 def check_launch_vars(values: Mapping[str, str]) -> list[str]:
-    """One message for each bad value of ``values`` (variable name -> value), in their order."""
+    """One message for each bad value of ``values`` (variable name -> value), in their order; with every
+    value good, on the machine that hosts the rendezvous, whether MASTER_PORT is free there."""
     problems = []
     for name, value in values.items():
         try:
             _check_one(name, value, values)
+        except UserError as e:
+            problems.append(str(e))
+    if not problems and hosts_rendezvous(values):
+        try:
+            check_port_free(int(values["MASTER_PORT"]))
         except UserError as e:
             problems.append(str(e))
     return problems

@@ -1,9 +1,11 @@
 """launch/torchrun.sh: its variables checked in one line before torchrun starts, the rendezvous id each
-job gets, threads per rank, and the one line a rendezvous that timed out ends with."""
+job gets, threads per rank, a rendezvous port in use, and the one line a rendezvous that timed out
+ends with."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from launch_scripts import ROOT, run_launch_script
 
+from megatron_lite.launcher.rendezvous_port import check_port_free
 from megatron_lite.launcher.torchrun import rendezvous_timeout_message
 
 
@@ -137,3 +140,55 @@ def test_a_rendezvous_timeout_names_the_seconds_its_backend_waited(backend, conf
     """c10d waits ``join_timeout``, static its TCPStore's ``timeout`` (600 s by default)."""
     argv = ["--nnodes=2", f"--rdzv_backend={backend}", "--rdzv_endpoint=h:1", f"--rdzv_conf={conf}", "x.py"]
     assert f" timed out after {waited} s before --nnodes=2 machines joined: " in rendezvous_timeout_message(argv)
+
+
+def _ipv6_loopback() -> bool:
+    with socket.socket(socket.AF_INET6) as s:
+        try:
+            s.bind(("::1", 0))
+        except OSError:
+            return False
+    return True
+
+
+def test_torchrun_script_refuses_a_port_in_use_on_the_rendezvous_machine_naming_its_holder(tmp_path):
+    """The machine that hosts the rendezvous, its MASTER_PORT held by another process: torchrun's c10d
+    store could not listen there, so it joined the holder as a client and waited on a server that is no
+    store. The machines that only connect to the port do not test it."""
+    holders = [(socket.AF_INET, "127.0.0.1")] + ([(socket.AF_INET6, "::1")] if _ipv6_loopback() else [])
+    for family, address in holders:
+        with socket.socket(family) as held:
+            held.bind((address, 0))
+            held.listen()
+            port = str(held.getsockname()[1])
+            job = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            static_host = {"RDZV_BACKEND": "static", "MASTER_ADDR": "192.0.2.1"}  # static: NODE_RANK=0 serves it
+            for host in ({"NODE_RANK": "0"}, {"NODE_RANK": "0", **static_host}):
+                r = _torchrun_start(tmp_path, 0, **{**job, **host})
+                assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+                (line,) = r.stderr.splitlines()
+                assert line.startswith(
+                    f"launch/torchrun.sh: MASTER_PORT={port} is in use on this machine, which hosts the rendezvous "
+                    f"(held by pid {os.getpid()}: "
+                ), line
+                assert line.endswith("): set MASTER_PORT to a free port, the same on every machine"), line
+            for client in ({"NODE_RANK": "1"}, {"NODE_RANK": "0", "MASTER_ADDR": "192.0.2.1"}):  # 192.0.2.1: not here
+                r = _torchrun_start(tmp_path, 0, **{**job, **client})
+                assert r.returncode == 0 and " --rdzv_endpoint=" in r.stdout, r.stdout + r.stderr  # torchrun starts
+
+
+def test_a_port_whose_last_connection_lingers_in_time_wait_is_free():
+    """A job restarted on its port: the closed store's connections stay in TIME_WAIT for a minute, and the
+    next store binds anyway (SO_REUSEADDR), so the check must not refuse the port."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store's, whose connections inherit it
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            served, _ = listener.accept()
+            served.close()  # the server's side closes first: its end of the connection enters TIME_WAIT
+            client.recv(1)
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the lingering connection is there: a bind without SO_REUSEADDR fails
+    check_port_free(port)
