@@ -44,14 +44,20 @@ _BATCH_CHARS = 1 << 18  # text per batch: ~0.1 s of sentencepiece, against ~0.1 
 _BATCH_ITEMS = 1 << 14  # and at most this many pieces and document ends (a run of empty documents)
 
 
+def allowed_cpus() -> set[int]:
+    """The ids of the CPUs this process may run on: its affinity (taskset, a cpuset, SLURM's binding);
+    every CPU where there is none (not Linux)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return set(range(os.cpu_count() or 1))
+
+
 def usable_cpus() -> int:
     """The CPUs this process may use: a container's or taskset's share, not the host's. Its CPU
-    affinity (taskset, a cpuset, SLURM's binding), and a cgroup v2 CPU quota below it (Docker's
-    ``--cpus``, a Kubernetes limit: :func:`cgroup_cpu_quota`), rounded up to whole CPUs."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
+    affinity (:func:`allowed_cpus`), and a cgroup v2 CPU quota below it (Docker's ``--cpus``, a
+    Kubernetes limit: :func:`cgroup_cpu_quota`), rounded up to whole CPUs."""
+    cpus = len(allowed_cpus())
     return min(cpus, cgroup_cpu_quota() or cpus)
 
 

@@ -13,16 +13,20 @@ import json
 import logging
 import os
 import platform
+import socket
 import time
+from collections import Counter
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from megatron_lite import jsontext
 from megatron_lite.amounts import duration
 from megatron_lite.config import ModelConfig, TrainConfig
-from megatron_lite.data.preprocess_pool import usable_cpus
+from megatron_lite.data.preprocess_pool import allowed_cpus, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +115,32 @@ def cpu_peak_flops() -> float:
     return peak
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, local_world_size: int = 1) -> float | None:
+def cpu_share(mine: Collection[int], machine: Iterable[Collection[int]]) -> float:
+    """The part of the CPUs ``mine`` that one rank has to itself, where the ranks of its machine (it
+    among them) may run on the CPU sets ``machine``: each CPU split evenly among the ranks allowed on
+    it. 1/n for n ranks that all see every CPU (torchrun, srun without CPU binding); 1 for ranks bound
+    to CPUs of their own (srun's per-task cpusets, numactl per rank)."""
+    ranks_on = Counter(cpu for cpus in machine for cpu in cpus)
+    return sum(1 / ranks_on[cpu] for cpu in mine) / len(mine)
+
+
+def local_cpu_share() -> float:
+    """This rank's :func:`cpu_share` of the CPUs it may run on, among the ranks on its machine (those
+    of its host name): one all-gather over the world, so every rank calls it. 1 in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return 1.0
+    mine, here = allowed_cpus(), socket.gethostname()
+    everyone: list[tuple[str, list[int]] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (here, sorted(mine)))
+    return cpu_share(mine, [set(cpus) for host, cpus in everyone if host == here])
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, share: float = 1.0) -> float | None:
     """Peak FLOP/s of one rank for MFU, or None (with a warning) for an unknown GPU: never a made-up
-    number. On CPU the ranks of a machine share its cores: each gets the machine's peak / their count."""
+    number. On CPU: the peak of the CPUs this process may use, times ``share``, the part of them that
+    is this rank's (:func:`local_cpu_share`), so ranks that share CPUs split their peak once."""
     if device.type == "cpu":
-        return cpu_peak_flops() / max(local_world_size, 1)
+        return cpu_peak_flops() * share
     if device.type != "cuda":
         log.warning("no peak FLOP/s known for device type %s; MFU will not be reported", device.type)
         return None

@@ -139,8 +139,10 @@ class Trainer:
             wandb_project=cfg.log.wandb_project,
             step=self.step,
         )
-        # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention
-        peak = peak_flops(self.device, self.dtype, self.env.local_world_size) if self.rank == 0 else None
+        # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention.
+        # Every rank tells which CPUs it may run on, so rank 0 counts its own share of them once.
+        share = metrics.local_cpu_share() if self.device.type == "cpu" else 1.0
+        peak = peak_flops(self.device, self.dtype, share) if self.rank == 0 else None
         self.throughput = Throughput(flops_per_token(cfg.model), peak, self.world)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
 

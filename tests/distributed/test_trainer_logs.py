@@ -94,33 +94,44 @@ def test_resume_and_preemption_are_logged_once_by_rank_zero(logs):
 PEAK, TICK = 1e12, 0.25  # the stand-in machine's CPU peak (FLOP/s) and clock step (s)
 
 
-def _dp2_rows(rank: int, world: int, args: list[str], port: int) -> tuple[list[dict], float]:
-    """(rank 0's metrics.jsonl rows, FLOPs per token) of a dp=2 run stopped after step 2 and resumed,
-    as under torchrun on one machine (LOCAL_WORLD_SIZE=2), on a stand-in clock and CPU peak."""
+def _dp2_rows(rank: int, world: int, args: list[str], port: int, pinned: bool) -> tuple[list[dict], float]:
+    """(rank 0's metrics.jsonl rows, FLOPs per token) of a dp=2 run stopped after step 2 and resumed, on
+    a stand-in clock and CPU peak (that of the CPUs a rank may use), on one machine (LOCAL_WORLD_SIZE=2):
+    its ranks sharing every CPU, as under torchrun, or ``pinned`` each to a CPU of its own, as srun's
+    per-task cpusets bind them."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
     clock = itertools.count()
-    saved = trainer.time, metrics.cpu_peak_flops
+    saved = trainer.time, metrics.cpu_peak_flops, os.sched_getaffinity(0)
     trainer.time = types.SimpleNamespace(perf_counter=lambda: TICK * next(clock))
     metrics.cpu_peak_flops = lambda: PEAK
+    if pinned:
+        assert len(saved[2]) >= world, f"per-task cpusets take a CPU per rank: {len(saved[2])} for {world} ranks"
+        os.sched_setaffinity(0, {sorted(saved[2])[rank]})
     try:
         Trainer(load_config(None, [*args, "train.exit_after=2"])).fit()
         resumed = Trainer(load_config(None, args))
         resumed.fit()
     finally:
-        trainer.time, metrics.cpu_peak_flops = saved
+        trainer.time, metrics.cpu_peak_flops = saved[:2]
+        os.sched_setaffinity(0, saved[2])
         del os.environ["LOCAL_WORLD_SIZE"]
     run = Path(resumed.cfg.log.dir)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
     return rows, metrics.flops_per_token(resumed.cfg.model)
 
 
-def test_dp2_rows_count_the_global_batch_across_a_resume(world2, corpus, tmp_path):
+@pytest.mark.parametrize("pinned", [False, True], ids=["shared-cpus", "per-task-cpusets"])
+def test_dp2_rows_count_the_global_batch_across_a_resume(world2, corpus, tmp_path, pinned):
+    """MFU's CPU peak is each rank's share of the CPUs it may use, counted once: ranks that share them
+    split it; ranks pinned to CPUs of their own (srun's per-task cpusets) each have its whole peak,
+    which was halved again by the 2 ranks on the machine."""
     prefix, tok = corpus
     args = [f"data.path={prefix}", f"data.tokenizer={tok}", "model.layers=2", "model.hidden=64", "model.heads=4"]
     args += ["model.seq_len=32", "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=3"]
     args += ["log.every=1", "log.progress=false", "data.valid_fraction=0", f"log.dir={tmp_path / 'run'}"]
-    (rows, fpt), _ = world2.run(_dp2_rows, args, free_port())
+    (rows, fpt), _ = world2.run(_dp2_rows, args, free_port(), pinned)
     assert [(r["step"], r["consumed_samples"]) for r in rows] == [(1, 8), (2, 16), (3, 24)]  # 2 ranks x 2 x 2
+    rank_peak = PEAK if pinned else PEAK / 2  # the peak of its own CPU; half the peak of the CPUs both use
     for r in rows:
         assert r["tokens_per_s"] == 8 * 32 / TICK  # the global batch's tokens a step, not one rank's
-        assert r["mfu"] == r["tokens_per_s"] * fpt / PEAK  # each rank's half of the peak, times 2 ranks
+        assert r["mfu"] == r["tokens_per_s"] * fpt / (rank_peak * 2)  # one rank's peak, times 2 ranks

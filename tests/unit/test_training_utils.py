@@ -67,10 +67,23 @@ def test_cpu_peak_is_measured_once_per_machine_and_shared_by_local_ranks(tmp_pat
     calls = []
     monkeypatch.setattr(metrics, "measure_cpu_peak", lambda: calls.append(torch.get_num_threads()) or 8e10)
     assert metrics.peak_flops(torch.device("cpu"), torch.float32) == 8e10
-    assert metrics.peak_flops(torch.device("cpu"), torch.float32, local_world_size=4) == 2e10
+    assert metrics.peak_flops(torch.device("cpu"), torch.float32, share=0.25) == 2e10
     assert len(calls) == 1  # cached on disk after the first measurement
     assert calls[0] == metrics.usable_cpus()  # measured with every CPU this process may use
     assert list(json.loads((tmp_path / "megatron-lite" / "cpu_peak_v2.json").read_text()).values()) == [8e10]
+
+
+def test_each_rank_counts_its_own_share_of_the_cpus_once():
+    """4 ranks on 8 CPUs: under torchrun each sees all 8, so each has a quarter of their peak; under
+    srun with per-task cpusets each sees its own 2, whose whole peak is its own (it was halved again
+    by the ranks on the machine, as if they shared them)."""
+    everything = [set(range(8))] * 4
+    assert metrics.cpu_share(set(range(8)), everything) == 0.25
+    own = [{0, 1}, {2, 3}, {4, 5}, {6, 7}]
+    assert all(metrics.cpu_share(cpus, own) == 1.0 for cpus in own)
+    # overlapping sets: CPU 1 shared by two ranks, CPU 0 this rank's alone
+    assert metrics.cpu_share({0, 1}, [{0, 1}, {1, 2}]) == (1 + 0.5) / 2
+    assert metrics.local_cpu_share() == 1.0  # one process, no process group: all its CPUs are its own
 
 
 def test_a_share_of_the_cpus_has_a_cached_peak_of_its_own(tmp_path, monkeypatch):
