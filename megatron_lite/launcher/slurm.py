@@ -65,6 +65,9 @@ class SlurmJob:
     master_port: int | None = None
     """Rendezvous port; None: the template's default, a port of the job's own (20000 + job id % 10000),
     so two jobs sharing a node never meet at one port."""
+    rdzv_timeout: int | None = None
+    """Seconds torchrun's nodes wait for each other at the rendezvous; None: the template's (600, or the
+    RDZV_TIMEOUT of the job's environment)."""
     job_name: str = "megatron-lite"
     time: str | None = None
     partition: str | None = None
@@ -115,6 +118,8 @@ def template_variables(job: SlurmJob) -> dict[str, str | list[str]]:
     }
     if job.master_port is not None:
         variables["MASTER_PORT"] = str(job.master_port)
+    if job.rdzv_timeout is not None:
+        variables["RDZV_TIMEOUT"] = str(job.rdzv_timeout)
     if job.container_image:
         variables["CONTAINER_IMAGE"] = job.container_image
         if job.container_mounts:
@@ -267,6 +272,9 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--master-port", type=int, help="rendezvous port on the first node (default: 20000 + job id %% 10000)"
     )
+    p.add_argument(
+        "--rdzv-timeout", type=int, help="seconds torchrun's nodes wait for each other at the rendezvous (default: 600)"
+    )
     p.add_argument("--job-name", default="megatron-lite", help="sbatch --job-name (default: megatron-lite)")
     p.add_argument("--time", help="sbatch --time limit, e.g. 24:00:00 (default: the template's)")
     p.add_argument("--partition", help="sbatch --partition")
@@ -296,6 +304,8 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         )
     if args.master_port is not None:
         tcp_port("--master-port", str(args.master_port))
+    if args.rdzv_timeout is not None:
+        whole_number("--rdzv-timeout", str(args.rdzv_timeout), 1, None, "the seconds the nodes wait at the rendezvous")
     default_python = "python" if args.container_image else sys.executable
     return SlurmJob(
         config=args.config,
@@ -307,6 +317,7 @@ def job_from_args(args: argparse.Namespace) -> SlurmJob:
         cpus_per_rank=args.cpus_per_rank or (1 if args.cpu else 8),
         python=args.python or default_python,
         master_port=args.master_port,
+        rdzv_timeout=args.rdzv_timeout,
         job_name=args.job_name,
         time=args.time,
         partition=args.partition,

@@ -176,6 +176,10 @@ def test_tp_values_suggested_for_nodes_keep_a_set_parallel_dp(capsys):
         (["--procs-per-node", "0"], "--procs-per-node=0 is out of range"),
         (["--gpus-per-node", "0"], "--gpus-per-node=0 is out of range: set the GPUs per node, 1 or more"),
         (["--cpu", "--procs-per-node", "2", "--master-port", "70000"], "--master-port=70000 is not a TCP port"),
+        (
+            ["--cpu", "--procs-per-node", "2", "--rdzv-timeout", "0"],
+            "--rdzv-timeout=0 is out of range: set the seconds",
+        ),
         (["--cpu"], "--cpu needs --procs-per-node (CPU processes per node)"),
         (
             ["--job-name", "my run"],

@@ -4,6 +4,7 @@ they print first; the rendezvous timeout their torchrun gets."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -89,3 +90,7 @@ def test_sbatch_templates_hand_rdzv_timeout_to_torchruns_rendezvous(template, tm
         assert " --rdzv_conf=join_timeout=600,timeout=600 " in _step_start(tmp_path, script), script  # torchrun's own
         line = _step_start(tmp_path, script, RDZV_TIMEOUT="1800")
         assert " --rdzv_conf=join_timeout=1800,timeout=1800 -m megatron_lite.train " in line, line
+    # launch slurm --rdzv-timeout: written into the script, so a resubmission waits as long
+    written = dataclasses.replace(job, rdzv_timeout=900)
+    rendered.write_text(render_sbatch((TEMPLATE_DIR / template).read_text(), {}, template_variables(written)))
+    assert " --rdzv_conf=join_timeout=900,timeout=900 " in _step_start(tmp_path, str(rendered))
