@@ -44,6 +44,7 @@ from megatron_lite.parallel.data_parallel import DataParallelGrads, EventHook
 from megatron_lite.parallel.param_gather import ParamGather
 
 FP32 = torch.float32
+KERNEL_KEYS = ("fused", "foreach")  # torch param-group keys that choose the AdamW kernel, not the update
 
 
 def _adamw(decay: list[torch.Tensor], no_decay: list[torch.Tensor], lr: float, betas, eps, weight_decay):
@@ -220,7 +221,8 @@ class DistributedAdamW:
         self.num_steps = state["step"]
         for opt in self.optimizers:
             for group, saved in zip(opt.param_groups, state["param_groups"]):
-                group.update(saved)
+                # hyper-parameters only: the kernel is each bucket's own (an empty shard runs foreach)
+                group.update({k: v for k, v in saved.items() if k not in KERNEL_KEYS})
             opt.state.clear()
         if self.num_steps > 0:  # torch creates the moments at the first step
             owner = {id(v): opt for opt in self.optimizers for g in opt.param_groups for v in g["params"]}

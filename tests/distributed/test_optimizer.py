@@ -1,5 +1,5 @@
-"""The distributed optimizer: 1/dp of the state, sharded checkpoints, bf16/fp16 with fp32 masters,
-and fp16 overflow skipped by every rank together.
+"""The distributed optimizer: 1/dp of the state, sharded checkpoints (each bucket keeping its AdamW
+kernel), bf16/fp16 with fp32 masters, and fp16 overflow skipped by every rank together.
 
 The models and the step come from ``test_data_parallel`` (one trainer step, as the lead's trainer
 runs it).
@@ -10,9 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_data_parallel import OPTIM, build_dp, mesh, micro_batches, model_config, train_step
+from torch import nn
 
 from megatron_lite.models.transformer import build_model
+from megatron_lite.parallel import optimizer as optimizer_module
 from megatron_lite.parallel.data_parallel import DataParallelGrads
+from megatron_lite.parallel.grad_utils import clip_grad_norm_
 from megatron_lite.parallel.optimizer import DistributedAdamW, build_dp_optimizer
 from megatron_lite.parallel.precision import Precision
 
@@ -91,6 +94,59 @@ def test_sharded_state_dict_resumes_bitwise(world2):
             covered[seg["name"]] = covered.get(seg["name"], 0) + hi - lo
     numels = {name: p.numel() for name, p in build_model(model_config("gpt2"), 0).named_parameters()}
     assert covered == numels
+
+
+def _resume_with_an_empty_first_shard(rank: int, world: int) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """ZeRO-1 on the fused AdamW path (CUDA's; torch has it on CPU too) where dp rank 1 holds no
+    element of bucket 0: ``nn.Linear(512, 3)``'s bias (registered last, so first in the buffer) is a
+    bucket of its own, 3 elements padded to 2 x 16, so rank 1's shard of it is all padding and that
+    bucket's optimizer (foreach: no parameter to fuse) is the only one not fused. 4 steps straight,
+    or 2 + state_dict + a fresh model/optimizer + load + 2: the final weights, and whether every
+    bucket optimizer kept its kernel through the load."""
+    saved_fused = optimizer_module._fused
+    optimizer_module._fused = lambda params: bool(params)  # in this rank's process only; restored below
+    try:
+
+        def build() -> tuple[nn.Linear, DataParallelGrads, DistributedAdamW]:
+            model = nn.Linear(512, 3)
+            with torch.no_grad():
+                model.weight.copy_(torch.randn(3, 512, generator=torch.Generator().manual_seed(0)))
+                model.bias.zero_()
+            ddp = DataParallelGrads(model, mesh(world).dp_group, bucket_numel=1, reduce_scatter=True)
+            return model, ddp, build_dp_optimizer(ddp, OPTIM)
+
+        def run(model: nn.Linear, ddp: DataParallelGrads, opt: DistributedAdamW, steps: range) -> None:
+            for step in steps:
+                x = torch.randn(4, 512, generator=torch.Generator().manual_seed(10 * step + rank))
+                ddp.zero_grad()
+                model(x).square().mean().backward()
+                ddp.finish_grad_sync()
+                clip_grad_norm_(opt, 1.0, tp_group=mesh(world).tp_group, pp_group=mesh(world).pp_group)
+                opt.step()
+            opt.finish_param_sync()
+
+        model, ddp, opt = build()
+        run(model, ddp, opt, range(4))
+        straight = [p.detach().clone() for p in model.parameters()]
+        model, ddp, opt = build()
+        run(model, ddp, opt, range(2))
+        saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state_dict().items()}
+        model, ddp, opt = build()
+        kernels = [(g["fused"], g["foreach"]) for o in opt.optimizers for g in o.param_groups]
+        opt.load_state_dict(saved)
+        kept = kernels == [(g["fused"], g["foreach"]) for o in opt.optimizers for g in o.param_groups]
+        run(model, ddp, opt, range(2, 4))
+        return straight, [p.detach().clone() for p in model.parameters()], kept
+    finally:
+        optimizer_module._fused = saved_fused
+
+
+def test_a_resume_keeps_each_bucket_optimizers_kernel(world2):
+    """A resume in the saving layout is bitwise the straight run, also on a rank where one bucket's
+    optimizer runs another kernel than the others (the loaded hyper-parameters carry no kernel)."""
+    for rank, (straight, resumed, kept) in enumerate(world2.run(_resume_with_an_empty_first_shard)):
+        assert kept, f"rank {rank}: loading the state changed a bucket optimizer's kernel"
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed)), f"rank {rank}: the resume differs"
 
 
 def _mixed_precision(rank: int, world: int, dtype: str, distributed: bool) -> dict:
