@@ -45,17 +45,27 @@ CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_, so clipped runs match the 
 Segment = tuple[nn.Parameter, torch.Tensor, int]  # (parameter, 1-D fp32 grad elements, their offset)
 
 
-def counted_elements(param: nn.Parameter, tp_rank: int, offset: int, numel: int) -> bool | torch.Tensor:
-    """Which of the elements [offset, offset + numel) of flattened ``param`` this rank counts in
-    the global norm: all (True), none (False), or a bool mask of shape (numel,) (module docstring)."""
+def counted_runs(param: nn.Parameter, tp_rank: int, offset: int, numel: int) -> list[tuple[int, int, bool]]:
+    """Which of the elements [offset, offset + numel) of flattened ``param`` this rank counts in the
+    global norm (module docstring), as (start, end, counted) runs that tile [0, numel), relative to
+    ``offset``. A row mask (GQA) stays on the CPU, where tensor_parallel.py sets it, and the gradient
+    is cut by slicing: a boolean mask on the gradient's device would copy it to the device, and
+    indexing with it would wait for the device (the result's size depends on the data), each step."""
     if getattr(param, TIED_COPY_ATTR, False):
-        return False
+        return [(0, numel, False)]
     if not getattr(param, TP_SHARDED_ATTR, False):
-        return tp_rank == 0
+        return [(0, numel, tp_rank == 0)]
     rows = getattr(param, TP_UNIQUE_ROWS_ATTR, None)  # GQA: KV rows replicated on several tp ranks
     if rows is None:
-        return True
-    return rows.to(param.device).repeat_interleave(param.numel() // param.shape[0])[offset : offset + numel]
+        return [(0, numel, True)]
+    width = param.numel() // param.shape[0]
+    starts = [0, *(torch.nonzero(rows[1:] != rows[:-1]).flatten() + 1).tolist(), len(rows)]  # runs of equal rows
+    runs = []
+    for lo, hi, counted in zip(starts, starts[1:], rows[starts[:-1]].tolist()):
+        a, z = max(lo * width, offset), min(hi * width, offset + numel)
+        if a < z:
+            runs.append((a - offset, z - offset, counted))
+    return runs
 
 
 SUM_ROWS = 1024
@@ -114,12 +124,8 @@ def global_grad_norm(
     """
     counted, others = [], []
     for param, grad, offset in segments:
-        mask = counted_elements(param, tp_rank, offset, grad.numel())
-        if isinstance(mask, bool):
-            (counted if mask else others).append(grad)
-        else:
-            counted.append(grad[mask])
-            others.append(grad[~mask])
+        for lo, hi, counts in counted_runs(param, tp_rank, offset, grad.numel()):
+            (counted if counts else others).append(grad[lo:hi])  # views: joined again where neighbours
     total = torch.zeros((), dtype=torch.float32, device=segments[0][1].device if segments else device)
     if counted:  # per-run sums first: no temporary the size of a gradient
         total += torch.stack([sum_of_squares(g) for g in _joined(counted)]).sum()

@@ -163,7 +163,7 @@ def _train_tp2(rank: int, world: int) -> tuple[list[tuple[float, float]], bool]:
     counts its rows on tp rank 0 only: ``tp_unique_rows``). With buckets of >= 2000 elements (5 a
     rank) the dp shard boundary of layers.1's bucket falls in its (32, 32) local qkv weight, between
     the K rows (16-23) and the V rows (24-31): each rank's segment of that weight needs the row
-    mask sliced at the segment's offset (``grad_utils.counted_elements``). Returns the per-step
+    mask cut at the segment's offset (``grad_utils.counted_runs``). Returns the per-step
     (loss, norm) and whether a shard boundary cut a row-masked weight."""
     on = ParallelMesh.build(ParallelDims(tp=2, dp=world // 2))
     model = apply_tp(build_model(dataclasses.replace(model_config("llama"), kv_heads=1), SEED), on)

@@ -13,7 +13,7 @@ from megatron_lite.parallel.grad_utils import (
     TP_SHARDED_ATTR,
     TP_UNIQUE_ROWS_ATTR,
     clip_grad_norm_,
-    counted_elements,
+    counted_runs,
     global_grad_norm,
 )
 from megatron_lite.parallel.precision import DynamicLossScaler, Precision
@@ -62,12 +62,30 @@ def _param(shape=(2,), **attrs) -> nn.Parameter:
 
 def test_what_counts_in_the_norm():
     sharded, replicated, tied = _param(**{TP_SHARDED_ATTR: True}), _param(), _param(**{TIED_COPY_ATTR: True})
-    assert counted_elements(sharded, 1, 0, 2) is True and counted_elements(sharded, 0, 0, 2) is True
-    assert counted_elements(replicated, 0, 0, 2) is True and counted_elements(replicated, 1, 0, 2) is False
-    assert counted_elements(tied, 0, 0, 2) is False
+    assert counted_runs(sharded, 1, 0, 2) == counted_runs(sharded, 0, 0, 2) == [(0, 2, True)]
+    assert counted_runs(replicated, 0, 0, 2) == [(0, 2, True)] and counted_runs(replicated, 1, 0, 2) == [(0, 2, False)]
+    assert counted_runs(tied, 0, 0, 2) == [(0, 2, False)]
     # a (3, 2) weight whose middle row is a replica another tp rank counts; a shard starting at element 1
     gqa = _param((3, 2), **{TP_SHARDED_ATTR: True, TP_UNIQUE_ROWS_ATTR: torch.tensor([True, False, True])})
-    assert counted_elements(gqa, 1, 1, 4).tolist() == [True, False, False, True]
+    assert counted_runs(gqa, 1, 1, 4) == [(0, 1, True), (1, 3, False), (3, 4, True)]
+    assert counted_runs(gqa, 1, 2, 2) == [(0, 2, False)]  # a shard inside one run
+
+
+def test_a_row_masked_gradient_is_normed_without_waiting_for_the_device():
+    """Splitting a GQA weight's gradient into the rows this rank counts and the rest uses no op
+    whose result size depends on the data (boolean indexing: on a GPU the host waits for every
+    kernel queued before it, in each step's norm, for every such weight). The meta device stands for
+    the GPU here: such ops cannot run on it. The mask lives on the CPU, as tensor_parallel.py sets it."""
+    rows = torch.tensor([True, False, False, True])
+    for device in ("meta", "cpu"):
+        gqa = nn.Parameter(torch.zeros((4, 3), device=device))
+        setattr(gqa, TP_SHARDED_ATTR, True)
+        setattr(gqa, TP_UNIQUE_ROWS_ATTR, rows)
+        # elements 2-10 of the (4, 3) weight: the last of row 0 (counted), rows 1-2 (replicas), two of row 3
+        grad = torch.tensor([3.0, 7, 7, 7, 7, 7, 7, 4, 0], device=device)
+        norm = global_grad_norm([(gqa, grad, 2)], [], tp_rank=1)
+        assert norm.device == torch.device(device) and norm.shape == ()
+    assert norm.item() == 5.0
 
 
 def test_norm_skips_duplicates_but_not_their_infs():
