@@ -30,7 +30,6 @@ import logging
 import math
 
 import torch
-import torch.distributed as dist
 
 from megatron_lite.checkpoint.shards import BoxReader, Piece, collect_pieces, restore
 from megatron_lite.config import Config
@@ -197,32 +196,11 @@ class Engine:
     def eval_loss(self, micro: list[torch.Tensor]) -> float:
         """Mean loss over ``micro`` (and over dp ranks) without touching gradients."""
         self.optimizer.finish_param_sync()
-        if self.runtime is not None:
-            local = torch.stack([self._pipeline_forward(b) for b in micro]).mean()
+        if self.runtime is not None:  # pipelined forwards; the last stage's mean, summed over the pp group
+            losses = self.runtime.evaluate([_inputs_and_labels(b) for b in micro])
+            local = torch.zeros((), device=self.device) if losses is None else _mean_loss(losses)
             return self.global_mean(comm.all_reduce(local, self.mesh.pp_group))
-        local = torch.stack([self._loss(b).float() for b in micro]).mean()
-        return self.global_mean(local)
-
-    def _pipeline_forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Forward of one microbatch through every virtual stage in order (blocking P2P: evaluation
-        only); the loss on the rank holding the last stage, 0 elsewhere."""
-        ids, labels = _inputs_and_labels(batch.to(self.device))
-        pp, ranks = self.mesh.pp_size, group_ranks(self.mesh.rank, self.mesh.dims, "pp")
-        loss, h = torch.zeros((), device=self.device), None
-        for vstage in range(pp * self.layout.schedule.vp):
-            owner, local = vstage % pp, vstage // pp
-            if owner != self.mesh.pp_rank:
-                continue
-            chunk = self.chunks[local]
-            if vstage > 0:
-                h = torch.empty(self.runtime.activation_shape(ids.shape), dtype=self.runtime.dtype, device=self.device)
-                dist.recv(h, ranks[(vstage - 1) % pp], group=self.mesh.pp_group)
-            out = chunk(ids if vstage == 0 else h, labels if chunk.is_last else None)
-            if chunk.is_last:
-                loss = out.float()
-            else:
-                dist.send(out.contiguous(), ranks[(vstage + 1) % pp], group=self.mesh.pp_group)
-        return loss
+        return self.global_mean(_mean_loss([self._loss(b) for b in micro]))
 
     def sharded_state(self) -> tuple[list[Piece], int]:
         """(this rank's boxes of the global model and optimizer state, AdamW's step count) for a
@@ -235,6 +213,11 @@ class Engine:
         """Load masters, Adam moments (``step`` steps taken) and parameters from a checkpoint saved
         in any layout, reading only this rank's boxes. Collective over dp (parameter refresh)."""
         restore(self.ddp, self.optimizer, self.cfg.model, self.mesh.tp_rank, reader, step)
+
+
+def _mean_loss(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 mean of microbatch losses: one arithmetic for every layout."""
+    return torch.stack([loss.float() for loss in losses]).mean()
 
 
 def _inputs_and_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

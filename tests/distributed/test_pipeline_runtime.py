@@ -3,8 +3,11 @@
 Each case builds a tiny model's chunks for its pipeline rank, runs a few AdamW steps through
 :class:`PipelineRuntime`, and compares with the one-process model that every rank also trains (no
 communication needed for the reference): per-step losses on the last stage, every gradient after
-the first step, and the two copies of a tied embedding after the last. pp=4 uses the whole 4-rank world; the pp=2
-cases run two at a time on the pipelines {0, 1} and {2, 3} of the same world.
+the first step, and the two copies of a tied embedding after the last. Before training, each case
+also evaluates (forward only) one microbatch more than a step holds: each microbatch's loss is the
+one process's, bitwise (same parameters, same kernels, no reduction), and no gradient appears.
+pp=4 uses the whole 4-rank world; the pp=2 cases run two at a time on the pipelines {0, 1} and
+{2, 3} of the same world.
 
 Tolerances: the pipeline runs the same kernels on the same shapes and accumulates microbatches in
 the same order (each backward starts from loss / m, as one process's), so the values match
@@ -74,9 +77,12 @@ def _data(m: int, seed: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     return steps
 
 
-def _reference(cfg: ModelConfig, data) -> tuple[list[float], dict]:
-    """One process, the trainer's accumulation: sum over microbatches of loss / m."""
+def _reference(cfg: ModelConfig, data) -> tuple[list[float], dict, list[float]]:
+    """One process, the trainer's accumulation: sum over microbatches of loss / m; and, before
+    training, each microbatch's loss of :func:`_evaluated`."""
     model = build_model(cfg, SEED)
+    with torch.no_grad():
+        evaluated = [model(ids, labels).item() for ids, labels in _evaluated(data)]
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, first_grads = [], {}
     for step, micro in enumerate(data):
@@ -90,14 +96,21 @@ def _reference(cfg: ModelConfig, data) -> tuple[list[float], dict]:
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
-    return losses, first_grads
+    return losses, first_grads, evaluated
 
 
-def _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp) -> tuple[list[float], dict, dict]:
+def _evaluated(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The microbatches evaluated before training: one more than a step's (evaluation takes any number)."""
+    return [*data[0], data[1][0]]
+
+
+def _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp) -> tuple[list[float], dict, dict, list]:
     partition = partition_layers(cfg.layers, schedule.pp, vp)
     chunks = build_stage_chunks(cfg, partition, pp_rank, SEED)
     runtime = PipelineRuntime(chunks, schedule, pp_group, embed_group=embed_group, timeout_s=30)
     params = {n: p for c in chunks for n, p in c.named_parameters()}
+    evaluated = runtime.evaluate(_evaluated(data))
+    assert all(p.grad is None for p in params.values()), "evaluation touched a gradient"
     opt = torch.optim.AdamW(params.values(), lr=LR)
     losses, first_grads = [], {}
     for step, micro in enumerate(data):
@@ -107,7 +120,8 @@ def _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp) -> tuple[
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in params.items()}
         opt.step()
-    return losses, first_grads, {n: p.detach() for n, p in params.items()}
+    evaluated = None if evaluated is None else [loss.item() for loss in evaluated]
+    return losses, first_grads, {n: p.detach() for n, p in params.items()}, evaluated
 
 
 def _check_case(case: tuple, pp_rank: int, pp_group, embed_group) -> None:
@@ -116,9 +130,11 @@ def _check_case(case: tuple, pp_rank: int, pp_group, embed_group) -> None:
     cfg = _cfg(arch, layers=pp * vp + 1, tied=tied)  # +1: one uneven chunk
     data = _data(m, seed=zlib.crc32(repr(case).encode()))  # not hash(): salted per process
     schedule = build_schedule(name, pp, vp, m)
-    losses, grads, params = _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp)
-    ref_losses, ref_grads = _reference(cfg, data)
+    losses, grads, params, evaluated = _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp)
+    ref_losses, ref_grads, ref_evaluated = _reference(cfg, data)
     where = f"{case} pp={pp} rank {pp_rank}"
+    # forward only, before any step: the same parameters and kernels, so the same bits
+    assert evaluated == (ref_evaluated if pp_rank == pp - 1 else None), (where, evaluated, ref_evaluated)
     if pp_rank == pp - 1:
         if tied:
             assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=0, msg=where)
@@ -254,7 +270,7 @@ def _run_tp2_pp2(rank: int, world: int) -> None:
         del model
         runtime = PipelineRuntime(chunks, build_schedule(name, 2, vp, m), mesh.pp_group, embed_group=embed_group)
         opt = torch.optim.AdamW([p for c in chunks for p in c.parameters()], lr=LR)
-        ref_losses, ref_grads = _reference(cfg, data)
+        ref_losses, ref_grads, _ = _reference(cfg, data)
         where = f"tp=2 pp=2 {name} vp={vp} m={m} {arch} tied={tied} rank {rank}"
         for step, micro in enumerate(data):
             opt.zero_grad(set_to_none=True)

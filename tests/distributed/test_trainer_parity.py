@@ -16,8 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_lite.config import load_config
+from megatron_lite.config import TrainConfig, load_config
 from megatron_lite.data.corpus import prepare_default_corpus
+from megatron_lite.parallel.pipeline.schedules import forward_table
 from megatron_lite.training.trainer import Trainer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -179,9 +180,14 @@ def world8():
     world.close()
 
 
-def _run_3d(rank: int, world: int, args: list[str], port: int) -> list[dict]:
+def _run_3d(rank: int, world: int, args: list[str], port: int) -> tuple[list[dict], list[int]]:
+    """(the logs, the local chunks this rank's evaluations ran, in order)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return Trainer(load_config(None, args)).fit()
+    trainer = Trainer(load_config(None, args))
+    evaluated = []
+    for c, chunk in enumerate(trainer.engine.chunks):
+        chunk.register_forward_pre_hook(lambda *_, c=c: None if torch.is_grad_enabled() else evaluated.append(c))
+    return trainer.fit(), evaluated
 
 
 FULL_3D = {
@@ -206,7 +212,9 @@ FULL_3D = {
 def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_path, schedule):
     """8 ranks: tp=2 x pp=2 x dp=2, ZeRO-1 with both overlaps, tied embeddings across stages,
     gradient accumulation (global batch 8 = micro 2 x accum 2 x dp 2), evaluation through the
-    pipeline; losses and held-out losses equal the one-process run (rtol 1e-5, as above)."""
+    pipeline; losses and held-out losses equal the one-process run (rtol 1e-5, as above).
+    Evaluation is pipelined: every rank runs its chunks in the schedule's forward order (interleaved:
+    both microbatches' chunk 0, then both chunk 1), not one microbatch through all its chunks at a time."""
     prefix, tok = corpus
     base = overrides(prefix, str(tok), str(tmp_path / "run"))
     extra = ["data.valid_fraction=0.25", "train.eval_every=2", "model.tie_embeddings=true"]
@@ -216,8 +224,13 @@ def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_p
     for key in ("loss", "eval_loss"):
         want = [r[key] for r in reference if key in r]
         assert len(want) == (4 if key == "loss" else 2)
-        for records in per_rank:
+        for records, _ in per_rank:
             assert [r[key] for r in records if key in r] == pytest.approx(want, rel=1e-5), key
+    vp = 2 if "parallel.vp=2" in layout else 1
+    batch = [c for _, c in forward_table(2, vp, 2)]  # one held-out global batch: 2 microbatches per dp rank
+    evaluations = 2 * TrainConfig().eval_iters  # at steps 2 and 4
+    for _, evaluated in per_rank:
+        assert evaluated == batch * evaluations, evaluated
 
 
 def _train_tied(rank: int, world: int, args: list[str], port: int) -> tuple[list[float], float]:

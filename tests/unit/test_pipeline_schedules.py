@@ -12,8 +12,15 @@ import random
 import pytest
 
 from megatron_lite.errors import UserError
-from megatron_lite.parallel.pipeline.actions import Action, Op, Schedule, ScheduleError
-from megatron_lite.parallel.pipeline.schedules import SCHEDULES, build_schedule, forward_table, validate
+from megatron_lite.parallel.pipeline.actions import COMPUTE, FORWARD_ONLY, Action, Op, Schedule, ScheduleError
+from megatron_lite.parallel.pipeline.schedules import (
+    SCHEDULES,
+    build_forward_schedule,
+    build_schedule,
+    forward_table,
+    validate,
+)
+from megatron_lite.parallel.pipeline.simulate import Costs, simulate
 
 
 def _names(vp: int) -> list[str]:
@@ -73,6 +80,19 @@ def test_interleaved_is_depth_first_in_groups_of_pp():
     s = build_schedule("interleaved", 2, 2, 4)
     rank0 = [(a.mb, a.chunk) for a in s.actions[0] if a.kind is Op.F]
     assert rank0 == forward_table(2, 2, 4)
+
+
+def test_forward_schedule_runs_forwards_only_in_order_without_a_bubble_after_the_fill():
+    """Evaluation's schedule over the space: valid (deadlock-free), each rank's forwards in
+    forward_table's order, and, with unit forwards and free transfers, done in vp*m + pp - 1 (the
+    fill, then no rank idle) whenever the groups of pp microbatches are full."""
+    for pp, vp, m in _space():
+        s = build_forward_schedule(pp, vp, m)  # validates
+        for actions in s.actions:
+            assert [(a.mb, a.chunk) for a in actions if a.kind in COMPUTE] == forward_table(pp, vp, m)
+            assert {a.kind for a in actions} <= {Op.F, Op.SEND_F, Op.RECV_F}
+        if m % pp == 0:
+            assert simulate(s, Costs(forward=1.0)).makespan == vp * m + pp - 1, (pp, vp, m)
 
 
 def test_interleaved_with_one_chunk_is_1f1b():
@@ -140,6 +160,16 @@ def test_validator_names_a_broken_rule_on_the_last_rank_or_of_a_split_backward()
     rank1 = [RECV_F, F0, w0, i0, SEND_B]
     with pytest.raises(ScheduleError, match=r"rank 1: I must precede W \(microbatch 0, chunk 0\)$"):
         validate(_one_microbatch([F0, SEND_F, RECV_B, i0, w0], rank1))
+
+
+def test_validator_refuses_a_backward_in_a_forward_only_schedule():
+    ok = build_forward_schedule(2, 1, 1)
+    validate(ok)
+    rank1 = (*ok.actions[1], B0)
+    with pytest.raises(ScheduleError, match=r"rank 1: unexpected actions .*Op.B: 'B'>, 0, 0"):
+        validate(Schedule(FORWARD_ONLY, 2, 1, 1, (ok.actions[0], rank1)))
+    with pytest.raises(ScheduleError, match=r"rank 0: missing SEND_F of microbatch 0, chunk 0$"):
+        validate(Schedule(FORWARD_ONLY, 2, 1, 1, (ok.actions[0][:1], ok.actions[1])))
 
 
 def test_validator_matches_messages_in_order():

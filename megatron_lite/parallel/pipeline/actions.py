@@ -27,6 +27,9 @@ SENDS = frozenset({Op.SEND_F, Op.SEND_B})
 COUNTERPART = {Op.SEND_F: Op.RECV_F, Op.SEND_B: Op.RECV_B}
 
 
+FORWARD_ONLY = "forward-only"  # the name of an evaluation schedule: forwards and their transfers, no backward
+
+
 class ScheduleError(ValueError):
     """A schedule that breaks a rule, cannot run, or would deadlock."""
 
@@ -59,6 +62,11 @@ class Schedule:
     def vstage(self, rank: int, chunk: int) -> int:
         """Virtual stage of ``chunk`` on ``rank``: its position in the model."""
         return chunk * self.pp + rank
+
+    @property
+    def forward_only(self) -> bool:
+        """True for an evaluation schedule (``schedules.build_forward_schedule``): no backward."""
+        return self.name == FORWARD_ONLY
 
     @property
     def split_backward(self) -> bool:

@@ -12,6 +12,8 @@ the distributed optimizer, is ``training/engine.py``)::
     per step:
         loss = runtime.step([(b[:, :-1], b[:, 1:]) for b in microbatches])  # None off the last stage
         (DP reduction, SP grad all-reduce, clipping, optimizer.step(), zero_grad)
+    evaluation:
+        losses = runtime.evaluate(microbatches)  # per-microbatch losses on the last stage, else None
 
 TP: every chunk keeps the model's submodule names, so TP applies to chunks as to the model. Two
 orders: ``apply_tp(build_model(...), mesh)`` then ``PipelineChunk(model, spec)`` for this rank's
@@ -55,6 +57,7 @@ from megatron_lite.parallel.comm import group_rank, group_size
 from megatron_lite.parallel.pipeline.actions import COMPUTE, Action, Op, Schedule, batch_end
 from megatron_lite.parallel.pipeline.backward import WeightGrad, backward_input
 from megatron_lite.parallel.pipeline.partition import PipelineChunk, check_coverage
+from megatron_lite.parallel.pipeline.schedules import build_forward_schedule
 
 Microbatch = tuple[torch.Tensor, torch.Tensor]  # (input_ids (B, T), labels (B, T))
 
@@ -99,10 +102,12 @@ class Record:
 @dataclass
 class _StepState:
     microbatches: Sequence[Microbatch]
+    forward_only: bool = False  # :meth:`PipelineRuntime.evaluate`: no graph, nothing stashed
     stash: dict[tuple[int, int], _Stash] = field(default_factory=dict)
     inbox: dict[tuple[Op, int, int], torch.Tensor] = field(default_factory=dict)
     outbox: dict[tuple[Op, int, int], torch.Tensor] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)  # forward only: each microbatch's loss
 
 
 class ActivationMeter:
@@ -241,30 +246,55 @@ class PipelineRuntime:
         if len(microbatches) != self.schedule.microbatches:
             raise ValueError(f"schedule is for {self.schedule.microbatches} microbatches, got {len(microbatches)}")
         st = _StepState(microbatches)
-        self.records = []
         if self.record:
             self.meter = ActivationMeter([p for c in self.chunks for p in c.parameters()])
-        t0, i = time.perf_counter(), 0
-        while i < len(self.actions):
-            start = time.perf_counter()
-            if self.actions[i].kind in COMPUTE:
-                j = i + 1
-                chunk = self.actions[i].chunk
-                if self.before_last_backward and self._last_grad_action.get(chunk) == i:
-                    self.before_last_backward(chunk)
-                self._compute(st, self.actions[i])
-            else:
-                j = batch_end(self.actions, i)
-                self._transfer(st, self.actions[i:j])
-            if self.record:
-                self.records.append(Record(self.actions[i:j], start - t0, time.perf_counter() - t0))
-            i = j
+        self._run(self.actions, st)
         self._sync_tied_grad()
         return st.loss
 
+    @torch.no_grad()
+    def evaluate(self, microbatches: Sequence[Microbatch]) -> list[torch.Tensor] | None:
+        """Forward only, pipelined (``schedules.build_forward_schedule``; any number of microbatches):
+        each microbatch's loss, in order, on the rank holding the last stage, else None. Keeps no
+        graph and touches no gradient."""
+        m = len(microbatches)
+        st = _StepState(microbatches, forward_only=True)
+        self._run(build_forward_schedule(self.schedule.pp, self.schedule.vp, m).actions[self.rank], st)
+        return [st.losses[mb] for mb in range(m)] if any(c.is_last for c in self.chunks) else None
+
+    def _run(self, actions: tuple[Action, ...], st: _StepState) -> None:
+        """Execute ``actions``: each compute action alone, each run of transfers as one batch."""
+        self.records = []
+        t0, i = time.perf_counter(), 0
+        while i < len(actions):
+            start = time.perf_counter()
+            if actions[i].kind in COMPUTE:
+                j = i + 1
+                chunk = actions[i].chunk
+                if self.before_last_backward and not st.forward_only and self._last_grad_action.get(chunk) == i:
+                    self.before_last_backward(chunk)
+                self._compute(st, actions[i])
+            else:
+                j = batch_end(actions, i)
+                self._transfer(st, actions[i:j])
+            if self.record:
+                self.records.append(Record(actions[i:j], start - t0, time.perf_counter() - t0))
+            i = j
+
     def _compute(self, st: _StepState, a: Action) -> None:
-        run = {Op.F: self._forward, Op.B: self._backward, Op.I: self._backward_input, Op.W: self._backward_weight}
+        forward = self._forward_only if st.forward_only else self._forward
+        run = {Op.F: forward, Op.B: self._backward, Op.I: self._backward_input, Op.W: self._backward_weight}
         run[a.kind](st, a)
+
+    def _forward_only(self, st: _StepState, a: Action) -> None:
+        """F of :meth:`evaluate`: the chunk's output is sent on, or on the last chunk its loss kept."""
+        chunk = self.chunks[a.chunk]
+        ids, labels = st.microbatches[a.mb]
+        x = ids.to(self.device) if chunk.is_first else st.inbox.pop((Op.RECV_F, a.mb, a.chunk))
+        if chunk.is_last:
+            st.losses[a.mb] = chunk(x, labels.to(self.device))
+        else:
+            st.outbox[(Op.SEND_F, a.mb, a.chunk)] = chunk(x)
 
     def _forward(self, st: _StepState, a: Action) -> None:
         chunk = self.chunks[a.chunk]

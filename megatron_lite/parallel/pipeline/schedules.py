@@ -5,7 +5,8 @@ B full backward, or zero-bubble's I backward-for-input then W backward-for-weigh
 then :func:`_with_comm` puts one transfer batch between consecutive slots: the sends of what the
 previous slot produced, the receives of what the next slot consumes. The runtime (``runtime.py``)
 executes the lists as they are; the simulator (``simulate.py``) times them. The action types are
-in ``actions.py``.
+in ``actions.py``. Evaluation runs :func:`build_forward_schedule`: the same forwards and transfers,
+no backward.
 
 Virtual stage ``s = chunk * pp + rank`` (see ``partition.py``); activations flow s -> s+1, input
 gradients s -> s-1, so with vp > 1 the last rank sends to rank 0 (the wrap-around).
@@ -20,15 +21,17 @@ Blocking semantics (shared by the runtime, ``replay.py`` and the validator):
   a, for the same kind, microbatch and adjacent virtual stage.
 
 :func:`validate` checks the static rules (every (microbatch, chunk) forward and backward exactly
-once, forward before backward, I before W, receive before use, send after produce, right peers)
-and then :func:`replay` proves the schedule deadlock-free and every send matched: a rank blocked
-forever is an error naming each rank's stuck batch.
+once, a forward-only schedule's forward alone, forward before backward, I before W, receive before
+use, send after produce, right peers) and then :func:`replay` proves the schedule deadlock-free and
+every send matched: a rank blocked forever is an error naming each rank's stuck batch.
 """
 
 from __future__ import annotations
 
+import functools
+
 from megatron_lite.errors import UserError
-from megatron_lite.parallel.pipeline.actions import Action, Op, Schedule, ScheduleError
+from megatron_lite.parallel.pipeline.actions import FORWARD_ONLY, Action, Op, Schedule, ScheduleError
 from megatron_lite.parallel.pipeline.replay import replay
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -167,13 +170,7 @@ def build_schedule(name: str, pp: int, vp: int, microbatches: int) -> Schedule:
     """
     if name not in SCHEDULES:
         raise UserError(f"parallel.schedule={name!r} is not one of: {', '.join(SCHEDULES)}")
-    if pp < 1 or vp < 1 or microbatches < 1:
-        raise UserError(
-            f"need parallel.pp, parallel.vp and microbatches (train.global_batch_size / (micro_batch_size x dp)) "
-            f">= 1; got parallel.pp={pp}, parallel.vp={vp}, microbatches={microbatches}"
-        )
-    if pp == 1 and vp > 1:
-        raise UserError(f"parallel.vp={vp} needs pipeline parallelism: set parallel.pp > 1 or parallel.vp=1")
+    _check_sizes(pp, vp, microbatches)
     if name == "1f1b" and vp > 1:
         raise UserError(
             f"parallel.schedule=1f1b runs one chunk per rank; set parallel.schedule=interleaved for "
@@ -186,6 +183,32 @@ def build_schedule(name: str, pp: int, vp: int, microbatches: int) -> Schedule:
     schedule = Schedule(name, pp, vp, microbatches, _with_comm(pp, vp, slots))
     validate(schedule)
     return schedule
+
+
+@functools.lru_cache(maxsize=16)  # each evaluation asks again: built and validated once per size
+def build_forward_schedule(pp: int, vp: int, microbatches: int) -> Schedule:
+    """The validated forward-only schedule (evaluation): every rank runs its forwards in
+    :func:`forward_table`'s order, i.e. the fill of every training schedule, so microbatches follow
+    each other through the pipeline; with vp > 1 a rank starts the next microbatches' first chunk
+    while the wrap-around activation of the earlier ones is still on its way. (One microbatch at a
+    time through every virtual stage would leave all ranks but one idle and take
+    ``(vp - 1) * pp + 1`` chunk times per microbatch instead of ``vp``.)
+    """
+    _check_sizes(pp, vp, microbatches)
+    slots = [[[Action(Op.F, mb, c)] for mb, c in forward_table(pp, vp, microbatches)] for _ in range(pp)]
+    schedule = Schedule(FORWARD_ONLY, pp, vp, microbatches, _with_comm(pp, vp, slots))
+    validate(schedule)
+    return schedule
+
+
+def _check_sizes(pp: int, vp: int, microbatches: int) -> None:
+    if pp < 1 or vp < 1 or microbatches < 1:
+        raise UserError(
+            f"need parallel.pp, parallel.vp and microbatches (train.global_batch_size / (micro_batch_size x dp)) "
+            f">= 1; got parallel.pp={pp}, parallel.vp={vp}, microbatches={microbatches}"
+        )
+    if pp == 1 and vp > 1:
+        raise UserError(f"parallel.vp={vp} needs pipeline parallelism: set parallel.pp > 1 or parallel.vp=1")
 
 
 # ---- validation --------------------------------------------------------------------------------
@@ -204,15 +227,15 @@ def _check_rank(s: Schedule, rank: int) -> None:
     for mb in range(s.microbatches):
         for c in range(s.vp):
             v = s.vstage(rank, c)
-            bwd = [Op.I, Op.W] if split else [Op.B]
-            need = (
-                [Op.F, *bwd] + ([Op.RECV_F, Op.SEND_B] if v > 0 else []) + ([Op.SEND_F, Op.RECV_B] if v < last else [])
-            )
+            bwd = [] if s.forward_only else [Op.I, Op.W] if split else [Op.B]
+            need = [Op.F, *bwd] + ([Op.RECV_F] if v > 0 else []) + ([Op.SEND_F] if v < last else [])
+            if bwd:
+                need += ([Op.SEND_B] if v > 0 else []) + ([Op.RECV_B] if v < last else [])
             for op in need:
                 if (op, mb, c) not in where:
                     raise ScheduleError(f"rank {rank}: missing {op.value} of microbatch {mb}, chunk {c}")
                 expected.discard((op, mb, c))
-            _check_order(s, rank, where, mb, c, bwd[0])
+            _check_order(s, rank, where, mb, c, bwd[0] if bwd else Op.B)
     if expected:
         raise ScheduleError(f"rank {rank}: unexpected actions {sorted(str(k) for k in expected)}")
 
