@@ -60,7 +60,9 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel size (stages)."""
     vp: int = 1
-    """Virtual pipeline chunks per pipeline rank (interleaved schedule)."""
+    """Virtual pipeline chunks per pipeline rank (interleaved schedule). Microbatches then run in groups
+    of pp: a number per step that is no multiple of pp leaves ranks waiting (a startup warning says how
+    long)."""
     dp: int | None = None
     """Data-parallel size. Default: world size / (tp x pp), derived again by a relaunch from the run's
     ``config.yaml`` (which leaves it empty), so that a relaunch on another world size resumes."""

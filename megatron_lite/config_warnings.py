@@ -6,6 +6,7 @@ and the fix (the trainer logs them at startup, ``plan`` prints them). Re-exporte
 from __future__ import annotations
 
 from megatron_lite.config_sections import Config, ModelConfig, ParallelConfig
+from megatron_lite.config_validate import accumulation_steps
 from megatron_lite.errors import UserError
 
 
@@ -23,7 +24,7 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append(why)
     if why := _export_warning(cfg.model):
         warnings.append(why)
-    if why := _schedule_warning(cfg.parallel):
+    if why := _schedule_warning(cfg.parallel) or _group_warning(cfg):
         warnings.append(why)
     return warnings
 
@@ -42,6 +43,38 @@ def _schedule_warning(p: ParallelConfig) -> str | None:
             "layers; set parallel.vp > 1 (chunks per rank) to interleave them"
         )
     return None
+
+
+def _group_warning(cfg: Config) -> str | None:
+    """A schedule of vp > 1 chunks (interleaved, zb-h1) given microbatches per step that are no multiple
+    of pp: it runs whole groups of pp microbatches (``schedules._one_f_one_b_slots``), and the ranks
+    wait where the last group's missing ones would run. With equal stages and free transfers (the
+    simulator's replay) the interleaved bubble is then ``((pp - 1) + (pp - r) * (vp - 1)) / vp``
+    microbatches' time, ``r`` the last group's size, against ``(pp - 1) / vp`` for full groups: at
+    ``r = 1`` it is 1f1b's ``pp - 1``, all the interleaving's gain lost."""
+    p, t = cfg.parallel, cfg.train
+    if p.vp == 1 or p.schedule == "gpipe" or p.dp is None:  # dp: from the world size, not known yet
+        return None
+    m = accumulation_steps(cfg)
+    if m % p.pp == 0:
+        return None
+    r, multiple = m % p.pp, t.micro_batch_size * p.dp * p.pp
+    below = t.global_batch_size // multiple * multiple
+    cost = ""
+    if p.schedule == "interleaved":
+        bubble = ((p.pp - 1) + (p.pp - r) * (p.vp - 1)) / p.vp
+        cost = (
+            f": with equal stages a step's pipeline bubble is {bubble:g} microbatches' time, against "
+            f"{(p.pp - 1) / p.vp:g} with full groups (1f1b's: {p.pp - 1})"
+        )
+    return (
+        f"parallel.schedule={p.schedule} with parallel.vp={p.vp} runs microbatches in groups of parallel.pp={p.pp}, "
+        f"and the {m} per step (train.global_batch_size / (train.micro_batch_size x dp)) leave a last group of {r}, "
+        f"whose ranks wait where the {p.pp - r} missing ones would run{cost}; set train.global_batch_size to a "
+        f"multiple of train.micro_batch_size x dp x parallel.pp = {multiple} (e.g. "
+        + (f"{below} or " if below else "")
+        + f"{below + multiple})"
+    )
 
 
 def _export_warning(m: ModelConfig) -> str | None:

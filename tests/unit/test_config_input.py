@@ -106,10 +106,41 @@ def test_a_schedule_that_runs_as_another_is_a_warning_naming_the_key_that_makes_
         assert "set parallel.pp > 1" in why
     (why,) = config_warnings(resolved("parallel.pp=2", "parallel.schedule=interleaved", world=2))
     assert why.startswith("parallel.schedule=interleaved at parallel.vp=1 runs 1f1b") and "parallel.vp > 1" in why
-    interleaved = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.vp=2"]
+    interleaved = ["parallel.pp=2", "parallel.schedule=interleaved", "parallel.vp=2", "train.global_batch_size=16"]
     for ok in (interleaved, ["parallel.pp=2", "parallel.schedule=gpipe"]):
         assert config_warnings(resolved(*ok, "model.layers=4", world=2)) == []
     assert config_warnings(resolved()) == []
+
+
+def test_microbatches_in_a_short_last_group_of_an_interleaved_schedule_are_a_warning_with_the_bubble():
+    """Interleaved (and zb-h1 with vp > 1) run whole groups of pp microbatches: 9 microbatches on pp=4
+    leave a last group of 1, and the ranks wait where 3 more would run. The bubble the warning names
+    is the simulator's (equal stages, free transfers): at one microbatch too many, 1f1b's."""
+    from megatron_lite.config import config_warnings
+    from megatron_lite.parallel.pipeline import Costs, build_schedule, simulate
+
+    layout = ["parallel.pp=4", "parallel.vp=2", "model.layers=8", "train.micro_batch_size=1"]
+    for m, r, bubble, fix in ((9, 1, 3, "8 or 12"), (10, 2, 2.5, "8 or 12"), (3, 3, 2, "4")):
+        (why,) = config_warnings(
+            resolved(*layout, "parallel.schedule=interleaved", f"train.global_batch_size={m}", world=4)
+        )
+        assert (
+            f"the {m} per step (train.global_batch_size / (train.micro_batch_size x dp)) leave a last group of {r}"
+            in why
+        )
+        assert f"bubble is {bubble:g} microbatches' time, against 1.5 with full groups (1f1b's: 3)" in why
+        assert why.endswith(f"train.micro_batch_size x dp x parallel.pp = 4 (e.g. {fix})")
+        for name, vp, want in (("interleaved", 2, bubble), ("1f1b", 1, 3)):
+            sim = simulate(build_schedule(name, 4, vp, m), Costs(1 / vp, 1 / vp, 1 / vp))  # per chunk
+            assert sim.makespan / 3 - m == want, (name, m)  # a rank's F + B of one microbatch: 3
+    (why,) = config_warnings(resolved(*layout, "parallel.schedule=zb-h1", "train.global_batch_size=9", world=4))
+    assert why.startswith("parallel.schedule=zb-h1 with parallel.vp=2 runs microbatches in groups of parallel.pp=4")
+    assert "whose ranks wait where the 3 missing ones would run; set train.global_batch_size" in why
+    for schedule, m in (("interleaved", 8), ("gpipe", 9)):
+        assert (
+            config_warnings(resolved(*layout, f"parallel.schedule={schedule}", f"train.global_batch_size={m}", world=4))
+            == []
+        )
 
 
 def test_a_decay_that_ends_before_the_run_is_a_warning_naming_the_step_lr_at_agrees_with():
