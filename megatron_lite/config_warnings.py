@@ -48,10 +48,11 @@ def _schedule_warning(p: ParallelConfig) -> str | None:
 def _group_warning(cfg: Config) -> str | None:
     """A schedule of vp > 1 chunks (interleaved, zb-h1) given microbatches per step that are no multiple
     of pp: it runs whole groups of pp microbatches (``schedules._one_f_one_b_slots``), and the ranks
-    wait where the last group's missing ones would run. With equal stages and free transfers (the
-    simulator's replay) the interleaved bubble is then ``((pp - 1) + (pp - r) * (vp - 1)) / vp``
-    microbatches' time, ``r`` the last group's size, against ``(pp - 1) / vp`` for full groups: at
-    ``r = 1`` it is 1f1b's ``pp - 1``, all the interleaving's gain lost."""
+    wait where the last group's missing ones would run. The interleaved bubble named is
+    ``simulate.theory_bubble_ratio``'s (equal stages, free transfers): one microbatch past a multiple
+    of pp makes it 1f1b's, all the interleaving's gain lost."""
+    from megatron_lite.parallel.pipeline.simulate import theory_bubble_ratio  # imports torch: only when asked
+
     p, t = cfg.parallel, cfg.train
     if p.vp == 1 or p.schedule == "gpipe" or p.dp is None:  # dp: from the world size, not known yet
         return None
@@ -61,11 +62,11 @@ def _group_warning(cfg: Config) -> str | None:
     r, multiple = m % p.pp, t.micro_batch_size * p.dp * p.pp
     below = t.global_batch_size // multiple * multiple
     cost = ""
-    if p.schedule == "interleaved":
-        bubble = ((p.pp - 1) + (p.pp - r) * (p.vp - 1)) / p.vp
+    if p.schedule == "interleaved":  # bubbles in microbatches' time: m x idle / busy
+        bubble, full, one = (n * theory_bubble_ratio(p.pp, vp, n) for n, vp in ((m, p.vp), (p.pp, p.vp), (m, 1)))
         cost = (
             f": with equal stages a step's pipeline bubble is {bubble:g} microbatches' time, against "
-            f"{(p.pp - 1) / p.vp:g} with full groups (1f1b's: {p.pp - 1})"
+            f"{full:g} with full groups (1f1b's: {one:g})"
         )
     return (
         f"parallel.schedule={p.schedule} with parallel.vp={p.vp} runs microbatches in groups of parallel.pp={p.pp}, "

@@ -11,7 +11,9 @@ runtime's per-action timers (``record=True``). For each step:
 - simulated: ``simulate`` on the same schedule fed with every action's duration as measured in
   that step, and, as "sim mean", with each rank's mean cost of F, B (or I and W); the latency of a
   transfer batch is the one-way time of an activation-sized ping-pong between ranks 0 and 1.
-- theory: idle / busy = (p-1)/(v*m) (1F1B and interleaved, equal stages, free transfers).
+- theory: idle / busy = (p-1)/(v*m) (1F1B and interleaved, equal stages, free transfers), plus the
+  slots a short last group of microbatches leaves idle when p does not divide m
+  (``theory_bubble_ratio``).
 - memory: the peak bytes autograd holds for activations (ActivationMeter) and the peak number of
   microbatch activations held, against the simulator's ``peak_held``.
 

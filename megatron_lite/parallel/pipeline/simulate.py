@@ -117,8 +117,13 @@ def simulate(
 
 
 def theory_bubble_ratio(pp: int, vp: int, microbatches: int) -> float:
-    """(p-1)/(v*m): idle / busy of (interleaved) 1F1B with equal costs and free transfers."""
-    return (pp - 1) / (vp * microbatches)
+    """Idle / busy of (interleaved) 1F1B with equal costs and free transfers: (p-1)/(v*m) when p
+    divides m (Narayanan et al. 2021). With v > 1 the schedule runs whole groups of p microbatches
+    (``schedules._one_f_one_b_slots``), so a last group of r < p leaves the ranks waiting where the
+    p - r missing ones would run, (p - r)(v - 1)/v microbatches' time more: at r = 1, 1F1B's (p-1)/m."""
+    short = microbatches % pp
+    missing = (pp - short) * (vp - 1) if short else 0
+    return (pp - 1 + missing) / (vp * microbatches)
 
 
 _GLYPH = {Op.F: "F", Op.B: "B", Op.I: "b", Op.W: "W"}
