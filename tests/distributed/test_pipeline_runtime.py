@@ -6,6 +6,7 @@ communication needed for the reference): per-step losses on the last stage, ever
 the first step, and the two copies of a tied embedding after the last. Before training, each case
 also evaluates (forward only) one microbatch more than a step holds: each microbatch's loss is the
 one process's, bitwise (same parameters, same kernels, no reduction), and no gradient appears.
+Every tensor a rank sends (chunk output, input gradient) must be freed once its batch completes.
 pp=4 uses the whole 4-rank world; the pp=2 cases run two at a time on the pipelines {0, 1} and
 {2, 3} of the same world.
 
@@ -28,6 +29,7 @@ relative step difference; the per-step losses are the check that training follow
 from __future__ import annotations
 
 import time
+import weakref
 import zlib
 
 import torch
@@ -38,6 +40,7 @@ from megatron_lite.config import ModelConfig
 from megatron_lite.models.parallelize import apply_tp, full_state_dict
 from megatron_lite.models.transformer import build_model
 from megatron_lite.parallel.mesh import ParallelDims, ParallelMesh
+from megatron_lite.parallel.pipeline.actions import Op
 from megatron_lite.parallel.pipeline.partition import PipelineChunk, build_stage_chunks, partition_layers
 from megatron_lite.parallel.pipeline.runtime import PipelineRuntime, PipelineTimeoutError, tied_embedding_groups
 from megatron_lite.parallel.pipeline.schedules import build_schedule
@@ -104,10 +107,25 @@ def _evaluated(data) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [*data[0], data[1][0]]
 
 
+class _SentAndFreed(PipelineRuntime):
+    """Counts the tensors sent (chunk outputs, input gradients) whose storage outlives their transfer
+    batch: the runtime keeps none (its module docstring, "Memory"), so each is freed once it has left."""
+
+    kept = sent = 0
+
+    def _transfer(self, st, batch) -> None:
+        sends = [st.outbox[(a.kind, a.mb, a.chunk)] for a in batch if a.kind in (Op.SEND_F, Op.SEND_B)]
+        storages = [weakref.ref(t.untyped_storage()) for t in sends]
+        del sends
+        super()._transfer(st, batch)
+        self.sent += len(storages)
+        self.kept += sum(ref() is not None for ref in storages)
+
+
 def _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp) -> tuple[list[float], dict, dict, list]:
     partition = partition_layers(cfg.layers, schedule.pp, vp)
     chunks = build_stage_chunks(cfg, partition, pp_rank, SEED)
-    runtime = PipelineRuntime(chunks, schedule, pp_group, embed_group=embed_group, timeout_s=30)
+    runtime = _SentAndFreed(chunks, schedule, pp_group, embed_group=embed_group, timeout_s=30)
     params = {n: p for c in chunks for n, p in c.named_parameters()}
     evaluated = runtime.evaluate(_evaluated(data))
     assert all(p.grad is None for p in params.values()), "evaluation touched a gradient"
@@ -120,6 +138,7 @@ def _pipeline(cfg, data, schedule, pp_rank, pp_group, embed_group, vp) -> tuple[
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in params.items()}
         opt.step()
+    assert runtime.kept == 0 and runtime.sent > 0, (runtime.kept, runtime.sent)
     evaluated = None if evaluated is None else [loss.item() for loss in evaluated]
     return losses, first_grads, {n: p.detach() for n, p in params.items()}, evaluated
 
