@@ -78,7 +78,7 @@ def _add_data_verbs(sub) -> None:
     pp.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     pp.add_argument("--tokenizer", required=True, help="sentencepiece .model")
     pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin, PREFIX.idx and PREFIX.json)")
-    pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
+    pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs (default: text)")
     pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
     pp.add_argument("--quiet", action="store_true", help="no progress bar")
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
@@ -101,8 +101,13 @@ def _add_data_verbs(sub) -> None:
     tt.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     tt.add_argument("--output", required=True, help="output prefix (writes PREFIX.model and PREFIX.json)")
     tt.add_argument("--vocab-size", type=int, default=8192, help="pieces in the vocabulary (default 8192)")
-    tt.add_argument("--max-bytes", type=_positive_int, default=20_000_000, help="sample at most this much text")
-    tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs")
+    tt.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=20_000_000,
+        help="sample at most this many bytes of text (default: 20000000)",
+    )
+    tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs (default: text)")
     tt.add_argument("--quiet", action="store_true", help="no progress bar")
     tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --output")
     tt.set_defaults(fn=cli_verbs.run_tokenizer)
@@ -123,7 +128,9 @@ def _add_convert_verb(sub) -> None:
             "good one)",
         )
     ct.add_argument("--out", required=True, help="new output directory")
-    ct.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this (5GB, 500MB, bytes)")
+    ct.add_argument(
+        "--max-shard-size", default="5GB", help="split model.safetensors above this: 500MB, 2GB, bytes (default: 5GB)"
+    )
     ct.add_argument("--no-verify", action="store_true", help="skip the check of every tensor and the logits")
     cf.add_argument("--hf", required=True, help="Hugging Face model directory (config.json, *.safetensors)")
     cf.add_argument("--out", required=True, help="new checkpoint root (writes OUT/step_00000000, OUT/config.yaml)")
@@ -136,7 +143,7 @@ def _add_launch_verbs(sub) -> None:
     add_config_option(pl)
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
     pl.add_argument("--json", action="store_true", help="print one JSON line")
-    pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline")
+    pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline (default: 100)")
     pl.set_defaults(fn=cli_verbs.run_plan)
 
     from megatron_lite.launcher.slurm import add_slurm_arguments
@@ -167,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = e.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)")
     what.add_argument("--held-out", action="store_true", help="the run's held-out samples (its eval_loss)")
-    e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text")
+    e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text (default: text)")
     nan = 'a NaN or infinite loss is null, with an "error" naming the cause (exit status 2)'
     e.add_argument("--json", action="store_true", help=f'print one line {{"loss": ..., "tokens": ...}}; {nan}')
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda (default: auto)")
     e.set_defaults(fn=cli_verbs.run_eval)
 
     _add_data_verbs(sub)

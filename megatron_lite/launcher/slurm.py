@@ -256,14 +256,14 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
 
     add_config_option(p)
     p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (= ranks) per node (default: 8)")
     p.add_argument("--cpu", action="store_true", help="CPU ranks (gloo), no GPU request: test clusters")
     p.add_argument("--procs-per-node", type=int, help="ranks per node (default: --gpus-per-node; --cpu: required)")
     p.add_argument(
         "--launcher",
         choices=("torchrun", "srun"),
         default="torchrun",
-        help="torchrun: srun torchrun, one task per node; srun: one task per rank",
+        help="torchrun: srun torchrun, one task per node; srun: one task per rank (default: torchrun)",
     )
     p.add_argument("--cpus-per-rank", type=int, help="CPU cores per rank (default: 8 with GPUs, 1 with --cpu)")
     p.add_argument("--container-image", help="run in this pyxis/enroot image (launch/train_container.sbatch)")

@@ -36,6 +36,19 @@ def test_every_option_of_every_command_says_what_it_does():
     assert not bare, f"options without help text: {bare}"
 
 
+def test_every_option_with_a_default_states_it():
+    """A user reading `--help` learns what an option left out means (`--max-bytes`, `--device`, ...)."""
+    unstated = [
+        f"megatron-lite {' '.join(words)} {a.option_strings[-1]} (default {a.default!r}): {a.help}"
+        for words, parser in _leaf_parsers(build_parser())
+        for a in parser._actions
+        if a.option_strings
+        and a.default not in (None, False, argparse.SUPPRESS)
+        and not any(f"default{sep}{a.default}" in a.help for sep in (" ", ": "))
+    ]
+    assert not unstated, f"options whose help does not state their default: {unstated}"
+
+
 def test_every_verb_taking_overrides_points_to_the_config_reference():
     overrides = {
         " ".join(words): a.help
