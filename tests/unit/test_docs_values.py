@@ -88,3 +88,14 @@ def test_readme_says_how_many_of_the_startup_warnings_plan_prints(capsys):
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
     assert [w.split()[1] for w in printed] == ["optim.warmup=20", "`megatron-lite", "parallel.schedule=interleaved"]
     assert "A warning at startup (`plan` prints the first three too) when:" in README
+
+
+def test_readme_trains_its_own_data_tokenizer_on_the_files_it_preprocesses():
+    """In "Your own data" the tokenizer is trained on the inputs the dataset is made of (a user copying
+    both commands has one set of files), and the run trains on that dataset with that tokenizer."""
+    block = re.search(r"## Your own data\n\n```bash\n(.*?)```", README, re.S).group(1)
+    inputs = re.findall(r"megatron-lite (?:tokenizer train|preprocess) --input (\S+)", block)
+    assert len(inputs) == 2 and inputs[0] == inputs[1], inputs
+    tok = re.search(r"tokenizer train .*--output (\S+)", block).group(1)
+    data = re.search(r"preprocess .*--output (\S+)", block).group(1)
+    assert f"--tokenizer {tok}.model" in block and f"data.path={data} data.tokenizer={tok}.model" in block
