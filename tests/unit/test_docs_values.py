@@ -7,7 +7,7 @@ from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 
 from megatron_lite.amounts import duration
 from megatron_lite.cli import main
-from megatron_lite.config import TrainConfig
+from megatron_lite.config import TrainConfig, load_config
 from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training import metrics
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
@@ -99,3 +99,17 @@ def test_readme_trains_its_own_data_tokenizer_on_the_files_it_preprocesses():
     tok = re.search(r"tokenizer train .*--output (\S+)", block).group(1)
     data = re.search(r"preprocess .*--output (\S+)", block).group(1)
     assert f"--tokenizer {tok}.model" in block and f"data.path={data} data.tokenizer={tok}.model" in block
+
+
+def test_readme_layout_example_is_the_70b_configs():
+    found = re.search(
+        r"`(configs/\S+\.yaml)` works this through for a \S+ model on (\d+) GPUs \(tp (\d+) within a node, "
+        r"pp (\d+) x vp (\d+) across nodes, dp (\d+)\)",
+        _flat(README),
+    )
+    assert found, "README's worked layout example"
+    path, world, tp, pp, vp, dp = found.groups()
+    p = load_config(str(ROOT / path)).parallel
+    assert (p.tp, p.pp, p.vp, p.dp) == (int(tp), int(pp), int(vp), int(dp))
+    assert p.tp * p.pp * p.dp == int(world)
+    assert f"megatron-lite plan --config {path} --world-size {world}" in README
