@@ -92,3 +92,8 @@ def narrow_products(ttir: str) -> list[str]:
         if _is_integer(type_) and op != "arith.cmpi":
             work += operands
     return sorted(found)
+
+
+if __name__ == "__main__":  # a module of kernel_static.py, not a command of its own
+    print(__doc__.split("\n\n")[0])
+    print("Not a command of its own: run python tools/kernel_static.py (--help for its options).")

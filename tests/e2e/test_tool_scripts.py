@@ -61,3 +61,12 @@ def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path,
 def test_tool_errors_are_the_verbs(tmp_path):
     r = tool("preprocess_data.py", "--input", str(tmp_path / "none.txt"), "--tokenizer", "x.model", "--output", "o")
     assert r.returncode == 2 and r.stderr == f"error: input file {tmp_path / 'none.txt'} not found\n", r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "tools").glob("*.py")))
+def test_every_tool_answers_help(script):
+    """`python tools/X.py --help` says what the script is, never nothing (a module kernel_static.py imports
+    included)."""
+    r = tool(script, "--help")
+    assert r.returncode == 0 and r.stdout.strip(), (r.stdout, r.stderr[-2000:])
+    assert "usage:" in r.stdout or "run python tools/kernel_static.py" in r.stdout, r.stdout
