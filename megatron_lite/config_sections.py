@@ -76,7 +76,7 @@ class ParallelConfig:
     """All-gather updated parameters bucket by bucket, overlapped with the next forward."""
     bucket_mb: float = 0
     """Gradient bucket size in MiB of fp32 grads, a fraction allowed (0.01: 2,621 elements; Megatron's
-    ``--ddp-bucket-size`` counts elements, 4 bytes each here). 0: the default, 40M elements (160 MiB)
+    ``--ddp-bucket-size`` counts elements, 4 bytes each here). 0: the default, 40M elements (152.6 MiB)
     or 1M per data-parallel rank, whichever is larger. A bucket closes at the first whole parameter
     reaching the size, so a size below one parameter gives one bucket per parameter."""
     timeout_s: float = 600.0

@@ -8,6 +8,7 @@ from megatron_lite.kernels.dispatch import MAX_ROW_BLOCK
 from megatron_lite.amounts import duration
 from megatron_lite.cli import main
 from megatron_lite.config import TrainConfig, load_config
+from megatron_lite.parallel.data_parallel import DEFAULT_BUCKET_NUMEL
 from megatron_lite.progress import LOG_EVERY_S
 from megatron_lite.training import metrics
 from megatron_lite.training.metrics import Throughput, closing_lines, step_lines
@@ -113,3 +114,10 @@ def test_readme_layout_example_is_the_70b_configs():
     assert (p.tp, p.pp, p.vp, p.dp) == (int(tp), int(pp), int(vp), int(dp))
     assert p.tp * p.pp * p.dp == int(world)
     assert f"megatron-lite plan --config {path} --world-size {world}" in README
+
+
+def test_config_reference_states_the_default_gradient_bucket_in_mib():
+    """`parallel.bucket_mb` counts MiB of fp32 grads: the default bucket is stated in the same unit."""
+    mib = DEFAULT_BUCKET_NUMEL * 4 / 2**20
+    reference = (ROOT / "docs" / "config.md").read_text()
+    assert f"the default, {DEFAULT_BUCKET_NUMEL // 10**6}M elements ({mib:.1f} MiB)" in reference
