@@ -271,3 +271,15 @@ def test_launch_variable_check_runs_the_command_after_it_only_when_every_value_i
     bad = subprocess.run([*check, "PROCS_PER_NODE=0", "--", "echo", "started"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == "", bad.stdout
     assert bad.stderr == "s: PROCS_PER_NODE=0 is out of range: set the ranks per machine, 1 or more\n", bad.stderr
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES.values()))
+def test_sbatch_header_example_submits_a_layout_that_fits_its_config(template, capsys):
+    """The header's `sbatch --nodes=N ... --config FILE` gives N x the template's PROCS_PER_NODE ranks,
+    which the config's layout must fill (a config with parallel.dp set names its world size)."""
+    text = (ROOT / "launch" / template).read_text()
+    header = re.sub(r"\\\n#\s*", "", text)  # continued lines joined
+    nodes, config = re.search(rf"sbatch --nodes=(\d+) launch/{template} --config (\S+)", header).groups()
+    procs = re.search(r"^PROCS_PER_NODE=\$\{PROCS_PER_NODE:-(\d+)\}", text, re.M).group(1)
+    assert main(["plan", "--config", str(ROOT / config), "--world-size", str(int(nodes) * int(procs))]) == 0
+    assert "error" not in capsys.readouterr().err
