@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train under torchrun on one machine or several (c10d rendezvous hosted by the first machine).
-#   One machine, all its GPUs:
-#     bash launch/torchrun.sh --config configs/quickstart.yaml [section.key=value ...]
+#   One machine, all its GPUs (a global batch of micro batch x dp, or a multiple; its own log.dir):
+#     bash launch/torchrun.sh --config configs/quickstart.yaml train.global_batch_size=64 log.dir=runs/dp8  # 8 GPUs
 #   Two machines: run on each, with the first one's host name or address as MASTER_ADDR:
 #     NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host0
 #     NNODES=2 NODE_RANK=1 MASTER_ADDR=host0 bash launch/torchrun.sh --config FILE [overrides]  # host1

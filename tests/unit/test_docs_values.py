@@ -121,3 +121,19 @@ def test_config_reference_states_the_default_gradient_bucket_in_mib():
     mib = DEFAULT_BUCKET_NUMEL * 4 / 2**20
     reference = (ROOT / "docs" / "config.md").read_text()
     assert f"the default, {DEFAULT_BUCKET_NUMEL // 10**6}M elements ({mib:.1f} MiB)" in reference
+
+
+def test_torchrun_examples_fit_the_ranks_they_name(capsys):
+    """Each `launch/torchrun.sh --config configs/...` example of README.md and the script's header that
+    names its ranks (`# 8 GPUs`, `# 4 CPU ranks`) passes `plan` for that world size, and starts a run of
+    its own (a log.dir: without one it resumes the quickstart's finished run, which does nothing)."""
+    script = (ROOT / "launch" / "torchrun.sh").read_text()
+    example = re.compile(
+        r"bash launch/torchrun\.sh --config (configs/\S+)((?: [\w.]+=\S+)+)\s+# (\d+) (?:GPUs|CPU ranks)"
+    )
+    found = [m.groups() for text in (README, script) for m in example.finditer(text)]
+    assert len(found) >= 3, found
+    for config, overrides, ranks in found:
+        assert "log.dir=" in overrides, overrides
+        argv = ["plan", "--config", str(ROOT / config), "--world-size", ranks, *overrides.split()]
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
