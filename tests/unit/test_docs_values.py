@@ -137,3 +137,14 @@ def test_torchrun_examples_fit_the_ranks_they_name(capsys):
         assert "log.dir=" in overrides, overrides
         argv = ["plan", "--config", str(ROOT / config), "--world-size", ranks, *overrides.split()]
         assert main(argv) == 0, (argv, capsys.readouterr().err)
+
+
+def test_readme_states_the_python_floor_and_torch_pin_the_install_uses():
+    """The quickstart's install paragraph: setup.py's python_requires, requirements/cpu.txt's torch pin
+    (also in the command that puts the CPU wheel in first) and setup_env.sh's VENV variable."""
+    floor = re.search(r'python_requires=">=([\d.]+)"', (ROOT / "setup.py").read_text()).group(1)
+    pin = re.search(r"^torch==(\S+)$", (ROOT / "requirements" / "cpu.txt").read_text(), re.M).group(1)
+    text = _flat(README)
+    assert f"with `python3` (Python {floor} or newer; `VENV=path` for another place)" in text
+    assert f".venv/bin/pip install torch=={pin} --index-url" in text and f"with `torch=={pin}`" in text
+    assert re.search(r"^VENV=\$\{VENV:-\.venv\}$", (ROOT / "launch" / "setup_env.sh").read_text(), re.M)
