@@ -57,7 +57,11 @@ class _OneConfig(argparse.Action):
 def add_config_option(p: argparse.ArgumentParser) -> None:
     """The ``--config FILE`` option and the ``section.key=value`` overrides of every verb that reads
     a run config (train, plan, launch slurm)."""
-    p.add_argument("--config", action=_OneConfig, help="YAML config file (see configs/)")
+    p.add_argument(
+        "--config",
+        action=_OneConfig,
+        help="YAML config file (see configs/); without one, every key not overridden takes its default",
+    )
     p.add_argument(
         "overrides",
         nargs="*",

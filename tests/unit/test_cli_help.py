@@ -60,6 +60,17 @@ def test_every_verb_taking_overrides_points_to_the_config_reference():
     assert all("docs/config.md" in text for text in overrides.values()), overrides
 
 
+def test_config_option_says_what_a_run_without_it_uses():
+    """`megatron-lite train` alone is a run of every default (log.dir runs/default), not a usage error."""
+    helps = {
+        " ".join(words): next(a.help for a in parser._actions if "--config" in a.option_strings)
+        for words, parser in _leaf_parsers(build_parser())
+        if any("--config" in a.option_strings for a in parser._actions)
+    }
+    assert sorted(helps) == ["launch slurm", "plan", "train"]
+    assert all("without one, every key not overridden takes its default" in h for h in helps.values()), helps
+
+
 def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
     """Both read their --input through data/inputs.py: JSONL and compressed files included."""
     parsers = dict(_leaf_parsers(build_parser()))
