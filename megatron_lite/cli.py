@@ -154,7 +154,11 @@ def _add_launch_verbs(sub) -> None:
 
     la = sub.add_parser("launch", help="render and submit a multi-node job")
     la_sub = la.add_subparsers(dest="target", required=True, metavar="TARGET")
-    add_slurm_arguments(la_sub.add_parser("slurm", help="sbatch launch/train.sbatch for this config"))
+    add_slurm_arguments(
+        la_sub.add_parser(
+            "slurm", help="sbatch launch/train.sbatch (train_container.sbatch with --container-image) for this config"
+        )
+    )
     la.set_defaults(fn=cli_verbs.run_launch)
 
 

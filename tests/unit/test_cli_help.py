@@ -5,6 +5,7 @@ import argparse
 import pytest
 
 from megatron_lite.cli import build_parser, main
+from megatron_lite.launcher.slurm import TEMPLATES
 
 
 def test_eval_checkpoint_help_names_what_is_accepted(capsys):
@@ -69,6 +70,13 @@ def test_config_option_says_what_a_run_without_it_uses():
     }
     assert sorted(helps) == ["launch slurm", "plan", "train"]
     assert all("without one, every key not overridden takes its default" in h for h in helps.values()), helps
+
+
+def test_launch_slurm_help_names_every_template_it_submits():
+    launch = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["launch"]
+    targets = next(a for a in launch._actions if isinstance(a, argparse._SubParsersAction))
+    text = next(c.help for c in targets._choices_actions if c.dest == "slurm")
+    assert all(name in text for name in TEMPLATES.values()), text
 
 
 def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
