@@ -23,6 +23,7 @@ from megatron_lite.errors import SetupInterrupted, UserError, explained
 ERROR_GRACE_S = 10.0
 # The inputs `preprocess` and `tokenizer train` read, both through data/inputs.py.
 INPUT_HELP = "files, globs or .jsonl files (.gz, .bz2, .xz: read decompressed)"
+QUIET_HELP = "no progress: no bar on a terminal, no progress line every 30 s where stderr is a file (a job's log)"
 
 
 def _positive_int(text: str) -> int:
@@ -84,7 +85,7 @@ def _add_data_verbs(sub) -> None:
     pp.add_argument("--output", required=True, help="output prefix (writes PREFIX.bin, PREFIX.idx and PREFIX.json)")
     pp.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs (default: text)")
     pp.add_argument("--no-eos", action="store_true", help="do not append EOS after each document")
-    pp.add_argument("--quiet", action="store_true", help="no progress bar")
+    pp.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     pp.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output")
     pp.add_argument(
         "--workers",
@@ -112,7 +113,7 @@ def _add_data_verbs(sub) -> None:
         help="sample at most this many bytes of text (default: 20000000)",
     )
     tt.add_argument("--json-key", default="text", help="field holding the text in JSONL inputs (default: text)")
-    tt.add_argument("--quiet", action="store_true", help="no progress bar")
+    tt.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     tt.add_argument("--overwrite", action="store_true", help="replace a tokenizer already at --output")
     tt.set_defaults(fn=cli_verbs.run_tokenizer)
 

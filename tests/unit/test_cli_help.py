@@ -89,6 +89,15 @@ def test_tokenizer_train_and_preprocess_describe_the_same_inputs():
     assert helps[0] == helps[1] and ".jsonl" in helps[0] and ".gz" in helps[0], helps
 
 
+def test_quiet_says_it_silences_the_progress_lines_of_a_jobs_log_too():
+    """--quiet turns off the bar on a terminal and, where stderr is a file, the 30 s progress lines
+    (progress.byte_progress): its help names both, the same for both verbs that read inputs."""
+    parsers = dict(_leaf_parsers(build_parser()))
+    for words in (("preprocess",), ("tokenizer", "train")):
+        (quiet,) = [a.help for a in parsers[words]._actions if "--quiet" in a.option_strings]
+        assert "bar" in quiet and "30 s" in quiet, (words, quiet)
+
+
 def test_verify_and_to_hf_name_both_checks():
     """`convert verify` (and to-hf unless --no-verify) compares every tensor, then the logits."""
     convert = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["convert"]
