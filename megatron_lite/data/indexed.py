@@ -166,10 +166,6 @@ class IndexedDatasetBuilder:
         self.end_document()
 
     @property
-    def num_documents(self) -> int:
-        return len(self._sizes)
-
-    @property
     def num_tokens(self) -> int:
         return int(sum(self._sizes))
 

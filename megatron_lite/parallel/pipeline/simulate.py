@@ -60,10 +60,6 @@ class Simulation:
         return [self.makespan - b for b in self.busy]
 
     @property
-    def idle_fraction(self) -> list[float]:
-        return [i / self.makespan if self.makespan else 0.0 for i in self.idle]
-
-    @property
     def bubble_fraction(self) -> float:
         """Idle time over all ranks / (ranks x makespan)."""
         return sum(self.idle) / (len(self.busy) * self.makespan) if self.makespan else 0.0
