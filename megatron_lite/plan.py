@@ -141,10 +141,10 @@ def check_layout(cfg: Config, world_size: int, need_vocab: bool = True) -> Layou
     validate(cfg, world_size, need_vocab)
     p = cfg.parallel
     dims = ParallelDims.resolve(world_size, tp=p.tp, pp=p.pp, dp=p.dp, vp=p.vp)
+    validate_tp(cfg.model, dims.tp, p.sp)
     if cfg.model.vocab_size is None:  # the chunks' sizes need the vocabulary (head cost): only the count
         partition_layers(cfg.model.layers, dims.pp, dims.vp)
     else:
-        validate_tp(cfg.model, dims.tp, p.sp)
         partition = plan_for_model(cfg.model, dims.pp, dims.vp)
     # With one stage the trainer runs each microbatch's forward and backward back to back: 1F1B.
     name = p.schedule if dims.pp > 1 else "1f1b"

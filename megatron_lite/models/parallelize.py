@@ -93,9 +93,10 @@ def _tp_problems(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> list[str
 
 def validate_tp(cfg: ModelConfig, tp: int, sequence_parallel: bool) -> None:
     """Raise one :class:`UserError` naming every reason ``cfg`` cannot be split ``tp`` ways, and the
-    tp values that would work. Pure: runs before any collective."""
-    if cfg.vocab_size is None or cfg.ffn_hidden is None:
-        raise UserError("model.vocab_size and model.ffn_hidden must be resolved (fill_defaults) before apply_tp")
+    tp values that would work. Pure: runs before any collective. The vocabulary takes no part (it is
+    padded to fit any tp), so this runs before the tokenizer has filled ``model.vocab_size``."""
+    if cfg.ffn_hidden is None:
+        raise UserError("model.ffn_hidden must be resolved (fill_defaults) before the tensor-parallel split")
     problems = _tp_problems(cfg, tp, sequence_parallel)
     if problems:
         fits = tp_values(cfg, sequence_parallel)

@@ -262,10 +262,14 @@ def test_a_run_longer_than_its_training_data_is_a_warning_naming_the_dataset_and
         (["parallel.pp=2", "parallel.vp=2", "parallel.schedule=1f1b"], r"^parallel.schedule=1f1b runs one chunk"),
         (["parallel.pp=2", "model.layers=1"], r"^cannot split model.layers=1 into parallel.pp x parallel.vp = 2 x 1"),
         (["parallel.pp=2", "parallel.schedule=zb-h1", "train.recompute=selective"], r"^parallel.schedule=zb-h1 "),
+        # the tensor-parallel split of heads, KV heads, FFN and sequence needs no vocabulary
+        (["parallel.tp=2", "model.heads=3", "model.hidden=96"], r"^model.heads=3 is not divisible by parallel.tp=2"),
+        (["parallel.tp=2", "parallel.sp=true", "model.seq_len=33"], r"^parallel.sp=true .*model.seq_len=33"),
     ],
 )
 def test_the_trainer_checks_the_pipeline_before_any_process_group(overrides, expected):
-    """Checked only once every rank had joined the process group and opened the data."""
+    """Checked only once every rank had joined the process group and opened the data (the
+    tensor-parallel split too: it was skipped while the vocabulary was unknown)."""
     from megatron_lite.training.trainer import check_layout
 
     cfg = load_config(None, ["train.micro_batch_size=4", *overrides])
