@@ -258,6 +258,11 @@ class RowParallelLinear(nn.Module):
         self.out_features, self.in_features = linear.weight.shape
         if self.in_features % self.tp:
             raise ValueError(f"RowParallelLinear: in_features={self.in_features} is not divisible by tp={self.tp}")
+        if sequence_parallel and not input_is_parallel:  # a (B, T/tp, in) input would be cut twice
+            raise ValueError(
+                "RowParallelLinear: sequence_parallel=True needs input_is_parallel=True (under sequence "
+                "parallelism the input is sequence-sharded, not the full features to split)"
+            )
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.weight = nn.Parameter(comm.split(linear.weight.detach(), 1, group).clone())
         self.weight.tensor_model_parallel = True

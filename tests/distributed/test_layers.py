@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -228,6 +229,13 @@ def check_all_layers(rank: int, world: int) -> None:
 
 def test_layers_tp1_single_process():
     check_all_layers(0, 1)
+
+
+def test_row_parallel_refuses_sequence_parallel_with_an_unsplit_input():
+    """Under SP the input is sequence-sharded (B, T/tp, in): splitting its features too, then
+    reduce-scattering T again, would return (B, T/tp^2, out) on any tp > 1 (Megatron refuses it)."""
+    with pytest.raises(ValueError, match="sequence_parallel=True needs input_is_parallel=True"):
+        RowParallelLinear(nn.Linear(IN, 4), None, input_is_parallel=False, sequence_parallel=True)
 
 
 def test_layers_tp2(world2):
