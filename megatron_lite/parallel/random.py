@@ -17,7 +17,11 @@ Use: ``tracker = seed_tensor_parallel(seed, mesh.tp_rank, pp_rank=mesh.pp_rank)`
 ``with tracker.fork():`` around ops that must differ per TP rank. Initialisation does not need
 it: TP layers are sliced from the single-device model's initialised weights
 (``tensor_parallel.py``). The model has no dropout yet; the tracker is what a dropout layer must
-use when it gets one.
+use when it gets one. Activation recompute (``models/recompute.py``) then needs more: torch's
+checkpoint restores only the default streams before it re-runs a block, so a fork inside the block
+would draw the NEXT masks of the named stream, not the ones the forward used, and the gradients
+would be wrong. The named states must be saved with the block's input and restored for its re-run
+(Megatron's ``CheckpointFunction`` does this with its tracker's ``get_states``/``set_states``).
 """
 
 from __future__ import annotations
