@@ -161,15 +161,26 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
     fix = "fix or replace them, or point at a good step directory (step_XXXXXXXX)"
     found = _newest_good(Storage(path), fix) if Storage(path).exists("") else None
     if found is None:
-        hint = ""
-        if not is_url(path) and (Path(path) / "checkpoints").is_dir():  # a run's log.dir
-            hint = f"; a run directory keeps its checkpoints in {str(Path(path) / 'checkpoints')!r}"
-        elif not is_url(path) and Path(path).is_file():  # `latest` or a step's metadata.json
-            hint = f"; it is a file: give the directory holding it, {str(Path(path).parent)!r}"
+        hint = "" if is_url(path) else _not_found_hint(Path(path))
         raise UserError(
             f"no checkpoint found at {str(path)!r} (expected a step_XXXXXXXX directory or its parent){hint}"
         )
     return found
+
+
+def _not_found_hint(path: Path) -> str:
+    """What a local path that holds no checkpoint is, and the one to give instead: a run's ``log.dir``
+    (its ``checkpoints``), a file (the directory holding it: ``latest``, a step's ``metadata.json``;
+    a run's own files, its ``checkpoints``) or a step that is not there (the steps that are)."""
+    if (path / "checkpoints").is_dir():  # a run's log.dir
+        return f"; a run directory keeps its checkpoints in {str(path / 'checkpoints')!r}"
+    if path.is_file():
+        if (path.parent / "checkpoints").is_dir():  # config.yaml, metrics.jsonl of a run's log.dir
+            return f"; it is a file of a run directory, whose checkpoints are in {str(path.parent / 'checkpoints')!r}"
+        return f"; it is a file: give the directory holding it, {str(path.parent)!r}"
+    if not path.exists() and list_steps(path.parent):  # a step that was never saved, or was pruned
+        return f"; it does not exist, and the steps in {str(path.parent)!r} are {steps_there(path.parent)}"
+    return ""
 
 
 def resolve_resume(root: str | Path, resume: str) -> CheckpointReader | None:

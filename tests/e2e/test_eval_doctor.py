@@ -65,6 +65,22 @@ def test_eval_bad_paths(tmp_path, capsys):
         assert "--device cuda but no CUDA device is available" in capsys.readouterr().err
 
 
+def test_eval_of_no_checkpoint_names_the_path_to_give(tmp_path, capsys):
+    """A run's own file (its config.yaml) was answered with its directory, the run directory eval refuses
+    next; a step that is not there was no more than "no checkpoint found"."""
+    run, text = tmp_path / "run", tmp_path / "t.txt"
+    text.write_text("hello")
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000020").mkdir()
+    (run / "config.yaml").write_text("model: {}\n")
+    assert main(["eval", "--checkpoint", str(run / "config.yaml"), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert f"; it is a file of a run directory, whose checkpoints are in {str(run / 'checkpoints')!r}" in err, err
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000030"), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert f"; it does not exist, and the steps in {str(run / 'checkpoints')!r} are 10, 20\n" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_doctor_says_triton_kernels_need_cuda_or_the_interpreter(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/kernels sets it for the whole session
