@@ -177,13 +177,16 @@ def _token_pieces(p: Path, json_key: str, tok: Tokenizer, eos: bool) -> Iterator
             yield [tok.eos_id]
 
 
-def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
-    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file (or the
-    documents of a JSON Lines file, their text under ``json_key``); :class:`NonFiniteLossError`
-    when the loss is NaN or infinite."""
-    p = Path(text_path)
+def _check_text_path(p: Path) -> None:
+    """Refuse a ``--text`` that is no file to read twice, naming what it is: a directory, a pipe or a
+    device, a dangling link, a dataset's prefix, a glob, or nothing at all."""
     if p.is_dir():
         raise UserError(f"--text {str(p)!r} is a directory; give one UTF-8 text file")
+    if p.exists() and not p.is_file():  # a pipe (`<(cmd)`, /dev/stdin), a device: no second read
+        raise UserError(
+            f"--text {str(p)!r} is not a regular file (a pipe or a device), and eval reads its file twice (checked "
+            "before the checkpoint is loaded, then scored); write the text to a file and give that"
+        )
     if not p.is_file():
         dataset = Path(f"{p}.bin").is_file() and Path(f"{p}.idx").is_file()
         hint = (
@@ -191,9 +194,19 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
             if dataset
             else "; --text takes one file, not a glob (concatenate the files into one)"
             if glob.has_magic(str(p))
+            else f"; it is a symbolic link to {str(p.readlink())!r}, which does not exist"
+            if p.is_symlink()
             else ""
         )
         raise UserError(f"text file {str(p)!r} does not exist{hint}")
+
+
+def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
+    """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file (or the
+    documents of a JSON Lines file, their text under ``json_key``); :class:`NonFiniteLossError`
+    when the loss is NaN or infinite."""
+    p = Path(text_path)
+    _check_text_path(p)
     dev = resolve_device(device, option="--device ")  # before reading anything
     check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
     for chunks in _documents(p, json_key):  # not UTF-8, bad JSON: refused before the checkpoint is loaded

@@ -1,6 +1,7 @@
 """`megatron-lite eval` and `megatron-lite doctor`."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -63,6 +64,19 @@ def test_eval_bad_paths(tmp_path, capsys):
         argv = ["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "t.txt"), "--device", "cuda"]
         assert main(argv) == 2
         assert "--device cuda but no CUDA device is available" in capsys.readouterr().err
+
+
+def test_eval_text_that_is_no_regular_file_says_what_it_is(tmp_path, capsys):
+    """A pipe (`--text <(cmd)`, /dev/stdin) and a dangling link were each said not to exist."""
+    fifo, link = tmp_path / "fifo", tmp_path / "link.txt"
+    os.mkfifo(fifo)
+    link.symlink_to(tmp_path / "gone.txt")
+    assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --text {str(fifo)!r} is not a regular file (a pipe or a device), and eval reads" in err, err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--text", str(link)]) == 2
+    err = capsys.readouterr().err
+    assert f"does not exist; it is a symbolic link to {str(tmp_path / 'gone.txt')!r}, which does not exist" in err
 
 
 def test_eval_of_no_checkpoint_names_the_path_to_give(tmp_path, capsys):
