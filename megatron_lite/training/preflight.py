@@ -50,6 +50,7 @@ from megatron_lite.data.gpt_dataset import GPTDataset
 from megatron_lite.errors import UserError
 from megatron_lite.launcher.fail_fast import fail_fast_setup
 from megatron_lite.training import resume
+from megatron_lite.training.build import resolve_dtype
 from megatron_lite.training.trackers import DROPPED_FILE, METRICS_FILE
 
 LOG_DIR_FILES = ("config.yaml", METRICS_FILE, DROPPED_FILE)  # what a run writes in log.dir
@@ -162,8 +163,11 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
     the estimate can err, but an out-of-memory kill (the kernel's OOM killer on CPU) says nothing."""
     from megatron_lite.plan import make_plan  # the planner imports the model: only when asked
 
+    planned = copy.deepcopy(cfg)
+    if planned.train.dtype == "auto":  # plan takes auto as a GPU's bf16; this run's is its device's (fp32 on CPU)
+        planned.train.dtype = "bf16" if resolve_dtype("auto", device) == torch.bfloat16 else "fp32"
     try:
-        need = make_plan(copy.deepcopy(cfg), world_size).memory_bytes_per_rank
+        need = make_plan(planned, world_size).memory_bytes_per_rank
     except UserError:  # a layout plan cannot model (the trainer checked it already): no estimate, no warning
         return None
     if device.type == "cuda":
