@@ -1,6 +1,7 @@
 """`megatron-lite plan --json` speaks JSON on failure too: one `{"error": ...}` line, exit 2."""
 
 import json
+from pathlib import Path
 
 import pytest
 from tiny_config import tiny
@@ -40,3 +41,19 @@ def test_json_lists_the_startup_warnings(capsys):
     assert main([*args, "train.steps=5", "optim.warmup=30"]) == 0
     warnings = json.loads(capsys.readouterr().out)["warnings"]
     assert len(warnings) == 1 and "optim.warmup=30" in warnings[0] and "train.steps=5" in warnings[0], warnings
+
+
+def _readme() -> str:
+    """README.md with its line breaks as spaces, as a reader sees a wrapped sentence."""
+    return " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+
+
+def test_readme_documents_every_key_of_the_json(capsys):
+    """`plan --json` was documented nowhere: a script reading it had only the code to go by."""
+    assert main(["plan", "--world-size", "2", *TINY, "train.global_batch_size=16", "parallel.pp=2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    start = _readme().index("`plan --json` prints one line:")
+    doc = _readme()[start : start + 800]
+    missing = [k for k in [*got, *got["memory_by_stage"][0]] if f"`{k}`" not in doc]
+    assert missing == [], missing
+    assert 'one line `{"error": ...}`, and exit status 2' in doc
