@@ -17,6 +17,7 @@ import torch
 
 from megatron_lite import __version__, kernels
 from megatron_lite.amounts import counted
+from megatron_lite.kernels.accelerators import apex_problem, transformer_engine_problem
 
 
 def _version(dist: str) -> str | None:
@@ -56,10 +57,13 @@ def collect() -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if optional["triton"]["usable"] and (problem := kernels.triton_problem(device)):
         optional["triton"].update(usable=False, detail=f"imports, but kernels.backend=triton {problem}")
-    optional["apex"] = {"usable": kernels.apex_available(), "version": _version("apex")}
+    # every package has the same three keys (doctor --json's documented form), and its reason when unusable
+    apex, te = apex_problem(), transformer_engine_problem()
+    optional["apex"] = {"usable": apex is None, "version": _version("apex"), "detail": apex or "ok"}
     optional["transformer_engine"] = {
-        "usable": kernels.transformer_engine_available(),
+        "usable": te is None,
         "version": _version("transformer_engine") or _version("transformer-engine"),
+        "detail": te or "ok",
     }
     return {
         "megatron_lite": __version__,

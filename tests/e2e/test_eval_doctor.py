@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,22 @@ def test_doctor_reports_versions_and_backends(capsys):
     # one column for every row, transformer_engine's 18 characters included (it pushed its own row right)
     block = out.split("kernels (backend=")[1].split("optional packages:")[0].splitlines()[1:]
     assert len({len(line) - len(line[2:].split(" ", 1)[1].lstrip()) for line in block}) == 1, block
+
+
+def test_doctor_json_has_its_documented_keys_for_every_package(capsys):
+    """apex and transformer_engine had no "detail" (the text report showed no reason they were not
+    usable), and no key of `doctor --json` was documented."""
+    assert main(["doctor", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {name: sorted(o) for name, o in info["optional"].items()} == {
+        name: ["detail", "usable", "version"] for name in info["optional"]
+    }
+    for name in ("apex", "transformer_engine"):
+        o = info["optional"][name]
+        assert (o["detail"] == "ok") == o["usable"], (name, o)
+        assert o["usable"] or o["detail"] in info["kernels"][name], (name, o)  # the reason the kernels line gives
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
+    start = readme.index("`doctor --json` prints one object:")
+    doc = readme[start : start + 600]
+    missing = [k for k in [*info, *info["distributed_backends"], "usable", "version", "detail"] if f"`{k}`" not in doc]
+    assert missing == [], missing
