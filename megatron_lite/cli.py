@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--text", help="UTF-8 text file, or JSON Lines (.jsonl/.json: the text of each document)")
     what.add_argument("--held-out", action="store_true", help="the run's held-out samples (its eval_loss)")
     e.add_argument("--json-key", default="text", help="field holding the text in a JSON Lines --text (default: text)")
-    nan = 'a NaN or infinite loss is null, with an "error" naming the cause (exit status 2)'
+    nan = 'a failure (a NaN or infinite loss, a bad path) is a null loss with an "error" naming it (exit status 2)'
     e.add_argument("--json", action="store_true", help=f'print one line {{"loss": ..., "tokens": ...}}; {nan}')
     e.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda (default: auto)")
     e.set_defaults(fn=cli_verbs.run_eval)

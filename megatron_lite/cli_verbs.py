@@ -29,11 +29,13 @@ def run_eval(args: argparse.Namespace) -> int:
             result = evaluate_held_out(args.checkpoint, args.device)
         else:
             result = evaluate_text(args.checkpoint, args.text, args.device, args.json_key)
-    except NonFiniteLossError as e:
+    except UserError as e:
         if not args.json:
             raise
-        # strict JSON has no NaN or Infinity (json.dumps would print them): null, the reason, exit 2
-        print(json.dumps({"loss": None, "tokens": e.tokens, "error": str(e)}))
+        # --json: the one line on stdout is JSON, failures too; strict JSON has no NaN or Infinity
+        # (json.dumps would print them): a null loss, the tokens scored if any, the reason, exit 2
+        tokens = e.tokens if isinstance(e, NonFiniteLossError) else None
+        print(json.dumps({"loss": None, "tokens": tokens, "error": str(e)}))
         return 2
     if args.json:  # the documented line is exactly these two keys
         print(json.dumps({"loss": result["loss"], "tokens": result["tokens"]}, allow_nan=False))

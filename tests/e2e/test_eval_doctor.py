@@ -67,6 +67,22 @@ def test_eval_bad_paths(tmp_path, capsys):
         assert "--device cuda but no CUDA device is available" in capsys.readouterr().err
 
 
+def test_eval_json_failure_is_one_json_line(tmp_path, capsys):
+    """`eval --json` printed nothing on stdout for a failure other than a NaN loss (plan --json prints
+    its failures as JSON): a script reading the line got no JSON to parse."""
+    (tmp_path / "t.txt").write_text("hello")
+    for ckpt, text, cause in (
+        (tmp_path / "none", tmp_path / "t.txt", "no checkpoint found at"),
+        (tmp_path, tmp_path / "missing.txt", "does not exist"),
+    ):
+        assert main(["eval", "--checkpoint", str(ckpt), "--text", str(text), "--json"]) == 2
+        out, err = capsys.readouterr()
+        assert err == "" and len(out.splitlines()) == 1, (out, err)
+        got = json.loads(out)
+        assert list(got) == ["loss", "tokens", "error"] and got["loss"] is None and got["tokens"] is None, got
+        assert cause in got["error"], got
+
+
 def test_eval_text_that_is_no_regular_file_says_what_it_is(tmp_path, capsys):
     """A pipe (`--text <(cmd)`, /dev/stdin) and a dangling link were each said not to exist."""
     fifo, link = tmp_path / "fifo", tmp_path / "link.txt"
