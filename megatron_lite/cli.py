@@ -147,6 +147,10 @@ def _add_launch_verbs(sub) -> None:
     pl = sub.add_parser("plan", help="check a parallel layout for N ranks; memory and pipeline bubble")
     add_config_option(pl)
     pl.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) the job will have")
+    pl.add_argument(
+        "--gpu-memory",
+        help="one GPU's memory, e.g. 80GiB (80GB is 80e9 bytes): a warning where a rank's peak estimate exceeds it",
+    )
     pl.add_argument("--json", action="store_true", help="print one JSON line")
     pl.add_argument("--width", type=_positive_int, default=100, help="columns of the pipeline timeline (default: 100)")
     pl.set_defaults(fn=cli_verbs.run_plan)

@@ -135,12 +135,14 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from megatron_lite.config import load_config
+    from megatron_lite.convert.to_hf import parse_size
     from megatron_lite.launcher.launch_vars import whole_number
     from megatron_lite.plan import format_plan, make_plan
 
     try:
         whole_number("--world-size", str(args.world_size), 1, None, "the ranks (GPUs) the job will have")
-        plan = make_plan(load_config(args.config, args.overrides), args.world_size)
+        gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory")
+        plan = make_plan(load_config(args.config, args.overrides), args.world_size, gpu)
     except UserError as e:
         if not args.json:
             raise

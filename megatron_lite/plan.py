@@ -103,11 +103,19 @@ class Plan:
     simulation: Simulation
     model_parameters: int
     stages: tuple[StageMemory, ...]
+    gpu_memory: int | None = None
+    """Bytes of one GPU (``plan --gpu-memory``): a peak above it is a warning."""
 
     @property
     def memory_bytes_per_rank(self) -> int:
         """The most any rank needs (the largest stage)."""
         return max(s.total for s in self.stages)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The startup warnings of the config, and a peak past ``gpu_memory``."""
+        over = self.gpu_memory and over_memory(self.memory_bytes_per_rank, self.gpu_memory, "--gpu-memory is")
+        return [*config_warnings(self.cfg), *([over] if over else [])]
 
     def to_json(self) -> dict:
         """The machine-readable summary (``megatron-lite plan --json``)."""
@@ -125,7 +133,7 @@ class Plan:
             "bubble_fraction": self.simulation.bubble_fraction,
             "memory_bytes_per_rank": self.memory_bytes_per_rank,
             "memory_by_stage": [{**s.__dict__, "total": s.total} for s in self.stages],
-            "warnings": config_warnings(self.cfg),
+            "warnings": self.warnings,
         }
 
 
@@ -178,15 +186,28 @@ def _vocab_size(cfg: Config) -> int:
     return m.vocab_size
 
 
-def make_plan(cfg: Config, world_size: int) -> Plan:
-    """Check ``cfg`` for ``world_size`` ranks (:func:`check_layout`) and estimate it."""
+def over_memory(need: int, have: int, where: str) -> str | None:
+    """The warning for a rank whose estimated peak ``need`` exceeds the ``have`` bytes ``where`` names
+    (a GPU, a share of RAM, ``--gpu-memory``), with the fixes; None where it fits."""
+    if need <= have:
+        return None
+    return (
+        f"`megatron-lite plan` estimates {byte_size(need, binary=True)} per rank at peak, and {where} "
+        f"{byte_size(have, binary=True)}: expect an out-of-memory failure; lower train.micro_batch_size or "
+        "model.seq_len, set train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
+    )
+
+
+def make_plan(cfg: Config, world_size: int, gpu_memory: int | None = None) -> Plan:
+    """Check ``cfg`` for ``world_size`` ranks (:func:`check_layout`) and estimate it; ``gpu_memory``:
+    the bytes of one GPU, a peak above them a warning."""
     fill_defaults(cfg, vocab_size=_vocab_size(cfg))
     layout = check_layout(cfg, world_size)
     stages = tuple(_stage_memory(cfg, layout, stage) for stage in range(layout.dims.pp))
     total = sum(_chunk_parameters(cfg.model, c, tp=1) for c in layout.partition.chunks)
     if cfg.model.tie_embeddings and layout.dims.pp > 1:
         total -= _embedding_parameters(cfg.model, tp=1)  # the last stage's copy of the tied head
-    return Plan(cfg, layout, simulate(layout.schedule), total, stages)
+    return Plan(cfg, layout, simulate(layout.schedule), total, stages, gpu_memory)
 
 
 def _param_bytes(cfg: Config) -> int:
@@ -327,5 +348,5 @@ def format_plan(plan: Plan, width: int = 100) -> str:
     sim = plan.simulation
     lines.append(f"pipeline bubble: {sim.bubble_fraction:.2%} of time (simulated, backward = 2 x forward)")
     lines.append(render(sim, width))
-    lines += [f"warning: {why}" for why in config_warnings(cfg)]
+    lines += [f"warning: {why}" for why in plan.warnings]
     return "\n".join(lines)

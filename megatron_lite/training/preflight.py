@@ -40,7 +40,6 @@ import torch
 import torch.distributed as dist
 
 from megatron_lite import kernels
-from megatron_lite.amounts import byte_size
 from megatron_lite.checkpoint.lineage import recorded_datasets, run_corpus_way
 from megatron_lite.checkpoint.reader import CheckpointReader, committed_steps, peek_checkpoint
 from megatron_lite.checkpoint.storage import Storage, is_url
@@ -161,7 +160,7 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
     """A warning when ``megatron-lite plan``'s peak estimate for one rank exceeds what this rank has
     (the GPU's memory, or the machine's RAM shared by its local ranks), else None. Only a warning:
     the estimate can err, but an out-of-memory kill (the kernel's OOM killer on CPU) says nothing."""
-    from megatron_lite.plan import make_plan  # the planner imports the model: only when asked
+    from megatron_lite.plan import make_plan, over_memory  # the planner imports the model: only when asked
 
     planned = copy.deepcopy(cfg)
     if planned.train.dtype == "auto":  # plan takes auto as a GPU's bf16; this run's is its device's (fp32 on CPU)
@@ -175,13 +174,7 @@ def memory_warning(cfg: Config, world_size: int, device: torch.device, local_wor
     else:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_world_size)
         where = f"this machine's RAM is, per local rank ({local_world_size}),"
-    if need <= have:
-        return None
-    return (
-        f"`megatron-lite plan` estimates {byte_size(need, binary=True)} per rank at peak, and {where} "
-        f"{byte_size(have, binary=True)}: expect an out-of-memory failure; lower train.micro_batch_size or "
-        "model.seq_len, set train.recompute, or spread the model over more ranks (parallel.tp / pp, optim.distributed)"
-    )
+    return over_memory(need, have, where)
 
 
 def eval_warning(cfg: Config, valid: GPTDataset | None) -> str | None:

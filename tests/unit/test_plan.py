@@ -189,3 +189,20 @@ def test_plan_refuses_a_vocabulary_below_the_tokenizers_as_training_does(capsys)
     assert main(["plan", "--world-size", "1", "model.vocab_size=8192"]) == 0
     # a cluster's tokenizer, not on this machine: the layout is still planned, with the vocabulary given
     assert main(["plan", "--world-size", "1", "model.vocab_size=64", "data.tokenizer=/absent/tok.model"]) == 0
+
+
+def test_gpu_memory_below_the_peak_is_a_warning_naming_the_fix(capsys):
+    """plan never compared its peak with a GPU: a layout that cannot fit one passed without a word."""
+    args = ["plan", "--world-size", "1", *TINY, "train.global_batch_size=8"]
+    assert main([*args, "--json"]) == 0
+    peak = json.loads(capsys.readouterr().out)["memory_bytes_per_rank"]
+    assert main([*args, "--json", "--gpu-memory", str(peak)]) == 0  # exactly the peak: it fits
+    assert json.loads(capsys.readouterr().out)["warnings"] == []
+    assert main([*args, "--json", "--gpu-memory", str(peak - 1)]) == 0
+    (why,) = json.loads(capsys.readouterr().out)["warnings"]
+    assert "per rank at peak, and --gpu-memory is" in why and "lower train.micro_batch_size" in why, why
+    assert main([*args, "--gpu-memory", str(peak - 1)]) == 0
+    assert capsys.readouterr().out.endswith(f"\nwarning: {why}\n")
+    assert main([*args, "--gpu-memory", "80G"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --gpu-memory '80G' is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB\n"
