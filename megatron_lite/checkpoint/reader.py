@@ -171,7 +171,8 @@ def find_checkpoint(path: str | Path) -> CheckpointReader:
 def _not_found_hint(path: Path) -> str:
     """What a local path that holds no checkpoint is, and the one to give instead: a run's ``log.dir``
     (its ``checkpoints``), a file (the directory holding it: ``latest``, a step's ``metadata.json``;
-    a run's own files, its ``checkpoints``) or a step that is not there (the steps that are)."""
+    a run's own files, its ``checkpoints``), a step that is not there (the steps that are) or one that
+    was never committed (the committed ones)."""
     if (path / "checkpoints").is_dir():  # a run's log.dir
         return f"; a run directory keeps its checkpoints in {str(path / 'checkpoints')!r}"
     if path.is_file():
@@ -180,6 +181,12 @@ def _not_found_hint(path: Path) -> str:
         return f"; it is a file: give the directory holding it, {str(path.parent)!r}"
     if not path.exists() and list_steps(path.parent):  # a step that was never saved, or was pruned
         return f"; it does not exist, and the steps in {str(path.parent)!r} are {steps_there(path.parent)}"
+    if path.is_dir() and path.name in [name for _, name in list_steps(path.parent)]:  # no commit record
+        committed = ", ".join(map(str, committed_steps(path.parent))) or "none"
+        return (
+            f"; it holds no {METADATA}: a save that never committed (cut short, or still being written); the "
+            f"committed steps in {str(path.parent)!r} are {committed}"
+        )
     return ""
 
 

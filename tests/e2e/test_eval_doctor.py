@@ -110,6 +110,12 @@ def test_eval_of_no_checkpoint_names_the_path_to_give(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000030"), "--text", str(text)]) == 2
     err = capsys.readouterr().err
     assert f"; it does not exist, and the steps in {str(run / 'checkpoints')!r} are 10, 20\n" in err, err
+    # a step directory without its metadata.json: a save cut short, or one still being written
+    (run / "checkpoints" / "step_00000010" / "metadata.json").write_text("{}")
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000020"), "--text", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "; it holds no metadata.json: a save that never committed (cut short, or still being written); the " in err
+    assert f"committed steps in {str(run / 'checkpoints')!r} are 10\n" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
