@@ -207,6 +207,12 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
     when the loss is NaN or infinite."""
     p = Path(text_path)
     _check_text_path(p)
+    if json_key != "text" and not is_jsonl(p):  # the key would be ignored, the file scored as it stands
+        raise UserError(
+            f"--json-key {json_key} names the text of JSON Lines documents, and {str(p)!r} is read as plain text "
+            "(only .jsonl/.json files, compressed or not, are JSON Lines); rename it if it holds JSON Lines, "
+            "or leave --json-key out"
+        )
     dev = resolve_device(device, option="--device ")  # before reading anything
     check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
     for chunks in _documents(p, json_key):  # not UTF-8, bad JSON: refused before the checkpoint is loaded

@@ -96,6 +96,19 @@ def test_eval_text_that_is_no_regular_file_says_what_it_is(tmp_path, capsys):
     assert f"does not exist; it is a symbolic link to {str(tmp_path / 'gone.txt')!r}, which does not exist" in err
 
 
+def test_eval_json_key_of_a_plain_text_file_is_refused(tmp_path, capsys):
+    """`--json-key body` on a .txt was ignored: the file was scored on its JSON syntax, without a word."""
+    (tmp_path / "docs.txt").write_text('{"body": "hello"}\n')
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "docs.txt"), "--json-key", "body"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: --json-key body names the text of JSON Lines documents, and {str(tmp_path / 'docs.txt')!r}"
+    )
+    assert "rename it if it holds JSON Lines, or leave --json-key out" in err, err
+
+
 def test_eval_of_no_checkpoint_names_the_path_to_give(tmp_path, capsys):
     """A run's own file (its config.yaml) was answered with its directory, the run directory eval refuses
     next; a step that is not there was no more than "no checkpoint found"."""
