@@ -26,7 +26,6 @@ import glob
 import logging
 import math
 import platform
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,6 +200,13 @@ def _check_text_path(p: Path) -> None:
         raise UserError(f"text file {str(p)!r} does not exist{hint}")
 
 
+def _too_short(p: Path, tokens: int) -> UserError:
+    return UserError(  # the same words for an empty file, refused before the checkpoint is loaded
+        f"text file {str(p)!r} has {counted(tokens, 'token')}, and a score needs at least 2 (one to predict the "
+        "next from): give --text a file with more text"
+    )
+
+
 def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "auto", json_key: str = "text") -> dict:
     """``{"loss", "perplexity", "tokens"}`` of the checkpoint's model on a UTF-8 text file (or the
     documents of a JSON Lines file, their text under ``json_key``); :class:`NonFiniteLossError`
@@ -215,16 +221,14 @@ def evaluate_text(checkpoint: str | Path, text_path: str | Path, device: str = "
         )
     dev = resolve_device(device, option="--device ")  # before reading anything
     check_input(p)  # an archive is refused by name, a binary file by its NUL bytes
-    for chunks in _documents(p, json_key):  # not UTF-8, bad JSON: refused before the checkpoint is loaded
-        deque(chunks, maxlen=0)
+    # read to its end in bounded memory: not UTF-8, bad JSON, no text at all refused before the checkpoint is loaded
+    if not sum(len(chunk) for chunks in _documents(p, json_key) for chunk in chunks):
+        raise _too_short(p, 0)
     model, tok = load_model(checkpoint, dev)
     documents = is_jsonl(p) and tok.eos_id >= 0  # each document ends with EOS, as preprocess stores it
     total, tokens = sum_next_token_loss(model, _token_pieces(p, json_key, tok, documents), model.cfg.seq_len)
     if tokens < 2:
-        raise UserError(
-            f"text file {str(p)!r} has {counted(tokens, 'token')}, and a score needs at least 2 (one to predict the "
-            "next from): give --text a file with more text"
-        )
+        raise _too_short(p, tokens)
     return _score(total / (tokens - 1), tokens, model, f"checkpoint {str(checkpoint)!r} on {str(p)!r}")
 
 

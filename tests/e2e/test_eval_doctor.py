@@ -109,6 +109,15 @@ def test_eval_json_key_of_a_plain_text_file_is_refused(tmp_path, capsys):
     assert "rename it if it holds JSON Lines, or leave --json-key out" in err, err
 
 
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("empty.jsonl", '\n{"text": ""}\n')])
+def test_eval_of_a_file_without_text_is_refused_before_the_checkpoint_is_read(tmp_path, capsys, name, content):
+    """An empty file was refused only after the checkpoint was loaded (minutes for a large model)."""
+    (tmp_path / name).write_text(content)
+    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--text", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: text file {str(tmp_path / name)!r} has 0 tokens, and a score needs at least 2"), err
+
+
 def test_eval_of_no_checkpoint_names_the_path_to_give(tmp_path, capsys):
     """A run's own file (its config.yaml) was answered with its directory, the run directory eval refuses
     next; a step that is not there was no more than "no checkpoint found"."""
