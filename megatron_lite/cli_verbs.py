@@ -103,7 +103,10 @@ def run_doctor(args: argparse.Namespace) -> int:
         kernels.set_backend(args.backend)
         print(report(as_json=args.json))
     except RuntimeError as e:  # triton not importable: what train refuses at startup
-        raise UserError(f"doctor --backend {args.backend}: {e}") from None
+        if not args.json:
+            raise UserError(f"doctor --backend {args.backend}: {e}") from None
+        print(json.dumps({"error": f"doctor --backend {args.backend}: {e}"}))  # --json: JSON, failures too
+        return 2
     finally:
         kernels.set_backend(before)
     return 0

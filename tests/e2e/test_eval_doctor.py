@@ -215,3 +215,20 @@ def test_doctor_json_has_its_documented_keys_for_every_package(capsys):
     doc = readme[start : start + 600]
     missing = [k for k in [*info, *info["distributed_backends"], "usable", "version", "detail"] if f"`{k}`" not in doc]
     assert missing == [], missing
+
+
+def test_doctor_json_failure_is_one_json_line(monkeypatch, capsys):
+    """`doctor --json --backend triton` without an importable Triton printed its error on stderr only."""
+
+    def no_triton(name: str) -> None:
+        if name == "triton":
+            raise RuntimeError("Triton is not installed")
+
+    before = kernels.get_backend()
+    monkeypatch.setattr(kernels, "set_backend", no_triton)
+    assert main(["doctor", "--json", "--backend", "triton"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out) == {"error": "doctor --backend triton: Triton is not installed"}, (out, err)
+    assert main(["doctor", "--backend", "triton"]) == 2
+    assert capsys.readouterr().err == "error: doctor --backend triton: Triton is not installed\n"
+    assert kernels.get_backend() == before
