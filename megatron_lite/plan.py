@@ -328,15 +328,15 @@ def format_plan(plan: Plan, width: int = 100) -> str:
     counts = ",".join(map(str, lay.partition.layer_counts))
     dtype = "bf16 (auto, planned for GPUs)" if t.dtype == "auto" else t.dtype
     lines = [
-        f"layout: world {d.world_size} = pp {d.pp} x dp {d.dp} x tp {d.tp} (vp {d.vp}); sp {cfg.parallel.sp}; "
-        f"schedule {lay.schedule.name}",
+        f"layout: world {d.world_size} = pp {d.pp} x dp {d.dp} x tp {d.tp} (vp {d.vp}); "
+        f"sp {str(cfg.parallel.sp).lower()}; schedule {lay.schedule.name}",
         f"batch: global {t.global_batch_size} = micro {t.micro_batch_size} x microbatches {lay.microbatches} "
         f"x dp {d.dp} ({counted(tokens, 'token')} per step)",
         f"model: {plan.model_parameters:,} parameters ({m.arch}, {counted(m.layers, 'layer')}, hidden {m.hidden}, "
         f"heads {m.heads}/{m.kv_heads} kv, ffn {m.ffn_hidden}, vocab {m.vocab_size}, seq {m.seq_len})",
         f"pipeline: layers per virtual stage (model order) {counts}",
         f"memory per rank, by pipeline stage ({dtype}; recompute {t.recompute}; distributed optimizer "
-        f"{cfg.optim.distributed}):",
+        f"{str(cfg.optim.distributed).lower()}):",
         "stage   parameters        params         grads     optimizer   activations         total",
     ]
     for s in plan.stages:

@@ -61,7 +61,8 @@ def test_text_report_shows_layout_memory_and_timeline(capsys):
     layout = ["parallel.pp=2", "parallel.tp=2", "train.global_batch_size=32"]
     assert main(["plan", "--world-size", "4", *TINY, *layout]) == 0
     out = capsys.readouterr().out
-    assert "world 4 = pp 2 x dp 1 x tp 2" in out
+    assert "world 4 = pp 2 x dp 1 x tp 2 (vp 1); sp false; schedule 1f1b" in out  # booleans as configs write them
+    assert "; recompute none; distributed optimizer false):" in out, out
     assert "global 32 = micro 8 x microbatches 4 x dp 1" in out
     assert "pipeline bubble: 20.00% of time" in out  # 1F1B: (p-1)/(m+p-1) = 1/5
     assert "rank  0 |" in out and "rank  1 |" in out
