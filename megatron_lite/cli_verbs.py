@@ -145,6 +145,8 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         whole_number("--world-size", str(args.world_size), 1, None, "the ranks (GPUs) the job will have")
         gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory")
+        if gpu == 0:  # no GPU has no memory: the check would be off without a word
+            raise UserError(f"--gpu-memory {args.gpu_memory!r} is no memory: give one GPU's, e.g. 80GiB")
         plan = make_plan(load_config(args.config, args.overrides), args.world_size, gpu)
     except UserError as e:
         if not args.json:

@@ -207,3 +207,8 @@ def test_gpu_memory_below_the_peak_is_a_warning_naming_the_fix(capsys):
     assert main([*args, "--gpu-memory", "80G"]) == 2
     err = capsys.readouterr().err
     assert err == "error: --gpu-memory '80G' is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB\n"
+    # zero bytes (or a fraction of one) turned the comparison off: a GPU of no memory fits any peak
+    for nothing in ("0", "0GiB", "0.5"):
+        assert main([*args, "--json", "--gpu-memory", nothing]) == 2
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert error == f"--gpu-memory {nothing!r} is no memory: give one GPU's, e.g. 80GiB", error
