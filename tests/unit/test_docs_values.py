@@ -148,3 +148,15 @@ def test_readme_states_the_python_floor_and_torch_pin_the_install_uses():
     assert f"with `python3` (Python {floor} or newer; `VENV=path` for another place)" in text
     assert f".venv/bin/pip install torch=={pin} --index-url" in text and f"with `torch=={pin}`" in text
     assert re.search(r"^VENV=\$\{VENV:-\.venv\}$", (ROOT / "launch" / "setup_env.sh").read_text(), re.M)
+
+
+def test_readme_bubble_formula_is_the_simulators_where_it_says_it_holds():
+    """(pp - 1) / (vp x m) holds for full groups of pp microbatches only: a short last group of an
+    interleaved schedule idles the ranks longer (simulate.theory_bubble_ratio)."""
+    from megatron_lite.parallel.pipeline.simulate import theory_bubble_ratio
+
+    text = _flat(README)
+    assert "(pp - 1) / (vp x microbatches) of the busy time where pp divides the microbatches" in text
+    for pp, vp, m in ((4, 2, 8), (4, 3, 12), (2, 5, 6)):
+        assert theory_bubble_ratio(pp, vp, m) == (pp - 1) / (vp * m)
+    assert theory_bubble_ratio(4, 2, 9) > (4 - 1) / (2 * 9)  # the case the condition leaves out
