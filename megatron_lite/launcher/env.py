@@ -176,7 +176,7 @@ def check_master_resolves(host: str, port: int, timeout_s: float = RESOLVE_TIMEO
         try:
             socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             outcome.append(None)
-        except OSError as e:
+        except (OSError, UnicodeError) as e:  # UnicodeError: no host name (an empty or 64+ character label)
             outcome.append(e)
 
     thread = threading.Thread(target=lookup, daemon=True)  # getaddrinfo itself has no timeout

@@ -209,6 +209,16 @@ def test_unresolvable_master_is_an_error_naming_it_within_seconds():
     check_master_resolves("127.0.0.1", 29500)
 
 
+@pytest.mark.parametrize("host", ["node..cluster", "a" * 64])
+def test_a_malformed_master_name_is_refused_at_once(host, capfd):
+    """A name with an empty or 64-character label: its lookup died of a traceback in its thread, and the
+    check said there was no answer within 20 s, as if the name server were down."""
+    start = time.monotonic()
+    with pytest.raises(UserError, match=rf"rendezvous host '{host}' \(MASTER_ADDR\) does not resolve: .*label"):
+        check_master_resolves(host, 29500)
+    assert time.monotonic() - start < 5 and "Traceback" not in capfd.readouterr().err
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without a GPU")
 def test_gpu_check_without_a_gpu_refuses_at_once_naming_the_cpu_checks(tmp_path):
     # it ran every part for minutes (nvidia-smi not found, the 0.56B step killed for memory) before
