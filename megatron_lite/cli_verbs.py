@@ -26,6 +26,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         if args.held_out:
+            if args.json_key != "text":  # it would be ignored: the held-out samples are tokens already
+                raise UserError(
+                    f"--json-key {args.json_key} names the text of a JSON Lines --text, and --held-out scores the "
+                    "run's held-out samples, tokenized already: leave --json-key out"
+                )
             result = evaluate_held_out(args.checkpoint, args.device)
         else:
             result = evaluate_text(args.checkpoint, args.text, args.device, args.json_key)

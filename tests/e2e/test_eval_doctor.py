@@ -97,7 +97,8 @@ def test_eval_text_that_is_no_regular_file_says_what_it_is(tmp_path, capsys):
 
 
 def test_eval_json_key_of_a_plain_text_file_is_refused(tmp_path, capsys):
-    """`--json-key body` on a .txt was ignored: the file was scored on its JSON syntax, without a word."""
+    """`--json-key body` on a .txt was ignored: the file was scored on its JSON syntax, without a word
+    (and with --held-out, which reads no text)."""
     (tmp_path / "docs.txt").write_text('{"body": "hello"}\n')
     assert (
         main(["eval", "--checkpoint", str(tmp_path), "--text", str(tmp_path / "docs.txt"), "--json-key", "body"]) == 2
@@ -107,6 +108,13 @@ def test_eval_json_key_of_a_plain_text_file_is_refused(tmp_path, capsys):
         f"error: --json-key body names the text of JSON Lines documents, and {str(tmp_path / 'docs.txt')!r}"
     )
     assert "rename it if it holds JSON Lines, or leave --json-key out" in err, err
+    # with --held-out, whose samples are tokens already, the key was ignored as well
+    assert main(["eval", "--checkpoint", str(tmp_path), "--held-out", "--json-key", "body"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: --json-key body names the text of a JSON Lines --text, and --held-out scores the run's held-out "
+        "samples, tokenized already: leave --json-key out\n"
+    ), err
 
 
 @pytest.mark.parametrize("name, content", [("empty.txt", ""), ("empty.jsonl", '\n{"text": ""}\n')])
