@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_lite import jsontext
+from megatron_lite.config import Config
 from megatron_lite.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -226,6 +227,19 @@ class Trackers:
                     type(e).__name__,
                     e,
                 )
+
+    @classmethod
+    def from_config(cls, run_dir: Path, cfg: Config, *, active: bool, step: int = 0) -> Trackers:
+        """The trackers ``cfg.log`` enables (``log.tensorboard``, ``log.wandb``); W&B records ``cfg``."""
+        return cls(
+            run_dir,
+            cfg.to_dict(),
+            active=active,
+            tensorboard=cfg.log.tensorboard,
+            wandb=cfg.log.wandb,
+            wandb_project=cfg.log.wandb_project,
+            step=step,
+        )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for t in list(self._all):

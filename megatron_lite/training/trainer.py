@@ -130,9 +130,7 @@ class Trainer:
         # a launched rank ignores a preemption signal that comes after its loop (fault.py: late signals)
         self.preemption = PreemptionHandler(ignore_after_request=self.env.launcher != "none")
         self.preempted = False
-        log_cfg = cfg.log
-        self.trackers = Trackers(self.run_dir, cfg.to_dict(), active=self.rank == 0, tensorboard=log_cfg.tensorboard,
-                                 wandb=log_cfg.wandb, wandb_project=log_cfg.wandb_project, step=self.step)  # fmt: skip
+        self.trackers = Trackers.from_config(self.run_dir, cfg, active=self.rank == 0, step=self.step)
         # only rank 0 logs MFU; measuring a CPU peak on every rank at once would measure contention.
         # Every rank tells which CPUs it may run on, so rank 0 counts its own share of them once.
         share = metrics.local_cpu_share() if self.device.type == "cpu" else 1.0
