@@ -16,6 +16,7 @@ descriptors take offsets as coordinates, not products, and are not pointer arith
 from __future__ import annotations
 
 import re
+import sys
 
 _DEF = re.compile(r"^\s*(%[\w.$-]+) = ([\w.]+)\s*(.*?)\s*(?:loc\((#loc\d*|.*)\))?\s*$")
 _VALUE = re.compile(r"%[\w.$-]+(?:#\d+)?")
@@ -95,5 +96,8 @@ def narrow_products(ttir: str) -> list[str]:
 
 
 if __name__ == "__main__":  # a module of kernel_static.py, not a command of its own
-    print(__doc__.split("\n\n")[0])
-    print("Not a command of its own: run python tools/kernel_static.py (--help for its options).")
+    asked = {"-h", "--help"} & set(sys.argv[1:])  # help asked for is answered; a run as a command is refused
+    out = sys.stdout if asked else sys.stderr
+    print(__doc__.split("\n\n")[0], file=out)
+    print("Not a command of its own: run python tools/kernel_static.py (--help for its options).", file=out)
+    sys.exit(0 if asked else 2)

@@ -70,3 +70,8 @@ def test_every_tool_answers_help(script):
     r = tool(script, "--help")
     assert r.returncode == 0 and r.stdout.strip(), (r.stdout, r.stderr[-2000:])
     assert "usage:" in r.stdout or "run python tools/kernel_static.py" in r.stdout, r.stdout
+
+
+def test_a_module_of_a_tool_run_as_a_command_is_refused_naming_the_tool():
+    r = tool("ttir_offsets.py")
+    assert r.returncode == 2 and "run python tools/kernel_static.py" in r.stderr, (r.returncode, r.stderr)
