@@ -244,7 +244,9 @@ def _wait(condition, what: str, limit_s: float = 120.0):
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes in /proc (Linux)")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "parent-killed"])
 def test_no_worker_outlives_an_interrupted_or_killed_run(tok, code, tmp_path, sig):
-    (tmp_path / "big.txt").write_text(code * (20_000_000 // len(code)))  # ~7 s of encoding per worker
+    # ~25 s of encoding per worker when idle, signalled within its first seconds: a pytest process held off
+    # the CPU for seconds on a loaded machine must not find the run already finished
+    (tmp_path / "big.txt").write_text(code * (100_000_000 // len(code)))
     out = tmp_path / "out"
     argv = ["-m", "megatron_lite.cli", "preprocess", "--workers", "2", "--quiet", "--input", str(tmp_path / "big.txt")]
     argv += ["--tokenizer", str(tok.path), "--output", str(out / "data")]
