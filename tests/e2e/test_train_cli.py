@@ -213,12 +213,15 @@ def test_console_script_and_module_entry_points(tiny_args, tmp_path):
     """The installed `megatron-lite` script and `python -m megatron_lite.train` are the same command."""
     args = [*(a for a in tiny_args[:-1] if a != "log.progress=false"), "train.steps=2"]  # the bar on, as it is
     exe = [sys.executable, "-c", "import sys; from megatron_lite.cli import main; sys.exit(main())"]
-    r1 = subprocess.run([*exe, "train", *args, f"log.dir={tmp_path / 'x'}"], capture_output=True, text=True)
-    r2 = subprocess.run(
+    commands = [
+        [*exe, "train", *args, f"log.dir={tmp_path / 'x'}"],
         [sys.executable, "-m", "megatron_lite.train", *args, f"log.dir={tmp_path / 'y'}"],
-        capture_output=True,
-        text=True,
-    )
+        ["megatron-lite", "train", *args, "train.steps=-1"],
+    ]
+    # started together: each spends most of its time importing torch, which the 2 cores can overlap
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    outs = [p.communicate(timeout=300) for p in procs]
+    r1, r2, r3 = (subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outs))
     assert r1.returncode == 0, r1.stderr
     for r in (r1, r2):  # stderr is a file here: no bar, and one line for each logged step
         assert "\r" not in r.stderr and "step/s" not in r.stderr, r.stderr
@@ -226,7 +229,6 @@ def test_console_script_and_module_entry_points(tiny_args, tmp_path):
         assert said == ["step 1/2", "step 2/2"], r.stderr
     assert r2.returncode == 0, r2.stderr
     assert losses(tmp_path / "x") == losses(tmp_path / "y")
-    r3 = subprocess.run(["megatron-lite", "train", *args, "train.steps=-1"], capture_output=True, text=True)
     assert r3.returncode == 2 and r3.stderr.startswith("error: train.steps must be a positive integer, got -1"), (
         r3.stderr
     )
