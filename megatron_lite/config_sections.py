@@ -88,18 +88,33 @@ class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate, reached at the end of warmup."""
     min_lr: float = 3e-5
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay (``decay_style`` cosine, linear, wsd), and the floor of
+    inverse-square-root's; unused by constant."""
     warmup: int = 100
     """Linear warmup steps (step i of the warmup uses ``lr * (i + 1) / warmup``). More than
     ``train.steps`` is a warning at startup: the run would never reach ``lr`` nor decay. The schedule
     counts optimizer updates: a skipped step (non-finite gradients) does not advance it."""
     decay_steps: int | None = None
-    """Steps of cosine decay after warmup, at least 1 (for a constant learning rate after warmup set
-    ``min_lr`` to ``lr``): decay step i (from 0) uses ``min_lr + (lr - min_lr) * (1 + cos(pi * i /
-    decay_steps)) / 2``, so the first is at ``lr`` and ``min_lr`` comes at the step after the last.
+    """Steps of decay after warmup, at least 1 (for a constant learning rate after warmup set
+    ``decay_style=constant``): cosine decay step i (from 0) uses ``min_lr + (lr - min_lr) * (1 + cos(pi
+    * i / decay_steps)) / 2``, so the first is at ``lr`` and ``min_lr`` comes at the step after the last.
     Default: train.steps - warmup, so the run's last step is one decay step short of ``min_lr``. A
     decay that ends before ``train.steps`` is a warning at startup (and in ``plan``):
-    the last steps train at ``min_lr``."""
+    the last steps train at ``min_lr``. Unused by ``constant`` and ``inverse-square-root``."""
+    decay_style: str = "cosine"
+    """The learning rate after warmup, at decay step i (from 0) and the run's step s (from 1):
+    ``cosine`` (above), ``linear`` (``min_lr + (lr - min_lr) * (1 - i / decay_steps)``), ``constant``
+    (``lr``), ``inverse-square-root`` (Megatron's: ``lr * sqrt(warmup) / sqrt(s)``, at least ``min_lr``,
+    with no end; warmup 0 counts as 1, so step s uses ``lr / sqrt(s)``) or ``wsd`` (warmup-stable-decay:
+    ``lr``, then the last ``wsd_decay_steps`` of the ``decay_steps`` decay along ``wsd_decay_shape``)."""
+    wsd_decay_steps: int | None = None
+    """``decay_style=wsd`` only, and required there: the last steps of the ``decay_steps`` that decay,
+    at most ``decay_steps`` (Megatron's ``--lr-wsd-decay-iters``); those before train at ``lr``. As
+    with cosine, the first is at ``lr`` and ``min_lr`` comes at the step after the last."""
+    wsd_decay_shape: str | None = None
+    """``decay_style=wsd`` only: ``linear`` (the default there), ``cosine`` or ``1-sqrt`` (MiniCPM's,
+    torchtitan's ``sqrt``): at wsd decay step j (from 0), p = j / wsd_decay_steps, the share of
+    ``lr - min_lr`` left is ``1 - p``, ``(1 + cos(pi p)) / 2`` or ``1 - sqrt(p)``."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices only (not norms, biases)."""
     clip_grad: float = 1.0

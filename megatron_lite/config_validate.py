@@ -16,12 +16,15 @@ from pathlib import Path
 from megatron_lite.config_sections import Config, DataConfig, ModelConfig
 from megatron_lite.config_values import INT64_MAX, beyond_int64
 from megatron_lite.errors import UserError
+from megatron_lite.training.lr import DECAY_STYLES, WSD_DECAY_SHAPES, WSD_DEFAULT_SHAPE, check_schedule
 
 _CHOICES = {
     ("model", "arch"): ("llama", "gpt2"),
     ("model", "norm"): ("rmsnorm", "layernorm"),
     ("model", "activation"): ("swiglu", "gelu"),
     ("parallel", "schedule"): ("gpipe", "1f1b", "interleaved", "zb-h1"),
+    ("optim", "decay_style"): DECAY_STYLES,
+    ("optim", "wsd_decay_shape"): WSD_DECAY_SHAPES,
     ("train", "dtype"): ("auto", "fp32", "bf16", "fp16", "fp8"),
     ("train", "recompute"): ("none", "full", "selective"),
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -71,8 +74,9 @@ _RANGES = {
     ("optim", "min_lr"): (lambda v: 0 <= v <= _OPTIM_MAX, f"a number in [0, {_OPTIM_MAX:g}]"),
     ("optim", "decay_steps"): (
         lambda v: v >= 1,
-        ">= 1 (for a constant learning rate after warmup set optim.min_lr=optim.lr)",
+        ">= 1 (for a constant learning rate after warmup set optim.decay_style=constant)",
     ),
+    ("optim", "wsd_decay_steps"): (lambda v: v >= 1, ">= 1 (the last decay steps of optim.decay_style=wsd)"),
     ("optim", "beta1"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "beta2"): (lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim", "eps"): (lambda v: 0 <= v <= _OPTIM_MAX, f"in [0, {_OPTIM_MAX:g}]"),
@@ -87,7 +91,8 @@ _RANGES = {
 
 
 def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
-    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps, log.dir).
+    """Resolve every ``None`` default that depends on other fields (arch, tokenizer, steps, log.dir,
+    decay style).
     Each key filled from another is recorded in ``cfg.derived``, so the relaunch config derives it
     again from that key (``optim.decay_steps`` is kept resolved: README, "What a run leaves behind")."""
     m = cfg.model
@@ -105,6 +110,9 @@ def fill_defaults(cfg: Config, vocab_size: int | None = None) -> Config:
         m.vocab_size = vocab_size
     if cfg.optim.decay_steps is None:
         cfg.optim.decay_steps = max(cfg.train.steps - cfg.optim.warmup, 1)
+    if cfg.optim.decay_style == "wsd" and cfg.optim.wsd_decay_shape is None:
+        cfg.optim.wsd_decay_shape = WSD_DEFAULT_SHAPE
+        empty.add("optim.wsd_decay_shape")
     if cfg.checkpoint.dir is None:
         cfg.checkpoint.dir = str(Path(cfg.log.dir) / "checkpoints")
     if m.vocab_size is None:  # no tokenizer yet: filled by a later call
@@ -137,6 +145,7 @@ def _check_fields(cfg: Config) -> None:
     o = cfg.optim
     if o.min_lr > o.lr:
         raise UserError(f"need optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
+    check_schedule(o)
     _check_data(cfg.data)
 
 

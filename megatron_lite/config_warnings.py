@@ -8,6 +8,7 @@ from __future__ import annotations
 from megatron_lite.config_sections import Config, ModelConfig, ParallelConfig
 from megatron_lite.config_validate import accumulation_steps
 from megatron_lite.errors import UserError
+from megatron_lite.training.lr import decay_end
 
 
 def config_warnings(cfg: Config) -> list[str]:
@@ -15,9 +16,10 @@ def config_warnings(cfg: Config) -> list[str]:
     o, steps = cfg.optim, cfg.train.steps
     warnings = list(cfg.replaced_overrides)
     if o.warmup > steps:  # Megatron refuses this; a short smoke run of a long config is a fair use, so: a warning
+        never = "" if o.decay_style == "constant" else ", and never decays"
         warnings.append(
             f"optim.warmup={o.warmup} is more than train.steps={steps}: the learning rate rises for the whole "
-            f"run, reaching only {steps}/{o.warmup} of optim.lr={o.lr:g} at the last step, and never decays; "
+            f"run, reaching only {steps}/{o.warmup} of optim.lr={o.lr:g} at the last step{never}; "
             f"set optim.warmup to at most {steps} (commonly 1-10% of train.steps)"
         )
     elif why := _decay_warning(cfg):
@@ -91,13 +93,13 @@ def _export_warning(m: ModelConfig) -> str | None:
 
 
 def _decay_warning(cfg: Config) -> str | None:
-    """The cosine decay ends before the run does (e.g. a run's own resolved config.yaml reused with a
+    """The decay ends before the run does (e.g. a run's own resolved config.yaml reused with a
     longer train.steps keeps its decay_steps), so the last steps train at min_lr; else None. The
     default decay_steps (train.steps - warmup) ends after the last step; with min_lr == lr the
-    decay changes nothing."""
+    decay changes nothing; the constant and inverse-square-root styles have no end."""
     o, steps = cfg.optim, cfg.train.steps
-    end = o.warmup + o.decay_steps  # lr_at's arithmetic: step `end` (1-based) is the decay's last
-    if end >= steps or o.min_lr == o.lr:
+    end = decay_end(o)  # lr_at's arithmetic: step `end` (1-based) is the decay's last
+    if end is None or end >= steps or o.min_lr == o.lr:
         return None
     rest = f"step {steps} trains" if end + 1 == steps else f"steps {end + 1}-{steps} train"
     return (

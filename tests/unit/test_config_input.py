@@ -177,7 +177,8 @@ def test_a_decay_of_zero_steps_is_refused_naming_the_constant_lr_setting():
     with pytest.raises(UserError) as e:
         resolved("optim.decay_steps=0")
     assert str(e.value) == (
-        "optim.decay_steps must be >= 1 (for a constant learning rate after warmup set optim.min_lr=optim.lr), got 0"
+        "optim.decay_steps must be >= 1 (for a constant learning rate after warmup set optim.decay_style=constant), "
+        "got 0"
     )
 
 
