@@ -104,7 +104,7 @@ def data_order_changes(saved: dict[str, Any], now: Config, step: int) -> list[st
     return changes
 
 
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps")
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps", "decay_style", "wsd_decay_steps", "wsd_decay_shape")
 
 
 def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:

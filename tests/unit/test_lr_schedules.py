@@ -1,15 +1,17 @@
 """The learning-rate schedules of ``optim.decay_style`` at chosen steps, computed by hand; each bad key or
-combination refused at config load; the startup warnings of each style."""
+combination refused at config load; the startup warnings and the resume warning of each style."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from megatron_lite.config import OptimConfig, config_warnings, fill_defaults, load_config, validate
+from megatron_lite.config import OptimConfig, config_from_dict, config_warnings, fill_defaults, load_config, validate
 from megatron_lite.errors import UserError
 from megatron_lite.training import trainer
 from megatron_lite.training.lr import lr_at
+from megatron_lite.training.resume_changes import schedule_change
 
 # lr 1, min_lr 0.1, 4 warmup steps (0.25, 0.5, 0.75, 1 at steps 0-3), then 10 decay steps (steps 4-13):
 # a 14-step run with the default decay_steps. Steps are lr_at's, 0-based.
@@ -156,3 +158,28 @@ def test_a_warmup_longer_than_the_run_says_never_decays_but_for_constant():
     assert "reaching only 4/8 of optim.lr=0.0003 at the last step, and never decays; set optim.warmup" in why, why
     (why,) = config_warnings(resolved("train.steps=4", "optim.warmup=8", "optim.decay_style=constant"))
     assert "reaching only 4/8 of optim.lr=0.0003 at the last step; set optim.warmup to at most 4" in why, why
+
+
+@pytest.mark.parametrize(
+    "saved,now,named",
+    [
+        ({}, {"decay_style": "wsd", **WSD},
+         "optim.decay_style cosine -> wsd, optim.wsd_decay_steps None -> 4, optim.wsd_decay_shape None -> linear"),
+        ({}, {"decay_style": "linear"}, "optim.decay_style cosine -> linear"),
+        ({"decay_style": "wsd", **WSD}, {"decay_style": "wsd", **WSD, "wsd_decay_steps": 3},
+         "optim.wsd_decay_steps 4 -> 3"),
+        ({"decay_style": "wsd", **WSD}, {"decay_style": "wsd", **WSD, "wsd_decay_shape": "1-sqrt"},
+         "optim.wsd_decay_shape linear -> 1-sqrt"),
+    ],
+)  # fmt: skip
+def test_resuming_with_another_decay_style_or_wsd_setting_warns_with_both_rates(saved, now, named):
+    """As another optim.lr or decay_steps: named, with step 12's rate in both schedules (step 11 of lr_at:
+    cosine 0.286, linear 0.37, wsd's first decay step 1.0 with 3 decay steps, 0.775 with 4, 0.55 with 1-sqrt)."""
+    before, after = (fill_defaults(config_from_dict({"optim": {**BASE, **o}}), 100) for o in (saved, now))
+    reader = SimpleNamespace(step=11, meta={"config": before.to_dict(), "trainer": {}}, config=before)
+    rates = [f"{lr_at(11, c.optim):.4g}" for c in (after, before)]
+    assert rates[0] != rates[1]
+    assert schedule_change(after, reader) == (
+        f"the learning-rate schedule is not the checkpoint's ({named}): step 12 trains with lr {rates[0]} where "
+        f"the checkpoint's run would use {rates[1]}"
+    )
