@@ -10,8 +10,8 @@
 - ``wsd`` (warmup-stable-decay): ``lr`` until the last ``optim.wsd_decay_steps`` of the decay steps,
   which go to ``min_lr`` along ``optim.wsd_decay_shape`` (``1-sqrt`` is MiniCPM's, torchtitan's ``sqrt``).
 
-:func:`check_schedule` refuses the combinations of these keys that no schedule reads (each key's own
-values are checked with the others, in ``config_validate.py``).
+:func:`check_schedule` refuses the combinations of these keys that no schedule reads or runs (each
+key's own values are checked with the others, in ``config_validate.py``).
 """
 
 from __future__ import annotations
