@@ -8,6 +8,7 @@ is not expected, and 1e-5 is ~100x the differences measured. The bf16 layouts of
 :data:`EXACT_LAYOUTS` change no sum's order, and their losses are compared bitwise (see there).
 """
 
+import json
 import os
 import sysconfig
 from pathlib import Path
@@ -226,6 +227,10 @@ def test_full_3d_tp2_pp2_dp2_with_eval_matches_one_process(world8, corpus, tmp_p
         assert len(want) == (4 if key == "loss" else 2)
         for records, _ in per_rank:
             assert [r[key] for r in records if key in r] == pytest.approx(want, rel=1e-5), key
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]  # rank 0's
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["step"] for r in rows if "eval_loss" in r] == [2, 4]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "consumed_samples"):  # DESIGN's fields
+        assert all(key in r for r in rows), (key, rows)  # pp=2: the loss comes from the last stage's rank
     vp = 2 if "parallel.vp=2" in layout else 1
     batch = [c for _, c in forward_table(2, vp, 2)]  # one held-out global batch: 2 microbatches per dp rank
     evaluations = 2 * TrainConfig().eval_iters  # at steps 2 and 4
