@@ -21,12 +21,26 @@ def tool(name: str, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize(
     ("script", "usage"),
-    [("preprocess_data.py", "megatron-lite preprocess"), ("train_tokenizer.py", "megatron-lite tokenizer train")],
+    [
+        ("preprocess_data.py", "megatron-lite preprocess"),
+        ("train_tokenizer.py", "megatron-lite tokenizer train"),
+        ("convert_checkpoint.py", "megatron-lite convert"),
+    ],
 )
 def test_tool_help_is_the_verbs(script, usage):
     r = tool(script, "--help")
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith(f"usage: {usage}"), r.stdout
+
+
+@pytest.mark.parametrize("action", ["to-hf", "from-hf"])
+def test_convert_tool_takes_the_verbs_flags(action, capsys):
+    r = tool("convert_checkpoint.py", action, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with pytest.raises(SystemExit) as e:
+        main(["convert", action, "--help"])
+    assert e.value.code == 0
+    assert r.stdout == capsys.readouterr().out
 
 
 def test_tools_train_a_tokenizer_and_build_the_same_dataset_as_the_cli(tmp_path, capsys):
