@@ -42,7 +42,9 @@ everything else is JSON: nothing in a checkpoint is ever unpickled.
                       "box": [[0, 32], [0, 64]]}, ...]}, ...},
       "optimizer": {"step": 100},        # AdamW's step count (null when weights_only); the LR
                                          # schedule has no state of its own: it is a function of
-                                         # this step and train.lr, min_lr, warmup, steps
+                                         # this step less trainer.skipped_steps and the config's
+                                         # optim.lr, min_lr, warmup, decay_steps, decay_style,
+                                         # wsd_decay_steps, wsd_decay_shape
       "trainer": {"skipped_steps": 0, "consumed_samples": 800,
                   "scaler": {"scale": 65536.0, "clean_steps": 3} | null,
                   "skip_streak": {"in_a_row": 0, "since": 0}},   # skipped steps in a row, from step since

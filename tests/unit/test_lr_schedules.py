@@ -2,6 +2,7 @@
 combination refused at config load; the startup warnings and the resume warning of each style."""
 
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -183,3 +184,15 @@ def test_resuming_with_another_decay_style_or_wsd_setting_warns_with_both_rates(
         f"the learning-rate schedule is not the checkpoint's ({named}): step 12 trains with lr {rates[0]} where "
         f"the checkpoint's run would use {rates[1]}"
     )
+
+
+def test_the_checkpoint_format_names_every_key_the_schedule_reads():
+    """A checkpoint is self-describing: its format's note on the LR schedule (which has no state of its
+    own) names every optim key a resume compares, so a reader can recompute the next learning rate."""
+    from megatron_lite.checkpoint import format as checkpoint_format
+    from megatron_lite.training.resume_changes import SCHEDULE_KEYS
+
+    start = checkpoint_format.__doc__.index('"optimizer": {"step"')
+    note = " ".join(line.split("#", 1)[-1].strip() for line in checkpoint_format.__doc__[start:].splitlines()[:6])
+    assert "trainer.skipped_steps" in note, note
+    assert all(re.search(rf"\b{k}\b", note) for k in SCHEDULE_KEYS), (note, SCHEDULE_KEYS)
