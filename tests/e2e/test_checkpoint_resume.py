@@ -4,6 +4,7 @@ fp32 on CPU, one process: the resumed run must continue bitwise on the straight 
 (metrics.jsonl of the stopped-and-resumed run, appended across processes, equals the straight one).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -40,6 +41,38 @@ def test_async_saves_resume_twice_bitwise(tiny_args, tmp_path):
     assert losses(tmp_path / "p") == losses(tmp_path / "s")
     ckpt = tmp_path / "p" / "checkpoints"
     assert sorted(p.name for p in ckpt.iterdir()) == [LOCK_FILE, "latest", "step_00000005", "step_00000006"]  # keep=2
+    _assert_self_describing(ckpt / "step_00000006", steps=6, global_batch=8)
+
+
+def _assert_self_describing(step_dir: Path, steps: int, global_batch: int) -> None:
+    """DESIGN's list, each found in the files: resolved config, parallel layout, global shapes, RNG, data
+    position, scheduler and optimizer state, checksums."""
+    from safetensors import safe_open
+
+    meta = json.loads((step_dir / "metadata.json").read_text())
+    cfg = meta["config"]
+    assert cfg["checkpoint"]["async"] is True and cfg["model"]["kv_heads"] == 2  # resolved: given and derived
+    assert isinstance(cfg["model"]["ffn_hidden"], int) and isinstance(cfg["optim"]["decay_steps"], int)
+    assert {k: meta["layout"][k] for k in ("world_size", "tp", "pp", "vp", "dp")} == dict.fromkeys(
+        ("world_size", "tp", "pp", "vp", "dp"), 1
+    )
+    model = {k.removeprefix("model/") for k in meta["tensors"] if k.startswith("model/")}
+    assert meta["tensors"]["model/embed.weight"]["shape"] == [cfg["model"]["vocab_size"], 64]
+    # optimizer state: both AdamW moments of every parameter, and its step, which with the saved optim
+    # keys is the whole LR schedule's state (it has none of its own)
+    for kind in ("exp_avg", "exp_avg_sq"):
+        assert {k.removeprefix(f"{kind}/") for k in meta["tensors"] if k.startswith(f"{kind}/")} == model, kind
+    assert meta["optimizer"]["step"] == steps and meta["trainer"]["skipped_steps"] == 0
+    assert {"lr", "min_lr", "warmup", "decay_steps", "decay_style"} <= set(cfg["optim"])
+    assert meta["trainer"]["consumed_samples"] == steps * global_batch  # the data position
+    assert meta["lineage"]["datasets"][0]["consumed_samples"] == steps * global_batch
+    (rank,) = meta["ranks"]
+    with safe_open(step_dir / rank["file"], "pt") as f:
+        assert rank["rng"] and set(rank["rng"]) <= set(f.keys())  # this rank's RNG state, stored
+    for name, info in meta["files"].items():  # every file beside metadata.json, with its checksum
+        data = (step_dir / name).read_bytes()
+        assert info == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}, name
+    assert set(meta["files"]) == {p.name for p in step_dir.iterdir()} - {"metadata.json"}
 
 
 def test_async_save_runs_behind_training(tiny_args, tmp_path, monkeypatch):
