@@ -196,3 +196,23 @@ def test_the_checkpoint_format_names_every_key_the_schedule_reads():
     note = " ".join(line.split("#", 1)[-1].strip() for line in checkpoint_format.__doc__[start:].splitlines()[:6])
     assert "trainer.skipped_steps" in note, note
     assert all(re.search(rf"\b{k}\b", note) for k in SCHEDULE_KEYS), (note, SCHEDULE_KEYS)
+
+
+@pytest.mark.parametrize("style", ["cosine", "linear", "wsd"])
+def test_one_decay_step_is_at_lr_and_the_next_at_min_lr(style):
+    """decay_steps 1 (wsd: its one step the decaying one): the warmup's last step (3) and the decay's only
+    step (4) at lr, min_lr from step 5 on."""
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup=4, decay_steps=1, decay_style=style)
+    if style == "wsd":
+        o.wsd_decay_steps, o.wsd_decay_shape = 1, "linear"
+    assert [lr_at(s, o) for s in range(3, 8)] == [1.0, 1.0, 0.1, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_a_wsd_decay_over_every_decay_step_is_the_plain_schedule_of_its_shape(shape):
+    """wsd_decay_steps = decay_steps leaves no stable step: the same rate as decay_style=<shape> at every
+    step, the warmup's, the boundary (step = warmup) and past the end."""
+    wsd = OptimConfig(**BASE, decay_style="wsd", wsd_decay_steps=10, wsd_decay_shape=shape)
+    plain = OptimConfig(**BASE, decay_style=shape)
+    assert [lr_at(s, wsd) for s in range(20)] == [lr_at(s, plain) for s in range(20)]
+    assert lr_at(4, wsd) == 1.0 and lr_at(5, wsd) < 1.0 and lr_at(14, wsd) == 0.1
