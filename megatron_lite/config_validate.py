@@ -143,8 +143,10 @@ def _check_fields(cfg: Config) -> None:
             raise UserError(f"{section}.{key} must be {need}, got {value!r}")
     _check_int64(cfg)
     o = cfg.optim
-    if o.min_lr > o.lr:
-        raise UserError(f"need optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}")
+    if o.min_lr > o.lr and o.decay_style != "constant":  # constant never reads min_lr
+        raise UserError(
+            f"need optim.min_lr <= optim.lr; got lr={o.lr}, min_lr={o.min_lr}: set optim.min_lr to at most {o.lr}"
+        )
     check_schedule(o)
     _check_data(cfg.data)
 

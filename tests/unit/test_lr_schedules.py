@@ -216,3 +216,17 @@ def test_a_wsd_decay_over_every_decay_step_is_the_plain_schedule_of_its_shape(sh
     plain = OptimConfig(**BASE, decay_style=shape)
     assert [lr_at(s, wsd) for s in range(20)] == [lr_at(s, plain) for s in range(20)]
     assert lr_at(4, wsd) == 1.0 and lr_at(5, wsd) < 1.0 and lr_at(14, wsd) == 0.1
+
+
+def test_a_constant_lr_below_the_default_min_lr_trains_at_lr():
+    """constant never reads optim.min_lr (3e-5 by default): an lr below it is no error; another style,
+    which ends at or is floored by min_lr, is refused naming the fix."""
+    cfg = resolved("optim.decay_style=constant", "optim.lr=1e-5")
+    assert [lr_at(s, cfg.optim) for s in (99, 100, 999)] == [1e-5] * 3
+    for style in ("cosine", "inverse-square-root"):
+        with pytest.raises(UserError) as e:
+            resolved(f"optim.decay_style={style}", "optim.lr=1e-5")
+        assert (
+            str(e.value)
+            == "need optim.min_lr <= optim.lr; got lr=1e-05, min_lr=3e-05: set optim.min_lr to at most 1e-05"
+        )
