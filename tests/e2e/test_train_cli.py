@@ -211,11 +211,13 @@ def test_overrides_on_both_sides_of_options(argv, overrides):
 
 def test_console_script_and_module_entry_points(tiny_args, tmp_path):
     """The installed `megatron-lite` script and `python -m megatron_lite.train` are the same command."""
-    args = [*(a for a in tiny_args[:-1] if a != "log.progress=false"), "train.steps=2"]  # the bar on, as it is
+    args = [a for a in tiny_args[:-1] if a not in ("log.progress=false", "train.steps=6")]  # the bar on, as it is
+    config = tmp_path / "two_steps.yaml"  # DESIGN's form: --config FILE, then overrides
+    config.write_text("train:\n  steps: 2\n")
     exe = [sys.executable, "-c", "import sys; from megatron_lite.cli import main; sys.exit(main())"]
     commands = [
-        [*exe, "train", *args, f"log.dir={tmp_path / 'x'}"],
-        [sys.executable, "-m", "megatron_lite.train", *args, f"log.dir={tmp_path / 'y'}"],
+        [*exe, "train", "--config", str(config), *args, f"log.dir={tmp_path / 'x'}"],
+        [sys.executable, "-m", "megatron_lite.train", "--config", str(config), *args, f"log.dir={tmp_path / 'y'}"],
         ["megatron-lite", "train", *args, "train.steps=-1"],
     ]
     # started together: each spends most of its time importing torch, which the 2 cores can overlap
