@@ -109,9 +109,10 @@ SCHEDULE_KEYS = ("lr", "min_lr", "warmup", "decay_steps", "decay_style", "wsd_de
 
 def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     """A warning when this run's learning-rate schedule (resolved: ``optim.decay_steps`` defaults to
-    ``train.steps - optim.warmup``, so a longer ``train.steps`` changes it) is not the checkpoint's
-    and the next step's learning rate, as printed, differs from the one the checkpoint's run would
-    use, naming each change and both rates; else None."""
+    ``train.steps - optim.warmup``, so a longer ``train.steps`` changes it) is not the checkpoint's and
+    a step left to train, as printed, gets another learning rate than the checkpoint's run would give
+    it, naming each change, the first such step and both its rates; else None. A change that shows only
+    later (another decay style during warmup) is named at the step it shows."""
     saved = reader.meta["config"].get("optim", {})
     changed = [
         f"optim.{k} {saved[k]} -> {getattr(cfg.optim, k)}"
@@ -121,13 +122,18 @@ def schedule_change(cfg: Config, reader: CheckpointReader) -> str | None:
     if not changed:
         return None
     updates = reader.step - (reader.meta.get("trainer") or {}).get("skipped_steps", 0)  # the schedule's position
-    before = f"{lr_at(updates, reader.config.optim):.4g}"
-    now = f"{lr_at(updates, cfg.optim):.4g}"
-    if now == before:
+    for left in range(cfg.train.steps - reader.step):  # the steps left, each one update (no skips to come)
+        before = f"{lr_at(updates + left, reader.config.optim):.4g}"
+        now = f"{lr_at(updates + left, cfg.optim):.4g}"
+        if now != before:
+            break
+    else:
         return None
+    step = reader.step + 1 + left
+    same = f"steps {reader.step + 1}-{step - 1} train as the checkpoint's run would, then " if left else ""
     return (
-        f"the learning-rate schedule is not the checkpoint's ({', '.join(changed)}): step {reader.step + 1} "
-        f"trains with lr {now} where the checkpoint's run would use {before}"
+        f"the learning-rate schedule is not the checkpoint's ({', '.join(changed)}): {same}step {step} trains "
+        f"with lr {now} where the checkpoint's run would use {before}"
     )
 
 

@@ -230,3 +230,24 @@ def test_a_constant_lr_below_the_default_min_lr_trains_at_lr():
             str(e.value)
             == "need optim.min_lr <= optim.lr; got lr=1e-05, min_lr=3e-05: set optim.min_lr to at most 1e-05"
         )
+
+
+def test_a_schedule_change_that_shows_only_later_is_named_at_the_step_it_shows():
+    """Resumed inside warmup with linear for cosine: steps 3-5 (lr_at 2-4: warmup, then decay step 0 at lr
+    in both) train as before; step 6 (decay step 1) gets linear's 0.91 for cosine's 0.978. A wsd shape
+    changed where the decay is one step (at lr in every shape, then min_lr) never shows: no warning."""
+    before, after = (
+        fill_defaults(config_from_dict({"optim": {**BASE, **o}}), 100) for o in ({}, {"decay_style": "linear"})
+    )
+    reader = SimpleNamespace(step=2, meta={"config": before.to_dict(), "trainer": {}}, config=before)
+    assert schedule_change(after, reader) == (
+        "the learning-rate schedule is not the checkpoint's (optim.decay_style cosine -> linear): steps 3-5 train "
+        "as the checkpoint's run would, then step 6 trains with lr 0.91 where the checkpoint's run would use 0.978"
+    )
+    one = {"decay_style": "wsd", "wsd_decay_steps": 1}
+    before, after = (
+        fill_defaults(config_from_dict({"optim": {**BASE, **one, "wsd_decay_shape": shape}}), 100)
+        for shape in ("linear", "cosine")
+    )
+    reader = SimpleNamespace(step=2, meta={"config": before.to_dict(), "trainer": {}}, config=before)
+    assert schedule_change(after, reader) is None
