@@ -222,7 +222,11 @@ def test_console_script_and_module_entry_points(tiny_args, tmp_path):
     ]
     # started together: each spends most of its time importing torch, which the 2 cores can overlap
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
-    outs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:  # one that hangs past its bound: none is left running
+        for p in procs:
+            p.kill()
     r1, r2, r3 = (subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outs))
     assert r1.returncode == 0, r1.stderr
     for r in (r1, r2):  # stderr is a file here: no bar, and one line for each logged step
