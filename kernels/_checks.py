@@ -49,7 +49,12 @@ def _vector_error(op: str, name: str, t: torch.Tensor, x: torch.Tensor, n: int) 
 
 
 def check_norm(
-    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, residual=None
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
 ) -> None:
     """x (..., N) floating; weight (N,) and bias (N,) or None floating (any float dtype: fp32 weights may
     scale bf16 activations), on x's device; eps a finite number >= 0; residual, when given, exactly x's

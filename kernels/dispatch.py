@@ -74,7 +74,7 @@ def triton_problem(device: str | torch.device) -> str | None:
     return None
 
 
-def use_triton(x, op: str | None = None) -> bool:
+def use_triton(x: torch.Tensor, op: str | None = None) -> bool:
     """Whether op ``op`` on tensor ``x`` runs its Triton kernel under the current backend."""
     if _backend == "torch":
         return False
@@ -85,7 +85,7 @@ def use_triton(x, op: str | None = None) -> bool:
     return bool(x.is_cuda) and triton_available() and op not in AUTO_PREFERS_TORCH
 
 
-def use_apex(x) -> bool:
+def use_apex(x: torch.Tensor) -> bool:
     """Whether a norm on tensor ``x`` runs NVIDIA apex's kernel: under ``auto``, on CUDA, where Triton
     cannot run and apex works (``accelerators.apex_problem``)."""
     return _backend == "auto" and bool(x.is_cuda) and not triton_available() and apex_problem() is None

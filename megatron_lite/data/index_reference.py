@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from megatron_lite.data.indexed import IndexedDataset
+
 
 def reference_epoch(
     sizes: np.ndarray, docs: np.ndarray, seq_len: int, samples: int, seed: Sequence[int], epoch: int
@@ -25,7 +27,7 @@ def reference_epoch(
     return order, starts, window_pos, rng.permutation(samples)
 
 
-def reference_sample(data, seq_len: int, index: tuple[np.ndarray, ...], j: int) -> np.ndarray:
+def reference_sample(data: IndexedDataset, seq_len: int, index: tuple[np.ndarray, ...], j: int) -> np.ndarray:
     """The epoch's ``j``-th sample (``seq_len + 1`` int64 tokens) from a ``reference_epoch`` index."""
     order, starts, window_pos, shuffle = index
     window = int(shuffle[j])

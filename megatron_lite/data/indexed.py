@@ -136,7 +136,7 @@ class IndexedDatasetBuilder:
         self._open_size: int | None = None  # tokens so far of a document begun by add_tokens()
         self._done = False
 
-    def add_tokens(self, ids) -> None:
+    def add_tokens(self, ids: Sequence[int] | np.ndarray) -> None:
         """Append ids to the current document, which ``end_document()`` closes.
 
         Lets a long document go to disk in pieces, so memory never holds all of its ids at once.
@@ -158,7 +158,7 @@ class IndexedDatasetBuilder:
         self._sizes.append(self._open_size or 0)
         self._open_size = None
 
-    def add_document(self, ids) -> None:
+    def add_document(self, ids: Sequence[int] | np.ndarray) -> None:
         """Append one document (a sequence of token ids; may be empty)."""
         if self._open_size is not None:
             raise ValueError("add_document() inside a document begun by add_tokens(); call end_document() first")

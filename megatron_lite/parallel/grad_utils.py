@@ -31,12 +31,16 @@ around one host read of the norm and the step's loss together.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from megatron_lite.parallel import comm
 from megatron_lite.parallel.comm import Group
+
+if TYPE_CHECKING:  # annotations only
+    from megatron_lite.parallel.optimizer import DistributedAdamW, ReplicatedAdamW
 
 TP_SHARDED_ATTR = "tensor_model_parallel"
 TP_UNIQUE_ROWS_ATTR = "tp_unique_rows"
@@ -136,7 +140,9 @@ def global_grad_norm(
     return total.sqrt()
 
 
-def optimizer_grad_norm(optimizer, *, tp_group: Group, pp_group: Group) -> torch.Tensor:
+def optimizer_grad_norm(
+    optimizer: DistributedAdamW | ReplicatedAdamW, *, tp_group: Group, pp_group: Group
+) -> torch.Tensor:
     """Global grad norm of ``optimizer``'s grads, an fp32 scalar on its device, identical on every
     rank; nothing is read back to the host.
 
@@ -147,7 +153,7 @@ def optimizer_grad_norm(optimizer, *, tp_group: Group, pp_group: Group) -> torch
     return global_grad_norm(optimizer.grad_segments(), groups, comm.group_rank(tp_group), optimizer.device)
 
 
-def clip_grads_(optimizer, max_norm: float, norm: torch.Tensor) -> None:
+def clip_grads_(optimizer: DistributedAdamW | ReplicatedAdamW, max_norm: float, norm: torch.Tensor) -> None:
     """Scale ``optimizer``'s grads to ``max_norm`` when ``norm`` (finite, from
     :func:`optimizer_grad_norm`) is larger; ``max_norm`` 0: never."""
     if max_norm > 0:
@@ -155,7 +161,9 @@ def clip_grads_(optimizer, max_norm: float, norm: torch.Tensor) -> None:
         optimizer.scale_grads(torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0))
 
 
-def clip_grad_norm_(optimizer, max_norm: float, *, tp_group: Group, pp_group: Group) -> tuple[torch.Tensor, bool]:
+def clip_grad_norm_(
+    optimizer: DistributedAdamW | ReplicatedAdamW, max_norm: float, *, tp_group: Group, pp_group: Group
+) -> tuple[torch.Tensor, bool]:
     """:func:`optimizer_grad_norm`, then :func:`clip_grads_` when the norm is finite.
 
     Returns (norm before clipping, finite). A non-finite norm leaves the grads untouched: the

@@ -26,9 +26,13 @@ copied from the cast parameters, as Megatron's). Under fp16 one step reads::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # annotations only
+    from megatron_lite.parallel.optimizer import DistributedAdamW, ReplicatedAdamW
 
 NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,7 +95,7 @@ class DynamicLossScaler:
         """``loss * scale`` in fp32: an fp16 loss of ~10 times 2**16 would overflow fp16 (max 65504)."""
         return loss.float() * self.scale
 
-    def unscale_(self, optimizer) -> None:
+    def unscale_(self, optimizer: DistributedAdamW | ReplicatedAdamW) -> None:
         """Divide the optimizer's fp32 grads by ``scale`` (exact for a power-of-two scale)."""
         optimizer.scale_grads(1.0 / self.scale)
 
