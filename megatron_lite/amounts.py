@@ -1,10 +1,16 @@
 """How a message words an amount: a duration (:func:`duration`), a size in bytes (:func:`byte_size`) and
-a count of things (:func:`counted`), the same in every log line and CLI message that states one.
+a count of things (:func:`counted`), the same in every log line and CLI message that states one; and
+how an option gives a size (:func:`parse_size`).
 
-Standard library only: the launch layer (``launcher/``, importable without torch or tqdm) uses it.
+Standard library only (and ``errors``): the launch layer (``launcher/``, importable without torch or
+tqdm) uses it.
 """
 
 from __future__ import annotations
+
+import re
+
+from megatron_lite.errors import UserError
 
 
 def duration(seconds: float) -> str:
@@ -36,3 +42,17 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``n`` and ``noun``, in the plural unless ``n`` is 1: ``1 node``, ``0 nodes``, ``1,024 ranks``;
     ``plural`` where it is not ``noun`` + ``s`` (``counted(2, "directory", "directories")``)."""
     return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
+def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
+    """Bytes of ``"5GB"``, ``"200MB"``, ``"64KiB"`` or a plain integer (HF's convention: GB = 1e9);
+    ``option`` names the command-line option in the error for anything else."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
+    if not m:
+        raise UserError(f"{option} {text!r} is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB")
+    unit = (m.group(2) or "").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3}[unit]
+    return int(float(m.group(1)) * base**power)

@@ -119,7 +119,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from megatron_lite import convert
-    from megatron_lite.convert.to_hf import parse_size
+    from megatron_lite.amounts import parse_size
 
     if args.action == "to-hf":
         size = parse_size(args.max_shard_size)
@@ -142,8 +142,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from megatron_lite.amounts import parse_size
     from megatron_lite.config import load_config
-    from megatron_lite.convert.to_hf import parse_size
     from megatron_lite.launcher.launch_vars import whole_number
     from megatron_lite.plan import format_plan, make_plan
 

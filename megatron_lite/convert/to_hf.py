@@ -75,20 +75,6 @@ _EXPORT_FILE = re.compile(
 log = logging.getLogger(__name__)
 
 
-def parse_size(text: str | int, option: str = "--max-shard-size") -> int:
-    """Bytes of ``"5GB"``, ``"200MB"``, ``"64KiB"`` or a plain integer (HF's convention: GB = 1e9);
-    ``option`` names the command-line option in the error for anything else."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", text, flags=re.IGNORECASE)
-    if not m:
-        raise UserError(f"{option} {text!r} is not a size: give a number of bytes, or one like 5GB, 500MB, 64KiB")
-    unit = (m.group(2) or "").upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"": 0, "KB": 1, "KIB": 1, "MB": 2, "MIB": 2, "GB": 3, "GIB": 3}[unit]
-    return int(float(m.group(1)) * base**power)
-
-
 @dataclass
 class ExportResult:
     """Where the export went and what it checked."""

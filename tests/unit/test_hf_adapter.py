@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from megatron_lite.amounts import parse_size
 from megatron_lite.checkpoint.hf import ADAPTERS, adapter_for, export_config, export_type, import_config
 from megatron_lite.cli import main
 from megatron_lite.config import Config, ModelConfig, fill_defaults
 from megatron_lite.convert.compare import tensor_difference
 from megatron_lite.convert.io import ShardedWriter
-from megatron_lite.convert.to_hf import parse_size
 from megatron_lite.errors import UserError
 from megatron_lite.models.transformer import Transformer
 
